@@ -1,0 +1,1 @@
+"""Sans-I/O provider registry, usage parsers and pricing. Never imports Twisted."""
