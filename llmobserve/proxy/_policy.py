@@ -545,14 +545,14 @@ class TargetPolicy:
                 raise ValueError(f"provider host {spec!r} names no provider")
             self._provider_hosts[_canonical_host_port(spec)] = provider
         self._known_hosts_only = known_hosts_only
-        self._own: set[tuple[str, int]] = set()
-        self._own_wildcard_ports: set[int] = set()
-        for host, port in own_addresses:
-            self.add_own_address(host, port)
         self._clock = clock
         self._cache_seconds = cache_seconds
         self._cache: dict[tuple[str, int], tuple[float, ResolvedTarget]] = {}
         self._verdicts: dict[str, str | None] = {}
+        self._own: set[tuple[str, int]] = set()
+        self._own_wildcard_ports: set[int] = set()
+        for host, port in own_addresses:
+            self.add_own_address(host, port)
 
     def _add_allow_host(self, pattern: str) -> None:
         text = pattern.strip()
