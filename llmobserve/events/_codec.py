@@ -74,7 +74,6 @@ def decode_body(body: bytes) -> dict[str, Any]:
             body,
             raw=False,
             use_list=True,
-            strict_map_key=False,
             ext_hook=_refuse_ext,
         )
     except FrameError:

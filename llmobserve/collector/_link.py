@@ -1,0 +1,269 @@
+"""The collector's side of the link (docs/LINK.md).
+
+A L{LinkServerProtocol} takes over a connection after the port switch has
+seen the magic. It waits for C{hello}, answers C{welcome}, hands each
+C{batch} to the L{BatchWriter} and sends the cumulative C{ack} only when the
+writer says the batch is committed. Any protocol error closes this link only;
+the proxy reconnects and resends, and deduplication on C{id} makes that safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llmobserve.events._codec import (
+    MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+)
+
+from ._writer import BatchWriter
+
+__all__ = ["LinkRegistry", "LinkServerProtocol"]
+
+
+class StreamTransport(TypingProtocol):
+    """What the link needs of its transport (a TCP connection provides it)."""
+
+    def write(self, data: bytes) -> None: ...
+    def abortConnection(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+
+
+SERVER_NAME = "llmobserve-collector"
+
+
+class LinkRegistry:
+    """The links currently open, for C{/health}."""
+
+    def __init__(self) -> None:
+        self.links: set[LinkServerProtocol] = set()
+        self.protocol_errors = 0
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One map per open link: proxy id, peer, last ack, events received."""
+        return sorted(
+            (link.describe() for link in self.links), key=lambda d: str(d.get("proxy_id"))
+        )
+
+
+class LinkServerProtocol(Protocol):
+    """One proxy's link, from the byte after the magic.
+
+    @param writer: where batches go; its Deferreds say when to ack.
+    @param clock: for the hello deadline and the heartbeat.
+    @param registry: the open links, for C{/health}.
+    @param heartbeat: seconds between heartbeats; a link silent for three of
+        them is closed (a half-open connection), and so is one that sends no
+        C{hello} within one.
+    @param max_unacked: events accepted but not yet committed above which
+        this link stops reading (backpressure) until commits catch up.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        writer: BatchWriter,
+        clock: IReactorTime,
+        registry: LinkRegistry,
+        heartbeat: float = 10.0,
+        max_unacked: int = 100_000,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        self._writer = writer
+        self._clock = clock
+        self._registry = registry
+        self._heartbeat = heartbeat
+        self._max_unacked = max_unacked
+        self._decoder = FrameDecoder(max_frame_size)
+        self._proxy_id: str | None = None
+        self._open = False
+        self._paused = False
+        self._unacked = 0
+        self._received = 0
+        self._last_ack: int | None = None
+        self._last_rx = 0.0
+        self._last_tx = 0.0
+        self._timer: IDelayedCall | None = None
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._open = True
+        self._last_rx = self._last_tx = self._clock.seconds()
+        self._registry.links.add(self)
+        self._timer = self._clock.callLater(self._heartbeat, self._tick)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._open = False
+        self._registry.links.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def describe(self) -> dict[str, Any]:
+        """This link's state, for C{/health}."""
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return {
+            "proxy_id": self._proxy_id,
+            "peer": str(peer) if peer is not None else None,
+            "acked_seq": self._last_ack,
+            "events_received": self._received,
+            "events_unacked": self._unacked,
+        }
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last_rx = self._clock.seconds()
+        try:
+            messages = self._decoder.feed(data)
+            for message in messages:
+                if not self._open:
+                    return
+                self._dispatch(message)
+        except FrameError as e:
+            self._protocol_error(str(e))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "batch":
+            self._batch(message)
+        elif kind == "hello":
+            self._hello(message)
+        elif kind == "ping":
+            self._send({"t": "pong", "ts": message.get("ts", self._clock.seconds())})
+        elif kind == "pong":
+            pass
+        else:
+            # Newer peers may send more kinds; ignoring them keeps the link up.
+            self.log.debug("link: ignoring unknown message {kind!r}", kind=kind)
+
+    def _hello(self, message: Mapping[str, Any]) -> None:
+        if self._proxy_id is not None:
+            raise FrameError("a second hello on one link")
+        proxy_id = message.get("proxy_id")
+        version = message.get("version")
+        if not isinstance(proxy_id, str) or not proxy_id:
+            raise FrameError("hello without a string proxy_id")
+        if version != PROTOCOL_VERSION or isinstance(version, bool):
+            raise FrameError(f"hello with unsupported version {version!r}")
+        self._proxy_id = proxy_id
+        self._send({"t": "welcome", "version": PROTOCOL_VERSION, "server": SERVER_NAME})
+        self.log.info("link from {proxy_id} ({peer}) open", proxy_id=proxy_id, peer=self._peer())
+
+    def _batch(self, message: Mapping[str, Any]) -> None:
+        if self._proxy_id is None:
+            raise FrameError("batch before hello")
+        seq = message.get("seq")
+        events = message.get("events")
+        if type(seq) is not int or not 0 <= seq < 2**63:
+            raise FrameError(f"batch with a bad seq {seq!r}")
+        if not isinstance(events, list):
+            raise FrameError("batch without an events list")
+        good = [e for e in events if isinstance(e, dict)]
+        if len(good) != len(events):
+            # A non-map can never be stored, so resending it would not help:
+            # drop it loudly and ack the rest.
+            self.log.warn(
+                "link from {proxy_id}: dropped {n} events that are not maps",
+                proxy_id=self._proxy_id,
+                n=len(events) - len(good),
+            )
+        n = len(good)
+        self._received += n
+        self._unacked += n
+        d = self._writer.write(good, self._proxy_id, seq)
+        d.addCallbacks(
+            self._committed, self._not_committed, callbackArgs=(seq, n), errbackArgs=(n,)
+        )
+        transport = self._transport()
+        if self._unacked > self._max_unacked and not self._paused and transport is not None:
+            self._paused = True
+            transport.pauseProducing()
+
+    # -- results from the writer ---------------------------------------------
+
+    def _committed(self, _: None, seq: int, n: int) -> None:
+        self._unacked -= n
+        self._last_ack = seq
+        if not self._open:
+            return
+        self._send({"t": "ack", "seq": seq})
+        if self._paused and self._unacked <= self._max_unacked // 2:
+            self._paused = False
+            transport = self._transport()
+            if transport is not None:
+                transport.resumeProducing()
+
+    def _not_committed(self, failure: Failure, n: int) -> None:
+        # The writer logged why. Without a commit there is no ack; closing
+        # the link makes the proxy resend once the store works again.
+        self._unacked -= n
+        transport = self._transport()
+        if self._open and transport is not None:
+            transport.abortConnection()
+
+    # -- output and timers ----------------------------------------------------
+
+    def _transport(self) -> StreamTransport | None:
+        return cast(StreamTransport | None, self.transport)
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        if self.transport is None:
+            return
+        self.transport.write(encode_frame(message))
+        self._last_tx = self._clock.seconds()
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self._open:
+            return
+        now = self._clock.seconds()
+        if self._proxy_id is None:
+            self._protocol_error(f"no hello within {self._heartbeat:g} s")
+            return
+        if now - self._last_rx >= 3 * self._heartbeat:
+            self.log.info(
+                "link from {proxy_id}: silent for {s:.0f} s, closing",
+                proxy_id=self._proxy_id,
+                s=now - self._last_rx,
+            )
+            self._close()
+            return
+        if now - self._last_tx >= self._heartbeat:
+            self._send({"t": "ping", "ts": now})
+        self._timer = self._clock.callLater(self._heartbeat, self._tick)
+
+    def _protocol_error(self, why: str) -> None:
+        self._registry.protocol_errors += 1
+        self.log.warn(
+            "link from {proxy_id} ({peer}): protocol error, closing: {why}",
+            proxy_id=self._proxy_id,
+            peer=self._peer(),
+            why=why,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self._open = False
+        self._registry.links.discard(self)
+        transport = self._transport()
+        if transport is not None:
+            transport.abortConnection()
+
+    def _peer(self) -> str:
+        return str(self.transport.getPeer()) if self.transport is not None else "?"

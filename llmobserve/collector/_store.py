@@ -1,0 +1,518 @@
+"""The SQLite event store shared by the collector and the proxy's embedded mode.
+
+L{EventStore} is synchronous and free of Twisted: one instance belongs to one
+thread at a time (the collector's writer thread, its reader thread, the
+proxy's embedded-store thread, or the C{llmobserve} command). The file is in
+WAL mode, so readers never block the writer.
+
+Every event field of DESIGN.md is kept. The common scalars have columns (and
+the context labels and token counts are copied into columns of their own for
+filtering and reports); C{usage}, C{context}, C{graphql}, C{price_ref} and
+C{flags} are JSON; any other key, or a known key whose value does not fit its
+column, goes into the C{extra} JSON column. Reading an event back merges all
+of them into the map that was written. Rows are deduplicated on C{id}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "CALL_FIELDS",
+    "FILTERS",
+    "GROUPS",
+    "SCHEMA_VERSION",
+    "EventStore",
+    "StoreError",
+]
+
+SCHEMA_VERSION: Final = 1
+
+#: Top-level scalar event fields with a column of the same name, and the
+#: SQLite type each column holds.
+_SCALARS: Final[dict[str, str]] = {
+    "kind": "TEXT",
+    "ts": "REAL",
+    "duration_ms": "REAL",
+    "ttfb_ms": "REAL",
+    "overhead_ms": "REAL",
+    "method": "TEXT",
+    "host": "TEXT",
+    "path": "TEXT",
+    "status": "INTEGER",
+    "outcome": "TEXT",
+    "provider": "TEXT",
+    "endpoint": "TEXT",
+    "model": "TEXT",
+    "streamed": "INTEGER",
+    "usage_source": "TEXT",
+    "cost_usd": "REAL",
+    "request_bytes": "INTEGER",
+    "response_bytes": "INTEGER",
+    "parse_error": "TEXT",
+    "dropped": "INTEGER",
+}
+
+#: Top-level fields stored as JSON text (maps and lists).
+_JSON_FIELDS: Final = ("usage", "context", "graphql", "price_ref", "flags")
+
+#: Context labels copied into columns: column name -> context key.
+_CONTEXT_COLUMNS: Final = (
+    "run_id",
+    "span_id",
+    "parent_span_id",
+    "section",
+    "section_path",
+    "customer_id",
+    "tenant_id",
+)
+
+#: Usage counts copied into columns for the report's sums.
+_TOKEN_COLUMNS: Final = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+
+#: The DESIGN.md event fields: a C{call} event read back always has all of
+#: them (C{null} where unknown), so C{cost_usd: null} is never lost.
+CALL_FIELDS: Final = (
+    "id",
+    "kind",
+    "ts",
+    "duration_ms",
+    "ttfb_ms",
+    "overhead_ms",
+    "method",
+    "host",
+    "path",
+    "status",
+    "outcome",
+    "provider",
+    "endpoint",
+    "model",
+    "streamed",
+    "usage",
+    "usage_source",
+    "cost_usd",
+    "price_ref",
+    "request_bytes",
+    "response_bytes",
+    "graphql",
+    "context",
+)
+
+#: Filter names accepted by L{EventStore.events} and L{EventStore.report}
+#: (and the HTTP API and the command line), and the column each one tests.
+FILTERS: Final[dict[str, str]] = {
+    "provider": "provider",
+    "model": "model",
+    "endpoint": "endpoint",
+    "customer": "customer_id",
+    "tenant": "tenant_id",
+    "section": "section",
+    "section_path": "section_path",
+    "run": "run_id",
+    "outcome": "outcome",
+    "kind": "kind",
+    "host": "host",
+}
+
+#: Report grouping names and the SQL expression each groups on.
+GROUPS: Final[dict[str, str]] = {
+    "provider": "provider",
+    "model": "model",
+    "endpoint": "endpoint",
+    "customer": "customer_id",
+    "tenant": "tenant_id",
+    "section": "section",
+    "section_path": "section_path",
+    "run": "run_id",
+    "host": "host",
+    "outcome": "outcome",
+    "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%dT%H:00Z', ts, 'unixepoch')",
+}
+
+_COLUMNS: Final = (
+    "id",
+    *_SCALARS,
+    *_JSON_FIELDS,
+    *_CONTEXT_COLUMNS,
+    *_TOKEN_COLUMNS,
+    "extra",
+)
+_KNOWN_KEYS: Final = frozenset(("id", *_SCALARS, *_JSON_FIELDS))
+_INT64: Final = 2**63
+
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY NOT NULL,
+    {", ".join(f"{name} {kind}" for name, kind in _SCALARS.items())},
+    {", ".join(f"{name} TEXT" for name in _JSON_FIELDS)},
+    {", ".join(f"{name} TEXT" for name in _CONTEXT_COLUMNS)},
+    {", ".join(f"{name} INTEGER" for name in _TOKEN_COLUMNS)},
+    extra TEXT
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS links (
+    proxy_id TEXT PRIMARY KEY NOT NULL,
+    acked_seq INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+_INSERT: Final = (
+    f"INSERT OR IGNORE INTO events ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM events"
+
+
+class StoreError(Exception):
+    """A bad query (unknown grouping or filter) or an unusable store file."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn msgpack-decoded values JSON cannot hold into ones it can."""
+    if isinstance(value, Mapping):
+        return {
+            (k if isinstance(k, str) else _jsonable_key(k)): _jsonable(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _jsonable_key(key: Any) -> str:
+    if isinstance(key, bytes | bytearray):
+        return bytes(key).decode("utf-8", "replace")
+    return str(key)
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(value), separators=(",", ":"), allow_nan=False)
+
+
+def _fits(value: Any) -> bool:
+    """Whether a value can live in a scalar column unchanged."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return True
+    if t is int:
+        return bool(-_INT64 <= value < _INT64)
+    if t is float:
+        return math.isfinite(value)
+    return False
+
+
+def _synthetic_id(event: Mapping[str, Any]) -> str:
+    """A stable id for an event that came without one, so resends still dedupe."""
+    digest = hashlib.sha256(_dumps(dict(sorted(event.items(), key=lambda kv: str(kv[0])))).encode())
+    return "noid-" + digest.hexdigest()[:32]
+
+
+def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The column values for one event."""
+    extra: dict[str, Any] = {}
+    event_id = event.get("id")
+    if type(event_id) is not str or not event_id:
+        if "id" in event:
+            extra["id"] = event_id
+        event_id = _synthetic_id(event)
+    values: list[Any] = [event_id]
+    for name in _SCALARS:
+        value = event.get(name)
+        if _fits(value):
+            values.append(value)
+        else:
+            values.append(None)
+            extra[name] = value
+    if values[1] is None and "kind" not in extra:
+        values[1] = "call"
+    for name in _JSON_FIELDS:
+        value = event.get(name)
+        values.append(None if value is None else _dumps(value))
+    context = event.get("context")
+    if not isinstance(context, Mapping):
+        context = {}
+    for name in _CONTEXT_COLUMNS:
+        # Spans may carry their labels at the top level rather than in context.
+        label = context.get(name, event.get(name))
+        values.append(label if type(label) is str else None)
+    usage = event.get("usage")
+    if not isinstance(usage, Mapping):
+        usage = {}
+    for name in _TOKEN_COLUMNS:
+        count = usage.get(name)
+        values.append(count if type(count) is int and -_INT64 <= count < _INT64 else None)
+    for key, value in event.items():
+        if key not in _KNOWN_KEYS:
+            extra[key if isinstance(key, str) else _jsonable_key(key)] = value
+    values.append(_dumps(extra) if extra else None)
+    return tuple(values)
+
+
+_N_SCALARS: Final = len(_SCALARS)
+_JSON_START: Final = 1 + _N_SCALARS
+_EXTRA_INDEX: Final = len(_COLUMNS) - 1
+_SCALAR_NAMES: Final = tuple(_SCALARS)
+
+
+def _event(row: Sequence[Any]) -> dict[str, Any]:
+    """The event map a row was made from."""
+    kind = row[1]
+    out: dict[str, Any] = {"id": row[0]}
+    full = kind == "call"
+    if full:
+        for name in CALL_FIELDS[1:]:
+            out[name] = None
+    for i, name in enumerate(_SCALAR_NAMES, start=1):
+        value = row[i]
+        if value is not None or (full and name in out):
+            out[name] = value
+    streamed = out.get("streamed")
+    if streamed is not None:
+        out["streamed"] = bool(streamed)
+    for i, name in enumerate(_JSON_FIELDS, start=_JSON_START):
+        text = row[i]
+        if text is not None:
+            out[name] = json.loads(text)
+    extra = row[_EXTRA_INDEX]
+    if extra is not None:
+        out.update(json.loads(extra))
+    for name in list(out):
+        if out[name] is None and not (full and name in CALL_FIELDS):
+            del out[name]
+    return out
+
+
+class EventStore:
+    """Events in one SQLite file, synchronous, for use from one thread at a time.
+
+    @param path: the database file; its directory is created if missing.
+    @param synchronous: SQLite's C{synchronous} setting. C{FULL} (the default)
+        makes every commit durable before L{insert} returns, which is what a
+        collector's acknowledgement promises.
+    @param check_same_thread: passed to L{sqlite3.connect}; set it to C{False}
+        only when the caller serialises all use itself.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        check_same_thread: bool = True,
+    ) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise StoreError(f"unknown synchronous mode {synchronous!r}")
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                str(path),
+                isolation_level=None,
+                check_same_thread=check_same_thread,
+                timeout=30.0,
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA foreign_keys=OFF")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open event store {str(path)!r}: {e}") from e
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema {version} is newer than this llmobserve ({SCHEMA_VERSION})"
+            )
+        if version < SCHEMA_VERSION:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def insert(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        acked_seqs: Mapping[str, int] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Store events in one transaction; return how many were new.
+
+        Events whose C{id} is already stored are ignored (that is the
+        deduplication that makes resending safe). C{acked_seqs}, if given,
+        records each proxy's last acknowledged batch C{seq} in the same
+        transaction. When this returns, the transaction is committed.
+
+        @param now: the time to record for C{acked_seqs} (unix seconds).
+        """
+        rows = [_row(e) for e in events]
+        db = self._db
+        before = db.total_changes
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_INSERT, rows)
+            inserted = db.total_changes - before
+            if acked_seqs:
+                if now is None:
+                    now = time.time()
+                db.executemany(
+                    "INSERT INTO links (proxy_id, acked_seq, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(proxy_id) DO UPDATE SET "
+                    "acked_seq = excluded.acked_seq, updated_at = excluded.updated_at",
+                    [(p, s, now) for p, s in acked_seqs.items()],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return inserted
+
+    def acked_seq(self, proxy_id: str) -> int | None:
+        """The last batch C{seq} acknowledged to this proxy, if any."""
+        row = self._db.execute(
+            "SELECT acked_seq FROM links WHERE proxy_id = ?", (proxy_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def links(self) -> dict[str, int]:
+        """Every proxy's last acknowledged batch C{seq}."""
+        return {p: int(s) for p, s in self._db.execute("SELECT proxy_id, acked_seq FROM links")}
+
+    def count(self) -> int:
+        """How many events (of every kind) are stored."""
+        (n,) = self._db.execute("SELECT count(*) FROM events").fetchone()
+        return int(n)
+
+    @staticmethod
+    def _where(
+        filters: Mapping[str, str | None], since: float | None, until: float | None
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for name, value in filters.items():
+            if value is None:
+                continue
+            column = FILTERS.get(name)
+            if column is None:
+                raise StoreError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
+            if name == "section_path":
+                # a section path also selects everything nested under it
+                clauses.append("(section_path = ? OR substr(section_path, 1, ?) = ?)")
+                params += [value, len(value) + 1, value + "/"]
+            else:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("ts < ?")
+            params.append(until)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def events(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+        **filters: str | None,
+    ) -> list[dict[str, Any]]:
+        """Stored events, oldest first (by C{ts}, then arrival), as event maps.
+
+        @param since: only events with C{ts >= since} (unix seconds).
+        @param until: only events with C{ts < until}.
+        @param limit: at most this many (C{None}: all).
+        @param filters: exact matches, named as in L{FILTERS} (C{customer},
+            C{run}, ...); C{section_path} also matches nested paths.
+        @raise StoreError: an unknown filter name.
+        """
+        where, params = self._where(filters, since, until)
+        sql = f"{_SELECT}{where} ORDER BY ts, rowid LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else max(0, limit), max(0, offset)]
+        return [_event(row) for row in self._db.execute(sql, params)]
+
+    def report(
+        self,
+        by: Sequence[str] = ("provider", "model"),
+        since: float | None = None,
+        until: float | None = None,
+        **filters: str | None,
+    ) -> list[dict[str, Any]]:
+        """Call counts, cost and token sums grouped by C{by}, most expensive first.
+
+        Only C{call} events count (spans and gaps are not calls). C{cost_usd}
+        sums the priced calls and is C{null} when none was priced;
+        C{unpriced_calls} says how many had no known price, so an unknown
+        price never reads as zero.
+
+        @param by: names from L{GROUPS}; empty for one grand total row.
+        @raise StoreError: an unknown grouping or filter name.
+        """
+        groups: list[str] = []
+        for name in by:
+            if name not in GROUPS:
+                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
+            if name not in groups:
+                groups.append(name)
+        where, params = self._where({**filters, "kind": "call"}, since, until)
+        select = [f"{GROUPS[g]} AS g{i}" for i, g in enumerate(groups)]
+        select += [
+            "count(*)",
+            "sum(cost_usd)",
+            "sum(cost_usd IS NULL)",
+            *(f"sum({t})" for t in _TOKEN_COLUMNS),
+        ]
+        sql = f"SELECT {', '.join(select)} FROM events{where}"
+        if groups:
+            sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))}"
+        sql += " ORDER BY coalesce(sum(cost_usd), 0) DESC, count(*) DESC"
+        out: list[dict[str, Any]] = []
+        n = len(groups)
+        for row in self._db.execute(sql, params):
+            item: dict[str, Any] = {g: row[i] for i, g in enumerate(groups)}
+            item["calls"] = row[n]
+            item["cost_usd"] = row[n + 1]
+            item["unpriced_calls"] = row[n + 2] or 0
+            for j, t in enumerate(_TOKEN_COLUMNS):
+                item[t] = row[n + 3 + j] or 0
+            out.append(item)
+        return out
+
+    def close(self) -> None:
+        """Close the file; the store is unusable afterwards."""
+        self._db.close()
