@@ -1,0 +1,135 @@
+"""Shared fixtures: real proxy/collector processes and fake loopback upstreams.
+
+Every fixture here tears down what it started, also when the test fails;
+processes are additionally killed by the kernel if the test run itself dies
+(see L{support.proxy}).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.proxy import CollectorProcess, ProxyProcess
+from support.upstreams import (
+    BigBodyUpstream,
+    RawScriptUpstream,
+    RecordingUpstream,
+    SSEUpstream,
+    closed_port,
+)
+
+# Keep every HTTP client in the test process off any configured proxy.
+for _name in ("http_proxy", "https_proxy", "all_proxy"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.upper(), None)
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
+
+
+ProxyFactory = Callable[..., ProxyProcess]
+CollectorFactory = Callable[..., CollectorProcess]
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[ProxyFactory]:
+    """
+    C{proxy_factory(*args, env=None, start_timeout=15.0) -> ProxyProcess}:
+    start C{twistd -n llmobserve --port tcp:0:interface=127.0.0.1 *args}
+    in a fresh directory under C{tmp_path} and wait until it listens.  Every
+    process started is terminated (SIGTERM, then SIGKILL after 5 s) at
+    teardown, pass or fail; on teardown of a failed test the log tail is in
+    the report via C{proxy.log_text()}.
+    """
+    started: list[ProxyProcess] = []
+
+    def start(
+        *args: str, env: dict[str, str] | None = None, start_timeout: float = 15.0
+    ) -> ProxyProcess:
+        workdir = tmp_path / f"proxy{len(started)}"
+        proc = ProxyProcess(args, workdir=workdir, env=env, start_timeout=start_timeout)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.terminate(5.0)
+
+
+@pytest.fixture
+def collector_factory(tmp_path: Path) -> Iterator[CollectorFactory]:
+    """
+    C{collector_factory(*args, db=None, env=None) -> CollectorProcess}: start
+    C{twistd -n llmobserve-collector --port tcp:0:... --db PATH *args};
+    always torn down.
+    """
+    started: list[CollectorProcess] = []
+
+    def start(
+        *args: str,
+        db: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 15.0,
+    ) -> CollectorProcess:
+        workdir = tmp_path / f"collector{len(started)}"
+        proc = CollectorProcess(args, db=db, workdir=workdir, env=env, start_timeout=start_timeout)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.terminate(5.0)
+
+
+@pytest.fixture
+def upstream_factory() -> Iterator[Callable[..., Any]]:
+    """
+    C{upstream_factory(cls, *args, **kwargs)}: start any fake upstream class
+    from L{support.upstreams} with custom arguments; closed at teardown.
+    """
+    servers: list[Any] = []
+
+    def start(cls: type[Any], *args: Any, **kwargs: Any) -> Any:
+        server = cls(*args, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.close()
+
+
+@pytest.fixture
+def recording_upstream() -> Iterator[RecordingUpstream]:
+    """A started L{RecordingUpstream} answering an OpenAI-like JSON 200."""
+    with RecordingUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def sse_upstream() -> Iterator[SSEUpstream]:
+    """A started L{SSEUpstream}: 5 deltas, 50 ms apart (set attributes to change)."""
+    with SSEUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def big_body_upstream() -> Iterator[BigBodyUpstream]:
+    """A started L{BigBodyUpstream} (100 MiB downloads by default; uploads hashed)."""
+    with BigBodyUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawScriptUpstream]:
+    """A started L{RawScriptUpstream}; set C{.script} / C{.scripts} before use."""
+    with RawScriptUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def down_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    return closed_port()

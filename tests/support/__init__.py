@@ -1,0 +1,1 @@
+"""Shared helpers for llmobserve's tests: real processes, fake upstreams, raw clients."""
