@@ -1,0 +1,92 @@
+"""The upstream TLS client context: the chain and the hostname are always verified.
+
+The relay connects to the address that L{TargetPolicy
+<llmobserve.proxy._policy.TargetPolicy>} checked, which is usually an IP, but
+TLS must still be about the target's I{name}: L{tls_creator} gives SNI and
+the certificate check the hostname, whatever address the TCP connection
+goes to. Verification is Twisted's own (C{optionsForClientTLS}: the chain
+against the trust root, the name with C{service_identity}), the same as
+C{BrowserLikePolicyForHTTPS}.
+
+There is deliberately no option that disables verification. A corporate
+TLS-inspecting gateway or a test upstream is trusted by I{adding} its CA
+with L{load_extra_trust}; the platform's roots stay trusted and every
+certificate is still checked against the hostname.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import optionsForClientTLS, platformTrust
+from zope.interface import implementer
+
+__all__ = ["ExtraTrust", "load_extra_trust", "tls_creator"]
+
+_CREATORS_MAX = 1024
+_creators: dict[tuple[str, IOpenSSLTrustRoot | None], IOpenSSLClientConnectionCreator] = {}
+
+
+def tls_creator(
+    hostname: str, trust_root: IOpenSSLTrustRoot | None = None
+) -> IOpenSSLClientConnectionCreator:
+    """The TLS connection creator for an upstream named C{hostname}.
+
+    Wrap the TCP endpoint of the I{pinned address} with it
+    (C{wrapClientTLS(tls_creator(target.host, trust), endpoint)}): SNI and
+    the certificate's name are C{hostname}; an IP literal is checked against
+    the certificate's IP addresses and sends no SNI.
+
+    Cached per (hostname, trust root), because each creator owns an OpenSSL
+    context whose set-up (loading the trust store) is far too costly per
+    request. The cache is bounded; it is cleared when full.
+
+    @param trust_root: None for the platform's roots, or an
+        L{ExtraTrust} from L{load_extra_trust}.
+    """
+    key = (hostname, trust_root)
+    creator = _creators.get(key)
+    if creator is None:
+        if len(_creators) >= _CREATORS_MAX:
+            _creators.clear()
+        creator = optionsForClientTLS(hostname, trustRoot=trust_root)
+        _creators[key] = creator
+    return creator
+
+
+@implementer(IOpenSSLTrustRoot)
+@attrs.frozen(eq=False)  # hashed by identity: load once, reuse for the cache
+class ExtraTrust:
+    """The platform's trust roots plus some extra CA certificates.
+
+    It only adds trust: the platform roots keep working and nothing
+    turns verification off.
+    """
+
+    certificates: tuple[crypto.X509, ...]
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        platformTrust()._addCACertsToContext(context)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        store = context.get_cert_store()
+        assert store is not None  # a fresh client context always has one
+        for certificate in self.certificates:
+            store.add_cert(certificate)
+
+
+def load_extra_trust(pem_path: str | Path) -> ExtraTrust:
+    """Trust the CA certificates in a PEM bundle in addition to the platform's.
+
+    For C{--ca-bundle}: corporate CAs and test CAs. Raises L{ValueError}
+    when the file holds no certificate, L{OSError} when it cannot be read.
+    """
+    data = Path(pem_path).read_bytes()
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ValueError(f"no PEM certificate in {str(pem_path)!r}: {e}") from None
+    return ExtraTrust(tuple(crypto.X509.from_cryptography(c) for c in certificates))
