@@ -10,7 +10,7 @@ closed after a deadline, so a half-open socket holds nothing for long.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -102,10 +102,12 @@ class PortSwitchFactory(Factory):
     @param timeout: seconds a connection may take to send its first bytes.
     """
 
+    noisy = False
+
     def __init__(
         self,
         make_link: Callable[[], Protocol],
-        http_factory: Factory,
+        http_factory: Factory[Any],
         clock: IReactorTime,
         timeout: float = 30.0,
     ) -> None:

@@ -1,0 +1,239 @@
+"""The collector's HTTP API: C{/health}, C{/api/events}, C{/api/report}.
+
+Plain C{twisted.web} resources. Queries run in the collector's reader
+thread (its own SQLite connection), never on the reactor thread and never in
+the writer thread, so a slow report delays neither ingestion nor C{/health}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from llmobserve import __version__
+
+from ._link import LinkRegistry
+from ._store import FILTERS, GROUPS, EventStore, StoreError
+from ._thread import StoreThread
+from ._timespec import TimeSpecError, parse_time
+from ._writer import BatchWriter
+
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SERVICE_NAME", "collector_root"]
+
+SERVICE_NAME = "llmobserve-collector"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+
+_log = Logger()
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _write_json(request: Request, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    # twisted.web's Request is unannotated: hence the ignores below.
+    request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
+    request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _error(request: Request, status: int, kind: str, message: str) -> bytes:
+    return _write_json(request, status, {"error": {"type": kind, "message": message}})
+
+
+def _send(request: Request, body: bytes) -> None:
+    request.write(body)  # type: ignore[no-untyped-call]
+    request.finish()  # type: ignore[no-untyped-call]
+
+
+def _arg(request: Request, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    try:
+        value: str = values[-1].decode("utf-8")
+        return value
+    except UnicodeDecodeError:
+        raise _BadRequest(f"parameter {name!r} is not UTF-8") from None
+
+
+def _time_arg(request: Request, name: str) -> float | None:
+    text = _arg(request, name)
+    if text is None or text == "":
+        return None
+    try:
+        return parse_time(text)
+    except TimeSpecError as e:
+        raise _BadRequest(str(e)) from None
+
+
+def _int_arg(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = _arg(request, name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise _BadRequest(f"parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise _BadRequest(f"parameter {name!r} must be between {lo} and {hi}")
+    return value
+
+
+def _filters(request: Request) -> dict[str, str | None]:
+    return {name: _arg(request, name) for name in FILTERS}
+
+
+class _QueryResource(Resource):
+    """A GET whose answer is computed by the reader thread."""
+
+    isLeaf = True
+
+    def __init__(self, reader: StoreThread) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reader = reader
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        raise NotImplementedError
+
+    def render_GET(self, request: Request) -> bytes | int:
+        try:
+            job = self.query(request)
+        except _BadRequest as e:
+            return _error(request, 400, "bad_request", str(e))
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d: Deferred[Any] = self._reader.submit(job)
+        d.addCallback(self._answer, request, gone)
+        d.addErrback(self._failed, request, gone)
+        return NOT_DONE_YET
+
+    def _answer(self, result: Any, request: Request, gone: list[bool]) -> None:
+        if gone:
+            return
+        _send(request, _write_json(request, 200, result))
+
+    def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+        if gone:
+            return
+        if failure.check(StoreError):  # type: ignore[no-untyped-call]
+            body = _error(request, 400, "bad_request", str(failure.value))
+        else:
+            _log.failure("query {uri} failed", failure, uri=request.uri)
+            body = _error(request, 500, "internal", "the query failed; see the collector log")
+        _send(request, body)
+
+
+class EventsResource(_QueryResource):
+    """C{GET /api/events}: stored events, oldest first, filtered and paged.
+
+    Parameters: the filters of L{FILTERS} (provider, model, endpoint,
+    customer, tenant, section, section_path, run, outcome, kind, host),
+    C{since}, C{until}, C{limit} (default 100, at most 10,000), C{offset}.
+    Answer: C{{"events": [...], "count": n, "limit": l, "offset": o}}.
+    """
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        filters = _filters(request)
+        since = _time_arg(request, "since")
+        until = _time_arg(request, "until")
+        limit = _int_arg(request, "limit", DEFAULT_LIMIT, 0, MAX_LIMIT)
+        offset = _int_arg(request, "offset", 0, 0, 2**62)
+
+        def job(store: EventStore) -> dict[str, Any]:
+            events = store.events(since=since, until=until, limit=limit, offset=offset, **filters)
+            return {"events": events, "count": len(events), "limit": limit, "offset": offset}
+
+        return job
+
+
+class ReportResource(_QueryResource):
+    """C{GET /api/report}: cost, tokens and calls grouped by C{by}.
+
+    Parameters: C{by} (comma list or repeated; default C{provider,model};
+    names of L{GROUPS}), C{since}, C{until}, and the same filters as
+    C{/api/events}. Answer: C{{"by": [...], "since": s, "until": u,
+    "rows": [...]}}.
+    """
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        raw = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"by", [])]
+        by = [b.strip() for v in raw for b in v.split(",") if b.strip()]
+        if not raw:
+            by = ["provider", "model"]
+        for name in by:
+            if name not in GROUPS:
+                raise _BadRequest(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
+        filters = _filters(request)
+        filters.pop("kind", None)
+        since = _time_arg(request, "since")
+        until = _time_arg(request, "until")
+
+        def job(store: EventStore) -> dict[str, Any]:
+            rows = store.report(by, since=since, until=until, **filters)
+            return {"by": by, "since": since, "until": until, "rows": rows}
+
+        return job
+
+
+class HealthResource(Resource):
+    """C{GET /health}: status, service name, version, events stored, links."""
+
+    isLeaf = True
+
+    def __init__(self, writer: BatchWriter, links: LinkRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._writer = writer
+        self._links = links
+
+    def render_GET(self, request: Request) -> bytes:
+        w = self._writer
+        return _write_json(
+            request,
+            200,
+            {
+                "status": "ok",
+                "service": SERVICE_NAME,
+                "version": __version__,
+                "events_stored": w.stored,
+                "events_queued": w.queued,
+                "duplicates_ignored": w.duplicates,
+                "commits": w.commits,
+                "links": self._links.describe(),
+                "link_protocol_errors": self._links.protocol_errors,
+            },
+        )
+
+
+class _Index(Resource):
+    def render_GET(self, request: Request) -> bytes:
+        return _write_json(
+            request,
+            200,
+            {
+                "service": SERVICE_NAME,
+                "version": __version__,
+                "endpoints": ["/health", "/api/events", "/api/report"],
+            },
+        )
+
+
+def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry) -> Resource:
+    """The resource tree served on the collector's port."""
+    root = _Index()  # type: ignore[no-untyped-call]
+    root.putChild(b"", root)
+    root.putChild(b"health", HealthResource(writer, links))
+    api = Resource()  # type: ignore[no-untyped-call]
+    api.putChild(b"events", EventsResource(reader))
+    api.putChild(b"report", ReportResource(reader))
+    root.putChild(b"api", api)
+    return root

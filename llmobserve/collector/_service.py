@@ -1,0 +1,129 @@
+"""The collector service: store threads, writer, and the one listening port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from ._http import collector_root
+from ._link import LinkRegistry, LinkServerProtocol
+from ._port import PortSwitchFactory
+from ._store import EventStore
+from ._thread import StoreThread
+from ._writer import BatchWriter
+
+__all__ = ["CollectorService"]
+
+
+class CollectorService(MultiService):
+    """Everything one collector runs: listener, link server, HTTP, store.
+
+    Start order: the writer and reader threads (each opens its own
+    connection to the store), then the port. Stop order: the port first (no
+    new connections), then the open links, then the writer drains its queue
+    and commits, then the threads end.
+
+    @param endpoint: where to listen (C{twistd}'s C{--port}).
+    @param db_path: the SQLite file.
+    @param heartbeat: the link heartbeat interval, seconds.
+    @param synchronous: SQLite C{synchronous} for the writer (C{FULL}:
+        an ack means the events survive power loss too).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: IStreamServerEndpoint,
+        db_path: Path,
+        heartbeat: float = 10.0,
+        synchronous: str = "FULL",
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reactor: IReactorTime = reactor
+        self._endpoint = endpoint
+        self.db_path = db_path
+        threads: IReactorFromThreads = reactor
+        self.writer_thread = StoreThread(
+            threads,
+            lambda: EventStore(db_path, synchronous=synchronous),
+            "llmobserve-store-writer",
+        )
+        self.reader_thread = StoreThread(
+            threads, lambda: EventStore(db_path), "llmobserve-store-reader"
+        )
+        self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.writer = BatchWriter(self.writer_thread)
+        self.links = LinkRegistry()
+        root = collector_root(self.reader_thread, self.writer, self.links)
+        self.site = Site(root)  # type: ignore[no-untyped-call]
+        self.site.noisy = False
+        self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
+        self._heartbeat = heartbeat
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def _make_link(self) -> LinkServerProtocol:
+        return LinkServerProtocol(self.writer, self._reactor, self.links, self._heartbeat)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        # The writer thread's first job: count what is already stored, so
+        # /health is exact from then on (it runs before any insert).
+        self.writer_thread.submit(lambda store: store.count()).addCallback(self._counted)
+        d = self._endpoint.listen(self.factory)
+        d.addCallbacks(self._bound, self._not_bound)
+
+    def _counted(self, n: int) -> None:
+        self.writer.stored += n
+
+    def _bound(self, port: IListeningPort) -> None:
+        self.port = port
+        host = port.getHost()
+        h = getattr(host, "host", "?")
+        if ":" in h:
+            h = f"[{h}]"
+        self.log.info(
+            "llmobserve collector listening on http://{host}:{port}",
+            host=h,
+            port=getattr(host, "port", "?"),
+        )
+        self.listening.callback(port)
+
+    def _not_bound(self, failure: Any) -> None:
+        self.log.failure("llmobserve collector cannot listen", failure)
+        self.listening.errback(failure)
+        reactor: Any = self._reactor
+        if getattr(reactor, "running", False):
+            reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, close the links, drain the writer, end the threads."""
+        # Not MultiService.stopService: that stops every child at once.
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            await maybeDeferred(port.stopListening)
+        for link in list(self.links.links):
+            if link.transport is not None:
+                link.transport.loseConnection()
+        while not self.writer.idle():
+            await deferLater(self._reactor, 0.01, lambda: None)
+        await DeferredList([self.reader_thread.stopService(), self.writer_thread.stopService()])
