@@ -407,6 +407,10 @@ def _canonical_host_port(text: str) -> tuple[str, int | None]:
     return target.host, target.port if explicit else None
 
 
+def _is_loopback(version: int, value: int) -> bool:
+    return value >> 24 == 127 if version == 4 else value == 1
+
+
 def _is_localhost(host: str) -> bool:
     return host == "localhost" or host.endswith(".localhost")
 
@@ -444,7 +448,9 @@ class _AddressCollector:
 class TwistedResolver:
     """L{Resolver} on the reactor's C{nameResolver} (getaddrinfo in a thread).
 
-    @ivar timeout: seconds before a lookup fails, when C{clock} is given.
+    @ivar clock: times lookups out; by default the reactor itself when it
+        provides L{IReactorTime} (a real reactor does).
+    @ivar timeout: seconds before a lookup fails (then the policy answers 502).
     """
 
     reactor: IReactorPluggableNameResolver
@@ -454,8 +460,11 @@ class TwistedResolver:
     def resolve(self, host: str, port: int) -> Deferred[list[str]]:
         collector = _AddressCollector()
         self.reactor.nameResolver.resolveHostName(collector, host, port)
-        if self.clock is not None:
-            collector.done.addTimeout(self.timeout, self.clock)
+        clock = self.clock
+        if clock is None and IReactorTime.providedBy(self.reactor):
+            clock = IReactorTime(self.reactor)
+        if clock is not None:
+            collector.done.addTimeout(self.timeout, clock)
         return collector.done
 
 
@@ -551,6 +560,7 @@ class TargetPolicy:
         self._verdicts: dict[str, str | None] = {}
         self._own: set[tuple[str, int]] = set()
         self._own_wildcard_ports: set[int] = set()
+        self._own_local_ports: set[int] = set()  # loopback or wildcard: "localhost:PORT"
         for host, port in own_addresses:
             self.add_own_address(host, port)
 
@@ -568,10 +578,15 @@ class TargetPolicy:
         parsed = _address_int(host) if host not in _WILDCARDS else None
         if host in _WILDCARDS or (parsed is not None and parsed[1] == 0):
             self._own_wildcard_ports.add(port)
+            self._own_local_ports.add(port)
         elif parsed is not None:
             self._own.add((_canonical_address(host), port))
+            if _is_loopback(*parsed):
+                self._own_local_ports.add(port)
         else:
             self._own.add((host.lower().rstrip("."), port))
+            if _is_localhost(host.lower().rstrip(".")):
+                self._own_local_ports.add(port)
         self._cache.clear()
 
     def check(self, target: Target) -> Deferred[ResolvedTarget]:
@@ -612,6 +627,8 @@ class TargetPolicy:
             if not (_literal_family(host) is not None and self._in_allow_cidrs(host)):
                 raise TargetRefused("not_allowed", f"{_show(host)} is not a known host")
         if _is_localhost(host):
+            if target.port in self._own_local_ports:
+                raise TargetRefused("loop", "target is the proxy itself")
             raise TargetRefused("not_allowed", f"{_show(host)} is a local name")
         return None, False
 
@@ -668,6 +685,10 @@ class TargetPolicy:
             if self._is_own(address, target.port):
                 raise TargetRefused("loop", "target is the proxy itself")
             if trusted:
+                if _address_int(address) is None:
+                    raise TargetRefused(
+                        "unresolvable", f"{_show(target.host)} resolved to a non-address"
+                    )
                 continue
             why = self._denial(address)
             if why is not None:
@@ -682,12 +703,7 @@ class TargetPolicy:
             return True
         if port in self._own_wildcard_ports:
             parsed = _address_int(address)
-            if parsed is None:
-                return False
-            version, value = parsed
-            if version == 4:
-                return value == 0 or value >> 24 == 127
-            return value in (0, 1)
+            return parsed is not None and (parsed[1] == 0 or _is_loopback(*parsed))
         return False
 
     def _denial(self, address: str) -> str | None:

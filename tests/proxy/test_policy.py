@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -354,6 +355,9 @@ def test_own_address_is_a_loop_even_when_loopback_is_denied() -> None:
         refused = refusal(policy, url)
         assert (refused.kind, refused.status) == ("loop", 508), url
     assert refusal(policy, "http://127.0.0.1:9001/").kind == "not_allowed"
+    # localhost is refused by name without a lookup, but at our port it is a loop.
+    assert refusal(policy, "http://localhost:9000/").status == 508
+    assert refusal(policy, "http://localhost:9001/").status == 403
 
 
 def test_own_address_loop_wins_over_allow_lists() -> None:
@@ -434,6 +438,13 @@ def test_twisted_resolver_collects_unique_addresses() -> None:
     """TwistedResolver turns IHostnameResolver callbacks into a list of IP strings."""
     resolver = TwistedResolver(FakeReactor())  # type: ignore[arg-type]
     assert result_of(resolver.resolve("public.example", 443)) == [PUBLIC4, PUBLIC6]
+
+
+def test_trusted_name_must_still_resolve_to_addresses() -> None:
+    """An allowed name whose resolver answers garbage is refused, not connected to."""
+    policy, resolver = make_policy(allow_hosts=["odd.lan"])
+    resolver.answers["odd.lan"] = ["not-an-ip"]
+    assert refusal(policy, "http://odd.lan/").kind == "unresolvable"
 
 
 def test_twisted_resolver_times_out() -> None:
@@ -528,3 +539,13 @@ def test_check_is_total(text: str) -> None:
         assert refused.kind in {"not_allowed", "unresolvable"}
     else:
         assert resolved.target == target
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_resolver_on_the_real_reactor() -> None:
+    """On the real reactor (getaddrinfo in a thread, numeric so no DNS) it answers IPs."""
+    from twisted.internet import reactor
+
+    resolver = TwistedResolver(reactor)  # type: ignore[arg-type]
+    assert await resolver.resolve("127.0.0.1", 80) == ["127.0.0.1"]
+    assert await resolver.resolve("::1", 80) == ["::1"]
