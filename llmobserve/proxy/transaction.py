@@ -9,7 +9,7 @@ plugs in behind that interface and never touches the relay.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import attrs
@@ -21,7 +21,7 @@ __all__ = ["Context", "ITransactionSink", "Outcome", "Transaction"]
 RawHeaders = tuple[tuple[bytes, bytes], ...]
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """How an exchange ended (the event's C{outcome} field)."""
 
     OK = "ok"

@@ -1,0 +1,59 @@
+"""A bounded copy of a body, for the parsers: the head, and for long bodies the tail."""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["BodyTap"]
+
+
+class BodyTap:
+    """Keeps the first C{head_limit} bytes and, past that, the last C{tail_limit}.
+
+    Chunks are kept by reference (no copy per chunk). A truncated copy is
+    the head, a blank line, and the tail from its first line break on: SSE
+    usage lives at the end of a stream, and a blank line ends whatever
+    event the head was cut in.
+    """
+
+    __slots__ = ("_head", "_head_limit", "_head_size", "_tail", "_tail_limit", "_tail_size")
+
+    def __init__(self, head_limit: int, tail_limit: int = 0) -> None:
+        self._head: list[bytes] = []
+        self._head_size = 0
+        self._head_limit = head_limit
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+        self._tail_limit = tail_limit
+
+    def add(self, data: bytes) -> None:
+        room = self._head_limit - self._head_size
+        if room > 0:
+            if len(data) <= room:
+                self._head.append(data)
+                self._head_size += len(data)
+                return
+            self._head.append(data[:room])
+            self._head_size += room
+            data = data[room:]
+        if self._tail_limit <= 0:
+            self._tail_size = 1  # remember that something was cut
+            return
+        tail = self._tail
+        tail.append(data)
+        self._tail_size += len(data)
+        while self._tail_size - len(tail[0]) >= self._tail_limit:
+            self._tail_size -= len(tail.popleft())
+
+    @property
+    def truncated(self) -> bool:
+        return self._tail_size > 0
+
+    def value(self) -> bytes:
+        head = b"".join(self._head)
+        if not self._tail:
+            return head
+        tail = b"".join(self._tail)[-self._tail_limit :]
+        cut = tail.find(b"\n")
+        tail = tail[cut + 1 :] if cut >= 0 else b""
+        return head + b"\n\n" + tail

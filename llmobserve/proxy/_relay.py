@@ -1,0 +1,522 @@
+"""One exchange, end to end: client request -> upstream -> client response.
+
+The relay owns the exchange's state: it resolves the target through the
+policy, takes a pooled upstream connection, streams the request body up
+and the response body down with backpressure both ways, enforces the
+timeouts, and when everything is over builds exactly one L{Transaction}
+for the sink. It never reads a body whole and never retries a request
+whose bytes may have left the proxy, except an idempotent bodiless
+request on a reused keep-alive connection that died before any answer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from zope.interface import implementer
+
+from llmobserve.proxy._bodytap import BodyTap
+from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy._errors import ERROR_HEADER, error_body, write_error
+from llmobserve.proxy._headers import RequestHead, client_response_headers
+from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
+from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
+from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
+from llmobserve.proxy.transaction import ITransactionSink, Outcome, Transaction
+
+__all__ = ["Relay", "RelayServices"]
+
+_log = Logger()
+_now = time.perf_counter
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class RelayServices:
+    """What every relay of one proxy shares: config, policy, pool, sink, clock."""
+
+    __slots__ = ("clock", "config", "policy", "pool", "sink", "stats")
+
+    def __init__(
+        self,
+        clock: Any,
+        config: RelayConfig,
+        policy: TargetPolicy,
+        pool: UpstreamPool,
+        sink: ITransactionSink,
+    ) -> None:
+        self.clock = clock
+        self.config = config
+        self.policy = policy
+        self.pool = pool
+        self.sink = sink
+        self.stats: dict[str, int] = {"in_flight": 0, "requests_total": 0}
+
+
+@implementer(IPushProducer)
+class Relay:
+    """Relays one request. Created at header time; the body arrives afterwards."""
+
+    def __init__(
+        self,
+        services: RelayServices,
+        request: Request,
+        head: RequestHead,
+        target: Target,
+        provider_hint: str | None,
+        *,
+        started_at: float,
+        t0: float,
+    ) -> None:
+        self._s = services
+        self._request = request
+        self._head = head
+        self._target = target
+        self._provider_hint = provider_hint
+        self._method: bytes = request.method
+        self._started_at = started_at
+        self._t0 = t0
+        cfg = services.config
+        self._req_tap = BodyTap(cfg.request_tap)
+        self._resp_tap = BodyTap(cfg.response_tap_head, cfg.response_tap_tail)
+        self._pending: list[bytes] | None = []  # body bytes waiting for the connection
+        self._pending_size = 0
+        self._body_done = False
+        self._body_bytes = 0
+        self._response_bytes = 0
+        self._client_paused_for: set[str] = set()
+        self._conn: UpstreamConnection | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._resolved: ResolvedTarget | None = None
+        self._status: int | None = None
+        self._response_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._response_started = False
+        self._done = False
+        self._retried = False
+        self._t_sent: float | None = None
+        self._t_connect = 0.0
+        self._t_first: float | None = None
+        self._t_upstream_done: float | None = None
+        self._last_activity = 0.0
+        self._timer: IDelayedCall | None = None
+        self._timer_kind = ""
+        services.stats["in_flight"] += 1
+        services.stats["requests_total"] += 1
+
+    # Start
+
+    def start(self) -> None:
+        """Check the target, then connect; the client may still be sending."""
+        self._request.notifyFinish().addErrback(self._client_gone)
+        d = self._s.policy.check(self._target)
+        self._connecting = d
+        d.addCallbacks(self._target_checked, self._target_refused)
+
+    def _target_refused(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._done:
+            return
+        if failure.check(TargetRefused):
+            exc: Any = failure.value
+            self._fail_before_response(exc.status, exc.kind, exc.message, Outcome.PROXY_ERROR)
+        elif failure.check(CancelledError):
+            return
+        else:
+            _log.failure("target check failed", failure)
+            self._fail_before_response(
+                502, "upstream_unreachable", "cannot resolve target", Outcome.PROXY_ERROR
+            )
+
+    def _target_checked(self, resolved: ResolvedTarget) -> None:
+        self._connecting = None
+        if self._done:
+            return
+        self._resolved = resolved
+        if self._provider_hint is None:
+            self._provider_hint = resolved.provider_hint
+        self._connect()
+
+    def _connect(self) -> None:
+        resolved = self._resolved
+        assert resolved is not None
+        t = self._target
+        t_start = _now()
+        try:
+            d = self._s.pool.acquire((t.scheme, resolved.address, t.port, t.host))
+        except Exception as e:
+            self._fail_before_response(502, "upstream_unreachable", str(e), Outcome.PROXY_ERROR)
+            return
+        if d.called:
+            d.addCallbacks(self._connected, self._connect_failed)
+            return
+        self._connecting = d
+
+        def connected(conn: UpstreamConnection) -> None:
+            self._t_connect += _now() - t_start
+            self._connected(conn)
+
+        d.addCallbacks(connected, self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._done:
+            return
+        if failure.check(CancelledError):
+            return
+        if failure.check(ConnectTimeout):
+            self._fail_before_response(
+                504, "upstream_timeout", "connect timed out", Outcome.TIMEOUT
+            )
+            return
+        kind = "tls_error" if "SSL" in repr(failure.value) else "upstream_unreachable"
+        message = (
+            f"cannot connect to {self._target.authority}"
+            if failure.check(ConnectError)
+            else f"{failure.getErrorMessage()}"
+        )
+        self._fail_before_response(502, kind, message, Outcome.PROXY_ERROR)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        self._connecting = None
+        if self._done:
+            conn.abort()
+            return
+        self._conn = conn
+        conn.start(self, self._build_head(), self._method)
+        self._t_sent = _now()
+        self._arm("header", self._s.config.header_timeout)
+        pending, self._pending = self._pending, None
+        if pending:
+            for chunk in pending:
+                self._send_chunk(conn, chunk)
+            self._pending_size = 0
+            self._unpause_client("connect")
+        if self._body_done:
+            self._send_body_end(conn)
+
+    def _build_head(self) -> bytes:
+        t = self._target
+        head = self._head
+        target = t.path.encode() + (b"?" + t.query.encode() if t.query else b"")
+        parts = [self._method, b" ", target, b" HTTP/1.1\r\nHost: ", t.authority.encode(), b"\r\n"]
+        for name, value in head.forward:
+            parts += (name, b": ", value, b"\r\n")
+        if head.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif head.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % head.content_length)
+        if self._s.config.add_via:
+            parts.append(b"Via: 1.1 llmobserve\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # Request body (from the client)
+
+    def body_chunk(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self._s.config.max_body:
+            self._fail_before_response(
+                413,
+                "body_too_large",
+                f"request body over the {self._s.config.max_body}-byte limit",
+                Outcome.PROXY_ERROR,
+            )
+            return
+        self._req_tap.add(data)
+        conn = self._conn
+        if conn is not None:
+            self._send_chunk(conn, data)
+            return
+        assert self._pending is not None
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > self._s.config.client_buffer:
+            self._pause_client("connect")
+
+    def body_complete(self) -> None:
+        if self._done:
+            return
+        self._body_done = True
+        conn = self._conn
+        if conn is not None:
+            self._send_body_end(conn)
+
+    def _send_chunk(self, conn: UpstreamConnection, data: bytes) -> None:
+        if self._head.chunked:
+            conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+
+    def _send_body_end(self, conn: UpstreamConnection) -> None:
+        if self._head.chunked:
+            conn.write(b"0\r\n\r\n")
+        conn.request_finished()
+
+    def _pause_client(self, why: str) -> None:
+        if not self._client_paused_for:
+            pause_client(self._request)
+        self._client_paused_for.add(why)
+
+    def _unpause_client(self, why: str) -> None:
+        if why in self._client_paused_for:
+            self._client_paused_for.discard(why)
+            if not self._client_paused_for:
+                resume_client(self._request)
+
+    # Upstream events (IUpstreamListener)
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self._unpause_client("upstream")
+        else:
+            self._pause_client("upstream")
+
+    def upstream_headers(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if self._done:
+            return
+        now = _now()
+        self._t_first = now
+        self._last_activity = now
+        self._status = status
+        self._response_headers = tuple(headers)
+        self._response_started = True
+        request = self._request
+        request.setResponseCode(status, reason or None)
+        out = request.responseHeaders
+        content_length = None
+        for name, value in client_response_headers(headers):
+            out.addRawHeader(name, value)
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                content_length = value
+        if content_length is not None and (
+            self._method == b"HEAD" or status not in _NO_BODY_STATUS
+        ):
+            out.setRawHeaders(b"Content-Length", [content_length])
+        request.registerProducer(self, True)
+        self._arm("idle", self._s.config.idle_timeout)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._last_activity = _now()
+        self._response_bytes += len(data)
+        self._resp_tap.add(data)
+        self._request.write(data)
+
+    def upstream_complete(self) -> None:
+        if self._done:
+            return
+        self._t_upstream_done = _now()
+        self._conn = None
+        request = self._request
+        request.unregisterProducer()
+        status = self._status or 0
+        if self._body_done:
+            request.finish()
+        else:
+            # The upstream answered before the client finished its body:
+            # end the response and close, ignoring the rest of the body.
+            self._s.clock.callLater(0, finish_early, request)
+        self._end(Outcome.UPSTREAM_ERROR if status >= 400 else Outcome.OK, None)
+
+    def upstream_failed(self, kind: str, message: str) -> None:
+        if self._done:
+            return
+        conn, self._conn = self._conn, None
+        if not self._response_started:
+            if (
+                kind == "upstream_reset"
+                and conn is not None
+                and conn.reused
+                and not self._retried
+                and self._method in _IDEMPOTENT
+                and self._body_bytes == 0
+                and self._head.content_length in (None, 0)
+                and not self._head.chunked
+            ):
+                # A stale keep-alive connection: the request carried no body
+                # and is idempotent, so one fresh attempt is safe.
+                self._retried = True
+                self._connect()
+                return
+            if kind == "timeout":
+                self._fail_before_response(504, "upstream_timeout", message, Outcome.TIMEOUT)
+            else:
+                self._fail_before_response(
+                    502,
+                    kind,
+                    message,
+                    Outcome.PROXY_ERROR if kind != "upstream_reset" else Outcome.UPSTREAM_RESET,
+                )
+            return
+        # Headers already went out: drop the client connection so a truncated
+        # body can never look complete.
+        self._t_upstream_done = _now()
+        self._drop_client()
+        self._end(Outcome.TIMEOUT if kind == "timeout" else Outcome.UPSTREAM_RESET, kind)
+
+    # IPushProducer, registered on the client response
+
+    def pauseProducing(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.pause_reading()
+
+    def resumeProducing(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.resume_reading()
+
+    def stopProducing(self) -> None:
+        self._abort_upstream()
+
+    # Client gone
+
+    def _client_gone(self, failure: Failure) -> None:
+        if self._done:
+            return
+        self._abort_upstream()
+        self._end(Outcome.CLIENT_ABORTED, "client_disconnected")
+
+    def _abort_upstream(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+    # Timeouts
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer_kind = kind
+        self._timer = self._s.clock.callLater(seconds, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self._timer_kind == "idle":
+            idle = self._s.config.idle_timeout
+            quiet = _now() - self._last_activity
+            if quiet < idle:
+                self._timer = self._s.clock.callLater(idle - quiet, self._timer_fired)
+                return
+            message = f"no upstream data for {idle:g}s"
+        else:
+            message = f"no response headers within {self._s.config.header_timeout:g}s"
+        conn = self._conn
+        self.upstream_failed("timeout", message)
+        if conn is not None:
+            conn.abort()
+
+    # Endings
+
+    def _fail_before_response(self, status: int, kind: str, message: str, outcome: Outcome) -> None:
+        """Answer with the proxy's own error; the client may still be sending."""
+        self._abort_upstream()
+        request = self._request
+        self._status = status
+        if not request.finished and not request._disconnected:
+            if self._body_done:
+                write_error(request, status, kind, message)
+            else:
+                write_error_early(request, status, kind, message, self._s.clock)
+        self._end(outcome, kind)
+
+    def _drop_client(self) -> None:
+        request = self._request
+        request.unregisterProducer()
+        channel: Any = request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()
+
+    def _end(self, outcome: Outcome, error: str | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
+        if self._client_paused_for:
+            self._client_paused_for.clear()
+            resume_client(self._request)
+        s = self._s
+        s.stats["in_flight"] -= 1
+        now = _now()
+        t_sent = self._t_sent
+        t_done = self._t_upstream_done
+        overhead = (t_sent - self._t0 - self._t_connect) if t_sent is not None else now - self._t0
+        if t_done is not None:
+            overhead += now - t_done
+        t = self._target
+        txn = Transaction(
+            started_at=self._started_at,
+            method=self._method.decode("latin-1"),
+            scheme=t.scheme,
+            host=t.host,
+            port=t.port,
+            path=t.path,
+            query=t.query,
+            request_headers=tuple(self._head.forward),
+            context=self._head.context(),
+            provider_hint=self._provider_hint,
+            status=self._status,
+            response_headers=self._response_headers,
+            request_body=self._req_tap.value(),
+            request_body_truncated=self._req_tap.truncated,
+            response_body=self._resp_tap.value(),
+            response_body_truncated=self._resp_tap.truncated,
+            request_bytes=self._body_bytes,
+            response_bytes=self._response_bytes,
+            ttfb=None if self._t_first is None else self._t_first - self._t0,
+            duration=now - self._t0,
+            overhead=max(overhead, 0.0),
+            outcome=outcome,
+            error=error,
+        )
+        try:
+            s.sink.transaction_finished(txn)
+        except Exception:
+            _log.failure("transaction sink raised")
+
+
+def write_error_early(request: Request, status: int, kind: str, message: str, clock: Any) -> None:
+    """An error while the request body may still be arriving: answer, then close.
+
+    Deferred to the next reactor turn so that nothing is written while
+    twisted.web is still inside its header handling (it may yet send
+    C{100 Continue}).
+    """
+    clock.callLater(0, _answer_and_close, request, status, kind, message)
+
+
+def _answer_and_close(request: Request, status: int, kind: str, message: str) -> None:
+    if request.finished or request._disconnected:
+        return
+    request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+    request.setResponseCode(status)
+    body = error_body(kind, message)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Type", [b"application/json"])
+    headers.setRawHeaders(ERROR_HEADER, [kind.encode()])
+    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+    request.write(body)
+    finish_early(request)

@@ -1,0 +1,292 @@
+"""C{ProxyResource}: the proxy as an C{IResource}, and C{ProxySite} to serve it.
+
+Routes (contract, DESIGN.md): C{GET /health}, C{GET /metrics},
+C{ANY /proxy} with C{X-LLMObserve-Target-URL}, C{ANY /<provider>/<rest>}
+(base-URL mode), and C{POST /spans} for the SDK's span records.
+
+Mounted in any twisted.web C{Site}, the resource works with request bodies
+that twisted.web buffered first. Served by L{ProxySite} (what
+C{twistd llmobserve} does), request bodies stream upstream as they arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import IResource
+from zope.interface import implementer
+
+from llmobserve import __version__
+from llmobserve.proxy._errors import write_error
+from llmobserve.proxy._headers import RequestHead, split_request_headers
+from llmobserve.proxy._policy import Target, TargetRefused, parse_target
+from llmobserve.proxy._relay import Relay, RelayServices, write_error_early
+from llmobserve.proxy._streaming import IStreamingResource, StreamingRequest
+
+__all__ = ["ProxyResource", "ProxySite"]
+
+_log = Logger()
+_now = time.perf_counter
+_OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b""})
+_LOCAL_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
+_MAX_SPANS_BODY = 4 * 1024 * 1024
+
+
+class _Refusal:
+    """Body receiver for a request refused at header time: drop the body, answer once."""
+
+    __slots__ = ()
+
+    def body_chunk(self, data: bytes) -> None:
+        pass
+
+    def body_complete(self) -> None:
+        pass
+
+
+_REFUSAL = _Refusal()
+
+
+@implementer(IResource, IStreamingResource)
+class ProxyResource:
+    """The forwarding proxy as a twisted.web resource (a leaf: it routes itself).
+
+    @param services: what every relay shares (config, policy, pool, sink, clock).
+    @param base_urls: provider id -> base URL for base-URL mode.
+    @param allowed_host_names: extra names the proxy answers to in C{Host}
+        (besides IP literals and localhost): refusing other names defeats
+        browser DNS rebinding.
+    """
+
+    isLeaf = True
+    streaming = True
+
+    def __init__(
+        self,
+        services: RelayServices,
+        base_urls: Mapping[str, str],
+        allowed_host_names: frozenset[bytes] = frozenset(),
+    ) -> None:
+        self._s = services
+        self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
+        self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
+        self._started = time.time()
+
+    # IResource
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:
+        return self
+
+    def putChild(self, path: bytes, child: Any) -> None:
+        raise NotImplementedError("ProxyResource routes by itself")
+
+    def render(self, request: Any) -> Any:
+        route = request.postpath[0] if request.postpath else b""
+        if route == b"health" and request.method in (b"GET", b"HEAD"):
+            return self._json(request, 200, self._health())
+        if route == b"metrics" and request.method in (b"GET", b"HEAD"):
+            return self._metrics(request)
+        if route == b"spans" and request.method == b"POST":
+            return self._spans(request)
+        if route not in _OWN_ROUTES and not isinstance(request, StreamingRequest):
+            # Mounted in a plain Site: twisted.web buffered the body already.
+            receiver = self.begin_streaming(request)
+            if receiver is not None:
+                content = request.content
+                content.seek(0)
+                while chunk := content.read(65536):
+                    receiver.body_chunk(chunk)
+                receiver.body_complete()
+                return server.NOT_DONE_YET
+        write_error(request, 404, "not_found", "no such route; see GET /health")
+        return server.NOT_DONE_YET
+
+    # IStreamingResource
+
+    def begin_streaming(self, request: Any) -> Any:
+        """Route a request at header time; start the relay for forwarding routes."""
+        postpath = request.postpath
+        route = postpath[0] if postpath else b""
+        if route in _OWN_ROUTES:
+            return None
+        t0 = _now()
+        started_at = time.time()
+        clock = self._s.clock
+        pairs = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        refusal = self._check_inbound(request, pairs)
+        if refusal is not None:
+            status, kind, message = refusal
+            write_error_early(request, status, kind, message, clock)
+            return _REFUSAL
+        head = split_request_headers(pairs)
+        if head.via_loop:
+            write_error_early(request, 508, "loop", "request already passed this proxy", clock)
+            return _REFUSAL
+        if head.content_length is not None and head.content_length > self._s.config.max_body:
+            write_error_early(
+                request,
+                413,
+                "body_too_large",
+                f"request body over the {self._s.config.max_body}-byte limit",
+                clock,
+            )
+            return _REFUSAL
+        try:
+            target, provider = self._target_for(request, route, head)
+        except TargetRefused as e:
+            write_error_early(request, e.status, e.kind, e.message, clock)
+            return _REFUSAL
+        if target is None:
+            return None  # unknown route: render answers 404
+        relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
+        relay.start()
+        return relay
+
+    # Routing
+
+    def _check_inbound(
+        self, request: Any, pairs: list[tuple[bytes, bytes]]
+    ) -> tuple[int, str, str] | None:
+        hosts = [v for n, v in pairs if n.lower() == b"host"]
+        if len(hosts) != 1:
+            return 400, "bad_request", "exactly one Host header is required"
+        host = hosts[0].strip().lower()
+        name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+        if name not in self._host_names and not _is_ip_literal(name):
+            return 403, "host_not_allowed", "Host is not this proxy's own address"
+        if request.uri[:1] != b"/":
+            return 400, "bad_request", "absolute-form and CONNECT requests are not proxied"
+        return None
+
+    def _target_for(
+        self, request: Any, route: bytes, head: RequestHead
+    ) -> tuple[Target | None, str | None]:
+        uri: bytes = request.uri
+        prefix = len(b"/".join(request.prepath)) + 1 if request.prepath else 0
+        rel = uri[prefix:]
+        if route == b"proxy":
+            raw = head.target_url()
+            if raw is None:
+                raise TargetRefused(
+                    "bad_target", "X-LLMObserve-Target-URL header is required for /proxy"
+                )
+            try:
+                url = raw.decode("ascii")
+            except UnicodeDecodeError:
+                raise TargetRefused("bad_target", "target URL must be ASCII") from None
+            _, sep, query = rel.partition(b"?")
+            if sep and query:
+                url = _merge_query(url, query.decode("latin-1"))
+            return parse_target(url), None
+        base = self._base_urls.get(route)
+        if base is None:
+            return None, None
+        rest = rel[len(route) + 1 :].decode("latin-1")
+        if rest and rest[0] not in "/?":
+            return None, None
+        return parse_target(base + rest), route.decode()
+
+    # Own routes
+
+    def _health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": "ok",
+            "service": "llmobserve-proxy",
+            "version": __version__,
+            "uptime_s": round(time.time() - self._started, 3),
+            "in_flight": self._s.stats["in_flight"],
+        }
+        try:
+            body.update(self._s.sink.health())
+        except Exception:
+            _log.failure("sink health failed")
+            body["collector"] = {"state": "unknown"}
+        return body
+
+    def _metrics(self, request: Any) -> bytes:
+        stats = self._s.stats
+        samples: list[tuple[str, str, str, float]] = [
+            ("llmobserve_requests_total", "counter", "Requests relayed", stats["requests_total"]),
+            ("llmobserve_requests_in_flight", "gauge", "Requests in flight", stats["in_flight"]),
+            (
+                "llmobserve_upstream_idle_connections",
+                "gauge",
+                "Idle pooled upstream connections",
+                self._s.pool.idle_count(),
+            ),
+        ]
+        try:
+            samples.extend(self._s.sink.metrics())
+        except Exception:
+            _log.failure("sink metrics failed")
+        lines = []
+        for name, kind, help_text, value in samples:
+            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value:g}\n")
+        body = "".join(lines).encode()
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+    def _spans(self, request: Any) -> bytes:
+        data = request.content.read(_MAX_SPANS_BODY + 1)
+        if len(data) > _MAX_SPANS_BODY:
+            write_error(request, 413, "body_too_large", "span batch too large")
+            return server.NOT_DONE_YET  # type: ignore[return-value]  # twisted.web convention
+        try:
+            spans = json.loads(data)
+            if isinstance(spans, dict):
+                spans = [spans]
+            if not isinstance(spans, list) or not all(isinstance(x, dict) for x in spans):
+                raise ValueError("expected a JSON array of objects")
+        except ValueError as e:
+            write_error(request, 400, "bad_request", f"bad span batch: {e}")
+            return server.NOT_DONE_YET  # type: ignore[return-value]  # twisted.web convention
+        self._s.sink.spans_received(spans)
+        return self._json(request, 202, {"accepted": len(spans)})
+
+    @staticmethod
+    def _json(request: Any, status: int, payload: Any) -> bytes:
+        body = json.dumps(payload).encode()
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
+
+def _is_ip_literal(name: bytes) -> bool:
+    if name.startswith(b"[") and name.endswith(b"]"):
+        return True
+    parts = name.split(b".")
+    return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 for p in parts)
+
+
+def _merge_query(url: str, extra: str) -> str:
+    """Append C{extra} query parameters to C{url}'s own, before any fragment."""
+    base, hash_, fragment = url.partition("#")
+    joiner = "&" if "?" in base else "?"
+    if base.endswith(("?", "&")):
+        joiner = ""
+    return base + joiner + extra + hash_ + fragment
+
+
+class ProxySite(server.Site):
+    """A C{Site} whose requests stream their bodies to the proxy resource."""
+
+    requestFactory = StreamingRequest
+    noisy = False
+
+    def __init__(self, resource: ProxyResource, *, client_timeout: float = 60.0, **kw: Any):
+        super().__init__(resource, timeout=client_timeout, **kw)  # type: ignore[no-untyped-call]
+
+    def log(self, request: Any) -> None:
+        """No access log: each exchange is recorded once, by the transaction sink."""

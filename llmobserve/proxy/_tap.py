@@ -1,0 +1,300 @@
+"""C{twistd llmobserve}: the proxy's command-line options and service tree."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python import usage
+
+from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy._logsink import LoggingSink
+from llmobserve.proxy._policy import TargetPolicy, TwistedResolver
+from llmobserve.proxy._relay import RelayServices
+from llmobserve.proxy._resource import ProxyResource, ProxySite
+from llmobserve.proxy._tls import load_extra_trust, tls_creator
+from llmobserve.proxy._upstream import UpstreamPool
+from llmobserve.proxy.transaction import ITransactionSink
+
+__all__ = ["Options", "makeService"]
+
+_log = Logger()
+_LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
+
+
+def port_description(port: str) -> str:
+    """A bare port number means 127.0.0.1; anything else is a Twisted endpoint string."""
+    if port.isdigit():
+        return f"tcp:{port}:interface=127.0.0.1"
+    return port
+
+
+def listens_beyond_loopback(description: str) -> bool:
+    """True unless the endpoint string pins a loopback interface (or is a UNIX socket)."""
+    kind = description.split(":", 1)[0]
+    if kind == "unix":
+        return False
+    for part in description.split(":"):
+        if part.startswith("interface="):
+            iface = part[len("interface=") :].replace("\\", "")
+            if iface in _LOOPBACK_NAMES:
+                return False
+            try:
+                return not ipaddress.ip_address(iface).is_loopback
+            except ValueError:
+                return True
+    return True
+
+
+def _pair(spec: str, what: str) -> tuple[str, str]:
+    left, sep, right = spec.rpartition("=")
+    if not sep or not left or not right:
+        raise usage.UsageError(f"{what} must look like NAME=VALUE, got {spec!r}")
+    return left.strip(), right.strip()
+
+
+class Options(usage.Options):
+    """Options of C{twistd llmobserve}."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the llmobserve forwarding proxy. Clients send requests to "
+        "/proxy with an X-LLMObserve-Target-URL header, or to /<provider>/... "
+        "(base-URL mode, e.g. OPENAI_BASE_URL=http://127.0.0.1:9000/openai/v1). "
+        "GET /health and GET /metrics describe the proxy itself."
+    )
+
+    optParameters: list[Any] = [
+        [
+            "port",
+            "p",
+            "9000",
+            "Where to listen: a port number (127.0.0.1) or a Twisted endpoint string.",
+        ],
+        ["collector", None, None, "Collector URL (http://host:port); default: the embedded store."],
+        ["db", None, None, "Embedded store SQLite file (default $LLMOBSERVE_HOME/events.sqlite3)."],
+        [
+            "spool-dir",
+            None,
+            None,
+            "Where unacknowledged events wait (default $LLMOBSERVE_HOME/spool).",
+        ],
+        [
+            "ca-file",
+            None,
+            None,
+            "PEM bundle of extra CAs to trust upstream (adds trust; never disables checks).",
+        ],
+        ["connect-timeout", None, 10.0, "Seconds to connect to an upstream.", float],
+        ["header-timeout", None, 600.0, "Seconds from request sent to response headers.", float],
+        ["idle-timeout", None, 300.0, "Seconds without an upstream byte mid-response.", float],
+        ["client-timeout", None, 60.0, "Seconds a client connection may sit idle.", float],
+        ["max-body", None, 32 * 1024 * 1024, "Request body limit in bytes (413 above).", int],
+        [
+            "drain-timeout",
+            None,
+            10.0,
+            "Seconds in-flight calls may take to finish on SIGTERM.",
+            float,
+        ],
+    ]
+    optFlags: list[Any] = [
+        [
+            "known-hosts-only",
+            None,
+            "Forward only to registry hosts, --allow-host and --provider-host "
+            "(default when listening beyond loopback).",
+        ],
+        [
+            "no-via",
+            None,
+            "Do not add 'Via: 1.1 llmobserve' upstream (loops are then caught by address only).",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["allow-host"] = []
+        self["allow-cidr"] = []
+        self["provider-host"] = {}
+        self["base-url"] = {}
+
+    def opt_allow_host(self, host: str) -> None:
+        """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
+        self["allow-host"].append(host)
+
+    def opt_allow_cidr(self, cidr: str) -> None:
+        """Admit an address range (e.g. 10.0.0.0/8, 127.0.0.1/32). Repeatable."""
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--allow-cidr: {e}") from None
+        self["allow-cidr"].append(cidr)
+
+    def opt_provider_host(self, spec: str) -> None:
+        """HOST[:PORT]=PROVIDER: this host speaks PROVIDER's API (vLLM, gateways).
+        Allowed. Repeatable."""
+        host, provider = _pair(spec, "--provider-host")
+        self["provider-host"][host] = provider
+
+    def opt_base_url(self, spec: str) -> None:
+        """PROVIDER=URL: base-URL mode (/PROVIDER/...) goes to URL, not the public one.
+        Repeatable."""
+        provider, url = _pair(spec, "--base-url")
+        if not url.startswith(("http://", "https://")):
+            raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
+        self["base-url"][provider] = url
+
+    def postOptions(self) -> None:
+        self["port"] = port_description(str(self["port"]))
+        if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
+            self["known-hosts-only"] = True
+            self["known-hosts-only-forced"] = True
+
+
+def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IService | None]:
+    """The transaction sink: the event pipeline when present, else a log line per call."""
+    try:
+        from llmobserve.events.pipeline import (  # type: ignore[import-not-found,unused-ignore]
+            make_event_sink,
+        )
+    except ImportError:
+        return LoggingSink(), None
+    return make_event_sink(  # type: ignore[no-any-return]
+        reactor,
+        collector_url=options["collector"],
+        db_path=options["db"],
+        spool_dir=options["spool-dir"],
+    )
+
+
+class ProxyService(Service):
+    """Listens, logs where, and drains in-flight calls on stop."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        site: ProxySite,
+        services: RelayServices,
+        policy: TargetPolicy,
+        drain_timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._site = site
+        self._services = services
+        self._policy = policy
+        self._drain_timeout = drain_timeout
+        self._port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        endpoint = serverFromString(self._reactor, self._description)
+        d = endpoint.listen(self._site)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+        address: Any = port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:
+            _log.info("llmobserve proxy listening on {address}", address=address)
+            return
+        self._policy.add_own_address(host, address.port)
+        shown = f"[{host}]" if ":" in host else host
+        _log.info(
+            "llmobserve proxy listening on http://{host}:{port}", host=shown, port=address.port
+        )
+
+    def _failed(self, failure: Any) -> None:
+        _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
+        self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self._port = self._port, None
+        stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]
+        stopped.addCallback(lambda _: self._drain())
+        return stopped
+
+    def _drain(self) -> Deferred[None]:
+        """Wait for in-flight calls, up to the drain deadline, then close upstreams."""
+        done: Deferred[None] = Deferred()
+        deadline = self._reactor.seconds() + self._drain_timeout
+
+        def poll() -> None:
+            if self._services.stats["in_flight"] <= 0 or self._reactor.seconds() >= deadline:
+                self._services.pool.close()
+                done.callback(None)
+            else:
+                self._reactor.callLater(0.05, poll)
+
+        poll()
+        return done
+
+
+def build_proxy(
+    reactor: Any,
+    options: Options,
+    sink: ITransactionSink,
+) -> tuple[ProxySite, RelayServices, TargetPolicy]:
+    """The site, shared services and policy for these options."""
+    config = RelayConfig(
+        connect_timeout=options["connect-timeout"],
+        header_timeout=options["header-timeout"],
+        idle_timeout=options["idle-timeout"],
+        max_body=options["max-body"],
+        add_via=not options["no-via"],
+    )
+    trust = load_extra_trust(options["ca-file"]) if options["ca-file"] else None
+    policy = TargetPolicy(
+        TwistedResolver(reactor),
+        allow_cidrs=options["allow-cidr"],
+        allow_hosts=options["allow-host"],
+        provider_hosts=options["provider-host"],
+        known_hosts_only=options["known-hosts-only"],
+        clock=reactor,
+    )
+    pool = UpstreamPool(
+        reactor,
+        connect_timeout=config.connect_timeout,
+        idle_timeout=config.pool_idle_timeout,
+        max_idle_per_key=config.max_idle_per_host,
+        max_head_bytes=config.max_response_head,
+        tls_creator=lambda hostname: tls_creator(hostname, trust),
+    )
+    services = RelayServices(reactor, config, policy, pool, sink)
+    base_urls = _base_urls(options["base-url"])
+    resource = ProxyResource(services, base_urls)
+    site = ProxySite(resource, client_timeout=options["client-timeout"])
+    return site, services, policy
+
+
+def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
+    from parsers.registry import REGISTRY
+
+    urls = {p.id: p.base_url for p in REGISTRY if p.base_url}
+    urls.update(overrides)
+    return urls
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    top = MultiService()
+    sink, sink_service = _make_sink(options, reactor)
+    site, services, policy = build_proxy(reactor, options, sink)
+    if options.get("known-hosts-only-forced"):
+        _log.info("listening beyond loopback: --known-hosts-only is on")
+    proxy = ProxyService(reactor, options["port"], site, services, policy, options["drain-timeout"])
+    if sink_service is not None:
+        # Started first, stopped last: the sink outlives the drain of in-flight calls.
+        sink_service.setServiceParent(top)
+    proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top

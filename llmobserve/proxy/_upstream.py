@@ -1,0 +1,376 @@
+"""Pooled HTTP/1.1 connections to upstreams, with framing-only response parsing.
+
+An L{UpstreamConnection} carries one exchange at a time: the relay writes
+the request head and body through it and receives the response's status,
+headers and body chunks through the L{IUpstreamListener} callbacks. Response
+framing is parsed by llhttp (via httptools), which is strict about the
+smuggling vectors (CL with TE, duplicate lengths, bad chunk sizes). Nothing
+else about the response is interpreted here.
+
+L{UpstreamPool} keeps idle keep-alive connections per (scheme, address,
+port, hostname) key. A connection goes back to the pool only when both the
+request and the response ended cleanly and nothing arrived out of turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import httptools
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["IUpstreamListener", "UpstreamConnection", "UpstreamKey", "UpstreamPool"]
+
+#: (scheme, address to connect to, port, hostname for SNI and Host)
+UpstreamKey = tuple[str, str, int, str]
+
+
+class IUpstreamListener(Protocol):
+    """What an exchange on an L{UpstreamConnection} reports back (the relay)."""
+
+    def upstream_headers(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+
+    def upstream_body(self, data: bytes) -> None: ...
+
+    def upstream_complete(self) -> None: ...
+
+    def upstream_failed(self, kind: str, message: str) -> None: ...
+
+    def upstream_writable(self, writable: bool) -> None: ...
+
+
+class UpstreamFailure(Exception):
+    """Connecting to an upstream failed; C{kind} is the error kind."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@implementer(IPushProducer)
+class _WriteBackpressure:
+    """Registered on the upstream transport: tells the listener when to pause the client."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        listener = self.connection.listener
+        if listener is not None:
+            listener.upstream_writable(False)
+
+    def resumeProducing(self) -> None:
+        listener = self.connection.listener
+        if listener is not None:
+            listener.upstream_writable(True)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamConnection(TwistedProtocol):
+    """One HTTP/1.1 connection to an upstream, one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: UpstreamKey, max_head_bytes: int) -> None:
+        self.pool = pool
+        self.key = key
+        self.listener: IUpstreamListener | None = None
+        self.reused = False
+        self.connected_ = False
+        self._max_head_bytes = max_head_bytes
+        self._parser: Any = None
+        self._head_bytes = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._in_head = True
+        self._response_done = True
+        self._request_done = True
+        self._reusable = True
+        self._head_request = False
+        self._response_started = False
+        self._eof_framed = False
+        self._idle_call: IDelayedCall | None = None
+
+    # Twisted protocol
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        transport: Any = self.transport
+        nodelay = getattr(transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            try:
+                nodelay(True)
+            except Exception:  # TLS wrappers without a socket yet
+                pass
+        transport.registerProducer(_WriteBackpressure(self), True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.listener is None or self._response_done:
+            # Bytes out of turn (stray body after 204/HEAD, unsolicited data
+            # on an idle connection): never trust this connection again.
+            self._reusable = False
+            self.abort()
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head_bytes:
+                self._fail("bad_upstream_response", "response headers too large")
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("bad_upstream_response", "unexpected protocol upgrade")
+        except httptools.HttpParserError as e:
+            if self.listener is not None:
+                self._fail("bad_upstream_response", f"malformed response: {e}")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.connected_ = False
+        self._reusable = False
+        self.pool._forget(self)
+        if self.listener is not None and not self._response_done:
+            listener, self.listener = self.listener, None
+            self._response_done = True
+            if self._eof_framed and self._response_started:
+                # A response framed by the end of the connection ends here.
+                listener.upstream_complete()
+            else:
+                listener.upstream_failed(
+                    "upstream_reset", "connection lost" if reason is None else _describe(reason)
+                )
+
+    # httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status: int = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are not
+            # relayed; llhttp goes on to the final response.
+            self._headers = []
+            self._reason = b""
+            return
+        self._in_head = False
+        self._response_started = True
+        if not self._parser.should_keep_alive():
+            self._reusable = False
+        if status not in (204, 304) and not self._head_request:
+            framed = False
+            for name, _ in self._headers:
+                lower = name.lower()
+                if lower == b"content-length" or lower == b"transfer-encoding":
+                    framed = True
+                    break
+            if not framed:
+                self._eof_framed = True
+                self._reusable = False
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_headers(status, self._reason, self._headers)
+        if self._head_request:
+            # llhttp cannot be told that a HEAD response has no body: end the
+            # exchange here and never reuse the connection.
+            self._reusable = False
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._response_done or not self._response_started:
+            return
+        self._response_done = True
+        listener, self.listener = self.listener, None
+        if not self._request_done:
+            # The upstream answered before taking the whole body: the rest of
+            # the request can never be sent on this connection.
+            self._reusable = False
+        if listener is not None:
+            listener.upstream_complete()
+        self._settle()
+
+    # Used by the relay
+
+    def start(self, listener: IUpstreamListener, head: bytes, method: bytes) -> None:
+        """Begin one exchange: write the request head."""
+        self.listener = listener
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_bytes = 0
+        self._headers = []
+        self._reason = b""
+        self._in_head = True
+        self._response_started = False
+        self._eof_framed = False
+        self._response_done = False
+        self._request_done = False
+        self._head_request = method == b"HEAD"
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def request_finished(self) -> None:
+        """The request body has been written completely."""
+        self._request_done = True
+
+    def pause_reading(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.resumeProducing()
+
+    def abort(self) -> None:
+        """Close now: this connection never goes back to the pool."""
+        self._reusable = False
+        self.listener = None
+        transport: Any = self.transport
+        if transport is not None and self.connected_:
+            transport.abortConnection()
+
+    def _fail(self, kind: str, message: str) -> None:
+        listener, self.listener = self.listener, None
+        self._response_done = True
+        self.abort()
+        if listener is not None:
+            listener.upstream_failed(kind, message)
+
+    def _settle(self) -> None:
+        if self._reusable and self._request_done and self.connected_:
+            self.pool._release(self)
+        else:
+            self.abort()
+
+    def _go_idle(self, timeout: float, clock: IReactorTime) -> None:
+        self._idle_call = clock.callLater(timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle_call = None
+        self.pool._forget(self)
+        self.abort()
+
+
+class _OneConnection(Factory):
+    """Hands out one prepared protocol; quiet (no start/stop log lines)."""
+
+    noisy = False
+
+    def __init__(self, protocol: UpstreamConnection) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return self._protocol
+
+
+def _describe(reason: Failure) -> str:
+    return reason.getErrorMessage()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream key, and new connections on demand."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        connect_timeout: float = 10.0,
+        idle_timeout: float = 30.0,
+        max_idle_per_key: int = 64,
+        max_head_bytes: int = 65536,
+        tls_creator: Callable[[str], Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._max_idle = max_idle_per_key
+        self._max_head_bytes = max_head_bytes
+        self._tls_creator = tls_creator
+        self._idle: dict[UpstreamKey, list[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+
+    def acquire(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
+        """An idle connection for C{key} if there is one, else a new one."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.connected_:
+                conn.reused = True
+                return succeed(conn)
+        return self._connect(key)
+
+    def _connect(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
+        scheme, address, port, hostname = key
+        reactor: IReactorTCP = self._reactor
+        endpoint: Any
+        if ":" in address:
+            endpoint = TCP6ClientEndpoint(reactor, address, port, timeout=self._connect_timeout)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, address, port, timeout=self._connect_timeout)
+        if scheme == "https":
+            if self._tls_creator is None:
+                raise RuntimeError("no TLS context configured")
+            endpoint = wrapClientTLS(self._tls_creator(hostname), endpoint)
+        conn = UpstreamConnection(self, key, self._max_head_bytes)
+        d: Deferred[Any] = endpoint.connect(_OneConnection(conn))
+
+        def connected(proto: UpstreamConnection) -> UpstreamConnection:
+            self._all.add(proto)
+            return proto
+
+        d.addCallback(connected)
+        return d
+
+    def _release(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self._max_idle:
+            conn.abort()
+            return
+        idle.append(conn)
+        conn._go_idle(self._idle_timeout, self._reactor)
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def close(self) -> None:
+        """Abort every connection (shutdown)."""
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()
