@@ -525,9 +525,10 @@ class TargetPolicy:
         stand for any loopback or unspecified address on that port.
     @param clock: when given, successful checks of names are cached for
         C{cache_seconds} per (host, port), so a hot host costs one dict
-        lookup instead of a getaddrinfo thread hop. That shortens nothing
-        below the checked address: each request still connects to an
-        address that was checked. Without a clock nothing is cached.
+        lookup instead of a getaddrinfo thread hop. Pinning still holds:
+        every request connects to an address that was checked, at most
+        C{cache_seconds} ago (DNS TTLs of provider hosts are longer).
+        Refusals are never cached. Without a clock nothing is cached.
     """
 
     def __init__(
@@ -596,20 +597,33 @@ class TargetPolicy:
         decided by name.
         """
         try:
-            hint, trusted = self._check_name(target)
-            if _literal_family(target.host) is not None:
-                return succeed(self._verify(target, [target.host], hint, trusted))
-            cached = self._cached(target)
-            if cached is not None:
-                return cached
+            resolved, hint, trusted = self._decide(target)
         except TargetRefused as refused:
             return fail(refused)
+        if resolved is not None:
+            return succeed(resolved)
         resolving = self._resolver.resolve(target.host, target.port)
         return resolving.addCallbacks(
             lambda addresses: self._resolved(target, addresses, hint, trusted),
             self._resolution_failed,
             errbackArgs=(target,),
         )
+
+    def check_now(self, target: Target) -> ResolvedTarget | None:
+        """Decide without a lookup when possible, for a Deferred-free hot path.
+
+        Returns the L{ResolvedTarget} for IP literals and cached names,
+        raises L{TargetRefused} for refusals decided by name or literal
+        address, and returns None when the name must be resolved: then
+        call L{check}.
+        """
+        return self._decide(target)[0]
+
+    def _decide(self, target: Target) -> tuple[ResolvedTarget | None, str | None, bool]:
+        hint, trusted = self._check_name(target)
+        if _literal_family(target.host) is not None:
+            return self._verify(target, [target.host], hint, trusted), hint, trusted
+        return self._cached(target), hint, trusted
 
     def _check_name(self, target: Target) -> tuple[str | None, bool]:
         if target.scheme not in DEFAULT_PORTS:
@@ -643,7 +657,7 @@ class TargetPolicy:
                 dot = host.find(".", dot + 1)
         return False
 
-    def _cached(self, target: Target) -> Deferred[ResolvedTarget] | None:
+    def _cached(self, target: Target) -> ResolvedTarget | None:
         if self._clock is None:
             return None
         entry = self._cache.get((target.host, target.port))
@@ -655,7 +669,7 @@ class TargetPolicy:
             return None
         if resolved.target != target:
             resolved = attrs.evolve(resolved, target=target)
-        return succeed(resolved)
+        return resolved
 
     def _resolved(
         self, target: Target, addresses: list[str], hint: str | None, trusted: bool

@@ -263,6 +263,26 @@ def test_cache_with_clock_skips_resolution_until_expiry() -> None:
     assert resolver.calls == ["rebind.example", "rebind.example"]
 
 
+def test_check_now_decides_without_deferreds_when_it_can() -> None:
+    """check_now answers literals and cached names, refuses by name, else says "look up"."""
+    clock = Clock()
+    policy, resolver = make_policy(clock=clock)
+    assert policy.check_now(parse_target(f"https://{PUBLIC4}/")) == ResolvedTarget(
+        parse_target(f"https://{PUBLIC4}/"), PUBLIC4, (PUBLIC4,)
+    )
+    with pytest.raises(TargetRefused):
+        policy.check_now(parse_target("http://169.254.169.254/"))
+    with pytest.raises(TargetRefused):
+        policy.check_now(parse_target("http://localhost/"))
+    target = parse_target("https://public.example/")
+    assert policy.check_now(target) is None
+    assert resolver.calls == []
+    allowed(policy, "https://public.example/")
+    cached = policy.check_now(target)
+    assert cached is not None and cached.address == PUBLIC4
+    assert resolver.calls == ["public.example"]
+
+
 # --- overrides ----------------------------------------------------------------------
 
 
