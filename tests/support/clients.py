@@ -12,7 +12,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -20,12 +20,16 @@ from typing import Any, Self
 import h11
 
 __all__ = [
+    "TARGET_HEADER",
     "RawClient",
     "RawResponse",
     "StreamReader",
     "build_request",
+    "proxy_request",
     "raw_request",
 ]
+
+TARGET_HEADER = "X-LLMObserve-Target-URL"
 
 HeaderPairs = Sequence[tuple[bytes | str, bytes | str]]
 
@@ -67,6 +71,30 @@ def build_request(
                 lines.append(b"Content-Length: %d\r\n" % len(payload))
     lines.append(b"\r\n")
     return b"".join(lines) + payload
+
+
+def proxy_request(
+    proxy_port: int,
+    method: bytes | str,
+    target_url: str,
+    headers: HeaderPairs = (),
+    body: bytes | Iterable[bytes] | None = None,
+    *,
+    path: str = "/proxy",
+    chunked: bool = False,
+) -> bytes:
+    """
+    The bytes of a C{/proxy} request to the proxy on 127.0.0.1:C{proxy_port}
+    (C{Host} is the proxy's own authority) forwarding to C{target_url}.
+    """
+    return build_request(
+        method,
+        path,
+        [(TARGET_HEADER, target_url), *headers],
+        body,
+        host=f"127.0.0.1:{proxy_port}",
+        chunked=chunked,
+    )
 
 
 @dataclass
@@ -344,7 +372,18 @@ class StreamReader:
         *,
         timeout: float = 10.0,
         rcvbuf: int | None = None,
+        keep_body: bool = True,
+        on_data: Callable[[bytes], None] | None = None,
     ) -> None:
+        """
+        @param keep_body: keep the body and per-piece records (set C{False}
+            for huge bodies: only C{received} counts, and C{on_data} sees each
+            piece).
+        """
+        self.keep_body = keep_body
+        self.on_data = on_data
+        self.received = 0
+        self.first_data_at: float | None = None
         self.client = RawClient(port, host, timeout=timeout, rcvbuf=rcvbuf)
         self.timeout = timeout
         self.sent_at = time.monotonic()
@@ -400,8 +439,14 @@ class StreamReader:
             self.response = event
             self.head_at = time.monotonic()
         elif isinstance(event, h11.Data):
-            self.body += event.data
-            self.chunks.append((time.monotonic(), bytes(event.data)))
+            if self.first_data_at is None:
+                self.first_data_at = time.monotonic()
+            self.received += len(event.data)
+            if self.on_data is not None:
+                self.on_data(bytes(event.data))
+            if self.keep_body:
+                self.body += event.data
+                self.chunks.append((time.monotonic(), bytes(event.data)))
         elif isinstance(event, h11.EndOfMessage):
             self.complete = True
             return False

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -26,9 +27,11 @@ from types import TracebackType
 from typing import IO, ClassVar, Self
 
 __all__ = [
+    "LOOPBACK_ARGS",
     "CollectorProcess",
     "ProcessStartError",
     "ProxyProcess",
+    "RSSSampler",
     "TwistdProcess",
     "loopback_env",
 ]
@@ -45,6 +48,25 @@ _SHIM = (
     "if os.getppid() != ppid:\n"
     "    os._exit(1)\n"
     "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+#: Options that admit loopback upstreams and scale the timeouts down so
+#: failure cases finish fast (for fake upstreams on 127.0.0.1).
+LOOPBACK_ARGS: tuple[str, ...] = (
+    "--allow-cidr",
+    "127.0.0.1/32",
+    "--connect-timeout",
+    "2",
+    "--header-timeout",
+    "5",
+    "--idle-timeout",
+    "5",
+)
+
+# twistd itself (C{python -m twisted} is the newer C{twist} runner, which has
+# no -n/--pidfile and no pid file or daemon handling).
+_TWISTD = (
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
 )
 
 _LISTENING = r"listening on http://(\[[^\]]+\]|[^\s:/\]]+):(\d+)"
@@ -137,8 +159,8 @@ class TwistdProcess:
         """The twistd command line (without the deathsig shim)."""
         return [
             sys.executable,
-            "-m",
-            "twisted",
+            "-c",
+            _TWISTD,
             "--pidfile=",
             "-n",
             self.plugin,
@@ -377,3 +399,50 @@ class CollectorProcess(TwistdProcess):
 
     def command(self) -> list[str]:
         return [*super().command(), "--db", str(self.db)]
+
+
+class RSSSampler:
+    """
+    Samples a process's RSS (KiB) in a background thread every C{interval}
+    seconds while in the C{with} block.  C{baseline} is the first sample,
+    C{peak} the largest, C{growth_kib} their difference.
+    """
+
+    def __init__(self, proc: TwistdProcess, interval: float = 0.02) -> None:
+        self.proc = proc
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            self.samples.append((time.monotonic(), self.proc.rss_kib()))
+        except (OSError, LookupError):
+            self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> Self:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sample()
+
+    @property
+    def baseline(self) -> int:
+        return self.samples[0][1]
+
+    @property
+    def peak(self) -> int:
+        return max(rss for _, rss in self.samples)
+
+    @property
+    def growth_kib(self) -> int:
+        return self.peak - self.baseline
