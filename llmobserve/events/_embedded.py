@@ -1,0 +1,166 @@
+"""The no-collector mode: events go from the spool into a local SQLite store.
+
+The store is the collector's own C{EventStore} (same schema, same report),
+opened and used only in one dedicated writer thread. The at-least-once rule
+is the link's: a batch is acknowledged to the spool only after the store
+committed it, and a failed write is retried from the spool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any, Protocol
+
+import msgpack
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from llmobserve.events._outbox import Outbox, Record
+from llmobserve.events._waiters import after
+
+__all__ = ["EmbeddedWriter", "StoreLike"]
+
+
+class StoreLike(Protocol):
+    """What the writer needs of C{llmobserve.collector._store.EventStore}."""
+
+    def insert(self, events: Sequence[Mapping[str, Any]]) -> int: ...
+    def close(self) -> None: ...
+
+
+def default_store_factory(path: str) -> StoreLike:
+    """Open the collector's C{EventStore} (imported lazily)."""
+    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+
+    store: StoreLike = EventStore(path)
+    return store
+
+
+class EmbeddedWriter(Service):
+    """Drains the outbox into an C{EventStore} in one writer thread.
+
+    @ivar state: C{connecting} until the store is open, C{connected} while
+        writes succeed, C{down} after a failed open or write (retried).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        outbox: Outbox,
+        db_path: str,
+        *,
+        store_factory: Callable[[str], StoreLike] = default_store_factory,
+        max_batch_records: int = 1000,
+        max_batch_bytes: int = 4 * 1024 * 1024,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self._reactor: IReactorFromThreads = reactor
+        self.clock: IReactorTime = reactor
+        self.outbox = outbox
+        self.url = db_path
+        self._factory = store_factory
+        self.max_batch_records = max_batch_records
+        self.max_batch_bytes = max_batch_bytes
+        self.retry_delay = retry_delay
+        self.state = "connecting"
+        self.write_errors = 0
+        self._store: StoreLike | None = None
+        self._busy: Deferred[Any] | None = None
+        self._retry: IDelayedCall | None = None
+        self._pump_call: IDelayedCall | None = None
+        self._thread = ThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
+        outbox.on_ready = self.pump
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    @property
+    def reconnects(self) -> int:
+        return 0
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._thread, fn, *args)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        self._thread.start()
+        self._open()
+
+    def _open(self) -> None:
+        self._retry = None
+        d = self._busy = self._in_thread(self._factory, self.url)
+        d.addCallbacks(self._opened, self._failed, errbackArgs=("opening",))
+
+    def _opened(self, store: StoreLike) -> None:
+        self._busy = None
+        self._store = store
+        self.state = "connected"
+        self.pump()
+
+    def _failed(self, failure: Failure, doing: str) -> None:
+        self._busy = None
+        self.state = "down"
+        self.write_errors += 1
+        self._log.failure("event store {doing} failed: {db}", failure, doing=doing, db=self.url)
+        self.outbox.rewind()
+        if self.running:
+            retry = self._open if self._store is None else self.pump
+            self._retry = self.clock.callLater(self.retry_delay, retry)
+
+    def pump(self) -> None:
+        """Write what is ready, at the next reactor turn (coalescing events)."""
+        if self._pump_call is None and self.running:
+            self._pump_call = self.clock.callLater(0, self._write_ready)
+
+    def _write_ready(self) -> None:
+        self._pump_call = None
+        if self._busy is not None or self._store is None or self._retry is not None:
+            return
+        records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
+        if not records:
+            return
+        d = self._busy = self._in_thread(_insert, self._store, records)
+        d.addCallbacks(
+            self._written, self._failed, callbackArgs=(records[-1][0],), errbackArgs=("write",)
+        )
+
+    def _written(self, _count: int, last_seq: int) -> None:
+        self._busy = None
+        self.state = "connected"
+        self.outbox.ack(last_seq)
+        self.pump()
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        """Finish the write under way, close the store in its thread, stop."""
+        super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        for call in (self._retry, self._pump_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._pump_call = None
+        while self._busy is not None:
+            yield after(self._busy)
+        store, self._store = self._store, None
+        try:
+            if store is not None:
+                yield self._in_thread(store.close)
+        except Exception:
+            self._log.failure("closing the event store failed")
+        finally:
+            self.state = "down"
+            self._thread.stop()
+
+
+def _insert(store: StoreLike, records: Sequence[Record]) -> int:
+    events = [
+        msgpack.unpackb(payload, raw=False, strict_map_key=False) for _seq, payload in records
+    ]
+    return store.insert(events)

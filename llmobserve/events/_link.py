@@ -1,0 +1,347 @@
+"""The proxy side of the collector link (docs/LINK.md).
+
+One persistent TCP connection per proxy process, kept by a C{ClientService}
+with capped, jittered backoff. After the magic and C{hello}, the proxy waits
+for C{welcome}, then sends C{batch} frames of events taken from the
+L{Outbox}; cumulative C{ack}s move the spool's ack point. Heartbeats notice
+a half-open or black-holed collector (silent for three intervals: the link
+is aborted and rebuilt, and everything unacknowledged is sent again).
+
+The link writes with a push producer registered on the transport, so a
+collector that stops reading pauses sending instead of growing a buffer;
+the records stay in the outbox window and on disk.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgpack
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from llmobserve.events._codec import (
+    MAGIC,
+    MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+)
+from llmobserve.events._outbox import Outbox, Record
+
+__all__ = ["CollectorLink", "LinkProtocol", "batch_frame", "retry_policy"]
+
+_LENGTH: Final = struct.Struct(">I")
+_BATCH_HEAD: Final = b"\x83" + msgpack.packb("t") + msgpack.packb("batch") + msgpack.packb("seq")
+_EVENTS_KEY: Final = msgpack.packb("events")
+_ARRAY: Final = msgpack.Packer(use_bin_type=True)
+
+
+def batch_frame(records: Sequence[Record]) -> bytes:
+    """A C{batch} frame built around already-packed events (no repacking).
+
+    The body is the msgpack map C{{"t": "batch", "seq": <last seq>,
+    "events": [...]}}, byte for byte what C{encode_frame} would produce.
+    """
+    body = b"".join(
+        [
+            _BATCH_HEAD,
+            msgpack.packb(records[-1][0]),
+            _EVENTS_KEY,
+            _ARRAY.pack_array_header(len(records)),
+            *(payload for _seq, payload in records),
+        ]
+    )
+    if len(body) > MAX_FRAME_SIZE:
+        raise FrameError(f"batch of {len(body)} bytes exceeds the frame maximum")
+    return _LENGTH.pack(len(body)) + body
+
+
+def retry_policy(
+    initial: float = 0.25,
+    cap: float = 5.0,
+    factor: float = 2.0,
+    rng: Callable[[], float] = random.random,
+) -> Callable[[int], float]:
+    """Exponential backoff from Twisted's C{backoffPolicy}, capped at C{cap}
+    seconds, with "equal jitter": each delay is drawn from [d/2, d].
+
+    Twisted's own jitter adds up to a second on top of the cap, which is
+    more than the whole cap in tests; ours scales with the delay instead.
+    """
+    base = backoffPolicy(initialDelay=initial, maxDelay=cap, factor=factor, jitter=lambda: 0.0)
+
+    def policy(attempt: int) -> float:
+        return float(base(attempt) * (0.5 + 0.5 * rng()))
+
+    return policy
+
+
+@implementer(IPushProducer)
+class LinkProtocol(Protocol):
+    """One link connection: handshake, batches out, acks and heartbeats in."""
+
+    _log = Logger()
+
+    def __init__(self, link: CollectorLink) -> None:
+        self._link = link
+        self._decoder = FrameDecoder()
+        self.ready = False  # welcome received
+        self.paused = False  # the transport's buffer is full
+        self._last_heard = 0.0
+        self._beat: IDelayedCall | None = None
+
+    # -- IProtocol ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]  # IConsumer
+        self._last_heard = self._link.clock.seconds()
+        hello = {"t": "hello", "proxy_id": self._link.proxy_id, "version": PROTOCOL_VERSION}
+        self.transport.write(MAGIC + encode_frame(hello))
+        self._beat = self._link.clock.callLater(self._link.heartbeat_interval, self._heartbeat)
+        self._link._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except FrameError as e:
+            self._fail(f"protocol error from the collector: {e}")
+            return
+        self._last_heard = self._link.clock.seconds()
+        for message in messages:
+            if not self._handle(message):
+                return
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._beat is not None and self._beat.active():
+            self._beat.cancel()
+        self._beat = None
+        self.ready = False
+        self._link._lost(self)
+
+    # -- IPushProducer --------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._link.pump()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # -- messages ---------------------------------------------------------------
+
+    def _handle(self, message: dict[str, Any]) -> bool:
+        kind = message["t"]
+        if kind == "ack":
+            seq = message.get("seq")
+            if not self.ready or not isinstance(seq, int) or isinstance(seq, bool):
+                self._fail(f"bad ack {seq!r}")
+                return False
+            self._link._acked(seq)
+        elif kind == "welcome":
+            if message.get("version") != PROTOCOL_VERSION:
+                self._fail(f"collector speaks link version {message.get('version')!r}")
+                return False
+            self.ready = True
+            self._link._welcomed(self)
+        elif kind == "ping":
+            self._write({"t": "pong", "ts": message.get("ts", 0.0)})
+        elif kind == "pong":
+            pass  # _last_heard was updated
+        else:
+            self._log.debug("ignoring link message {kind!r}", kind=kind)
+        return True
+
+    def _write(self, message: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(encode_frame(message))
+
+    def send_batch(self, records: Sequence[Record]) -> None:
+        """Write one batch frame (the caller checks L{paused} afterwards)."""
+        assert self.transport is not None
+        self.transport.write(batch_frame(records))
+
+    def _heartbeat(self) -> None:
+        clock = self._link.clock
+        interval = self._link.heartbeat_interval
+        if clock.seconds() - self._last_heard >= 3 * interval:
+            self._fail(f"collector silent for {3 * interval:g}s")
+            return
+        self._write({"t": "ping", "ts": clock.seconds()})
+        self._beat = clock.callLater(interval, self._heartbeat)
+
+    def _fail(self, why: str) -> None:
+        self._log.warn("collector link closed: {why}", why=why)
+        self._link.protocol_errors += 1
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
+
+
+@implementer(IProtocolFactory)
+class _LinkFactory(Factory):
+    def __init__(self, link: CollectorLink) -> None:
+        self._link = link
+
+    def buildProtocol(self, addr: IAddress | None) -> LinkProtocol:
+        return LinkProtocol(self._link)
+
+
+@implementer(IStreamClientEndpoint)
+class _WatchedEndpoint:
+    """Tells the link about every connection attempt and its failure."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, link: CollectorLink) -> None:
+        self._endpoint = endpoint
+        self._link = link
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        self._link._attempt()
+        d = self._endpoint.connect(protocolFactory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._link._attempt_failed(failure)
+        return failure
+
+
+class CollectorLink(Service):
+    """Keeps one link to the collector and feeds it from the outbox.
+
+    @ivar state: C{connecting} (no outcome yet, or handshake under way),
+        C{connected} (welcome received) or C{down} (the last attempt failed
+        or the link was lost; a retry is scheduled).
+    @ivar reconnects: connection attempts after the first.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        endpoint: IStreamClientEndpoint,
+        outbox: Outbox,
+        *,
+        proxy_id: str,
+        url: str,
+        heartbeat_interval: float = 5.0,
+        retry: Callable[[int], float] | None = None,
+        max_batch_records: int = 500,
+        max_batch_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.clock = clock
+        self.outbox = outbox
+        self.proxy_id = proxy_id
+        self.url = url
+        self.heartbeat_interval = heartbeat_interval
+        self.max_batch_records = max_batch_records
+        self.max_batch_bytes = max_batch_bytes
+        self.state = "connecting"
+        self.attempts = 0
+        self.protocol_errors = 0
+        self._proto: LinkProtocol | None = None
+        self._pump_call: IDelayedCall | None = None
+        outbox.on_ready = self.pump
+        self._service = ClientService(
+            _WatchedEndpoint(endpoint, self),
+            _LinkFactory(self),
+            retryPolicy=retry or retry_policy(),
+            clock=clock,
+        )
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.attempts - 1)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        self._service.startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        if self._pump_call is not None and self._pump_call.active():
+            self._pump_call.cancel()
+        self._pump_call = None
+        d: Deferred[None] = self._service.stopService()
+
+        def stopped(result: None) -> None:
+            self.state = "down"
+
+        return d.addCallback(stopped)
+
+    # -- called by the protocol and the endpoint -----------------------------
+
+    def _attempt(self) -> None:
+        self.attempts += 1
+        if self.state != "down":
+            self.state = "connecting"
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self.state = "down"
+        self._log.debug("collector {url} unreachable: {why}", url=self.url, why=failure.value)
+
+    def _connected(self, proto: LinkProtocol) -> None:
+        self._proto = proto
+        self.state = "connecting"
+
+    def _welcomed(self, proto: LinkProtocol) -> None:
+        if proto is not self._proto:
+            return
+        self.state = "connected"
+        self.outbox.rewind()
+        self._log.info("collector link up: {url}", url=self.url)
+        self.pump()
+
+    def _acked(self, seq: int) -> None:
+        self.outbox.ack(seq)
+
+    def _lost(self, proto: LinkProtocol) -> None:
+        if proto is not self._proto:
+            return
+        if self.state == "connected":
+            self._log.info("collector link lost: {url}", url=self.url)
+        self._proto = None
+        self.state = "down"
+        self.outbox.rewind()
+
+    # -- sending ----------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Send what is ready, at the next reactor turn (coalescing events)."""
+        if self._pump_call is None and self.running:
+            self._pump_call = self.clock.callLater(0, self._send_ready)
+
+    def _send_ready(self) -> None:
+        self._pump_call = None
+        proto = self._proto
+        while proto is not None and proto.ready and not proto.paused:
+            records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
+            if not records:
+                return
+            proto.send_batch(records)
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"

@@ -1,0 +1,342 @@
+"""The event record: one msgpack-safe map per call, span or gap.
+
+Built from a L{Transaction} and the parsers' C{UsageRecord} (or without one
+when parsing was skipped or failed). Everything here is a pure function that
+runs in a parse worker thread, except the rare fallbacks the pipeline builds
+on the reactor (queue full, parse crashed, shutdown).
+
+What reaches msgpack is sanitised: strings have no control characters (they
+are escaped as C{\\uXXXX}) and no lone surrogates, floats are finite, ints
+fit 64 bits, containers are bounded in size and depth. No header, body or
+query string ever enters an event, so no secret can.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Protocol
+
+import msgpack
+
+from llmobserve.proxy.transaction import RawHeaders, Transaction
+
+__all__ = [
+    "CALL_FIELDS",
+    "UsageLike",
+    "build_call_event",
+    "build_gap_event",
+    "build_span_event",
+    "headers_to_mapping",
+    "new_event_id",
+    "pack_event",
+    "sanitise",
+]
+
+#: The keys of every call event, in order (DESIGN.md's table plus ours).
+CALL_FIELDS: Final = (
+    "id",
+    "kind",
+    "ts",
+    "duration_ms",
+    "ttfb_ms",
+    "overhead_ms",
+    "method",
+    "host",
+    "path",
+    "status",
+    "outcome",
+    "provider",
+    "endpoint",
+    "model",
+    "streamed",
+    "usage",
+    "usage_source",
+    "cost_usd",
+    "price_ref",
+    "request_bytes",
+    "response_bytes",
+    "graphql",
+    "context",
+    "parse_error",
+    "flags",
+    "proxy_id",
+)
+
+_MAX_STR: Final = 1024
+_MAX_ITEMS: Final = 64
+_MAX_DEPTH: Final = 4
+_MAX_SPAN_KEYS: Final = 32
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
+
+class UsageLike(Protocol):
+    """The fields of C{parsers.UsageRecord} that an event reads."""
+
+    @property
+    def provider(self) -> str: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def streamed(self) -> bool: ...
+    @property
+    def usage(self) -> Mapping[str, int | float]: ...
+    @property
+    def usage_source(self) -> str: ...
+    @property
+    def cost_usd(self) -> float | None: ...
+    @property
+    def price_ref(self) -> str | None: ...
+    @property
+    def graphql(self) -> Mapping[str, Any] | None: ...
+    @property
+    def parse_error(self) -> str | None: ...
+    @property
+    def flags(self) -> tuple[str, ...]: ...
+
+
+def new_event_id(now: float | None = None) -> str:
+    """A 32-hex-digit id ordered by creation time (ms), then 80 random bits.
+
+    Time order keeps the collector's id index append-mostly; the random part
+    makes collisions between proxies practically impossible.
+    """
+    ms = int((time.time() if now is None else now) * 1000) & 0xFFFFFFFFFFFF
+    return f"{ms:012x}{os.urandom(10).hex()}"
+
+
+def _escape(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
+def sanitise_str(s: str, limit: int = _MAX_STR) -> str:
+    """Cap, escape control/format/separator characters and lone surrogates."""
+    if len(s) > limit:
+        s = s[:limit]
+    if s.isprintable():
+        return s
+    return _escape(s)
+
+
+def sanitise(value: Any, depth: int = 0) -> Any:
+    """Return C{value} in a form msgpack packs without error or surprise.
+
+    Non-finite floats become None, oversized ints are clamped, bytes and
+    unknown objects become (escaped) strings, containers are capped at
+    64 items and 4 levels.
+    """
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, str):
+        return sanitise_str(value)
+    if isinstance(value, int):
+        return min(max(value, _INT_MIN), _INT_MAX)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= _MAX_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i >= _MAX_ITEMS:
+                break
+            out[sanitise_str(str(k), 128)] = sanitise(v, depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [sanitise(v, depth + 1) for v in value[:_MAX_ITEMS]]
+    if isinstance(value, bytes | bytearray):
+        return sanitise_str(bytes(value[:_MAX_STR]).decode("utf-8", "replace"))
+    return sanitise_str(repr(value))
+
+
+def _opt_str(value: object, limit: int = 256) -> str | None:
+    if value is None:
+        return None
+    return sanitise_str(value if isinstance(value, str) else str(value), limit)
+
+
+def _usage_map(usage: Mapping[str, Any]) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for i, (k, v) in enumerate(usage.items()):
+        if i >= _MAX_ITEMS:
+            break
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        clean = sanitise(v)
+        if clean is not None:
+            out[sanitise_str(str(k), 64)] = clean
+    return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return round(seconds * 1000.0, 3)
+
+
+def headers_to_mapping(pairs: RawHeaders) -> dict[str, str]:
+    """Raw wire header pairs as a C{Mapping[str, str]} with lower-case names.
+
+    Repeated fields are joined with C{", "} (RFC 9110 5.3). Runs in the
+    worker thread, never on the reactor.
+    """
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        prev = out.get(key)
+        out[key] = text if prev is None else f"{prev}, {text}"
+    return out
+
+
+def build_call_event(
+    txn: Transaction,
+    usage: UsageLike | None,
+    *,
+    event_id: str,
+    proxy_id: str,
+    parse_error: str | None = None,
+    flags: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The event map for one exchange.
+
+    @param usage: the parsers' record, or None when parsing was skipped or
+        failed (then C{usage_source} is C{missing} and the provider is the
+        hint or C{unknown}).
+    @param parse_error: an error from calling the parser itself; the
+        record's own C{parse_error} is used when this is None.
+    @param flags: extra flags (C{parse_skipped}, ...) added to the record's.
+    """
+    all_flags = list(usage.flags) if usage is not None else []
+    all_flags.extend(flags)
+    if txn.error is not None:
+        all_flags.append(f"error:{txn.error}")
+    if usage is not None:
+        provider: str | None = usage.provider
+        endpoint, model, streamed = usage.endpoint, usage.model, usage.streamed
+        usage_map = _usage_map(usage.usage)
+        source: str = usage.usage_source
+        cost = usage.cost_usd
+        if cost is not None and not (isinstance(cost, int | float) and math.isfinite(cost)):
+            cost = None
+            all_flags.append("cost_not_finite")
+        price_ref, graphql = usage.price_ref, usage.graphql
+        if parse_error is None:
+            parse_error = usage.parse_error
+    else:
+        provider = txn.provider_hint or "unknown"
+        endpoint = model = price_ref = None
+        streamed = False
+        usage_map = {}
+        source = "missing"
+        cost = None
+        graphql = None
+    return {
+        "id": event_id,
+        "kind": "call",
+        "ts": txn.started_at if math.isfinite(txn.started_at) else None,
+        "duration_ms": _ms(txn.duration),
+        "ttfb_ms": _ms(txn.ttfb),
+        "overhead_ms": _ms(txn.overhead),
+        "method": sanitise_str(txn.method, 32),
+        "host": sanitise_str(txn.host, 256),
+        # the path never carries the query; strip one defensively if it does
+        "path": sanitise_str(txn.path.partition("?")[0], _MAX_STR),
+        "status": txn.status,
+        "outcome": txn.outcome.value,
+        "provider": _opt_str(provider, 64),
+        "endpoint": _opt_str(endpoint, 128),
+        "model": _opt_str(model),
+        "streamed": bool(streamed),
+        "usage": usage_map,
+        "usage_source": sanitise_str(source, 32),
+        "cost_usd": cost,
+        "price_ref": _opt_str(price_ref),
+        "request_bytes": txn.request_bytes,
+        "response_bytes": txn.response_bytes,
+        "graphql": sanitise(graphql) if graphql is not None else None,
+        "context": sanitise(txn.context.as_dict()),
+        "parse_error": _opt_str(parse_error, 512),
+        "flags": [sanitise_str(f, 128) for f in all_flags[:_MAX_ITEMS]],
+        "proxy_id": proxy_id,
+    }
+
+
+_SPAN_CONTEXT: Final = (
+    "run_id",
+    "span_id",
+    "parent_span_id",
+    "section_path",
+    "customer_id",
+    "tenant_id",
+)
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def build_span_event(span: Mapping[str, Any], *, event_id: str, proxy_id: str) -> dict[str, Any]:
+    """The event map for one SDK span (C{POST /spans}); untrusted input."""
+    context = {k: _opt_str(span.get(k)) for k in _SPAN_CONTEXT if span.get(k) is not None}
+    section_path = context.get("section_path")
+    if section_path:
+        context["section"] = section_path.rsplit("/", 1)[-1]
+    extra = {
+        k: v
+        for k, v in list(span.items())[:_MAX_SPAN_KEYS]
+        if k not in _SPAN_CONTEXT and k not in ("name", "start", "end", "duration_ms", "status")
+    }
+    start, end = _num(span.get("start")), _num(span.get("end"))
+    duration_ms = _num(span.get("duration_ms"))
+    if duration_ms is None and start is not None and end is not None:
+        duration_ms = round((end - start) * 1000.0, 3)
+    return {
+        "id": event_id,
+        "kind": "span",
+        "ts": start,
+        "duration_ms": duration_ms,
+        "name": _opt_str(span.get("name")),
+        "span_status": _opt_str(span.get("status"), 64),
+        "context": context,
+        "attributes": sanitise(extra) if extra else {},
+        "parse_error": None,
+        "flags": [],
+        "proxy_id": proxy_id,
+    }
+
+
+def build_gap_event(dropped: int, *, event_id: str, proxy_id: str, ts: float) -> dict[str, Any]:
+    """A gap record: C{dropped} events were lost because the spool was full."""
+    return {
+        "id": event_id,
+        "kind": "gap",
+        "ts": ts,
+        "dropped": dropped,
+        "parse_error": None,
+        "flags": ["spool_full"],
+        "proxy_id": proxy_id,
+    }
+
+
+_packer_kwargs: Final = {"use_bin_type": True}
+
+
+def pack_event(event: Mapping[str, Any]) -> bytes:
+    """Pack an already-sanitised event map (msgpack, bin type on)."""
+    packed: bytes = msgpack.packb(event, **_packer_kwargs)
+    return packed

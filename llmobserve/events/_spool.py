@@ -1,0 +1,397 @@
+"""The on-disk spool: every event is appended here before it is sent.
+
+Layout of a spool directory::
+
+    LOCK                       flock()ed by the owning process
+    meta                       msgpack map: proxy_id, acked_seq (atomic rename)
+    seg-00000000000000000001   segment files, named by their first seq
+
+A segment starts with the 8-byte magic C{LLMOSPL1}, then records::
+
+    >I  payload length
+    >I  CRC-32 of (seq bytes + payload)
+    >Q  seq (per spool, strictly increasing, never reused)
+        payload: one packed event map
+
+Appends are one C{os.write} each (so a record whose append returned
+survives a SIGKILL); C{fsync} runs in batches from L{EventSpool.sync}, which
+the pipeline calls in a thread on a timer. A torn or corrupt record ends the
+readable part of its segment: it is skipped and counted, and replay goes on
+with the next segment. Segments wholly at or below the acknowledged seq are
+deleted. When the spool holds C{max_bytes}, appends are refused (the caller
+counts the drop and writes a gap record later).
+
+Thread safety: every public method takes the spool's lock, so the reactor
+may append and ack while a worker thread syncs or reads. Nothing here
+blocks on the network; C{fsync} runs without the lock held.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+import msgpack
+
+__all__ = ["EventSpool", "SpoolLocked"]
+
+SEGMENT_MAGIC: Final = b"LLMOSPL1"
+_HEADER: Final = struct.Struct(">IIQ")
+_SEQ: Final = struct.Struct(">Q")
+_MAX_RECORD: Final = 16 * 1024 * 1024
+_SEG_PREFIX: Final = "seg-"
+
+
+class SpoolLocked(Exception):
+    """Another live process owns this spool directory."""
+
+
+@attrs.define
+class _Segment:
+    path: Path
+    first_seq: int  # from the name: the seq of its first record (if any)
+    last_seq: int  # highest readable seq, first_seq - 1 when empty
+    size: int  # bytes of the readable part (magic + whole records)
+    fd: int | None = None  # open for appending (the active segment, or not yet synced)
+
+
+@attrs.frozen
+class SpoolStats:
+    """What a startup scan found."""
+
+    segments: int
+    records: int
+    torn: int
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{_SEG_PREFIX}{first_seq:020d}"
+
+
+def _scan(data: bytes, after_seq: int = 0) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (end offset, seq, payload) for each whole, valid record.
+
+    Stops at the first torn or corrupt record.
+    """
+    off = len(SEGMENT_MAGIC)
+    n = len(data)
+    hsize = _HEADER.size
+    while off + hsize <= n:
+        length, crc, seq = _HEADER.unpack_from(data, off)
+        end = off + hsize + length
+        if length > _MAX_RECORD or end > n:
+            return
+        payload = data[off + hsize : end]
+        if zlib.crc32(payload, zlib.crc32(data[off + 8 : off + 16])) != crc:
+            return
+        off = end
+        if seq > after_seq:
+            yield off, seq, payload
+
+
+class EventSpool:
+    """Segmented, length-prefixed, CRC-checked append log of packed events.
+
+    @ivar proxy_id: stable across restarts of this spool directory.
+    @ivar acked_seq: every record up to it is delivered.
+    @ivar last_seq: the highest seq appended (or found at start).
+    @ivar torn_total: torn or corrupt records skipped since start.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+        segment_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 4))
+        self._lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._total = 0
+        self._unsynced: list[int] = []  # fds of rotated segments awaiting fsync+close
+        self._dirty = False
+        self._dir_dirty = False
+        self._meta_written = -1
+        self._read_hint: tuple[Path, int, int] | None = None  # (path, offset, last seq read)
+        self.torn_total = 0
+        self.closed = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._take_lock()
+        try:
+            self.proxy_id, self.acked_seq = self._read_meta()
+            self.stats = self._load_segments()
+            self.last_seq = max(
+                [self.acked_seq]
+                + [s.last_seq for s in self._segments]
+                + [s.first_seq - 1 for s in self._segments]
+            )
+            self._open_segment(self.last_seq + 1)
+            self._write_meta()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # -- start-up ---------------------------------------------------------
+
+    def _take_lock(self) -> int:
+        fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise SpoolLocked(str(self.directory)) from None
+            raise
+        return fd
+
+    def _read_meta(self) -> tuple[str, int]:
+        try:
+            meta = msgpack.unpackb((self.directory / "meta").read_bytes(), raw=False)
+            proxy_id, acked = meta["proxy_id"], meta["acked_seq"]
+            if isinstance(proxy_id, str) and isinstance(acked, int) and acked >= 0:
+                return proxy_id, acked
+        except FileNotFoundError:
+            pass
+        except Exception:
+            pass  # unreadable meta: a new identity; the collector deduplicates on ids
+        return uuid.uuid4().hex, 0
+
+    def _load_segments(self) -> SpoolStats:
+        records = torn = 0
+        names = sorted(p for p in self.directory.iterdir() if p.name.startswith(_SEG_PREFIX))
+        for path in names:
+            try:
+                first = int(path.name[len(_SEG_PREFIX) :])
+            except ValueError:
+                continue
+            data = path.read_bytes()
+            if not data.startswith(SEGMENT_MAGIC):
+                if data:
+                    torn += 1
+                path.unlink()
+                continue
+            end, last, count = len(SEGMENT_MAGIC), first - 1, 0
+            for end, last, _payload in _scan(data):  # noqa: B007 (last values wanted)
+                count += 1
+            if end < len(data):
+                torn += 1
+            records += count
+            if last <= self.acked_seq:
+                path.unlink()
+                continue
+            self._segments.append(_Segment(path, first, last, end))
+            self._total += end
+        self.torn_total += torn
+        return SpoolStats(len(self._segments), records, torn)
+
+    def _open_segment(self, first_seq: int) -> None:
+        path = self.directory / _segment_name(first_seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        os.write(fd, SEGMENT_MAGIC)
+        self._segments.append(_Segment(path, first_seq, first_seq - 1, len(SEGMENT_MAGIC), fd))
+        self._total += len(SEGMENT_MAGIC)
+        self._dir_dirty = True
+        self._dirty = True
+
+    # -- the reactor side -------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes on disk in live segments."""
+        return self._total
+
+    @property
+    def waiting(self) -> int:
+        """Records appended but not acknowledged (seq arithmetic; an upper bound)."""
+        return self.last_seq - self.acked_seq
+
+    def has_room(self, nbytes: int) -> bool:
+        """Would a record of C{nbytes} payload fit under the cap?"""
+        return self._total + _HEADER.size + nbytes <= self.max_bytes
+
+    def append(self, payload: bytes, *, force: bool = False) -> int | None:
+        """Append one record; return its seq, or None when the spool is full.
+
+        @param force: write even over the cap (gap records, which are tiny).
+        """
+        size = _HEADER.size + len(payload)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("spool is closed")
+            if not force and self._total + size > self.max_bytes:
+                return None
+            active = self._segments[-1]
+            if active.size >= self.segment_bytes and active.last_seq >= active.first_seq:
+                self._rotate()
+                active = self._segments[-1]
+            seq = self.last_seq + 1
+            crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
+            record = _HEADER.pack(len(payload), crc, seq) + payload
+            assert active.fd is not None
+            try:
+                written = os.write(active.fd, record)
+            except OSError:
+                written = -1
+            if written != size:
+                # disk full or a short write: cut the partial record off so the
+                # segment stays readable past it, and report a drop
+                try:
+                    os.ftruncate(active.fd, active.size)
+                except OSError:
+                    pass
+                return None
+            active.size += size
+            active.last_seq = seq
+            self.last_seq = seq
+            self._total += size
+            self._dirty = True
+            return seq
+
+    def _rotate(self) -> None:
+        old = self._segments[-1]
+        if old.fd is not None:
+            self._unsynced.append(old.fd)
+            old.fd = None
+        self._open_segment(self.last_seq + 1)
+
+    def ack(self, seq: int) -> None:
+        """Everything up to C{seq} is delivered (deletion happens in L{sync})."""
+        with self._lock:
+            if seq > self.acked_seq:
+                self.acked_seq = min(seq, self.last_seq)
+
+    @property
+    def needs_sync(self) -> bool:
+        """Is there anything for L{sync} to do?"""
+        return (
+            self._dirty
+            or self._meta_written != self.acked_seq
+            or (len(self._segments) > 1 and self._segments[0].last_seq <= self.acked_seq)
+        )
+
+    # -- the worker-thread side -------------------------------------------
+
+    def sync(self) -> None:
+        """fsync appended data, persist the ack point, delete acked segments.
+
+        Runs in a worker thread; appends may continue meanwhile.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            fds, self._unsynced = self._unsynced, []
+            active_fd = self._segments[-1].fd
+            dir_dirty, self._dir_dirty = self._dir_dirty, False
+            self._dirty = False
+            acked = self.acked_seq
+            doomed = [s for s in self._segments[:-1] if s.last_seq <= acked]
+            for seg in doomed:
+                self._segments.remove(seg)
+                self._total -= seg.size
+            if self._read_hint is not None and any(s.path == self._read_hint[0] for s in doomed):
+                self._read_hint = None
+        for fd in fds:
+            os.fsync(fd)
+            os.close(fd)
+        if active_fd is not None:
+            try:
+                os.fsync(active_fd)
+            except OSError as e:  # closed by a concurrent close(): nothing left to do
+                if e.errno != errno.EBADF:
+                    raise
+        if dir_dirty:
+            self._fsync_dir()
+        if acked != self._meta_written:
+            self._write_meta(acked)
+        for seg in doomed:
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _fsync_dir(self) -> None:
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _write_meta(self, acked: int | None = None) -> None:
+        acked = self.acked_seq if acked is None else acked
+        tmp = self.directory / "meta.tmp"
+        data = msgpack.packb({"proxy_id": self.proxy_id, "acked_seq": acked}, use_bin_type=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / "meta")
+        self._meta_written = acked
+
+    def read(
+        self, after_seq: int, max_records: int, max_bytes: int
+    ) -> tuple[list[tuple[int, bytes]], int]:
+        """Records with seq > C{after_seq}, oldest first, for the sender.
+
+        Returns at least one record if any exists (even over C{max_bytes}),
+        and the highest seq the spool held when the read began: a caller
+        that gets nothing below it knows those seqs are lost (torn).
+        """
+        with self._lock:
+            last = self.last_seq
+            segs = [
+                (s.path, s.first_seq, s.last_seq, s.size)
+                for s in self._segments
+                if s.last_seq > after_seq
+            ]
+            hint = self._read_hint
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for path, _first, _last, size in segs:
+            start = 0
+            if hint is not None and hint[0] == path and hint[2] <= after_seq:
+                start = hint[1]
+            try:
+                with open(path, "rb") as f:
+                    if start:
+                        f.seek(start)
+                    chunk = f.read(size - start)
+            except FileNotFoundError:
+                continue
+            data = SEGMENT_MAGIC + chunk if start else chunk
+            base = start - len(SEGMENT_MAGIC) if start else 0
+            for end, seq, payload in _scan(data, after_seq):
+                out.append((seq, payload))
+                total += len(payload)
+                if len(out) >= max_records or total >= max_bytes:
+                    with self._lock:
+                        self._read_hint = (path, base + end, seq)
+                    return out, last
+        return out, last
+
+    def close(self) -> None:
+        """Final fsync, persist the ack point, release the directory."""
+        if self.closed:
+            return
+        self.sync()
+        with self._lock:
+            self.closed = True
+            for seg in self._segments:
+                if seg.fd is not None:
+                    os.fsync(seg.fd)
+                    os.close(seg.fd)
+                    seg.fd = None
+        os.close(self._lock_fd)

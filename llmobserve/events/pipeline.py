@@ -1,0 +1,560 @@
+"""The event path behind the proxy: parse pool, event record, spool, delivery.
+
+L{make_event_sink} is what C{llmobserve.proxy._tap} calls. The sink it
+returns (an L{EventPipeline}) takes each finished L{Transaction} on the
+reactor thread, hands it to a bounded parse pool (or, when the pool is full,
+records it unparsed at once), appends the resulting event to the on-disk
+spool, and lets the delivery take it from there: the collector link, or in
+embedded mode a writer thread into a local SQLite C{EventStore}.
+
+Traffic is never delayed by observation: no method here blocks, waits or
+raises; the reactor-side cost of one exchange is a counter, a thread-pool
+hand-off and, when the parse comes back, one C{write(2)} to the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import hyperlink
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from llmobserve.events._embedded import EmbeddedWriter, StoreLike, default_store_factory
+from llmobserve.events._exchange import AnalyseFn, default_analyse, exchange_from_transaction
+from llmobserve.events._link import CollectorLink, retry_policy
+from llmobserve.events._outbox import Outbox, Record
+from llmobserve.events._pool import ParsePool
+from llmobserve.events._record import (
+    UsageLike,
+    build_call_event,
+    build_gap_event,
+    build_span_event,
+    new_event_id,
+    pack_event,
+)
+from llmobserve.events._spool import EventSpool, SpoolLocked
+from llmobserve.events._waiters import Waiters, after
+from llmobserve.proxy.transaction import ITransactionSink, Transaction
+
+__all__ = ["EventPipeline", "make_event_sink", "open_spool", "parse_collector_url"]
+
+_MAX_EVENT_BYTES: Final = 64 * 1024
+_MAX_SPANS_PER_POST: Final = 10_000
+
+Delivery = CollectorLink | EmbeddedWriter
+
+
+@implementer(ITransactionSink)
+class EventPipeline(Service):
+    """The L{ITransactionSink} that turns exchanges into delivered events.
+
+    Counters are plain ints touched on the reactor thread only.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        spool: EventSpool,
+        outbox: Outbox,
+        delivery: Delivery,
+        mode: str,
+        pool: ParsePool,
+        analyse: AnalyseFn,
+        flush_interval: float = 0.05,
+        flush_records: int = 256,
+        parse_drain_timeout: float = 2.0,
+        ack_drain_timeout: float = 2.0,
+        log_events: bool = True,
+    ) -> None:
+        self._reactor = reactor
+        self._clock: IReactorTime = reactor
+        self.spool = spool
+        self.outbox = outbox
+        self.delivery = delivery
+        self.mode = mode
+        self.pool = pool
+        self._analyse = analyse
+        self.proxy_id = spool.proxy_id
+        self.flush_interval = flush_interval
+        self.flush_records = flush_records
+        self.parse_drain_timeout = parse_drain_timeout
+        self.ack_drain_timeout = ack_drain_timeout
+        self.log_events = log_events
+        # counters (reactor thread only)
+        self.calls_total = 0
+        self.events_total = 0
+        self.events_dropped_total = 0
+        self.parse_skipped_total = 0
+        self.parse_errors_total = 0
+        # state
+        self._gap_pending = 0
+        self._parsing: dict[int, Transaction] = {}
+        self._next_token = 0
+        self._unsynced = 0
+        self._sync_call: IDelayedCall | None = None
+        self._sync_busy: Deferred[None] | None = None
+        self._ack_waiters = Waiters(reactor)
+        self._io = ThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
+        outbox.on_acked = self._acked
+        outbox.read_after = self.read_spool
+
+    # -- ITransactionSink -------------------------------------------------------
+
+    def transaction_finished(self, transaction: Transaction) -> None:
+        """Hand one exchange to the parse pool, or record it unparsed now."""
+        try:
+            self.calls_total += 1
+            token = self._next_token
+            d = self.pool.try_submit(self._parse, transaction)
+            if d is None:
+                self.parse_skipped_total += 1
+                self._append(self._unparsed(transaction, "parse_skipped"))
+                return
+            self._next_token = token + 1
+            self._parsing[token] = transaction
+            d.addCallbacks(
+                self._parsed,
+                self._parse_crashed,
+                callbackArgs=(token,),
+                errbackArgs=(token,),
+            )
+        except Exception:
+            self._log.failure("event sink failed on a transaction")
+
+    def spans_received(self, spans: Sequence[Mapping[str, Any]]) -> None:
+        """Turn SDK spans into C{kind: span} events on the same spool and link."""
+        try:
+            now = time.time()
+            for span in list(spans)[:_MAX_SPANS_PER_POST]:
+                if not isinstance(span, Mapping):
+                    continue
+                event = build_span_event(span, event_id=new_event_id(now), proxy_id=self.proxy_id)
+                self._append(pack_event(event))
+        except Exception:
+            self._log.failure("event sink failed on spans")
+
+    def health(self) -> Mapping[str, Any]:
+        """C{collector} (mode, state, url) and C{events_waiting}."""
+        return {
+            "collector": {
+                "mode": self.mode,
+                "state": self.delivery.state,
+                "url": self.delivery.url,
+            },
+            "events_waiting": self.outbox.waiting,
+        }
+
+    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+        """Samples for C{GET /metrics}."""
+        return [
+            (
+                "llmobserve_events_total",
+                "counter",
+                "Events created (calls and spans)",
+                self.events_total,
+            ),
+            (
+                "llmobserve_events_dropped_total",
+                "counter",
+                "Events dropped because the spool was full (each counted in a gap record)",
+                self.events_dropped_total,
+            ),
+            (
+                "llmobserve_parse_skipped_total",
+                "counter",
+                "Exchanges recorded unparsed because the parse queue was full",
+                self.parse_skipped_total,
+            ),
+            (
+                "llmobserve_parse_errors_total",
+                "counter",
+                "Events whose parsing failed (parse_error set)",
+                self.parse_errors_total,
+            ),
+            (
+                "llmobserve_link_reconnects_total",
+                "counter",
+                "Collector connection attempts after the first",
+                self.delivery.reconnects,
+            ),
+            (
+                "llmobserve_spool_bytes",
+                "gauge",
+                "Bytes in spool segments on disk",
+                self.spool.total_bytes,
+            ),
+            (
+                "llmobserve_events_waiting",
+                "gauge",
+                "Events spooled but not acknowledged",
+                self.outbox.waiting,
+            ),
+            (
+                "llmobserve_spool_torn_records_total",
+                "counter",
+                "Torn or corrupt spool records skipped",
+                self.spool.torn_total,
+            ),
+            (
+                "llmobserve_collector_connected",
+                "gauge",
+                "1 when events are being delivered",
+                float(self.delivery.connected),
+            ),
+        ]
+
+    # -- the worker thread ----------------------------------------------------
+
+    def _parse(self, txn: Transaction) -> tuple[bytes, bool]:
+        """Parse, price and pack one exchange (in a pool thread)."""
+        parse_error: str | None = None
+        usage: UsageLike | None = None
+        try:
+            usage = self._analyse(exchange_from_transaction(txn))
+        except Exception as e:  # analyse is meant to be total; never lose the event
+            parse_error = f"{type(e).__name__}: {e}"
+        event = build_call_event(
+            txn,
+            usage,
+            event_id=new_event_id(txn.started_at),
+            proxy_id=self.proxy_id,
+            parse_error=parse_error,
+        )
+        payload = self._pack(event)
+        if self.log_events:
+            self._log_summary(event)
+        return payload, event["parse_error"] is not None
+
+    def _log_summary(self, event: Mapping[str, Any]) -> None:
+        usage = event["usage"]
+        self._log.info(
+            "{provider} {model} {status} in={input_tokens} out={output_tokens} cost={cost}",
+            provider=event["provider"],
+            model=event["model"],
+            status=event["status"],
+            input_tokens=usage.get("input_tokens"),
+            output_tokens=usage.get("output_tokens"),
+            cost=event["cost_usd"],
+        )
+
+    @staticmethod
+    def _pack(event: dict[str, Any]) -> bytes:
+        payload = pack_event(event)
+        if len(payload) > _MAX_EVENT_BYTES:
+            event["graphql"] = None
+            event["context"] = {}
+            event["flags"] = [*event["flags"][:8], "event_truncated"]
+            payload = pack_event(event)
+        return payload
+
+    # -- back on the reactor -------------------------------------------------
+
+    def _parsed(self, result: tuple[bytes, bool], token: int) -> None:
+        if self._parsing.pop(token, None) is None:
+            return  # written unparsed at the drain deadline
+        payload, had_error = result
+        if had_error:
+            self.parse_errors_total += 1
+        self._append(payload)
+
+    def _parse_crashed(self, failure: Failure, token: int) -> None:
+        txn = self._parsing.pop(token, None)
+        if txn is None:
+            return
+        self.parse_errors_total += 1
+        self._log.failure("building an event failed", failure)
+        self._append(
+            self._unparsed(
+                txn, "event_build_failed", f"{type(failure.value).__name__}: {failure.value}"
+            )
+        )
+
+    def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
+        event = build_call_event(
+            txn,
+            None,
+            event_id=new_event_id(txn.started_at),
+            proxy_id=self.proxy_id,
+            parse_error=parse_error,
+            flags=(flag,),
+        )
+        return self._pack(event)
+
+    def _append(self, payload: bytes) -> None:
+        self.events_total += 1
+        if self._gap_pending and self.spool.has_room(len(payload) + 256):
+            self._write_gap()
+        try:
+            seq = self.spool.append(payload)
+        except Exception:
+            self._log.failure("spool append failed")
+            seq = None
+        if seq is None:
+            self.events_dropped_total += 1
+            self._gap_pending += 1
+            return
+        self.outbox.offer(seq, payload)
+        self._dirty()
+
+    def _write_gap(self) -> None:
+        event = build_gap_event(
+            self._gap_pending, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time()
+        )
+        payload = pack_event(event)
+        try:
+            seq = self.spool.append(payload, force=True)
+        except Exception:
+            self._log.failure("spool append of a gap record failed")
+            return
+        if seq is not None:
+            self._log.warn(
+                "spool full: {n} events dropped (gap record written)", n=self._gap_pending
+            )
+            self._gap_pending = 0
+            self.outbox.offer(seq, payload)
+            self._dirty()
+
+    def _acked(self, seq: int) -> None:
+        self.spool.ack(seq)
+        self._dirty(count=0)
+        if self._ack_waiters and self.outbox.waiting == 0:
+            self._ack_waiters.fire()
+
+    # -- fsync in batches -----------------------------------------------------
+
+    def _dirty(self, count: int = 1) -> None:
+        self._unsynced += count
+        if self._sync_busy is not None:
+            return
+        if self._unsynced >= self.flush_records:
+            self._sync_now()
+        elif self._sync_call is None and self.running:
+            self._sync_call = self._clock.callLater(self.flush_interval, self._sync_now)
+
+    def _sync_now(self) -> Deferred[None]:
+        """fsync the spool (and delete acked segments) in the spool thread."""
+        if self._sync_call is not None:
+            if self._sync_call.active():
+                self._sync_call.cancel()
+            self._sync_call = None
+        if self._sync_busy is not None:
+            return after(self._sync_busy)
+        if self._gap_pending and self.spool.has_room(256):
+            self._write_gap()
+        self._unsynced = 0
+        d: Deferred[None] = deferToThreadPool(self._reactor, self._io, self.spool.sync)
+        self._sync_busy = d
+
+        def done(result: object) -> None:
+            self._sync_busy = None
+            if isinstance(result, Failure):
+                self._log.failure("spool fsync failed", result)
+            if (self._unsynced or self.spool.needs_sync or self._gap_pending) and self.running:
+                self._sync_call = self._clock.callLater(self.flush_interval, self._sync_now)
+
+        d.addBoth(done)
+        return after(d)
+
+    def read_spool(
+        self, after_seq: int, max_records: int, max_bytes: int
+    ) -> Deferred[tuple[list[Record], int]]:
+        """The outbox's disk reads, in the spool thread."""
+        return deferToThreadPool(
+            self._reactor, self._io, self.spool.read, after_seq, max_records, max_bytes
+        )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        self._io.start()
+        self.pool.start()
+        stats = self.spool.stats
+        self._log.info(
+            "event spool {dir}: {waiting} events waiting, {segments} segments, "
+            "{torn} torn records skipped",
+            dir=str(self.spool.directory),
+            waiting=self.spool.waiting,
+            segments=stats.segments,
+            torn=stats.torn,
+        )
+        self.delivery.startService()
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        """Drain: in-flight parses (bounded), fsync, acks (bounded), close."""
+        super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        idle = yield self.pool.wait_idle(self.parse_drain_timeout)
+        if not idle:
+            stuck, self._parsing = self._parsing, {}
+            self._log.warn("{n} parses still running at the drain deadline", n=len(stuck))
+            for txn in stuck.values():
+                self.parse_skipped_total += 1
+                self._append(self._unparsed(txn, "parse_timeout"))
+        self.pool.stop()
+        if self._gap_pending:
+            self._write_gap_forced()
+        yield self._flush()
+        if self.outbox.waiting and self.delivery.state != "down":
+            yield self._wait_acked(self.ack_drain_timeout)
+        yield self.delivery.stopService()
+        yield self._flush()
+        self._io.stop()
+        self.spool.close()
+        self._log.info(
+            "event sink stopped: {waiting} events left in the spool for the next start",
+            waiting=self.outbox.waiting,
+        )
+
+    @inlineCallbacks
+    def _flush(self) -> Generator[Deferred[Any], Any, None]:
+        """Wait out a running sync, then sync everything appended so far."""
+        while self._sync_busy is not None:
+            yield after(self._sync_busy)
+        yield self._sync_now()
+
+    def _write_gap_forced(self) -> None:
+        # at shutdown the gap record is written even over the cap
+        n = self._gap_pending
+        payload = pack_event(
+            build_gap_event(n, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time())
+        )
+        seq = self.spool.append(payload, force=True)
+        if seq is not None:
+            self._gap_pending = 0
+            self.outbox.offer(seq, payload)
+
+    def _wait_acked(self, timeout: float) -> Deferred[bool]:
+        if self.outbox.waiting == 0:
+            return succeed(True)
+        return self._ack_waiters.wait(timeout)
+
+
+# -- construction -------------------------------------------------------------
+
+
+def parse_collector_url(url: str) -> tuple[str, int]:
+    """C{http://host:port} (or C{host:port}) to the TCP address of the link.
+
+    The HTTP scheme only names the port: the link is plain TCP to the
+    collector's single port.
+    """
+    text = url if "://" in url else f"http://{url}"
+    parsed = hyperlink.URL.from_text(text)
+    if parsed.scheme != "http":
+        raise ValueError(f"collector URL must be http://HOST:PORT, not {url!r}")
+    if not parsed.host:
+        raise ValueError(f"collector URL has no host: {url!r}")
+    return parsed.host, parsed.port or 80
+
+
+def open_spool(directory: str | os.PathLike[str], *, max_bytes: int, tries: int = 64) -> EventSpool:
+    """Open the spool in C{directory}, or in C{directory/p1}... when another
+    live process (a sibling C{--workers} process) holds it.
+
+    Every process of a restarted group takes one of the same directories
+    again, so every backlog is replayed.
+    """
+    base = Path(directory)
+    for i in range(tries):
+        try:
+            return EventSpool(base if i == 0 else base / f"p{i}", max_bytes=max_bytes)
+        except SpoolLocked:
+            continue
+    raise SpoolLocked(f"{base}: {tries} spool directories all in use")
+
+
+def make_event_sink(
+    reactor: Any,
+    *,
+    collector_url: str | None,
+    db_path: str | None,
+    spool_dir: str | None,
+    parse_workers: int = 2,
+    parse_queue: int = 1000,
+    spool_max_bytes: int = 256 * 1024 * 1024,
+    window_bytes: int = 8 * 1024 * 1024,
+    heartbeat_interval: float = 5.0,
+    backoff_initial: float = 0.25,
+    backoff_max: float = 5.0,
+    connect_timeout: float = 5.0,
+    flush_interval: float = 0.05,
+    parse_drain_timeout: float = 2.0,
+    ack_drain_timeout: float = 2.0,
+    log_events: bool = True,
+    analyse: AnalyseFn | None = None,
+    endpoint: IStreamClientEndpoint | None = None,
+    store_factory: Callable[[str], StoreLike] | None = None,
+) -> tuple[ITransactionSink, IService]:
+    """Build the event sink and the service that runs it (the same object).
+
+    With C{collector_url}, events go over the collector link; without it,
+    into C{EventStore(db_path or default_db_path())} in a writer thread.
+    C{spool_dir} defaults to C{llmobserve.paths.default_spool_dir()}.
+
+    @raise ValueError: a bad collector URL.
+    @raise SpoolLocked: every candidate spool directory is in use.
+    """
+    if spool_dir is None:
+        from llmobserve.paths import default_spool_dir  # type: ignore[import-not-found,unused-ignore]
+
+        spool_dir = str(default_spool_dir())
+    spool = open_spool(spool_dir, max_bytes=spool_max_bytes)
+    try:
+        outbox = Outbox(acked_seq=spool.acked_seq, last_seq=spool.last_seq, max_bytes=window_bytes)
+        delivery: Delivery
+        if collector_url is not None:
+            host, port = parse_collector_url(collector_url)
+            if endpoint is None:
+                endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+            delivery = CollectorLink(
+                reactor,
+                endpoint,
+                outbox,
+                proxy_id=spool.proxy_id,
+                url=collector_url,
+                heartbeat_interval=heartbeat_interval,
+                retry=retry_policy(initial=backoff_initial, cap=backoff_max),
+            )
+            mode = "link"
+        else:
+            if db_path is None:
+                from llmobserve.paths import default_db_path  # type: ignore[import-not-found,unused-ignore]
+
+                db_path = str(default_db_path())
+            delivery = EmbeddedWriter(
+                reactor, outbox, db_path, store_factory=store_factory or default_store_factory
+            )
+            mode = "embedded"
+        pipeline = EventPipeline(
+            reactor,
+            spool=spool,
+            outbox=outbox,
+            delivery=delivery,
+            mode=mode,
+            pool=ParsePool(reactor, workers=parse_workers, queue=parse_queue),
+            analyse=analyse if analyse is not None else default_analyse(),
+            flush_interval=flush_interval,
+            parse_drain_timeout=parse_drain_timeout,
+            ack_drain_timeout=ack_drain_timeout,
+            log_events=log_events,
+        )
+    except BaseException:
+        spool.close()
+        raise
+    return pipeline, pipeline
