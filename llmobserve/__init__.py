@@ -1,8 +1,43 @@
 """llmobserve: track the cost of every paid API call through a local proxy.
 
-This module is the public SDK surface. Importing it must never import Twisted.
+This module is the public SDK surface. Importing it never imports Twisted:
+the proxy runs in its own process (see docs/SDK.md).
+
+    import llmobserve
+    llmobserve.observe()                      # reuse or start the local proxy
+    with llmobserve.section("agent:researcher"):
+        client.chat.completions.create(...)  # tracked, attributed to the section
 """
+
+from llmobserve.sdk._context import (
+    Section,
+    customer,
+    export_context,
+    import_context,
+    properties,
+    section,
+    set_customer_id,
+    set_property,
+    set_run_id,
+    set_tenant_id,
+)
+from llmobserve.sdk._observe import Observation, observe, shutdown
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Observation",
+    "Section",
+    "__version__",
+    "customer",
+    "export_context",
+    "import_context",
+    "observe",
+    "properties",
+    "section",
+    "set_customer_id",
+    "set_property",
+    "set_run_id",
+    "set_tenant_id",
+    "shutdown",
+]

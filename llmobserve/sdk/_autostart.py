@@ -1,0 +1,192 @@
+"""Finding our proxy on 127.0.0.1, or starting the shared one.
+
+C{ensure_proxy} takes a lease (see L{llmobserve.sdk._leases}), then under the
+start lock reuses a proxy that answers C{/health} as ours, or starts the
+supervisor (which runs C{twistd -n llmobserve}) and waits until the proxy is
+healthy. Everything runs the installed package with C{sys.executable}.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import http.client
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llmobserve.sdk._leases import ProxyHome
+
+__all__ = ["ProxyFound", "ensure_proxy", "health", "release"]
+
+log = logging.getLogger("llmobserve")
+
+SERVICE = "llmobserve-proxy"
+DEFAULT_PORT = 9000
+DEFAULT_LINGER = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyFound:
+    """A proxy the SDK can route through."""
+
+    url: str
+    started: bool  # this process started it (else: reused)
+    health: Mapping[str, Any]
+
+
+def health(host: str, port: int, timeout: float = 0.5) -> Mapping[str, Any] | None:
+    """C{/health} of whatever listens there: its JSON, C{{}} if not ours, C{None} if nothing."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/health", headers={"Accept": "application/json"})
+        response = conn.getresponse()
+        body = response.read(65536)
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException):
+        return {}
+    finally:
+        conn.close()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    if response.status != 200 or not isinstance(data, dict) or data.get("service") != SERVICE:
+        return {}
+    return data
+
+
+def _proxy_args(collector_url: str | None, provider_hosts: Mapping[str, str]) -> list[str]:
+    args = []
+    if collector_url:
+        args += ["--collector", collector_url]
+    for host, provider in sorted(provider_hosts.items()):
+        args += ["--provider-host", f"{host}={provider}"]
+    return args
+
+
+def _start_supervisor(state: ProxyHome, args: list[str], api_key: str | None) -> None:
+    """Start the supervisor, detached: it forks away, so it is never our child (no zombie)."""
+    linger = os.environ.get("LLMOBSERVE_PROXY_LINGER") or str(DEFAULT_LINGER)
+    env = dict(os.environ)
+    if api_key:
+        env["LLMOBSERVE_API_KEY"] = api_key  # never on a command line
+    with open(state.log_path, "ab") as logfile:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llmobserve.sdk._supervisor",
+                "--detach",
+                "--port",
+                str(state.port),
+                "--home",
+                str(state.root.parent),
+                "--linger",
+                linger,
+                "--",
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            cwd=str(state.root),
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+        proc.wait()
+
+
+_leased: ProxyHome | None = None
+
+
+def _drop_lease_at_exit() -> None:
+    if _leased is not None:
+        _leased.drop_lease()
+
+
+def _lease_in_child() -> None:
+    if _leased is not None:
+        try:
+            _leased.take_lease()
+        except OSError:
+            pass
+
+
+atexit.register(_drop_lease_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_lease_in_child)
+
+
+def release() -> None:
+    """Give up this process's lease (the proxy may then stop after its linger time)."""
+    global _leased
+    if _leased is not None:
+        _leased.drop_lease()
+        _leased = None
+
+
+def ensure_proxy(
+    port: int,
+    *,
+    collector_url: str | None,
+    provider_hosts: Mapping[str, str],
+    api_key: str | None,
+    timeout: float,
+) -> ProxyFound | str:
+    """Reuse or start the shared proxy on C{127.0.0.1:port}; a reason string on failure."""
+    global _leased
+    state = ProxyHome(port)
+    with state.locked():
+        state.take_lease()
+        _leased = state
+        found = health("127.0.0.1", port)
+        if found:
+            return ProxyFound(f"http://127.0.0.1:{port}", started=False, health=found)
+        if found is not None:
+            release()
+            return f"something other than an llmobserve proxy answers on 127.0.0.1:{port}"
+        with contextlib.suppress(FileNotFoundError):
+            state.supervisor_pid.unlink()
+        _start_supervisor(state, _proxy_args(collector_url, provider_hosts), api_key)
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+            found = health("127.0.0.1", port)
+            if found:
+                return ProxyFound(f"http://127.0.0.1:{port}", started=True, health=found)
+            pid = state.read_pid(state.supervisor_pid)
+            if pid is not None and not _running(pid):
+                break
+        _stop_supervisor(state)
+        release()
+        return f"the proxy did not become healthy within {timeout:g}s (see {state.log_path})"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_supervisor(state: ProxyHome) -> None:
+    """SIGTERM a supervisor whose proxy never became healthy (it stops the proxy too)."""
+    pid = state.read_pid(state.supervisor_pid)
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,241 @@
+"""C{observe()}: turn the arguments and environment into routing, once or again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from llmobserve.sdk import _autostart, _context, _install, _spans
+from llmobserve.sdk._routing import ROUTER, RoutingConfig
+
+__all__ = ["AUTO", "Observation", "observe", "shutdown"]
+
+log = logging.getLogger("llmobserve")
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "<auto>"
+
+
+#: The default of C{proxy_url}: reuse or start the shared local proxy.
+AUTO: Final = _Auto()
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What C{observe()} set up.
+
+    C{tracking} is false when calls go direct (disabled, C{proxy_url=None},
+    or no proxy could be found or started). With auto-start from inside a
+    running event loop the proxy is found in the background:
+    C{tracking} is then C{None} until it is known (see L{wait}).
+    """
+
+    proxy_url: str | None
+    tracking: bool | None
+    started_proxy: bool = False
+    collector_url: str | None = None
+    reason: str | None = None
+    _ready: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+
+    def wait(self, timeout: float | None = None) -> Observation:
+        """Block until a background auto-start has finished; the final observation."""
+        self._ready.wait(timeout)
+        return _last or self
+
+
+_lock = threading.RLock()
+_last: Observation | None = None
+_last_args: tuple[Any, ...] | None = None
+_said_instrumentors = False
+_said_untracked = False
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+_pending: Observation | None = None
+
+
+def _finish(obs: Observation) -> Observation:
+    global _last, _pending
+    _last = obs
+    obs._ready.set()
+    if _pending is not None:
+        _pending._ready.set()  # a caller may wait() on the placeholder
+        _pending = None
+    return obs
+
+
+def _route_through(
+    proxy_url: str,
+    collector_url: str | None,
+    provider_hosts: Mapping[str, str],
+    exclude_hosts: Iterable[str],
+) -> None:
+    config = RoutingConfig.build(
+        proxy_url,
+        collector_url=collector_url,
+        provider_hosts=provider_hosts,
+        exclude_hosts=exclude_hosts,
+    )
+    shipper = _spans.SpanShipper(config.proxy_url)
+    _spans.use(shipper)
+    _context.set_span_sink(shipper)
+    ROUTER.configure(config)
+    _install.install_hooks()
+
+
+def _go_direct(reason: str) -> None:
+    global _said_untracked
+    ROUTER.configure(None)
+    _context.set_span_sink(None)
+    _spans.use(None)
+    if not _said_untracked:
+        _said_untracked = True
+        log.warning("llmobserve: %s; API calls go direct and are NOT tracked", reason)
+
+
+def _auto_start(
+    port: int,
+    collector_url: str | None,
+    provider_hosts: Mapping[str, str],
+    exclude_hosts: tuple[str, ...],
+    api_key: str | None,
+    timeout: float,
+) -> Observation:
+    try:
+        found = _autostart.ensure_proxy(
+            port,
+            collector_url=collector_url,
+            provider_hosts=provider_hosts,
+            api_key=api_key,
+            timeout=timeout,
+        )
+    except OSError as exc:
+        found = f"could not start the proxy: {exc}"
+    if isinstance(found, str):
+        _go_direct(found)
+        return _finish(Observation(None, False, collector_url=collector_url, reason=found))
+    _route_through(found.url, collector_url, provider_hosts, exclude_hosts)
+    where = collector_url or "its embedded store (llmobserve report)"
+    log.info(
+        "llmobserve: tracking calls through the proxy at %s (%s), events go to %s",
+        found.url,
+        "started" if found.started else "already running",
+        where,
+    )
+    reported = found.health.get("collector")
+    if collector_url and isinstance(reported, Mapping):
+        seen = reported.get("url")
+        if seen and seen != collector_url and not found.started:
+            log.warning(
+                "llmobserve: the running proxy ships events to %s, not %s", seen, collector_url
+            )
+    return _finish(Observation(found.url, True, found.started, collector_url))
+
+
+def observe(
+    collector_url: str | None = None,
+    proxy_url: str | _Auto | None = AUTO,
+    api_key: str | None = None,
+    customer_id: str | None = None,
+    tenant_id: str | None = None,
+    use_instrumentors: bool = False,
+    *,
+    provider_hosts: Mapping[str, str] | None = None,
+    exclude_hosts: Iterable[str] = (),
+    proxy_port: int | None = None,
+    start_timeout: float = 10.0,
+) -> Observation:
+    """Track every outgoing HTTP(S) call of this process through the llmobserve proxy.
+
+    Arguments left out are read from C{LLMOBSERVE_COLLECTOR_URL},
+    C{LLMOBSERVE_PROXY_URL}, C{LLMOBSERVE_CUSTOMER_ID}, C{LLMOBSERVE_TENANT_ID}
+    and C{LLMOBSERVE_PROXY_PORT}; C{LLMOBSERVE_DISABLED=1} turns it all off.
+    Without C{proxy_url}, a proxy on C{127.0.0.1:9000} that answers as ours
+    is reused, or one is started and shared. C{proxy_url="http://host:port"}
+    uses that proxy; C{proxy_url=None} routes nothing (a warning says calls
+    are not tracked). Calling it again with the same arguments does nothing;
+    with other arguments it reconfigures.
+    """
+    global _last, _last_args, _pending, _said_instrumentors
+    if (_env("LLMOBSERVE_DISABLED") or "").lower() in _TRUE:
+        with _lock:
+            shutdown()
+            log.info("llmobserve: disabled by LLMOBSERVE_DISABLED; nothing is tracked")
+            return _finish(Observation(None, False, reason="disabled"))
+    collector_url = collector_url or _env("LLMOBSERVE_COLLECTOR_URL")
+    if isinstance(proxy_url, _Auto) and _env("LLMOBSERVE_PROXY_URL"):
+        proxy_url = _env("LLMOBSERVE_PROXY_URL")
+    customer_id = customer_id or _env("LLMOBSERVE_CUSTOMER_ID")
+    tenant_id = tenant_id or _env("LLMOBSERVE_TENANT_ID")
+    api_key = api_key or _env("LLMOBSERVE_API_KEY")
+    port = proxy_port or int(_env("LLMOBSERVE_PROXY_PORT") or _autostart.DEFAULT_PORT)
+    hosts = dict(provider_hosts or {})
+    excluded = tuple(exclude_hosts)
+
+    if use_instrumentors and not _said_instrumentors:
+        _said_instrumentors = True
+        log.info(
+            "llmobserve: use_instrumentors is accepted for compatibility and changes nothing: "
+            "every provider is covered through the proxy"
+        )
+    with _lock:
+        _context.set_defaults(customer_id, tenant_id)
+        args = (collector_url, proxy_url, api_key, sorted(hosts.items()), excluded, port)
+        if args == _last_args and _last is not None:
+            return _last
+        _last_args = args
+        if proxy_url is None:
+            _go_direct("observe(proxy_url=None)")
+            return _finish(
+                Observation(None, False, collector_url=collector_url, reason="proxy_url=None")
+            )
+        if isinstance(proxy_url, str):
+            _route_through(proxy_url, collector_url, hosts, excluded)
+            log.info("llmobserve: tracking calls through the proxy at %s", proxy_url)
+            return _finish(Observation(proxy_url.rstrip("/"), True, collector_url=collector_url))
+        if _in_event_loop():
+            # Never block a running loop: find or start the proxy in a thread;
+            # calls made meanwhile go direct.
+            pending = Observation(None, None, collector_url=collector_url)
+            _last = _pending = pending
+            threading.Thread(
+                target=_auto_start,
+                args=(port, collector_url, hosts, excluded, api_key, start_timeout),
+                name="llmobserve-autostart",
+                daemon=True,
+            ).start()
+            return pending
+        return _auto_start(port, collector_url, hosts, excluded, api_key, start_timeout)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def shutdown() -> None:
+    """Stop tracking: unhook the libraries, flush sections, give up the proxy lease."""
+    global _last, _last_args
+    with _lock:
+        ROUTER.configure(None)
+        _install.uninstall_hooks()
+        _context.set_span_sink(None)
+        _spans.use(None)
+        _autostart.release()
+        _last = None
+        _last_args = None
