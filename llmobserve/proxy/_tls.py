@@ -48,13 +48,18 @@ def tls_creator(
 
     @param trust_root: None for the platform's roots, or an
         L{ExtraTrust} from L{load_extra_trust}.
+    @raise ValueError: for a name no certificate can carry (e.g. one with
+        an underscore, which plain-http targets may have); answer 502.
     """
     key = (hostname, trust_root)
     creator = _creators.get(key)
     if creator is None:
         if len(_creators) >= _CREATORS_MAX:
             _creators.clear()
-        creator = optionsForClientTLS(hostname, trustRoot=trust_root)
+        try:
+            creator = optionsForClientTLS(hostname, trustRoot=trust_root)
+        except UnicodeError as e:  # idna.IDNAError: not a valid IDNA host name
+            raise ValueError(f"{hostname!r} cannot be verified over TLS: {e}") from None
         _creators[key] = creator
     return creator
 
@@ -71,7 +76,7 @@ class ExtraTrust:
     certificates: tuple[crypto.X509, ...]
 
     def _addCACertsToContext(self, context: SSL.Context) -> None:
-        platformTrust()._addCACertsToContext(context)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        platformTrust()._addCACertsToContext(context)
         store = context.get_cert_store()
         assert store is not None  # a fresh client context always has one
         for certificate in self.certificates:

@@ -275,6 +275,13 @@ def test_creators_are_cached_per_name_and_trust(trust: ExtraTrust) -> None:
     assert type(tls_creator(NAME)) is type(optionsForClientTLS(NAME))
 
 
+def test_names_no_certificate_can_carry_are_a_value_error() -> None:
+    """An underscore host is fine for http, but TLS for it fails early and clearly."""
+    with pytest.raises(ValueError):
+        tls_creator("under_score.example")
+    assert tls_creator("2606:4700::1") is tls_creator("2606:4700::1")
+
+
 def test_extra_trust_adds_to_the_platform_roots(trust: ExtraTrust) -> None:
     """The extra CA lands in the store next to the platform's default paths."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
