@@ -40,9 +40,8 @@ class _BadRequest(Exception):
 
 def _write_json(request: Request, status: int, body: Any) -> bytes:
     request.setResponseCode(status)
-    # twisted.web's Request is unannotated: hence the ignores below.
-    request.setHeader(b"content-type", b"application/json")  # type: ignore[no-untyped-call]
-    request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
@@ -51,8 +50,8 @@ def _error(request: Request, status: int, kind: str, message: str) -> bytes:
 
 
 def _send(request: Request, body: bytes) -> None:
-    request.write(body)  # type: ignore[no-untyped-call]
-    request.finish()  # type: ignore[no-untyped-call]
+    request.write(body)
+    request.finish()
 
 
 def _arg(request: Request, name: str) -> str | None:
@@ -99,7 +98,7 @@ class _QueryResource(Resource):
     isLeaf = True
 
     def __init__(self, reader: StoreThread) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reader = reader
 
     def query(self, request: Request) -> Callable[[EventStore], Any]:
@@ -125,7 +124,7 @@ class _QueryResource(Resource):
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
         if gone:
             return
-        if failure.check(StoreError):  # type: ignore[no-untyped-call]
+        if failure.check(StoreError):
             body = _error(request, 400, "bad_request", str(failure.value))
         else:
             _log.failure("query {uri} failed", failure, uri=request.uri)
@@ -191,7 +190,7 @@ class HealthResource(Resource):
     isLeaf = True
 
     def __init__(self, writer: BatchWriter, links: LinkRegistry) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._writer = writer
         self._links = links
 
@@ -229,10 +228,10 @@ class _Index(Resource):
 
 def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry) -> Resource:
     """The resource tree served on the collector's port."""
-    root = _Index()  # type: ignore[no-untyped-call]
+    root = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     root.putChild(b"", root)
     root.putChild(b"health", HealthResource(writer, links))
-    api = Resource()  # type: ignore[no-untyped-call]
+    api = Resource()
     api.putChild(b"events", EventsResource(reader))
     api.putChild(b"report", ReportResource(reader))
     root.putChild(b"api", api)

@@ -73,7 +73,7 @@ class PortSwitch(Protocol):
                 return
             inner = maybe
         self._inner = inner
-        inner.makeConnection(self.transport)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        inner.makeConnection(self.transport)
         if held:
             inner.dataReceived(held)
 
@@ -117,10 +117,10 @@ class PortSwitchFactory(Factory):
         self._timeout = timeout
 
     def startFactory(self) -> None:
-        self._http.doStart()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        self._http.doStart()
 
     def stopFactory(self) -> None:
-        self._http.doStop()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        self._http.doStop()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return PortSwitch(addr, self._make_link, self._build_http, self._clock, self._timeout)

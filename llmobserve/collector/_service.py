@@ -52,7 +52,7 @@ class CollectorService(MultiService):
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
         self._endpoint = endpoint
         self.db_path = db_path
@@ -65,12 +65,12 @@ class CollectorService(MultiService):
         self.reader_thread = StoreThread(
             threads, lambda: EventStore(db_path), "llmobserve-store-reader"
         )
-        self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.writer = BatchWriter(self.writer_thread)
         self.links = LinkRegistry()
         root = collector_root(self.reader_thread, self.writer, self.links)
-        self.site = Site(root)  # type: ignore[no-untyped-call]
+        self.site = Site(root)
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
         self._heartbeat = heartbeat
@@ -81,7 +81,7 @@ class CollectorService(MultiService):
         return LinkServerProtocol(self.writer, self._reactor, self.links, self._heartbeat)
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         # The writer thread's first job: count what is already stored, so
         # /health is exact from then on (it runs before any insert).
         self.writer_thread.submit(lambda store: store.count()).addCallback(self._counted)
@@ -114,7 +114,7 @@ class CollectorService(MultiService):
     def stopService(self) -> Deferred[None]:
         """Stop listening, close the links, drain the writer, end the threads."""
         # Not MultiService.stopService: that stops every child at once.
-        Service.stopService(self)  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

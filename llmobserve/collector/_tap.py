@@ -86,7 +86,7 @@ def makeService(options: usage.Options) -> IService:
         EventStore(db_path).close()
     except (StoreError, OSError) as e:
         raise usage.UsageError(str(e)) from e
-    endpoint = serverFromString(r, endpoint_description(options["port"]))  # type: ignore[no-untyped-call]
+    endpoint = serverFromString(r, endpoint_description(options["port"]))
     return CollectorService(
         r,
         endpoint,

@@ -49,13 +49,13 @@ class StoreThread(Service):
         self._stopped: Deferred[None] | None = None
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     def stopService(self) -> Deferred[None]:
         """Finish every queued job, close the store, end the thread."""
-        super().stopService()  # type: ignore[no-untyped-call]  # unannotated in Twisted
+        super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         stopped: Deferred[None] = Deferred()
         if self._thread is None:
             stopped.callback(None)

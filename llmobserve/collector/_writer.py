@@ -10,17 +10,25 @@ large and commits rare; when idle a lone batch is written at once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._store import EventStore
-from ._thread import StoreThread
 
-__all__ = ["BatchWriter"]
+__all__ = ["BatchWriter", "JobRunner"]
+
+T = TypeVar("T")
+
+
+class JobRunner(Protocol):
+    """Runs store jobs in order and reports each result (a L{StoreThread})."""
+
+    def submit(self, job: Callable[[EventStore], T]) -> Deferred[T]: ...
+
 
 #: Stop adding batches to one transaction past this many events.
 MAX_TRANSACTION_EVENTS = 50_000
@@ -39,7 +47,7 @@ class _Pending:
 
 
 class BatchWriter:
-    """Queue of batches for one L{StoreThread}, committed in groups.
+    """Queue of batches for one writer thread, committed in groups.
 
     @ivar stored: events in the store (set by L{set_stored} at start-up, then
         kept up to date from each commit's count of new rows).
@@ -49,7 +57,7 @@ class BatchWriter:
 
     log = Logger()
 
-    def __init__(self, thread: StoreThread) -> None:
+    def __init__(self, thread: JobRunner) -> None:
         self._thread = thread
         self._queue: deque[_Pending] = deque()
         self._busy = False

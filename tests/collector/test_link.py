@@ -1,0 +1,338 @@
+"""The collector's link server in memory: StringTransport, Clock, manual commits."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
+from llmobserve.collector._store import EventStore
+from llmobserve.collector._writer import BatchWriter
+from llmobserve.events._codec import FrameDecoder, encode_frame
+
+
+class ManualRunner:
+    """A writer thread stand-in: jobs run only when the test says so."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.pending: list[tuple[Callable[[EventStore], Any], Deferred[Any]]] = []
+        self.fail_next = False
+
+    def submit(self, job: Callable[[EventStore], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((job, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.pending:
+            job, d = self.pending.pop(0)
+            if self.fail_next:
+                self.fail_next = False
+                d.errback(OSError("disk full"))
+                continue
+            d.callback(job(self.store))
+
+
+class Link:
+    """One in-memory link: protocol, transport, and the frames it sent."""
+
+    def __init__(self, writer: BatchWriter, clock: Clock, registry: LinkRegistry) -> None:
+        self.proto = LinkServerProtocol(writer, clock, registry, heartbeat=10.0, max_unacked=50)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self._decoder = FrameDecoder()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.proto.dataReceived(encode_frame(message))
+
+    def received(self) -> list[dict[str, Any]]:
+        data = self.transport.value()
+        self.transport.clear()
+        return self._decoder.feed(data)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting or self.transport.disconnected)
+
+    def hello(self, proxy_id: str) -> None:
+        self.send({"t": "hello", "proxy_id": proxy_id, "version": 1})
+        assert self.received() == [
+            {"t": "welcome", "version": 1, "server": "llmobserve-collector"}
+        ]
+
+
+def events(prefix: str, n: int) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{i}", "kind": "call", "ts": 1.0 + i} for i in range(n)]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Any:
+    store = EventStore(tmp_path / "x.sqlite3")
+    runner = ManualRunner(store)
+    writer = BatchWriter(runner)
+    clock = Clock()
+    registry = LinkRegistry()
+    yield store, runner, writer, clock, registry
+    store.close()
+
+
+def test_hello_welcome(env: Any) -> None:
+    """The collector answers hello with welcome (version 1, its name)."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    assert not link.closed
+    assert registry.describe()[0]["proxy_id"] == "p1"
+
+
+def test_ack_only_after_commit(env: Any) -> None:
+    """A batch is acked with its seq only once the store has committed it."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 2, "events": events("a", 3)})
+    assert link.received() == []  # not committed yet: no ack
+    assert store.count() == 0
+    runner.run_all()
+    assert store.count() == 3
+    assert link.received() == [{"t": "ack", "seq": 2}]
+    assert store.acked_seq("p1") == 2
+
+
+def test_acks_in_order_grouped_commit(env: Any) -> None:
+    """Batches queued during a commit share the next one and are acked in order."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 1, "events": events("a", 2)})
+    link.send({"t": "batch", "seq": 2, "events": events("b", 2)})
+    link.send({"t": "batch", "seq": 3, "events": events("c", 2)})
+    assert len(runner.pending) == 1  # one transaction running, two batches queued
+    runner.run_all()
+    assert writer.commits == 2
+    assert link.received() == [{"t": "ack", "seq": s} for s in (1, 2, 3)]
+    assert store.count() == 6
+
+
+def test_resent_batch_deduplicated_and_acked(env: Any) -> None:
+    """A batch resent after a reconnect is acked again and stored once."""
+    store, runner, writer, clock, registry = env
+    first = Link(writer, clock, registry)
+    first.hello("p1")
+    first.send({"t": "batch", "seq": 5, "events": events("a", 4)})
+    runner.run_all()
+    first.proto.connectionLost()
+    again = Link(writer, clock, registry)
+    again.hello("p1")
+    again.send({"t": "batch", "seq": 5, "events": events("a", 4)})
+    runner.run_all()
+    assert again.received() == [{"t": "ack", "seq": 5}]
+    assert store.count() == 4
+    assert writer.duplicates == 4
+
+
+def test_two_proxies_separate_seq_spaces(env: Any) -> None:
+    """Two proxies using the same seq numbers each get their own acks."""
+    store, runner, writer, clock, registry = env
+    a = Link(writer, clock, registry)
+    b = Link(writer, clock, registry)
+    a.hello("proxy-a")
+    b.hello("proxy-b")
+    a.send({"t": "batch", "seq": 0, "events": events("a", 2)})
+    b.send({"t": "batch", "seq": 0, "events": events("b", 3)})
+    b.send({"t": "batch", "seq": 1, "events": events("bb", 1)})
+    a.send({"t": "batch", "seq": 1, "events": events("aa", 1)})
+    runner.run_all()
+    assert a.received() == [{"t": "ack", "seq": 0}, {"t": "ack", "seq": 1}]
+    assert b.received() == [{"t": "ack", "seq": 0}, {"t": "ack", "seq": 1}]
+    assert store.links() == {"proxy-a": 1, "proxy-b": 1}
+    assert store.count() == 7
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x03\xc1\xc1\xc1",  # undecodable body
+        struct.pack(">I", 16 * 1024 * 1024 + 1),  # oversized length
+        b"\x00\x00\x00\x01\x90",  # a list, not a map
+        encode_frame({"t": "batch", "seq": 1, "events": []}),  # batch before hello
+    ],
+)
+def test_garbage_closes_only_that_link(env: Any, garbage: bytes) -> None:
+    """A protocol error closes the offending link; another link carries on."""
+    store, runner, writer, clock, registry = env
+    good = Link(writer, clock, registry)
+    good.hello("good")
+    bad = Link(writer, clock, registry)
+    bad.proto.dataReceived(garbage)
+    assert bad.closed
+    assert registry.protocol_errors == 1
+    bad.proto.connectionLost()
+    good.send({"t": "batch", "seq": 1, "events": events("g", 2)})
+    runner.run_all()
+    assert good.received() == [{"t": "ack", "seq": 1}]
+    assert not good.closed
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"t": "hello", "proxy_id": "p", "version": 2},
+        {"t": "hello", "proxy_id": "", "version": 1},
+        {"t": "hello", "proxy_id": 7, "version": 1},
+        {"t": "hello", "proxy_id": "p", "version": True},
+    ],
+)
+def test_bad_hello_closes(env: Any, message: dict[str, Any]) -> None:
+    """A hello with a bad version or proxy id is refused by closing."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.send(message)
+    assert link.closed
+    assert link.received() == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"t": "batch", "seq": "1", "events": []},
+        {"t": "batch", "seq": -1, "events": []},
+        {"t": "batch", "seq": True, "events": []},
+        {"t": "batch", "seq": 1, "events": {"id": "x"}},
+        {"t": "batch", "seq": 1},
+        {"t": "hello", "proxy_id": "again", "version": 1},
+    ],
+)
+def test_bad_batch_closes(env: Any, message: dict[str, Any]) -> None:
+    """A malformed batch (or a second hello) after hello closes the link."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send(message)
+    assert link.closed
+    runner.run_all()
+    assert store.count() == 0
+
+
+def test_non_map_events_dropped_rest_acked(env: Any) -> None:
+    """Events that are not maps are dropped (with a log); the rest is stored."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 1, "events": [*events("a", 2), "junk", 5]})
+    runner.run_all()
+    assert link.received() == [{"t": "ack", "seq": 1}]
+    assert store.count() == 2
+
+
+def test_frames_split_anywhere(env: Any) -> None:
+    """Hello and batch delivered one byte at a time still work."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    data = encode_frame({"t": "hello", "proxy_id": "p", "version": 1}) + encode_frame(
+        {"t": "batch", "seq": 9, "events": events("x", 3)}
+    )
+    for i in range(len(data)):
+        link.proto.dataReceived(data[i : i + 1])
+    runner.run_all()
+    assert [m["t"] for m in link.received()] == ["welcome", "ack"]
+    assert store.count() == 3
+
+
+def test_ping_answered_with_pong(env: Any) -> None:
+    """A ping gets a pong echoing its ts."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "ping", "ts": 12.5})
+    assert link.received() == [{"t": "pong", "ts": 12.5}]
+
+
+def test_unknown_message_ignored(env: Any) -> None:
+    """A message kind this collector does not know is ignored, not fatal."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "future-thing", "x": 1})
+    assert not link.closed
+
+
+def test_no_hello_times_out(env: Any) -> None:
+    """A link that sends the magic but never hello is closed after a heartbeat."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    clock.advance(9.9)
+    assert not link.closed
+    clock.advance(0.2)
+    assert link.closed
+
+
+def test_silent_link_closed_after_three_heartbeats(env: Any) -> None:
+    """A half-open link (silent for 3 heartbeats) is closed; pings go out meanwhile."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    clock.advance(10)
+    assert [m["t"] for m in link.received()] == ["ping"]
+    clock.advance(10)
+    assert not link.closed
+    clock.advance(10)
+    assert link.closed
+    assert registry.links == set()
+
+
+def test_traffic_keeps_link_open(env: Any) -> None:
+    """A link that keeps sending (pongs) is never closed as silent."""
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    for _ in range(10):
+        clock.advance(10)
+        link.send({"t": "pong", "ts": 0.0})
+    assert not link.closed
+
+
+def test_backpressure_pauses_and_resumes(env: Any) -> None:
+    """Over max_unacked events in flight the link stops reading until commits."""
+    _, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 1, "events": events("a", 30)})
+    assert link.transport.producerState == "producing"
+    link.send({"t": "batch", "seq": 2, "events": events("b", 30)})
+    assert link.transport.producerState == "paused"
+    runner.run_all()
+    assert link.transport.producerState == "producing"
+
+
+def test_commit_failure_closes_without_ack(env: Any) -> None:
+    """If the store cannot commit, no ack is sent and the link is closed."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 1, "events": events("a", 2)})
+    runner.fail_next = True
+    runner.run_all()
+    assert link.received() == []
+    assert link.closed
+    assert store.count() == 0
+
+
+def test_ack_after_disconnect_not_written(env: Any) -> None:
+    """A commit that completes after the link dropped writes nothing."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    link.send({"t": "batch", "seq": 1, "events": events("a", 2)})
+    link.proto.connectionLost()
+    runner.run_all()
+    assert link.received() == []
+    assert store.count() == 2

@@ -1,0 +1,273 @@
+"""The SQLite EventStore: dedup, every field kept, filters, reports, link seqs."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmobserve.collector._store import CALL_FIELDS, EventStore, StoreError
+
+DAY = 86400.0
+T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
+
+
+def call(i: int, **over: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": f"e{i}",
+        "kind": "call",
+        "ts": T0 + i,
+        "duration_ms": 10.0,
+        "ttfb_ms": 2.0,
+        "overhead_ms": 0.1,
+        "method": "POST",
+        "host": "api.openai.com",
+        "path": "/v1/chat/completions",
+        "status": 200,
+        "outcome": "ok",
+        "provider": "openai",
+        "endpoint": "chat.completions",
+        "model": "gpt-4o",
+        "streamed": False,
+        "usage": {"input_tokens": 100, "output_tokens": 10},
+        "usage_source": "reported",
+        "cost_usd": 0.5,
+        "price_ref": {"source": "genai-prices", "model": "gpt-4o"},
+        "request_bytes": 300,
+        "response_bytes": 400,
+        "graphql": None,
+        "context": {"run_id": "r1", "customer_id": "acme", "section": "plan"},
+    }
+    event.update(over)
+    return event
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = EventStore(tmp_path / "sub" / "events.sqlite3")
+    yield s
+    s.close()
+
+
+def test_wal_mode_and_parent_dir(tmp_path: Path) -> None:
+    """The store creates its directory and runs in WAL mode."""
+    path = tmp_path / "a" / "b" / "x.sqlite3"
+    EventStore(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_round_trip_every_design_field(store: EventStore) -> None:
+    """An event read back equals the one written, field for field."""
+    event = call(1)
+    assert store.insert([event]) == 1
+    (got,) = store.events()
+    assert got == event
+    assert set(CALL_FIELDS) <= set(got)
+
+
+def test_dedup_on_id(store: EventStore) -> None:
+    """Inserting the same id twice stores it once; the count says so."""
+    assert store.insert([call(1), call(2)]) == 2
+    assert store.insert([call(2), call(3), call(3)]) == 1
+    assert store.count() == 3
+    # the first write wins: a resend cannot rewrite history
+    store.insert([call(1, cost_usd=99.0)])
+    assert store.events(limit=1)[0]["cost_usd"] == 0.5
+
+
+def test_null_cost_stays_null(store: EventStore) -> None:
+    """C{cost_usd: null} is read back as null, never as 0."""
+    store.insert([call(1, cost_usd=None)])
+    (got,) = store.events()
+    assert "cost_usd" in got and got["cost_usd"] is None
+    (row,) = store.report(["provider"])
+    assert row["cost_usd"] is None
+    assert row["unpriced_calls"] == 1
+
+
+def test_unknown_keys_kept(store: EventStore) -> None:
+    """Unknown keys, and known keys of a surprising type, survive in extra."""
+    event = call(
+        1,
+        brand_new={"nested": [1, 2]},
+        parse_error="bad json",
+        flags=["parse_skipped"],
+        status="two hundred",  # wrong type for the INTEGER column
+        request_bytes=2**70,  # too big for SQLite INTEGER
+        ts=float("nan"),  # not finite
+        blob=b"\xff\x00raw",
+    )
+    store.insert([event])
+    (got,) = store.events()
+    assert got["brand_new"] == {"nested": [1, 2]}
+    assert got["parse_error"] == "bad json"
+    assert got["flags"] == ["parse_skipped"]
+    assert got["status"] == "two hundred"
+    assert got["request_bytes"] == 2**70
+    assert got["ts"] is None  # NaN cannot be stored as JSON: kept as null
+    assert got["blob"] == "\ufffd\x00raw"
+
+
+def test_spans_and_gaps_stored(store: EventStore) -> None:
+    """Span and gap records are stored and queryable, not counted as calls."""
+    span = {
+        "id": "s1",
+        "kind": "span",
+        "ts": T0,
+        "span_id": "sp1",
+        "run_id": "r9",
+        "name": "plan",
+        "section_path": "agent/plan",
+        "duration_ms": 5.0,
+    }
+    gap = {"id": "g1", "kind": "gap", "ts": T0 + 1, "dropped": 17, "reason": "spool full"}
+    store.insert([span, gap, call(1)])
+    assert store.events(kind="span") == [span]
+    assert store.events(kind="gap") == [gap]
+    # top-level labels of a span are queryable like a call's context
+    assert store.events(run="r9") == [span]
+    (row,) = store.report([])
+    assert row["calls"] == 1
+
+
+def test_event_without_id_gets_a_stable_one(store: EventStore) -> None:
+    """An event with no id is stored under a content hash, so a resend dedupes."""
+    event = {"kind": "call", "ts": T0, "provider": "x"}
+    assert store.insert([event]) == 1
+    assert store.insert([dict(event)]) == 0
+    (got,) = store.events()
+    assert got["id"].startswith("noid-")
+
+
+def test_filters_and_paging(store: EventStore) -> None:
+    """Every filter narrows; since/until bound ts; limit/offset page in ts order."""
+    store.insert(
+        [
+            call(1, provider="openai", model="gpt-4o"),
+            call(2, provider="anthropic", model="claude", outcome="upstream_error"),
+            call(3, context={"customer_id": "globex", "tenant_id": "t2", "run_id": "r2"}),
+            call(4, context={"section": "x", "section_path": "agent/plan/x"}),
+            call(5, context={"section_path": "agent/planner"}),
+        ]
+    )
+    ids = lambda evs: [e["id"] for e in evs]  # noqa: E731
+    assert ids(store.events(provider="anthropic")) == ["e2"]
+    assert ids(store.events(model="gpt-4o")) == ["e1", "e3", "e4", "e5"]
+    assert ids(store.events(outcome="upstream_error")) == ["e2"]
+    assert ids(store.events(customer="globex")) == ["e3"]
+    assert ids(store.events(tenant="t2")) == ["e3"]
+    assert ids(store.events(run="r2")) == ["e3"]
+    assert ids(store.events(section="x")) == ["e4"]
+    assert ids(store.events(section_path="agent/plan")) == ["e4"]  # not agent/planner
+    assert ids(store.events(since=T0 + 2, until=T0 + 4)) == ["e2", "e3"]
+    assert ids(store.events(limit=2, offset=1)) == ["e2", "e3"]
+    assert ids(store.events(limit=None)) == ["e1", "e2", "e3", "e4", "e5"]
+    with pytest.raises(StoreError):
+        store.events(colour="red")
+
+
+def test_report_grouping(store: EventStore) -> None:
+    """Reports sum cost and tokens and count calls per group, costliest first."""
+    store.insert(
+        [
+            call(1, cost_usd=1.0, usage={"input_tokens": 10, "output_tokens": 1}),
+            call(2, cost_usd=2.0, usage={"input_tokens": 20, "cached_input_tokens": 5}),
+            call(3, provider="anthropic", model="claude", cost_usd=5.0),
+            call(4, ts=T0 + DAY, cost_usd=None, context={"customer_id": "globex"}),
+        ]
+    )
+    rows = store.report(["provider", "model"])
+    assert [(r["provider"], r["model"], r["calls"]) for r in rows] == [
+        ("anthropic", "claude", 1),
+        ("openai", "gpt-4o", 3),
+    ]
+    openai = rows[1]
+    assert openai["cost_usd"] == 3.0
+    assert openai["unpriced_calls"] == 1
+    assert openai["input_tokens"] == 130
+    assert openai["cached_input_tokens"] == 5
+    assert openai["output_tokens"] == 11
+
+    by_customer = {r["customer"]: r["calls"] for r in store.report(["customer"])}
+    assert by_customer == {"acme": 3, "globex": 1}
+    by_day = {r["day"]: r["calls"] for r in store.report(["day"])}
+    assert by_day == {"2025-06-15": 3, "2025-06-16": 1}
+    by_hour = store.report(["hour"], since=T0, until=T0 + 10)
+    assert by_hour == [
+        {
+            "hour": "2025-06-15T15:00Z",
+            "calls": 3,
+            "cost_usd": 8.0,
+            "unpriced_calls": 0,
+            "input_tokens": 130,
+            "cached_input_tokens": 5,
+            "cache_write_tokens": 0,
+            "output_tokens": 11,
+            "reasoning_tokens": 0,
+        }
+    ]
+    for by in (["endpoint"], ["tenant"], ["section"], ["section_path"], ["run"]):
+        assert sum(r["calls"] for r in store.report(by)) == 4
+    assert store.report(["provider"], provider="anthropic")[0]["calls"] == 1
+    with pytest.raises(StoreError):
+        store.report(["colour"])
+
+
+def test_acked_seqs_persist(tmp_path: Path) -> None:
+    """Each proxy's last acked seq is kept with the commit and survives a reopen."""
+    path = tmp_path / "x.sqlite3"
+    s = EventStore(path)
+    s.insert([call(1)], {"proxy-a": 4})
+    s.insert([call(2)], {"proxy-b": 1})
+    s.insert([], {"proxy-a": 9})
+    s.close()
+    s = EventStore(path)
+    assert s.acked_seq("proxy-a") == 9
+    assert s.acked_seq("proxy-b") == 1
+    assert s.acked_seq("nobody") is None
+    assert s.links() == {"proxy-a": 9, "proxy-b": 1}
+    assert s.count() == 2
+    s.close()
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    """A store written by a newer version is refused, not damaged."""
+    path = tmp_path / "x.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer"):
+        EventStore(path)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    """A file that is not SQLite gives a StoreError naming it."""
+    path = tmp_path / "x.sqlite3"
+    path.write_bytes(b"hello, this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        EventStore(path)
+
+
+def test_reader_sees_commits_while_writer_open(tmp_path: Path) -> None:
+    """A second connection (another thread) reads what the writer committed."""
+    path = tmp_path / "x.sqlite3"
+    writer = EventStore(path)
+    writer.insert([call(1)])
+    seen: list[int] = []
+
+    def read() -> None:
+        r = EventStore(path)
+        seen.append(r.count())
+        r.close()
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join(10)
+    writer.close()
+    assert seen == [1]
