@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
@@ -169,7 +169,7 @@ class Relay:
         self._connecting = None
         if self._done:
             return
-        if failure.check(CancelledError):
+        if failure.check(CancelledError, ConnectingCancelledError):
             return
         if failure.check(ConnectTimeout):
             self._fail_before_response(
@@ -286,9 +286,8 @@ class Relay:
     ) -> None:
         if self._done:
             return
-        now = _now()
-        self._t_first = now
-        self._last_activity = now
+        self._t_first = _now()
+        self._last_activity = self._s.clock.seconds()
         self._status = status
         self._response_headers = tuple(headers)
         self._response_started = True
@@ -311,7 +310,7 @@ class Relay:
     def upstream_body(self, data: bytes) -> None:
         if self._done:
             return
-        self._last_activity = _now()
+        self._last_activity = self._s.clock.seconds()
         self._response_bytes += len(data)
         self._resp_tap.add(data)
         self._request.write(data)
@@ -388,8 +387,8 @@ class Relay:
     def _client_gone(self, failure: Failure) -> None:
         if self._done:
             return
-        self._abort_upstream()
         self._end(Outcome.CLIENT_ABORTED, "client_disconnected")
+        self._abort_upstream()
 
     def _abort_upstream(self) -> None:
         connecting, self._connecting = self._connecting, None
@@ -414,7 +413,7 @@ class Relay:
             return
         if self._timer_kind == "idle":
             idle = self._s.config.idle_timeout
-            quiet = _now() - self._last_activity
+            quiet = self._s.clock.seconds() - self._last_activity
             if quiet < idle:
                 self._timer = self._s.clock.callLater(idle - quiet, self._timer_fired)
                 return

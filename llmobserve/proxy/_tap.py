@@ -165,7 +165,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
         )
     except ImportError:
         return LoggingSink(), None
-    return make_event_sink(  # type: ignore[no-any-return]
+    return make_event_sink(
         reactor,
         collector_url=options["collector"],
         db_path=options["db"],

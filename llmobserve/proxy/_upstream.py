@@ -137,8 +137,7 @@ class UpstreamConnection(TwistedProtocol):
         except httptools.HttpParserUpgrade:
             self._fail("bad_upstream_response", "unexpected protocol upgrade")
         except httptools.HttpParserError as e:
-            if self.listener is not None:
-                self._fail("bad_upstream_response", f"malformed response: {e}")
+            self._fail("bad_upstream_response", f"malformed response: {e}")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected_ = False
@@ -156,6 +155,11 @@ class UpstreamConnection(TwistedProtocol):
                 )
 
     # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._response_done:
+            # A second response in the same read: bytes out of turn.
+            self.abort()
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -256,6 +260,7 @@ class UpstreamConnection(TwistedProtocol):
         """Close now: this connection never goes back to the pool."""
         self._reusable = False
         self.listener = None
+        self.pool._forget(self)
         transport: Any = self.transport
         if transport is not None and self.connected_:
             transport.abortConnection()
@@ -325,7 +330,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn.connected_:
+            if conn.connected_ and conn._reusable:
                 conn.reused = True
                 return succeed(conn)
         return self._connect(key)
