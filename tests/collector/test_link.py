@@ -47,7 +47,7 @@ class Link:
     def __init__(self, writer: BatchWriter, clock: Clock, registry: LinkRegistry) -> None:
         self.proto = LinkServerProtocol(writer, clock, registry, heartbeat=10.0, max_unacked=50)
         self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
+        self.proto.makeConnection(self.transport)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._decoder = FrameDecoder()
 
     def send(self, message: dict[str, Any]) -> None:
@@ -64,9 +64,7 @@ class Link:
 
     def hello(self, proxy_id: str) -> None:
         self.send({"t": "hello", "proxy_id": proxy_id, "version": 1})
-        assert self.received() == [
-            {"t": "welcome", "version": 1, "server": "llmobserve-collector"}
-        ]
+        assert self.received() == [{"t": "welcome", "version": 1, "server": "llmobserve-collector"}]
 
 
 def events(prefix: str, n: int) -> list[dict[str, Any]]:
@@ -168,7 +166,7 @@ def test_two_proxies_separate_seq_spaces(env: Any) -> None:
 )
 def test_garbage_closes_only_that_link(env: Any, garbage: bytes) -> None:
     """A protocol error closes the offending link; another link carries on."""
-    store, runner, writer, clock, registry = env
+    _store, runner, writer, clock, registry = env
     good = Link(writer, clock, registry)
     good.hello("good")
     bad = Link(writer, clock, registry)

@@ -48,7 +48,9 @@ class HTTPRecorderFactory(Factory):
         return p
 
 
-def connect(clock: Clock) -> tuple[PortSwitch, StringTransport, list[Recorder], HTTPRecorderFactory]:
+def connect(
+    clock: Clock,
+) -> tuple[PortSwitch, StringTransport, list[Recorder], HTTPRecorderFactory]:
     links: list[Recorder] = []
 
     def make_link() -> Recorder:
@@ -58,12 +60,12 @@ def connect(clock: Clock) -> tuple[PortSwitch, StringTransport, list[Recorder], 
 
     http = HTTPRecorderFactory()
     factory = PortSwitchFactory(make_link, http, clock, timeout=5.0)
-    factory.doStart()
+    factory.doStart()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     assert http.started == 1
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
     assert isinstance(proto, PortSwitch)
     transport = StringTransport()
-    proto.makeConnection(transport)
+    proto.makeConnection(transport)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     return proto, transport, links, http
 
 
@@ -88,7 +90,7 @@ def test_magic_split_anywhere_makes_a_link(split: int) -> None:
 def test_anything_else_is_http(first: bytes) -> None:
     """Bytes that are not the magic go to HTTP, replayed from the first byte."""
     clock = Clock()
-    proto, transport, links, http = connect(clock)
+    proto, _transport, links, http = connect(clock)
     proto.dataReceived(first)
     if MAGIC.startswith(first):
         assert http.built == []  # still undecided: a prefix of the magic
@@ -104,7 +106,7 @@ def test_anything_else_is_http(first: bytes) -> None:
 def test_silent_connection_closed() -> None:
     """A connection that sends nothing is aborted after the deadline."""
     clock = Clock()
-    proto, transport, links, http = connect(clock)
+    proto, transport, _links, _http = connect(clock)
     proto.dataReceived(b"LL")
     clock.advance(4.9)
     assert not transport.disconnecting and not transport.disconnected
@@ -115,7 +117,7 @@ def test_silent_connection_closed() -> None:
 def test_deadline_cancelled_once_decided() -> None:
     """After the switch decides, its deadline no longer applies."""
     clock = Clock()
-    proto, transport, links, http = connect(clock)
+    proto, transport, _links, _http = connect(clock)
     proto.dataReceived(MAGIC)
     clock.advance(60)
     assert not transport.disconnecting and not transport.disconnected

@@ -155,7 +155,10 @@ def test_filters_and_paging(store: EventStore) -> None:
             call(5, context={"section_path": "agent/planner"}),
         ]
     )
-    ids = lambda evs: [e["id"] for e in evs]  # noqa: E731
+
+    def ids(evs: list[dict[str, Any]]) -> list[str]:
+        return [e["id"] for e in evs]
+
     assert ids(store.events(provider="anthropic")) == ["e2"]
     assert ids(store.events(model="gpt-4o")) == ["e1", "e3", "e4", "e5"]
     assert ids(store.events(outcome="upstream_error")) == ["e2"]
