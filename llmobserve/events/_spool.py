@@ -10,7 +10,8 @@ A segment starts with the 8-byte magic C{LLMOSPL1}, then records::
 
     >I  payload length
     >I  CRC-32 of (seq bytes + payload)
-    >Q  seq (per spool, strictly increasing, never reused)
+    >Q  seq (per spool, strictly increasing; never reused, except the seq
+        of a torn record that was never readable)
         payload: one packed event map
 
 Appends are one C{os.write} each (so a record whose append returned

@@ -1,0 +1,146 @@
+"""The on-disk spool: append, replay, ack, delete, torn records, cap, lock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llmobserve.events._spool import SEGMENT_MAGIC, EventSpool, SpoolLocked
+from llmobserve.events.pipeline import open_spool
+
+
+def payload(i: int, size: int = 100) -> bytes:
+    return f"event-{i:06d}-".encode().ljust(size, b".")
+
+
+def segments(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.name.startswith("seg-"))
+
+
+def read_all(spool: EventSpool, after: int = 0) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    while True:
+        got, _last = spool.read(after, 37, 10_000)
+        if not got:
+            return out
+        out.extend(got)
+        after = got[-1][0]
+
+
+def test_append_replay_ack_delete(tmp_path: Path) -> None:
+    """Records survive a restart in order; acked segments go; seqs never repeat."""
+    spool = EventSpool(tmp_path, max_bytes=1_000_000, segment_bytes=4096)
+    seqs = [spool.append(payload(i)) for i in range(200)]
+    assert seqs == list(range(1, 201))
+    proxy_id = spool.proxy_id
+    assert len(segments(tmp_path)) > 3  # rotated at ~4 KiB
+    spool.close()
+
+    spool = EventSpool(tmp_path, max_bytes=1_000_000, segment_bytes=4096)
+    assert spool.proxy_id == proxy_id
+    assert spool.waiting == 200 and spool.stats.records == 200 and spool.stats.torn == 0
+    assert read_all(spool) == [(i + 1, payload(i)) for i in range(200)]
+    before = len(segments(tmp_path))
+    spool.ack(120)
+    spool.sync()
+    after = segments(tmp_path)
+    assert len(after) < before
+    # every record above the ack point is still readable after the deletion
+    assert [s for s, _ in read_all(spool, 120)] == list(range(121, 201))
+    assert spool.append(payload(999)) == 201
+    spool.close()
+
+    spool = EventSpool(tmp_path, max_bytes=1_000_000, segment_bytes=4096)
+    assert spool.acked_seq == 120 and spool.last_seq == 201
+    assert [s for s, _ in read_all(spool, spool.acked_seq)] == list(range(121, 202))
+    spool.ack(201)
+    spool.sync()
+    spool.close()
+    spool = EventSpool(tmp_path, max_bytes=1_000_000, segment_bytes=4096)
+    assert spool.waiting == 0 and read_all(spool) == []
+    assert spool.append(payload(0)) == 202  # never reused, even with every segment gone
+    spool.close()
+
+
+def test_torn_tail_is_skipped_and_counted(tmp_path: Path) -> None:
+    """A record cut off mid-write (SIGKILL, power loss) is skipped; the rest replays."""
+    spool = EventSpool(tmp_path)
+    for i in range(10):
+        spool.append(payload(i))
+    spool.close()
+    seg = segments(tmp_path)[-1]
+    with open(seg, "r+b") as f:
+        f.truncate(seg.stat().st_size - 30)
+    spool = EventSpool(tmp_path)
+    assert spool.stats.torn == 1 and spool.torn_total == 1
+    assert [s for s, _ in read_all(spool)] == list(range(1, 10))
+    # a torn record never counted: its seq is given again, in a fresh segment
+    assert spool.append(payload(10)) == 10
+    assert len(segments(tmp_path)) == 2
+    spool.close()
+
+
+def test_corrupt_record_ends_its_segment_only(tmp_path: Path) -> None:
+    """A CRC mismatch stops reading that segment; later segments still replay."""
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    for i in range(100):
+        spool.append(payload(i))
+    spool.close()
+    first = segments(tmp_path)[0]
+    data = bytearray(first.read_bytes())
+    data[len(SEGMENT_MAGIC) + 16 + 3] ^= 0xFF  # first record's payload
+    first.write_bytes(bytes(data))
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    assert spool.stats.torn == 1
+    got = [s for s, _ in read_all(spool)]
+    assert got and got[0] > 1 and got[-1] == 100
+    spool.close()
+
+
+def test_cap_refuses_appends_until_acks_free_space(tmp_path: Path) -> None:
+    """Over the cap an append returns None (the pipeline counts it); force writes anyway."""
+    spool = EventSpool(tmp_path, max_bytes=20_000, segment_bytes=4096)
+    results = [spool.append(payload(i, 500)) for i in range(60)]
+    accepted = [r for r in results if r is not None]
+    assert 20 < len(accepted) < 60 and results[-1] is None
+    assert spool.total_bytes <= 20_000
+    assert spool.append(b"gap", force=True) is not None
+    spool.ack(accepted[-1])
+    spool.sync()
+    assert spool.total_bytes < 8000
+    assert spool.append(payload(0, 500)) is not None
+    spool.close()
+
+
+def test_spool_files_hold_only_what_was_appended(tmp_path: Path) -> None:
+    """The spool adds framing only: no header or query ever reaches it but the payload."""
+    spool = EventSpool(tmp_path)
+    spool.append(b"only-this")
+    spool.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert b"only-this" in blob and blob.count(b"only-this") == 1
+
+
+def test_one_process_per_directory(tmp_path: Path) -> None:
+    """A second owner is refused; open_spool falls back to a sibling directory."""
+    first = EventSpool(tmp_path)
+    with pytest.raises(SpoolLocked):
+        EventSpool(tmp_path)
+    second = open_spool(tmp_path, max_bytes=1_000_000)
+    assert second.directory == tmp_path / "p1"
+    assert second.proxy_id != first.proxy_id
+    second.close()
+    first.close()
+    again = EventSpool(tmp_path)
+    assert again.proxy_id == first.proxy_id
+    again.close()
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    spool = EventSpool(tmp_path)
+    spool.append(b"x")
+    spool.close()
+    for p in tmp_path.iterdir():
+        assert os.stat(p).st_mode & 0o077 == 0, p
