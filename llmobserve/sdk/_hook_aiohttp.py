@@ -55,7 +55,8 @@ def _make_middleware(m: ModuleType) -> Callable[[Any, Any], Awaitable[Any]]:
         def restore() -> None:
             req.url, req.proxy, req.proxy_auth, req.proxy_headers, req.headers = saved
 
-        target = str(url)
+        # Exactly what aiohttp would have put on the wire (userinfo became a header).
+        target = f"{url.scheme}://{url.host_port_subcomponent}{url.raw_path_qs}"
         req.url = url_class(config.endpoint)
         req.proxy = req.proxy_auth = req.proxy_headers = None
         req.headers = req.headers.copy()

@@ -38,14 +38,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+#: twistd itself (C{python -m twisted} runs the newer C{twist}, which has no C{-n}).
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
 def proxy_command(port: int, proxy_args: list[str]) -> list[str]:
-    """The command line of the proxy this supervisor runs."""
+    """The command line of the proxy this supervisor runs: C{twistd -n llmobserve}."""
     return [
         sys.executable,
-        "-m",
-        "twisted",
-        "-n",
+        "-c",
+        _TWISTD,
         "--pidfile=",
+        "-n",
         "llmobserve",
         "--port",
         str(port),
