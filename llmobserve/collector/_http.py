@@ -213,7 +213,21 @@ class HealthResource(Resource):
         )
 
 
-class _Index(Resource):
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _error(request, 404, "not_found", "no such resource; see /")
+
+
+class _Branch(Resource):
+    """A resource with children whose unknown paths get a JSON 404."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+
+
+class _Index(_Branch):
     def render_GET(self, request: Request) -> bytes:
         return _write_json(
             request,
@@ -231,7 +245,7 @@ def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry
     root = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     root.putChild(b"", root)
     root.putChild(b"health", HealthResource(writer, links))
-    api = Resource()
+    api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     api.putChild(b"events", EventsResource(reader))
     api.putChild(b"report", ReportResource(reader))
     root.putChild(b"api", api)

@@ -1,0 +1,183 @@
+"""The collector's HTTP API in memory (treq's StubTreq over the resource tree)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+
+from llmobserve import __version__
+from llmobserve.collector._http import collector_root
+from llmobserve.collector._link import LinkRegistry
+from llmobserve.collector._store import EventStore
+from llmobserve.collector._writer import BatchWriter
+
+T0 = 1_750_000_000.0
+
+
+class SyncRunner:
+    """Runs store jobs at once (a store thread stand-in)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    def submit(self, job: Callable[[EventStore], Any]) -> Deferred[Any]:
+        try:
+            return succeed(job(self.store))
+        except Exception as e:
+            return fail(e)
+
+
+class Client:
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = EventStore(tmp_path / "x.sqlite3")
+        runner = SyncRunner(self.store)
+        self.writer = BatchWriter(runner)
+        self.links = LinkRegistry()
+        root = collector_root(runner, self.writer, self.links)  # type: ignore[arg-type]
+        self.treq: Any = StubTreq(root)  # type: ignore[no-untyped-call]  # treq is untyped
+
+    def get(self, path: str) -> tuple[int, Any, Any]:
+        results: list[Any] = []
+        d = self.treq.get("http://127.0.0.1:8000" + path)
+        d.addCallback(
+            lambda r: self.treq.json_content(r).addCallback(lambda body: results.append((r, body)))
+        )
+        d.addErrback(results.append)
+        self.treq.flush()
+        assert len(results) == 1, results
+        response, body = results[0]
+        return response.code, response.headers, body
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Any:
+    c = Client(tmp_path)
+    c.writer.write(
+        [
+            {
+                "id": "a",
+                "kind": "call",
+                "ts": T0,
+                "provider": "openai",
+                "model": "gpt-4o",
+                "cost_usd": 1.0,
+                "usage": {"input_tokens": 10},
+                "context": {"customer_id": "acme", "run_id": "r1", "section": "plan"},
+            },
+            {
+                "id": "b",
+                "kind": "call",
+                "ts": T0 + 10,
+                "provider": "anthropic",
+                "model": "claude",
+                "outcome": "upstream_error",
+                "cost_usd": 3.0,
+                "context": {"customer_id": "globex", "tenant_id": "t9"},
+            },
+            {"id": "c", "kind": "span", "ts": T0 + 20, "run_id": "r1"},
+        ]
+    )
+    yield c
+    c.store.close()
+
+
+def test_health(client: Client) -> None:
+    """/health: status, service name, version, and the number of events stored."""
+    code, headers, body = client.get("/health")
+    assert code == 200
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert body["status"] == "ok"
+    assert body["service"] == "llmobserve-collector"
+    assert body["version"] == __version__
+    assert body["events_stored"] == 3
+    assert body["links"] == []
+
+
+def test_events_all_and_filters(client: Client) -> None:
+    """/api/events lists events oldest first and applies every filter."""
+    code, _, body = client.get("/api/events")
+    assert code == 200
+    assert [e["id"] for e in body["events"]] == ["a", "b", "c"]
+    assert body["count"] == 3 and body["limit"] == 100 and body["offset"] == 0
+
+    def ids(query: str) -> list[str]:
+        code, _, body = client.get("/api/events?" + query)
+        assert code == 200, body
+        return [e["id"] for e in body["events"]]
+
+    assert ids("provider=anthropic") == ["b"]
+    assert ids("model=gpt-4o") == ["a"]
+    assert ids("customer=acme") == ["a"]
+    assert ids("tenant=t9") == ["b"]
+    assert ids("section=plan") == ["a"]
+    assert ids("run=r1") == ["a", "c"]
+    assert ids("outcome=upstream_error") == ["b"]
+    assert ids("kind=span") == ["c"]
+    assert ids(f"since={T0 + 5}") == ["b", "c"]
+    assert ids(f"until={T0 + 5}") == ["a"]
+    assert ids("since=2025-06-15T15:06:45Z") == ["b", "c"]
+    assert ids("limit=1&offset=1") == ["b"]
+    assert ids("since=1h") == []  # T0 is long ago
+
+
+def test_event_fields_in_answer(client: Client) -> None:
+    """Events come back with DESIGN.md's field names and null costs intact."""
+    _, _, body = client.get("/api/events?limit=1")
+    (event,) = body["events"]
+    assert event["id"] == "a"
+    assert event["usage"] == {"input_tokens": 10}
+    assert event["context"]["customer_id"] == "acme"
+    assert "cost_usd" in event and "graphql" in event
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["since=yesterday-ish", "limit=-1", "limit=abc", "limit=100000", "offset=-3", "until=nan"],
+)
+def test_events_bad_parameters(client: Client, query: str) -> None:
+    """Bad parameters give 400 with a JSON error, not a crash."""
+    code, _, body = client.get("/api/events?" + query)
+    assert code == 400
+    assert body["error"]["type"] == "bad_request"
+
+
+def test_report_default_and_by(client: Client) -> None:
+    """/api/report groups calls (not spans) by provider,model or any grouping."""
+    code, _, body = client.get("/api/report")
+    assert code == 200
+    assert body["by"] == ["provider", "model"]
+    assert [(r["provider"], r["model"], r["calls"], r["cost_usd"]) for r in body["rows"]] == [
+        ("anthropic", "claude", 1, 3.0),
+        ("openai", "gpt-4o", 1, 1.0),
+    ]
+    _, _, body = client.get("/api/report?by=customer")
+    assert {r["customer"]: r["cost_usd"] for r in body["rows"]} == {"acme": 1.0, "globex": 3.0}
+    _, _, body = client.get("/api/report?by=provider&by=day")
+    assert body["by"] == ["provider", "day"]
+    assert body["rows"][0]["day"] == "2025-06-15"
+    _, _, body = client.get(f"/api/report?by=provider&since={T0 + 5}")
+    assert [r["provider"] for r in body["rows"]] == ["anthropic"]
+    _, _, body = client.get("/api/report?by=")
+    assert body["by"] == [] and body["rows"][0]["calls"] == 2
+
+
+def test_report_unknown_grouping(client: Client) -> None:
+    """An unknown grouping is a 400 naming the valid ones."""
+    code, _, body = client.get("/api/report?by=colour")
+    assert code == 400
+    assert "provider" in body["error"]["message"]
+
+
+def test_index_and_unknown_path(client: Client) -> None:
+    """/ names the endpoints; an unknown path is a 404."""
+    code, _, body = client.get("/")
+    assert code == 200 and "/api/events" in body["endpoints"]
+    results: list[Any] = []
+    client.treq.get("http://127.0.0.1:8000/nope").addCallback(results.append)
+    client.treq.flush()
+    assert results[0].code == 404
