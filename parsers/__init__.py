@@ -1,1 +1,22 @@
-"""Sans-I/O provider registry, usage parsers and pricing. Never imports Twisted."""
+"""Sans-I/O provider registry, usage parsers and pricing. Never imports Twisted.
+
+C{analyse(Exchange) -> UsageRecord} is the whole interface the proxy
+needs; it is thread-safe and never raises. C{load_user_prices(path)} adds
+or overrides prices (also read once from C{$LLMOBSERVE_PRICES}).
+"""
+
+from ._analyse import analyse
+from ._records import Exchange, UsageRecord
+from .pricing import load_user_prices
+from .registry import REGISTRY, Provider, ProviderRegistry, canonical_host
+
+__all__ = [
+    "REGISTRY",
+    "Exchange",
+    "Provider",
+    "ProviderRegistry",
+    "UsageRecord",
+    "analyse",
+    "canonical_host",
+    "load_user_prices",
+]

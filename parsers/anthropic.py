@@ -1,0 +1,147 @@
+"""Anthropic Messages API (direct, and on Vertex AI / Bedrock in the same shape).
+
+Anthropic's C{input_tokens} excludes cache reads and writes; here
+C{input_tokens} is normalised to all prompt tokens, with
+C{cached_input_tokens} (reads) and C{cache_write_tokens} as subsets.
+Streams merge C{message_start} (input side) with the cumulative
+C{message_delta} usage (output side, and input fields when present).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._call import Call
+from ._draft import UsageDraft, as_count
+from .jsonbody import BodyError, loads, loads_object
+
+__all__ = ["parse_anthropic", "read_anthropic_usage"]
+
+_USAGE_FIELDS = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
+def _endpoint(path: str) -> str:
+    path = path.rstrip("/")
+    if path.endswith("/messages"):
+        return "messages"
+    if path.endswith("/count_tokens"):
+        return "messages.count_tokens"
+    if path.endswith("/complete"):
+        return "complete"
+    if "/batches" in path:
+        return "messages.batches"
+    if path.endswith(":rawPredict") or path.endswith(":streamRawPredict"):
+        return "messages"
+    return path.rsplit("/", 1)[-1] or "unknown"
+
+
+def parse_anthropic(call: Call, draft: UsageDraft) -> None:
+    """Fill C{draft} from an Anthropic-shaped exchange (JSON or SSE)."""
+    draft.endpoint = _endpoint(call.path)
+    if draft.endpoint == "messages.count_tokens":
+        draft.unpriced_reason = "token counting is free"
+    if call.is_event_stream:
+        draft.streamed = True
+        _parse_stream(call, draft)
+    else:
+        try:
+            body = loads_object(call.body)
+        except BodyError as exc:
+            draft.error(str(exc))
+            body = {}
+        if body.get("type") == "error":
+            draft.flag("api_error")
+        _message_fields(body, draft)
+        usage = body.get("usage")
+        if draft.endpoint == "messages.count_tokens":
+            draft.set("input_tokens", body.get("input_tokens"))
+        elif isinstance(usage, dict):
+            read_anthropic_usage(usage, draft)
+    if draft.model is None:
+        model = call.request_field("model")
+        if isinstance(model, str):
+            draft.model = model
+
+
+def _message_fields(message: dict[str, Any], draft: UsageDraft) -> None:
+    model = message.get("model")
+    if isinstance(model, str):
+        draft.model = model
+    mid = message.get("id")
+    if isinstance(mid, str):
+        draft.response_id = mid[:200]
+
+
+def read_anthropic_usage(usage: dict[str, Any], draft: UsageDraft) -> None:
+    """Normalise an Anthropic C{usage} object into C{draft}."""
+    fresh = as_count(usage.get("input_tokens"))
+    write = as_count(usage.get("cache_creation_input_tokens")) or 0
+    read = as_count(usage.get("cache_read_input_tokens")) or 0
+    if fresh is not None or write or read:
+        draft.set("input_tokens", (fresh or 0) + write + read)
+        if read:
+            draft.set("cached_input_tokens", read)
+        if write:
+            draft.set("cache_write_tokens", write)
+    draft.set("output_tokens", usage.get("output_tokens"))
+    creation = usage.get("cache_creation")
+    if isinstance(creation, dict) and as_count(creation.get("ephemeral_1h_input_tokens")):
+        draft.details["cache_write_1h_tokens"] = as_count(creation.get("ephemeral_1h_input_tokens"))
+    server = usage.get("server_tool_use")
+    if isinstance(server, dict) and as_count(server.get("web_search_requests")):
+        draft.details["web_search_requests"] = as_count(server.get("web_search_requests"))
+    tier = usage.get("service_tier")
+    if isinstance(tier, str):
+        draft.details["service_tier"] = tier
+
+
+def _parse_stream(call: Call, draft: UsageDraft) -> None:
+    events = call.sse_events(draft)
+    merged: dict[str, Any] = {}
+    stopped = False
+    for ev in events:
+        name = ev.event
+        if name in ("content_block_delta", "content_block_start", "content_block_stop", "ping"):
+            continue  # the bulk of a stream: nothing about usage, not worth a JSON parse
+        if name == "message_stop":
+            stopped = True
+            continue
+        try:
+            obj = loads(ev.data)
+        except BodyError as exc:
+            if not call.is_cut(ev):
+                draft.error(f"bad stream event: {exc}")
+            continue
+        if not isinstance(obj, dict):
+            continue
+        kind = obj.get("type", name)
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                _message_fields(message, draft)
+                usage = message.get("usage")
+                if isinstance(usage, dict):
+                    merged.update({k: v for k, v in usage.items() if v is not None})
+        elif kind == "message_delta":
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                # Cumulative figures: the latest one replaces, never adds.
+                merged.update({k: v for k, v in usage.items() if v is not None})
+        elif kind == "error":
+            draft.flag("stream_error_event")
+            err = obj.get("error")
+            if isinstance(err, dict) and isinstance(err.get("type"), str):
+                draft.details["stream_error"] = err["type"][:80]
+        elif kind == "message_stop":
+            stopped = True
+    if merged:
+        read_anthropic_usage(merged, draft)
+    else:
+        draft.flag("usage_not_in_stream")
+    if not stopped:
+        draft.flag("stream_incomplete")

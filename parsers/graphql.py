@@ -1,0 +1,252 @@
+"""GraphQL: detection, and the shape of an operation, read with graphql-core's parser.
+
+Complexity score (documented in docs/PRICES.md): every field costs 1, and
+the cost of a field's sub-selection is multiplied by the page size it asks
+for (the first of its C{first}, C{last}, C{limit}, C{top}, C{pageSize},
+C{per_page} arguments given as an integer or as a variable's integer
+value; 1 when none). Fragments are expanded (each at most once per path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from graphql.error import GraphQLError
+from graphql.language import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    InlineFragmentNode,
+    IntValueNode,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    VariableNode,
+    parse,
+)
+
+from ._call import Call
+from ._draft import UsageDraft, as_count, as_number, get_path
+from .jsonbody import BodyError, loads
+
+__all__ = ["graphql_request", "parse_graphql"]
+
+_KEYS = frozenset({"query", "variables", "operationName", "extensions"})
+_STARTS = ("{", "query", "mutation", "subscription", "fragment", "#")
+_PAGE_ARGS = ("first", "last", "limit", "top", "pageSize", "per_page")
+_MAX_QUERY = 256 * 1024
+_MAX_TOKENS = 50_000
+_MAX_SCORE = 10**12
+
+
+def _looks_like_document(text: object) -> bool:
+    return isinstance(text, str) and text.lstrip().startswith(_STARTS)
+
+
+def graphql_request(call: Call) -> dict[str, Any] | None:
+    """The GraphQL request of C{call} ({query, variables, operationName}), or None.
+
+    Detected by path (a C{graphql} segment), by C{application/graphql}
+    content type, or by a JSON body of exactly the GraphQL-over-HTTP shape.
+    """
+    ex = call.exchange
+    ctype = ex.request_headers.get("content-type", "").lower()
+    on_path = "graphql" in ex.path.lower().split("/")
+    if ctype.startswith("application/graphql") and not ctype.startswith(
+        "application/graphql-response"
+    ):
+        text = call.request_body.decode("utf-8", "replace")
+        return {"query": text} if _looks_like_document(text) else None
+    if ex.method.upper() == "GET" and on_path and ex.query:
+        params = parse_qs(ex.query, max_num_fields=50)
+        query = params.get("query", [None])[0]
+        if _looks_like_document(query):
+            request: dict[str, Any] = {"query": query}
+            name = params.get("operationName", [None])[0]
+            if name:
+                request["operationName"] = name
+            variables = params.get("variables", [None])[0]
+            if variables:
+                try:
+                    request["variables"] = loads(variables)
+                except BodyError:
+                    pass
+            return request
+        return None
+    body = call.request_body
+    if not on_path and (b'"query"' not in body[:4096] and b'"extensions"' not in body[:4096]):
+        return None
+    value = call.request_json()
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        value = value[0]  # a batch: describe the first operation
+    if not isinstance(value, dict) or not value:
+        return None
+    if not set(value) <= _KEYS:
+        return None
+    query = value.get("query")
+    if _looks_like_document(query):
+        return value
+    persisted = get_path(value, "extensions", "persistedQuery")
+    if query is None and isinstance(persisted, dict) and (on_path or "operationName" in value):
+        return value
+    return None
+
+
+def parse_graphql(call: Call, draft: UsageDraft, request: dict[str, Any]) -> None:
+    """Describe the GraphQL operation and its response in C{draft.graphql}."""
+    info: dict[str, Any] = {}
+    variables = request.get("variables")
+    info["variables_count"] = len(variables) if isinstance(variables, dict) else 0
+    name = request.get("operationName")
+    query = request.get("query")
+    if isinstance(query, str):
+        _describe(
+            query,
+            name if isinstance(name, str) else None,
+            variables if isinstance(variables, dict) else {},
+            info,
+            draft,
+        )
+    else:
+        info["operation_type"] = None
+        info["operation_name"] = name if isinstance(name, str) else None
+        info["persisted_query"] = True
+    _response(call, info, draft)
+    draft.graphql = info
+    if draft.endpoint is None:
+        draft.endpoint = info.get("operation_type") or "graphql"
+
+
+def _describe(
+    query: str, name: str | None, variables: dict[str, Any], info: dict[str, Any], draft: UsageDraft
+) -> None:
+    info.update(operation_type=None, operation_name=name, depth=0, field_count=0, complexity=0)
+    if len(query) > _MAX_QUERY:
+        draft.error("GraphQL query too large to parse")
+        return
+    try:
+        document = parse(query, no_location=True, max_tokens=_MAX_TOKENS)
+    except GraphQLError as exc:
+        draft.error(f"GraphQL syntax error: {exc.message[:120]}")
+        return
+    except RecursionError:
+        draft.error("GraphQL query nested too deeply")
+        return
+    operation = _pick_operation(document, name)
+    if operation is None:
+        draft.error("GraphQL document has no matching operation")
+        return
+    info["operation_type"] = operation.operation.value
+    if operation.name is not None:
+        info["operation_name"] = operation.name.value
+    fragments = {
+        d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    walker = _Walker(fragments, variables)
+    try:
+        score = walker.cost(operation.selection_set, 1, frozenset())
+    except RecursionError:
+        draft.error("GraphQL query nested too deeply")
+        return
+    info.update(depth=walker.depth, field_count=walker.fields, complexity=min(score, _MAX_SCORE))
+
+
+def _pick_operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if name:
+        for op in operations:
+            if op.name is not None and op.name.value == name:
+                return op
+        return None
+    return operations[0] if len(operations) == 1 else None
+
+
+class _Walker:
+    """Counts fields, depth and the complexity score over one operation."""
+
+    def __init__(self, fragments: dict[str, FragmentDefinitionNode], variables: dict[str, Any]):
+        self.fragments = fragments
+        self.variables = variables
+        self.fields = 0
+        self.depth = 0
+        self._budget = 100_000  # selections visited, so fragment fan-out stays bounded
+
+    def cost(self, selections: SelectionSetNode | None, level: int, seen: frozenset[str]) -> int:
+        if selections is None:
+            return 0
+        total = 0
+        for node in selections.selections:
+            self._budget -= 1
+            if self._budget < 0:
+                break
+            if isinstance(node, FieldNode):
+                self.fields += 1
+                self.depth = max(self.depth, level)
+                child = self.cost(node.selection_set, level + 1, seen)
+                total += 1 + self._page_size(node) * child
+            elif isinstance(node, InlineFragmentNode):
+                total += self.cost(node.selection_set, level, seen)
+            elif isinstance(node, FragmentSpreadNode):
+                frag_name = node.name.value
+                fragment = self.fragments.get(frag_name)
+                if fragment is not None and frag_name not in seen:
+                    total += self.cost(fragment.selection_set, level, seen | {frag_name})
+            total = min(total, _MAX_SCORE)
+        return total
+
+    def _page_size(self, node: FieldNode) -> int:
+        for arg in node.arguments or ():
+            if arg.name.value not in _PAGE_ARGS:
+                continue
+            value = arg.value
+            if isinstance(value, IntValueNode):
+                size = as_count(value.value) if len(value.value) < 10 else None
+            elif isinstance(value, VariableNode):
+                size = as_count(self.variables.get(value.name.value))
+            else:
+                size = None
+            if size is not None:
+                return max(1, min(size, 100_000))
+        return 1
+
+
+def _response(call: Call, info: dict[str, Any], draft: UsageDraft) -> None:
+    info["data_bytes"] = len(call.body)
+    info["error_count"] = 0
+    if not call.body or call.body.lstrip()[:1] != b"{":
+        return
+    try:
+        body = loads(call.body)
+    except BodyError as exc:
+        draft.error(str(exc))
+        return
+    if not isinstance(body, dict):
+        return
+    errors = body.get("errors")
+    if isinstance(errors, list):
+        info["error_count"] = len(errors)
+    cost = get_path(body, "extensions", "cost")
+    reported: float | None = None
+    if isinstance(cost, dict):  # Shopify-style
+        reported = as_number(cost.get("actualQueryCost"))
+        if reported is None:
+            reported = as_number(cost.get("requestedQueryCost"))
+        throttle = cost.get("throttleStatus")
+        if isinstance(throttle, dict):
+            info["throttle_status"] = {
+                k: v
+                for k, v in throttle.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+    elif cost is not None:
+        reported = as_number(cost)
+    if reported is None:
+        complexity = get_path(body, "extensions", "complexity")
+        if isinstance(complexity, dict):
+            complexity = complexity.get("score", complexity.get("cost"))
+        reported = as_number(complexity)
+    if reported is None:
+        reported = as_number(get_path(body, "data", "rateLimit", "cost"))  # GitHub
+    if reported is not None:
+        info["reported_cost"] = reported

@@ -1,0 +1,226 @@
+"""OpenAI and every OpenAI-compatible API: JSON bodies and SSE streams.
+
+Chat completions, legacy completions, the Responses API, embeddings,
+images, audio and moderations. Streams take usage from the last event
+that carries it (whatever its C{choices}), never a sum across events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._call import Call
+from ._draft import UsageDraft, as_count, as_number, get_path
+from .jsonbody import BodyError, loads, loads_object
+
+__all__ = ["endpoint_for_path", "parse_openai", "read_openai_usage"]
+
+_ENDPOINTS = (
+    ("/chat/completions", "chat.completions"),
+    ("/completions", "completions"),
+    ("/responses", "responses"),
+    ("/embeddings", "embeddings"),
+    ("/images/generations", "images.generations"),
+    ("/images/edits", "images.edits"),
+    ("/images/variations", "images.variations"),
+    ("/audio/transcriptions", "audio.transcriptions"),
+    ("/audio/translations", "audio.translations"),
+    ("/audio/speech", "audio.speech"),
+    ("/moderations", "moderations"),
+    ("/rerank", "rerank"),
+)
+
+
+def endpoint_for_path(path: str) -> str | None:
+    """The OpenAI endpoint name of a request path (any prefix: /v1, /openai/deployments/x, ...)."""
+    path = path.rstrip("/")
+    for suffix, name in _ENDPOINTS:
+        if path.endswith(suffix):
+            return name
+    if "/responses/" in path:
+        return "responses.retrieve"
+    return None
+
+
+def parse_openai(call: Call, draft: UsageDraft) -> None:
+    """Fill C{draft} from an OpenAI-shaped exchange."""
+    endpoint = endpoint_for_path(call.path)
+    draft.endpoint = endpoint or _fallback_endpoint(call.path)
+    if call.is_event_stream:
+        draft.streamed = True
+        _parse_stream(call, draft, endpoint)
+    elif endpoint == "audio.speech":
+        _parse_speech(call, draft)
+    elif call.content_type.startswith("application/json") or call.body.lstrip()[:1] == b"{":
+        try:
+            body = loads_object(call.body)
+        except BodyError as exc:
+            draft.error(str(exc))
+            body = {}
+        _parse_json(call, draft, endpoint, body)
+    elif endpoint in ("audio.transcriptions", "audio.translations"):
+        draft.flag("no_duration_in_text_format")
+    if draft.model is None:
+        model = call.request_field("model") if endpoint != "audio.transcriptions" else None
+        if model is None and endpoint in (
+            "audio.transcriptions",
+            "audio.translations",
+            "images.edits",
+            "images.variations",
+        ):
+            model = call.form_field("model")
+        if isinstance(model, str):
+            draft.model = model
+        elif endpoint is not None and endpoint.startswith("images."):
+            draft.model = "dall-e-2"  # the API's default image model
+    if endpoint in ("moderations",) and not draft.usage:
+        draft.estimate("requests", 1)
+
+
+def _fallback_endpoint(path: str) -> str | None:
+    parts = [p for p in path.split("/") if p and not p.startswith("v1")]
+    return ".".join(parts[-2:]) if parts else None
+
+
+def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
+    """Copy an OpenAI-style C{usage} (chat, completions or Responses naming) into C{draft}."""
+    if not isinstance(usage, dict):
+        return False
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if as_count(prompt) is None and as_count(completion) is None:
+        return False
+    draft.set("input_tokens", prompt)
+    draft.set("output_tokens", completion)
+    pdet = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cdet = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    if isinstance(pdet, dict):
+        if as_count(pdet.get("cached_tokens")):
+            draft.set("cached_input_tokens", pdet.get("cached_tokens"))
+        if as_count(pdet.get("audio_tokens")):
+            draft.set("audio_input_tokens", pdet.get("audio_tokens"))
+    elif as_count(usage.get("prompt_cache_hit_tokens")):  # DeepSeek's naming
+        draft.set("cached_input_tokens", usage.get("prompt_cache_hit_tokens"))
+    if isinstance(cdet, dict):
+        if as_count(cdet.get("reasoning_tokens")):
+            draft.set("reasoning_tokens", cdet.get("reasoning_tokens"))
+        if as_count(cdet.get("audio_tokens")):
+            draft.set("audio_output_tokens", cdet.get("audio_tokens"))
+    # Costs some OpenAI-compatible APIs report themselves (OpenRouter, Perplexity).
+    cost = usage.get("cost")
+    if isinstance(cost, dict):
+        cost = cost.get("total_cost")
+    reported = as_number(cost)
+    if reported is not None:
+        draft.reported_cost_usd = reported
+    return True
+
+
+def _parse_json(call: Call, draft: UsageDraft, endpoint: str | None, body: dict[str, Any]) -> None:
+    model = body.get("model")
+    if isinstance(model, str):
+        draft.model = model
+    rid = body.get("id")
+    if isinstance(rid, str):
+        draft.response_id = rid[:200]
+    tier = body.get("service_tier")
+    if isinstance(tier, str):
+        draft.details["service_tier"] = tier
+        if tier in ("flex", "priority"):
+            draft.price_context["service_tier"] = tier
+    if "error" in body and body.get("error"):
+        draft.flag("api_error")
+    usage = body.get("usage")
+    found = read_openai_usage(usage, draft)
+    if endpoint and endpoint.startswith("images."):
+        _image_usage(call, draft, body)
+    elif endpoint in ("audio.transcriptions", "audio.translations"):
+        seconds = as_number(body.get("duration"))
+        if seconds is None and isinstance(usage, dict) and usage.get("type") == "duration":
+            seconds = as_number(usage.get("seconds"))
+        if seconds is not None:
+            draft.set("audio_seconds", seconds)
+        elif not found:
+            draft.flag("no_duration_in_text_format")
+    elif endpoint == "embeddings" and not found and isinstance(usage, dict):
+        draft.set("input_tokens", usage.get("total_tokens"))
+    elif endpoint == "responses.retrieve":
+        draft.unpriced_reason = "retrieving a stored response is not billed again"
+
+
+def _image_usage(call: Call, draft: UsageDraft, body: dict[str, Any]) -> None:
+    data = body.get("data")
+    if isinstance(data, list):
+        draft.set("images", len(data))
+    size = body.get("size") or call.request_field("size") or call.form_field("size")
+    quality = body.get("quality") or call.request_field("quality") or call.form_field("quality")
+    size = size if isinstance(size, str) else "1024x1024"
+    quality = quality if isinstance(quality, str) else "standard"
+    draft.price_item = f"{quality}/{size}"
+    draft.details.update(image_size=size, image_quality=quality)
+
+
+def _parse_speech(call: Call, draft: UsageDraft) -> None:
+    text = call.request_field("input")
+    if isinstance(text, str):
+        draft.estimate("characters", len(text))
+    elif call.exchange.request_body_truncated:
+        draft.flag("request_truncated")
+
+
+def _parse_stream(call: Call, draft: UsageDraft, endpoint: str | None) -> None:
+    events = call.sse_events(draft)
+    last_usage: dict[str, Any] | None = None
+    done = False
+    model_seen = False
+    for ev in events:
+        data = ev.data
+        if data == b"[DONE]":
+            done = True
+            continue
+        if not model_seen or (
+            b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
+        ):
+            try:
+                obj = loads(data)
+            except BodyError as exc:
+                if not call.is_cut(ev):
+                    draft.error(f"bad stream event: {exc}")
+                continue
+            if not isinstance(obj, dict):
+                continue
+            response = obj.get("response")
+            inner: dict[str, Any] = response if isinstance(response, dict) else obj
+            if not model_seen:
+                model = inner.get("model")
+                if isinstance(model, str):
+                    draft.model = model
+                    model_seen = True
+                    rid = inner.get("id")
+                    if isinstance(rid, str):
+                        draft.response_id = rid[:200]
+            usage = inner.get("usage")
+            if not isinstance(usage, dict):
+                usage = get_path(obj, "x_groq", "usage")  # Groq puts it here in streams
+            if isinstance(usage, dict):
+                last_usage = usage
+                tier = inner.get("service_tier")
+                if isinstance(tier, str) and tier in ("flex", "priority"):
+                    draft.price_context["service_tier"] = tier
+            if obj.get("type") in ("error", "response.failed") or ev.event == "error":
+                draft.flag("stream_error_event")
+        elif ev.event == "error":
+            draft.flag("stream_error_event")
+    if last_usage is not None:
+        read_openai_usage(last_usage, draft)
+    else:
+        draft.flag("usage_not_in_stream")
+    completed = done or (
+        endpoint == "responses"
+        and any(
+            e.event in ("response.completed", "response.incomplete", "response.failed")
+            for e in events[-3:]
+        )
+    )
+    if not completed:
+        draft.flag("stream_incomplete")

@@ -1,0 +1,145 @@
+"""An incremental, bounded Server-Sent Events decoder (WHATWG event-stream rules).
+
+Bytes go in, in chunks split anywhere (mid-line, mid-CRLF, mid-UTF-8);
+complete events come out. Lines and events have a maximum size: an
+oversized one is dropped and counted, never buffered without bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SSEDecoder", "SSEEvent"]
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event: its type (C{message} by default), data lines joined by LF, last id."""
+
+    event: str
+    data: bytes
+    id: str | None = None
+
+
+class SSEDecoder:
+    """Feed bytes with L{feed}, finish with L{close}; both return the events completed."""
+
+    def __init__(self, max_line: int = 1 << 20, max_event: int = 8 << 20) -> None:
+        self._max_line = max_line
+        self._max_event = max_event
+        self._buf = b""
+        self._at_start = True
+        self._skip_lf = False
+        self._discarding_line = False
+        self._data: list[bytes] = []
+        self._size = 0
+        self._oversized = False
+        self._event = b""
+        self._last_id: str | None = None
+        #: Lines and events dropped for being over their maximum.
+        self.dropped = 0
+        #: True when L{close} found an event that had no terminating blank line.
+        self.unterminated = False
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Take the next bytes of the stream; return the events they complete."""
+        if not data:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        buf = self._buf + data if self._buf else data
+        if self._at_start:
+            if len(buf) < 3 and _BOM.startswith(buf):
+                self._buf = buf
+                return []
+            self._at_start = False
+            if buf.startswith(_BOM):
+                buf = buf[3:]
+        cut = max(buf.rfind(b"\n"), buf.rfind(b"\r"))
+        if cut < 0:
+            self._buf = buf
+            if len(buf) > self._max_line:
+                self._buf = b""
+                self._discarding_line = True
+                self.dropped += 1
+            return []
+        complete = buf[: cut + 1]
+        self._buf = buf[cut + 1 :]
+        if cut == len(buf) - 1 and complete[-1:] == b"\r":
+            self._skip_lf = True  # its LF may arrive in the next chunk
+        if len(self._buf) > self._max_line:
+            self._buf = b""
+            self._discarding_line = True
+            self.dropped += 1
+        return self._lines(complete.splitlines())
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: the last unterminated line counts, and a pending event is
+        dispatched (lenient, unlike browsers: a cut stream still yields its usage)."""
+        lines = [self._buf] if self._buf else []
+        self._buf = b""
+        events = self._lines(lines)
+        if self._data and not self._oversized:
+            self.unterminated = True
+            events.append(self._dispatch_event())
+        self._data = []
+        return events
+
+    def _lines(self, lines: list[bytes]) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        max_line = self._max_line
+        for line in lines:
+            if self._discarding_line:
+                # The rest of an over-long line: drop it, resume at the next line.
+                self._discarding_line = False
+                continue
+            if not line:
+                if self._data:
+                    if self._oversized:
+                        self._oversized = False
+                        self._data = []
+                        self._size = 0
+                    else:
+                        events.append(self._dispatch_event())
+                self._event = b""
+                continue
+            if len(line) > max_line:
+                self.dropped += 1
+                continue
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                self._size += len(value) + 1
+                if self._size > self._max_event:
+                    if not self._oversized:
+                        self.dropped += 1
+                    self._oversized = True
+                    self._data = [b""]
+                else:
+                    self._data.append(value)
+                continue
+            if line[0] == 0x3A:  # ":" comment
+                continue
+            colon = line.find(b":")
+            if colon < 0:
+                name, value = line, b""
+            else:
+                name, value = line[:colon], line[colon + 1 :]
+                if value[:1] == b" ":
+                    value = value[1:]
+            if name == b"event":
+                self._event = value
+            elif name == b"id" and b"\0" not in value:
+                self._last_id = value.decode("utf-8", "replace")
+        return events
+
+    def _dispatch_event(self) -> SSEEvent:
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        event = self._event.decode("utf-8", "replace") if self._event else "message"
+        self._data = []
+        self._size = 0
+        self._event = b""
+        return SSEEvent(event, data, self._last_id)
