@@ -1,0 +1,1 @@
+"""Benchmarks runnable by users: C{python -m bench.overhead}, and friends."""

@@ -1,0 +1,289 @@
+"""A lean raw-socket keep-alive load generator (its own process).
+
+Modes:
+
+- C{latency}: one connection, one request at a time (optionally with an
+  idle gap between requests); per-request latency.
+- C{throughput}: C{--concurrency} connections driven by one epoll loop,
+  each sending its next request as soon as the previous response is
+  complete; requests/s and latency.
+- C{sse}: one connection; time from sending the request to the first
+  byte of the first event.
+
+The request bytes are given hex-encoded (C{--request}), built by the
+caller, so the same generator drives the upstream directly and the proxy.
+Prints one JSON object on stdout.  Latencies are microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import sys
+import time
+
+_ns = time.perf_counter_ns
+
+
+class ResponseReader:
+    """Frames HTTP/1.1 responses from a byte stream (Content-Length or chunked)."""
+
+    __slots__ = ("buf", "close_after", "need", "status")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.need = -1  # -1 head; >0 body bytes left; -2 chunked
+        self.status = 0
+        self.close_after = False
+
+    def feed(self, data: bytes) -> int:
+        """Add bytes; return how many responses completed."""
+        buf = self.buf + data if self.buf else data
+        done = 0
+        while True:
+            if self.need == -1:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buf[:end].lower()
+                self.status = int(head[9:12])
+                buf = buf[end + 4 :]
+                self.close_after = b"connection: close" in head
+                i = head.find(b"content-length:")
+                if i >= 0:
+                    j = head.find(b"\r\n", i)
+                    self.need = int(head[i + 15 : j if j >= 0 else len(head)])
+                elif b"transfer-encoding: chunked" in head:
+                    self.need = -2
+                else:
+                    self.need = 0
+            if self.need == -2:
+                k = buf.find(b"0\r\n\r\n")
+                while k > 0 and buf[k - 2 : k] != b"\r\n":
+                    k = buf.find(b"0\r\n\r\n", k + 1)
+                if k < 0:
+                    # keep only a tail that could hold the terminator
+                    buf = buf[-8:]
+                    break
+                buf = buf[k + 5 :]
+                self.need = 0
+            if self.need > 0:
+                take = min(self.need, len(buf))
+                buf = buf[take:]
+                self.need -= take
+                if self.need:
+                    break
+            self.need = -1
+            done += 1
+        self.buf = buf
+        return done
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+    if not samples_ns:
+        return {"n": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    s = sorted(samples_ns)
+    n = len(s)
+
+    def pick(q: float) -> float:
+        return s[min(n - 1, int(q * n))] / 1000.0
+
+    return {
+        "n": n,
+        "p50": pick(0.50),
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+        "mean": sum(s) / n / 1000.0,
+    }
+
+
+def run_latency(port: int, request: bytes, duration: float, gap: float) -> dict[str, object]:
+    sock = _connect(port)
+    reader = ResponseReader()
+    samples: list[int] = []
+    errors = non2xx = 0
+    deadline = time.monotonic() + duration
+    recv = sock.recv
+    while time.monotonic() < deadline:
+        t0 = _ns()
+        sock.sendall(request)
+        while True:
+            data = recv(65536)
+            if not data:
+                errors += 1
+                sock.close()
+                sock, reader = _connect(port), ResponseReader()
+                recv = sock.recv
+                break
+            if reader.feed(data):
+                samples.append(_ns() - t0)
+                if not 200 <= reader.status < 300:
+                    non2xx += 1
+                break
+        if reader.close_after:
+            sock.close()
+            sock, reader = _connect(port), ResponseReader()
+            recv = sock.recv
+        if gap:
+            time.sleep(gap)
+    sock.close()
+    return {"latency_us": _percentiles(samples), "errors": errors, "non2xx": non2xx}
+
+
+def run_sse(port: int, request: bytes, duration: float) -> dict[str, object]:
+    sock = _connect(port)
+    reader = ResponseReader()
+    first: list[int] = []
+    total: list[int] = []
+    errors = non2xx = 0
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        t0 = _ns()
+        sock.sendall(request)
+        seen_first = False
+        pending = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                errors += 1
+                sock.close()
+                sock, reader = _connect(port), ResponseReader()
+                break
+            if not seen_first:
+                pending += data
+                end = pending.find(b"\r\n\r\n")
+                if end >= 0 and b"data:" in pending[end:]:
+                    first.append(_ns() - t0)
+                    seen_first = True
+            if reader.feed(data):
+                total.append(_ns() - t0)
+                if not 200 <= reader.status < 300:
+                    non2xx += 1
+                break
+    sock.close()
+    return {
+        "first_chunk_us": _percentiles(first),
+        "total_us": _percentiles(total),
+        "errors": errors,
+        "non2xx": non2xx,
+    }
+
+
+def run_throughput(
+    port: int, request: bytes, duration: float, concurrency: int, warmup: float
+) -> dict[str, object]:
+    ep = select.epoll()
+    socks: dict[int, socket.socket] = {}
+    readers: dict[int, ResponseReader] = {}
+    started: dict[int, int] = {}
+    for _ in range(concurrency):
+        s = _connect(port)
+        s.setblocking(False)
+        fd = s.fileno()
+        socks[fd] = s
+        readers[fd] = ResponseReader()
+        ep.register(fd, select.EPOLLIN)
+    samples: list[int] = []
+    completed = total = errors = non2xx = 0
+    now = time.monotonic()
+    measure_from = now + warmup
+    deadline = measure_from + duration
+    measuring = False
+    t_start = 0.0
+    for fd, s in socks.items():
+        started[fd] = _ns()
+        s.send(request)
+    while True:
+        now = time.monotonic()
+        if not measuring and now >= measure_from:
+            measuring = True
+            t_start = now
+            completed = 0
+            samples.clear()
+        if now >= deadline:
+            break
+        for fd, _mask in ep.poll(0.5):
+            s = socks[fd]
+            try:
+                data = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            reader = readers[fd]
+            if not data:
+                errors += 1
+                ep.unregister(fd)
+                s.close()
+                del socks[fd]
+                ns = _connect(port)
+                ns.setblocking(False)
+                nfd = ns.fileno()
+                socks[nfd] = ns
+                readers[nfd] = ResponseReader()
+                ep.register(nfd, select.EPOLLIN)
+                started[nfd] = _ns()
+                ns.send(request)
+                continue
+            n = reader.feed(data)
+            if n:
+                t = _ns()
+                samples.append(t - started[fd])
+                completed += n
+                total += n
+                if not 200 <= reader.status < 300:
+                    non2xx += 1
+                started[fd] = t
+                s.send(request)
+    elapsed = time.monotonic() - t_start
+    for s in socks.values():
+        s.close()
+    return {
+        "rps": completed / elapsed if elapsed > 0 else 0.0,
+        "completed": completed,
+        "completed_total": total,
+        "seconds": elapsed,
+        "latency_us": _percentiles(samples),
+        "errors": errors,
+        "non2xx": non2xx,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["latency", "throughput", "sse"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--request", required=True, help="request bytes, hex-encoded")
+    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--gap", type=float, default=0.0, help="idle seconds between requests")
+    parser.add_argument("--warmup", type=float, default=0.2)
+    parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
+    args = parser.parse_args()
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    request = bytes.fromhex(args.request)
+    cpu0 = os.times()
+    if args.mode == "latency":
+        result = run_latency(args.port, request, args.duration, args.gap)
+    elif args.mode == "sse":
+        result = run_sse(args.port, request, args.duration)
+    else:
+        result = run_throughput(args.port, request, args.duration, args.concurrency, args.warmup)
+    cpu1 = os.times()
+    result["cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

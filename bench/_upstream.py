@@ -1,0 +1,271 @@
+"""A fast fake OpenAI upstream for the overhead benchmark (its own process).
+
+A single-threaded epoll loop on 127.0.0.1, keep-alive, no HTTP library: it
+frames requests (Content-Length or chunked), answers every request with a
+canned chat-completion JSON, and requests whose target contains C{/sse}
+with a chat-completion SSE stream: the head and the first event at once,
+the rest C{--sse-gap} seconds later, so the first event is a chunk of its
+own.  Prints C{PORT <n>} on stdout once listening; exits on SIGTERM or EOF.
+
+    python -m bench._upstream [--sse-gap 0.002]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+_BODY = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 19,
+            "completion_tokens": 9,
+            "total_tokens": 28,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        "system_fingerprint": "fp_bench",
+    },
+    separators=(",", ":"),
+).encode()
+
+JSON_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: %d\r\n"
+    b"x-request-id: req_bench\r\n"
+    b"openai-processing-ms: 1\r\n"
+    b"\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+def _event(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_BASE = {"id": "chatcmpl-sse", "object": "chat.completion.chunk", "created": 1700000000}
+_MODEL = "gpt-4o-mini-2024-07-18"
+SSE_FIRST = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+) + _chunk(
+    _event({**_BASE, "model": _MODEL, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+)
+SSE_REST = (
+    b"".join(
+        _chunk(
+            _event(
+                {
+                    **_BASE,
+                    "model": _MODEL,
+                    "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}],
+                }
+            )
+        )
+        for i in range(3)
+    )
+    + _chunk(
+        _event(
+            {
+                **_BASE,
+                "model": _MODEL,
+                "choices": [],
+                "usage": {"prompt_tokens": 19, "completion_tokens": 3, "total_tokens": 22},
+            }
+        )
+    )
+    + _chunk(b"data: [DONE]\n\n")
+    + b"0\r\n\r\n"
+)
+
+
+class _Conn:
+    __slots__ = ("buf", "need", "out", "sock", "sse")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.out = b""
+        self.need = -1  # -1: waiting for a head; >=0: body bytes still to skip; -2: chunked
+        self.sse = False
+
+
+def serve(port_out: object, sse_gap: float) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    listener.setblocking(False)
+    ep = select.epoll()
+    ep.register(listener.fileno(), select.EPOLLIN)
+    ep.register(sys.stdin.fileno(), select.EPOLLIN | select.EPOLLHUP)
+    conns: dict[int, _Conn] = {}
+    timers: list[tuple[float, int, int]] = []  # (when, seq, fd)
+    seq = 0
+    print(f"PORT {listener.getsockname()[1]}", file=port_out, flush=True)  # type: ignore[call-overload]
+    running = [True]
+
+    def stop(*_: object) -> None:
+        running[0] = False
+
+    signal.signal(signal.SIGTERM, stop)
+    lfd = listener.fileno()
+    ifd = sys.stdin.fileno()
+
+    def close(fd: int) -> None:
+        conn = conns.pop(fd, None)
+        if conn is not None:
+            ep.unregister(fd)
+            conn.sock.close()
+
+    def send(conn: _Conn, data: bytes) -> None:
+        if conn.out:
+            conn.out += data
+            return
+        try:
+            n = conn.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            close(conn.sock.fileno())
+            return
+        if n < len(data):
+            conn.out = data[n:]
+            ep.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def answer(conn: _Conn) -> None:
+        if conn.sse:
+            nonlocal seq
+            send(conn, SSE_FIRST)
+            seq += 1
+            heapq.heappush(timers, (time.monotonic() + sse_gap, seq, conn.sock.fileno()))
+        else:
+            send(conn, JSON_RESPONSE)
+
+    def consume(conn: _Conn) -> None:
+        buf = conn.buf
+        while True:
+            if conn.need == -1:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buf[:end].lower()
+                buf = buf[end + 4 :]
+                line_end = head.find(b"\r\n")
+                conn.sse = b"/sse" in head[: line_end if line_end >= 0 else len(head)]
+                i = head.find(b"content-length:")
+                if i >= 0:
+                    j = head.find(b"\r\n", i)
+                    conn.need = int(head[i + 15 : j if j >= 0 else len(head)])
+                elif b"transfer-encoding: chunked" in head:
+                    conn.need = -2
+                else:
+                    conn.need = 0
+            if conn.need == -2:
+                k = buf.find(b"0\r\n\r\n")
+                if k < 0:
+                    break
+                buf = buf[k + 5 :]
+                conn.need = 0
+            if conn.need > 0:
+                take = min(conn.need, len(buf))
+                buf = buf[take:]
+                conn.need -= take
+                if conn.need:
+                    break
+            conn.need = -1
+            answer(conn)
+        conn.buf = buf
+
+    while running[0]:
+        timeout = -1.0
+        if timers:
+            timeout = max(0.0, timers[0][0] - time.monotonic())
+        try:
+            events = ep.poll(timeout)
+        except InterruptedError:
+            continue
+        for fd, mask in events:
+            if fd == lfd:
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[sock.fileno()] = _Conn(sock)
+                    ep.register(sock.fileno(), select.EPOLLIN)
+                continue
+            if fd == ifd:
+                if not os.read(ifd, 1):
+                    running[0] = False
+                continue
+            conn = conns.get(fd)
+            if conn is None:
+                continue
+            if mask & select.EPOLLOUT and conn.out:
+                try:
+                    n = conn.sock.send(conn.out)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    close(fd)
+                    continue
+                conn.out = conn.out[n:]
+                if not conn.out:
+                    ep.modify(fd, select.EPOLLIN)
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                try:
+                    data = conn.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    close(fd)
+                    continue
+                conn.buf += data
+                consume(conn)
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, fd = heapq.heappop(timers)
+            conn = conns.get(fd)
+            if conn is not None:
+                send(conn, SSE_REST)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sse-gap", type=float, default=0.002)
+    args = parser.parse_args()
+    serve(sys.stdout, args.sse_gap)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""What the proxy adds: latency, throughput, CPU per request, SSE, memory.
+
+    python -m bench.overhead [--quick] [--duration S] [--runs N] [--json]
+
+Starts three kinds of process on 127.0.0.1 only: a fast fake OpenAI
+upstream (C{bench._upstream}), the proxy (C{twistd -n llmobserve} with
+C{--allow-cidr 127.0.0.1/32}), and, for each measurement, a lean raw-socket
+load generator (C{bench._loadgen}).  Every measurement is made twice in the
+same run, straight to the upstream and through the proxy, interleaved (the
+order alternates between runs), and the figures are medians over the runs.
+With two or more cores the proxy is pinned alone on the last core and the
+upstream and load generator share the others.
+
+Prints one answer line, e.g.::
+
+    overhead: c1 added p50=+85us p99=+130us | c64 direct=30100 rps proxied=11200 rps
+      | cpu/req=88us | sse first chunk +95us | rss peak 52MB
+
+(one line in reality).  C{--json} prints the full result instead, with the
+answer line in C{"answer"}.  Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ANSWER_RE", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ANSWER_RE = re.compile(
+    r"^overhead: c1 added p50=(?P<p50>[+-]\d+)us p99=(?P<p99>[+-]\d+)us"
+    r" \| c(?P<conc>\d+) direct=(?P<direct>\d+) rps proxied=(?P<proxied>\d+) rps"
+    r" \| cpu/req=(?P<cpu>\d+)us \| sse first chunk (?P<sse>[+-]\d+)us"
+    r" \| rss peak (?P<rss>\d+)MB$"
+)
+
+_TWISTD = (
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
+)
+_LISTENING = re.compile(r"llmobserve proxy listening on http://([^\s:/]+):(\d+)")
+
+_CHAT_BODY = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Say hello in one short sentence, please."},
+        ],
+        "temperature": 0.2,
+        "max_tokens": 32,
+    },
+    separators=(",", ":"),
+).encode()
+_SSE_BODY = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+    separators=(",", ":"),
+).encode()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _pdeathsig() -> None:
+    """In the child: die with the benchmark (Linux), so nothing is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _request(
+    method: str, target: str, host: str, headers: Sequence[tuple[str, str]], body: bytes
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{n}: {v}" for n, v in headers]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _build_requests(up_port: int, proxy_port: int, route: str) -> dict[str, bytes]:
+    common = [
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json"),
+        ("Authorization", "Bearer sk-bench-not-a-key"),
+        ("User-Agent", "llmobserve-bench/1"),
+    ]
+    up = f"127.0.0.1:{up_port}"
+    px = f"127.0.0.1:{proxy_port}"
+    out = {
+        "direct": _request("POST", "/v1/chat/completions", up, common, _CHAT_BODY),
+        "direct_sse": _request("POST", "/v1/sse/chat/completions", up, common, _SSE_BODY),
+    }
+    if route == "base-url":
+        out["proxied"] = _request("POST", "/openai/v1/chat/completions", px, common, _CHAT_BODY)
+        out["proxied_sse"] = _request(
+            "POST", "/openai/v1/sse/chat/completions", px, common, _SSE_BODY
+        )
+    else:
+        target = [("X-LLMObserve-Target-URL", f"http://{up}/v1/chat/completions")]
+        target_sse = [("X-LLMObserve-Target-URL", f"http://{up}/v1/sse/chat/completions")]
+        out["proxied"] = _request("POST", "/proxy", px, target + common, _CHAT_BODY)
+        out["proxied_sse"] = _request("POST", "/proxy", px, target_sse + common, _SSE_BODY)
+    return out
+
+
+class _Proc:
+    """A child process we own; killed on exit whatever happens."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status_kib(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@contextmanager
+def _upstream(sse_gap: float) -> Iterator[tuple[_Proc, int]]:
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "bench._upstream", "--sse-gap", str(sse_gap)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_pdeathsig,
+    )
+    proc = _Proc(popen)
+    try:
+        assert popen.stdout is not None
+        line = popen.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"bench upstream did not start: {line!r}")
+        yield proc, int(line.split()[1])
+    finally:
+        proc.stop()
+
+
+@contextmanager
+def _proxy(workdir: Path, extra: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
+    log_path = workdir / "proxy.log"
+    env = dict(os.environ)
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+        env.pop(name.upper(), None)
+    env["LLMOBSERVE_HOME"] = str(workdir / "home")
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _TWISTD,
+                "--pidfile=",
+                "-n",
+                "llmobserve",
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                "--allow-cidr",
+                "127.0.0.1/32",
+                *extra,
+            ],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_pdeathsig,
+        )
+    proc = _Proc(popen)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            text = log_path.read_text(errors="replace")
+            m = _LISTENING.search(text)
+            if m:
+                break
+            if popen.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(text.splitlines()[-20:])
+                raise RuntimeError(f"proxy did not start:\n{tail}")
+            time.sleep(0.02)
+        yield proc, int(m.group(2))
+    finally:
+        proc.stop()
+
+
+def _loadgen(
+    mode: str,
+    port: int,
+    request: bytes,
+    duration: float,
+    cpus: set[int] | None,
+    **opts: Any,
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench._loadgen",
+        mode,
+        "--port",
+        str(port),
+        "--request",
+        request.hex(),
+        "--duration",
+        str(duration),
+    ]
+    for key, value in opts.items():
+        cmd += [f"--{key}", str(value)]
+    if cpus:
+        cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=duration + 30,
+        check=False,
+        preexec_fn=_pdeathsig,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _wrk_throughput(
+    port: int,
+    request: bytes,
+    duration: float,
+    concurrency: int,
+    cpus: set[int] | None,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Requests/s with Debian's C{wrk} (same request bytes, as a Lua script)."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = [line.split(": ", 1) for line in lines[1:]]
+    lua = [f"wrk.method = {json.dumps(method)}", f"wrk.body = {json.dumps(body.decode())}"]
+    for name, value in headers:
+        if name.lower() not in ("content-length", "host"):
+            lua.append(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}")
+    script = workdir / "wrk.lua"
+    script.write_text("\n".join(lua) + "\n")
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration))}s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{target}",
+    ]
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_pdeathsig
+    )
+    if cpus:
+        os.sched_setaffinity(popen.pid, cpus)
+    out, _ = popen.communicate(timeout=duration + 30)
+    text = out.decode()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    total = re.search(r"(\d+) requests in", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if not rps or not total:
+        raise RuntimeError(f"could not read wrk output:\n{text}")
+    return {
+        "rps": float(rps.group(1)),
+        "completed_total": int(total.group(1)),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "errors": 0,
+        "cpu_s": 0.0,
+    }
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cores = sorted(os.sched_getaffinity(0))
+    pin = len(cores) >= 2 and not args.no_pin
+    proxy_cpus = {cores[-1]} if pin else None
+    other = set(cores[:-1]) if pin else None
+    use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and shutil.which("wrk"))
+    if args.loadgen == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("--loadgen wrk: wrk is not installed")
+    if pin:
+        os.sched_setaffinity(0, other)  # type: ignore[arg-type]
+    phases: dict[str, list[dict[str, Any]]] = {}
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        phases.setdefault(name, []).append(result)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="llmo-bench-") as tmp,
+        _upstream(args.sse_gap) as (upstream, up_port),
+        _proxy(Path(tmp), [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]) as (
+            proxy,
+            px_port,
+        ),
+    ):
+        if pin:
+            os.sched_setaffinity(proxy.pid, proxy_cpus)  # type: ignore[arg-type]
+            os.sched_setaffinity(upstream.pid, other)  # type: ignore[arg-type]
+        reqs = _build_requests(up_port, px_port, args.route)
+        rss_idle = proxy.status_kib("VmRSS")
+        _log(
+            f"bench: upstream :{up_port}, proxy :{px_port} (pid {proxy.pid}), "
+            f"pinned={sorted(proxy_cpus) if proxy_cpus else 'no'}, "
+            f"generator={'wrk' if use_wrk else 'python'}"
+        )
+        # Warm up both paths (pool connections, caches, the store).
+        for key in ("direct", "proxied"):
+            _loadgen(
+                "latency", px_port if key == "proxied" else up_port, reqs[key], args.warmup, other
+            )
+            _loadgen(
+                "sse",
+                px_port if key == "proxied" else up_port,
+                reqs[key + "_sse"],
+                args.warmup / 2,
+                other,
+            )
+        _loadgen(
+            "throughput",
+            px_port,
+            reqs["proxied"],
+            args.warmup,
+            other,
+            concurrency=args.concurrency,
+            warmup=0,
+        )
+        for run_index in range(args.runs):
+            order = ["direct", "proxied"] if run_index % 2 == 0 else ["proxied", "direct"]
+            for key in order:
+                port = px_port if key == "proxied" else up_port
+                record(f"c1_{key}", _loadgen("latency", port, reqs[key], args.duration, other))
+                if args.gap_ms:
+                    record(
+                        f"gap_{key}",
+                        _loadgen(
+                            "latency", port, reqs[key], args.duration, other, gap=args.gap_ms / 1000
+                        ),
+                    )
+                p0, u0 = proxy.cpu_seconds(), upstream.cpu_seconds()
+                t0 = time.monotonic()
+                if use_wrk:
+                    tput = _wrk_throughput(
+                        port, reqs[key], args.duration, args.concurrency, other, Path(tmp)
+                    )
+                else:
+                    tput = _loadgen(
+                        "throughput",
+                        port,
+                        reqs[key],
+                        args.duration,
+                        other,
+                        concurrency=args.concurrency,
+                        warmup=args.c64_warmup,
+                    )
+                wall = time.monotonic() - t0
+                tput["proxy_cpu_s"] = proxy.cpu_seconds() - p0
+                tput["upstream_cpu_s"] = upstream.cpu_seconds() - u0
+                tput["wall_s"] = wall
+                record(f"c64_{key}", tput)
+                record(
+                    f"sse_{key}",
+                    _loadgen("sse", port, reqs[key + "_sse"], args.sse_duration, other),
+                )
+            c1 = phases["c1_proxied"][-1]["latency_us"]
+            _log(
+                f"bench: run {run_index + 1}/{args.runs}: c1 proxied p50={c1['p50']:.0f}us, "
+                f"c64 proxied={phases['c64_proxied'][-1]['rps']:.0f} rps, "
+                f"direct={phases['c64_direct'][-1]['rps']:.0f} rps"
+            )
+        rss_peak = proxy.status_kib("VmHWM")
+        rss_end = proxy.status_kib("VmRSS")
+        alive = proxy.popen.poll() is None
+
+    def added(name: str, field: str, q: str) -> float:
+        return _median(
+            [
+                p[field][q] - d[field][q]
+                for p, d in zip(phases[f"{name}_proxied"], phases[f"{name}_direct"], strict=True)
+            ]
+        )
+
+    c64p = phases["c64_proxied"]
+    c64d = phases["c64_direct"]
+    cpu_per_req = _median([r["proxy_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p])
+    proxy_util = _median([r["proxy_cpu_s"] / r["wall_s"] for r in c64p])
+    gen_util = _median([(r["cpu_s"] + r["upstream_cpu_s"]) / r["wall_s"] for r in c64p])
+    result: dict[str, Any] = {
+        "c1": {
+            "direct_p50_us": _median([r["latency_us"]["p50"] for r in phases["c1_direct"]]),
+            "direct_p99_us": _median([r["latency_us"]["p99"] for r in phases["c1_direct"]]),
+            "proxied_p50_us": _median([r["latency_us"]["p50"] for r in phases["c1_proxied"]]),
+            "proxied_p99_us": _median([r["latency_us"]["p99"] for r in phases["c1_proxied"]]),
+            "added_p50_us": added("c1", "latency_us", "p50"),
+            "added_p99_us": added("c1", "latency_us", "p99"),
+        },
+        "c64": {
+            "concurrency": args.concurrency,
+            "generator": "wrk" if use_wrk else "python",
+            "direct_rps": _median([r["rps"] for r in c64d]),
+            "proxied_rps": _median([r["rps"] for r in c64p]),
+            "proxied_p50_us": _median([r.get("latency_us", {}).get("p50", 0.0) for r in c64p]),
+            "proxied_p99_us": _median([r.get("latency_us", {}).get("p99", 0.0) for r in c64p]),
+            "proxy_cpu_util": proxy_util,
+            "generator_and_upstream_cpu_util": gen_util,
+            "bound": "proxy" if proxy_util >= 0.85 else "generator/upstream (figure is a floor)",
+        },
+        "cpu_per_request_us": cpu_per_req,
+        "sse": {
+            "direct_first_chunk_p50_us": _median(
+                [r["first_chunk_us"]["p50"] for r in phases["sse_direct"]]
+            ),
+            "proxied_first_chunk_p50_us": _median(
+                [r["first_chunk_us"]["p50"] for r in phases["sse_proxied"]]
+            ),
+            "added_first_chunk_p50_us": added("sse", "first_chunk_us", "p50"),
+            "added_first_chunk_p99_us": added("sse", "first_chunk_us", "p99"),
+        },
+        "rss_kib": {"idle": rss_idle, "peak": rss_peak, "end": rss_end},
+        "errors": sum(r.get("errors", 0) for rs in phases.values() for r in rs),
+        "non2xx": sum(r.get("non2xx", 0) for rs in phases.values() for r in rs),
+        "proxy_alive": alive,
+        "runs": args.runs,
+        "duration_s": args.duration,
+        "pinned": bool(pin),
+        "cores": len(cores),
+        "phases": phases,
+    }
+    if args.gap_ms:
+        result["c1_gap"] = {
+            "gap_ms": args.gap_ms,
+            "added_p50_us": added("gap", "latency_us", "p50"),
+            "added_p99_us": added("gap", "latency_us", "p99"),
+        }
+    result["answer"] = (
+        f"overhead: c1 added p50={result['c1']['added_p50_us']:+.0f}us "
+        f"p99={result['c1']['added_p99_us']:+.0f}us | c{args.concurrency} "
+        f"direct={result['c64']['direct_rps']:.0f} rps "
+        f"proxied={result['c64']['proxied_rps']:.0f} rps | cpu/req={cpu_per_req:.0f}us | "
+        f"sse first chunk {result['sse']['added_first_chunk_p50_us']:+.0f}us | "
+        f"rss peak {rss_peak / 1024:.0f}MB"
+    )
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.overhead",
+        description="Measure what the llmobserve proxy adds over direct calls (loopback only).",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds in all: one run, short phases (CI smoke)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per measurement phase (default 2; --quick 0.4)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="interleaved direct/proxied runs, medians taken (default 3)",
+    )
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="also measure c=1 with this idle gap between requests (e.g. 10)",
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=["auto", "python", "wrk"],
+        default="auto",
+        help="throughput generator: auto (wrk if installed, else python), python, or wrk",
+    )
+    parser.add_argument(
+        "--route",
+        choices=["proxy", "base-url"],
+        default="proxy",
+        help="/proxy + target header (SDK default) or /openai/... base-URL mode",
+    )
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        default=[],
+        help="extra option for twistd llmobserve (repeatable)",
+    )
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.duration is None:
+        args.duration = 0.4 if args.quick else 2.0
+    args.duration = min(max(args.duration, 0.1), 60.0)
+    args.runs = min(max(args.runs, 1), 20)
+    args.concurrency = min(max(args.concurrency, 1), 512)
+    args.sse_duration = args.duration / 2
+    args.warmup = 0.2 if args.quick else 0.5
+    args.c64_warmup = 0.1 if args.quick else 0.3
+    args.sse_gap = 0.002
+    if args.route == "base-url":
+        args.proxy_arg = [*args.proxy_arg, "--base-url", "openai=http://127.0.0.1:{UP}"]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(result["answer"], flush=True)
+    if not result["proxy_alive"]:
+        _log("bench: the proxy died during the run")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
