@@ -40,10 +40,46 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
+class DeadlineSweeper:
+    """Checks the deadlines of active relays a few times a second.
+
+    Timeouts here are seconds long, so a sweep every C{interval} seconds is
+    precise enough and costs nothing per request, where a C{callLater} and
+    its cancellation per request would.
+    """
+
+    def __init__(self, clock: Any, interval: float = 0.25) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._relays: set[Relay] = set()
+        self._call: IDelayedCall | None = None
+
+    def add(self, relay: Relay) -> None:
+        self._relays.add(relay)
+        if self._call is None:
+            self._call = self._clock.callLater(self._interval, self._sweep)
+
+    def discard(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+
+    def _sweep(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        for relay in [r for r in self._relays if r.deadline <= now]:
+            relay.deadline_passed(now)
+        if self._relays:
+            self._call = self._clock.callLater(self._interval, self._sweep)
+
+    def stop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
 class RelayServices:
     """What every relay of one proxy shares: config, policy, pool, sink, clock."""
 
-    __slots__ = ("clock", "config", "policy", "pool", "sink", "stats")
+    __slots__ = ("clock", "config", "deadlines", "policy", "pool", "sink", "stats")
 
     def __init__(
         self,
@@ -58,6 +94,7 @@ class RelayServices:
         self.policy = policy
         self.pool = pool
         self.sink = sink
+        self.deadlines = DeadlineSweeper(clock)
         self.stats: dict[str, int] = {"in_flight": 0, "requests_total": 0}
 
 
@@ -106,16 +143,32 @@ class Relay:
         self._t_first: float | None = None
         self._t_upstream_done: float | None = None
         self._last_activity = 0.0
-        self._timer: IDelayedCall | None = None
-        self._timer_kind = ""
+        self.deadline = float("inf")  # clock time; checked by the DeadlineSweeper
+        self._deadline_kind = ""
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
 
     # Start
 
-    def start(self) -> None:
-        """Check the target, then connect; the client may still be sending."""
-        self._request.notifyFinish().addErrback(self._client_gone)
+    def start(self, *, watch_client: bool = True) -> None:
+        """Check the target, then connect; the client may still be sending.
+
+        @param watch_client: subscribe to the request's C{notifyFinish} to
+            learn of a client disconnect. L{StreamingRequest} calls
+            L{client_gone} itself, which saves a Deferred per request.
+        """
+        if watch_client:
+            self._request.notifyFinish().addErrback(lambda f: self.client_gone())
+        try:
+            resolved = self._s.policy.check_now(self._target)
+        except TargetRefused as refused:
+            self._fail_before_response(
+                refused.status, refused.kind, refused.message, Outcome.PROXY_ERROR
+            )
+            return
+        if resolved is not None:
+            self._target_checked(resolved)
+            return
         d = self._s.policy.check(self._target)
         self._connecting = d
         d.addCallbacks(self._target_checked, self._target_refused)
@@ -144,18 +197,22 @@ class Relay:
             self._provider_hint = resolved.provider_hint
         self._connect()
 
-    def _connect(self) -> None:
+    def _connect(self, *, fresh: bool = False) -> None:
         resolved = self._resolved
         assert resolved is not None
         t = self._target
+        key = (t.scheme, resolved.address, t.port, t.host)
+        pool = self._s.pool
+        if not fresh:
+            idle = pool.take_idle(key)
+            if idle is not None:
+                self._connected(idle)
+                return
         t_start = _now()
         try:
-            d = self._s.pool.acquire((t.scheme, resolved.address, t.port, t.host))
+            d = pool.connect(key)
         except Exception as e:
-            self._fail_before_response(502, "upstream_unreachable", str(e), Outcome.PROXY_ERROR)
-            return
-        if d.called:
-            d.addCallbacks(self._connected, self._connect_failed)
+            self._fail_before_response(502, "tls_error", str(e), Outcome.PROXY_ERROR)
             return
         self._connecting = d
 
@@ -193,6 +250,7 @@ class Relay:
         conn.start(self, self._build_head(), self._method)
         self._t_sent = _now()
         self._arm("header", self._s.config.header_timeout)
+        self._s.deadlines.add(self)
         pending, self._pending = self._pending, None
         if pending:
             for chunk in pending:
@@ -349,7 +407,7 @@ class Relay:
                 # A stale keep-alive connection: the request carried no body
                 # and is idempotent, so one fresh attempt is safe.
                 self._retried = True
-                self._connect()
+                self._connect(fresh=True)
                 return
             if kind == "timeout":
                 self._fail_before_response(504, "upstream_timeout", message, Outcome.TIMEOUT)
@@ -384,7 +442,8 @@ class Relay:
 
     # Client gone
 
-    def _client_gone(self, failure: Failure) -> None:
+    def client_gone(self) -> None:
+        """The client connection closed before the exchange ended."""
         if self._done:
             return
         self._end(Outcome.CLIENT_ABORTED, "client_disconnected")
@@ -401,21 +460,17 @@ class Relay:
     # Timeouts
 
     def _arm(self, kind: str, seconds: float) -> None:
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer_kind = kind
-        self._timer = self._s.clock.callLater(seconds, self._timer_fired)
+        self._deadline_kind = kind
+        self.deadline = self._s.clock.seconds() + seconds
 
-    def _timer_fired(self) -> None:
-        self._timer = None
+    def deadline_passed(self, now: float) -> None:
+        """Called by the sweeper once C{now} is past C{deadline}."""
         if self._done:
             return
-        if self._timer_kind == "idle":
+        if self._deadline_kind == "idle":
             idle = self._s.config.idle_timeout
-            quiet = self._s.clock.seconds() - self._last_activity
-            if quiet < idle:
-                self._timer = self._s.clock.callLater(idle - quiet, self._timer_fired)
+            if now - self._last_activity < idle:
+                self.deadline = self._last_activity + idle
                 return
             message = f"no upstream data for {idle:g}s"
         else:
@@ -450,10 +505,7 @@ class Relay:
         if self._done:
             return
         self._done = True
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
+        self._s.deadlines.discard(self)
         if self._client_paused_for:
             self._client_paused_for.clear()
             resume_client(self._request)

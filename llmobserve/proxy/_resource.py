@@ -48,6 +48,9 @@ class _Refusal:
     def body_complete(self) -> None:
         pass
 
+    def client_gone(self) -> None:
+        pass
+
 
 _REFUSAL = _Refusal()
 
@@ -148,7 +151,7 @@ class ProxyResource:
         if target is None:
             return None  # unknown route: render answers 404
         relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
-        relay.start()
+        relay.start(watch_client=not isinstance(request, StreamingRequest))
         return relay
 
     # Routing

@@ -41,6 +41,8 @@ class RequestBodyReceiver(Protocol):
 
     def body_complete(self) -> None: ...
 
+    def client_gone(self) -> None: ...
+
 
 class IStreamingResource(Interface):
     """A leaf resource that wants a request at header time, body still to come."""
@@ -112,6 +114,12 @@ class StreamingRequest(server.Request):
             super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
             return
         receiver.body_complete()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        receiver = self.body_receiver
+        if receiver is not None:
+            receiver.client_gone()
 
 
 def finish_early(request: http.Request) -> None:

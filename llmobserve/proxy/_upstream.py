@@ -325,17 +325,23 @@ class UpstreamPool:
         self._idle: dict[UpstreamKey, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
 
-    def acquire(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
-        """An idle connection for C{key} if there is one, else a new one."""
+    def take_idle(self, key: UpstreamKey) -> UpstreamConnection | None:
+        """An idle keep-alive connection for C{key}, or None."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.connected_ and conn._reusable:
                 conn.reused = True
-                return succeed(conn)
-        return self._connect(key)
+                return conn
+        return None
 
-    def _connect(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
+    def acquire(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
+        """An idle connection for C{key} if there is one, else a new one."""
+        conn = self.take_idle(key)
+        return succeed(conn) if conn is not None else self.connect(key)
+
+    def connect(self, key: UpstreamKey) -> Deferred[UpstreamConnection]:
+        """A new connection for C{key} (TCP, and TLS for https)."""
         scheme, address, port, hostname = key
         reactor: IReactorTCP = self._reactor
         endpoint: Any
