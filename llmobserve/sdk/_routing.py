@@ -43,12 +43,20 @@ def split_authority(url: str) -> tuple[str, str, int]:
 
 
 def _host_port_key(spec: str) -> str:
-    """Normalise a C{HOST[:PORT]} key from C{provider_hosts} / C{exclude_hosts}."""
+    """Normalise a C{HOST[:PORT]} key from C{provider_hosts} / C{exclude_hosts}.
+
+    The canonical form is C{host:port} or C{host}, host lower-cased and
+    unbracketed, the form L{RoutingConfig} looks keys up with.
+    C{[v6]:port}, a bare IPv6 address and a full URL are accepted.
+    """
     spec = spec.strip().lower()
     if "://" in spec:
         _, host, port = split_authority(spec)
         return f"{host}:{port}"
-    return spec.strip("[]") if spec.count(":") > 1 and not spec.startswith("[") else spec
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        return f"{host}:{rest[1:]}" if rest.startswith(":") and rest[1:] else host
+    return spec
 
 
 def _non_public_ip(host: str) -> bool:

@@ -107,8 +107,9 @@ def call_httpx(
     if not async_:
         with mod.Client() as client:
             if stream:
-                with client.stream(method, url, content=content, params=params,
-                                   headers=headers) as r:
+                with client.stream(
+                    method, url, content=content, params=params, headers=headers
+                ) as r:
                     data = b"".join(r.iter_raw())
                     return Reply(r.status_code, _lower(r.headers), data, str(r.url))
             r = client.request(method, url, content=content, params=params, headers=headers)
@@ -118,20 +119,27 @@ def call_httpx(
         acontent: Any = _agen(body) if isinstance(body, list) else body
         async with mod.AsyncClient() as client:
             if stream:
-                async with client.stream(method, url, content=acontent, params=params,
-                                         headers=headers) as r:
+                async with client.stream(
+                    method, url, content=acontent, params=params, headers=headers
+                ) as r:
                     data = b"".join([c async for c in r.aiter_raw()])
                     return Reply(r.status_code, _lower(r.headers), data, str(r.url))
-            r = await client.request(method, url, content=acontent, params=params,
-                                     headers=headers)
+            r = await client.request(method, url, content=acontent, params=params, headers=headers)
             return Reply(r.status_code, _lower(r.headers), r.content, str(r.url))
 
     return asyncio.run(run())
 
 
-def call_requests(url: str, *, method: str = "POST", body: Any = None,
-                  params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-                  stream: bool = False, **_: Any) -> Reply:
+def call_requests(
+    url: str,
+    *,
+    method: str = "POST",
+    body: Any = None,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+    **_: Any,
+) -> Reply:
     import requests
 
     data = _gen(body) if isinstance(body, list) else body
@@ -141,9 +149,16 @@ def call_requests(url: str, *, method: str = "POST", body: Any = None,
         return Reply(r.status_code, _lower(r.headers), content, r.url)
 
 
-def call_urllib3(url: str, *, method: str = "POST", body: Any = None,
-                 params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-                 stream: bool = False, **_: Any) -> Reply:
+def call_urllib3(
+    url: str,
+    *,
+    method: str = "POST",
+    body: Any = None,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+    **_: Any,
+) -> Reply:
     import urllib3
 
     if params:
@@ -152,15 +167,28 @@ def call_urllib3(url: str, *, method: str = "POST", body: Any = None,
         url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
     data = _gen(body) if isinstance(body, list) else body
     with urllib3.PoolManager() as pm:
-        r = pm.request(method, url, body=data, headers=headers, preload_content=not stream,
-                       chunked=isinstance(body, list))
+        r = pm.request(
+            method,
+            url,
+            body=data,
+            headers=headers,
+            preload_content=not stream,
+            chunked=isinstance(body, list),
+        )
         content = b"".join(r.stream(1024, decode_content=False)) if stream else r.data
         return Reply(r.status, _lower(r.headers), content, r.url or url)
 
 
-def call_aiohttp(url: str, *, method: str = "POST", body: Any = None,
-                 params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
-                 stream: bool = False, **_: Any) -> Reply:
+def call_aiohttp(
+    url: str,
+    *,
+    method: str = "POST",
+    body: Any = None,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+    **_: Any,
+) -> Reply:
     import aiohttp
 
     async def run() -> Reply:

@@ -44,8 +44,12 @@ def test_routed_call_is_rewritten_to_proxy(
     url = f"{target.url}{path}"
     with llmobserve.customer("cust-1", tenant_id="t-9"), llmobserve.section("agent:researcher"):
         with llmobserve.section("tool:search"):
-            reply = caller(url, body=b'{"model":"gpt-4o-mini"}', params={"extra": "1 2"},
-                           headers={"Authorization": "Bearer sk-test", "X-App": "a"})
+            reply = caller(
+                url,
+                body=b'{"model":"gpt-4o-mini"}',
+                params={"extra": "1 2"},
+                headers={"Authorization": "Bearer sk-test", "X-App": "a"},
+            )
     assert reply.status == 200
     assert reply.body == b'{"ok":1}'
     assert reply.headers.get("x-upstream") == "yes"
@@ -109,8 +113,9 @@ def test_upstream_error_reaches_application_unchanged(
     assert target.requests == []
 
 
-def test_unrouted_call_is_untouched(routed: Any, fake_proxy: RecordingUpstream,
-                                    caller: Any) -> None:
+def test_unrouted_call_is_untouched(
+    routed: Any, fake_proxy: RecordingUpstream, caller: Any
+) -> None:
     """A loopback host not named in provider_hosts goes direct and carries none of our headers."""
     with RecordingUpstream() as other, llmobserve.section("s"):
         reply = caller(f"{other.url}/internal?q=1", body=b"abc")
@@ -122,12 +127,14 @@ def test_unrouted_call_is_untouched(routed: Any, fake_proxy: RecordingUpstream,
     assert fake_proxy.requests == []
 
 
-def test_fail_open_when_proxy_refuses_connections(target: RecordingUpstream, caller: Any,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_fail_open_when_proxy_refuses_connections(
+    target: RecordingUpstream, caller: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """With the proxy down (connection refused), the call goes direct, once, with a warning."""
     port = closed_port()
-    llmobserve.observe(proxy_url=f"http://127.0.0.1:{port}",
-                       provider_hosts={target.authority: "openai"})
+    llmobserve.observe(
+        proxy_url=f"http://127.0.0.1:{port}", provider_hosts={target.authority: "openai"}
+    )
     with caplog.at_level("WARNING", logger="llmobserve"):
         reply = caller(f"{target.url}/v1/embeddings?x=1", body=b'{"input":"hi"}')
         reply2 = caller(f"{target.url}/v1/embeddings", body=b"2")
@@ -142,8 +149,9 @@ def test_fail_open_when_proxy_refuses_connections(target: RecordingUpstream, cal
 
 def test_fail_open_streamed_upload(target: RecordingUpstream, caller: Any) -> None:
     """A generator body survives the fail-open path: nothing was consumed by the failed connect."""
-    llmobserve.observe(proxy_url=f"http://127.0.0.1:{closed_port()}",
-                       provider_hosts={target.authority: "openai"})
+    llmobserve.observe(
+        proxy_url=f"http://127.0.0.1:{closed_port()}", provider_hosts={target.authority: "openai"}
+    )
     chunks = [b"abc", b"def", b"ghi"]
     reply = caller(f"{target.url}/upload", body=chunks)
     assert reply.status == 200
@@ -158,10 +166,14 @@ _REFUSAL = json_response(
 )
 
 
-@pytest.mark.parametrize("body", [b"payload", [b"stream-", b"ed ", b"body"]],
-                         ids=["bytes", "generator"])
+@pytest.mark.parametrize(
+    "body", [b"payload", [b"stream-", b"ed ", b"body"]], ids=["bytes", "generator"]
+)
 def test_policy_refusal_goes_direct_and_is_remembered(
-    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream, caller: Any,
+    routed: Any,
+    fake_proxy: RecordingUpstream,
+    target: RecordingUpstream,
+    caller: Any,
     body: Any,
 ) -> None:
     """A 403 policy refusal: the same call is sent direct (same bytes), and later calls to
@@ -211,8 +223,9 @@ def test_no_double_send_after_bytes_left(
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        llmobserve.observe(proxy_url=f"http://127.0.0.1:{port}",
-                           provider_hosts={target.authority: "openai"})
+        llmobserve.observe(
+            proxy_url=f"http://127.0.0.1:{port}", provider_hosts={target.authority: "openai"}
+        )
         threading.Thread(target=serve, args=(listener,), daemon=True).start()
         with pytest.raises(Exception):  # noqa: B017 - each library has its own error type
             caller(f"{target.url}/v1/chat/completions", body=b"{}")
@@ -221,8 +234,9 @@ def test_no_double_send_after_bytes_left(
     assert target.requests == []
 
 
-def test_websocket_upgrade_is_not_routed(routed: Any, fake_proxy: RecordingUpstream,
-                                         target: RecordingUpstream) -> None:
+def test_websocket_upgrade_is_not_routed(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+) -> None:
     """A request with an Upgrade header (WebSocket) goes direct: the proxy cannot relay 101."""
     import httpx
 
@@ -232,8 +246,9 @@ def test_websocket_upgrade_is_not_routed(routed: Any, fake_proxy: RecordingUpstr
     assert fake_proxy.requests == []
 
 
-def test_excluded_host_goes_direct(fake_proxy: RecordingUpstream, target: RecordingUpstream,
-                                   caller: Any) -> None:
+def test_excluded_host_goes_direct(
+    fake_proxy: RecordingUpstream, target: RecordingUpstream, caller: Any
+) -> None:
     """exclude_hosts wins over nothing else but provider_hosts: an excluded target is direct."""
     llmobserve.observe(proxy_url=fake_proxy.url, exclude_hosts=["127.0.0.1"])
     # 127.0.0.1 is direct anyway; exclusion of a public-looking name is checked in
@@ -243,8 +258,9 @@ def test_excluded_host_goes_direct(fake_proxy: RecordingUpstream, target: Record
     assert fake_proxy.requests == []
 
 
-def test_shutdown_unhooks(routed: Any, fake_proxy: RecordingUpstream,
-                          target: RecordingUpstream, caller: Any) -> None:
+def test_shutdown_unhooks(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream, caller: Any
+) -> None:
     """After shutdown() calls go direct again."""
     llmobserve.shutdown()
     caller(f"{target.url}/after", body=b"1")

@@ -1,0 +1,189 @@
+"""observe(): arguments and environment, proxy_url=None, disabled, twice, spans, imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from support.upstreams import RecordingUpstream, Response
+
+import llmobserve
+from llmobserve.sdk import _context
+from llmobserve.sdk._routing import ROUTER
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLMOBSERVE_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=full_env,
+    )
+
+
+def test_importing_llmobserve_does_not_import_twisted() -> None:
+    """A fresh interpreter: `import llmobserve` and observe(proxy_url=None) load no Twisted."""
+    out = _run(
+        """
+        import sys, llmobserve
+        llmobserve.observe(proxy_url=None)
+        with llmobserve.section("s"):
+            pass
+        print(sorted(m for m in sys.modules if m == "twisted" or m.startswith("twisted.")))
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_library_imported_after_observe_is_hooked(fake_proxy: RecordingUpstream) -> None:
+    """observe() first, `import httpx` later: the call is still routed (import-time hook)."""
+    out = _run(
+        f"""
+        import sys, llmobserve
+        llmobserve.observe(proxy_url={fake_proxy.url!r},
+                           provider_hosts={{"127.0.0.1:9": "openai"}})
+        assert "httpx" not in sys.modules
+        import httpx
+        r = httpx.get("http://127.0.0.1:9/v1/models")
+        print(r.status_code)
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "200"
+    [req] = fake_proxy.wait_requests(1)
+    assert req.header("X-LLMObserve-Target-URL") == b"http://127.0.0.1:9/v1/models"
+
+
+def test_env_variables_are_read(
+    monkeypatch: pytest.MonkeyPatch, fake_proxy: RecordingUpstream
+) -> None:
+    monkeypatch.setenv("LLMOBSERVE_PROXY_URL", fake_proxy.url)
+    monkeypatch.setenv("LLMOBSERVE_COLLECTOR_URL", "http://collector.test:8000")
+    monkeypatch.setenv("LLMOBSERVE_CUSTOMER_ID", "env-cust")
+    monkeypatch.setenv("LLMOBSERVE_TENANT_ID", "env-tenant")
+    obs = llmobserve.observe()
+    assert obs.tracking and obs.proxy_url == fake_proxy.url
+    assert obs.collector_url == "http://collector.test:8000"
+    h = dict(_context.context_headers())
+    assert h["X-LLMObserve-Customer-ID"] == "env-cust"
+    assert h["X-LLMObserve-Tenant-ID"] == "env-tenant"
+    # The collector itself is never routed.
+    assert ROUTER.route("http", "collector.test", 8000) is None
+    assert ROUTER.route("https", "api.openai.com", 443) is not None
+
+
+def test_arguments_win_over_environment(
+    monkeypatch: pytest.MonkeyPatch, fake_proxy: RecordingUpstream
+) -> None:
+    monkeypatch.setenv("LLMOBSERVE_PROXY_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("LLMOBSERVE_CUSTOMER_ID", "env-cust")
+    obs = llmobserve.observe(proxy_url=fake_proxy.url, customer_id="arg-cust")
+    assert obs.proxy_url == fake_proxy.url
+    assert dict(_context.context_headers())["X-LLMObserve-Customer-ID"] == "arg-cust"
+
+
+def test_proxy_url_none_routes_nothing_and_warns_once(
+    caplog: pytest.LogCaptureFixture, target: RecordingUpstream
+) -> None:
+    """proxy_url=None: no routing, one warning that calls are not tracked."""
+    import httpx
+
+    with caplog.at_level("WARNING", logger="llmobserve"):
+        obs = llmobserve.observe(proxy_url=None, provider_hosts={target.authority: "openai"})
+        llmobserve.observe(proxy_url=None, provider_hosts={target.authority: "openai"})
+        httpx.post(f"{target.url}/v1/chat/completions", content=b"{}")
+    assert obs.tracking is False
+    [req] = target.wait_requests(1)
+    assert req.target == b"/v1/chat/completions"
+    warnings = [r for r in caplog.records if "NOT tracked" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_disabled_by_environment(
+    monkeypatch: pytest.MonkeyPatch, fake_proxy: RecordingUpstream
+) -> None:
+    monkeypatch.setenv("LLMOBSERVE_DISABLED", "1")
+    obs = llmobserve.observe(proxy_url=fake_proxy.url)
+    assert obs.tracking is False and obs.reason == "disabled"
+    assert ROUTER.config is None
+
+
+def test_calling_twice_is_harmless(
+    fake_proxy: RecordingUpstream, target: RecordingUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same arguments twice: the same observation, hooks installed once, one request."""
+    import httpx
+
+    first = llmobserve.observe(
+        proxy_url=fake_proxy.url, provider_hosts={target.authority: "openai"}
+    )
+    second = llmobserve.observe(
+        proxy_url=fake_proxy.url, provider_hosts={target.authority: "openai"}
+    )
+    assert first is second
+    _context.set_span_sink(None)
+    httpx.get(f"{target.url}/v1/models")
+    assert len(fake_proxy.wait_requests(1)) == 1
+    assert target.requests == []
+
+
+def test_use_instrumentors_changes_nothing_and_says_so(
+    caplog: pytest.LogCaptureFixture, fake_proxy: RecordingUpstream
+) -> None:
+    import llmobserve.sdk._observe as observe_mod
+
+    observe_mod._said_instrumentors = False
+    with caplog.at_level("INFO", logger="llmobserve"):
+        a = llmobserve.observe(proxy_url=fake_proxy.url, use_instrumentors=True)
+        llmobserve.shutdown()
+        b = llmobserve.observe(proxy_url=fake_proxy.url, use_instrumentors=True)
+    assert a.tracking and b.tracking and a.proxy_url == b.proxy_url
+    said = [r for r in caplog.records if "use_instrumentors" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_sections_are_shipped_to_the_proxy(fake_proxy: RecordingUpstream) -> None:
+    """Closed sections reach POST /spans as a JSON array, off the calling thread."""
+    fake_proxy.respond_with(
+        Response(202, [("Content-Type", "application/json")], b'{"accepted":1}')
+    )
+    llmobserve.observe(proxy_url=fake_proxy.url)
+    with llmobserve.customer("c"), llmobserve.section("outer"), llmobserve.section("inner"):
+        pass
+    llmobserve.shutdown()  # flushes
+    posted = [r for r in fake_proxy.requests if r.target == b"/spans"]
+    assert posted, fake_proxy.requests
+    spans = [s for r in posted for s in json.loads(r.body)]
+    assert [s["section_path"] for s in spans] == ["outer/inner", "outer"]
+    assert spans[0]["parent_span_id"] == spans[1]["span_id"]
+    assert all(s["customer_id"] == "c" and s["status"] == "ok" for s in spans)
+    assert posted[0].header("Content-Type") == b"application/json"
+
+
+def test_sections_wait_while_proxy_is_down_then_go() -> None:
+    """Spans queued while the proxy is unreachable are sent once it is back."""
+    from llmobserve.sdk._spans import SpanShipper
+
+    with RecordingUpstream(Response(202, [], b"{}")) as later:
+        shipper = SpanShipper("http://127.0.0.1:1")
+        shipper._queue.append({"span_id": "a"})
+        assert shipper.flush(timeout=0.3) is False
+        shipper.proxy_url = later.url
+        assert shipper.flush(timeout=2.0) is True
+        [req] = later.wait_requests(1)
+        assert json.loads(req.body) == [{"span_id": "a"}]
