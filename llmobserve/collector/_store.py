@@ -473,7 +473,10 @@ class EventStore:
         until: float | None = None,
         **filters: str | None,
     ) -> list[dict[str, Any]]:
-        """Call counts, cost and token sums grouped by C{by}, most expensive first.
+        """Call counts, cost and token sums grouped by C{by}.
+
+        Rows come most expensive first; with a C{day} or C{hour} grouping,
+        in time order first.
 
         Only C{call} events count (spans and gaps are not calls). C{cost_usd}
         sums the priced calls and is C{null} when none was priced;
@@ -500,13 +503,19 @@ class EventStore:
         sql = f"SELECT {', '.join(select)} FROM events{where}"
         if groups:
             sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))}"
-        sql += " ORDER BY coalesce(sum(cost_usd), 0) DESC, count(*) DESC"
+        # Time groups read best in time order; the rest, costliest first.
+        order = [f"g{i}" for i, g in enumerate(groups) if g in ("day", "hour")]
+        order += ["coalesce(sum(cost_usd), 0) DESC", "count(*) DESC"]
+        order += [f"g{i}" for i, g in enumerate(groups) if g not in ("day", "hour")]
+        sql += f" ORDER BY {', '.join(order)}"
         out: list[dict[str, Any]] = []
         n = len(groups)
         for row in self._db.execute(sql, params):
             item: dict[str, Any] = {g: row[i] for i, g in enumerate(groups)}
             item["calls"] = row[n]
-            item["cost_usd"] = row[n + 1]
+            cost = row[n + 1]
+            # sums of many small floats carry noise in the last digits
+            item["cost_usd"] = None if cost is None else round(cost, 10)
             item["unpriced_calls"] = row[n + 2] or 0
             for j, t in enumerate(_TOKEN_COLUMNS):
                 item[t] = row[n + 3 + j] or 0

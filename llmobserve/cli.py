@@ -1,0 +1,485 @@
+"""The C{llmobserve} command: cost reports and event exports.
+
+Both subcommands read either an event store file (C{--db}, by default the
+one the proxy's embedded mode writes) or a running collector's HTTP API
+(C{--collector URL}). Importing this module does not import Twisted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmobserve import __version__
+from llmobserve.collector._store import FILTERS, GROUPS, EventStore, StoreError
+from llmobserve.collector._timespec import TimeSpecError, parse_time
+from llmobserve.paths import ENV_HOME, default_db_path
+
+__all__ = ["main"]
+
+_PAGE = 5000  # events fetched per query when exporting
+_HTTP_TIMEOUT = 30.0
+
+_EPILOG = f"""\
+where the data comes from:
+  --db PATH          an event store file; default {ENV_HOME}/events.sqlite3 with
+                     {ENV_HOME} defaulting to ~/.llmobserve (now: %(db)s).
+                     The proxy's embedded mode and the collector both write this format.
+  --collector URL    a running collector's HTTP API, e.g. http://localhost:8000
+
+times (--since, --until): an ISO date or date-time (2025-01-31, 2025-01-31T12:00Z;
+  no offset means UTC), unix seconds, "now", or a span before now: 90s, 30m, 24h, 7d, 2w.
+
+examples:
+  llmobserve report                                   cost by provider and model, all time
+  llmobserve report --since 24h --by customer         cost per customer, last 24 hours
+  llmobserve report --by provider,model,day --format csv > cost.csv
+  llmobserve report --collector http://localhost:8000 --since 2025-01-01 --format json
+  llmobserve events --format jsonl --since 1h         the last hour's events, one JSON a line
+  llmobserve events --customer acme --limit 10        ten of one customer's events
+
+see docs/COLLECTOR.md for the store schema, the HTTP API and the collector itself.
+"""
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed without a traceback, exit status 1."""
+
+
+# -- where the data comes from -------------------------------------------------
+
+
+class _Source:
+    def report(
+        self, by: Sequence[str], since: float | None, until: float | None, filters: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def events(
+        self,
+        since: float | None,
+        until: float | None,
+        limit: int | None,
+        offset: int,
+        filters: dict[str, Any],
+    ) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _StoreSource(_Source):
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise CLIError(
+                f"no event store at {path} (give --db PATH, or --collector URL, or set {ENV_HOME})"
+            )
+        try:
+            self._store = EventStore(path)
+        except StoreError as e:
+            raise CLIError(str(e)) from e
+
+    def report(
+        self, by: Sequence[str], since: float | None, until: float | None, filters: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        return self._store.report(by, since=since, until=until, **filters)
+
+    def events(
+        self,
+        since: float | None,
+        until: float | None,
+        limit: int | None,
+        offset: int,
+        filters: dict[str, Any],
+    ) -> Iterator[dict[str, Any]]:
+        left = limit
+        while left is None or left > 0:
+            n = _PAGE if left is None else min(_PAGE, left)
+            page = self._store.events(since=since, until=until, limit=n, offset=offset, **filters)
+            yield from page
+            if len(page) < n:
+                return
+            offset += len(page)
+            if left is not None:
+                left -= len(page)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+class _CollectorSource(_Source):
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise CLIError(f"--collector needs an http(s) URL, not {url!r}")
+        self._base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path, "", ""))
+        self._base = self._base.rstrip("/")
+
+    def _get(self, path: str, params: list[tuple[str, Any]]) -> Any:
+        query = urllib.parse.urlencode([(k, v) for k, v in params if v is not None])
+        url = f"{self._base}{path}?{query}"
+        try:
+            with urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:
+                message = str(e)
+            raise CLIError(f"collector at {self._base} refused the query: {message}") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise CLIError(f"cannot reach the collector at {self._base}: {e}") from e
+        except ValueError as e:
+            raise CLIError(f"{self._base} did not answer JSON: is it a collector?") from e
+
+    @staticmethod
+    def _common(
+        since: float | None, until: float | None, filters: dict[str, Any]
+    ) -> list[tuple[str, Any]]:
+        params: list[tuple[str, Any]] = [(k, v) for k, v in filters.items() if v is not None]
+        params += [("since", since), ("until", until)]
+        return params
+
+    def report(
+        self, by: Sequence[str], since: float | None, until: float | None, filters: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        body = self._get(
+            "/api/report", [("by", ",".join(by)), *self._common(since, until, filters)]
+        )
+        rows: list[dict[str, Any]] = body["rows"]
+        return rows
+
+    def events(
+        self,
+        since: float | None,
+        until: float | None,
+        limit: int | None,
+        offset: int,
+        filters: dict[str, Any],
+    ) -> Iterator[dict[str, Any]]:
+        left = limit
+        while left is None or left > 0:
+            n = _PAGE if left is None else min(_PAGE, left)
+            params = [*self._common(since, until, filters), ("limit", n), ("offset", offset)]
+            page: list[dict[str, Any]] = self._get("/api/events", params)["events"]
+            yield from page
+            if len(page) < n:
+                return
+            offset += len(page)
+            if left is not None:
+                left -= len(page)
+
+
+# -- output --------------------------------------------------------------------
+
+_SUMS = (
+    "calls",
+    "cost_usd",
+    "unpriced_calls",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+_TABLE_SUMS = ("calls", "cost_usd", "input_tokens", "output_tokens", "unpriced_calls")
+_HEADINGS = {
+    "calls": "calls",
+    "cost_usd": "cost (USD)",
+    "input_tokens": "input tok",
+    "output_tokens": "output tok",
+    "unpriced_calls": "unpriced",
+}
+
+
+def _cost(value: Any) -> str:
+    if value is None:
+        return "-"
+    v = float(value)
+    if v == 0:
+        return "$0"
+    if abs(v) >= 1:
+        return f"${v:,.2f}"
+    return f"${v:.6f}".rstrip("0")
+
+
+def _total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for key in _SUMS:
+        values = [r.get(key) for r in rows]
+        if key == "cost_usd":
+            priced = [v for v in values if v is not None]
+            total[key] = sum(priced) if priced else None
+        else:
+            total[key] = sum(v or 0 for v in values)
+    return total
+
+
+def write_table(out: TextIO, by: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """A readable report: one line per group, a total line, numbers right-aligned."""
+    if not rows or (not by and rows[0].get("calls", 0) == 0):
+        out.write("no calls in this window\n")
+        return
+    headings = [*by, *(_HEADINGS[k] for k in _TABLE_SUMS)]
+    lines: list[list[str]] = []
+    for r in rows:
+        lines.append([("-" if r.get(g) is None else str(r.get(g))) for g in by] + _sum_cells(r))
+    if len(rows) > 1 or not by:
+        total = _total(rows)
+        label = ["TOTAL"] + [""] * (len(by) - 1) if by else []
+        footer = label + _sum_cells(total)
+    else:
+        footer = None
+    all_lines = [headings, *lines] + ([footer] if footer else [])
+    widths = [max(len(line[i]) for line in all_lines) for i in range(len(headings))]
+    n_text = len(by)
+
+    def fmt(cells: list[str]) -> str:
+        parts = [
+            c.ljust(widths[i]) if i < n_text else c.rjust(widths[i]) for i, c in enumerate(cells)
+        ]
+        return "  ".join(parts).rstrip() + "\n"
+
+    out.write(fmt(headings))
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for line in lines:
+        out.write(fmt(line))
+    if footer and by:
+        out.write("  ".join("-" * w for w in widths) + "\n")
+        out.write(fmt(footer))
+    unpriced = sum(r.get("unpriced_calls") or 0 for r in rows)
+    if unpriced:
+        out.write(
+            f"\n{unpriced} call(s) had no known price: their cost is not in the sums "
+            "(never counted as $0).\n"
+        )
+
+
+def _sum_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        f"{r.get('calls') or 0:,}",
+        _cost(r.get("cost_usd")),
+        f"{r.get('input_tokens') or 0:,}",
+        f"{r.get('output_tokens') or 0:,}",
+        f"{r.get('unpriced_calls') or 0:,}",
+    ]
+
+
+def write_csv(out: TextIO, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """CSV with a header line; maps and lists as JSON text, null as empty."""
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(fields)
+    for r in rows:
+        w.writerow([_csv_cell(r.get(f)) for f in fields])
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return value
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def _source(args: argparse.Namespace) -> _Source:
+    if args.collector:
+        if args.db:
+            raise CLIError("give --db or --collector, not both")
+        return _CollectorSource(args.collector)
+    return _StoreSource(Path(args.db).expanduser() if args.db else default_db_path())
+
+
+def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except TimeSpecError as e:
+        raise CLIError(str(e)) from e
+    return since, until
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in FILTERS}
+
+
+def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    for name in by:
+        if name not in GROUPS:
+            raise CLIError(f"unknown --by {name!r}; choose from: {', '.join(GROUPS)}")
+    since, until = _times(args)
+    filters = _filters(args)
+    filters.pop("kind", None)
+    source = _source(args)
+    try:
+        rows = source.report(by, since, until, filters)
+    except StoreError as e:
+        raise CLIError(str(e)) from e
+    finally:
+        source.close()
+    if args.format == "json":
+        doc = {"by": by, "since": since, "until": until, "rows": rows}
+        out.write(json.dumps(doc, indent=2) + "\n")
+    elif args.format == "csv":
+        write_csv(out, [*by, *_SUMS], rows)
+    else:
+        write_table(out, by, rows)
+
+
+def _cmd_events(args: argparse.Namespace, out: TextIO) -> None:
+    since, until = _times(args)
+    if args.limit is not None and args.limit < 0:
+        raise CLIError("--limit must not be negative")
+    source = _source(args)
+    try:
+        events = source.events(since, until, args.limit, args.offset, _filters(args))
+        if args.format == "jsonl":
+            for event in events:
+                out.write(json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n")
+        elif args.format == "json":
+            out.write(json.dumps(list(events), indent=2, ensure_ascii=False) + "\n")
+        else:
+            rows = list(events)
+            fields: list[str] = []
+            for e in rows:
+                fields += [k for k in e if k not in fields]
+            write_csv(out, fields, rows)
+    except StoreError as e:
+        raise CLIError(str(e)) from e
+    finally:
+        source.close()
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the data comes from")
+    g.add_argument(
+        "--db",
+        metavar="PATH",
+        help=f"event store file (default: ${ENV_HOME}/events.sqlite3, ~/.llmobserve/...)",
+    )
+    g.add_argument(
+        "--collector", metavar="URL", help="a collector's HTTP API, e.g. http://localhost:8000"
+    )
+
+
+def _add_window_options(p: argparse.ArgumentParser, kinds: bool) -> None:
+    g = p.add_argument_group("which calls")
+    g.add_argument("--since", metavar="TIME", help="from this time on (2025-01-31, 24h, 7d, ...)")
+    g.add_argument("--until", metavar="TIME", help="before this time")
+    for name in FILTERS:
+        if name == "kind" and not kinds:
+            continue
+        flag = "--" + name.replace("_", "-")
+        g.add_argument(flag, dest=name, metavar="VALUE", help=_FILTER_HELP[name])
+
+
+_FILTER_HELP = {
+    "provider": "only this provider id (openai, anthropic, pinecone, ...)",
+    "model": "only this model",
+    "endpoint": "only this endpoint (chat.completions, query, ...)",
+    "customer": "only this customer id (context.customer_id)",
+    "tenant": "only this tenant id (context.tenant_id)",
+    "section": "only this section label",
+    "section_path": "only this section path and the sections nested under it",
+    "run": "only this run id (context.run_id)",
+    "outcome": "only this outcome (ok, upstream_error, client_aborted, ...)",
+    "kind": "only this record kind: call, span or gap",
+    "host": "only this target host",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also documents everything in C{--help})."""
+    epilog = _EPILOG % {"db": default_db_path()}
+    parser = argparse.ArgumentParser(
+        prog="llmobserve",
+        description="Reports and exports of the API calls llmobserve has seen and priced.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llmobserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    report = sub.add_parser(
+        "report",
+        help="cost, tokens and calls grouped by provider, model, customer, ...",
+        description=(
+            "Sum cost_usd, tokens and calls of the stored call events, grouped by "
+            f"--by (any of: {', '.join(GROUPS)}); most expensive first. Calls with no "
+            "known price are counted as unpriced, never as $0."
+        ),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument(
+        "--by",
+        default="provider,model",
+        metavar="LIST",
+        help="comma list of groupings (default: provider,model; empty for one total)",
+    )
+    report.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="default: table"
+    )
+    _add_source_options(report)
+    _add_window_options(report, kinds=False)
+
+    events = sub.add_parser(
+        "events",
+        help="export stored events (jsonl: one JSON object per line)",
+        description=(
+            "Print stored events, oldest first, with the event field names of the design "
+            "(id, ts, provider, model, usage, cost_usd, context, ...); spans and gap "
+            "records too unless --kind narrows it."
+        ),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    events.add_argument(
+        "--format", choices=("jsonl", "json", "csv"), default="jsonl", help="default: jsonl"
+    )
+    events.add_argument("--limit", type=int, metavar="N", help="at most N events (default: all)")
+    events.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N")
+    _add_source_options(events)
+    _add_window_options(events, kinds=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command; return the exit status (0 ok, 1 failure, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out if out is not None else sys.stdout
+    if args.command is None:
+        parser.print_help(out)
+        return 2
+    try:
+        if args.command == "report":
+            _cmd_report(args, out)
+        else:
+            _cmd_events(args, out)
+    except CLIError as e:
+        print(f"llmobserve: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `llmobserve events | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The llmobserve command: report (table/json/csv) and events (jsonl) against a store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from llmobserve.cli import main
+from llmobserve.collector._store import EventStore
+from llmobserve.paths import default_db_path, default_home, default_spool_dir
+
+T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
+
+
+def event(i: int, **over: Any) -> dict[str, Any]:
+    e: dict[str, Any] = {
+        "id": f"ev{i}",
+        "kind": "call",
+        "ts": T0 + i * 3600,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "endpoint": "chat.completions",
+        "outcome": "ok",
+        "cost_usd": 0.25,
+        "usage": {"input_tokens": 100, "output_tokens": 20},
+        "context": {"customer_id": "acme", "run_id": "r1", "section": "plan"},
+    }
+    e.update(over)
+    return e
+
+
+EVENTS = [
+    event(0),
+    event(1, provider="anthropic", model="claude-3-5", cost_usd=1.5),
+    event(2, cost_usd=None, context={"customer_id": "globex"}),
+    event(3, model="gpt-4o-mini", cost_usd=0.01, surprise={"kept": True}),
+    {"id": "span1", "kind": "span", "ts": T0, "name": "plan", "run_id": "r1"},
+]
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "events.sqlite3"
+    store = EventStore(path)
+    store.insert(EVENTS)
+    store.close()
+    return path
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_report_table_default(db: Path) -> None:
+    """The default report is a table by provider and model with a total line."""
+    code, text = run("report", "--db", str(db))
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["provider", "model", "calls"]
+    assert lines[2].split()[:4] == ["anthropic", "claude-3-5", "1", "$1.50"]
+    assert any(line.startswith("TOTAL") and "$1.76" in line for line in lines)
+    assert "1 call(s) had no known price" in text
+
+
+def test_report_json(db: Path) -> None:
+    """--format json gives by, window and rows with sums."""
+    code, text = run("report", "--db", str(db), "--format", "json", "--by", "customer")
+    assert code == 0
+    doc = json.loads(text)
+    assert doc["by"] == ["customer"]
+    rows = {r["customer"]: r for r in doc["rows"]}
+    assert rows["acme"]["calls"] == 3
+    assert rows["acme"]["cost_usd"] == pytest.approx(1.76)
+    assert rows["globex"]["cost_usd"] is None
+    assert rows["globex"]["unpriced_calls"] == 1
+    assert rows["acme"]["input_tokens"] == 300
+
+
+def test_report_csv(db: Path) -> None:
+    """--format csv has a header and one line per group."""
+    code, text = run("report", "--db", str(db), "--format", "csv", "--by", "provider,model")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["provider"], r["model"]) for r in rows] == [
+        ("anthropic", "claude-3-5"),
+        ("openai", "gpt-4o"),
+        ("openai", "gpt-4o-mini"),
+    ]
+    assert rows[1]["calls"] == "2" and rows[1]["unpriced_calls"] == "1"
+    assert rows[1]["cost_usd"] == "0.25"
+
+
+def test_report_since_until_and_filters(db: Path) -> None:
+    """--since/--until take ISO or unix times; filters narrow the report."""
+    code, text = run(
+        "report", "--db", str(db), "--format", "json", "--by", "", "--since", "2025-06-15T16:00Z"
+    )
+    assert json.loads(text)["rows"][0]["calls"] == 3
+    code, text = run(
+        "report", "--db", str(db), "--format", "json", "--by", "", "--until", str(T0 + 1)
+    )
+    assert json.loads(text)["rows"][0]["calls"] == 1
+    code, text = run("report", "--db", str(db), "--format", "json", "--provider", "anthropic")
+    assert [r["provider"] for r in json.loads(text)["rows"]] == ["anthropic"]
+    code, text = run("report", "--db", str(db), "--since", "24h")
+    assert code == 0 and "no calls in this window" in text
+
+
+def test_report_by_day_in_time_order(db: Path) -> None:
+    """Grouping by day lists days in order."""
+    code, text = run("report", "--db", str(db), "--format", "json", "--by", "day")
+    assert [r["day"] for r in json.loads(text)["rows"]] == ["2025-06-15"]
+    code, text = run("report", "--db", str(db), "--format", "json", "--by", "hour")
+    assert code == 0
+    hours = [r["hour"] for r in json.loads(text)["rows"]]
+    assert hours == sorted(hours) and len(hours) == 4
+
+
+def test_events_jsonl(db: Path) -> None:
+    """events --format jsonl prints one event per line with DESIGN.md names."""
+    code, text = run("events", "--db", str(db), "--format", "jsonl")
+    assert code == 0
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [e["id"] for e in lines] == ["ev0", "span1", "ev1", "ev2", "ev3"]
+    ev0 = lines[0]
+    for field in ("ts", "provider", "model", "usage", "cost_usd", "context", "outcome"):
+        assert field in ev0
+    assert lines[3]["cost_usd"] is None
+    assert lines[4]["surprise"] == {"kept": True}
+
+
+def test_events_filters_and_limit(db: Path) -> None:
+    """events honours filters, --kind, --limit and --offset."""
+
+    def ids(*extra: str) -> list[str]:
+        code, text = run("events", "--db", str(db), *extra)
+        assert code == 0
+        return [json.loads(line)["id"] for line in text.splitlines()]
+
+    assert ids("--kind", "span") == ["span1"]
+    assert ids("--customer", "globex") == ["ev2"]
+    assert ids("--run", "r1") == ["ev0", "span1", "ev1", "ev3"]
+    assert ids("--model", "gpt-4o-mini") == ["ev3"]
+    assert ids("--limit", "2") == ["ev0", "span1"]
+    assert ids("--limit", "2", "--offset", "3") == ["ev2", "ev3"]
+    assert ids("--since", str(T0 + 3600)) == ["ev1", "ev2", "ev3"]
+
+
+def test_events_paging_over_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export larger than one page comes out whole, in order."""
+    import llmobserve.cli as cli
+
+    monkeypatch.setattr(cli, "_PAGE", 7)
+    path = tmp_path / "x.sqlite3"
+    store = EventStore(path)
+    store.insert([event(i) for i in range(30)])
+    store.close()
+    code, text = run("events", "--db", str(path))
+    assert [json.loads(line)["id"] for line in text.splitlines()] == [f"ev{i}" for i in range(30)]
+    code, text = run("events", "--db", str(path), "--limit", "15")
+    assert code == 0
+    assert len(text.splitlines()) == 15
+
+
+def test_events_json_and_csv(db: Path) -> None:
+    """events also writes a JSON array or CSV."""
+    code, text = run("events", "--db", str(db), "--format", "json", "--kind", "call")
+    assert [e["id"] for e in json.loads(text)] == ["ev0", "ev1", "ev2", "ev3"]
+    code, text = run("events", "--db", str(db), "--format", "csv", "--kind", "call")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["id"] == "ev0"
+    assert json.loads(rows[0]["usage"]) == {"input_tokens": 100, "output_tokens": 20}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["report", "--by", "colour"],
+        ["report", "--since", "last tuesday"],
+        ["events", "--limit", "-1"],
+    ],
+)
+def test_bad_arguments_fail_cleanly(db: Path, argv: list[str]) -> None:
+    """Bad values give exit status 1 and a message, no traceback."""
+    code, _ = run(*argv, "--db", str(db))
+    assert code == 1
+
+
+def test_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing store file is a clear error, and is not created."""
+    path = tmp_path / "nope" / "events.sqlite3"
+    code, _ = run("report", "--db", str(path))
+    assert code == 1
+    assert "no event store" in capsys.readouterr().err
+    assert not path.parent.exists()
+
+
+def test_default_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The default store is $LLMOBSERVE_HOME/events.sqlite3, home ~/.llmobserve."""
+    monkeypatch.delenv("LLMOBSERVE_HOME", raising=False)
+    assert default_home() == Path.home() / ".llmobserve"
+    monkeypatch.setenv("LLMOBSERVE_HOME", str(tmp_path))
+    assert default_db_path() == tmp_path / "events.sqlite3"
+    assert default_spool_dir() == tmp_path / "spool"
+    store = EventStore(default_db_path())
+    store.insert(EVENTS)
+    store.close()
+    code, text = run("events", "--kind", "span")  # no --db: the default store
+    assert code == 0 and json.loads(text)["id"] == "span1"
+
+
+class _FakeCollector(BaseHTTPRequestHandler):
+    """Answers /api/report and /api/events from a store, as the collector does."""
+
+    store_path: Path
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        store = EventStore(self.store_path)
+        try:
+            since = float(q.pop("since")) if "since" in q else None
+            until = float(q.pop("until")) if "until" in q else None
+            if url.path == "/api/report":
+                by = [b for b in q.pop("by", "").split(",") if b]
+                body: Any = {"rows": store.report(by, since=since, until=until, **q)}
+            else:
+                limit = int(q.pop("limit"))
+                offset = int(q.pop("offset"))
+                body = {"events": store.events(since, until, limit, offset, **q)}
+        finally:
+            store.close()
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_collector(db: Path) -> Iterator[str]:
+    handler = type("H", (_FakeCollector,), {"store_path": db})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_against_collector_url(fake_collector: str) -> None:
+    """--collector URL reads the same answers over the HTTP API."""
+    code, text = run("report", "--collector", fake_collector, "--format", "json", "--by", "model")
+    assert code == 0
+    assert {r["model"] for r in json.loads(text)["rows"]} == {"gpt-4o", "claude-3-5", "gpt-4o-mini"}
+    code, text = run("events", "--collector", fake_collector, "--kind", "call", "--limit", "3")
+    assert [json.loads(line)["id"] for line in text.splitlines()] == ["ev0", "ev1", "ev2"]
+
+
+def test_unreachable_collector(capsys: pytest.CaptureFixture[str]) -> None:
+    """A collector that is not there is a clear error."""
+    code, _ = run("report", "--collector", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the collector" in capsys.readouterr().err
+
+
+def test_help_documents_everything() -> None:
+    """--help on the command and each subcommand names every option."""
+    out = subprocess.run(
+        [sys.executable, "-m", "llmobserve.cli", "--help"], capture_output=True, text=True
+    ).stdout
+    for word in ("report", "events", "--db", "--collector", "LLMOBSERVE_HOME", "24h"):
+        assert word in out
+    out = subprocess.run(
+        [sys.executable, "-m", "llmobserve.cli", "report", "--help"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    for word in ("--by", "--format", "--since", "--until", "--customer", "--section-path"):
+        assert word in out
+
+
+def test_cli_does_not_import_twisted() -> None:
+    """Importing the command line does not import Twisted (fast start-up)."""
+    code = "import sys, llmobserve.cli; sys.exit('twisted' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
