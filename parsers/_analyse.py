@@ -105,6 +105,8 @@ def _analyse(exchange: Exchange) -> UsageRecord:
     else:
         provider_id = provider.id if provider is not None else "unknown"
         draft.unpriced_reason = "no parser for this host"
+    if call.stream_dropped:
+        draft.flag("sse_oversized_dropped")
     if exchange.status is not None and exchange.status >= 400:
         draft.flag("upstream_error_status")
     return _finish(exchange, provider, provider_id, draft)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._draft import UsageDraft
 from ._records import Exchange
 from .decoding import DEFAULT_DECODED_CAP, decode_body
 from .jsonbody import BodyError, loads
 from .registry import Provider
-from .sse import SSEDecoder, SSEEvent
+from .sse import EventStream, SSEEvent
 
 __all__ = ["Call"]
 
@@ -33,7 +32,7 @@ class Call:
         self.content_type = headers.get("content-type", "").lower()
         self._request_body: bytes | None = None
         self._request_json: Any = _UNSET
-        self._cut_tail: SSEEvent | None = None
+        self._stream: EventStream | None = None
 
     @property
     def path(self) -> str:
@@ -43,19 +42,20 @@ class Call:
     def is_event_stream(self) -> bool:
         return self.content_type.startswith("text/event-stream")
 
-    def sse_events(self, draft: UsageDraft) -> list[SSEEvent]:
-        """Every event of the response body read as an event stream."""
-        decoder = SSEDecoder()
-        events = decoder.feed(self.body) + decoder.close()
-        if decoder.dropped:
-            draft.flag("sse_oversized_dropped")
-        if events and (decoder.unterminated or self.body_truncated):
-            self._cut_tail = events[-1]
-        return events
+    def event_stream(self) -> EventStream:
+        """The response body read as an event stream (decoded lazily, from either end)."""
+        if self._stream is None:
+            self._stream = EventStream(self.body)
+        return self._stream
 
     def is_cut(self, event: SSEEvent) -> bool:
         """True for the last event of a stream that ended mid-event (it may be partial)."""
-        return event is self._cut_tail
+        return self._stream is not None and event is self._stream.cut
+
+    @property
+    def stream_dropped(self) -> int:
+        """Oversized lines or events dropped while reading the stream."""
+        return self._stream.dropped if self._stream is not None else 0
 
     @property
     def request_body(self) -> bytes:

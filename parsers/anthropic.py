@@ -14,6 +14,7 @@ from typing import Any
 from ._call import Call
 from ._draft import UsageDraft, as_count
 from .jsonbody import BodyError, loads, loads_object
+from .sse import SSEEvent
 
 __all__ = ["parse_anthropic", "read_anthropic_usage"]
 
@@ -100,48 +101,66 @@ def read_anthropic_usage(usage: dict[str, Any], draft: UsageDraft) -> None:
         draft.details["service_tier"] = tier
 
 
+_CONTENT_EVENTS = frozenset({"content_block_delta", "content_block_start", "content_block_stop"})
+
+
 def _parse_stream(call: Call, draft: UsageDraft) -> None:
-    events = call.sse_events(draft)
-    merged: dict[str, Any] = {}
+    stream = call.event_stream()
+    start: dict[str, Any] = {}
+    deltas: list[dict[str, Any]] = []
     stopped = False
-    for ev in events:
-        name = ev.event
-        if name in ("content_block_delta", "content_block_start", "content_block_stop", "ping"):
-            continue  # the bulk of a stream: nothing about usage, not worth a JSON parse
-        if name == "message_stop":
-            stopped = True
-            continue
-        try:
-            obj = loads(ev.data)
-        except BodyError as exc:
-            if not call.is_cut(ev):
-                draft.error(f"bad stream event: {exc}")
-            continue
-        if not isinstance(obj, dict):
-            continue
-        kind = obj.get("type", name)
-        if kind == "message_start":
+    # message_start opens the stream; message_delta events close it, after every content block.
+    for ev in stream.head():
+        if ev.event in _CONTENT_EVENTS:
+            break
+        obj = _event(call, draft, ev)
+        if obj is not None and obj.get("type") == "message_start":
             message = obj.get("message")
             if isinstance(message, dict):
                 _message_fields(message, draft)
                 usage = message.get("usage")
                 if isinstance(usage, dict):
-                    merged.update({k: v for k, v in usage.items() if v is not None})
-        elif kind == "message_delta":
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                # Cumulative figures: the latest one replaces, never adds.
-                merged.update({k: v for k, v in usage.items() if v is not None})
-        elif kind == "error":
+                    start = usage
+            break
+    for ev in stream.tail():
+        if ev.event in _CONTENT_EVENTS or ev.event == "message_start":
+            break
+        if ev.event == "message_stop":
+            stopped = True
+            continue
+        if ev.event == "ping":
+            continue
+        obj = _event(call, draft, ev)
+        if obj is None:
+            continue
+        kind = obj.get("type")
+        if kind == "error":  # e.g. overloaded_error inside a 200 stream; it ends the stream
             draft.flag("stream_error_event")
             err = obj.get("error")
             if isinstance(err, dict) and isinstance(err.get("type"), str):
                 draft.details["stream_error"] = err["type"][:80]
+        if kind == "message_delta" and isinstance(obj.get("usage"), dict):
+            deltas.append(obj["usage"])
         elif kind == "message_stop":
             stopped = True
+        elif kind == "message_start":
+            break
+    merged = {k: v for k, v in start.items() if v is not None}
+    for usage in reversed(deltas):  # oldest first: cumulative figures replace, never add
+        merged.update({k: v for k, v in usage.items() if v is not None})
     if merged:
         read_anthropic_usage(merged, draft)
     else:
         draft.flag("usage_not_in_stream")
     if not stopped:
         draft.flag("stream_incomplete")
+
+
+def _event(call: Call, draft: UsageDraft, ev: SSEEvent) -> dict[str, Any] | None:
+    try:
+        obj = loads(ev.data)
+    except BodyError as exc:
+        if not call.is_cut(ev):
+            draft.error(f"bad stream event: {exc}")
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -36,7 +36,7 @@ def parse_cohere(call: Call, draft: UsageDraft) -> None:
     final: dict[str, Any] | None = None
     if call.is_event_stream:
         draft.streamed = True
-        for ev in call.sse_events(draft):
+        for ev in call.event_stream().tail():
             if ev.event not in ("message-end", "message") or b'"usage"' not in ev.data:
                 continue
             try:
@@ -48,6 +48,7 @@ def parse_cohere(call: Call, draft: UsageDraft) -> None:
             usage = get_path(obj, "delta", "usage")
             if isinstance(usage, dict):
                 final = {"usage": usage}
+                break
         if final is None:
             draft.flag("usage_not_in_stream")
     elif call.request_field("stream") is True or call.content_type.startswith(

@@ -138,24 +138,25 @@ def _predict_usage(chunk: dict[str, Any], draft: UsageDraft) -> None:
 
 
 def _sse_chunks(call: Call, draft: UsageDraft) -> list[Any]:
-    events = call.sse_events(draft)
-    if not events:
-        return []
-    # Only the last chunk carrying usage matters, but model and id come early:
-    # parse the first event, then from the end the last that parses with usage.
+    # Usage is cumulative: only the last chunk carrying it matters, but model
+    # and id come early. Parse the first event, then from the end the last
+    # one that parses with usage.
+    stream = call.event_stream()
     chunks: list[Any] = []
-    for ev in events[:1]:
+    first: SSEEvent | None = None
+    for ev in stream.head():
+        first = ev
         chunks.extend(_try_loads(call, draft, ev))
-    for ev in reversed(events[1:]):
+        break
+    for ev in stream.tail():
+        if ev == first:
+            break
         if b'"usageMetadata"' in ev.data:
             parsed = _try_loads(call, draft, ev)
-            if (
-                parsed
-                and isinstance(parsed[0], dict)
-                and isinstance(parsed[0].get("usageMetadata"), dict)
-            ):
-                chunks.extend(parsed)
-                break
+            if parsed and isinstance(parsed[0], dict):
+                if isinstance(parsed[0].get("usageMetadata"), dict):
+                    chunks.extend(parsed)
+                    break
     return chunks
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ._call import Call
 from ._draft import UsageDraft, as_count, as_number, get_path
 from .jsonbody import BodyError, loads, loads_object
+from .sse import SSEEvent
 
 __all__ = ["endpoint_for_path", "parse_openai", "read_openai_usage"]
 
@@ -168,59 +169,75 @@ def _parse_speech(call: Call, draft: UsageDraft) -> None:
         draft.flag("request_truncated")
 
 
+def _is_error(ev: SSEEvent) -> bool:
+    return ev.event in ("error", "response.failed") or ev.data.startswith(
+        (b'{"error"', b'{"type":"error"', b'{"type": "error"')
+    )
+
+
+def _has_usage(data: bytes) -> bool:
+    return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
+
+
+def _event_object(
+    call: Call, draft: UsageDraft, data: bytes, ev: SSEEvent
+) -> dict[str, Any] | None:
+    try:
+        obj = loads(data)
+    except BodyError as exc:
+        if not call.is_cut(ev):
+            draft.error(f"bad stream event: {exc}")
+        return None
+    if not isinstance(obj, dict):
+        return None
+    response = obj.get("response")  # Responses API events wrap the response object
+    return response if isinstance(response, dict) else obj
+
+
 def _parse_stream(call: Call, draft: UsageDraft, endpoint: str | None) -> None:
-    events = call.sse_events(draft)
-    last_usage: dict[str, Any] | None = None
-    done = False
-    model_seen = False
-    for ev in events:
-        data = ev.data
-        if data == b"[DONE]":
-            done = True
+    stream = call.event_stream()
+    # Model and id: from the first event that names them (the first, normally).
+    for i, ev in enumerate(stream.head()):
+        if i >= 5:
+            break
+        if ev.data == b"[DONE]" or b'"model"' not in ev.data:
             continue
-        if not model_seen or (
-            b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
-        ):
-            try:
-                obj = loads(data)
-            except BodyError as exc:
-                if not call.is_cut(ev):
-                    draft.error(f"bad stream event: {exc}")
-                continue
-            if not isinstance(obj, dict):
-                continue
-            response = obj.get("response")
-            inner: dict[str, Any] = response if isinstance(response, dict) else obj
-            if not model_seen:
-                model = inner.get("model")
-                if isinstance(model, str):
-                    draft.model = model
-                    model_seen = True
-                    rid = inner.get("id")
-                    if isinstance(rid, str):
-                        draft.response_id = rid[:200]
-            usage = inner.get("usage")
-            if not isinstance(usage, dict):
-                usage = get_path(obj, "x_groq", "usage")  # Groq puts it here in streams
-            if isinstance(usage, dict):
-                last_usage = usage
-                tier = inner.get("service_tier")
-                if isinstance(tier, str) and tier in ("flex", "priority"):
-                    draft.price_context["service_tier"] = tier
-            if obj.get("type") in ("error", "response.failed") or ev.event == "error":
-                draft.flag("stream_error_event")
-        elif ev.event == "error":
+        inner = _event_object(call, draft, ev.data, ev)
+        if inner is not None and isinstance(inner.get("model"), str):
+            draft.model = inner["model"]
+            if isinstance(inner.get("id"), str):
+                draft.response_id = inner["id"][:200]
+            break
+    # Usage: the last event that carries it (whatever its choices); never a sum.
+    last_usage: dict[str, Any] | None = None
+    final: SSEEvent | None = None
+    for ev in stream.tail():
+        if final is None and not call.is_cut(ev):
+            final = ev
+        if _is_error(ev):  # an error ends a stream: it is among the last events
             draft.flag("stream_error_event")
+        if not _has_usage(ev.data):
+            continue
+        inner = _event_object(call, draft, ev.data, ev)
+        if inner is None:
+            continue
+        usage = inner.get("usage")
+        if not isinstance(usage, dict):
+            usage = get_path(inner, "x_groq", "usage")  # Groq puts it here in streams
+        if isinstance(usage, dict):
+            last_usage = usage
+            tier = inner.get("service_tier")
+            if isinstance(tier, str) and tier in ("flex", "priority"):
+                draft.price_context["service_tier"] = tier
+            break
     if last_usage is not None:
         read_openai_usage(last_usage, draft)
     else:
         draft.flag("usage_not_in_stream")
-    completed = done or (
-        endpoint == "responses"
-        and any(
-            e.event in ("response.completed", "response.incomplete", "response.failed")
-            for e in events[-3:]
-        )
+    ends = (b"[DONE]",) if endpoint != "responses" else ()
+    complete = final is not None and (
+        final.data in ends
+        or final.event in ("response.completed", "response.incomplete", "response.failed")
     )
-    if not completed:
+    if not complete:
         draft.flag("stream_incomplete")

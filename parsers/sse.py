@@ -7,15 +7,15 @@ oversized one is dropped and counted, never buffered without bound.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import NamedTuple
 
-__all__ = ["SSEDecoder", "SSEEvent"]
+__all__ = ["EventStream", "SSEDecoder", "SSEEvent"]
 
 _BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     """One dispatched event: its type (C{message} by default), data lines joined by LF, last id."""
 
     event: str
@@ -75,7 +75,39 @@ class SSEDecoder:
             self._buf = b""
             self._discarding_line = True
             self.dropped += 1
-        return self._lines(complete.splitlines())
+        if b"\r" in complete or self._data or self._event or self._discarding_line:
+            return self._lines(complete.splitlines())
+        return self._blocks(complete)
+
+    def _blocks(self, complete: bytes) -> list[SSEEvent]:
+        """Fast path for LF-only text starting at an event boundary (the common case):
+        whole events are split on blank lines, and the usual one- and two-line
+        shapes become events without a line-by-line walk."""
+        blocks = complete.split(b"\n\n")
+        tail = blocks.pop()
+        events: list[SSEEvent] = []
+        limit = min(self._max_line, self._max_event)
+        last_id = self._last_id
+        for block in blocks:
+            if len(block) <= limit:
+                if block.startswith(b"data: ") and b"\n" not in block:
+                    events.append(SSEEvent("message", block[6:], last_id))
+                    continue
+                if block.startswith(b"event: "):
+                    nl = block.find(b"\n")
+                    if (
+                        nl > 0
+                        and block.startswith(b"data: ", nl + 1)
+                        and b"\n" not in block[nl + 1 :]
+                    ):
+                        name = block[7:nl].decode("utf-8", "replace") or "message"
+                        events.append(SSEEvent(name, block[nl + 7 :], last_id))
+                        continue
+            events += self._lines([*block.split(b"\n"), b""])
+            last_id = self._last_id
+        if tail:
+            events += self._lines(tail.splitlines())
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: the last unterminated line counts, and a pending event is
@@ -143,3 +175,80 @@ class SSEDecoder:
         self._size = 0
         self._event = b""
         return SSEEvent(event, data, self._last_id)
+
+
+class EventStream:
+    """The events of a complete event-stream body, readable from either end.
+
+    Usage sits in the first and last few events of a stream, so most
+    parsers read L{head} and L{tail} and never decode the middle. For
+    LF-only bodies (the norm) a blank line always ends an event, so events
+    are found by searching for LF LF from either end and each is decoded by
+    an L{SSEDecoder} of its own: the same events, in the same order, as one
+    decoder fed the whole body (a test checks this). Bodies with CR line
+    ends are decoded whole.
+    """
+
+    def __init__(self, body: bytes, max_line: int = 1 << 20, max_event: int = 8 << 20) -> None:
+        self._body = body
+        self._limits = (max_line, max_event)
+        self._events: list[SSEEvent] | None = None
+        #: Lines or events dropped for size, in what was decoded so far.
+        self.dropped = 0
+        #: The last event when the body ended inside it (it may be partial), else None.
+        self.cut: SSEEvent | None = None
+        self._lazy = b"\r" not in body
+        if not self._lazy:
+            decoder = SSEDecoder(*self._limits)
+            self._events = decoder.feed(body) + decoder.close()
+            self.dropped = decoder.dropped
+            if decoder.unterminated and self._events:
+                self.cut = self._events[-1]
+
+    def _decode(self, block: bytes, first: bool, final: bool) -> list[SSEEvent]:
+        decoder = SSEDecoder(*self._limits)
+        if not first:
+            decoder._at_start = False  # a BOM is only special at the very start
+        events = decoder.feed(block)
+        if final:
+            events += decoder.close()
+            if decoder.unterminated and events:
+                self.cut = events[-1]
+        else:
+            events += decoder.feed(b"\n\n")
+        self.dropped += decoder.dropped
+        return events
+
+    def head(self) -> Iterator[SSEEvent]:
+        """Events from the first on."""
+        if self._events is not None:
+            yield from self._events
+            return
+        body = self._body
+        start = 0
+        size = len(body)
+        while start < size:
+            end = body.find(b"\n\n", start)
+            final = end < 0
+            block = body[start:] if final else body[start:end]
+            yield from self._decode(block, start == 0, final)
+            if final:
+                return
+            start = end + 2
+
+    def tail(self) -> Iterator[SSEEvent]:
+        """Events from the last back to the first."""
+        if self._events is not None:
+            yield from reversed(self._events)
+            return
+        body = self._body
+        end = len(body)
+        final = not body.endswith(b"\n\n")
+        while end > 0:
+            start = body.rfind(b"\n\n", 0, end)
+            block = body[start + 2 if start >= 0 else 0 : end]
+            yield from reversed(self._decode(block, start < 0, final))
+            final = False
+            if start < 0:
+                return
+            end = start

@@ -146,6 +146,9 @@ class PriceTable:
         for items in by_provider.values():
             items.sort(key=lambda e: (e.specificity(), e.start or date.min), reverse=True)
         self._by_provider = by_provider
+        # (provider, model) -> matching entries, most specific first; bounded,
+        # since model names come from the network.
+        self._matches: dict[tuple[str, str], tuple[PriceEntry, ...]] = {}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_provider.values())
@@ -155,14 +158,17 @@ class PriceTable:
 
     def lookup(self, provider: str, model: str | None, when: float) -> PriceEntry | None:
         """The entry for C{provider}/C{model} in force at unix time C{when}, or None."""
-        candidates = self._by_provider.get(provider)
-        if not candidates:
+        if provider not in self._by_provider:
             return None
         name = (model or "*").lower()
+        matching = self._matches.get((provider, name))
+        if matching is None:
+            matching = tuple(e for e in self._by_provider[provider] if e.matches(name))
+            if len(self._matches) >= 4096:
+                self._matches = {}
+            self._matches[(provider, name)] = matching
         day: date | None = None
-        for entry in candidates:
-            if not entry.matches(name):
-                continue
+        for entry in matching:
             if entry.start is not None:
                 if day is None:
                     day = datetime.fromtimestamp(when, UTC).date()
