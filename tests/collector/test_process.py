@@ -77,6 +77,15 @@ class Collector:
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
 
+    def rest_of_log(self) -> str:
+        """Everything logged so far (after the process ended: all of it)."""
+        time.sleep(0.2)
+        while True:
+            try:
+                self.log.append(self.lines.get_nowait())
+            except queue.Empty:
+                return "".join(self.log)
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -229,3 +238,22 @@ def test_hostile_links_leave_others_alone(spawn: Any) -> None:
     assert closed_by_peer(half_open)
     good.close()
     assert collector.proc.poll() is None  # still running
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_and_exits_cleanly(spawn: Any, tmp_path: Path) -> None:
+    """SIGTERM stops listening, commits what was received, and shuts down cleanly."""
+    collector = spawn()
+    link = LinkClient(collector.port, "proxy-t")
+    events = make_events(500)
+    for seq in range(10):
+        link.send_batch(seq, events[seq * 50 : seq * 50 + 50])
+    link.wait_ack(9)
+    collector.proc.terminate()
+    # twistd re-raises the stopping signal after a clean shutdown, so the
+    # status is -SIGTERM; the clean part is the "Server Shut Down." line.
+    assert collector.proc.wait(15) in (0, -15)
+    assert "Server Shut Down." in collector.rest_of_log()
+    link.close()
+    collector = spawn()
+    assert collector.get("/health")["events_stored"] == 500
