@@ -230,8 +230,9 @@ def _in_event_loop() -> bool:
 
 def shutdown() -> None:
     """Stop tracking: unhook the libraries, flush sections, give up the proxy lease."""
-    global _last, _last_args
+    global _last, _last_args, _said_untracked
     with _lock:
+        _said_untracked = False
         ROUTER.configure(None)
         _install.uninstall_hooks()
         _context.set_span_sink(None)
