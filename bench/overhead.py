@@ -139,6 +139,16 @@ class _Proc:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU time of the main (reactor) thread alone; the rest is other threads."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return 0.0
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def status_kib(self, field: str) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -319,6 +329,16 @@ def _wrk_throughput(
     }
 
 
+@contextmanager
+def _workdir(keep: str | None) -> Iterator[str]:
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield keep
+    else:
+        with tempfile.TemporaryDirectory(prefix="llmo-bench-") as tmp:
+            yield tmp
+
+
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -339,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phases.setdefault(name, []).append(result)
 
     with (
-        tempfile.TemporaryDirectory(prefix="llmo-bench-") as tmp,
+        _workdir(args.workdir) as tmp,
         _upstream(args.sse_gap) as (upstream, up_port),
         _proxy(Path(tmp), [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]) as (
             proxy,
@@ -390,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         ),
                     )
                 p0, u0 = proxy.cpu_seconds(), upstream.cpu_seconds()
+                m0 = proxy.main_thread_cpu_seconds()
                 t0 = time.monotonic()
                 if use_wrk:
                     tput = _wrk_throughput(
@@ -407,6 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 wall = time.monotonic() - t0
                 tput["proxy_cpu_s"] = proxy.cpu_seconds() - p0
+                tput["proxy_main_thread_cpu_s"] = proxy.main_thread_cpu_seconds() - m0
                 tput["upstream_cpu_s"] = upstream.cpu_seconds() - u0
                 tput["wall_s"] = wall
                 record(f"c64_{key}", tput)
@@ -434,6 +456,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     c64p = phases["c64_proxied"]
     c64d = phases["c64_direct"]
+    reactor_per_req = _median(
+        [r["proxy_main_thread_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p]
+    )
     cpu_per_req = _median([r["proxy_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p])
     proxy_util = _median([r["proxy_cpu_s"] / r["wall_s"] for r in c64p])
     gen_util = _median([(r["cpu_s"] + r["upstream_cpu_s"]) / r["wall_s"] for r in c64p])
@@ -458,6 +483,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bound": "proxy" if proxy_util >= 0.85 else "generator/upstream (figure is a floor)",
         },
         "cpu_per_request_us": cpu_per_req,
+        "cpu_per_request_split_us": {
+            "reactor_thread": reactor_per_req,
+            "other_threads": cpu_per_req - reactor_per_req,
+        },
         "sse": {
             "direct_first_chunk_p50_us": _median(
                 [r["first_chunk_us"]["p50"] for r in phases["sse_direct"]]
@@ -542,6 +571,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         help="extra option for twistd llmobserve (repeatable)",
     )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the proxy's log and store here (default: a temp dir, removed)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
@@ -556,8 +590,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.warmup = 0.2 if args.quick else 0.5
     args.c64_warmup = 0.1 if args.quick else 0.3
     args.sse_gap = 0.002
+    # The fake upstream speaks OpenAI's API: say so, so that every proxied
+    # call is parsed and priced as a real one would be (the full product).
+    args.proxy_arg = [*args.proxy_arg, "--provider-host", "127.0.0.1:{UP}=openai"]
     if args.route == "base-url":
-        args.proxy_arg = [*args.proxy_arg, "--base-url", "openai=http://127.0.0.1:{UP}"]
+        args.proxy_arg += ["--base-url", "openai=http://127.0.0.1:{UP}"]
     return args
 
 
