@@ -339,6 +339,15 @@ def _workdir(keep: str | None) -> Iterator[str]:
             yield tmp
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of C{pid} (affinity is per thread; new ones inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -367,8 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
     ):
         if pin:
-            os.sched_setaffinity(proxy.pid, proxy_cpus)  # type: ignore[arg-type]
-            os.sched_setaffinity(upstream.pid, other)  # type: ignore[arg-type]
+            _pin(proxy.pid, proxy_cpus)  # type: ignore[arg-type]
+            _pin(upstream.pid, other)  # type: ignore[arg-type]
         reqs = _build_requests(up_port, px_port, args.route)
         rss_idle = proxy.status_kib("VmRSS")
         _log(

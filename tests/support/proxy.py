@@ -361,7 +361,15 @@ class TwistdProcess:
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def set_affinity(self, cpus: set[int]) -> None:
-        os.sched_setaffinity(self.pid, cpus)
+        """Pin every thread of the process (affinity is per thread)."""
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+
+    def thread_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
 
 
 class ProxyProcess(TwistdProcess):
