@@ -47,6 +47,12 @@ class SSEDecoder:
         """Take the next bytes of the stream; return the events they complete."""
         if not data:
             return []
+        if self._discarding_line and not self._buf:
+            # Still inside an over-long line: drop bytes up to its end, unbuffered.
+            ends = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+            if not ends:
+                return []
+            data = data[min(ends) :]
         if self._skip_lf:
             self._skip_lf = False
             if data[:1] == b"\n":

@@ -87,27 +87,63 @@ def openai_chat_stream(n_chunks: int = 200, *, usage_on_last_content: bool = Fal
         "system_fingerprint": "fp_483d39d857",
     }
     events: list[Any] = []
-    events.append({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], "usage": None})
+    events.append(
+        {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+            "usage": None,
+        }
+    )
     for i in range(n_chunks):
-        events.append({**base, "choices": [{"index": 0, "delta": {"content": f" tok{i}"},
-                                            "logprobs": None, "finish_reason": None}],
-                       "usage": None})
+        events.append(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": f" tok{i}"},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+                "usage": None,
+            }
+        )
     usage = {
         "prompt_tokens": 1200,
         "completion_tokens": n_chunks,
         "total_tokens": 1200 + n_chunks,
         "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                      "accepted_prediction_tokens": 0,
-                                      "rejected_prediction_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
     }
     if usage_on_last_content:
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                            "finish_reason": "stop"}], "usage": usage})
+        events.append(
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
     else:
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                            "finish_reason": "stop"}], "usage": None})
+        events.append(
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+                "usage": None,
+            }
+        )
         events.append({**base, "choices": [], "usage": usage})
     events.append("[DONE]")
     return sse(events)
@@ -121,8 +157,11 @@ CHAT_COMPLETION = {
     "choices": [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "Hello! How can I help you today?",
-                        "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": "Hello! How can I help you today?",
+                "refusal": None,
+            },
             "logprobs": None,
             "finish_reason": "stop",
         }
@@ -132,9 +171,12 @@ CHAT_COMPLETION = {
         "completion_tokens": 300,
         "total_tokens": 1500,
         "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                      "accepted_prediction_tokens": 0,
-                                      "rejected_prediction_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
     },
     "service_tier": "default",
     "system_fingerprint": "fp_483d39d857",

@@ -18,17 +18,32 @@ INDEX = "my-index-abc1234.svc.aped-4627-b74a.pinecone.io"
     ("method", "path", "response", "operation", "read_units"),
     [
         ("POST", "/query", PINECONE_QUERY, "query", 6),
-        ("GET", "/vectors/fetch", {"vectors": {}, "namespace": "", "usage": {"readUnits": 1}},
-         "fetch", 1),
-        ("GET", "/vectors/list", {"vectors": [{"id": "a"}], "namespace": "",
-                                  "usage": {"readUnits": 1}}, "list", 1),
-        ("POST", "/records/namespaces/ns/search",
-         {"result": {"hits": []}, "usage": {"read_units": 7, "embed_total_tokens": 5}},
-         "query", 7),
+        (
+            "GET",
+            "/vectors/fetch",
+            {"vectors": {}, "namespace": "", "usage": {"readUnits": 1}},
+            "fetch",
+            1,
+        ),
+        (
+            "GET",
+            "/vectors/list",
+            {"vectors": [{"id": "a"}], "namespace": "", "usage": {"readUnits": 1}},
+            "list",
+            1,
+        ),
+        (
+            "POST",
+            "/records/namespaces/ns/search",
+            {"result": {"hits": []}, "usage": {"read_units": 7, "embed_total_tokens": 5}},
+            "query",
+            7,
+        ),
     ],
 )
-def test_pinecone_reads(method: str, path: str, response: dict[str, Any], operation: str,
-                        read_units: int) -> None:
+def test_pinecone_reads(
+    method: str, path: str, response: dict[str, Any], operation: str, read_units: int
+) -> None:
     """Read units come from the response and cost $16 per million."""
     record = analyse(exchange(INDEX, path, response, method=method))
     assert record.provider == "pinecone"
@@ -49,15 +64,23 @@ def _vectors(n: int, dim: int, metadata: dict[str, Any] | None) -> list[dict[str
     return out
 
 
-@pytest.mark.parametrize(("n", "dim", "metadata"),
-                         [(1, 8, None), (100, 1536, {"genre": "drama", "year": 2020}),
-                          (10, 768, None)])
-def test_pinecone_upsert_write_units_estimated(n: int, dim: int,
-                                               metadata: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize(
+    ("n", "dim", "metadata"),
+    [(1, 8, None), (100, 1536, {"genre": "drama", "year": 2020}), (10, 768, None)],
+)
+def test_pinecone_upsert_write_units_estimated(
+    n: int, dim: int, metadata: dict[str, Any] | None
+) -> None:
     """Upserts report no units: WU = ceil(record bytes / 1000), at least 5; estimated."""
     vectors = _vectors(n, dim, metadata)
-    record = analyse(exchange(INDEX, "/vectors/upsert", {"upsertedCount": n},
-                              request={"vectors": vectors, "namespace": "ns"}))
+    record = analyse(
+        exchange(
+            INDEX,
+            "/vectors/upsert",
+            {"upsertedCount": n},
+            request={"vectors": vectors, "namespace": "ns"},
+        )
+    )
     meta_bytes = len(json.dumps(metadata, separators=(",", ":")).encode()) if metadata else 0
     expected = max(5, math.ceil(n * (9 + 4 * dim + meta_bytes) / 1000))
     assert record.endpoint == "upsert"
@@ -76,17 +99,28 @@ def test_pinecone_update_is_a_lower_bound() -> None:
 
 def test_pinecone_truncated_upsert_request() -> None:
     """A bounded request copy cannot be counted: floor, flagged, never a crash."""
-    record = analyse(exchange(INDEX, "/vectors/upsert", {"upsertedCount": 100},
-                              request=b'{"vectors": [{"id": "a", "values": [0.1, 0.2',
-                              request_truncated=True))
+    record = analyse(
+        exchange(
+            INDEX,
+            "/vectors/upsert",
+            {"upsertedCount": 100},
+            request=b'{"vectors": [{"id": "a", "values": [0.1, 0.2',
+            request_truncated=True,
+        )
+    )
     assert record.usage == {"write_units": 5}
     assert "request_truncated" in record.flags
 
 
-@pytest.mark.parametrize(("method", "path", "operation"),
-                         [("GET", "/indexes", "describe"), ("GET", "/indexes/idx", "describe"),
-                          ("POST", "/indexes", "create_index"),
-                          ("POST", "/describe_index_stats", "stats")])
+@pytest.mark.parametrize(
+    ("method", "path", "operation"),
+    [
+        ("GET", "/indexes", "describe"),
+        ("GET", "/indexes/idx", "describe"),
+        ("POST", "/indexes", "create_index"),
+        ("POST", "/describe_index_stats", "stats"),
+    ],
+)
 def test_pinecone_unbilled_operations(method: str, path: str, operation: str) -> None:
     """Control-plane calls and stats are not billed per request: null cost with a reason."""
     host = "api.pinecone.io" if path.startswith("/indexes") else INDEX
@@ -98,10 +132,14 @@ def test_pinecone_unbilled_operations(method: str, path: str, operation: str) ->
 
 def test_pinecone_inference_embed() -> None:
     """Pinecone inference: embed tokens priced per model."""
-    record = analyse(exchange("api.pinecone.io", "/embed",
-                              {"model": "multilingual-e5-large", "data": [],
-                               "usage": {"total_tokens": 1000}},
-                              request={"model": "multilingual-e5-large", "inputs": []}))
+    record = analyse(
+        exchange(
+            "api.pinecone.io",
+            "/embed",
+            {"model": "multilingual-e5-large", "data": [], "usage": {"total_tokens": 1000}},
+            request={"model": "multilingual-e5-large", "inputs": []},
+        )
+    )
     assert record.usage == {"input_tokens": 1000}
     assert record.cost_usd == pytest.approx(0.00008)
 
@@ -131,14 +169,28 @@ fragment Owner on Repository { owner { login } }
 
 def test_graphql_operation_shape() -> None:
     """Type, name, depth, field count, complexity and variables, from graphql-core's parse."""
-    body = {"data": {"viewer": {"login": "x", "repositories": {"nodes": []}}},
-            "extensions": {"cost": {"requestedQueryCost": 52, "actualQueryCost": 12,
-                                    "throttleStatus": {"maximumAvailable": 1000.0,
-                                                       "currentlyAvailable": 988,
-                                                       "restoreRate": 50.0}}}}
-    record = analyse(exchange("api.example.com", "/graphql", body,
-                              request={"query": QUERY, "variables": {"n": 10},
-                                       "operationName": "Repos"}))
+    body = {
+        "data": {"viewer": {"login": "x", "repositories": {"nodes": []}}},
+        "extensions": {
+            "cost": {
+                "requestedQueryCost": 52,
+                "actualQueryCost": 12,
+                "throttleStatus": {
+                    "maximumAvailable": 1000.0,
+                    "currentlyAvailable": 988,
+                    "restoreRate": 50.0,
+                },
+            }
+        },
+    }
+    record = analyse(
+        exchange(
+            "api.example.com",
+            "/graphql",
+            body,
+            request={"query": QUERY, "variables": {"n": 10}, "operationName": "Repos"},
+        )
+    )
     assert record.provider == "graphql"
     assert record.endpoint == "query"
     gql = record.graphql
@@ -158,9 +210,14 @@ def test_graphql_operation_shape() -> None:
 
 def test_graphql_errors_and_mutation() -> None:
     """Errors are counted; mutations are named as such."""
-    record = analyse(exchange("shop.example.com", "/api/graphql",
-                              {"data": None, "errors": [{"message": "a"}, {"message": "b"}]},
-                              request={"query": "mutation { addStar(id: 1) { ok } }"}))
+    record = analyse(
+        exchange(
+            "shop.example.com",
+            "/api/graphql",
+            {"data": None, "errors": [{"message": "a"}, {"message": "b"}]},
+            request={"query": "mutation { addStar(id: 1) { ok } }"},
+        )
+    )
     assert record.graphql is not None
     assert record.graphql["operation_type"] == "mutation"
     assert record.graphql["error_count"] == 2
@@ -179,22 +236,36 @@ def test_graphql_errors_and_mutation() -> None:
 )
 def test_graphql_detection(path: str, headers: dict[str, str], body: Any, detected: bool) -> None:
     """Detected by path, content type or the strict GraphQL-over-HTTP body shape only."""
-    record = analyse(exchange("api.example.com", path, {"data": {}}, request=body,
-                              request_headers=headers))
+    record = analyse(
+        exchange("api.example.com", path, {"data": {}}, request=body, request_headers=headers)
+    )
     assert (record.provider == "graphql") is detected
 
 
 def test_graphql_get_query_string() -> None:
     """GET /graphql?query=... is read from the query string."""
-    record = analyse(exchange("api.example.com", "/graphql", {"data": {"a": 1}}, method="GET",
-                              query="query=%7B%20a%20%7D&operationName="))
+    record = analyse(
+        exchange(
+            "api.example.com",
+            "/graphql",
+            {"data": {"a": 1}},
+            method="GET",
+            query="query=%7B%20a%20%7D&operationName=",
+        )
+    )
     assert record.graphql is not None and record.graphql["field_count"] == 1
 
 
 def test_graphql_syntax_error_is_recorded() -> None:
     """A broken document is a parse_error on the record, never an exception."""
-    record = analyse(exchange("api.example.com", "/graphql", {"errors": [{"message": "x"}]},
-                              request={"query": "query { a { "}))
+    record = analyse(
+        exchange(
+            "api.example.com",
+            "/graphql",
+            {"errors": [{"message": "x"}]},
+            request={"query": "query { a { "},
+        )
+    )
     assert record.provider == "graphql"
     assert record.parse_error is not None and "GraphQL syntax error" in record.parse_error
 
@@ -202,19 +273,24 @@ def test_graphql_syntax_error_is_recorded() -> None:
 def test_graphql_deep_nesting_and_fragment_cycles() -> None:
     """Very deep queries and self-referencing fragments stay bounded."""
     deep = "query " + "{ a " * 3000 + "}" * 3000
-    record = analyse(exchange("api.example.com", "/graphql", {"data": {}},
-                              request={"query": deep}))
+    record = analyse(exchange("api.example.com", "/graphql", {"data": {}}, request={"query": deep}))
     assert record.provider == "graphql"
     cyclic = "query { ...F } fragment F on Q { a ...F }"
-    record = analyse(exchange("api.example.com", "/graphql", {"data": {}},
-                              request={"query": cyclic}))
+    record = analyse(
+        exchange("api.example.com", "/graphql", {"data": {}}, request={"query": cyclic})
+    )
     assert record.graphql is not None and record.graphql["field_count"] == 1
 
 
 def test_graphql_on_a_known_provider_keeps_the_provider() -> None:
     """Weaviate's /v1/graphql stays provider weaviate, with the GraphQL fields."""
-    record = analyse(exchange("abc.c0.us-west3.gcp.weaviate.cloud", "/v1/graphql",
-                              {"data": {"Get": {"Article": []}}},
-                              request={"query": "{ Get { Article(limit: 5) { title } } }"}))
+    record = analyse(
+        exchange(
+            "abc.c0.us-west3.gcp.weaviate.cloud",
+            "/v1/graphql",
+            {"data": {"Get": {"Article": []}}},
+            request={"query": "{ Get { Article(limit: 5) { title } } }"},
+        )
+    )
     assert record.provider == "weaviate"
     assert record.graphql is not None and record.graphql["complexity"] == 1 + (1 + 5 * 1)

@@ -87,22 +87,31 @@ def test_host_matching(host: str, expected: str | None) -> None:
 
 def test_query_string_never_selects_a_provider() -> None:
     """A provider host named in the query or path of another host is not that provider."""
-    ex = exchange("evil.test", "/api.openai.com/v1/chat/completions", b"{}",
-                  query="x=api.openai.com")
+    ex = exchange(
+        "evil.test", "/api.openai.com/v1/chat/completions", b"{}", query="x=api.openai.com"
+    )
     assert analyse(ex).provider == "unknown"
 
 
 def test_provider_hint_wins_over_host() -> None:
     """Base-URL mode and --provider-host force the provider whatever the host is."""
-    ex = exchange("127.0.0.1", "/v1/chat/completions", {"model": "gpt-4o-mini", "usage": {
-        "prompt_tokens": 1, "completion_tokens": 1}}, hint="openai")
+    ex = exchange(
+        "127.0.0.1",
+        "/v1/chat/completions",
+        {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        hint="openai",
+    )
     assert analyse(ex).provider == "openai"
 
 
 def test_unknown_hint_falls_back_to_host_and_says_so() -> None:
     """A hint that names no provider is ignored, with a flag."""
-    ex = exchange("api.openai.com", "/v1/embeddings", {"model": "x", "usage": {
-        "prompt_tokens": 1, "total_tokens": 1}}, hint="nope")
+    ex = exchange(
+        "api.openai.com",
+        "/v1/embeddings",
+        {"model": "x", "usage": {"prompt_tokens": 1, "total_tokens": 1}},
+        hint="nope",
+    )
     record = analyse(ex)
     assert record.provider == "openai"
     assert "unknown_provider_hint" in record.flags
@@ -110,8 +119,20 @@ def test_unknown_hint_falls_back_to_host_and_says_so() -> None:
 
 def test_base_urls_for_base_url_mode() -> None:
     """Providers with a fixed public base URL expose it; per-account hosts have none."""
-    for pid in ("openai", "anthropic", "gemini", "mistral", "groq", "cohere", "deepseek",
-                "together", "fireworks", "openrouter", "xai", "perplexity"):
+    for pid in (
+        "openai",
+        "anthropic",
+        "gemini",
+        "mistral",
+        "groq",
+        "cohere",
+        "deepseek",
+        "together",
+        "fireworks",
+        "openrouter",
+        "xai",
+        "perplexity",
+    ):
         url = REGISTRY.base_url(pid)
         assert url is not None and url.startswith("https://"), pid
         host = url.split("/")[2]
