@@ -97,7 +97,7 @@ class Pricer:
                 if result is not None:
                     return result
         if model is None:
-            return PriceResult(None, f"no model named; no price for {provider_id}")
+            return PriceResult(None, f"no price for {provider_id} (no model named)")
         if use_genai:
             found = self._genai.plan(prices_id, model, when, context)
             if found is not None:
