@@ -149,7 +149,10 @@ class PricePlan:
         threshold = self._value(usage, "input_tokens") if self._tiered else 0
         total = input_ = output = _ZERO
         for unit, price, direction in self._priced:
-            amount = calc_unit_price(price, leaves[unit.usage_key], threshold, unit.per)
+            count = leaves[unit.usage_key]
+            if not count:
+                continue  # adds exactly zero: skip the Decimal work
+            amount = calc_unit_price(price, count, threshold, unit.per)
             total += amount
             if direction == "input":
                 input_ += amount
