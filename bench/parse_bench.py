@@ -158,10 +158,11 @@ def main() -> None:
     args = parser.parse_args()
     stamp = datetime.fromtimestamp(_WHEN, UTC)
     usage = Usage(input_tokens=1200, cache_read_tokens=1024, output_tokens=300)
+    chat, stream, pinecone = _chat(), _stream(), _pinecone()
     cases: list[tuple[str, Callable[[], object], float | None]] = [
-        ("chat response (parse+price)", lambda ex=_chat(): analyse(ex), 30.0),
-        ("200-chunk stream (parse+price)", lambda ex=_stream(): analyse(ex), 300.0),
-        ("pinecone query (parse+price)", lambda ex=_pinecone(): analyse(ex), None),
+        ("chat response (parse+price)", lambda: analyse(chat), 30.0),
+        ("200-chunk stream (parse+price)", lambda: analyse(stream), 300.0),
+        ("pinecone query (parse+price)", lambda: analyse(pinecone), None),
         (
             "baseline: one genai_prices.calc_price",
             lambda: calc_price(
