@@ -123,7 +123,9 @@ class SpanShipper:
         self.flush(timeout)
         if self.dropped:
             log.warning(
-                "llmobserve: %d section spans were dropped (proxy unreachable)", self.dropped
+                "llmobserve: %d section spans were dropped (more than %d waiting to be sent)",
+                self.dropped,
+                MAX_WAITING,
             )
 
 
