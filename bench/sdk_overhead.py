@@ -37,9 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.overhead import _proxy, _upstream
-
 import llmobserve
+from bench.overhead import _proxy, _upstream
 from llmobserve.sdk import _install
 
 BODY = json.dumps(
