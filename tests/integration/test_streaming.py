@@ -203,3 +203,36 @@ def test_client_abort_before_headers_closes_upstream(
     assert closed_at is not None
     assert closed_at - aborted_at < 0.5, f"upstream closed {closed_at - aborted_at:.3f}s later"
     assert len(sse_upstream.requests) == 1
+
+
+@pytest.mark.timeout(60)
+def test_pooled_connection_reused_after_large_response(proxy_factory: ProxyFactory) -> None:
+    """
+    A keep-alive upstream connection that carried a large response to a
+    slow client (so backpressure paused it, possibly right at the end)
+    serves the next request normally: the small request that follows is
+    answered 200 at once, not left waiting for headers the upstream has
+    already sent.  Repeated on fresh upstreams, since the end-of-body
+    timing varies.
+    """
+    proxy = proxy_factory(
+        "--allow-cidr", "127.0.0.1/32", "--header-timeout", "2", "--idle-timeout", "2"
+    )
+    for attempt in range(6):
+        with BigBodyUpstream() as upstream:
+            big = proxy_request(proxy.port, "GET", upstream.url + f"/blob?size={3 * MiB}")
+            with StreamReader(proxy.port, big, rcvbuf=65536, keep_body=False) as s:
+                assert s.read_head() == 200
+                time.sleep(0.3)
+                s.read_all()
+            assert s.complete and s.received == 3 * MiB
+            started = time.monotonic()
+            small = proxy_request(proxy.port, "GET", upstream.url + "/blob?size=1000")
+            resp = raw_request(proxy.port, small, timeout=15)
+            took = time.monotonic() - started
+            assert resp.status == 200, (
+                f"attempt {attempt}: the request after a 3 MiB one got "
+                f"{resp.status} {resp.body[:120]!r} in {took:.2f}s "
+                f"(upstream connections: {upstream.connection_count})"
+            )
+            assert len(resp.body) == 1000
