@@ -313,6 +313,10 @@ class RawConnection:
         back as C{request} to read the rest.
         """
         req: RecordedRequest | None = request
+        if req is None and self.h11.their_state is h11.DONE:
+            # A raw script wrote its own response to the previous request:
+            # move h11 on to the next cycle.
+            self._next_cycle()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -362,20 +366,26 @@ class RawConnection:
             elif event is h11.PAUSED:
                 return None
 
+    def _next_cycle(self) -> bool:
+        try:
+            if self.h11.our_state is h11.SEND_RESPONSE:
+                self.h11.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+            if self.h11.our_state is h11.SEND_BODY:
+                self.h11.send(h11.EndOfMessage())
+            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                self.h11.start_next_cycle()
+                return True
+        except h11.LocalProtocolError:
+            pass
+        return False
+
     def finish_exchange(self, keep_alive: bool = True) -> bool:
         """
         Advance h11 past the response we wrote by hand.  Returns C{True} when
         the connection can carry another request, else closes it.
         """
-        if keep_alive and not self.is_closed:
-            try:
-                self.h11.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
-                self.h11.send(h11.EndOfMessage())
-                if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-                    self.h11.start_next_cycle()
-                    return True
-            except h11.LocalProtocolError:
-                pass
+        if keep_alive and not self.is_closed and self._next_cycle():
+            return True
         self.close()
         return False
 
