@@ -409,3 +409,53 @@ def test_policy_refusal_by_real_proxy_goes_direct(tracked: World) -> None:
     assert not any(r.header("Via") for r in reqs)
     assert not any(n.lower().startswith(b"x-llmobserve") for r in reqs for n, _ in r.headers)
     assert ROUTER.route("http", "::1", port) is None
+
+
+@pytest.mark.parametrize("lib", ["httpx2", "requests", "aiohttp"])
+def test_stream_is_relayed_as_it_arrives(tracked: World, lib: str) -> None:
+    """Each SSE event reaches the application while the upstream still holds back the
+    rest: the SDK's routing does not buffer a stream. (A fresh upstream: the fake one
+    idles C{gap} after a response before reading the next request on that connection.)"""
+    gap = 0.3
+    events = openai_sse_events(2)  # 6 events, one every gap
+    with RecordingUpstream(Response(200, SSE, events, chunk_interval=gap)) as up:
+        llmobserve.observe(
+            proxy_url=tracked.proxy.url, provider_hosts={**tracked.hosts, up.authority: "openai"}
+        )
+        url = f"{up.url}/v1/chat/completions"
+        t0 = time.perf_counter()
+        first_at = None
+        chunks: list[bytes] = []
+        if lib == "httpx2":
+            import httpx2
+
+            with httpx2.stream("POST", url, content=b'{"stream":true}') as r:
+                for chunk in r.iter_raw():
+                    first_at = first_at or time.perf_counter() - t0
+                    chunks.append(chunk)
+        elif lib == "requests":
+            import requests
+
+            with requests.post(url, data=b'{"stream":true}', stream=True) as r2:
+                for chunk in r2.raw.stream(65536, decode_content=False):
+                    first_at = first_at or time.perf_counter() - t0
+                    chunks.append(chunk)
+        else:
+            import aiohttp
+
+            async def main() -> None:
+                nonlocal first_at
+                async with aiohttp.ClientSession() as s, s.post(url, data=b'{"stream":true}') as r3:
+                    async for chunk in r3.content.iter_any():
+                        first_at = first_at or time.perf_counter() - t0
+                        chunks.append(chunk)
+
+            asyncio.run(main())
+        total = time.perf_counter() - t0
+        [req] = up.requests
+    assert b"".join(chunks) == b"".join(events)
+    assert req.header("Via") is not None  # it did go through the proxy
+    assert total >= 5 * gap
+    assert first_at is not None and first_at < 2 * gap, (
+        f"first chunk after {first_at:.2f}s of {total:.2f}s: the stream was buffered"
+    )

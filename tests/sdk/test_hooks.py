@@ -266,3 +266,39 @@ def test_shutdown_unhooks(
     caller(f"{target.url}/after", body=b"1")
     assert len(target.wait_requests(1)) == 1
     assert fake_proxy.requests == []
+
+
+def test_urllib3_pool_redirect_is_followed_through_the_proxy(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+) -> None:
+    """urlopen(redirect=True) on a pool (not PoolManager): the redirect relayed by the proxy
+    is followed, and the follow-up call is routed too."""
+    import urllib3
+
+    fake_proxy.queue(
+        Response(302, [("Location", f"{target.url}/b?x=1"), ("Content-Length", "0")]),
+        json_response({"final": True}),
+    )
+    host, port = target.authority.rsplit(":", 1)
+    with urllib3.HTTPConnectionPool(host, int(port)) as pool:
+        r = pool.urlopen("GET", "/a")
+    assert r.status == 200 and r.data == b'{"final":true}'
+    got = [req.header("X-LLMObserve-Target-URL") for req in fake_proxy.wait_requests(2)]
+    assert got == [f"{target.url}/a".encode(), f"{target.url}/b?x=1".encode()]
+    assert target.requests == []
+
+
+def test_httpx_transport_behind_a_forward_proxy_reaches_ours_directly(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+) -> None:
+    """A client configured with an HTTP forward proxy (as HTTPS_PROXY would do): the
+    routed call goes straight to the llmobserve proxy, not through the forward proxy."""
+    import httpx2
+
+    with RecordingUpstream() as forward, httpx2.Client(proxy=forward.url) as client:
+        r = client.post(f"{target.url}/v1/chat/completions", content=b"{}")
+        assert r.status_code == 200
+        assert forward.requests == []
+    [req] = fake_proxy.wait_requests(1)
+    assert req.target == b"/proxy"
+    assert target.requests == []
