@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,15 @@ _last: Observation | None = None
 _last_args: tuple[Any, ...] | None = None
 _said_instrumentors = False
 _said_untracked = False
+
+
+def _say(message: str, *args: object) -> None:
+    """One line the user should see: logged at INFO if the application configured
+    logging, else written to stderr (Python shows only warnings by default)."""
+    if log.hasHandlers():
+        log.info(message, *args)
+    else:
+        sys.stderr.write((message % args) + "\n")
 
 
 def _env(name: str) -> str | None:
@@ -128,7 +138,7 @@ def _auto_start(
         return _finish(Observation(None, False, collector_url=collector_url, reason=found))
     _route_through(found.url, collector_url, provider_hosts, exclude_hosts)
     where = collector_url or "its embedded store (llmobserve report)"
-    log.info(
+    _say(
         "llmobserve: tracking calls through the proxy at %s (%s), events go to %s",
         found.url,
         "started" if found.started else "already running",
@@ -186,15 +196,15 @@ def observe(
 
     if use_instrumentors and not _said_instrumentors:
         _said_instrumentors = True
-        log.info(
+        _say(
             "llmobserve: use_instrumentors is accepted for compatibility and changes nothing: "
             "every provider is covered through the proxy"
         )
     with _lock:
         _context.set_defaults(customer_id, tenant_id)
         args = (collector_url, proxy_url, api_key, sorted(hosts.items()), excluded, port)
-        if args == _last_args and _last is not None:
-            return _last
+        if args == _last_args and _last is not None and _last.reason in (None, "proxy_url=None"):
+            return _last  # the same again; a failed auto-start is retried
         _last_args = args
         if proxy_url is None:
             _go_direct("observe(proxy_url=None)")
@@ -203,7 +213,7 @@ def observe(
             )
         if isinstance(proxy_url, str):
             _route_through(proxy_url, collector_url, hosts, excluded)
-            log.info("llmobserve: tracking calls through the proxy at %s", proxy_url)
+            _say("llmobserve: tracking calls through the proxy at %s", proxy_url)
             return _finish(Observation(proxy_url.rstrip("/"), True, collector_url=collector_url))
         if _in_event_loop():
             # Never block a running loop: find or start the proxy in a thread;

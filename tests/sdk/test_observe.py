@@ -187,3 +187,36 @@ def test_sections_wait_while_proxy_is_down_then_go() -> None:
         assert shipper.flush(timeout=2.0) is True
         [req] = later.wait_requests(1)
         assert json.loads(req.body) == [{"span_id": "a"}]
+
+
+def test_where_it_runs_is_said_even_without_logging_configured(
+    fake_proxy: RecordingUpstream,
+) -> None:
+    """With no logging configured (Python shows only warnings), the one line saying where
+    the proxy runs still reaches stderr, once."""
+    out = _run(
+        f"""
+        import llmobserve
+        llmobserve.observe(proxy_url={fake_proxy.url!r})
+        llmobserve.observe(proxy_url={fake_proxy.url!r})
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "tracking calls through" in line]
+    assert lines == [f"llmobserve: tracking calls through the proxy at {fake_proxy.url}"]
+
+
+def test_failed_auto_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed auto-start is not cached: observe() again tries again."""
+    from llmobserve.sdk import _autostart
+
+    calls = []
+
+    def fail(*args: object, **kwargs: object) -> str:
+        calls.append(1)
+        return "nope"
+
+    monkeypatch.setattr(_autostart, "ensure_proxy", fail)
+    assert llmobserve.observe().tracking is False
+    assert llmobserve.observe().tracking is False
+    assert len(calls) == 2
