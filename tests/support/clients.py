@@ -287,6 +287,20 @@ class RawClient:
             chunk_times,
         )
 
+    def peek(self, timeout: float = 1.0) -> bytes:
+        """
+        Wait up to C{timeout} for some bytes and return them, keeping them
+        for the next L{read_response} (e.g. to see a C{100 Continue} arrive
+        before the body is sent).  C{b""} if nothing came.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            data = self._recv(deadline)
+        except TimeoutError:
+            return b""
+        self._pending += data
+        return data
+
     def read_raw(self, timeout: float = 2.0, until_close: bool = True) -> bytes:
         """Read raw bytes until the server closes (or C{timeout})."""
         deadline = time.monotonic() + timeout
