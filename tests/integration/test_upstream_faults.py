@@ -17,6 +17,7 @@ from support.upstreams import (
     ReadRequest,
     Reset,
     Response,
+    ScriptStep,
     Send,
     SSEUpstream,
     Stall,
@@ -195,8 +196,13 @@ def test_post_on_reused_connection_never_replayed(
     502 and never sends that POST again on a new connection.
     """
     ok = Response(200, [("Content-Type", "application/json")], b'{"ok":true}')
-    first_conn = [ReadRequest(), Send(b"".join(ok.serialize())), ReadRequest(), Close()]
-    later = [ReadRequest(), Send(b"".join(ok.serialize()))]
+    first_conn: list[ScriptStep] = [
+        ReadRequest(),
+        Send(b"".join(ok.serialize())),
+        ReadRequest(),
+        Close(),
+    ]
+    later: list[ScriptStep] = [ReadRequest(), Send(b"".join(ok.serialize()))]
     raw_upstream.scripts = [first_conn]
     raw_upstream.script = later
     url = raw_upstream.url + "/v1/chat/completions"

@@ -43,6 +43,7 @@ __all__ = [
     "Reset",
     "Response",
     "SSEUpstream",
+    "ScriptStep",
     "Send",
     "SendRepeated",
     "ShutdownWrite",
