@@ -307,14 +307,15 @@ def _event(row: Sequence[Any]) -> dict[str, Any]:
 
 
 class EventStore:
-    """Events in one SQLite file, synchronous, for use from one thread at a time.
+    """Events in one SQLite file, synchronous, for use by one thread at a time.
 
     @param path: the database file; its directory is created if missing.
     @param synchronous: SQLite's C{synchronous} setting. C{FULL} (the default)
         makes every commit durable before L{insert} returns, which is what a
         collector's acknowledgement promises.
-    @param check_same_thread: passed to L{sqlite3.connect}; set it to C{False}
-        only when the caller serialises all use itself.
+    @param check_same_thread: passed to L{sqlite3.connect}. Off by default, so
+        a store opened in one thread may be handed to another (thread pools
+        may do that); it must still never be used by two threads at once.
     """
 
     def __init__(
@@ -322,7 +323,7 @@ class EventStore:
         path: str | os.PathLike[str],
         *,
         synchronous: str = "FULL",
-        check_same_thread: bool = True,
+        check_same_thread: bool = False,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise StoreError(f"unknown synchronous mode {synchronous!r}")
