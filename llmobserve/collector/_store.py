@@ -153,6 +153,7 @@ _COLUMNS: Final = (
     "extra",
 )
 _KNOWN_KEYS: Final = frozenset(("id", *_SCALARS, *_JSON_FIELDS))
+_SCALAR_NAMES: Final = tuple(_SCALARS)
 _INT64: Final = 2**63
 
 _SCHEMA: Final = f"""
@@ -206,23 +207,15 @@ def _jsonable_key(key: Any) -> str:
     return str(key)
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return _encode(value)
     except (TypeError, ValueError):
-        return json.dumps(_jsonable(value), separators=(",", ":"), allow_nan=False)
-
-
-def _fits(value: Any) -> bool:
-    """Whether a value can live in a scalar column unchanged."""
-    t = type(value)
-    if t is str or t is bool or value is None:
-        return True
-    if t is int:
-        return bool(-_INT64 <= value < _INT64)
-    if t is float:
-        return math.isfinite(value)
-    return False
+        return _encode(_jsonable(value))
 
 
 def _synthetic_id(event: Mapping[str, Any]) -> str:
@@ -240,12 +233,22 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
             extra["id"] = event_id
         event_id = _synthetic_id(event)
     values: list[Any] = [event_id]
-    for name in _SCALARS:
-        value = event.get(name)
-        if _fits(value):
-            values.append(value)
+    append = values.append
+    get = event.get
+    for name in _SCALAR_NAMES:
+        value = get(name)
+        t = type(value)
+        # whether the value fits its column as is (inlined: hot loop)
+        if (
+            value is None
+            or t is str
+            or (t is float and math.isfinite(value))
+            or (t is int and -_INT64 <= value < _INT64)
+            or t is bool
+        ):
+            append(value)
         else:
-            values.append(None)
+            append(None)
             extra[name] = value
     if values[1] is None and "kind" not in extra:
         values[1] = "call"
@@ -275,7 +278,6 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
 _N_SCALARS: Final = len(_SCALARS)
 _JSON_START: Final = 1 + _N_SCALARS
 _EXTRA_INDEX: Final = len(_COLUMNS) - 1
-_SCALAR_NAMES: Final = tuple(_SCALARS)
 
 
 def _event(row: Sequence[Any]) -> dict[str, Any]:
