@@ -83,15 +83,20 @@ class CollectorService(MultiService):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         # The writer thread's first job: count what is already stored, so
-        # /health is exact from then on (it runs before any insert).
-        self.writer_thread.submit(lambda store: store.count()).addCallback(self._counted)
-        d = self._endpoint.listen(self.factory)
+        # /health is exact from then on (it runs before any insert). Listen
+        # only after it: "listening" then means the store is open and ready.
+        d = self.writer_thread.submit(lambda store: store.count())
+        d.addCallback(self._counted)
+        d.addCallback(lambda _: self._endpoint.listen(self.factory))
         d.addCallbacks(self._bound, self._not_bound)
 
     def _counted(self, n: int) -> None:
         self.writer.stored += n
 
     def _bound(self, port: IListeningPort) -> None:
+        if not self.running:  # stopped before the store was ready
+            port.stopListening()
+            return
         self.port = port
         host = port.getHost()
         h = getattr(host, "host", "?")
@@ -105,7 +110,7 @@ class CollectorService(MultiService):
         self.listening.callback(port)
 
     def _not_bound(self, failure: Any) -> None:
-        self.log.failure("llmobserve collector cannot listen", failure)
+        self.log.failure("llmobserve collector cannot start", failure)
         self.listening.errback(failure)
         reactor: Any = self._reactor
         if getattr(reactor, "running", False):
