@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -334,3 +336,53 @@ def test_ack_after_disconnect_not_written(env: Any) -> None:
     runner.run_all()
     assert link.received() == []
     assert store.count() == 2
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=200), prefix_hello=st.booleans())
+def test_random_bytes_never_raise(env: Any, data: bytes, prefix_hello: bool) -> None:
+    """Whatever bytes arrive, dataReceived never raises: the link works or closes."""
+    _, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    if prefix_hello:
+        link.hello("fuzz")
+    link.proto.dataReceived(data)
+    runner.run_all()
+    clock.advance(100)
+    assert link.closed
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    event=st.dictionaries(
+        st.sampled_from(["id", "ts", "status", "usage", "context", "cost_usd", "model", "x"]),
+        _values,
+    )
+)
+def test_any_event_map_is_stored(env: Any, event: dict[str, Any]) -> None:
+    """Any map of msgpack values is stored (never rejected) and acked."""
+    store, runner, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("fuzz")
+    link.send({"t": "batch", "seq": 1, "events": [event]})
+    runner.run_all()
+    assert link.received() == [{"t": "ack", "seq": 1}]
+    assert store.count() >= 1
