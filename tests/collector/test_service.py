@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.python import usage
 
 from llmobserve.collector import _writer
@@ -223,3 +224,25 @@ def test_make_service_builds(tmp_path: Path) -> None:
     service = makeService(o)
     assert (tmp_path / "new" / "e.sqlite3").exists()
     assert not service.running
+
+
+def test_interfaces(tmp_path: Path) -> None:
+    """The service, the link protocol and the port switch provide Twisted's interfaces."""
+    from twisted.application.service import IService, IServiceCollection
+    from twisted.internet.interfaces import IProtocol, IProtocolFactory
+    from twisted.internet.task import Clock
+    from zope.interface.verify import verifyObject
+
+    from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
+    from llmobserve.collector._port import PortSwitchFactory
+
+    service = makeService(parse(["--db", str(tmp_path / "e.sqlite3"), "--port", "0"]))
+    assert verifyObject(IService, service)
+    assert verifyObject(IServiceCollection, service)
+    store = EventStore(tmp_path / "e.sqlite3")
+    writer = BatchWriter(ManualRunner(store))
+    link = LinkServerProtocol(writer, Clock(), LinkRegistry())
+    assert verifyObject(IProtocol, link)
+    factory = PortSwitchFactory(lambda: link, Factory(), Clock())
+    assert verifyObject(IProtocolFactory, factory)
+    store.close()
