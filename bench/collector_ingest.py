@@ -113,7 +113,8 @@ def run_link(
     sent = 0
     last_seq = frames[-1][0]
     while acked < last_seq:
-        while sent < len(frames) and sent - _acked_index(frames, acked) < window:
+        # seqs are 0..n-1 in batch order: acked + 1 batches are acknowledged
+        while sent < len(frames) and sent - (acked + 1) < window:
             sock.sendall(frames[sent][1])
             sent += 1
         for m in read():
@@ -121,11 +122,6 @@ def run_link(
                 acked = m["seq"]
     result["done"] = time.perf_counter()
     sock.close()
-
-
-def _acked_index(frames: list[tuple[int, bytes]], acked: int) -> int:
-    # seqs are 0..n-1 in batch order, so the count of acked batches is acked+1
-    return acked + 1
 
 
 def main() -> None:
@@ -140,7 +136,15 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="llmo-bench-"))
     proc: subprocess.Popen[bytes] | None = None
-    watchdog = threading.Timer(args.timeout, lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    def give_up() -> None:
+        # never leave the collector behind, even when the bench is stuck
+        if proc is not None:
+            proc.kill()
+        print("collector ingest: timed out", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watchdog = threading.Timer(args.timeout, give_up)
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -201,8 +205,9 @@ def main() -> None:
             print(json.dumps(answer))
         else:
             print(
-                f"collector ingest: {rate:,.0f} events/s ({total:,} events over {args.links} links, "
-                f"batch {args.batch}, window {args.window}, {elapsed:.2f} s, {stored:,} stored; "
+                f"collector ingest: {rate:,.0f} events/s "
+                f"({total:,} events over {args.links} links, batch {args.batch}, "
+                f"window {args.window}, {elapsed:.2f} s, {stored:,} stored; "
                 f"store alone in-process: {baseline:,.0f} events/s)"
             )
         if stored != total:
