@@ -96,7 +96,7 @@ class ProxyResource:
             return self._metrics(request)
         if route == b"spans" and request.method == b"POST":
             return self._spans(request)
-        if route not in _OWN_ROUTES and not isinstance(request, StreamingRequest):
+        if route not in _OWN_ROUTES and not getattr(request, "reports_client_gone", False):
             # Mounted in a plain Site: twisted.web buffered the body already.
             receiver = self.begin_streaming(request)
             if receiver is not None:
@@ -120,11 +120,13 @@ class ProxyResource:
         t0 = _now()
         started_at = time.time()
         clock = self._s.clock
-        pairs = [
-            (name, value)
-            for name, values in request.requestHeaders.getAllRawHeaders()
-            for value in values
-        ]
+        pairs = getattr(request, "raw_headers", None)
+        if pairs is None:
+            pairs = [
+                (name, value)
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ]
         refusal = self._check_inbound(request, pairs)
         if refusal is not None:
             status, kind, message = refusal
@@ -151,7 +153,7 @@ class ProxyResource:
         if target is None:
             return None  # unknown route: render answers 404
         relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
-        relay.start(watch_client=not isinstance(request, StreamingRequest))
+        relay.start(watch_client=not getattr(request, "reports_client_gone", False))
         return relay
 
     # Routing

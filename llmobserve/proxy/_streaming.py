@@ -83,6 +83,7 @@ class StreamingRequest(server.Request):
 
     body_receiver: RequestBodyReceiver | None = None
     defaultContentType = None  # a proxy never invents a Content-Type
+    reports_client_gone = True  # connectionLost tells the body receiver
 
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
@@ -98,7 +99,10 @@ class StreamingRequest(server.Request):
         self.site = channel.site
         self.path = self.uri.split(b"?", 1)[0]
         self.prepath = []
-        self.postpath = [unquote_to_bytes(seg) for seg in self.path[1:].split(b"/")]
+        segments = self.path[1:].split(b"/")
+        self.postpath = (
+            [unquote_to_bytes(seg) for seg in segments] if b"%" in self.path else segments
+        )
         resource = self.site.getResourceFor(self)
         if IStreamingResource.providedBy(resource) and resource.streaming:
             receiver = resource.begin_streaming(self)
@@ -129,6 +133,10 @@ def finish_early(request: http.Request) -> None:
     client finished sending: the connection can't be reused, since the rest
     of the body would be read as a new request.
     """
+    own = getattr(request, "finish_and_close", None)
+    if own is not None:
+        own()  # our lean channel knows how
+        return
     channel: Any = request.channel
     if channel is None:
         return

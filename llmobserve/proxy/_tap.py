@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
+from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import TargetPolicy, TwistedResolver
@@ -102,6 +103,13 @@ class Options(usage.Options):
             "Seconds in-flight calls may take to finish on SIGTERM.",
             float,
         ],
+        [
+            "server",
+            None,
+            "lean",
+            "HTTP front end: 'lean' (llhttp framing, the fast path) or 'twisted-web' "
+            "(the resource in a twisted.web Site).",
+        ],
     ]
     optFlags: list[Any] = [
         [
@@ -114,6 +122,12 @@ class Options(usage.Options):
             "no-via",
             None,
             "Do not add 'Via: 1.1 llmobserve' upstream (loops are then caught by address only).",
+        ],
+        [
+            "no-events",
+            None,
+            "Forward only: record no events (one log line per call). For measuring "
+            "the bare forwarding path.",
         ],
     ]
 
@@ -151,6 +165,8 @@ class Options(usage.Options):
         self["base-url"][provider] = url
 
     def postOptions(self) -> None:
+        if self["server"] not in ("lean", "twisted-web"):
+            raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
         self["port"] = port_description(str(self["port"]))
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
             self["known-hosts-only"] = True
@@ -158,13 +174,15 @@ class Options(usage.Options):
 
 
 def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IService | None]:
-    """The transaction sink: the event pipeline when present, else a log line per call."""
+    """The transaction sink: the event pipeline, or a log line per call with --no-events."""
+    if options["no-events"]:
+        return LoggingSink(reactor), None
     try:
         from llmobserve.events.pipeline import (  # type: ignore[import-not-found,unused-ignore]
             make_event_sink,
         )
     except ImportError:
-        return LoggingSink(), None
+        return LoggingSink(reactor), None
     return make_event_sink(
         reactor,
         collector_url=options["collector"],
@@ -180,7 +198,7 @@ class ProxyService(Service):
         self,
         reactor: Any,
         description: str,
-        site: ProxySite,
+        site: Any,
         services: RelayServices,
         policy: TargetPolicy,
         drain_timeout: float,
@@ -243,7 +261,7 @@ def build_proxy(
     reactor: Any,
     options: Options,
     sink: ITransactionSink,
-) -> tuple[ProxySite, RelayServices, TargetPolicy]:
+) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options."""
     config = RelayConfig(
         connect_timeout=options["connect-timeout"],
@@ -272,7 +290,11 @@ def build_proxy(
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(services, base_urls)
-    site = ProxySite(resource, client_timeout=options["client-timeout"])
+    site: Any
+    if options["server"] == "twisted-web":
+        site = ProxySite(resource, client_timeout=options["client-timeout"])
+    else:
+        site = ProxyServerFactory(resource, reactor, keepalive_timeout=options["client-timeout"])
     return site, services, policy
 
 

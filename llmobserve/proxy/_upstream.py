@@ -105,6 +105,7 @@ class UpstreamConnection(TwistedProtocol):
         self._head_request = False
         self._response_started = False
         self._eof_framed = False
+        self._read_paused = False
         self._idle_call: IDelayedCall | None = None
 
     # Twisted protocol
@@ -248,12 +249,14 @@ class UpstreamConnection(TwistedProtocol):
 
     def pause_reading(self) -> None:
         transport: Any = self.transport
-        if transport is not None:
+        if transport is not None and not self._read_paused:
+            self._read_paused = True
             transport.pauseProducing()
 
     def resume_reading(self) -> None:
         transport: Any = self.transport
-        if transport is not None:
+        if transport is not None and self._read_paused:
+            self._read_paused = False
             transport.resumeProducing()
 
     def abort(self) -> None:
@@ -274,6 +277,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def _settle(self) -> None:
         if self._reusable and self._request_done and self.connected_:
+            # A slow client may have left the socket paused: an idle pooled
+            # connection must read (to notice EOF, and for its next response).
+            self.resume_reading()
             self.pool._release(self)
         else:
             self.abort()

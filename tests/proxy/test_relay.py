@@ -1,16 +1,34 @@
 """The relay, in memory: routing, forwarding rules, backpressure and endings.
 
-Every test drives a real ProxySite channel and a real upstream protocol over
-StringTransports with a fake clock (tests/support/inmemory.py).
+Every test drives a real server channel and a real upstream protocol over
+StringTransports with a fake clock (tests/support/inmemory.py), once with
+the lean llhttp channel that C{twistd llmobserve} serves and once with
+twisted.web's C{ProxySite} (the resource mounted in a Site).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import h11
 import pytest
 from support.inmemory import InMemoryProxy
+
+ProxyMaker = Callable[..., InMemoryProxy]
+
+
+@pytest.fixture(params=["lean", "twisted-web"])
+def make_proxy(request: pytest.FixtureRequest) -> ProxyMaker:
+    """Build in-memory proxies served by one of the two server front ends."""
+
+    def make(**kw: Any) -> InMemoryProxy:
+        return InMemoryProxy(server=request.param, **kw)
+
+    return make
+
+
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
 from twisted.python.failure import Failure
 
@@ -80,9 +98,9 @@ def response_of(data: bytes, method: bytes = b"GET") -> tuple[h11.Response, byte
     return head, body, complete
 
 
-def test_get_is_forwarded_with_one_host_via_and_no_headers_of_ours() -> None:
+def test_get_is_forwarded_with_one_host_via_and_no_headers_of_ours(make_proxy: ProxyMaker) -> None:
     """Exactly one Host (the target's), Via added, our and hop-by-hop headers gone."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(
         request(
@@ -101,9 +119,9 @@ def test_get_is_forwarded_with_one_host_via_and_no_headers_of_ours() -> None:
     assert not [n for n, _ in headers if b"llmobserve" in n or n == b"x-foo"]
 
 
-def test_response_is_relayed_and_connection_pooled() -> None:
+def test_response_is_relayed_and_connection_pooled(make_proxy: ProxyMaker) -> None:
     """The body arrives unchanged; the upstream connection is reused for the next call."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -118,8 +136,8 @@ def test_response_is_relayed_and_connection_pooled() -> None:
     assert upstream.received().count(b"GET /v1/chat/completions HTTP/1.1\r\n") == 2
 
 
-def test_transaction_is_recorded_once_with_sizes_and_context() -> None:
-    proxy = InMemoryProxy()
+def test_transaction_is_recorded_once_with_sizes_and_context(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, _client = proxy.client()
     body = b'{"model": "gpt-4o-mini"}'
     channel.dataReceived(
@@ -143,9 +161,9 @@ def test_transaction_is_recorded_once_with_sizes_and_context() -> None:
     assert all(b"llmobserve" not in n.lower() for n, _ in txn.request_headers)
 
 
-def test_request_body_streams_before_it_is_complete() -> None:
+def test_request_body_streams_before_it_is_complete(make_proxy: ProxyMaker) -> None:
     """The upstream sees the head and the first bytes while the client still sends."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, _client = proxy.client()
     head = request(b"POST", headers=TARGET + b"Content-Length: 10\r\n")
     channel.dataReceived(head + b"01234")
@@ -157,8 +175,8 @@ def test_request_body_streams_before_it_is_complete() -> None:
     assert (b"content-length", b"10") in [(n.lower(), v) for n, v in req.headers]
 
 
-def test_chunked_request_body_is_rechunked_upstream() -> None:
-    proxy = InMemoryProxy()
+def test_chunked_request_body_is_rechunked_upstream(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(
         request(b"POST", headers=TARGET + b"Transfer-Encoding: chunked\r\n")
@@ -176,9 +194,9 @@ def test_chunked_request_body_is_rechunked_upstream() -> None:
     assert isinstance(events[-1], h11.EndOfMessage)
 
 
-def test_slow_client_pauses_the_upstream_read() -> None:
+def test_slow_client_pauses_the_upstream_read(make_proxy: ProxyMaker) -> None:
     """Response backpressure: the client's full send buffer pauses the upstream socket."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -189,9 +207,9 @@ def test_slow_client_pauses_the_upstream_read() -> None:
     assert upstream.transport.producerState == "producing"
 
 
-def test_slow_upstream_pauses_the_client_read() -> None:
+def test_slow_upstream_pauses_the_client_read(make_proxy: ProxyMaker) -> None:
     """Request backpressure: the upstream's full send buffer pauses reading the client."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(b"POST", headers=TARGET + b"Content-Length: 100\r\n") + b"x")
     upstream = proxy.accept_upstream()
@@ -201,8 +219,8 @@ def test_slow_upstream_pauses_the_client_read() -> None:
     assert client.producerState == "producing"
 
 
-def test_sse_chunks_are_written_through_as_they_arrive() -> None:
-    proxy = InMemoryProxy()
+def test_sse_chunks_are_written_through_as_they_arrive(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -215,8 +233,10 @@ def test_sse_chunks_are_written_through_as_they_arrive() -> None:
         assert client.value().endswith(event + b"\r\n"), "written through at once"
 
 
-def test_client_disconnect_aborts_the_upstream_and_records_client_aborted() -> None:
-    proxy = InMemoryProxy()
+def test_client_disconnect_aborts_the_upstream_and_records_client_aborted(
+    make_proxy: ProxyMaker,
+) -> None:
+    proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -229,8 +249,8 @@ def test_client_disconnect_aborts_the_upstream_and_records_client_aborted() -> N
     assert txn.response_body == b"hello"
 
 
-def test_client_disconnect_before_connect_cancels_it() -> None:
-    proxy = InMemoryProxy()
+def test_client_disconnect_before_connect_cancels_it(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(request())
     channel.connectionLost(Failure(ConnectionDone()))
@@ -240,9 +260,11 @@ def test_client_disconnect_before_connect_cancels_it() -> None:
     assert connector.stoppedConnecting
 
 
-def test_upstream_reset_after_headers_drops_the_client_without_a_final_chunk() -> None:
+def test_upstream_reset_after_headers_drops_the_client_without_a_final_chunk(
+    make_proxy: ProxyMaker,
+) -> None:
     """A truncated body must never look complete."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -254,8 +276,8 @@ def test_upstream_reset_after_headers_drops_the_client_without_a_final_chunk() -
     assert txn.outcome is Outcome.UPSTREAM_RESET
 
 
-def test_upstream_reset_before_headers_is_a_502() -> None:
-    proxy = InMemoryProxy()
+def test_upstream_reset_before_headers_is_a_502(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(b"POST", body=b"{}"))
     upstream = proxy.accept_upstream()
@@ -267,8 +289,8 @@ def test_upstream_reset_before_headers_is_a_502() -> None:
     assert proxy.connects() == 1, "a POST is never sent twice"
 
 
-def test_upstream_refused_is_a_502_and_connect_timeout_a_504() -> None:
-    proxy = InMemoryProxy()
+def test_upstream_refused_is_a_502_and_connect_timeout_a_504(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     proxy.fail_upstream(ConnectionRefusedError())
@@ -283,8 +305,8 @@ def test_upstream_refused_is_a_502_and_connect_timeout_a_504() -> None:
     assert head.status_code == 504
 
 
-def test_no_response_headers_in_time_is_a_504() -> None:
-    proxy = InMemoryProxy(config=RelayConfig(header_timeout=5))
+def test_no_response_headers_in_time_is_a_504(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(header_timeout=5))
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -298,8 +320,8 @@ def test_no_response_headers_in_time_is_a_504() -> None:
     assert proxy.sink.transactions[0].outcome is Outcome.TIMEOUT
 
 
-def test_a_stalled_stream_is_cut_at_the_idle_timeout() -> None:
-    proxy = InMemoryProxy(config=RelayConfig(idle_timeout=3))
+def test_a_stalled_stream_is_cut_at_the_idle_timeout(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(idle_timeout=3))
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -314,8 +336,8 @@ def test_a_stalled_stream_is_cut_at_the_idle_timeout() -> None:
     assert proxy.sink.transactions[0].outcome is Outcome.TIMEOUT
 
 
-def test_body_over_the_limit_is_a_413_before_any_connect() -> None:
-    proxy = InMemoryProxy(config=RelayConfig(max_body=10))
+def test_body_over_the_limit_is_a_413_before_any_connect(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(max_body=10))
     channel, client = proxy.client()
     channel.dataReceived(request(b"POST", body=b"x" * 11))
     proxy.reactor.advance(0)
@@ -324,8 +346,8 @@ def test_body_over_the_limit_is_a_413_before_any_connect() -> None:
     assert proxy.connects() == 0
 
 
-def test_chunked_body_over_the_limit_is_a_413() -> None:
-    proxy = InMemoryProxy(config=RelayConfig(max_body=10))
+def test_chunked_body_over_the_limit_is_a_413(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(max_body=10))
     channel, client = proxy.client()
     channel.dataReceived(request(b"POST", headers=TARGET + b"Transfer-Encoding: chunked\r\n"))
     upstream = proxy.accept_upstream()
@@ -347,9 +369,9 @@ def test_chunked_body_over_the_limit_is_a_413() -> None:
     ],
 )
 def test_refused_targets_get_the_error_contract_and_no_connect(
-    target: bytes, status: int, kind: bytes
+    make_proxy: ProxyMaker, target: bytes, status: int, kind: bytes
 ) -> None:
-    proxy = InMemoryProxy(allow_cidrs=())
+    proxy = make_proxy(allow_cidrs=())
     channel, client = proxy.client()
     channel.dataReceived(request(headers=b"X-LLMObserve-Target-URL: " + target + b"\r\n"))
     proxy.reactor.advance(0)
@@ -360,8 +382,8 @@ def test_refused_targets_get_the_error_contract_and_no_connect(
     assert proxy.connects() == 0
 
 
-def test_missing_target_header_is_a_400() -> None:
-    proxy = InMemoryProxy()
+def test_missing_target_header_is_a_400(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(headers=b""))
     proxy.reactor.advance(0)
@@ -369,9 +391,9 @@ def test_missing_target_header_is_a_400() -> None:
     assert head.status_code == 400
 
 
-def test_foreign_host_header_is_refused() -> None:
+def test_foreign_host_header_is_refused(make_proxy: ProxyMaker) -> None:
     """Browser DNS rebinding: a Host that is not ours gets 403."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(b"GET /proxy HTTP/1.1\r\nHost: evil.example:9000\r\n" + TARGET + b"\r\n")
     proxy.reactor.advance(0)
@@ -381,8 +403,8 @@ def test_foreign_host_header_is_refused() -> None:
     assert proxy.connects() == 0
 
 
-def test_via_loop_is_a_508() -> None:
-    proxy = InMemoryProxy()
+def test_via_loop_is_a_508(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(headers=TARGET + b"Via: 1.1 llmobserve\r\n"))
     proxy.reactor.advance(0)
@@ -390,8 +412,8 @@ def test_via_loop_is_a_508() -> None:
     assert head.status_code == 508
 
 
-def test_unknown_route_is_a_404_and_health_is_ours() -> None:
-    proxy = InMemoryProxy()
+def test_unknown_route_is_a_404_and_health_is_ours(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(path=b"/nope/x", headers=b""))
     head, _, _ = response_of(client.value())
@@ -407,8 +429,8 @@ def test_unknown_route_is_a_404_and_health_is_ours() -> None:
     assert "collector" in health and "events_waiting" in health
 
 
-def test_base_url_mode_maps_the_provider_prefix() -> None:
-    proxy = InMemoryProxy(base_urls={"openai": "http://127.0.0.1:8081"})
+def test_base_url_mode_maps_the_provider_prefix(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(base_urls={"openai": "http://127.0.0.1:8081"})
     channel, _client = proxy.client()
     channel.dataReceived(request(path=b"/openai/v1/models?limit=2", headers=b""))
     upstream = proxy.accept_upstream()
@@ -419,8 +441,8 @@ def test_base_url_mode_maps_the_provider_prefix() -> None:
     assert proxy.sink.transactions[0].provider_hint == "openai"
 
 
-def test_query_on_proxy_is_merged_into_the_target() -> None:
-    proxy = InMemoryProxy()
+def test_query_on_proxy_is_merged_into_the_target(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(
         request(
@@ -433,8 +455,8 @@ def test_query_on_proxy_is_merged_into_the_target() -> None:
     assert req.target == b"/q?a=1&b=2&c=3"
 
 
-def test_redirects_are_passed_back_not_followed() -> None:
-    proxy = InMemoryProxy()
+def test_redirects_are_passed_back_not_followed(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -447,8 +469,8 @@ def test_redirects_are_passed_back_not_followed() -> None:
     assert proxy.connects() == 1
 
 
-def test_upstream_error_status_passes_through() -> None:
-    proxy = InMemoryProxy()
+def test_upstream_error_status_passes_through(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -464,8 +486,8 @@ def test_upstream_error_status_passes_through() -> None:
     assert proxy.sink.transactions[0].outcome is Outcome.UPSTREAM_ERROR
 
 
-def test_head_response_has_no_body_and_connection_is_not_reused() -> None:
-    proxy = InMemoryProxy()
+def test_head_response_has_no_body_and_connection_is_not_reused(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request(b"HEAD"))
     upstream = proxy.accept_upstream()
@@ -476,9 +498,9 @@ def test_head_response_has_no_body_and_connection_is_not_reused() -> None:
     assert proxy.pool.idle_count() == 0
 
 
-def test_stray_bytes_after_a_response_poison_the_connection() -> None:
+def test_stray_bytes_after_a_response_poison_the_connection(make_proxy: ProxyMaker) -> None:
     """204 followed by body bytes: the connection is dropped, never reused."""
-    proxy = InMemoryProxy()
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -499,8 +521,8 @@ def test_stray_bytes_after_a_response_poison_the_connection() -> None:
         b"NOT HTTP AT ALL\r\n\r\n",
     ],
 )
-def test_broken_upstream_framing_is_a_502(bad: bytes) -> None:
-    proxy = InMemoryProxy()
+def test_broken_upstream_framing_is_a_502(make_proxy: ProxyMaker, bad: bytes) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -511,8 +533,8 @@ def test_broken_upstream_framing_is_a_502(bad: bytes) -> None:
     assert upstream.transport.disconnecting or upstream.transport.disconnected
 
 
-def test_response_header_bomb_is_cut() -> None:
-    proxy = InMemoryProxy(config=RelayConfig(max_response_head=4096))
+def test_response_header_bomb_is_cut(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(max_response_head=4096))
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -523,8 +545,8 @@ def test_response_header_bomb_is_cut() -> None:
     assert head.status_code == 502
 
 
-def test_interim_100_response_is_not_relayed() -> None:
-    proxy = InMemoryProxy()
+def test_interim_100_response_is_not_relayed(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -533,8 +555,8 @@ def test_interim_100_response_is_not_relayed() -> None:
     assert (head.status_code, body) == (200, b"ok")
 
 
-def test_expect_is_answered_locally_never_forwarded() -> None:
-    proxy = InMemoryProxy()
+def test_expect_is_answered_locally_never_forwarded(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(
         request(b"POST", headers=TARGET + b"Expect: 100-continue\r\nContent-Length: 2\r\n")
@@ -546,8 +568,8 @@ def test_expect_is_answered_locally_never_forwarded() -> None:
     assert not [n for n, _ in req.headers if n.lower() == b"expect"]
 
 
-def test_stale_pooled_connection_retries_an_idempotent_get_once() -> None:
-    proxy = InMemoryProxy()
+def test_stale_pooled_connection_retries_an_idempotent_get_once(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -559,8 +581,8 @@ def test_stale_pooled_connection_retries_an_idempotent_get_once() -> None:
     assert client.value().endswith(b"ok")
 
 
-def test_stale_pooled_connection_never_resends_a_post() -> None:
-    proxy = InMemoryProxy()
+def test_stale_pooled_connection_never_resends_a_post(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
@@ -571,8 +593,8 @@ def test_stale_pooled_connection_never_resends_a_post() -> None:
     assert b"502 Bad Gateway" in client.value()
 
 
-def test_spans_are_handed_to_the_sink() -> None:
-    proxy = InMemoryProxy()
+def test_spans_are_handed_to_the_sink(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy()
     channel, client = proxy.client()
     spans = json.dumps([{"span_id": "s1", "name": "agent"}]).encode()
     channel.dataReceived(request(b"POST", path=b"/spans", headers=b"", body=spans))

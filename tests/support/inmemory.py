@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
+from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._policy import StaticResolver, TargetPolicy
 from llmobserve.proxy._relay import RelayServices
@@ -76,6 +77,7 @@ class InMemoryProxy:
         allow_cidrs: Sequence[str] = ("127.0.0.0/8",),
         base_urls: Mapping[str, str] | None = None,
         provider_hosts: Mapping[str, str] | None = None,
+        server: str = "lean",
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.config = config or RelayConfig()
@@ -94,7 +96,12 @@ class InMemoryProxy:
         self.resource = ProxyResource(
             self.services, base_urls or {"openai": "https://api.openai.com"}
         )
-        self.site = ProxySite(self.resource, reactor=self.reactor)
+        self.server = server
+        self.site: Any
+        if server == "lean":
+            self.site = ProxyServerFactory(self.resource, self.reactor)
+        else:
+            self.site = ProxySite(self.resource, reactor=self.reactor)
         self._accepted = 0
 
     def client(self) -> tuple[Any, StringTransport]:

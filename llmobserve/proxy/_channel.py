@@ -1,0 +1,610 @@
+"""A lean HTTP/1.1 server for the proxy resource: llhttp framing, no twisted.web parsing.
+
+twisted.web's request parsing (line by line, C{Headers} normalisation,
+form parsing) costs more per request than the whole relay. L{ProxyChannel}
+parses only the framing, with llhttp (via httptools; strict about CL/TE
+conflicts, bad chunk sizes and header syntax), keeps request headers as
+raw pairs, and hands each request to the same L{ProxyResource} that a
+twisted.web C{Site} would: C{begin_streaming} for forwarding routes (the
+body streams as it arrives), C{render} for the proxy's own routes.
+
+L{ChannelRequest} implements the part of twisted.web's C{Request} that the
+resource and the relay use, so both servers drive one relay.
+
+One request at a time per connection: a pipelined request is parsed and
+held (its body bounded by pausing the socket) until the response before
+it is finished. Deadlines (request head, body idle, keep-alive idle) are
+swept by one timer, not armed per request.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from typing import Any
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.web import server
+from zope.interface import implementer
+
+from llmobserve.proxy._errors import error_body
+
+__all__ = ["ChannelRequest", "ProxyChannel", "ProxyServerFactory"]
+
+_log = Logger()
+_REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    508: b"Loop Detected",
+}
+_NO_BODY = frozenset({204, 304})
+_OWN_BODY_LIMIT = 4 * 1024 * 1024  # /spans and friends: bodies read whole
+
+
+class _ResponseHeaders:
+    """The slice of twisted.web's C{Headers} the relay uses, as a plain list."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[bytes, bytes]] = []
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        self.pairs.append((name, value))
+
+    def setRawHeaders(self, name: bytes | str, values: list[bytes]) -> None:
+        key = name.encode() if isinstance(name, str) else name
+        lower = key.lower()
+        self.pairs = [(n, v) for n, v in self.pairs if n.lower() != lower]
+        self.pairs.extend((key, v) for v in values)
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        lower = name.lower()
+        found = [v for n, v in self.pairs if n.lower() == lower]
+        return found or default
+
+    def hasHeader(self, name: bytes) -> bool:
+        lower = name.lower()
+        return any(n.lower() == lower for n, _ in self.pairs)
+
+
+class _RequestHeaders:
+    """Read access to the raw request headers, twisted.web style."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        self.pairs = pairs
+
+    def getAllRawHeaders(self) -> Any:
+        for name, value in self.pairs:
+            yield name, [value]
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        lower = name.lower()
+        found = [v for n, v in self.pairs if n.lower() == lower]
+        return found or default
+
+
+class ChannelRequest:
+    """One request on a L{ProxyChannel}; quacks like twisted.web's C{Request}."""
+
+    reports_client_gone = True  # the channel calls the receiver's client_gone itself
+
+    def __init__(self, channel: ProxyChannel, method: bytes, uri: bytes, version: bytes) -> None:
+        self.channel: ProxyChannel | None = channel
+        self.transport = channel.transport
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self.path = uri.split(b"?", 1)[0]
+        self.prepath: list[bytes] = []
+        segments = self.path[1:].split(b"/")
+        if b"%" in self.path:
+            from urllib.parse import unquote_to_bytes
+
+            segments = [unquote_to_bytes(s) for s in segments]
+        self.postpath: list[bytes] = segments
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.requestHeaders = _RequestHeaders(self.raw_headers)
+        self.responseHeaders = _ResponseHeaders()
+        self.code = 200
+        self.code_message: bytes | None = None
+        self.content: Any = None
+        self.receiver: Any = None
+        self.finished = False
+        self._disconnected = False
+        self.started_writing = False
+        self.chunked = False
+        self.keep_alive = True
+        self.body_done = False
+        self.held: list[bytes] | None = None  # body bytes of a pipelined request not yet begun
+        self.producer: Any = None
+
+    # twisted.web.http.Request, the parts used
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        self.code_message = message
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        self.responseHeaders.setRawHeaders(
+            name, [value.encode() if isinstance(value, str) else value]
+        )
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        found = self.requestHeaders.getRawHeaders(name)
+        return None if found is None else found[-1]
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self._disconnected:
+            return
+        channel = self.channel
+        if channel is None:
+            return
+        if not self.started_writing:
+            self.started_writing = True
+            channel.write_head(self)
+            if self.method == b"HEAD" or self.code in _NO_BODY:
+                self.write = _discard  # type: ignore[method-assign]
+                return
+        if data:
+            transport: Any = channel.transport
+            if self.chunked:
+                transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                transport.write(data)
+
+    def finish(self) -> None:
+        if self.finished or self._disconnected:
+            return
+        if not self.started_writing:
+            self.write(b"")
+        if self.chunked and self.channel is not None:
+            transport: Any = self.channel.transport
+            transport.write(b"0\r\n\r\n")
+        self.finished = True
+        if self.channel is not None:
+            self.channel.request_done(self)
+
+    def finish_and_close(self) -> None:
+        """Finish now, though the body may still be arriving; close afterwards."""
+        self.keep_alive = False
+        if self.channel is not None:
+            self.channel.stop_reading_requests()
+        self.finish()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Any:
+        raise NotImplementedError("ChannelRequest reports client_gone to its receiver")
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+@implementer(IPushProducer)
+class ProxyChannel(Protocol):
+    """One client connection: parse requests with llhttp, relay one at a time."""
+
+    def __init__(self, factory: ProxyServerFactory) -> None:
+        self.factory = factory
+        self._parser = httptools.HttpRequestParser(self)
+        self._requests: deque[ChannelRequest] = deque()
+        self._current: ChannelRequest | None = None  # being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._held_bytes = 0
+        self._reading = True
+        self._paused_by_us = False
+        self._closing = False
+        self._write_paused = False
+        self.deadline = float("inf")
+        self._deadline_kind = "keepalive"
+
+    # Twisted protocol
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        nodelay = getattr(transport, "setTcpNoDelay", None)
+        if nodelay is not None:
+            nodelay(True)
+        transport.registerProducer(self, True)
+        self._arm("keepalive", self.factory.keepalive_timeout)
+        self.factory.deadlines.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._reading:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._protocol_error(400, "bad_request", "upgrades and CONNECT are not proxied")
+        except httptools.HttpParserError as e:
+            cause = e.__context__
+            if isinstance(cause, _TooLarge):
+                self._protocol_error(431, "bad_request", "request head too large")
+            elif isinstance(cause, _BadFraming):
+                self._protocol_error(400, "bad_request", str(cause))
+            else:
+                self._protocol_error(400, "bad_request", f"malformed request: {e}")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.deadlines.discard(self)
+        self._reading = False
+        requests, self._requests = self._requests, deque()
+        for request in requests:
+            request._disconnected = True
+            request.channel = None
+            receiver = request.receiver
+            if receiver is not None:
+                try:
+                    receiver.client_gone()
+                except Exception:
+                    _log.failure("client_gone raised")
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._arm("head", self.factory.head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url) + 16)  # plus method, version, line ends
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # plus ": " and CRLF
+        self._headers.append((name, value))
+        if len(self._headers) > self.factory.max_headers:
+            raise _TooLarge()
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = b"HTTP/" + parser.get_http_version().encode()
+        _check_framing(self._headers, version)
+        request = ChannelRequest(self, parser.get_method(), self._url, version)
+        request.raw_headers.extend(self._headers)
+        request.keep_alive = parser.should_keep_alive()
+        self._current = request
+        self._requests.append(request)
+        self._arm("body", self.factory.body_timeout)
+        if len(self._requests) == 1:
+            self._begin(request)
+        else:
+            request.held = []
+
+    def on_body(self, body: bytes) -> None:
+        request = self._current
+        if request is None:
+            return
+        self._arm("body", self.factory.body_timeout)
+        if request.held is not None:
+            request.held.append(body)
+            self._held_bytes += len(body)
+            if self._held_bytes > self.factory.hold_limit:
+                self._pause_reading()
+            return
+        self._deliver_chunk(request, body)
+
+    def on_message_complete(self) -> None:
+        request, self._current = self._current, None
+        if request is None:
+            return
+        request.body_done = True
+        if self._requests and request is self._requests[0]:
+            self._arm("none", 0)
+            self._deliver_end(request)
+        if not request.keep_alive:
+            # Anything after a Connection: close request is ignored.
+            self.stop_reading_requests()
+
+    # Request lifecycle
+
+    def _begin(self, request: ChannelRequest) -> None:
+        """Route the request (its body may still be arriving)."""
+        if (
+            request.clientproto == b"HTTP/1.1"
+            and request.getHeader(b"expect") is not None
+            and request.getHeader(b"expect").lower() == b"100-continue"  # type: ignore[union-attr]
+        ):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        resource = self.factory.resource
+        try:
+            receiver = resource.begin_streaming(request)
+        except Exception:
+            _log.failure("begin_streaming raised")
+            receiver = None
+            request.setResponseCode(500)
+            request.finish()
+            return
+        if receiver is not None:
+            request.receiver = receiver
+            return
+        # The proxy's own routes: the body is read whole (bounded), then rendered.
+        request.content = io.BytesIO()
+
+    def _deliver_chunk(self, request: ChannelRequest, data: bytes) -> None:
+        receiver = request.receiver
+        if receiver is not None:
+            receiver.body_chunk(data)
+        elif request.content is not None:
+            if request.content.tell() + len(data) > _OWN_BODY_LIMIT:
+                request.content = None
+                self._answer(request, 413, "body_too_large", "body too large for this route")
+                return
+            request.content.write(data)
+
+    def _deliver_end(self, request: ChannelRequest) -> None:
+        receiver = request.receiver
+        if receiver is not None:
+            receiver.body_complete()
+            return
+        if request.content is None or request.finished:
+            return
+        request.content.seek(0)
+        try:
+            body = self.factory.resource.render(request)
+        except Exception:
+            _log.failure("render raised")
+            self._answer(request, 500, "internal_error", "internal error")
+            return
+        if body is not server.NOT_DONE_YET and not request.finished:
+            if isinstance(body, bytes):
+                request.write(body)
+            request.finish()
+
+    def request_done(self, request: ChannelRequest) -> None:
+        """The response to the head-of-line request is complete."""
+        if not self._requests or self._requests[0] is not request:
+            return
+        self._requests.popleft()
+        request.channel = None
+        if not request.keep_alive or self._closing:
+            self._close()
+            return
+        if not request.body_done:
+            # Responded before the body ended: the rest can't be parsed reliably.
+            self._close()
+            return
+        if self._requests:
+            self._start_held(self._requests[0])
+        else:
+            self._arm("keepalive", self.factory.keepalive_timeout)
+            if self._paused_by_us:
+                self._resume_reading()
+
+    def _start_held(self, request: ChannelRequest) -> None:
+        held, request.held = request.held or [], None
+        self._held_bytes -= sum(len(c) for c in held)
+        self._begin(request)
+        for chunk in held:
+            self._deliver_chunk(request, chunk)
+        if request.body_done:
+            self._deliver_end(request)
+        if self._paused_by_us and self._held_bytes <= self.factory.hold_limit:
+            self._resume_reading()
+
+    def stop_reading_requests(self) -> None:
+        """Parse nothing more on this connection; close once responses are out."""
+        self._closing = True
+        self._reading = False
+
+    def _close(self) -> None:
+        self._reading = False
+        self.factory.deadlines.discard(self)
+        transport: Any = self.transport
+        if transport is not None:
+            transport.loseConnection()
+
+    # Response writing
+
+    def write_head(self, request: ChannelRequest) -> None:
+        code = request.code
+        reason = request.code_message or _REASONS.get(code, b"Unknown")
+        headers = request.responseHeaders
+        if (
+            request.clientproto == b"HTTP/1.1"
+            and request.method != b"HEAD"
+            and code not in _NO_BODY
+            and not headers.hasHeader(b"content-length")
+        ):
+            request.chunked = True
+            headers.pairs.append((b"Transfer-Encoding", b"chunked"))
+        if request.clientproto != b"HTTP/1.1" and not headers.hasHeader(b"content-length"):
+            request.keep_alive = False  # HTTP/1.0 without a length: close frames the body
+        if not request.keep_alive or self._closing:
+            headers.setRawHeaders(b"Connection", [b"close"])
+        parts = [b"HTTP/1.1 %d " % code, reason, b"\r\n"]
+        for name, value in headers.pairs:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.writeSequence(parts)  # type: ignore[union-attr]
+
+    def _answer(self, request: ChannelRequest, status: int, kind: str, message: str) -> None:
+        body = error_body(kind, message)
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"X-LLMObserve-Error", kind.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish_and_close()
+
+    def _protocol_error(self, status: int, kind: str, message: str) -> None:
+        self._reading = False
+        self._closing = True
+        broken = self._current
+        if broken is not None and broken.receiver is not None and not broken.body_done:
+            # The body of the request being relayed is malformed: the upstream
+            # must not see a truncated body as complete.
+            broken.receiver.client_gone()
+        if self._requests:
+            head = self._requests[0]
+            if head is broken and not head.started_writing:
+                self._requests.clear()
+            else:
+                # A response is under way: close once it is written.
+                if head.started_writing and not head.body_done:
+                    self._close()
+                return
+        body = error_body(kind, message)
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nX-LLMObserve-Error: %s\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _REASONS.get(status, b"Error"), kind.encode(), len(body), body)
+        )
+        self._close()
+
+    # Reading and writing backpressure
+
+    def _pause_reading(self) -> None:
+        if not self._paused_by_us:
+            self._paused_by_us = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _resume_reading(self) -> None:
+        if self._paused_by_us:
+            self._paused_by_us = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def pauseProducing(self) -> None:
+        """The client's socket buffer is full: pause whoever produces the response."""
+        self._write_paused = True
+        if self._requests and self._requests[0].producer is not None:
+            self._requests[0].producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if self._requests and self._requests[0].producer is not None:
+            self._requests[0].producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # Deadlines (swept by the factory's DeadlineSweeper)
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        self._deadline_kind = kind
+        if kind == "none" or seconds <= 0:
+            self.deadline = float("inf")
+        else:
+            self.deadline = self.factory.clock.seconds() + seconds
+
+    def deadline_passed(self, now: float) -> None:
+        kind = self._deadline_kind
+        self.deadline = float("inf")
+        if kind == "keepalive":
+            self._close()
+        elif self._requests and self._requests[0].started_writing:
+            self._close()
+        else:
+            self._protocol_error(408, "client_timeout", f"request {kind} not received in time")
+            transport: Any = self.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.factory.max_head_bytes:
+            raise _TooLarge()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BadFraming(Exception):
+    pass
+
+
+def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> None:
+    """Refuse every ambiguous body framing (the smuggling vectors of RELIABILITY.md §2.1).
+
+    llhttp is strict, but a few forms it tolerates are refused here too:
+    any Transfer-Encoding other than exactly C{chunked}, more than one
+    Transfer-Encoding or Content-Length field (even equal ones), a
+    Content-Length that is not all digits, both together, and
+    Transfer-Encoding on HTTP/1.0.
+    """
+    te = cl = 0
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            te += 1
+            if value.strip().lower() != b"chunked":
+                raise _BadFraming("only 'Transfer-Encoding: chunked' is accepted")
+        elif lower == b"content-length":
+            cl += 1
+            if not value.strip().isdigit():
+                raise _BadFraming("Content-Length must be digits")
+    if te > 1 or cl > 1:
+        raise _BadFraming("repeated framing header")
+    if te and cl:
+        raise _BadFraming("both Content-Length and Transfer-Encoding")
+    if te and version != b"HTTP/1.1":
+        raise _BadFraming("Transfer-Encoding needs HTTP/1.1")
+
+
+class ProxyServerFactory(Factory):
+    """Serves a L{ProxyResource} with L{ProxyChannel}s."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        resource: Any,
+        clock: Any,
+        *,
+        head_timeout: float = 20.0,
+        body_timeout: float = 30.0,
+        keepalive_timeout: float = 60.0,
+        max_head_bytes: int = 64 * 1024,
+        max_headers: int = 256,
+        hold_limit: int = 64 * 1024,
+    ) -> None:
+        from llmobserve.proxy._relay import DeadlineSweeper
+
+        self.resource = resource
+        self.clock = clock
+        self.deadlines = DeadlineSweeper(clock, interval=0.5)
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.hold_limit = hold_limit
+
+    def buildProtocol(self, addr: Any) -> ProxyChannel:
+        return ProxyChannel(self)
