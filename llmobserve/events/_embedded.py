@@ -18,9 +18,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReac
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from llmobserve.events._outbox import Outbox, Record
+from llmobserve.events._pool import DaemonThreadPool
 from llmobserve.events._waiters import after
 
 __all__ = ["EmbeddedWriter", "StoreLike"]
@@ -75,7 +75,7 @@ class EmbeddedWriter(Service):
         self._busy: Deferred[Any] | None = None
         self._retry: IDelayedCall | None = None
         self._pump_call: IDelayedCall | None = None
-        self._thread = ThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
+        self._thread = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
         outbox.on_ready = self.pump
 
     @property
@@ -95,7 +95,6 @@ class EmbeddedWriter(Service):
         self._open()
 
     def _open(self) -> None:
-        self._retry = None
         d = self._busy = self._in_thread(self._factory, self.url)
         d.addCallbacks(self._opened, self._failed, errbackArgs=("opening",))
 
@@ -112,8 +111,14 @@ class EmbeddedWriter(Service):
         self._log.failure("event store {doing} failed: {db}", failure, doing=doing, db=self.url)
         self.outbox.rewind()
         if self.running:
-            retry = self._open if self._store is None else self.pump
-            self._retry = self.clock.callLater(self.retry_delay, retry)
+            self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self._store is None:
+            self._open()
+        else:
+            self.pump()
 
     def pump(self) -> None:
         """Write what is ready, at the next reactor turn (coalescing events)."""

@@ -20,19 +20,22 @@ from twisted.python.threadpool import ThreadPool
 
 from llmobserve.events._waiters import Waiters
 
-__all__ = ["ParsePool"]
+__all__ = ["DaemonThreadPool", "ParsePool"]
 
 _R = TypeVar("_R")
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    # A parser stuck past the drain deadline must not keep the process alive.
+    # A parser stuck past the drain deadline, or a test that fails before
+    # stopping the pipeline, must not keep the process alive.
     thread = threading.Thread(*args, **kwargs)
     thread.daemon = True
     return thread
 
 
-class _DaemonThreadPool(ThreadPool):
+class DaemonThreadPool(ThreadPool):
+    """A C{ThreadPool} whose threads never keep the process alive."""
+
     threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]  # Thread-compatible factory
 
 
@@ -55,7 +58,7 @@ class ParsePool:
         self._reactor: IReactorFromThreads = reactor
         self.limit = workers + queue
         self.in_flight = 0
-        self._pool = _DaemonThreadPool(minthreads=0, maxthreads=workers, name=name)
+        self._pool = DaemonThreadPool(minthreads=0, maxthreads=workers, name=name)
         self._idle = Waiters(reactor)
 
     @property

@@ -28,14 +28,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from llmobserve.events._embedded import EmbeddedWriter, StoreLike, default_store_factory
 from llmobserve.events._exchange import AnalyseFn, default_analyse, exchange_from_transaction
 from llmobserve.events._link import CollectorLink, retry_policy
 from llmobserve.events._outbox import Outbox, Record
-from llmobserve.events._pool import ParsePool
+from llmobserve.events._pool import DaemonThreadPool, ParsePool
 from llmobserve.events._record import (
     UsageLike,
     build_call_event,
@@ -109,7 +108,7 @@ class EventPipeline(Service):
         self._sync_call: IDelayedCall | None = None
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
-        self._io = ThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
+        self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
         outbox.on_acked = self._acked
         outbox.read_after = self.read_spool
 

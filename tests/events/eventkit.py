@@ -8,6 +8,8 @@ counts duplicates.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,3 +191,51 @@ class FakeCollector(Factory):
         self._waiters.append((n, d))
         self._check()
         return d
+
+
+# -- waiting on the real reactor ---------------------------------------------
+
+
+async def eventually(
+    predicate: Any, timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> None:
+    """Poll C{predicate()} on the running reactor until true, or fail after C{timeout}."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await deferLater(reactor, interval, lambda: None)
+
+
+class FakeStore:
+    """An EventStore stand-in: dedups on id, can fail or block, checks its thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.events: dict[str, dict[str, Any]] = {}
+        self.inserts = 0
+        self.fail_next = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.thread = threading.current_thread()
+        self.closed = False
+
+    def insert(self, events: Any) -> int:
+        assert threading.current_thread() is self.thread, "store used from two threads"
+        self.gate.wait(10)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("disk on fire")
+        self.inserts += 1
+        new = 0
+        for e in events:
+            if e["id"] not in self.events:
+                self.events[e["id"]] = e
+                new += 1
+        return new
+
+    def close(self) -> None:
+        self.closed = True

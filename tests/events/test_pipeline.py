@@ -1,0 +1,230 @@
+"""The sink on the real reactor with real threads, in embedded mode.
+
+The parse pool (full queue, raising parsers, drain), spans, gap records and
+the embedded store's at-least-once rule. The store is a fake with the
+EventStore interface except in the last test, which uses the real one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from events.eventkit import FakeStore, FakeUsage, eventually, fake_analyse, make_txn
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from llmobserve.events._spool import EventSpool
+from llmobserve.events.pipeline import EventPipeline, make_event_sink
+from llmobserve.proxy.transaction import ITransactionSink
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Sink:
+    """A started embedded-mode pipeline over a FakeStore."""
+
+    def __init__(self, tmp_path: Path, analyse: Callable[[Any], Any] = fake_analyse, **kw: Any):
+        self.stores: list[FakeStore] = []
+
+        def factory(path: str) -> FakeStore:
+            store = FakeStore(path)
+            self.stores.append(store)
+            return store
+
+        opts: dict[str, Any] = dict(
+            collector_url=None,
+            db_path=str(tmp_path / "events.sqlite3"),
+            spool_dir=str(tmp_path / "spool"),
+            parse_workers=2,
+            parse_queue=100,
+            analyse=analyse,
+            store_factory=factory,
+            log_events=False,
+        )
+        opts.update(kw)
+        sink, service = make_event_sink(reactor, **opts)
+        assert isinstance(sink, EventPipeline) and sink is service
+        self.sink: EventPipeline = sink
+        sink.startService()
+
+    @property
+    def store(self) -> FakeStore:
+        return self.stores[0]
+
+    def stored(self) -> list[dict[str, Any]]:
+        return list(self.store.events.values()) if self.stores else []
+
+
+def test_sink_provides_the_interface(tmp_path: Path) -> None:
+    sink, _ = make_event_sink(
+        reactor, collector_url="http://127.0.0.1:9", db_path=None, spool_dir=str(tmp_path)
+    )
+    verifyObject(ITransactionSink, sink)
+    assert isinstance(sink, EventPipeline)
+    assert sink.health() == {
+        "collector": {"mode": "link", "state": "connecting", "url": "http://127.0.0.1:9"},
+        "events_waiting": 0,
+    }
+    sink.spool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_parse_queue_records_parse_skipped_without_waiting(tmp_path: Path) -> None:
+    """Over workers + queue, exchanges are recorded unparsed at once, never delayed."""
+    gate = threading.Event()
+
+    def slow(exchange: Any) -> FakeUsage:
+        gate.wait(10)
+        return fake_analyse(exchange)
+
+    s = Sink(tmp_path, slow, parse_workers=1, parse_queue=2)
+    t0 = time.perf_counter()
+    for i in range(10):
+        s.sink.transaction_finished(make_txn(started_at=1000.0 + i))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5
+    assert s.sink.parse_skipped_total == 7
+    await eventually(lambda: len(s.stored()) == 7, what="skipped events stored")
+    skipped = s.stored()
+    assert all(e["usage_source"] == "missing" and "parse_skipped" in e["flags"] for e in skipped)
+    gate.set()
+    await eventually(lambda: len(s.stored()) == 10, what="all events stored")
+    parsed = [e for e in s.stored() if e["usage_source"] == "reported"]
+    assert len(parsed) == 3
+    metrics = {name: value for name, _t, _h, value in s.sink.metrics()}
+    assert metrics["llmobserve_parse_skipped_total"] == 7
+    assert metrics["llmobserve_events_total"] == 10
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_parser_exceptions_become_parse_error(tmp_path: Path) -> None:
+    """A raising parser, or one reporting an error, still yields one event each."""
+
+    def analyse(exchange: Any) -> FakeUsage:
+        if exchange.path == "/raise":
+            raise ValueError("boom\nline two")
+        if exchange.path == "/reported":
+            return FakeUsage(usage={}, usage_source="missing", parse_error="bad json")
+        return fake_analyse(exchange)
+
+    s = Sink(tmp_path, analyse)
+    for path in ("/raise", "/reported", "/fine"):
+        s.sink.transaction_finished(make_txn(path=path))
+    await eventually(lambda: len(s.stored()) == 3)
+    by_path = {e["path"]: e for e in s.stored()}
+    assert by_path["/raise"]["parse_error"] == "ValueError: boom\\u000aline two"
+    assert by_path["/raise"]["usage_source"] == "missing"
+    assert by_path["/reported"]["parse_error"] == "bad json"
+    assert by_path["/fine"]["parse_error"] is None
+    assert s.sink.parse_errors_total == 2
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_spans_travel_the_same_path(tmp_path: Path) -> None:
+    s = Sink(tmp_path)
+    s.sink.spans_received([{"span_id": "a", "name": "n", "start": 1.0, "end": 2.0}, "junk"])  # type: ignore[list-item]
+    await eventually(lambda: len(s.stored()) == 1)
+    [span] = s.stored()
+    assert span["kind"] == "span" and span["context"]["span_id"] == "a"
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_failure_is_retried_from_the_spool(tmp_path: Path) -> None:
+    """Embedded mode acks the spool only after the store committed; failures retry."""
+    s = Sink(tmp_path)
+    await eventually(lambda: bool(s.stores))
+    s.sink.delivery.retry_delay = 0.05  # type: ignore[union-attr]
+    s.store.fail_next = 2
+    for i in range(50):
+        s.sink.transaction_finished(make_txn(started_at=2000.0 + i))
+    await eventually(lambda: len(s.stored()) == 50)
+    assert s.sink.delivery.state == "connected"
+    await eventually(lambda: s.sink.outbox.waiting == 0)
+    assert s.sink.health()["events_waiting"] == 0
+    await s.sink.stopService()
+    assert s.store.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_spool_drops_with_a_counted_gap_record(tmp_path: Path) -> None:
+    """A full spool drops new events, counts them, and says so in a gap record."""
+    s = Sink(tmp_path, spool_max_bytes=40_000)
+    await eventually(lambda: bool(s.stores))
+    s.store.gate.clear()  # the store hangs: nothing is acknowledged
+    for i in range(400):
+        s.sink.transaction_finished(make_txn(started_at=3000.0 + i))
+    await eventually(lambda: s.sink.pool.in_flight == 0)
+    dropped = s.sink.events_dropped_total
+    assert dropped > 0 and s.sink.spool.total_bytes <= 40_000
+    s.store.gate.set()
+    await eventually(lambda: any(e["kind"] == "gap" for e in s.stored()), what="gap record")
+    [gap] = [e for e in s.stored() if e["kind"] == "gap"]
+    assert gap["dropped"] == dropped
+    calls = [e for e in s.stored() if e["kind"] == "call"]
+    assert len(calls) + dropped == 400
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_parses_and_bounds_a_stuck_one(tmp_path: Path) -> None:
+    """stopService waits for running parses, but a stuck parser costs only the deadline."""
+    release = threading.Event()
+
+    def analyse(exchange: Any) -> FakeUsage:
+        if exchange.path == "/stuck":
+            release.wait(20)
+        else:
+            time.sleep(0.2)
+        return fake_analyse(exchange)
+
+    s = Sink(tmp_path, analyse, parse_drain_timeout=0.5)
+    s.sink.transaction_finished(make_txn(path="/slow"))
+    s.sink.transaction_finished(make_txn(path="/stuck"))
+    t0 = time.monotonic()
+    await s.sink.stopService()
+    assert time.monotonic() - t0 < 3.0
+    release.set()
+    by_path = {e["path"]: e for e in s.stored()}
+    assert by_path["/slow"]["usage_source"] == "reported"
+    assert "parse_timeout" in by_path["/stuck"]["flags"]
+    spool = EventSpool(tmp_path / "spool")
+    assert spool.waiting == 0  # both were committed and acknowledged before the stop ended
+    spool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
+    """Without a collector, events land in the collector's own SQLite store."""
+    from llmobserve.collector._store import EventStore
+
+    db = tmp_path / "events.sqlite3"
+    sink, _ = make_event_sink(
+        reactor,
+        collector_url=None,
+        db_path=str(db),
+        spool_dir=str(tmp_path / "spool"),
+        analyse=fake_analyse,
+        log_events=False,
+    )
+    assert isinstance(sink, EventPipeline)
+    sink.startService()
+    for i in range(200):
+        sink.transaction_finished(make_txn(started_at=4000.0 + i))
+    sink.spans_received([{"span_id": "s", "start": 1.0}])
+    await eventually(lambda: sink.outbox.waiting == 0 and sink.events_total == 201)
+    assert sink.health()["collector"]["state"] == "connected"
+    await sink.stopService()
+    store = EventStore(db)
+    try:
+        assert store.count() == 201
+    finally:
+        store.close()
