@@ -483,6 +483,24 @@ class StaticResolver:
         return succeed(list(self.answers.get(host, ())))
 
 
+@attrs.frozen
+class OverrideResolver:
+    """L{Resolver} with fixed answers for some names (C{--resolve}), else C{fallback}.
+
+    Like curl's C{--resolve}: the name is still checked by the policy, and
+    the overriding address still goes through the address filter.
+    """
+
+    overrides: Mapping[str, Sequence[str]]
+    fallback: Resolver
+
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        fixed = self.overrides.get(host)
+        if fixed is not None:
+            return succeed(list(fixed))
+        return self.fallback.resolve(host, port)
+
+
 # --- the policy --------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from twisted.python import usage
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
-from llmobserve.proxy._policy import TargetPolicy, TwistedResolver
+from llmobserve.proxy._policy import OverrideResolver, TargetPolicy, TwistedResolver
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
@@ -137,6 +137,7 @@ class Options(usage.Options):
         self["allow-cidr"] = []
         self["provider-host"] = {}
         self["base-url"] = {}
+        self["resolve"] = {}
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -151,14 +152,21 @@ class Options(usage.Options):
         self["allow-cidr"].append(cidr)
 
     def opt_provider_host(self, spec: str) -> None:
-        """HOST[:PORT]=PROVIDER: this host speaks PROVIDER's API (vLLM, gateways).
-        Allowed. Repeatable."""
+        """HOST[:PORT]=PROVIDER: HOST speaks PROVIDER's API; it is allowed. Repeatable."""
         host, provider = _pair(spec, "--provider-host")
         self["provider-host"][host] = provider
 
+    def opt_resolve(self, spec: str) -> None:
+        """HOST=ADDRESS: resolve HOST to ADDRESS (like curl); still policy-checked."""
+        host, address = _pair(spec, "--resolve")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError as e:
+            raise usage.UsageError(f"--resolve {host}: {e}") from None
+        self["resolve"].setdefault(host.lower().rstrip("."), []).append(address)
+
     def opt_base_url(self, spec: str) -> None:
-        """PROVIDER=URL: base-URL mode (/PROVIDER/...) goes to URL, not the public one.
-        Repeatable."""
+        """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
         provider, url = _pair(spec, "--base-url")
         if not url.startswith(("http://", "https://")):
             raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
@@ -271,8 +279,11 @@ def build_proxy(
         add_via=not options["no-via"],
     )
     trust = load_extra_trust(options["ca-file"]) if options["ca-file"] else None
+    resolver: Any = TwistedResolver(reactor)
+    if options["resolve"]:
+        resolver = OverrideResolver(options["resolve"], resolver)
     policy = TargetPolicy(
-        TwistedResolver(reactor),
+        resolver,
         allow_cidrs=options["allow-cidr"],
         allow_hosts=options["allow-host"],
         provider_hosts=options["provider-host"],
