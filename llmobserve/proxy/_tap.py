@@ -95,6 +95,14 @@ class Options(usage.Options):
         ["header-timeout", None, 600.0, "Seconds from request sent to response headers.", float],
         ["idle-timeout", None, 300.0, "Seconds without an upstream byte mid-response.", float],
         ["client-timeout", None, 60.0, "Seconds a client connection may sit idle.", float],
+        ["request-head-timeout", None, 20.0, "Seconds a client has to send a request head.", float],
+        [
+            "request-body-timeout",
+            None,
+            30.0,
+            "Seconds of silence allowed inside a request body.",
+            float,
+        ],
         ["max-body", None, 32 * 1024 * 1024, "Request body limit in bytes (413 above).", int],
         [
             "drain-timeout",
@@ -305,7 +313,13 @@ def build_proxy(
     if options["server"] == "twisted-web":
         site = ProxySite(resource, client_timeout=options["client-timeout"])
     else:
-        site = ProxyServerFactory(resource, reactor, keepalive_timeout=options["client-timeout"])
+        site = ProxyServerFactory(
+            resource,
+            reactor,
+            keepalive_timeout=options["client-timeout"],
+            head_timeout=options["request-head-timeout"],
+            body_timeout=options["request-body-timeout"],
+        )
     return site, services, policy
 
 
