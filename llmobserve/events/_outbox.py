@@ -143,8 +143,8 @@ class Outbox:
         if self._loading or self._mem_last >= self.last_seq:
             return
         room = self.max_bytes - self._mem_bytes
-        if room <= 0:
-            return
+        if room < self.max_bytes // 4 and self._head < len(self._mem):
+            return  # wait for acks to free a useful share of the window
         self._loading = True
         after = self._mem_last
         d = self.read_after(after, _READ_RECORDS, room)
@@ -155,11 +155,18 @@ class Outbox:
         self._loading = False
         if after != self._mem_last:
             return  # cannot happen: offers do not append while loading
+        taken = 0
         for seq, payload in records:
-            if seq > self._mem_last:
-                self._mem.append((seq, payload))
-                self._mem_bytes += len(payload)
-                self._mem_last = seq
+            if seq <= self._mem_last:
+                continue
+            if self._mem_bytes + len(payload) > self.max_bytes and self._head < len(self._mem):
+                break  # the rest stays on disk; an oversized record is taken alone
+            self._mem.append((seq, payload))
+            self._mem_bytes += len(payload)
+            self._mem_last = seq
+            taken += 1
+        if records and not taken:
+            return  # no room after all: the next ack calls on_ready again
         if not records and disk_last > self._mem_last:
             # the seqs up to disk_last are gone from disk (torn records): skip
             # them, and count them delivered if nothing older is outstanding

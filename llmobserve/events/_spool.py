@@ -347,7 +347,7 @@ class EventSpool:
     ) -> tuple[list[tuple[int, bytes]], int]:
         """Records with seq > C{after_seq}, oldest first, for the sender.
 
-        Returns at least one record if any exists (even over C{max_bytes}),
+        Returns at least one record if any exists (even one over C{max_bytes}),
         and the highest seq the spool held when the read began: a caller
         that gets nothing below it knows those seqs are lost (torn).
         """
@@ -374,13 +374,15 @@ class EventSpool:
                 continue
             data = SEGMENT_MAGIC + chunk if start else chunk
             base = start - len(SEGMENT_MAGIC) if start else 0
+            here = (start or len(SEGMENT_MAGIC), after_seq)  # end offset, seq of the last taken
             for end, seq, payload in _scan(data, after_seq):
+                if out and (len(out) >= max_records or total + len(payload) > max_bytes):
+                    with self._lock:
+                        self._read_hint = (path, *here)
+                    return out, last
                 out.append((seq, payload))
                 total += len(payload)
-                if len(out) >= max_records or total >= max_bytes:
-                    with self._lock:
-                        self._read_hint = (path, base + end, seq)
-                    return out, last
+                here = (base + end, seq)
         return out, last
 
     def close(self) -> None:

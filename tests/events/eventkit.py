@@ -149,6 +149,8 @@ class FakeCollector(Factory):
         self.connections: list[FakeCollectorProtocol] = []
         self.ack = True
         self.black_hole = False
+        self.stall = False  # stop reading right after the welcome
+        self.stalled: list[FakeCollectorProtocol] = []
         self.garbage_after: int | None = None
         self.bytes_received = 0
         self.protocol_errors = 0
@@ -161,6 +163,9 @@ class FakeCollector(Factory):
         if m["t"] == "hello":
             self.hellos.append(m)
             proto.send({"t": "welcome", "version": 1, "server": "fake"})
+            if self.stall:
+                proto.transport.pauseProducing()  # type: ignore[union-attr]
+                self.stalled.append(proto)
         elif m["t"] == "ping":
             proto.send({"t": "pong", "ts": m.get("ts")})
         elif m["t"] == "batch":
@@ -185,6 +190,14 @@ class FakeCollector(Factory):
             if len(self.seen) >= n:
                 self._waiters.remove((n, d))
                 d.callback(None)
+
+    def unstall(self) -> None:
+        """Read again, on open links and new ones."""
+        self.stall = False
+        for proto in self.stalled:
+            if proto.transport is not None:
+                proto.transport.resumeProducing()  # type: ignore[attr-defined]
+        self.stalled.clear()
 
     def when_received(self, n: int) -> Deferred[None]:
         d: Deferred[None] = Deferred()
