@@ -62,6 +62,7 @@ _REASONS = {
 }
 _NO_BODY = frozenset({204, 304})
 _OWN_BODY_LIMIT = 4 * 1024 * 1024  # /spans and friends: bodies read whole
+_BODY_PROGRESS = 1024  # request-body bytes that move the body deadline on
 
 
 class _ResponseHeaders:
@@ -228,6 +229,7 @@ class ProxyChannel(Protocol):
         self._paused_by_us = False
         self._closing = False
         self._write_paused = False
+        self._body_progress = 0
         self.deadline = float("inf")
         self._deadline_kind = "keepalive"
 
@@ -299,6 +301,7 @@ class ProxyChannel(Protocol):
         request.keep_alive = parser.should_keep_alive()
         self._current = request
         self._requests.append(request)
+        self._body_progress = 0
         self._arm("body", self.factory.body_timeout)
         if len(self._requests) == 1:
             self._begin(request)
@@ -309,7 +312,12 @@ class ProxyChannel(Protocol):
         request = self._current
         if request is None:
             return
-        self._arm("body", self.factory.body_timeout)
+        # The body deadline moves only with real progress: a trickle of a
+        # byte a second must not hold two connections open for days.
+        self._body_progress += len(body)
+        if self._body_progress >= _BODY_PROGRESS:
+            self._body_progress = 0
+            self._arm("body", self.factory.body_timeout)
         if request.held is not None:
             request.held.append(body)
             self._held_bytes += len(body)

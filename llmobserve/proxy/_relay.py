@@ -294,6 +294,9 @@ class Relay:
         conn = self._conn
         if conn is not None:
             self._send_chunk(conn, data)
+            if not self._response_started:
+                # The response-header deadline counts from the end of the request.
+                self._arm("header", self._s.config.header_timeout)
             return
         assert self._pending is not None
         self._pending.append(data)

@@ -12,6 +12,7 @@ C{twistd llmobserve} does), request bodies stream upstream as they arrive.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +36,7 @@ _now = time.perf_counter
 _OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b""})
 _LOCAL_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 _MAX_SPANS_BODY = 4 * 1024 * 1024
+_HOST_SYNTAX = re.compile(rb"(?:\[[0-9a-f:.]+\]|[a-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 
 class _Refusal:
@@ -165,6 +167,8 @@ class ProxyResource:
         if len(hosts) != 1:
             return 400, "bad_request", "exactly one Host header is required"
         host = hosts[0].strip().lower()
+        if _HOST_SYNTAX.fullmatch(host) is None:
+            return 400, "bad_request", "malformed Host header"
         name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
         if name not in self._host_names and not _is_ip_literal(name):
             return 403, "host_not_allowed", "Host is not this proxy's own address"

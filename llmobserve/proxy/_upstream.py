@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import httptools
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -151,8 +153,13 @@ class UpstreamConnection(TwistedProtocol):
                 # A response framed by the end of the connection ends here.
                 listener.upstream_complete()
             else:
+                kind = (
+                    "tls_error"
+                    if reason is not None and reason.check(SSL.Error, VerificationError)
+                    else "upstream_reset"
+                )
                 listener.upstream_failed(
-                    "upstream_reset", "connection lost" if reason is None else _describe(reason)
+                    kind, "connection lost" if reason is None else _describe(reason)
                 )
 
     # httptools callbacks

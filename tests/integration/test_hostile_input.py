@@ -119,8 +119,12 @@ FRAMING_VECTORS: dict[str, Vector] = {
     "chunk-2000-hex-digits": Vector(
         _on_proxy(b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 2000 + b"\r\nhello\r\n0\r\n\r\n")
     ),
+    # llhttp reads leading zeros of a chunk size without a line cap. Accepted
+    # as normalised: the size is unambiguous (5) and the body is re-framed
+    # upstream, so no second reading of the bytes is possible (T08 allows it).
     "chunk-2000-zero-padded": Vector(
-        _on_proxy(b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 1999 + b"5\r\nhello\r\n0\r\n\r\n")
+        _on_proxy(b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 1999 + b"5\r\nhello\r\n0\r\n\r\n"),
+        accept_body=b"hello",
     ),
     "chunk-trailer-puma": Vector(
         _on_proxy(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX:POST / HTTP/1.1\r\n")
@@ -148,8 +152,12 @@ SYNTAX_VECTORS: dict[str, Vector] = {
     "value-bare-lf-te": Vector(
         _on_proxy(b"X: a\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     ),
+    # llhttp skips repeated spaces before the target. Accepted as normalised:
+    # the proxy writes its own request line upstream, so the spacing never
+    # reaches another parser.
     "request-line-two-spaces": Vector(
-        _whole(b"GET  /proxy HTTP/1.1\r\n" + _HOST + _TARGET + b"\r\n")
+        _whole(b"GET  /proxy HTTP/1.1\r\n" + _HOST + _TARGET + b"\r\n"),
+        accept_body=b"",
     ),
     "request-line-http-1-32": Vector(
         _whole(b"GET /proxy HTTP/1.32\r\n" + _HOST + _TARGET + b"\r\n")
