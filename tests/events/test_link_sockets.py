@@ -204,6 +204,9 @@ async def test_against_the_real_collector(tmp_path: Path) -> None:
     from llmobserve.collector._store import EventStore
 
     db = tmp_path / "collector.sqlite3"
+    # create the file first: the service's two store threads racing to create
+    # it can fail with "database is locked" (reported to the collector's owner)
+    EventStore(db).close()
     service = CollectorService(
         reactor, TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), db, synchronous="NORMAL"
     )
