@@ -66,6 +66,7 @@ class Outbox:
         self._mem_bytes = 0
         self._mem_last = acked_seq  # highest seq in memory, or the ack point
         self._loading = False
+        self._early: dict[int, bytes] = {}  # offered ahead of a missing seq
 
     @property
     def waiting(self) -> int:
@@ -88,14 +89,32 @@ class Outbox:
         return self._mem[self._send - 1][0] if self._send > self._head else self.acked_seq
 
     def offer(self, seq: int, payload: bytes) -> None:
-        """A record was just appended to the spool (seq order, reactor thread)."""
+        """A record was just appended to the spool (reactor thread).
+
+        Parse threads append concurrently, so their results can arrive out
+        of seq order: early ones wait (briefly, bounded by the parse pool's
+        size) until the gap before them is filled.
+        """
+        if seq != self.last_seq + 1:
+            if seq > self.last_seq:
+                self._early[seq] = payload
+            return
+        self._accept(seq, payload)
+        early = self._early
+        while early:
+            payload = early.pop(self.last_seq + 1, b"")
+            if not payload:
+                break
+            self._accept(self.last_seq + 1, payload)
+        self.on_ready()
+
+    def _accept(self, seq: int, payload: bytes) -> None:
         caught_up = self._mem_last == self.last_seq and not self._loading
         self.last_seq = seq
         if caught_up and self._mem_bytes + len(payload) <= self.max_bytes:
             self._mem.append((seq, payload))
             self._mem_bytes += len(payload)
             self._mem_last = seq
-        self.on_ready()
 
     def take(self, max_records: int, max_bytes: int) -> list[Record]:
         """The next records to send (at least one if any is ready).

@@ -2,27 +2,33 @@
 
 Twisted's C{ThreadPool} queues work in an unbounded deque (RELIABILITY.md,
 fact 13), so L{ParsePool} counts what it has handed over itself and refuses
-more than C{workers + queue} at once: the caller then records the exchange
-without parsing instead of waiting. Results come back on the reactor thread
-through C{deferToThreadPool}.
+more than C{workers + queue} items at once: the caller then records the
+exchange without parsing instead of waiting. Items submitted in one reactor
+turn go to the threads as one job (up to C{batch}), through
+C{deferToThreadPool}: under load that is one thread hand-off and one
+reactor wake-up per batch instead of per exchange.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from llmobserve.events._waiters import Waiters
 
 __all__ = ["DaemonThreadPool", "ParsePool"]
 
+_T = TypeVar("_T")
 _R = TypeVar("_R")
+_log = Logger()
 
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
@@ -39,54 +45,84 @@ class DaemonThreadPool(ThreadPool):
     threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]  # Thread-compatible factory
 
 
-class ParsePool:
-    """At most C{workers} threads and C{queue} waiting jobs; never blocks.
+class ParsePool(Generic[_T, _R]):
+    """At most C{workers} threads and C{workers + queue} items; never blocks.
 
-    @ivar in_flight: jobs handed over whose result has not come back yet.
+    @param work: runs in a thread with a batch of items, returns their results.
+    @param done: called on the reactor with each batch's results.
+    @param failed: called on the reactor with a batch whose C{work} raised.
+    @ivar in_flight: items accepted whose batch has not come back yet.
     """
 
     def __init__(
         self,
         reactor: Any,
+        work: Callable[[list[_T]], list[_R]],
+        done: Callable[[list[_R]], None],
+        failed: Callable[[list[_T], Failure], None],
         *,
         workers: int = 2,
         queue: int = 1000,
+        batch: int = 64,
         name: str = "llmobserve-parse",
     ) -> None:
-        if workers < 1 or queue < 0:
-            raise ValueError("workers must be >= 1 and queue >= 0")
+        if workers < 1 or queue < 0 or batch < 1:
+            raise ValueError("workers and batch must be >= 1, queue >= 0")
         self._reactor: IReactorFromThreads = reactor
+        self._clock: IReactorTime = reactor
+        self._work, self._done_cb, self._failed_cb = work, done, failed
         self.limit = workers + queue
+        self.batch = batch
         self.in_flight = 0
+        self._pending: list[_T] = []
+        self._flush_call: IDelayedCall | None = None
         self._pool = DaemonThreadPool(minthreads=0, maxthreads=workers, name=name)
         self._idle = Waiters(reactor)
 
     @property
     def full(self) -> bool:
-        """Would L{try_submit} refuse a job now?"""
+        """Would L{try_submit} refuse an item now?"""
         return self.in_flight >= self.limit
 
     def start(self) -> None:
         """Start the threads (lazily: they are created as work arrives)."""
         self._pool.start()
 
-    def try_submit(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R] | None:
-        """Run C{fn(*args)} in a worker; None (and nothing queued) when full."""
+    def try_submit(self, item: _T) -> bool:
+        """Queue one item for the next batch; False (nothing queued) when full."""
         if self.in_flight >= self.limit or not self._pool.started:
-            return None
+            return False
         self.in_flight += 1
-        d = deferToThreadPool(self._reactor, self._pool, fn, *args)
-        d.addBoth(self._done)
-        return d
+        self._pending.append(item)
+        if len(self._pending) >= self.batch:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+        return True
 
-    def _done(self, result: _R) -> _R:
-        self.in_flight -= 1
+    def flush(self) -> None:
+        """Hand the items queued so far to a thread now."""
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        d = deferToThreadPool(self._reactor, self._pool, self._work, items)
+        d.addCallbacks(self._done_cb, self._failed_cb, errbackArgs=(items,))
+        d.addBoth(self._finished, len(items))
+
+    def _finished(self, result: object, count: int) -> None:
+        self.in_flight -= count
+        if isinstance(result, Failure):
+            _log.failure("parse batch callback failed", result)
         if self.in_flight == 0 and self._idle:
             self._idle.fire()
-        return result
 
     def wait_idle(self, timeout: float) -> Deferred[bool]:
         """Fire with True once nothing is in flight, or False after C{timeout}."""
+        self.flush()
         if self.in_flight == 0:
             return succeed(True)
         return self._idle.wait(timeout)

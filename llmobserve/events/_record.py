@@ -14,7 +14,7 @@ query string ever enters an event, so no secret can.
 from __future__ import annotations
 
 import math
-import os
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
@@ -107,7 +107,9 @@ def new_event_id(now: float | None = None) -> str:
     makes collisions between proxies practically impossible.
     """
     ms = int((time.time() if now is None else now) * 1000) & 0xFFFFFFFFFFFF
-    return f"{ms:012x}{os.urandom(10).hex()}"
+    # random, not os.urandom: no syscall (that would release the GIL on the
+    # reactor); the module reseeds itself in forked children
+    return f"{ms:012x}{random.getrandbits(80):020x}"
 
 
 def _escape(s: str) -> str:

@@ -227,38 +227,54 @@ class EventSpool:
 
         @param force: write even over the cap (gap records, which are tiny).
         """
-        size = _HEADER.size + len(payload)
+        return self.append_many([payload], force=force)[0]
+
+    def append_many(self, payloads: list[bytes], *, force: bool = False) -> list[int | None]:
+        """Append records with one C{write(2)}; each gets its seq, or None
+        when it did not fit under the cap (or the write failed)."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("spool is closed")
-            if not force and self._total + size > self.max_bytes:
-                return None
             active = self._segments[-1]
             if active.size >= self.segment_bytes and active.last_seq >= active.first_seq:
                 self._rotate()
                 active = self._segments[-1]
-            seq = self.last_seq + 1
-            crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
-            record = _HEADER.pack(len(payload), crc, seq) + payload
+            seqs: list[int | None] = []
+            parts: list[bytes] = []
+            seq, total = self.last_seq, self._total
+            for payload in payloads:
+                size = _HEADER.size + len(payload)
+                if not force and total + size > self.max_bytes:
+                    seqs.append(None)
+                    continue
+                seq += 1
+                crc = zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq)))
+                parts.append(_HEADER.pack(len(payload), crc, seq))
+                parts.append(payload)
+                seqs.append(seq)
+                total += size
+            if not parts:
+                return seqs
+            data = b"".join(parts)
             assert active.fd is not None
             try:
-                written = os.write(active.fd, record)
+                written = os.write(active.fd, data)
             except OSError:
                 written = -1
-            if written != size:
-                # disk full or a short write: cut the partial record off so the
-                # segment stays readable past it, and report a drop
+            if written != len(data):
+                # disk full or a short write: cut the partial records off so the
+                # segment stays readable past them, and report drops
                 try:
                     os.ftruncate(active.fd, active.size)
                 except OSError:
                     pass
-                return None
-            active.size += size
+                return [None] * len(payloads)
+            active.size += len(data)
             active.last_seq = seq
             self.last_seq = seq
-            self._total += size
+            self._total = total
             self._dirty = True
-            return seq
+            return seqs
 
     def _rotate(self) -> None:
         old = self._segments[-1]

@@ -15,6 +15,7 @@ hand-off and, when the parse comes back, one C{write(2)} to the spool.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ _MAX_EVENT_BYTES: Final = 64 * 1024
 _MAX_SPANS_PER_POST: Final = 10_000
 
 Delivery = CollectorLink | EmbeddedWriter
+#: a parsed exchange: (spool seq or None when full, packed event, parse failed)
+_Parsed = tuple[int | None, bytes, bool]
 
 
 @implementer(ITransactionSink)
@@ -72,8 +75,9 @@ class EventPipeline(Service):
         outbox: Outbox,
         delivery: Delivery,
         mode: str,
-        pool: ParsePool,
         analyse: AnalyseFn,
+        parse_workers: int = 2,
+        parse_queue: int = 1000,
         flush_interval: float = 0.05,
         flush_records: int = 256,
         parse_drain_timeout: float = 2.0,
@@ -86,7 +90,14 @@ class EventPipeline(Service):
         self.outbox = outbox
         self.delivery = delivery
         self.mode = mode
-        self.pool = pool
+        self.pool: ParsePool[tuple[int, Transaction], _Parsed] = ParsePool(
+            reactor,
+            self._parse_batch,
+            self._parsed_batch,
+            self._batch_failed,
+            workers=parse_workers,
+            queue=parse_queue,
+        )
         self._analyse = analyse
         self.proxy_id = spool.proxy_id
         self.flush_interval = flush_interval
@@ -102,7 +113,11 @@ class EventPipeline(Service):
         self.parse_errors_total = 0
         # state
         self._gap_pending = 0
+        # exchanges handed to the pool and not yet appended; a worker claims its
+        # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
+        self._ready: dict[int, tuple[bytes, bool, dict[str, Any]]] = {}  # parsed, not spooled
+        self._parsing_lock = threading.Lock()
         self._next_token = 0
         self._unsynced = 0
         self._sync_call: IDelayedCall | None = None
@@ -119,19 +134,14 @@ class EventPipeline(Service):
         try:
             self.calls_total += 1
             token = self._next_token
-            d = self.pool.try_submit(self._parse, transaction)
-            if d is None:
+            self._next_token = token + 1
+            with self._parsing_lock:
+                self._parsing[token] = transaction
+            if not self.pool.try_submit((token, transaction)):
+                with self._parsing_lock:
+                    del self._parsing[token]
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(transaction, "parse_skipped"))
-                return
-            self._next_token = token + 1
-            self._parsing[token] = transaction
-            d.addCallbacks(
-                self._parsed,
-                self._parse_crashed,
-                callbackArgs=(token,),
-                errbackArgs=(token,),
-            )
         except Exception:
             self._log.failure("event sink failed on a transaction")
 
@@ -219,25 +229,68 @@ class EventPipeline(Service):
 
     # -- the worker thread ----------------------------------------------------
 
-    def _parse(self, txn: Transaction) -> tuple[bytes, bool]:
-        """Parse, price and pack one exchange (in a pool thread)."""
+    def _parse_batch(self, items: list[tuple[int, Transaction]]) -> list[_Parsed]:
+        """A pool thread's job: every exchange submitted in one reactor turn.
+
+        Each exchange is parsed and moved from C{_parsing} to C{_ready};
+        then the whole batch is spooled with one write, here and not on the
+        reactor (a blocking C{write(2)} there would wait for the GIL behind
+        the parse threads). Spooling last means a slow parse never holds
+        seqs that other events wait behind. At the drain deadline the
+        reactor takes over whatever is still in either map.
+        """
+        for token, txn in items:
+            payload, had_error, event = self._parse(txn)
+            with self._parsing_lock:
+                if self._parsing.pop(token, None) is not None:
+                    self._ready[token] = (payload, had_error, event)
+        with self._parsing_lock:
+            mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
+        seqs = self._spool_append_many([payload for payload, _, _ in mine])
+        if self.log_events:
+            for _, _, event in mine:
+                try:
+                    self._log_summary(event)
+                except Exception:
+                    pass  # logging never costs an event
+        return [
+            (seq, payload, had_error)
+            for seq, (payload, had_error, _) in zip(seqs, mine, strict=True)
+        ]
+
+    def _parse(self, txn: Transaction) -> tuple[bytes, bool, dict[str, Any]]:
+        """Parse, price and pack one exchange: (payload, parse failed, event)."""
         parse_error: str | None = None
         usage: UsageLike | None = None
         try:
             usage = self._analyse(exchange_from_transaction(txn))
         except Exception as e:  # analyse is meant to be total; never lose the event
             parse_error = f"{type(e).__name__}: {e}"
-        event = build_call_event(
-            txn,
-            usage,
-            event_id=new_event_id(txn.started_at),
-            proxy_id=self.proxy_id,
-            parse_error=parse_error,
-        )
-        payload = self._pack(event)
-        if self.log_events:
-            self._log_summary(event)
-        return payload, event["parse_error"] is not None
+        try:
+            event = build_call_event(
+                txn,
+                usage,
+                event_id=new_event_id(txn.started_at),
+                proxy_id=self.proxy_id,
+                parse_error=parse_error,
+            )
+            payload = self._pack(event)
+        except Exception as e:  # a record the event cannot hold: keep the exchange
+            event = self._unparsed_event(txn, "event_build_failed", f"{type(e).__name__}: {e}")
+            payload = self._pack(event)
+        return payload, event["parse_error"] is not None, event
+
+    def _spool_append_many(self, payloads: list[bytes], force: bool = False) -> list[int | None]:
+        if not payloads:
+            return []
+        try:
+            return self.spool.append_many(payloads, force=force)
+        except Exception:
+            self._log.failure("spool append failed")
+            return [None] * len(payloads)
+
+    def _spool_append(self, payload: bytes, force: bool = False) -> int | None:
+        return self._spool_append_many([payload], force)[0]
 
     def _log_summary(self, event: Mapping[str, Any]) -> None:
         usage = event["usage"]
@@ -263,28 +316,27 @@ class EventPipeline(Service):
 
     # -- back on the reactor -------------------------------------------------
 
-    def _parsed(self, result: tuple[bytes, bool], token: int) -> None:
-        if self._parsing.pop(token, None) is None:
-            return  # written unparsed at the drain deadline
-        payload, had_error = result
-        if had_error:
-            self.parse_errors_total += 1
-        self._append(payload)
+    def _parsed_batch(self, results: list[_Parsed]) -> None:
+        for seq, payload, had_error in results:
+            self.events_total += 1
+            if had_error:
+                self.parse_errors_total += 1
+            self._spooled(seq, payload)
 
-    def _parse_crashed(self, failure: Failure, token: int) -> None:
-        txn = self._parsing.pop(token, None)
-        if txn is None:
-            return
-        self.parse_errors_total += 1
-        self._log.failure("building an event failed", failure)
-        self._append(
-            self._unparsed(
-                txn, "event_build_failed", f"{type(failure.value).__name__}: {failure.value}"
-            )
-        )
+    def _batch_failed(self, items: list[tuple[int, Transaction]], failure: Failure) -> None:
+        self._log.failure("a parse batch failed", failure)
+        why = f"{type(failure.value).__name__}: {failure.value}"
+        for token, txn in items:
+            with self._parsing_lock:
+                found = self._parsing.pop(token, None) or self._ready.pop(token, None)
+            if found is not None:
+                self.parse_errors_total += 1
+                self._append(self._unparsed(txn, "event_build_failed", why))
 
-    def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
-        event = build_call_event(
+    def _unparsed_event(
+        self, txn: Transaction, flag: str, parse_error: str | None = None
+    ) -> dict[str, Any]:
+        return build_call_event(
             txn,
             None,
             event_id=new_event_id(txn.started_at),
@@ -292,38 +344,33 @@ class EventPipeline(Service):
             parse_error=parse_error,
             flags=(flag,),
         )
-        return self._pack(event)
+
+    def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
+        return self._pack(self._unparsed_event(txn, flag, parse_error))
 
     def _append(self, payload: bytes) -> None:
+        """Spool an event built on the reactor (the rare paths)."""
         self.events_total += 1
-        if self._gap_pending and self.spool.has_room(len(payload) + 256):
-            self._write_gap()
-        try:
-            seq = self.spool.append(payload)
-        except Exception:
-            self._log.failure("spool append failed")
-            seq = None
+        self._spooled(self._spool_append(payload), payload)
+
+    def _spooled(self, seq: int | None, payload: bytes) -> None:
         if seq is None:
             self.events_dropped_total += 1
             self._gap_pending += 1
             return
         self.outbox.offer(seq, payload)
+        if self._gap_pending and self.spool.has_room(256):
+            self._write_gap()
         self._dirty()
 
     def _write_gap(self) -> None:
-        event = build_gap_event(
-            self._gap_pending, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time()
-        )
+        """Record how many events the full spool dropped (written over the cap)."""
+        n = self._gap_pending
+        event = build_gap_event(n, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time())
         payload = pack_event(event)
-        try:
-            seq = self.spool.append(payload, force=True)
-        except Exception:
-            self._log.failure("spool append of a gap record failed")
-            return
+        seq = self._spool_append(payload, force=True)
         if seq is not None:
-            self._log.warn(
-                "spool full: {n} events dropped (gap record written)", n=self._gap_pending
-            )
+            self._log.warn("spool full: {n} events dropped (gap record written)", n=n)
             self._gap_pending = 0
             self.outbox.offer(seq, payload)
             self._dirty()
@@ -400,14 +447,18 @@ class EventPipeline(Service):
         super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
         idle = yield self.pool.wait_idle(self.parse_drain_timeout)
         if not idle:
-            stuck, self._parsing = self._parsing, {}
+            with self._parsing_lock:
+                stuck, self._parsing = self._parsing, {}
+                ready, self._ready = self._ready, {}
             self._log.warn("{n} parses still running at the drain deadline", n=len(stuck))
+            for payload, had_error, _event in ready.values():
+                self._parsed_batch([(self._spool_append(payload), payload, had_error)])
             for txn in stuck.values():
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(txn, "parse_timeout"))
         self.pool.stop()
         if self._gap_pending:
-            self._write_gap_forced()
+            self._write_gap()
         yield self._flush()
         if self.outbox.waiting and self.delivery.state != "down":
             yield self._wait_acked(self.ack_drain_timeout)
@@ -426,17 +477,6 @@ class EventPipeline(Service):
         while self._sync_busy is not None:
             yield after(self._sync_busy)
         yield self._sync_now()
-
-    def _write_gap_forced(self) -> None:
-        # at shutdown the gap record is written even over the cap
-        n = self._gap_pending
-        payload = pack_event(
-            build_gap_event(n, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time())
-        )
-        seq = self.spool.append(payload, force=True)
-        if seq is not None:
-            self._gap_pending = 0
-            self.outbox.offer(seq, payload)
 
     def _wait_acked(self, timeout: float) -> Deferred[bool]:
         if self.outbox.waiting == 0:
@@ -546,7 +586,8 @@ def make_event_sink(
             outbox=outbox,
             delivery=delivery,
             mode=mode,
-            pool=ParsePool(reactor, workers=parse_workers, queue=parse_queue),
+            parse_workers=parse_workers,
+            parse_queue=parse_queue,
             analyse=analyse if analyse is not None else default_analyse(),
             flush_interval=flush_interval,
             parse_drain_timeout=parse_drain_timeout,

@@ -114,6 +114,19 @@ def test_cap_refuses_appends_until_acks_free_space(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_append_many_is_one_write_with_per_record_cap(tmp_path: Path) -> None:
+    """A batch gets consecutive seqs; records over the cap get None, the rest are written."""
+    spool = EventSpool(tmp_path, max_bytes=16_384, segment_bytes=4096)
+    assert spool.append_many([payload(0), payload(1)]) == [1, 2]
+    seqs = spool.append_many([payload(i, 3000) for i in range(8)])
+    assert seqs == [3, 4, 5, 6, 7, None, None, None]  # ~3 KiB each under a 16 KiB cap
+    assert spool.append_many([payload(9)]) == [8]
+    spool.close()
+    spool = EventSpool(tmp_path, max_bytes=1_000_000)
+    assert [s for s, _ in read_all(spool)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    spool.close()
+
+
 def test_spool_files_hold_only_what_was_appended(tmp_path: Path) -> None:
     """The spool adds framing only: no header or query ever reaches it but the payload."""
     spool = EventSpool(tmp_path)
