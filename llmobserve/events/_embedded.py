@@ -74,7 +74,6 @@ class EmbeddedWriter(Service):
         self._store: StoreLike | None = None
         self._busy: Deferred[Any] | None = None
         self._retry: IDelayedCall | None = None
-        self._pump_call: IDelayedCall | None = None
         self._thread = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
         outbox.on_ready = self.pump
 
@@ -121,13 +120,14 @@ class EmbeddedWriter(Service):
             self.pump()
 
     def pump(self) -> None:
-        """Write what is ready, at the next reactor turn (coalescing events)."""
-        if self._pump_call is None and self.running:
-            self._pump_call = self.clock.callLater(0, self._write_ready)
-
-    def _write_ready(self) -> None:
-        self._pump_call = None
-        if self._busy is not None or self._store is None or self._retry is not None:
+        """Hand what is ready to the writer thread, unless a write is under way
+        (its completion pumps again, so events coalesce into one batch)."""
+        if (
+            not self.running
+            or self._busy is not None
+            or self._store is None
+            or self._retry is not None
+        ):
             return
         records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
         if not records:
@@ -147,10 +147,9 @@ class EmbeddedWriter(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Finish the write under way, close the store in its thread, stop."""
         super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
-        for call in (self._retry, self._pump_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._retry = self._pump_call = None
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         while self._busy is not None:
             yield after(self._busy)
         store, self._store = self._store, None

@@ -262,7 +262,8 @@ class CollectorLink(Service):
         self.attempts = 0
         self.protocol_errors = 0
         self._proto: LinkProtocol | None = None
-        self._pump_call: IDelayedCall | None = None
+        self._pumping = False
+        self._again = False
         outbox.on_ready = self.pump
         self._service = ClientService(
             _WatchedEndpoint(endpoint, self),
@@ -281,9 +282,6 @@ class CollectorLink(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
-        if self._pump_call is not None and self._pump_call.active():
-            self._pump_call.cancel()
-        self._pump_call = None
         d: Deferred[None] = self._service.stopService()
 
         def stopped(result: None) -> None:
@@ -329,18 +327,26 @@ class CollectorLink(Service):
     # -- sending ----------------------------------------------------------------
 
     def pump(self) -> None:
-        """Send what is ready, at the next reactor turn (coalescing events)."""
-        if self._pump_call is None and self.running:
-            self._pump_call = self.clock.callLater(0, self._send_ready)
-
-    def _send_ready(self) -> None:
-        self._pump_call = None
-        proto = self._proto
-        while proto is not None and proto.ready and not proto.paused:
-            records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
-            if not records:
-                return
-            proto.send_batch(records)
+        """Send what is ready now (callers pump once per burst of events)."""
+        if not self.running:
+            return
+        if self._pumping:  # re-entered (a synchronous read landed): go round again
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._again = False
+                proto = self._proto
+                while proto is not None and proto.ready and not proto.paused:
+                    records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
+                    if not records:
+                        break
+                    proto.send_batch(records)
+                again = self._again
+        finally:
+            self._pumping = False
 
     @property
     def connected(self) -> bool:

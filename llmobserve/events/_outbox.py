@@ -91,6 +91,9 @@ class Outbox:
     def offer(self, seq: int, payload: bytes) -> None:
         """A record was just appended to the spool (reactor thread).
 
+        The caller tells the delivery to send (C{pump}) once after a burst
+        of offers, so that they travel in one batch.
+
         Parse threads append concurrently, so their results can arrive out
         of seq order: early ones wait (briefly, bounded by the parse pool's
         size) until the gap before them is filled.
@@ -106,7 +109,6 @@ class Outbox:
             if not payload:
                 break
             self._accept(self.last_seq + 1, payload)
-        self.on_ready()
 
     def _accept(self, seq: int, payload: bytes) -> None:
         caught_up = self._mem_last == self.last_seq and not self._loading
@@ -152,7 +154,13 @@ class Outbox:
             del self._mem[:head]
             self._send -= head
             self._head = 0
-        self.on_ready()
+        if self.has_unsent:
+            self.on_ready()
+
+    @property
+    def has_unsent(self) -> bool:
+        """Are there records not yet handed out, in memory or on disk?"""
+        return self._send < len(self._mem) or self._mem_last < self.last_seq
 
     def rewind(self) -> None:
         """The link was lost: everything unacknowledged is to be sent again."""

@@ -3,10 +3,10 @@
 Twisted's C{ThreadPool} queues work in an unbounded deque (RELIABILITY.md,
 fact 13), so L{ParsePool} counts what it has handed over itself and refuses
 more than C{workers + queue} items at once: the caller then records the
-exchange without parsing instead of waiting. Items submitted in one reactor
-turn go to the threads as one job (up to C{batch}), through
-C{deferToThreadPool}: under load that is one thread hand-off and one
-reactor wake-up per batch instead of per exchange.
+exchange without parsing instead of waiting. Items go to the threads through
+C{deferToThreadPool}, one at a time while a thread is free, and as one job
+per freed thread (up to C{batch}) while all are busy: under load that is one
+thread hand-off and one reactor wake-up per batch instead of per exchange.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -69,13 +69,13 @@ class ParsePool(Generic[_T, _R]):
         if workers < 1 or queue < 0 or batch < 1:
             raise ValueError("workers and batch must be >= 1, queue >= 0")
         self._reactor: IReactorFromThreads = reactor
-        self._clock: IReactorTime = reactor
         self._work, self._done_cb, self._failed_cb = work, done, failed
         self.limit = workers + queue
         self.batch = batch
         self.in_flight = 0
+        self.workers = workers
+        self._jobs = 0  # batches handed to the threads and not back yet
         self._pending: list[_T] = []
-        self._flush_call: IDelayedCall | None = None
         self._pool = DaemonThreadPool(minthreads=0, maxthreads=workers, name=name)
         self._idle = Waiters(reactor)
 
@@ -89,34 +89,37 @@ class ParsePool(Generic[_T, _R]):
         self._pool.start()
 
     def try_submit(self, item: _T) -> bool:
-        """Queue one item for the next batch; False (nothing queued) when full."""
+        """Queue one item; False (nothing queued) when full.
+
+        With a thread free the item goes at once; while every thread is busy
+        items gather and go as one job when a thread frees (or C{batch} of
+        them are waiting): batching grows with load, at no cost in latency.
+        """
         if self.in_flight >= self.limit or not self._pool.started:
             return False
         self.in_flight += 1
         self._pending.append(item)
-        if len(self._pending) >= self.batch:
+        if self._jobs < self.workers or len(self._pending) >= self.batch:
             self.flush()
-        elif self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self.flush)
         return True
 
     def flush(self) -> None:
-        """Hand the items queued so far to a thread now."""
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
+        """Hand the items gathered so far to a thread now."""
         items, self._pending = self._pending, []
         if not items:
             return
+        self._jobs += 1
         d = deferToThreadPool(self._reactor, self._pool, self._work, items)
         d.addCallbacks(self._done_cb, self._failed_cb, errbackArgs=(items,))
         d.addBoth(self._finished, len(items))
 
     def _finished(self, result: object, count: int) -> None:
+        self._jobs -= 1
         self.in_flight -= count
         if isinstance(result, Failure):
             _log.failure("parse batch callback failed", result)
+        if self._pending and self._jobs < self.workers:
+            self.flush()
         if self.in_flight == 0 and self._idle:
             self._idle.fire()
 

@@ -153,7 +153,8 @@ class EventPipeline(Service):
                 if not isinstance(span, Mapping):
                     continue
                 event = build_span_event(span, event_id=new_event_id(now), proxy_id=self.proxy_id)
-                self._append(pack_event(event))
+                self._append(pack_event(event), pump=False)
+            self.delivery.pump()
         except Exception:
             self._log.failure("event sink failed on spans")
 
@@ -322,6 +323,7 @@ class EventPipeline(Service):
             if had_error:
                 self.parse_errors_total += 1
             self._spooled(seq, payload)
+        self.delivery.pump()
 
     def _batch_failed(self, items: list[tuple[int, Transaction]], failure: Failure) -> None:
         self._log.failure("a parse batch failed", failure)
@@ -348,10 +350,12 @@ class EventPipeline(Service):
     def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
         return self._pack(self._unparsed_event(txn, flag, parse_error))
 
-    def _append(self, payload: bytes) -> None:
+    def _append(self, payload: bytes, pump: bool = True) -> None:
         """Spool an event built on the reactor (the rare paths)."""
         self.events_total += 1
         self._spooled(self._spool_append(payload), payload)
+        if pump:
+            self.delivery.pump()
 
     def _spooled(self, seq: int | None, payload: bytes) -> None:
         if seq is None:
@@ -374,6 +378,7 @@ class EventPipeline(Service):
             self._gap_pending = 0
             self.outbox.offer(seq, payload)
             self._dirty()
+            self.delivery.pump()
 
     def _acked(self, seq: int) -> None:
         self.spool.ack(seq)

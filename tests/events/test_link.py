@@ -103,7 +103,7 @@ class Rig:
             seq = self.spool.append(payload)
             assert seq is not None
             self.outbox.offer(seq, payload)
-        self.clock.advance(0)
+        self.link.pump()
 
     def connect(self) -> tuple[Any, StringTransport, Peer]:
         proto, transport = self.endpoint.succeed()
