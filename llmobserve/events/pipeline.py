@@ -121,6 +121,7 @@ class EventPipeline(Service):
         self._next_token = 0
         self._unsynced = 0
         self._sync_call: IDelayedCall | None = None
+        self._pump_call: IDelayedCall | None = None
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
@@ -153,8 +154,7 @@ class EventPipeline(Service):
                 if not isinstance(span, Mapping):
                     continue
                 event = build_span_event(span, event_id=new_event_id(now), proxy_id=self.proxy_id)
-                self._append(pack_event(event), pump=False)
-            self.delivery.pump()
+                self._append(pack_event(event))
         except Exception:
             self._log.failure("event sink failed on spans")
 
@@ -350,12 +350,18 @@ class EventPipeline(Service):
     def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
         return self._pack(self._unparsed_event(txn, flag, parse_error))
 
-    def _append(self, payload: bytes, pump: bool = True) -> None:
-        """Spool an event built on the reactor (the rare paths)."""
+    def _append(self, payload: bytes) -> None:
+        """Spool an event built on the reactor (the rare paths: a full parse
+        queue, spans, the drain deadline); they are sent at the next turn,
+        together with whatever else arrived in this one."""
         self.events_total += 1
         self._spooled(self._spool_append(payload), payload)
-        if pump:
-            self.delivery.pump()
+        if self._pump_call is None:
+            self._pump_call = self._clock.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._pump_call = None
+        self.delivery.pump()
 
     def _spooled(self, seq: int | None, payload: bytes) -> None:
         if seq is None:
@@ -469,6 +475,10 @@ class EventPipeline(Service):
             yield self._wait_acked(self.ack_drain_timeout)
         yield self.delivery.stopService()
         yield self._flush()
+        for call in (self._pump_call, self._sync_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._pump_call = self._sync_call = None
         self._io.stop()
         self.spool.close()
         self._log.info(
