@@ -133,11 +133,7 @@ class EventSpool:
         try:
             self.proxy_id, self.acked_seq = self._read_meta()
             self.stats = self._load_segments()
-            self.last_seq = max(
-                [self.acked_seq]
-                + [s.last_seq for s in self._segments]
-                + [s.first_seq - 1 for s in self._segments]
-            )
+            self.last_seq = max([self.acked_seq] + [s.last_seq for s in self._segments])
             self._open_segment(self.last_seq + 1)
             self._write_meta()
         except BaseException:
@@ -189,7 +185,9 @@ class EventSpool:
             if end < len(data):
                 torn += 1
             records += count
-            if last <= self.acked_seq:
+            if last <= self.acked_seq or count == 0:
+                # delivered, or empty (a crash right after a rotation): the
+                # active segment about to be opened may even have its name
                 path.unlink()
                 continue
             self._segments.append(_Segment(path, first, last, end))

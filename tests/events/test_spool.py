@@ -82,6 +82,24 @@ def test_torn_tail_is_skipped_and_counted(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_an_empty_segment_left_by_a_crash_is_dropped(tmp_path: Path) -> None:
+    """A crash right after a rotation leaves an empty segment; it never shadows new data."""
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    for i in range(10):
+        spool.append(payload(i))
+    spool.close()
+    (tmp_path / "seg-00000000000000000011").write_bytes(SEGMENT_MAGIC)
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    assert spool.append(payload(10)) == 11
+    spool.ack(10)  # deletes the delivered segments, never the active one
+    spool.sync()
+    spool.close()
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    assert spool.acked_seq == 10
+    assert read_all(spool, 10) == [(11, payload(10))]
+    spool.close()
+
+
 def test_corrupt_record_ends_its_segment_only(tmp_path: Path) -> None:
     """A CRC mismatch stops reading that segment; later segments still replay."""
     spool = EventSpool(tmp_path, segment_bytes=4096)
