@@ -64,6 +64,7 @@ class ParsePool(Generic[_T, _R]):
         workers: int = 2,
         queue: int = 1000,
         batch: int = 64,
+        gather: float = 0.0,
         name: str = "llmobserve-parse",
     ) -> None:
         if workers < 1 or queue < 0 or batch < 1:
@@ -76,6 +77,8 @@ class ParsePool(Generic[_T, _R]):
         self.workers = workers
         self._jobs = 0  # batches handed to the threads and not back yet
         self._pending: list[_T] = []
+        self._gather = gather
+        self._gather_call: Any = None
         self._pool = DaemonThreadPool(minthreads=0, maxthreads=workers, name=name)
         self._idle = Waiters(reactor)
 
@@ -99,12 +102,24 @@ class ParsePool(Generic[_T, _R]):
             return False
         self.in_flight += 1
         self._pending.append(item)
-        if self._jobs < self.workers or len(self._pending) >= self.batch:
+        if len(self._pending) >= self.batch:
             self.flush()
+        elif self._jobs < self.workers:
+            if self._gather <= 0:
+                self.flush()
+            elif self._gather_call is None:
+                # Light load: gather a few milliseconds' worth into one job,
+                # one thread wake-up and one reactor wake-up for all of them.
+                self._gather_call = self._reactor.callLater(  # type: ignore[attr-defined]
+                    self._gather, self.flush
+                )
         return True
 
     def flush(self) -> None:
         """Hand the items gathered so far to a thread now."""
+        call, self._gather_call = self._gather_call, None
+        if call is not None and call.active():
+            call.cancel()
         items, self._pending = self._pending, []
         if not items:
             return

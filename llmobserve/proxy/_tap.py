@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -25,6 +26,7 @@ from llmobserve.proxy.transaction import ITransactionSink
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
+_SWITCH_INTERVAL = 0.0002  # seconds
 _LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -333,6 +335,11 @@ def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
+
+    # Parse threads share the GIL with the reactor. CPython's default switch
+    # interval (5 ms) would let a parse hold the reactor off for that long
+    # when a request arrives; a short one hands the GIL back promptly.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
 
     top = MultiService()
     sink, sink_service = _make_sink(options, reactor)
