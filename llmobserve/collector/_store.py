@@ -21,7 +21,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -308,6 +308,24 @@ def _event(row: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
+def _retry_locked(action: Callable[[], object], attempts: int = 50) -> None:
+    """Run C{action}, retrying while another connection holds the new file.
+
+    Two connections opening a brand-new store at once (the collector's
+    writer and reader threads) can see "database is locked" from the WAL
+    switch or the schema creation without SQLite's busy handler being
+    consulted; a short retry resolves it.
+    """
+    for attempt in range(attempts):
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+
+
 class EventStore:
     """Events in one SQLite file, synchronous, for use by one thread at a time.
 
@@ -339,7 +357,7 @@ class EventStore:
                 check_same_thread=check_same_thread,
                 timeout=30.0,
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _retry_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA foreign_keys=OFF")
             self._migrate()
@@ -347,6 +365,9 @@ class EventStore:
             raise StoreError(f"cannot open event store {str(path)!r}: {e}") from e
 
     def _migrate(self) -> None:
+        _retry_locked(self._migrate_once)
+
+    def _migrate_once(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreError(
