@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 from typing import Any
 
@@ -333,6 +334,38 @@ def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
     return urls
 
 
+class _OrderedServices(MultiService):
+    """Stops its children one after another, last added first.
+
+    C{MultiService} stops every child at once; the proxy must drain its
+    in-flight calls before the event sink flushes and closes, so that the
+    events of those calls are kept. After a clean stop on SIGTERM the
+    process exits 0 rather than re-raising the signal (twistd's default).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._reactor = reactor
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        d: Deferred[Any] = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(_stop_child, child)
+        d.addCallback(self._stopped_cleanly)
+        return d
+
+    def _stopped_cleanly(self, _: object) -> None:
+        # twistd re-raises the stopping signal after the reactor stops so the
+        # exit status says "killed by SIGTERM"; a drained stop is a success.
+        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
+            self._reactor._exitSignal = None
+
+
+def _stop_child(_: object, child: IService) -> Any:
+    return child.stopService()
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -341,7 +374,7 @@ def makeService(options: Options) -> IService:
     # when a request arrives; a short one hands the GIL back promptly.
     sys.setswitchinterval(_SWITCH_INTERVAL)
 
-    top = MultiService()
+    top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     site, services, policy = build_proxy(reactor, options, sink)
     if options.get("known-hosts-only-forced"):

@@ -1,0 +1,149 @@
+"""Proxy life cycle with real processes: SIGTERM drains, SIGKILL loses nothing spooled.
+
+RELIABILITY.md T27 and T29, scaled down: a stream in flight when SIGTERM
+arrives finishes and is recorded, and the process exits 0; events spooled
+while the collector was down survive a SIGKILL of the proxy and reach the
+collector after a restart, each exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from support.clients import StreamReader, proxy_request, raw_request
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
+from support.upstreams import RecordingUpstream, SSEUpstream, closed_port
+
+
+def _get_json(url: str) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(40)
+def test_sigterm_lets_an_in_flight_stream_finish_records_it_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM: stop listening, finish the stream in flight, keep its event, exit 0."""
+    with SSEUpstream(events=8, interval=0.15) as upstream:
+        proxy = ProxyProcess(
+            [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=openai",
+                "--drain-timeout",
+                "8",
+            ],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            request = proxy_request(
+                proxy.port,
+                "POST",
+                upstream.url + "/v1/chat/completions",
+                [("Content-Type", "application/json")],
+                b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}',
+            )
+            with StreamReader(proxy.port, request, timeout=20) as stream:
+                assert stream.read_head() == 200
+                proxy.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                body = stream.read_all(timeout=15)
+                assert stream.complete, "the in-flight stream was cut by the drain"
+            assert body.endswith(b"data: [DONE]\n\n")
+            time.sleep(0.3)  # the listener closes within a reactor turn of SIGTERM
+            with pytest.raises(OSError):
+                raw_request(
+                    proxy.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=2
+                )
+            code = proxy.wait(timeout=12)
+            assert code == 0, proxy.log_tail()
+            assert time.monotonic() - sent < 10
+        db = proxy.home / "events.sqlite3"
+        rows = (
+            sqlite3.connect(db)
+            .execute("SELECT provider, model, outcome FROM events WHERE kind = 'call'")
+            .fetchall()
+        )
+    assert len(rows) == 1, rows
+    provider, model, outcome = rows[0]
+    assert (provider, outcome) == ("openai", "ok")
+    assert model is not None and model.startswith("gpt-4o-mini")
+
+
+@pytest.mark.timeout(60)
+def test_events_spooled_before_a_sigkill_reach_the_collector_after_restart(
+    tmp_path: Path,
+) -> None:
+    """Collector down, 30 calls, SIGKILL the proxy, start the collector and the
+    proxy again on the same spool: all 30 events arrive, none twice."""
+    calls = 30
+    collector_port = closed_port()
+    workdir = tmp_path / "proxy"
+    with RecordingUpstream() as upstream:
+        args = [
+            *LOOPBACK_ARGS,
+            "--provider-host",
+            f"127.0.0.1:{upstream.port}=openai",
+            "--collector",
+            f"http://127.0.0.1:{collector_port}",
+        ]
+        first = ProxyProcess(args, workdir=workdir)
+        first.start()
+        try:
+            for _ in range(calls):
+                response = raw_request(
+                    first.port,
+                    proxy_request(
+                        first.port,
+                        "POST",
+                        upstream.url + "/v1/chat/completions",
+                        [("Content-Type", "application/json")],
+                        b'{"model":"gpt-4o-mini","messages":[]}',
+                    ),
+                )
+                assert response.status == 200
+            _wait_for(
+                lambda: _get_json(first.url + "/health")["events_waiting"] >= calls,
+                10,
+                "events to be spooled",
+            )
+            time.sleep(0.2)  # past the spool's fsync interval (50 ms)
+            first.kill()
+        finally:
+            first.kill()
+
+        collector = CollectorProcess(
+            db=tmp_path / "collector.db",
+            port=f"tcp:{collector_port}:interface=127.0.0.1",
+            workdir=tmp_path / "collector",
+        )
+        with collector:
+            second = ProxyProcess(args, workdir=workdir)
+            with second:
+                _wait_for(
+                    lambda: _get_json(collector.url + "/health")["events_stored"] >= calls,
+                    20,
+                    "the replayed events at the collector",
+                )
+                time.sleep(0.5)
+                events = _get_json(collector.url + "/api/events?limit=1000")
+    items = events["events"] if isinstance(events, dict) else events
+    calls_seen = [e for e in items if e.get("kind", "call") == "call"]
+    ids = [e["id"] for e in calls_seen]
+    assert len(ids) == calls, len(ids)
+    assert len(set(ids)) == calls
+    assert {e["provider"] for e in calls_seen} == {"openai"}
