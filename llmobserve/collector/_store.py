@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from llmobserve.events.fields import EVENT_FIELDS
+
 __all__ = [
     "CALL_FIELDS",
     "FILTERS",
@@ -86,31 +88,7 @@ _TOKEN_COLUMNS: Final = (
 
 #: The DESIGN.md event fields: a C{call} event read back always has all of
 #: them (C{null} where unknown), so C{cost_usd: null} is never lost.
-CALL_FIELDS: Final = (
-    "id",
-    "kind",
-    "ts",
-    "duration_ms",
-    "ttfb_ms",
-    "overhead_ms",
-    "method",
-    "host",
-    "path",
-    "status",
-    "outcome",
-    "provider",
-    "endpoint",
-    "model",
-    "streamed",
-    "usage",
-    "usage_source",
-    "cost_usd",
-    "price_ref",
-    "request_bytes",
-    "response_bytes",
-    "graphql",
-    "context",
-)
+CALL_FIELDS: Final = EVENT_FIELDS
 
 #: Filter names accepted by L{EventStore.events} and L{EventStore.report}
 #: (and the HTTP API and the command line), and the column each one tests.

@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
+from llmobserve.events.fields import EVENT_FIELDS
 from llmobserve.proxy.transaction import RawHeaders, Transaction
 
 __all__ = [
@@ -36,34 +37,7 @@ __all__ = [
 ]
 
 #: The keys of every call event, in order (DESIGN.md's table plus ours).
-CALL_FIELDS: Final = (
-    "id",
-    "kind",
-    "ts",
-    "duration_ms",
-    "ttfb_ms",
-    "overhead_ms",
-    "method",
-    "host",
-    "path",
-    "status",
-    "outcome",
-    "provider",
-    "endpoint",
-    "model",
-    "streamed",
-    "usage",
-    "usage_source",
-    "cost_usd",
-    "price_ref",
-    "request_bytes",
-    "response_bytes",
-    "graphql",
-    "context",
-    "parse_error",
-    "flags",
-    "proxy_id",
-)
+CALL_FIELDS: Final = (*EVENT_FIELDS, "parse_error", "flags", "proxy_id")
 
 _MAX_STR: Final = 1024
 _MAX_ITEMS: Final = 64
