@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import signal
-import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -27,7 +26,6 @@ from llmobserve.proxy.transaction import ITransactionSink
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
-_SWITCH_INTERVAL = 0.0002  # seconds
 _LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -368,11 +366,6 @@ def _stop_child(_: object, child: IService) -> Any:
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
-
-    # Parse threads share the GIL with the reactor. CPython's default switch
-    # interval (5 ms) would let a parse hold the reactor off for that long
-    # when a request arrives; a short one hands the GIL back promptly.
-    sys.setswitchinterval(_SWITCH_INTERVAL)
 
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
