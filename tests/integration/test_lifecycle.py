@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import StreamReader, proxy_request, raw_request
+from support.clients import RawClient, StreamReader, proxy_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import RecordingUpstream, SSEUpstream, closed_port
 
@@ -147,3 +147,52 @@ def test_events_spooled_before_a_sigkill_reach_the_collector_after_restart(
     assert len(ids) == calls, len(ids)
     assert len(set(ids)) == calls
     assert {e["provider"] for e in calls_seen} == {"openai"}
+
+
+@pytest.mark.timeout(90)
+def test_a_thousand_calls_during_a_collector_outage_all_arrive_once(tmp_path: Path) -> None:
+    """T25(a): collector down, 1,000 calls, collector up: 1,000 distinct events, 0 lost."""
+    calls = 1000
+    collector_port = closed_port()
+    with RecordingUpstream() as upstream:
+        proxy = ProxyProcess(
+            [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=openai",
+                "--collector",
+                f"http://127.0.0.1:{collector_port}",
+            ],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            request = proxy_request(
+                proxy.port,
+                "POST",
+                upstream.url + "/v1/chat/completions",
+                [("Content-Type", "application/json")],
+                b'{"model":"gpt-4o-mini","messages":[]}',
+            )
+            with RawClient(proxy.port) as client:  # one keep-alive connection
+                for _ in range(calls):
+                    client.send(request)
+                    assert client.read_response(method="POST").status == 200
+            assert _get_json(proxy.url + "/health")["collector"]["state"] != "connected"
+            collector = CollectorProcess(
+                db=tmp_path / "collector.db",
+                port=f"tcp:{collector_port}:interface=127.0.0.1",
+                workdir=tmp_path / "collector",
+            )
+            with collector:
+                _wait_for(
+                    lambda: _get_json(collector.url + "/health")["events_stored"] >= calls,
+                    30,
+                    "1,000 events at the collector",
+                )
+                _wait_for(
+                    lambda: _get_json(proxy.url + "/health")["events_waiting"] == 0,
+                    10,
+                    "the proxy's spool to drain",
+                )
+                health = _get_json(collector.url + "/health")
+    assert health["events_stored"] == calls
