@@ -31,6 +31,7 @@ from twisted.web import server
 from zope.interface import implementer
 
 from llmobserve.proxy._errors import error_body
+from llmobserve.proxy._writes import WriteCoalescer, write_now
 
 __all__ = ["ChannelRequest", "ProxyChannel", "ProxyServerFactory"]
 
@@ -144,6 +145,8 @@ class ChannelRequest:
         self.body_done = False
         self.held: list[bytes] | None = None  # body bytes of a pipelined request not yet begun
         self.producer: Any = None
+        self._out: list[bytes] = []
+        self.queued = False  # waiting in the WriteCoalescer
 
     # twisted.web.http.Request, the parts used
 
@@ -166,27 +169,39 @@ class ChannelRequest:
         channel = self.channel
         if channel is None:
             return
+        out = self._out
         if not self.started_writing:
             self.started_writing = True
-            channel.write_head(self)
+            out.append(channel.head_bytes(self))
             if self.method == b"HEAD" or self.code in _NO_BODY:
                 self.write = _discard  # type: ignore[method-assign]
+                channel.factory.coalescer.wrote(self)
                 return
         if data:
-            transport: Any = channel.transport
             if self.chunked:
-                transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+                out.append(b"%x\r\n%s\r\n" % (len(data), data))
             else:
-                transport.write(data)
+                out.append(data)
+        channel.factory.coalescer.wrote(self)
+
+    def flush(self) -> None:
+        """Send what was written since the last flush (see L{WriteCoalescer})."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            write_now(channel.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def finish(self) -> None:
         if self.finished or self._disconnected:
             return
         if not self.started_writing:
             self.write(b"")
-        if self.chunked and self.channel is not None:
-            transport: Any = self.channel.transport
-            transport.write(b"0\r\n\r\n")
+        if self.chunked:
+            self._out.append(b"0\r\n\r\n")
+        self.flush()  # now: request_done may close the connection
         self.finished = True
         if self.channel is not None:
             self.channel.request_done(self)
@@ -247,6 +262,14 @@ class ProxyChannel(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if not self._reading:
             return
+        coalescer = self.factory.coalescer
+        coalescer.hold()
+        try:
+            self._received(data)
+        finally:
+            coalescer.release()
+
+    def _received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -438,7 +461,7 @@ class ProxyChannel(Protocol):
 
     # Response writing
 
-    def write_head(self, request: ChannelRequest) -> None:
+    def head_bytes(self, request: ChannelRequest) -> bytes:
         code = request.code
         reason = request.code_message or _REASONS.get(code, b"Unknown")
         headers = request.responseHeaders
@@ -458,7 +481,7 @@ class ProxyChannel(Protocol):
         for name, value in headers.pairs:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        self.transport.writeSequence(parts)  # type: ignore[union-attr]
+        return b"".join(parts)
 
     def _answer(self, request: ChannelRequest, status: int, kind: str, message: str) -> None:
         body = error_body(kind, message)
@@ -601,11 +624,13 @@ class ProxyServerFactory(Factory):
         max_head_bytes: int = 64 * 1024,
         max_headers: int = 256,
         hold_limit: int = 64 * 1024,
+        coalescer: WriteCoalescer | None = None,
     ) -> None:
         from llmobserve.proxy._relay import DeadlineSweeper
 
         self.resource = resource
         self.clock = clock
+        self.coalescer = coalescer or WriteCoalescer()
         self.deadlines = DeadlineSweeper(clock, interval=0.5)
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout

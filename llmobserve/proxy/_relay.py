@@ -499,6 +499,9 @@ class Relay:
 
     def _drop_client(self) -> None:
         request = self._request
+        flush = getattr(request, "flush", None)
+        if flush is not None:
+            flush()  # what was relayed so far still reaches the client
         request.unregisterProducer()
         channel: Any = request.channel
         if channel is not None and channel.transport is not None:

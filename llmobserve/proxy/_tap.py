@@ -21,6 +21,7 @@ from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
 from llmobserve.proxy._upstream import UpstreamPool
+from llmobserve.proxy._writes import WriteCoalescer
 from llmobserve.proxy.transaction import ITransactionSink
 
 __all__ = ["Options", "makeService"]
@@ -299,8 +300,10 @@ def build_proxy(
         known_hosts_only=options["known-hosts-only"],
         clock=reactor,
     )
+    coalescer = WriteCoalescer()
     pool = UpstreamPool(
         reactor,
+        coalescer=coalescer,
         connect_timeout=config.connect_timeout,
         idle_timeout=config.pool_idle_timeout,
         max_idle_per_key=config.max_idle_per_host,
@@ -319,6 +322,7 @@ def build_proxy(
             reactor,
             keepalive_timeout=options["client-timeout"],
             head_timeout=options["request-head-timeout"],
+            coalescer=coalescer,
             body_timeout=options["request-body-timeout"],
         )
     return site, services, policy

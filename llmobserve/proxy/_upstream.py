@@ -32,6 +32,8 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmobserve.proxy._writes import WriteCoalescer, write_now
+
 __all__ = ["IUpstreamListener", "UpstreamConnection", "UpstreamKey", "UpstreamPool"]
 
 #: (scheme, address to connect to, port, hostname for SNI and Host)
@@ -109,6 +111,8 @@ class UpstreamConnection(TwistedProtocol):
         self._eof_framed = False
         self._read_paused = False
         self._idle_call: IDelayedCall | None = None
+        self._out: list[bytes] = []
+        self.queued = False  # waiting in the WriteCoalescer
 
     # Twisted protocol
 
@@ -124,6 +128,14 @@ class UpstreamConnection(TwistedProtocol):
         transport.registerProducer(_WriteBackpressure(self), True)
 
     def dataReceived(self, data: bytes) -> None:
+        coalescer = self.pool.coalescer
+        coalescer.hold()
+        try:
+            self._received(data)
+        finally:
+            coalescer.release()
+
+    def _received(self, data: bytes) -> None:
         if self.listener is None or self._response_done:
             # Bytes out of turn (stray body after 204/HEAD, unsolicited data
             # on an idle connection): never trust this connection again.
@@ -243,12 +255,21 @@ class UpstreamConnection(TwistedProtocol):
         self._response_done = False
         self._request_done = False
         self._head_request = method == b"HEAD"
-        assert self.transport is not None
-        self.transport.write(head)
+        self._out.append(head)
+        self.pool.coalescer.wrote(self)
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self._out.append(data)
+        self.pool.coalescer.wrote(self)
+
+    def flush(self) -> None:
+        """Send what was written since the last flush (see L{WriteCoalescer})."""
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        if self.transport is not None and self.connected_:
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def request_finished(self) -> None:
         """The request body has been written completely."""
@@ -270,6 +291,7 @@ class UpstreamConnection(TwistedProtocol):
         """Close now: this connection never goes back to the pool."""
         self._reusable = False
         self.listener = None
+        self._out = []
         self.pool._forget(self)
         transport: Any = self.transport
         if transport is not None and self.connected_:
@@ -328,6 +350,7 @@ class UpstreamPool:
         max_idle_per_key: int = 64,
         max_head_bytes: int = 65536,
         tls_creator: Callable[[str], Any] | None = None,
+        coalescer: WriteCoalescer | None = None,
     ) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
@@ -335,6 +358,7 @@ class UpstreamPool:
         self._max_idle = max_idle_per_key
         self._max_head_bytes = max_head_bytes
         self._tls_creator = tls_creator
+        self.coalescer = coalescer or WriteCoalescer()
         self._idle: dict[UpstreamKey, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
 

@@ -20,6 +20,7 @@ from llmobserve.proxy._policy import StaticResolver, TargetPolicy
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._upstream import UpstreamPool
+from llmobserve.proxy._writes import WriteCoalescer
 from llmobserve.proxy.transaction import ITransactionSink, Transaction
 
 
@@ -85,8 +86,10 @@ class InMemoryProxy:
         self.policy = TargetPolicy(
             self.resolver, allow_cidrs=allow_cidrs, provider_hosts=provider_hosts
         )
+        coalescer = WriteCoalescer()
         self.pool = UpstreamPool(
             self.reactor,
+            coalescer=coalescer,
             connect_timeout=self.config.connect_timeout,
             idle_timeout=self.config.pool_idle_timeout,
             max_head_bytes=self.config.max_response_head,
@@ -99,7 +102,7 @@ class InMemoryProxy:
         self.server = server
         self.site: Any
         if server == "lean":
-            self.site = ProxyServerFactory(self.resource, self.reactor)
+            self.site = ProxyServerFactory(self.resource, self.reactor, coalescer=coalescer)
         else:
             self.site = ProxySite(self.resource, reactor=self.reactor)
         self._accepted = 0
