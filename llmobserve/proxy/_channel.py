@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from zope.interface import implementer
 
-from llmobserve.proxy._errors import error_body
+from llmobserve.proxy._errors import error_body, prepare_error
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
 __all__ = ["ChannelRequest", "ProxyChannel", "ProxyServerFactory"]
@@ -484,12 +484,7 @@ class ProxyChannel(Protocol):
         return b"".join(parts)
 
     def _answer(self, request: ChannelRequest, status: int, kind: str, message: str) -> None:
-        body = error_body(kind, message)
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"X-LLMObserve-Error", kind.encode())
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.write(body)
+        request.write(prepare_error(request, status, kind, message))
         request.finish_and_close()
 
     def _protocol_error(self, status: int, kind: str, message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["ERROR_HEADER", "ProxyError", "error_body", "write_error"]
+__all__ = ["ERROR_HEADER", "ProxyError", "error_body", "prepare_error", "write_error"]
 
 ERROR_HEADER = b"X-LLMObserve-Error"
 
@@ -27,13 +27,18 @@ def error_body(kind: str, message: str) -> bytes:
     return json.dumps({"error": {"type": kind, "message": message}}).encode()
 
 
-def write_error(request: Any, status: int, kind: str, message: str) -> None:
-    """Answer C{request} with the error contract and finish it."""
+def prepare_error(request: Any, status: int, kind: str, message: str) -> bytes:
+    """Set the error contract's status and headers on C{request}; return the body."""
     body = error_body(kind, message)
     request.setResponseCode(status)
     headers = request.responseHeaders
     headers.setRawHeaders(b"Content-Type", [b"application/json"])
     headers.setRawHeaders(ERROR_HEADER, [kind.encode()])
     headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-    request.write(body)
+    return body
+
+
+def write_error(request: Any, status: int, kind: str, message: str) -> None:
+    """Answer C{request} with the error contract and finish it."""
+    request.write(prepare_error(request, status, kind, message))
     request.finish()

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from llmobserve.proxy._bodytap import BodyTap
 from llmobserve.proxy._config import RelayConfig
-from llmobserve.proxy._errors import ERROR_HEADER, error_body, write_error
+from llmobserve.proxy._errors import prepare_error, write_error
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
@@ -568,12 +568,7 @@ def write_error_early(request: Request, status: int, kind: str, message: str, cl
 def _answer_and_close(request: Request, status: int, kind: str, message: str) -> None:
     if request.finished or request._disconnected:
         return
+    body = prepare_error(request, status, kind, message)
     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-    request.setResponseCode(status)
-    body = error_body(kind, message)
-    headers = request.responseHeaders
-    headers.setRawHeaders(b"Content-Type", [b"application/json"])
-    headers.setRawHeaders(ERROR_HEADER, [kind.encode()])
-    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     request.write(body)
     finish_early(request)
