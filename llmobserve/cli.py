@@ -15,7 +15,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,6 +27,24 @@ from llmobserve.paths import ENV_HOME, default_db_path
 __all__ = ["main"]
 
 _PAGE = 5000  # events fetched per query when exporting
+
+
+def _paged(
+    fetch: Callable[[int, int], list[dict[str, Any]]], limit: int | None, offset: int
+) -> Iterator[dict[str, Any]]:
+    """Every event from C{offset} on (at most C{limit}), fetched C{_PAGE} at a time."""
+    left = limit
+    while left is None or left > 0:
+        n = _PAGE if left is None else min(_PAGE, left)
+        page = fetch(n, offset)
+        yield from page
+        if len(page) < n:
+            return
+        offset += len(page)
+        if left is not None:
+            left -= len(page)
+
+
 _HTTP_TIMEOUT = 30.0
 
 _EPILOG = f"""\
@@ -102,16 +120,10 @@ class _StoreSource(_Source):
         offset: int,
         filters: dict[str, Any],
     ) -> Iterator[dict[str, Any]]:
-        left = limit
-        while left is None or left > 0:
-            n = _PAGE if left is None else min(_PAGE, left)
-            page = self._store.events(since=since, until=until, limit=n, offset=offset, **filters)
-            yield from page
-            if len(page) < n:
-                return
-            offset += len(page)
-            if left is not None:
-                left -= len(page)
+        def page(n: int, at: int) -> list[dict[str, Any]]:
+            return self._store.events(since=since, until=until, limit=n, offset=at, **filters)
+
+        return _paged(page, limit, offset)
 
     def close(self) -> None:
         self._store.close()
@@ -167,17 +179,12 @@ class _CollectorSource(_Source):
         offset: int,
         filters: dict[str, Any],
     ) -> Iterator[dict[str, Any]]:
-        left = limit
-        while left is None or left > 0:
-            n = _PAGE if left is None else min(_PAGE, left)
-            params = [*self._common(since, until, filters), ("limit", n), ("offset", offset)]
-            page: list[dict[str, Any]] = self._get("/api/events", params)["events"]
-            yield from page
-            if len(page) < n:
-                return
-            offset += len(page)
-            if left is not None:
-                left -= len(page)
+        def page(n: int, at: int) -> list[dict[str, Any]]:
+            params = [*self._common(since, until, filters), ("limit", n), ("offset", at)]
+            events: list[dict[str, Any]] = self._get("/api/events", params)["events"]
+            return events
+
+        return _paged(page, limit, offset)
 
 
 # -- output --------------------------------------------------------------------
