@@ -12,6 +12,7 @@ C{twistd llmobserve} does), request bodies stream upstream as they arrive.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -212,6 +213,7 @@ class ProxyResource:
             "service": "llmobserve-proxy",
             "version": __version__,
             "uptime_s": round(time.time() - self._started, 3),
+            "pid": os.getpid(),
             "in_flight": self._s.stats["in_flight"],
         }
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -12,6 +13,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
@@ -21,6 +23,12 @@ from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
 from llmobserve.proxy._upstream import UpstreamPool
+from llmobserve.proxy._workers import (
+    ParentWatch,
+    WorkerProcesses,
+    listen_reuseport,
+    tcp_address,
+)
 from llmobserve.proxy._writes import WriteCoalescer
 from llmobserve.proxy.transaction import ITransactionSink
 
@@ -113,6 +121,8 @@ class Options(usage.Options):
             "Seconds in-flight calls may take to finish on SIGTERM.",
             float,
         ],
+        ["workers", None, 1, "Processes serving the port (SO_REUSEPORT, Linux; tcp ports).", int],
+        ["worker-of", None, None, "Internal: the pid of the first process (spawned workers).", int],
         [
             "server",
             None,
@@ -183,9 +193,13 @@ class Options(usage.Options):
         self["base-url"][provider] = url
 
     def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
         if self["server"] not in ("lean", "twisted-web"):
             raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
         self["port"] = port_description(str(self["port"]))
+        if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
+            raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
             self["known-hosts-only"] = True
             self["known-hosts-only-forced"] = True
@@ -220,8 +234,13 @@ class ProxyService(Service):
         services: RelayServices,
         policy: TargetPolicy,
         drain_timeout: float,
+        *,
+        reuse_port: bool = False,
+        workers: WorkerProcesses | None = None,
     ) -> None:
         self._reactor = reactor
+        self._reuse_port = reuse_port
+        self._workers = workers
         self._description = description
         self._site = site
         self._services = services
@@ -231,6 +250,16 @@ class ProxyService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self._reuse_port:
+            address = tcp_address(self._description)
+            assert address is not None
+            try:
+                port = listen_reuseport(self._reactor, address[0], address[1], self._site)
+            except OSError:
+                self._failed(Failure())
+                return
+            self._listening(port)
+            return
         endpoint = serverFromString(self._reactor, self._description)
         d = endpoint.listen(self._site)
         d.addCallbacks(self._listening, self._failed)
@@ -247,6 +276,8 @@ class ProxyService(Service):
         _log.info(
             "llmobserve proxy listening on http://{host}:{port}", host=shown, port=address.port
         )
+        if self._workers is not None:
+            self._workers.spawn(host, address.port)
 
     def _failed(self, failure: Any) -> None:
         _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
@@ -254,9 +285,13 @@ class ProxyService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._workers is not None:
+            self._workers.terminate()  # siblings drain at the same time as this process
         port, self._port = self._port, None
         stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]
         stopped.addCallback(lambda _: self._drain())
+        if self._workers is not None:
+            stopped.addCallback(lambda _: self._workers.ended() if self._workers else None)
         return stopped
 
     def _drain(self) -> Deferred[None]:
@@ -376,7 +411,21 @@ def makeService(options: Options) -> IService:
     site, services, policy = build_proxy(reactor, options, sink)
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
-    proxy = ProxyService(reactor, options["port"], site, services, policy, options["drain-timeout"])
+    workers = (
+        WorkerProcesses(reactor, options["workers"], sys.argv) if options["workers"] > 1 else None
+    )
+    proxy = ProxyService(
+        reactor,
+        options["port"],
+        site,
+        services,
+        policy,
+        options["drain-timeout"],
+        reuse_port=options["workers"] > 1 or bool(options["worker-of"]),
+        workers=workers,
+    )
+    if options["worker-of"]:
+        ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
