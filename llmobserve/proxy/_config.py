@@ -18,6 +18,7 @@ class RelayConfig:
     connect_timeout: float = 10.0  # TCP connect to the upstream
     header_timeout: float = 600.0  # request sent -> response headers (reasoning models think)
     idle_timeout: float = 300.0  # no upstream byte for this long mid-response
+    client_write_timeout: float = 60.0  # a client that stops reading a response
     max_body: int = 32 * 1024 * 1024  # request body limit -> 413
     max_response_head: int = 64 * 1024  # response header bytes -> 502
     pool_idle_timeout: float = 30.0  # idle keep-alive upstream connections

@@ -144,6 +144,7 @@ class Relay:
         self._t_upstream_done: float | None = None
         self._last_activity = 0.0
         self.deadline = float("inf")  # clock time; checked by the DeadlineSweeper
+        self._paused_at: float | None = None  # when the client's socket filled up
         self._deadline_kind = ""
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
@@ -431,11 +432,17 @@ class Relay:
     # IPushProducer, registered on the client response
 
     def pauseProducing(self) -> None:
+        """The client's socket is full: stop reading the upstream."""
+        now = self._s.clock.seconds()
+        self._paused_at = now
+        self.deadline = min(self.deadline, now + self._s.config.client_write_timeout)
         conn = self._conn
         if conn is not None:
             conn.pause_reading()
 
     def resumeProducing(self) -> None:
+        self._paused_at = None
+        self._last_activity = self._s.clock.seconds()  # the upstream was quiet because of us
         conn = self._conn
         if conn is not None:
             conn.resume_reading()
@@ -471,6 +478,15 @@ class Relay:
         if self._done:
             return
         if self._deadline_kind == "idle":
+            paused = self._paused_at
+            if paused is not None:
+                # A client that stops reading holds two connections open: it
+                # gets client_write_timeout, then both are dropped.
+                if now - paused >= self._s.config.client_write_timeout:
+                    self._client_too_slow()
+                else:
+                    self.deadline = paused + self._s.config.client_write_timeout
+                return
             idle = self._s.config.idle_timeout
             if now - self._last_activity < idle:
                 self.deadline = self._last_activity + idle
@@ -496,6 +512,15 @@ class Relay:
             else:
                 write_error_early(request, status, kind, message, self._s.clock)
         self._end(outcome, kind)
+
+    def _client_too_slow(self) -> None:
+        self._abort_upstream()
+        request = self._request
+        request.unregisterProducer()
+        channel: Any = request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()  # its buffer will never drain
+        self._end(Outcome.TIMEOUT, "client_write_timeout")
 
     def _drop_client(self) -> None:
         request = self._request

@@ -105,6 +105,13 @@ class Options(usage.Options):
         ["header-timeout", None, 600.0, "Seconds from request sent to response headers.", float],
         ["idle-timeout", None, 300.0, "Seconds without an upstream byte mid-response.", float],
         ["client-timeout", None, 60.0, "Seconds a client connection may sit idle.", float],
+        [
+            "client-write-timeout",
+            None,
+            60.0,
+            "Seconds a client may leave a response unread before both connections drop.",
+            float,
+        ],
         ["request-head-timeout", None, 20.0, "Seconds a client has to send a request head.", float],
         [
             "request-body-timeout",
@@ -320,6 +327,7 @@ def build_proxy(
         connect_timeout=options["connect-timeout"],
         header_timeout=options["header-timeout"],
         idle_timeout=options["idle-timeout"],
+        client_write_timeout=options["client-write-timeout"],
         max_body=options["max-body"],
         add_via=not options["no-via"],
     )

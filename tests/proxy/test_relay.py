@@ -15,6 +15,11 @@ from typing import Any
 import h11
 import pytest
 from support.inmemory import InMemoryProxy
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
+from twisted.python.failure import Failure
+
+from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy.transaction import Outcome
 
 ProxyMaker = Callable[..., InMemoryProxy]
 
@@ -28,12 +33,6 @@ def make_proxy(request: pytest.FixtureRequest) -> ProxyMaker:
 
     return make
 
-
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError, TimeoutError
-from twisted.python.failure import Failure
-
-from llmobserve.proxy._config import RelayConfig
-from llmobserve.proxy.transaction import Outcome
 
 TARGET = b"X-LLMObserve-Target-URL: http://127.0.0.1:8080/v1/chat/completions\r\n"
 
@@ -601,3 +600,37 @@ def test_spans_are_handed_to_the_sink(make_proxy: ProxyMaker) -> None:
     head, _body, _ = response_of(client.value())
     assert head.status_code == 202
     assert proxy.sink.spans == [{"span_id": "s1", "name": "agent"}]
+
+
+def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
+    make_proxy: ProxyMaker,
+) -> None:
+    """A reader that never drains its socket frees both connections after the deadline."""
+    proxy = make_proxy(config=RelayConfig(client_write_timeout=5, idle_timeout=300))
+    channel, client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    client.producer.pauseProducing()  # the client's socket buffer is full
+    proxy.reactor.advance(4)
+    assert not client.disconnecting
+    proxy.reactor.advance(1.5)  # deadlines are swept four times a second
+    assert client.disconnecting
+    assert upstream.transport.disconnecting or upstream.transport.disconnected
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.error) == (Outcome.TIMEOUT, "client_write_timeout")
+
+
+def test_a_paused_client_does_not_trip_the_upstream_idle_timeout(make_proxy: ProxyMaker) -> None:
+    """While we hold the upstream back for a slow reader, its silence is ours, not its."""
+    proxy = make_proxy(config=RelayConfig(client_write_timeout=60, idle_timeout=3))
+    channel, client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    client.producer.pauseProducing()
+    proxy.reactor.advance(10)
+    client.producer.resumeProducing()
+    assert not client.disconnecting
+    upstream.send(b"0\r\n\r\n")
+    assert proxy.sink.transactions[0].outcome is Outcome.OK
