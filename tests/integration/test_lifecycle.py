@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import time
 import urllib.request
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from support.clients import RawClient, StreamReader, proxy_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
-from support.upstreams import RecordingUpstream, SSEUpstream, closed_port
+from support.upstreams import BigBodyUpstream, RecordingUpstream, SSEUpstream, closed_port
 
 
 def _get_json(url: str) -> dict:  # type: ignore[type-arg]
@@ -196,3 +197,34 @@ def test_a_thousand_calls_during_a_collector_outage_all_arrive_once(tmp_path: Pa
                 )
                 health = _get_json(collector.url + "/health")
     assert health["events_stored"] == calls
+
+
+@pytest.mark.timeout(40)
+def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(tmp_path: Path) -> None:
+    """T14, second phase: a client that never reads a large response loses its
+    connection after --client-write-timeout, and the proxy is idle again."""
+    with BigBodyUpstream() as upstream:
+        proxy = ProxyProcess(
+            [*LOOPBACK_ARGS, "--client-write-timeout", "2", "--idle-timeout", "30"],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(proxy_request(proxy.port, "GET", upstream.url + "/blob?size=104857600"))
+            started = time.monotonic()
+            _wait_for(
+                lambda: _get_json(proxy.url + "/health")["in_flight"] == 1, 5, "the call to start"
+            )
+            _wait_for(
+                lambda: _get_json(proxy.url + "/health")["in_flight"] == 0,
+                10,
+                "the unread call to be dropped",
+            )
+            assert time.monotonic() - started < 8
+            sock.settimeout(5)
+            with pytest.raises(OSError):  # reset: the rest of the body never comes
+                while sock.recv(65536):
+                    pass
+            sock.close()
