@@ -52,18 +52,19 @@ _CONTEXT_FIELDS = {
     b"customer-id": "customer_id",
     b"tenant-id": "tenant_id",
 }
+_X_PREFIXES = frozenset({b"x-", b"x_"})
 _PROPERTY = b"property-"
 _MAX_CONTEXT_VALUE = 512
 _MAX_PROPERTIES = 32
 
 
-def _connection_tokens(pairs: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in pairs:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
+def _add_tokens(named: set[bytes] | None, value: bytes) -> set[bytes]:
+    """Add the field names a C{Connection} header lists to C{named}."""
+    if named is None:
+        named = set()
+    named.update(t.strip().lower() for t in value.split(b","))
+    named.discard(b"")
+    return named
 
 
 def _clean_label(value: bytes) -> str:
@@ -116,33 +117,56 @@ _EMPTY_CONTEXT = Context()
 
 
 def split_request_headers(pairs: Iterable[tuple[bytes, bytes]]) -> RequestHead:
-    """Split a client's request headers into what goes upstream and what is ours."""
-    pairs = list(pairs)
+    """Split a client's request headers into what goes upstream and what is ours.
+
+    One pass over the pairs; fields named in C{Connection} (which may come
+    after them) are taken out of C{forward} at the end, when there are any.
+    """
     head = RequestHead()
-    dropped = _REQUEST_DROPPED | _connection_tokens(pairs)
     forward = head.forward
+    named: set[bytes] | None = None
     for name, value in pairs:
         lower = name.lower()
-        if lower.startswith(_OURS) or lower.replace(b"_", b"-").startswith(_OURS):
-            key = lower.replace(b"_", b"-")[len(_OURS) :]
-            head.ours[key] = value
-        elif lower in dropped:
+        if lower[:2] in _X_PREFIXES:
+            key = lower.replace(b"_", b"-")
+            if key.startswith(_OURS):
+                head.ours[key[len(_OURS) :]] = value
+                continue
+        if lower in _REQUEST_DROPPED:
             if lower == b"content-length":
                 head.content_length = int(value)
             elif lower == b"transfer-encoding":
                 head.chunked = value.strip().lower() == b"chunked"
-        elif lower == b"via" and b"llmobserve" in value.lower():
-            head.via_loop = True
-            forward.append((name, value))
+            elif lower == b"connection":
+                named = _add_tokens(named, value)
         else:
+            if lower == b"via" and b"llmobserve" in value.lower():
+                head.via_loop = True
             forward.append((name, value))
+    if named:
+        forward[:] = [(n, v) for n, v in forward if n.lower() not in named]
+        if b"via" in named:
+            head.via_loop = False
     return head
 
 
 def client_response_headers(
     pairs: Iterable[tuple[bytes, bytes]],
-) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop and framing fields."""
-    pairs = list(pairs)
-    dropped = _RESPONSE_DROPPED | _connection_tokens(pairs)
-    return [(n, v) for n, v in pairs if n.lower() not in dropped]
+) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The upstream's response headers minus hop-by-hop and framing fields,
+    and the value of its C{Content-Length} (the last one), if any."""
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None
+    content_length = None
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _RESPONSE_DROPPED:
+            if lower == b"content-length":
+                content_length = value
+            elif lower == b"connection":
+                named = _add_tokens(named, value)
+        else:
+            out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    return out, content_length

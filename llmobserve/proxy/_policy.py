@@ -175,13 +175,32 @@ def _literal_family(host: str) -> int | None:
 def parse_target(url: str) -> Target:
     """Parse and canonicalise an absolute http(s) URL given by a client.
 
-    Pure and cheap enough for every request. Raises only L{TargetRefused}
+    Pure, and remembered for the few hundred URLs last seen (a client
+    calls the same few endpoints over and over). Raises only L{TargetRefused}
     with kind C{bad_target}, for anything malformed or ambiguous: another
     scheme or none, userinfo, an empty or bracketed non-IP host, control,
     space or percent characters, numeric hosts that are not a canonical
     dotted quad, ports outside 1-65535. Non-ASCII hosts are IDNA-encoded,
     non-ASCII path and query characters are percent-encoded as UTF-8.
     """
+    try:
+        return _PARSED[url]
+    except (KeyError, TypeError):
+        pass
+    target = _parse_target(url)
+    if len(url) <= _PARSED_URL_MAX:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[url] = target
+    return target
+
+
+_PARSED: dict[str, Target] = {}
+_PARSED_MAX: Final = 512
+_PARSED_URL_MAX: Final = 1024
+
+
+def _parse_target(url: str) -> Target:
     if not isinstance(url, str):
         raise _bad("target URL is not text")
     if len(url) > _MAX_URL:
@@ -577,6 +596,7 @@ class TargetPolicy:
         self._cache_seconds = cache_seconds
         self._cache: dict[tuple[str, int], tuple[float, ResolvedTarget]] = {}
         self._verdicts: dict[str, str | None] = {}
+        self._literals: dict[tuple[str, str, int], tuple[ResolvedTarget, bool]] = {}
         self._own: set[tuple[str, int]] = set()
         self._own_wildcard_ports: set[int] = set()
         self._own_local_ports: set[int] = set()  # loopback or wildcard: "localhost:PORT"
@@ -607,6 +627,7 @@ class TargetPolicy:
             if _is_localhost(host.lower().rstrip(".")):
                 self._own_local_ports.add(port)
         self._cache.clear()
+        self._literals.clear()
 
     def check(self, target: Target) -> Deferred[ResolvedTarget]:
         """Resolve once, check every address; errback with L{TargetRefused}.
@@ -638,9 +659,23 @@ class TargetPolicy:
         return self._decide(target)[0]
 
     def _decide(self, target: Target) -> tuple[ResolvedTarget | None, str | None, bool]:
+        key = (target.scheme, target.host, target.port)
+        known = self._literals.get(key)
+        if known is not None:
+            resolved, trusted = known
+            if resolved.target is not target:
+                resolved = attrs.evolve(resolved, target=target)
+                self._literals[key] = (resolved, trusted)
+            return resolved, resolved.provider_hint, trusted
         hint, trusted = self._check_name(target)
         if _literal_family(target.host) is not None:
-            return self._verify(target, [target.host], hint, trusted), hint, trusted
+            resolved = self._verify(target, [target.host], hint, trusted)
+            # An admitted IP literal stays admitted until the proxy's own
+            # addresses change: its verdict depends on nothing else.
+            if len(self._literals) >= _CACHE_MAX:
+                self._literals.clear()
+            self._literals[key] = (resolved, trusted)
+            return resolved, hint, trusted
         return self._cached(target), hint, trusted
 
     def _check_name(self, target: Target) -> tuple[str | None, bool]:

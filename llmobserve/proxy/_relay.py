@@ -356,16 +356,13 @@ class Relay:
         request = self._request
         request.setResponseCode(status, reason or None)
         out = request.responseHeaders
-        content_length = None
-        for name, value in client_response_headers(headers):
+        forward, content_length = client_response_headers(headers)
+        for name, value in forward:
             out.addRawHeader(name, value)
-        for name, value in headers:
-            if name.lower() == b"content-length":
-                content_length = value
         if content_length is not None and (
             self._method == b"HEAD" or status not in _NO_BODY_STATUS
         ):
-            out.setRawHeaders(b"Content-Length", [content_length])
+            out.addRawHeader(b"Content-Length", content_length)
         request.registerProducer(self, True)
         self._arm("idle", self._s.config.idle_timeout)
 

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP
 from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
@@ -110,7 +110,7 @@ class UpstreamConnection(TwistedProtocol):
         self._response_started = False
         self._eof_framed = False
         self._read_paused = False
-        self._idle_call: IDelayedCall | None = None
+        self.idle_since = 0.0  # clock time it went back to the pool
         self._out: list[bytes] = []
         self.queued = False  # waiting in the WriteCoalescer
 
@@ -241,10 +241,6 @@ class UpstreamConnection(TwistedProtocol):
     def start(self, listener: IUpstreamListener, head: bytes, method: bytes) -> None:
         """Begin one exchange: write the request head."""
         self.listener = listener
-        if self._idle_call is not None:
-            if self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self._headers = []
@@ -313,14 +309,6 @@ class UpstreamConnection(TwistedProtocol):
         else:
             self.abort()
 
-    def _go_idle(self, timeout: float, clock: IReactorTime) -> None:
-        self._idle_call = clock.callLater(timeout, self._idle_timeout)
-
-    def _idle_timeout(self) -> None:
-        self._idle_call = None
-        self.pool._forget(self)
-        self.abort()
-
 
 class _OneConnection(Factory):
     """Hands out one prepared protocol; quiet (no start/stop log lines)."""
@@ -361,6 +349,7 @@ class UpstreamPool:
         self.coalescer = coalescer or WriteCoalescer()
         self._idle: dict[UpstreamKey, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        self._sweep_call: IDelayedCall | None = None
 
     def take_idle(self, key: UpstreamKey) -> UpstreamConnection | None:
         """An idle keep-alive connection for C{key}, or None."""
@@ -406,7 +395,32 @@ class UpstreamPool:
             conn.abort()
             return
         idle.append(conn)
-        conn._go_idle(self._idle_timeout, self._reactor)
+        conn.idle_since = self._reactor.seconds()
+        if self._sweep_call is None:
+            self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        # One timer for the whole pool, not one per exchange: an idle
+        # connection is closed between 1 and 1.25 idle timeouts after its
+        # last use.
+        self._sweep_call = self._reactor.callLater(self._idle_timeout / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for longer than the idle timeout."""
+        self._sweep_call = None
+        cutoff = self._reactor.seconds() - self._idle_timeout
+        for key, idle in list(self._idle.items()):
+            # Taken from the end, returned to the end: the oldest come first.
+            expired = 0
+            while expired < len(idle) and idle[expired].idle_since <= cutoff:
+                expired += 1
+            stale, idle[:expired] = idle[:expired], []
+            for conn in stale:
+                conn.abort()
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            self._arm_sweep()
 
     def _forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
@@ -419,6 +433,9 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Abort every connection (shutdown)."""
+        if self._sweep_call is not None:
+            self._sweep_call.cancel()
+            self._sweep_call = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()

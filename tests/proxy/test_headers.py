@@ -83,7 +83,7 @@ def test_via_with_our_pseudonym_marks_a_loop() -> None:
 
 def test_response_hop_by_hop_and_framing_are_dropped() -> None:
     """The client's framing is Twisted's to write; upstream hop-by-hop stays behind."""
-    out = client_response_headers(
+    out, content_length = client_response_headers(
         [
             (b"Connection", b"X-Bar"),
             (b"X-Bar", b"1"),
@@ -96,3 +96,20 @@ def test_response_hop_by_hop_and_framing_are_dropped() -> None:
         ]
     )
     assert out == [(b"Content-Type", b"text/event-stream"), (b"x-request-id", b"req-1")]
+    assert content_length == b"10"
+
+
+def test_fields_named_by_a_later_connection_header_are_dropped_too() -> None:
+    """Connection may come last; what it names still stays behind, in either direction."""
+    head = split_request_headers(
+        [(b"X-Foo", b"1"), (b"Accept", b"*/*"), (b"connection", b"x-foo, , Upgrade")]
+    )
+    assert head.forward == [(b"Accept", b"*/*")]
+    out, _ = client_response_headers([(b"X-Bar", b"1"), (b"Connection", b"x-bar")])
+    assert out == []
+
+
+def test_a_via_named_in_connection_is_dropped_and_not_a_loop() -> None:
+    head = split_request_headers([(b"Via", b"1.1 llmobserve"), (b"Connection", b"via")])
+    assert head.forward == []
+    assert not head.via_loop

@@ -135,6 +135,28 @@ def test_response_is_relayed_and_connection_pooled(make_proxy: ProxyMaker) -> No
     assert upstream.received().count(b"GET /v1/chat/completions HTTP/1.1\r\n") == 2
 
 
+def test_idle_pooled_connections_close_after_the_pool_idle_timeout(
+    make_proxy: ProxyMaker,
+) -> None:
+    """An unused keep-alive connection is closed within 1-1.25 idle timeouts; one in use is not."""
+    proxy = make_proxy(config=RelayConfig(pool_idle_timeout=8))
+    channel, _client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy.reactor.advance(6)
+    channel.dataReceived(request())  # reused: its idle time starts again
+    assert proxy.connects() == 1
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    for _ in range(3):
+        proxy.reactor.advance(2)
+    assert proxy.pool.idle_count() == 1 and not upstream.transport.disconnecting
+    for _ in range(3):
+        proxy.reactor.advance(2)
+    assert proxy.pool.idle_count() == 0
+    assert upstream.transport.disconnecting
+
+
 def test_transaction_is_recorded_once_with_sizes_and_context(make_proxy: ProxyMaker) -> None:
     proxy = make_proxy()
     channel, _client = proxy.client()
