@@ -22,7 +22,7 @@ class BodyTap:
         self._head: list[bytes] = []
         self._head_size = 0
         self._head_limit = head_limit
-        self._tail: deque[bytes] = deque()
+        self._tail: deque[bytes] | None = None  # made when the head is full
         self._tail_size = 0
         self._tail_limit = tail_limit
 
@@ -40,6 +40,8 @@ class BodyTap:
             self._tail_size = 1  # remember that something was cut
             return
         tail = self._tail
+        if tail is None:
+            tail = self._tail = deque()
         tail.append(data)
         self._tail_size += len(data)
         while self._tail_size - len(tail[0]) >= self._tail_limit:

@@ -90,7 +90,10 @@ class _ResponseHeaders:
 
     def hasHeader(self, name: bytes) -> bool:
         lower = name.lower()
-        return any(n.lower() == lower for n, _ in self.pairs)
+        for n, _ in self.pairs:
+            if n.lower() == lower:
+                return True
+        return False
 
 
 class _RequestHeaders:
@@ -144,6 +147,7 @@ class ChannelRequest:
         self.keep_alive = True
         self.body_done = False
         self.held: list[bytes] | None = None  # body bytes of a pipelined request not yet begun
+        self.expects_continue = False
         self.producer: Any = None
         self._out: list[bytes] = []
         self.queued = False  # waiting in the WriteCoalescer
@@ -318,8 +322,9 @@ class ProxyChannel(Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = b"HTTP/" + parser.get_http_version().encode()
-        _check_framing(self._headers, version)
+        expects_continue = _check_framing(self._headers, version)
         request = ChannelRequest(self, parser.get_method(), self._url, version)
+        request.expects_continue = expects_continue
         request.raw_headers.extend(self._headers)
         request.keep_alive = parser.should_keep_alive()
         self._current = request
@@ -365,11 +370,7 @@ class ProxyChannel(Protocol):
 
     def _begin(self, request: ChannelRequest) -> None:
         """Route the request (its body may still be arriving)."""
-        if (
-            request.clientproto == b"HTTP/1.1"
-            and request.getHeader(b"expect") is not None
-            and request.getHeader(b"expect").lower() == b"100-continue"  # type: ignore[union-attr]
-        ):
+        if request.expects_continue and request.clientproto == b"HTTP/1.1":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         resource = self.factory.resource
         try:
@@ -575,8 +576,10 @@ class _BadFraming(Exception):
     pass
 
 
-def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> None:
+def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> bool:
     """Refuse every ambiguous body framing (the smuggling vectors of RELIABILITY.md §2.1).
+
+    Returns whether the (last) C{Expect} field asks for C{100-continue}.
 
     llhttp is strict, but a few forms it tolerates are refused here too:
     any Transfer-Encoding other than exactly C{chunked}, more than one
@@ -585,9 +588,12 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> None:
     Transfer-Encoding on HTTP/1.0.
     """
     te = cl = 0
+    expects_continue = False
     for name, value in headers:
         lower = name.lower()
-        if lower == b"transfer-encoding":
+        if lower == b"expect":
+            expects_continue = value.strip().lower() == b"100-continue"
+        elif lower == b"transfer-encoding":
             te += 1
             if value.strip().lower() != b"chunked":
                 raise _BadFraming("only 'Transfer-Encoding: chunked' is accepted")
@@ -601,6 +607,7 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> None:
         raise _BadFraming("both Content-Length and Transfer-Encoding")
     if te and version != b"HTTP/1.1":
         raise _BadFraming("Transfer-Encoding needs HTTP/1.1")
+    return expects_continue
 
 
 class ProxyServerFactory(Factory):

@@ -81,6 +81,7 @@ class ProxyResource:
         self._s = services
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
+        self._hosts_seen: set[bytes] = set()  # Host values already admitted
         self._started = time.time()
 
     # IResource
@@ -167,12 +168,16 @@ class ProxyResource:
         hosts = [v for n, v in pairs if n.lower() == b"host"]
         if len(hosts) != 1:
             return 400, "bad_request", "exactly one Host header is required"
-        host = hosts[0].strip().lower()
-        if _HOST_SYNTAX.fullmatch(host) is None:
-            return 400, "bad_request", "malformed Host header"
-        name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
-        if name not in self._host_names and not _is_ip_literal(name):
-            return 403, "host_not_allowed", "Host is not this proxy's own address"
+        if hosts[0] not in self._hosts_seen:
+            host = hosts[0].strip().lower()
+            if _HOST_SYNTAX.fullmatch(host) is None:
+                return 400, "bad_request", "malformed Host header"
+            name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+            if name not in self._host_names and not _is_ip_literal(name):
+                return 403, "host_not_allowed", "Host is not this proxy's own address"
+            if len(self._hosts_seen) >= 256:
+                self._hosts_seen.clear()
+            self._hosts_seen.add(hosts[0])  # a client sends the same few, again and again
         if request.uri[:1] != b"/":
             return 400, "bad_request", "absolute-form and CONNECT requests are not proxied"
         return None
