@@ -423,6 +423,11 @@ class ProxyChannel(Protocol):
             return
         self._requests.popleft()
         request.channel = None
+        # The relay and the request point at each other: unlinked here, both
+        # are freed at once by reference counting instead of piling up for
+        # the cyclic garbage collector (a pause every few hundred requests).
+        request.receiver = None
+        request.producer = None
         if not request.keep_alive or self._closing:
             self._close()
             return
