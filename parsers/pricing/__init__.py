@@ -101,7 +101,8 @@ class Pricer:
         if use_genai:
             found = self._genai.plan(prices_id, model, when, context)
             if found is not None:
-                ref = f"genai-prices:{found.provider_id}/{found.model_id}@{self._day(when)}"
+                day = found.day or self._day(when)
+                ref = f"genai-prices:{found.provider_id}/{found.model_id}@{day}"
                 if not found.plan.priced_keys:
                     return PriceResult(0.0, ref + " (free)")
                 genai_usage = {TO_GENAI[k]: v for k, v in usage.items() if k in TO_GENAI}

@@ -24,6 +24,7 @@ from ._plan import PricePlan
 __all__ = ["GenaiPlan", "GenaiResolver"]
 
 _MAX_ENTRIES = 4096
+_Found = tuple[GenaiProvider, ModelInfo, bool]  # provider, model, has time-of-day prices
 _GROQ_WHISPER = frozenset({"whisper-large-v3", "whisper-large-v3-turbo"})
 
 
@@ -34,6 +35,8 @@ class GenaiPlan:
     plan: PricePlan
     provider_id: str
     model_id: str
+    #: The UTC date (YYYY-MM-DD) the prices are taken at (a plan never spans two).
+    day: str = ""
 
 
 def _has_time_of_day(model: ModelInfo) -> bool:
@@ -48,7 +51,8 @@ class GenaiResolver:
     """Finds and caches genai-prices plans."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str | None, str], tuple[GenaiProvider, ModelInfo] | None] = {}
+        # (provider, model, has time-of-day prices), or None for a cached miss
+        self._models: dict[tuple[str | None, str], _Found | None] = {}
         self._plans: dict[tuple[Any, ...], GenaiPlan] = {}
         self._snapshot: object = None
 
@@ -62,6 +66,10 @@ class GenaiResolver:
 
     def find(self, prices_id: str | None, model_ref: str) -> tuple[GenaiProvider, ModelInfo] | None:
         """The genai-prices provider and model for C{model_ref}, or None."""
+        found = self._find(prices_id, model_ref)
+        return None if found is None else (found[0], found[1])
+
+    def _find(self, prices_id: str | None, model_ref: str) -> _Found | None:
         snapshot = self._check_snapshot()
         key = (prices_id, model_ref)
         found = self._models.get(key, False)
@@ -76,10 +84,11 @@ class GenaiResolver:
                     result = snapshot.find_provider_model(model_ref, None, None, None)
                 except LookupError:
                     result = None
+        entry = None if result is None else (*result, _has_time_of_day(result[1]))
         if len(self._models) >= _MAX_ENTRIES:
             self._models = {}
-        self._models[key] = result
-        return result
+        self._models[key] = entry
+        return entry
 
     def plan(
         self,
@@ -89,12 +98,12 @@ class GenaiResolver:
         context: Mapping[str, str] | None,
     ) -> GenaiPlan | None:
         """The plan pricing C{model_ref} at unix time C{when}, or None when unknown."""
-        found = self.find(prices_id, model_ref)
+        found = self._find(prices_id, model_ref)
         if found is None:
             return None
-        provider, model = found
+        provider, model, time_of_day = found
         ctx = tuple(sorted(context.items())) if context else ()
-        bucket = int(when // 60) if _has_time_of_day(model) else int(when // 86400)
+        bucket = int(when // 60) if time_of_day else int(when // 86400)
         key = (provider.id, model.id, bucket, ctx)
         cached = self._plans.get(key)
         if cached is not None:
@@ -105,7 +114,8 @@ class GenaiResolver:
         else:
             model_price = model.get_prices(stamp, dict(ctx) or None)
         min_seconds = 10 if provider.id == "groq" and model.id in _GROQ_WHISPER else 0
-        result = GenaiPlan(PricePlan(model_price, min_seconds), provider.id, model.id)
+        day = stamp.strftime("%Y-%m-%d")
+        result = GenaiPlan(PricePlan(model_price, min_seconds), provider.id, model.id, day)
         if len(self._plans) >= _MAX_ENTRIES:
             self._plans = {}
         self._plans[key] = result

@@ -138,9 +138,15 @@ class PricePlan:
                 usage["audio_seconds"] = usage["input_audio_seconds"] = billed
         leaves: dict[str, Any] = {}
         for key, descendants in self._leaf_order:
-            value = self._value(usage, key)
+            value = usage.get(key)
+            if value is None:
+                value = self._value(usage, key)
             if descendants:
-                value = subtract_usage_values(value, [leaves[d] for d in descendants])
+                subtrahends = [leaves[d] for d in descendants]
+                if type(value) is int and all(type(v) is int for v in subtrahends):
+                    value -= sum(subtrahends)  # what subtract_usage_values does for ints
+                else:
+                    value = subtract_usage_values(value, subtrahends)
                 if value < 0:
                     raise InvalidUsage(f"more specific usage exceeds {key}")
             leaves[key] = value
@@ -152,7 +158,11 @@ class PricePlan:
             count = leaves[unit.usage_key]
             if not count:
                 continue  # adds exactly zero: skip the Decimal work
-            amount = calc_unit_price(price, count, threshold, unit.per)
+            if type(count) is int and type(price) is Decimal:
+                # calc_unit_price's own arithmetic for a flat price and an int count
+                amount = price * Decimal(count) / unit.per
+            else:
+                amount = calc_unit_price(price, count, threshold, unit.per)
             total += amount
             if direction == "input":
                 input_ += amount

@@ -94,8 +94,9 @@ def test_cached_plan_equals_calc_price(
     assert total == expected.total_price
     assert input_ == expected.input_price
     assert output == expected.output_price
-    # and a second, cached, lookup is the same object
+    # and a second, cached, lookup is the same object, dated for price_ref
     assert resolver.plan(provider, ref, when, None) is found
+    assert found.day == stamp.strftime("%Y-%m-%d")
 
 
 def test_price_at_request_date() -> None:
