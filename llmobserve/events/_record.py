@@ -19,10 +19,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
+import attrs
 import msgpack
 
 from llmobserve.events.fields import EVENT_FIELDS
-from llmobserve.proxy.transaction import RawHeaders, Transaction
+from llmobserve.proxy.transaction import Context, RawHeaders, Transaction
 
 __all__ = [
     "CALL_FIELDS",
@@ -136,10 +137,17 @@ def sanitise(value: Any, depth: int = 0) -> Any:
     return sanitise_str(repr(value))
 
 
+def _clean(s: str, limit: int) -> str:
+    # sanitise_str, with the common case (short and printable) inline
+    return s if len(s) <= limit and s.isprintable() else sanitise_str(s, limit)
+
+
 def _opt_str(value: object, limit: int = 256) -> str | None:
     if value is None:
         return None
-    return sanitise_str(value if isinstance(value, str) else str(value), limit)
+    if isinstance(value, str):
+        return _clean(value, limit)
+    return sanitise_str(str(value), limit)
 
 
 def _usage_map(usage: Mapping[str, Any]) -> dict[str, int | float]:
@@ -147,10 +155,22 @@ def _usage_map(usage: Mapping[str, Any]) -> dict[str, int | float]:
     for i, (k, v) in enumerate(usage.items()):
         if i >= _MAX_ITEMS:
             break
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        kind = type(v)
+        if kind is int and _INT_MIN <= v <= _INT_MAX:
+            clean: Any = v  # what sanitise() returns for it
+        elif kind is float:
+            if not math.isfinite(v):
+                continue
+            clean = v
+        elif isinstance(v, bool) or not isinstance(v, int | float):
             continue
-        clean = sanitise(v)
-        if clean is not None:
+        else:
+            clean = sanitise(v)
+            if clean is None:
+                continue
+        if type(k) is str and len(k) <= 64 and k.isprintable():
+            out[k] = clean
+        else:
             out[sanitise_str(str(k), 64)] = clean
     return out
 
@@ -159,6 +179,22 @@ def _ms(seconds: float | None) -> float | None:
     if seconds is None or not math.isfinite(seconds):
         return None
     return round(seconds * 1000.0, 3)
+
+
+#: Context's label fields (everything but C{properties}), in C{as_dict} order.
+_CONTEXT_LABELS: Final = tuple(f.name for f in attrs.fields(Context) if f.name != "properties")
+
+
+def _context_map(context: Context) -> dict[str, Any]:
+    """C{sanitise(context.as_dict())}, without building the intermediate maps."""
+    out: dict[str, Any] = {}
+    for name in _CONTEXT_LABELS:
+        value = getattr(context, name)
+        if value is not None:
+            out[name] = sanitise(value, 1)
+    if context.properties:
+        out["properties"] = sanitise(dict(context.properties), 1)
+    return out
 
 
 def headers_to_mapping(pairs: RawHeaders) -> dict[str, str]:
@@ -225,10 +261,10 @@ def build_call_event(
         "duration_ms": _ms(txn.duration),
         "ttfb_ms": _ms(txn.ttfb),
         "overhead_ms": _ms(txn.overhead),
-        "method": sanitise_str(txn.method, 32),
-        "host": sanitise_str(txn.host, 256),
+        "method": _clean(txn.method, 32),
+        "host": _clean(txn.host, 256),
         # the path never carries the query; strip one defensively if it does
-        "path": sanitise_str(txn.path.partition("?")[0], _MAX_STR),
+        "path": _clean(txn.path.partition("?")[0], _MAX_STR),
         "status": txn.status,
         "outcome": txn.outcome.value,
         "provider": _opt_str(provider, 64),
@@ -236,15 +272,15 @@ def build_call_event(
         "model": _opt_str(model),
         "streamed": bool(streamed),
         "usage": usage_map,
-        "usage_source": sanitise_str(source, 32),
+        "usage_source": _clean(source, 32),
         "cost_usd": cost,
         "price_ref": _opt_str(price_ref),
         "request_bytes": txn.request_bytes,
         "response_bytes": txn.response_bytes,
         "graphql": sanitise(graphql) if graphql is not None else None,
-        "context": sanitise(txn.context.as_dict()),
+        "context": _context_map(txn.context),
         "parse_error": _opt_str(parse_error, 512),
-        "flags": [sanitise_str(f, 128) for f in all_flags[:_MAX_ITEMS]],
+        "flags": [_clean(f, 128) for f in all_flags[:_MAX_ITEMS]],
         "proxy_id": proxy_id,
     }
 
