@@ -102,6 +102,41 @@ class RelayServices:
 class Relay:
     """Relays one request. Created at header time; the body arrives afterwards."""
 
+    __slots__ = (
+        "_body_bytes",
+        "_body_done",
+        "_client_paused_for",
+        "_conn",
+        "_connecting",
+        "_deadline_kind",
+        "_done",
+        "_head",
+        "_last_activity",
+        "_method",
+        "_paused_at",
+        "_pending",
+        "_pending_size",
+        "_provider_hint",
+        "_req_tap",
+        "_request",
+        "_resolved",
+        "_resp_tap",
+        "_response_bytes",
+        "_response_headers",
+        "_response_started",
+        "_retried",
+        "_s",
+        "_started_at",
+        "_status",
+        "_t0",
+        "_t_connect",
+        "_t_first",
+        "_t_sent",
+        "_t_upstream_done",
+        "_target",
+        "deadline",
+    )
+
     def __init__(
         self,
         services: RelayServices,
