@@ -20,7 +20,10 @@ the pipeline calls in a thread on a timer. A torn or corrupt record ends the
 readable part of its segment: it is skipped and counted, and replay goes on
 with the next segment. Segments wholly at or below the acknowledged seq are
 deleted. When the spool holds C{max_bytes}, appends are refused (the caller
-counts the drop and writes a gap record later).
+counts the drop and writes a gap record later). The last C{reserve_bytes}
+below the cap (a tenth by default) are kept for important records: an
+append marked as low priority (class 1, see C{docs/EVENTS.md}) is refused
+once the spool is that close to full, so those are dropped first.
 
 Thread safety: every public method takes the spool's lock, so the reactor
 may append and ack while a worker thread syncs or reads. Nothing here
@@ -36,7 +39,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -114,9 +117,11 @@ class EventSpool:
         *,
         max_bytes: int = 256 * 1024 * 1024,
         segment_bytes: int = 4 * 1024 * 1024,
+        reserve_bytes: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.reserve_bytes = max_bytes // 10 if reserve_bytes is None else reserve_bytes
         self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 4))
         self._lock = threading.Lock()
         self._segments: list[_Segment] = []
@@ -227,9 +232,19 @@ class EventSpool:
         """
         return self.append_many([payload], force=force)[0]
 
-    def append_many(self, payloads: list[bytes], *, force: bool = False) -> list[int | None]:
+    def append_many(
+        self,
+        payloads: list[bytes],
+        *,
+        force: bool = False,
+        low: Sequence[bool] | None = None,
+    ) -> list[int | None]:
         """Append records with one C{write(2)}; each gets its seq, or None
-        when it did not fit under the cap (or the write failed)."""
+        when it did not fit under the cap (or the write failed).
+
+        @param low: per payload, True for a low-priority record, which must
+            also leave C{reserve_bytes} free under the cap.
+        """
         with self._lock:
             if self.closed:
                 raise RuntimeError("spool is closed")
@@ -240,9 +255,13 @@ class EventSpool:
             seqs: list[int | None] = []
             parts: list[bytes] = []
             seq, total = self.last_seq, self._total
-            for payload in payloads:
+            low_cap = self.max_bytes - self.reserve_bytes
+            for i, payload in enumerate(payloads):
                 size = _HEADER.size + len(payload)
-                if not force and total + size > self.max_bytes:
+                if not force and (
+                    total + size > self.max_bytes
+                    or (low is not None and low[i] and total + size > low_cap)
+                ):
                     seqs.append(None)
                     continue
                 seq += 1

@@ -132,6 +132,24 @@ def test_cap_refuses_appends_until_acks_free_space(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_low_priority_records_are_refused_first(tmp_path: Path) -> None:
+    """The last reserve_bytes under the cap take only important records (class 0)."""
+    spool = EventSpool(tmp_path, max_bytes=20_000, segment_bytes=4096, reserve_bytes=5_000)
+    low = [spool.append_many([payload(i, 500)], low=[True])[0] for i in range(40)]
+    taken_low = [s for s in low if s is not None]
+    assert low[-1] is None and spool.total_bytes <= 15_000
+    assert spool.total_bytes > 15_000 - 600, "low records fill up to the reserve"
+    mixed = spool.append_many([payload(50, 500), payload(51, 500)], low=[True, False])
+    assert mixed[0] is None and mixed[1] is not None, "an important record still fits"
+    important = [spool.append(payload(i, 500)) for i in range(60, 80)]
+    assert important[0] is not None and important[-1] is None
+    assert 15_000 < spool.total_bytes <= 20_000
+    spool.ack(taken_low[-1])
+    spool.sync()
+    assert spool.append_many([payload(90, 500)], low=[True]) != [None], "room again after acks"
+    spool.close()
+
+
 def test_append_many_is_one_write_with_per_record_cap(tmp_path: Path) -> None:
     """A batch gets consecutive seqs; records over the cap get None, the rest are written."""
     spool = EventSpool(tmp_path, max_bytes=16_384, segment_bytes=4096)
