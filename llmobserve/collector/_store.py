@@ -11,6 +11,14 @@ filtering and reports); C{usage}, C{context}, C{graphql}, C{price_ref} and
 C{flags} are JSON; any other key, or a known key whose value does not fit its
 column, goes into the C{extra} JSON column. Reading an event back merges all
 of them into the map that was written. Rows are deduplicated on C{id}.
+
+Writing costs CPU in the thread that stores (the proxy's own, in embedded
+mode), so the common event takes a fast path: C{orjson} for the JSON columns
+(compact, valid JSON, UTF-8 rather than C{\\u} escapes: files written by the
+previous stdlib encoder read the same), column values gathered with C{map}
+and checked with set operations, bools bound as ints (sqlite3 sends a bool
+through its slow adapter lookup). Anything unusual goes the careful way,
+which gives the same row. The schema is unchanged (version 1).
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+import orjson
 
 from llmobserve.events.fields import EVENT_FIELDS
 
@@ -185,15 +196,39 @@ def _jsonable_key(key: Any) -> str:
     return str(key)
 
 
-# One encoder for every call: json.dumps with options builds a new one each time.
+# The stdlib encoder is the fallback for what orjson refuses (bytes, non-str
+# keys, integers beyond 64 bits, lone surrogates): after _jsonable it writes
+# them as the reader expects (a 2**70 stays an exact integer).
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_orjson_dumps = orjson.dumps
 
 
 def _dumps(value: Any) -> str:
+    """Compact JSON text; non-finite floats become C{null}.
+
+    orjson writes the same compact form as the stdlib (no spaces, keys in
+    insertion order) but UTF-8 rather than C{\\uXXXX} escapes; both are
+    valid JSON and read back equal.
+    """
     try:
-        return _encode(value)
-    except (TypeError, ValueError):
+        return _orjson_dumps(value).decode()
+    except TypeError:
         return _encode(_jsonable(value))
+
+
+#: orjson reads integers beyond 64 bits as floats: text with such a number
+#: (20 or more digits in a row) is read by the stdlib instead, exactly.
+_LONG_DIGITS: Final = re.compile(r"\d{20}")
+_orjson_loads = orjson.loads
+
+
+def _loads(text: str) -> Any:
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return _orjson_loads(text)
+        except orjson.JSONDecodeError:
+            pass  # NaN literals and the like: the stdlib's leniency
+    return json.loads(text)
 
 
 def _synthetic_id(event: Mapping[str, Any]) -> str:
@@ -203,7 +238,7 @@ def _synthetic_id(event: Mapping[str, Any]) -> str:
 
 
 def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The column values for one event."""
+    """The column values for one event, whatever it holds (the careful path)."""
     extra: dict[str, Any] = {}
     event_id = event.get("id")
     if type(event_id) is not str or not event_id:
@@ -217,14 +252,13 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
         value = get(name)
         t = type(value)
         # whether the value fits its column as is (inlined: hot loop)
-        if (
-            value is None
-            or t is str
-            or (t is float and math.isfinite(value))
-            or (t is int and -_INT64 <= value < _INT64)
-            or t is bool
-        ):
+        if value is None or t is str or (t is int and -_INT64 <= value < _INT64):
             append(value)
+        elif t is float:
+            # NaN and infinities are stored as NULL (JSON has no word for them)
+            append(value if math.isfinite(value) else None)
+        elif t is bool:
+            append(int(value))  # sqlite3 binds a bool through its slow adapter path
         else:
             append(None)
             extra[name] = value
@@ -253,6 +287,106 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(values)
 
 
+#: Types a scalar column takes as is in the fast path (bools are turned into
+#: ints; an integer beyond 64 bits makes sqlite3 raise OverflowError, which
+#: sends the whole batch down the careful path).
+_PLAIN: Final = frozenset((type(None), str, int, float, bool))
+_LABEL_TYPES: Final = frozenset((type(None), str))
+_COUNT_TYPES: Final = frozenset((type(None), int))
+_INFINITIES: Final = frozenset((math.inf, -math.inf))
+_STREAMED: Final = _SCALAR_NAMES.index("streamed")
+_LABEL_KEYS: Final = frozenset(_CONTEXT_COLUMNS)
+_NO_LABELS: Final = (None,) * len(_CONTEXT_COLUMNS)
+_NO_COUNTS: Final = (None,) * len(_TOKEN_COLUMNS)
+
+
+def _fast_row(event: Any) -> tuple[Any, ...] | None:
+    """L{_row} for the ordinary event (what a proxy sends), or C{None}.
+
+    C{None} means "use L{_row}": anything unusual (no id, a value of a type
+    or size a column cannot hold as is, a non-dict, labels at the top level,
+    an infinity) takes the careful path. Both give the same row for the
+    events this one accepts. Lookups go through C{map} over the name tuples
+    and the checks are set operations, so the per-field work runs in C.
+    """
+    if type(event) is not dict:
+        return None
+    get = event.get
+    event_id = get("id")
+    if type(event_id) is not str or not event_id:
+        return None
+    scalars = tuple(map(get, _SCALAR_NAMES))
+    if not _PLAIN.issuperset(map(type, scalars)) or not _INFINITIES.isdisjoint(scalars):
+        return None
+    if scalars[0] is None or type(scalars[_STREAMED]) is bool:
+        fixed = list(scalars)
+        if fixed[0] is None:
+            fixed[0] = "call"
+        streamed = fixed[_STREAMED]
+        if type(streamed) is bool:
+            fixed[_STREAMED] = int(streamed)
+        scalars = tuple(fixed)
+    if bool in map(type, scalars):
+        return None  # a bool in another column: rare, and _row converts it
+    keys = event.keys()
+    if not _LABEL_KEYS.isdisjoint(keys):
+        return None  # span labels at the top level
+    context = get("context")
+    if context is None:
+        labels: tuple[Any, ...] = _NO_LABELS
+        context_json = None
+    elif type(context) is dict:
+        labels = tuple(map(context.get, _CONTEXT_COLUMNS))
+        if not _LABEL_TYPES.issuperset(map(type, labels)):
+            return None
+        context_json = _dumps(context)
+    else:
+        return None
+    usage = get("usage")
+    if usage is None:
+        counts: tuple[Any, ...] = _NO_COUNTS
+        usage_json = None
+    elif type(usage) is dict:
+        counts = tuple(map(usage.get, _TOKEN_COLUMNS))
+        if not _COUNT_TYPES.issuperset(map(type, counts)):
+            return None
+        usage_json = _dumps(usage)
+    else:
+        return None
+    graphql = get("graphql")
+    price_ref = get("price_ref")
+    flags = get("flags")
+    unknown = keys - _KNOWN_KEYS
+    if not unknown:
+        extra = None
+    elif len(unknown) == 1:
+        (key,) = unknown
+        extra = _dumps({key: event[key]})
+    else:
+        extra = _dumps({k: v for k, v in event.items() if k in unknown})
+    return (
+        event_id,
+        *scalars,
+        usage_json,
+        context_json,
+        None if graphql is None else _dumps(graphql),
+        None if price_ref is None else _dumps(price_ref),
+        None if flags is None else _dumps(flags),
+        *labels,
+        *counts,
+        extra,
+    )
+
+
+def _rows(events: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    for event in events:
+        row = _fast_row(event)
+        append(_row(event) if row is None else row)
+    return rows
+
+
 _N_SCALARS: Final = len(_SCALARS)
 _JSON_START: Final = 1 + _N_SCALARS
 _EXTRA_INDEX: Final = len(_COLUMNS) - 1
@@ -276,10 +410,10 @@ def _event(row: Sequence[Any]) -> dict[str, Any]:
     for i, name in enumerate(_JSON_FIELDS, start=_JSON_START):
         text = row[i]
         if text is not None:
-            out[name] = json.loads(text)
+            out[name] = _loads(text)
     extra = row[_EXTRA_INDEX]
     if extra is not None:
-        out.update(json.loads(extra))
+        out.update(_loads(extra))
     for name in list(out):
         if out[name] is None and not (full and name in CALL_FIELDS):
             del out[name]
@@ -380,12 +514,21 @@ class EventStore:
 
         @param now: the time to record for C{acked_seqs} (unix seconds).
         """
-        rows = [_row(e) for e in events]
+        if not isinstance(events, list | tuple):
+            events = list(events)
         db = self._db
         before = db.total_changes
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_INSERT, rows)
+            try:
+                db.executemany(_INSERT, _rows(events))
+            except OverflowError:
+                # an integer beyond 64 bits slipped through the fast path
+                # (sqlite3 refuses it): start again the careful way
+                db.execute("ROLLBACK")
+                db.execute("BEGIN IMMEDIATE")
+                before = db.total_changes
+                db.executemany(_INSERT, [_row(e) for e in events])
             inserted = db.total_changes - before
             if acked_seqs:
                 if now is None:

@@ -274,3 +274,102 @@ def test_reader_sees_commits_while_writer_open(tmp_path: Path) -> None:
     t.join(10)
     writer.close()
     assert seen == [1]
+
+
+def test_fast_and_careful_rows_agree() -> None:
+    """The fast row builder gives the careful one's row, or hands the event over."""
+    from llmobserve.collector._store import _fast_row, _row
+
+    cases = [
+        call(1),
+        call(2, streamed=True, proxy_id="p", flags=["x"], parse_error=None),
+        call(3, context=None, usage=None, price_ref="genai-prices:gpt-4o"),
+        call(4, graphql={"operation_type": "query", "depth": 3}, brand_new=[1, "é"]),
+        call(6, status=True),  # a bool outside streamed
+        call(7, ts=float("inf")),
+        call(8, context={"customer_id": 7}),  # a non-str label
+        call(9, run_id="top-level"),  # a span-style label
+        {"kind": "call", "ts": T0},  # no id
+        {"id": "k", "ts": T0, "extra_a": 1, "extra_b": {"n": None}},  # no kind
+    ]
+    for event in cases:
+        fast = _fast_row(event)
+        if fast is not None:
+            assert fast == _row(event), event
+
+
+def test_round_trip_through_the_fast_path(store: EventStore) -> None:
+    """Ordinary proxy events (bool streamed, unknown keys, unicode) read back equal."""
+    events = [
+        call(i, streamed=bool(i % 2), proxy_id="proxy-1", flags=[], parse_error="e")
+        for i in range(5)
+    ]
+    events.append(call(9, model="modèle-ü", context={"properties": {"k": "v"}}, a=1, b=2))
+    assert store.insert(events) == len(events)
+    assert store.events(limit=None) == events
+    assert [e["id"] for e in store.events(customer="acme", limit=None)] == [
+        f"e{i}" for i in range(5)
+    ]
+    assert store.report([])[0]["input_tokens"] == 600
+
+
+def test_big_integers_round_trip_exactly(store: EventStore) -> None:
+    """Integers past 64 bits stay exact (orjson reads them as floats; we do not)."""
+    store.insert([call(1, usage={"input_tokens": 2**70, "output_tokens": 3}, big=-(2**65))])
+    (got,) = store.events()
+    assert got["usage"] == {"input_tokens": 2**70, "output_tokens": 3}
+    assert got["big"] == -(2**65)
+    assert store.report([])[0]["input_tokens"] == 0  # not countable as a column
+
+
+def test_json_columns_are_valid_json(tmp_path: Path) -> None:
+    """What the JSON columns hold is JSON text SQLite itself can read."""
+    path = tmp_path / "x.sqlite3"
+    s = EventStore(path)
+    s.insert([call(1, flags=["a"], surprise={"x": [1.5, None]}, blob=b"\xff")])
+    s.close()
+    db = sqlite3.connect(path)
+    row = db.execute(
+        "SELECT json_extract(usage, '$.input_tokens'), json_extract(context, '$.run_id'),"
+        " json_extract(price_ref, '$.model'), json_extract(flags, '$[0]'),"
+        " json_extract(extra, '$.surprise.x[0]'), typeof(usage), json_valid(extra) FROM events"
+    ).fetchone()
+    db.close()
+    assert row == (100, "r1", "gpt-4o", "a", 1.5, "text", 1)
+
+
+def test_store_written_by_the_previous_version_reads(tmp_path: Path) -> None:
+    """A file written with the stdlib encoder (the previous version) reads the same."""
+    import json
+
+    path = tmp_path / "x.sqlite3"
+    s = EventStore(path)
+    s.close()
+    db = sqlite3.connect(path)
+    cols = [r[1] for r in db.execute("PRAGMA table_info(events)")]
+    row = dict.fromkeys(cols)
+    row.update(
+        id="old1",
+        kind="call",
+        ts=T0,
+        provider="openai",
+        streamed=1,
+        usage=json.dumps({"input_tokens": 5}, separators=(",", ":")),
+        context=json.dumps({"run_id": "r", "label": "\u00e9"}),  # ensure_ascii escapes
+        extra=json.dumps({"proxy_id": "p", "n": 2**70}),
+        run_id="r",
+        input_tokens=5,
+    )
+    db.execute(
+        f"INSERT INTO events ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        list(row.values()),
+    )
+    db.commit()
+    db.close()
+    s = EventStore(path)
+    (got,) = s.events()
+    s.close()
+    assert got["usage"] == {"input_tokens": 5}
+    assert got["context"] == {"run_id": "r", "label": "é"}
+    assert got["proxy_id"] == "p" and got["n"] == 2**70
+    assert got["streamed"] is True
