@@ -4,10 +4,22 @@ The store is the collector's own C{EventStore} (same schema, same report),
 opened and used only in one dedicated writer thread. The at-least-once rule
 is the link's: a batch is acknowledged to the spool only after the store
 committed it, and a failed write is retried from the spool.
+
+Each commit has a fixed cost (about 20 us of CPU in the writer thread with
+C{synchronous=NORMAL}, 60 us with C{FULL}, plus the thread hand-off), so
+while events keep coming the writer commits at most every C{min_interval}
+(50 ms) with everything that arrived meanwhile; a lone event after a quiet
+spell is written at once.
+
+The store runs with C{synchronous=NORMAL}: in WAL mode a commit is then
+durable against a crash of the process (the contract here: the spool's own
+fsyncs are batched too), but the last commits before a power cut may be
+lost, where C{FULL} would fsync on every commit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,7 +49,7 @@ def default_store_factory(path: str) -> StoreLike:
     """Open the collector's C{EventStore} (imported lazily)."""
     from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
 
-    store: StoreLike = EventStore(path)
+    store: StoreLike = EventStore(path, synchronous="NORMAL")
     return store
 
 
@@ -60,6 +72,7 @@ class EmbeddedWriter(Service):
         max_batch_records: int = 1000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         retry_delay: float = 1.0,
+        min_interval: float = 0.05,
     ) -> None:
         self._reactor: IReactorFromThreads = reactor
         self.clock: IReactorTime = reactor
@@ -69,11 +82,14 @@ class EmbeddedWriter(Service):
         self.max_batch_records = max_batch_records
         self.max_batch_bytes = max_batch_bytes
         self.retry_delay = retry_delay
+        self.min_interval = min_interval
         self.state = "connecting"
         self.write_errors = 0
         self._store: StoreLike | None = None
         self._busy: Deferred[Any] | None = None
         self._retry: IDelayedCall | None = None
+        self._later: IDelayedCall | None = None  # a pump waiting for min_interval
+        self._last_write = -math.inf
         self._thread = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
         outbox.on_ready = self.pump
 
@@ -121,21 +137,34 @@ class EmbeddedWriter(Service):
 
     def pump(self) -> None:
         """Hand what is ready to the writer thread, unless a write is under way
-        (its completion pumps again, so events coalesce into one batch)."""
+        (its completion pumps again, so events coalesce into one batch) or
+        the last one started less than C{min_interval} ago (then a pump is
+        scheduled for when it is due, unless a full batch is waiting)."""
         if (
             not self.running
             or self._busy is not None
             or self._store is None
             or self._retry is not None
+            or self._later is not None
         ):
+            return
+        now = self.clock.seconds()
+        due = self._last_write + self.min_interval
+        if now < due and self.outbox.waiting < self.max_batch_records:
+            self._later = self.clock.callLater(due - now, self._pump_later)
             return
         records = self.outbox.take(self.max_batch_records, self.max_batch_bytes)
         if not records:
             return
+        self._last_write = now
         d = self._busy = self._in_thread(_insert, self._store, records)
         d.addCallbacks(
             self._written, self._failed, callbackArgs=(records[-1][0],), errbackArgs=("write",)
         )
+
+    def _pump_later(self) -> None:
+        self._later = None
+        self.pump()
 
     def _written(self, _count: int, last_seq: int) -> None:
         self._busy = None
@@ -150,6 +179,9 @@ class EmbeddedWriter(Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
         while self._busy is not None:
             yield after(self._busy)
         store, self._store = self._store, None
@@ -163,8 +195,35 @@ class EmbeddedWriter(Service):
             self._thread.stop()
 
 
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _unpack(records: Sequence[Record]) -> list[Any]:
+    """The events of C{records}, decoded in one call.
+
+    Each payload is one packed map, so a msgpack array header followed by
+    the payloads is the packed list of them: one C{unpackb} call costs about
+    a third less than one per record. Should that fail (a payload that is
+    not one whole msgpack object), each record is decoded on its own, so the
+    error names the bad one as before.
+    """
+    try:
+        events: list[Any] = msgpack.unpackb(
+            _array_header(len(records)) + b"".join([payload for _seq, payload in records]),
+            raw=False,
+            strict_map_key=False,
+        )
+    except Exception:
+        events = [
+            msgpack.unpackb(payload, raw=False, strict_map_key=False) for _seq, payload in records
+        ]
+    return events
+
+
 def _insert(store: StoreLike, records: Sequence[Record]) -> int:
-    events = [
-        msgpack.unpackb(payload, raw=False, strict_map_key=False) for _seq, payload in records
-    ]
-    return store.insert(events)
+    return store.insert(_unpack(records))
