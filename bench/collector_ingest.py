@@ -9,6 +9,12 @@ The frames are encoded before the clock starts, so the figure is the
 collector's, not the client's. For comparison the same events are inserted
 straight into an L{EventStore} in this process (the store's own ceiling).
 
+It also reports the CPU one stored event costs the thread that stores it
+(C{time.thread_time}, median of C{--cpu-repeats}, batches of C{--cpu-batch}):
+C{EventStore.insert} as the collector's writer runs it (C{synchronous=FULL}),
+and the proxy's embedded writer (msgpack records decoded, then inserted, with
+C{synchronous=NORMAL}).
+
 Bounded: it stops after C{--timeout} seconds whatever happens, and always
 kills the collector. Prints one answer line; C{--json} prints it as JSON.
 
@@ -24,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +42,8 @@ from typing import Any
 
 from llmobserve.collector._store import EventStore
 from llmobserve.events._codec import MAGIC, FrameDecoder, encode_frame
+from llmobserve.events._embedded import _insert as embedded_insert
+from llmobserve.events._record import pack_event
 
 
 def make_event(i: int, proxy: int) -> dict[str, Any]:
@@ -71,6 +80,29 @@ def make_event(i: int, proxy: int) -> dict[str, Any]:
         "flags": [],
         "proxy": proxy,
     }
+
+
+def cpu_per_event(
+    tmp: Path, events: list[dict[str, Any]], batch: int, repeats: int
+) -> tuple[float, float]:
+    """Median thread CPU (us) per stored event: the collector's insert, the embedded writer's."""
+    records = [(seq, pack_event(e)) for seq, e in enumerate(events)]
+    store_us: list[float] = []
+    embedded_us: list[float] = []
+    for r in range(repeats):
+        store = EventStore(tmp / f"cpu-{r}.sqlite3", synchronous="FULL")
+        t0 = time.thread_time()
+        for k in range(0, len(events), batch):
+            store.insert(events[k : k + batch])
+        store_us.append((time.thread_time() - t0) / len(events) * 1e6)
+        store.close()
+        store = EventStore(tmp / f"cpu-embedded-{r}.sqlite3", synchronous="NORMAL")
+        t0 = time.thread_time()
+        for k in range(0, len(records), batch):
+            embedded_insert(store, records[k : k + batch])
+        embedded_us.append((time.thread_time() - t0) / len(records) * 1e6)
+        store.close()
+    return statistics.median(store_us), statistics.median(embedded_us)
 
 
 def start_collector(db: Path, timeout: float) -> tuple[subprocess.Popen[bytes], int]:
@@ -131,6 +163,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--cpu-events", type=int, default=20_000)
+    ap.add_argument("--cpu-batch", type=int, default=200)
+    ap.add_argument("--cpu-repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -168,6 +203,10 @@ def main() -> None:
         baseline = total / (time.perf_counter() - t0)
         base_store.close()
 
+        cpu_events = [make_event(i, 9) for i in range(args.cpu_events)]
+        store_cpu, embedded_cpu = cpu_per_event(tmp, cpu_events, args.cpu_batch, args.cpu_repeats)
+        del cpu_events
+
         proc, port = start_collector(tmp / "events.sqlite3", 30.0)
         results: list[dict[str, Any]] = [{} for _ in range(args.links)]
         threads = [
@@ -197,6 +236,8 @@ def main() -> None:
             "seconds": round(elapsed, 3),
             "events_per_s": round(rate),
             "store_alone_events_per_s": round(baseline),
+            "store_cpu_us_per_event": round(store_cpu, 2),
+            "embedded_cpu_us_per_event": round(embedded_cpu, 2),
             "links": args.links,
             "batch": args.batch,
             "window": args.window,
@@ -208,7 +249,8 @@ def main() -> None:
                 f"collector ingest: {rate:,.0f} events/s "
                 f"({total:,} events over {args.links} links, batch {args.batch}, "
                 f"window {args.window}, {elapsed:.2f} s, {stored:,} stored; "
-                f"store alone in-process: {baseline:,.0f} events/s)"
+                f"store alone in-process: {baseline:,.0f} events/s; CPU per stored event: "
+                f"insert {store_cpu:.1f} us, embedded writer {embedded_cpu:.1f} us)"
             )
         if stored != total:
             raise SystemExit(f"stored {stored} != sent {total}")
