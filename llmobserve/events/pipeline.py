@@ -53,6 +53,16 @@ __all__ = ["EventPipeline", "make_event_sink", "open_spool", "parse_collector_ur
 _MAX_EVENT_BYTES: Final = 64 * 1024
 _MAX_SPANS_PER_POST: Final = 10_000
 
+#: Give up the GIL and the CPU between two parses. The parse threads share a
+#: core with the reactor; without this the reactor, woken by a socket, waits
+#: for the GIL until the batch is done or the switch interval (5 ms) forces
+#: it out, once per syscall it makes. Measured (bench.overhead, c=1 p99 added
+#: latency): ~1.8 ms -> ~0.55 ms, and less CPU per request at c=64, since the
+#: threads no longer fight over the GIL by timed waits. Neither time.sleep(0)
+#: (the thread takes the GIL straight back) nor a 0.5 ms switch interval did
+#: reliably.
+_yield_gil: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: time.sleep(0))
+
 Delivery = CollectorLink | EmbeddedWriter
 #: a parsed exchange: (spool seq or None when full, packed event, parse failed)
 _Parsed = tuple[int | None, bytes, bool]
@@ -240,13 +250,16 @@ class EventPipeline(Service):
         reactor (a blocking C{write(2)} there would wait for the GIL behind
         the parse threads). Spooling last means a slow parse never holds
         seqs that other events wait behind. At the drain deadline the
-        reactor takes over whatever is still in either map.
+        reactor takes over whatever is still in either map. Between two
+        parses the thread yields (L{_yield_gil}) so that the reactor never
+        waits for a whole batch.
         """
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
                     self._ready[token] = (payload, had_error, event)
+            _yield_gil()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many([payload for payload, _, _ in mine])
