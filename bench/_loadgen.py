@@ -9,6 +9,12 @@ Modes:
   complete; requests/s and latency.
 - C{sse}: one connection; time from sending the request to the first
   byte of the first event.
+- C{streams}: C{--concurrency} connections driven by one epoll loop, each
+  with one long SSE stream in flight at a time (their first requests
+  spread over C{--stagger} seconds, the next sent as soon as a stream
+  ends, for C{--rounds} streams per connection or, with C{--rounds 0},
+  until C{--duration} is up); per stream the time to the first event's
+  bytes and to the end, and the C{data:} events received.
 
 The request bytes are given hex-encoded (C{--request}), built by the
 caller, so the same generator drives the upstream directly and the proxy.
@@ -178,6 +184,137 @@ def run_sse(port: int, request: bytes, duration: float) -> dict[str, object]:
     }
 
 
+class _Stream:
+    """One connection of the C{streams} mode and the stream in flight on it."""
+
+    __slots__ = ("events", "head", "reader", "seen_first", "sock", "started", "streams", "tail")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = ResponseReader()
+        self.streams = 0  # streams started on this connection
+        self.started = 0
+        self.seen_first = False
+        self.head = b""  # the response so far, until the first event is seen
+        self.events = 0
+        self.tail = b""  # last bytes of the previous read: a "data:" may straddle two
+
+    def begin(self, request: bytes) -> None:
+        self.streams += 1
+        self.started = _ns()
+        self.seen_first = False
+        self.head = self.tail = b""
+        self.events = 0
+        self.sock.send(request)
+
+
+def run_streams(
+    port: int,
+    request: bytes,
+    duration: float,
+    concurrency: int,
+    rounds: int,
+    stagger: float,
+    expect_events: int,
+) -> dict[str, object]:
+    ep = select.epoll()
+    conns: dict[int, _Stream] = {}
+    first: list[int] = []
+    total: list[int] = []
+    completed = events = errors = non2xx = short = 0
+    t0 = time.monotonic()
+    deadline = t0 + duration
+    cutoff = deadline + stagger + 60.0  # nothing may hang the benchmark
+    # Connections not started yet, with when their first stream starts.
+    waiting = [
+        (t0 + stagger * i / concurrency, _Stream(_connect(port))) for i in range(concurrency)
+    ]
+    waiting.reverse()  # popped from the end, earliest first
+
+    def due(st: _Stream) -> bool:
+        return st.streams < rounds if rounds else time.monotonic() < deadline
+
+    def start(st: _Stream) -> None:
+        st.sock.setblocking(False)
+        conns[st.sock.fileno()] = st
+        ep.register(st.sock.fileno(), select.EPOLLIN)
+        st.begin(request)
+
+    def drop(fd: int, st: _Stream) -> None:
+        ep.unregister(fd)
+        del conns[fd]
+        st.sock.close()
+
+    def reopen(st: _Stream) -> None:
+        fresh = _Stream(_connect(port))
+        fresh.streams = st.streams
+        start(fresh)
+
+    while (waiting or conns) and time.monotonic() < cutoff:
+        now = time.monotonic()
+        while waiting and waiting[-1][0] <= now:
+            start(waiting.pop()[1])
+        timeout = max(0.0, waiting[-1][0] - now) if waiting else 0.5
+        for fd, _mask in ep.poll(timeout):
+            st = conns[fd]
+            try:
+                data = st.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                errors += 1  # closed mid-stream
+                drop(fd, st)
+                if due(st):
+                    reopen(st)
+                continue
+            if not st.seen_first:
+                st.head += data
+                end = st.head.find(b"\r\n\r\n")
+                if end >= 0 and b"data:" in st.head[end:]:
+                    first.append(_ns() - st.started)
+                    st.seen_first = True
+                    st.head = b""
+            both = st.tail + data
+            n = both.count(b"data:")
+            st.events += n
+            events += n
+            st.tail = both[-4:]  # shorter than "data:": never counted twice
+            if not st.reader.feed(data):
+                continue
+            total.append(_ns() - st.started)
+            completed += 1
+            if not 200 <= st.reader.status < 300:
+                non2xx += 1
+            if expect_events and st.events != expect_events:
+                short += 1
+            if st.reader.close_after:
+                drop(fd, st)
+                if due(st):
+                    reopen(st)
+            elif due(st):
+                st.begin(request)
+            else:
+                drop(fd, st)
+    unfinished = len(conns) + len(waiting)
+    for st in [*conns.values(), *(w[1] for w in waiting)]:
+        st.sock.close()
+    elapsed = time.monotonic() - t0
+    return {
+        "first_chunk_us": _percentiles(first),
+        "total_us": _percentiles(total),
+        "streams_completed": completed,
+        "events": events,
+        "events_per_s": events / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+        "short_streams": short,
+        "unfinished": unfinished,
+        "errors": errors + unfinished,
+        "non2xx": non2xx,
+    }
+
+
 def run_throughput(
     port: int, request: bytes, duration: float, concurrency: int, warmup: float
 ) -> dict[str, object]:
@@ -260,13 +397,31 @@ def run_throughput(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["latency", "throughput", "sse"])
+    parser.add_argument("mode", choices=["latency", "throughput", "sse", "streams"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--request", required=True, help="request bytes, hex-encoded")
-    parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=2.0,
+        help="seconds; streams: new streams start until then (--rounds 0), and the run"
+        " is cut at duration + stagger + 60 s whatever happens",
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--gap", type=float, default=0.0, help="idle seconds between requests")
     parser.add_argument("--warmup", type=float, default=0.2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="streams: streams per connection (0: --duration)"
+    )
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="streams: spread the first requests (s)"
+    )
+    parser.add_argument(
+        "--expect-events",
+        type=int,
+        default=0,
+        help="streams: data: events a whole stream has (others are counted as short)",
+    )
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
     args = parser.parse_args()
     if args.cpus:
@@ -277,6 +432,16 @@ def main() -> None:
         result = run_latency(args.port, request, args.duration, args.gap)
     elif args.mode == "sse":
         result = run_sse(args.port, request, args.duration)
+    elif args.mode == "streams":
+        result = run_streams(
+            args.port,
+            request,
+            args.duration,
+            args.concurrency,
+            args.rounds,
+            args.stagger,
+            args.expect_events,
+        )
     else:
         result = run_throughput(args.port, request, args.duration, args.concurrency, args.warmup)
     cpu1 = os.times()

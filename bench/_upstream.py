@@ -2,12 +2,17 @@
 
 A single-threaded epoll loop on 127.0.0.1, keep-alive, no HTTP library: it
 frames requests (Content-Length or chunked), answers every request with a
-canned chat-completion JSON, and requests whose target contains C{/sse}
-with a chat-completion SSE stream: the head and the first event at once,
-the rest C{--sse-gap} seconds later, so the first event is a chunk of its
-own.  Prints C{PORT <n>} on stdout once listening; exits on SIGTERM or EOF.
+canned chat-completion JSON; requests whose target contains C{/sse}
+with a short chat-completion SSE stream: the head and the first event at
+once, the rest C{--sse-gap} seconds later, so the first event is a chunk
+of its own; and requests whose target contains C{/stream} with a long one:
+C{--stream-events} events, one chunk and one send each, C{--stream-interval}
+seconds apart (the head with the first, the usage in the last before
+C{data: [DONE]}, which goes with the final zero-length chunk).  Prints
+C{PORT <n>} on stdout once listening; exits on SIGTERM or EOF.
 
     python -m bench._upstream [--sse-gap 0.002]
+        [--stream-events 200] [--stream-interval 0.01]
 """
 
 from __future__ import annotations
@@ -68,12 +73,13 @@ def _chunk(data: bytes) -> bytes:
 
 _BASE = {"id": "chatcmpl-sse", "object": "chat.completion.chunk", "created": 1700000000}
 _MODEL = "gpt-4o-mini-2024-07-18"
-SSE_FIRST = (
+_SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
     b"Content-Type: text/event-stream\r\n"
     b"Cache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
-) + _chunk(
+)
+SSE_FIRST = _SSE_HEAD + _chunk(
     _event({**_BASE, "model": _MODEL, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
 )
 SSE_REST = (
@@ -104,18 +110,48 @@ SSE_REST = (
 )
 
 
+def stream_sends(events: int) -> list[bytes]:
+    """
+    The sends of a C{/stream} response, one per event: the head with the
+    role event, content events (the last with C{finish_reason}), the usage
+    event, and C{data: [DONE]} with the final zero-length chunk.
+
+    @param events: C{data:} events in all, C{[DONE]} included (at least 3).
+    """
+    if events < 3:
+        raise ValueError("a stream has at least 3 events (role, usage, [DONE])")
+    base = {"id": "chatcmpl-stream", "object": "chat.completion.chunk", "created": 1700000000}
+    content = events - 3
+    role = {"index": 0, "delta": {"role": "assistant"}}
+    sends = [_SSE_HEAD + _chunk(_event({**base, "model": _MODEL, "choices": [role]}))]
+    for i in range(content):
+        choice: dict[str, object] = {"index": 0, "delta": {"content": f"tok{i} "}}
+        if i == content - 1:
+            choice["finish_reason"] = "stop"
+        sends.append(_chunk(_event({**base, "model": _MODEL, "choices": [choice]})))
+    usage = {"prompt_tokens": 19, "completion_tokens": content, "total_tokens": 19 + content}
+    sends.append(_chunk(_event({**base, "model": _MODEL, "choices": [], "usage": usage})))
+    sends.append(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    return sends
+
+
 class _Conn:
-    __slots__ = ("buf", "need", "out", "sock", "sse")
+    __slots__ = ("buf", "fd", "need", "out", "sent", "sock", "sse", "stream")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.buf = b""
         self.out = b""
         self.need = -1  # -1: waiting for a head; >=0: body bytes still to skip; -2: chunked
         self.sse = False
+        self.stream = False
+        self.sent = 0  # sends of the current /stream response made so far
 
 
-def serve(port_out: object, sse_gap: float) -> None:
+def serve(
+    port_out: object, sse_gap: float, stream_events: int = 200, stream_interval: float = 0.01
+) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
@@ -125,8 +161,11 @@ def serve(port_out: object, sse_gap: float) -> None:
     ep.register(listener.fileno(), select.EPOLLIN)
     ep.register(sys.stdin.fileno(), select.EPOLLIN | select.EPOLLHUP)
     conns: dict[int, _Conn] = {}
-    timers: list[tuple[float, int, int]] = []  # (when, seq, fd)
+    # (when, seq, connection): the connection itself, not its fd, so that a
+    # timer outliving its connection cannot write to the next one on that fd.
+    timers: list[tuple[float, int, _Conn]] = []
     seq = 0
+    sends = stream_sends(stream_events)
     print(f"PORT {listener.getsockname()[1]}", file=port_out, flush=True)  # type: ignore[call-overload]
     running = [True]
 
@@ -159,11 +198,16 @@ def serve(port_out: object, sse_gap: float) -> None:
             ep.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
 
     def answer(conn: _Conn) -> None:
-        if conn.sse:
-            nonlocal seq
+        nonlocal seq
+        if conn.stream:
+            send(conn, sends[0])
+            conn.sent = 1
+            seq += 1
+            heapq.heappush(timers, (time.monotonic() + stream_interval, seq, conn))
+        elif conn.sse:
             send(conn, SSE_FIRST)
             seq += 1
-            heapq.heappush(timers, (time.monotonic() + sse_gap, seq, conn.sock.fileno()))
+            heapq.heappush(timers, (time.monotonic() + sse_gap, seq, conn))
         else:
             send(conn, JSON_RESPONSE)
 
@@ -177,7 +221,9 @@ def serve(port_out: object, sse_gap: float) -> None:
                 head = buf[:end].lower()
                 buf = buf[end + 4 :]
                 line_end = head.find(b"\r\n")
-                conn.sse = b"/sse" in head[: line_end if line_end >= 0 else len(head)]
+                target = head[: line_end if line_end >= 0 else len(head)]
+                conn.stream = b"/stream" in target
+                conn.sse = not conn.stream and b"/sse" in target
                 i = head.find(b"content-length:")
                 if i >= 0:
                     j = head.find(b"\r\n", i)
@@ -254,17 +300,37 @@ def serve(port_out: object, sse_gap: float) -> None:
                 consume(conn)
         now = time.monotonic()
         while timers and timers[0][0] <= now:
-            _, _, fd = heapq.heappop(timers)
-            conn = conns.get(fd)
-            if conn is not None:
+            when, _, conn = heapq.heappop(timers)
+            if conns.get(conn.fd) is not conn:
+                continue
+            if not conn.stream:
                 send(conn, SSE_REST)
+                continue
+            send(conn, sends[conn.sent])
+            conn.sent += 1
+            if conn.sent < len(sends):
+                # Paced from the planned time, not from now: a late event
+                # does not push back the rest of the stream.
+                seq += 1
+                heapq.heappush(timers, (when + stream_interval, seq, conn))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sse-gap", type=float, default=0.002)
+    parser.add_argument(
+        "--stream-events",
+        type=int,
+        default=200,
+        help="data: events of a /stream response, [DONE] included (at least 3)",
+    )
+    parser.add_argument(
+        "--stream-interval", type=float, default=0.01, help="seconds between /stream events"
+    )
     args = parser.parse_args()
-    serve(sys.stdout, args.sse_gap)
+    if args.stream_events < 3:
+        parser.error("--stream-events must be at least 3")
+    serve(sys.stdout, args.sse_gap, args.stream_events, args.stream_interval)
 
 
 if __name__ == "__main__":
