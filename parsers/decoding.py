@@ -37,7 +37,9 @@ def decode_body(
     and marked truncated; an input that is itself incomplete decodes as far
     as it goes (a truncated stream still yields its usage).
     """
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    if not content_encoding:  # the usual case: nothing to undo
+        return DecodedBody(body[:cap], truncated=True) if len(body) > cap else DecodedBody(body)
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
     codings = [c for c in codings if c and c != "identity"]
     if not codings:
         if len(body) > cap:

@@ -212,6 +212,15 @@ class EventStream:
                 self.cut = self._events[-1]
 
     def _decode(self, block: bytes, first: bool, final: bool) -> list[SSEEvent]:
+        if (
+            not final
+            and block.startswith(b"data: ")
+            and b"\n" not in block
+            and len(block) <= min(self._limits)
+        ):
+            # one data line, the usual event: what the decoder's fast path
+            # would return for it, without building a decoder
+            return [SSEEvent("message", block[6:], None)]
         decoder = SSEDecoder(*self._limits)
         if not first:
             decoder._at_start = False  # a BOM is only special at the very start
