@@ -14,7 +14,8 @@ through three layers and reports process CPU time per event:
 The pipelines are fed at C{--rate} events/s (the PERFORMANCE.md target
 rate by default), so batching is what a loaded proxy sees. Per-thread CPU
 (from C{/proc/self/task/*/schedstat}, Linux) splits each pipeline figure
-into the parse threads, the reactor and the store/spool threads. Every
+into the parse threads, the reactor and the store/spool threads. The
+process is pinned to one core, like the proxy in C{bench.overhead}. Every
 figure is the best (and median) of C{--repeats} runs; the parse-thread
 figure is what PERFORMANCE.md's 100 us/request budget is most sensitive to.
 Log lines go to /dev/null through a text file observer, as under twistd.
@@ -345,6 +346,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case")
     parser.add_argument("--rate", type=float, default=10_000, help="pipeline feed rate, events/s")
     parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin to one core (the proxy runs pinned to one in bench.overhead)",
+    )
+    parser.add_argument(
         "--cases",
         default="parse,null,embedded",
         help="comma-separated subset of parse,null,embedded",
@@ -353,6 +359,11 @@ def main() -> None:
     events = min(max(args.events, 100), 1_000_000)
     repeats = min(max(args.repeats, 1), 50)
     cases = set(args.cases.split(","))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2 and not args.no_pin:
+        # every thread started from here on inherits it: the reactor, the
+        # parse, spool and store threads share one core, as in the proxy
+        os.sched_setaffinity(0, {cores[-1]})
     devnull = open(os.devnull, "w")  # lives as long as the process
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(devnull)], discardBuffer=True, redirectStandardIO=False
@@ -379,7 +390,13 @@ def main() -> None:
             if name not in cases:
                 continue
             for kind, make in kinds:
-                samples = yield measure_pipeline(reactor, build, make, events, repeats, args.rate)
+                try:
+                    samples = yield measure_pipeline(
+                        reactor, build, make, events, repeats, args.rate
+                    )
+                except Exception as e:  # the log goes to /dev/null: say it here
+                    print(f"{kind:4s} pipeline, {name:8s} delivery  failed: {e}", flush=True)
+                    continue
                 text, best, parse = _fmt_pipeline(samples)
                 print(f"{kind:4s} pipeline, {name:8s} delivery  {text}", flush=True)
                 answer[f"{kind} {name}"] = f"{best:.1f} (parse threads {parse:.1f})"
