@@ -1,6 +1,7 @@
 """What the proxy adds: latency, throughput, CPU per request, SSE, memory.
 
     python -m bench.overhead [--quick] [--duration S] [--runs N] [--json]
+        [--no-streams] [--stream-events N] [--stream-interval S]
 
 Starts three kinds of process on 127.0.0.1 only: a fast fake OpenAI
 upstream (C{bench._upstream}), the proxy (C{twistd -n llmobserve} with
@@ -16,8 +17,14 @@ Prints one answer line, e.g.::
     overhead: c1 added p50=+85us p99=+130us | c64 direct=30100 rps proxied=11200 rps
       | cpu/req=88us | sse first chunk +95us | rss peak 52MB
 
-(one line in reality).  C{--json} prints the full result instead, with the
-answer line in C{"answer"}.  Progress goes to stderr.
+(one line in reality), and unless C{--no-streams} a second one for 64
+concurrent long SSE streams (200 events over 2 s each), e.g.::
+
+    streams: c64 first chunk p50=420us p99=2900us (direct p50=60us p99=700us)
+      | cpu/event=22us | events 12800/12800
+
+C{--json} prints the full result instead, with the answer lines in
+C{"answer"} and C{"streams_answer"}.  Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANSWER_RE", "main"]
+__all__ = ["ANSWER_RE", "STREAMS_RE", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +54,12 @@ ANSWER_RE = re.compile(
     r" \| c(?P<conc>\d+) direct=(?P<direct>\d+) rps proxied=(?P<proxied>\d+) rps"
     r" \| cpu/req=(?P<cpu>\d+)us \| sse first chunk (?P<sse>[+-]\d+)us"
     r" \| rss peak (?P<rss>\d+)MB$"
+)
+
+STREAMS_RE = re.compile(
+    r"^streams: c(?P<conc>\d+) first chunk p50=(?P<p50>\d+)us p99=(?P<p99>\d+)us"
+    r" \(direct p50=(?P<direct_p50>\d+)us p99=(?P<direct_p99>\d+)us\)"
+    r" \| cpu/event=(?P<cpu>\d+(?:\.\d)?)us \| events (?P<events>\d+)/(?P<expected>\d+)$"
 )
 
 _TWISTD = (
@@ -109,20 +122,21 @@ def _build_requests(up_port: int, proxy_port: int, route: str) -> dict[str, byte
     ]
     up = f"127.0.0.1:{up_port}"
     px = f"127.0.0.1:{proxy_port}"
-    out = {
-        "direct": _request("POST", "/v1/chat/completions", up, common, _CHAT_BODY),
-        "direct_sse": _request("POST", "/v1/sse/chat/completions", up, common, _SSE_BODY),
+    # The upstream answers by target: /v1/chat/completions with JSON,
+    # /v1/sse/... with a short SSE stream, /v1/stream/... with a long one.
+    paths = {
+        "": ("/v1/chat/completions", _CHAT_BODY),
+        "_sse": ("/v1/sse/chat/completions", _SSE_BODY),
+        "_stream": ("/v1/stream/chat/completions", _SSE_BODY),
     }
-    if route == "base-url":
-        out["proxied"] = _request("POST", "/openai/v1/chat/completions", px, common, _CHAT_BODY)
-        out["proxied_sse"] = _request(
-            "POST", "/openai/v1/sse/chat/completions", px, common, _SSE_BODY
-        )
-    else:
-        target = [("X-LLMObserve-Target-URL", f"http://{up}/v1/chat/completions")]
-        target_sse = [("X-LLMObserve-Target-URL", f"http://{up}/v1/sse/chat/completions")]
-        out["proxied"] = _request("POST", "/proxy", px, target + common, _CHAT_BODY)
-        out["proxied_sse"] = _request("POST", "/proxy", px, target_sse + common, _SSE_BODY)
+    out = {}
+    for suffix, (path, body) in paths.items():
+        out["direct" + suffix] = _request("POST", path, up, common, body)
+        if route == "base-url":
+            out["proxied" + suffix] = _request("POST", "/openai" + path, px, common, body)
+        else:
+            target = [("X-LLMObserve-Target-URL", f"http://{up}{path}")]
+            out["proxied" + suffix] = _request("POST", "/proxy", px, target + common, body)
     return out
 
 
@@ -174,9 +188,21 @@ class _Proc:
 
 
 @contextmanager
-def _upstream(sse_gap: float) -> Iterator[tuple[_Proc, int]]:
+def _upstream(
+    sse_gap: float, stream_events: int, stream_interval: float
+) -> Iterator[tuple[_Proc, int]]:
     popen = subprocess.Popen(
-        [sys.executable, "-m", "bench._upstream", "--sse-gap", str(sse_gap)],
+        [
+            sys.executable,
+            "-m",
+            "bench._upstream",
+            "--sse-gap",
+            str(sse_gap),
+            "--stream-events",
+            str(stream_events),
+            "--stream-interval",
+            str(stream_interval),
+        ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -263,7 +289,7 @@ def _loadgen(
         str(duration),
     ]
     for key, value in opts.items():
-        cmd += [f"--{key}", str(value)]
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, sorted(cpus)))]
     done = subprocess.run(
@@ -352,6 +378,71 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def _streams(
+    args: argparse.Namespace, port: int, request: bytes, proxy: _Proc, cpus: set[int] | None
+) -> dict[str, Any]:
+    """
+    One C{streams} phase: C{--concurrency} long SSE streams in flight at
+    once, with the proxy's CPU over the phase (divided by the events
+    relayed, the CPU per event; meaningful for the proxied phase only).
+    """
+    p0, m0 = proxy.cpu_seconds(), proxy.main_thread_cpu_seconds()
+    t0 = time.monotonic()
+    result = _loadgen(
+        "streams",
+        port,
+        request,
+        args.streams_stagger + args.streams_rounds * args.stream_seconds,
+        cpus,
+        concurrency=args.concurrency,
+        rounds=args.streams_rounds,
+        stagger=args.streams_stagger,
+        expect_events=args.stream_events,
+    )
+    result["wall_s"] = time.monotonic() - t0
+    result["proxy_cpu_s"] = proxy.cpu_seconds() - p0
+    result["proxy_main_thread_cpu_s"] = proxy.main_thread_cpu_seconds() - m0
+    return result
+
+
+def _streams_summary(
+    args: argparse.Namespace, phases: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    direct, proxied = phases["streams_direct"], phases["streams_proxied"]
+
+    def med(rs: list[dict[str, Any]], field: str, q: str) -> float:
+        return _median([r[field][q] for r in rs])
+
+    def per_event(r: dict[str, Any], key: str) -> float:
+        return float(r[key]) / max(1, int(r["events"])) * 1e6
+
+    cpu = _median([per_event(r, "proxy_cpu_s") for r in proxied])
+    reactor = _median([per_event(r, "proxy_main_thread_cpu_s") for r in proxied])
+    return {
+        "concurrency": args.concurrency,
+        "events_per_stream": args.stream_events,
+        "interval_s": args.stream_interval,
+        "stagger_s": args.streams_stagger,
+        "rounds": args.streams_rounds,
+        "expected_events": args.concurrency * args.streams_rounds * args.stream_events,
+        "direct_first_chunk_p50_us": med(direct, "first_chunk_us", "p50"),
+        "direct_first_chunk_p99_us": med(direct, "first_chunk_us", "p99"),
+        "proxied_first_chunk_p50_us": med(proxied, "first_chunk_us", "p50"),
+        "proxied_first_chunk_p99_us": med(proxied, "first_chunk_us", "p99"),
+        "direct_stream_p99_us": med(direct, "total_us", "p99"),
+        "proxied_stream_p99_us": med(proxied, "total_us", "p99"),
+        "proxied_events": _median([r["events"] for r in proxied]),
+        "proxied_streams_completed": _median([r["streams_completed"] for r in proxied]),
+        "short_streams": sum(r["short_streams"] for r in direct + proxied),
+        "cpu_per_event_us": cpu,
+        "cpu_per_event_split_us": {
+            "reactor_thread": reactor,
+            "other_threads": max(0.0, cpu - reactor),  # both in clock ticks: no -0.0
+        },
+        "proxy_cpu_util": _median([r["proxy_cpu_s"] / r["wall_s"] for r in proxied]),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cores = sorted(os.sched_getaffinity(0))
     pin = len(cores) >= 2 and not args.no_pin
@@ -369,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with (
         _workdir(args.workdir) as tmp,
-        _upstream(args.sse_gap) as (upstream, up_port),
+        _upstream(args.sse_gap, args.stream_events, args.stream_interval) as (upstream, up_port),
         _proxy(Path(tmp), [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]) as (
             proxy,
             px_port,
@@ -445,6 +536,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"sse_{key}",
                     _loadgen("sse", port, reqs[key + "_sse"], args.sse_duration, other),
                 )
+                if args.streams:
+                    record(
+                        f"streams_{key}", _streams(args, port, reqs[key + "_stream"], proxy, other)
+                    )
             c1 = phases["c1_proxied"][-1]["latency_us"]
             _log(
                 f"bench: run {run_index + 1}/{args.runs}: c1 proxied p50={c1['p50']:.0f}us, "
@@ -516,6 +611,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cores": len(cores),
         "phases": phases,
     }
+    if args.streams:
+        st = result["streams"] = _streams_summary(args, phases)
+        result["streams_answer"] = (
+            f"streams: c{args.concurrency} first chunk "
+            f"p50={st['proxied_first_chunk_p50_us']:.0f}us "
+            f"p99={st['proxied_first_chunk_p99_us']:.0f}us "
+            f"(direct p50={st['direct_first_chunk_p50_us']:.0f}us "
+            f"p99={st['direct_first_chunk_p99_us']:.0f}us) | "
+            f"cpu/event={st['cpu_per_event_us']:.1f}us | "
+            f"events {st['proxied_events']:.0f}/{st['expected_events']}"
+        )
     if args.gap_ms:
         result["c1_gap"] = {
             "gap_ms": args.gap_ms,
@@ -585,6 +691,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="keep the proxy's log and store here (default: a temp dir, removed)",
     )
+    parser.add_argument(
+        "--no-streams",
+        dest="streams",
+        action="store_false",
+        help="skip the concurrent-streams phase (and its answer line)",
+    )
+    parser.add_argument(
+        "--stream-events",
+        type=int,
+        default=None,
+        help="data: events per long stream, [DONE] included (default 200; --quick 40)",
+    )
+    parser.add_argument(
+        "--stream-interval", type=float, default=0.01, help="seconds between events (0.01)"
+    )
+    parser.add_argument(
+        "--streams-stagger",
+        type=float,
+        default=None,
+        help="spread the first requests of the streams phase over this many seconds"
+        " (default: a quarter of a stream; 0: all at once)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
@@ -599,6 +727,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.warmup = 0.2 if args.quick else 0.5
     args.c64_warmup = 0.1 if args.quick else 0.3
     args.sse_gap = 0.002
+    if args.stream_events is None:
+        args.stream_events = 40 if args.quick else 200
+    args.stream_events = min(max(args.stream_events, 3), 100_000)
+    args.stream_interval = min(max(args.stream_interval, 0.0), 1.0)
+    args.stream_seconds = (args.stream_events - 1) * args.stream_interval
+    if args.streams_stagger is None:
+        args.streams_stagger = args.stream_seconds / 4
+    args.streams_stagger = min(max(args.streams_stagger, 0.0), 60.0)
+    # As many streams per connection as fit in --duration, at least one.
+    args.streams_rounds = max(1, round(args.duration / max(args.stream_seconds, 0.01)))
     # The fake upstream speaks OpenAI's API: say so, so that every proxied
     # call is parsed and priced as a real one would be (the full product).
     args.proxy_arg = [*args.proxy_arg, "--provider-host", "127.0.0.1:{UP}=openai"]
@@ -615,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
     else:
         print(result["answer"], flush=True)
+        if "streams_answer" in result:
+            print(result["streams_answer"], flush=True)
     if not result["proxy_alive"]:
         _log("bench: the proxy died during the run")
         return 1
