@@ -173,6 +173,13 @@ def serve(
         running[0] = False
 
     signal.signal(signal.SIGTERM, stop)
+    # A signal wakes the poll through this pipe: otherwise a retried
+    # poll(-1) would sleep on until the next request or EOF.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    ep.register(wake_r, select.EPOLLIN)
     lfd = listener.fileno()
     ifd = sys.stdin.fileno()
 
@@ -271,6 +278,9 @@ def serve(
             if fd == ifd:
                 if not os.read(ifd, 1):
                     running[0] = False
+                continue
+            if fd == wake_r:
+                os.read(wake_r, 64)  # the handler has run: the loop test sees it
                 continue
             conn = conns.get(fd)
             if conn is None:
