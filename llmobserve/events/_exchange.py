@@ -1,22 +1,66 @@
 """From a L{Transaction} to the parsers' C{Exchange}; the parsers' entry point.
 
 Runs in a parse worker thread: decoding the raw header pairs into a
-lower-case C{Mapping[str, str]} is work the reactor never does.
+lower-case C{Mapping[str, str]} is work the reactor never does, and it is
+done only for the headers a parser reads (most never look at the request's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from llmobserve.events._record import UsageLike, headers_to_mapping
-from llmobserve.proxy.transaction import Transaction
+from llmobserve.proxy.transaction import RawHeaders, Transaction
 from parsers import Exchange, analyse
 
-__all__ = ["AnalyseFn", "default_analyse", "exchange_from_transaction"]
+__all__ = ["AnalyseFn", "HeaderMap", "default_analyse", "exchange_from_transaction"]
 
 #: C{parsers.analyse} or a stand-in (tests inject slow and raising ones).
 #: The real one is total and never raises; the pipeline guards anyway.
 AnalyseFn = Callable[[Exchange], UsageLike | None]
+
+
+class HeaderMap(Mapping[str, str]):
+    """Raw header pairs read as L{headers_to_mapping}'s map, decoded on first use.
+
+    One exchange is parsed by one thread, so the lazy decoding needs no lock.
+    """
+
+    __slots__ = ("_map", "_pairs")
+
+    def __init__(self, pairs: RawHeaders) -> None:
+        self._pairs = pairs
+        self._map: dict[str, str] | None = None
+
+    def _decoded(self) -> dict[str, str]:
+        if self._map is None:
+            self._map = headers_to_mapping(self._pairs)
+        return self._map
+
+    def __getitem__(self, name: str) -> str:
+        return self._decoded()[name]
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]  # Mapping.get's overloads, same behaviour
+        return self._decoded().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._decoded()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, HeaderMap):
+            other = other._decoded()
+        return self._decoded() == other
+
+    __hash__ = None  # type: ignore[assignment]  # a mapping, like dict
+
+    def __repr__(self) -> str:
+        return f"HeaderMap({self._decoded()!r})"
 
 
 def exchange_from_transaction(txn: Transaction) -> Exchange:
@@ -28,7 +72,7 @@ def exchange_from_transaction(txn: Transaction) -> Exchange:
         port=txn.port,
         path=txn.path,
         query=txn.query,
-        request_headers=headers_to_mapping(txn.request_headers),
+        request_headers=HeaderMap(txn.request_headers),
         request_body=txn.request_body,
         request_body_truncated=txn.request_body_truncated,
         status=txn.status,

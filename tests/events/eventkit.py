@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,8 @@ class FakeUsage:
 
 def fake_analyse(exchange: Any) -> FakeUsage:
     """A parser that reads the stand-in exchange like the real one would."""
-    assert isinstance(exchange.request_headers, dict)
+    assert isinstance(exchange.request_headers, Mapping)
+    assert exchange.request_headers.get("content-type") == "application/json"
     return FakeUsage(usage={"input_tokens": 3, "output_tokens": 5})
 
 

@@ -10,7 +10,7 @@ from events.eventkit import CANARIES, FakeUsage, fake_analyse, make_txn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmobserve.events._exchange import exchange_from_transaction
+from llmobserve.events._exchange import HeaderMap, exchange_from_transaction
 from llmobserve.events._record import (
     CALL_FIELDS,
     build_call_event,
@@ -138,3 +138,16 @@ def test_ids_are_unique_and_time_ordered() -> None:
 def test_headers_to_mapping_lowercases_and_joins() -> None:
     got = headers_to_mapping(((b"X-A", b"1"), (b"x-a", b"2"), (b"B", b"\xff")))
     assert got == {"x-a": "1, 2", "b": "\xff"}
+
+
+def test_header_map_reads_as_the_decoded_mapping() -> None:
+    """The lazily decoded request headers answer exactly as headers_to_mapping's dict."""
+    pairs = ((b"X-A", b"1"), (b"x-a", b"2"), (b"Content-Type", b"application/json"))
+    lazy, plain = HeaderMap(pairs), headers_to_mapping(pairs)
+    assert lazy.get("x-a") == "1, 2" and lazy["content-type"] == "application/json"
+    assert lazy.get("missing") is None and lazy.get("missing", "d") == "d"
+    assert "x-a" in lazy and "X-A" not in lazy
+    assert list(lazy) == list(plain) and len(lazy) == len(plain) and dict(lazy) == plain
+    assert lazy == plain and lazy == HeaderMap(pairs) and lazy != {}
+    exchange = exchange_from_transaction(make_txn())
+    assert exchange.request_headers.get("authorization") == "Bearer sk-CANARY-auth"
