@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
@@ -83,8 +84,9 @@ def new_event_id(now: float | None = None) -> str:
     """
     ms = int((time.time() if now is None else now) * 1000) & 0xFFFFFFFFFFFF
     # random, not os.urandom: no syscall (that would release the GIL on the
-    # reactor); the module reseeds itself in forked children
-    return f"{ms:012x}{random.getrandbits(80):020x}"
+    # reactor); the module reseeds itself in forked children. One 128-bit
+    # int to hex: the same 12 + 20 digits as formatting each part, faster.
+    return (ms << 80 | random.getrandbits(80)).to_bytes(16).hex()
 
 
 def _escape(s: str) -> str:
@@ -346,9 +348,18 @@ def build_gap_event(dropped: int, *, event_id: str, proxy_id: str, ts: float) ->
 
 
 _packer_kwargs: Final = {"use_bin_type": True}
+_packers = threading.local()  # a Packer per thread: packb builds one per call
 
 
 def pack_event(event: Mapping[str, Any]) -> bytes:
-    """Pack an already-sanitised event map (msgpack, bin type on)."""
-    packed: bytes = msgpack.packb(event, **_packer_kwargs)
+    """Pack an already-sanitised event map (msgpack, bin type on).
+
+    Same bytes as C{msgpack.packb(event, use_bin_type=True)}; a Packer
+    whose C{pack} raised starts empty again (msgpack resets it).
+    """
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(**_packer_kwargs)
+    packed: bytes = packer.pack(event)
     return packed

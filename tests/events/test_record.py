@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import msgpack
+import pytest
 from events.eventkit import CANARIES, FakeUsage, fake_analyse, make_txn
 from hypothesis import given
 from hypothesis import strategies as st
@@ -151,3 +153,19 @@ def test_header_map_reads_as_the_decoded_mapping() -> None:
     assert lazy == plain and lazy == HeaderMap(pairs) and lazy != {}
     exchange = exchange_from_transaction(make_txn())
     assert exchange.request_headers.get("authorization") == "Bearer sk-CANARY-auth"
+
+
+def test_pack_event_is_packb_even_after_a_failed_pack() -> None:
+    """The per-thread packer gives packb's bytes, also after a value it refused."""
+    event = build_call_event(make_txn(), None, event_id="e", proxy_id="p")
+    with pytest.raises(TypeError):
+        pack_event({"bad": object()})
+    assert pack_event(event) == msgpack.packb(event, use_bin_type=True)
+
+
+def test_event_id_is_time_then_random_hex() -> None:
+    """12 hex digits of milliseconds, then 20 of randomness (80 bits)."""
+    random.seed(7)
+    got = new_event_id(1_700_000_000.123)
+    random.seed(7)
+    assert got == f"{1_700_000_000_123:012x}{random.getrandbits(80):020x}"
