@@ -47,6 +47,7 @@ class Pricer:
         self._genai = GenaiResolver()
         self._builtin = _builtin_table()
         self._user: tuple[PriceTable, ...] = ()
+        self._tables: tuple[PriceTable, ...] = (self._builtin,)  # user files first
         self._lock = threading.Lock()
         self._days: dict[int, str] = {}
 
@@ -58,12 +59,14 @@ class Pricer:
         table = PriceTable(parse_table(text, "user", fmt))
         with self._lock:
             self._user = (table, *self._user)
+            self._tables = (*self._user, self._builtin)
         return len(table)
 
     def clear_user_prices(self) -> None:
         """Forget every user price file (for tests and reloads)."""
         with self._lock:
             self._user = ()
+            self._tables = (self._builtin,)
 
     def _day(self, when: float) -> str:
         day = int(when // 86400)
@@ -90,7 +93,7 @@ class Pricer:
         """Price C{usage} of C{model} at C{provider_id} at unix time C{when}."""
         if not usage:
             return PriceResult(None, "no usage reported")
-        for table in (*self._user, self._builtin):
+        for table in self._tables:
             entry = table.lookup(provider_id, model, when)
             if entry is not None:
                 result = self._entry_price(entry, provider_id, usage, item)

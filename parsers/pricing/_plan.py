@@ -63,6 +63,7 @@ class PricePlan:
         "_priced",
         "_requests",
         "_tiered",
+        "_unguarded",
         "min_audio_seconds",
         "priced_keys",
     )
@@ -111,6 +112,10 @@ class PricePlan:
             )
             guards[unit.usage_key] = (desc, pairs)
         self._missing_guards = guards
+        #: Keys whose absence can never be ambiguous: missing means 0, no checks.
+        self._unguarded = frozenset(
+            u.usage_key for u, _, _ in priced if guards.get(u.usage_key, ((), ())) == ((), ())
+        )
         self.min_audio_seconds = min_audio_seconds
 
     def _value(self, usage: Mapping[str, Any], key: str) -> Any:
@@ -140,10 +145,15 @@ class PricePlan:
         for key, descendants in self._leaf_order:
             value = usage.get(key)
             if value is None:
-                value = self._value(usage, key)
+                value = 0 if key in self._unguarded else self._value(usage, key)
             if descendants:
                 subtrahends = [leaves[d] for d in descendants]
-                if type(value) is int and all(type(v) is int for v in subtrahends):
+                ints = type(value) is int
+                for v in subtrahends:
+                    if type(v) is not int:
+                        ints = False
+                        break
+                if ints:
                     value -= sum(subtrahends)  # what subtract_usage_values does for ints
                 else:
                     value = subtract_usage_values(value, subtrahends)
