@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from ._call import Call
 from ._draft import USAGE_KEYS, UsageDraft
-from ._records import Exchange, UsageRecord
+from ._records import Exchange, UsageRecord, construct
 from .anthropic import parse_anthropic
 from .bedrock import parse_bedrock
 from .cohere import parse_cohere
@@ -40,6 +40,18 @@ PARSERS: dict[str, Parser] = {
 }
 
 _KEY_ORDER = {key: i for i, key in enumerate(USAGE_KEYS)}
+_IN_ORDER: dict[tuple[str, ...], bool] = {}  # usage key sequences seen: already in order?
+
+
+def _in_key_order(keys: tuple[str, ...]) -> bool:
+    known = _IN_ORDER.get(keys)
+    if known is None:
+        ranks = [_KEY_ORDER.get(k, 99) for k in keys]
+        known = ranks == sorted(ranks)
+        if len(_IN_ORDER) >= 1024:  # keys come from parsers, but stay bounded
+            _IN_ORDER.clear()
+        _IN_ORDER[keys] = known
+    return known
 
 
 def _provider(exchange: Exchange) -> tuple[Provider | None, list[str]]:
@@ -116,7 +128,7 @@ def _finish(
     exchange: Exchange, provider: Provider | None, provider_id: str, draft: UsageDraft
 ) -> UsageRecord:
     usage = draft.usage
-    if len(usage) > 1:
+    if len(usage) > 1 and not _in_key_order(tuple(usage)):
         usage = dict(sorted(usage.items(), key=lambda kv: _KEY_ORDER.get(kv[0], 99)))
     if draft.reported_cost_usd is not None:
         priced = PriceResult(draft.reported_cost_usd, f"reported:{provider_id}")
@@ -139,7 +151,8 @@ def _finish(
             use_genai=provider is None or provider.prices_id is not None or provider.kind == "llm",
         )
     request_model = draft.request_model
-    return UsageRecord(
+    return construct(
+        UsageRecord,
         provider=provider_id,
         endpoint=draft.endpoint,
         model=draft.model,

@@ -38,6 +38,8 @@ def as_count(value: object) -> int | None:
     Accepts ints, integral floats and digit strings (some APIs quote
     numbers); refuses bools, negatives, NaN/inf and absurd magnitudes.
     """
+    if type(value) is int:  # the usual case first (a bool's type is bool)
+        return value if 0 <= value < _MAX_COUNT else None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -105,6 +107,10 @@ class UsageDraft:
 
     def set(self, key: str, value: object) -> None:
         """Record a reported count when it is a valid number (ignore otherwise)."""
+        if type(value) is int and 0 <= value < _MAX_COUNT:  # as_count's usual case
+            self.usage[key] = value
+            self.reported = True
+            return
         count = as_count(value)
         if count is not None:
             self.usage[key] = count

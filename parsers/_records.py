@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Exchange", "UsageRecord"]
+__all__ = ["Exchange", "UsageRecord", "construct"]
+
+_R = TypeVar("_R", "Exchange", "UsageRecord")
+
+
+def construct(cls: type[_R], /, **fields: Any) -> _R:
+    """C{cls(**fields)} for a caller that names every field, built faster.
+
+    A frozen dataclass's generated C{__init__} sets each field through
+    C{object.__setattr__}: 1.6 us for L{UsageRecord}'s sixteen, per call.
+    Filling the instance dict at once gives the same object (fields, order,
+    equality, repr) in a tenth of that. Nothing checks the names or the
+    types here (tests do, for both callers): use the plain constructor
+    anywhere off the per-exchange path.
+    """
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
 
 
 @dataclass(frozen=True)

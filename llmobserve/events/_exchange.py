@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from llmobserve.events._record import UsageLike, headers_to_mapping
 from llmobserve.proxy.transaction import RawHeaders, Transaction
 from parsers import Exchange, analyse
+from parsers._records import construct
 
 __all__ = ["AnalyseFn", "HeaderMap", "default_analyse", "exchange_from_transaction"]
 
@@ -65,7 +66,8 @@ class HeaderMap(Mapping[str, str]):
 
 def exchange_from_transaction(txn: Transaction) -> Exchange:
     """The parsers' view of one exchange."""
-    return Exchange(
+    return construct(  # Exchange(...), minus a setattr per field (every field is named)
+        Exchange,
         method=txn.method,
         scheme=txn.scheme,
         host=txn.host,
