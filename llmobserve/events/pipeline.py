@@ -128,7 +128,8 @@ class EventPipeline(Service):
         # exchanges handed to the pool and not yet appended; a worker claims its
         # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
-        self._ready: dict[int, tuple[bytes, bool, dict[str, Any]]] = {}  # parsed, not spooled
+        # parsed, not spooled: (payload, parse failed, log line)
+        self._ready: dict[int, tuple[bytes, bool, str]] = {}
         self._parsing_lock = threading.Lock()
         self._next_token = 0
         self._unsynced = 0
@@ -254,18 +255,28 @@ class EventPipeline(Service):
         parses the thread yields (L{_yield_gil}) so that the reactor never
         waits for a whole batch.
         """
+        log_events = self.log_events
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
+            line = ""
+            if log_events:
+                try:  # now, while the event is fresh in the CPU's caches
+                    line = _summary(event)
+                except Exception:
+                    pass  # logging never costs an event
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
-                    self._ready[token] = (payload, had_error, event)
+                    self._ready[token] = (payload, had_error, line)
             _yield_gil()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many([payload for payload, _, _ in mine])
-        if self.log_events and mine:
+        lines = [line for _, _, line in mine if line]
+        if lines:
             try:
-                self._log_summaries([event for _, _, event in mine])
+                # one log event per batch: a twisted.logger event costs tens
+                # of microseconds, far more than a line of text
+                self._log.info("{calls}", calls="\n".join(lines))
             except Exception:
                 pass  # logging never costs an event
         return [
@@ -306,20 +317,6 @@ class EventPipeline(Service):
 
     def _spool_append(self, payload: bytes, force: bool = False) -> int | None:
         return self._spool_append_many([payload], force)[0]
-
-    def _log_summaries(self, events: list[dict[str, Any]]) -> None:
-        """One log event per batch, one line per call: a twisted.logger event
-        costs tens of microseconds, far more than a line of text."""
-        lines = []
-        for event in events:
-            usage = event["usage"]
-            lines.append(
-                f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
-                f"{event['outcome']} {event['provider']} {event['model']} "
-                f"in={usage.get('input_tokens')} out={usage.get('output_tokens')} "
-                f"cost={event['cost_usd']} ms={event['duration_ms']}"
-            )
-        self._log.info("{calls}", calls="\n".join(lines))
 
     @staticmethod
     def _pack(event: dict[str, Any]) -> bytes:
@@ -478,7 +475,7 @@ class EventPipeline(Service):
                 stuck, self._parsing = self._parsing, {}
                 ready, self._ready = self._ready, {}
             self._log.warn("{n} parses still running at the drain deadline", n=len(stuck))
-            for payload, had_error, _event in ready.values():
+            for payload, had_error, _line in ready.values():
                 self._parsed_batch([(self._spool_append(payload), payload, had_error)])
             for txn in stuck.values():
                 self.parse_skipped_total += 1
@@ -513,6 +510,17 @@ class EventPipeline(Service):
         if self.outbox.waiting == 0:
             return succeed(True)
         return self._ack_waiters.wait(timeout)
+
+
+def _summary(event: Mapping[str, Any]) -> str:
+    """The log line of one call event."""
+    usage = event["usage"]
+    return (
+        f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
+        f"{event['outcome']} {event['provider']} {event['model']} "
+        f"in={usage.get('input_tokens')} out={usage.get('output_tokens')} "
+        f"cost={event['cost_usd']} ms={event['duration_ms']}"
+    )
 
 
 # -- construction -------------------------------------------------------------

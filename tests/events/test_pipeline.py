@@ -18,6 +18,7 @@ import pytest_twisted
 from events.eventkit import FakeStore, FakeUsage, eventually, fake_analyse, make_txn
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from llmobserve.events._spool import EventSpool
@@ -253,3 +254,29 @@ async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
         assert store.count() == 201
     finally:
         store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None:
+    """Parsed calls are logged as one line each, gathered into one log event per batch."""
+    seen: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if "calls" in event:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        s = Sink(tmp_path, log_events=True, parse_gather=0.05)
+        for i in range(3):
+            s.sink.transaction_finished(make_txn(started_at=1000.0 + i, path=f"/v1/x{i}"))
+        await eventually(lambda: len(s.stored()) == 3)
+        await s.sink.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert len(seen) == 1
+    assert seen[0]["calls"].split("\n") == [
+        f"POST api.openai.com/v1/x{i} -> 200 ok openai gpt-4o-2024-08-06 "
+        "in=3 out=5 cost=0.000125 ms=200.0"
+        for i in range(3)
+    ]
