@@ -350,6 +350,7 @@ def main() -> None:
         action="store_true",
         help="do not pin to one core (the proxy runs pinned to one in bench.overhead)",
     )
+    parser.add_argument("--kinds", default="chat,sse", help="chat, sse or both")
     parser.add_argument(
         "--cases",
         default="parse,null,embedded",
@@ -369,8 +370,9 @@ def main() -> None:
         [textFileLogObserver(devnull)], discardBuffer=True, redirectStandardIO=False
     )
     kinds: list[tuple[str, Callable[[float], Transaction]]] = [
-        ("chat", chat_transaction),
-        ("sse", sse_transaction),
+        (kind, make)
+        for kind, make in (("chat", chat_transaction), ("sse", sse_transaction))
+        if kind in args.kinds.split(",")
     ]
     answer: dict[str, str] = {}
 
