@@ -32,8 +32,23 @@ _ENDPOINTS = (
 )
 
 
+_BY_PATH: dict[str, str | None] = {}  # paths seen (bounded: they come from the network)
+
+
 def endpoint_for_path(path: str) -> str | None:
     """The OpenAI endpoint name of a request path (any prefix: /v1, /openai/deployments/x, ...)."""
+    try:
+        return _BY_PATH[path]
+    except KeyError:
+        pass
+    name = _endpoint_for_path(path)
+    if len(_BY_PATH) >= 1024:
+        _BY_PATH.clear()
+    _BY_PATH[path] = name
+    return name
+
+
+def _endpoint_for_path(path: str) -> str | None:
     path = path.rstrip("/")
     for suffix, name in _ENDPOINTS:
         if path.endswith(suffix):

@@ -212,6 +212,8 @@ class EventStream:
                 self.cut = self._events[-1]
 
     def _decode(self, block: bytes, first: bool, final: bool) -> list[SSEEvent]:
+        if not block and not final:
+            return []  # between the last event's blank line and the end: nothing
         if (
             not final
             and block.startswith(b"data: ")
