@@ -30,11 +30,13 @@ C{"answer"} and C{"streams_answer"}.  Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +55,7 @@ ANSWER_RE = re.compile(
     r"^overhead: c1 added p50=(?P<p50>[+-]\d+)us p99=(?P<p99>[+-]\d+)us"
     r" \| c(?P<conc>\d+) direct=(?P<direct>\d+) rps proxied=(?P<proxied>\d+) rps"
     r" \| cpu/req=(?P<cpu>\d+)us \| sse first chunk (?P<sse>[+-]\d+)us"
-    r" \| rss peak (?P<rss>\d+)MB$"
+    r" \| rss peak (?P<rss>\d+)MB(?: \| parsed (?P<parsed>\d+)%)?$"
 )
 
 STREAMS_RE = re.compile(
@@ -65,7 +67,7 @@ STREAMS_RE = re.compile(
 _TWISTD = (
     "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
 )
-_LISTENING = re.compile(r"llmobserve proxy listening on http://([^\s:/]+):(\d+)")
+_LISTENING = re.compile(r"llmobserve (proxy|collector) listening on http://([^\s:/]+):(\d+)")
 
 _CHAT_BODY = json.dumps(
     {
@@ -222,7 +224,28 @@ def _upstream(
 
 @contextmanager
 def _proxy(workdir: Path, extra: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
-    log_path = workdir / "proxy.log"
+    with _twistd(
+        workdir,
+        "llmobserve",
+        ["--port", "tcp:0:interface=127.0.0.1", "--allow-cidr", "127.0.0.1/32", *extra],
+    ) as started:
+        yield started
+
+
+@contextmanager
+def _collector(workdir: Path) -> Iterator[tuple[_Proc, int]]:
+    """A collector (C{twistd -n llmobserve-collector}) with its store in C{workdir}."""
+    with _twistd(
+        workdir,
+        "llmobserve-collector",
+        ["--port", "tcp:0:interface=127.0.0.1", "--db", str(workdir / "collector.db")],
+    ) as started:
+        yield started
+
+
+@contextmanager
+def _twistd(workdir: Path, plugin: str, args: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
+    log_path = workdir / f"{plugin}.log"
     env = dict(os.environ)
     for name in ("http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
@@ -236,12 +259,8 @@ def _proxy(workdir: Path, extra: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
                 _TWISTD,
                 "--pidfile=",
                 "-n",
-                "llmobserve",
-                "--port",
-                "tcp:0:interface=127.0.0.1",
-                "--allow-cidr",
-                "127.0.0.1/32",
-                *extra,
+                plugin,
+                *args,
             ],
             cwd=workdir,
             env=env,
@@ -261,11 +280,54 @@ def _proxy(workdir: Path, extra: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
                 break
             if popen.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(text.splitlines()[-20:])
-                raise RuntimeError(f"proxy did not start:\n{tail}")
+                raise RuntimeError(f"{plugin} did not start:\n{tail}")
             time.sleep(0.02)
-        yield proc, int(m.group(2))
+        yield proc, int(m.group(3))
     finally:
         proc.stop()
+
+
+def _proxy_metrics(port: int) -> dict[str, float]:
+    """The proxy's own C{GET /metrics} samples, by name (empty if unreachable)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return {}
+    samples = {}
+    for line in data.partition(b"\r\n\r\n")[2].decode("latin-1").splitlines():
+        name, _, value = line.partition(" ")
+        if name and not name.startswith("#"):
+            with contextlib.suppress(ValueError):
+                samples[name] = float(value)
+    return samples
+
+
+def _settle(proxy: _Proc, port: int, limit: float = 15.0) -> dict[str, float]:
+    """Wait until the proxy has turned every call into a stored event.
+
+    Under load the parse pool queues (or, when full, skips) work that the
+    proxy does after the load generator stops: CPU per request is only
+    honest once that work is done. Returns the last metrics seen.
+    """
+    deadline = time.monotonic() + limit
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        now = _proxy_metrics(port)
+        if "llmobserve_events_total" not in now:
+            return now  # --no-events: nothing deferred
+        if (
+            now.get("llmobserve_events_waiting", 0.0) == 0.0
+            and last
+            and now["llmobserve_events_total"] == last["llmobserve_events_total"]
+        ):
+            return now
+        last = now
+        time.sleep(0.1)
+    return last
 
 
 def _loadgen(
@@ -461,11 +523,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
         _workdir(args.workdir) as tmp,
         _upstream(args.sse_gap, args.stream_events, args.stream_interval) as (upstream, up_port),
-        _proxy(Path(tmp), [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]) as (
-            proxy,
-            px_port,
-        ),
+        contextlib.ExitStack() as stack,
     ):
+        proxy_args = [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]
+        if args.collector:
+            collector, col_port = stack.enter_context(_collector(Path(tmp)))
+            if pin:
+                _pin(collector.pid, other)  # type: ignore[arg-type]
+            proxy_args += ["--collector", f"http://127.0.0.1:{col_port}"]
+        proxy, px_port = stack.enter_context(_proxy(Path(tmp), proxy_args))
         if pin:
             _pin(proxy.pid, proxy_cpus)  # type: ignore[arg-type]
             _pin(upstream.pid, other)  # type: ignore[arg-type]
@@ -509,6 +575,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "latency", port, reqs[key], args.duration, other, gap=args.gap_ms / 1000
                         ),
                     )
+                if key == "proxied":
+                    before = _settle(proxy, px_port)
                 p0, u0 = proxy.cpu_seconds(), upstream.cpu_seconds()
                 m0 = proxy.main_thread_cpu_seconds()
                 t0 = time.monotonic()
@@ -531,6 +599,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 tput["proxy_main_thread_cpu_s"] = proxy.main_thread_cpu_seconds() - m0
                 tput["upstream_cpu_s"] = upstream.cpu_seconds() - u0
                 tput["wall_s"] = wall
+                if key == "proxied":
+                    after = _settle(proxy, px_port)
+                    # all the work the phase caused, parses after its end included
+                    tput["proxy_cpu_settled_s"] = proxy.cpu_seconds() - p0
+                    if "llmobserve_events_total" in after:
+                        tput["events"] = after["llmobserve_events_total"] - before.get(
+                            "llmobserve_events_total", 0.0
+                        )
+                        tput["parse_skipped"] = after[
+                            "llmobserve_parse_skipped_total"
+                        ] - before.get("llmobserve_parse_skipped_total", 0.0)
                 record(f"c64_{key}", tput)
                 record(
                     f"sse_{key}",
@@ -563,7 +642,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reactor_per_req = _median(
         [r["proxy_main_thread_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p]
     )
-    cpu_per_req = _median([r["proxy_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p])
+    cpu_per_req = _median(
+        [r["proxy_cpu_settled_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p]
+    )
+    cpu_in_phase = _median([r["proxy_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in c64p])
+    parsed_share = (
+        _median([1 - r["parse_skipped"] / max(1.0, r["events"]) for r in c64p])
+        if all("events" in r for r in c64p)
+        else None
+    )
     proxy_util = _median([r["proxy_cpu_s"] / r["wall_s"] for r in c64p])
     gen_util = _median([(r["cpu_s"] + r["upstream_cpu_s"]) / r["wall_s"] for r in c64p])
     result: dict[str, Any] = {
@@ -587,6 +674,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bound": "proxy" if proxy_util >= 0.85 else "generator/upstream (figure is a floor)",
         },
         "cpu_per_request_us": cpu_per_req,
+        "cpu_per_request_during_phase_us": cpu_in_phase,
+        "c64_parsed_share": parsed_share,
         "cpu_per_request_split_us": {
             "reactor_thread": reactor_per_req,
             "other_threads": cpu_per_req - reactor_per_req,
@@ -635,6 +724,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"proxied={result['c64']['proxied_rps']:.0f} rps | cpu/req={cpu_per_req:.0f}us | "
         f"sse first chunk {result['sse']['added_first_chunk_p50_us']:+.0f}us | "
         f"rss peak {rss_peak / 1024:.0f}MB"
+        + ("" if parsed_share is None else f" | parsed {parsed_share * 100:.0f}%")
     )
     return result
 
@@ -685,6 +775,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="extra option for twistd llmobserve (repeatable)",
+    )
+    parser.add_argument(
+        "--collector",
+        action="store_true",
+        help="run a collector (twistd llmobserve-collector, on the generator's cores) and point"
+        " the proxy's events at it instead of its embedded store",
     )
     parser.add_argument(
         "--workdir",
