@@ -57,10 +57,10 @@ _MAX_SPANS_PER_POST: Final = 10_000
 #: core with the reactor; without this the reactor, woken by a socket, waits
 #: for the GIL until the batch is done or the switch interval (5 ms) forces
 #: it out, once per syscall it makes. Measured (bench.overhead, c=1 p99 added
-#: latency): ~1.8 ms -> ~0.55 ms, and less CPU per request at c=64, since the
-#: threads no longer fight over the GIL by timed waits. Neither time.sleep(0)
-#: (the thread takes the GIL straight back) nor a 0.5 ms switch interval did
-#: reliably.
+#: latency): ~2 ms -> ~0.5-0.8 ms. Neither time.sleep(0) (the thread takes
+#: the GIL straight back) nor a 0.5 ms switch interval did reliably. Only
+#: while parsing keeps up (see C{_yield_backlog}): yielding always let the
+#: reactor starve the parse threads at c=64, and 83% of calls went unparsed.
 _yield_gil: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 Delivery = CollectorLink | EmbeddedWriter
@@ -111,6 +111,11 @@ class EventPipeline(Service):
             gather=parse_gather,
         )
         self._analyse = analyse
+        # Parsing keeps up while fewer than this many exchanges wait: then a
+        # parse thread yields to the reactor after each one. Past it, the
+        # reactor would starve the parse threads (at saturation it always
+        # wants the GIL) and the queue would fill up with unparsed exchanges.
+        self._yield_backlog = self.pool.limit // 4
         self.proxy_id = spool.proxy_id
         self.flush_interval = flush_interval
         self.flush_records = flush_records
@@ -253,7 +258,7 @@ class EventPipeline(Service):
         seqs that other events wait behind. At the drain deadline the
         reactor takes over whatever is still in either map. Between two
         parses the thread yields (L{_yield_gil}) so that the reactor never
-        waits for a whole batch.
+        waits for a whole batch, unless a backlog says parsing falls behind.
         """
         log_events = self.log_events
         for token, txn in items:
@@ -267,7 +272,8 @@ class EventPipeline(Service):
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
                     self._ready[token] = (payload, had_error, line)
-            _yield_gil()
+            if self.pool.in_flight <= self._yield_backlog:  # a racy read is fine here
+                _yield_gil()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many([payload for payload, _, _ in mine])
