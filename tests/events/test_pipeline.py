@@ -280,3 +280,26 @@ async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None
         "in=3 out=5 cost=0.000125 ms=200.0"
         for i in range(3)
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_parse_threads_yield_only_while_parsing_keeps_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parse thread yields after each exchange while the backlog is small,
+    and never once the backlog says parsing falls behind."""
+    from llmobserve.events import pipeline
+
+    yields: list[int] = []
+    monkeypatch.setattr(pipeline, "_yield_gil", lambda: yields.append(1))
+    s = Sink(tmp_path)
+    for i in range(5):
+        s.sink.transaction_finished(make_txn(started_at=1000.0 + i))
+    await eventually(lambda: len(s.stored()) == 5)
+    assert len(yields) == 5
+    s.sink._yield_backlog = -1  # as if the queue were filling up
+    for i in range(5):
+        s.sink.transaction_finished(make_txn(started_at=2000.0 + i))
+    await eventually(lambda: len(s.stored()) == 10)
+    assert len(yields) == 5
+    await s.sink.stopService()
