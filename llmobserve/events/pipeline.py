@@ -47,6 +47,7 @@ from llmobserve.events._record import (
 from llmobserve.events._spool import EventSpool, SpoolLocked
 from llmobserve.events._waiters import Waiters, after
 from llmobserve.proxy.transaction import ITransactionSink, Transaction
+from parsers.registry import REGISTRY
 
 __all__ = ["EventPipeline", "make_event_sink", "open_spool", "parse_collector_url"]
 
@@ -139,7 +140,8 @@ class EventPipeline(Service):
         # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
         # parsed, not spooled: (payload, parse failed, log line)
-        self._ready: dict[int, tuple[bytes, bool, str]] = {}
+        # parsed, not spooled: (payload, parse failed, log line, low priority)
+        self._ready: dict[int, tuple[bytes, bool, str, bool]] = {}
         self._parsing_lock = threading.Lock()
         self._next_token = 0
         self._unsynced = 0
@@ -165,7 +167,10 @@ class EventPipeline(Service):
                 with self._parsing_lock:
                     del self._parsing[token]
                 self.parse_skipped_total += 1
-                self._append(self._unparsed(transaction, "parse_skipped"))
+                self._append(
+                    self._unparsed(transaction, "parse_skipped"),
+                    low=transaction.provider_hint is None and not is_known_host(transaction.host),
+                )
         except Exception:
             self._log.failure("event sink failed on a transaction")
 
@@ -177,7 +182,7 @@ class EventPipeline(Service):
                 if not isinstance(span, Mapping):
                     continue
                 event = build_span_event(span, event_id=new_event_id(now), proxy_id=self.proxy_id)
-                self._append(pack_event(event))
+                self._append(pack_event(event), low=True)
         except Exception:
             self._log.failure("event sink failed on spans")
 
@@ -277,7 +282,7 @@ class EventPipeline(Service):
                     pass  # logging never costs an event
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
-                    self._ready[token] = (payload, had_error, line)
+                    self._ready[token] = (payload, had_error, line, is_low_priority(event))
             if self.pool.in_flight <= self._yield_backlog:  # a racy read is fine here
                 now = time.perf_counter()
                 if now - last_yield >= _YIELD_EVERY:
@@ -285,8 +290,10 @@ class EventPipeline(Service):
                     last_yield = time.perf_counter()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
-        seqs = self._spool_append_many([payload for payload, _, _ in mine])
-        lines = [line for _, _, line in mine if line]
+        seqs = self._spool_append_many(
+            [payload for payload, _, _, _ in mine], low=[low for _, _, _, low in mine]
+        )
+        lines = [line for _, _, line, _ in mine if line]
         if lines:
             try:
                 # one log event per batch: a twisted.logger event costs tens
@@ -296,7 +303,7 @@ class EventPipeline(Service):
                 pass  # logging never costs an event
         return [
             (seq, payload, had_error)
-            for seq, (payload, had_error, _) in zip(seqs, mine, strict=True)
+            for seq, (payload, had_error, _, _) in zip(seqs, mine, strict=True)
         ]
 
     def _parse(self, txn: Transaction) -> tuple[bytes, bool, dict[str, Any]]:
@@ -321,17 +328,19 @@ class EventPipeline(Service):
             payload = self._pack(event)
         return payload, event["parse_error"] is not None, event
 
-    def _spool_append_many(self, payloads: list[bytes], force: bool = False) -> list[int | None]:
+    def _spool_append_many(
+        self, payloads: list[bytes], force: bool = False, low: list[bool] | None = None
+    ) -> list[int | None]:
         if not payloads:
             return []
         try:
-            return self.spool.append_many(payloads, force=force)
+            return self.spool.append_many(payloads, force=force, low=low)
         except Exception:
             self._log.failure("spool append failed")
             return [None] * len(payloads)
 
-    def _spool_append(self, payload: bytes, force: bool = False) -> int | None:
-        return self._spool_append_many([payload], force)[0]
+    def _spool_append(self, payload: bytes, force: bool = False, low: bool = False) -> int | None:
+        return self._spool_append_many([payload], force, [low])[0]
 
     @staticmethod
     def _pack(event: dict[str, Any]) -> bytes:
@@ -378,12 +387,12 @@ class EventPipeline(Service):
     def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
         return self._pack(self._unparsed_event(txn, flag, parse_error))
 
-    def _append(self, payload: bytes) -> None:
+    def _append(self, payload: bytes, low: bool = False) -> None:
         """Spool an event built on the reactor (the rare paths: a full parse
         queue, spans, the drain deadline); they are sent at the next turn,
         together with whatever else arrived in this one."""
         self.events_total += 1
-        self._spooled(self._spool_append(payload), payload)
+        self._spooled(self._spool_append(payload, low=low), payload)
         if self._pump_call is None:
             self._pump_call = self._clock.callLater(0, self._pump)
 
@@ -490,8 +499,8 @@ class EventPipeline(Service):
                 stuck, self._parsing = self._parsing, {}
                 ready, self._ready = self._ready, {}
             self._log.warn("{n} parses still running at the drain deadline", n=len(stuck))
-            for payload, had_error, _line in ready.values():
-                self._parsed_batch([(self._spool_append(payload), payload, had_error)])
+            for payload, had_error, _line, low in ready.values():
+                self._parsed_batch([(self._spool_append(payload, low=low), payload, had_error)])
             for txn in stuck.values():
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(txn, "parse_timeout"))
@@ -525,6 +534,17 @@ class EventPipeline(Service):
         if self.outbox.waiting == 0:
             return succeed(True)
         return self._ack_waiters.wait(timeout)
+
+
+def is_low_priority(event: Mapping[str, Any]) -> bool:
+    """Class 1 (dropped first from a full spool): spans, and calls to hosts
+    no parser knows. Class 0 is every call to a known provider: the money."""
+    return event.get("kind") == "span" or event.get("provider") in (None, "unknown")
+
+
+def is_known_host(host: str) -> bool:
+    """Does a parser know this host (a call to it is class 0, parsed or not)?"""
+    return REGISTRY.for_host(host) is not None
 
 
 def _summary(event: Mapping[str, Any]) -> str:

@@ -179,6 +179,43 @@ async def test_full_spool_drops_with_a_counted_gap_record(tmp_path: Path) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_filling_spool_drops_class_1_first(tmp_path: Path) -> None:
+    """T26's small-spool phase: calls to unknown hosts (class 1) are refused in the
+    last tenth under the cap, calls to known providers (class 0) still fit there."""
+
+    def by_host(exchange: Any) -> FakeUsage:
+        known = exchange.host == "api.openai.com"
+        return FakeUsage(
+            provider="openai" if known else "unknown",
+            usage={"input_tokens": 3, "output_tokens": 5},
+        )
+
+    s = Sink(tmp_path, analyse=by_host, spool_max_bytes=60_000, parse_queue=1000)
+    await eventually(lambda: bool(s.stores))
+    s.store.gate.clear()  # nothing is acknowledged: the spool only fills
+    for i in range(300):
+        s.sink.transaction_finished(make_txn(host="example.net", started_at=4000.0 + i))
+    await eventually(lambda: s.sink.pool.in_flight == 0)
+    unknown_dropped = s.sink.events_dropped_total
+    assert unknown_dropped > 0
+    assert s.sink.spool.total_bytes <= 60_000 * 0.9, "class 1 stops short of the reserve"
+    for i in range(8):  # ~600 bytes each: the reserve holds ten
+        s.sink.transaction_finished(make_txn(started_at=5000.0 + i))  # api.openai.com
+    await eventually(lambda: s.sink.pool.in_flight == 0)
+    assert s.sink.events_dropped_total == unknown_dropped, "the reserve took every class 0 call"
+    s.store.gate.set()
+
+    def gap_total() -> int:
+        return sum(e["dropped"] for e in s.stored() if e["kind"] == "gap")
+
+    await eventually(lambda: gap_total() == unknown_dropped, what="gap records adding up")
+    calls = [e for e in s.stored() if e["kind"] == "call"]
+    assert sum(e["provider"] == "openai" for e in calls) == 8
+    assert len(calls) + unknown_dropped == 308
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_slow_parse_holds_up_no_other_event(tmp_path: Path) -> None:
     """Events parsed after a slow one are delivered while it is still parsing."""
     release = threading.Event()
