@@ -656,3 +656,28 @@ def test_a_paused_client_does_not_trip_the_upstream_idle_timeout(make_proxy: Pro
     assert not client.disconnecting
     upstream.send(b"0\r\n\r\n")
     assert proxy.sink.transactions[0].outcome is Outcome.OK
+
+
+def test_a_finished_exchange_leaves_no_reference_cycle() -> None:
+    """Relay and request are freed by reference counting when the response ends:
+    the cyclic collector's pauses stay off the hot path (lean front end)."""
+    import gc
+
+    proxy = InMemoryProxy(server="lean")
+    channel, _client = proxy.client()
+    channel.dataReceived(request(b"POST", body=b'{"model": "m"}'))
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            channel.dataReceived(request(b"POST", body=b'{"model": "m"}'))
+            upstream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        gc.collect()
+        cyclic = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert len(proxy.sink.transactions) == 21
+    assert not cyclic & {"Relay", "ChannelRequest", "RequestHead", "BodyTap"}, cyclic
