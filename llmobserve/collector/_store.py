@@ -300,6 +300,24 @@ _NO_LABELS: Final = (None,) * len(_CONTEXT_COLUMNS)
 _NO_COUNTS: Final = (None,) * len(_TOKEN_COLUMNS)
 
 
+def _columns_and_json(
+    value: Any, columns: tuple[str, ...], empty: tuple[Any, ...], types: frozenset[Any]
+) -> tuple[tuple[Any, ...], str | None] | None:
+    """For L{_fast_row}: a map's C{columns} values and the map as JSON.
+
+    C{(empty, None)} for None; None (take the careful path) for anything but
+    a plain dict whose column values are all of C{types}.
+    """
+    if value is None:
+        return empty, None
+    if type(value) is not dict:
+        return None
+    values = tuple(map(value.get, columns))
+    if not types.issuperset(map(type, values)):
+        return None
+    return values, _dumps(value)
+
+
 def _fast_row(event: Any) -> tuple[Any, ...] | None:
     """L{_row} for the ordinary event (what a proxy sends), or C{None}.
 
@@ -331,28 +349,14 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
     keys = event.keys()
     if not _LABEL_KEYS.isdisjoint(keys):
         return None  # span labels at the top level
-    context = get("context")
-    if context is None:
-        labels: tuple[Any, ...] = _NO_LABELS
-        context_json = None
-    elif type(context) is dict:
-        labels = tuple(map(context.get, _CONTEXT_COLUMNS))
-        if not _LABEL_TYPES.issuperset(map(type, labels)):
-            return None
-        context_json = _dumps(context)
-    else:
+    found = _columns_and_json(get("context"), _CONTEXT_COLUMNS, _NO_LABELS, _LABEL_TYPES)
+    if found is None:
         return None
-    usage = get("usage")
-    if usage is None:
-        counts: tuple[Any, ...] = _NO_COUNTS
-        usage_json = None
-    elif type(usage) is dict:
-        counts = tuple(map(usage.get, _TOKEN_COLUMNS))
-        if not _COUNT_TYPES.issuperset(map(type, counts)):
-            return None
-        usage_json = _dumps(usage)
-    else:
+    labels, context_json = found
+    found = _columns_and_json(get("usage"), _TOKEN_COLUMNS, _NO_COUNTS, _COUNT_TYPES)
+    if found is None:
         return None
+    counts, usage_json = found
     graphql = get("graphql")
     price_ref = get("price_ref")
     flags = get("flags")
