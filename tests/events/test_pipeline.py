@@ -320,6 +320,36 @@ async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Path) -> None:
+    """Over log_lines_per_second, calls get no line of their own; the next window's
+    first batch says how many there were and what they cost."""
+    seen: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if "calls" in event:
+            seen.extend(event["calls"].split("\n"))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        s = Sink(tmp_path, log_events=True, parse_gather=0.05, log_lines_per_second=2)
+        for i in range(5):
+            s.sink.transaction_finished(make_txn(started_at=1000.0 + i, path=f"/v1/x{i}"))
+        await eventually(lambda: len(s.stored()) == 5)
+        await deferLater(reactor, 1.05, lambda: None)  # the next window
+        s.sink.transaction_finished(make_txn(started_at=2000.0, path="/v1/late"))
+        await eventually(lambda: len(s.stored()) == 6)
+        await s.sink.stopService()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [line.split()[1] for line in seen[:2]] == [
+        "api.openai.com/v1/x0",
+        "api.openai.com/v1/x1",
+    ]
+    assert seen[3] == "... and 3 more calls (cost=0.000375) not logged one by one"
+    assert len(seen) == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_parse_threads_yield_only_while_parsing_keeps_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
