@@ -1,4 +1,5 @@
-"""The collector's HTTP API: C{/health}, C{/api/events}, C{/api/report}.
+"""The collector's HTTP API: C{/health}, C{/api/events}, C{/api/report}, and
+C{/dashboard}, the same report as a page for people.
 
 Plain C{twisted.web} resources. Queries run in the collector's reader
 thread (its own SQLite connection), never on the reactor thread and never in
@@ -7,7 +8,9 @@ the writer thread, so a slow report delays neither ingestion nor C{/health}.
 
 from __future__ import annotations
 
+import html
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -184,6 +187,110 @@ class ReportResource(_QueryResource):
         return job
 
 
+class DashboardResource(_QueryResource):
+    """C{GET /dashboard}: where the money went, as a plain HTML page.
+
+    Cost, calls and tokens by provider and model, by customer, and by
+    section over a window (C{since}, default the last 24 hours; C{until}),
+    then the latest calls. Server-rendered, no script, refreshed every 30 s;
+    every value is HTML-escaped (labels come from applications).
+    """
+
+    _VIEWS = (
+        ("By provider and model", ["provider", "model"]),
+        ("By customer", ["customer"]),
+        ("By section", ["section"]),
+    )
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        since = _time_arg(request, "since")
+        until = _time_arg(request, "until")
+        if since is None:
+            since = time.time() - 86_400
+
+        def job(store: EventStore) -> str:
+            total = store.report([], since=since, until=until)
+            views = [
+                (title, by, store.report(by, since=since, until=until)) for title, by in self._VIEWS
+            ]
+            calls = total[0]["calls"] if total else 0
+            latest = store.events(
+                kind="call", since=since, until=until, limit=20, offset=max(0, calls - 20)
+            )
+            return _dashboard_page(since, until, total, views, latest[::-1])
+
+        return job
+
+    def _answer(self, result: Any, request: Request, gone: list[bool]) -> None:
+        if gone:
+            return
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        _send(request, result.encode())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "<td class=none>-</td>"
+    if isinstance(value, float):
+        return f"<td class=num>{value:.6f}</td>"
+    if isinstance(value, int):
+        return f"<td class=num>{value:,}</td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _table(headings: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body or '<tr><td>no calls</td></tr>'}</table>"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _dashboard_page(
+    since: float,
+    until: float | None,
+    total: list[dict[str, Any]],
+    views: list[tuple[str, list[str], list[dict[str, Any]]]],
+    latest: list[dict[str, Any]],
+) -> str:
+    t = total[0] if total else {}
+    money = ["calls", "cost_usd", "unpriced_calls", "input_tokens", "output_tokens"]
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        '<meta http-equiv="refresh" content="30">',
+        "<title>llmobserve: where the money goes</title><style>",
+        "body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;"
+        "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "th{background:#eee}.num{text-align:right;font-variant-numeric:tabular-nums}"
+        ".none{color:#999;text-align:center}",
+        "</style></head><body>",
+        f"<h1>llmobserve</h1><p>{html.escape(_when(since))} to {html.escape(_when(until))}: "
+        f"<b>{t.get('calls', 0):,}</b> calls, <b>{html.escape(_usd(t.get('cost_usd')))}</b>"
+        f" ({t.get('unpriced_calls', 0):,} without a known price).</p>",
+    ]
+    for title, by, rows in views:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(_table(by + money, [[r.get(k) for k in by + money] for r in rows[:50]]))
+    parts.append("<h2>Latest calls</h2>")
+    cols = ["ts", "provider", "model", "endpoint", "status", "outcome", "cost_usd"]
+    recent = [[_when(e.get("ts")), *(e.get(k) for k in cols[1:])] for e in latest]
+    parts.append(_table(["time", *cols[1:]], recent))
+    parts.append(
+        '<p>JSON: <a href="/api/report">/api/report</a>, <a href="/api/events">/api/events</a>.'
+        "</p></body></html>"
+    )
+    return "".join(parts)
+
+
+def _usd(cost: Any) -> str:
+    return "no priced calls" if cost is None else f"${cost:,.6f}"
+
+
 class HealthResource(Resource):
     """C{GET /health}: status, service name, version, events stored, links."""
 
@@ -235,7 +342,7 @@ class _Index(_Branch):
             {
                 "service": SERVICE_NAME,
                 "version": __version__,
-                "endpoints": ["/health", "/api/events", "/api/report"],
+                "endpoints": ["/health", "/api/events", "/api/report", "/dashboard"],
             },
         )
 
@@ -245,6 +352,7 @@ def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry
     root = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     root.putChild(b"", root)
     root.putChild(b"health", HealthResource(writer, links))
+    root.putChild(b"dashboard", DashboardResource(reader))
     api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     api.putChild(b"events", EventsResource(reader))
     api.putChild(b"report", ReportResource(reader))

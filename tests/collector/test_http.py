@@ -181,3 +181,47 @@ def test_index_and_unknown_path(client: Client) -> None:
     client.treq.get("http://127.0.0.1:8000/nope").addCallback(results.append)
     client.treq.flush()
     assert results[0].code == 404
+
+
+def test_dashboard_is_a_page_of_the_report(client: Client) -> None:
+    """/dashboard: totals, cost by provider/model, customer and section, the latest calls,
+    all in plain escaped HTML over the chosen window."""
+    client.writer.write(
+        [
+            {
+                "id": "x",
+                "kind": "call",
+                "ts": T0 + 30,
+                "provider": "openai",
+                "model": "<script>alert(1)</script>",
+                "cost_usd": 0.5,
+                "context": {"customer_id": "acme"},
+            }
+        ]
+    )
+    results: list[Any] = []
+    d = client.treq.get(f"http://127.0.0.1:8000/dashboard?since={T0 - 1}")
+    d.addCallback(
+        lambda r: client.treq.text_content(r).addCallback(lambda t: results.append((r, t)))
+    )
+    client.treq.flush()
+    ((response, page),) = results
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
+    assert "<b>3</b> calls" in page and "$4.500000" in page
+    assert "By provider and model" in page and "By customer" in page and "By section" in page
+    assert "<td>acme</td>" in page and "<td>globex</td>" in page and "<td>plan</td>" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    _, _, body = client.get("/")
+    assert "/dashboard" in body["endpoints"]
+
+
+def test_dashboard_default_window_is_the_last_day(client: Client) -> None:
+    """Without since, the page covers the last 24 hours (the fixture's calls are older)."""
+    results: list[Any] = []
+    d = client.treq.get("http://127.0.0.1:8000/dashboard")
+    d.addCallback(lambda r: client.treq.text_content(r).addCallback(results.append))
+    client.treq.flush()
+    assert "<b>0</b> calls" in results[0] and "no priced calls" in results[0]
+    bad = client.get("/dashboard?since=yesterday-ish")
+    assert bad[0] == 400
