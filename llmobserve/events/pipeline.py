@@ -45,6 +45,7 @@ from llmobserve.events._record import (
     pack_event,
 )
 from llmobserve.events._spool import EventSpool, SpoolLocked
+from llmobserve.events._turns import ReactorTurns
 from llmobserve.events._waiters import Waiters, after
 from llmobserve.proxy.transaction import ITransactionSink, Transaction
 from parsers.registry import REGISTRY
@@ -54,20 +55,16 @@ __all__ = ["EventPipeline", "make_event_sink", "open_spool", "parse_collector_ur
 _MAX_EVENT_BYTES: Final = 64 * 1024
 _MAX_SPANS_PER_POST: Final = 10_000
 
-#: Give up the GIL and the CPU between two parses, once this much parsing
-#: time has passed since the last time. The parse threads share a
-#: core with the reactor; without this the reactor, woken by a socket, waits
-#: for the GIL until the batch is done or the switch interval (5 ms) forces
-#: it out, once per syscall it makes. Measured (bench.overhead, c=1 p99 added
-#: latency): ~2 ms -> ~0.5-0.8 ms. Neither time.sleep(0) (the thread takes
-#: the GIL straight back) nor a 0.5 ms switch interval did reliably. Only
-#: while parsing keeps up (see C{_yield_backlog}): yielding always let the
-#: reactor starve the parse threads at c=64, and 83% of calls went unparsed.
-#: After every parse, c=1 p50 grew by ~35 us (a context switch each time);
-#: every 200 us of parsing keeps p50 (~145 us) and most of the p99 gain
-#: (~0.7 ms).
-_YIELD_EVERY: Final = 0.0002
-_yield_gil: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: time.sleep(0))
+#: Parsing time after which a parse thread pauses until the reactor's next
+#: turn (L{ReactorTurns.pause}), while parsing keeps up (see
+#: C{_yield_backlog}); the longest a reactor woken mid-slice waits for the
+#: GIL. Traced at c=1 with events on, slices of 200 us with
+#: C{os.sched_yield} between them cost a request that met a batch ~400 us;
+#: pausing for the reactor's turn after 50 us slices cut the c=1 p99 from
+#: 654 to ~400 us (absolute). Never pausing under a backlog keeps c=64
+#: parsed: yielding always let the reactor starve the parse threads (83% of
+#: calls went unparsed).
+_SLICE: Final = 0.00005
 
 Delivery = CollectorLink | EmbeddedWriter
 #: a parsed exchange: (spool seq or None when full, packed event, parse failed)
@@ -123,6 +120,7 @@ class EventPipeline(Service):
         # reactor would starve the parse threads (at saturation it always
         # wants the GIL) and the queue would fill up with unparsed exchanges.
         self._yield_backlog = self.pool.limit // 4
+        self._turns = ReactorTurns(reactor)
         self.proxy_id = spool.proxy_id
         self.flush_interval = flush_interval
         self.flush_records = flush_records
@@ -268,12 +266,13 @@ class EventPipeline(Service):
         reactor (a blocking C{write(2)} there would wait for the GIL behind
         the parse threads). Spooling last means a slow parse never holds
         seqs that other events wait behind. At the drain deadline the
-        reactor takes over whatever is still in either map. Between two
-        parses the thread yields (L{_yield_gil}) so that the reactor never
-        waits for a whole batch, unless a backlog says parsing falls behind.
+        reactor takes over whatever is still in either map. After each
+        C{_SLICE} of parsing the thread waits for the reactor's next turn
+        (L{ReactorTurns.pause}) so that the reactor never waits for a whole
+        batch, unless a backlog says parsing falls behind.
         """
         lines_left = self._log_quota.take(len(items)) if self.log_events else 0
-        last_yield = time.perf_counter()
+        slice_start = time.perf_counter()
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
             line = ""
@@ -289,10 +288,9 @@ class EventPipeline(Service):
                 if self._parsing.pop(token, None) is not None:
                     self._ready[token] = (payload, had_error, line, is_low_priority(event))
             if self.pool.in_flight <= self._yield_backlog:  # a racy read is fine here
-                now = time.perf_counter()
-                if now - last_yield >= _YIELD_EVERY:
-                    _yield_gil()
-                    last_yield = time.perf_counter()
+                if time.perf_counter() - slice_start >= _SLICE:
+                    self._turns.pause()
+                    slice_start = time.perf_counter()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many(
@@ -484,6 +482,7 @@ class EventPipeline(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # twisted's Service is unannotated
+        self._turns.install()
         self._io.start()
         self.pool.start()
         stats = self.spool.stats
@@ -525,6 +524,7 @@ class EventPipeline(Service):
                 call.cancel()
         self._pump_call = self._sync_call = None
         self._io.stop()
+        self._turns.uninstall()
         self.spool.close()
         self._log.info(
             "event sink stopped: {waiting} events left in the spool for the next start",

@@ -350,17 +350,18 @@ async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_parse_threads_yield_only_while_parsing_keeps_up(
+async def test_parse_threads_pause_only_while_parsing_keeps_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A parse thread yields between exchanges (here: after each) while the
-    backlog is small, and never once the backlog says parsing falls behind."""
+    """A parse thread pauses for the reactor's next turn between exchanges
+    (here: after each) while the backlog is small, and never once the
+    backlog says parsing falls behind."""
     from llmobserve.events import pipeline
 
     yields: list[int] = []
-    monkeypatch.setattr(pipeline, "_yield_gil", lambda: yields.append(1))
-    monkeypatch.setattr(pipeline, "_YIELD_EVERY", 0.0)
+    monkeypatch.setattr(pipeline, "_SLICE", 0.0)
     s = Sink(tmp_path)
+    monkeypatch.setattr(s.sink._turns, "pause", lambda: yields.append(1))
     for i in range(5):
         s.sink.transaction_finished(make_txn(started_at=1000.0 + i))
     await eventually(lambda: len(s.stored()) == 5)

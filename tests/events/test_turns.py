@@ -1,0 +1,110 @@
+"""ReactorTurns: event threads wait for the reactor's next turn, never longer than max_wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from llmobserve.events._turns import ReactorTurns
+
+
+class FakeReactor:
+    def __init__(self) -> None:
+        self.polls: list[float | None] = []
+
+    def doIteration(self, delay: float | None) -> None:
+        self.polls.append(delay)
+
+
+def _pause_in_thread(turns: ReactorTurns) -> tuple[threading.Thread, list[float]]:
+    took: list[float] = []
+
+    def run() -> None:
+        start = time.monotonic()
+        turns.pause()
+        took.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, took
+
+
+def _until(condition: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_each_poll_is_a_turn_and_still_polls() -> None:
+    fake = FakeReactor()
+    turns = ReactorTurns(fake)
+    assert turns.install()
+    fake.doIteration(0.5)
+    fake.doIteration(None)
+    assert turns.turn == 2
+    assert fake.polls == [0.5, None]
+
+
+def test_a_paused_thread_wakes_at_the_next_turn() -> None:
+    fake = FakeReactor()
+    turns = ReactorTurns(fake, max_wait=30.0)
+    turns.install()
+    thread, took = _pause_in_thread(turns)
+    _until(lambda: turns._waiting == 1)
+    fake.doIteration(0)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert took[0] < 5
+
+
+def test_a_pause_ends_after_max_wait_without_a_turn() -> None:
+    fake = FakeReactor()
+    turns = ReactorTurns(fake, max_wait=0.05)
+    turns.install()
+    thread, took = _pause_in_thread(turns)
+    thread.join(5)
+    assert 0.04 <= took[0] < 5
+    assert turns.turn == 0
+
+
+def test_uninstall_restores_the_reactor_and_releases_waiters() -> None:
+    fake = FakeReactor()
+    turns = ReactorTurns(fake, max_wait=30.0)
+    turns.install()
+    thread, took = _pause_in_thread(turns)
+    _until(lambda: turns._waiting == 1)
+    turns.uninstall()
+    thread.join(5)
+    assert took and took[0] < 5
+    assert "doIteration" not in vars(fake)
+    fake.doIteration(1.0)
+    assert fake.polls == [1.0]
+
+
+def test_without_doIteration_install_is_a_no_op_and_pause_returns_at_once() -> None:
+    turns = ReactorTurns(object(), max_wait=30.0)
+    assert not turns.install()
+    start = time.monotonic()
+    turns.pause()
+    assert time.monotonic() - start < 5
+    turns.uninstall()
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_the_running_reactor_a_pause_ends_within_a_turn() -> None:
+    turns = ReactorTurns(reactor, max_wait=30.0)
+    assert turns.install()
+    try:
+        thread, took = _pause_in_thread(turns)
+        while thread.is_alive():
+            await deferLater(reactor, 0.01, lambda: None)
+        assert took[0] < 5
+    finally:
+        turns.uninstall()
+    assert "doIteration" not in vars(reactor)
