@@ -520,19 +520,41 @@ class EventStore:
         """
         if not isinstance(events, list | tuple):
             events = list(events)
+        try:
+            return self._insert_rows(_rows(events), acked_seqs, now)
+        except OverflowError:
+            # an integer beyond 64 bits slipped through the fast path
+            # (sqlite3 refuses it): start again the careful way
+            return self._insert_rows([_row(e) for e in events], acked_seqs, now)
+
+    #: The row L{insert} would write for an ordinary event, or None for one
+    #: that needs the careful path: computed ahead of time, in any thread
+    #: (the proxy's parse threads do it, so the store thread does not have
+    #: to decode and convert each event again), then given to L{insert_rows}.
+    row_for = staticmethod(_fast_row)
+
+    #: The rows L{insert} would write for these events (careful where need be).
+    rows_for = staticmethod(_rows)
+
+    def insert_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """L{insert} for rows made by L{row_for}; returns how many were new.
+
+        @raise OverflowError: a row holds an integer beyond 64 bits (nothing
+            was written): L{insert} the events instead.
+        """
+        return self._insert_rows(rows, None, None)
+
+    def _insert_rows(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        acked_seqs: Mapping[str, int] | None,
+        now: float | None,
+    ) -> int:
         db = self._db
-        before = db.total_changes
         db.execute("BEGIN IMMEDIATE")
         try:
-            try:
-                db.executemany(_INSERT, _rows(events))
-            except OverflowError:
-                # an integer beyond 64 bits slipped through the fast path
-                # (sqlite3 refuses it): start again the careful way
-                db.execute("ROLLBACK")
-                db.execute("BEGIN IMMEDIATE")
-                before = db.total_changes
-                db.executemany(_INSERT, [_row(e) for e in events])
+            before = db.total_changes
+            db.executemany(_INSERT, rows)
             inserted = db.total_changes - before
             if acked_seqs:
                 if now is None:

@@ -67,8 +67,9 @@ _MAX_SPANS_PER_POST: Final = 10_000
 _SLICE: Final = 0.00005
 
 Delivery = CollectorLink | EmbeddedWriter
-#: a parsed exchange: (spool seq or None when full, packed event, parse failed)
-_Parsed = tuple[int | None, bytes, bool]
+#: a parsed exchange: (spool seq or None when full, packed event, parse failed,
+#: the store row made ahead or None)
+_Parsed = tuple[int | None, bytes, bool, Any]
 
 
 @implementer(ITransactionSink)
@@ -139,9 +140,8 @@ class EventPipeline(Service):
         # exchanges handed to the pool and not yet appended; a worker claims its
         # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
-        # parsed, not spooled: (payload, parse failed, log line)
-        # parsed, not spooled: (payload, parse failed, log line, low priority)
-        self._ready: dict[int, tuple[bytes, bool, str, bool]] = {}
+        # parsed, not spooled: (payload, parse failed, log line, low priority, row)
+        self._ready: dict[int, tuple[bytes, bool, str, bool, Any]] = {}
         self._parsing_lock = threading.Lock()
         self._next_token = 0
         self._unsynced = 0
@@ -272,9 +272,16 @@ class EventPipeline(Service):
         batch, unless a backlog says parsing falls behind.
         """
         lines_left = self._log_quota.take(len(items)) if self.log_events else 0
+        row_for = getattr(self.delivery, "row_for", None)
         slice_start = time.perf_counter()
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
+            row = None
+            if row_for is not None:
+                try:  # the embedded store's row, made here rather than in its thread
+                    row = row_for(event)
+                except Exception:
+                    pass  # the store thread makes it from the payload
             line = ""
             if lines_left:
                 lines_left -= 1
@@ -286,17 +293,15 @@ class EventPipeline(Service):
                 self._log_quota.skipped(event.get("cost_usd"))
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
-                    self._ready[token] = (payload, had_error, line, is_low_priority(event))
+                    self._ready[token] = (payload, had_error, line, is_low_priority(event), row)
             if self.pool.in_flight <= self._yield_backlog:  # a racy read is fine here
                 if time.perf_counter() - slice_start >= _SLICE:
                     self._turns.pause()
                     slice_start = time.perf_counter()
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
-        seqs = self._spool_append_many(
-            [payload for payload, _, _, _ in mine], low=[low for _, _, _, low in mine]
-        )
-        lines = [line for _, _, line, _ in mine if line]
+        seqs = self._spool_append_many([m[0] for m in mine], low=[m[3] for m in mine])
+        lines = [m[2] for m in mine if m[2]]
         over = self._log_quota.summary()
         if over:
             lines.append(over)
@@ -308,8 +313,8 @@ class EventPipeline(Service):
             except Exception:
                 pass  # logging never costs an event
         return [
-            (seq, payload, had_error)
-            for seq, (payload, had_error, _, _) in zip(seqs, mine, strict=True)
+            (seq, payload, had_error, row)
+            for seq, (payload, had_error, _, _, row) in zip(seqs, mine, strict=True)
         ]
 
     def _parse(self, txn: Transaction) -> tuple[bytes, bool, dict[str, Any]]:
@@ -361,10 +366,13 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
-        for seq, payload, had_error in results:
+        hold_row = getattr(self.delivery, "hold_row", None)
+        for seq, payload, had_error, row in results:
             self.events_total += 1
             if had_error:
                 self.parse_errors_total += 1
+            if row is not None and seq is not None and hold_row is not None:
+                hold_row(seq, row)
             self._spooled(seq, payload)
         self.delivery.pump()
 
@@ -506,8 +514,9 @@ class EventPipeline(Service):
                 stuck, self._parsing = self._parsing, {}
                 ready, self._ready = self._ready, {}
             self._log.warn("{n} parses still running at the drain deadline", n=len(stuck))
-            for payload, had_error, _line, low in ready.values():
-                self._parsed_batch([(self._spool_append(payload, low=low), payload, had_error)])
+            for payload, had_error, _line, low, row in ready.values():
+                seq = self._spool_append(payload, low=low)
+                self._parsed_batch([(seq, payload, had_error, row)])
             for txn in stuck.values():
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(txn, "parse_timeout"))

@@ -313,6 +313,29 @@ def test_round_trip_through_the_fast_path(store: EventStore) -> None:
     assert store.report([])[0]["input_tokens"] == 600
 
 
+def test_rows_made_ahead_store_what_insert_stores(tmp_path: Path) -> None:
+    """insert_rows(row_for(e)...) and insert(events) leave the same table;
+    a row that sqlite3 refuses (an integer past 64 bits) raises OverflowError
+    and writes nothing."""
+    events = [call(i, streamed=bool(i % 2), proxy_id="p", flags=["x"]) for i in range(4)]
+    rows = [EventStore.row_for(e) for e in events]
+    assert None not in rows
+    ahead, plain = EventStore(tmp_path / "a.sqlite3"), EventStore(tmp_path / "b.sqlite3")
+    try:
+        assert ahead.insert_rows(rows) == 4  # type: ignore[arg-type]  # no None left
+        assert ahead.insert_rows(rows) == 0  # type: ignore[arg-type]  # deduplicated
+        assert plain.insert(events) == 4
+        assert ahead.events(limit=None) == plain.events(limit=None) == events
+        big = EventStore.row_for(call(9, cost_usd=2**70))
+        assert big is not None
+        with pytest.raises(OverflowError):
+            ahead.insert_rows([EventStore.row_for(call(8)), big])  # type: ignore[list-item]
+        assert ahead.count() == 4
+    finally:
+        ahead.close()
+        plain.close()
+
+
 def test_big_integers_round_trip_exactly(store: EventStore) -> None:
     """Integers past 64 bits stay exact (orjson reads them as floats; we do not)."""
     store.insert([call(1, usage={"input_tokens": 2**70, "output_tokens": 3}, big=-(2**65))])

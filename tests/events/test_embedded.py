@@ -67,3 +67,94 @@ async def test_events_in_a_burst_share_commits(tmp_path: Path) -> None:
     finally:
         await writer.stopService()
     assert stores[0].closed
+
+
+class RowStore(FakeStore):
+    """A FakeStore that also takes rows made ahead; rows are (id, event) here."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.row_inserts: list[list[Any]] = []
+        self.refuse_rows = False
+
+    @staticmethod
+    def row_for(event: dict[str, Any]) -> tuple[Any, ...] | None:
+        return None if event.get("careful") else (event["id"], event)
+
+    def rows_for(self, events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(e["id"], e) for e in events]
+
+    def insert_rows(self, rows: list[tuple[Any, ...]]) -> int:
+        if self.refuse_rows:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        self.row_inserts.append(list(rows))
+        return self.insert([event for _id, event in rows])
+
+
+async def _written_through(
+    tmp_path: Path, offers: list[tuple[int, dict[str, Any], bool]], refuse: bool = False
+) -> RowStore:
+    """Offer (seq, event, with a row made ahead?) records; wait until all are acknowledged."""
+    stores: list[RowStore] = []
+
+    def factory(path: str) -> RowStore:
+        stores.append(RowStore(path))
+        stores[-1].refuse_rows = refuse
+        return stores[-1]
+
+    outbox = Outbox(acked_seq=0, last_seq=0)
+    writer = EmbeddedWriter(reactor, outbox, str(tmp_path / "x"), store_factory=factory)
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        assert writer.row_for is RowStore.row_for
+        for seq, event, ahead in offers:
+            if ahead:
+                row = writer.row_for(event)
+                assert row is not None
+                writer.hold_row(seq, row)
+            outbox.offer(seq, _pack(event))
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == offers[-1][0])
+    finally:
+        await writer.stopService()
+    return stores[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_made_ahead_are_written_as_they_are(tmp_path: Path) -> None:
+    """Held rows go to insert_rows untouched; a record without one (read back
+    from the spool, say) gets its row from its decoded payload."""
+    store = await _written_through(
+        tmp_path, [(1, {"id": "a"}, True), (2, {"id": "b"}, False), (3, {"id": "c"}, True)]
+    )
+    assert store.row_inserts == [[("a", {"id": "a"}), ("b", {"id": "b"}), ("c", {"id": "c"})]]
+    assert sorted(store.events) == ["a", "b", "c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_the_store_refuses_go_the_careful_way(tmp_path: Path) -> None:
+    """insert_rows raising OverflowError (an integer beyond 64 bits) sends
+    the batch, decoded, through insert: nothing is lost."""
+    store = await _written_through(tmp_path, [(1, {"id": "a"}, True), (2, {"id": "b"}, True)], True)
+    assert store.row_inserts == []
+    assert sorted(store.events) == ["a", "b"]
+
+
+def test_rows_past_max_rows_are_not_held(tmp_path: Path) -> None:
+    """Held rows are bounded: past max_rows, the writer thread converts the record itself."""
+    writer = EmbeddedWriter(reactor, Outbox(acked_seq=0, last_seq=0), "x", max_rows=2)
+    for seq in range(1, 5):
+        writer.hold_row(seq, ("row",))
+    assert sorted(writer._rows) == [1, 2]
+
+
+def test_the_real_store_makes_a_row_ahead_for_an_ordinary_call() -> None:
+    """The common event (a parsed call) takes the fast path: a row is made ahead."""
+    from events.eventkit import make_txn
+
+    from llmobserve.collector._store import EventStore
+    from llmobserve.events._record import build_call_event
+
+    event = build_call_event(make_txn(), None, event_id="e" * 32, proxy_id="p")
+    assert EventStore.row_for(event) is not None

@@ -193,3 +193,42 @@ def test_fast_paths_build_the_same_event(
     want = reference_build_call_event(txn, usage, **kw)
     assert msgpack.packb(got, use_bin_type=True) == msgpack.packb(want, use_bin_type=True)
     assert repr(got) == repr(want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    usage=st.none() | _usages,
+    context=_contexts,
+    path=_text,
+    error=st.none() | _text,
+    duration=_times,
+    started_at=_times,
+)
+def test_a_row_made_ahead_is_the_row_of_the_stored_payload(
+    usage: FakeUsage | None,
+    context: Context,
+    path: str,
+    error: str | None,
+    duration: float,
+    started_at: float,
+) -> None:
+    """The parse threads make the embedded store's row from the event they
+    built; the store would have made the same row from the packed payload
+    (or the event is left to the careful path: no row made ahead)."""
+    from llmobserve.collector._store import EventStore
+    from llmobserve.events._embedded import _unpack
+    from llmobserve.events._record import pack_event
+
+    txn = make_txn(
+        context=context,
+        path=path,
+        error=error,
+        duration=duration,
+        started_at=started_at,
+        outcome=Outcome.CLIENT_ABORTED if error else Outcome.OK,
+    )
+    event = build_call_event(txn, usage, event_id="018bcfe56800f47f2545e3dff99aa320", proxy_id="p")
+    ahead = EventStore.row_for(event)
+    (decoded,) = _unpack([(1, pack_event(event))])
+    if ahead is not None:
+        assert repr(ahead) == repr(EventStore.rows_for([decoded])[0])
