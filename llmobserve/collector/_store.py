@@ -536,25 +536,43 @@ class EventStore:
     #: The rows L{insert} would write for these events (careful where need be).
     rows_for = staticmethod(_rows)
 
-    def insert_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
+    def insert_rows(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        pause: Callable[[], None] | None = None,
+        chunk: int = 8,
+    ) -> int:
         """L{insert} for rows made by L{row_for}; returns how many were new.
 
+        @param pause: called between two C{chunk}s of rows, inside the
+            transaction: the proxy's embedded store lets the reactor, which
+            shares its core, finish a turn there (SQLite work releases the
+            GIL but not the CPU).
         @raise OverflowError: a row holds an integer beyond 64 bits (nothing
             was written): L{insert} the events instead.
         """
-        return self._insert_rows(rows, None, None)
+        return self._insert_rows(rows, None, None, pause, chunk)
 
     def _insert_rows(
         self,
         rows: Sequence[tuple[Any, ...]],
         acked_seqs: Mapping[str, int] | None,
         now: float | None,
+        pause: Callable[[], None] | None = None,
+        chunk: int = 0,
     ) -> int:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes
-            db.executemany(_INSERT, rows)
+            if pause is None or chunk < 1 or len(rows) <= chunk:
+                db.executemany(_INSERT, rows)
+            else:
+                for start in range(0, len(rows), chunk):
+                    if start:
+                        pause()
+                    db.executemany(_INSERT, rows[start : start + chunk])
             inserted = db.total_changes - before
             if acked_seqs:
                 if now is None:

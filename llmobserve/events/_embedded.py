@@ -64,7 +64,9 @@ class RowStoreLike(StoreLike, Protocol):
 
     def row_for(self, event: Mapping[str, Any]) -> Row | None: ...
     def rows_for(self, events: Sequence[Mapping[str, Any]]) -> list[Row]: ...
-    def insert_rows(self, rows: Sequence[Row]) -> int: ...
+    def insert_rows(
+        self, rows: Sequence[Row], *, pause: Callable[[], None] | None = None
+    ) -> int: ...
 
 
 def default_store_factory(path: str) -> StoreLike:
@@ -96,6 +98,7 @@ class EmbeddedWriter(Service):
         retry_delay: float = 1.0,
         min_interval: float = 0.05,
         max_rows: int = 4000,
+        pause: Callable[[], None] | None = None,
     ) -> None:
         self._reactor: IReactorFromThreads = reactor
         self.clock: IReactorTime = reactor
@@ -107,6 +110,7 @@ class EmbeddedWriter(Service):
         self.retry_delay = retry_delay
         self.min_interval = min_interval
         self.max_rows = max_rows
+        self._pause = pause
         self.state = "connecting"
         self.write_errors = 0
         self._store: StoreLike | None = None
@@ -201,7 +205,7 @@ class EmbeddedWriter(Service):
             return
         self._last_write = now
         rows = [self._rows.pop(seq, None) for seq, _ in records] if self._rows else None
-        d = self._busy = self._in_thread(_insert, self._store, records, rows)
+        d = self._busy = self._in_thread(_insert, self._store, records, rows, self._pause)
         d.addCallbacks(
             self._written, self._failed, callbackArgs=(records[-1][0],), errbackArgs=("write",)
         )
@@ -278,9 +282,15 @@ def _decode(records: Sequence[Record]) -> list[Any]:
     return events
 
 
-def _insert(store: StoreLike, records: Sequence[Record], rows: list[Row | None] | None) -> int:
+def _insert(
+    store: StoreLike,
+    records: Sequence[Record],
+    rows: list[Row | None] | None,
+    pause: Callable[[], None] | None,
+) -> int:
     """The writer thread's job: store C{records}, using the rows made ahead
-    (C{rows[i]} for C{records[i]}, None where there is none)."""
+    (C{rows[i]} for C{records[i]}, None where there is none), with C{pause}
+    between chunks of rows."""
     if not isinstance(store, RowStoreLike):
         return store.insert(_decode(records))
     if rows is None:
@@ -291,6 +301,6 @@ def _insert(store: StoreLike, records: Sequence[Record], rows: list[Row | None] 
         for i, row in zip(missing, made, strict=True):
             rows[i] = row
     try:
-        return store.insert_rows(rows)  # type: ignore[arg-type]  # no None left
+        return store.insert_rows(rows, pause=pause)  # type: ignore[arg-type]  # no None left
     except OverflowError:  # an integer beyond 64 bits: the careful path
         return store.insert(_decode(records))

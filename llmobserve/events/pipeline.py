@@ -99,6 +99,7 @@ class EventPipeline(Service):
         ack_drain_timeout: float = 2.0,
         log_events: bool = True,
         log_lines_per_second: int = 50,
+        turns: ReactorTurns | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor
@@ -121,7 +122,7 @@ class EventPipeline(Service):
         # reactor would starve the parse threads (at saturation it always
         # wants the GIL) and the queue would fill up with unparsed exchanges.
         self._yield_backlog = self.pool.limit // 4
-        self._turns = ReactorTurns(reactor)
+        self._turns = turns if turns is not None else ReactorTurns(reactor)
         self.proxy_id = spool.proxy_id
         self.flush_interval = flush_interval
         self.flush_records = flush_records
@@ -693,6 +694,7 @@ def make_event_sink(
 
         spool_dir = str(default_spool_dir())
     spool = open_spool(spool_dir, max_bytes=spool_max_bytes)
+    turns = ReactorTurns(reactor)
     try:
         outbox = Outbox(acked_seq=spool.acked_seq, last_seq=spool.last_seq, max_bytes=window_bytes)
         delivery: Delivery
@@ -716,7 +718,11 @@ def make_event_sink(
 
                 db_path = str(default_db_path())
             delivery = EmbeddedWriter(
-                reactor, outbox, db_path, store_factory=store_factory or default_store_factory
+                reactor,
+                outbox,
+                db_path,
+                store_factory=store_factory or default_store_factory,
+                pause=turns.pause,
             )
             mode = "embedded"
         pipeline = EventPipeline(
@@ -734,6 +740,7 @@ def make_event_sink(
             ack_drain_timeout=ack_drain_timeout,
             log_events=log_events,
             log_lines_per_second=log_lines_per_second,
+            turns=turns,
         )
     except BaseException:
         spool.close()

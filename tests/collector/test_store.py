@@ -336,6 +336,19 @@ def test_rows_made_ahead_store_what_insert_stores(tmp_path: Path) -> None:
         plain.close()
 
 
+def test_rows_go_in_chunks_with_a_pause_between_them(store: EventStore) -> None:
+    """insert_rows(pause=...) calls it between chunks, all in one transaction."""
+    rows = [EventStore.row_for(call(i)) for i in range(20)]
+    pauses: list[bool] = []
+
+    def pause() -> None:
+        pauses.append(store._db.in_transaction)
+
+    assert store.insert_rows(rows, pause=pause, chunk=8) == 20  # type: ignore[arg-type]
+    assert pauses == [True, True]  # after rows 8 and 16, inside the transaction
+    assert store.count() == 20
+
+
 def test_big_integers_round_trip_exactly(store: EventStore) -> None:
     """Integers past 64 bits stay exact (orjson reads them as floats; we do not)."""
     store.insert([call(1, usage={"input_tokens": 2**70, "output_tokens": 3}, big=-(2**65))])

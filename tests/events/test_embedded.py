@@ -84,7 +84,7 @@ class RowStore(FakeStore):
     def rows_for(self, events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return [(e["id"], e) for e in events]
 
-    def insert_rows(self, rows: list[tuple[Any, ...]]) -> int:
+    def insert_rows(self, rows: list[tuple[Any, ...]], pause: Any = None) -> int:
         if self.refuse_rows:
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
         self.row_inserts.append(list(rows))
