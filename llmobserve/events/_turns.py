@@ -15,6 +15,17 @@ until the reactor starts its next turn (or C{max_wait} passes), so the turn
 under way runs to its end undisturbed and the thread gets the GIL back while
 the reactor waits in its poll. A reactor without C{doIteration} (a test
 double) leaves L{install} a no-op and L{pause} a plain C{sched_yield}.
+
+Pausing only pays while the reactor's turns are short. A saturated reactor
+(c=64) works through long turns, a pause then waits milliseconds and each
+one costs the paused thread its CPU caches: measured at c=64, pausing the
+store thread every 8 rows cost ~18 us per request and the parse threads'
+pauses ~5 us. So a pause that had to wait C{busy_wait} or more (c=1: 99% of
+waits are under ~0.5 ms; c=64: half reach the 2 ms C{max_wait}) while the
+reactor thread was on the CPU for at least a third of that time (a long wait
+for an idle reactor, asleep in its poll, says nothing) means the reactor is
+busy: for the next C{free_for} every L{pause} returns at once, the threads
+run freely, and latency is the queue's anyway.
 """
 
 from __future__ import annotations
@@ -30,15 +41,39 @@ __all__ = ["ReactorTurns"]
 _yield_cpu: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
+def _thread_cpu_clock() -> Callable[[], float] | None:
+    """The CPU time of the calling thread (the reactor's), readable from any
+    thread; None where the platform has no per-thread CPU clocks."""
+    try:
+        clock_id = time.pthread_getcpuclockid(threading.get_ident())
+        time.clock_gettime(clock_id)
+    except (AttributeError, OSError):
+        return None
+    return lambda: time.clock_gettime(clock_id)
+
+
 class ReactorTurns:
     """The reactor's turn counter, and a place for threads to wait for the next turn.
 
     @ivar turn: how many turns the reactor has started since L{install}.
     """
 
-    def __init__(self, reactor: Any, *, max_wait: float = 0.002) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        max_wait: float = 0.002,
+        busy_wait: float = 0.001,
+        free_for: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._reactor = reactor
         self.max_wait = max_wait
+        self.busy_wait = busy_wait
+        self.free_for = free_for
+        self._clock = clock
+        self._free_until = -1.0  # pauses return at once until then (reactor busy)
+        self._reactor_cpu: Callable[[], float] | None = None
         self.turn = 0
         self._waiting = 0
         self._cond = threading.Condition(threading.Lock())
@@ -46,12 +81,13 @@ class ReactorTurns:
         self._shadowed: Any = None  # an instance attribute we replaced, if any
 
     def install(self) -> bool:
-        """Start counting turns (reactor thread); False if this reactor has no
-        C{doIteration} to wrap."""
+        """Start counting turns; False if this reactor has no C{doIteration}
+        to wrap. Call it in the reactor's thread (its CPU time is watched)."""
         original = getattr(self._reactor, "doIteration", None)
         if original is None or self._installed:
             return False
         self._shadowed = vars(self._reactor).get("doIteration")
+        self._reactor_cpu = _thread_cpu_clock()
 
         def doIteration(delay: float | None) -> None:
             self.turn += 1
@@ -79,10 +115,16 @@ class ReactorTurns:
 
     def pause(self) -> None:
         """Sleep, without the GIL, until the reactor's next turn starts or
-        C{max_wait} has passed (any thread but the reactor's)."""
+        C{max_wait} has passed (any thread but the reactor's); return at once
+        while the reactor is busy (see the module docstring)."""
         if not self._installed:
             _yield_cpu()
             return
+        start = self._clock()
+        if start < self._free_until:
+            return
+        cpu = self._reactor_cpu
+        cpu_start = cpu() if cpu is not None else 0.0
         turn = self.turn
         with self._cond:
             self._waiting += 1
@@ -90,3 +132,7 @@ class ReactorTurns:
                 self._cond.wait_for(lambda: self.turn != turn, self.max_wait)
             finally:
                 self._waiting -= 1
+        end = self._clock()
+        waited = end - start
+        if waited >= self.busy_wait and cpu is not None and cpu() - cpu_start >= waited / 3:
+            self._free_until = end + self.free_for

@@ -108,3 +108,42 @@ async def test_on_the_running_reactor_a_pause_ends_within_a_turn() -> None:
     finally:
         turns.uninstall()
     assert "doIteration" not in vars(reactor)
+
+
+class Ticks:
+    """A clock that moves C{step} seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_long_wait_for_a_busy_reactor_lets_threads_run_free() -> None:
+    """A pause that waited busy_wait or more while the reactor thread used
+    the CPU: for free_for, pauses return at once (a saturated reactor's
+    long turns would make every pause cost milliseconds)."""
+    turns = ReactorTurns(FakeReactor(), max_wait=0.01, busy_wait=0.001, free_for=60.0)
+    turns.install()
+    turns._clock = Ticks(0.002)
+    turns._reactor_cpu = Ticks(0.002)  # the reactor ran throughout
+    turns.pause()  # waits max_wait: no turn comes
+    turns.max_wait = 30.0
+    start = time.monotonic()
+    turns.pause()
+    assert time.monotonic() - start < 5
+
+
+def test_a_long_wait_for_an_idle_reactor_changes_nothing() -> None:
+    """The reactor asleep in its poll (no CPU used) is not busy: pauses go on."""
+    turns = ReactorTurns(FakeReactor(), max_wait=0.05, busy_wait=0.001, free_for=60.0)
+    turns.install()
+    turns._clock = Ticks(0.002)
+    turns._reactor_cpu = lambda: 1.0
+    turns.pause()
+    thread, took = _pause_in_thread(turns)
+    thread.join(5)
+    assert took[0] >= 0.04
