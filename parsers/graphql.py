@@ -1,4 +1,5 @@
-"""GraphQL: detection, and the shape of an operation, read with graphql-core's parser.
+"""GraphQL: detection, and the shape of an operation, read with graphql-core's parser
+(in L{parsers._graphql_document}, imported on the first GraphQL call).
 
 Complexity score (documented in docs/PRICES.md): every field costs 1, and
 the cost of a field's sub-selection is multiplied by the page size it asks
@@ -12,32 +13,14 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs
 
-from graphql.error import GraphQLError
-from graphql.language import (
-    DocumentNode,
-    FieldNode,
-    FragmentDefinitionNode,
-    FragmentSpreadNode,
-    InlineFragmentNode,
-    IntValueNode,
-    OperationDefinitionNode,
-    SelectionSetNode,
-    VariableNode,
-    parse,
-)
-
 from ._call import Call
-from ._draft import UsageDraft, as_count, as_number, get_path
+from ._draft import UsageDraft, as_number, get_path
 from .jsonbody import BodyError, loads
 
 __all__ = ["graphql_request", "parse_graphql"]
 
 _KEYS = frozenset({"query", "variables", "operationName", "extensions"})
 _STARTS = ("{", "query", "mutation", "subscription", "fragment", "#")
-_PAGE_ARGS = ("first", "last", "limit", "top", "pageSize", "per_page")
-_MAX_QUERY = 256 * 1024
-_MAX_TOKENS = 50_000
-_MAX_SCORE = 10**12
 
 
 def _looks_like_document(text: object) -> bool:
@@ -101,7 +84,9 @@ def parse_graphql(call: Call, draft: UsageDraft, request: dict[str, Any]) -> Non
     name = request.get("operationName")
     query = request.get("query")
     if isinstance(query, str):
-        _describe(
+        from ._graphql_document import describe  # graphql-core: loaded on first use
+
+        describe(
             query,
             name if isinstance(name, str) else None,
             variables if isinstance(variables, dict) else {},
@@ -116,99 +101,6 @@ def parse_graphql(call: Call, draft: UsageDraft, request: dict[str, Any]) -> Non
     draft.graphql = info
     if draft.endpoint is None:
         draft.endpoint = info.get("operation_type") or "graphql"
-
-
-def _describe(
-    query: str, name: str | None, variables: dict[str, Any], info: dict[str, Any], draft: UsageDraft
-) -> None:
-    info.update(operation_type=None, operation_name=name, depth=0, field_count=0, complexity=0)
-    if len(query) > _MAX_QUERY:
-        draft.error("GraphQL query too large to parse")
-        return
-    try:
-        document = parse(query, no_location=True, max_tokens=_MAX_TOKENS)
-    except GraphQLError as exc:
-        draft.error(f"GraphQL syntax error: {exc.message[:120]}")
-        return
-    except RecursionError:
-        draft.error("GraphQL query nested too deeply")
-        return
-    operation = _pick_operation(document, name)
-    if operation is None:
-        draft.error("GraphQL document has no matching operation")
-        return
-    info["operation_type"] = operation.operation.value
-    if operation.name is not None:
-        info["operation_name"] = operation.name.value
-    fragments = {
-        d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
-    }
-    walker = _Walker(fragments, variables)
-    try:
-        score = walker.cost(operation.selection_set, 1, frozenset())
-    except RecursionError:
-        draft.error("GraphQL query nested too deeply")
-        return
-    info.update(depth=walker.depth, field_count=walker.fields, complexity=min(score, _MAX_SCORE))
-
-
-def _pick_operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
-    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
-    if name:
-        for op in operations:
-            if op.name is not None and op.name.value == name:
-                return op
-        return None
-    return operations[0] if len(operations) == 1 else None
-
-
-class _Walker:
-    """Counts fields, depth and the complexity score over one operation."""
-
-    def __init__(self, fragments: dict[str, FragmentDefinitionNode], variables: dict[str, Any]):
-        self.fragments = fragments
-        self.variables = variables
-        self.fields = 0
-        self.depth = 0
-        self._budget = 100_000  # selections visited, so fragment fan-out stays bounded
-
-    def cost(self, selections: SelectionSetNode | None, level: int, seen: frozenset[str]) -> int:
-        if selections is None:
-            return 0
-        total = 0
-        for node in selections.selections:
-            self._budget -= 1
-            if self._budget < 0:
-                break
-            if isinstance(node, FieldNode):
-                self.fields += 1
-                self.depth = max(self.depth, level)
-                child = self.cost(node.selection_set, level + 1, seen)
-                total += 1 + self._page_size(node) * child
-            elif isinstance(node, InlineFragmentNode):
-                total += self.cost(node.selection_set, level, seen)
-            elif isinstance(node, FragmentSpreadNode):
-                frag_name = node.name.value
-                fragment = self.fragments.get(frag_name)
-                if fragment is not None and frag_name not in seen:
-                    total += self.cost(fragment.selection_set, level, seen | {frag_name})
-            total = min(total, _MAX_SCORE)
-        return total
-
-    def _page_size(self, node: FieldNode) -> int:
-        for arg in node.arguments or ():
-            if arg.name.value not in _PAGE_ARGS:
-                continue
-            value = arg.value
-            if isinstance(value, IntValueNode):
-                size = as_count(value.value) if len(value.value) < 10 else None
-            elif isinstance(value, VariableNode):
-                size = as_count(self.variables.get(value.name.value))
-            else:
-                size = None
-            if size is not None:
-                return max(1, min(size, 100_000))
-        return 1
 
 
 def _response(call: Call, info: dict[str, Any], draft: UsageDraft) -> None:

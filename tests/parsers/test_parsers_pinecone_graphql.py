@@ -294,3 +294,28 @@ def test_graphql_on_a_known_provider_keeps_the_provider() -> None:
     )
     assert record.provider == "weaviate"
     assert record.graphql is not None and record.graphql["complexity"] == 1 + (1 + 5 * 1)
+
+
+def test_graphql_core_is_loaded_only_by_a_graphql_call() -> None:
+    """A proxy that never sees GraphQL does not carry graphql-core (~5 MB):
+    the warmed-up event path has not imported it; the first GraphQL call does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import llmobserve.proxy._tap, llmobserve.events.pipeline\n"
+        "from llmobserve.events._exchange import default_analyse\n"
+        "default_analyse()\n"
+        "assert 'graphql' not in sys.modules, 'graphql-core imported at start-up'\n"
+        "from parsers import Exchange, analyse\n"
+        "record = analyse(Exchange(method='POST', scheme='https', host='api.example.com', port=443,"
+        " path='/graphql', query='', request_headers={'content-type': 'application/json'},"
+        " request_body_truncated=False, response_body_truncated=False,"
+        ' request_body=b\'{"query": "query Q { a { b } }"}\', status=200,'
+        " response_headers={}, response_body=b'{\"data\": {}}', started_at=0.0))\n"
+        "assert record.graphql['operation_type'] == 'query', record\n"
+        "assert 'graphql' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
