@@ -312,10 +312,46 @@ def _columns_and_json(
         return empty, None
     if type(value) is not dict:
         return None
+    if not value:
+        return empty, "{}"
     values = tuple(map(value.get, columns))
     if not types.issuperset(map(type, values)):
         return None
     return values, _dumps(value)
+
+
+#: JSON text of values that repeat from event to event (price references,
+#: the proxy id in C{extra}): remembered rather than encoded each time.
+#: Bounded; plain dicts, so reads and writes are safe from any thread.
+_STRINGS: dict[str, str] = {}
+_ONE_KEY: dict[tuple[str, str], str] = {}
+_REMEMBER: Final = 1024
+
+
+def _remembered_json(memo: dict[Any, str], key: Any, value: Any) -> str:
+    text = memo.get(key)
+    if text is None:
+        text = _dumps(value)
+        if len(memo) >= _REMEMBER:
+            memo.clear()
+        memo[key] = text
+    return text
+
+
+def _string_json(value: Any) -> str | None:
+    if value is None:
+        return None
+    if type(value) is str:
+        return _remembered_json(_STRINGS, value, value)
+    return _dumps(value)
+
+
+def _list_json(value: Any) -> str | None:
+    if value is None:
+        return None
+    if type(value) is list and not value:
+        return "[]"
+    return _dumps(value)
 
 
 def _fast_row(event: Any) -> tuple[Any, ...] | None:
@@ -365,7 +401,11 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
         extra = None
     elif len(unknown) == 1:
         (key,) = unknown
-        extra = _dumps({key: event[key]})
+        value = event[key]
+        if type(key) is str and type(value) is str:
+            extra = _remembered_json(_ONE_KEY, (key, value), {key: value})
+        else:
+            extra = _dumps({key: value})
     else:
         extra = _dumps({k: v for k, v in event.items() if k in unknown})
     return (
@@ -374,8 +414,8 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
         usage_json,
         context_json,
         None if graphql is None else _dumps(graphql),
-        None if price_ref is None else _dumps(price_ref),
-        None if flags is None else _dumps(flags),
+        _string_json(price_ref),
+        _list_json(flags),
         *labels,
         *counts,
         extra,

@@ -291,6 +291,10 @@ def test_fast_and_careful_rows_agree() -> None:
         call(9, run_id="top-level"),  # a span-style label
         {"kind": "call", "ts": T0},  # no id
         {"id": "k", "ts": T0, "extra_a": 1, "extra_b": {"n": None}},  # no kind
+        # what a proxy sends: empty context and flags, a price_ref string, its id
+        call(10, context={}, flags=[], price_ref="genai-prices:openai/gpt-4o", proxy_id="p1"),
+        call(11, context={}, flags=[], price_ref="genai-prices:openai/gpt-4o", proxy_id="p1"),
+        call(12, proxy_id=7, flags=("a",), price_ref=["x"]),  # not remembered: other types
     ]
     for event in cases:
         fast = _fast_row(event)
