@@ -274,6 +274,7 @@ class EventPipeline(Service):
         """
         lines_left = self._log_quota.take(len(items)) if self.log_events else 0
         row_for = getattr(self.delivery, "row_for", None)
+        unlogged: list[Any] = []  # the costs of the calls over the line quota
         slice_start = time.perf_counter()
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
@@ -291,7 +292,7 @@ class EventPipeline(Service):
                 except Exception:
                     pass  # logging never costs an event
             elif self.log_events:
-                self._log_quota.skipped(event.get("cost_usd"))
+                unlogged.append(event.get("cost_usd"))
             with self._parsing_lock:
                 if self._parsing.pop(token, None) is not None:
                     self._ready[token] = (payload, had_error, line, is_low_priority(event), row)
@@ -299,6 +300,8 @@ class EventPipeline(Service):
                 if time.perf_counter() - slice_start >= _SLICE:
                     self._turns.pause()
                     slice_start = time.perf_counter()
+        if unlogged:
+            self._log_quota.skipped(unlogged)
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many([m[0] for m in mine], low=[m[3] for m in mine])
@@ -598,11 +601,12 @@ class _LineQuota:
             self._left -= granted
             return granted
 
-    def skipped(self, cost: Any) -> None:
+    def skipped(self, costs: Sequence[Any]) -> None:
+        """Count calls that had no line of their own (with their costs)."""
+        total = sum(cost for cost in costs if type(cost) is float)
         with self._lock:
-            self._skipped += 1
-            if isinstance(cost, float):
-                self._skipped_cost += cost
+            self._skipped += len(costs)
+            self._skipped_cost += total
 
     def summary(self) -> str:
         """The line for the calls skipped in the last window, once."""
