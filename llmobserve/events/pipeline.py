@@ -57,14 +57,14 @@ _MAX_SPANS_PER_POST: Final = 10_000
 
 #: Parsing time after which a parse thread pauses until the reactor's next
 #: turn (L{ReactorTurns.pause}), while parsing keeps up (see
-#: C{_yield_backlog}); the longest a reactor woken mid-slice waits for the
-#: GIL. Traced at c=1 with events on, slices of 200 us with
-#: C{os.sched_yield} between them cost a request that met a batch ~400 us;
-#: pausing for the reactor's turn after 50 us slices cut the c=1 p99 from
-#: 654 to ~400 us (absolute). Never pausing under a backlog keeps c=64
-#: parsed: yielding always let the reactor starve the parse threads (83% of
-#: calls went unparsed).
-_SLICE: Final = 0.00005
+#: C{_yield_backlog}); about the longest a reactor woken mid-slice waits for
+#: the GIL. Traced at c=1: 200 us slices with C{os.sched_yield} between them
+#: cost a request that met a batch ~400 us, as the thread came back at each
+#: of the reactor's system calls. With pauses for the reactor's turn,
+#: 50/100/200 us slices gave the same p99 (~520-620 us absolute, within
+#: noise) and p50 200/166/165 us (one context switch per pause). Never
+#: pausing under a backlog keeps c=64 parsed.
+_SLICE: Final = 0.0001
 
 Delivery = CollectorLink | EmbeddedWriter
 #: a parsed exchange: (spool seq or None when full, packed event, parse failed,
