@@ -217,6 +217,10 @@ class EmbeddedWriter(Service):
     def _written(self, _count: int, last_seq: int) -> None:
         self._busy = None
         self.state = "connected"
+        if len(self._rows) > self.max_rows // 2:
+            # rows whose record was never taken (it cannot be now): do not
+            # let them crowd out the rows of records still to come
+            self._rows = {seq: row for seq, row in self._rows.items() if seq > last_seq}
         self.outbox.ack(last_seq)
         self.pump()
 

@@ -14,7 +14,8 @@ used its slice calls L{ReactorTurns.pause}: it sleeps, without the GIL,
 until the reactor starts its next turn (or C{max_wait} passes), so the turn
 under way runs to its end undisturbed and the thread gets the GIL back while
 the reactor waits in its poll. A reactor without C{doIteration} (a test
-double) leaves L{install} a no-op and L{pause} a plain C{sched_yield}.
+double) leaves L{install} a no-op and L{pause} a plain C{sched_yield}, as
+does a reactor that never calls it (asyncio's, which runs its own loop).
 
 Pausing only pays while the reactor's turns are short. A saturated reactor
 (c=64) works through long turns, a pause then waits milliseconds and each
@@ -117,7 +118,9 @@ class ReactorTurns:
         """Sleep, without the GIL, until the reactor's next turn starts or
         C{max_wait} has passed (any thread but the reactor's); return at once
         while the reactor is busy (see the module docstring)."""
-        if not self._installed:
+        if not self._installed or not self.turn:
+            # no turn seen yet: a reactor whose loop does not go through
+            # doIteration (asyncio's runs its own) would never end a pause
             _yield_cpu()
             return
         start = self._clock()

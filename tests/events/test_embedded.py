@@ -158,3 +158,25 @@ def test_the_real_store_makes_a_row_ahead_for_an_ordinary_call() -> None:
 
     event = build_call_event(make_txn(), None, event_id="e" * 32, proxy_id="p")
     assert EventStore.row_for(event) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_of_records_never_taken_are_let_go(tmp_path: Path) -> None:
+    """Rows held for seqs that are already acknowledged (their record will
+    never be taken) are dropped once held rows pass half of max_rows."""
+    outbox = Outbox(acked_seq=10, last_seq=10)
+    writer = EmbeddedWriter(
+        reactor, outbox, str(tmp_path / "x"), store_factory=RowStore, max_rows=4
+    )
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        for stale in (1, 2, 3):
+            writer.hold_row(stale, (f"s{stale}", {"id": f"s{stale}"}))
+        writer.hold_row(11, ("e11", {"id": "e11"}))
+        outbox.offer(11, _pack({"id": "e11"}))
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == 11)
+        assert writer._rows == {}
+    finally:
+        await writer.stopService()

@@ -55,6 +55,7 @@ def test_a_paused_thread_wakes_at_the_next_turn() -> None:
     fake = FakeReactor()
     turns = ReactorTurns(fake, max_wait=30.0)
     turns.install()
+    fake.doIteration(0)  # the loop is running
     thread, took = _pause_in_thread(turns)
     _until(lambda: turns._waiting == 1)
     fake.doIteration(0)
@@ -67,16 +68,18 @@ def test_a_pause_ends_after_max_wait_without_a_turn() -> None:
     fake = FakeReactor()
     turns = ReactorTurns(fake, max_wait=0.05)
     turns.install()
+    fake.doIteration(0)
     thread, took = _pause_in_thread(turns)
     thread.join(5)
     assert 0.04 <= took[0] < 5
-    assert turns.turn == 0
+    assert turns.turn == 1
 
 
 def test_uninstall_restores_the_reactor_and_releases_waiters() -> None:
     fake = FakeReactor()
     turns = ReactorTurns(fake, max_wait=30.0)
     turns.install()
+    fake.doIteration(0)
     thread, took = _pause_in_thread(turns)
     _until(lambda: turns._waiting == 1)
     turns.uninstall()
@@ -84,7 +87,17 @@ def test_uninstall_restores_the_reactor_and_releases_waiters() -> None:
     assert took and took[0] < 5
     assert "doIteration" not in vars(fake)
     fake.doIteration(1.0)
-    assert fake.polls == [1.0]
+    assert fake.polls == [0, 1.0]
+
+
+def test_before_the_first_turn_a_pause_returns_at_once() -> None:
+    """A reactor whose loop never calls doIteration (asyncio's) must not
+    make every pause wait max_wait."""
+    turns = ReactorTurns(FakeReactor(), max_wait=30.0)
+    assert turns.install()
+    start = time.monotonic()
+    turns.pause()
+    assert time.monotonic() - start < 5
 
 
 def test_without_doIteration_install_is_a_no_op_and_pause_returns_at_once() -> None:
@@ -126,8 +139,10 @@ def test_a_long_wait_for_a_busy_reactor_lets_threads_run_free() -> None:
     """A pause that waited busy_wait or more while the reactor thread used
     the CPU: for free_for, pauses return at once (a saturated reactor's
     long turns would make every pause cost milliseconds)."""
-    turns = ReactorTurns(FakeReactor(), max_wait=0.01, busy_wait=0.001, free_for=60.0)
+    fake = FakeReactor()
+    turns = ReactorTurns(fake, max_wait=0.01, busy_wait=0.001, free_for=60.0)
     turns.install()
+    fake.doIteration(0)
     turns._clock = Ticks(0.002)
     turns._reactor_cpu = Ticks(0.002)  # the reactor ran throughout
     turns.pause()  # waits max_wait: no turn comes
@@ -139,8 +154,10 @@ def test_a_long_wait_for_a_busy_reactor_lets_threads_run_free() -> None:
 
 def test_a_long_wait_for_an_idle_reactor_changes_nothing() -> None:
     """The reactor asleep in its poll (no CPU used) is not busy: pauses go on."""
-    turns = ReactorTurns(FakeReactor(), max_wait=0.05, busy_wait=0.001, free_for=60.0)
+    fake = FakeReactor()
+    turns = ReactorTurns(fake, max_wait=0.05, busy_wait=0.001, free_for=60.0)
     turns.install()
+    fake.doIteration(0)
     turns._clock = Ticks(0.002)
     turns._reactor_cpu = lambda: 1.0
     turns.pause()
