@@ -228,3 +228,56 @@ def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(tmp_path: P
                 while sock.recv(65536):
                     pass
             sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_embedded_events_spooled_before_a_sigkill_are_stored_after_restart(
+    tmp_path: Path,
+) -> None:
+    """Embedded mode, the store unusable (its directory cannot be created), 20
+    calls, SIGKILL: after a restart with a usable store every event is
+    replayed from the spool into it, once (the writer converts records
+    without rows made ahead: the replay path)."""
+    calls = 20
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's directory should be")
+    db = blocker / "events.sqlite3"
+    workdir = tmp_path / "proxy"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db)]
+        first = ProxyProcess(args, workdir=workdir)
+        first.start()
+        try:
+            for _ in range(calls):
+                response = raw_request(
+                    first.port,
+                    proxy_request(
+                        first.port,
+                        "POST",
+                        upstream.url + "/v1/chat/completions",
+                        [("Content-Type", "application/json")],
+                        b'{"model":"gpt-4o-mini","messages":[]}',
+                    ),
+                )
+                assert response.status == 200
+            _wait_for(
+                lambda: _get_json(first.url + "/health")["events_waiting"] >= calls,
+                10,
+                "events to be spooled",
+            )
+            time.sleep(0.2)  # past the spool's fsync interval (50 ms)
+        finally:
+            first.kill()
+        blocker.unlink()
+        with ProxyProcess(args, workdir=workdir) as second:
+            _wait_for(
+                lambda: _get_json(second.url + "/health")["events_waiting"] == 0,
+                20,
+                "the replayed events in the store",
+            )
+    rows = sqlite3.connect(db).execute("SELECT id, provider FROM events WHERE kind = 'call'")
+    found = rows.fetchall()
+    assert len(found) == calls, found
+    assert len({event_id for event_id, _ in found}) == calls
+    assert {provider for _, provider in found} == {"openai"}

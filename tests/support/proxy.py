@@ -150,6 +150,7 @@ class TwistdProcess:
         self.host = ""
         self.port = 0
         self.started_at = 0.0
+        self._log_start = 0
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
@@ -183,6 +184,9 @@ class TwistdProcess:
             raise RuntimeError("already started")
         cmd = [sys.executable, "-c", _SHIM, str(os.getpid()), *self.command()[1:]]
         log = open(self.log_path, "ab")  # closed in _reap
+        # a process restarted in the same workdir appends to the same file:
+        # its own log (and listening line) starts here
+        self._log_start = log.tell()
         self._log_file = log
         self.started_at = time.monotonic()
         self._popen = subprocess.Popen(
@@ -324,8 +328,11 @@ class TwistdProcess:
         return (self.host, self.port)
 
     def log_text(self) -> str:
+        """What this process has logged (not an earlier one in the same workdir)."""
         try:
-            return self.log_path.read_text("utf-8", errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 
