@@ -80,6 +80,7 @@ class ReactorTurns:
         self._cond = threading.Condition(threading.Lock())
         self._installed = False
         self._shadowed: Any = None  # an instance attribute we replaced, if any
+        self._wrapper: Any = None
 
     def install(self) -> bool:
         """Start counting turns; False if this reactor has no C{doIteration}
@@ -97,19 +98,25 @@ class ReactorTurns:
                     self._cond.notify_all()
             original(delay)
 
-        self._reactor.doIteration = doIteration
+        self._reactor.doIteration = self._wrapper = doIteration
         self._installed = True
         return True
 
     def uninstall(self) -> None:
-        """Stop counting (reactor thread) and release every waiting thread."""
+        """Stop counting (reactor thread) and release every waiting thread.
+
+        Our wrapper is taken off only while it is the outermost one: under
+        another's (a second pipeline on the same reactor, in tests), it stays
+        and keeps calling through, so that one's own uninstall is not undone.
+        """
         if self._installed:
-            if self._shadowed is None:
-                del self._reactor.doIteration
-            else:
-                self._reactor.doIteration = self._shadowed
+            if vars(self._reactor).get("doIteration") is self._wrapper:
+                if self._shadowed is None:
+                    del self._reactor.doIteration
+                else:
+                    self._reactor.doIteration = self._shadowed
             self._installed = False
-            self._shadowed = None
+            self._shadowed = self._wrapper = None
         with self._cond:
             self.turn += 1
             self._cond.notify_all()

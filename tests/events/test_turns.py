@@ -164,3 +164,19 @@ def test_a_long_wait_for_an_idle_reactor_changes_nothing() -> None:
     thread, took = _pause_in_thread(turns)
     thread.join(5)
     assert took[0] >= 0.04
+
+
+def test_two_on_one_reactor_uninstall_in_any_order() -> None:
+    """A second ReactorTurns wraps the first; taking the first off first
+    leaves the second's wrapper in place, and the reactor still polls."""
+    fake = FakeReactor()
+    first, second = ReactorTurns(fake), ReactorTurns(fake)
+    first.install()
+    second.install()
+    first.uninstall()
+    fake.doIteration(0.1)
+    assert second.turn == 1
+    second.uninstall()
+    fake.doIteration(0.2)
+    assert fake.polls == [0.1, 0.2]
+    assert "doIteration" in vars(fake)  # the first's wrapper, still calling through
