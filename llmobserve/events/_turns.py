@@ -50,7 +50,14 @@ def _thread_cpu_clock() -> Callable[[], float] | None:
         time.clock_gettime(clock_id)
     except (AttributeError, OSError):
         return None
-    return lambda: time.clock_gettime(clock_id)
+
+    def reactor_cpu() -> float:
+        try:
+            return time.clock_gettime(clock_id)
+        except OSError:  # the thread is gone (the process is exiting)
+            return 0.0
+
+    return reactor_cpu
 
 
 class ReactorTurns:
