@@ -36,6 +36,33 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _spool_calls_then_kill(proxy: ProxyProcess, upstream_url: str, calls: int) -> None:
+    """Start C{proxy}, make C{calls} chat calls through it, wait until they
+    are all spooled (and past an fsync), then SIGKILL it."""
+    proxy.start()
+    try:
+        for _ in range(calls):
+            response = raw_request(
+                proxy.port,
+                proxy_request(
+                    proxy.port,
+                    "POST",
+                    upstream_url + "/v1/chat/completions",
+                    [("Content-Type", "application/json")],
+                    b'{"model":"gpt-4o-mini","messages":[]}',
+                ),
+            )
+            assert response.status == 200
+        _wait_for(
+            lambda: _get_json(proxy.url + "/health")["events_waiting"] >= calls,
+            10,
+            "events to be spooled",
+        )
+        time.sleep(0.2)  # past the spool's fsync interval (50 ms)
+    finally:
+        proxy.kill()
+
+
 @pytest.mark.timeout(40)
 def test_sigterm_lets_an_in_flight_stream_finish_records_it_and_exits_0(tmp_path: Path) -> None:
     """SIGTERM: stop listening, finish the stream in flight, keep its event, exit 0."""
@@ -102,30 +129,7 @@ def test_events_spooled_before_a_sigkill_reach_the_collector_after_restart(
             "--collector",
             f"http://127.0.0.1:{collector_port}",
         ]
-        first = ProxyProcess(args, workdir=workdir)
-        first.start()
-        try:
-            for _ in range(calls):
-                response = raw_request(
-                    first.port,
-                    proxy_request(
-                        first.port,
-                        "POST",
-                        upstream.url + "/v1/chat/completions",
-                        [("Content-Type", "application/json")],
-                        b'{"model":"gpt-4o-mini","messages":[]}',
-                    ),
-                )
-                assert response.status == 200
-            _wait_for(
-                lambda: _get_json(first.url + "/health")["events_waiting"] >= calls,
-                10,
-                "events to be spooled",
-            )
-            time.sleep(0.2)  # past the spool's fsync interval (50 ms)
-            first.kill()
-        finally:
-            first.kill()
+        _spool_calls_then_kill(ProxyProcess(args, workdir=workdir), upstream.url, calls)
 
         collector = CollectorProcess(
             db=tmp_path / "collector.db",
@@ -246,29 +250,7 @@ def test_embedded_events_spooled_before_a_sigkill_are_stored_after_restart(
     with RecordingUpstream() as upstream:
         args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
         args += ["--db", str(db)]
-        first = ProxyProcess(args, workdir=workdir)
-        first.start()
-        try:
-            for _ in range(calls):
-                response = raw_request(
-                    first.port,
-                    proxy_request(
-                        first.port,
-                        "POST",
-                        upstream.url + "/v1/chat/completions",
-                        [("Content-Type", "application/json")],
-                        b'{"model":"gpt-4o-mini","messages":[]}',
-                    ),
-                )
-                assert response.status == 200
-            _wait_for(
-                lambda: _get_json(first.url + "/health")["events_waiting"] >= calls,
-                10,
-                "events to be spooled",
-            )
-            time.sleep(0.2)  # past the spool's fsync interval (50 ms)
-        finally:
-            first.kill()
+        _spool_calls_then_kill(ProxyProcess(args, workdir=workdir), upstream.url, calls)
         blocker.unlink()
         with ProxyProcess(args, workdir=workdir) as second:
             _wait_for(
