@@ -370,14 +370,27 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
+        """A batch back from a parse thread: L{_spooled} for each event, with
+        the gap check and the fsync bookkeeping done once for the batch."""
         hold_row = getattr(self.delivery, "hold_row", None)
+        offer = self.outbox.offer
+        spooled = 0
         for seq, payload, had_error, row in results:
-            self.events_total += 1
             if had_error:
                 self.parse_errors_total += 1
-            if row is not None and seq is not None and hold_row is not None:
+            if seq is None:
+                self.events_dropped_total += 1
+                self._gap_pending += 1
+                continue
+            if row is not None and hold_row is not None:
                 hold_row(seq, row)
-            self._spooled(seq, payload)
+            offer(seq, payload)
+            spooled += 1
+        self.events_total += len(results)
+        if spooled:
+            if self._gap_pending and self.spool.has_room(256):
+                self._write_gap()
+            self._dirty(spooled)
         self.delivery.pump()
 
     def _batch_failed(self, items: list[tuple[int, Transaction]], failure: Failure) -> None:
