@@ -85,7 +85,6 @@ class ReactorTurns:
         self.turn = 0
         self._waiting = 0
         self._cond = threading.Condition(threading.Lock())
-        self._installed = False
         self._shadowed: Any = None  # an instance attribute we replaced, if any
         self._wrapper: Any = None
 
@@ -93,7 +92,7 @@ class ReactorTurns:
         """Start counting turns; False if this reactor has no C{doIteration}
         to wrap. Call it in the reactor's thread (its CPU time is watched)."""
         original = getattr(self._reactor, "doIteration", None)
-        if original is None or self._installed:
+        if original is None or self._wrapper is not None:
             return False
         self._shadowed = vars(self._reactor).get("doIteration")
         self._reactor_cpu = _thread_cpu_clock()
@@ -106,7 +105,6 @@ class ReactorTurns:
             original(delay)
 
         self._reactor.doIteration = self._wrapper = doIteration
-        self._installed = True
         return True
 
     def uninstall(self) -> None:
@@ -116,13 +114,12 @@ class ReactorTurns:
         another's (a second pipeline on the same reactor, in tests), it stays
         and keeps calling through, so that one's own uninstall is not undone.
         """
-        if self._installed:
+        if self._wrapper is not None:
             if vars(self._reactor).get("doIteration") is self._wrapper:
                 if self._shadowed is None:
                     del self._reactor.doIteration
                 else:
                     self._reactor.doIteration = self._shadowed
-            self._installed = False
             self._shadowed = self._wrapper = None
         with self._cond:
             self.turn += 1
@@ -132,7 +129,7 @@ class ReactorTurns:
         """Sleep, without the GIL, until the reactor's next turn starts or
         C{max_wait} has passed (any thread but the reactor's); return at once
         while the reactor is busy (see the module docstring)."""
-        if not self._installed or not self.turn:
+        if self._wrapper is None or not self.turn:
             # no turn seen yet: a reactor whose loop does not go through
             # doIteration (asyncio's runs its own) would never end a pause
             _yield_cpu()

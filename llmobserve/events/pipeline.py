@@ -370,27 +370,14 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
-        """A batch back from a parse thread: L{_spooled} for each event, with
-        the gap check and the fsync bookkeeping done once for the batch."""
         hold_row = getattr(self.delivery, "hold_row", None)
-        offer = self.outbox.offer
-        spooled = 0
-        for seq, payload, had_error, row in results:
+        for seq, _payload, had_error, row in results:
             if had_error:
                 self.parse_errors_total += 1
-            if seq is None:
-                self.events_dropped_total += 1
-                self._gap_pending += 1
-                continue
-            if row is not None and hold_row is not None:
+            if row is not None and seq is not None and hold_row is not None:
                 hold_row(seq, row)
-            offer(seq, payload)
-            spooled += 1
         self.events_total += len(results)
-        if spooled:
-            if self._gap_pending and self.spool.has_room(256):
-                self._write_gap()
-            self._dirty(spooled)
+        self._spooled([(seq, payload) for seq, payload, _, _ in results])
         self.delivery.pump()
 
     def _batch_failed(self, items: list[tuple[int, Transaction]], failure: Failure) -> None:
@@ -423,7 +410,7 @@ class EventPipeline(Service):
         queue, spans, the drain deadline); they are sent at the next turn,
         together with whatever else arrived in this one."""
         self.events_total += 1
-        self._spooled(self._spool_append(payload, low=low), payload)
+        self._spooled([(self._spool_append(payload, low=low), payload)])
         if self._pump_call is None:
             self._pump_call = self._clock.callLater(0, self._pump)
 
@@ -431,15 +418,23 @@ class EventPipeline(Service):
         self._pump_call = None
         self.delivery.pump()
 
-    def _spooled(self, seq: int | None, payload: bytes) -> None:
-        if seq is None:
-            self.events_dropped_total += 1
-            self._gap_pending += 1
-            return
-        self.outbox.offer(seq, payload)
-        if self._gap_pending and self.spool.has_room(256):
-            self._write_gap()
-        self._dirty()
+    def _spooled(self, records: Sequence[tuple[int | None, bytes]]) -> None:
+        """Offer appended records to the outbox and count the ones the full
+        spool dropped (seq None); the gap check and the fsync bookkeeping
+        run once for all of them."""
+        spooled = 0
+        offer = self.outbox.offer
+        for seq, payload in records:
+            if seq is None:
+                self.events_dropped_total += 1
+                self._gap_pending += 1
+                continue
+            offer(seq, payload)
+            spooled += 1
+        if spooled:
+            if self._gap_pending and self.spool.has_room(256):
+                self._write_gap()
+            self._dirty(spooled)
 
     def _write_gap(self) -> None:
         """Record how many events the full spool dropped (written over the cap)."""
