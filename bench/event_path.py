@@ -176,19 +176,11 @@ def _by_group(
 def _bare_pipeline() -> Iterator[EventPipeline]:
     """An unstarted pipeline over a temp spool: only its parse method is used."""
     workdir = Path(tempfile.mkdtemp(prefix="llmo-event-path-"))
-    spool = open_spool(workdir / "spool", max_bytes=64 * 1024 * 1024)
+    pipeline = _null_pipeline(None, workdir)
     try:
-        outbox = Outbox(acked_seq=spool.acked_seq, last_seq=spool.last_seq)
-        yield EventPipeline(
-            None,
-            spool=spool,
-            outbox=outbox,
-            delivery=_NullDelivery(outbox),  # type: ignore[arg-type]  # duck-typed delivery
-            mode="bench",
-            analyse=_default_analyse(),
-        )
+        yield pipeline
     finally:
-        spool.close()
+        pipeline.spool.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
