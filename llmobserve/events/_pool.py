@@ -105,15 +105,23 @@ class ParsePool(Generic[_T, _R]):
         if len(self._pending) >= self.batch:
             self.flush()
         elif self._jobs < self.workers:
-            if self._gather <= 0:
-                self.flush()
-            elif self._gather_call is None:
-                # Light load: gather a few milliseconds' worth into one job,
-                # one thread wake-up and one reactor wake-up for all of them.
-                self._gather_call = self._reactor.callLater(  # type: ignore[attr-defined]
-                    self._gather, self.flush
-                )
+            self._flush_soon()
         return True
+
+    def _flush_soon(self) -> None:
+        """Hand the gathered items to a free thread once C{gather} has passed.
+
+        Light load: a few milliseconds' worth go as one job, one thread
+        wake-up and one reactor wake-up for all of them, also when a job has
+        just come back (handing over at once what arrived meanwhile made
+        jobs of one or two exchanges at c=1, each with its thread hand-offs,
+        reactor wake-ups and store write: ~100 us of CPU per call)."""
+        if self._gather <= 0:
+            self.flush()
+        elif self._gather_call is None:
+            self._gather_call = self._reactor.callLater(  # type: ignore[attr-defined]
+                self._gather, self.flush
+            )
 
     def flush(self) -> None:
         """Hand the items gathered so far to a thread now."""
@@ -134,7 +142,7 @@ class ParsePool(Generic[_T, _R]):
         if isinstance(result, Failure):
             _log.failure("parse batch callback failed", result)
         if self._pending and self._jobs < self.workers:
-            self.flush()
+            self._flush_soon()
         if self.in_flight == 0 and self._idle:
             self._idle.fire()
 
