@@ -47,20 +47,28 @@ async def _until(condition: Any, limit: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-@pytest_twisted.ensureDeferred
-async def test_light_load_gathers_items_into_one_job() -> None:
+async def _jobs(groups: list[str], **pool_options: Any) -> list[list[str]]:
+    """The jobs a one-thread pool makes of C{groups} of items, each group
+    submitted at once and the next only when the pool is idle again."""
     rec = Recorder()
     pool: ParsePool[str, str] = ParsePool(
-        reactor, rec.work, rec.done, rec.failed, workers=1, gather=0.05
+        reactor, rec.work, rec.done, rec.failed, workers=1, **pool_options
     )
     pool.start()
     try:
-        for item in "abc":
-            assert pool.try_submit(item)
-        await _until(lambda: pool.in_flight == 0)
-        assert rec.jobs == [["a", "b", "c"]]
+        for group in groups:
+            for item in group:
+                assert pool.try_submit(item)
+            await _until(lambda: pool.in_flight == 0)
     finally:
         pool.stop()
+    assert not rec.failures
+    return rec.jobs
+
+
+@pytest_twisted.ensureDeferred
+async def test_light_load_gathers_items_into_one_job() -> None:
+    assert await _jobs(["abc"], gather=0.05) == [["a", "b", "c"]]
 
 
 @pytest_twisted.ensureDeferred
@@ -99,32 +107,9 @@ async def test_items_that_waited_for_a_busy_thread_still_gather() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_batch_goes_at_once_without_waiting_for_the_window() -> None:
-    rec = Recorder()
-    pool: ParsePool[str, str] = ParsePool(
-        reactor, rec.work, rec.done, rec.failed, workers=1, gather=30.0, batch=3
-    )
-    pool.start()
-    try:
-        for item in "xyz":
-            pool.try_submit(item)
-        await _until(lambda: pool.in_flight == 0)
-        assert rec.jobs == [["x", "y", "z"]]
-    finally:
-        pool.stop()
+    assert await _jobs(["xyz"], gather=30.0, batch=3) == [["x", "y", "z"]]
 
 
 @pytest_twisted.ensureDeferred
 async def test_without_a_gather_window_each_item_goes_at_once() -> None:
-    rec = Recorder()
-    pool: ParsePool[str, str] = ParsePool(
-        reactor, rec.work, rec.done, rec.failed, workers=1, gather=0.0
-    )
-    pool.start()
-    try:
-        pool.try_submit("a")
-        await _until(lambda: pool.in_flight == 0)
-        pool.try_submit("b")
-        await _until(lambda: pool.in_flight == 0)
-        assert rec.jobs == [["a"], ["b"]]
-    finally:
-        pool.stop()
+    assert await _jobs(["a", "b"], gather=0.0) == [["a"], ["b"]]
