@@ -238,6 +238,10 @@ class CollectorLink(Service):
 
     _log = Logger()
 
+    #: The link sends the spooled payloads as they are: the parse threads
+    #: make no store rows ahead for it (compare L{EmbeddedWriter.row_for}).
+    row_for: Callable[[Any], Any] | None = None
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -271,6 +275,9 @@ class CollectorLink(Service):
             retryPolicy=retry or retry_policy(),
             clock=clock,
         )
+
+    def hold_row(self, seq: int, row: Any) -> None:
+        """Nothing to hold: see L{row_for}."""
 
     @property
     def reconnects(self) -> int:

@@ -273,7 +273,7 @@ class EventPipeline(Service):
         batch, unless a backlog says parsing falls behind.
         """
         lines_left = self._log_quota.take(len(items)) if self.log_events else 0
-        row_for = getattr(self.delivery, "row_for", None)
+        row_for = self.delivery.row_for
         unlogged: list[Any] = []  # the costs of the calls over the line quota
         slice_start = time.perf_counter()
         for token, txn in items:
@@ -370,11 +370,11 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
-        hold_row = getattr(self.delivery, "hold_row", None)
+        hold_row = self.delivery.hold_row
         for seq, _payload, had_error, row in results:
             if had_error:
                 self.parse_errors_total += 1
-            if row is not None and seq is not None and hold_row is not None:
+            if row is not None and seq is not None:
                 hold_row(seq, row)
         self.events_total += len(results)
         self._spooled([(seq, payload) for seq, payload, _, _ in results])
