@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import attrs
 import msgpack
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -121,6 +122,7 @@ class EmbeddedWriter(Service):
         # rows made ahead by the parse threads, by seq (reactor thread only)
         self._rows: dict[int, Row] = {}
         self._row_for: Callable[[Mapping[str, Any]], Row | None] | None = None
+        self._row_store: _RowStore | None = None
         self._thread = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-store")
         outbox.on_ready = self.pump
 
@@ -162,6 +164,9 @@ class EmbeddedWriter(Service):
         self._busy = None
         self._store = store
         if isinstance(store, RowStoreLike):
+            # settled once: a runtime-checkable protocol's isinstance costs
+            # microseconds, too much for every write
+            self._row_store = _RowStore(store)
             self._row_for = store.row_for
         self.state = "connected"
         self.pump()
@@ -205,7 +210,8 @@ class EmbeddedWriter(Service):
             return
         self._last_write = now
         rows = [self._rows.pop(seq, None) for seq, _ in records] if self._rows else None
-        d = self._busy = self._in_thread(_insert, self._store, records, rows, self._pause)
+        store = self._store if self._row_store is None else self._row_store
+        d = self._busy = self._in_thread(_insert, store, records, rows, self._pause)
         d.addCallbacks(
             self._written, self._failed, callbackArgs=(records[-1][0],), errbackArgs=("write",)
         )
@@ -237,6 +243,7 @@ class EmbeddedWriter(Service):
         while self._busy is not None:
             yield after(self._busy)
         store, self._store = self._store, None
+        self._row_store = self._row_for = None
         try:
             if store is not None:
                 yield self._in_thread(store.close)
@@ -286,8 +293,15 @@ def _decode(records: Sequence[Record]) -> list[Any]:
     return events
 
 
+@attrs.frozen
+class _RowStore:
+    """A store known (since it opened) to take rows made ahead."""
+
+    store: RowStoreLike
+
+
 def _insert(
-    store: StoreLike,
+    store: StoreLike | _RowStore,
     records: Sequence[Record],
     rows: list[Row | None] | None,
     pause: Callable[[], None] | None,
@@ -295,8 +309,9 @@ def _insert(
     """The writer thread's job: store C{records}, using the rows made ahead
     (C{rows[i]} for C{records[i]}, None where there is none), with C{pause}
     between chunks of rows."""
-    if not isinstance(store, RowStoreLike):
+    if not isinstance(store, _RowStore):
         return store.insert(_decode(records))
+    store = store.store
     if rows is None:
         rows = [None] * len(records)
     missing = [i for i, row in enumerate(rows) if row is None]
