@@ -4,9 +4,9 @@ Twisted's C{ThreadPool} queues work in an unbounded deque (RELIABILITY.md,
 fact 13), so L{ParsePool} counts what it has handed over itself and refuses
 more than C{workers + queue} items at once: the caller then records the
 exchange without parsing instead of waiting. Items go to the threads through
-C{deferToThreadPool}, one at a time while a thread is free, and as one job
-per freed thread (up to C{batch}) while all are busy: under load that is one
-thread hand-off and one reactor wake-up per batch instead of per exchange.
+C{deferToThreadPool} as jobs: what arrives within C{gather} seconds goes as
+one job to a free thread (or at once when C{batch} are waiting): one thread
+hand-off and one reactor wake-up per batch instead of per exchange.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class ParsePool(Generic[_T, _R]):
         Light load: a few milliseconds' worth go as one job, one thread
         wake-up and one reactor wake-up for all of them, also when a job has
         just come back (handing over at once what arrived meanwhile made
-        jobs of one or two exchanges at c=1, each with its thread hand-offs,
-        reactor wake-ups and store write: ~100 us of CPU per call)."""
+        jobs of 1.8 exchanges on average at c=1, each with its own thread
+        hand-offs, reactor wake-ups and store write)."""
         if self._gather <= 0:
             self.flush()
         elif self._gather_call is None:
