@@ -94,9 +94,9 @@ class ParsePool(Generic[_T, _R]):
     def try_submit(self, item: _T) -> bool:
         """Queue one item; False (nothing queued) when full.
 
-        With a thread free the item goes at once; while every thread is busy
-        items gather and go as one job when a thread frees (or C{batch} of
-        them are waiting): batching grows with load, at no cost in latency.
+        Items gather for C{gather} seconds and go as one job to a free
+        thread, or at once when C{batch} of them are waiting: batching grows
+        with load, and costs the client no latency (the call is answered).
         """
         if self.in_flight >= self.limit or not self._pool.started:
             return False
