@@ -28,7 +28,7 @@ from ._thread import StoreThread
 from ._timespec import TimeSpecError, parse_time
 from ._writer import BatchWriter
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SERVICE_NAME", "collector_root"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SERVICE_NAME", "api_branch", "collector_root"]
 
 SERVICE_NAME = "llmobserve-collector"
 DEFAULT_LIMIT = 100
@@ -347,14 +347,20 @@ class _Index(_Branch):
         )
 
 
+def api_branch(reader: StoreThread) -> Resource:
+    """C{/api}: C{events} and C{report} over the store C{reader} reads (the
+    collector's, or an embedded proxy's own)."""
+    api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    api.putChild(b"events", EventsResource(reader))
+    api.putChild(b"report", ReportResource(reader))
+    return api
+
+
 def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry) -> Resource:
     """The resource tree served on the collector's port."""
     root = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     root.putChild(b"", root)
     root.putChild(b"health", HealthResource(writer, links))
     root.putChild(b"dashboard", DashboardResource(reader))
-    api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
-    api.putChild(b"events", EventsResource(reader))
-    api.putChild(b"report", ReportResource(reader))
-    root.putChild(b"api", api)
+    root.putChild(b"api", api_branch(reader))
     return root

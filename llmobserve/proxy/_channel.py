@@ -24,9 +24,12 @@ from collections import deque
 from typing import Any
 
 import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
@@ -118,6 +121,7 @@ class ChannelRequest:
     """One request on a L{ProxyChannel}; quacks like twisted.web's C{Request}."""
 
     reports_client_gone = True  # the channel calls the receiver's client_gone itself
+    _finish_waiters: list[Deferred[None]] | None = None  # notifyFinish (own routes only)
 
     def __init__(self, channel: ProxyChannel, method: bytes, uri: bytes, version: bytes) -> None:
         self.channel: ProxyChannel | None = channel
@@ -153,6 +157,14 @@ class ChannelRequest:
         self.queued = False  # waiting in the WriteCoalescer
 
     # twisted.web.http.Request, the parts used
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """The query's parameters, as twisted.web's C{Request.args} (own routes only)."""
+        from urllib.parse import parse_qs
+
+        _, _, query = self.uri.partition(b"?")
+        return parse_qs(query, keep_blank_values=True)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
@@ -207,6 +219,8 @@ class ChannelRequest:
             self._out.append(b"0\r\n\r\n")
         self.flush()  # now: request_done may close the connection
         self.finished = True
+        if self._finish_waiters:
+            self._finished_with(None)
         if self.channel is not None:
             self.channel.request_done(self)
 
@@ -223,8 +237,28 @@ class ChannelRequest:
     def unregisterProducer(self) -> None:
         self.producer = None
 
-    def notifyFinish(self) -> Any:
-        raise NotImplementedError("ChannelRequest reports client_gone to its receiver")
+    def notifyFinish(self) -> Deferred[None]:
+        """As twisted.web's: fires when the response is finished, fails when
+        the client goes first. For the proxy's own routes (C{/api}); the
+        relay hears of a lost client through its receiver's C{client_gone}."""
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self._disconnected:
+            d.errback(Failure(ConnectionDone("the client went away")))
+        else:
+            if self._finish_waiters is None:
+                self._finish_waiters = []
+            self._finish_waiters.append(d)
+        return d
+
+    def _finished_with(self, result: Failure | None) -> None:
+        waiters, self._finish_waiters = self._finish_waiters or [], None
+        for d in waiters:
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
 
 
 def _discard(data: bytes) -> None:
@@ -294,6 +328,8 @@ class ProxyChannel(Protocol):
         for request in requests:
             request._disconnected = True
             request.channel = None
+            if request._finish_waiters:
+                request._finished_with(Failure(ConnectionDone("the client went away")))
             receiver = request.receiver
             if receiver is not None:
                 try:

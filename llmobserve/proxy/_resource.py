@@ -2,7 +2,9 @@
 
 Routes (contract, DESIGN.md): C{GET /health}, C{GET /metrics},
 C{ANY /proxy} with C{X-LLMObserve-Target-URL}, C{ANY /<provider>/<rest>}
-(base-URL mode), and C{POST /spans} for the SDK's span records.
+(base-URL mode), C{POST /spans} for the SDK's span records, and, when the
+proxy stores its events itself (embedded mode), C{GET /api/events} and
+C{GET /api/report} as the collector serves them.
 
 Mounted in any twisted.web C{Site}, the resource works with request bodies
 that twisted.web buffered first. Served by L{ProxySite} (what
@@ -20,7 +22,7 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.web import server
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, getChildForRequest
 from zope.interface import implementer
 
 from llmobserve import __version__
@@ -34,7 +36,7 @@ __all__ = ["ProxyResource", "ProxySite"]
 
 _log = Logger()
 _now = time.perf_counter
-_OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b""})
+_OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b"api", b""})
 _LOCAL_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 _MAX_SPANS_BODY = 4 * 1024 * 1024
 _HOST_SYNTAX = re.compile(rb"(?:\[[0-9a-f:.]+\]|[a-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
@@ -77,8 +79,10 @@ class ProxyResource:
         services: RelayServices,
         base_urls: Mapping[str, str],
         allowed_host_names: frozenset[bytes] = frozenset(),
+        api: Any = None,
     ) -> None:
         self._s = services
+        self._api = api  # /api/...: an embedded proxy's events and report
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
         self._hosts_seen: set[bytes] = set()  # Host values already admitted
@@ -100,6 +104,8 @@ class ProxyResource:
             return self._metrics(request)
         if route == b"spans" and request.method == b"POST":
             return self._spans(request)
+        if route == b"api":
+            return self._api_route(request)
         if route not in _OWN_ROUTES and not getattr(request, "reports_client_gone", False):
             # Mounted in a plain Site: twisted.web buffered the body already.
             receiver = self.begin_streaming(request)
@@ -112,6 +118,23 @@ class ProxyResource:
                 return server.NOT_DONE_YET
         write_error(request, 404, "not_found", "no such route; see GET /health")
         return server.NOT_DONE_YET
+
+    def _api_route(self, request: Any) -> Any:
+        """C{GET /api/events} and C{/api/report}, as the collector serves
+        them, over the embedded store; a JSON 404 elsewhere."""
+        if self._api is None:
+            write_error(
+                request,
+                404,
+                "not_found",
+                "this proxy keeps no store: ask its collector's /api (see GET /health)",
+            )
+            return server.NOT_DONE_YET
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(request, 405, "method_not_allowed", "/api answers GET only")
+            return server.NOT_DONE_YET
+        request.prepath.append(request.postpath.pop(0))
+        return getChildForRequest(self._api, request).render(request)
 
     # IStreamingResource
 

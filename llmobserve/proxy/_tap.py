@@ -231,6 +231,22 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     )
 
 
+def _report_api(sink: ITransactionSink, reactor: Any) -> tuple[Any, IService | None]:
+    """In embedded mode, C{/api/events} and C{/api/report} over the proxy's
+    own store (read in a thread of their own, as the collector does), and
+    the service running that thread; (None, None) otherwise."""
+    delivery = getattr(sink, "delivery", None)
+    if getattr(sink, "mode", None) != "embedded" or delivery is None:
+        return None, None
+    from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
+    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+    from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
+
+    db_path = delivery.url
+    reader = StoreThread(reactor, lambda: EventStore(db_path), "llmobserve-report-reader")
+    return api_branch(reader), reader
+
+
 class ProxyService(Service):
     """Listens, logs where, and drains in-flight calls on stop."""
 
@@ -327,6 +343,7 @@ def build_proxy(
     reactor: Any,
     options: Options,
     sink: ITransactionSink,
+    api: Any = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options."""
     config = RelayConfig(
@@ -361,7 +378,7 @@ def build_proxy(
     )
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
-    resource = ProxyResource(services, base_urls)
+    resource = ProxyResource(services, base_urls, api=api)
     site: Any
     if options["server"] == "twisted-web":
         site = ProxySite(resource, client_timeout=options["client-timeout"])
@@ -422,7 +439,8 @@ def makeService(options: Options) -> IService:
 
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
-    site, services, policy = build_proxy(reactor, options, sink)
+    api, api_service = _report_api(sink, reactor)
+    site, services, policy = build_proxy(reactor, options, sink, api)
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
     workers = (
@@ -443,5 +461,7 @@ def makeService(options: Options) -> IService:
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
+    if api_service is not None:
+        api_service.setServiceParent(top)
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
