@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import proxy_request, raw_request
+from support.clients import chat_calls
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.upstreams import RecordingUpstream, closed_port
 
@@ -31,21 +31,6 @@ def _get(url: str) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg
             return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), json.loads(e.read())
-
-
-def _chat_calls(proxy: ProxyProcess, upstream_url: str, calls: int) -> None:
-    for _ in range(calls):
-        response = raw_request(
-            proxy.port,
-            proxy_request(
-                proxy.port,
-                "POST",
-                upstream_url + "/v1/chat/completions",
-                [("Content-Type", "application/json")],
-                b'{"model":"gpt-4o-mini","messages":[]}',
-            ),
-        )
-        assert response.status == 200
 
 
 def _report_when_stored(proxy: ProxyProcess, calls: int) -> list[dict]:  # type: ignore[type-arg]
@@ -65,7 +50,7 @@ def test_the_embedded_store_answers_api_report_events_and_the_cli(tmp_path: Path
         args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
         args += ["--db", str(tmp_path / "events.sqlite3")]
         with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
-            _chat_calls(proxy, upstream.url, 3)
+            chat_calls(proxy.port, upstream.url, 3)
 
             rows = _report_when_stored(proxy, 3)
             assert [(r["provider"], r["calls"]) for r in rows] == [("openai", 3)]

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import RawClient, StreamReader, proxy_request, raw_request
+from support.clients import RawClient, StreamReader, chat_calls, proxy_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import BigBodyUpstream, RecordingUpstream, SSEUpstream, closed_port
 
@@ -41,18 +41,7 @@ def _spool_calls_then_kill(proxy: ProxyProcess, upstream_url: str, calls: int) -
     are all spooled (and past an fsync), then SIGKILL it."""
     proxy.start()
     try:
-        for _ in range(calls):
-            response = raw_request(
-                proxy.port,
-                proxy_request(
-                    proxy.port,
-                    "POST",
-                    upstream_url + "/v1/chat/completions",
-                    [("Content-Type", "application/json")],
-                    b'{"model":"gpt-4o-mini","messages":[]}',
-                ),
-            )
-            assert response.status == 200
+        chat_calls(proxy.port, upstream_url, calls)
         _wait_for(
             lambda: _get_json(proxy.url + "/health")["events_waiting"] >= calls,
             10,

@@ -523,3 +523,20 @@ class StreamReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def chat_calls(port: int, upstream_url: str, calls: int) -> None:
+    """Make C{calls} small chat-completion calls to C{upstream_url} through
+    the proxy on C{port}, one at a time; each must answer 200."""
+    for _ in range(calls):
+        response = raw_request(
+            port,
+            proxy_request(
+                port,
+                "POST",
+                upstream_url + "/v1/chat/completions",
+                [("Content-Type", "application/json")],
+                b'{"model":"gpt-4o-mini","messages":[]}',
+            ),
+        )
+        assert response.status == 200
