@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
@@ -79,10 +79,10 @@ class ProxyResource:
         services: RelayServices,
         base_urls: Mapping[str, str],
         allowed_host_names: frozenset[bytes] = frozenset(),
-        api: Any = None,
+        api: Callable[[], Any] | None = None,
     ) -> None:
         self._s = services
-        self._api = api  # /api/...: an embedded proxy's events and report
+        self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
         self._hosts_seen: set[bytes] = set()  # Host values already admitted
@@ -134,7 +134,7 @@ class ProxyResource:
             write_error(request, 405, "method_not_allowed", "/api answers GET only")
             return server.NOT_DONE_YET
         request.prepath.append(request.postpath.pop(0))
-        return getChildForRequest(self._api, request).render(request)
+        return getChildForRequest(self._api(), request).render(request)
 
     # IStreamingResource
 

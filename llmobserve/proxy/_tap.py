@@ -6,6 +6,7 @@ import gc
 import ipaddress
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -231,20 +232,48 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     )
 
 
-def _report_api(sink: ITransactionSink, reactor: Any) -> tuple[Any, IService | None]:
-    """In embedded mode, C{/api/events} and C{/api/report} over the proxy's
-    own store (read in a thread of their own, as the collector does), and
-    the service running that thread; (None, None) otherwise."""
+class EmbeddedReportApi(Service):
+    """C{/api/events} and C{/api/report} over an embedded proxy's own store,
+    as the collector serves them. The reader (a thread and an SQLite
+    connection of its own) opens on the first request: a proxy nobody asks
+    pays nothing for it."""
+
+    def __init__(self, reactor: Any, db_path: str) -> None:
+        self._reactor = reactor
+        self._db_path = db_path
+        self._reader: Any = None
+        self._api: Any = None
+
+    def resource(self) -> Any:
+        """The C{/api} resource tree (reactor thread)."""
+        if self._api is None:
+            from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
+            from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+            from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
+
+            db_path = self._db_path
+            self._reader = StoreThread(
+                self._reactor, lambda: EventStore(db_path), "llmobserve-report-reader"
+            )
+            self._reader.startService()
+            self._api = api_branch(self._reader)
+        return self._api
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        reader, self._reader, self._api = self._reader, None, None
+        if reader is not None:
+            stopped: Deferred[None] = reader.stopService()
+            return stopped
+        return None
+
+
+def _report_api(sink: ITransactionSink, reactor: Any) -> EmbeddedReportApi | None:
+    """The C{/api} of an embedded proxy; None when events go to a collector."""
     delivery = getattr(sink, "delivery", None)
     if getattr(sink, "mode", None) != "embedded" or delivery is None:
-        return None, None
-    from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
-    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
-    from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
-
-    db_path = delivery.url
-    reader = StoreThread(reactor, lambda: EventStore(db_path), "llmobserve-report-reader")
-    return api_branch(reader), reader
+        return None
+    return EmbeddedReportApi(reactor, delivery.url)
 
 
 class ProxyService(Service):
@@ -343,7 +372,7 @@ def build_proxy(
     reactor: Any,
     options: Options,
     sink: ITransactionSink,
-    api: Any = None,
+    api: Callable[[], Any] | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options."""
     config = RelayConfig(
@@ -439,8 +468,10 @@ def makeService(options: Options) -> IService:
 
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
-    api, api_service = _report_api(sink, reactor)
-    site, services, policy = build_proxy(reactor, options, sink, api)
+    api = _report_api(sink, reactor)
+    site, services, policy = build_proxy(
+        reactor, options, sink, api.resource if api is not None else None
+    )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
     workers = (
@@ -461,7 +492,7 @@ def makeService(options: Options) -> IService:
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
-    if api_service is not None:
-        api_service.setServiceParent(top)
+    if api is not None:
+        api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

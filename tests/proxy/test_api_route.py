@@ -34,7 +34,7 @@ def _proxy_with_api() -> tuple[InMemoryProxy, Held]:
     held = Held()
     api = Resource()
     api.putChild(b"held", held)
-    proxy.resource._api = api
+    proxy.resource._api = lambda: api
     return proxy, held
 
 
