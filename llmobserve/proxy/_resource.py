@@ -134,6 +134,9 @@ class ProxyResource:
             write_error(request, 405, "method_not_allowed", "/api answers GET only")
             return server.NOT_DONE_YET
         request.prepath.append(request.postpath.pop(0))
+        if not request.postpath:
+            write_error(request, 404, "not_found", "see /api/events and /api/report")
+            return server.NOT_DONE_YET
         return getChildForRequest(self._api(), request).render(request)
 
     # IStreamingResource

@@ -83,3 +83,10 @@ def test_without_a_store_api_is_a_json_404() -> None:
     _channel, transport = _get(proxy, "/api/report")
     assert transport.value().startswith(b"HTTP/1.1 404 ")
     assert b"X-LLMObserve-Error: not_found" in transport.value()
+
+
+def test_api_itself_is_a_json_404_that_names_the_routes() -> None:
+    proxy, _held = _proxy_with_api()
+    _channel, transport = _get(proxy, "/api")
+    assert transport.value().startswith(b"HTTP/1.1 404 ")
+    assert b"/api/report" in transport.value()
