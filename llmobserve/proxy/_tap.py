@@ -21,6 +21,7 @@ from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import OverrideResolver, TargetPolicy, TwistedResolver
+from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
@@ -466,6 +467,8 @@ def _stop_child(_: object, child: IService) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    # before any service starts: the event pipeline wraps doIteration
+    install_lean_poll(reactor)
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)

@@ -1,0 +1,168 @@
+"""The lean epoll poll step: same dispatch as Twisted's, no log context.
+
+Each test builds its own C{EPollReactor} (never run, only polled with a
+zero timeout) so the process-wide reactor is untouched. The first test is
+the tripwire for the Twisted internals the lean step reads.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.selectreactor import SelectReactor
+from twisted.python.failure import Failure
+
+from llmobserve.events._turns import ReactorTurns
+from llmobserve.proxy._poll import install_lean_poll
+
+
+def _dispose(reactor: Any) -> None:
+    reactor.removeAll()
+    reactor.removeReader(reactor.waker)
+    reactor.waker.connectionLost(None)
+    if hasattr(reactor, "_poller"):
+        reactor._poller.close()
+
+
+class _Reader:
+    """A readable end of a socket pair that records what happens to it."""
+
+    def __init__(self, sock: socket.socket, fail_read: bool = False, fail_lost: bool = False):
+        self.sock = sock
+        self.fail_read = fail_read
+        self.fail_lost = fail_lost
+        self.read: list[bytes] = []
+        self.lost: list[Failure] = []
+        self.drops: _Reader | None = None  # removed from the reactor after our read
+        self.reactor: Any = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader"
+
+    def doRead(self) -> None:
+        data = self.sock.recv(100)
+        if self.fail_read:
+            raise ValueError("doRead failed")
+        self.read.append(data)
+        if self.drops is not None:
+            self.reactor.removeReader(self.drops)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+        if self.fail_lost:
+            raise RuntimeError("connectionLost failed too")
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def epoll_reactor(pairs: list[Any]) -> Iterator[Any]:
+    """A fresh epoll reactor, disposed of before the sockets it watched close."""
+    reactor = EPollReactor()  # type: ignore[no-untyped-call]
+    try:
+        yield reactor
+    finally:
+        _dispose(reactor)
+
+
+def _reader(reactor: Any, pairs: list[Any], **fail: bool) -> tuple[_Reader, socket.socket]:
+    ours, theirs = socket.socketpair()
+    pairs.append((ours, theirs))
+    ours.setblocking(False)
+    reader = _Reader(ours, **fail)
+    reader.reactor = reactor
+    reactor.addReader(reader)
+    return reader, theirs
+
+
+def test_epoll_reactor_still_has_what_the_lean_step_reads(epoll_reactor: Any) -> None:
+    assert isinstance(epoll_reactor._selectables, dict)
+    assert callable(epoll_reactor._poller.poll)
+    assert callable(epoll_reactor._doReadOrWrite)
+    assert EPollReactor.doIteration is EPollReactor.doPoll
+
+
+def test_installs_on_an_epoll_reactor_as_both_poll_and_iteration(epoll_reactor: Any) -> None:
+    assert install_lean_poll(epoll_reactor) is True
+    assert epoll_reactor.doIteration is epoll_reactor.doPoll
+    assert "doIteration" in vars(epoll_reactor)
+
+
+def test_ready_descriptors_are_read_and_idle_ones_are_not(
+    epoll_reactor: Any, pairs: list[Any]
+) -> None:
+    install_lean_poll(epoll_reactor)
+    ready, ready_peer = _reader(epoll_reactor, pairs)
+    idle, _ = _reader(epoll_reactor, pairs)
+    ready_peer.sendall(b"hello")
+    epoll_reactor.doIteration(0)
+    assert ready.read == [b"hello"]
+    assert idle.read == []
+
+
+def test_a_failing_read_loses_that_connection_and_the_turn_goes_on(
+    epoll_reactor: Any, pairs: list[Any]
+) -> None:
+    install_lean_poll(epoll_reactor)
+    broken, broken_peer = _reader(epoll_reactor, pairs, fail_read=True, fail_lost=True)
+    fine, fine_peer = _reader(epoll_reactor, pairs)
+    broken_peer.sendall(b"x")
+    fine_peer.sendall(b"y")
+    epoll_reactor.doIteration(0)
+    # Twisted's own handling: the reader is dropped with the error as reason...
+    assert [f.type for f in broken.lost] == [ValueError]
+    assert broken.fileno() not in epoll_reactor._selectables
+    # ...and its raising connectionLost does not stop the other descriptor
+    assert fine.read == [b"y"]
+    assert fine.lost == []
+
+
+def test_a_descriptor_removed_earlier_in_the_turn_is_skipped(
+    epoll_reactor: Any, pairs: list[Any]
+) -> None:
+    install_lean_poll(epoll_reactor)
+    first, first_peer = _reader(epoll_reactor, pairs)
+    second, second_peer = _reader(epoll_reactor, pairs)
+    first.drops, second.drops = second, first  # whichever is read first drops the other
+    first_peer.sendall(b"a")
+    second_peer.sendall(b"b")
+    epoll_reactor.doIteration(0)
+    assert len(first.read) + len(second.read) == 1
+
+
+def test_other_reactors_and_a_second_install_are_left_alone(epoll_reactor: Any) -> None:
+    select_reactor = SelectReactor()  # type: ignore[no-untyped-call]
+    try:
+        assert install_lean_poll(select_reactor) is False
+        assert "doIteration" not in vars(select_reactor)
+    finally:
+        _dispose(select_reactor)
+    assert install_lean_poll(epoll_reactor) is True
+    lean = epoll_reactor.doIteration
+    assert install_lean_poll(epoll_reactor) is False
+    assert epoll_reactor.doIteration is lean
+
+
+def test_reactor_turns_wrap_the_lean_step(epoll_reactor: Any) -> None:
+    install_lean_poll(epoll_reactor)
+    turns = ReactorTurns(epoll_reactor)
+    assert turns.install()
+    epoll_reactor.doIteration(0)
+    epoll_reactor.doIteration(0)
+    assert turns.turn == 2
+    turns.uninstall()
+    assert "doIteration" in vars(epoll_reactor)  # the lean step, not Twisted's
