@@ -17,7 +17,8 @@ mode), so the common event takes a fast path: C{orjson} for the JSON columns
 (compact, valid JSON, UTF-8 rather than C{\\u} escapes: files written by the
 previous stdlib encoder read the same), column values gathered with C{map}
 and checked with set operations, bools bound as ints (sqlite3 sends a bool
-through its slow adapter lookup). Anything unusual goes the careful way,
+through its slow adapter lookup, and a None too: rows leave out their
+trailing NULLs, see C{_ROW_COLUMNS}). Anything unusual goes the careful way,
 which gives the same row. The schema is unchanged (version 1).
 """
 
@@ -31,6 +32,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Final
 
@@ -162,11 +164,50 @@ CREATE TABLE IF NOT EXISTS links (
 );
 """
 
-_INSERT: Final = (
-    f"INSERT OR IGNORE INTO events ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
-)
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM events"
+
+#: Rows are written in their own column order: the columns every call event
+#: fills first, then those it mostly leaves NULL, the likeliest to be set
+#: first. A row ends at its last non-NULL value (L{_trimmed}) and is written
+#: with the statement naming just its columns: sqlite3 binds a None through
+#: its adapter lookup (~0.2 us each, 8.5 us for a row of 39 against 1.2 for
+#: 39 ints), so the 13 NULLs of an ordinary call row cost more than its 26
+#: values (6.9 us a row in all, 3.8 without them). The table is unchanged.
+_TAIL_SCALARS: Final = ("parse_error", "dropped")
+_HEAD_SCALARS: Final = tuple(n for n in _SCALAR_NAMES if n not in _TAIL_SCALARS)
+_HEAD_JSON: Final = ("usage", "context", "price_ref", "flags")
+_TOKEN_ORDER: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "cache_write_tokens",
+)
+_LABEL_ORDER: Final = (
+    "customer_id",
+    "section",
+    "section_path",
+    "tenant_id",
+    "run_id",
+    "span_id",
+    "parent_span_id",
+)
+_ROW_COLUMNS: Final = (
+    "id",
+    *_HEAD_SCALARS,
+    *_HEAD_JSON,
+    "extra",
+    *_TOKEN_ORDER,
+    *_LABEL_ORDER,
+    "graphql",
+    *_TAIL_SCALARS,
+)
+#: The columns before the input token count are in every row, NULL or not.
+_MIN_ROW: Final = _ROW_COLUMNS.index("input_tokens")
+_INSERTS: Final = {
+    n: f"INSERT OR IGNORE INTO events ({', '.join(_ROW_COLUMNS[:n])}) VALUES ({', '.join('?' * n)})"
+    for n in range(_MIN_ROW, len(_ROW_COLUMNS) + 1)
+}
 
 
 class StoreError(Exception):
@@ -238,53 +279,71 @@ def _synthetic_id(event: Mapping[str, Any]) -> str:
 
 
 def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The column values for one event, whatever it holds (the careful path)."""
+    """The row for one event, whatever it holds (the careful path)."""
     extra: dict[str, Any] = {}
     event_id = event.get("id")
     if type(event_id) is not str or not event_id:
         if "id" in event:
             extra["id"] = event_id
         event_id = _synthetic_id(event)
-    values: list[Any] = [event_id]
-    append = values.append
-    get = event.get
+    scalars: dict[str, Any] = {}
     for name in _SCALAR_NAMES:
-        value = get(name)
+        value = event.get(name)
         t = type(value)
-        # whether the value fits its column as is (inlined: hot loop)
+        # whether the value fits its column as is
         if value is None or t is str or (t is int and -_INT64 <= value < _INT64):
-            append(value)
+            scalars[name] = value
         elif t is float:
             # NaN and infinities are stored as NULL (JSON has no word for them)
-            append(value if math.isfinite(value) else None)
+            scalars[name] = value if math.isfinite(value) else None
         elif t is bool:
-            append(int(value))  # sqlite3 binds a bool through its slow adapter path
+            scalars[name] = int(value)  # sqlite3 binds a bool through its slow adapter path
         else:
-            append(None)
+            scalars[name] = None
             extra[name] = value
-    if values[1] is None and "kind" not in extra:
-        values[1] = "call"
-    for name in _JSON_FIELDS:
-        value = event.get(name)
-        values.append(None if value is None else _dumps(value))
+    if scalars["kind"] is None and "kind" not in extra:
+        scalars["kind"] = "call"
+    texts = {
+        name: None if event.get(name) is None else _dumps(event[name]) for name in _JSON_FIELDS
+    }
     context = event.get("context")
     if not isinstance(context, Mapping):
         context = {}
-    for name in _CONTEXT_COLUMNS:
-        # Spans may carry their labels at the top level rather than in context.
-        label = context.get(name, event.get(name))
-        values.append(label if type(label) is str else None)
+    # Spans may carry their labels at the top level rather than in context.
+    labels = [context.get(name, event.get(name)) for name in _LABEL_ORDER]
     usage = event.get("usage")
     if not isinstance(usage, Mapping):
         usage = {}
-    for name in _TOKEN_COLUMNS:
-        count = usage.get(name)
-        values.append(count if type(count) is int and -_INT64 <= count < _INT64 else None)
+    counts = [usage.get(name) for name in _TOKEN_ORDER]
     for key, value in event.items():
         if key not in _KNOWN_KEYS:
             extra[key if isinstance(key, str) else _jsonable_key(key)] = value
-    values.append(_dumps(extra) if extra else None)
-    return tuple(values)
+    return _trimmed(
+        (
+            event_id,
+            *(scalars[name] for name in _HEAD_SCALARS),
+            *(texts[name] for name in _HEAD_JSON),
+            _dumps(extra) if extra else None,
+            *(c if type(c) is int and -_INT64 <= c < _INT64 else None for c in counts),
+            *(label if type(label) is str else None for label in labels),
+            texts["graphql"],
+            *(scalars[name] for name in _TAIL_SCALARS),
+        )
+    )
+
+
+_NO_TAIL: Final = (None,) * (len(_ROW_COLUMNS) - len(_TOKEN_ORDER) - _MIN_ROW)
+_TAIL_START: Final = len(_ROW_COLUMNS) - len(_NO_TAIL)
+
+
+def _trimmed(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """C{row} without its trailing NULLs (those after L{_MIN_ROW} columns)."""
+    n = len(row)
+    if row[_TAIL_START:] == _NO_TAIL:  # no labels, GraphQL, parse error or gap: one C compare
+        n = _TAIL_START
+    while n > _MIN_ROW and row[n - 1] is None:
+        n -= 1
+    return row if n == len(row) else row[:n]
 
 
 #: Types a scalar column takes as is in the fast path (bools are turned into
@@ -294,7 +353,11 @@ _PLAIN: Final = frozenset((type(None), str, int, float, bool))
 _LABEL_TYPES: Final = frozenset((type(None), str))
 _COUNT_TYPES: Final = frozenset((type(None), int))
 _INFINITIES: Final = frozenset((math.inf, -math.inf))
-_STREAMED: Final = _SCALAR_NAMES.index("streamed")
+#: The scalars in the order the fast path reads them: the row's head, then its tail.
+_SCALAR_READS: Final = (*_HEAD_SCALARS, *_TAIL_SCALARS)
+_N_HEAD_SCALARS: Final = len(_HEAD_SCALARS)
+_KIND: Final = _SCALAR_READS.index("kind")
+_STREAMED: Final = _SCALAR_READS.index("streamed")
 _LABEL_KEYS: Final = frozenset(_CONTEXT_COLUMNS)
 _NO_LABELS: Final = (None,) * len(_CONTEXT_COLUMNS)
 _NO_COUNTS: Final = (None,) * len(_TOKEN_COLUMNS)
@@ -369,13 +432,13 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
     event_id = get("id")
     if type(event_id) is not str or not event_id:
         return None
-    scalars = tuple(map(get, _SCALAR_NAMES))
+    scalars = tuple(map(get, _SCALAR_READS))
     if not _PLAIN.issuperset(map(type, scalars)) or not _INFINITIES.isdisjoint(scalars):
         return None
-    if scalars[0] is None or type(scalars[_STREAMED]) is bool:
+    if scalars[_KIND] is None or type(scalars[_STREAMED]) is bool:
         fixed = list(scalars)
-        if fixed[0] is None:
-            fixed[0] = "call"
+        if fixed[_KIND] is None:
+            fixed[_KIND] = "call"
         streamed = fixed[_STREAMED]
         if type(streamed) is bool:
             fixed[_STREAMED] = int(streamed)
@@ -385,11 +448,11 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
     keys = event.keys()
     if not _LABEL_KEYS.isdisjoint(keys):
         return None  # span labels at the top level
-    found = _columns_and_json(get("context"), _CONTEXT_COLUMNS, _NO_LABELS, _LABEL_TYPES)
+    found = _columns_and_json(get("context"), _LABEL_ORDER, _NO_LABELS, _LABEL_TYPES)
     if found is None:
         return None
     labels, context_json = found
-    found = _columns_and_json(get("usage"), _TOKEN_COLUMNS, _NO_COUNTS, _COUNT_TYPES)
+    found = _columns_and_json(get("usage"), _TOKEN_ORDER, _NO_COUNTS, _COUNT_TYPES)
     if found is None:
         return None
     counts, usage_json = found
@@ -408,17 +471,20 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
             extra = _dumps({key: value})
     else:
         extra = _dumps({k: v for k, v in event.items() if k in unknown})
-    return (
-        event_id,
-        *scalars,
-        usage_json,
-        context_json,
-        None if graphql is None else _dumps(graphql),
-        _string_json(price_ref),
-        _list_json(flags),
-        *labels,
-        *counts,
-        extra,
+    return _trimmed(
+        (
+            event_id,
+            *scalars[:_N_HEAD_SCALARS],
+            usage_json,
+            context_json,
+            _string_json(price_ref),
+            _list_json(flags),
+            extra,
+            *counts,
+            *labels,
+            None if graphql is None else _dumps(graphql),
+            *scalars[_N_HEAD_SCALARS:],
+        )
     )
 
 
@@ -606,13 +672,14 @@ class EventStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             before = db.total_changes
-            if pause is None or chunk < 1 or len(rows) <= chunk:
-                db.executemany(_INSERT, rows)
-            else:
-                for start in range(0, len(rows), chunk):
-                    if start:
-                        pause()
-                    db.executemany(_INSERT, rows[start : start + chunk])
+            step = chunk if pause is not None and chunk >= 1 else max(len(rows), 1)
+            for start in range(0, len(rows), step):
+                if start and pause is not None:
+                    pause()
+                # consecutive rows of one length share a statement (rows
+                # keep their order: it breaks ties between equal timestamps)
+                for n, same in groupby(rows[start : start + step], len):
+                    db.executemany(_INSERTS[n], same)
             inserted = db.total_changes - before
             if acked_seqs:
                 if now is None:

@@ -340,6 +340,44 @@ def test_rows_made_ahead_store_what_insert_stores(tmp_path: Path) -> None:
         plain.close()
 
 
+def test_rows_leave_out_their_trailing_nulls() -> None:
+    """sqlite3 binds each None slowly, so a row stops at its last value: an
+    ordinary proxy call (no labels, no GraphQL, no error) binds its head
+    columns and its token counts only; a late column set keeps the NULLs
+    before it. Both row builders trim alike."""
+    from llmobserve.collector._store import _MIN_ROW, _ROW_COLUMNS, _fast_row, _row
+
+    plain = call(1, context={}, flags=[], proxy_id="p1")
+    row = _fast_row(plain)
+    assert row is not None and row == _row(plain)
+    assert _ROW_COLUMNS[len(row) - 1] == "output_tokens"
+    assert None not in row
+    labelled = _fast_row(call(2, context={"customer_id": "acme"}, proxy_id="p1"))
+    assert labelled is not None and _ROW_COLUMNS[len(labelled) - 1] == "customer_id"
+    errored = _row(call(3, parse_error="bad json"))
+    assert len(errored) == len(_ROW_COLUMNS) - 1  # up to parse_error; dropped is NULL
+    gap = _row({"id": "g", "kind": "gap", "ts": T0, "dropped": 5})
+    assert len(gap) == len(_ROW_COLUMNS) and len(gap) > _MIN_ROW
+
+
+def test_rows_of_different_lengths_keep_their_order(store: EventStore) -> None:
+    """Runs of equal-length rows share a statement, but rows are written in
+    the order given (rowid breaks ties between equal timestamps), with or
+    without pauses between chunks."""
+    shapes = [
+        {"context": {}},
+        {"context": {"customer_id": "acme"}},
+        {"context": {}, "parse_error": "e"},
+        {"context": {}},
+        {"context": {}, "graphql": {"operation_type": "query"}},
+    ]
+    events = [call(i, ts=T0, **shape) for i, shape in enumerate(shapes)]
+    rows = [EventStore.row_for(e) for e in events]
+    assert len({len(r) for r in rows if r is not None}) == 4
+    assert store.insert_rows(rows, pause=lambda: None, chunk=2) == 5  # type: ignore[arg-type]
+    assert store.events(limit=None) == events
+
+
 def test_rows_go_in_chunks_with_a_pause_between_them(store: EventStore) -> None:
     """insert_rows(pause=...) calls it between chunks, all in one transaction."""
     rows = [EventStore.row_for(call(i)) for i in range(20)]
