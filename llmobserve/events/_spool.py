@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import struct
 import threading
+import time
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -118,8 +120,12 @@ class EventSpool:
         max_bytes: int = 256 * 1024 * 1024,
         segment_bytes: int = 4 * 1024 * 1024,
         reserve_bytes: int | None = None,
+        meta_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = Path(directory)
+        self.meta_interval = meta_interval
+        self._clock = clock
         self.max_bytes = max_bytes
         self.reserve_bytes = max_bytes // 10 if reserve_bytes is None else reserve_bytes
         self.segment_bytes = max(4096, min(segment_bytes, max_bytes // 4))
@@ -130,6 +136,7 @@ class EventSpool:
         self._dirty = False
         self._dir_dirty = False
         self._meta_written = -1
+        self._meta_at = -math.inf  # when the ack point was last persisted
         self._read_hint: tuple[Path, int, int] | None = None  # (path, offset, last seq read)
         self.torn_total = 0
         self.closed = False
@@ -317,19 +324,30 @@ class EventSpool:
 
     # -- the worker-thread side -------------------------------------------
 
-    def sync(self) -> None:
+    def sync(self, *, force: bool = False) -> None:
         """fsync appended data, persist the ack point, delete acked segments.
 
-        Runs in a worker thread; appends may continue meanwhile.
+        Runs in a worker thread; appends may continue meanwhile. The ack
+        point is persisted (a file written, fsynced and renamed: the costly
+        part of a sync) at most every C{meta_interval} seconds unless
+        C{force}; a segment is deleted only once the persisted ack point
+        covers it, so a crash in between resends acknowledged events (which
+        the store deduplicates) and never skips an unacknowledged one.
         """
         with self._lock:
             if self.closed:
                 return
             fds, self._unsynced = self._unsynced, []
-            active_fd = self._segments[-1].fd
+            # nothing appended since the last sync: nothing to fsync
+            active_fd = self._segments[-1].fd if self._dirty else None
             dir_dirty, self._dir_dirty = self._dir_dirty, False
             self._dirty = False
             acked = self.acked_seq
+            now = self._clock()
+            if acked != self._meta_written and (force or now - self._meta_at >= self.meta_interval):
+                self._meta_at = now
+            else:
+                acked = self._meta_written  # persisted: what deletion may go up to
             doomed = [s for s in self._segments[:-1] if s.last_seq <= acked]
             for seg in doomed:
                 self._segments.remove(seg)
@@ -422,7 +440,7 @@ class EventSpool:
         """Final fsync, persist the ack point, release the directory."""
         if self.closed:
             return
-        self.sync()
+        self.sync(force=True)
         with self._lock:
             self.closed = True
             for seg in self._segments:

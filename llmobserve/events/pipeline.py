@@ -94,7 +94,7 @@ class EventPipeline(Service):
         parse_queue: int = 1000,
         parse_gather: float = 0.0,
         flush_interval: float = 0.05,
-        flush_records: int = 256,
+        flush_records: int = 1024,
         parse_drain_timeout: float = 2.0,
         ack_drain_timeout: float = 2.0,
         log_events: bool = True,

@@ -172,6 +172,48 @@ def test_spool_files_hold_only_what_was_appended(tmp_path: Path) -> None:
     assert b"only-this" in blob and blob.count(b"only-this") == 1
 
 
+def _crash(spool: EventSpool) -> None:
+    """What SIGKILL leaves: every write made, no sync, no close, the lock gone."""
+    for seg in spool._segments:
+        if seg.fd is not None:
+            os.close(seg.fd)
+    for fd in spool._unsynced:
+        os.close(fd)
+    os.close(spool._lock_fd)
+
+
+def test_the_ack_point_is_persisted_at_most_every_meta_interval(tmp_path: Path) -> None:
+    """Persisting the ack point is the costly part of a sync, so it happens at
+    most once per meta_interval (and always at close). A segment goes only
+    once the persisted ack point covers it: a crash in between resends
+    acknowledged records, and never loses one that was not."""
+    now = [100.0]
+    spool = EventSpool(tmp_path, segment_bytes=4096, meta_interval=1.0, clock=lambda: now[0])
+    for i in range(200):
+        spool.append(payload(i))
+    spool.ack(50)
+    spool.sync()  # the first change is persisted at once
+    kept = segments(tmp_path)
+    now[0] += 0.5
+    spool.ack(150)
+    spool.sync()  # within the interval: fsynced, ack point not persisted yet
+    assert segments(tmp_path) == kept  # nothing deleted past the persisted point
+    _crash(spool)
+
+    spool = EventSpool(tmp_path, segment_bytes=4096, meta_interval=1.0, clock=lambda: now[0])
+    assert spool.acked_seq == 50  # 51..150 are resent: the store deduplicates them
+    assert [s for s, _ in read_all(spool, 50)] == list(range(51, 201))
+    spool.ack(150)
+    spool.sync()  # a new process persists its first change at once
+    now[0] += 0.5
+    spool.ack(200)
+    spool.sync()
+    spool.close()  # close always persists
+    spool = EventSpool(tmp_path, segment_bytes=4096)
+    assert spool.acked_seq == 200 and read_all(spool, 200) == []
+    spool.close()
+
+
 def test_one_process_per_directory(tmp_path: Path) -> None:
     """A second owner is refused; open_spool falls back to a sibling directory."""
     first = EventSpool(tmp_path)
