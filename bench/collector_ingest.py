@@ -99,7 +99,8 @@ def cpu_per_event(
         store = EventStore(tmp / f"cpu-embedded-{r}.sqlite3", synchronous="NORMAL")
         t0 = time.thread_time()
         for k in range(0, len(records), batch):
-            embedded_insert(store, records[k : k + batch], None, None)  # records read back: decoded here
+            # records read back from the spool: decoded and converted in the writer
+            embedded_insert(store, records[k : k + batch], None, None)
         embedded_us.append((time.thread_time() - t0) / len(records) * 1e6)
         store.close()
     return statistics.median(store_us), statistics.median(embedded_us)
