@@ -143,8 +143,14 @@ def test_headers_to_mapping_lowercases_and_joins() -> None:
 
 
 def test_header_map_reads_as_the_decoded_mapping() -> None:
-    """The lazily decoded request headers answer exactly as headers_to_mapping's dict."""
+    """The lazily decoded headers answer exactly as headers_to_mapping's dict:
+    get() first scans the raw pairs for its one name, then reads the map
+    once something has decoded it."""
     pairs = ((b"X-A", b"1"), (b"x-a", b"2"), (b"Content-Type", b"application/json"))
+    scanning = HeaderMap(pairs)
+    assert scanning.get("x-a") == "1, 2" and scanning.get("content-type") == "application/json"
+    assert scanning.get("X-A") is None and scanning.get("x-b", "d") == "d"
+    assert scanning._map is None  # nothing decoded yet
     lazy, plain = HeaderMap(pairs), headers_to_mapping(pairs)
     assert lazy.get("x-a") == "1, 2" and lazy["content-type"] == "application/json"
     assert lazy.get("missing") is None and lazy.get("missing", "d") == "d"
@@ -153,6 +159,7 @@ def test_header_map_reads_as_the_decoded_mapping() -> None:
     assert lazy == plain and lazy == HeaderMap(pairs) and lazy != {}
     exchange = exchange_from_transaction(make_txn())
     assert exchange.request_headers.get("authorization") == "Bearer sk-CANARY-auth"
+    assert exchange.response_headers == headers_to_mapping(make_txn().response_headers)
 
 
 def test_pack_event_is_packb_even_after_a_failed_pack() -> None:
