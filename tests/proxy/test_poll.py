@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.selectreactor import SelectReactor
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from llmobserve.events._turns import ReactorTurns
@@ -26,6 +27,12 @@ def _dispose(reactor: Any) -> None:
     reactor.waker.connectionLost(None)
     if hasattr(reactor, "_poller"):
         reactor._poller.close()
+
+
+@pytest.fixture
+def lean_reactor(epoll_reactor: Any) -> Any:
+    assert install_lean_poll(epoll_reactor)
+    return epoll_reactor
 
 
 class _Reader:
@@ -103,44 +110,48 @@ def test_installs_on_an_epoll_reactor_as_both_poll_and_iteration(epoll_reactor: 
 
 
 def test_ready_descriptors_are_read_and_idle_ones_are_not(
-    epoll_reactor: Any, pairs: list[Any]
+    lean_reactor: Any, pairs: list[Any]
 ) -> None:
-    install_lean_poll(epoll_reactor)
-    ready, ready_peer = _reader(epoll_reactor, pairs)
-    idle, _ = _reader(epoll_reactor, pairs)
+    ready, ready_peer = _reader(lean_reactor, pairs)
+    idle, _ = _reader(lean_reactor, pairs)
     ready_peer.sendall(b"hello")
-    epoll_reactor.doIteration(0)
+    lean_reactor.doIteration(0)
     assert ready.read == [b"hello"]
     assert idle.read == []
 
 
 def test_a_failing_read_loses_that_connection_and_the_turn_goes_on(
-    epoll_reactor: Any, pairs: list[Any]
+    lean_reactor: Any, pairs: list[Any]
 ) -> None:
-    install_lean_poll(epoll_reactor)
-    broken, broken_peer = _reader(epoll_reactor, pairs, fail_read=True, fail_lost=True)
-    fine, fine_peer = _reader(epoll_reactor, pairs)
+    broken, broken_peer = _reader(lean_reactor, pairs, fail_read=True, fail_lost=True)
+    fine, fine_peer = _reader(lean_reactor, pairs)
     broken_peer.sendall(b"x")
     fine_peer.sendall(b"y")
-    epoll_reactor.doIteration(0)
+    logged: list[Any] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        lean_reactor.doIteration(0)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
     # Twisted's own handling: the reader is dropped with the error as reason...
     assert [f.type for f in broken.lost] == [ValueError]
-    assert broken.fileno() not in epoll_reactor._selectables
-    # ...and its raising connectionLost does not stop the other descriptor
+    assert broken.fileno() not in lean_reactor._selectables
+    # ...its raising connectionLost is logged and does not stop the other descriptor
+    failures = [e["log_failure"].type for e in logged if "log_failure" in e]
+    assert RuntimeError in failures
     assert fine.read == [b"y"]
     assert fine.lost == []
 
 
 def test_a_descriptor_removed_earlier_in_the_turn_is_skipped(
-    epoll_reactor: Any, pairs: list[Any]
+    lean_reactor: Any, pairs: list[Any]
 ) -> None:
-    install_lean_poll(epoll_reactor)
-    first, first_peer = _reader(epoll_reactor, pairs)
-    second, second_peer = _reader(epoll_reactor, pairs)
+    first, first_peer = _reader(lean_reactor, pairs)
+    second, second_peer = _reader(lean_reactor, pairs)
     first.drops, second.drops = second, first  # whichever is read first drops the other
     first_peer.sendall(b"a")
     second_peer.sendall(b"b")
-    epoll_reactor.doIteration(0)
+    lean_reactor.doIteration(0)
     assert len(first.read) + len(second.read) == 1
 
 
@@ -157,12 +168,11 @@ def test_other_reactors_and_a_second_install_are_left_alone(epoll_reactor: Any) 
     assert epoll_reactor.doIteration is lean
 
 
-def test_reactor_turns_wrap_the_lean_step(epoll_reactor: Any) -> None:
-    install_lean_poll(epoll_reactor)
-    turns = ReactorTurns(epoll_reactor)
+def test_reactor_turns_wrap_the_lean_step(lean_reactor: Any) -> None:
+    turns = ReactorTurns(lean_reactor)
     assert turns.install()
-    epoll_reactor.doIteration(0)
-    epoll_reactor.doIteration(0)
+    lean_reactor.doIteration(0)
+    lean_reactor.doIteration(0)
     assert turns.turn == 2
     turns.uninstall()
-    assert "doIteration" in vars(epoll_reactor)  # the lean step, not Twisted's
+    assert "doIteration" in vars(lean_reactor)  # the lean step, not Twisted's
