@@ -451,3 +451,25 @@ def test_store_written_by_the_previous_version_reads(tmp_path: Path) -> None:
     assert got["context"] == {"run_id": "r", "label": "é"}
     assert got["proxy_id"] == "p" and got["n"] == 2**70
     assert got["streamed"] is True
+
+
+def test_a_new_store_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """Bigger pages for new files (fewer page writes per commit); a file made
+    with other pages opens as it is, contents intact."""
+    import sqlite3
+
+    fresh = EventStore(tmp_path / "new.sqlite3")
+    assert fresh._db.execute("PRAGMA page_size").fetchone() == (16384,)
+    fresh.close()
+    old_path = tmp_path / "old.sqlite3"
+    old_db = sqlite3.connect(old_path)
+    old_db.execute("PRAGMA page_size=4096")
+    old_db.execute("CREATE TABLE earlier (x)")  # the file exists with 4 KiB pages
+    old_db.close()
+    old = EventStore(old_path)
+    old.insert([call(1)])
+    old.close()
+    old = EventStore(old_path)
+    assert old._db.execute("PRAGMA page_size").fetchone() == (4096,)
+    assert [e["id"] for e in old.events(limit=None)] == ["e1"]
+    old.close()
