@@ -333,15 +333,17 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-_NO_TAIL: Final = (None,) * (len(_ROW_COLUMNS) - len(_TOKEN_ORDER) - _MIN_ROW)
-_TAIL_START: Final = len(_ROW_COLUMNS) - len(_NO_TAIL)
+#: Where the token counts end: what comes after (labels, GraphQL, parse
+#: error, gap count) is NULL in most rows, which one tuple compare finds.
+_AFTER_TOKENS: Final = _MIN_ROW + len(_TOKEN_ORDER)
+_NULLS_AFTER_TOKENS: Final = (None,) * (len(_ROW_COLUMNS) - _AFTER_TOKENS)
 
 
 def _trimmed(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """C{row} without its trailing NULLs (those after L{_MIN_ROW} columns)."""
     n = len(row)
-    if row[_TAIL_START:] == _NO_TAIL:  # no labels, GraphQL, parse error or gap: one C compare
-        n = _TAIL_START
+    if row[_AFTER_TOKENS:] == _NULLS_AFTER_TOKENS:
+        n = _AFTER_TOKENS
     while n > _MIN_ROW and row[n - 1] is None:
         n -= 1
     return row if n == len(row) else row[:n]
