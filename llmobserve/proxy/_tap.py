@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
+from llmobserve.proxy._malloc import limit_malloc_arenas
 from llmobserve.proxy._policy import OverrideResolver, TargetPolicy, TwistedResolver
 from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
@@ -467,8 +468,10 @@ def _stop_child(_: object, child: IService) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    # before any service starts: the event pipeline wraps doIteration
+    # before any service starts: the event pipeline wraps doIteration and
+    # starts the threads whose malloc arenas this caps
     install_lean_poll(reactor)
+    limit_malloc_arenas()
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
