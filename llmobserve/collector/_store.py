@@ -425,8 +425,10 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
 
     C{None} means "use L{_row}": anything unusual (no id, a value of a type
     or size a column cannot hold as is, a non-dict, labels at the top level,
-    an infinity) takes the careful path. Both give the same row for the
-    events this one accepts. Lookups go through C{map} over the name tuples
+    an infinity, a float C{kind}) takes the careful path. Both store the
+    same for the events this one accepts, and give the same row but for a
+    NaN, which this one leaves to SQLite (it binds a NaN as NULL, where the
+    careful row holds None). Lookups go through C{map} over the name tuples
     and the checks are set operations, so the per-field work runs in C.
     """
     if type(event) is not dict:
@@ -438,6 +440,8 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
     scalars = tuple(map(get, _SCALAR_READS))
     if not _PLAIN.issuperset(map(type, scalars)) or not _INFINITIES.isdisjoint(scalars):
         return None
+    if type(scalars[_KIND]) is float:
+        return None  # a NaN kind is bound as NULL, where the careful path says "call"
     if scalars[_KIND] is None or type(scalars[_STREAMED]) is bool:
         fixed = list(scalars)
         if fixed[_KIND] is None:

@@ -296,6 +296,7 @@ def test_fast_and_careful_rows_agree() -> None:
         call(11, context={}, flags=[], price_ref="genai-prices:openai/gpt-4o", proxy_id="p1"),
         call(12, proxy_id=7, flags=("a",), price_ref=["x"]),  # not remembered: other types
     ]
+    assert _fast_row(call(13, kind=float("nan"))) is None  # stored "call" only by _row
     for event in cases:
         fast = _fast_row(event)
         if fast is not None:
