@@ -24,6 +24,7 @@ Prints one JSON object on stdout.  Latencies are microseconds.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import select
@@ -221,7 +222,7 @@ def run_streams(
     conns: dict[int, _Stream] = {}
     first: list[int] = []
     total: list[int] = []
-    completed = events = errors = non2xx = short = 0
+    completed = events = errors = non2xx = short = sent = 0
     t0 = time.monotonic()
     deadline = t0 + duration
     cutoff = deadline + stagger + 60.0  # nothing may hang the benchmark
@@ -235,10 +236,12 @@ def run_streams(
         return st.streams < rounds if rounds else time.monotonic() < deadline
 
     def start(st: _Stream) -> None:
+        nonlocal sent
         st.sock.setblocking(False)
         conns[st.sock.fileno()] = st
         ep.register(st.sock.fileno(), select.EPOLLIN)
         st.begin(request)
+        sent += 1
 
     def drop(fd: int, st: _Stream) -> None:
         ep.unregister(fd)
@@ -295,6 +298,7 @@ def run_streams(
                     reopen(st)
             elif due(st):
                 st.begin(request)
+                sent += 1
             else:
                 drop(fd, st)
     unfinished = len(conns) + len(waiting)
@@ -305,6 +309,7 @@ def run_streams(
         "first_chunk_us": _percentiles(first),
         "total_us": _percentiles(total),
         "streams_completed": completed,
+        "requests": sent,
         "events": events,
         "events_per_s": events / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
@@ -316,9 +321,20 @@ def run_streams(
 
 
 def run_throughput(
-    port: int, request: bytes, duration: float, concurrency: int, warmup: float
+    port: int,
+    request: bytes,
+    duration: float,
+    concurrency: int,
+    warmup: float,
+    gap: float = 0.0,
+    drain: bool = False,
 ) -> dict[str, object]:
+    """C{concurrency} keep-alive connections, each sending its next request
+    as soon as a response is complete, or C{gap} seconds later (paced load).
+    With C{drain}, the responses in flight at the end are waited for (up to
+    10 s) rather than cut off, so every request sent has its answer."""
     ep = select.epoll()
+    due: list[tuple[float, int]] = []  # (when, fd): paced connections' next send
     socks: dict[int, socket.socket] = {}
     readers: dict[int, ResponseReader] = {}
     started: dict[int, int] = {}
@@ -330,7 +346,8 @@ def run_throughput(
         readers[fd] = ResponseReader()
         ep.register(fd, select.EPOLLIN)
     samples: list[int] = []
-    completed = total = errors = non2xx = 0
+    idle: set[int] = set()  # connections with no request in flight (after the deadline)
+    completed = total = errors = non2xx = sent = 0
     now = time.monotonic()
     measure_from = now + warmup
     deadline = measure_from + duration
@@ -339,6 +356,7 @@ def run_throughput(
     for fd, s in socks.items():
         started[fd] = _ns()
         s.send(request)
+        sent += 1
     while True:
         now = time.monotonic()
         if not measuring and now >= measure_from:
@@ -347,8 +365,18 @@ def run_throughput(
             completed = 0
             samples.clear()
         if now >= deadline:
-            break
-        for fd, _mask in ep.poll(0.5):
+            idle.update(fd for _when, fd in due)  # paced, nothing in flight
+            due.clear()
+            if not drain or len(idle) >= len(socks) or now >= deadline + 10.0:
+                break
+        while due and due[0][0] <= now:
+            fd = heapq.heappop(due)[1]
+            if fd in socks:
+                started[fd] = _ns()
+                socks[fd].send(request)
+                sent += 1
+        timeout = min(0.5, max(0.0, due[0][0] - now)) if due else 0.5
+        for fd, _mask in ep.poll(timeout):
             s = socks[fd]
             try:
                 data = s.recv(65536)
@@ -370,6 +398,7 @@ def run_throughput(
                 ep.register(nfd, select.EPOLLIN)
                 started[nfd] = _ns()
                 ns.send(request)
+                sent += 1
                 continue
             n = reader.feed(data)
             if n:
@@ -379,15 +408,22 @@ def run_throughput(
                 total += n
                 if not 200 <= reader.status < 300:
                     non2xx += 1
-                started[fd] = t
-                s.send(request)
-    elapsed = time.monotonic() - t_start
+                if time.monotonic() >= deadline:
+                    idle.add(fd)
+                elif gap > 0:
+                    heapq.heappush(due, (time.monotonic() + gap, fd))
+                else:
+                    started[fd] = t
+                    s.send(request)
+                    sent += 1
+    elapsed = min(time.monotonic(), deadline) - t_start
     for s in socks.values():
         s.close()
     return {
         "rps": completed / elapsed if elapsed > 0 else 0.0,
         "completed": completed,
         "completed_total": total,
+        "requests": sent,
         "seconds": elapsed,
         "latency_us": _percentiles(samples),
         "errors": errors,
@@ -408,7 +444,12 @@ def main() -> None:
         " is cut at duration + stagger + 60 s whatever happens",
     )
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--gap", type=float, default=0.0, help="idle seconds between requests")
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="idle seconds between requests (latency; throughput: per connection)",
+    )
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument(
         "--rounds", type=int, default=1, help="streams: streams per connection (0: --duration)"
@@ -421,6 +462,11 @@ def main() -> None:
         type=int,
         default=0,
         help="streams: data: events a whole stream has (others are counted as short)",
+    )
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="throughput: wait for the responses in flight at the end (up to 10 s)",
     )
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
     args = parser.parse_args()
@@ -443,7 +489,9 @@ def main() -> None:
             args.expect_events,
         )
     else:
-        result = run_throughput(args.port, request, args.duration, args.concurrency, args.warmup)
+        result = run_throughput(
+            args.port, request, args.duration, args.concurrency, args.warmup, args.gap, args.drain
+        )
     cpu1 = os.times()
     result["cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     json.dump(result, sys.stdout)

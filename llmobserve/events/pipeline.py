@@ -255,6 +255,18 @@ class EventPipeline(Service):
                 "1 when events are being delivered",
                 float(self.delivery.connected),
             ),
+            (
+                "llmobserve_parse_queue",
+                "gauge",
+                "Exchanges waiting for or in a parse thread",
+                self.pool.in_flight,
+            ),
+            (
+                "llmobserve_parse_queue_limit",
+                "gauge",
+                "The parse queue's cap: past it, calls are recorded unparsed",
+                self.pool.limit,
+            ),
         ]
 
     # -- the worker thread ----------------------------------------------------

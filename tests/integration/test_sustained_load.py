@@ -1,0 +1,340 @@
+"""
+RELIABILITY.md T28, scaled for CI: sustained mixed load through a real proxy.
+
+100 concurrent clients for C{LLMOBSERVE_T28_SECONDS} (8 s by default; the
+spec's CI mode is 90 s and its soak 10 min, both a matter of setting it):
+80 connections running long SSE streams back to back (200 events over 2 s
+each, from the benchmark's fake OpenAI upstream) and 20 running chat
+completions paced 10 ms apart per connection, plus 5 requests a second of
+a 20 MB JSON response to load the parse pool. The same mix first runs
+straight to the upstreams: the baseline of the same run. The load
+generator is the benchmark's (C{bench._loadgen}, its own processes); the
+proxy is a real C{twistd llmobserve} with its embedded store, pinned to a
+core of its own as in the benchmark (everything else shares the others),
+so that what is compared is the proxy and not the contention on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.clients import proxy_request, raw_request
+from support.proxy import LOOPBACK_ARGS, ProxyProcess
+from support.upstreams import MiB, RecordingUpstream, Response
+
+ROOT = Path(__file__).resolve().parents[2]
+SECONDS = float(os.environ.get("LLMOBSERVE_T28_SECONDS", "8"))
+STREAMS = 80
+CHAT_CLIENTS = 20
+CHAT_GAP = 0.01
+BIG_PER_SECOND = 5
+BIG_BODY = (
+    b'{"id":"chatcmpl-big","object":"chat.completion","model":"gpt-4o-mini",'
+    b'"usage":{"prompt_tokens":10,"completion_tokens":5},"padding":"' + b"x" * (20 * MiB) + b'"}'
+)
+
+
+@contextmanager
+def _bench_upstream() -> Iterator[int]:
+    """The benchmark's fake OpenAI upstream (its own process): its port."""
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "bench._upstream", "--stream-events", "200"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert popen.stdout is not None
+        line = popen.stdout.readline().decode()
+        assert line.startswith("PORT "), line
+        yield int(line.split()[1])
+    finally:
+        popen.terminate()
+        popen.wait(10)
+
+
+def _loadgen(mode: str, port: int, request: bytes, *options: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "bench._loadgen", mode, "--port", str(port)]
+    command += ["--request", request.hex(), "--duration", str(SECONDS), *options]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _results(*popens: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    out = []
+    for popen in popens:
+        stdout, stderr = popen.communicate(timeout=SECONDS + 90)
+        assert popen.returncode == 0, stderr.decode()[-2000:]
+        out.append(json.loads(stdout))
+    return out
+
+
+class _Every(threading.Thread):
+    """Calls C{probe} every C{interval} seconds until stopped; keeps what it returns."""
+
+    def __init__(self, interval: float, probe: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.probe = probe
+        self.values: list[Any] = []
+        self.errors: list[str] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.values.append(self.probe())
+            except Exception as e:  # recorded, asserted on by the test
+                self.errors.append(repr(e))
+            self.stopped.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(30)
+
+
+def _mixed_load(
+    port: int, requests: dict[str, bytes], key: str, big: Callable[[], int]
+) -> tuple[dict[str, Any], dict[str, Any], list[int]]:
+    """The streams, the paced chat load and the big responses, together,
+    against C{port} (and C{big}'s target): the two load results and the big
+    responses' statuses."""
+    big_statuses = _Every(1 / BIG_PER_SECOND, big)
+    big_statuses.start()
+    try:
+        streams = _loadgen(
+            "streams",
+            port,
+            requests[key + "_stream"],
+            *("--concurrency", str(STREAMS), "--rounds", "0", "--stagger", "1"),
+            *("--expect-events", "200"),
+        )
+        chat = _loadgen(
+            "throughput",
+            port,
+            requests[key],
+            *("--concurrency", str(CHAT_CLIENTS), "--gap", str(CHAT_GAP), "--warmup", "0"),
+            "--drain",
+        )
+        stream_result, chat_result = _results(streams, chat)
+    finally:
+        big_statuses.stop()
+    assert not big_statuses.errors, big_statuses.errors[:3]
+    return stream_result, chat_result, big_statuses.values
+
+
+def _metrics(port: int) -> dict[str, float]:
+    resp = raw_request(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
+    samples = {}
+    for line in resp.body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name and not name.startswith("#"):
+            samples[name] = float(value)
+    return samples
+
+
+def _health_seconds(port: int) -> float:
+    started = time.monotonic()
+    resp = raw_request(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
+    assert resp.status == 200
+    return time.monotonic() - started
+
+
+def _big_fetch(port: int, request: bytes) -> int:
+    """One 20 MB response through the proxy, read and thrown away: its status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return 0
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        left = length - len(rest)
+        buffer = bytearray(1 << 20)
+        while left > 0:
+            n = sock.recv_into(buffer)
+            if not n:
+                return 0
+            left -= n
+        return int(head.split(b" ", 2)[1])
+
+
+def _settled(port: int, limit: float = 30.0) -> dict[str, float]:
+    """Metrics once every call so far is a stored event (nothing waiting, count still)."""
+    deadline = time.monotonic() + limit
+    last: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        now = _metrics(port)
+        if (
+            last
+            and now["llmobserve_events_waiting"] == 0
+            and now["llmobserve_parse_queue"] == 0
+            and now["llmobserve_events_total"] == last["llmobserve_events_total"]
+        ):
+            return now
+        last = now
+        time.sleep(0.2)
+    return last
+
+
+@pytest.mark.timeout(SECONDS * 3 + 120)
+def test_sustained_mixed_load_keeps_every_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    T28: no error and no non-2xx from the proxy; every stream complete;
+    chat p99 added by the proxy within max(5 ms, twice the baseline p99) and
+    the SSE first event within 10 ms of the baseline's; the event loop
+    answers /health within 100 ms (p99) throughout; one stored event per
+    request, the parse queue never past its cap (a call over it is recorded
+    as parse_skipped, never delayed); afterwards the open files are back to
+    where they were (idle pooled upstream connections aside, which the pool
+    closes after 30 s), and RSS grew by less than 64 MiB.
+    """
+    monkeypatch.syspath_prepend(str(ROOT))
+    big = RecordingUpstream(Response(headers=[("Content-Type", "application/json")], body=BIG_BODY))
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = len(cores) >= 2
+    if pinned:  # the proxy alone on the last core; this process and its children on the rest
+        os.sched_setaffinity(0, set(cores[:-1]))
+    try:
+        with big, _bench_upstream() as up_port:
+            proxy = ProxyProcess(
+                (
+                    *LOOPBACK_ARGS,
+                    *("--provider-host", f"127.0.0.1:{up_port}=openai"),
+                    *("--provider-host", f"{big.authority}=openai"),
+                    *("--client-timeout", "60", "--idle-timeout", "60"),
+                ),
+                workdir=tmp_path,
+            ).start()
+            with proxy:
+                if pinned:
+                    proxy.set_affinity({cores[-1]})
+                outcome = _run_t28(proxy, up_port, big)
+    finally:
+        os.sched_setaffinity(0, set(cores))
+    _check_t28(*outcome)
+
+
+def _run_t28(proxy: ProxyProcess, up_port: int, big: RecordingUpstream) -> tuple[Any, ...]:
+    from bench.overhead import _build_requests
+
+    requests = _build_requests(up_port, proxy.port, "proxy")
+    direct_big = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Length: 0\r\n\r\n"
+        % big.authority.encode()
+    )
+    proxied_big = proxy_request(proxy.port, "POST", big.url + "/v1/chat/completions")
+    # warm up: pooled connections, price caches, the store
+    assert _big_fetch(proxy.port, proxied_big) == 200
+    for key in ("proxied", "proxied_stream"):
+        assert raw_request(proxy.port, requests[key], timeout=10).status == 200
+
+    big_port = int(big.authority.rsplit(":", 1)[1])
+    baseline = _mixed_load(up_port, requests, "direct", lambda: _big_fetch(big_port, direct_big))
+
+    before = _settled(proxy.port)
+    files_before = proxy.fd_count() - before["llmobserve_upstream_idle_connections"]
+    rss_before = proxy.rss_kib()
+    health = _Every(0.05, lambda: _health_seconds(proxy.port))
+    gauges = _Every(0.25, lambda: _metrics(proxy.port))
+    rss = _Every(0.5, proxy.rss_kib)
+    for sampler in (health, gauges, rss):
+        sampler.start()
+    try:
+        proxied = _mixed_load(
+            proxy.port, requests, "proxied", lambda: _big_fetch(proxy.port, proxied_big)
+        )
+    finally:
+        for sampler in (health, gauges, rss):
+            sampler.stop()
+    after = _settled(proxy.port)
+    files_after = proxy.fd_count() - after["llmobserve_upstream_idle_connections"]
+    assert proxy.running, proxy.log_tail()
+    for sampler in (health, gauges, rss):
+        assert not sampler.errors, sampler.errors[:3]
+    return (
+        baseline,
+        proxied,
+        (before, after),
+        (files_before, files_after),
+        (rss_before, max(rss.values)),
+        health.values,
+        [g["llmobserve_parse_queue"] for g in gauges.values],
+    )
+
+
+def _check_t28(
+    baseline: tuple[dict[str, Any], dict[str, Any], list[int]],
+    proxied: tuple[dict[str, Any], dict[str, Any], list[int]],
+    metrics: tuple[dict[str, float], dict[str, float]],
+    files: tuple[float, float],
+    rss_kib: tuple[int, int],
+    health_seconds: list[float],
+    parse_queue: list[float],
+) -> None:
+    baseline_streams, baseline_chat, baseline_big = baseline
+    streams, chat, big = proxied
+    before, after = metrics
+
+    # nothing failed, nothing cut short
+    for result in (baseline_streams, baseline_chat, streams, chat):
+        assert result["errors"] == 0 and result["non2xx"] == 0, result
+    assert streams["short_streams"] == 0 and streams["unfinished"] == 0, streams
+    assert streams["streams_completed"] == streams["requests"] >= STREAMS, streams
+    assert chat["completed_total"] == chat["requests"], chat
+    for statuses in (baseline_big, big):
+        assert set(statuses) == {200} and len(statuses) >= SECONDS, statuses
+
+    # latency against the baseline of the same run
+    added_chat_p99 = chat["latency_us"]["p99"] - baseline_chat["latency_us"]["p99"]
+    assert added_chat_p99 <= max(5000.0, 2 * baseline_chat["latency_us"]["p99"]), (
+        chat["latency_us"],
+        baseline_chat["latency_us"],
+    )
+    added_first_event_p99 = (
+        streams["first_chunk_us"]["p99"] - baseline_streams["first_chunk_us"]["p99"]
+    )
+    assert added_first_event_p99 <= 10_000.0, (
+        streams["first_chunk_us"],
+        baseline_streams["first_chunk_us"],
+    )
+    loop_p99 = statistics.quantiles(health_seconds, n=100)[98]
+    assert loop_p99 < 0.1, f"/health p99 {loop_p99 * 1000:.0f} ms under load"
+
+    # one event per request, the parse queue within its cap
+    made = streams["requests"] + chat["requests"] + len(big)
+    stored = after["llmobserve_events_total"] - before["llmobserve_events_total"]
+    assert stored == made, (stored, made)
+    assert after["llmobserve_events_dropped_total"] == 0
+    assert max(parse_queue) <= after["llmobserve_parse_queue_limit"], max(parse_queue)
+
+    # no leaks: open files back, memory bounded
+    files_before, files_after = files
+    assert files_after <= files_before + 5, files
+    growth_mib = (rss_kib[1] - rss_kib[0]) / 1024
+    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
