@@ -248,6 +248,19 @@ def test_decompression_bomb_stops_at_the_cap() -> None:
     assert len(small.data) == 1000 and small.truncated
 
 
+def test_a_finished_stream_past_the_cap_is_cut_and_says_so() -> None:
+    """A brotli stream that ends within one output step but past the cap
+    (and a gzip one) comes back cut at the cap, flagged truncated."""
+    for coding, data in (
+        ("br", brotli.compress(b"a" * 5000)),
+        ("gzip", gzip.compress(b"a" * 5000)),
+    ):
+        decoded = decode_body(data, coding, cap=1000)
+        assert decoded.data == b"a" * 1000 and decoded.truncated, coding
+        whole = decode_body(data, coding, cap=5000)
+        assert whole.data == b"a" * 5000 and not whole.truncated, coding
+
+
 def test_coding_chains_and_lies_are_refused() -> None:
     """A 20-layer chain is refused; 'gzip' that is not gzip is a parse error."""
     assert decode_body(b"x", ", ".join(["gzip"] * 20)).error is not None
