@@ -1,4 +1,4 @@
-"""Real-process tests of hostile or failing upstreams (RELIABILITY T14, T21, T22)."""
+"""Real-process tests of hostile or failing upstreams (RELIABILITY T07, T14, T21, T22)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from support.upstreams import (
     Response,
     ScriptStep,
     Send,
+    SendRepeated,
     SSEUpstream,
     Stall,
     json_response,
@@ -281,3 +282,58 @@ def test_client_keeps_connection_after_upstream_error(
         raw_upstream.script = [ReadRequest(), Send(b"".join(json_response({"ok": 1}).serialize()))]
         client.send(proxy_request(fast_proxy.port, "POST", url, [], b"{}"))
         assert client.read_response(method="POST").status == 200
+
+
+# -- T07: response header bombs ---------------------------------------------------------
+
+_HEADER_LINE = b"X-Bomb: " + b"a" * 90 + b"\r\n"  # 100 bytes
+
+
+@pytest.mark.timeout(20)
+def test_response_header_bomb_is_cut_at_the_head_cap(
+    fast_proxy: ProxyProcess, raw_upstream: RawScriptUpstream
+) -> None:
+    """
+    T07: a status line, then 100-byte header lines at full speed, without
+    end: a 502 once the head passes its 64 KiB cap, the upstream connection
+    closed, proxy RSS up by less than 32 MiB (and /health fast afterwards,
+    checked by the fixture).
+    """
+    raw_upstream.script = [
+        ReadRequest(),
+        Send(b"HTTP/1.1 200 OK\r\n"),
+        SendRepeated(_HEADER_LINE, max_seconds=10),
+    ]
+    with RSSSampler(fast_proxy) as rss:
+        started = time.monotonic()
+        resp = _post(fast_proxy, raw_upstream.url + "/v1/chat/completions")
+        took = time.monotonic() - started
+    assert resp.status == 502, resp.body
+    _error_kind(resp)
+    assert took < 2.0, f"answered after {took:.2f}s"
+    assert raw_upstream.connections[0].closed.wait(3), "upstream connection left open"
+    assert rss.growth_kib < 32 * 1024, f"RSS grew {rss.growth_kib} KiB"
+
+
+@pytest.mark.timeout(20)
+def test_response_header_trickle_meets_the_header_deadline(
+    fast_proxy: ProxyProcess, raw_upstream: RawScriptUpstream
+) -> None:
+    """
+    T07, the slow variant (the spec's line a second, scaled with the 1 s
+    header deadline here to a line every 0.25 s, so that bytes keep coming
+    well within it): the head never completes and the trickle does not
+    extend the deadline: a 504 at about the deadline.
+    """
+    raw_upstream.script = [
+        ReadRequest(),
+        Send(b"HTTP/1.1 200 OK\r\n"),
+        SendRepeated(_HEADER_LINE, interval=0.25, max_seconds=10),
+    ]
+    started = time.monotonic()
+    resp = _post(fast_proxy, raw_upstream.url + "/v1/chat/completions")
+    took = time.monotonic() - started
+    assert resp.status == 504, resp.body
+    _error_kind(resp)
+    assert 0.7 < took < 4.0, f"answered after {took:.2f}s with a 1 s header timeout"
+    assert raw_upstream.connections[0].closed.wait(3), "upstream connection left open"
