@@ -17,7 +17,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.clients import RawClient, StreamReader, chat_calls, proxy_request, raw_request
+from support.clients import (
+    RawClient,
+    StreamReader,
+    chat_calls,
+    chat_request,
+    proxy_request,
+    raw_request,
+)
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import BigBodyUpstream, RecordingUpstream, SSEUpstream, closed_port
 
@@ -67,11 +74,9 @@ def test_sigterm_lets_an_in_flight_stream_finish_records_it_and_exits_0(tmp_path
             workdir=tmp_path / "proxy",
         )
         with proxy:
-            request = proxy_request(
+            request = chat_request(
                 proxy.port,
-                "POST",
-                upstream.url + "/v1/chat/completions",
-                [("Content-Type", "application/json")],
+                upstream.url,
                 b'{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}',
             )
             with StreamReader(proxy.port, request, timeout=20) as stream:
@@ -160,13 +165,7 @@ def test_a_thousand_calls_during_a_collector_outage_all_arrive_once(tmp_path: Pa
             workdir=tmp_path / "proxy",
         )
         with proxy:
-            request = proxy_request(
-                proxy.port,
-                "POST",
-                upstream.url + "/v1/chat/completions",
-                [("Content-Type", "application/json")],
-                b'{"model":"gpt-4o-mini","messages":[]}',
-            )
+            request = chat_request(proxy.port, upstream.url)
             with RawClient(proxy.port) as client:  # one keep-alive connection
                 for _ in range(calls):
                     client.send(request)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.clients import proxy_request, raw_request
+from support.clients import chat_request, raw_request
 from support.hostile import store_events
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.upstreams import RecordingUpstream, Response
@@ -114,13 +114,7 @@ def test_malformed_bodies_are_relayed_unchanged_and_each_is_one_event(
     """
     with RecordingUpstream() as upstream:
         proxy = proxy_factory(*LOOPBACK_ARGS, "--provider-host", f"{upstream.authority}=openai")
-        request = proxy_request(
-            proxy.port,
-            "POST",
-            upstream.url + "/v1/chat/completions",
-            [("Content-Type", "application/json")],
-            b'{"model":"gpt-4o-mini","messages":[]}',
-        )
+        request = chat_request(proxy.port, upstream.url)
         for name, (headers, body, pieces) in CASES.items():
             upstream.respond_with(_response(headers, body, pieces))
             resp = raw_request(proxy.port, request, method="POST", timeout=30)

@@ -525,18 +525,23 @@ class StreamReader:
         self.close()
 
 
+def chat_request(
+    port: int, upstream_url: str, body: bytes = b'{"model":"gpt-4o-mini","messages":[]}'
+) -> bytes:
+    """The bytes of a chat-completion C{POST} to C{upstream_url} through the
+    proxy on C{port} (C{/proxy} with the target header)."""
+    return proxy_request(
+        port,
+        "POST",
+        upstream_url + "/v1/chat/completions",
+        [("Content-Type", "application/json")],
+        body,
+    )
+
+
 def chat_calls(port: int, upstream_url: str, calls: int) -> None:
     """Make C{calls} small chat-completion calls to C{upstream_url} through
     the proxy on C{port}, one at a time; each must answer 200."""
     for _ in range(calls):
-        response = raw_request(
-            port,
-            proxy_request(
-                port,
-                "POST",
-                upstream_url + "/v1/chat/completions",
-                [("Content-Type", "application/json")],
-                b'{"model":"gpt-4o-mini","messages":[]}',
-            ),
-        )
+        response = raw_request(port, chat_request(port, upstream_url))
         assert response.status == 200
