@@ -217,6 +217,22 @@ def _latency_probe(
         stop.wait(0.05)
 
 
+def _warm_fd_count(proxy: ProxyProcess, url: str) -> int:
+    """The proxy's open files once one call has been made and its event stored:
+    the store's files and a pooled upstream connection are then part of the
+    baseline, and start-up work in flight (a thread importing modules,
+    opening the store) no longer is."""
+    assert raw_request(proxy.port, proxy_request(proxy.port, "GET", url, []), timeout=5).status
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        metrics = raw_request(proxy.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").body
+        if b"llmobserve_events_total 1" in metrics and b"llmobserve_events_waiting 0" in metrics:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return proxy.fd_count()
+
+
 @pytest.mark.timeout(40)
 def test_slowloris_heads_closed_at_deadline(
     proxy_factory: ProxyFactory, recording_upstream: RecordingUpstream
@@ -230,7 +246,7 @@ def test_slowloris_heads_closed_at_deadline(
     and the proxy's fd count returns to its baseline (+-5).
     """
     proxy = proxy_factory(*LOOPBACK_ARGS, "--request-head-timeout", "2", "--client-timeout", "3")
-    base_fds = proxy.fd_count()
+    base_fds = _warm_fd_count(proxy, recording_upstream.url + "/v1/normal")
     head = proxy_request(
         proxy.port, "GET", recording_upstream.url + "/v1/slow", [("X-Pad", "x" * 200)]
     )
