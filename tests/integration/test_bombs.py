@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -27,12 +25,12 @@ import brotli
 import pytest
 from support.clients import proxy_request, raw_request
 from support.hostile import store_events
+from support.load import HEALTH_REQUEST, loadgen, results
 from support.proxy import LOOPBACK_ARGS, ProxyProcess, RSSSampler
 from support.upstreams import MiB, RecordingUpstream, Response
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[2]
 _ZEROS = 1 << 30  # decoded size of the two bombs
 
 
@@ -78,21 +76,6 @@ def bomb_proxy(tmp_path: Path) -> Iterator[tuple[ProxyProcess, RecordingUpstream
             yield proxy, upstream
 
 
-def _health_probe(port: int, seconds: float) -> subprocess.Popen[bytes]:
-    """C{GET /health} every 20 ms for C{seconds}, from a process of its own
-    (the benchmark's load generator), so that this process's own work does
-    not read as the proxy's event-loop lag."""
-    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    command = [sys.executable, "-m", "bench._loadgen", "latency", "--port", str(port)]
-    command += ["--request", request.hex(), "--duration", str(seconds), "--gap", "0.02"]
-    return subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
 def test_bombs_are_relayed_as_sent_and_parsed_only_to_the_cap(
     bomb_proxy: tuple[ProxyProcess, RecordingUpstream], bombs: dict[str, tuple[str, bytes]]
 ) -> None:
@@ -105,7 +88,8 @@ def test_bombs_are_relayed_as_sent_and_parsed_only_to_the_cap(
     proxy, upstream = bomb_proxy
     cpu: dict[str, float] = {}
     with RSSSampler(proxy) as rss:
-        probe = _health_probe(proxy.port, 5.0)
+        # /health every 20 ms, from a process of its own
+        probe = loadgen("latency", proxy.port, HEALTH_REQUEST, 5.0, "--gap", "0.02")
         try:
             time.sleep(0.5)  # the probe is under way
             for name, (encoding, body) in bombs.items():
@@ -135,9 +119,7 @@ def test_bombs_are_relayed_as_sent_and_parsed_only_to_the_cap(
                     time.sleep(0.05)
                 cpu[name] = proxy.cpu_seconds() - before
         finally:
-            out, err = probe.communicate(timeout=30)
-    assert probe.returncode == 0, err.decode()[-2000:]
-    health = json.loads(out)
+            (health,) = results(probe, timeout=30)
     events = _events(proxy)
     assert len(events) == len(bombs), events
     for name, event in zip(bombs, events, strict=True):

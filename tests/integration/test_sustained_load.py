@@ -16,7 +16,6 @@ so that what is compared is the proxy and not the contention on 2 cores.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -31,10 +30,10 @@ from typing import Any
 
 import pytest
 from support.clients import proxy_request, raw_request
-from support.proxy import LOOPBACK_ARGS, ProxyProcess
+from support.load import HEALTH_REQUEST, ROOT, loadgen, results
+from support.proxy import LOOPBACK_ARGS, ProxyProcess, RSSSampler
 from support.upstreams import MiB, RecordingUpstream, Response
 
-ROOT = Path(__file__).resolve().parents[2]
 SECONDS = float(os.environ.get("LLMOBSERVE_T28_SECONDS", "8"))
 STREAMS = 80
 CHAT_CLIENTS = 20
@@ -63,26 +62,6 @@ def _bench_upstream() -> Iterator[int]:
     finally:
         popen.terminate()
         popen.wait(10)
-
-
-def _loadgen(mode: str, port: int, request: bytes, *options: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "bench._loadgen", mode, "--port", str(port)]
-    command += ["--request", request.hex(), "--duration", str(SECONDS), *options]
-    return subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _results(*popens: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
-    out = []
-    for popen in popens:
-        stdout, stderr = popen.communicate(timeout=SECONDS + 90)
-        assert popen.returncode == 0, stderr.decode()[-2000:]
-        out.append(json.loads(stdout))
-    return out
 
 
 class _Every(threading.Thread):
@@ -118,21 +97,23 @@ def _mixed_load(
     big_statuses = _Every(1 / BIG_PER_SECOND, big)
     big_statuses.start()
     try:
-        streams = _loadgen(
+        streams = loadgen(
             "streams",
             port,
             requests[key + "_stream"],
+            SECONDS,
             *("--concurrency", str(STREAMS), "--rounds", "0", "--stagger", "1"),
             *("--expect-events", "200"),
         )
-        chat = _loadgen(
+        chat = loadgen(
             "throughput",
             port,
             requests[key],
+            SECONDS,
             *("--concurrency", str(CHAT_CLIENTS), "--gap", str(CHAT_GAP), "--warmup", "0"),
             "--drain",
         )
-        stream_result, chat_result = _results(streams, chat)
+        stream_result, chat_result = results(streams, chat, timeout=SECONDS + 90)
     finally:
         big_statuses.stop()
     assert not big_statuses.errors, big_statuses.errors[:3]
@@ -147,13 +128,6 @@ def _metrics(port: int) -> dict[str, float]:
         if name and not name.startswith("#"):
             samples[name] = float(value)
     return samples
-
-
-def _health_seconds(port: int) -> float:
-    started = time.monotonic()
-    resp = raw_request(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
-    assert resp.status == 200
-    return time.monotonic() - started
 
 
 def _big_fetch(port: int, request: bytes) -> int:
@@ -260,31 +234,28 @@ def _run_t28(proxy: ProxyProcess, up_port: int, big: RecordingUpstream) -> tuple
 
     before = _settled(proxy.port)
     files_before = proxy.fd_count() - before["llmobserve_upstream_idle_connections"]
-    rss_before = proxy.rss_kib()
-    health = _Every(0.05, lambda: _health_seconds(proxy.port))
     gauges = _Every(0.25, lambda: _metrics(proxy.port))
-    rss = _Every(0.5, lambda: (time.monotonic(), proxy.rss_kib()))
-    for sampler in (health, gauges, rss):
-        sampler.start()
-    try:
-        proxied = _mixed_load(
-            proxy.port, requests, "proxied", lambda: _big_fetch(proxy.port, proxied_big)
-        )
-    finally:
-        for sampler in (health, gauges, rss):
-            sampler.stop()
+    with RSSSampler(proxy, interval=0.5) as rss:
+        health = loadgen("latency", proxy.port, HEALTH_REQUEST, SECONDS + 2, "--gap", "0.05")
+        gauges.start()
+        try:
+            proxied = _mixed_load(
+                proxy.port, requests, "proxied", lambda: _big_fetch(proxy.port, proxied_big)
+            )
+        finally:
+            gauges.stop()
+            (health_result,) = results(health)
     after = _settled(proxy.port)
     files_after = proxy.fd_count() - after["llmobserve_upstream_idle_connections"]
     assert proxy.running, proxy.log_tail()
-    for sampler in (health, gauges, rss):
-        assert not sampler.errors, sampler.errors[:3]
+    assert not gauges.errors, gauges.errors[:3]
     return (
         baseline,
         proxied,
         (before, after),
         (files_before, files_after),
-        (rss_before, rss.values),
-        health.values,
+        rss,
+        health_result,
         [g["llmobserve_parse_queue"] for g in gauges.values],
     )
 
@@ -294,8 +265,8 @@ def _check_t28(
     proxied: tuple[dict[str, Any], dict[str, Any], list[int]],
     metrics: tuple[dict[str, float], dict[str, float]],
     files: tuple[float, float],
-    rss_kib: tuple[int, list[tuple[float, int]]],
-    health_seconds: list[float],
+    rss: RSSSampler,
+    health: dict[str, Any],
     parse_queue: list[float],
 ) -> None:
     baseline_streams, baseline_chat, baseline_big = baseline
@@ -324,8 +295,9 @@ def _check_t28(
         streams["first_chunk_us"],
         baseline_streams["first_chunk_us"],
     )
-    loop_p99 = statistics.quantiles(health_seconds, n=100)[98]
-    assert loop_p99 < 0.1, f"/health p99 {loop_p99 * 1000:.0f} ms under load"
+    assert health["errors"] == 0 and health["non2xx"] == 0, health
+    loop_p99_ms = health["latency_us"]["p99"] / 1000
+    assert loop_p99_ms < 100, f"/health p99 {loop_p99_ms:.0f} ms under load"
 
     # one event per request, the parse queue within its cap
     made = streams["requests"] + chat["requests"] + len(big)
@@ -337,10 +309,8 @@ def _check_t28(
     # no leaks: open files back, memory bounded
     files_before, files_after = files
     assert files_after <= files_before + 5, files
-    rss_before, samples = rss_kib
-    growth_mib = (max(kib for _, kib in samples) - rss_before) / 1024
-    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
+    assert rss.growth_kib < 64 * 1024, f"RSS grew {rss.growth_kib / 1024:.0f} MiB"
     if SECONDS >= 60:  # the long runs: no steady climb once warm (second half of the run)
-        late = samples[len(samples) // 2 :]
+        late = rss.samples[len(rss.samples) // 2 :]
         slope = statistics.linear_regression([t for t, _ in late], [k for _, k in late]).slope
         assert slope * 60 / 1024 < 1.0, f"RSS climbs {slope * 60 / 1024:.2f} MiB/min"
