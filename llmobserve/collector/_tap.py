@@ -9,20 +9,13 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from llmobserve.endpoints import listen_endpoint
 from llmobserve.paths import default_db_path
 
 from ._service import CollectorService
 from ._store import EventStore, StoreError
 
-__all__ = ["Options", "endpoint_description", "makeService"]
-
-
-def endpoint_description(port: str) -> str:
-    """A Twisted endpoint string for C{--port}: a bare number means 127.0.0.1."""
-    port = port.strip()
-    if port.isdigit():
-        return f"tcp:{int(port)}:interface=127.0.0.1"
-    return port
+__all__ = ["Options", "makeService"]
 
 
 class Options(usage.Options):
@@ -86,7 +79,7 @@ def makeService(options: usage.Options) -> IService:
         EventStore(db_path).close()
     except (StoreError, OSError) as e:
         raise usage.UsageError(str(e)) from e
-    endpoint = serverFromString(r, endpoint_description(options["port"]))
+    endpoint = serverFromString(r, listen_endpoint(options["port"]))
     return CollectorService(
         r,
         endpoint,

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from llmobserve.endpoints import listen_endpoint
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
@@ -40,13 +41,6 @@ __all__ = ["Options", "makeService"]
 
 _log = Logger()
 _LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
-
-
-def port_description(port: str) -> str:
-    """A bare port number means 127.0.0.1; anything else is a Twisted endpoint string."""
-    if port.isdigit():
-        return f"tcp:{port}:interface=127.0.0.1"
-    return port
 
 
 def listens_beyond_loopback(description: str) -> bool:
@@ -208,7 +202,7 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be at least 1")
         if self["server"] not in ("lean", "twisted-web"):
             raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
-        self["port"] = port_description(str(self["port"]))
+        self["port"] = listen_endpoint(str(self["port"]))
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from llmobserve.endpoints import LISTEN_BACKLOG
+
 __all__ = ["WorkerProcesses", "child_arguments", "listen_reuseport", "tcp_address"]
 
 _log = Logger()
@@ -60,7 +62,7 @@ def listen_reuseport(reactor: Any, interface: str, port: int, factory: Any) -> I
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         listening: IListeningPort = reactor.adoptStreamPort(sock.fileno(), family, factory)
     finally:

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from llmobserve.collector import _writer
 from llmobserve.collector._store import EventStore
-from llmobserve.collector._tap import Options, endpoint_description, makeService
+from llmobserve.collector._tap import Options, makeService
 from llmobserve.collector._thread import StoreThread
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 from llmobserve.collector._writer import BatchWriter
@@ -181,13 +181,6 @@ def parse(argv: list[str]) -> Options:
     o = Options()  # type: ignore[no-untyped-call]
     o.parseOptions(argv)  # type: ignore[no-untyped-call]
     return o
-
-
-def test_endpoint_description() -> None:
-    """A bare port means 127.0.0.1; endpoint strings pass through."""
-    assert endpoint_description("8000") == "tcp:8000:interface=127.0.0.1"
-    assert endpoint_description("tcp:0:interface=127.0.0.1") == "tcp:0:interface=127.0.0.1"
-    assert endpoint_description("unix:/tmp/x.sock") == "unix:/tmp/x.sock"
 
 
 def test_options_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

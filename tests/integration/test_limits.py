@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import select
+import signal
 import socket
 import statistics
 import threading
@@ -429,3 +430,52 @@ def test_steady_upload_longer_than_header_timeout_not_cut(
         resp = client.read_response(method="PUT", timeout=5)
     assert not cut and resp.status == 200, (resp.status, resp.body[:200])
     assert resp.json()["bytes"] == pieces * size
+
+
+# -- a burst of new connections ------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_connection_burst_past_twisteds_default_backlog_waits_for_no_syn_retransmit(
+    loopback_proxy: ProxyProcess,
+) -> None:
+    """
+    300 connections opened at once while the proxy's reactor is not
+    accepting (the process stopped: a busy turn, drawn out) all complete
+    their handshake at once: the listen backlog is 1024, not Twisted's 50,
+    so no SYN is dropped and no client waits a second for its retransmit.
+    Once the proxy runs again, every one of them is served.
+    """
+    socks = [socket.socket() for _ in range(300)]
+    loopback_proxy.send_signal(signal.SIGSTOP)
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", loopback_proxy.port))
+        poller = select.poll()
+        for sock in socks:
+            poller.register(sock, select.POLLOUT)
+        connected: set[int] = set()
+        deadline = time.monotonic() + 0.5  # a dropped SYN is retried after 1 s
+        while len(connected) < len(socks) and time.monotonic() < deadline:
+            for fd, _ in poller.poll(50):
+                connected.add(fd)
+                poller.unregister(fd)
+        assert len(connected) == len(socks)
+    finally:
+        loopback_proxy.send_signal(signal.SIGCONT)
+    try:
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        statuses = []
+        for sock in socks:
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            statuses.append(reply.split(b" ", 2)[1])
+        assert statuses == [b"200"] * len(socks)
+    finally:
+        for sock in socks:
+            sock.close()

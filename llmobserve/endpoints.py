@@ -1,0 +1,41 @@
+"""Where the proxy and the collector listen: their C{--port} as a Twisted
+server endpoint string.
+
+A bare port number means 127.0.0.1. Every listening endpoint gets a listen
+backlog of L{LISTEN_BACKLOG} unless its string names one: Twisted's default
+is 50, and a burst of new connections larger than that while the reactor is
+busy for a few milliseconds (a client pool opening 80 connections at once)
+overflows the kernel's accept queue. An overflowed SYN is dropped, and the
+client's connect stalls for the one-second SYN retransmit: a latency spike
+the proxy never sees. The kernel caps the backlog at C{net.core.somaxconn}.
+
+Importing this module must stay cheap: no Twisted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = ["LISTEN_BACKLOG", "listen_endpoint"]
+
+#: Pending connections the kernel may queue before the reactor accepts them.
+LISTEN_BACKLOG: Final = 1024
+
+# Server endpoint kinds that take a backlog= argument.
+_WITH_BACKLOG: Final = frozenset({"tcp", "tcp6", "ssl", "unix"})
+_SPLIT: Final = re.compile(r"(?<!\\):")  # endpoint strings escape colons as \:
+
+
+def listen_endpoint(port: str) -> str:
+    """The endpoint string for C{--port}: C{9000} is
+    C{tcp:9000:interface=127.0.0.1:backlog=1024}; any other endpoint string
+    is kept as written, with C{backlog=1024} added when it takes one and
+    names none."""
+    port = port.strip()
+    if port.isdigit():
+        return f"tcp:{int(port)}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
+    kind, *args = _SPLIT.split(port)
+    if kind in _WITH_BACKLOG and not any(arg.startswith("backlog=") for arg in args):
+        return f"{port}:backlog={LISTEN_BACKLOG}"
+    return port
