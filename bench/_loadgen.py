@@ -223,13 +223,15 @@ def run_streams(
     first: list[int] = []
     total: list[int] = []
     completed = events = errors = non2xx = short = sent = 0
+    # Every connection is made before the clock starts: a connect that waits
+    # (a SYN dropped by a full accept queue is resent after 1 s) must not
+    # bunch up the staggered starts behind it.
+    fresh = [_Stream(_connect(port)) for _ in range(concurrency)]
     t0 = time.monotonic()
     deadline = t0 + duration
     cutoff = deadline + stagger + 60.0  # nothing may hang the benchmark
     # Connections not started yet, with when their first stream starts.
-    waiting = [
-        (t0 + stagger * i / concurrency, _Stream(_connect(port))) for i in range(concurrency)
-    ]
+    waiting = [(t0 + stagger * i / concurrency, st) for i, st in enumerate(fresh)]
     waiting.reverse()  # popped from the end, earliest first
 
     def due(st: _Stream) -> bool:
