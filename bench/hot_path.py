@@ -48,6 +48,8 @@ _UPSTREAM = "127.0.0.1:8001"
 
 @implementer(ITransactionSink)
 class _DropSink:
+    store_path = None
+
     def __init__(self) -> None:
         self.count = 0
 

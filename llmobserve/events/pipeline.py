@@ -187,6 +187,11 @@ class EventPipeline(Service):
         except Exception:
             self._log.failure("event sink failed on spans")
 
+    @property
+    def store_path(self) -> str | None:
+        """The embedded store's file; None when events go to a collector."""
+        return self.delivery.url if isinstance(self.delivery, EmbeddedWriter) else None
+
     def health(self) -> Mapping[str, Any]:
         """C{collector} (mode, state, url) and C{events_waiting}."""
         return {

@@ -25,6 +25,8 @@ class LoggingSink:
 
     _log = Logger()
 
+    store_path = None  # nothing is stored
+
     def __init__(self, clock: Any = None, interval: float = 10.0) -> None:
         self.count = 0
         self.by_outcome: dict[str, int] = {}

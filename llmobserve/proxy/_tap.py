@@ -266,10 +266,8 @@ class EmbeddedReportApi(Service):
 
 def _report_api(sink: ITransactionSink, reactor: Any) -> EmbeddedReportApi | None:
     """The C{/api} of an embedded proxy; None when events go to a collector."""
-    delivery = getattr(sink, "delivery", None)
-    if getattr(sink, "mode", None) != "embedded" or delivery is None:
-        return None
-    return EmbeddedReportApi(reactor, delivery.url)
+    store_path: str | None = sink.store_path
+    return None if store_path is None else EmbeddedReportApi(reactor, store_path)
 
 
 class ProxyService(Service):

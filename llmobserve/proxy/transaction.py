@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 
 import attrs
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 __all__ = ["Context", "ITransactionSink", "Outcome", "Transaction"]
 
@@ -99,6 +99,12 @@ class ITransactionSink(Interface):
     Every method is called on the reactor thread, must return quickly and
     must never raise: observation never delays or breaks traffic.
     """
+
+    store_path = Attribute(
+        "The SQLite file this process stores its events into (the embedded"
+        " store: the proxy then serves /api from it), or None when events go"
+        " elsewhere (a collector) or nowhere."
+    )
 
     def transaction_finished(transaction: Transaction) -> None:
         """Take ownership of one finished exchange."""

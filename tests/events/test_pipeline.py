@@ -69,6 +69,7 @@ def test_sink_provides_the_interface(tmp_path: Path) -> None:
     )
     verifyObject(ITransactionSink, sink)
     assert isinstance(sink, EventPipeline)
+    assert sink.store_path is None  # a collector stores them: no /api here
     assert sink.health() == {
         "collector": {"mode": "link", "state": "connecting", "url": "http://127.0.0.1:9"},
         "events_waiting": 0,
@@ -279,6 +280,7 @@ async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
         log_events=False,
     )
     assert isinstance(sink, EventPipeline)
+    assert sink.store_path == str(db)  # the file the proxy's /api reads
     sink.startService()
     for i in range(200):
         sink.transaction_finished(make_txn(started_at=4000.0 + i))

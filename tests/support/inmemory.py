@@ -32,6 +32,8 @@ class ListSink:
         self.transactions: list[Transaction] = []
         self.spans: list[Mapping[str, Any]] = []
 
+    store_path = None
+
     def transaction_finished(self, transaction: Transaction) -> None:
         self.transactions.append(transaction)
 
