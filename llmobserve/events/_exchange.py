@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from llmobserve.events._record import UsageLike, headers_to_mapping
+from llmobserve.events._record import UsageLike, header_value, headers_to_mapping
 from llmobserve.proxy.transaction import RawHeaders, Transaction
 from parsers import Exchange, analyse
 from parsers._records import construct
@@ -50,12 +50,7 @@ class HeaderMap(Mapping[str, str]):
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]  # Mapping.get's overloads, same behaviour
         if self._map is not None:
             return self._map.get(name, default)
-        size = len(name)  # latin-1: as many characters as bytes
-        found: str | None = None
-        for raw, value in self._pairs:
-            if len(raw) == size and raw.decode("latin-1").lower() == name:
-                text = value.decode("latin-1")
-                found = text if found is None else f"{found}, {text}"
+        found = header_value(self._pairs, name)
         return default if found is None else found
 
     def __contains__(self, name: object) -> bool:

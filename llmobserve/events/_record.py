@@ -214,6 +214,19 @@ def headers_to_mapping(pairs: RawHeaders) -> dict[str, str]:
     return out
 
 
+def header_value(pairs: RawHeaders, name: str) -> str | None:
+    """C{headers_to_mapping(pairs).get(name)} for one lower-case C{name},
+    without decoding the other names: those of another length are skipped
+    unread (latin-1 has as many characters as bytes)."""
+    size = len(name)
+    found: str | None = None
+    for raw, value in pairs:
+        if len(raw) == size and raw.decode("latin-1").lower() == name:
+            text = value.decode("latin-1")
+            found = text if found is None else f"{found}, {text}"
+    return found
+
+
 def build_call_event(
     txn: Transaction,
     usage: UsageLike | None,

@@ -18,6 +18,7 @@ from llmobserve.events._record import (
     build_call_event,
     build_gap_event,
     build_span_event,
+    header_value,
     headers_to_mapping,
     new_event_id,
     pack_event,
@@ -140,6 +141,21 @@ def test_ids_are_unique_and_time_ordered() -> None:
 def test_headers_to_mapping_lowercases_and_joins() -> None:
     got = headers_to_mapping(((b"X-A", b"1"), (b"x-a", b"2"), (b"B", b"\xff")))
     assert got == {"x-a": "1, 2", "b": "\xff"}
+
+
+# Names from a few letters, cases and latin-1 bytes, so that repeats, case
+# variants and names of one length but another spelling all come up.
+_NAMES = st.lists(st.sampled_from([b"a", b"A", b"b", b"\xe0", b"\xc0", b"-"]), max_size=3).map(
+    b"".join
+)
+
+
+@given(st.lists(st.tuples(_NAMES, st.binary(max_size=4)), max_size=6))
+def test_header_value_is_the_mapping_s_value_for_one_name(pairs: list[tuple[bytes, bytes]]) -> None:
+    """header_value() gives what headers_to_mapping()'s dict would, name by name."""
+    decoded = headers_to_mapping(pairs)
+    for name in [*decoded, "a", "ab", "\xe0", "\xc0-", "x"]:
+        assert header_value(pairs, name) == decoded.get(name), name
 
 
 def test_header_map_reads_as_the_decoded_mapping() -> None:
