@@ -1,8 +1,9 @@
 """
 RELIABILITY.md T28, scaled for CI: sustained mixed load through a real proxy.
 
-100 concurrent clients for C{LLMOBSERVE_T28_SECONDS} (8 s by default; the
-spec's CI mode is 90 s and its soak 10 min, both a matter of setting it):
+100 concurrent clients for C{LLMOBSERVE_T28_SECONDS} (90 s by default, the
+spec's CI mode, about 3 minutes in all with the baseline; its soak is 600,
+and a quick local check 8):
 80 connections running long SSE streams back to back (200 events over 2 s
 each, from the benchmark's fake OpenAI upstream) and 20 running chat
 completions paced 10 ms apart per connection, plus 5 requests a second of
@@ -34,7 +35,7 @@ from support.load import HEALTH_REQUEST, ROOT, loadgen, results
 from support.proxy import LOOPBACK_ARGS, ProxyProcess, RSSSampler
 from support.upstreams import MiB, RecordingUpstream, Response
 
-SECONDS = float(os.environ.get("LLMOBSERVE_T28_SECONDS", "8"))
+SECONDS = float(os.environ.get("LLMOBSERVE_T28_SECONDS", "90"))
 STREAMS = 80
 CHAT_CLIENTS = 20
 CHAT_GAP = 0.01
