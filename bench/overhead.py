@@ -23,8 +23,12 @@ concurrent long SSE streams (200 events over 2 s each), e.g.::
     streams: c64 first chunk p50=420us p99=2900us (direct p50=60us p99=700us)
       | cpu/event=22us | events 12800/12800
 
+and with C{--gap-ms 10} a third for c=1 with 10 ms of idle between calls::
+
+    sparse: c1 with 10 ms gaps added p50=+250us p99=+600us
+
 C{--json} prints the full result instead, with the answer lines in
-C{"answer"} and C{"streams_answer"}.  Progress goes to stderr.
+C{"answer"}, C{"streams_answer"} and C{"gap_answer"}.  Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANSWER_RE", "STREAMS_RE", "main"]
+__all__ = ["ANSWER_RE", "SPARSE_RE", "STREAMS_RE", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +66,10 @@ STREAMS_RE = re.compile(
     r"^streams: c(?P<conc>\d+) first chunk p50=(?P<p50>\d+)us p99=(?P<p99>\d+)us"
     r" \(direct p50=(?P<direct_p50>\d+)us p99=(?P<direct_p99>\d+)us\)"
     r" \| cpu/event=(?P<cpu>\d+(?:\.\d)?)us \| events (?P<events>\d+)/(?P<expected>\d+)$"
+)
+SPARSE_RE = re.compile(
+    r"^sparse: c1 with (?P<gap>\d+(?:\.\d+)?) ms gaps added"
+    r" p50=(?P<p50>[+-]\d+)us p99=(?P<p99>[+-]\d+)us$"
 )
 
 _TWISTD = (
@@ -717,6 +725,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "added_p50_us": added("gap", "latency_us", "p50"),
             "added_p99_us": added("gap", "latency_us", "p99"),
         }
+        result["gap_answer"] = (
+            f"sparse: c1 with {args.gap_ms:g} ms gaps added "
+            f"p50={result['c1_gap']['added_p50_us']:+.0f}us "
+            f"p99={result['c1_gap']['added_p99_us']:+.0f}us"
+        )
     result["answer"] = (
         f"overhead: c1 added p50={result['c1']['added_p50_us']:+.0f}us "
         f"p99={result['c1']['added_p99_us']:+.0f}us | c{args.concurrency} "
@@ -849,8 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
     else:
         print(result["answer"], flush=True)
-        if "streams_answer" in result:
-            print(result["streams_answer"], flush=True)
+        for extra in ("streams_answer", "gap_answer"):
+            if extra in result:
+                print(result[extra], flush=True)
     if not result["proxy_alive"]:
         _log("bench: the proxy died during the run")
         return 1

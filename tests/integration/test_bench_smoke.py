@@ -17,16 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(150)
 def test_overhead_quick_prints_answer_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    C{python -m bench.overhead --quick} exits 0 and prints exactly two
-    stdout lines that the documented patterns parse, the second for the
-    concurrent streams with every event relayed (no timing assertions:
-    the figures depend on the machine).
+    C{python -m bench.overhead --quick --gap-ms 5} exits 0 and prints
+    exactly three stdout lines that the documented patterns parse: the
+    answer, the concurrent streams with every event relayed, and c=1 with
+    idle gaps (no timing assertions: the figures depend on the machine).
     """
     monkeypatch.syspath_prepend(str(ROOT))
-    from bench.overhead import ANSWER_RE, STREAMS_RE
+    from bench.overhead import ANSWER_RE, SPARSE_RE, STREAMS_RE
 
     done = subprocess.run(
-        [sys.executable, "-m", "bench.overhead", "--quick", "--loadgen", "python"],
+        [sys.executable, "-m", "bench.overhead", "--quick", "--loadgen", "python", "--gap-ms", "5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -35,7 +35,7 @@ def test_overhead_quick_prints_answer_line(monkeypatch: pytest.MonkeyPatch) -> N
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 2, done.stdout
+    assert len(lines) == 3, done.stdout
     match = ANSWER_RE.match(lines[0])
     assert match, lines[0]
     assert int(match["conc"]) == 64
@@ -47,6 +47,9 @@ def test_overhead_quick_prints_answer_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert int(streams["expected"]) == 64 * 40  # --quick: 40 events per stream
     assert int(streams["events"]) == int(streams["expected"])
     assert float(streams["cpu"]) > 0
+    sparse = SPARSE_RE.match(lines[2])
+    assert sparse, lines[2]
+    assert sparse["gap"] == "5"
 
 
 def _start_upstream(*args: str) -> tuple[subprocess.Popen[bytes], int]:
