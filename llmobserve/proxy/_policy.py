@@ -37,12 +37,12 @@ import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import ip_network
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import attrs
 import idna
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IHostResolution,
@@ -56,6 +56,7 @@ from zope.interface import implementer
 from parsers.registry import REGISTRY
 
 __all__ = [
+    "DnsServerResolver",
     "ResolvedTarget",
     "Resolver",
     "StaticResolver",
@@ -63,6 +64,7 @@ __all__ = [
     "TargetPolicy",
     "TargetRefused",
     "TwistedResolver",
+    "parse_dns_server",
     "parse_target",
 ]
 
@@ -485,6 +487,79 @@ class TwistedResolver:
         if clock is not None:
             collector.done.addTimeout(self.timeout, clock)
         return collector.done
+
+
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """C{IP}, C{IP:PORT} or C{[IPv6]:PORT} as (address, port); port 53 by
+    default. Raises C{ValueError} for anything else (a name would need a
+    resolver of its own)."""
+    spec = spec.strip()
+    host, port = spec, "53"
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"not [IPv6]:PORT: {spec!r}")
+        port = rest[1:] or "53"
+    elif spec.count(":") == 1:
+        host, port = spec.split(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {spec!r}")
+    socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)  # OSError: not an IP
+    return host, int(port)
+
+
+@attrs.define
+class DnsServerResolver:
+    """L{Resolver} that asks the given DNS servers (C{--dns-server}) for A
+    and AAAA records directly, instead of the system's resolver (getaddrinfo
+    and its C{/etc/hosts}, C{nsswitch} and caches). Nothing is cached here:
+    the policy's own verdict cache decides how long an answer is used.
+
+    @ivar timeout: seconds before an unanswered query is sent again; after
+        the last one the lookup fails (then the policy answers 502).
+    """
+
+    reactor: object
+    servers: Sequence[tuple[str, int]]
+    timeout: Sequence[float] = (1.0, 3.0)
+    _client: object = attrs.field(default=None, init=False)
+
+    def resolve(self, host: str, port: int) -> Deferred[list[str]]:
+        from twisted.names import client
+
+        if self._client is None:  # twisted.names is loaded only when used
+            self._client = client.Resolver(servers=list(self.servers), reactor=self.reactor)
+        names: Any = self._client
+        queries = [
+            names.lookupAddress(host, timeout=self.timeout),
+            names.lookupIPV6Address(host, timeout=self.timeout),
+        ]
+        return DeferredList(queries, consumeErrors=True).addCallback(_answered_addresses)
+
+
+def _answered_addresses(results: list[tuple[bool, Any]]) -> list[str]:
+    """The A then AAAA addresses of two lookups; a name that neither lookup
+    found has none; any other failure of both (a timeout) is raised."""
+    from twisted.names import dns
+    from twisted.names.error import DNSNameError
+
+    addresses: list[str] = []
+    failures = []
+    for ok, value in results:
+        if not ok:
+            failures.append(value)
+            continue
+        answers, _authority, _additional = value
+        for record in answers:
+            if record.type == dns.A:
+                addresses.append(record.payload.dottedQuad())
+            elif record.type == dns.AAAA:
+                addresses.append(socket.inet_ntop(socket.AF_INET6, record.payload.address))
+    if not addresses and len(failures) == len(results):
+        for failure in failures:
+            if not failure.check(DNSNameError):
+                failure.raiseException()
+    return addresses
 
 
 @attrs.define

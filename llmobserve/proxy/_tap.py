@@ -22,7 +22,13 @@ from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._malloc import limit_malloc_arenas
-from llmobserve.proxy._policy import OverrideResolver, TargetPolicy, TwistedResolver
+from llmobserve.proxy._policy import (
+    DnsServerResolver,
+    OverrideResolver,
+    TargetPolicy,
+    TwistedResolver,
+    parse_dns_server,
+)
 from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
@@ -163,6 +169,7 @@ class Options(usage.Options):
         self["provider-host"] = {}
         self["base-url"] = {}
         self["resolve"] = {}
+        self["dns-server"] = []
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -189,6 +196,15 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--resolve {host}: {e}") from None
         self["resolve"].setdefault(host.lower().rstrip("."), []).append(address)
+
+    def opt_dns_server(self, spec: str) -> None:
+        """IP[:PORT]: resolve names with this DNS server (port 53 by default),
+        not the system resolver; every answer is still policy-checked.
+        Repeatable (tried in turn)."""
+        try:
+            self["dns-server"].append(parse_dns_server(spec))
+        except (ValueError, OSError) as e:
+            raise usage.UsageError(f"--dns-server: {e}") from None
 
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
@@ -379,6 +395,8 @@ def build_proxy(
     )
     trust = load_extra_trust(options["ca-file"]) if options["ca-file"] else None
     resolver: Any = TwistedResolver(reactor)
+    if options["dns-server"]:
+        resolver = DnsServerResolver(reactor, options["dns-server"])
     if options["resolve"]:
         resolver = OverrideResolver(options["resolve"], resolver)
     policy = TargetPolicy(

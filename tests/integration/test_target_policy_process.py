@@ -3,8 +3,9 @@
 Every refused target names either a non-loopback address (which the proxy
 must refuse before connecting: it is never connected to) or the port of
 a loopback canary listener, which must record zero connections.  Names
-are mapped with C{--resolve} (curl-style, still policy-checked), so no
-test depends on DNS.
+are mapped with C{--resolve} (curl-style, still policy-checked), or asked
+of a fake DNS server on 127.0.0.1 (C{--dns-server}), so no test depends on
+the machine's DNS.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from support.clients import RawResponse, build_request, proxy_request, raw_request
+from support.fakedns import FakeDNS
 from support.hostile import grep_tree, store_events
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.upstreams import RecordingUpstream, Response, json_response
@@ -143,6 +145,49 @@ def test_resolved_names_filtered_by_address(
         assert kind == "not_allowed", (host, kind)
     time.sleep(0.05)
     assert canary.connection_count == 0
+
+
+@pytest.mark.timeout(30)
+def test_dns_rebinding_reaches_only_the_checked_address(proxy_factory: ProxyFactory) -> None:
+    """
+    T16 with a real DNS server (C{--dns-server}): a name first answered with
+    127.0.0.1 (admitted) is forwarded there, Host the name; re-pointed at
+    ::1 (loopback, refused) with TTL 0, the next call within the policy's
+    5 s verdict reuses the checked 127.0.0.1 without asking again, and the
+    first call after it asks afresh and is refused. A canary on [::1] at
+    the same port never sees a connection.
+    """
+    with FakeDNS({"rebind.test": ["127.0.0.1"]}) as names, RecordingUpstream() as upstream:
+        with RecordingUpstream(host="::1", port=upstream.port) as canary:
+            proxy = proxy_factory("--allow-cidr", "127.0.0.1/32", "--dns-server", names.server)
+            url = f"http://rebind.test:{upstream.port}/v1/models"
+            first = _via(proxy, url)
+            assert first.status == 200, (first.status, first.body[:200])
+            (req,) = upstream.wait_requests(1)
+            assert req.header("host") == f"rebind.test:{upstream.port}".encode()
+            assert names.lookups("rebind.test", "A") == 1
+
+            names.set("rebind.test", ["::1"])
+            assert _via(proxy, url).status == 200  # the checked address, pinned
+            assert names.lookups("rebind.test", "A") == 1
+            upstream.wait_requests(2)
+
+            time.sleep(5.2)  # past the verdict's 5 s
+            refused = _via(proxy, url)
+            assert _assert_refused(refused, (403,), "rebound") == "not_allowed"
+            assert names.lookups("rebind.test", "A") == 2
+            time.sleep(0.05)
+            assert canary.connection_count == 0
+            assert len(upstream.requests) == 2
+
+
+def test_a_name_the_dns_server_does_not_know_is_a_502(proxy_factory: ProxyFactory) -> None:
+    """NXDOMAIN from C{--dns-server}: 502 unresolvable, nothing connected."""
+    with FakeDNS({}) as names:
+        proxy = proxy_factory("--allow-cidr", "127.0.0.1/32", "--dns-server", names.server)
+        resp = _via(proxy, "http://nowhere.test:9/v1/models")
+        assert _assert_refused(resp, (502,), "nxdomain") == "unresolvable"
+        assert names.lookups("nowhere.test", "A") == 1
 
 
 def test_public_looking_name_forwarded_with_its_host(

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from llmobserve.proxy._policy import (
+    DnsServerResolver,
     ResolvedTarget,
     StaticResolver,
     Target,
@@ -27,6 +28,7 @@ from llmobserve.proxy._policy import (
     TargetRefused,
     TwistedResolver,
     address_denial,
+    parse_dns_server,
     parse_target,
 )
 
@@ -569,3 +571,68 @@ async def test_twisted_resolver_on_the_real_reactor() -> None:
     resolver = TwistedResolver(reactor)  # type: ignore[arg-type]
     assert await resolver.resolve("127.0.0.1", 80) == ["127.0.0.1"]
     assert await resolver.resolve("::1", 80) == ["::1"]
+
+
+# -- --dns-server ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "server"),
+    [
+        ("127.0.0.1", ("127.0.0.1", 53)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        (" 10.0.0.53:53 ", ("10.0.0.53", 53)),
+        ("::1", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("[2001:db8::53]", ("2001:db8::53", 53)),
+    ],
+)
+def test_dns_server_specs(spec: str, server: tuple[str, int]) -> None:
+    assert parse_dns_server(spec) == server
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "dns.example", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:x", "[::1", "[::1]x"]
+)
+def test_bad_dns_server_specs_are_refused(spec: str) -> None:
+    with pytest.raises((ValueError, OSError)):
+        parse_dns_server(spec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_server_resolver_asks_for_a_and_aaaa() -> None:
+    """Both address families, IPv4 first, from a real DNS server on loopback;
+    an unknown name has no address (the policy's 502), and nothing is cached."""
+    from support.fakedns import FakeDNS
+    from twisted.internet import reactor
+
+    with FakeDNS({"both.test": ["127.0.0.1", "::1"], "v6.test": ["::1"]}) as names:
+        resolver = DnsServerResolver(reactor, [("127.0.0.1", names.port)])
+        assert await resolver.resolve("both.test", 443) == ["127.0.0.1", "::1"]
+        assert await resolver.resolve("v6.test", 443) == ["::1"]
+        assert await resolver.resolve("unknown.test", 443) == []
+        names.set("both.test", ["127.0.0.1"])
+        assert await resolver.resolve("both.test", 443) == ["127.0.0.1"]
+        assert names.lookups("both.test", "A") == names.lookups("both.test", "AAAA") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_server_that_never_answers_fails_the_lookup() -> None:
+    """No answer within the retries: the lookup fails (the policy's 502), in
+    about the resolver's timeouts (here 0.1 + 0.2 s)."""
+    import socket
+    import time
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import TimeoutError as QueryTimeout
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        resolver = DnsServerResolver(reactor, [silent.getsockname()], timeout=(0.1, 0.2))
+        start = time.monotonic()
+        with pytest.raises(QueryTimeout):
+            await resolver.resolve("any.test", 443)
+        assert time.monotonic() - start < 2
+    finally:
+        silent.close()

@@ -405,12 +405,12 @@ class RawConnection:
 class _ThreadedServer:
     """A loopback TCP listener with a thread per connection."""
 
-    def __init__(self, host: str = "127.0.0.1", backlog: int = 128) -> None:
+    def __init__(self, host: str = "127.0.0.1", backlog: int = 128, port: int = 0) -> None:
         _check_loopback(host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, 0))
+        self._listener.bind((host, port))
         self._listener.listen(backlog)
         self.host = host
         self.port: int = self._listener.getsockname()[1]
@@ -702,9 +702,10 @@ class RecordingUpstream(_ThreadedServer):
         response: Responder = DEFAULT_RESPONSE,
         *,
         host: str = "127.0.0.1",
+        port: int = 0,
         idle_timeout: float | None = None,
     ) -> None:
-        super().__init__(host)
+        super().__init__(host, port=port)
         self._default: Responder = response
         self._queue: deque[Responder] = deque()
         self.idle_timeout = idle_timeout
