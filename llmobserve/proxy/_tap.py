@@ -21,7 +21,7 @@ from llmobserve.endpoints import listen_endpoint
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
-from llmobserve.proxy._malloc import limit_malloc_arenas
+from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._policy import (
     DnsServerResolver,
     OverrideResolver,
@@ -346,6 +346,7 @@ class ProxyService(Service):
         # each over this heap, a latency spike for whoever is waiting).
         gc.collect()
         gc.freeze()
+        release_free_memory()  # what start-up freed goes back to the kernel
 
     def _failed(self, failure: Any) -> None:
         _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
