@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._draft import UsageDraft
 from ._records import Exchange
 from .decoding import DEFAULT_DECODED_CAP, decode_body
-from .jsonbody import BodyError, loads
+from .jsonbody import BodyError, loads, loads_object, raw_decode_prefix
 from .registry import Provider
 from .sse import EventStream, SSEEvent
 
-__all__ = ["Call"]
+__all__ = ["Call", "json_or_cut_usage"]
 
 _UNSET: Any = object()
+_TAIL_TRIES = 3  # "key" matches tried from the end of a cut body
+_TAIL_VALUE = 64 * 1024  # bytes decoded after a match: plenty for a usage object
 
 
 class Call:
@@ -33,6 +36,52 @@ class Call:
         self._request_body: bytes | None = None
         self._request_json: Any = _UNSET
         self._stream: EventStream | None = None
+
+    def json(self) -> Any:
+        """The response body as JSON; L{BodyError} when it is not.
+
+        A cut body (only the head and tail of it were kept) fails at once,
+        without a try: a cut copy is never the JSON it was, and failing on a
+        megabyte of it held a parse thread, and the GIL with it, for
+        milliseconds (see L{last_objects} for what can still be read).
+        """
+        if self.body_truncated:
+            raise BodyError(f"response body cut: {len(self.body)} bytes of it kept for parsing")
+        return loads(self.body)
+
+    def json_object(self) -> dict[str, Any]:
+        """Like L{json}, but the top level must be an object."""
+        if self.body_truncated:
+            raise BodyError(f"response body cut: {len(self.body)} bytes of it kept for parsing")
+        return loads_object(self.body)
+
+    def last_objects(self, *keys: str) -> dict[str, dict[str, Any]]:
+        """For a cut body: each C{"key": {...}} object found last in what was
+        kept of it (the head and the tail; within a few tries from its end),
+        by key; empty for a whole body.
+
+        OpenAI and Anthropic responses end with their C{usage}, after the
+        bulk (choices, content, embeddings): the part of a long body kept
+        from its end still holds it. A C{"key"} inside a JSON string is
+        escaped (C{\\"key\\"}) and so never matches.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        if not self.body_truncated:
+            return found
+        body = self.body
+        for key in keys:
+            needle = b'"' + key.encode() + b'"'
+            end = len(body)
+            for _ in range(_TAIL_TRIES):
+                at = body.rfind(needle, 0, end)
+                if at < 0:
+                    break
+                value = _object_after(body, at + len(needle))
+                if value is not None:
+                    found[key] = value
+                    break
+                end = at
+        return found
 
     @property
     def path(self) -> str:
@@ -108,3 +157,36 @@ class Call:
         if end < 0:
             return None
         return body[start:end].decode("utf-8", "replace")
+
+
+def _object_after(body: bytes, pos: int) -> dict[str, Any] | None:
+    """The JSON object after C{: } at C{body[pos:]}, or None."""
+    text = body[pos : pos + _TAIL_VALUE].decode("utf-8", "replace")
+    colon = len(text) - len(text.lstrip())
+    if text[colon : colon + 1] != ":":
+        return None
+    start = len(text) - len(text[colon + 1 :].lstrip())
+    if text[start : start + 1] != "{":
+        return None
+    try:
+        value, _end = raw_decode_prefix(text, start)
+    except BodyError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_or_cut_usage(call: Call, draft: UsageDraft) -> dict[str, Any]:
+    """The response body as a JSON object for the OpenAI and Anthropic
+    parsers. A cut body (a 50 MB embeddings batch) gives C{{"usage": ...}}
+    found last in what was kept of it, flagged C{usage_from_cut_body}, when
+    it is there; otherwise, and for a body that is not JSON, the error goes
+    on the draft and the answer is C{{}}."""
+    try:
+        return call.json_object()
+    except BodyError as exc:
+        found = call.last_objects("usage")
+        if found:
+            draft.flag("usage_from_cut_body")
+            return dict(found)
+        draft.error(str(exc))
+        return {}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._call import Call
+from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count
-from .jsonbody import BodyError, loads, loads_object
+from .jsonbody import BodyError, loads
 from .sse import SSEEvent
 
 __all__ = ["parse_anthropic", "read_anthropic_usage"]
@@ -50,11 +50,7 @@ def parse_anthropic(call: Call, draft: UsageDraft) -> None:
         draft.streamed = True
         _parse_stream(call, draft)
     else:
-        try:
-            body = loads_object(call.body)
-        except BodyError as exc:
-            draft.error(str(exc))
-            body = {}
+        body = json_or_cut_usage(call, draft)
         if body.get("type") == "error":
             draft.flag("api_error")
         _message_fields(body, draft)

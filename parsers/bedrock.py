@@ -42,7 +42,7 @@ def parse_bedrock(call: Call, draft: UsageDraft) -> None:
         _stream(call, draft)
     elif draft.endpoint == "converse":
         try:
-            body = loads(call.body)
+            body = call.json()
         except BodyError as exc:
             draft.error(str(exc))
             body = None

@@ -70,7 +70,7 @@ def parse_cohere(call: Call, draft: UsageDraft) -> None:
             draft.flag("usage_not_in_stream")
     else:
         try:
-            value = loads(call.body)
+            value = call.json()
         except BodyError as exc:
             draft.error(str(exc))
             value = None

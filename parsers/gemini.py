@@ -68,7 +68,7 @@ def parse_gemini(call: Call, draft: UsageDraft) -> None:
         chunks = _array_chunks(call, draft)
     else:
         try:
-            chunks = [loads(call.body)]
+            chunks = [call.json()]
         except BodyError as exc:
             draft.error(str(exc))
             chunks = []
@@ -172,7 +172,7 @@ def _try_loads(call: Call, draft: UsageDraft, ev: SSEEvent) -> list[Any]:
 def _array_chunks(call: Call, draft: UsageDraft) -> list[Any]:
     """The elements of a streamed JSON array, as many as are complete."""
     try:
-        value = loads(call.body)
+        value = call.json()
         return value if isinstance(value, list) else [value]
     except BodyError:
         pass

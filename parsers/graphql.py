@@ -109,7 +109,7 @@ def _response(call: Call, info: dict[str, Any], draft: UsageDraft) -> None:
     if not call.body or call.body.lstrip()[:1] != b"{":
         return
     try:
-        body = loads(call.body)
+        body = call.json()
     except BodyError as exc:
         draft.error(str(exc))
         return

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ._call import Call
 from ._draft import UsageDraft, as_count, as_number, get_path
-from .jsonbody import BodyError, loads
+from .jsonbody import BodyError
 from .openai import parse_openai
 
 __all__ = ["MEDIA_PARSERS"]
@@ -39,7 +39,7 @@ def parse_stability(call: Call, draft: UsageDraft) -> None:
         count = 1
         if call.body.lstrip()[:1] == b"{":
             try:
-                body = loads(call.body)
+                body = call.json()
                 artifacts = body.get("artifacts") if isinstance(body, dict) else None
                 if isinstance(artifacts, list):
                     count = len(artifacts)
@@ -103,7 +103,7 @@ def _json(call: Call) -> object:
     if call.body.lstrip()[:1] != b"{":
         return None
     try:
-        return loads(call.body)
+        return call.json()
     except BodyError:
         return None
 

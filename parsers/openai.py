@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._call import Call
+from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count, as_number, get_path
-from .jsonbody import BodyError, loads, loads_object
+from .jsonbody import BodyError, loads
 from .sse import SSEEvent
 
 __all__ = ["endpoint_for_path", "parse_openai", "read_openai_usage"]
@@ -68,11 +68,7 @@ def parse_openai(call: Call, draft: UsageDraft) -> None:
     elif endpoint == "audio.speech":
         _parse_speech(call, draft)
     elif call.content_type.startswith("application/json") or call.body.lstrip()[:1] == b"{":
-        try:
-            body = loads_object(call.body)
-        except BodyError as exc:
-            draft.error(str(exc))
-            body = {}
+        body = json_or_cut_usage(call, draft)
         _parse_json(call, draft, endpoint, body)
     elif endpoint in ("audio.transcriptions", "audio.translations"):
         draft.flag("no_duration_in_text_format")

@@ -70,7 +70,7 @@ def parse_pinecone(call: Call, draft: UsageDraft) -> None:
     body: Any = None
     if call.body and call.body.lstrip()[:1] == b"{":
         try:
-            body = loads(call.body)
+            body = call.json()
         except BodyError as exc:
             draft.error(str(exc))
     usage = body.get("usage") if isinstance(body, dict) else None

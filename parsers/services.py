@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ._call import Call
 from ._draft import UsageDraft, as_count, as_number
-from .jsonbody import BodyError, loads
+from .jsonbody import BodyError
 
 __all__ = ["SERVICE_PARSERS"]
 
@@ -38,7 +38,7 @@ def parse_twilio(call: Call, draft: UsageDraft) -> None:
     body: object = None
     if call.body.lstrip()[:1] == b"{":
         try:
-            body = loads(call.body)
+            body = call.json()
         except BodyError as exc:
             draft.error(str(exc))
     if not isinstance(body, dict):

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from ._call import Call
 from ._draft import UsageDraft, as_count, as_number, get_path
-from .jsonbody import BodyError, loads
+from .jsonbody import BodyError
 
 __all__ = ["SPEECH_PARSERS"]
 
@@ -24,7 +24,7 @@ def _json(call: Call, draft: UsageDraft) -> object:
     if not call.body or call.body.lstrip()[:1] not in (b"{", b"["):
         return None
     try:
-        return loads(call.body)
+        return call.json()
     except BodyError as exc:
         draft.error(str(exc))
         return None

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ._call import Call
 from ._draft import UsageDraft, as_number
-from .jsonbody import BodyError, loads
+from .jsonbody import BodyError
 
 __all__ = ["VECTOR_PARSERS"]
 
@@ -58,7 +58,7 @@ def _json(call: Call, draft: UsageDraft) -> object:
     if call.body.lstrip()[:1] not in (b"{", b"["):
         return None
     try:
-        return loads(call.body)
+        return call.json()
     except BodyError as exc:
         draft.error(str(exc))
         return None

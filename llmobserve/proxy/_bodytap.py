@@ -13,7 +13,8 @@ class BodyTap:
     Chunks are kept by reference (no copy per chunk). A truncated copy is
     the head, a blank line, and the tail from its first line break on: SSE
     usage lives at the end of a stream, and a blank line ends whatever
-    event the head was cut in.
+    event the head was cut in. A tail with no line break (compact JSON,
+    where the usage of a long response sits too) is kept whole.
     """
 
     __slots__ = ("_head", "_head_limit", "_head_size", "_tail", "_tail_limit", "_tail_size")
@@ -57,5 +58,6 @@ class BodyTap:
             return head
         tail = b"".join(self._tail)[-self._tail_limit :]
         cut = tail.find(b"\n")
-        tail = tail[cut + 1 :] if cut >= 0 else b""
+        if cut >= 0:
+            tail = tail[cut + 1 :]
         return head + b"\n\n" + tail

@@ -25,6 +25,17 @@ def test_long_body_keeps_head_and_tail_from_a_line_break() -> None:
     assert len(value) <= 10 + 2 + 64
 
 
+def test_a_tail_without_a_line_break_is_kept_whole() -> None:
+    """Compact JSON: the usage at the end of a long response survives."""
+    tap = BodyTap(10, 32)
+    tap.add(b'{"data":[' + b"0," * 100)
+    tap.add(b'0],"usage":{"total_tokens":7}}')
+    value = tap.value()
+    assert value.startswith(b'{"data":[0\n\n')
+    assert value.endswith(b'"usage":{"total_tokens":7}}')
+    assert len(value) == 10 + 2 + 32
+
+
 def test_memory_is_bounded_whatever_the_body_size() -> None:
     tap = BodyTap(1024, 1024)
     for _ in range(10_000):

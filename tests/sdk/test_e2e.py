@@ -47,7 +47,21 @@ ANTHROPIC_MESSAGE = {
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 
 
+#: A batch of 200 embeddings: 2 MB of JSON, longer than the 1.25 MiB the
+#: proxy keeps for parsing; its usage is at the end.
+EMBEDDINGS = {
+    "object": "list",
+    "data": [
+        {"object": "embedding", "index": i, "embedding": [0.0123456789] * 768} for i in range(200)
+    ],
+    "model": "text-embedding-3-small",
+    "usage": {"prompt_tokens": 1600, "total_tokens": 1600},
+}
+
+
 def _openai(req: RecordedRequest) -> Response:
+    if req.path.endswith("/embeddings"):
+        return json_response(EMBEDDINGS)
     body = json.loads(req.body or b"{}")
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -179,6 +193,32 @@ def test_openai_sync(tracked: World) -> None:
     req = tracked.openai.requests[-1]
     assert req.header("Authorization") == b"Bearer sk-test"
     assert not any(n.lower().startswith(b"x-llmobserve") for n, _ in req.headers)
+
+
+def test_openai_embeddings_batch_longer_than_the_parse_copy(tracked: World) -> None:
+    """The proxy keeps the head and the tail of a long response for parsing:
+    the usage at the end of a 2 MB embeddings batch is still found and
+    priced, and the application gets every byte."""
+    import openai
+
+    client = openai.OpenAI(api_key="sk-test", base_url=f"{tracked.openai.url}/v1", max_retries=0)
+    with llmobserve.customer("oa-embed"), llmobserve.section("index"):
+        raw = client.embeddings.with_raw_response.create(
+            model="text-embedding-3-small", input=["x"] * 200, encoding_format="float"
+        )
+    assert len(raw.http_response.content) == len(json_response(EMBEDDINGS).body) > 1_900_000
+    assert len(raw.parse().data) == 200
+    [event] = tracked.events("oa-embed")
+    _check(
+        event,
+        provider="openai",
+        model="text-embedding-3-small",
+        customer="oa-embed",
+        section_path="index",
+        usage={"input_tokens": 1600},
+    )
+    assert "parse_truncated" in event["flags"] and "usage_from_cut_body" in event["flags"]
+    assert event.get("parse_error") is None
 
 
 def test_openai_async(tracked: World) -> None:
