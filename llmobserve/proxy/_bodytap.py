@@ -53,11 +53,12 @@ class BodyTap:
         return self._tail_size > 0
 
     def value(self) -> bytes:
-        head = b"".join(self._head)
+        """The copy. It is made on the reactor thread, so the head is copied
+        once, into the result, and the tail twice at most."""
         if not self._tail:
-            return head
-        tail = b"".join(self._tail)[-self._tail_limit :]
-        cut = tail.find(b"\n")
-        if cut >= 0:
-            tail = tail[cut + 1 :]
-        return head + b"\n\n" + tail
+            return b"".join(self._head)
+        tail = b"".join(self._tail)
+        start = max(0, len(tail) - self._tail_limit)
+        cut = tail.find(b"\n", start)
+        begin = cut + 1 if cut >= 0 else start
+        return b"".join([*self._head, b"\n\n", memoryview(tail)[begin:]])
