@@ -175,16 +175,19 @@ def _object_after(body: bytes, pos: int) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def json_or_cut_usage(call: Call, draft: UsageDraft) -> dict[str, Any]:
-    """The response body as a JSON object for the OpenAI and Anthropic
-    parsers. A cut body (a 50 MB embeddings batch) gives C{{"usage": ...}}
-    found last in what was kept of it, flagged C{usage_from_cut_body}, when
-    it is there; otherwise, and for a body that is not JSON, the error goes
-    on the draft and the answer is C{{}}."""
+def json_or_cut_usage(
+    call: Call, draft: UsageDraft, keys: tuple[str, ...] = ("usage",)
+) -> dict[str, Any]:
+    """The response body as a JSON object, for parsers whose usage object
+    (named one of C{keys}) ends the response. A cut body (a 50 MB
+    embeddings batch) gives C{{key: ...}} for each found last in what was
+    kept of it, flagged C{usage_from_cut_body}, when there is one;
+    otherwise, and for a body that is not JSON, the error goes on the draft
+    and the answer is C{{}}."""
     try:
         return call.json_object()
     except BodyError as exc:
-        found = call.last_objects("usage")
+        found = call.last_objects(*keys)
         if found:
             draft.flag("usage_from_cut_body")
             return dict(found)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._call import Call
+from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, get_path
 from .jsonbody import BodyError, loads
 
@@ -69,12 +69,7 @@ def parse_cohere(call: Call, draft: UsageDraft) -> None:
         if final is None:
             draft.flag("usage_not_in_stream")
     else:
-        try:
-            value = call.json()
-        except BodyError as exc:
-            draft.error(str(exc))
-            value = None
-        final = value if isinstance(value, dict) else None
+        final = json_or_cut_usage(call, draft, ("usage", "meta"))
     if final is not None:
         _read(final, draft)
     if draft.model is None:

@@ -11,7 +11,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from ._call import Call
+from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count
 from .jsonbody import BodyError, loads, raw_decode_prefix
 from .sse import SSEEvent
@@ -67,11 +67,7 @@ def parse_gemini(call: Call, draft: UsageDraft) -> None:
         draft.streamed = True
         chunks = _array_chunks(call, draft)
     else:
-        try:
-            chunks = [call.json()]
-        except BodyError as exc:
-            draft.error(str(exc))
-            chunks = []
+        chunks = [json_or_cut_usage(call, draft, ("usageMetadata",))]
     last: dict[str, Any] | None = None
     for chunk in chunks:
         if not isinstance(chunk, dict):

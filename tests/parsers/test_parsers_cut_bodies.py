@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from parsers_testkit import exchange
-from test_parsers_llm_providers import MESSAGE
+from test_parsers_llm_providers import COHERE_V2, GEMINI, MESSAGE
 
 from llmobserve.proxy._bodytap import BodyTap
 from parsers import Exchange, analyse
@@ -62,16 +62,50 @@ def test_a_long_embeddings_batch_is_priced_from_its_tail(indent: int | None) -> 
     assert {"parse_truncated", "usage_from_cut_body"} <= set(record.flags)
 
 
-def test_a_long_anthropic_message_is_priced_from_its_tail() -> None:
-    """The same usage and cost as the whole body gives."""
-    long = {**MESSAGE, "content": [{"type": "text", "text": "word " * 50_000}]}
-    body, request = json.dumps(long).encode(), {"model": MESSAGE["model"]}
-    whole = analyse(exchange("api.anthropic.com", "/v1/messages", body, request=request))
-    record = analyse(_cut_exchange("api.anthropic.com", "/v1/messages", body, request))
+_LONG = "word " * 50_000
+#: (host, path, a response whose bulk precedes its usage, the request)
+_PROVIDERS = {
+    "anthropic": (
+        "api.anthropic.com",
+        "/v1/messages",
+        {**MESSAGE, "content": [{"type": "text", "text": _LONG}]},
+        {"model": MESSAGE["model"]},
+    ),
+    "gemini": (
+        "generativelanguage.googleapis.com",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        {**GEMINI, "candidates": [{"content": {"parts": [{"text": _LONG}], "role": "model"}}]},
+        {},
+    ),
+    "cohere-v2": (
+        "api.cohere.com",
+        "/v2/chat",
+        {**COHERE_V2, "message": {"role": "assistant", "content": [{"text": _LONG}]}},
+        {"model": "command-r-plus-08-2024"},
+    ),
+    "cohere-v1": (
+        "api.cohere.com",
+        "/v1/chat",
+        {"text": _LONG, "meta": {"billed_units": {"input_tokens": 11, "output_tokens": 22}}},
+        {"model": "command-r-plus"},
+    ),
+}
+
+
+@pytest.mark.parametrize("provider", sorted(_PROVIDERS))
+def test_a_long_response_is_priced_as_its_whole_body_would_be(provider: str) -> None:
+    """The usage found at the end of the kept copy gives the same usage and
+    cost as the whole body does."""
+    host, path, response, request = _PROVIDERS[provider]
+    body = json.dumps(response).encode()
+    whole = analyse(exchange(host, path, body, request=request))
+    record = analyse(_cut_exchange(host, path, body, request))
+    assert whole.usage and whole.cost_usd is not None, whole
     assert record.usage_source == whole.usage_source == "reported"
-    assert record.usage == whole.usage and record.usage["output_tokens"] == 300
-    assert record.cost_usd == whole.cost_usd and record.cost_usd is not None
-    assert "usage_from_cut_body" in record.flags
+    assert record.usage == whole.usage
+    assert record.cost_usd == whole.cost_usd
+    assert record.parse_error is None
+    assert {"parse_truncated", "usage_from_cut_body"} <= set(record.flags)
 
 
 def test_usage_quoted_inside_a_string_is_not_taken_for_the_real_one() -> None:
