@@ -16,6 +16,9 @@ __all__ = ["Call", "json_or_cut_usage"]
 _UNSET: Any = object()
 _TAIL_TRIES = 3  # "key" matches tried from the end of a cut body
 _TAIL_VALUE = 64 * 1024  # bytes decoded after a match: plenty for a usage object
+#: How far from the end a cut body is searched: all of the proxy's copy
+#: (1 MiB + 256 KiB), not all of a 16 MiB decoded prefix (milliseconds).
+_TAIL_SEARCH = 2 * 1024 * 1024
 
 
 class Call:
@@ -69,11 +72,12 @@ class Call:
         if not self.body_truncated:
             return found
         body = self.body
+        first = max(0, len(body) - _TAIL_SEARCH)
         for key in keys:
             needle = b'"' + key.encode() + b'"'
             end = len(body)
             for _ in range(_TAIL_TRIES):
-                at = body.rfind(needle, 0, end)
+                at = body.rfind(needle, first, end)
                 if at < 0:
                     break
                 value = _object_after(body, at + len(needle))
