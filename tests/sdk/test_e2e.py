@@ -169,10 +169,15 @@ def _check(
 # -- OpenAI ----------------------------------------------------------------------------
 
 
-def test_openai_sync(tracked: World) -> None:
+def _openai_client(world: World) -> Any:
+    """The real C{openai.OpenAI} client, on the fake upstream, no retries."""
     import openai
 
-    client = openai.OpenAI(api_key="sk-test", base_url=f"{tracked.openai.url}/v1", max_retries=0)
+    return openai.OpenAI(api_key="sk-test", base_url=f"{world.openai.url}/v1", max_retries=0)
+
+
+def test_openai_sync(tracked: World) -> None:
+    client = _openai_client(tracked)
     with llmobserve.customer("oa-sync"), llmobserve.section("agent:researcher"):
         raw = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
@@ -199,9 +204,7 @@ def test_openai_embeddings_batch_longer_than_the_parse_copy(tracked: World) -> N
     """The proxy keeps the head and the tail of a long response for parsing:
     the usage at the end of a 2 MB embeddings batch is still found and
     priced, and the application gets every byte."""
-    import openai
-
-    client = openai.OpenAI(api_key="sk-test", base_url=f"{tracked.openai.url}/v1", max_retries=0)
+    client = _openai_client(tracked)
     with llmobserve.customer("oa-embed"), llmobserve.section("index"):
         raw = client.embeddings.with_raw_response.create(
             model="text-embedding-3-small", input=["x"] * 200, encoding_format="float"
@@ -250,9 +253,7 @@ def test_openai_async(tracked: World) -> None:
 @pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
 def test_openai_streaming(tracked: World, include_usage: bool) -> None:
     """A streamed completion stays streamed: chunks arrive one by one, byte-identical."""
-    import openai
-
-    client = openai.OpenAI(api_key="sk-test", base_url=f"{tracked.openai.url}/v1", max_retries=0)
+    client = _openai_client(tracked)
     customer = f"oa-stream-{include_usage}"
     extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     with llmobserve.customer(customer), llmobserve.section("writer"):
