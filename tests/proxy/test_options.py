@@ -1,0 +1,42 @@
+"""C{twistd llmobserve}'s command line: what the options become, and the
+values refused before the proxy starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.python import usage
+
+from llmobserve.proxy._tap import Options
+
+
+def parse(*argv: str) -> Any:
+    options = Options()  # type: ignore[no-untyped-call]
+    options.parseOptions(list(argv))  # type: ignore[no-untyped-call]
+    return options
+
+
+def test_a_bare_port_listens_on_loopback_with_a_deep_backlog() -> None:
+    assert parse("--port", "9000")["port"] == "tcp:9000:interface=127.0.0.1:backlog=1024"
+    assert parse()["port"] == "tcp:9000:interface=127.0.0.1:backlog=1024"
+
+
+def test_dns_servers_in_the_order_given() -> None:
+    options = parse("--dns-server", "127.0.0.1:5353", "--dns-server", "[::1]")
+    assert options["dns-server"] == [("127.0.0.1", 5353), ("::1", 53)]
+    assert parse()["dns-server"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--dns-server", "dns.example"), "--dns-server"),
+        (("--dns-server", "127.0.0.1:99999"), "--dns-server"),
+        (("--resolve", "a.test=not-an-ip"), "--resolve a.test"),
+        (("--allow-cidr", "10.0.0.0/33"), "--allow-cidr"),
+    ],
+)
+def test_bad_values_are_refused_with_the_option_named(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
