@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["LISTEN_BACKLOG", "listen_endpoint"]
+__all__ = ["LISTEN_BACKLOG", "endpoint_parts", "listen_endpoint"]
 
 #: Pending connections the kernel may queue before the reactor accepts them.
 LISTEN_BACKLOG: Final = 1024
@@ -25,6 +25,12 @@ LISTEN_BACKLOG: Final = 1024
 # Server endpoint kinds that take a backlog= argument.
 _WITH_BACKLOG: Final = frozenset({"tcp", "tcp6", "ssl", "unix"})
 _SPLIT: Final = re.compile(r"(?<!\\):")  # endpoint strings escape colons as \:
+
+
+def endpoint_parts(description: str) -> list[str]:
+    """An endpoint string's kind and arguments, split at its unescaped colons
+    (C{tcp6:9000:interface=\\:\\:1} has three parts, escapes kept)."""
+    return _SPLIT.split(description)
 
 
 def listen_endpoint(port: str) -> str:
@@ -35,7 +41,7 @@ def listen_endpoint(port: str) -> str:
     port = port.strip()
     if port.isdigit():
         return f"tcp:{int(port)}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}"
-    kind, *args = _SPLIT.split(port)
+    kind, *args = endpoint_parts(port)
     if kind in _WITH_BACKLOG and not any(arg.startswith("backlog=") for arg in args):
         return f"{port}:backlog={LISTEN_BACKLOG}"
     return port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmobserve.endpoints import LISTEN_BACKLOG, listen_endpoint
+from llmobserve.endpoints import LISTEN_BACKLOG, endpoint_parts, listen_endpoint
 
 
 def test_a_bare_port_is_loopback_with_a_deep_backlog() -> None:
@@ -40,3 +40,8 @@ def test_a_backlog_given_or_not_taken_is_left_alone(given: str) -> None:
 def test_an_escaped_colon_is_not_an_argument() -> None:
     """C{unix:/tmp/a\\:backlog=1} names a path, not a backlog."""
     assert listen_endpoint("unix:/tmp/a\\:backlog=1") == "unix:/tmp/a\\:backlog=1:backlog=1024"
+
+
+def test_endpoint_parts_split_at_unescaped_colons_only() -> None:
+    assert endpoint_parts("tcp6:9000:interface=\\:\\:1") == ["tcp6", "9000", "interface=\\:\\:1"]
+    assert endpoint_parts("unix:/tmp/x.sock") == ["unix", "/tmp/x.sock"]

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from llmobserve.endpoints import listen_endpoint
+from llmobserve.endpoints import endpoint_parts, listen_endpoint
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
@@ -51,10 +51,10 @@ _LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
 
 def listens_beyond_loopback(description: str) -> bool:
     """True unless the endpoint string pins a loopback interface (or is a UNIX socket)."""
-    kind = description.split(":", 1)[0]
+    kind, *args = endpoint_parts(description)
     if kind == "unix":
         return False
-    for part in description.split(":"):
+    for part in args:
         if part.startswith("interface="):
             iface = part[len("interface=") :].replace("\\", "")
             if iface in _LOOPBACK_NAMES:

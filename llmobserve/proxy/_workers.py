@@ -12,7 +12,6 @@ parent disappears stops by itself.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import sys
@@ -26,7 +25,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from llmobserve.endpoints import LISTEN_BACKLOG
+from llmobserve.endpoints import LISTEN_BACKLOG, endpoint_parts
 
 __all__ = ["WorkerProcesses", "child_arguments", "listen_reuseport", "tcp_address"]
 
@@ -38,7 +37,7 @@ _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'tw
 
 def tcp_address(description: str) -> tuple[str, int] | None:
     """(interface, port) of a plain C{tcp:PORT[:interface=IP]} endpoint string, else None."""
-    parts = re.split(r"(?<!\\):", description)  # endpoint strings escape colons as \:
+    parts = endpoint_parts(description)
     if parts[0] != "tcp" or len(parts) < 2:
         return None
     port = parts[1][5:] if parts[1].startswith("port=") else parts[1]

@@ -40,3 +40,18 @@ def test_dns_servers_in_the_order_given() -> None:
 def test_bad_values_are_refused_with_the_option_named(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(usage.UsageError, match=message):
         parse(*argv)
+
+
+@pytest.mark.parametrize(
+    ("port", "beyond"),
+    [
+        ("9000", False),
+        ("tcp6:9000:interface=\\:\\:1", False),  # escaped colons: still loopback
+        ("tcp:9000:interface=0.0.0.0", True),
+        ("tcp:9000", True),
+        ("unix:/tmp/llmo.sock", False),
+    ],
+)
+def test_known_hosts_only_is_forced_beyond_loopback_only(port: str, beyond: bool) -> None:
+    options = parse("--port", port)
+    assert bool(options["known-hosts-only"]) is beyond
