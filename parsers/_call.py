@@ -48,15 +48,16 @@ class Call:
         megabyte of it held a parse thread, and the GIL with it, for
         milliseconds (see L{last_objects} for what can still be read).
         """
-        if self.body_truncated:
-            raise BodyError(f"response body cut: {len(self.body)} bytes of it kept for parsing")
-        return loads(self.body)
+        return loads(self._whole_body())
 
     def json_object(self) -> dict[str, Any]:
         """Like L{json}, but the top level must be an object."""
+        return loads_object(self._whole_body())
+
+    def _whole_body(self) -> bytes:
         if self.body_truncated:
             raise BodyError(f"response body cut: {len(self.body)} bytes of it kept for parsing")
-        return loads_object(self.body)
+        return self.body
 
     def last_objects(self, *keys: str) -> dict[str, dict[str, Any]]:
         """For a cut body: each C{"key": {...}} object found last in what was
