@@ -7,8 +7,9 @@ with a short chat-completion SSE stream: the head and the first event at
 once, the rest C{--sse-gap} seconds later, so the first event is a chunk
 of its own; and requests whose target contains C{/stream} with a long one:
 C{--stream-events} events, one chunk and one send each, C{--stream-interval}
-seconds apart (the head with the first, the usage in the last before
-C{data: [DONE]}, which goes with the final zero-length chunk).  Prints
+seconds apart (or C{interval_ms=N} in the target's query, for that stream;
+the head with the first, the usage in the last before C{data: [DONE]},
+which goes with the final zero-length chunk).  Prints
 C{PORT <n>} on stdout once listening; exits on SIGTERM or EOF.
 
     python -m bench._upstream [--sse-gap 0.002]
@@ -136,7 +137,7 @@ def stream_sends(events: int) -> list[bytes]:
 
 
 class _Conn:
-    __slots__ = ("buf", "fd", "need", "out", "sent", "sock", "sse", "stream")
+    __slots__ = ("buf", "fd", "interval", "need", "out", "sent", "sock", "sse", "stream")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -147,6 +148,16 @@ class _Conn:
         self.sse = False
         self.stream = False
         self.sent = 0  # sends of the current /stream response made so far
+        self.interval = 0.0  # seconds between the current /stream response's events
+
+
+def _interval(target: bytes, default: float) -> float:
+    """The C{interval_ms=N} a request target asks for, in seconds, or C{default}."""
+    i = target.find(b"interval_ms=")
+    if i < 0:
+        return default
+    digits = target[i + 12 :].split(b"&", 1)[0].split(b" ", 1)[0]
+    return int(digits) / 1000 if digits.isdigit() else default
 
 
 def serve(
@@ -210,7 +221,7 @@ def serve(
             send(conn, sends[0])
             conn.sent = 1
             seq += 1
-            heapq.heappush(timers, (time.monotonic() + stream_interval, seq, conn))
+            heapq.heappush(timers, (time.monotonic() + conn.interval, seq, conn))
         elif conn.sse:
             send(conn, SSE_FIRST)
             seq += 1
@@ -230,6 +241,7 @@ def serve(
                 line_end = head.find(b"\r\n")
                 target = head[: line_end if line_end >= 0 else len(head)]
                 conn.stream = b"/stream" in target
+                conn.interval = _interval(target, stream_interval)
                 conn.sse = not conn.stream and b"/sse" in target
                 i = head.find(b"content-length:")
                 if i >= 0:
@@ -322,7 +334,7 @@ def serve(
                 # Paced from the planned time, not from now: a late event
                 # does not push back the rest of the stream.
                 seq += 1
-                heapq.heappush(timers, (when + stream_interval, seq, conn))
+                heapq.heappush(timers, (when + conn.interval, seq, conn))
 
 
 def main() -> None:
