@@ -1,95 +1,30 @@
 """The real collector process: twistd on loopback, a LINK.md client, SIGKILL, restart.
 
-Each test starts C{twistd -n llmobserve-collector} as a subprocess on
-C{tcp:0:interface=127.0.0.1} and reads the port from its start-up line.
-Every subprocess is killed in teardown, whatever the test did.
+Each test starts C{twistd -n llmobserve-collector} through the suite's one
+C{twistd} shim (L{support.proxy.CollectorProcess}: an ephemeral loopback
+port read from its start-up line, killed with its test whatever happened).
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import re
+import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.proxy import CollectorProcess
 
 from llmobserve.events._codec import MAGIC, FrameDecoder, encode_frame
 
-START_TIMEOUT = 20.0
-LISTENING = re.compile(r"llmobserve collector listening on http://127\.0\.0\.1:(\d+)")
 
-
-class Collector:
-    """One collector subprocess and its port."""
-
-    def __init__(self, db: Path, cwd: Path, heartbeat: float = 5.0) -> None:
-        twistd = Path(sys.executable).with_name("twistd")
-        cmd = [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted"]
-        cmd += ["-n", "--pidfile=", "llmobserve-collector"]
-        cmd += [
-            "--port",
-            "tcp:0:interface=127.0.0.1",
-            "--db",
-            str(db),
-            "--heartbeat",
-            str(heartbeat),
-        ]
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.port = self._wait_port()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def _wait_port(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            m = LISTENING.search(line)
-            if m:
-                return int(m.group(1))
-        self.kill()
-        raise AssertionError("collector did not start:\n" + "".join(self.log))
-
-    def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return json.loads(r.read())
-
-    def rest_of_log(self) -> str:
-        """Everything logged so far (after the process ended: all of it)."""
-        time.sleep(0.2)
-        while True:
-            try:
-                self.log.append(self.lines.get_nowait())
-            except queue.Empty:
-                return "".join(self.log)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+def get(collector: CollectorProcess, path: str) -> Any:
+    """The JSON a collector's HTTP API answers on C{path}."""
+    with urllib.request.urlopen(collector.url + path, timeout=10) as r:
+        return json.loads(r.read())
 
 
 class LinkClient:
@@ -138,16 +73,22 @@ def closed_by_peer(s: socket.socket) -> bool:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    started: list[Collector] = []
+    """Start collectors on one store in C{tmp_path}; all killed at the end."""
+    started: list[CollectorProcess] = []
 
-    def start(heartbeat: float = 5.0) -> Collector:
-        c = Collector(tmp_path / "events.sqlite3", tmp_path, heartbeat)
-        started.append(c)
-        return c
+    def start(heartbeat: float = 5.0) -> CollectorProcess:
+        collector = CollectorProcess(
+            ("--heartbeat", str(heartbeat)),
+            db=tmp_path / "events.sqlite3",
+            workdir=tmp_path,
+            start_timeout=20.0,
+        )
+        started.append(collector)
+        return collector.start()
 
     yield start
-    for c in started:
-        c.kill()
+    for collector in started:
+        collector.kill()
 
 
 def make_events(n: int) -> list[dict[str, Any]]:
@@ -183,14 +124,14 @@ def test_sigkill_restart_resend_exactly_once(spawn: Any) -> None:
     # The rest goes out unacknowledged, and the collector dies under it.
     for seq, batch in batches[8:]:
         link.send_batch(seq, batch)
-    collector.proc.send_signal(9)
-    collector.proc.wait(10)
+    collector.send_signal(signal.SIGKILL)
+    collector.wait(10)
     link.close()
     acked_before_kill = link.acked
     assert acked_before_kill >= 7
 
     collector = spawn()
-    health = collector.get("/health")
+    health = get(collector, "/health")
     assert health["service"] == "llmobserve-collector"
     # everything acked before the kill was committed and survived it
     assert health["events_stored"] >= (acked_before_kill + 1) * 50
@@ -203,12 +144,12 @@ def test_sigkill_restart_resend_exactly_once(spawn: Any) -> None:
     link.wait_ack(19)
     link.close()
 
-    body = collector.get("/api/events?limit=10000")
+    body = get(collector, "/api/events?limit=10000")
     ids = [e["id"] for e in body["events"]]
     assert len(ids) == 1000
     assert set(ids) == {e["id"] for e in events}
-    assert collector.get("/health")["events_stored"] == 1000
-    report = collector.get("/api/report?by=customer")
+    assert get(collector, "/health")["events_stored"] == 1000
+    report = get(collector, "/api/report?by=customer")
     assert sum(r["calls"] for r in report["rows"]) == 1000
 
 
@@ -229,15 +170,15 @@ def test_hostile_links_leave_others_alone(spawn: Any) -> None:
 
     good.send_batch(1, make_events(10))
     good.wait_ack(1)
-    assert collector.get("/health")["status"] == "ok"
-    assert collector.get("/health")["events_stored"] == 10
-    health = collector.get("/health")
+    assert get(collector, "/health")["status"] == "ok"
+    assert get(collector, "/health")["events_stored"] == 10
+    health = get(collector, "/health")
     assert health["link_protocol_errors"] >= 2
     assert {link["proxy_id"] for link in health["links"]} >= {"good"}
     # the half-open link sent no hello: closed at the first heartbeat
     assert closed_by_peer(half_open)
     good.close()
-    assert collector.proc.poll() is None  # still running
+    assert collector.running
 
 
 @pytest.mark.timeout(60)
@@ -249,11 +190,11 @@ def test_sigterm_drains_and_exits_cleanly(spawn: Any, tmp_path: Path) -> None:
     for seq in range(10):
         link.send_batch(seq, events[seq * 50 : seq * 50 + 50])
     link.wait_ack(9)
-    collector.proc.terminate()
+    collector.send_signal(signal.SIGTERM)
     # twistd re-raises the stopping signal after a clean shutdown, so the
     # status is -SIGTERM; the clean part is the "Server Shut Down." line.
-    assert collector.proc.wait(15) in (0, -15)
-    assert "Server Shut Down." in collector.rest_of_log()
+    assert collector.wait(15) in (0, -15)
+    assert "Server Shut Down." in collector.log_text()
     link.close()
     collector = spawn()
-    assert collector.get("/health")["events_stored"] == 500
+    assert get(collector, "/health")["events_stored"] == 500
