@@ -51,10 +51,13 @@ class CollectorService(MultiService):
         db_path: Path,
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
+        scheme: str = "http",
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
         self._endpoint = endpoint
+        #: C{https} when the endpoint speaks TLS (an C{ssl:} port), for the start-up line.
+        self.scheme = scheme
         self.db_path = db_path
         threads: IReactorFromThreads = reactor
         self.writer_thread = StoreThread(
@@ -103,7 +106,8 @@ class CollectorService(MultiService):
         if ":" in h:
             h = f"[{h}]"
         self.log.info(
-            "llmobserve collector listening on http://{host}:{port}",
+            "llmobserve collector listening on {scheme}://{host}:{port}",
+            scheme=self.scheme,
             host=h,
             port=getattr(host, "port", "?"),
         )

@@ -34,7 +34,8 @@ class Options(usage.Options):
             "p",
             "8000",
             "Where to listen: a bare port number means 127.0.0.1; "
-            "any Twisted endpoint string works (tcp:0:interface=127.0.0.1).",
+            "any Twisted endpoint string works (tcp:0:interface=127.0.0.1; "
+            "ssl:8443:privateKey=key.pem:certKey=cert.pem for TLS on link and HTTP).",
         ],
         [
             "db",
@@ -79,11 +80,13 @@ def makeService(options: usage.Options) -> IService:
         EventStore(db_path).close()
     except (StoreError, OSError) as e:
         raise usage.UsageError(str(e)) from e
-    endpoint = serverFromString(r, listen_endpoint(options["port"]))
+    description = listen_endpoint(options["port"])
+    endpoint = serverFromString(r, description)
     return CollectorService(
         r,
         endpoint,
         db_path,
         heartbeat=options["heartbeat"],
         synchronous=str(options["synchronous"]).upper(),
+        scheme="https" if description.startswith("ssl:") else "http",
     )

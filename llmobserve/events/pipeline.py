@@ -655,18 +655,20 @@ def _summary(event: Mapping[str, Any]) -> str:
 
 
 def parse_collector_url(url: str) -> tuple[str, int]:
-    """C{http://host:port} (or C{host:port}) to the TCP address of the link.
+    """C{http://host:port}, C{https://host:port} (or C{host:port}) to the TCP
+    address of the link.
 
-    The HTTP scheme only names the port: the link is plain TCP to the
-    collector's single port.
+    The scheme names the port and whether the link speaks TLS: the link
+    goes to the collector's single port, plain or (https) inside TLS, whose
+    endpoint the caller makes (L{make_event_sink}'s C{endpoint}).
     """
     text = url if "://" in url else f"http://{url}"
     parsed = hyperlink.URL.from_text(text)
-    if parsed.scheme != "http":
-        raise ValueError(f"collector URL must be http://HOST:PORT, not {url!r}")
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"collector URL must be http(s)://HOST:PORT, not {url!r}")
     if not parsed.host:
         raise ValueError(f"collector URL has no host: {url!r}")
-    return parsed.host, parsed.port or 80
+    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
 def open_spool(directory: str | os.PathLike[str], *, max_bytes: int, tries: int = 64) -> EventSpool:
@@ -730,6 +732,8 @@ def make_event_sink(
         if collector_url is not None:
             host, port = parse_collector_url(collector_url)
             if endpoint is None:
+                if collector_url.startswith("https:"):
+                    raise ValueError("an https:// collector needs its TLS endpoint given")
                 endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
             delivery = CollectorLink(
                 reactor,

@@ -32,7 +32,7 @@ from llmobserve.proxy._policy import (
 from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
-from llmobserve.proxy._tls import load_extra_trust, tls_creator
+from llmobserve.proxy._tls import collector_endpoint, load_extra_trust, tls_creator
 from llmobserve.proxy._upstream import UpstreamPool
 from llmobserve.proxy._workers import (
     ParentWatch,
@@ -91,7 +91,19 @@ class Options(usage.Options):
             "9000",
             "Where to listen: a port number (127.0.0.1) or a Twisted endpoint string.",
         ],
-        ["collector", None, None, "Collector URL (http://host:port); default: the embedded store."],
+        [
+            "collector",
+            None,
+            None,
+            "Collector URL (http://host:port, or https:// for a collector on an ssl: port);"
+            " default: the embedded store.",
+        ],
+        [
+            "collector-ca-file",
+            None,
+            None,
+            "PEM bundle of extra CAs to trust for an https:// collector (a private CA).",
+        ],
         ["db", None, None, "Embedded store SQLite file (default $LLMOBSERVE_HOME/events.sqlite3)."],
         [
             "spool-dir",
@@ -221,6 +233,13 @@ class Options(usage.Options):
         self["port"] = listen_endpoint(str(self["port"]))
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
+        if self["collector-ca-file"] is not None:
+            if not str(self["collector"] or "").startswith("https://"):
+                raise usage.UsageError("--collector-ca-file needs an https:// --collector")
+            try:
+                load_extra_trust(self["collector-ca-file"])
+            except (ValueError, OSError) as e:
+                raise usage.UsageError(f"--collector-ca-file: {e}") from None
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
             self["known-hosts-only"] = True
             self["known-hosts-only-forced"] = True
@@ -241,6 +260,11 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
         collector_url=options["collector"],
         db_path=options["db"],
         spool_dir=options["spool-dir"],
+        endpoint=(
+            collector_endpoint(reactor, options["collector"], ca_file=options["collector-ca-file"])
+            if options["collector"]
+            else None
+        ),
     )
 
 

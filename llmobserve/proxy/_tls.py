@@ -17,16 +17,24 @@ certificate is still checked against the hostname.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
+import hyperlink
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from zope.interface import implementer
 
-__all__ = ["ExtraTrust", "load_extra_trust", "tls_creator"]
+__all__ = [
+    "ExtraTrust",
+    "collector_endpoint",
+    "load_extra_trust",
+    "tls_creator",
+]
 
 _CREATORS_MAX = 1024
 _creators: dict[tuple[str, IOpenSSLTrustRoot | None], IOpenSSLClientConnectionCreator] = {}
@@ -95,3 +103,31 @@ def load_extra_trust(pem_path: str | Path) -> ExtraTrust:
     except ValueError as e:
         raise ValueError(f"no PEM certificate in {str(pem_path)!r}: {e}") from None
     return ExtraTrust(tuple(crypto.X509.from_cryptography(c) for c in certificates))
+
+
+def collector_endpoint(
+    reactor: Any,
+    url: str,
+    *,
+    ca_file: str | Path | None = None,
+    timeout: float = 5.0,
+) -> IStreamClientEndpoint | None:
+    """The link's endpoint for an C{https://HOST:PORT} collector URL: TCP to
+    HOST, then TLS whose certificate must be valid for HOST (the chain
+    against the platform's roots and C{ca_file}'s CAs). C{None} for a plain
+    C{http://} URL, whose endpoint the pipeline makes itself.
+
+    @raise ValueError: an unusable URL, or a C{ca_file} with no certificate.
+    @raise OSError: C{ca_file} cannot be read.
+    """
+    text = url if "://" in url else f"http://{url}"
+    parsed = hyperlink.URL.from_text(text)
+    if parsed.scheme != "https":
+        if ca_file is not None:
+            raise ValueError("--collector-ca-file needs an https:// collector URL")
+        return None
+    if not parsed.host:
+        raise ValueError(f"collector URL has no host: {url!r}")
+    trust = None if ca_file is None else load_extra_trust(ca_file)
+    tcp = HostnameEndpoint(reactor, parsed.host, parsed.port or 443, timeout=timeout)
+    return wrapClientTLS(tls_creator(parsed.host, trust), tcp)

@@ -69,7 +69,7 @@ _TWISTD = (
     "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())"
 )
 
-_LISTENING = r"listening on http://(\[[^\]]+\]|[^\s:/\]]+):(\d+)"
+_LISTENING = r"listening on (https?)://(\[[^\]]+\]|[^\s:/\]]+):(\d+)"
 
 _PROXY_ENV_VARS = (
     "http_proxy",
@@ -147,6 +147,7 @@ class TwistdProcess:
         self.log_path = self.workdir / f"{self.plugin}.log"
         self.extra_env = dict(env or {})
         self.start_timeout = start_timeout
+        self.scheme = "http"
         self.host = ""
         self.port = 0
         self.started_at = 0.0
@@ -213,8 +214,9 @@ class TwistdProcess:
         while True:
             match = pattern.search(self.log_text())
             if match:
-                self.host = match.group(1).strip("[]")
-                self.port = int(match.group(2))
+                self.scheme = match.group(1)
+                self.host = match.group(2).strip("[]")
+                self.port = int(match.group(3))
                 return
             code = self.poll()
             if code is not None:
@@ -319,9 +321,9 @@ class TwistdProcess:
 
     @property
     def url(self) -> str:
-        """C{http://127.0.0.1:PORT} (no trailing slash)."""
+        """C{http://127.0.0.1:PORT} (no trailing slash; https for a TLS port)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     @property
     def address(self) -> tuple[str, int]:

@@ -1,0 +1,158 @@
+"""The collector on a TLS port, and the proxy's link to it verifying the certificate.
+
+Real processes: C{twistd llmobserve-collector --port ssl:...} with a
+certificate from a test CA (trustme), C{twistd llmobserve --collector
+https://...}, chat calls through the proxy to a fake upstream, and the
+C{llmobserve} CLI reading the report over HTTPS. Every refusal (a collector
+certificate from another CA, plain TCP to the TLS port) keeps the events in
+the proxy's spool, and they are delivered once the link is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from support.clients import chat_calls
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.upstreams import RecordingUpstream
+
+CALLS = 20
+
+
+def _ca_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The collector's key and chain (for 127.0.0.1), its CA, and another CA."""
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server_pem = tmp_path / "collector.pem"
+    server.private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    ca_pem, other_pem = tmp_path / "ca.pem", tmp_path / "other-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    other.cert_pem.write_to_path(str(other_pem))
+    return server_pem, ca_pem, other_pem
+
+
+def _get_json(url: str, ca_file: Path | None = None) -> Any:
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    with urllib.request.urlopen(url, timeout=5, context=context) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _tls_collector(tmp_path: Path, server_pem: Path) -> CollectorProcess:
+    return CollectorProcess(
+        port=f"ssl:0:interface=127.0.0.1:privateKey={server_pem}:certKey={server_pem}",
+        db=tmp_path / "collector.db",
+        workdir=tmp_path / "collector",
+    )
+
+
+def _proxy(tmp_path: Path, upstream: RecordingUpstream, *collector_args: str) -> ProxyProcess:
+    return ProxyProcess(
+        [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai", *collector_args],
+        workdir=tmp_path / "proxy",
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmobserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=loopback_env(),
+    )
+
+
+@pytest.mark.timeout(60)
+def test_events_reach_a_tls_collector_and_the_cli_reads_it(tmp_path: Path) -> None:
+    """C{--port ssl:...} serves link and HTTP over TLS; C{--collector https://}
+    with the private CA delivers every event; the CLI reads the report with
+    C{--ca-file}, and refuses the collector without it."""
+    server_pem, ca_pem, _ = _ca_files(tmp_path)
+    with RecordingUpstream() as upstream, _tls_collector(tmp_path, server_pem) as collector:
+        assert collector.url.startswith("https://127.0.0.1:")  # the start-up line says https
+        url = f"https://127.0.0.1:{collector.port}"
+        with _proxy(
+            tmp_path, upstream, "--collector", url, "--collector-ca-file", str(ca_pem)
+        ) as proxy:
+            chat_calls(proxy.port, upstream.url, CALLS)
+            _wait_for(
+                lambda: _get_json(url + "/health", ca_pem)["events_stored"] == CALLS,
+                20,
+                "the events at the collector",
+            )
+            assert _get_json(proxy.url + "/health")["collector"]["state"] == "connected"
+        report = _cli("report", "--collector", url, "--ca-file", str(ca_pem), "--format", "json")
+        assert report.returncode == 0, report.stderr
+        assert sum(row["calls"] for row in json.loads(report.stdout)["rows"]) == CALLS
+        refused = _cli("report", "--collector", url)
+        assert refused.returncode != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["wrong-ca", "plain-tcp"])
+def test_a_refused_link_keeps_every_event_until_it_is_fixed(tmp_path: Path, fault: str) -> None:
+    """A collector certificate signed by another CA, or plain TCP to the TLS
+    port: calls still answer 200, nothing is stored, the events wait in the
+    spool; restarted with the right CA, the proxy delivers each of them once."""
+    server_pem, ca_pem, other_pem = _ca_files(tmp_path)
+    with RecordingUpstream() as upstream, _tls_collector(tmp_path, server_pem) as collector:
+        https = f"https://127.0.0.1:{collector.port}"
+        bad = (
+            ("--collector", https, "--collector-ca-file", str(other_pem))
+            if fault == "wrong-ca"
+            else ("--collector", f"http://127.0.0.1:{collector.port}")
+        )
+        with _proxy(tmp_path, upstream, *bad) as proxy:
+            chat_calls(proxy.port, upstream.url, CALLS)
+            _wait_for(
+                lambda: _get_json(proxy.url + "/health")["events_waiting"] == CALLS,
+                10,
+                "the events in the spool",
+            )
+            time.sleep(1.0)  # several link attempts
+            health = _get_json(proxy.url + "/health")
+            assert health["collector"]["state"] != "connected", health
+            assert health["events_waiting"] == CALLS
+        assert _get_json(https + "/health", ca_pem)["events_stored"] == 0
+        with _proxy(
+            tmp_path, upstream, "--collector", https, "--collector-ca-file", str(ca_pem)
+        ) as proxy:
+            _wait_for(
+                lambda: _get_json(proxy.url + "/health")["events_waiting"] == 0,
+                20,
+                "the spool to drain",
+            )
+        events = _get_json(https + "/api/events?limit=1000", ca_pem)["events"]
+    assert len({e["id"] for e in events}) == len(events) == CALLS
+
+
+def test_a_collector_ca_file_needs_an_https_collector(tmp_path: Path) -> None:
+    """A misconfiguration is a usage error at start-up, not a silent plain link."""
+    _, ca_pem, _ = _ca_files(tmp_path)
+    proxy = ProxyProcess(
+        ["--collector", "http://127.0.0.1:1", "--collector-ca-file", str(ca_pem)],
+        workdir=tmp_path / "proxy",
+        start_timeout=10,
+    )
+    with pytest.raises(Exception, match="needs an https"):
+        proxy.start()
+    proxy.kill()
