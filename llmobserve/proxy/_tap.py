@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from llmobserve.endpoints import endpoint_parts, listen_endpoint
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.proxy._channel import ProxyServerFactory
-from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._policy import (
@@ -125,7 +125,14 @@ class Options(usage.Options):
             "Seconds of silence allowed inside a request body.",
             float,
         ],
-        ["max-body", None, 32 * 1024 * 1024, "Request body limit in bytes (413 above).", int],
+        [
+            "max-body",
+            None,
+            DEFAULT_MAX_BODY,
+            "Request body limit in bytes (413 above); bodies stream, so the 2 GiB "
+            "default costs no memory.",
+            int,
+        ],
         [
             "drain-timeout",
             None,
