@@ -15,7 +15,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.server import Site
+
+from llmobserve.hostguard import HostGuard, HostGuardedSite
 
 from ._http import collector_root
 from ._link import LinkRegistry, LinkServerProtocol
@@ -40,6 +41,8 @@ class CollectorService(MultiService):
     @param heartbeat: the link heartbeat interval, seconds.
     @param synchronous: SQLite C{synchronous} for the writer (C{FULL}:
         an ack means the events survive power loss too).
+    @param host_guard: the C{Host} check every HTTP request passes before
+        it is routed (default: IP literals and localhost only).
     """
 
     log = Logger()
@@ -52,6 +55,7 @@ class CollectorService(MultiService):
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
         scheme: str = "http",
+        host_guard: HostGuard | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -73,7 +77,7 @@ class CollectorService(MultiService):
         self.writer = BatchWriter(self.writer_thread)
         self.links = LinkRegistry()
         root = collector_root(self.reader_thread, self.writer, self.links)
-        self.site = Site(root)
+        self.site = HostGuardedSite(root, host_guard or HostGuard())
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
         self._heartbeat = heartbeat

@@ -10,6 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from llmobserve.endpoints import listen_endpoint
+from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
 
 from ._service import CollectorService
@@ -59,6 +60,20 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        self["public-name"] = []
+
+    def opt_public_name(self, name: str) -> None:
+        """NAME: clients may reach this collector as NAME (Host: NAME[:PORT]),
+        e.g. a docker compose service or an internal DNS name; besides IP
+        literals and localhost, every other Host is refused (DNS rebinding).
+        Repeatable."""
+        try:
+            self["public-name"].append(public_name(name))
+        except ValueError as e:
+            raise usage.UsageError(f"--public-name: {e}") from None
+
     def postOptions(self) -> None:
         if self["db"] is None:
             self["db"] = str(default_db_path())
@@ -89,4 +104,5 @@ def makeService(options: usage.Options) -> IService:
         heartbeat=options["heartbeat"],
         synchronous=str(options["synchronous"]).upper(),
         scheme="https" if description.startswith("ssl:") else "http",
+        host_guard=HostGuard(options["public-name"]),
     )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["RelayConfig"]
+__all__ = ["DEFAULT_MAX_BODY", "RelayConfig"]
+
+#: Request bodies stream upstream (a bounded copy is kept for the parsers),
+#: so the default admits what the providers' upload APIs take (OpenAI Files
+#: 512 MB, Gemini's File API 2 GB); C{--max-body} sets a lower cap.
+DEFAULT_MAX_BODY = 2 * 1024 * 1024 * 1024
 
 
 @attrs.frozen
@@ -19,7 +24,7 @@ class RelayConfig:
     header_timeout: float = 600.0  # request sent -> response headers (reasoning models think)
     idle_timeout: float = 300.0  # no upstream byte for this long mid-response
     client_write_timeout: float = 60.0  # a client that stops reading a response
-    max_body: int = 32 * 1024 * 1024  # request body limit -> 413
+    max_body: int = DEFAULT_MAX_BODY  # request body limit -> 413
     max_response_head: int = 64 * 1024  # response header bytes -> 502
     pool_idle_timeout: float = 30.0  # idle keep-alive upstream connections
     max_idle_per_host: int = 64

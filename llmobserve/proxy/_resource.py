@@ -4,7 +4,8 @@ Routes (contract, DESIGN.md): C{GET /health}, C{GET /metrics},
 C{ANY /proxy} with C{X-LLMObserve-Target-URL}, C{ANY /<provider>/<rest>}
 (base-URL mode), C{POST /spans} for the SDK's span records, and, when the
 proxy stores its events itself (embedded mode), C{GET /api/events} and
-C{GET /api/report} as the collector serves them.
+C{GET /api/report} as the collector serves them. Before any of them, every
+request's C{Host} passes the L{HostGuard} (browser DNS rebinding).
 
 Mounted in any twisted.web C{Site}, the resource works with request bodies
 that twisted.web buffered first. Served by L{ProxySite} (what
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,6 +26,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from zope.interface import implementer
 
 from llmobserve import __version__
+from llmobserve.hostguard import HostGuard
 from llmobserve.proxy._errors import write_error
 from llmobserve.proxy._headers import RequestHead, split_request_headers
 from llmobserve.proxy._policy import Target, TargetRefused, parse_target
@@ -37,9 +38,7 @@ __all__ = ["ProxyResource", "ProxySite"]
 _log = Logger()
 _now = time.perf_counter
 _OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b"api", b""})
-_LOCAL_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 _MAX_SPANS_BODY = 4 * 1024 * 1024
-_HOST_SYNTAX = re.compile(rb"(?:\[[0-9a-f:.]+\]|[a-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
 
 
 class _Refusal:
@@ -66,9 +65,9 @@ class ProxyResource:
 
     @param services: what every relay shares (config, policy, pool, sink, clock).
     @param base_urls: provider id -> base URL for base-URL mode.
-    @param allowed_host_names: extra names the proxy answers to in C{Host}
-        (besides IP literals and localhost): refusing other names defeats
-        browser DNS rebinding.
+    @param host_guard: the C{Host} check every route passes first (IP
+        literals, localhost and C{--public-name} names; defeats browser DNS
+        rebinding). Default: no public names.
     """
 
     isLeaf = True
@@ -78,14 +77,13 @@ class ProxyResource:
         self,
         services: RelayServices,
         base_urls: Mapping[str, str],
-        allowed_host_names: frozenset[bytes] = frozenset(),
+        host_guard: HostGuard | None = None,
         api: Callable[[], Any] | None = None,
     ) -> None:
         self._s = services
         self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
-        self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
-        self._hosts_seen: set[bytes] = set()  # Host values already admitted
+        self._guard = host_guard or HostGuard()
         self._started = time.time()
 
     # IResource
@@ -97,6 +95,17 @@ class ProxyResource:
         raise NotImplementedError("ProxyResource routes by itself")
 
     def render(self, request: Any) -> Any:
+        if not getattr(request, "reports_client_gone", False):
+            # Mounted in a plain Site: begin_streaming has not run (it checks
+            # Host for every route) and twisted.web buffered the body already.
+            receiver = self.begin_streaming(request)
+            if receiver is not None:
+                content = request.content
+                content.seek(0)
+                while chunk := content.read(65536):
+                    receiver.body_chunk(chunk)
+                receiver.body_complete()
+                return server.NOT_DONE_YET
         route = request.postpath[0] if request.postpath else b""
         if route == b"health" and request.method in (b"GET", b"HEAD"):
             return self._json(request, 200, self._health())
@@ -106,16 +115,6 @@ class ProxyResource:
             return self._spans(request)
         if route == b"api":
             return self._api_route(request)
-        if route not in _OWN_ROUTES and not getattr(request, "reports_client_gone", False):
-            # Mounted in a plain Site: twisted.web buffered the body already.
-            receiver = self.begin_streaming(request)
-            if receiver is not None:
-                content = request.content
-                content.seek(0)
-                while chunk := content.read(65536):
-                    receiver.body_chunk(chunk)
-                receiver.body_complete()
-                return server.NOT_DONE_YET
         write_error(request, 404, "not_found", "no such route; see GET /health")
         return server.NOT_DONE_YET
 
@@ -142,11 +141,9 @@ class ProxyResource:
     # IStreamingResource
 
     def begin_streaming(self, request: Any) -> Any:
-        """Route a request at header time; start the relay for forwarding routes."""
-        postpath = request.postpath
-        route = postpath[0] if postpath else b""
-        if route in _OWN_ROUTES:
-            return None
+        """Check Host (every route), then route the request at header time;
+        start the relay for forwarding routes. C{None}: the proxy's own
+        route or no route, answered by C{render}."""
         t0 = _now()
         started_at = time.time()
         clock = self._s.clock
@@ -157,10 +154,22 @@ class ProxyResource:
                 for name, values in request.requestHeaders.getAllRawHeaders()
                 for value in values
             ]
-        refusal = self._check_inbound(request, pairs)
-        if refusal is not None:
-            status, kind, message = refusal
-            write_error_early(request, status, kind, message, clock)
+        refused = self._guard.refusal([v for n, v in pairs if n.lower() == b"host"])
+        if refused is not None:
+            write_error_early(request, refused.status, refused.kind, refused.message, clock)
+            return _REFUSAL
+        postpath = request.postpath
+        route = postpath[0] if postpath else b""
+        if route in _OWN_ROUTES:
+            return None
+        if request.uri[:1] != b"/":
+            write_error_early(
+                request,
+                400,
+                "bad_request",
+                "absolute-form and CONNECT requests are not proxied",
+                clock,
+            )
             return _REFUSAL
         head = split_request_headers(pairs)
         if head.via_loop:
@@ -187,26 +196,6 @@ class ProxyResource:
         return relay
 
     # Routing
-
-    def _check_inbound(
-        self, request: Any, pairs: list[tuple[bytes, bytes]]
-    ) -> tuple[int, str, str] | None:
-        hosts = [v for n, v in pairs if n.lower() == b"host"]
-        if len(hosts) != 1:
-            return 400, "bad_request", "exactly one Host header is required"
-        if hosts[0] not in self._hosts_seen:
-            host = hosts[0].strip().lower()
-            if _HOST_SYNTAX.fullmatch(host) is None:
-                return 400, "bad_request", "malformed Host header"
-            name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
-            if name not in self._host_names and not _is_ip_literal(name):
-                return 403, "host_not_allowed", "Host is not this proxy's own address"
-            if len(self._hosts_seen) >= 256:
-                self._hosts_seen.clear()
-            self._hosts_seen.add(hosts[0])  # a client sends the same few, again and again
-        if request.uri[:1] != b"/":
-            return 400, "bad_request", "absolute-form and CONNECT requests are not proxied"
-        return None
 
     def _target_for(
         self, request: Any, route: bytes, head: RequestHead
@@ -303,13 +292,6 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
-
-
-def _is_ip_literal(name: bytes) -> bool:
-    if name.startswith(b"[") and name.endswith(b"]"):
-        return True
-    parts = name.split(b".")
-    return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 for p in parts)
 
 
 def _merge_query(url: str, extra: str) -> str:

@@ -18,8 +18,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from llmobserve.endpoints import endpoint_parts, listen_endpoint
+from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.proxy._channel import ProxyServerFactory
-from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._policy import (
@@ -136,7 +137,14 @@ class Options(usage.Options):
             "Seconds of silence allowed inside a request body.",
             float,
         ],
-        ["max-body", None, 32 * 1024 * 1024, "Request body limit in bytes (413 above).", int],
+        [
+            "max-body",
+            None,
+            DEFAULT_MAX_BODY,
+            "Request body limit in bytes (413 above); bodies stream, so the 2 GiB "
+            "default costs no memory.",
+            int,
+        ],
         [
             "drain-timeout",
             None,
@@ -182,6 +190,7 @@ class Options(usage.Options):
         self["base-url"] = {}
         self["resolve"] = {}
         self["dns-server"] = []
+        self["public-name"] = []
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -217,6 +226,15 @@ class Options(usage.Options):
             self["dns-server"].append(parse_dns_server(spec))
         except (ValueError, OSError) as e:
             raise usage.UsageError(f"--dns-server: {e}") from None
+
+    def opt_public_name(self, name: str) -> None:
+        """NAME: clients may reach this proxy as NAME (Host: NAME[:PORT]), e.g. a
+        docker compose service or an internal DNS name; besides IP literals and
+        localhost, every other Host is refused (DNS rebinding). Repeatable."""
+        try:
+            self["public-name"].append(public_name(name))
+        except ValueError as e:
+            raise usage.UsageError(f"--public-name: {e}") from None
 
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
@@ -444,7 +462,8 @@ def build_proxy(
     )
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
-    resource = ProxyResource(services, base_urls, api=api)
+    guard = HostGuard(options["public-name"])
+    resource = ProxyResource(services, base_urls, host_guard=guard, api=api)
     site: Any
     if options["server"] == "twisted-web":
         site = ProxySite(resource, client_timeout=options["client-timeout"])

@@ -226,7 +226,7 @@ def _warm_fd_count(proxy: ProxyProcess, url: str) -> int:
     assert raw_request(proxy.port, proxy_request(proxy.port, "GET", url, []), timeout=5).status
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        metrics = raw_request(proxy.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").body
+        metrics = raw_request(proxy.port, build_request("GET", "/metrics", host="127.0.0.1")).body
         if b"llmobserve_events_total 1" in metrics and b"llmobserve_events_waiting 0" in metrics:
             break
         time.sleep(0.05)

@@ -119,12 +119,12 @@ def test_upload_100mb_streamed_flat_rss(
     proxy_factory: ProxyFactory, big_body_upstream: BigBodyUpstream, chunked: bool
 ) -> None:
     """
-    A 100 MB request body is streamed, not buffered: the upstream has
-    received bytes before the client has sent half of it, the upload
-    arrives complete and byte-identical, and the proxy's RSS grows by less
-    than 30 MB.
+    A 100 MB request body is admitted by the default limit (no --max-body)
+    and streamed, not buffered: the upstream has received bytes before the
+    client has sent half of it, the upload arrives complete and
+    byte-identical, and the proxy's RSS grows by less than 30 MB.
     """
-    proxy = proxy_factory(*LOOPBACK_ARGS, "--max-body", str(2 * BIG))
+    proxy = proxy_factory(*LOOPBACK_ARGS)
     _warm_up(proxy, big_body_upstream.url + "/blob?size=1000")
     framing = [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", str(BIG))]
     head = proxy_request(
