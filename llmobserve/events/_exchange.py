@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from llmobserve.events._record import UsageLike, header_value, headers_to_mapping
-from llmobserve.proxy.transaction import RawHeaders, Transaction
+from llmobserve.transaction import RawHeaders, Transaction
 from parsers import Exchange, analyse
 from parsers._records import construct
 

@@ -30,7 +30,7 @@ from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
 from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
-from llmobserve.proxy.transaction import ITransactionSink, Outcome, Transaction
+from llmobserve.transaction import ITransactionSink, Outcome, Transaction
 
 __all__ = ["Relay", "RelayServices"]
 

@@ -41,7 +41,7 @@ from llmobserve.proxy._workers import (
     tcp_address,
 )
 from llmobserve.proxy._writes import WriteCoalescer
-from llmobserve.proxy.transaction import ITransactionSink
+from llmobserve.transaction import ITransactionSink
 
 __all__ = ["Options", "makeService"]
 
@@ -241,7 +241,16 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
         collector_url=options["collector"],
         db_path=options["db"],
         spool_dir=options["spool-dir"],
+        store_factory=open_embedded_store,
     )
+
+
+def open_embedded_store(path: str) -> Any:
+    """The embedded store: the collector's C{EventStore} with C{synchronous=NORMAL}
+    (durable against a crash of the process; see C{llmobserve.events._embedded})."""
+    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+
+    return EventStore(path, synchronous="NORMAL")
 
 
 class EmbeddedReportApi(Service):
