@@ -45,8 +45,8 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from bench._upstream import _BODY, SSE_FIRST, SSE_REST
 from bench.overhead import _CHAT_BODY, _SSE_BODY
+from llmobserve.events import EventPipeline, make_event_sink, open_spool
 from llmobserve.events._outbox import Outbox
-from llmobserve.events.pipeline import EventPipeline, make_event_sink, open_spool
 from llmobserve.proxy._tap import open_embedded_store
 from llmobserve.transaction import Context, Outcome, Transaction
 

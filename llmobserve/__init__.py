@@ -9,19 +9,21 @@ the proxy runs in its own process (see docs/SDK.md).
         client.chat.completions.create(...)  # tracked, attributed to the section
 """
 
-from llmobserve.sdk._context import (
+from llmobserve.sdk import (
+    Observation,
     Section,
     customer,
     export_context,
     import_context,
+    observe,
     properties,
     section,
     set_customer_id,
     set_property,
     set_run_id,
     set_tenant_id,
+    shutdown,
 )
-from llmobserve.sdk._observe import Observation, observe, shutdown
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from llmobserve.events._record import UsageLike, header_value, headers_to_mapping
 from llmobserve.transaction import RawHeaders, Transaction
-from parsers import Exchange, analyse
-from parsers._records import construct
+from parsers import Exchange, analyse, construct
 
 __all__ = ["AnalyseFn", "HeaderMap", "default_analyse", "exchange_from_transaction"]
 

@@ -230,12 +230,8 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     """The transaction sink: the event pipeline, or a log line per call with --no-events."""
     if options["no-events"]:
         return LoggingSink(reactor), None
-    try:
-        from llmobserve.events.pipeline import (  # type: ignore[import-not-found,unused-ignore]
-            make_event_sink,
-        )
-    except ImportError:
-        return LoggingSink(reactor), None
+    from llmobserve.events import make_event_sink  # the parse pipeline, not loaded by --no-events
+
     return make_event_sink(
         reactor,
         collector_url=options["collector"],
@@ -248,7 +244,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
 def open_embedded_store(path: str) -> Any:
     """The embedded store: the collector's C{EventStore} with C{synchronous=NORMAL}
     (durable against a crash of the process; see C{llmobserve.events._embedded})."""
-    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+    from llmobserve.collector import EventStore
 
     return EventStore(path, synchronous="NORMAL")
 
@@ -268,9 +264,7 @@ class EmbeddedReportApi(Service):
     def resource(self) -> Any:
         """The C{/api} resource tree (reactor thread)."""
         if self._api is None:
-            from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
+            from llmobserve.collector import EventStore, StoreThread, api_branch
 
             db_path = self._db_path
             self._reader = StoreThread(

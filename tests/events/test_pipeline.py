@@ -269,7 +269,7 @@ async def test_stop_waits_for_parses_and_bounds_a_stuck_one(tmp_path: Path) -> N
 async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
     """Without a collector, events land in the collector's own SQLite store,
     opened by the factory the proxy's tap passes in."""
-    from llmobserve.collector._store import EventStore
+    from llmobserve.collector import EventStore
     from llmobserve.proxy._tap import open_embedded_store
 
     db = tmp_path / "events.sqlite3"
