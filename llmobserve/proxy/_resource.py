@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -31,6 +31,9 @@ from llmobserve.proxy._headers import RequestHead, split_request_headers
 from llmobserve.proxy._policy import Target, TargetRefused, parse_target
 from llmobserve.proxy._relay import Relay, RelayServices, write_error_early
 from llmobserve.proxy._streaming import IStreamingResource, StreamingRequest
+
+if TYPE_CHECKING:
+    from llmobserve.proxy._metrics import MetricsExposition
 
 __all__ = ["ProxyResource", "ProxySite"]
 
@@ -87,6 +90,7 @@ class ProxyResource:
         self._host_names = _LOCAL_NAMES | {h.lower() for h in allowed_host_names}
         self._hosts_seen: set[bytes] = set()  # Host values already admitted
         self._started = time.time()
+        self._exposition: MetricsExposition | None = None  # made on the first scrape
 
     # IResource
 
@@ -255,26 +259,12 @@ class ProxyResource:
         return body
 
     def _metrics(self, request: Any) -> bytes:
-        stats = self._s.stats
-        samples: list[tuple[str, str, str, float]] = [
-            ("llmobserve_requests_total", "counter", "Requests relayed", stats["requests_total"]),
-            ("llmobserve_requests_in_flight", "gauge", "Requests in flight", stats["in_flight"]),
-            (
-                "llmobserve_upstream_idle_connections",
-                "gauge",
-                "Idle pooled upstream connections",
-                self._s.pool.idle_count(),
-            ),
-        ]
-        try:
-            samples.extend(self._s.sink.metrics())
-        except Exception:
-            _log.failure("sink metrics failed")
-        lines = []
-        for name, kind, help_text, value in samples:
-            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value:g}\n")
-        body = "".join(lines).encode()
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        from llmobserve.proxy import _metrics  # prometheus_client, on the first scrape
+
+        if self._exposition is None:
+            self._exposition = _metrics.MetricsExposition(self._s)
+        body = self._exposition.render()
+        request.setHeader(b"Content-Type", _metrics.CONTENT_TYPE)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
