@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from llmobserve.endpoints import endpoint_parts, listen_endpoint
 from llmobserve.proxy._channel import ProxyServerFactory
+from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
@@ -471,8 +472,7 @@ class _OrderedServices(MultiService):
     def _stopped_cleanly(self, _: object) -> None:
         # twistd re-raises the stopping signal after the reactor stops so the
         # exit status says "killed by SIGTERM"; a drained stop is a success.
-        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
-            self._reactor._exitSignal = None
+        clear_exit_signal(self._reactor, signal.SIGTERM)
 
 
 def _stop_child(_: object, child: IService) -> Any:

@@ -21,10 +21,11 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from zope.interface import implementer
+
+from llmobserve.proxy._compat import IOpenSSLTrustRoot
 
 __all__ = ["ExtraTrust", "load_extra_trust", "tls_creator"]
 
