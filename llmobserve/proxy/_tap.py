@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import signal
 import sys
@@ -22,7 +21,6 @@ from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
-from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._policy import (
     DnsServerResolver,
     OverrideResolver,
@@ -30,10 +28,10 @@ from llmobserve.proxy._policy import (
     TwistedResolver,
     parse_dns_server,
 )
-from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource, ProxySite
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
+from llmobserve.proxy._tuning import ProcessTuning
 from llmobserve.proxy._upstream import UpstreamPool
 from llmobserve.proxy._workers import (
     ParentWatch,
@@ -154,6 +152,12 @@ class Options(usage.Options):
             "no-via",
             None,
             "Do not add 'Via: 1.1 llmobserve' upstream (loops are then caught by address only).",
+        ],
+        [
+            "no-tuning",
+            None,
+            "Leave the process as Twisted and Python set it up: no own poll step, "
+            "no malloc arena cap, no gc.freeze, no malloc_trim.",
         ],
         [
             "no-events",
@@ -304,8 +308,10 @@ class ProxyService(Service):
         *,
         reuse_port: bool = False,
         workers: WorkerProcesses | None = None,
+        tuning: ProcessTuning | None = None,
     ) -> None:
         self._reactor = reactor
+        self._tuning = tuning if tuning is not None else ProcessTuning(enabled=False)
         self._reuse_port = reuse_port
         self._workers = workers
         self._description = description
@@ -345,12 +351,7 @@ class ProxyService(Service):
         )
         if self._workers is not None:
             self._workers.spawn(host, address.port)
-        # Everything built at start-up lives as long as the process: keep it
-        # out of the cyclic collector's full passes (tens of milliseconds
-        # each over this heap, a latency spike for whoever is waiting).
-        gc.collect()
-        gc.freeze()
-        release_free_memory()  # what start-up freed goes back to the kernel
+        self._tuning.after_listening()
 
     def _failed(self, failure: Any) -> None:
         _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
@@ -482,10 +483,8 @@ def _stop_child(_: object, child: IService) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    # before any service starts: the event pipeline wraps doIteration and
-    # starts the threads whose malloc arenas this caps
-    install_lean_poll(reactor)
-    limit_malloc_arenas()
+    tuning = ProcessTuning(enabled=not options["no-tuning"])
+    tuning.before_services(reactor)
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
@@ -506,6 +505,7 @@ def makeService(options: Options) -> IService:
         options["drain-timeout"],
         reuse_port=options["workers"] > 1 or bool(options["worker-of"]),
         workers=workers,
+        tuning=tuning,
     )
     if options["worker-of"]:
         ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]
