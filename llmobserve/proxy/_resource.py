@@ -7,8 +7,10 @@ proxy stores its events itself (embedded mode), C{GET /api/events} and
 C{GET /api/report} as the collector serves them.
 
 Mounted in any twisted.web C{Site}, the resource works with request bodies
-that twisted.web buffered first. Served by L{ProxySite} (what
-C{twistd llmobserve} does), request bodies stream upstream as they arrive.
+that twisted.web buffered first. Served by L{ProxySite} (a library API for
+programs that embed the proxy; C{twistd llmobserve} serves it with its own
+channel, C{_channel.ProxyChannel}), request bodies stream upstream as they
+arrive.
 """
 
 from __future__ import annotations

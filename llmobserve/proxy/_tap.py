@@ -29,7 +29,7 @@ from llmobserve.proxy._policy import (
     parse_dns_server,
 )
 from llmobserve.proxy._relay import RelayServices
-from llmobserve.proxy._resource import ProxyResource, ProxySite
+from llmobserve.proxy._resource import ProxyResource
 from llmobserve.proxy._tls import load_extra_trust, tls_creator
 from llmobserve.proxy._tuning import ProcessTuning
 from llmobserve.proxy._upstream import UpstreamPool
@@ -133,13 +133,6 @@ class Options(usage.Options):
         ],
         ["workers", None, 1, "Processes serving the port (SO_REUSEPORT, Linux; tcp ports).", int],
         ["worker-of", None, None, "Internal: the pid of the first process (spawned workers).", int],
-        [
-            "server",
-            None,
-            "lean",
-            "HTTP front end: 'lean' (llhttp framing, the fast path) or 'twisted-web' "
-            "(the resource in a twisted.web Site).",
-        ],
     ]
     optFlags: list[Any] = [
         [
@@ -221,8 +214,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
-        if self["server"] not in ("lean", "twisted-web"):
-            raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
         self["port"] = listen_endpoint(str(self["port"]))
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
@@ -426,18 +417,14 @@ def build_proxy(
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(services, base_urls, api=api)
-    site: Any
-    if options["server"] == "twisted-web":
-        site = ProxySite(resource, client_timeout=options["client-timeout"])
-    else:
-        site = ProxyServerFactory(
-            resource,
-            reactor,
-            keepalive_timeout=options["client-timeout"],
-            head_timeout=options["request-head-timeout"],
-            coalescer=coalescer,
-            body_timeout=options["request-body-timeout"],
-        )
+    site = ProxyServerFactory(
+        resource,
+        reactor,
+        keepalive_timeout=options["client-timeout"],
+        head_timeout=options["request-head-timeout"],
+        coalescer=coalescer,
+        body_timeout=options["request-body-timeout"],
+    )
     return site, services, policy
 
 
