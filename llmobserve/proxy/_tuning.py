@@ -20,11 +20,14 @@ import gc
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._poll import install_lean_poll
 
 __all__ = ["ProcessTuning"]
+
+_log = Logger()
 
 
 @attrs.define
@@ -53,11 +56,13 @@ class ProcessTuning:
         """Once the port is bound: everything built at start-up lives as long
         as the process, so keep it out of the cyclic collector's full passes
         (tens of milliseconds each over this heap), then hand what start-up
-        freed back to the kernel."""
+        freed back to the kernel. Logs what was applied, once."""
         if not self.enabled:
+            _log.info("process tuning: off (--no-tuning)")
             return
         gc.collect()
         gc.freeze()
         self.applied.append("gc_freeze")
         if release_free_memory():
             self.applied.append("malloc_trim")
+        _log.info("process tuning: {steps}", steps=", ".join(self.applied))
