@@ -40,8 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from llmobserve.collector._store import EventStore
-from llmobserve.events._codec import MAGIC, FrameDecoder, encode_frame
+from llmobserve.collector import EventStore
+from llmobserve.events import MAGIC, FrameDecoder, encode_frame
 from llmobserve.events._embedded import _insert as embedded_insert
 from llmobserve.events._record import pack_event
 

@@ -45,9 +45,10 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from bench._upstream import _BODY, SSE_FIRST, SSE_REST
 from bench.overhead import _CHAT_BODY, _SSE_BODY
+from llmobserve.events import EventPipeline, make_event_sink, open_spool
 from llmobserve.events._outbox import Outbox
-from llmobserve.events.pipeline import EventPipeline, make_event_sink, open_spool
-from llmobserve.proxy.transaction import Context, Outcome, Transaction
+from llmobserve.proxy._tap import open_embedded_store
+from llmobserve.transaction import Context, Outcome, Transaction
 
 _REQUEST_HEADERS = (
     (b"Content-Type", b"application/json"),
@@ -252,6 +253,7 @@ def _embedded_pipeline(reactor: Any, workdir: Path) -> EventPipeline:
         collector_url=None,
         db_path=str(workdir / "events.sqlite3"),
         spool_dir=str(workdir / "spool"),
+        store_factory=open_embedded_store,
     )
     assert isinstance(sink, EventPipeline)
     return sink

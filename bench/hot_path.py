@@ -39,7 +39,7 @@ from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource
 from llmobserve.proxy._upstream import UpstreamPool
 from llmobserve.proxy._writes import WriteCoalescer
-from llmobserve.proxy.transaction import ITransactionSink, Transaction
+from llmobserve.transaction import ITransactionSink, Transaction
 
 __all__ = ["main"]
 

@@ -21,8 +21,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llmobserve import __version__
-from llmobserve.collector._store import FILTERS, GROUPS, EventStore, StoreError
-from llmobserve.collector._timespec import TimeSpecError, parse_time
+from llmobserve.collector import (
+    FILTERS,
+    GROUPS,
+    EventStore,
+    StoreError,
+    TimeSpecError,
+    parse_time,
+)
 from llmobserve.paths import ENV_HOME, default_db_path
 
 __all__ = ["main"]

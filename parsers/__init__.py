@@ -6,7 +6,7 @@ or overrides prices (also read once from C{$LLMOBSERVE_PRICES}).
 """
 
 from ._analyse import analyse
-from ._records import Exchange, UsageRecord
+from ._records import Exchange, UsageRecord, construct
 from .pricing import load_user_prices
 from .registry import REGISTRY, Provider, ProviderRegistry, canonical_host
 
@@ -18,5 +18,6 @@ __all__ = [
     "UsageRecord",
     "analyse",
     "canonical_host",
+    "construct",
     "load_user_prices",
 ]

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from llmobserve.cli import main
-from llmobserve.collector._store import EventStore
+from llmobserve.collector import EventStore
 from llmobserve.paths import default_db_path, default_home, default_spool_dir
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z

@@ -1,1 +1,47 @@
-"""collector."""
+"""The collector: link server and HTTP API on one port, and the SQLite store.
+
+What other packages use is exported here. The store and the time
+specifications (no Twisted: the CLI reads a store file with them) are
+imported at once; the Twisted parts the proxy mounts for its embedded
+C{/api} (L{api_branch}, L{StoreThread}) on first use, so that the CLI does
+not load Twisted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from llmobserve.collector._store import FILTERS, GROUPS, EventStore, StoreError
+from llmobserve.collector._timespec import TimeSpecError, parse_time
+
+if TYPE_CHECKING:
+    from llmobserve.collector._http import api_branch
+    from llmobserve.collector._thread import StoreThread
+
+__all__ = [
+    "FILTERS",
+    "GROUPS",
+    "EventStore",
+    "StoreError",
+    "StoreThread",
+    "TimeSpecError",
+    "api_branch",
+    "parse_time",
+]
+
+#: Names served on first use, and the module that defines each.
+_LAZY = {
+    "api_branch": "llmobserve.collector._http",
+    "StoreThread": "llmobserve.collector._thread",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily exported name from its module (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmobserve.events._codec import (
+from llmobserve.events import (
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     FrameDecoder,

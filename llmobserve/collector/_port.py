@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from llmobserve.events._codec import MAGIC
+from llmobserve.events import MAGIC
 
 from ._link import StreamTransport
 

@@ -1,7 +1,9 @@
 """The no-collector mode: events go from the spool into a local SQLite store.
 
 The store is the collector's own C{EventStore} (same schema, same report),
-opened and used only in one dedicated writer thread. The at-least-once rule
+given as a factory by whoever builds the pipeline (C{llmobserve.proxy._tap}),
+so this package never imports the collector; it is opened and used only in
+one dedicated writer thread. The at-least-once rule
 is the link's: a batch is acknowledged to the spool only after the store
 committed it, and a failed write is retried from the spool.
 
@@ -70,14 +72,6 @@ class RowStoreLike(StoreLike, Protocol):
     ) -> int: ...
 
 
-def default_store_factory(path: str) -> StoreLike:
-    """Open the collector's C{EventStore} (imported lazily)."""
-    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
-
-    store: StoreLike = EventStore(path, synchronous="NORMAL")
-    return store
-
-
 class EmbeddedWriter(Service):
     """Drains the outbox into an C{EventStore} in one writer thread.
 
@@ -93,7 +87,7 @@ class EmbeddedWriter(Service):
         outbox: Outbox,
         db_path: str,
         *,
-        store_factory: Callable[[str], StoreLike] = default_store_factory,
+        store_factory: Callable[[str], StoreLike],
         max_batch_records: int = 1000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         retry_delay: float = 1.0,

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from llmobserve.events._record import UsageLike, header_value, headers_to_mapping
-from llmobserve.proxy.transaction import RawHeaders, Transaction
-from parsers import Exchange, analyse
-from parsers._records import construct
+from llmobserve.transaction import RawHeaders, Transaction
+from parsers import Exchange, analyse, construct
 
 __all__ = ["AnalyseFn", "HeaderMap", "default_analyse", "exchange_from_transaction"]
 

@@ -24,7 +24,7 @@ import attrs
 import msgpack
 
 from llmobserve.events.fields import EVENT_FIELDS
-from llmobserve.proxy.transaction import Context, RawHeaders, Transaction
+from llmobserve.transaction import Context, RawHeaders, Transaction
 
 __all__ = [
     "CALL_FIELDS",

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llmobserve.events._embedded import EmbeddedWriter, StoreLike, default_store_factory
+from llmobserve.events._embedded import EmbeddedWriter, StoreLike
 from llmobserve.events._exchange import AnalyseFn, default_analyse, exchange_from_transaction
 from llmobserve.events._link import CollectorLink, retry_policy
 from llmobserve.events._outbox import Outbox, Record
@@ -47,7 +47,7 @@ from llmobserve.events._record import (
 from llmobserve.events._spool import EventSpool, SpoolLocked
 from llmobserve.events._turns import ReactorTurns
 from llmobserve.events._waiters import Waiters, after
-from llmobserve.proxy.transaction import ITransactionSink, Transaction
+from llmobserve.transaction import ITransactionSink, Transaction
 from parsers.registry import REGISTRY
 
 __all__ = ["EventPipeline", "make_event_sink", "open_spool", "parse_collector_url"]
@@ -714,10 +714,11 @@ def make_event_sink(
     """Build the event sink and the service that runs it (the same object).
 
     With C{collector_url}, events go over the collector link; without it,
-    into C{EventStore(db_path or default_db_path())} in a writer thread.
+    into C{store_factory(db_path or default_db_path())} (the embedded store:
+    the caller passes the collector's C{EventStore}) in a writer thread.
     C{spool_dir} defaults to C{llmobserve.paths.default_spool_dir()}.
 
-    @raise ValueError: a bad collector URL.
+    @raise ValueError: a bad collector URL, or no C{store_factory} without one.
     @raise SpoolLocked: every candidate spool directory is in use.
     """
     if spool_dir is None:
@@ -746,6 +747,8 @@ def make_event_sink(
             )
             mode = "link"
         else:
+            if store_factory is None:
+                raise ValueError("events without a collector need a store_factory")
             if db_path is None:
                 from llmobserve.paths import default_db_path  # type: ignore[import-not-found,unused-ignore]
 
@@ -754,7 +757,7 @@ def make_event_sink(
                 reactor,
                 outbox,
                 db_path,
-                store_factory=store_factory or default_store_factory,
+                store_factory=store_factory,
                 pause=turns.pause,
             )
             mode = "embedded"

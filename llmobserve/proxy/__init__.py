@@ -6,6 +6,6 @@ L{Transaction} record and the L{ITransactionSink} interface.
 """
 
 from llmobserve.proxy._resource import ProxyResource, ProxySite
-from llmobserve.proxy.transaction import Context, ITransactionSink, Outcome, Transaction
+from llmobserve.transaction import Context, ITransactionSink, Outcome, Transaction
 
 __all__ = ["Context", "ITransactionSink", "Outcome", "ProxyResource", "ProxySite", "Transaction"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 from collections import deque
+from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -31,6 +32,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from llmobserve.proxy._errors import error_body, prepare_error
@@ -39,30 +41,11 @@ from llmobserve.proxy._writes import WriteCoalescer, write_now
 __all__ = ["ChannelRequest", "ProxyChannel", "ProxyServerFactory"]
 
 _log = Logger()
-_REASONS = {
-    100: b"Continue",
-    200: b"OK",
-    201: b"Created",
-    202: b"Accepted",
-    204: b"No Content",
-    301: b"Moved Permanently",
-    302: b"Found",
-    304: b"Not Modified",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    417: b"Expectation Failed",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    508: b"Loop Detected",
+#: Reason phrases: twisted.web's table, and the standard library's for the
+#: codes it lacks (429, 431, 508...).
+_REASONS: dict[int, bytes] = {
+    **{status.value: status.phrase.encode() for status in HTTPStatus},
+    **RESPONSES,
 }
 _NO_BODY = frozenset({204, 304})
 _OWN_BODY_LIMIT = 4 * 1024 * 1024  # /spans and friends: bodies read whole

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from llmobserve.proxy.transaction import Context
+from llmobserve.transaction import Context
 
 __all__ = [
     "HOP_BY_HOP",

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from llmobserve.proxy.transaction import ITransactionSink, Outcome, Transaction
+from llmobserve.transaction import ITransactionSink, Outcome, Transaction
 
 _QUIET = frozenset({Outcome.OK, Outcome.UPSTREAM_ERROR})
 

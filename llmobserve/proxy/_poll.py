@@ -22,9 +22,9 @@ protocol's prefix; C{twisted.logger} events (all of this project's) are
 unchanged.
 
 It reads C{EPollReactor} internals (C{_poller}, C{_selectables},
-C{_doReadOrWrite}); C{tests/proxy/test_poll.py} is their tripwire. Any
-other reactor, or an epoll reactor whose C{doPoll} is already overridden,
-is left alone.
+C{_doReadOrWrite}), once, through C{_compat.epoll_internals};
+C{tests/proxy/test_compat.py} is their tripwire. Any other reactor, or an
+epoll reactor whose C{doPoll} is already overridden, is left alone.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import errno
 from typing import Any
 
 from twisted.logger import Logger
+
+from llmobserve.proxy._compat import epoll_internals
 
 __all__ = ["install_lean_poll"]
 
@@ -47,27 +49,31 @@ def install_lean_poll(reactor: Any) -> bool:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # no epoll on this platform
         return False
-    epoll: Any = reactor  # its internals are untyped; isinstance must not narrow this
     if (
         not isinstance(reactor, EPollReactor)
         or "doIteration" in vars(reactor)
         or "doPoll" in vars(reactor)
         or type(reactor).doPoll is not EPollReactor.doPoll
         or type(reactor).doIteration is not EPollReactor.doPoll
-        or not all(hasattr(reactor, name) for name in ("_poller", "_selectables"))
     ):
         return False
+    internals = epoll_internals(reactor)
+    if internals is None:
+        return False
+    poll, selectables, handle = (
+        internals.poller.poll,
+        internals.selectables,
+        internals.do_read_or_write,
+    )
 
     def doPoll(timeout: float | None) -> None:
         """C{EPollReactor.doPoll} without a log context per ready descriptor."""
-        selectables = epoll._selectables
         try:
-            ready = epoll._poller.poll(-1 if timeout is None else timeout, len(selectables))
+            ready = poll(-1 if timeout is None else timeout, len(selectables))
         except OSError as e:
             if e.errno == errno.EINTR:  # as Twisted: the loop polls again
                 return
             raise
-        handle = epoll._doReadOrWrite
         for fd, event in ready:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -79,5 +85,6 @@ def install_lean_poll(reactor: Any) -> bool:
                     "unhandled error while handling I/O on {selectable!r}", selectable=selectable
                 )
 
+    epoll: Any = reactor  # its poll step is an untyped method
     epoll.doPoll = epoll.doIteration = doPoll
     return True

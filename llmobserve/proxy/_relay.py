@@ -24,13 +24,14 @@ from twisted.web.http import Request
 from zope.interface import implementer
 
 from llmobserve.proxy._bodytap import BodyTap
+from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
 from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
-from llmobserve.proxy.transaction import ITransactionSink, Outcome, Transaction
+from llmobserve.transaction import ITransactionSink, Outcome, Transaction
 
 __all__ = ["Relay", "RelayServices"]
 
@@ -538,7 +539,7 @@ class Relay:
         self._abort_upstream()
         request = self._request
         self._status = status
-        if not request.finished and not request._disconnected:
+        if not request.finished and not client_gone(request):
             if self._body_done:
                 write_error(request, status, kind, message)
             else:
@@ -623,7 +624,7 @@ def write_error_early(request: Request, status: int, kind: str, message: str, cl
 
 
 def _answer_and_close(request: Request, status: int, kind: str, message: str) -> None:
-    if request.finished or request._disconnected:
+    if request.finished or client_gone(request):
         return
     body = prepare_error(request, status, kind, message)
     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])

@@ -8,8 +8,10 @@ C{GET /api/report} as the collector serves them. Before any of them, every
 request's C{Host} passes the L{HostGuard} (browser DNS rebinding).
 
 Mounted in any twisted.web C{Site}, the resource works with request bodies
-that twisted.web buffered first. Served by L{ProxySite} (what
-C{twistd llmobserve} does), request bodies stream upstream as they arrive.
+that twisted.web buffered first. Served by L{ProxySite} (a library API for
+programs that embed the proxy; C{twistd llmobserve} serves it with its own
+channel, C{_channel.ProxyChannel}), request bodies stream upstream as they
+arrive.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -32,6 +34,9 @@ from llmobserve.proxy._headers import RequestHead, split_request_headers
 from llmobserve.proxy._policy import Target, TargetRefused, parse_target
 from llmobserve.proxy._relay import Relay, RelayServices, write_error_early
 from llmobserve.proxy._streaming import IStreamingResource, StreamingRequest
+
+if TYPE_CHECKING:
+    from llmobserve.proxy._metrics import MetricsExposition
 
 __all__ = ["ProxyResource", "ProxySite"]
 
@@ -85,6 +90,7 @@ class ProxyResource:
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._guard = host_guard or HostGuard()
         self._started = time.time()
+        self._exposition: MetricsExposition | None = None  # made on the first scrape
 
     # IResource
 
@@ -244,26 +250,12 @@ class ProxyResource:
         return body
 
     def _metrics(self, request: Any) -> bytes:
-        stats = self._s.stats
-        samples: list[tuple[str, str, str, float]] = [
-            ("llmobserve_requests_total", "counter", "Requests relayed", stats["requests_total"]),
-            ("llmobserve_requests_in_flight", "gauge", "Requests in flight", stats["in_flight"]),
-            (
-                "llmobserve_upstream_idle_connections",
-                "gauge",
-                "Idle pooled upstream connections",
-                self._s.pool.idle_count(),
-            ),
-        ]
-        try:
-            samples.extend(self._s.sink.metrics())
-        except Exception:
-            _log.failure("sink metrics failed")
-        lines = []
-        for name, kind, help_text, value in samples:
-            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value:g}\n")
-        body = "".join(lines).encode()
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        from llmobserve.proxy import _metrics  # prometheus_client, on the first scrape
+
+        if self._exposition is None:
+            self._exposition = _metrics.MetricsExposition(self._s)
+        body = self._exposition.render()
+        request.setHeader(b"Content-Type", _metrics.CONTENT_TYPE)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 

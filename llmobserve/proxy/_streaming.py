@@ -24,6 +24,8 @@ from urllib.parse import unquote_to_bytes
 from twisted.web import http, server
 from zope.interface import Attribute, Interface
 
+from llmobserve.proxy._compat import client_gone, content_file, request_line
+
 __all__ = [
     "IStreamingResource",
     "RequestBodyReceiver",
@@ -88,14 +90,11 @@ class StreamingRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         channel: Any = self.channel
         resource = None
-        try:
-            # Twisted internals: the request line, parsed but not yet handed over.
-            self.method = channel._command
-            self.uri = channel._path
-            self.clientproto = channel._version
-        except AttributeError:
-            self.content = http._getContentFile(length)
+        line = request_line(channel)  # parsed, not yet handed over
+        if line is None:
+            self.content = content_file(length)
             return
+        self.method, self.uri, self.clientproto = line
         self.site = channel.site
         self.path = self.uri.split(b"?", 1)[0]
         self.prepath = []
@@ -110,7 +109,7 @@ class StreamingRequest(server.Request):
                 self.body_receiver = receiver
                 self.content = _ReceiverFile(receiver)
                 return
-        self.content = http._getContentFile(length)
+        self.content = content_file(length)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         receiver = self.body_receiver
@@ -146,7 +145,7 @@ def finish_early(request: http.Request) -> None:
     channel.persistent = False
     if channel.requests and channel.requests[0] is not request:
         return
-    if not request.finished and not request._disconnected:
+    if not request.finished and not client_gone(request):
         request.finish()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import signal
 import sys
@@ -20,9 +19,9 @@ from twisted.python.failure import Failure
 from llmobserve.endpoints import endpoint_parts, listen_endpoint
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.proxy._channel import ProxyServerFactory
+from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
-from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 from llmobserve.proxy._policy import (
     DnsServerResolver,
     OverrideResolver,
@@ -30,10 +29,10 @@ from llmobserve.proxy._policy import (
     TwistedResolver,
     parse_dns_server,
 )
-from llmobserve.proxy._poll import install_lean_poll
 from llmobserve.proxy._relay import RelayServices
-from llmobserve.proxy._resource import ProxyResource, ProxySite
+from llmobserve.proxy._resource import ProxyResource
 from llmobserve.proxy._tls import collector_endpoint, load_extra_trust, tls_creator
+from llmobserve.proxy._tuning import ProcessTuning
 from llmobserve.proxy._upstream import UpstreamPool
 from llmobserve.proxy._workers import (
     ParentWatch,
@@ -42,7 +41,7 @@ from llmobserve.proxy._workers import (
     tcp_address,
 )
 from llmobserve.proxy._writes import WriteCoalescer
-from llmobserve.proxy.transaction import ITransactionSink
+from llmobserve.transaction import ITransactionSink
 
 __all__ = ["Options", "makeService"]
 
@@ -154,13 +153,6 @@ class Options(usage.Options):
         ],
         ["workers", None, 1, "Processes serving the port (SO_REUSEPORT, Linux; tcp ports).", int],
         ["worker-of", None, None, "Internal: the pid of the first process (spawned workers).", int],
-        [
-            "server",
-            None,
-            "lean",
-            "HTTP front end: 'lean' (llhttp framing, the fast path) or 'twisted-web' "
-            "(the resource in a twisted.web Site).",
-        ],
     ]
     optFlags: list[Any] = [
         [
@@ -173,6 +165,12 @@ class Options(usage.Options):
             "no-via",
             None,
             "Do not add 'Via: 1.1 llmobserve' upstream (loops are then caught by address only).",
+        ],
+        [
+            "no-tuning",
+            None,
+            "Leave the process as Twisted and Python set it up: no own poll step, "
+            "no malloc arena cap, no gc.freeze, no malloc_trim.",
         ],
         [
             "no-events",
@@ -246,8 +244,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
-        if self["server"] not in ("lean", "twisted-web"):
-            raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
         self["port"] = listen_endpoint(str(self["port"]))
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
@@ -267,12 +263,8 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     """The transaction sink: the event pipeline, or a log line per call with --no-events."""
     if options["no-events"]:
         return LoggingSink(reactor), None
-    try:
-        from llmobserve.events.pipeline import (  # type: ignore[import-not-found,unused-ignore]
-            make_event_sink,
-        )
-    except ImportError:
-        return LoggingSink(reactor), None
+    from llmobserve.events import make_event_sink  # the parse pipeline, not loaded by --no-events
+
     return make_event_sink(
         reactor,
         collector_url=options["collector"],
@@ -283,7 +275,16 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
             if options["collector"]
             else None
         ),
+        store_factory=open_embedded_store,
     )
+
+
+def open_embedded_store(path: str) -> Any:
+    """The embedded store: the collector's C{EventStore} with C{synchronous=NORMAL}
+    (durable against a crash of the process; see C{llmobserve.events._embedded})."""
+    from llmobserve.collector import EventStore
+
+    return EventStore(path, synchronous="NORMAL")
 
 
 class EmbeddedReportApi(Service):
@@ -301,9 +302,7 @@ class EmbeddedReportApi(Service):
     def resource(self) -> Any:
         """The C{/api} resource tree (reactor thread)."""
         if self._api is None:
-            from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
+            from llmobserve.collector import EventStore, StoreThread, api_branch
 
             db_path = self._db_path
             self._reader = StoreThread(
@@ -342,8 +341,10 @@ class ProxyService(Service):
         *,
         reuse_port: bool = False,
         workers: WorkerProcesses | None = None,
+        tuning: ProcessTuning | None = None,
     ) -> None:
         self._reactor = reactor
+        self._tuning = tuning if tuning is not None else ProcessTuning(enabled=False)
         self._reuse_port = reuse_port
         self._workers = workers
         self._description = description
@@ -383,12 +384,7 @@ class ProxyService(Service):
         )
         if self._workers is not None:
             self._workers.spawn(host, address.port)
-        # Everything built at start-up lives as long as the process: keep it
-        # out of the cyclic collector's full passes (tens of milliseconds
-        # each over this heap, a latency spike for whoever is waiting).
-        gc.collect()
-        gc.freeze()
-        release_free_memory()  # what start-up freed goes back to the kernel
+        self._tuning.after_listening()
 
     def _failed(self, failure: Any) -> None:
         _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
@@ -462,20 +458,17 @@ def build_proxy(
     )
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
-    guard = HostGuard(options["public-name"])
-    resource = ProxyResource(services, base_urls, host_guard=guard, api=api)
-    site: Any
-    if options["server"] == "twisted-web":
-        site = ProxySite(resource, client_timeout=options["client-timeout"])
-    else:
-        site = ProxyServerFactory(
-            resource,
-            reactor,
-            keepalive_timeout=options["client-timeout"],
-            head_timeout=options["request-head-timeout"],
-            coalescer=coalescer,
-            body_timeout=options["request-body-timeout"],
-        )
+    resource = ProxyResource(
+        services, base_urls, host_guard=HostGuard(options["public-name"]), api=api
+    )
+    site = ProxyServerFactory(
+        resource,
+        reactor,
+        keepalive_timeout=options["client-timeout"],
+        head_timeout=options["request-head-timeout"],
+        coalescer=coalescer,
+        body_timeout=options["request-body-timeout"],
+    )
     return site, services, policy
 
 
@@ -511,8 +504,7 @@ class _OrderedServices(MultiService):
     def _stopped_cleanly(self, _: object) -> None:
         # twistd re-raises the stopping signal after the reactor stops so the
         # exit status says "killed by SIGTERM"; a drained stop is a success.
-        if getattr(self._reactor, "_exitSignal", None) == signal.SIGTERM:
-            self._reactor._exitSignal = None
+        clear_exit_signal(self._reactor, signal.SIGTERM)
 
 
 def _stop_child(_: object, child: IService) -> Any:
@@ -522,10 +514,8 @@ def _stop_child(_: object, child: IService) -> Any:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    # before any service starts: the event pipeline wraps doIteration and
-    # starts the threads whose malloc arenas this caps
-    install_lean_poll(reactor)
-    limit_malloc_arenas()
+    tuning = ProcessTuning(enabled=not options["no-tuning"])
+    tuning.before_services(reactor)
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
@@ -546,6 +536,7 @@ def makeService(options: Options) -> IService:
         options["drain-timeout"],
         reuse_port=options["workers"] > 1 or bool(options["worker-of"]),
         workers=workers,
+        tuning=tuning,
     )
     if options["worker-of"]:
         ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]

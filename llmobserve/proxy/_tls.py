@@ -23,18 +23,14 @@ import attrs
 import hyperlink
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from zope.interface import implementer
 
-__all__ = [
-    "ExtraTrust",
-    "collector_endpoint",
-    "load_extra_trust",
-    "tls_creator",
-]
+from llmobserve.proxy._compat import IOpenSSLTrustRoot
+
+__all__ = ["ExtraTrust", "collector_endpoint", "load_extra_trust", "tls_creator"]
 
 _CREATORS_MAX = 1024
 _creators: dict[tuple[str, IOpenSSLTrustRoot | None], IOpenSSLClientConnectionCreator] = {}

@@ -9,40 +9,18 @@ read, sent at once with one C{send} when nothing is already queued, the
 rest left to Twisted as usual.
 
 L{write_now} reads C{tcp.Connection} internals (C{socket}, C{dataBuffer},
-C{offset}, C{_tempDataLen}); C{tests/proxy/test_writes.py} is their
+C{offset}, C{_tempDataLen}), so it lives in C{_compat} with the project's
+other private Twisted names; C{tests/proxy/test_compat.py} is their
 tripwire. Any other transport (TLS, test transports) takes the normal path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
-from twisted.internet import tcp
+from llmobserve.proxy._compat import write_now
 
 __all__ = ["Flushable", "WriteCoalescer", "write_now"]
-
-_TCP = (tcp.Server, tcp.Client)
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """Send C{data} now if the transport has nothing queued, else queue it."""
-    if (
-        type(transport) in _TCP
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataLen
-        and len(transport.dataBuffer) == transport.offset
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = 0  # Twisted's own write path will meet the error and close
-        if sent >= len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 class Flushable(Protocol):

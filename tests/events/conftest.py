@@ -10,7 +10,7 @@ import pytest
 from events.eventkit import FakeCollector, make_txn
 
 from llmobserve.events import _exchange
-from llmobserve.proxy.transaction import Transaction
+from llmobserve.transaction import Transaction
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from llmobserve.events._codec import MAGIC, FrameDecoder, FrameError, encode_frame
-from llmobserve.proxy.transaction import Context, Outcome, Transaction
+from llmobserve.transaction import Context, Outcome, Transaction
 
 CANARIES = (
     "sk-CANARY-auth",

@@ -143,7 +143,9 @@ async def test_rows_the_store_refuses_go_the_careful_way(tmp_path: Path) -> None
 
 def test_rows_past_max_rows_are_not_held(tmp_path: Path) -> None:
     """Held rows are bounded: past max_rows, the writer thread converts the record itself."""
-    writer = EmbeddedWriter(reactor, Outbox(acked_seq=0, last_seq=0), "x", max_rows=2)
+    writer = EmbeddedWriter(
+        reactor, Outbox(acked_seq=0, last_seq=0), "x", store_factory=RowStore, max_rows=2
+    )
     for seq in range(1, 5):
         writer.hold_row(seq, ("row",))
     assert sorted(writer._rows) == [1, 2]

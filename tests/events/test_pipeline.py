@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from llmobserve.events._spool import EventSpool
 from llmobserve.events.pipeline import EventPipeline, make_event_sink
-from llmobserve.proxy.transaction import ITransactionSink
+from llmobserve.transaction import ITransactionSink
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -268,8 +268,10 @@ async def test_stop_waits_for_parses_and_bounds_a_stuck_one(tmp_path: Path) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
-    """Without a collector, events land in the collector's own SQLite store."""
-    from llmobserve.collector._store import EventStore
+    """Without a collector, events land in the collector's own SQLite store,
+    opened by the factory the proxy's tap passes in."""
+    from llmobserve.collector import EventStore
+    from llmobserve.proxy._tap import open_embedded_store
 
     db = tmp_path / "events.sqlite3"
     sink, _ = make_event_sink(
@@ -279,6 +281,7 @@ async def test_embedded_mode_with_the_real_event_store(tmp_path: Path) -> None:
         spool_dir=str(tmp_path / "spool"),
         analyse=fake_analyse,
         log_events=False,
+        store_factory=open_embedded_store,
     )
     assert isinstance(sink, EventPipeline)
     assert sink.store_path == str(db)  # the file the proxy's /api reads
@@ -375,3 +378,18 @@ async def test_parse_threads_pause_only_while_parsing_keeps_up(
     await eventually(lambda: len(s.stored()) == 10)
     assert len(yields) == 5
     await s.sink.stopService()
+
+
+def test_embedded_mode_needs_the_store_factory_from_its_builder(tmp_path: Path) -> None:
+    """The events package never imports the collector's store itself: without a
+    collector and without a C{store_factory}, building the sink is refused."""
+    with pytest.raises(ValueError, match="store_factory"):
+        make_event_sink(
+            reactor,
+            collector_url=None,
+            db_path=str(tmp_path / "events.sqlite3"),
+            spool_dir=str(tmp_path / "spool"),
+            analyse=fake_analyse,
+        )
+    reopened = EventSpool(tmp_path / "spool")  # the refused build let go of its spool
+    reopened.close()

@@ -24,7 +24,7 @@ from llmobserve.events._record import (
     pack_event,
     sanitise,
 )
-from llmobserve.proxy.transaction import Context, Outcome
+from llmobserve.transaction import Context, Outcome
 
 DESIGN_FIELDS = {
     "id", "ts", "duration_ms", "ttfb_ms", "overhead_ms", "method", "host", "path",

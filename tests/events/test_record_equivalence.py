@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmobserve.events._record import _MAX_ITEMS, _MAX_STR, build_call_event, sanitise, sanitise_str
-from llmobserve.proxy.transaction import Context, Outcome, Transaction
+from llmobserve.transaction import Context, Outcome, Transaction
 
 
 def _opt_str(value: object, limit: int = 256) -> str | None:

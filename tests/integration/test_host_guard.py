@@ -100,16 +100,15 @@ def _proxy_args(upstream: RecordingUpstream, db: Path, *extra: str) -> list[str]
     ]
 
 
-@pytest.fixture(scope="module", params=["lean", "twisted-web"])
+@pytest.fixture(scope="module")
 def named_proxy(
-    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     upstream: RecordingUpstream,
 ) -> Iterator[ProxyProcess]:
-    """An embedded-store proxy started with --public-name llmobserve, once per front end."""
-    workdir = tmp_path_factory.mktemp(f"named-proxy-{request.param}")
+    """An embedded-store proxy started with --public-name llmobserve."""
+    workdir = tmp_path_factory.mktemp("named-proxy")
     args = _proxy_args(upstream, workdir / "events.sqlite3", "--public-name", PUBLIC)
-    proc = ProxyProcess([*args, "--server", request.param], workdir=workdir).start()
+    proc = ProxyProcess(args, workdir=workdir).start()
     try:
         yield proc
     finally:

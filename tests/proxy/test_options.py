@@ -55,3 +55,11 @@ def test_bad_values_are_refused_with_the_option_named(argv: tuple[str, ...], mes
 def test_known_hosts_only_is_forced_beyond_loopback_only(port: str, beyond: bool) -> None:
     options = parse("--port", port)
     assert bool(options["known-hosts-only"]) is beyond
+
+
+def test_there_is_one_http_front_end() -> None:
+    """C{--server twisted-web} is gone: C{twistd llmobserve} always serves its
+    own channel (request head and body deadlines); C{ProxySite} stays a
+    library API."""
+    with pytest.raises(usage.UsageError, match="server"):
+        parse("--server", "twisted-web")

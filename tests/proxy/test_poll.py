@@ -1,8 +1,8 @@
 """The lean epoll poll step: same dispatch as Twisted's, no log context.
 
 Each test builds its own C{EPollReactor} (never run, only polled with a
-zero timeout) so the process-wide reactor is untouched. The first test is
-the tripwire for the Twisted internals the lean step reads.
+zero timeout) so the process-wide reactor is untouched. The tripwire for
+the Twisted internals the lean step reads is C{test_compat.py}.
 """
 
 from __future__ import annotations
@@ -94,13 +94,6 @@ def _reader(reactor: Any, pairs: list[Any], **fail: bool) -> tuple[_Reader, sock
     reader.reactor = reactor
     reactor.addReader(reader)
     return reader, theirs
-
-
-def test_epoll_reactor_still_has_what_the_lean_step_reads(epoll_reactor: Any) -> None:
-    assert isinstance(epoll_reactor._selectables, dict)
-    assert callable(epoll_reactor._poller.poll)
-    assert callable(epoll_reactor._doReadOrWrite)
-    assert EPollReactor.doIteration is EPollReactor.doPoll
 
 
 def test_installs_on_an_epoll_reactor_as_both_poll_and_iteration(epoll_reactor: Any) -> None:

@@ -19,7 +19,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError, Timeo
 from twisted.python.failure import Failure
 
 from llmobserve.proxy._config import RelayConfig
-from llmobserve.proxy.transaction import Outcome
+from llmobserve.transaction import Outcome
 
 ProxyMaker = Callable[..., InMemoryProxy]
 

@@ -6,10 +6,8 @@ write_now reads: if Twisted renames them, it fails here, not in production.
 
 from __future__ import annotations
 
-import socket
-
 import pytest_twisted
-from twisted.internet import protocol, reactor, tcp
+from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
 
 from llmobserve.proxy._writes import WriteCoalescer, write_now
@@ -22,27 +20,6 @@ class _Recorder:
 
     def flush(self) -> None:
         self.flushes += 1
-
-
-def test_tcp_connection_still_has_the_fields_write_now_reads() -> None:
-    """Tripwire: the private write-buffer fields of twisted.internet.tcp.Connection."""
-    a, b = socket.socketpair()
-    try:
-        conn = tcp.Connection(a, protocol.Protocol(), reactor)
-        for name in (
-            "socket",
-            "dataBuffer",
-            "offset",
-            "_tempDataLen",
-            "connected",
-            "disconnecting",
-        ):
-            assert hasattr(conn, name), name
-        assert conn.dataBuffer == b"" and conn.offset == 0 and conn._tempDataLen == 0
-        assert issubclass(tcp.Server, tcp.Connection) and issubclass(tcp.Client, tcp.Connection)
-    finally:
-        a.close()
-        b.close()
 
 
 def test_writes_made_while_holding_are_flushed_once_at_release() -> None:

@@ -1,5 +1,9 @@
 """The record of one finished exchange, and the sink interface that receives it.
 
+A leaf module: it imports nothing of C{llmobserve.proxy}, C{events} or
+C{collector}, so the packages that share these records (the relay builds
+them, the events pipeline consumes them) depend on it and not on each other.
+
 The relay builds exactly one L{Transaction} per client request that reached
 the proxy resource and hands it to an L{ITransactionSink} on the reactor
 thread. Everything downstream (parsing, pricing, events, the collector link)
@@ -15,7 +19,7 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
-__all__ = ["Context", "ITransactionSink", "Outcome", "Transaction"]
+__all__ = ["Context", "ITransactionSink", "Outcome", "RawHeaders", "Transaction"]
 
 #: Raw header pairs exactly as seen on the wire: name and value bytes.
 RawHeaders = tuple[tuple[bytes, bytes], ...]
