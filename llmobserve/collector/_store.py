@@ -822,7 +822,8 @@ class EventStore:
             item["calls"] = row[n]
             cost = row[n + 1]
             # sums of many small floats carry noise in the last digits
-            item["cost_usd"] = None if cost is None else round(cost, 10)
+            # (a sum past the float range has no JSON spelling: unknown)
+            item["cost_usd"] = None if cost is None or not math.isfinite(cost) else round(cost, 10)
             item["unpriced_calls"] = row[n + 2] or 0
             for j, t in enumerate(_TOKEN_COLUMNS):
                 item[t] = row[n + 3 + j] or 0
