@@ -320,6 +320,12 @@ class HealthResource(Resource):
                 "commits": w.commits,
                 "links": self._links.describe(),
                 "link_protocol_errors": self._links.protocol_errors,
+                "events_rejected": w.rejected,
+                "partial_frame_bytes": self._links.budget.held,
+                "links_refused_for_memory": self._links.budget.refusals,
+                "log_lines_suppressed": (
+                    0 if self._links.limiter is None else self._links.limiter.suppressed
+                ),
             },
         )
 

@@ -17,8 +17,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
 from ._http import collector_root
 from ._link import LinkRegistry, LinkServerProtocol
+from ._loglimit import LogLimiter
 from ._port import PortSwitchFactory
 from ._store import EventStore
 from ._thread import StoreThread
@@ -40,6 +42,8 @@ class CollectorService(MultiService):
     @param heartbeat: the link heartbeat interval, seconds.
     @param synchronous: SQLite C{synchronous} for the writer (C{FULL}:
         an ack means the events survive power loss too).
+    @param max_partial_bytes: bytes all links together may hold for frames
+        not yet complete (L{PartialFrameBudget}).
     """
 
     log = Logger()
@@ -51,6 +55,7 @@ class CollectorService(MultiService):
         db_path: Path,
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
+        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -67,8 +72,9 @@ class CollectorService(MultiService):
         )
         self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
-        self.writer = BatchWriter(self.writer_thread)
-        self.links = LinkRegistry()
+        self.limiter = LogLimiter(reactor)
+        self.writer = BatchWriter(self.writer_thread, self.limiter)
+        self.links = LinkRegistry(PartialFrameBudget(max_partial_bytes), self.limiter)
         root = collector_root(self.reader_thread, self.writer, self.links)
         self.site = Site(root)
         self.site.noisy = False
@@ -132,3 +138,4 @@ class CollectorService(MultiService):
         while not self.writer.idle():
             await deferLater(self._reactor, 0.01, lambda: None)
         await DeferredList([self.reader_thread.stopService(), self.writer_thread.stopService()])
+        self.limiter.stop()
