@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,3 +419,42 @@ def test_bytes_before_hello_are_capped(spawn: Any) -> None:
     s.sendall(MAGIC + struct.pack(">I", 1 << 20) + b"\x00" * (128 * 1024))
     assert closed_by_peer(s)
     assert collector.get("/health")["links_refused_for_memory"] == 1
+
+
+_BAD_TIMES = [
+    "/api/report?since=" + "9" * 400 + "s",
+    "/api/report?until=" + "9" * 400 + "h",
+    "/api/report?since=1e308",
+    "/api/report?since=-1e308",
+    "/api/events?until=1e308",
+]
+
+
+def _status_and_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.timeout(60)
+def test_bad_time_parameters_are_400_on_collector_and_embedded_proxy(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """The trial's 500s, against the real processes: the collector's C{/api}
+    and C{/dashboard}, and an embedded proxy's own C{/api} (the same
+    resources), answer each with a 400 and the error contract."""
+    from support.proxy import LOOPBACK_ARGS, ProxyProcess
+
+    collector = spawn()
+    base = f"http://127.0.0.1:{collector.port}"
+    dashboard = ["/dashboard?since=1e308", "/dashboard?until=-1e308"]
+    args = [*LOOPBACK_ARGS, "--db", str(tmp_path / "proxy.sqlite3")]
+    with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+        # the proxy serves /api, not the dashboard
+        urls = [base + p for p in _BAD_TIMES + dashboard] + [proxy.url + p for p in _BAD_TIMES]
+        for url in urls:
+            status, body = _status_and_json(url)
+            assert status == 400, (url, body)
+            assert body["error"]["type"] == "bad_request", (url, body)
