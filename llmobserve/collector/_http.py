@@ -245,10 +245,14 @@ def _table(headings: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body or '<tr><td>no calls</td></tr>'}</table>"
 
 
-def _when(ts: float | None) -> str:
+def _when(ts: Any) -> str:
     if ts is None:
         return "now"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    except (TypeError, ValueError, OverflowError, OSError):
+        # a stored event's ts comes from a proxy: show what it said
+        return str(ts)
 
 
 def _dashboard_page(
@@ -316,6 +320,12 @@ class HealthResource(Resource):
                 "commits": w.commits,
                 "links": self._links.describe(),
                 "link_protocol_errors": self._links.protocol_errors,
+                "events_rejected": w.rejected,
+                "partial_frame_bytes": self._links.budget.held,
+                "links_refused_for_memory": self._links.budget.refusals,
+                "log_lines_suppressed": (
+                    0 if self._links.limiter is None else self._links.limiter.suppressed
+                ),
             },
         )
 

@@ -26,6 +26,8 @@ from llmobserve.events import (
     encode_frame,
 )
 
+from ._budget import PartialFrameBudget
+from ._loglimit import LogLimiter
 from ._writer import BatchWriter
 
 __all__ = ["LinkRegistry", "LinkServerProtocol"]
@@ -46,11 +48,19 @@ SERVER_NAME = "llmobserve-collector"
 
 
 class LinkRegistry:
-    """The links currently open, for C{/health}."""
+    """The links currently open, for C{/health}, and what they share.
 
-    def __init__(self) -> None:
+    @param budget: the bytes all links may hold for incomplete frames.
+    @param limiter: collapses repeated log lines of all links together.
+    """
+
+    def __init__(
+        self, budget: PartialFrameBudget | None = None, limiter: LogLimiter | None = None
+    ) -> None:
         self.links: set[LinkServerProtocol] = set()
         self.protocol_errors = 0
+        self.budget = PartialFrameBudget() if budget is None else budget
+        self.limiter = limiter
 
     def describe(self) -> list[dict[str, Any]]:
         """One map per open link: proxy id, peer, last ack, events received."""
@@ -110,6 +120,7 @@ class LinkServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._open = False
         self._registry.links.discard(self)
+        self._registry.budget.release(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -131,6 +142,12 @@ class LinkServerProtocol(Protocol):
         self._last_rx = self._clock.seconds()
         try:
             messages = self._decoder.feed(data)
+            refused = self._registry.budget.hold(
+                self, self._decoder.buffered, self._proxy_id is not None
+            )
+            if refused is not None:
+                self._refuse(refused)
+                return
             for message in messages:
                 if not self._open:
                     return
@@ -178,11 +195,12 @@ class LinkServerProtocol(Protocol):
         if len(good) != len(events):
             # A non-map can never be stored, so resending it would not help:
             # drop it loudly and ack the rest.
-            self.log.warn(
-                "link from {proxy_id}: dropped {n} events that are not maps",
-                proxy_id=self._proxy_id,
-                n=len(events) - len(good),
-            )
+            if self._allow("batch items that are not maps"):
+                self.log.warn(
+                    "link from {proxy_id}: dropped {n} events that are not maps",
+                    proxy_id=self._proxy_id,
+                    n=len(events) - len(good),
+                )
         n = len(good)
         self._received += n
         self._unacked += n
@@ -250,17 +268,34 @@ class LinkServerProtocol(Protocol):
 
     def _protocol_error(self, why: str) -> None:
         self._registry.protocol_errors += 1
-        self.log.warn(
-            "link from {proxy_id} ({peer}): protocol error, closing: {why}",
-            proxy_id=self._proxy_id,
-            peer=self._peer(),
-            why=why,
-        )
+        if self._allow("link protocol errors"):
+            self.log.warn(
+                "link from {proxy_id} ({peer}): protocol error, closing: {why}",
+                proxy_id=self._proxy_id,
+                peer=self._peer(),
+                why=why,
+            )
         self._close()
+
+    def _refuse(self, why: str) -> None:
+        # What the link held is released; the peer, if a proxy, resends.
+        if self._allow("links refused for memory"):
+            self.log.warn(
+                "link from {proxy_id} ({peer}): refused, closing: {why}",
+                proxy_id=self._proxy_id,
+                peer=self._peer(),
+                why=why,
+            )
+        self._close()
+
+    def _allow(self, kind: str) -> bool:
+        limiter = self._registry.limiter
+        return limiter is None or limiter.allow(kind)
 
     def _close(self) -> None:
         self._open = False
         self._registry.links.discard(self)
+        self._registry.budget.release(self)
         transport = self._transport()
         if transport is not None:
             transport.abortConnection()

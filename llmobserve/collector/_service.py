@@ -18,8 +18,10 @@ from twisted.logger import Logger
 
 from llmobserve.hostguard import HostGuard, HostGuardedSite
 
+from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
 from ._http import collector_root
 from ._link import LinkRegistry, LinkServerProtocol
+from ._loglimit import LogLimiter
 from ._port import PortSwitchFactory
 from ._store import EventStore
 from ._thread import StoreThread
@@ -43,6 +45,8 @@ class CollectorService(MultiService):
         an ack means the events survive power loss too).
     @param host_guard: the C{Host} check every HTTP request passes before
         it is routed (default: IP literals and localhost only).
+    @param max_partial_bytes: bytes all links together may hold for frames
+        not yet complete (L{PartialFrameBudget}).
     """
 
     log = Logger()
@@ -56,6 +60,7 @@ class CollectorService(MultiService):
         synchronous: str = "FULL",
         scheme: str = "http",
         host_guard: HostGuard | None = None,
+        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -74,8 +79,9 @@ class CollectorService(MultiService):
         )
         self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
-        self.writer = BatchWriter(self.writer_thread)
-        self.links = LinkRegistry()
+        self.limiter = LogLimiter(reactor)
+        self.writer = BatchWriter(self.writer_thread, self.limiter)
+        self.links = LinkRegistry(PartialFrameBudget(max_partial_bytes), self.limiter)
         root = collector_root(self.reader_thread, self.writer, self.links)
         self.site = HostGuardedSite(root, host_guard or HostGuard())
         self.site.noisy = False
@@ -140,3 +146,4 @@ class CollectorService(MultiService):
         while not self.writer.idle():
             await deferLater(self._reactor, 0.01, lambda: None)
         await DeferredList([self.reader_thread.stopService(), self.writer_thread.stopService()])
+        self.limiter.stop()

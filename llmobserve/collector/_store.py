@@ -31,13 +31,16 @@ import os
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
 from typing import Any, Final
 
+import msgpack
 import orjson
 
+from llmobserve.events import MAX_EVENT_DEPTH, nested_deeper_than
 from llmobserve.events.fields import EVENT_FIELDS
 
 __all__ = [
@@ -215,6 +218,14 @@ class StoreError(Exception):
     """A bad query (unknown grouping or filter) or an unusable store file."""
 
 
+class _TooDeep(ValueError):
+    """An event nests deeper than L{MAX_EVENT_DEPTH}: it is stored as rejected."""
+
+
+#: A field of the event is one level below the event map.
+_FIELD_DEPTH: Final = MAX_EVENT_DEPTH - 1
+
+
 def _jsonable(value: Any) -> Any:
     """Turn msgpack-decoded values JSON cannot hold into ones it can."""
     if isinstance(value, Mapping):
@@ -245,17 +256,29 @@ _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _orjson_dumps = orjson.dumps
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: Any, depth: int = _FIELD_DEPTH) -> str:
     """Compact JSON text; non-finite floats become C{null}.
 
     orjson writes the same compact form as the stdlib (no spaces, keys in
     insertion order) but UTF-8 rather than C{\\uXXXX} escapes; both are
     valid JSON and read back equal.
+
+    @param depth: the deepest nesting allowed. Each level costs at least two
+        characters of JSON, so only a text that long can be too deep and is
+        walked: an ordinary field is never walked.
+    @raise _TooDeep: C{value} nests deeper than C{depth}.
     """
     try:
-        return _orjson_dumps(value).decode()
+        text: str = _orjson_dumps(value).decode()
     except TypeError:
+        # orjson refuses this value (or its 254th level): the stdlib
+        # encoder recurses, so look before it does
+        if nested_deeper_than(value, depth):
+            raise _TooDeep(f"nested deeper than {MAX_EVENT_DEPTH} levels") from None
         return _encode(_jsonable(value))
+    if len(text) >= 2 * (depth + 1) and nested_deeper_than(value, depth):
+        raise _TooDeep(f"nested deeper than {MAX_EVENT_DEPTH} levels")
+    return text
 
 
 #: orjson reads integers beyond 64 bits as floats: text with such a number
@@ -275,7 +298,9 @@ def _loads(text: str) -> Any:
 
 def _synthetic_id(event: Mapping[str, Any]) -> str:
     """A stable id for an event that came without one, so resends still dedupe."""
-    digest = hashlib.sha256(_dumps(dict(sorted(event.items(), key=lambda kv: str(kv[0])))).encode())
+    digest = hashlib.sha256(
+        _dumps(dict(sorted(event.items(), key=lambda kv: str(kv[0]))), MAX_EVENT_DEPTH).encode()
+    )
     return "noid-" + digest.hexdigest()[:32]
 
 
@@ -324,7 +349,7 @@ def _row(event: Mapping[str, Any]) -> tuple[Any, ...]:
             event_id,
             *(scalars[name] for name in _HEAD_SCALARS),
             *(texts[name] for name in _HEAD_JSON),
-            _dumps(extra) if extra else None,
+            _dumps(extra, MAX_EVENT_DEPTH) if extra else None,
             *(c if type(c) is int and -_INT64 <= c < _INT64 else None for c in counts),
             *(label if type(label) is str else None for label in labels),
             texts["graphql"],
@@ -475,9 +500,9 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
         if type(key) is str and type(value) is str:
             extra = _remembered_json(_ONE_KEY, (key, value), {key: value})
         else:
-            extra = _dumps({key: value})
+            extra = _dumps({key: value}, MAX_EVENT_DEPTH)
     else:
-        extra = _dumps({k: v for k, v in event.items() if k in unknown})
+        extra = _dumps({k: v for k, v in event.items() if k in unknown}, MAX_EVENT_DEPTH)
     return _trimmed(
         (
             event_id,
@@ -495,13 +520,56 @@ def _fast_row(event: Any) -> tuple[Any, ...] | None:
     )
 
 
-def _rows(events: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+def _rows(
+    events: Sequence[Mapping[str, Any]],
+    rejected: list[tuple[str, str]] | None = None,
+    careful: bool = False,
+) -> list[tuple[Any, ...]]:
+    """The rows for C{events}, one each, in order.
+
+    An event that cannot be made into a row (nested too deep, or anything
+    else that raises) becomes a rejected record (L{_rejected_row}) rather
+    than failing the batch it came in: the others are stored with it.
+
+    @param rejected: if given, gets C{(id, reason)} for each rejected event.
+    @param careful: every row the careful way (L{_row}).
+    """
     rows: list[tuple[Any, ...]] = []
     append = rows.append
     for event in events:
-        row = _fast_row(event)
-        append(_row(event) if row is None else row)
+        try:
+            row = None if careful else _fast_row(event)
+            append(_row(event) if row is None else row)
+        except Exception as e:  # whatever one event does, it fails alone
+            reason = str(e) if isinstance(e, _TooDeep) else f"{type(e).__name__}: {e}"[:200]
+            row = _rejected_row(event, reason)
+            if rejected is not None:
+                rejected.append((row[0], reason))
+            append(row)
     return rows
+
+
+def _rejected_row(event: Any, reason: str) -> tuple[Any, ...]:
+    """The row of a rejected record standing for an event that cannot be stored.
+
+    C{kind: rejected}, the event's C{id} (so a resend deduplicates) or one
+    derived from its bytes, its C{ts} if it had a usable one, and C{reason}.
+    """
+    fields: Mapping[Any, Any] = event if isinstance(event, Mapping) else {}
+    get = fields.get
+    event_id = get("id")
+    if type(event_id) is not str or not event_id:
+        try:
+            packed = msgpack.packb(event, use_bin_type=True)
+            event_id = "rejected-" + hashlib.sha256(packed).hexdigest()[:32]
+        except Exception:  # even msgpack cannot: no stable id to give it
+            event_id = "rejected-" + uuid.uuid4().hex
+    record: dict[str, Any] = {"id": event_id, "kind": "rejected", "reason": reason}
+    ts = get("ts")
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        if math.isfinite(ts) and -_INT64 <= ts < _INT64:
+            record["ts"] = ts
+    return _row(record)
 
 
 _N_SCALARS: Final = len(_SCALARS)
@@ -577,6 +645,8 @@ class EventStore:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise StoreError(f"unknown synchronous mode {synchronous!r}")
         self.path = Path(path)
+        #: C{(id, reason)} of each event the last L{insert} stored as rejected
+        self.last_rejected: list[tuple[str, str]] = []
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -629,20 +699,30 @@ class EventStore:
         """Store events in one transaction; return how many were new.
 
         Events whose C{id} is already stored are ignored (that is the
-        deduplication that makes resending safe). C{acked_seqs}, if given,
-        records each proxy's last acknowledged batch C{seq} in the same
-        transaction. When this returns, the transaction is committed.
+        deduplication that makes resending safe). An event that cannot be
+        stored (nested deeper than L{MAX_EVENT_DEPTH} levels, or anything
+        else its conversion raises) is stored as a rejected record instead
+        (C{kind: rejected}, its C{id}, C{ts} and the C{reason}), listed in
+        L{last_rejected}; the other events of the batch are stored as usual.
+        C{acked_seqs}, if given, records each proxy's last acknowledged
+        batch C{seq} in the same transaction. When this returns, the
+        transaction is committed.
 
         @param now: the time to record for C{acked_seqs} (unix seconds).
         """
         if not isinstance(events, list | tuple):
             events = list(events)
+        rejected: list[tuple[str, str]] = []
         try:
-            return self._insert_rows(_rows(events), acked_seqs, now)
+            inserted = self._insert_rows(_rows(events, rejected), acked_seqs, now)
         except OverflowError:
             # an integer beyond 64 bits slipped through the fast path
             # (sqlite3 refuses it): start again the careful way
-            return self._insert_rows([_row(e) for e in events], acked_seqs, now)
+            rejected = []
+            rows = _rows(events, rejected, careful=True)
+            inserted = self._insert_rows(rows, acked_seqs, now)
+        self.last_rejected = rejected
+        return inserted
 
     #: The row L{insert} would write for an ordinary event, or None for one
     #: that needs the careful path: computed ahead of time, in any thread
@@ -822,7 +902,8 @@ class EventStore:
             item["calls"] = row[n]
             cost = row[n + 1]
             # sums of many small floats carry noise in the last digits
-            item["cost_usd"] = None if cost is None else round(cost, 10)
+            # (a sum past the float range has no JSON spelling: unknown)
+            item["cost_usd"] = None if cost is None or not math.isfinite(cost) else round(cost, 10)
             item["unpriced_calls"] = row[n + 2] or 0
             for j, t in enumerate(_TOKEN_COLUMNS):
                 item[t] = row[n + 3 + j] or 0

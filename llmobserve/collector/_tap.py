@@ -10,9 +10,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from llmobserve.endpoints import listen_endpoint
+from llmobserve.events import MAX_FRAME_SIZE
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
 
+from ._budget import DEFAULT_MAX_PARTIAL_BYTES
 from ._service import CollectorService
 from ._store import EventStore, StoreError
 
@@ -53,6 +55,14 @@ class Options(usage.Options):
             float,
         ],
         [
+            "max-partial-bytes",
+            None,
+            DEFAULT_MAX_PARTIAL_BYTES,
+            "Bytes all links together may hold for frames not yet complete; a link "
+            "whose bytes would go past it is closed (at least 16777216, one largest frame).",
+            int,
+        ],
+        [
             "synchronous",
             None,
             "FULL",
@@ -79,6 +89,10 @@ class Options(usage.Options):
             self["db"] = str(default_db_path())
         if self["heartbeat"] <= 0:
             raise usage.UsageError("--heartbeat must be positive")
+        if self["max-partial-bytes"] < MAX_FRAME_SIZE:
+            raise usage.UsageError(
+                f"--max-partial-bytes must be at least {MAX_FRAME_SIZE} (one largest frame)"
+            )
         if str(self["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise usage.UsageError("--synchronous must be FULL, NORMAL, EXTRA or OFF")
 
@@ -105,4 +119,5 @@ def makeService(options: usage.Options) -> IService:
         synchronous=str(options["synchronous"]).upper(),
         scheme="https" if description.startswith("ssl:") else "http",
         host_guard=HostGuard(options["public-name"]),
+        max_partial_bytes=options["max-partial-bytes"],
     )

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._loglimit import LogLimiter
 from ._store import EventStore
 
 __all__ = ["BatchWriter", "JobRunner"]
@@ -53,12 +54,18 @@ class BatchWriter:
         kept up to date from each commit's count of new rows).
     @ivar duplicates: events received again and ignored since start-up.
     @ivar queued: events waiting for or inside the running transaction.
+    @ivar rejected: events received since start-up that could not be stored
+        and were stored as rejected records (resends of one count again).
+
+    @param limiter: collapses repeated log lines (rejections, failures).
     """
 
     log = Logger()
 
-    def __init__(self, thread: JobRunner) -> None:
+    def __init__(self, thread: JobRunner, limiter: LogLimiter | None = None) -> None:
         self._thread = thread
+        self._limiter = limiter
+        self.rejected = 0
         self._queue: deque[_Pending] = deque()
         self._busy = False
         self.stored = 0
@@ -106,15 +113,27 @@ class BatchWriter:
                 seqs[item.proxy_id] = item.seq
         self._busy = True
 
-        def job(store: EventStore) -> int:
-            return store.insert(events, seqs)
+        def job(store: EventStore) -> tuple[int, list[tuple[str, str]]]:
+            inserted = store.insert(events, seqs)
+            return inserted, store.last_rejected
 
         self._thread.submit(job).addCallbacks(
             self._committed, self._failed, callbackArgs=(take, n), errbackArgs=(take, n)
         )
 
-    def _committed(self, inserted: int, take: list[_Pending], n: int) -> None:
+    def _committed(
+        self, result: tuple[int, list[tuple[str, str]]], take: list[_Pending], n: int
+    ) -> None:
+        inserted, rejected = result
         self._busy = False
+        self.rejected += len(rejected)
+        for event_id, reason in rejected:
+            if self._allow("rejected events"):
+                self.log.warn(
+                    "event {event_id!r} cannot be stored ({reason}): stored as rejected",
+                    event_id=event_id[:80],
+                    reason=reason,
+                )
         self.queued -= n
         self.stored += inserted
         self.duplicates += n - inserted
@@ -126,7 +145,11 @@ class BatchWriter:
     def _failed(self, failure: Failure, take: list[_Pending], n: int) -> None:
         self._busy = False
         self.queued -= n
-        self.log.failure("writing {n} events failed; their links get no ack", failure, n=n)
+        if self._allow("failed commits"):
+            self.log.failure("writing {n} events failed; their links get no ack", failure, n=n)
         for item in take:
             item.done.errback(failure)
         self._next()
+
+    def _allow(self, kind: str) -> bool:
+        return self._limiter is None or self._limiter.allow(kind)

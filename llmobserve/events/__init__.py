@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from llmobserve.events._codec import (
     MAGIC,
+    MAX_EVENT_DEPTH,
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     FrameDecoder,
     FrameError,
     encode_frame,
+    nested_deeper_than,
 )
 from llmobserve.events.fields import EVENT_FIELDS
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EVENT_FIELDS",
     "MAGIC",
+    "MAX_EVENT_DEPTH",
     "MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "EventPipeline",
@@ -40,6 +43,7 @@ __all__ = [
     "FrameError",
     "encode_frame",
     "make_event_sink",
+    "nested_deeper_than",
     "open_spool",
     "parse_collector_url",
 ]

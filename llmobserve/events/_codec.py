@@ -18,11 +18,13 @@ import msgpack
 
 __all__ = [
     "MAGIC",
+    "MAX_EVENT_DEPTH",
     "MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "FrameDecoder",
     "FrameError",
     "encode_frame",
+    "nested_deeper_than",
 ]
 
 #: The first five bytes a proxy sends on a link connection.
@@ -33,6 +35,12 @@ PROTOCOL_VERSION: Final = 1
 
 #: The largest frame body either side accepts (16 MiB).
 MAX_FRAME_SIZE: Final = 16 * 1024 * 1024
+
+#: How deeply an event may nest maps and lists (the event map itself is level
+#: 1). msgpack decodes up to about 1,000 levels; code that walks a value
+#: recursively (JSON encoders, the store's conversions) fails well before,
+#: so a collector stores a deeper event as a rejected record (docs/LINK.md).
+MAX_EVENT_DEPTH: Final = 64
 
 _LENGTH = struct.Struct(">I")
 _HEADER_SIZE: Final = _LENGTH.size
@@ -61,6 +69,32 @@ def encode_frame(message: Mapping[str, Any], max_frame_size: int = MAX_FRAME_SIZ
     if len(body) > max_frame_size:
         raise FrameError(f"frame of {len(body)} bytes exceeds the {max_frame_size}-byte maximum")
     return _LENGTH.pack(len(body)) + body
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether C{value} nests maps and lists more than C{limit} levels deep.
+
+    Iterative (a recursive walk would itself fail on what it looks for); a
+    scalar is level 0, C{{}} and C{[]} level 1.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        item, depth = pop()
+        t = type(item)
+        if t is dict or isinstance(item, Mapping):
+            children: Any = item.values()
+        elif t is list or t is tuple:
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        for child in children:
+            if isinstance(child, dict | list | tuple | Mapping):
+                push((child, depth + 1))
+    return False
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

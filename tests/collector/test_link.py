@@ -14,10 +14,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from llmobserve.collector._budget import PartialFrameBudget
 from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
+from llmobserve.collector._loglimit import LogLimiter
 from llmobserve.collector._store import EventStore
 from llmobserve.collector._writer import BatchWriter
-from llmobserve.events._codec import FrameDecoder, encode_frame
+from llmobserve.events._codec import (
+    MAX_EVENT_DEPTH,
+    FrameDecoder,
+    encode_frame,
+    nested_deeper_than,
+)
 
 
 class ManualRunner:
@@ -386,3 +393,119 @@ def test_any_event_map_is_stored(env: Any, event: dict[str, Any]) -> None:
     runner.run_all()
     assert link.received() == [{"t": "ack", "seq": 1}]
     assert store.count() >= 1
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_poisoned_event_is_acked_and_innocent_batch_stored(env: Any) -> None:
+    """An event nested 800 levels deep, committed in one transaction with an
+    innocent proxy's batch, is stored as a rejected record and both links
+    get their acks and stay open (the shared commit used to roll back and
+    both links were reset)."""
+    store, runner, writer, clock, registry = env
+    innocent = Link(writer, clock, registry)
+    innocent.hello("innocent")
+    poisoned = Link(writer, clock, registry)
+    poisoned.hello("poisoned")
+    innocent.send({"t": "batch", "seq": 1, "events": events("warm", 1)})
+    # these two queue behind the first commit and go into one transaction
+    innocent.send({"t": "batch", "seq": 2, "events": events("i", 5)})
+    bad = {"id": "deep", "kind": "call", "ts": 2.0, "context": {"x": _deep(800)}}
+    poisoned.send({"t": "batch", "seq": 7, "events": [*events("p", 2), bad]})
+    runner.run_all()
+    assert writer.commits == 2
+    assert innocent.received() == [{"t": "ack", "seq": 1}, {"t": "ack", "seq": 2}]
+    assert poisoned.received() == [{"t": "ack", "seq": 7}]
+    assert not innocent.closed and not poisoned.closed
+    assert store.count() == 9 and writer.rejected == 1
+    (rejected,) = store.events(kind="rejected")
+    assert rejected["id"] == "deep" and "deeper than 64" in rejected["reason"]
+
+
+def _partial(length: int, have: int) -> bytes:
+    """The first C{have} bytes of a frame whose body is C{length} bytes."""
+    return struct.pack(">I", length) + b"\x00" * have
+
+
+def test_partial_frames_of_all_links_share_one_cap(tmp_path: Path) -> None:
+    """Bytes held for incomplete frames count against one cap over all links:
+    the link whose bytes would pass it is closed, its bytes released, and
+    the others (and new frames once memory is free) carry on."""
+    store = EventStore(tmp_path / "x.sqlite3")
+    runner = ManualRunner(store)
+    writer = BatchWriter(runner)
+    clock = Clock()
+    registry = LinkRegistry(PartialFrameBudget(max_total=1000, max_pre_hello=100))
+    a, b, c = (Link(writer, clock, registry) for _ in range(3))
+    for i, link in enumerate((a, b, c)):
+        link.hello(f"p{i}")
+    a.proto.dataReceived(_partial(5000, 400))
+    b.proto.dataReceived(_partial(5000, 400))
+    assert registry.budget.held == 800
+    c.proto.dataReceived(_partial(5000, 400))
+    assert c.closed and not a.closed and not b.closed
+    assert registry.budget.held == 800 and registry.budget.refusals == 1
+    # a link that grows past the cap is the one refused
+    a.proto.dataReceived(b"\x00" * 300)
+    assert a.closed and registry.budget.held == 400
+    b.proto.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read
+    assert registry.budget.held == 0
+    d = Link(writer, clock, registry)
+    d.hello("p3")
+    d.send({"t": "batch", "seq": 1, "events": events("d", 3)})
+    runner.run_all()
+    assert d.received() == [{"t": "ack", "seq": 1}] and registry.budget.held == 0
+    store.close()
+
+
+def test_bytes_before_hello_are_capped_per_link(env: Any) -> None:
+    """Before hello a link may hold only a few KiB of an incomplete frame; the
+    hello deadline is not the only bound any more."""
+    _, _, writer, clock, _ = env
+    registry = LinkRegistry(PartialFrameBudget(max_total=10**9, max_pre_hello=1024))
+    link = Link(writer, clock, registry)
+    link.proto.dataReceived(_partial(1 << 20, 1000))
+    assert not link.closed
+    link.proto.dataReceived(b"\x00" * 100)
+    assert link.closed and registry.budget.held == 0 and registry.budget.refusals == 1
+    # after hello the per-link cap no longer applies
+    greeted = Link(writer, clock, registry)
+    greeted.hello("p")
+    greeted.proto.dataReceived(_partial(1 << 20, 100_000))
+    assert not greeted.closed and registry.budget.held == 100_000
+
+
+def test_repeated_protocol_errors_log_a_few_lines_then_a_count(env: Any) -> None:
+    """A peer that makes the same error over and over gets a few log lines per
+    minute and one line counting the rest, not one line each."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    _, _, writer, clock, _ = env
+    registry = LinkRegistry(limiter=LogLimiter(clock, burst=3, window=60.0))
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for _ in range(1000):
+            link = Link(writer, clock, registry)
+            link.proto.dataReceived(b"\x00\x00\x00\x01\xc1")
+            assert link.closed
+        clock.advance(61)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e for e in seen if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 4
+    assert warnings[-1]["n"] == 997 and "more like this" in warnings[-1]["log_format"]
+    assert registry.protocol_errors == 1000
+
+
+def test_nesting_depth_is_measured_without_recursion() -> None:
+    """The depth check walks iteratively: 100,000 levels do not overflow it."""
+    assert nested_deeper_than(_deep(100_000), MAX_EVENT_DEPTH)
+    assert not nested_deeper_than({"a": {"b": [1, (2,)]}}, 4)
+    assert nested_deeper_than({"a": {"b": [1, (2,)]}}, 3)
+    assert not nested_deeper_than("scalar", 0)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
+import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from support.proxy import CollectorProcess
 
@@ -76,9 +81,9 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
     """Start collectors on one store in C{tmp_path}; all killed at the end."""
     started: list[CollectorProcess] = []
 
-    def start(heartbeat: float = 5.0) -> CollectorProcess:
+    def start(heartbeat: float = 5.0, args: tuple[str, ...] = ()) -> CollectorProcess:
         collector = CollectorProcess(
-            ("--heartbeat", str(heartbeat)),
+            ("--heartbeat", str(heartbeat), *args),
             db=tmp_path / "events.sqlite3",
             workdir=tmp_path,
             start_timeout=20.0,
@@ -198,3 +203,191 @@ def test_sigterm_drains_and_exits_cleanly(spawn: Any, tmp_path: Path) -> None:
     link.close()
     collector = spawn()
     assert get(collector, "/health")["events_stored"] == 500
+
+
+def _deep_batch(seq: int, depth: int = 800) -> bytes:
+    """A batch frame: one ordinary event and one nested C{depth} levels deep.
+
+    Built by hand: msgpack's packer refuses to nest past 511 levels, but its
+    unpacker reads this (so a hostile client can send it).
+    """
+    pack = msgpack.packb
+    deep = (
+        b"\x84"
+        + pack("id")
+        + pack("deep")
+        + pack("kind")
+        + pack("call")
+        + pack("ts")
+        + pack(1_750_000_000.0)
+        + pack("context")
+        + b"\x81"
+        + pack("x")
+        + b"\x91" * depth
+        + b"\x01"
+    )
+    good = pack({"id": f"poisoned-good-{seq}", "kind": "call", "ts": 1_750_000_000.0})
+    body = b"\x83" + pack("t") + pack("batch") + pack("seq") + pack(seq) + pack("events")
+    body += b"\x92" + good + deep
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.timeout(90)
+def test_poisoned_event_does_not_reset_an_innocent_link(spawn: Any) -> None:
+    """A hostile proxy resends a batch with an event nested 800 levels deep
+    while an innocent proxy sends 2,000 events: the bad event is stored once
+    as a rejected record and acked, the innocent link is never reset and all
+    its events are stored, and the log holds a few lines, not one per resend
+    (it was: RecursionError rolled back the shared commit, the innocent link
+    was reset, and tracebacks filled the log)."""
+    collector = spawn(heartbeat=30.0)
+    innocent = LinkClient(collector.port, "innocent")
+    events = make_events(2000)
+    stop = threading.Event()
+    resends: list[int] = []
+    resets: list[int] = []
+
+    def hostile() -> None:
+        seq = 0
+        client = LinkClient(collector.port, "hostile")
+        while not stop.is_set() and seq < 200:
+            seq += 1
+            try:
+                client.sock.sendall(_deep_batch(seq))
+                client.wait_ack(seq)
+                resends.append(seq)
+            except OSError:  # reset by the collector: reconnect, resend
+                resets.append(seq)
+                client.close()
+                client = LinkClient(collector.port, "hostile")
+        client.close()
+
+    thread = threading.Thread(target=hostile, daemon=True)
+    thread.start()
+    try:
+        for seq in range(40):
+            innocent.send_batch(seq, events[seq * 50 : seq * 50 + 50])
+            time.sleep(0.01)
+        innocent.wait_ack(39)
+    finally:
+        stop.set()
+        thread.join(30)
+    innocent.close()
+    assert resets == [] and len(resends) >= 10
+
+    stored = get(collector, "/api/events?kind=call&limit=10000")["events"]
+    ids = {e["id"] for e in stored}
+    assert {e["id"] for e in events} <= ids
+    assert {f"poisoned-good-{s}" for s in resends} <= ids
+    (rejected,) = get(collector, "/api/events?kind=rejected")["events"]
+    assert rejected["id"] == "deep" and "deeper than 64 levels" in rejected["reason"]
+    health = get(collector, "/health")
+    assert health["events_rejected"] == len(resends)
+    log = collector.log_text()
+    assert "Traceback" not in log and "RecursionError" not in log
+    assert log.count("cannot be stored") <= 5
+    print(
+        f"innocent: sent 2000, stored {len(ids & {e['id'] for e in events})}; "
+        f"hostile: {len(resends)} resends, 1 rejected record, "
+        f"{health['events_rejected']} rejections counted, "
+        f"{log.count('cannot be stored')} log lines, resets {len(resets)}"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_partial_frames_of_many_links_are_capped(spawn: Any) -> None:
+    """20 links each send 8 MiB minus 1 KiB of an 8 MiB frame (160 MiB in
+    all) against a 32 MiB cap: the collector's RSS grows by less than 80 MiB
+    (it held every byte, 160 MiB and more, until the links' deadlines), the
+    links past the cap are closed with a logged reason, and a good link is
+    served all along."""
+    cap = 32 * 1024 * 1024
+    collector = spawn(heartbeat=30.0, args=("--max-partial-bytes", str(cap)))
+    good = LinkClient(collector.port, "good")
+    good.send_batch(0, make_events(10))
+    good.wait_ack(0)
+    before = collector.rss_kib()
+    frame = 8 * 1024 * 1024
+    body = b"\x00" * (frame - 1024)
+    hostile: list[socket.socket] = []
+    refused = 0
+    for i in range(20):
+        s = socket.create_connection(("127.0.0.1", collector.port), timeout=10)
+        hostile.append(s)
+        hello = encode_frame({"t": "hello", "proxy_id": f"hog-{i}", "version": 1})
+        try:
+            s.sendall(MAGIC + hello + struct.pack(">I", frame) + body)
+        except OSError:
+            refused += 1
+    health = get(collector, "/health")
+    peak = collector.peak_rss_kib()
+    good.send_batch(1, make_events(20)[10:])
+    good.wait_ack(1)
+    growth_mib = (peak - before) / 1024
+    print(
+        f"RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+        f"(+{growth_mib:.0f}); refused {health.get('links_refused_for_memory')}; "
+        f"held {health.get('partial_frame_bytes')} bytes"
+    )
+    assert health["partial_frame_bytes"] <= cap
+    assert health["links_refused_for_memory"] >= 16
+    assert growth_mib < 80
+    for s in hostile:
+        s.close()
+    deadline = time.monotonic() + 10
+    while get(collector, "/health")["partial_frame_bytes"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert get(collector, "/health")["partial_frame_bytes"] == 0
+    good.close()
+    assert "refused, closing: incomplete frames of all links" in collector.log_text()
+    assert get(collector, "/health")["events_stored"] == 20
+
+
+@pytest.mark.timeout(60)
+def test_bytes_before_hello_are_capped(spawn: Any) -> None:
+    """A connection that says no hello may not hold more than 64 KiB: it is
+    closed at once, not at the hello deadline."""
+    collector = spawn(heartbeat=30.0)
+    s = socket.create_connection(("127.0.0.1", collector.port), timeout=10)
+    s.sendall(MAGIC + struct.pack(">I", 1 << 20) + b"\x00" * (128 * 1024))
+    assert closed_by_peer(s)
+    assert get(collector, "/health")["links_refused_for_memory"] == 1
+
+
+_BAD_TIMES = [
+    "/api/report?since=" + "9" * 400 + "s",
+    "/api/report?until=" + "9" * 400 + "h",
+    "/api/report?since=1e308",
+    "/api/report?since=-1e308",
+    "/api/events?until=1e308",
+]
+
+
+def _status_and_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.timeout(60)
+def test_bad_time_parameters_are_400_on_collector_and_embedded_proxy(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """The trial's 500s, against the real processes: the collector's C{/api}
+    and C{/dashboard}, and an embedded proxy's own C{/api} (the same
+    resources), answer each with a 400 and the error contract."""
+    from support.proxy import LOOPBACK_ARGS, ProxyProcess
+
+    collector = spawn()
+    base = f"http://127.0.0.1:{collector.port}"
+    dashboard = ["/dashboard?since=1e308", "/dashboard?until=-1e308"]
+    args = [*LOOPBACK_ARGS, "--db", str(tmp_path / "proxy.sqlite3")]
+    with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+        # the proxy serves /api, not the dashboard
+        urls = [base + p for p in _BAD_TIMES + dashboard] + [proxy.url + p for p in _BAD_TIMES]
+        for url in urls:
+            status, body = _status_and_json(url)
+            assert status == 400, (url, body)
+            assert body["error"]["type"] == "bad_request", (url, body)

@@ -169,9 +169,27 @@ def test_parse_time(text: str, expected: float) -> None:
     assert parse_time(text, now=1000.0) == expected
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "24x", "nan", "inf", "2025-13-01"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "yesterday",
+        "24x",
+        "nan",
+        "inf",
+        "2025-13-01",
+        "9" * 400 + "s",
+        "9" * 400 + "h",
+        "1e308",
+        "-1e308",
+        "1e300h",
+        "253402300800.5",
+        "0001-01-01T00:00+01:00",
+        "9999-12-31T23:59-01:00",
+    ],
+)
 def test_parse_time_refuses(text: str) -> None:
-    """Anything else is a TimeSpecError."""
+    """Anything else is a TimeSpecError, and so is an instant outside the years 1 to 9999."""
     with pytest.raises(TimeSpecError):
         parse_time(text, now=0.0)
 

@@ -474,3 +474,72 @@ def test_a_new_store_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path: Path)
     assert old._db.execute("PRAGMA page_size").fetchone() == (4096,)
     assert [e["id"] for e in old.events(limit=None)] == ["e1"]
     old.close()
+
+
+def nested(depth: int) -> Any:
+    """A value nesting maps and lists C{depth} levels deep."""
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_an_event_nested_too_deep_is_stored_rejected_alone(store: EventStore) -> None:
+    """An event nested 800 levels deep (in a known field, an unknown key, or
+    without an id) becomes a rejected record with its reason; the events
+    around it in the same insert are stored as they were (it made the whole
+    transaction raise RecursionError and roll back)."""
+    batch = [
+        call(1),
+        {**call(2), "graphql": nested(800)},
+        {"kind": "call", "ts": T0 + 3, "blob": nested(800)},
+        {**call(4), "context": {"properties": {"x": nested(100)}}},
+        call(5),
+    ]
+    assert store.insert(batch) == 5
+    assert [r for _, r in store.last_rejected] == ["nested deeper than 64 levels"] * 3
+    stored = {e["id"]: e for e in store.events(limit=None)}
+    assert stored["e1"]["model"] == "gpt-4o" and stored["e1"]["usage"] == call(1)["usage"]
+    assert stored["e5"]["usage"] == call(5)["usage"]
+    rejected = store.events(kind="rejected", limit=None)
+    assert {e["id"] for e in rejected} == {"e2", "e4", store.last_rejected[1][0]}
+    assert store.last_rejected[1][0].startswith("rejected-")
+    for e in rejected:
+        assert e["reason"] == "nested deeper than 64 levels"
+        assert e["ts"] in (T0 + 2, T0 + 3, T0 + 4)
+    # a rejected record is no call: the report does not count it
+    assert store.report([])[0]["calls"] == 2
+    # a resend of the same batch stores nothing twice
+    assert store.insert(batch) == 0 and store.count() == 5
+
+
+def test_nesting_up_to_the_bound_is_stored(store: EventStore) -> None:
+    """An event of exactly 64 levels is stored whole (fast and careful path);
+    65 is rejected."""
+    ok = {**call(1), "graphql": nested(63)}
+    ok_careful = {**call(2), "graphql": nested(62), "blob": {2**70: nested(61)}}
+    too_deep = {**call(3), "graphql": nested(64)}
+    assert store.insert([ok, ok_careful, too_deep]) == 3
+    assert [i for i, _ in store.last_rejected] == ["e3"]
+    (back,) = store.events(kind="call", limit=1)
+    assert back["graphql"] == nested(63)
+
+
+def test_any_exception_of_one_event_rejects_it_alone(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever turning one event into a row raises, that event is a rejected
+    record with the exception as its reason and the rest are stored."""
+    from llmobserve.collector import _store
+
+    real = _store._row
+
+    def row(event: Any) -> Any:
+        if event.get("model") == "boom":
+            raise RuntimeError("boom")
+        return real(event)
+
+    monkeypatch.setattr(_store, "_row", row)
+    # a top-level label sends the event down the careful path (_row)
+    assert store.insert([call(1), call(2, model="boom", run_id="r"), call(3)]) == 3
+    assert store.last_rejected == [("e2", "RuntimeError: boom")]
