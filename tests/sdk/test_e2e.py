@@ -135,6 +135,7 @@ def world() -> Iterator[World]:
         args = [*LOOPBACK_ARGS]
         for server, provider in ((oa, "openai"), (an, "anthropic"), (pc, "pinecone")):
             args += ["--provider-host", f"{server.authority}={provider}"]
+        args += ["--base-url", f"openai={oa.url}"]  # base-URL mode: /openai/... goes there
         with ProxyProcess(args) as proxy:
             yield World(proxy, oa, an, pc)
 
@@ -197,6 +198,35 @@ def test_openai_sync(tracked: World) -> None:
     # The upstream got no llmobserve header, and the app's key.
     req = tracked.openai.requests[-1]
     assert req.header("Authorization") == b"Bearer sk-test"
+    assert not any(n.lower().startswith(b"x-llmobserve") for n, _ in req.headers)
+
+
+def test_openai_in_base_url_mode_keeps_the_context(tracked: World) -> None:
+    """A client already pointed at the proxy (base-URL mode, C{/openai/v1}) is not
+    rerouted, but the SDK adds its context headers: customer and section reach the
+    event (issue 14, item 3: they were lost, C{context} was C{{}})."""
+    import openai
+
+    client = openai.OpenAI(
+        api_key="sk-test", base_url=f"{tracked.proxy.url}/openai/v1", max_retries=0
+    )
+    with llmobserve.customer("acme"), llmobserve.section("agent:baseurl"):
+        completion = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert completion.usage is not None and completion.usage.prompt_tokens == 9
+    [event] = tracked.events("acme")
+    _check(
+        event,
+        provider="openai",
+        model="gpt-4o-mini-2024-07-18",
+        customer="acme",
+        section_path="agent:baseurl",
+        usage={"input_tokens": 9, "output_tokens": 3},
+    )
+    assert event["context"]["span_id"] and event["context"]["run_id"]
+    req = tracked.openai.requests[-1]
+    assert req.path == "/v1/chat/completions"
     assert not any(n.lower().startswith(b"x-llmobserve") for n, _ in req.headers)
 
 
