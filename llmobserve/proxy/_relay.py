@@ -199,7 +199,7 @@ class Relay:
             resolved = self._s.policy.check_now(self._target)
         except TargetRefused as refused:
             self._fail_before_response(
-                refused.status, refused.kind, refused.message, Outcome.PROXY_ERROR
+                refused.status, refused.kind, refused.message, _refusal_outcome(refused.status)
             )
             return
         if resolved is not None:
@@ -215,7 +215,9 @@ class Relay:
             return
         if failure.check(TargetRefused):
             exc: Any = failure.value
-            self._fail_before_response(exc.status, exc.kind, exc.message, Outcome.PROXY_ERROR)
+            self._fail_before_response(
+                exc.status, exc.kind, exc.message, _refusal_outcome(exc.status)
+            )
         elif failure.check(CancelledError):
             return
         else:
@@ -323,7 +325,7 @@ class Relay:
                 413,
                 "body_too_large",
                 f"request body over the {self._s.config.max_body}-byte limit",
-                Outcome.PROXY_ERROR,
+                Outcome.REFUSED,
             )
             return
         self._req_tap.add(data)
@@ -610,6 +612,12 @@ class Relay:
             s.sink.transaction_finished(txn)
         except Exception:
             _log.failure("transaction sink raised")
+
+
+def _refusal_outcome(status: int) -> Outcome:
+    """A target the policy turned down (4xx) is C{refused}; one it could not
+    check (502: no address) is a C{proxy_error}. Neither went upstream."""
+    return Outcome.REFUSED if status < 500 else Outcome.PROXY_ERROR
 
 
 def write_error_early(request: Request, status: int, kind: str, message: str, clock: Any) -> None:

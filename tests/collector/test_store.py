@@ -474,3 +474,21 @@ def test_a_new_store_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path: Path)
     assert old._db.execute("PRAGMA page_size").fetchone() == (4096,)
     assert [e["id"] for e in old.events(limit=None)] == ["e1"]
     old.close()
+
+
+def test_report_leaves_out_calls_the_proxy_answered_itself(store: EventStore) -> None:
+    """C{refused} and C{proxy_error} calls went nowhere: they are not in a report's
+    call counts (issue 14, item 12) unless the outcome filter asks for them."""
+    store.insert(
+        [
+            call(1),
+            call(2, outcome="refused", status=403, provider="unknown", cost_usd=None),
+            call(3, outcome="proxy_error", status=502, provider="unknown", cost_usd=None),
+            call(4, outcome="upstream_error", status=429, cost_usd=None),
+        ]
+    )
+    [total] = store.report([])
+    assert (total["calls"], total["unpriced_calls"]) == (2, 1)
+    assert [r["provider"] for r in store.report(["provider"])] == ["openai"]
+    [refused] = store.report([], outcome="refused")
+    assert refused["calls"] == 1

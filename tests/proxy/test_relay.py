@@ -403,6 +403,40 @@ def test_refused_targets_get_the_error_contract_and_no_connect(
     assert proxy.connects() == 0
 
 
+def test_a_refused_target_is_recorded_as_refused(make_proxy: ProxyMaker) -> None:
+    """The proxy's own policy refusal is its own outcome, C{refused}, not a proxy
+    error or an upstream's error status (issue 14, item 12): nothing went upstream."""
+    proxy = make_proxy(allow_cidrs=())
+    channel, _client = proxy.client()
+    target = b"http://10.0.0.1/v1/chat/completions"
+    channel.dataReceived(request(headers=b"X-LLMObserve-Target-URL: " + target + b"\r\n"))
+    proxy.reactor.advance(0)
+    (txn,) = proxy.sink.transactions
+    assert txn.outcome is Outcome.REFUSED
+    assert txn.response_headers == () and txn.ttfb is None
+
+
+def test_a_streamed_body_over_the_limit_is_recorded_as_refused(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(max_body=10))
+    channel, _client = proxy.client()
+    channel.dataReceived(request(b"POST", headers=TARGET + b"Transfer-Encoding: chunked\r\n"))
+    proxy.accept_upstream()
+    channel.dataReceived(b"8\r\n12345678\r\n8\r\n12345678\r\n")
+    proxy.reactor.advance(0)
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.status, txn.error) == (Outcome.REFUSED, 413, "body_too_large")
+
+
+def test_an_unreachable_upstream_is_a_proxy_error(make_proxy: ProxyMaker) -> None:
+    """The proxy could not forward (502): C{proxy_error}, not C{refused}."""
+    proxy = make_proxy()
+    channel, _client = proxy.client()
+    channel.dataReceived(request())
+    proxy.fail_upstream(ConnectionRefusedError())
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.status) == (Outcome.PROXY_ERROR, 502)
+
+
 def test_missing_target_header_is_a_400(make_proxy: ProxyMaker) -> None:
     proxy = make_proxy()
     channel, client = proxy.client()
