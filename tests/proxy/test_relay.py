@@ -257,17 +257,60 @@ def test_sse_chunks_are_written_through_as_they_arrive(make_proxy: ProxyMaker) -
 def test_client_disconnect_aborts_the_upstream_and_records_client_aborted(
     make_proxy: ProxyMaker,
 ) -> None:
+    """Mid-response, the upstream is cut at its next body byte: the client missed it."""
     proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
     upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     channel.connectionLost(Failure(ConnectionDone()))
+    upstream.send(b"5\r\nworld\r\n")
     assert upstream.transport.disconnecting or upstream.transport.disconnected
     assert proxy.pool.idle_count() == 0
     (txn,) = proxy.sink.transactions
     assert txn.outcome is Outcome.CLIENT_ABORTED
     assert txn.response_body == b"hello"
+    assert txn.response_bytes == 5
+
+
+def test_client_disconnect_with_a_silent_upstream_aborts_after_the_grace(
+    make_proxy: ProxyMaker,
+) -> None:
+    """No end of message within the grace: C{client_aborted}, upstream cut."""
+    from llmobserve.proxy._relay import CLIENT_CLOSE_GRACE
+
+    proxy = make_proxy()
+    channel, _client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert proxy.sink.transactions == []
+    proxy.reactor.advance(CLIENT_CLOSE_GRACE)
+    assert upstream.transport.disconnecting or upstream.transport.disconnected
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.error) == (Outcome.CLIENT_ABORTED, "client_disconnected")
+
+
+def test_a_client_that_read_the_whole_stream_and_closed_is_ok(make_proxy: ProxyMaker) -> None:
+    """Issue 14, item 11: the client read the last event and closed; its close is
+    seen before the upstream's terminating chunk. Nothing was missed: C{ok}, with the
+    full sizes, and the upstream connection goes back to the pool."""
+    proxy = make_proxy()
+    channel, client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    last = b"data: [DONE]\n\n"
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    upstream.send(b"%x\r\n%s\r\n" % (len(last), last))
+    assert client.value().endswith(last + b"\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    upstream.send(b"0\r\n\r\n")
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.error) == (Outcome.OK, None)
+    assert txn.response_bytes == len(last)
+    assert proxy.pool.idle_count() == 1
+    assert not upstream.transport.disconnecting
 
 
 def test_client_disconnect_before_connect_cancels_it(make_proxy: ProxyMaker) -> None:

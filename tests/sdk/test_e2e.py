@@ -65,7 +65,11 @@ def _openai(req: RecordedRequest) -> Response:
     body = json.loads(req.body or b"{}")
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return Response(200, SSE, openai_sse_events(4, include_usage=usage), chunk_interval=0.005)
+        # "slow-end": each piece, the terminating chunk too, 150 ms after the last.
+        interval = 0.15 if body.get("model") == "slow-end" else 0.005
+        return Response(
+            200, SSE, openai_sse_events(4, include_usage=usage), chunk_interval=interval
+        )
     return DEFAULT_RESPONSE
 
 
@@ -315,6 +319,27 @@ def test_openai_streaming(tracked: World, include_usage: bool) -> None:
 
 
 # -- Anthropic -------------------------------------------------------------------------
+
+
+def test_a_fully_read_stream_is_ok_when_the_client_closes_first(tracked: World) -> None:
+    """Issue 14, item 11: the sync openai client stops at C{[DONE]} and closes the
+    connection; the upstream's terminating chunk comes 150 ms later, after the close
+    has reached the proxy. The client had the whole response: C{ok}, not
+    C{client_aborted}, with the usage and all the bytes."""
+    client = _openai_client(tracked)
+    with llmobserve.customer("oa-stream-closed"):
+        stream = client.chat.completions.create(
+            model="slow-end",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    [event] = tracked.events("oa-stream-closed")
+    assert (event["outcome"], event["status"]) == ("ok", 200), event["flags"]
+    assert event["response_bytes"] == len(b"".join(openai_sse_events(4, include_usage=True)))
+    assert event["usage"]["output_tokens"] == 4
 
 
 def test_anthropic_messages(tracked: World) -> None:
