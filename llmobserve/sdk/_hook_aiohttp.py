@@ -42,6 +42,8 @@ def _make_middleware(m: ModuleType) -> Callable[[Any, Any], Awaitable[Any]]:
     async def llmobserve_route(req: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         url = req.url
         config = ROUTER.route(url.scheme, url.raw_host or "", url.port)
+        if config is not None and "Upgrade" in req.headers:
+            ROUTER.upgrade_not_routed(url.scheme, url.raw_host or "", url.port)
         if (
             config is None
             or "Upgrade" in req.headers

@@ -125,6 +125,8 @@ def _patch_sync(m: ModuleType, recorded: type) -> None:
         url = request.url
         config = ROUTER.route(url.scheme, url.host, url.port)
         if config is None or _wants_upgrade(request):
+            if config is not None:
+                ROUTER.upgrade_not_routed(url.scheme, url.host, url.port)
             _add_context(request)
             return original(self, request)
         key = ROUTER.key(url.scheme, url.host, url.port)
@@ -162,6 +164,8 @@ def _patch_async(m: ModuleType, recorded: type) -> None:
         url = request.url
         config = ROUTER.route(url.scheme, url.host, url.port)
         if config is None or _wants_upgrade(request):
+            if config is not None:
+                ROUTER.upgrade_not_routed(url.scheme, url.host, url.port)
             _add_context(request)
             return await original(self, request)
         key = ROUTER.key(url.scheme, url.host, url.port)

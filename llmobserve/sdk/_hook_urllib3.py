@@ -131,6 +131,8 @@ def _patch(m: ModuleType) -> None:
         config = ROUTER.route(scheme, host, port)
         upgrade = headers is not None and any(k.lower() == "upgrade" for k in headers)
         if config is None or upgrade:
+            if config is not None:
+                ROUTER.upgrade_not_routed(scheme, host, port)
             extra = ROUTER.to_proxy_headers(host, port)
             if extra:
                 headers = _with_context(self, headers, extra)

@@ -236,6 +236,7 @@ class _State:
     refused: set[HostKey] = field(default_factory=set)
     confirmed: set[HostKey] = field(default_factory=set)
     warned_local: set[tuple[str, int]] = field(default_factory=set)
+    warned_upgrade: set[tuple[str, int]] = field(default_factory=set)
     down_until: float = 0.0
     warned_down: bool = False
 
@@ -294,6 +295,21 @@ class Router:
             shown,
             reason,
             shown,
+        )
+
+    def upgrade_not_routed(self, scheme: str, host: str, port: int | None) -> None:
+        """A routable call asks for a connection upgrade (WebSocket): it goes direct,
+        and the first one per host says so."""
+        key = self.key(scheme, host, port)
+        where = (key[1], key[2])
+        with self._lock:
+            if where in self._state.warned_upgrade:
+                return
+            self._state.warned_upgrade.add(where)
+        log.warning(
+            "llmobserve: calls to %s that upgrade the connection (WebSocket) are not "
+            "tracked: the proxy cannot relay them; they go direct",
+            _shown(*where),
         )
 
     def to_proxy_headers(self, host: str, port: int | None) -> list[tuple[str, str]]:

@@ -235,15 +235,26 @@ def test_no_double_send_after_bytes_left(
 
 
 def test_websocket_upgrade_is_not_routed(
-    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+    routed: Any,
+    fake_proxy: RecordingUpstream,
+    target: RecordingUpstream,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A request with an Upgrade header (WebSocket) goes direct: the proxy cannot relay 101."""
+    """A request with an Upgrade header (WebSocket) goes direct: the proxy cannot relay 101.
+    The first one per host says that it is not tracked."""
     import httpx
 
-    with httpx.Client() as client:
-        client.get(f"{target.url}/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
-    assert len(target.wait_requests(1)) == 1
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    with caplog.at_level("WARNING", logger="llmobserve"), httpx.Client() as client:
+        client.get(f"{target.url}/ws", headers=upgrade)
+        client.get(f"{target.url}/ws", headers=upgrade)
+    assert len(target.wait_requests(2)) == 2
     assert fake_proxy.requests == []
+    said = [r.getMessage() for r in caplog.records if "not tracked" in r.getMessage()]
+    assert said == [
+        f"llmobserve: calls to {target.authority} that upgrade the connection (WebSocket) "
+        "are not tracked: the proxy cannot relay them; they go direct"
+    ]
 
 
 def test_excluded_host_goes_direct(
