@@ -224,6 +224,10 @@ def observe(
             # calls made meanwhile go direct.
             pending = Observation(None, None, collector_url=collector_url)
             _last = _pending = pending
+            _say(
+                "llmobserve: finding or starting the proxy in the background; "
+                "calls made until then go direct (not tracked)"
+            )
             threading.Thread(
                 target=_auto_start,
                 args=(port, collector_url, hosts, excluded, api_key, start_timeout),
