@@ -475,10 +475,13 @@ def test_sections_reach_the_store_as_spans(tracked: World) -> None:
     assert call["context"]["parent_span_id"] == inner["context"]["span_id"]
 
 
-def test_policy_refusal_by_real_proxy_goes_direct(tracked: World) -> None:
+def test_policy_refusal_by_real_proxy_goes_direct(
+    tracked: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """A host the SDK routes (named in provider_hosts) but the proxy does not admit
     (::1 is outside its --allow-cidr 127.0.0.1/32): the real proxy answers 403 with
-    X-LLMObserve-Error, the SDK sends the same call direct and remembers the host."""
+    X-LLMObserve-Error, the SDK sends the same call direct and remembers the host,
+    and says once, with the proxy's reason, that those calls are not tracked."""
     import httpx
 
     from llmobserve.sdk._routing import ROUTER
@@ -495,9 +498,13 @@ def test_policy_refusal_by_real_proxy_goes_direct(tracked: World) -> None:
         url = f"{internal.url}/v1/chat/completions"
         port = int(internal.authority.rsplit(":", 1)[1])
         assert ROUTER.route("http", "::1", port)
-        with llmobserve.customer("refused"):
+        with llmobserve.customer("refused"), caplog.at_level("WARNING", logger="llmobserve"):
             r1 = httpx.post(url, content=CHAT)
             r2 = httpx.post(url, content=b"two")
+        said = [r.getMessage() for r in caplog.records if "NOT tracked" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f"calls to http://[::1]:{port} are NOT tracked" in said[0]
+        assert "(not_allowed: " in said[0]
         assert r1.status_code == 200 and r2.status_code == 200
         reqs = internal.wait_requests(2)
     assert [r.body for r in reqs] == [CHAT.encode(), b"two"]
