@@ -24,6 +24,7 @@ from llmobserve import __version__
 from llmobserve.collector import (
     FILTERS,
     GROUPS,
+    NOT_FORWARDED,
     EventStore,
     StoreError,
     TimeSpecError,
@@ -349,17 +350,40 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
     source = _source(args)
     try:
         rows = source.report(by, since, until, filters)
+        refused = _not_forwarded(source, since, until, filters)
     except StoreError as e:
         raise CLIError(str(e)) from e
     finally:
         source.close()
     if args.format == "json":
-        doc = {"by": by, "since": since, "until": until, "rows": rows}
+        doc = {"by": by, "since": since, "until": until, "rows": rows, "refused": refused}
         out.write(json.dumps(doc, indent=2) + "\n")
     elif args.format == "csv":
         write_csv(out, [*by, *_SUMS], rows)
     else:
         write_table(out, by, rows)
+        if any(refused.values()):
+            out.write(_refused_line(refused))
+
+
+def _not_forwarded(
+    source: _Source, since: float | None, until: float | None, filters: dict[str, Any]
+) -> dict[str, int]:
+    """Calls the proxy answered itself, by outcome (C{{}} when the filter names one)."""
+    if filters.get("outcome") is not None:
+        return {}
+    counts = {}
+    for outcome in NOT_FORWARDED:
+        [total] = source.report([], since, until, {**filters, "outcome": outcome}) or [{}]
+        counts[outcome] = int(total.get("calls") or 0)
+    return counts
+
+
+def _refused_line(refused: dict[str, int]) -> str:
+    """The report's own line for calls the proxy answered itself (not in the counts)."""
+    n = sum(refused.values())
+    parts = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
+    return f"refused: {n} call{'s' if n != 1 else ''} not forwarded ({parts}), not counted above\n"
 
 
 def _cmd_events(args: argparse.Namespace, out: TextIO) -> None:

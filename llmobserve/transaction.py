@@ -33,7 +33,8 @@ class Outcome(StrEnum):
     CLIENT_ABORTED = "client_aborted"  # the client went away first
     UPSTREAM_RESET = "upstream_reset"  # the upstream connection broke mid-exchange
     TIMEOUT = "timeout"  # connect, response-header or stream-idle timeout
-    PROXY_ERROR = "proxy_error"  # the proxy answered itself (400/403/404/413/502/508)
+    PROXY_ERROR = "proxy_error"  # the proxy could not forward it (502: unresolvable, unreachable)
+    REFUSED = "refused"  # the proxy refused to forward it (403 policy, 400, 413, 508)
     SHUTDOWN_ABORTED = "shutdown_aborted"  # cut at the drain deadline
 
 

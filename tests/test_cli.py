@@ -89,6 +89,31 @@ def test_report_json(db: Path) -> None:
     assert rows["acme"]["input_tokens"] == 300
 
 
+def test_report_prints_refused_calls_on_their_own_line(tmp_path: Path) -> None:
+    """Calls the proxy answered itself are not counted as calls of provider C{unknown}:
+    the table leaves them out and says so on a line of its own (issue 14, item 12)."""
+    path = tmp_path / "events.sqlite3"
+    store = EventStore(path)
+    store.insert(
+        [
+            event(0),
+            event(1, outcome="refused", status=403, provider="unknown", model=None, cost_usd=None),
+            event(2, outcome="refused", status=403, provider="unknown", model=None, cost_usd=None),
+            event(3, outcome="proxy_error", status=502, provider="unknown", model=None),
+        ]
+    )
+    store.close()
+    code, text = run("report", "--db", str(path))
+    assert code == 0
+    assert "unknown" not in text and "no known price" not in text
+    assert text.splitlines()[-1] == (
+        "refused: 3 calls not forwarded (refused 2, proxy_error 1), not counted above"
+    )
+    code, text = run("report", "--db", str(path), "--format", "json")
+    assert json.loads(text)["refused"] == {"refused": 2, "proxy_error": 1}
+    assert [r["calls"] for r in json.loads(text)["rows"]] == [1]
+
+
 def test_report_csv(db: Path) -> None:
     """--format csv has a header and one line per group."""
     code, text = run("report", "--db", str(db), "--format", "csv", "--by", "provider,model")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from llmobserve.collector._store import FILTERS, GROUPS, EventStore, StoreError
+from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FILTERS",
     "GROUPS",
+    "NOT_FORWARDED",
     "EventStore",
     "StoreError",
     "StoreThread",

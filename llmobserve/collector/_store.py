@@ -47,6 +47,7 @@ __all__ = [
     "CALL_FIELDS",
     "FILTERS",
     "GROUPS",
+    "NOT_FORWARDED",
     "SCHEMA_VERSION",
     "EventStore",
     "StoreError",
@@ -122,6 +123,11 @@ FILTERS: Final[dict[str, str]] = {
     "kind": "kind",
     "host": "host",
 }
+
+#: Outcomes of calls the proxy answered itself, nothing forwarded: a report
+#: leaves them out of its call counts (the command line shows them on a
+#: line of their own).
+NOT_FORWARDED: Final = ("refused", "proxy_error")
 
 #: Report grouping names and the SQL expression each groups on.
 GROUPS: Final[dict[str, str]] = {
@@ -865,7 +871,10 @@ class EventStore:
         Rows come most expensive first; with a C{day} or C{hour} grouping,
         in time order first.
 
-        Only C{call} events count (spans and gaps are not calls). C{cost_usd}
+        Only C{call} events count (spans and gaps are not calls), and only
+        calls that were forwarded: outcomes in L{NOT_FORWARDED} (the proxy
+        answered itself) are left out unless the C{outcome} filter asks for
+        them. C{cost_usd}
         sums the priced calls and is C{null} when none was priced;
         C{unpriced_calls} says how many had no known price, so an unknown
         price never reads as zero.
@@ -880,6 +889,9 @@ class EventStore:
             if name not in groups:
                 groups.append(name)
         where, params = self._where({**filters, "kind": "call"}, since, until)
+        if filters.get("outcome") is None:
+            where += f" AND coalesce(outcome, '') NOT IN ({', '.join('?' * len(NOT_FORWARDED))})"
+            params += list(NOT_FORWARDED)
         select = [f"{GROUPS[g]} AS g{i}" for i, g in enumerate(groups)]
         select += [
             "count(*)",

@@ -227,6 +227,10 @@ def header_value(pairs: RawHeaders, name: str) -> str | None:
     return found
 
 
+#: Outcomes of a call the proxy answered itself (see docs/EVENTS.md).
+_NOT_FORWARDED: Final = frozenset({"refused", "proxy_error"})
+
+
 def build_call_event(
     txn: Transaction,
     usage: UsageLike | None,
@@ -246,6 +250,9 @@ def build_call_event(
     @param flags: extra flags (C{parse_skipped}, ...) added to the record's.
     """
     all_flags = list(usage.flags) if usage is not None else []
+    if txn.outcome in _NOT_FORWARDED and not txn.response_headers:
+        # The status is the proxy's own: nothing came back from upstream.
+        all_flags = [f for f in all_flags if f != "upstream_error_status"]
     all_flags.extend(flags)
     if txn.error is not None:
         all_flags.append(f"error:{txn.error}")

@@ -38,6 +38,10 @@ __all__ = ["Relay", "RelayServices"]
 _log = Logger()
 _now = time.perf_counter
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+#: Seconds a relay waits, after a client closed mid-response, for the
+#: upstream's end of message (see L{Relay.client_gone}).
+CLIENT_CLOSE_GRACE = 0.25
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -106,6 +110,7 @@ class Relay:
     __slots__ = (
         "_body_bytes",
         "_body_done",
+        "_client_left",
         "_client_paused_for",
         "_conn",
         "_connecting",
@@ -166,6 +171,7 @@ class Relay:
         self._body_bytes = 0
         self._response_bytes = 0
         self._client_paused_for: set[str] = set()
+        self._client_left: IDelayedCall | None = None  # the grace of client_gone
         self._conn: UpstreamConnection | None = None
         self._connecting: Deferred[Any] | None = None
         self._resolved: ResolvedTarget | None = None
@@ -200,7 +206,7 @@ class Relay:
             resolved = self._s.policy.check_now(self._target)
         except TargetRefused as refused:
             self._fail_before_response(
-                refused.status, refused.kind, refused.message, Outcome.PROXY_ERROR
+                refused.status, refused.kind, refused.message, _refusal_outcome(refused.status)
             )
             return
         if resolved is not None:
@@ -216,7 +222,9 @@ class Relay:
             return
         if failure.check(TargetRefused):
             exc: Any = failure.value
-            self._fail_before_response(exc.status, exc.kind, exc.message, Outcome.PROXY_ERROR)
+            self._fail_before_response(
+                exc.status, exc.kind, exc.message, _refusal_outcome(exc.status)
+            )
         elif failure.check(CancelledError):
             return
         else:
@@ -324,7 +332,7 @@ class Relay:
                 413,
                 "body_too_large",
                 f"request body over the {self._s.config.max_body}-byte limit",
-                Outcome.PROXY_ERROR,
+                Outcome.REFUSED,
             )
             return
         self._req_tap.add(data)
@@ -481,16 +489,59 @@ class Relay:
             conn.resume_reading()
 
     def stopProducing(self) -> None:
-        self._abort_upstream()
+        """The client's transport is gone (twisted.web tells the producer first)."""
+        self.client_gone()
 
     # Client gone
 
     def client_gone(self) -> None:
-        """The client connection closed before the exchange ended."""
+        """The client connection closed before the exchange ended.
+
+        Mid-response, the client may well have had the whole body: a client
+        that stops at the last SSE event closes at once, and its close can be
+        seen before the upstream's end of message (its terminating chunk, in
+        another segment, or behind the close in the same poll). So a relay
+        that is not holding the upstream back waits up to
+        L{CLIENT_CLOSE_GRACE} for that end: the response ends with no more
+        body, and the call is C{ok}; one more body byte, an upstream failure
+        or the grace running out, and it is C{client_aborted} and the
+        upstream connection is cut at once.
+        """
+        if self._done or self._client_left is not None:
+            return
+        conn = self._conn
+        if (
+            conn is None
+            or not self._response_started
+            or not self._body_done
+            or self._paused_at is not None
+        ):
+            self._client_aborted()
+            return
+        self._s.deadlines.discard(self)
+        self._client_left = self._s.clock.callLater(CLIENT_CLOSE_GRACE, self._client_aborted)
+        conn.listener = _AfterClientLeft(self)
+
+    def _client_aborted(self) -> None:
+        left, self._client_left = self._client_left, None
+        if left is not None and left.active():
+            left.cancel()
         if self._done:
             return
         self._end(Outcome.CLIENT_ABORTED, "client_disconnected")
         self._abort_upstream()
+
+    def _complete_after_client_left(self) -> None:
+        """The upstream ended with no body byte the client did not get: a whole response."""
+        left, self._client_left = self._client_left, None
+        if left is not None and left.active():
+            left.cancel()
+        if self._done:
+            return
+        self._t_upstream_done = _now()
+        self._conn = None
+        status = self._status or 0
+        self._end(Outcome.UPSTREAM_ERROR if status >= 400 else Outcome.OK, None)
 
     def _abort_upstream(self) -> None:
         connecting, self._connecting = self._connecting, None
@@ -611,6 +662,42 @@ class Relay:
             s.sink.transaction_finished(txn)
         except Exception:
             _log.failure("transaction sink raised")
+
+
+class _AfterClientLeft:
+    """The upstream listener of a relay whose client closed mid-response.
+
+    Only the end of the message, with nothing more to relay, completes the
+    call; anything else means the client did not get the whole response.
+    """
+
+    __slots__ = ("_relay",)
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def upstream_headers(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self._relay._client_aborted()
+
+    def upstream_body(self, data: bytes) -> None:
+        self._relay._client_aborted()
+
+    def upstream_complete(self) -> None:
+        self._relay._complete_after_client_left()
+
+    def upstream_failed(self, kind: str, message: str) -> None:
+        self._relay._client_aborted()
+
+    def upstream_writable(self, writable: bool) -> None:
+        pass
+
+
+def _refusal_outcome(status: int) -> Outcome:
+    """A target the policy turned down (4xx) is C{refused}; one it could not
+    check (502: no address) is a C{proxy_error}. Neither went upstream."""
+    return Outcome.REFUSED if status < 500 else Outcome.PROXY_ERROR
 
 
 def write_error_early(request: Request, status: int, kind: str, message: str, clock: Any) -> None:

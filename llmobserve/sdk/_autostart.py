@@ -4,6 +4,12 @@ C{ensure_proxy} takes a lease (see L{llmobserve.sdk._leases}), then under the
 start lock reuses a proxy that answers C{/health} as ours, or starts the
 supervisor (which runs C{twistd -n llmobserve}) and waits until the proxy is
 healthy. Everything runs the installed package with C{sys.executable}.
+
+A proxy the SDK started knows only the C{provider_hosts} it was started
+with (they are its C{--provider-host} options, and its policy refuses
+other local hosts). Its configuration is kept beside the pid files; when a
+later C{observe()} names a host it does not know, the SDK restarts it with
+the union of both (see docs/SDK.md, "The shared proxy").
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 from llmobserve.sdk._leases import ProxyHome
 
-__all__ = ["ProxyFound", "ensure_proxy", "health", "release"]
+__all__ = ["ProxyConfig", "ProxyFound", "ensure_proxy", "health", "release"]
 
 log = logging.getLogger("llmobserve")
 
@@ -40,6 +46,7 @@ class ProxyFound:
     url: str
     started: bool  # this process started it (else: reused)
     health: Mapping[str, Any]
+    restarted_for: tuple[str, ...] = ()  # provider hosts a running proxy was restarted to learn
 
 
 def health(host: str, port: int, timeout: float = 0.5) -> Mapping[str, Any] | None:
@@ -71,6 +78,51 @@ def _proxy_args(collector_url: str | None, provider_hosts: Mapping[str, str]) ->
     for host, provider in sorted(provider_hosts.items()):
         args += ["--provider-host", f"{host}={provider}"]
     return args
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """What a started proxy was told: kept in C{proxy-config.json} while it runs."""
+
+    collector_url: str | None
+    provider_hosts: Mapping[str, str]
+
+    def args(self) -> list[str]:
+        """Its command-line options."""
+        return _proxy_args(self.collector_url, self.provider_hosts)
+
+    def missing(self, wanted: Mapping[str, str]) -> tuple[str, ...]:
+        """The hosts of C{wanted} this proxy does not know (or knows as another provider)."""
+        known = {_host_key(k): v for k, v in self.provider_hosts.items()}
+        return tuple(sorted(k for k, v in wanted.items() if known.get(_host_key(k)) != v))
+
+    def merged(self, wanted: Mapping[str, str]) -> ProxyConfig:
+        """This configuration plus C{wanted}'s hosts (a new provider wins for a host)."""
+        hosts = {_host_key(k): v for k, v in self.provider_hosts.items()}
+        hosts.update({_host_key(k): v for k, v in wanted.items()})
+        return ProxyConfig(self.collector_url, hosts)
+
+    def save(self, state: ProxyHome) -> None:
+        """Write it beside the pid files (the supervisor removes it when it stops)."""
+        doc = {"collector_url": self.collector_url, "provider_hosts": dict(self.provider_hosts)}
+        state.config_path.write_text(json.dumps(doc, sort_keys=True))
+
+    @classmethod
+    def load(cls, state: ProxyHome) -> ProxyConfig | None:
+        """The saved configuration of the running proxy, or C{None} if unknown."""
+        try:
+            doc = json.loads(state.config_path.read_text())
+            hosts = doc["provider_hosts"]
+            collector = doc["collector_url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(hosts, dict) or not (collector is None or isinstance(collector, str)):
+            return None
+        return cls(collector, {str(k): str(v) for k, v in hosts.items()})
+
+
+def _host_key(spec: str) -> str:
+    return spec.strip().lower()
 
 
 def _start_supervisor(state: ProxyHome, args: list[str], api_key: str | None) -> None:
@@ -146,18 +198,34 @@ def ensure_proxy(
     """Reuse or start the shared proxy on C{127.0.0.1:port}; a reason string on failure."""
     global _leased
     state = ProxyHome(port)
+    wanted = ProxyConfig(collector_url, dict(provider_hosts))
+    url = f"http://127.0.0.1:{port}"
     with state.locked():
         state.take_lease()
         _leased = state
         found = health("127.0.0.1", port)
+        restarted_for: tuple[str, ...] = ()
         if found:
-            return ProxyFound(f"http://127.0.0.1:{port}", started=False, health=found)
-        if found is not None:
+            running = _supervised_config(state, collector_url)
+            missing = running.missing(provider_hosts) if running is not None else ()
+            if not missing:
+                return ProxyFound(url, started=False, health=found)
+            # Ours, started without some of these hosts: its policy would refuse them.
+            if not _stop_and_wait(state, port, timeout):
+                release()
+                return (
+                    f"the running proxy does not know {', '.join(missing)} and did not "
+                    f"stop within {timeout:g}s to learn it (see {state.log_path})"
+                )
+            wanted = running.merged(provider_hosts) if running is not None else wanted
+            restarted_for = missing
+        elif found is not None:
             release()
             return f"something other than an llmobserve proxy answers on 127.0.0.1:{port}"
         with contextlib.suppress(FileNotFoundError):
             state.supervisor_pid.unlink()
-        _start_supervisor(state, _proxy_args(collector_url, provider_hosts), api_key)
+        wanted.save(state)
+        _start_supervisor(state, wanted.args(), api_key)
         deadline = time.monotonic() + timeout
         delay = 0.05
         while time.monotonic() < deadline:
@@ -165,13 +233,35 @@ def ensure_proxy(
             delay = min(delay * 1.5, 0.25)
             found = health("127.0.0.1", port)
             if found:
-                return ProxyFound(f"http://127.0.0.1:{port}", started=True, health=found)
+                return ProxyFound(url, started=True, health=found, restarted_for=restarted_for)
             pid = state.read_pid(state.supervisor_pid)
             if pid is not None and not _running(pid):
                 break
         _stop_supervisor(state)
         release()
         return f"the proxy did not become healthy within {timeout:g}s (see {state.log_path})"
+
+
+def _supervised_config(state: ProxyHome, collector_url: str | None) -> ProxyConfig | None:
+    """The configuration of the running proxy if the SDK started it (a live
+    supervisor), else C{None}: a proxy started by hand is never restarted.
+    Unknown (no file) reads as "no provider hosts"."""
+    pid = state.read_pid(state.supervisor_pid)
+    if pid is None or not _running(pid):
+        return None
+    return ProxyConfig.load(state) or ProxyConfig(collector_url, {})
+
+
+def _stop_and_wait(state: ProxyHome, port: int, timeout: float) -> bool:
+    """Stop the supervised proxy (it drains) and wait until the port is free."""
+    pid = state.read_pid(state.supervisor_pid)
+    _stop_supervisor(state)
+    deadline = time.monotonic() + max(timeout, 20.0)  # a drain may take up to 15 s
+    while time.monotonic() < deadline:
+        if (pid is None or not _running(pid)) and health("127.0.0.1", port) is None:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _running(pid: int) -> bool:

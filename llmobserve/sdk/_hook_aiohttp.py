@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from llmobserve.sdk._body import BodyRecord
-from llmobserve.sdk._routing import ROUTER, is_policy_refusal
+from llmobserve.sdk._routing import ROUTER, is_policy_refusal, refusal_reason
 
 __all__ = ["install", "uninstall"]
 
@@ -42,11 +42,19 @@ def _make_middleware(m: ModuleType) -> Callable[[Any, Any], Awaitable[Any]]:
     async def llmobserve_route(req: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         url = req.url
         config = ROUTER.route(url.scheme, url.raw_host or "", url.port)
+        if config is not None and "Upgrade" in req.headers:
+            ROUTER.upgrade_not_routed(url.scheme, url.raw_host or "", url.port)
         if (
             config is None
             or "Upgrade" in req.headers
             or not isinstance(req.session.connector, tcp_connector)
         ):
+            extra = ROUTER.to_proxy_headers(url.raw_host or "", url.port)
+            if extra:
+                # A call straight to the proxy (base-URL mode) carries the context too.
+                req.headers = req.headers.copy()
+                for name, value in extra:
+                    req.headers.setdefault(name, value)
             return await handler(req)
         key = ROUTER.key(url.scheme, url.raw_host or "", url.port)
         saved = (req.url, req.proxy, req.proxy_auth, req.proxy_headers, req.headers.copy())
@@ -68,10 +76,15 @@ def _make_middleware(m: ModuleType) -> Callable[[Any, Any], Awaitable[Any]]:
             restore()
             ROUTER.unreachable(exc)
             return await handler(req)
-        if is_policy_refusal(response.status, response.headers.get("X-LLMObserve-Error")):
+        error = response.headers.get("X-LLMObserve-Error")
+        if is_policy_refusal(response.status, error):
+            try:
+                reason = refusal_reason(error, await response.content.read(4096))
+            except Exception:  # the reason is a courtesy; the call goes direct regardless
+                reason = error or "refused"
             response.close()
             await req.close()
-            ROUTER.refused(key)
+            ROUTER.refused(key, reason)
             restore()
             body = getattr(req, "_body", None)
             if record is not None and body is not None:

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from llmobserve.sdk._body import BodyRecord
-from llmobserve.sdk._routing import ROUTER, RoutingConfig, is_policy_refusal
+from llmobserve.sdk._routing import ROUTER, RoutingConfig, is_policy_refusal, refusal_reason
 
 __all__ = ["install", "uninstall"]
 
@@ -30,6 +30,17 @@ def _target_url(url: Any) -> str:
 
 def _wants_upgrade(request: Any) -> bool:
     return "upgrade" in request.headers
+
+
+def _add_context(request: Any) -> None:
+    """A call straight to the proxy (base-URL mode) carries the context headers too;
+    headers the application set itself are kept."""
+    url = request.url
+    extra = ROUTER.to_proxy_headers(url.host, url.port)
+    headers = request.headers
+    for name, value in extra:
+        if name not in headers:
+            headers[name] = value
 
 
 #: Parsed C{/proxy} URLs by (library, endpoint): parsing one costs ~10 us, a lookup 0.1.
@@ -114,6 +125,9 @@ def _patch_sync(m: ModuleType, recorded: type) -> None:
         url = request.url
         config = ROUTER.route(url.scheme, url.host, url.port)
         if config is None or _wants_upgrade(request):
+            if config is not None:
+                ROUTER.upgrade_not_routed(url.scheme, url.host, url.port)
+            _add_context(request)
             return original(self, request)
         key = ROUTER.key(url.scheme, url.host, url.port)
         record = None
@@ -127,9 +141,11 @@ def _patch_sync(m: ModuleType, recorded: type) -> None:
         except (m.ConnectError, m.ConnectTimeout) as exc:
             ROUTER.unreachable(exc)
             return original(self, request)
-        if is_policy_refusal(response.status_code, response.headers.get("x-llmobserve-error")):
+        error = response.headers.get("x-llmobserve-error")
+        if is_policy_refusal(response.status_code, error):
+            reason = refusal_reason(error, response.read())
             response.close()
-            ROUTER.refused(key)
+            ROUTER.refused(key, reason)
             if record is not None:
                 request.stream = m.ByteStream(b"".join(record.replay()))
             return original(self, request)
@@ -148,6 +164,9 @@ def _patch_async(m: ModuleType, recorded: type) -> None:
         url = request.url
         config = ROUTER.route(url.scheme, url.host, url.port)
         if config is None or _wants_upgrade(request):
+            if config is not None:
+                ROUTER.upgrade_not_routed(url.scheme, url.host, url.port)
+            _add_context(request)
             return await original(self, request)
         key = ROUTER.key(url.scheme, url.host, url.port)
         record = None
@@ -161,9 +180,11 @@ def _patch_async(m: ModuleType, recorded: type) -> None:
         except (m.ConnectError, m.ConnectTimeout) as exc:
             ROUTER.unreachable(exc)
             return await original(self, request)
-        if is_policy_refusal(response.status_code, response.headers.get("x-llmobserve-error")):
+        error = response.headers.get("x-llmobserve-error")
+        if is_policy_refusal(response.status_code, error):
+            reason = refusal_reason(error, await response.aread())
             await response.aclose()
-            ROUTER.refused(key)
+            ROUTER.refused(key, reason)
             if record is not None:
                 request.stream = m.ByteStream(b"".join(record.replay()))
             return await original(self, request)

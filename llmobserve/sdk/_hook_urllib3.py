@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from llmobserve.sdk._body import BodyRecord
-from llmobserve.sdk._routing import ROUTER, RoutingConfig, is_policy_refusal
+from llmobserve.sdk._routing import ROUTER, RoutingConfig, is_policy_refusal, refusal_reason
 
 __all__ = ["install", "uninstall"]
 
@@ -76,6 +76,18 @@ def _headers_for_proxy(
     return out
 
 
+def _with_context(pool: Any, headers: Any, extra: list[tuple[str, str]]) -> dict[str, str]:
+    """The headers of a call straight to the proxy (base-URL mode), context added;
+    headers the application set itself are kept."""
+    base = pool.headers if headers is None else headers
+    out = dict(base.items())
+    present = {k.lower() for k in out}
+    for name, value in extra:
+        if name.lower() not in present:
+            out[name] = value
+    return out
+
+
 def _rewindable(body: Any) -> tuple[bool, int | None]:
     """Whether C{body} can be sent twice, and its start position if it is a file."""
     if body is None or isinstance(body, (bytes, bytearray, memoryview, str)):
@@ -119,6 +131,11 @@ def _patch(m: ModuleType) -> None:
         config = ROUTER.route(scheme, host, port)
         upgrade = headers is not None and any(k.lower() == "upgrade" for k in headers)
         if config is None or upgrade:
+            if config is not None:
+                ROUTER.upgrade_not_routed(scheme, host, port)
+            extra = ROUTER.to_proxy_headers(host, port)
+            if extra:
+                headers = _with_context(self, headers, extra)
             return direct()
         key = ROUTER.key(scheme, host, port)
         replayable, position = _rewindable(body)
@@ -150,10 +167,12 @@ def _patch(m: ModuleType) -> None:
                 raise
             ROUTER.unreachable(exc.reason)
             return direct()
-        if is_policy_refusal(response.status, response.headers.get("X-LLMObserve-Error")):
+        error = response.headers.get("X-LLMObserve-Error")
+        if is_policy_refusal(response.status, error):
+            reason = refusal_reason(error, response.data or b"")  # a small JSON body
             response.drain_conn()
             response.release_conn()
-            ROUTER.refused(key)
+            ROUTER.refused(key, reason)
             if record is not None:
                 body = b"".join(record.replay())
             elif position is not None:

@@ -61,6 +61,7 @@ class ProxyHome:
         self.log_path = self.root / "proxy.log"
         self.supervisor_pid = self.root / "supervisor.pid"
         self.proxy_pid = self.root / "proxy.pid"
+        self.config_path = self.root / "proxy-config.json"
 
     def prepare(self) -> None:
         """Create the directories (private to the user)."""

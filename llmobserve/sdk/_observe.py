@@ -138,10 +138,14 @@ def _auto_start(
         return _finish(Observation(None, False, collector_url=collector_url, reason=found))
     _route_through(found.url, collector_url, provider_hosts, exclude_hosts)
     where = collector_url or "its embedded store (llmobserve report)"
+    if found.restarted_for:
+        how = "restarted to add provider_hosts " + ", ".join(found.restarted_for)
+    else:
+        how = "started" if found.started else "already running"
     _say(
         "llmobserve: tracking calls through the proxy at %s (%s), events go to %s",
         found.url,
-        "started" if found.started else "already running",
+        how,
         where,
     )
     reported = found.health.get("collector")
@@ -220,6 +224,10 @@ def observe(
             # calls made meanwhile go direct.
             pending = Observation(None, None, collector_url=collector_url)
             _last = _pending = pending
+            _say(
+                "llmobserve: finding or starting the proxy in the background; "
+                "calls made until then go direct (not tracked)"
+            )
             threading.Thread(
                 target=_auto_start,
                 args=(port, collector_url, hosts, excluded, api_key, start_timeout),

@@ -9,6 +9,7 @@ matching suffixes) happens once per C{(scheme, host, port)}.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import threading
 import time
@@ -18,7 +19,14 @@ from urllib.parse import urlsplit
 
 from llmobserve.sdk._context import context_headers
 
-__all__ = ["ROUTER", "Router", "RoutingConfig", "is_policy_refusal", "split_authority"]
+__all__ = [
+    "ROUTER",
+    "Router",
+    "RoutingConfig",
+    "is_policy_refusal",
+    "refusal_reason",
+    "split_authority",
+]
 
 log = logging.getLogger("llmobserve")
 
@@ -61,13 +69,35 @@ def _host_port_key(spec: str) -> str:
 
 def _non_public_ip(host: str) -> bool:
     """True for a literal IP address that is not globally routable."""
+    return _address_kind(host) is not None
+
+
+def _address_kind(host: str) -> str | None:
+    """Why a literal IP address stays direct (C{loopback}, C{private address}, ...),
+    or C{None} for a public address or a name."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local address"
+    if ip.is_multicast:
+        return "multicast address"
+    if not ip.is_global:
+        return "private address"
+    return None
+
+
+def _shown(host: str, port: int) -> str:
+    """C{host:port} as a user writes it in C{provider_hosts} (IPv6 bracketed)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +115,8 @@ class RoutingConfig:
     exempt: frozenset[tuple[str, int]] = frozenset()
     endpoint: str = field(init=False)
     authority: str = field(init=False)
+    proxy_port: int = field(init=False)
+    proxy_hosts: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         scheme, host, port = split_authority(self.proxy_url)
@@ -94,6 +126,12 @@ class RoutingConfig:
         object.__setattr__(self, "authority", f"{shown}:{port}")
         object.__setattr__(self, "endpoint", f"http://{shown}:{port}/proxy")
         object.__setattr__(self, "exempt", self.exempt | {(host, port)})
+        object.__setattr__(self, "proxy_port", port)
+        # The names a client may give the proxy by (base-URL mode).
+        names = {host}
+        if host in _LOOPBACK_NAMES:
+            names |= _LOOPBACK_NAMES
+        object.__setattr__(self, "proxy_hosts", frozenset(names))
         object.__setattr__(
             self, "provider_hosts", {_host_port_key(k): v for k, v in self.provider_hosts.items()}
         )
@@ -156,10 +194,40 @@ class RoutingConfig:
             return False
         return not _non_public_ip(host)
 
+    def untracked_reason(self, scheme: str, host: str, port: int) -> str | None:
+        """Why L{decide} sends a call direct when the user may not expect it.
+
+        C{loopback}, C{private address}, ... for a local target that
+        C{provider_hosts} does not name; C{None} when the call is routed or
+        stays direct by the user's own choice (the proxy, the collector,
+        C{exclude_hosts}, not HTTP).
+        """
+        if scheme not in _DEFAULT_PORTS or not host or (host, port) in self.exempt:
+            return None
+        if self.provider_for(host, port) is not None or self._excluded(host, port):
+            return None
+        if host == "localhost" or host.endswith(".localhost"):
+            return "loopback"
+        return _address_kind(host)
+
+    def is_proxy(self, host: str, port: int | None) -> bool:
+        """Whether C{host:port} is the proxy itself (a client in base-URL mode)."""
+        return port == self.proxy_port and host.lower().strip("[]") in self.proxy_hosts
+
 
 def is_policy_refusal(status: int, error_header: str | None) -> bool:
     """A proxy refusal that guarantees nothing went upstream (safe to send direct)."""
     return status == 403 and error_header is not None
+
+
+def refusal_reason(error_header: str | None, body: bytes) -> str:
+    """The proxy's reason for a refusal: its error kind and the body's message."""
+    kind = error_header or "refused"
+    try:
+        message = json.loads(body[:4096])["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return kind
+    return f"{kind}: {message}" if isinstance(message, str) and message else kind
 
 
 @dataclass(slots=True)
@@ -167,6 +235,8 @@ class _State:
     decisions: dict[HostKey, bool] = field(default_factory=dict)
     refused: set[HostKey] = field(default_factory=set)
     confirmed: set[HostKey] = field(default_factory=set)
+    warned_local: set[tuple[str, int]] = field(default_factory=set)
+    warned_upgrade: set[tuple[str, int]] = field(default_factory=set)
     down_until: float = 0.0
     warned_down: bool = False
 
@@ -201,25 +271,79 @@ class Router:
         if decision is None:
             key = self.key(scheme, host, port)
             decision = config.decide(*key) and key not in state.refused
+            if not decision:
+                self._say_untracked(config, key)
             if len(state.decisions) >= _MAX_DECISIONS:
                 state.decisions.clear()
             state.decisions[as_given] = decision
         return config if decision else None
+
+    def _say_untracked(self, config: RoutingConfig, key: HostKey) -> None:
+        """Warn, once per host, that calls to a local target are not tracked."""
+        reason = config.untracked_reason(*key)
+        if reason is None:
+            return
+        where = (key[1], key[2])
+        with self._lock:
+            if where in self._state.warned_local:
+                return
+            self._state.warned_local.add(where)
+        shown = _shown(*where)
+        log.warning(
+            "llmobserve: calls to %s are not tracked (%s); "
+            'pass provider_hosts={"%s": "<provider>"} to track them',
+            shown,
+            reason,
+            shown,
+        )
+
+    def upgrade_not_routed(self, scheme: str, host: str, port: int | None) -> None:
+        """A routable call asks for a connection upgrade (WebSocket): it goes direct,
+        and the first one per host says so."""
+        key = self.key(scheme, host, port)
+        where = (key[1], key[2])
+        with self._lock:
+            if where in self._state.warned_upgrade:
+                return
+            self._state.warned_upgrade.add(where)
+        log.warning(
+            "llmobserve: calls to %s that upgrade the connection (WebSocket) are not "
+            "tracked: the proxy cannot relay them; they go direct",
+            _shown(*where),
+        )
+
+    def to_proxy_headers(self, host: str, port: int | None) -> list[tuple[str, str]]:
+        """Context headers for a call sent straight to the proxy (base-URL mode).
+
+        Empty for every other target; a port comparison first, so direct
+        calls pay next to nothing.
+        """
+        config = self.config
+        if config is None or port != config.proxy_port or not config.is_proxy(host, port):
+            return []
+        return context_headers()
 
     def key(self, scheme: str, host: str, port: int | None) -> HostKey:
         """The normalised key for a target."""
         scheme = scheme.lower()
         return (scheme, host.lower().strip("[]"), port or _DEFAULT_PORTS.get(scheme, 0))
 
-    def refused(self, key: HostKey) -> None:
-        """The proxy refused this target by policy: send its calls direct from now on."""
+    def refused(self, key: HostKey, reason: str = "refused") -> None:
+        """The proxy refused this target by policy: send its calls direct from now on.
+
+        Said once per target, as a warning with the proxy's reason: these
+        calls are not tracked.
+        """
         state = self._state
         with self._lock:
             if key not in state.refused:
-                log.info(
-                    "llmobserve: the proxy does not forward to %s://%s:%s by policy; "
-                    "calls to it go direct (not tracked)",
-                    *key,
+                log.warning(
+                    "llmobserve: calls to %s://%s are NOT tracked: the proxy refused them "
+                    "(%s); they go direct. Name the host in provider_hosts, or start the "
+                    "proxy with --provider-host / --allow-host for it",
+                    key[0],
+                    _shown(key[1], key[2]),
+                    reason,
                 )
             state.refused.add(key)
             state.decisions[key] = False

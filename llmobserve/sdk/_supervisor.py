@@ -120,7 +120,10 @@ def run(port: int, home: Path, linger: float, proxy_args: list[str]) -> int:
 
 
 def _clear(state: ProxyHome) -> None:
-    for path in (state.supervisor_pid, state.proxy_pid):
+    """Remove this supervisor's files (not those of a successor already started)."""
+    if state.read_pid(state.supervisor_pid) not in (None, os.getpid()):
+        return
+    for path in (state.supervisor_pid, state.proxy_pid, state.config_path):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

@@ -543,3 +543,21 @@ def test_any_exception_of_one_event_rejects_it_alone(
     # a top-level label sends the event down the careful path (_row)
     assert store.insert([call(1), call(2, model="boom", run_id="r"), call(3)]) == 3
     assert store.last_rejected == [("e2", "RuntimeError: boom")]
+
+
+def test_report_leaves_out_calls_the_proxy_answered_itself(store: EventStore) -> None:
+    """C{refused} and C{proxy_error} calls went nowhere: they are not in a report's
+    call counts (issue 14, item 12) unless the outcome filter asks for them."""
+    store.insert(
+        [
+            call(1),
+            call(2, outcome="refused", status=403, provider="unknown", cost_usd=None),
+            call(3, outcome="proxy_error", status=502, provider="unknown", cost_usd=None),
+            call(4, outcome="upstream_error", status=429, cost_usd=None),
+        ]
+    )
+    [total] = store.report([])
+    assert (total["calls"], total["unpriced_calls"]) == (2, 1)
+    assert [r["provider"] for r in store.report(["provider"])] == ["openai"]
+    [refused] = store.report([], outcome="refused")
+    assert refused["calls"] == 1

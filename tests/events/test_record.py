@@ -192,3 +192,42 @@ def test_event_id_is_time_then_random_hex() -> None:
     got = new_event_id(1_700_000_000.123)
     random.seed(7)
     assert got == f"{1_700_000_000_123:012x}{random.getrandbits(80):020x}"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status", "error"),
+    [(Outcome.REFUSED, 403, "not_allowed"), (Outcome.PROXY_ERROR, 502, "unresolvable")],
+)
+def test_the_proxys_own_answer_is_not_an_upstream_error_status(
+    outcome: Outcome, status: int, error: str
+) -> None:
+    """A call the proxy answered itself (nothing went upstream) keeps its outcome and
+    is not flagged C{upstream_error_status} (issue 14, item 12)."""
+    from llmobserve.events._exchange import default_analyse
+
+    txn = make_txn(
+        host="10.0.0.1",
+        status=status,
+        response_headers=(),
+        response_body=b"",
+        response_bytes=0,
+        ttfb=None,
+        outcome=outcome,
+        error=error,
+    )
+    event = build_call_event(
+        txn, default_analyse()(exchange_from_transaction(txn)), event_id="e", proxy_id="p"
+    )
+    assert event["outcome"] == outcome.value and event["status"] == status
+    assert "upstream_error_status" not in event["flags"]
+    assert f"error:{error}" in event["flags"]
+
+
+def test_an_upstream_error_status_is_still_flagged() -> None:
+    from llmobserve.events._exchange import default_analyse
+
+    txn = make_txn(status=429, outcome=Outcome.UPSTREAM_ERROR)
+    event = build_call_event(
+        txn, default_analyse()(exchange_from_transaction(txn)), event_id="e", proxy_id="p"
+    )
+    assert "upstream_error_status" in event["flags"]

@@ -257,17 +257,60 @@ def test_sse_chunks_are_written_through_as_they_arrive(make_proxy: ProxyMaker) -
 def test_client_disconnect_aborts_the_upstream_and_records_client_aborted(
     make_proxy: ProxyMaker,
 ) -> None:
+    """Mid-response, the upstream is cut at its next body byte: the client missed it."""
     proxy = make_proxy()
     channel, _client = proxy.client()
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
     upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     channel.connectionLost(Failure(ConnectionDone()))
+    upstream.send(b"5\r\nworld\r\n")
     assert upstream.transport.disconnecting or upstream.transport.disconnected
     assert proxy.pool.idle_count() == 0
     (txn,) = proxy.sink.transactions
     assert txn.outcome is Outcome.CLIENT_ABORTED
     assert txn.response_body == b"hello"
+    assert txn.response_bytes == 5
+
+
+def test_client_disconnect_with_a_silent_upstream_aborts_after_the_grace(
+    make_proxy: ProxyMaker,
+) -> None:
+    """No end of message within the grace: C{client_aborted}, upstream cut."""
+    from llmobserve.proxy._relay import CLIENT_CLOSE_GRACE
+
+    proxy = make_proxy()
+    channel, _client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert proxy.sink.transactions == []
+    proxy.reactor.advance(CLIENT_CLOSE_GRACE)
+    assert upstream.transport.disconnecting or upstream.transport.disconnected
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.error) == (Outcome.CLIENT_ABORTED, "client_disconnected")
+
+
+def test_a_client_that_read_the_whole_stream_and_closed_is_ok(make_proxy: ProxyMaker) -> None:
+    """Issue 14, item 11: the client read the last event and closed; its close is
+    seen before the upstream's terminating chunk. Nothing was missed: C{ok}, with the
+    full sizes, and the upstream connection goes back to the pool."""
+    proxy = make_proxy()
+    channel, client = proxy.client()
+    channel.dataReceived(request())
+    upstream = proxy.accept_upstream()
+    last = b"data: [DONE]\n\n"
+    upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    upstream.send(b"%x\r\n%s\r\n" % (len(last), last))
+    assert client.value().endswith(last + b"\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    upstream.send(b"0\r\n\r\n")
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.error) == (Outcome.OK, None)
+    assert txn.response_bytes == len(last)
+    assert proxy.pool.idle_count() == 1
+    assert not upstream.transport.disconnecting
 
 
 def test_client_disconnect_before_connect_cancels_it(make_proxy: ProxyMaker) -> None:
@@ -401,6 +444,40 @@ def test_refused_targets_get_the_error_contract_and_no_connect(
     assert (b"x-llmobserve-error", kind) in head.headers
     assert json.loads(body)["error"]["type"] == kind.decode()
     assert proxy.connects() == 0
+
+
+def test_a_refused_target_is_recorded_as_refused(make_proxy: ProxyMaker) -> None:
+    """The proxy's own policy refusal is its own outcome, C{refused}, not a proxy
+    error or an upstream's error status (issue 14, item 12): nothing went upstream."""
+    proxy = make_proxy(allow_cidrs=())
+    channel, _client = proxy.client()
+    target = b"http://10.0.0.1/v1/chat/completions"
+    channel.dataReceived(request(headers=b"X-LLMObserve-Target-URL: " + target + b"\r\n"))
+    proxy.reactor.advance(0)
+    (txn,) = proxy.sink.transactions
+    assert txn.outcome is Outcome.REFUSED
+    assert txn.response_headers == () and txn.ttfb is None
+
+
+def test_a_streamed_body_over_the_limit_is_recorded_as_refused(make_proxy: ProxyMaker) -> None:
+    proxy = make_proxy(config=RelayConfig(max_body=10))
+    channel, _client = proxy.client()
+    channel.dataReceived(request(b"POST", headers=TARGET + b"Transfer-Encoding: chunked\r\n"))
+    proxy.accept_upstream()
+    channel.dataReceived(b"8\r\n12345678\r\n8\r\n12345678\r\n")
+    proxy.reactor.advance(0)
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.status, txn.error) == (Outcome.REFUSED, 413, "body_too_large")
+
+
+def test_an_unreachable_upstream_is_a_proxy_error(make_proxy: ProxyMaker) -> None:
+    """The proxy could not forward (502): C{proxy_error}, not C{refused}."""
+    proxy = make_proxy()
+    channel, _client = proxy.client()
+    channel.dataReceived(request())
+    proxy.fail_upstream(ConnectionRefusedError())
+    (txn,) = proxy.sink.transactions
+    assert (txn.outcome, txn.status) == (Outcome.PROXY_ERROR, 502)
 
 
 def test_missing_target_header_is_a_400(make_proxy: ProxyMaker) -> None:

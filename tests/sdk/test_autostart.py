@@ -245,3 +245,66 @@ def test_auto_start_inside_an_event_loop_does_not_block_it(
     assert final.tracking is True and final.proxy_url == f"http://127.0.0.1:{machine.port}"
     llmobserve.shutdown()
     assert machine.wait_stopped()
+
+
+#: A short script with the real openai client, as in issue 14: observe(), one call, exit.
+SCRIPT = """
+import json, sys
+import llmobserve
+hosts = json.loads(sys.argv[2])
+obs = llmobserve.observe(**({{"provider_hosts": hosts}} if hosts else {{}}))
+from openai import OpenAI
+client = OpenAI(api_key="sk-test", base_url="http://{up}/v1", max_retries=0)
+with llmobserve.customer(sys.argv[1]):
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hi"}}]
+    )
+print(json.dumps({{"tracking": obs.tracking, "started": obs.started_proxy, "model": r.model}}))
+"""
+
+
+def _script(machine: Machine, up: RecordingUpstream, customer: str, hosts: dict[str, str]) -> Any:
+    code = textwrap.dedent(SCRIPT.format(up=up.authority))
+    return subprocess.run(
+        [sys.executable, "-c", code, customer, json.dumps(hosts)],
+        capture_output=True,
+        text=True,
+        env=machine.env,
+        cwd="/",
+        timeout=60,
+        check=True,
+    )
+
+
+def test_a_lingering_proxy_learns_the_provider_hosts_of_a_new_observe(machine: Machine) -> None:
+    """Issue 14, items 1 and 2, as the newcomer met them. A script calls a local
+    OpenAI-compatible server without provider_hosts: the call goes direct and stderr
+    says it is not tracked and how to fix it. The next script names the host while the
+    first one's proxy still lingers: the SDK restarts the proxy it started with that
+    host added, and the call is tracked (no 403, nothing sent direct)."""
+    machine.env["LLMOBSERVE_PROXY_LINGER"] = "8"
+    with RecordingUpstream() as up:
+        first = _script(machine, up, "first", {})
+        assert json.loads(first.stdout)["started"] is True
+        assert (
+            f"calls to {up.authority} are not tracked (loopback); "
+            f'pass provider_hosts={{"{up.authority}": "<provider>"}} to track them'
+        ) in first.stderr
+        [direct] = up.wait_requests(1)
+        assert direct.header("Via") is None
+        supervisor, _ = machine.pids()
+        assert _alive(supervisor) and health("127.0.0.1", machine.port)  # lingering
+
+        second = _script(machine, up, "second", {up.authority: "openai"})
+        seen = json.loads(second.stdout)
+        assert seen["tracking"] is True and seen["model"] == "gpt-4o-mini-2024-07-18"
+        assert f"(restarted to add provider_hosts {up.authority})" in second.stderr
+        assert "NOT tracked" not in second.stderr and "not tracked" not in second.stderr
+        assert machine.pids()[0] != supervisor
+        _, routed = up.wait_requests(2)
+        assert routed.header("Via") == b"1.1 llmobserve"
+        [event] = _events(machine.home, "second")
+        assert event["provider"] == "openai" and event["outcome"] == "ok"
+        assert event["usage"]["input_tokens"] == 9
+        assert _events(machine.home, "first", timeout=0.5) == []
+    assert machine.wait_stopped(40), "the restarted proxy outlived its last user"

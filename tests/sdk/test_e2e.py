@@ -65,7 +65,11 @@ def _openai(req: RecordedRequest) -> Response:
     body = json.loads(req.body or b"{}")
     if body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return Response(200, SSE, openai_sse_events(4, include_usage=usage), chunk_interval=0.005)
+        # "slow-end": each piece, the terminating chunk too, 150 ms after the last.
+        interval = 0.15 if body.get("model") == "slow-end" else 0.005
+        return Response(
+            200, SSE, openai_sse_events(4, include_usage=usage), chunk_interval=interval
+        )
     return DEFAULT_RESPONSE
 
 
@@ -135,6 +139,7 @@ def world() -> Iterator[World]:
         args = [*LOOPBACK_ARGS]
         for server, provider in ((oa, "openai"), (an, "anthropic"), (pc, "pinecone")):
             args += ["--provider-host", f"{server.authority}={provider}"]
+        args += ["--base-url", f"openai={oa.url}"]  # base-URL mode: /openai/... goes there
         with ProxyProcess(args) as proxy:
             yield World(proxy, oa, an, pc)
 
@@ -197,6 +202,35 @@ def test_openai_sync(tracked: World) -> None:
     # The upstream got no llmobserve header, and the app's key.
     req = tracked.openai.requests[-1]
     assert req.header("Authorization") == b"Bearer sk-test"
+    assert not any(n.lower().startswith(b"x-llmobserve") for n, _ in req.headers)
+
+
+def test_openai_in_base_url_mode_keeps_the_context(tracked: World) -> None:
+    """A client already pointed at the proxy (base-URL mode, C{/openai/v1}) is not
+    rerouted, but the SDK adds its context headers: customer and section reach the
+    event (issue 14, item 3: they were lost, C{context} was C{{}})."""
+    import openai
+
+    client = openai.OpenAI(
+        api_key="sk-test", base_url=f"{tracked.proxy.url}/openai/v1", max_retries=0
+    )
+    with llmobserve.customer("acme"), llmobserve.section("agent:baseurl"):
+        completion = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert completion.usage is not None and completion.usage.prompt_tokens == 9
+    [event] = tracked.events("acme")
+    _check(
+        event,
+        provider="openai",
+        model="gpt-4o-mini-2024-07-18",
+        customer="acme",
+        section_path="agent:baseurl",
+        usage={"input_tokens": 9, "output_tokens": 3},
+    )
+    assert event["context"]["span_id"] and event["context"]["run_id"]
+    req = tracked.openai.requests[-1]
+    assert req.path == "/v1/chat/completions"
     assert not any(n.lower().startswith(b"x-llmobserve") for n, _ in req.headers)
 
 
@@ -285,6 +319,27 @@ def test_openai_streaming(tracked: World, include_usage: bool) -> None:
 
 
 # -- Anthropic -------------------------------------------------------------------------
+
+
+def test_a_fully_read_stream_is_ok_when_the_client_closes_first(tracked: World) -> None:
+    """Issue 14, item 11: the sync openai client stops at C{[DONE]} and closes the
+    connection; the upstream's terminating chunk comes 150 ms later, after the close
+    has reached the proxy. The client had the whole response: C{ok}, not
+    C{client_aborted}, with the usage and all the bytes."""
+    client = _openai_client(tracked)
+    with llmobserve.customer("oa-stream-closed"):
+        stream = client.chat.completions.create(
+            model="slow-end",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    [event] = tracked.events("oa-stream-closed")
+    assert (event["outcome"], event["status"]) == ("ok", 200), event["flags"]
+    assert event["response_bytes"] == len(b"".join(openai_sse_events(4, include_usage=True)))
+    assert event["usage"]["output_tokens"] == 4
 
 
 def test_anthropic_messages(tracked: World) -> None:
@@ -420,10 +475,13 @@ def test_sections_reach_the_store_as_spans(tracked: World) -> None:
     assert call["context"]["parent_span_id"] == inner["context"]["span_id"]
 
 
-def test_policy_refusal_by_real_proxy_goes_direct(tracked: World) -> None:
+def test_policy_refusal_by_real_proxy_goes_direct(
+    tracked: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """A host the SDK routes (named in provider_hosts) but the proxy does not admit
     (::1 is outside its --allow-cidr 127.0.0.1/32): the real proxy answers 403 with
-    X-LLMObserve-Error, the SDK sends the same call direct and remembers the host."""
+    X-LLMObserve-Error, the SDK sends the same call direct and remembers the host,
+    and says once, with the proxy's reason, that those calls are not tracked."""
     import httpx
 
     from llmobserve.sdk._routing import ROUTER
@@ -440,9 +498,13 @@ def test_policy_refusal_by_real_proxy_goes_direct(tracked: World) -> None:
         url = f"{internal.url}/v1/chat/completions"
         port = int(internal.authority.rsplit(":", 1)[1])
         assert ROUTER.route("http", "::1", port)
-        with llmobserve.customer("refused"):
+        with llmobserve.customer("refused"), caplog.at_level("WARNING", logger="llmobserve"):
             r1 = httpx.post(url, content=CHAT)
             r2 = httpx.post(url, content=b"two")
+        said = [r.getMessage() for r in caplog.records if "NOT tracked" in r.getMessage()]
+        assert len(said) == 1, said
+        assert f"calls to http://[::1]:{port} are NOT tracked" in said[0]
+        assert "(not_allowed: " in said[0]
         assert r1.status_code == 200 and r2.status_code == 200
         reqs = internal.wait_requests(2)
     assert [r.body for r in reqs] == [CHAT.encode(), b"two"]

@@ -235,15 +235,26 @@ def test_no_double_send_after_bytes_left(
 
 
 def test_websocket_upgrade_is_not_routed(
-    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+    routed: Any,
+    fake_proxy: RecordingUpstream,
+    target: RecordingUpstream,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A request with an Upgrade header (WebSocket) goes direct: the proxy cannot relay 101."""
+    """A request with an Upgrade header (WebSocket) goes direct: the proxy cannot relay 101.
+    The first one per host says that it is not tracked."""
     import httpx
 
-    with httpx.Client() as client:
-        client.get(f"{target.url}/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
-    assert len(target.wait_requests(1)) == 1
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    with caplog.at_level("WARNING", logger="llmobserve"), httpx.Client() as client:
+        client.get(f"{target.url}/ws", headers=upgrade)
+        client.get(f"{target.url}/ws", headers=upgrade)
+    assert len(target.wait_requests(2)) == 2
     assert fake_proxy.requests == []
+    said = [r.getMessage() for r in caplog.records if "not tracked" in r.getMessage()]
+    assert said == [
+        f"llmobserve: calls to {target.authority} that upgrade the connection (WebSocket) "
+        "are not tracked: the proxy cannot relay them; they go direct"
+    ]
 
 
 def test_excluded_host_goes_direct(
@@ -302,3 +313,57 @@ def test_httpx_transport_behind_a_forward_proxy_reaches_ours_directly(
     [req] = fake_proxy.wait_requests(1)
     assert req.target == b"/proxy"
     assert target.requests == []
+
+
+def test_unrouted_local_call_says_once_that_it_is_not_tracked(
+    routed: Any, fake_proxy: RecordingUpstream, caller: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loopback host not named in provider_hosts goes direct with one warning per host
+    naming it and the fix (issue 14, item 1): never silently untracked."""
+    with RecordingUpstream() as other, caplog.at_level("WARNING", logger="llmobserve"):
+        assert caller(f"{other.url}/v1/chat/completions", body=b"1").status == 200
+        assert caller(f"{other.url}/v1/chat/completions", body=b"2").status == 200
+        other.wait_requests(2)
+    said = [r.getMessage() for r in caplog.records if "not tracked" in r.getMessage()]
+    assert said == [
+        f"llmobserve: calls to {other.authority} are not tracked (loopback); "
+        f'pass provider_hosts={{"{other.authority}": "<provider>"}} to track them'
+    ]
+    assert fake_proxy.requests == []
+
+
+def test_policy_refusal_says_once_why_the_calls_are_not_tracked(
+    routed: Any,
+    fake_proxy: RecordingUpstream,
+    target: RecordingUpstream,
+    caller: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A target the proxy refuses is sent direct with one warning giving the proxy's
+    reason (issue 14, item 2): a refused call is never silently untracked."""
+    fake_proxy.respond_with(_REFUSAL)
+    with caplog.at_level("WARNING", logger="llmobserve"):
+        assert caller(f"{target.url}/a", body=b"1").status == 200
+        assert caller(f"{target.url}/b", body=b"2").status == 200
+    said = [r.getMessage() for r in caplog.records if "NOT tracked" in r.getMessage()]
+    assert len(said) == 1
+    assert f"http://{target.authority}" in said[0]
+    assert "not_allowed: target not allowed" in said[0]
+
+
+def test_call_straight_to_the_proxy_carries_the_context(
+    routed: Any, fake_proxy: RecordingUpstream, caller: Any
+) -> None:
+    """A client pointed at the proxy in base-URL mode gets the context headers too
+    (issue 14, item 3), but no target header: the proxy routes it by its path."""
+    url = f"{fake_proxy.url}/openai/v1/chat/completions"
+    with llmobserve.customer("acme"), llmobserve.section("agent:baseurl"):
+        reply = caller(url, body=b"{}")
+    assert reply.status == 200
+    [req] = fake_proxy.wait_requests(1)
+    assert req.target == b"/openai/v1/chat/completions"
+    ctx = _ctx_headers(req)
+    assert ctx["x-llmobserve-customer-id"] == "acme"
+    assert ctx["x-llmobserve-section-path"] == "agent:baseurl"
+    assert "x-llmobserve-target-url" not in ctx
+    assert req.body == b"{}"

@@ -220,3 +220,33 @@ def test_failed_auto_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     assert llmobserve.observe().tracking is False
     assert llmobserve.observe().tracking is False
     assert len(calls) == 2
+
+
+def test_calls_before_a_background_auto_start_finishes_are_said_untracked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside a running loop, observe() returns before the proxy is found; that calls
+    made meanwhile go direct (not tracked) is said at once."""
+    import asyncio
+    import threading
+
+    from llmobserve.sdk import _autostart
+
+    release = threading.Event()
+
+    def slow(*args: object, **kwargs: object) -> str:
+        release.wait(10)
+        return "stopped by the test"
+
+    monkeypatch.setattr(_autostart, "ensure_proxy", slow)
+
+    async def main() -> llmobserve.Observation:
+        return llmobserve.observe()
+
+    with caplog.at_level("INFO", logger="llmobserve"):
+        pending = asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records]
+    release.set()
+    pending.wait(10)
+    assert pending.tracking is None
+    assert any("calls made until then go direct (not tracked)" in m for m in said)
