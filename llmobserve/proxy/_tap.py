@@ -18,6 +18,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from llmobserve.endpoints import endpoint_parts, listen_endpoint
+from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._logsink import LoggingSink
@@ -71,6 +72,13 @@ def _pair(spec: str, what: str) -> tuple[str, str]:
     if not sep or not left or not right:
         raise usage.UsageError(f"{what} must look like NAME=VALUE, got {spec!r}")
     return left.strip(), right.strip()
+
+
+def _provider_id(provider: str, what: str) -> str:
+    try:
+        return check_provider_id(provider, what)
+    except UnknownProviderError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class Options(usage.Options):
@@ -186,7 +194,7 @@ class Options(usage.Options):
     def opt_provider_host(self, spec: str) -> None:
         """HOST[:PORT]=PROVIDER: HOST speaks PROVIDER's API; it is allowed. Repeatable."""
         host, provider = _pair(spec, "--provider-host")
-        self["provider-host"][host] = provider
+        self["provider-host"][host] = _provider_id(provider, "--provider-host")
 
     def opt_resolve(self, spec: str) -> None:
         """HOST=ADDRESS: resolve HOST to ADDRESS (like curl); still policy-checked."""
@@ -209,6 +217,7 @@ class Options(usage.Options):
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
         provider, url = _pair(spec, "--base-url")
+        provider = _provider_id(provider, "--base-url")
         if not url.startswith(("http://", "https://")):
             raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
         self["base-url"][provider] = url

@@ -55,3 +55,32 @@ def test_bad_values_are_refused_with_the_option_named(argv: tuple[str, ...], mes
 def test_known_hosts_only_is_forced_beyond_loopback_only(port: str, beyond: bool) -> None:
     options = parse("--port", port)
     assert bool(options["known-hosts-only"]) is beyond
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ("--base-url", "opneai=http://127.0.0.1:18080"),
+            "--base-url: unknown provider 'opneai'; did you mean 'openai'",
+        ),
+        (
+            ("--provider-host", "127.0.0.1:18080=antropic"),
+            "--provider-host: unknown provider 'antropic'; did you mean 'anthropic'",
+        ),
+    ],
+)
+def test_a_misspelt_provider_id_is_refused_naming_the_closest(
+    argv: tuple[str, ...], message: str
+) -> None:
+    """Issue 14 item 7: an unknown id used to be accepted and its calls recorded as unknown."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_known_provider_ids_are_accepted() -> None:
+    options = parse(
+        "--base-url", "openai=http://127.0.0.1:18080", "--provider-host", "10.0.0.5:8000=groq"
+    )
+    assert options["base-url"] == {"openai": "http://127.0.0.1:18080"}
+    assert options["provider-host"] == {"10.0.0.5:8000": "groq"}

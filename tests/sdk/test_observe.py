@@ -220,3 +220,13 @@ def test_failed_auto_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     assert llmobserve.observe().tracking is False
     assert llmobserve.observe().tracking is False
     assert len(calls) == 2
+
+
+def test_a_misspelt_provider_id_in_provider_hosts_is_refused() -> None:
+    """Issue 14 item 7: observe(provider_hosts=...) refuses an id the registry does not
+    know, naming the closest one, before it routes anything."""
+    from llmobserve.providers import UnknownProviderError
+
+    with pytest.raises(UnknownProviderError, match="did you mean 'openai'"):
+        llmobserve.observe(proxy_url=None, provider_hosts={"127.0.0.1:18080": "opneai"})
+    assert ROUTER.config is None
