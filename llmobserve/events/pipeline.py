@@ -47,6 +47,7 @@ from llmobserve.events._record import (
 from llmobserve.events._spool import EventSpool, SpoolLocked
 from llmobserve.events._turns import ReactorTurns
 from llmobserve.events._waiters import Waiters, after
+from llmobserve.money import usd_fixed
 from llmobserve.proxy.transaction import ITransactionSink, Transaction
 from parsers.registry import REGISTRY
 
@@ -640,6 +641,10 @@ class _LineQuota:
             return report
 
 
+def _cost_text(cost: Any) -> str:
+    return usd_fixed(cost) if isinstance(cost, float | int) else str(cost)
+
+
 def _summary(event: Mapping[str, Any]) -> str:
     """The log line of one call event."""
     usage = event["usage"]
@@ -647,7 +652,7 @@ def _summary(event: Mapping[str, Any]) -> str:
         f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
         f"{event['outcome']} {event['provider']} {event['model']} "
         f"in={usage.get('input_tokens')} out={usage.get('output_tokens')} "
-        f"cost={event['cost_usd']} ms={event['duration_ms']}"
+        f"cost={_cost_text(event['cost_usd'])} ms={event['duration_ms']}"
     )
 
 

@@ -386,3 +386,16 @@ def test_any_event_map_is_stored(env: Any, event: dict[str, Any]) -> None:
     runner.run_all()
     assert link.received() == [{"t": "ack", "seq": 1}]
     assert store.count() >= 1
+
+
+def test_health_shows_the_peer_as_host_port(env: Any) -> None:
+    """Issue 14 item 14: /health's links show C{host:port}, not C{IPv4Address(...)}."""
+    from twisted.internet.address import IPv6Address
+
+    from llmobserve.collector._link import host_port
+
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    assert registry.describe()[0]["peer"] == "192.168.1.1:54321"  # StringTransport's peer
+    assert host_port(IPv6Address("TCP", "::1", 8000)) == "[::1]:8000"
