@@ -9,7 +9,9 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from llmobserve.endpoints import listen_endpoint
+from llmobserve._exit import stop_with_status
+from llmobserve._usage import brief_usage_error
+from llmobserve.endpoints import check_port, listen_endpoint
 from llmobserve.paths import default_db_path
 
 from ._service import CollectorService
@@ -58,9 +60,22 @@ class Options(usage.Options):
         ],
     ]
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a usage error is two lines on stderr and exit 2."""
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            brief_usage_error("twistd llmobserve-collector", e)
+
     def postOptions(self) -> None:
         if self["db"] is None:
             self["db"] = str(default_db_path())
+        try:
+            check_port(listen_endpoint(str(self["port"])))
+        except ValueError as e:
+            raise usage.UsageError(f"--port: {e}") from None
         if self["heartbeat"] <= 0:
             raise usage.UsageError("--heartbeat must be positive")
         if str(self["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
@@ -86,4 +101,5 @@ def makeService(options: usage.Options) -> IService:
         db_path,
         heartbeat=options["heartbeat"],
         synchronous=str(options["synchronous"]).upper(),
+        on_listen_failure=lambda: stop_with_status(r, 1),
     )

@@ -17,7 +17,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from llmobserve.endpoints import endpoint_parts, listen_endpoint
+from llmobserve._exit import cannot_listen_text, stop_with_status
+from llmobserve._usage import brief_usage_error
+from llmobserve.endpoints import check_port, endpoint_parts, listen_endpoint
 from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
@@ -222,12 +224,25 @@ class Options(usage.Options):
             raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
         self["base-url"][provider] = url
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a usage error is two lines on stderr and exit 2."""
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            brief_usage_error("twistd llmobserve", e)
+
     def postOptions(self) -> None:
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["server"] not in ("lean", "twisted-web"):
             raise usage.UsageError("--server must be 'lean' or 'twisted-web'")
         self["port"] = listen_endpoint(str(self["port"]))
+        try:
+            check_port(self["port"])
+        except ValueError as e:
+            raise usage.UsageError(f"--port: {e}") from None
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
@@ -309,8 +324,10 @@ class ProxyService(Service):
         *,
         reuse_port: bool = False,
         workers: WorkerProcesses | None = None,
+        on_listen_failure: Callable[[], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        self._on_listen_failure = on_listen_failure
         self._reuse_port = reuse_port
         self._workers = workers
         self._description = description
@@ -357,9 +374,16 @@ class ProxyService(Service):
         gc.freeze()
         release_free_memory()  # what start-up freed goes back to the kernel
 
-    def _failed(self, failure: Any) -> None:
-        _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
-        self._reactor.stop()
+    def _failed(self, failure: Failure) -> None:
+        """One line saying why, then the process ends (it would serve nothing)."""
+        _log.critical(
+            "llmobserve proxy cannot listen on {where}; stopping",
+            where=cannot_listen_text(failure),
+        )
+        if self._on_listen_failure is not None:
+            self._on_listen_failure()
+        elif getattr(self._reactor, "running", False):
+            self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -512,6 +536,7 @@ def makeService(options: Options) -> IService:
         options["drain-timeout"],
         reuse_port=options["workers"] > 1 or bool(options["worker-of"]),
         workers=workers,
+        on_listen_failure=lambda: stop_with_status(reactor, 1),
     )
     if options["worker-of"]:
         ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]

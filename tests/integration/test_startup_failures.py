@@ -1,0 +1,96 @@
+"""What a user sees when C{twistd llmobserve} or C{llmobserve-collector} cannot
+start, with real processes (issue 14, items 4 and 8).
+
+A taken port used to leave the process running forever after a traceback
+(the proxy) or exit 0 (the collector); a mistyped option printed 67 lines
+of help before the error. Now: one line and exit 1 for a port that cannot
+be had, two lines on stderr and exit 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.proxy import (
+    CollectorProcess,
+    ProcessStartError,
+    ProxyProcess,
+    TwistdProcess,
+)
+
+KINDS = [ProxyProcess, CollectorProcess]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another socket is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["proxy", "collector"])
+def test_a_taken_port_exits_1_with_one_line(
+    kind: type[TwistdProcess], taken_port: int, tmp_path: Path
+) -> None:
+    """Port taken: one critical line naming the address and the reason, no
+    traceback, and the process ends with status 1 (it served nothing)."""
+    proc = kind(port=f"tcp:{taken_port}:interface=127.0.0.1", workdir=tmp_path, start_timeout=20)
+    with pytest.raises(ProcessStartError, match="exited with 1 before listening"):
+        proc.start()
+    log = proc.log_text()
+    said = [line for line in log.splitlines() if "cannot listen" in line]
+    assert len(said) == 1, log
+    assert said[0].endswith(
+        f"cannot listen on 127.0.0.1:{taken_port}: address already in use; stopping"
+    )
+    assert "Traceback" not in log and "Unhandled error" not in log
+
+
+def _run(proc: TwistdProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    command = proc.command()
+    at = command.index("--port")
+    command[at:] = list(args)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=proc.environment(),
+        cwd=proc.workdir,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [(ProxyProcess, "llmobserve"), (CollectorProcess, "llmobserve-collector")],
+    ids=["proxy", "collector"],
+)
+def test_a_mistyped_option_is_two_lines_error_first(
+    kind: type[TwistdProcess], name: str, tmp_path: Path
+) -> None:
+    """--prot 9001: the error, then a one-line hint to --help, on stderr; exit 2;
+    no help text."""
+    out = _run(kind(workdir=tmp_path), "--prot", "9001")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"twistd {name}: option --prot not recognized",
+        f"Run 'twistd {name} --help' for every option.",
+    ]
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=["proxy", "collector"])
+def test_a_port_out_of_range_is_a_usage_error(kind: type[TwistdProcess], tmp_path: Path) -> None:
+    """--port 99999 used to reach listen() (OverflowError, 'Unhandled error in
+    Deferred', still running); it is refused before anything starts."""
+    out = _run(kind(workdir=tmp_path), "--port", "99999")
+    assert out.returncode == 2
+    assert "--port: port must be a number from 0 to 65535, got '99999'" in out.stderr
+    assert len(out.stderr.splitlines()) == 2
