@@ -10,7 +10,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from llmobserve._exit import stop_with_status
-from llmobserve._usage import brief_usage_error
+from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
 from llmobserve.endpoints import check_port, listen_endpoint
 from llmobserve.paths import default_db_path
 
@@ -70,6 +70,7 @@ class Options(usage.Options):
             brief_usage_error("twistd llmobserve-collector", e)
 
     def postOptions(self) -> None:
+        foreground_without_pidfile(self.parent)
         if self["db"] is None:
             self["db"] = str(default_db_path())
         try:

@@ -18,7 +18,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from llmobserve._exit import cannot_listen_text, stop_with_status
-from llmobserve._usage import brief_usage_error
+from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
 from llmobserve.endpoints import check_port, endpoint_parts, listen_endpoint
 from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
@@ -234,6 +234,7 @@ class Options(usage.Options):
             brief_usage_error("twistd llmobserve", e)
 
     def postOptions(self) -> None:
+        foreground_without_pidfile(self.parent)
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["server"] not in ("lean", "twisted-web"):

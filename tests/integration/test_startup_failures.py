@@ -94,3 +94,40 @@ def test_a_port_out_of_range_is_a_usage_error(kind: type[TwistdProcess], tmp_pat
     assert out.returncode == 2
     assert "--port: port must be a number from 0 to 65535, got '99999'" in out.stderr
     assert len(out.stderr.splitlines()) == 2
+
+
+class _AsDocumented:
+    """The README's commands as written: no C{--pidfile=}."""
+
+    def command(self) -> list[str]:
+        return [arg for arg in super().command() if arg != "--pidfile="]  # type: ignore[misc]
+
+
+class _DocumentedCollector(_AsDocumented, CollectorProcess):
+    pass
+
+
+class _DocumentedProxy(_AsDocumented, ProxyProcess):
+    pass
+
+
+def test_the_collector_recipe_runs_from_one_directory(tmp_path: Path) -> None:
+    """Issue 14 item 5: README's 'twistd -n llmobserve-collector ...' then 'twistd -n
+    llmobserve --collector ...' from one directory: the second used to stop with
+    'Another twistd server is running' (twistd.pid). In the foreground no pid file
+    is written, so both run, and the proxy's link to the collector comes up."""
+    import json
+    import time
+    import urllib.request
+
+    with _DocumentedCollector(workdir=tmp_path) as collector:
+        with _DocumentedProxy(["--collector", collector.url], workdir=tmp_path) as proxy:
+            assert not (tmp_path / "twistd.pid").exists()
+            deadline = time.monotonic() + 20
+            while True:
+                with urllib.request.urlopen(proxy.url + "/health", timeout=5) as r:
+                    link = json.loads(r.read())["collector"]
+                if link["state"] == "connected" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert link == {"mode": "link", "state": "connected", "url": collector.url}

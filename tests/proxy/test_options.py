@@ -84,3 +84,23 @@ def test_known_provider_ids_are_accepted() -> None:
     )
     assert options["base-url"] == {"openai": "http://127.0.0.1:18080"}
     assert options["provider-host"] == {"10.0.0.5:8000": "groq"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "pidfile"),
+    [
+        (["-n", "llmobserve"], ""),
+        (["-n", "--pidfile", "my.pid", "llmobserve"], "my.pid"),
+        (["llmobserve"], "twistd.pid"),
+    ],
+)
+def test_no_pid_file_in_the_foreground_unless_named(argv: list[str], pidfile: str) -> None:
+    """Issue 14 item 5: twistd -n llmobserve writes no twistd.pid (two of the README's
+    commands run from one directory); --pidfile and a daemon keep twistd's rule."""
+    from pathlib import Path
+
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    twistd = ServerOptions()
+    twistd.parseOptions(argv)
+    assert twistd["pidfile"] == (str(Path(pidfile).absolute()) if pidfile else "")
