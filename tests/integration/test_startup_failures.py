@@ -131,3 +131,28 @@ def test_the_collector_recipe_runs_from_one_directory(tmp_path: Path) -> None:
                     break
                 time.sleep(0.1)
             assert link == {"mode": "link", "state": "connected", "url": collector.url}
+
+
+def test_shutdown_says_what_the_proxy_recorded(tmp_path: Path) -> None:
+    """Issue 14 item 15: on SIGTERM the proxy logs one line with its calls, their
+    cost in fixed notation, the unpriced ones, and the events delivered and waiting."""
+    import re
+
+    from support.clients import chat_calls
+    from support.proxy import LOOPBACK_ARGS
+    from support.upstreams import RecordingUpstream
+
+    with RecordingUpstream() as priced, RecordingUpstream() as unknown:
+        provider = f"127.0.0.1:{priced.port}=openai"
+        proxy = ProxyProcess([*LOOPBACK_ARGS, "--provider-host", provider], workdir=tmp_path)
+        with proxy:
+            chat_calls(proxy.port, f"http://127.0.0.1:{priced.port}", 2)
+            chat_calls(proxy.port, f"http://127.0.0.1:{unknown.port}", 1)
+        assert proxy.poll() == 0
+    said = [line for line in proxy.log_text().splitlines() if "proxy stopped:" in line]
+    assert len(said) == 1, proxy.log_tail()
+    assert re.search(
+        r"llmobserve proxy stopped: 3 calls, \$0\.0000\d+ priced, 1 unpriced; "
+        r"events: 3 delivered to the embedded store, 0 waiting in the spool for the next start$",
+        said[0],
+    ), said[0]
