@@ -10,10 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Editable in "compat" mode: the default editable hook hides the top-level
-# twisted/plugins/ directory from twistd's plugin scan (see STYLE.md).
+# Editable: pyproject.toml's package-dir ("" = ".") makes it a plain .pth
+# file naming the checkout, so twistd's plugin scan sees twisted/plugins/
+# (setuptools' import hook would hide it, STYLE.md) without the deprecated
+# "compat" mode and its warnings.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -30,6 +30,7 @@ from llmobserve.collector import (
     TimeSpecError,
     parse_time,
 )
+from llmobserve.money import usd_fixed
 from llmobserve.paths import ENV_HOME, default_db_path
 
 __all__ = ["main"]
@@ -232,7 +233,7 @@ def _cost(value: Any) -> str:
         return "$0"
     if abs(v) >= 1:
         return f"${v:,.2f}"
-    return f"${v:.6f}".rstrip("0")
+    return "$" + usd_fixed(round(v, 8))
 
 
 def _total(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -308,6 +309,8 @@ def write_csv(out: TextIO, fields: Sequence[str], rows: list[dict[str, Any]]) ->
 def _csv_cell(value: Any) -> Any:
     if value is None:
         return ""
+    if isinstance(value, float):
+        return usd_fixed(value)  # cost_usd: 0.0000072, never 7.2e-06
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
     return value

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["LISTEN_BACKLOG", "endpoint_parts", "listen_endpoint"]
+__all__ = ["LISTEN_BACKLOG", "check_port", "endpoint_parts", "listen_endpoint"]
 
 #: Pending connections the kernel may queue before the reactor accepts them.
 LISTEN_BACKLOG: Final = 1024
@@ -45,3 +45,23 @@ def listen_endpoint(port: str) -> str:
     if kind in _WITH_BACKLOG and not any(arg.startswith("backlog=") for arg in args):
         return f"{port}:backlog={LISTEN_BACKLOG}"
     return port
+
+
+#: Endpoint kinds whose first argument (or C{port=}) is a TCP port.
+_TCP_KINDS: Final = frozenset({"tcp", "tcp6", "ssl"})
+
+
+def check_port(description: str) -> None:
+    """Raise C{ValueError} if a TCP endpoint string's port is not 0-65535.
+
+    Twisted finds out only when it listens (C{OverflowError} in a Deferred
+    nobody handles); this says so before anything starts.
+    """
+    kind, *args = endpoint_parts(description)
+    if kind not in _TCP_KINDS:
+        return
+    named = [a[len("port=") :] for a in args if a.startswith("port=")]
+    positional = [a for a in args if "=" not in a][:1]
+    for port in named or positional:
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"port must be a number from 0 to 65535, got {port!r}")

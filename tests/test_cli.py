@@ -327,3 +327,20 @@ def test_cli_does_not_import_twisted() -> None:
     """Importing the command line does not import Twisted (fast start-up)."""
     code = "import sys, llmobserve.cli; sys.exit('twisted' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_csv_money_is_in_fixed_notation(tmp_path: Path) -> None:
+    """Issue 14 item 14: a small cost is 0.0000072 in CSV, never 7.2e-06, in the
+    report and in the events export alike."""
+    path = tmp_path / "events.sqlite3"
+    store = EventStore(path)
+    store.insert([event(0, cost_usd=7.2e-06), event(1, cost_usd=0.000108, model="m2")])
+    store.close()
+    _code, text = run("report", "--db", str(path), "--format", "csv", "--by", "model")
+    costs = {r["model"]: r["cost_usd"] for r in csv.DictReader(io.StringIO(text))}
+    assert costs == {"gpt-4o": "0.0000072", "m2": "0.000108"}
+    _code, text = run("events", "--db", str(path), "--format", "csv")
+    costs = [r["cost_usd"] for r in csv.DictReader(io.StringIO(text))]
+    assert sorted(costs) == ["0.0000072", "0.000108"]
+    _code, text = run("report", "--db", str(path), "--by", "model")
+    assert "$0.0000072" in text and "e-" not in text

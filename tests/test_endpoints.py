@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmobserve.endpoints import LISTEN_BACKLOG, endpoint_parts, listen_endpoint
+from llmobserve.endpoints import LISTEN_BACKLOG, check_port, endpoint_parts, listen_endpoint
 
 
 def test_a_bare_port_is_loopback_with_a_deep_backlog() -> None:
@@ -45,3 +45,19 @@ def test_an_escaped_colon_is_not_an_argument() -> None:
 def test_endpoint_parts_split_at_unescaped_colons_only() -> None:
     assert endpoint_parts("tcp6:9000:interface=\\:\\:1") == ["tcp6", "9000", "interface=\\:\\:1"]
     assert endpoint_parts("unix:/tmp/x.sock") == ["unix", "/tmp/x.sock"]
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["tcp:99999:interface=127.0.0.1", "tcp6:port=70000", "ssl:-1", "tcp:http"],
+)
+def test_check_port_refuses_what_tcp_cannot_listen_on(description: str) -> None:
+    with pytest.raises(ValueError, match="port must be a number from 0 to 65535"):
+        check_port(description)
+
+
+@pytest.mark.parametrize(
+    "description", ["tcp:0:interface=127.0.0.1", "tcp6:port=65535", "unix:/tmp/x.sock"]
+)
+def test_check_port_accepts_valid_endpoints(description: str) -> None:
+    check_port(description)

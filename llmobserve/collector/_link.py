@@ -130,7 +130,7 @@ class LinkServerProtocol(Protocol):
         peer = self.transport.getPeer() if self.transport is not None else None
         return {
             "proxy_id": self._proxy_id,
-            "peer": str(peer) if peer is not None else None,
+            "peer": host_port(peer) if peer is not None else None,
             "acked_seq": self._last_ack,
             "events_received": self._received,
             "events_unacked": self._unacked,
@@ -301,4 +301,12 @@ class LinkServerProtocol(Protocol):
             transport.abortConnection()
 
     def _peer(self) -> str:
-        return str(self.transport.getPeer()) if self.transport is not None else "?"
+        return host_port(self.transport.getPeer()) if self.transport is not None else "?"
+
+
+def host_port(address: Any) -> str:
+    """C{127.0.0.1:54692} or C{[::1]:54692} for an IP address; other addresses as they print."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IReactorFromThreads,
@@ -15,7 +17,9 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from llmobserve._exit import cannot_listen_text
 from llmobserve.hostguard import HostGuard, HostGuardedSite
 
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
@@ -61,6 +65,7 @@ class CollectorService(MultiService):
         scheme: str = "http",
         host_guard: HostGuard | None = None,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
+        on_listen_failure: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -87,6 +92,7 @@ class CollectorService(MultiService):
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
         self._heartbeat = heartbeat
+        self._on_listen_failure = on_listen_failure
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
@@ -123,9 +129,19 @@ class CollectorService(MultiService):
         )
         self.listening.callback(port)
 
-    def _not_bound(self, failure: Any) -> None:
-        self.log.failure("llmobserve collector cannot start", failure)
+    def _not_bound(self, failure: Failure) -> None:
+        if failure.check(CannotListenError, OSError):
+            self.log.critical(
+                "llmobserve collector cannot listen on {where}; stopping",
+                where=cannot_listen_text(failure),
+            )
+        else:
+            self.log.failure("llmobserve collector cannot start", failure)
         self.listening.errback(failure)
+        self.listening.addErrback(lambda _: None)  # said above
+        if self._on_listen_failure is not None:
+            self._on_listen_failure()
+            return
         reactor: Any = self._reactor
         if getattr(reactor, "running", False):
             reactor.stop()

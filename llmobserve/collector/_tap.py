@@ -9,7 +9,9 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from llmobserve.endpoints import listen_endpoint
+from llmobserve._exit import stop_with_status
+from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
+from llmobserve.endpoints import check_port, listen_endpoint
 from llmobserve.events import MAX_FRAME_SIZE
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
@@ -84,9 +86,23 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--public-name: {e}") from None
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a usage error is two lines on stderr and exit 2."""
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            brief_usage_error("twistd llmobserve-collector", e)
+
     def postOptions(self) -> None:
+        foreground_without_pidfile(self.parent)
         if self["db"] is None:
             self["db"] = str(default_db_path())
+        try:
+            check_port(listen_endpoint(str(self["port"])))
+        except ValueError as e:
+            raise usage.UsageError(f"--port: {e}") from None
         if self["heartbeat"] <= 0:
             raise usage.UsageError("--heartbeat must be positive")
         if self["max-partial-bytes"] < MAX_FRAME_SIZE:
@@ -120,4 +136,5 @@ def makeService(options: usage.Options) -> IService:
         scheme="https" if description.startswith("ssl:") else "http",
         host_guard=HostGuard(options["public-name"]),
         max_partial_bytes=options["max-partial-bytes"],
+        on_listen_failure=lambda: stop_with_status(r, 1),
     )

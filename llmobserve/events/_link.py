@@ -33,7 +33,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -199,8 +199,15 @@ class LinkProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
 
 
+@implementer(ILogObserver)
+def _discard(event: LogEvent) -> None:
+    """A log observer that keeps nothing."""
+
+
 @implementer(IProtocolFactory)
 class _LinkFactory(Factory):
+    noisy = False  # "Starting factory" on every retry is noise: the link logs its state
+
     def __init__(self, link: CollectorLink) -> None:
         self._link = link
 
@@ -227,6 +234,14 @@ class _WatchedEndpoint:
         return failure
 
 
+class _QuietClientService(ClientService):
+    """A C{ClientService} that does not log "Scheduling retry N to connect ...
+    in 2.60214569528289 seconds" on every attempt (the link's own lines say
+    when it goes down and comes back)."""
+
+    _log = Logger(observer=_discard)
+
+
 class CollectorLink(Service):
     """Keeps one link to the collector and feeds it from the outbox.
 
@@ -234,6 +249,10 @@ class CollectorLink(Service):
         C{connected} (welcome received) or C{down} (the last attempt failed
         or the link was lost; a retry is scheduled).
     @ivar reconnects: connection attempts after the first.
+
+    The log says when the link goes down (once), when it comes back (once),
+    and every C{summary_interval} seconds in between how long it has been
+    down: never a line per retry.
     """
 
     _log = Logger()
@@ -254,6 +273,7 @@ class CollectorLink(Service):
         retry: Callable[[int], float] | None = None,
         max_batch_records: int = 500,
         max_batch_bytes: int = 1024 * 1024,
+        summary_interval: float = 300.0,
     ) -> None:
         self.clock = clock
         self.outbox = outbox
@@ -265,11 +285,15 @@ class CollectorLink(Service):
         self.state = "connecting"
         self.attempts = 0
         self.protocol_errors = 0
+        self.summary_interval = summary_interval
+        self._down_since: float | None = None  # when the outage began (clock seconds)
+        self._failed_since_up = 0
+        self._summarised_at = 0.0
         self._proto: LinkProtocol | None = None
         self._pumping = False
         self._again = False
         outbox.on_ready = self.pump
-        self._service = ClientService(
+        self._service = _QuietClientService(
             _WatchedEndpoint(endpoint, self),
             _LinkFactory(self),
             retryPolicy=retry or retry_policy(),
@@ -305,7 +329,31 @@ class CollectorLink(Service):
 
     def _attempt_failed(self, failure: Failure) -> None:
         self.state = "down"
-        self._log.debug("collector {url} unreachable: {why}", url=self.url, why=failure.value)
+        self._failed_since_up += 1
+        if self._down_since is None:
+            self._went_down(f"unreachable ({failure.getErrorMessage()})")
+        elif self.clock.seconds() - self._summarised_at >= self.summary_interval:
+            self._still_down()
+
+    def _went_down(self, why: str) -> None:
+        self._down_since = self._summarised_at = self.clock.seconds()
+        self._log.warn(
+            "collector link down: {url} {why}; events wait in the spool, retrying quietly",
+            url=self.url,
+            why=why,
+        )
+
+    def _still_down(self) -> None:
+        assert self._down_since is not None
+        self._summarised_at = now = self.clock.seconds()
+        self._log.warn(
+            "collector link still down: {url} for {minutes:.0f} min, {attempts} attempts; "
+            "{waiting} events waiting",
+            url=self.url,
+            minutes=(now - self._down_since) / 60,
+            attempts=self._failed_since_up,
+            waiting=self.outbox.waiting,
+        )
 
     def _connected(self, proto: LinkProtocol) -> None:
         self._proto = proto
@@ -316,7 +364,17 @@ class CollectorLink(Service):
             return
         self.state = "connected"
         self.outbox.rewind()
-        self._log.info("collector link up: {url}", url=self.url)
+        if self._down_since is None:
+            self._log.info("collector link up: {url}", url=self.url)
+        else:
+            self._log.info(
+                "collector link up: {url} (back after {seconds:.0f} s down, {attempts} attempts)",
+                url=self.url,
+                seconds=self.clock.seconds() - self._down_since,
+                attempts=self._failed_since_up,
+            )
+        self._down_since = None
+        self._failed_since_up = 0
         self.pump()
 
     def _acked(self, seq: int) -> None:
@@ -325,8 +383,8 @@ class CollectorLink(Service):
     def _lost(self, proto: LinkProtocol) -> None:
         if proto is not self._proto:
             return
-        if self.state == "connected":
-            self._log.info("collector link lost: {url}", url=self.url)
+        if self._down_since is None:
+            self._went_down("lost" if self.state == "connected" else "closed in the handshake")
         self._proto = None
         self.state = "down"
         self.outbox.rewind()

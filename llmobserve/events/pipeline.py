@@ -47,6 +47,7 @@ from llmobserve.events._record import (
 from llmobserve.events._spool import EventSpool, SpoolLocked
 from llmobserve.events._turns import ReactorTurns
 from llmobserve.events._waiters import Waiters, after
+from llmobserve.money import usd_fixed
 from llmobserve.transaction import ITransactionSink, Transaction
 from parsers.registry import REGISTRY
 
@@ -136,6 +137,9 @@ class EventPipeline(Service):
         self.events_dropped_total = 0
         self.parse_skipped_total = 0
         self.parse_errors_total = 0
+        # priced calls and their cost, added by the parse threads (the shutdown line)
+        self.priced = PricedTally()
+        self._acked_at_start = spool.acked_seq
         # state
         self._gap_pending = 0
         # exchanges handed to the pool and not yet appended; a worker claims its
@@ -292,9 +296,14 @@ class EventPipeline(Service):
         lines_left = self._log_quota.take(len(items)) if self.log_events else 0
         row_for = self.delivery.row_for
         unlogged: list[Any] = []  # the costs of the calls over the line quota
+        priced, cost = 0, 0.0
         slice_start = time.perf_counter()
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
+            call_cost = event.get("cost_usd")
+            if type(call_cost) is float:
+                priced += 1
+                cost += call_cost
             row = None
             if row_for is not None:
                 try:  # the embedded store's row, made here rather than in its thread
@@ -319,6 +328,8 @@ class EventPipeline(Service):
                     slice_start = time.perf_counter()
         if unlogged:
             self._log_quota.skipped(unlogged)
+        if priced:
+            self.priced.add(priced, cost)
         with self._parsing_lock:
             mine = [self._ready.pop(t) for t, _ in items if t in self._ready]
         seqs = self._spool_append_many([m[0] for m in mine], low=[m[3] for m in mine])
@@ -563,10 +574,19 @@ class EventPipeline(Service):
         self._pump_call = self._sync_call = None
         self._io.stop()
         self._turns.uninstall()
+        delivered = self.spool.acked_seq - self._acked_at_start
         self.spool.close()
-        self._log.info(
-            "event sink stopped: {waiting} events left in the spool for the next start",
-            waiting=self.outbox.waiting,
+        self._log.info("{summary}", summary=self.stop_summary(delivered))
+
+    def stop_summary(self, delivered: int) -> str:
+        """The shutdown line: what this run recorded and where its events are."""
+        calls, cost = self.priced.read()
+        unpriced = max(0, self.calls_total - calls)
+        return (
+            f"llmobserve proxy stopped: {self.calls_total} calls, "
+            f"${usd_fixed(round(cost, 8))} priced, {unpriced} unpriced; "
+            f"events: {delivered} delivered to the {_DELIVERED_TO.get(self.mode, self.mode)}, "
+            f"{self.outbox.waiting} waiting in the spool for the next start"
         )
 
     @inlineCallbacks
@@ -640,6 +660,32 @@ class _LineQuota:
             return report
 
 
+_DELIVERED_TO: Final = {"embedded": "embedded store", "link": "collector"}
+
+
+class PricedTally:
+    """Priced calls and their summed cost, added by the parse threads once per batch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._cost = 0.0
+
+    def add(self, calls: int, cost: float) -> None:
+        with self._lock:
+            self._calls += calls
+            self._cost += cost
+
+    def read(self) -> tuple[int, float]:
+        """(priced calls, their cost in USD) so far."""
+        with self._lock:
+            return self._calls, self._cost
+
+
+def _cost_text(cost: Any) -> str:
+    return usd_fixed(cost) if isinstance(cost, float | int) else str(cost)
+
+
 def _summary(event: Mapping[str, Any]) -> str:
     """The log line of one call event."""
     usage = event["usage"]
@@ -647,7 +693,7 @@ def _summary(event: Mapping[str, Any]) -> str:
         f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
         f"{event['outcome']} {event['provider']} {event['model']} "
         f"in={usage.get('input_tokens')} out={usage.get('output_tokens')} "
-        f"cost={event['cost_usd']} ms={event['duration_ms']}"
+        f"cost={_cost_text(event['cost_usd'])} ms={event['duration_ms']}"
     )
 
 

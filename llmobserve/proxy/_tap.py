@@ -16,8 +16,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from llmobserve.endpoints import endpoint_parts, listen_endpoint
+from llmobserve._exit import cannot_listen_text, stop_with_status
+from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
+from llmobserve.endpoints import check_port, endpoint_parts, listen_endpoint
 from llmobserve.hostguard import HostGuard, public_name
+from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
@@ -71,6 +74,13 @@ def _pair(spec: str, what: str) -> tuple[str, str]:
     if not sep or not left or not right:
         raise usage.UsageError(f"{what} must look like NAME=VALUE, got {spec!r}")
     return left.strip(), right.strip()
+
+
+def _provider_id(provider: str, what: str) -> str:
+    try:
+        return check_provider_id(provider, what)
+    except UnknownProviderError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 class Options(usage.Options):
@@ -205,7 +215,7 @@ class Options(usage.Options):
     def opt_provider_host(self, spec: str) -> None:
         """HOST[:PORT]=PROVIDER: HOST speaks PROVIDER's API; it is allowed. Repeatable."""
         host, provider = _pair(spec, "--provider-host")
-        self["provider-host"][host] = provider
+        self["provider-host"][host] = _provider_id(provider, "--provider-host")
 
     def opt_resolve(self, spec: str) -> None:
         """HOST=ADDRESS: resolve HOST to ADDRESS (like curl); still policy-checked."""
@@ -237,14 +247,29 @@ class Options(usage.Options):
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
         provider, url = _pair(spec, "--base-url")
+        provider = _provider_id(provider, "--base-url")
         if not url.startswith(("http://", "https://")):
             raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
         self["base-url"][provider] = url
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse; under twistd a usage error is two lines on stderr and exit 2."""
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's is unannotated
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            brief_usage_error("twistd llmobserve", e)
+
     def postOptions(self) -> None:
+        foreground_without_pidfile(self.parent)
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         self["port"] = listen_endpoint(str(self["port"]))
+        try:
+            check_port(self["port"])
+        except ValueError as e:
+            raise usage.UsageError(f"--port: {e}") from None
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
         if self["collector-ca-file"] is not None:
@@ -342,9 +367,11 @@ class ProxyService(Service):
         reuse_port: bool = False,
         workers: WorkerProcesses | None = None,
         tuning: ProcessTuning | None = None,
+        on_listen_failure: Callable[[], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._tuning = tuning if tuning is not None else ProcessTuning(enabled=False)
+        self._on_listen_failure = on_listen_failure
         self._reuse_port = reuse_port
         self._workers = workers
         self._description = description
@@ -386,9 +413,16 @@ class ProxyService(Service):
             self._workers.spawn(host, address.port)
         self._tuning.after_listening()
 
-    def _failed(self, failure: Any) -> None:
-        _log.failure("llmobserve proxy cannot listen on {d}", failure, d=self._description)
-        self._reactor.stop()
+    def _failed(self, failure: Failure) -> None:
+        """One line saying why, then the process ends (it would serve nothing)."""
+        _log.critical(
+            "llmobserve proxy cannot listen on {where}; stopping",
+            where=cannot_listen_text(failure),
+        )
+        if self._on_listen_failure is not None:
+            self._on_listen_failure()
+        elif getattr(self._reactor, "running", False):
+            self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -537,6 +571,7 @@ def makeService(options: Options) -> IService:
         reuse_port=options["workers"] > 1 or bool(options["worker-of"]),
         workers=workers,
         tuning=tuning,
+        on_listen_failure=lambda: stop_with_status(reactor, 1),
     )
     if options["worker-of"]:
         ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]

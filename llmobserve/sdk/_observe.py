@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from llmobserve.providers import check_provider_id
 from llmobserve.sdk import _autostart, _context, _install, _spans
 from llmobserve.sdk._routing import ROUTER, RoutingConfig
 
@@ -137,7 +138,6 @@ def _auto_start(
         _go_direct(found)
         return _finish(Observation(None, False, collector_url=collector_url, reason=found))
     _route_through(found.url, collector_url, provider_hosts, exclude_hosts)
-    where = collector_url or "its embedded store (llmobserve report)"
     if found.restarted_for:
         how = "restarted to add provider_hosts " + ", ".join(found.restarted_for)
     else:
@@ -146,8 +146,15 @@ def _auto_start(
         "llmobserve: tracking calls through the proxy at %s (%s), events go to %s",
         found.url,
         how,
-        where,
+        _events_go_to(found.health, collector_url),
     )
+    if found.started and collector_url:
+        log.warning(
+            "llmobserve: no proxy was running on 127.0.0.1:%d, so this process started one "
+            "(shipping to %s); if you started a proxy yourself, it is not on that port",
+            port,
+            collector_url,
+        )
     reported = found.health.get("collector")
     if collector_url and isinstance(reported, Mapping):
         seen = reported.get("url")
@@ -156,6 +163,27 @@ def _auto_start(
                 "llmobserve: the running proxy ships events to %s, not %s", seen, collector_url
             )
     return _finish(Observation(found.url, True, found.started, collector_url))
+
+
+def _events_go_to(health: Mapping[str, Any], collector_url: str | None) -> str:
+    """Where the proxy says its events go (its C{/health}), in words."""
+    reported = health.get("collector")
+    if isinstance(reported, Mapping):
+        mode, url = reported.get("mode"), reported.get("url")
+        if mode == "link":
+            return f"the collector at {url}" if url else "a collector"
+        if mode == "none":
+            return "nowhere (the proxy runs with --no-events)"
+        if mode == "embedded":
+            return "its embedded store (llmobserve report)"
+    if collector_url:
+        return f"the collector at {collector_url}"
+    return "its embedded store (llmobserve report)"
+
+
+def _check_provider_ids(provider_hosts: Mapping[str, str]) -> None:
+    for host, provider in provider_hosts.items():
+        check_provider_id(provider, f"provider_hosts[{host!r}]")
 
 
 def observe(
@@ -180,7 +208,10 @@ def observe(
     is reused, or one is started and shared. C{proxy_url="http://host:port"}
     uses that proxy; C{proxy_url=None} routes nothing (a warning says calls
     are not tracked). Calling it again with the same arguments does nothing;
-    with other arguments it reconfigures.
+    with other arguments it reconfigures. A provider id in C{provider_hosts}
+    that the registry does not know raises
+    L{llmobserve.providers.UnknownProviderError} (a
+    C{ValueError} naming the closest valid id).
     """
     global _last, _last_args, _pending, _said_instrumentors
     if (_env("LLMOBSERVE_DISABLED") or "").lower() in _TRUE:
@@ -196,6 +227,7 @@ def observe(
     api_key = api_key or _env("LLMOBSERVE_API_KEY")
     port = proxy_port or int(_env("LLMOBSERVE_PROXY_PORT") or _autostart.DEFAULT_PORT)
     hosts = dict(provider_hosts or {})
+    _check_provider_ids(hosts)
     excluded = tuple(exclude_hosts)
 
     if use_instrumentors and not _said_instrumentors:

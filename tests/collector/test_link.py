@@ -509,3 +509,16 @@ def test_nesting_depth_is_measured_without_recursion() -> None:
     assert not nested_deeper_than({"a": {"b": [1, (2,)]}}, 4)
     assert nested_deeper_than({"a": {"b": [1, (2,)]}}, 3)
     assert not nested_deeper_than("scalar", 0)
+
+
+def test_health_shows_the_peer_as_host_port(env: Any) -> None:
+    """Issue 14 item 14: /health's links show C{host:port}, not C{IPv4Address(...)}."""
+    from twisted.internet.address import IPv6Address
+
+    from llmobserve.collector._link import host_port
+
+    _, _, writer, clock, registry = env
+    link = Link(writer, clock, registry)
+    link.hello("p1")
+    assert registry.describe()[0]["peer"] == "192.168.1.1:54321"  # StringTransport's peer
+    assert host_port(IPv6Address("TCP", "::1", 8000)) == "[::1]:8000"

@@ -311,3 +311,42 @@ def test_stop_closes_the_link(tmp_path: Path) -> None:
     assert transport.disconnecting
     proto.connectionLost(Failure(ConnectionDone()))
     assert d.called and rig.link.state == "down"
+
+
+def test_an_outage_is_logged_once_down_once_up_and_a_summary_between(tmp_path: Path) -> None:
+    """Issue 14 item 13: no line per retry (ClientService's "Scheduling retry" and the
+    factory's "Starting factory" included): one line when the link goes down, one
+    summary per summary_interval while it stays down, one when it is back."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    logged: list[str] = []
+
+    def observer(event: Any) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        rig = Rig(tmp_path)
+        rig.link.summary_interval = 60.0
+        proto, _transport, _peer = rig.connect()
+        rig.add(3)
+        proto.connectionLost(Failure(ConnectionDone()))  # the collector goes away
+        for _ in range(150):  # about 150 s of retries at the 1 s cap
+            n = len(rig.endpoint.attempts)
+            for _tick in range(100):
+                if len(rig.endpoint.attempts) > n:
+                    break
+                rig.clock.advance(0.05)
+            rig.endpoint.fail()
+        rig.clock.advance(2)
+        rig.connect()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    mine = [line for line in logged if "collector" in line or "retry" in line or "factory" in line]
+    assert len(mine) == 5, mine
+    assert mine[0] == "collector link up: http://127.0.0.1:1"
+    assert mine[1].startswith("collector link down: http://127.0.0.1:1 lost;")
+    assert mine[2].startswith("collector link still down: http://127.0.0.1:1 for 1 min")
+    assert mine[2].endswith("; 3 events waiting")
+    assert mine[3].startswith("collector link still down: http://127.0.0.1:1 for 2 min")
+    assert mine[4].startswith("collector link up: http://127.0.0.1:1 (back after 15")

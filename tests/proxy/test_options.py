@@ -63,3 +63,52 @@ def test_there_is_one_http_front_end() -> None:
     library API."""
     with pytest.raises(usage.UsageError, match="server"):
         parse("--server", "twisted-web")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ("--base-url", "opneai=http://127.0.0.1:18080"),
+            "--base-url: unknown provider 'opneai'; did you mean 'openai'",
+        ),
+        (
+            ("--provider-host", "127.0.0.1:18080=antropic"),
+            "--provider-host: unknown provider 'antropic'; did you mean 'anthropic'",
+        ),
+    ],
+)
+def test_a_misspelt_provider_id_is_refused_naming_the_closest(
+    argv: tuple[str, ...], message: str
+) -> None:
+    """Issue 14 item 7: an unknown id used to be accepted and its calls recorded as unknown."""
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_known_provider_ids_are_accepted() -> None:
+    options = parse(
+        "--base-url", "openai=http://127.0.0.1:18080", "--provider-host", "10.0.0.5:8000=groq"
+    )
+    assert options["base-url"] == {"openai": "http://127.0.0.1:18080"}
+    assert options["provider-host"] == {"10.0.0.5:8000": "groq"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "pidfile"),
+    [
+        (["-n", "llmobserve"], ""),
+        (["-n", "--pidfile", "my.pid", "llmobserve"], "my.pid"),
+        (["llmobserve"], "twistd.pid"),
+    ],
+)
+def test_no_pid_file_in_the_foreground_unless_named(argv: list[str], pidfile: str) -> None:
+    """Issue 14 item 5: twistd -n llmobserve writes no twistd.pid (two of the README's
+    commands run from one directory); --pidfile and a daemon keep twistd's rule."""
+    from pathlib import Path
+
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    twistd = ServerOptions()
+    twistd.parseOptions(argv)
+    assert twistd["pidfile"] == (str(Path(pidfile).absolute()) if pidfile else "")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.upstreams import RecordingUpstream, Response
@@ -250,3 +252,60 @@ def test_calls_before_a_background_auto_start_finishes_are_said_untracked(
     pending.wait(10)
     assert pending.tracking is None
     assert any("calls made until then go direct (not tracked)" in m for m in said)
+
+
+def test_a_misspelt_provider_id_in_provider_hosts_is_refused() -> None:
+    """Issue 14 item 7: observe(provider_hosts=...) refuses an id the registry does not
+    know, naming the closest one, before it routes anything."""
+    from llmobserve.providers import UnknownProviderError
+
+    with pytest.raises(UnknownProviderError, match="did you mean 'openai'"):
+        llmobserve.observe(proxy_url=None, provider_hosts={"127.0.0.1:18080": "opneai"})
+    assert ROUTER.config is None
+
+
+def _found(monkeypatch: pytest.MonkeyPatch, *, started: bool, health: dict[str, Any]) -> None:
+    from llmobserve.sdk import _autostart
+
+    def ensure_proxy(*args: object, **kwargs: object) -> _autostart.ProxyFound:
+        return _autostart.ProxyFound("http://127.0.0.1:9", started=started, health=health)
+
+    monkeypatch.setattr(_autostart, "ensure_proxy", ensure_proxy)
+
+
+def test_where_events_go_follows_the_proxys_health(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14 item 6: a reused proxy that ships to a collector (/health says
+    mode link) is not described as storing events in its embedded store."""
+    link = {"collector": {"mode": "link", "url": "http://127.0.0.1:8000", "state": "connected"}}
+    _found(monkeypatch, started=False, health=link)
+    caplog.set_level(logging.INFO, logger="llmobserve")
+    llmobserve.observe()
+    said = [r.getMessage() for r in caplog.records if "tracking calls" in r.getMessage()]
+    assert said == [
+        "llmobserve: tracking calls through the proxy at http://127.0.0.1:9 (already running), "
+        "events go to the collector at http://127.0.0.1:8000"
+    ]
+
+
+def test_starting_a_proxy_for_a_collector_url_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14 item 5: observe(collector_url=...) that found no proxy and started its
+    own says so as a warning (the user's own proxy may have failed to start)."""
+    link = {"collector": {"mode": "link", "url": "http://127.0.0.1:8000", "state": "connecting"}}
+    _found(monkeypatch, started=True, health=link)
+    llmobserve.observe(collector_url="http://127.0.0.1:8000")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("llmobserve: no proxy was running on 127.0.0.1:9000")
+
+
+def test_a_reused_proxy_with_a_collector_url_is_no_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = {"collector": {"mode": "link", "url": "http://127.0.0.1:8000", "state": "connected"}}
+    _found(monkeypatch, started=False, health=link)
+    llmobserve.observe(collector_url="http://127.0.0.1:8000")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

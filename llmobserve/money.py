@@ -1,0 +1,19 @@
+"""Amounts of money as a person reads them: fixed notation, never C{7.2e-06}."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+__all__ = ["usd_fixed"]
+
+
+def usd_fixed(value: float | int) -> str:
+    """C{value} in fixed notation with the digits of its shortest repr.
+
+    C{7.2e-06} is C{"0.0000072"}, C{0.000108} stays C{"0.000108"}, C{3.0}
+    is C{"3"}: no rounding, no exponent, no trailing zeros.
+    """
+    text = format(Decimal(repr(float(value))), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
