@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from parsers import Exchange
@@ -191,3 +192,15 @@ PINECONE_QUERY = {
     "namespace": "ns1",
     "usage": {"readUnits": 6},
 }
+
+
+def checking_construct(construct: Callable[..., Any]) -> Callable[..., Any]:
+    """construct(), asserting that it equals cls(**fields) field for field."""
+
+    def check(cls: type[Any], /, **fields: Any) -> Any:
+        fast, plain = construct(cls, **fields), cls(**fields)
+        assert list(vars(fast)) == [f.name for f in dataclasses.fields(cls)]
+        assert vars(fast) == vars(plain) and fast == plain and repr(fast) == repr(plain)
+        return fast
+
+    return check
