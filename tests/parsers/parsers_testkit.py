@@ -31,18 +31,18 @@ def exchange(
     request_truncated: bool = False,
 ) -> Exchange:
     """An Exchange with JSON bodies encoded and sensible headers."""
-    if isinstance(response, (dict, list)):
+    if isinstance(response, (Mapping, list)):
         body = json.dumps(response).encode()
         ctype = content_type or "application/json"
     else:
-        body = bytes(response)  # type: ignore[arg-type]
+        body = bytes(response)
         ctype = content_type or "application/json"
     if request is None:
         req = b""
-    elif isinstance(request, (dict, list)):
+    elif isinstance(request, (Mapping, list)):
         req = json.dumps(request).encode()
     else:
-        req = bytes(request)  # type: ignore[arg-type]
+        req = bytes(request)
     rh = {"content-type": ctype, **(response_headers or {})}
     qh = {"content-type": "application/json", **(request_headers or {})}
     return Exchange(
