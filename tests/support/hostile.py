@@ -248,12 +248,12 @@ def parse_upstream(raw: bytes) -> UpstreamParse:
         elif isinstance(event, h11.EndOfMessage):
             assert current is not None
             current[4] = True
-            result.requests.append(tuple(current))  # type: ignore[arg-type]
+            result.requests.append(tuple(current))
             current = None
         elif isinstance(event, h11.ConnectionClosed):
             break
     if current is not None:
-        result.requests.append(tuple(current))  # type: ignore[arg-type]
+        result.requests.append(tuple(current))
     return result
 
 
