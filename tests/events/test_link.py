@@ -11,6 +11,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -44,7 +45,7 @@ class FakeEndpoint:
 
     def succeed(self) -> tuple[Any, StringTransport]:
         factory, d = self.attempts[-1]
-        proto = factory.buildProtocol(None)
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
         assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
