@@ -72,7 +72,7 @@ class RowStoreLike(StoreLike, Protocol):
 
 def default_store_factory(path: str) -> StoreLike:
     """Open the collector's C{EventStore} (imported lazily)."""
-    from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
+    from llmobserve.collector._store import EventStore
 
     store: StoreLike = EventStore(path, synchronous="NORMAL")
     return store

@@ -163,7 +163,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options is unannotated
         self["allow-host"] = []
         self["allow-cidr"] = []
         self["provider-host"] = {}
@@ -231,7 +231,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     if options["no-events"]:
         return LoggingSink(reactor), None
     try:
-        from llmobserve.events.pipeline import (  # type: ignore[import-not-found,unused-ignore]
+        from llmobserve.events.pipeline import (
             make_event_sink,
         )
     except ImportError:
@@ -259,9 +259,9 @@ class EmbeddedReportApi(Service):
     def resource(self) -> Any:
         """The C{/api} resource tree (reactor thread)."""
         if self._api is None:
-            from llmobserve.collector._http import api_branch  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._store import EventStore  # type: ignore[import-not-found,unused-ignore]
-            from llmobserve.collector._thread import StoreThread  # type: ignore[import-not-found,unused-ignore]
+            from llmobserve.collector._http import api_branch
+            from llmobserve.collector._store import EventStore
+            from llmobserve.collector._thread import StoreThread
 
             db_path = self._db_path
             self._reader = StoreThread(
@@ -312,7 +312,7 @@ class ProxyService(Service):
         self._port: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._reuse_port:
             address = tcp_address(self._description)
             assert address is not None
@@ -353,11 +353,11 @@ class ProxyService(Service):
         self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._workers is not None:
             self._workers.terminate()  # siblings drain at the same time as this process
         port, self._port = self._port, None
-        stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]
+        stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]  # TCP: a Deferred
         stopped.addCallback(lambda _: self._drain())
         if self._workers is not None:
             stopped.addCallback(lambda _: self._workers.ended() if self._workers else None)
@@ -454,7 +454,7 @@ class _OrderedServices(MultiService):
     """
 
     def __init__(self, reactor: Any) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService is unannotated
         self._reactor = reactor
 
     def stopService(self) -> Deferred[None]:
@@ -505,11 +505,11 @@ def makeService(options: Options) -> IService:
         workers=workers,
     )
     if options["worker-of"]:
-        ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]
+        ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
-    proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
+    proxy.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top
