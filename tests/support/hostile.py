@@ -205,14 +205,15 @@ def exchange(
 
 # -- upstream side ------------------------------------------------------------------
 
+#: (method, target, headers, body, complete): one request an upstream received.
+UpstreamRequest = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]
+
 
 @dataclass
 class UpstreamParse:
     """What an upstream connection's bytes are, to h11."""
 
-    requests: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = field(
-        default_factory=list
-    )
+    requests: list[UpstreamRequest] = field(default_factory=list)
     """(method, target, headers, body, complete) per request."""
     error: str | None = None
 
