@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check llmobserve parsers tests bench twisted
+	$(BIN)/ruff check llmobserve parsers tests bench twisted typings
 	$(BIN)/mypy
 
 bench: setup

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from typing import TextIO
 
 _BODY = json.dumps(
     {
@@ -161,7 +162,7 @@ def _interval(target: bytes, default: float) -> float:
 
 
 def serve(
-    port_out: object, sse_gap: float, stream_events: int = 200, stream_interval: float = 0.01
+    port_out: TextIO, sse_gap: float, stream_events: int = 200, stream_interval: float = 0.01
 ) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -177,7 +178,7 @@ def serve(
     timers: list[tuple[float, int, _Conn]] = []
     seq = 0
     sends = stream_sends(stream_events)
-    print(f"PORT {listener.getsockname()[1]}", file=port_out, flush=True)  # type: ignore[call-overload]
+    print(f"PORT {listener.getsockname()[1]}", file=port_out, flush=True)
     running = [True]
 
     def stop(*_: object) -> None:

@@ -522,7 +522,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.loadgen == "wrk" and not shutil.which("wrk"):
         raise SystemExit("--loadgen wrk: wrk is not installed")
     if pin:
-        os.sched_setaffinity(0, other)  # type: ignore[arg-type]
+        os.sched_setaffinity(0, other)  # type: ignore[arg-type]  # pinned: a set
     phases: dict[str, list[dict[str, Any]]] = {}
 
     def record(name: str, result: dict[str, Any]) -> None:
@@ -537,12 +537,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.collector:
             collector, col_port = stack.enter_context(_collector(Path(tmp)))
             if pin:
-                _pin(collector.pid, other)  # type: ignore[arg-type]
+                _pin(collector.pid, other)  # type: ignore[arg-type]  # pinned: a set
             proxy_args += ["--collector", f"http://127.0.0.1:{col_port}"]
         proxy, px_port = stack.enter_context(_proxy(Path(tmp), proxy_args))
         if pin:
-            _pin(proxy.pid, proxy_cpus)  # type: ignore[arg-type]
-            _pin(upstream.pid, other)  # type: ignore[arg-type]
+            _pin(proxy.pid, proxy_cpus)  # type: ignore[arg-type]  # pinned: a set
+            _pin(upstream.pid, other)  # type: ignore[arg-type]  # pinned: a set
         reqs = _build_requests(up_port, px_port, args.route)
         rss_idle = proxy.status_kib("VmRSS")
         _log(

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with (
         tempfile.TemporaryDirectory(prefix="llmo-sdkbench-") as tmp,
-        _upstream(0.002) as (_, up_port),
+        _upstream(0.002, stream_events=200, stream_interval=0.01) as (_, up_port),
     ):
         up_authority = f"127.0.0.1:{up_port}"
         with _proxy(Path(tmp), ["--provider-host", f"{up_authority}=openai"]) as (_, px_port):

@@ -133,3 +133,21 @@ def raw_upstream() -> Iterator[RawScriptUpstream]:
 def down_port() -> int:
     """A loopback port nothing listens on (connections are refused)."""
     return closed_port()
+
+
+@pytest.fixture(autouse=True)
+def _records_built_as_their_constructor_builds_them(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the parser tests (tests/parsers/), every UsageRecord that analyse()
+    builds through construct() is checked against the dataclass's own
+    constructor: all fields named, same object.  It lives here because
+    tests/parsers/ is a top-level import root (pyproject.toml's pythonpath and
+    mypy_path), where a conftest.py of its own would clash with this one."""
+    if request.path.parent.name != "parsers":
+        return
+    from parsers_testkit import checking_construct
+
+    from parsers import _analyse, _records
+
+    monkeypatch.setattr(_analyse, "construct", checking_construct(_records.construct))

@@ -340,7 +340,7 @@ def test_csv_money_is_in_fixed_notation(tmp_path: Path) -> None:
     costs = {r["model"]: r["cost_usd"] for r in csv.DictReader(io.StringIO(text))}
     assert costs == {"gpt-4o": "0.0000072", "m2": "0.000108"}
     _code, text = run("events", "--db", str(path), "--format", "csv")
-    costs = [r["cost_usd"] for r in csv.DictReader(io.StringIO(text))]
-    assert sorted(costs) == ["0.0000072", "0.000108"]
+    listed = [r["cost_usd"] for r in csv.DictReader(io.StringIO(text))]
+    assert sorted(listed) == ["0.0000072", "0.000108"]
     _code, text = run("report", "--db", str(path), "--by", "model")
     assert "$0.0000072" in text and "e-" not in text

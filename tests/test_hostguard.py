@@ -102,9 +102,9 @@ def test_public_name_refuses_what_is_not_a_name(bad: str) -> None:
 
 
 def _render(site: HostGuardedSite, host: bytes | None, path: bytes = b"/x") -> Request:
-    channel = DummyChannel()  # type: ignore[no-untyped-call]
-    request = Request(channel, False)  # type: ignore[no-untyped-call]
-    request.written_to = channel.transport.written  # type: ignore[attr-defined]
+    channel = DummyChannel()
+    request = Request(channel, False)
+    request.written_to = channel.transport.written  # type: ignore[attr-defined]  # a test's note on the request
     request.method = b"GET"
     request.uri = request.path = path
     request.prepath = []
@@ -129,11 +129,11 @@ def test_guarded_site_refuses_before_routing() -> None:
             asked.append(request.path)
             return b"ok"
 
-    site = HostGuardedSite(Leaf(), HostGuard(["llmobserve"]))
+    site = HostGuardedSite(Leaf(), HostGuard(["llmobserve"]))  # type: ignore[no-untyped-call]  # Resource.__init__ is unannotated
     refused = _render(site, b"evil.example:8000")
     assert refused.code == 403
     assert refused.responseHeaders.getRawHeaders(b"x-llmobserve-error") == [b"host_not_allowed"]
-    written = refused.written_to.getvalue()  # type: ignore[attr-defined]
+    written = refused.written_to.getvalue()  # type: ignore[attr-defined]  # set by _render
     body = json.loads(written.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["type"] == "host_not_allowed"
     assert _render(site, None).code == 400

@@ -119,7 +119,7 @@ class ParsePool(Generic[_T, _R]):
         if self._gather <= 0:
             self.flush()
         elif self._gather_call is None:
-            self._gather_call = self._reactor.callLater(  # type: ignore[attr-defined]
+            self._gather_call = self._reactor.callLater(  # type: ignore[attr-defined]  # typed IReactorFromThreads; real reactors have callLater
                 self._gather, self.flush
             )
 

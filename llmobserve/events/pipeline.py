@@ -768,7 +768,7 @@ def make_event_sink(
     @raise SpoolLocked: every candidate spool directory is in use.
     """
     if spool_dir is None:
-        from llmobserve.paths import default_spool_dir  # type: ignore[import-not-found,unused-ignore]
+        from llmobserve.paths import default_spool_dir
 
         spool_dir = str(default_spool_dir())
     spool = open_spool(spool_dir, max_bytes=spool_max_bytes)
@@ -796,7 +796,7 @@ def make_event_sink(
             if store_factory is None:
                 raise ValueError("events without a collector need a store_factory")
             if db_path is None:
-                from llmobserve.paths import default_db_path  # type: ignore[import-not-found,unused-ignore]
+                from llmobserve.paths import default_db_path
 
                 db_path = str(default_db_path())
             delivery = EmbeddedWriter(

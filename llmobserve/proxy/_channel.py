@@ -173,7 +173,7 @@ class ChannelRequest:
             self.started_writing = True
             out.append(channel.head_bytes(self))
             if self.method == b"HEAD" or self.code in _NO_BODY:
-                self.write = _discard  # type: ignore[method-assign]
+                self.write = _discard  # type: ignore[method-assign]  # a HEAD answer has no body to send
                 channel.factory.coalescer.wrote(self)
                 return
         if data:
@@ -390,7 +390,7 @@ class ProxyChannel(Protocol):
     def _begin(self, request: ChannelRequest) -> None:
         """Route the request (its body may still be arriving)."""
         if request.expects_continue and request.clientproto == b"HTTP/1.1":
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]  # connected
         resource = self.factory.resource
         try:
             receiver = resource.begin_streaming(request)
@@ -543,12 +543,12 @@ class ProxyChannel(Protocol):
     def _pause_reading(self) -> None:
         if not self._paused_by_us:
             self._paused_by_us = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.transport.pauseProducing()  # type: ignore[union-attr]  # connected: transport is set
 
     def _resume_reading(self) -> None:
         if self._paused_by_us:
             self._paused_by_us = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            self.transport.resumeProducing()  # type: ignore[union-attr]  # connected: transport is set
 
     def pauseProducing(self) -> None:
         """The client's socket buffer is full: pause whoever produces the response."""

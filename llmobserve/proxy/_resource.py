@@ -302,7 +302,7 @@ class ProxySite(server.Site):
     noisy = False
 
     def __init__(self, resource: ProxyResource, *, client_timeout: float = 60.0, **kw: Any):
-        super().__init__(resource, timeout=client_timeout, **kw)  # type: ignore[no-untyped-call]
+        super().__init__(resource, timeout=client_timeout, **kw)  # type: ignore[no-untyped-call]  # Site is unannotated
 
     def log(self, request: Any) -> None:
         """No access log: each exchange is recorded once, by the transaction sink."""

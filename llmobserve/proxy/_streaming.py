@@ -114,12 +114,12 @@ class StreamingRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         receiver = self.body_receiver
         if receiver is None:
-            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+            super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]  # http.Request is unannotated
             return
         receiver.body_complete()
 
     def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # http.Request is unannotated
         receiver = self.body_receiver
         if receiver is not None:
             receiver.client_gone()

@@ -191,7 +191,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options is unannotated
         self["allow-host"] = []
         self["allow-cidr"] = []
         self["provider-host"] = {}
@@ -382,7 +382,7 @@ class ProxyService(Service):
         self._port: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._reuse_port:
             address = tcp_address(self._description)
             assert address is not None
@@ -425,11 +425,11 @@ class ProxyService(Service):
             self._reactor.stop()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()  # type: ignore[no-untyped-call]  # Service is unannotated
         if self._workers is not None:
             self._workers.terminate()  # siblings drain at the same time as this process
         port, self._port = self._port, None
-        stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]
+        stopped: Deferred[Any] = succeed(None) if port is None else port.stopListening()  # type: ignore[assignment]  # TCP: a Deferred
         stopped.addCallback(lambda _: self._drain())
         if self._workers is not None:
             stopped.addCallback(lambda _: self._workers.ended() if self._workers else None)
@@ -524,7 +524,7 @@ class _OrderedServices(MultiService):
     """
 
     def __init__(self, reactor: Any) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService is unannotated
         self._reactor = reactor
 
     def stopService(self) -> Deferred[None]:
@@ -574,11 +574,11 @@ def makeService(options: Options) -> IService:
         on_listen_failure=lambda: stop_with_status(reactor, 1),
     )
     if options["worker-of"]:
-        ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]
+        ParentWatch(reactor, options["worker-of"]).setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
-    proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
+    proxy.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top

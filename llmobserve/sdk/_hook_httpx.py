@@ -88,7 +88,7 @@ def _plain_transport(m: ModuleType, transport: Any, async_: bool) -> Any:
 
 
 def _make_streams(m: ModuleType) -> tuple[type, type]:
-    class RecordedSync(m.SyncByteStream):  # type: ignore[name-defined,misc]
+    class RecordedSync(m.SyncByteStream):  # type: ignore[name-defined,misc]  # m: httpx, a ModuleType
         def __init__(self, inner: Any, record: BodyRecord) -> None:
             self._inner = inner
             self._record = record
@@ -101,7 +101,7 @@ def _make_streams(m: ModuleType) -> tuple[type, type]:
             if close is not None:
                 close()
 
-    class RecordedAsync(m.AsyncByteStream):  # type: ignore[name-defined,misc]
+    class RecordedAsync(m.AsyncByteStream):  # type: ignore[name-defined,misc]  # m: httpx, a ModuleType
         def __init__(self, inner: Any, record: BodyRecord) -> None:
             self._inner = inner
             self._record = record

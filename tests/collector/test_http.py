@@ -41,7 +41,7 @@ class Client:
         runner = SyncRunner(self.store)
         self.writer = BatchWriter(runner)
         self.links = LinkRegistry()
-        root = collector_root(runner, self.writer, self.links)  # type: ignore[arg-type]
+        root = collector_root(runner, self.writer, self.links)  # type: ignore[arg-type]  # SyncRunner
         self.treq: Any = StubTreq(root)  # type: ignore[no-untyped-call]  # treq is untyped
 
     def get(self, path: str) -> tuple[int, Any, Any]:

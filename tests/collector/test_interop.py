@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted  # type: ignore[import-untyped,unused-ignore]
-from events.eventkit import (  # type: ignore[import-not-found,unused-ignore]  # tests/ on path
+import pytest_twisted
+from events.eventkit import (
     eventually,
     fake_analyse,
     make_txn,
@@ -28,7 +28,7 @@ from llmobserve.events.pipeline import make_event_sink
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator,unused-ignore]
+@pytest_twisted.ensureDeferred
 async def test_proxy_pipeline_to_collector(tmp_path: Path) -> None:
     """300 calls and a span go from the proxy's sink through the link into the store."""
     db = tmp_path / "collector.sqlite3"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver
 
 from llmobserve.collector._budget import PartialFrameBudget
 from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
@@ -453,7 +454,7 @@ def test_partial_frames_of_all_links_share_one_cap(tmp_path: Path) -> None:
     # a link that grows past the cap is the one refused
     a.proto.dataReceived(b"\x00" * 300)
     assert a.closed and registry.budget.held == 400
-    b.proto.connectionLost(None)  # type: ignore[arg-type]  # the reason is not read
+    b.proto.connectionLost(None)
     assert registry.budget.held == 0
     d = Link(writer, clock, registry)
     d.hello("p3")
@@ -488,7 +489,7 @@ def test_repeated_protocol_errors_log_a_few_lines_then_a_count(env: Any) -> None
     _, _, writer, clock, _ = env
     registry = LinkRegistry(limiter=LogLimiter(clock, burst=3, window=60.0))
     seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, seen.append))
     try:
         for _ in range(1000):
             link = Link(writer, clock, registry)
@@ -496,7 +497,7 @@ def test_repeated_protocol_errors_log_a_few_lines_then_a_count(env: Any) -> None
             assert link.closed
         clock.advance(61)
     finally:
-        globalLogPublisher.removeObserver(seen.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, seen.append))
     warnings = [e for e in seen if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 4
     assert warnings[-1]["n"] == 997 and "more like this" in warnings[-1]["log_format"]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from llmobserve.collector._loglimit import LogLimiter
 
@@ -20,7 +20,7 @@ def test_burst_then_count_per_kind_and_window() -> None:
     clock = Clock()
     limiter = LogLimiter(clock, burst=2, window=60.0)
     seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, seen.append))
     try:
         assert [limiter.allow("a") for _ in range(5)] == [True, True, False, False, False]
         assert limiter.allow("b")  # another kind has its own allowance
@@ -31,7 +31,7 @@ def test_burst_then_count_per_kind_and_window() -> None:
         assert limiter.allow("a")  # a new window
         assert limiter.suppressed == 3
     finally:
-        globalLogPublisher.removeObserver(seen.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, seen.append))
 
 
 def test_stop_tells_what_is_held_back() -> None:
@@ -39,12 +39,12 @@ def test_stop_tells_what_is_held_back() -> None:
     clock = Clock()
     limiter = LogLimiter(clock, burst=1, window=60.0)
     seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, seen.append))
     try:
         for _ in range(4):
             limiter.allow("a")
         limiter.stop()
     finally:
-        globalLogPublisher.removeObserver(seen.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, seen.append))
     assert _summaries(seen) == [("a", 3)]
     assert clock.getDelayedCalls() == []

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
@@ -211,7 +211,10 @@ def _deep_batch(seq: int, depth: int = 800) -> bytes:
     Built by hand: msgpack's packer refuses to nest past 511 levels, but its
     unpacker reads this (so a hostile client can send it).
     """
-    pack = msgpack.packb
+
+    def pack(value: Any) -> bytes:
+        return cast(bytes, msgpack.packb(value))
+
     deep = (
         b"\x84"
         + pack("id")

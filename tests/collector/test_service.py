@@ -118,7 +118,7 @@ class ThreadReactor:
 def test_store_thread_runs_jobs_in_its_own_thread(tmp_path: Path) -> None:
     """Jobs run in order on one named thread, results come back via the reactor."""
     reactor = ThreadReactor()
-    t = StoreThread(reactor, lambda: EventStore(tmp_path / "x.sqlite3"), "llmo-test-writer")  # type: ignore[arg-type]
+    t = StoreThread(reactor, lambda: EventStore(tmp_path / "x.sqlite3"), "llmo-test-writer")  # type: ignore[arg-type]  # a fake reactor
     t.startService()
     results: list[Any] = []
     t.submit(lambda s: s.insert(evs("a", 3))).addCallback(results.append)
@@ -137,7 +137,7 @@ def test_store_thread_open_failure_fails_jobs(tmp_path: Path) -> None:
     reactor = ThreadReactor()
     bad = tmp_path / "bad.sqlite3"
     bad.write_bytes(b"not sqlite" * 200)
-    t = StoreThread(reactor, lambda: EventStore(bad), "llmo-test")  # type: ignore[arg-type]
+    t = StoreThread(reactor, lambda: EventStore(bad), "llmo-test")  # type: ignore[arg-type]  # a fake reactor
     t.startService()
     errors: list[Any] = []
     t.submit(lambda s: s.count()).addErrback(errors.append)
@@ -196,8 +196,8 @@ def test_parse_time_refuses(text: str) -> None:
 
 def parse(argv: list[str]) -> Options:
     """Parsed C{twistd llmobserve-collector} options (usage.Options is untyped)."""
-    o = Options()  # type: ignore[no-untyped-call]
-    o.parseOptions(argv)  # type: ignore[no-untyped-call]
+    o = Options()
+    o.parseOptions(argv)
     return o
 
 

@@ -334,7 +334,7 @@ def test_rows_made_ahead_store_what_insert_stores(tmp_path: Path) -> None:
         big = EventStore.row_for(call(9, cost_usd=2**70))
         assert big is not None
         with pytest.raises(OverflowError):
-            ahead.insert_rows([EventStore.row_for(call(8)), big])  # type: ignore[list-item]
+            ahead.insert_rows([EventStore.row_for(call(8)), big])  # type: ignore[list-item]  # a row
         assert ahead.count() == 4
     finally:
         ahead.close()
@@ -365,7 +365,7 @@ def test_rows_of_different_lengths_keep_their_order(store: EventStore) -> None:
     """Runs of equal-length rows share a statement, but rows are written in
     the order given (rowid breaks ties between equal timestamps), with or
     without pauses between chunks."""
-    shapes = [
+    shapes: list[dict[str, Any]] = [
         {"context": {}},
         {"context": {"customer_id": "acme"}},
         {"context": {}, "parse_error": "e"},
@@ -375,7 +375,7 @@ def test_rows_of_different_lengths_keep_their_order(store: EventStore) -> None:
     events = [call(i, ts=T0, **shape) for i, shape in enumerate(shapes)]
     rows = [EventStore.row_for(e) for e in events]
     assert len({len(r) for r in rows if r is not None}) == 4
-    assert store.insert_rows(rows, pause=lambda: None, chunk=2) == 5  # type: ignore[arg-type]
+    assert store.insert_rows(rows, pause=lambda: None, chunk=2) == 5  # type: ignore[arg-type]  # no None
     assert store.events(limit=None) == events
 
 
@@ -387,7 +387,7 @@ def test_rows_go_in_chunks_with_a_pause_between_them(store: EventStore) -> None:
     def pause() -> None:
         pauses.append(store._db.in_transaction)
 
-    assert store.insert_rows(rows, pause=pause, chunk=8) == 20  # type: ignore[arg-type]
+    assert store.insert_rows(rows, pause=pause, chunk=8) == 20  # type: ignore[arg-type]  # no None
     assert pauses == [True, True]  # after rows 8 and 16, inside the transaction
     assert store.count() == 20
 

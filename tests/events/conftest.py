@@ -11,6 +11,7 @@ from events.eventkit import FakeCollector, make_txn
 
 from llmobserve.events import _exchange
 from llmobserve.transaction import Transaction
+from parsers import _records
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def fake_collector() -> Iterator[FakeCollector]:
 def _exchanges_built_as_their_constructor_builds_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Exchange built through construct() is checked against
     Exchange(...) itself: all fields named, the same object."""
-    construct = _exchange.construct
+    construct = _records.construct  # what _exchange imported
 
     def check(cls: type[Any], /, **fields: Any) -> Any:
         fast, plain = construct(cls, **fields), cls(**fields)

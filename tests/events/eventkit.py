@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 
 from llmobserve.events._codec import MAGIC, FrameDecoder, FrameError, encode_frame
 from llmobserve.transaction import Context, Outcome, Transaction
@@ -109,7 +109,7 @@ class FakeCollectorProtocol(Protocol):
     def connectionMade(self) -> None:
         self.server.connections.append(self)
         if self.server.black_hole:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.transport.pauseProducing()  # type: ignore[union-attr]  # connected: transport is set
 
     def dataReceived(self, data: bytes) -> None:
         self.server.bytes_received += len(data)
@@ -118,27 +118,27 @@ class FakeCollectorProtocol(Protocol):
             if len(self.buffer) < len(MAGIC):
                 return
             if not self.buffer.startswith(MAGIC):
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]  # connected: transport is set
                 return
             data, self.buffer, self.linked = self.buffer[len(MAGIC) :], b"", True
         try:
             messages = self.decoder.feed(data)
         except FrameError:
             self.server.protocol_errors += 1
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]  # connected: transport is set
             return
         for m in messages:
             self.server.handle(self, m)
 
     def send(self, message: dict[str, Any]) -> None:
-        self.transport.write(encode_frame(message))  # type: ignore[union-attr]
+        self.transport.write(encode_frame(message))  # type: ignore[union-attr]  # connected: transport is set
 
     def connectionLost(self, reason: Any = None) -> None:
         if self in self.server.connections:
             self.server.connections.remove(self)
 
 
-class FakeCollector(Factory):
+class FakeCollector(ServerFactory):
     """Controls: ack, black_hole, garbage_after (batches), on_batch hook."""
 
     def __init__(self) -> None:
@@ -166,7 +166,7 @@ class FakeCollector(Factory):
             self.hellos.append(m)
             proto.send({"t": "welcome", "version": 1, "server": "fake"})
             if self.stall:
-                proto.transport.pauseProducing()  # type: ignore[union-attr]
+                proto.transport.pauseProducing()  # type: ignore[union-attr]  # connected: transport is set
                 self.stalled.append(proto)
         elif m["t"] == "ping":
             proto.send({"t": "pong", "ts": m.get("ts")})
@@ -181,7 +181,7 @@ class FakeCollector(Factory):
                     self.ids.append(e["id"])
             if self.garbage_after is not None and len(self.batches) >= self.garbage_after:
                 self.garbage_after = None
-                proto.transport.write(b"\x00\x00\x00\x05garbage!!")  # type: ignore[union-attr]
+                proto.transport.write(b"\x00\x00\x00\x05garbage!!")  # type: ignore[union-attr]  # connected: transport is set
                 return
             if self.ack:
                 proto.send({"t": "ack", "seq": m["seq"]})
@@ -198,7 +198,7 @@ class FakeCollector(Factory):
         self.stall = False
         for proto in self.stalled:
             if proto.transport is not None:
-                proto.transport.resumeProducing()  # type: ignore[attr-defined]
+                proto.transport.resumeProducing()  # type: ignore[attr-defined]  # TCP: an IPushProducer too
         self.stalled.clear()
 
     def when_received(self, n: int) -> Deferred[None]:

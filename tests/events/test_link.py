@@ -7,15 +7,17 @@ drives time, so each test is synchronous and deterministic.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -44,7 +46,7 @@ class FakeEndpoint:
 
     def succeed(self) -> tuple[Any, StringTransport]:
         factory, d = self.attempts[-1]
-        proto = factory.buildProtocol(None)
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
         assert proto is not None
         transport = StringTransport()
         proto.makeConnection(transport)
@@ -324,7 +326,7 @@ def test_an_outage_is_logged_once_down_once_up_and_a_summary_between(tmp_path: P
     def observer(event: Any) -> None:
         logged.append(formatEvent(event))
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
     try:
         rig = Rig(tmp_path)
         rig.link.summary_interval = 60.0
@@ -341,7 +343,7 @@ def test_an_outage_is_logged_once_down_once_up_and_a_summary_between(tmp_path: P
         rig.clock.advance(2)
         rig.connect()
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
     mine = [line for line in logged if "collector" in line or "retry" in line or "factory" in line]
     assert len(mine) == 5, mine
     assert mine[0] == "collector link up: http://127.0.0.1:1"

@@ -9,16 +9,19 @@ heartbeat 0.5 s) so each test takes a second or two.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from events.eventkit import FakeCollector, eventually, fake_analyse, make_txn
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
+from llmobserve.events._link import CollectorLink
 from llmobserve.events._spool import EventSpool
 from llmobserve.events.pipeline import EventPipeline, make_event_sink
 
@@ -26,14 +29,14 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def free_port() -> int:
-    port: IListeningPort = reactor.listenTCP(0, FakeCollector(), interface="127.0.0.1")  # type: ignore[attr-defined]
-    number: int = port.getHost().port  # type: ignore[attr-defined]
+    port: IListeningPort = reactor.listenTCP(0, FakeCollector(), interface="127.0.0.1")
+    number: int = cast(IPv4Address, port.getHost()).port
     port.stopListening()
     return number
 
 
 def listen(collector: FakeCollector, port: int = 0) -> IListeningPort:
-    listening: IListeningPort = reactor.listenTCP(port, collector, interface="127.0.0.1")  # type: ignore[attr-defined]
+    listening: IListeningPort = reactor.listenTCP(port, collector, interface="127.0.0.1")
     return listening
 
 
@@ -88,7 +91,7 @@ async def test_collector_down_then_up_loses_nothing(tmp_path: Path) -> None:
         assert sink.health()["collector"]["state"] == "connected"
         await sink.stopService()
     finally:
-        await listening.stopListening()
+        await maybeDeferred(listening.stopListening)
 
 
 @pytest_twisted.ensureDeferred
@@ -100,7 +103,7 @@ async def test_collector_that_stops_reading_bounds_memory(tmp_path: Path) -> Non
     collector.ack = False
     listening = listen(collector)
     window = 128 * 1024
-    sink = sink_for(listening.getHost().port, tmp_path, window_bytes=window)  # type: ignore[attr-defined]
+    sink = sink_for(cast(IPv4Address, listening.getHost()).port, tmp_path, window_bytes=window)
     try:
         await eventually(lambda: bool(collector.stalled))
         await feed(sink, 4000)
@@ -111,9 +114,9 @@ async def test_collector_that_stops_reading_bounds_memory(tmp_path: Path) -> Non
         peak_memory = peak_buffer = 0
         for _ in range(150):  # 1.5 s: several heartbeat timeouts and reconnects
             peak_memory = max(peak_memory, sink.outbox.memory_bytes)
-            proto = sink.delivery._proto  # type: ignore[union-attr]
+            proto = sink.delivery._proto  # type: ignore[union-attr]  # a CollectorLink: no store
             if proto is not None and proto.transport is not None:
-                t = proto.transport
+                t = cast(tcp.Connection, proto.transport)
                 peak_buffer = max(peak_buffer, len(t.dataBuffer) + t._tempDataLen)
             await deferLater(reactor, 0.01, lambda: None)
         assert peak_memory <= window
@@ -126,7 +129,7 @@ async def test_collector_that_stops_reading_bounds_memory(tmp_path: Path) -> Non
         await eventually(lambda: sink.health()["events_waiting"] == 0)
         await sink.stopService()
     finally:
-        await listening.stopListening()
+        await maybeDeferred(listening.stopListening)
 
 
 @pytest_twisted.ensureDeferred
@@ -135,17 +138,17 @@ async def test_garbage_from_the_collector_reconnects_and_loses_nothing(tmp_path:
     collector = FakeCollector()
     collector.garbage_after = 2
     listening = listen(collector)
-    sink = sink_for(listening.getHost().port, tmp_path)  # type: ignore[attr-defined]
+    sink = sink_for(cast(IPv4Address, listening.getHost()).port, tmp_path)
     try:
         await eventually(lambda: sink.delivery.connected)
         await feed(sink, 300, per_turn=10)
         await eventually(lambda: len(collector.seen) == 300, timeout=10, what="300 ids")
         await eventually(lambda: sink.health()["events_waiting"] == 0)
-        assert sink.delivery.protocol_errors == 1
+        assert isinstance(sink.delivery, CollectorLink) and sink.delivery.protocol_errors == 1
         assert len(collector.hellos) == 2
         await sink.stopService()
     finally:
-        await listening.stopListening()
+        await maybeDeferred(listening.stopListening)
 
 
 @pytest_twisted.ensureDeferred
@@ -153,7 +156,7 @@ async def test_stop_drains_to_the_collector(tmp_path: Path) -> None:
     """stopService returns only once every event is acknowledged (collector up)."""
     collector = FakeCollector()
     listening = listen(collector)
-    sink = sink_for(listening.getHost().port, tmp_path)  # type: ignore[attr-defined]
+    sink = sink_for(cast(IPv4Address, listening.getHost()).port, tmp_path)
     try:
         await eventually(lambda: sink.delivery.connected)
         await feed(sink, 500, per_turn=500)
@@ -163,7 +166,7 @@ async def test_stop_drains_to_the_collector(tmp_path: Path) -> None:
         assert spool.waiting == 0
         spool.close()
     finally:
-        await listening.stopListening()
+        await maybeDeferred(listening.stopListening)
 
 
 @pytest_twisted.ensureDeferred
@@ -187,7 +190,7 @@ async def test_stop_with_collector_down_keeps_events_for_the_next_start(tmp_path
         assert collector.hellos[0]["proxy_id"] == sink.proxy_id
         await sink.stopService()
     finally:
-        await listening.stopListening()
+        await maybeDeferred(listening.stopListening)
 
 
 @pytest_twisted.ensureDeferred
@@ -205,7 +208,7 @@ async def test_against_the_real_collector(tmp_path: Path) -> None:
     )
     service.startService()
     port = await service.listening
-    sink = sink_for(port.getHost().port, tmp_path / "spool")  # type: ignore[attr-defined]
+    sink = sink_for(cast(IPv4Address, port.getHost()).port, tmp_path / "spool")
     try:
         await feed(sink, 300, per_turn=30)
         sink.spans_received([{"span_id": "sp", "start": 1.0, "end": 2.0}])

@@ -11,14 +11,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from events.eventkit import FakeStore, FakeUsage, eventually, fake_analyse, make_txn
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from llmobserve.events._spool import EventSpool
@@ -99,8 +99,8 @@ async def test_full_parse_queue_records_parse_skipped_without_waiting(tmp_path: 
     assert all(e["usage_source"] == "missing" and "parse_skipped" in e["flags"] for e in skipped)
     gate.set()
     await eventually(lambda: len(s.stored()) == 10, what="all events stored")
-    parsed = [e for e in s.stored() if e["usage_source"] == "reported"]
-    assert len(parsed) == 3
+    reported = [e for e in s.stored() if e["usage_source"] == "reported"]
+    assert len(reported) == 3
     metrics = {name: value for name, _t, _h, value in s.sink.metrics()}
     assert metrics["llmobserve_parse_skipped_total"] == 7
     assert metrics["llmobserve_events_total"] == 10
@@ -134,7 +134,7 @@ async def test_parser_exceptions_become_parse_error(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_spans_travel_the_same_path(tmp_path: Path) -> None:
     s = Sink(tmp_path)
-    s.sink.spans_received([{"span_id": "a", "name": "n", "start": 1.0, "end": 2.0}, "junk"])  # type: ignore[list-item]
+    s.sink.spans_received([{"span_id": "a", "name": "n", "start": 1.0, "end": 2.0}, "junk"])  # type: ignore[list-item]  # junk on purpose
     await eventually(lambda: len(s.stored()) == 1)
     [span] = s.stored()
     assert span["kind"] == "span" and span["context"]["span_id"] == "a"
@@ -146,7 +146,7 @@ async def test_store_failure_is_retried_from_the_spool(tmp_path: Path) -> None:
     """Embedded mode acks the spool only after the store committed; failures retry."""
     s = Sink(tmp_path)
     await eventually(lambda: bool(s.stores))
-    s.sink.delivery.retry_delay = 0.05  # type: ignore[union-attr]
+    s.sink.delivery.retry_delay = 0.05  # type: ignore[union-attr]  # the EmbeddedWriter
     s.store.fail_next = 2
     for i in range(50):
         s.sink.transaction_finished(make_txn(started_at=2000.0 + i))
@@ -308,7 +308,7 @@ async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None
         if "calls" in event:
             seen.append(event)
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
     try:
         s = Sink(tmp_path, log_events=True, parse_gather=0.05)
         for i in range(3):
@@ -316,7 +316,7 @@ async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None
         await eventually(lambda: len(s.stored()) == 3)
         await s.sink.stopService()
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
     assert len(seen) == 1
     assert seen[0]["calls"].split("\n") == [
         f"POST api.openai.com/v1/x{i} -> 200 ok openai gpt-4o-2024-08-06 "
@@ -335,7 +335,7 @@ async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Pa
         if "calls" in event:
             seen.extend(event["calls"].split("\n"))
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
     try:
         s = Sink(tmp_path, log_events=True, parse_gather=0.05, log_lines_per_second=2)
         for i in range(5):
@@ -346,7 +346,7 @@ async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Pa
         await eventually(lambda: len(s.stored()) == 6)
         await s.sink.stopService()
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
     assert [line.split()[1] for line in seen[:2]] == [
         "api.openai.com/v1/x0",
         "api.openai.com/v1/x1",

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.clients import chat_calls
@@ -25,7 +26,7 @@ from support.upstreams import RecordingUpstream, closed_port
 pytestmark = pytest.mark.timeout(60)
 
 
-def _get(url: str) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
+def _get(url: str) -> tuple[int, dict[str, str], dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, dict(response.headers), json.loads(response.read())
@@ -33,7 +34,7 @@ def _get(url: str) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg
         return e.code, dict(e.headers), json.loads(e.read())
 
 
-def _report_when_stored(proxy: ProxyProcess, calls: int) -> list[dict]:  # type: ignore[type-arg]
+def _report_when_stored(proxy: ProxyProcess, calls: int) -> list[dict[str, Any]]:
     """The rows of C{/api/report?by=provider} once C{calls} calls are stored
     (they are parsed and written a few milliseconds after they are answered)."""
     deadline = time.monotonic() + 10
@@ -41,7 +42,8 @@ def _report_when_stored(proxy: ProxyProcess, calls: int) -> list[dict]:  # type:
         status, _, report = _get(proxy.url + "/api/report?by=provider")
         assert status == 200
         if sum(r["calls"] for r in report["rows"]) >= calls or time.monotonic() > deadline:
-            return report["rows"]  # type: ignore[no-any-return]
+            rows: list[dict[str, Any]] = report["rows"]
+            return rows
         time.sleep(0.05)
 
 

@@ -23,10 +23,11 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import pytest
 from support.clients import build_request, proxy_request, raw_request
-from support.hostile import Exchange, exchange, parse_upstream, store_events
+from support.hostile import Exchange, UpstreamRequest, exchange, parse_upstream, store_events
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.upstreams import RecordingUpstream
 
@@ -203,9 +204,9 @@ def _assert_still_serving(proxy: ProxyProcess, upstream: RecordingUpstream) -> N
     assert resp.status == 200, (resp.status, resp.body[:200])
 
 
-def _upstream_view(upstream: RecordingUpstream) -> tuple[list[tuple], list[str], bytes]:
+def _upstream_view(upstream: RecordingUpstream) -> tuple[list[UpstreamRequest], list[str], bytes]:
     """Every request the upstream's bytes hold (h11), the h11 complaints, all raw bytes."""
-    requests: list[tuple] = []
+    requests: list[UpstreamRequest] = []
     errors: list[str] = []
     for conn in list(upstream.connections):
         parsed = parse_upstream(bytes(conn.raw))
@@ -228,8 +229,8 @@ def _check_vector(
     first = ex.responses[0]
     if first.status in vector.statuses:
         # Refused: the error contract, a close, and nothing whole upstream.
-        assert first.header("x-llmobserve-error"), (name, first.headers)
         kind = first.header("x-llmobserve-error")
+        assert kind, (name, first.headers)
         body = json.loads(first.body)
         assert body["error"]["type"] == kind.decode(), (name, first.body)
         assert len(ex.responses) == 1, f"{name}: answered after the refusal: {ex.statuses}"
@@ -249,8 +250,8 @@ def _check_vector(
     # Normalised: exactly the intended request, then the pipelined one on its own.
     assert first.status == 200, (name, ex.statuses, first.body[:200])
     assert requests, f"{name}: accepted but nothing upstream"
-    _method, target, headers, body, complete = requests[0]
-    assert target == b"/v1/x" and complete, (name, requests[0])
+    _method, target, headers, body, ended = requests[0]
+    assert target == b"/v1/x" and ended, (name, requests[0])
     assert body == vector.accept_body, (name, body)
     if vector.accept_header is not None:
         want_name, want_value = vector.accept_header
@@ -488,26 +489,30 @@ _SPECIALS = [
 ]
 
 
-def _mutate(seed: bytes, mutations: list[tuple[str, float, object]]) -> bytes:
+#: (operation, where in 0..1, its bytes or count)
+Mutation = tuple[str, float, bytes | int]
+
+
+def _mutate(seed: bytes, mutations: list[Mutation]) -> bytes:
     data = bytearray(seed)
     for op, where, arg in mutations:
         pos = min(int(where * len(data)), len(data))
         if op == "insert":
-            data[pos:pos] = arg  # type: ignore[assignment]
+            data[pos:pos] = cast(bytes, arg)  # inserts carry bytes
         elif op == "delete":
-            del data[pos : pos + int(arg)]  # type: ignore[call-overload]
+            del data[pos : pos + int(arg)]
         elif op == "flip" and data:
-            data[min(pos, len(data) - 1)] = int(arg)  # type: ignore[call-overload]
+            data[min(pos, len(data) - 1)] = int(arg)
         elif op == "dupline":
             start = data.rfind(b"\n", 0, pos) + 1
             end = data.find(b"\n", pos)
             if end >= 0:
                 data[start:start] = data[start : end + 1]
         elif op == "case":
-            piece = bytes(data[pos : pos + int(arg)])  # type: ignore[call-overload]
+            piece = bytes(data[pos : pos + int(arg)])
             data[pos : pos + len(piece)] = piece.swapcase()
         elif op == "special":
-            data[pos:pos] = arg  # type: ignore[assignment]
+            data[pos:pos] = cast(bytes, arg)  # inserts carry bytes
     return bytes(data)
 
 
@@ -562,7 +567,7 @@ def test_request_byte_fuzz(proxy_factory: ProxyFactory) -> None:
             mutations=st.lists(mutation, min_size=1, max_size=4),
             cuts=st.lists(position, max_size=4),
         )
-        def run(seed: int, mutations: list[tuple[str, float, object]], cuts: list[float]) -> None:
+        def run(seed: int, mutations: list[Mutation], cuts: list[float]) -> None:
             if time.monotonic() > budget_end:
                 return
             data = _mutate(seeds[seed], mutations)

@@ -14,7 +14,9 @@ import socket
 import sqlite3
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.clients import (
@@ -29,12 +31,13 @@ from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import BigBodyUpstream, RecordingUpstream, SSEUpstream, closed_port
 
 
-def _get_json(url: str) -> dict:  # type: ignore[type-arg]
+def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+        body: dict[str, Any] = json.loads(response.read())
+        return body
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

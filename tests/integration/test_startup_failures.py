@@ -100,7 +100,7 @@ class _AsDocumented:
     """The README's commands as written: no C{--pidfile=}."""
 
     def command(self) -> list[str]:
-        return [arg for arg in super().command() if arg != "--pidfile="]  # type: ignore[misc]
+        return [arg for arg in super().command() if arg != "--pidfile="]  # type: ignore[misc]  # the base class types command() more narrowly
 
 
 class _DocumentedCollector(_AsDocumented, CollectorProcess):

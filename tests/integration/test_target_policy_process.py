@@ -19,7 +19,7 @@ from support.clients import RawResponse, build_request, proxy_request, raw_reque
 from support.fakedns import FakeDNS
 from support.hostile import grep_tree, store_events
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
-from support.upstreams import RecordingUpstream, Response, json_response
+from support.upstreams import RecordedRequest, RecordingUpstream, Response, json_response
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -397,6 +397,6 @@ def test_secrets_never_stored_or_logged(
     assert not hits, f"secrets written to disk: {hits}"
 
 
-def req_query(req: object) -> str:
-    values = req.query.get("key", [])  # type: ignore[attr-defined]
+def req_query(req: RecordedRequest) -> str:
+    values = req.query.get("key", [])
     return values[0] if values else ""

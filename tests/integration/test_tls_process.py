@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,8 +54,13 @@ def tls_proxy(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Itera
         proc.terminate(5.0)
 
 
-def _leaf(ca: trustme.CA, *names: str, **kw: datetime.datetime) -> tuple[bytes, bytes]:
-    cert = ca.issue_cert(*names, **kw)
+def _leaf(
+    ca: trustme.CA,
+    *names: str,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> tuple[bytes, bytes]:
+    cert = ca.issue_cert(*names, not_before=not_before, not_after=not_after)
     chain = b"".join(blob.bytes() for blob in cert.cert_chain_pems)
     return chain, cert.private_key_pem.bytes()
 
@@ -151,12 +156,12 @@ def test_ip_literal_target_needs_an_ip_certificate(
 
 @pytest.mark.timeout(40)
 def test_tls_failures_never_recorded_as_success(
-    proxy_factory: object, ca: trustme.CA, tmp_path: Path
+    proxy_factory: Callable[..., ProxyProcess], ca: trustme.CA, tmp_path: Path
 ) -> None:
     """T19: the events of refused handshakes carry a TLS error, never outcome ok."""
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    proxy: ProxyProcess = proxy_factory(  # type: ignore[operator]
+    proxy: ProxyProcess = proxy_factory(
         "--ca-file", str(ca_file), "--allow-host", "localhost", "--connect-timeout", "2"
     )
     cases = ["wrong-name", "self-signed", "expired", "other-ca"]

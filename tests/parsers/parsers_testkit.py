@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from parsers import Exchange
@@ -30,18 +31,18 @@ def exchange(
     request_truncated: bool = False,
 ) -> Exchange:
     """An Exchange with JSON bodies encoded and sensible headers."""
-    if isinstance(response, (dict, list)):
+    if isinstance(response, (Mapping, list)):
         body = json.dumps(response).encode()
         ctype = content_type or "application/json"
     else:
-        body = bytes(response)  # type: ignore[arg-type]
+        body = bytes(response)
         ctype = content_type or "application/json"
     if request is None:
         req = b""
-    elif isinstance(request, (dict, list)):
+    elif isinstance(request, (Mapping, list)):
         req = json.dumps(request).encode()
     else:
-        req = bytes(request)  # type: ignore[arg-type]
+        req = bytes(request)
     rh = {"content-type": ctype, **(response_headers or {})}
     qh = {"content-type": "application/json", **(request_headers or {})}
     return Exchange(
@@ -191,3 +192,15 @@ PINECONE_QUERY = {
     "namespace": "ns1",
     "usage": {"readUnits": 6},
 }
+
+
+def checking_construct(construct: Callable[..., Any]) -> Callable[..., Any]:
+    """construct(), asserting that it equals cls(**fields) field for field."""
+
+    def check(cls: type[Any], /, **fields: Any) -> Any:
+        fast, plain = construct(cls, **fields), cls(**fields)
+        assert list(vars(fast)) == [f.name for f in dataclasses.fields(cls)]
+        assert vars(fast) == vars(plain) and fast == plain and repr(fast) == repr(plain)
+        return fast
+
+    return check

@@ -63,7 +63,7 @@ def test_a_long_embeddings_batch_is_priced_from_its_tail(indent: int | None) -> 
 
 _LONG = "word " * 50_000
 #: (host, path, a response whose bulk precedes its usage, the request)
-_PROVIDERS = {
+_PROVIDERS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
     "anthropic": (
         "api.anthropic.com",
         "/v1/messages",

@@ -488,7 +488,7 @@ def test_cumulative_usage_is_never_summed() -> None:
 
 def test_groq_x_groq_usage() -> None:
     """Groq streams put usage under x_groq.usage on the final chunk."""
-    events = [
+    events: list[dict[str, Any] | str] = [
         {"id": "c", "model": "llama-3.1-8b-instant", "choices": [{"delta": {"content": "x"}}]},
         {
             "id": "c",
@@ -514,7 +514,7 @@ def test_groq_x_groq_usage() -> None:
 
 def test_stream_without_usage_is_missing_not_zero() -> None:
     """No stream_options.include_usage: usage missing, flagged, cost null."""
-    events = [
+    events: list[dict[str, Any] | str] = [
         {"id": "c", "model": "gpt-4o-mini", "choices": [{"delta": {"content": "x"}}]},
         "[DONE]",
     ]
@@ -542,7 +542,7 @@ def test_stream_cut_short_keeps_what_was_seen() -> None:
 
 def test_stream_error_event_flagged() -> None:
     """An error event inside a 200 stream is flagged."""
-    events = [
+    events: list[dict[str, Any] | str] = [
         {"id": "c", "model": "gpt-4o-mini", "choices": [{"delta": {"content": "x"}}]},
         {"error": {"message": "server overloaded", "type": "server_error"}},
     ]

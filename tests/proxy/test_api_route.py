@@ -19,7 +19,7 @@ class Held(Resource):
     isLeaf = True
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # twisted.web's Resource is unannotated
         self.requests: list[Any] = []
         self.outcomes: list[object] = []
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from llmobserve.proxy import _malloc
 from llmobserve.proxy._malloc import limit_malloc_arenas, release_free_memory
 
 
@@ -34,7 +33,7 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch: pytest.MonkeyPat
     def no_libc(*_args: object, **_kw: object) -> ctypes.CDLL:
         raise OSError("no such library")
 
-    monkeypatch.setattr(_malloc.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr("llmobserve.proxy._malloc.ctypes.CDLL", no_libc)
     assert limit_malloc_arenas() is False
     assert release_free_memory() is False
 

@@ -12,8 +12,8 @@ from llmobserve.proxy._tap import Options
 
 
 def parse(*argv: str) -> Any:
-    options = Options()  # type: ignore[no-untyped-call]
-    options.parseOptions(list(argv))  # type: ignore[no-untyped-call]
+    options = Options()
+    options.parseOptions(list(argv))
     return options
 
 

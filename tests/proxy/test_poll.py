@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.selectreactor import SelectReactor
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 
 from llmobserve.events._turns import ReactorTurns
@@ -79,7 +79,7 @@ def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
 @pytest.fixture
 def epoll_reactor(pairs: list[Any]) -> Iterator[Any]:
     """A fresh epoll reactor, disposed of before the sockets it watched close."""
-    reactor = EPollReactor()  # type: ignore[no-untyped-call]
+    reactor = EPollReactor()
     try:
         yield reactor
     finally:
@@ -121,11 +121,11 @@ def test_a_failing_read_loses_that_connection_and_the_turn_goes_on(
     broken_peer.sendall(b"x")
     fine_peer.sendall(b"y")
     logged: list[Any] = []
-    globalLogPublisher.addObserver(logged.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, logged.append))
     try:
         lean_reactor.doIteration(0)
     finally:
-        globalLogPublisher.removeObserver(logged.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, logged.append))
     # Twisted's own handling: the reader is dropped with the error as reason...
     assert [f.type for f in broken.lost] == [ValueError]
     assert broken.fileno() not in lean_reactor._selectables
@@ -149,7 +149,7 @@ def test_a_descriptor_removed_earlier_in_the_turn_is_skipped(
 
 
 def test_other_reactors_and_a_second_install_are_left_alone(epoll_reactor: Any) -> None:
-    select_reactor = SelectReactor()  # type: ignore[no-untyped-call]
+    select_reactor = SelectReactor()
     try:
         assert install_lean_poll(select_reactor) is False
         assert "doIteration" not in vars(select_reactor)

@@ -222,6 +222,7 @@ def test_slow_client_pauses_the_upstream_read(make_proxy: ProxyMaker) -> None:
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
     upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert client.producer is not None
     client.producer.pauseProducing()  # what the client's socket does when its buffer fills
     assert upstream.transport.producerState == "paused"
     client.producer.resumeProducing()
@@ -234,6 +235,7 @@ def test_slow_upstream_pauses_the_client_read(make_proxy: ProxyMaker) -> None:
     channel, client = proxy.client()
     channel.dataReceived(request(b"POST", headers=TARGET + b"Content-Length: 100\r\n") + b"x")
     upstream = proxy.accept_upstream()
+    assert upstream.transport.producer is not None
     upstream.transport.producer.pauseProducing()
     assert client.producerState == "paused"
     upstream.transport.producer.resumeProducing()
@@ -710,6 +712,7 @@ def test_a_client_that_stops_reading_is_dropped_at_the_write_timeout(
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
     upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert client.producer is not None
     client.producer.pauseProducing()  # the client's socket buffer is full
     proxy.reactor.advance(4)
     assert not client.disconnecting
@@ -727,6 +730,7 @@ def test_a_paused_client_does_not_trip_the_upstream_idle_timeout(make_proxy: Pro
     channel.dataReceived(request())
     upstream = proxy.accept_upstream()
     upstream.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    assert client.producer is not None
     client.producer.pauseProducing()
     proxy.reactor.advance(10)
     client.producer.resumeProducing()

@@ -26,6 +26,9 @@ class _Recorder:
     def body_complete(self) -> None:
         self.complete = True
 
+    def client_gone(self) -> None:
+        pass
+
 
 def _channel(request_factory: Any) -> tuple[http.HTTPChannel, StringTransport]:
     site = server.Site(Resource())
@@ -48,7 +51,7 @@ def test_channel_keeps_the_request_line_while_the_body_arrives() -> None:
                 self.channel._version,
             )
             seen["length"] = length
-            super().gotLength(length)
+            super().gotLength(length)  # type: ignore[no-untyped-call]  # http.Request is unannotated
 
     channel, _ = _channel(Probe)
     channel.dataReceived(b"POST /proxy?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n")

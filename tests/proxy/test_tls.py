@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import attrs
 import pytest
@@ -22,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -29,8 +31,9 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLContextFactory,
     IReactorCore,
+    IReactorSSL,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,7 +58,7 @@ class _EchoOnce(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.seen.data.extend(data)
-        self.transport.write(b"pong")  # type: ignore[union-attr]
+        self.transport.write(b"pong")  # type: ignore[union-attr]  # connected: transport is set
 
 
 @implementer(IHandshakeListener)
@@ -66,14 +69,14 @@ class _Client(Protocol):
         self.done: Deferred[bytes] = Deferred()
 
     def handshakeCompleted(self) -> None:
-        self.transport.write(b"ping")  # type: ignore[union-attr]
+        self.transport.write(b"ping")  # type: ignore[union-attr]  # connected: transport is set
 
     def dataReceived(self, data: bytes) -> None:
         if not self.done.called:
             self.done.callback(data)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]  # connected: transport is set
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.errback(reason)
 
@@ -148,14 +151,14 @@ def serve(listeners: list[IListeningPort], key_and_cert_pem: bytes) -> tuple[int
     for extra in chain:
         context.add_extra_chain_cert(extra)
     context.set_tlsext_servername_callback(lambda conn: seen.sni.append(conn.get_servername()))
-    port = reactor.listenSSL(  # type: ignore[attr-defined]
+    port = IReactorSSL(reactor).listenSSL(
         0,
-        Factory.forProtocol(lambda: _EchoOnce(seen)),
+        cast(ServerFactory, ServerFactory.forProtocol(lambda: _EchoOnce(seen))),
         _ServerContext(context),
         interface="127.0.0.1",
     )
     listeners.append(port)
-    return port.getHost().port, seen
+    return cast(IPv4Address, port.getHost()).port, seen
 
 
 def connect(port: int, hostname: str, trust: ExtraTrust | None) -> Deferred[bytes]:

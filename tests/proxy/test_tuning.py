@@ -9,6 +9,7 @@ after-listening step runs where the proxy runs it.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -35,14 +36,14 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(_tuning, "install_lean_poll", record("poll"))
     monkeypatch.setattr(_tuning, "limit_malloc_arenas", record("malloc_arenas"))
-    monkeypatch.setattr(_tuning.gc, "freeze", record("gc_freeze"))
+    monkeypatch.setattr(gc, "freeze", record("gc_freeze"))  # the gc module _tuning calls
     monkeypatch.setattr(_tuning, "release_free_memory", record("malloc_trim"))
     return calls
 
 
 def build(*argv: str) -> Any:
-    options = _tap.Options()  # type: ignore[no-untyped-call]
-    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--no-events", *argv])  # type: ignore[no-untyped-call]
+    options = _tap.Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--no-events", *argv])
     return _tap.makeService(options)
 
 

@@ -6,8 +6,12 @@ write_now reads: if Twisted renames them, it fails here, not in production.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any, cast
+
 import pytest_twisted
 from twisted.internet import protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 
 from llmobserve.proxy._writes import WriteCoalescer, write_now
@@ -53,7 +57,9 @@ def test_nested_holds_flush_at_the_outermost_release() -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_write_now_sends_in_order_and_queues_what_the_socket_cannot_take() -> None:
+def test_write_now_sends_in_order_and_queues_what_the_socket_cannot_take() -> Generator[
+    Deferred[Any] | None, Any, None
+]:
     """Bytes arrive in order whether sent at once or left to Twisted's buffer."""
     received = bytearray()
     done: Deferred[None] = Deferred()
@@ -65,9 +71,13 @@ def test_write_now_sends_in_order_and_queues_what_the_socket_cannot_take() -> No
             if len(received) >= total + 5 and not done.called:
                 done.callback(None)
 
-    server = reactor.listenTCP(0, protocol.Factory.forProtocol(Sink), interface="127.0.0.1")
+    server = reactor.listenTCP(
+        0,
+        cast(protocol.ServerFactory, protocol.ServerFactory.forProtocol(Sink)),
+        interface="127.0.0.1",
+    )
     client = yield protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
-        "127.0.0.1", server.getHost().port
+        "127.0.0.1", cast(IPv4Address, server.getHost()).port
     )
     try:
         write_now(client.transport, b"first")

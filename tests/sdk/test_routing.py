@@ -90,7 +90,7 @@ def test_unreachable_proxy_means_direct_for_a_while(monkeypatch: pytest.MonkeyPa
     router = Router()
     router.configure(CONFIG)
     now = [1000.0]
-    monkeypatch.setattr(routing.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("llmobserve.sdk._routing.time.monotonic", lambda: now[0])
     router.unreachable(ConnectionRefusedError())
     assert router.route("https", "api.openai.com", 443) is None
     now[0] += routing.PROXY_RETRY_SECONDS + 0.1

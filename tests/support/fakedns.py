@@ -88,7 +88,7 @@ class FakeDNS:
                 continue
             for address in addresses:
                 if question.type == dns.A and ":" not in address:
-                    record: object = dns.Record_A(address, ttl=0)
+                    record: dns.IEncodableRecord = dns.Record_A(address, ttl=0)
                 elif question.type == dns.AAAA and ":" in address:
                     record = dns.Record_AAAA(address, ttl=0)
                 else:
@@ -96,4 +96,4 @@ class FakeDNS:
                 reply.answers.append(
                     dns.RRHeader(question.name.name, question.type, dns.IN, 0, record, auth=True)
                 )
-        return reply.toStr()  # type: ignore[no-any-return]
+        return reply.toStr()

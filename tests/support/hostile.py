@@ -205,14 +205,15 @@ def exchange(
 
 # -- upstream side ------------------------------------------------------------------
 
+#: (method, target, headers, body, complete): one request an upstream received.
+UpstreamRequest = tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]
+
 
 @dataclass
 class UpstreamParse:
     """What an upstream connection's bytes are, to h11."""
 
-    requests: list[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = field(
-        default_factory=list
-    )
+    requests: list[UpstreamRequest] = field(default_factory=list)
     """(method, target, headers, body, complete) per request."""
     error: str | None = None
 
@@ -248,12 +249,12 @@ def parse_upstream(raw: bytes) -> UpstreamParse:
         elif isinstance(event, h11.EndOfMessage):
             assert current is not None
             current[4] = True
-            result.requests.append(tuple(current))  # type: ignore[arg-type]
+            result.requests.append(tuple(current))
             current = None
         elif isinstance(event, h11.ConnectionClosed):
             break
     if current is not None:
-        result.requests.append(tuple(current))  # type: ignore[arg-type]
+        result.requests.append(tuple(current))
     return result
 
 

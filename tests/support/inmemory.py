@@ -8,9 +8,10 @@ L{InMemoryProxy.accept_upstream}. Nothing touches the network.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IConnector
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
@@ -57,7 +58,8 @@ class Upstream:
         self.transport = transport
 
     def received(self) -> bytes:
-        return self.transport.value()
+        value: bytes = self.transport.value()
+        return value
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -125,6 +127,7 @@ class InMemoryProxy:
         host, port, factory, _timeout, _bind = self.reactor.tcpClients[self._accepted]
         self._accepted += 1
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
         return Upstream(host, port, protocol, transport)
@@ -135,4 +138,5 @@ class InMemoryProxy:
 
         _host, _port, factory, _timeout, _bind = self.reactor.tcpClients[self._accepted]
         self._accepted += 1
-        factory.clientConnectionFailed(None, Failure(reason))
+        # The proxy's factories never look at the connector; the memory reactor has none to give.
+        factory.clientConnectionFailed(cast(IConnector, None), Failure(reason))
