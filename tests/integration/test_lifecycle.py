@@ -251,3 +251,63 @@ def test_embedded_events_spooled_before_a_sigkill_are_stored_after_restart(
     assert len(found) == calls, found
     assert len({event_id for event_id, _ in found}) == calls
     assert {provider for _, provider in found} == {"openai"}
+
+
+@pytest.mark.timeout(60)
+def test_streams_cut_at_the_drain_deadline_are_recorded_as_shutdown_aborted(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 1 (T29's variant): SIGTERM with --drain-timeout 2 during
+    streams far longer than that. Every stream is cut at the deadline, the
+    process exits 0, and every call has its event in the store, with outcome
+    C{shutdown_aborted} and the usage the stream carried so far (Anthropic's
+    message_start gives the input tokens). Before, the sink closed the spool
+    first and all of them were lost."""
+    streams = 16
+    with SSEUpstream(events=200, interval=0.05, flavor="anthropic") as upstream:
+        proxy = ProxyProcess(
+            [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=anthropic",
+                "--drain-timeout",
+                "2",
+            ],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            readers = []
+            try:
+                for _ in range(streams):
+                    request = proxy_request(
+                        proxy.port,
+                        "POST",
+                        upstream.url + "/v1/messages",
+                        [("Content-Type", "application/json")],
+                        b'{"model":"claude-3-5-sonnet-20241022","stream":true,"messages":[]}',
+                    )
+                    reader = StreamReader(proxy.port, request, timeout=30)
+                    readers.append(reader)
+                    assert reader.read_head() == 200
+                for reader in readers:
+                    reader.read_until(lambda body: body.count(b"\n\n") >= 3, timeout=10)
+                proxy.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                for reader in readers:
+                    reader.read_all(timeout=15)
+                    assert not reader.complete, "a 10-s stream outlived a 2-s drain"
+            finally:
+                for reader in readers:
+                    reader.close()
+            code = proxy.wait(timeout=15)
+            assert code == 0, proxy.log_tail()
+            assert time.monotonic() - sent < 2 + 6, "exit within the deadline and the flush"
+        rows = (
+            sqlite3.connect(proxy.home / "events.sqlite3")
+            .execute("SELECT outcome, provider, input_tokens FROM events WHERE kind = 'call'")
+            .fetchall()
+        )
+    assert len(rows) == streams, (rows, proxy.log_tail())
+    assert {outcome for outcome, _, _ in rows} == {"shutdown_aborted"}
+    assert {provider for _, provider, _ in rows} == {"anthropic"}
+    assert {tokens for _, _, tokens in rows} == {25}
