@@ -140,6 +140,10 @@ class EventSpool:
         self._read_hint: tuple[Path, int, int] | None = None  # (path, offset, last seq read)
         self.torn_total = 0
         self.closed = False
+        #: why the last append or rotation failed (None once one succeeds)
+        self.error: str | None = None
+        self.retry_interval = 1.0
+        self._rotate_retry_at = -math.inf
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._take_lock()
         try:
@@ -208,9 +212,23 @@ class EventSpool:
         return SpoolStats(len(self._segments), records, torn)
 
     def _open_segment(self, first_seq: int) -> None:
+        """Create the segment for C{first_seq} and make it the active one.
+
+        @raise OSError: it could not be created or its magic written (a full
+            disk): nothing is left open, and no empty file behind.
+        """
         path = self.directory / _segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        os.write(fd, SEGMENT_MAGIC)
+        try:
+            if os.write(fd, SEGMENT_MAGIC) != len(SEGMENT_MAGIC):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+        except BaseException:
+            os.close(fd)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            raise
         self._segments.append(_Segment(path, first_seq, first_seq - 1, len(SEGMENT_MAGIC), fd))
         self._total += len(SEGMENT_MAGIC)
         self._dir_dirty = True
@@ -283,16 +301,22 @@ class EventSpool:
             assert active.fd is not None
             try:
                 written = os.write(active.fd, data)
-            except OSError:
+            except OSError as e:
                 written = -1
+                self._note_error("cannot append", e)
             if written != len(data):
                 # disk full or a short write: cut the partial records off so the
                 # segment stays readable past them, and report drops
+                if written >= 0:
+                    self._note_error(
+                        "cannot append", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    )
                 try:
                     os.ftruncate(active.fd, active.size)
                 except OSError:
                     pass
                 return [None] * len(payloads)
+            self.error = None
             active.size += len(data)
             active.last_seq = seq
             self.last_seq = seq
@@ -301,11 +325,26 @@ class EventSpool:
             return seqs
 
     def _rotate(self) -> None:
+        """Start a new segment. Should that fail (a full disk), the active
+        one stays active (appends to it fail the same way, and are counted
+        as drops) and the next try waits C{retry_interval}: a failed batch
+        never leaves a descriptor open (issue 13 item 4)."""
+        now = self._clock()
+        if now < self._rotate_retry_at:
+            return
         old = self._segments[-1]
+        try:
+            self._open_segment(self.last_seq + 1)
+        except OSError as e:
+            self._rotate_retry_at = now + self.retry_interval
+            self._note_error("cannot start a segment", e)
+            return
         if old.fd is not None:
             self._unsynced.append(old.fd)
             old.fd = None
-        self._open_segment(self.last_seq + 1)
+
+    def _note_error(self, doing: str, error: OSError) -> None:
+        self.error = f"spool {doing}: {error.strerror or error}"
 
     def ack(self, seq: int) -> None:
         """Everything up to C{seq} is delivered (deletion happens in L{sync})."""

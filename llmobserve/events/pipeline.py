@@ -138,6 +138,7 @@ class EventPipeline(Service):
         self.parse_errors_total = 0
         # state
         self._gap_pending = 0
+        self._spool_error: str | None = None  # the spool's error, as last logged
         # exchanges handed to the pool and not yet appended; a worker claims its
         # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
@@ -193,8 +194,10 @@ class EventPipeline(Service):
         return self.delivery.url if isinstance(self.delivery, EmbeddedWriter) else None
 
     def health(self) -> Mapping[str, Any]:
-        """C{collector} (mode, state, url) and C{events_waiting}."""
-        return {
+        """C{collector} (mode, state, url) and C{events_waiting}; while
+        events cannot be kept or stored, also C{status: degraded} and the
+        reasons (C{degraded}, a list of sentences)."""
+        body: dict[str, Any] = {
             "collector": {
                 "mode": self.mode,
                 "state": self.delivery.state,
@@ -202,6 +205,24 @@ class EventPipeline(Service):
             },
             "events_waiting": self.outbox.waiting,
         }
+        problems = self.problems()
+        if problems:
+            body["status"] = "degraded"
+            body["degraded"] = problems
+        return body
+
+    def problems(self) -> list[str]:
+        """Why events are not being kept or stored right now (empty when
+        all is well). A collector that is away is not one: the spool keeps
+        its events."""
+        out: list[str] = []
+        if self.spool.error is not None:
+            out.append(self.spool.error)
+        if isinstance(self.delivery, EmbeddedWriter) and self.delivery.error is not None:
+            out.append(self.delivery.error)
+        if self._gap_pending:
+            out.append(f"{self._gap_pending} events dropped; their gap record is not written yet")
+        return out
 
     def metrics(self) -> Sequence[tuple[str, str, str, float]]:
         """Samples for C{GET /metrics}."""
@@ -439,6 +460,15 @@ class EventPipeline(Service):
         """Offer appended records to the outbox and count the ones the full
         spool dropped (seq None); the gap check and the fsync bookkeeping
         run once for all of them."""
+        if self.spool.error != self._spool_error:
+            self._spool_error = self.spool.error
+            if self._spool_error is not None:
+                self._log.warn(
+                    "{error}: events are dropped and counted until it can write again",
+                    error=self._spool_error,
+                )
+            else:
+                self._log.info("the spool can write again")
         spooled = 0
         offer = self.outbox.offer
         for seq, payload in records:
