@@ -83,6 +83,12 @@ class EmbeddedWriter(Service):
 
     @ivar state: C{connecting} until the store is open, C{connected} while
         writes succeed, C{down} after a failed open or write (retried).
+    @ivar error: why the last open or write failed; None once one succeeds.
+
+    A failed write closes the store and the retry opens it again: a
+    connection that failed (a store made read-only, then writable again)
+    may never write again, a new one does (issue 13 item 5). Retries back
+    off from C{retry_delay}, doubling up to C{retry_max}.
     """
 
     _log = Logger()
@@ -97,6 +103,7 @@ class EmbeddedWriter(Service):
         max_batch_records: int = 1000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         retry_delay: float = 1.0,
+        retry_max: float = 5.0,
         min_interval: float = 0.05,
         max_rows: int = 4000,
         pause: Callable[[], None] | None = None,
@@ -109,6 +116,9 @@ class EmbeddedWriter(Service):
         self.max_batch_records = max_batch_records
         self.max_batch_bytes = max_batch_bytes
         self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        self._delay = retry_delay
+        self.error: str | None = None
         self.min_interval = min_interval
         self.max_rows = max_rows
         self._pause = pause
@@ -169,16 +179,37 @@ class EmbeddedWriter(Service):
             self._row_store = _RowStore(store)
             self._row_for = store.row_for
         self.state = "connected"
+        if self.error is not None:
+            self._log.info("event store {db} open again", db=self.url)
         self.pump()
 
     def _failed(self, failure: Failure, doing: str) -> None:
         self._busy = None
         self.state = "down"
         self.write_errors += 1
-        self._log.failure("event store {doing} failed: {db}", failure, doing=doing, db=self.url)
+        self.error = f"event store {doing} failed: {failure.getErrorMessage()}"
+        self._log.failure(
+            "event store {doing} failed: {db} (retry in {delay:g} s)",
+            failure,
+            doing=doing,
+            db=self.url,
+            delay=self._delay,
+        )
         self.outbox.rewind()
+        self._close_store()
         if self.running:
-            self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
+            self._retry = self.clock.callLater(self._delay, self._retry_now)
+            self._delay = min(self._delay * 2, self.retry_max)
+
+    def _close_store(self) -> None:
+        """Drop the open store (closed in its thread, before any reopening):
+        the retry opens a new one."""
+        store, self._store = self._store, None
+        self._row_store = self._row_for = None
+        self._rows.clear()
+        if store is not None:
+            closing = self._in_thread(store.close)
+            closing.addErrback(lambda f: self._log.failure("closing the event store failed", f))
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -223,6 +254,10 @@ class EmbeddedWriter(Service):
     def _written(self, _count: int, last_seq: int) -> None:
         self._busy = None
         self.state = "connected"
+        if self.error is not None:
+            self._log.info("event store {db} writable again", db=self.url)
+            self.error = None
+        self._delay = self.retry_delay
         if len(self._rows) > self.max_rows // 2:
             # rows whose record was never taken (it cannot be now): do not
             # let them crowd out the rows of records still to come

@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from events.eventkit import FakeStore, eventually
 from twisted.internet import reactor
+from twisted.python.failure import Failure
 
 from llmobserve.events._embedded import EmbeddedWriter, _unpack
 from llmobserve.events._outbox import Outbox
@@ -180,3 +181,87 @@ async def test_rows_of_records_never_taken_are_let_go(tmp_path: Path) -> None:
         assert writer._rows == {}
     finally:
         await writer.stopService()
+
+
+class _ReadOnlyUntilReopened(FakeStore):
+    """A store whose connection, once it failed a write because the file was
+    read-only, keeps failing after the file is writable again (SQLite's
+    behaviour in the trial); a store opened after that writes."""
+
+    read_only = False
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.broken = False
+
+    def insert(self, events: Any) -> int:
+        if self.broken or _ReadOnlyUntilReopened.read_only:
+            self.broken = True
+            raise OSError("attempt to write a readonly database")
+        return super().insert(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_was_read_only_is_reopened_and_heals(tmp_path: Path) -> None:
+    """Issue 13 item 5: after a failed write the store is closed and opened
+    again (with backoff), so once the file is writable again the events
+    waiting are written; before, the old connection was retried forever."""
+    stores: list[_ReadOnlyUntilReopened] = []
+
+    def factory(path: str) -> _ReadOnlyUntilReopened:
+        stores.append(_ReadOnlyUntilReopened(path))
+        return stores[-1]
+
+    outbox = Outbox(acked_seq=0, last_seq=0)
+    writer = EmbeddedWriter(
+        reactor,
+        outbox,
+        str(tmp_path / "x"),
+        store_factory=factory,
+        retry_delay=0.02,
+        retry_max=0.08,
+        min_interval=0,
+    )
+    _ReadOnlyUntilReopened.read_only = True
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        for seq in range(1, 11):
+            outbox.offer(seq, _pack({"id": f"e{seq}"}))
+        writer.pump()
+        await eventually(lambda: writer.write_errors >= 4)
+        assert writer.state == "down"
+        assert writer.error is not None and "readonly" in writer.error
+        assert outbox.acked_seq == 0
+        assert stores[0].closed, "the failed connection is closed"
+        _ReadOnlyUntilReopened.read_only = False
+        await eventually(lambda: outbox.acked_seq == 10)
+        assert writer.error is None and writer.connected
+        assert len(stores[-1].events) == 10
+        assert all(store.closed for store in stores[:-1])
+    finally:
+        _ReadOnlyUntilReopened.read_only = False
+        await writer.stopService()
+
+
+def test_store_retries_back_off_up_to_retry_max() -> None:
+    """Each failed retry doubles the delay, up to retry_max; a success resets it."""
+    from twisted.internet.task import Clock
+
+    from llmobserve.events._embedded import EmbeddedWriter as Writer
+
+    clock = Clock()
+    writer = Writer(clock, Outbox(acked_seq=0, last_seq=0), "x", retry_delay=1.0, retry_max=4.0)
+    writer.running = True  # no threads: only the retry schedule is looked at
+    delays = []
+    for _ in range(5):
+        writer._failed(Failure(OSError("no")), "opening")
+        assert writer._retry is not None
+        delays.append(writer._retry.getTime() - clock.seconds())
+        writer._retry.cancel()
+        writer._retry = None
+    assert delays == [1.0, 2.0, 4.0, 4.0, 4.0]
+    writer._written(0, 0)
+    writer._failed(Failure(OSError("no")), "opening")
+    assert writer._retry is not None and writer._retry.getTime() - clock.seconds() == 1.0
+    writer._retry.cancel()
