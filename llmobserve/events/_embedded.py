@@ -117,7 +117,7 @@ class EmbeddedWriter(Service):
         self.max_batch_bytes = max_batch_bytes
         self.retry_delay = retry_delay
         self.retry_max = retry_max
-        self._delay = retry_delay
+        self._failures = 0  # in a row: the retry delay doubles with each
         self.error: str | None = None
         self.min_interval = min_interval
         self.max_rows = max_rows
@@ -193,13 +193,16 @@ class EmbeddedWriter(Service):
             failure,
             doing=doing,
             db=self.url,
-            delay=self._delay,
+            delay=self._retry_delay(),
         )
         self.outbox.rewind()
         self._close_store()
         if self.running:
-            self._retry = self.clock.callLater(self._delay, self._retry_now)
-            self._delay = min(self._delay * 2, self.retry_max)
+            self._retry = self.clock.callLater(self._retry_delay(), self._retry_now)
+        self._failures += 1
+
+    def _retry_delay(self) -> float:
+        return min(self.retry_delay * 2 ** min(self._failures, 30), self.retry_max)
 
     def _close_store(self) -> None:
         """Drop the open store (closed in its thread, before any reopening):
@@ -257,7 +260,7 @@ class EmbeddedWriter(Service):
         if self.error is not None:
             self._log.info("event store {db} writable again", db=self.url)
             self.error = None
-        self._delay = self.retry_delay
+        self._failures = 0
         if len(self._rows) > self.max_rows // 2:
             # rows whose record was never taken (it cannot be now): do not
             # let them crowd out the rows of records still to come

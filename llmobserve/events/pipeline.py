@@ -138,6 +138,8 @@ class EventPipeline(Service):
         self.parse_errors_total = 0
         # state
         self._gap_pending = 0
+        self._lost_pending = 0  # lost with removed segment files, not yet in a gap record
+        self._recreated_seen = 0
         self._spool_error: str | None = None  # the spool's error, as last logged
         # exchanges handed to the pool and not yet appended; a worker claims its
         # own under the lock before appending, the drain deadline claims the rest
@@ -220,8 +222,9 @@ class EventPipeline(Service):
             out.append(self.spool.error)
         if isinstance(self.delivery, EmbeddedWriter) and self.delivery.error is not None:
             out.append(self.delivery.error)
-        if self._gap_pending:
-            out.append(f"{self._gap_pending} events dropped; their gap record is not written yet")
+        if self._gap_pending or self._lost_pending:
+            n = self._gap_pending + self._lost_pending
+            out.append(f"{n} events dropped or lost; their gap record is not written yet")
         return out
 
     def metrics(self) -> Sequence[tuple[str, str, str, float]]:
@@ -274,6 +277,13 @@ class EventPipeline(Service):
                 "counter",
                 "Torn or corrupt spool records skipped",
                 self.spool.torn_total,
+            ),
+            (
+                "llmobserve_spool_lost_records_total",
+                "counter",
+                "Spooled events lost with segment files removed under the spool "
+                "(each counted in a gap record)",
+                self.spool.lost_total,
             ),
             (
                 "llmobserve_collector_connected",
@@ -479,22 +489,38 @@ class EventPipeline(Service):
             offer(seq, payload)
             spooled += 1
         if spooled:
-            if self._gap_pending and self.spool.has_room(256):
+            if (self._gap_pending or self._lost_pending) and self.spool.has_room(256):
                 self._write_gap()
             self._dirty(spooled)
 
     def _write_gap(self) -> None:
-        """Record how many events the full spool dropped (written over the cap)."""
-        n = self._gap_pending
+        """Record how many events the full spool dropped, and how many were
+        lost with removed segment files, in gap records (written over the
+        cap: they are tiny). A count stays pending until its record is
+        spooled."""
+        if self._gap_pending and self._spool_gap(self._gap_pending, "spool_full"):
+            self._log.warn(
+                "spool full: {n} events dropped (gap record written)", n=self._gap_pending
+            )
+            self._gap_pending = 0
+        if self._lost_pending and self._spool_gap(self._lost_pending, "spool_files_lost"):
+            self._log.warn(
+                "{n} spooled events lost with their removed segment files (gap record written)",
+                n=self._lost_pending,
+            )
+            self._lost_pending = 0
+
+    def _spool_gap(self, n: int, flag: str) -> bool:
         event = build_gap_event(n, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time())
+        event["flags"] = [flag]
         payload = pack_event(event)
         seq = self._spool_append(payload, force=True)
-        if seq is not None:
-            self._log.warn("spool full: {n} events dropped (gap record written)", n=n)
-            self._gap_pending = 0
-            self.outbox.offer(seq, payload)
-            self._dirty()
-            self.delivery.pump()
+        if seq is None:
+            return False
+        self.outbox.offer(seq, payload)
+        self._dirty()
+        self.delivery.pump()
+        return True
 
     def _acked(self, seq: int) -> None:
         self.spool.ack(seq)
@@ -521,7 +547,7 @@ class EventPipeline(Service):
             self._sync_call = None
         if self._sync_busy is not None:
             return after(self._sync_busy)
-        if self._gap_pending and self.spool.has_room(256):
+        if (self._gap_pending or self._lost_pending) and self.spool.has_room(256):
             self._write_gap()
         self._unsynced = 0
         d: Deferred[None] = deferToThreadPool(self._reactor, self._io, self.spool.sync)
@@ -531,7 +557,15 @@ class EventPipeline(Service):
             self._sync_busy = None
             if isinstance(result, Failure):
                 self._log.failure("spool fsync failed", result)
-            if (self._unsynced or self.spool.needs_sync or self._gap_pending) and self.running:
+            if self.spool.recreated_total != self._recreated_seen:
+                self._recreated_seen = self.spool.recreated_total
+                self._log.warn(
+                    "spool directory {dir} was removed: recreated; events of the removed "
+                    "segments that were not delivered yet are counted in a gap record",
+                    dir=str(self.spool.directory),
+                )
+            pending = self._gap_pending or self._lost_pending
+            if (self._unsynced or self.spool.needs_sync or pending) and self.running:
                 self._sync_call = self._clock.callLater(self.flush_interval, self._sync_now)
 
         d.addBoth(done)
@@ -540,10 +574,21 @@ class EventPipeline(Service):
     def read_spool(
         self, after_seq: int, max_records: int, max_bytes: int
     ) -> Deferred[tuple[list[Record], int]]:
-        """The outbox's disk reads, in the spool thread."""
-        return deferToThreadPool(
+        """The outbox's disk reads, in the spool thread. Records found lost
+        (their segment file removed) are counted for a gap record."""
+        d: Deferred[tuple[list[Record], int]] = deferToThreadPool(
             self._reactor, self._io, self.spool.read, after_seq, max_records, max_bytes
         )
+        d.addCallback(self._after_read)
+        return d
+
+    def _after_read(self, result: tuple[list[Record], int]) -> tuple[list[Record], int]:
+        lost = self.spool.take_lost()
+        if lost:
+            self._lost_pending += lost
+            # after the outbox took this read (the gap record's seq is new)
+            self._clock.callLater(0, self._write_gap)
+        return result
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -580,7 +625,7 @@ class EventPipeline(Service):
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(txn, "parse_timeout"))
         self.pool.stop()
-        if self._gap_pending:
+        if self._gap_pending or self._lost_pending:
             self._write_gap()
         yield self._flush()
         if self.outbox.waiting and self.delivery.state != "down":

@@ -9,6 +9,7 @@ while it is wrong.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import time
@@ -114,3 +115,46 @@ def test_a_full_disk_degrades_health_keeps_traffic_and_counts_every_lost_event(
     assert gaps > 0, "nothing was counted while the disk was full"
     print(f"full disk: sent={sent} stored={calls} gaps={gaps}")
     assert calls + gaps == sent, (calls, gaps, sent)
+
+
+@pytest.mark.timeout(90)
+def test_a_removed_spool_directory_is_recreated_and_its_backlog_counted_as_a_gap(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 3 (embedded mode): 200 events spooled while the store is
+    unusable, the proxy killed and started again, then its spool directory
+    removed before the store opens. The 200 cannot be delivered any more:
+    they are counted in a gap record in the store (before, they were skipped
+    as torn and acknowledged, counted nowhere); the directory is recreated
+    and the calls after it are stored."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's directory should be")
+    db = blocker / "events.sqlite3"
+    spool = tmp_path / "spool"
+    workdir = tmp_path / "proxy"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db), "--spool-dir", str(spool)]
+        first = ProxyProcess(args, workdir=workdir)
+        with first:
+            sent = _calls(first, upstream.url, 200)
+            _wait_for(lambda: _health(first)["events_waiting"] >= 200, 10, "200 spooled")
+            time.sleep(0.2)  # past the spool's fsync interval
+            first.kill()
+        with ProxyProcess(args, workdir=workdir) as second:
+            shutil.rmtree(spool)
+            blocker.unlink()
+            sent += _calls(second, upstream.url, 50)
+            _wait_for(
+                lambda: (
+                    _health(second)["events_waiting"] == 0 and _health(second)["status"] == "ok"
+                ),
+                20,
+                "everything stored or counted",
+            )
+            assert (spool / "LOCK").exists() and (spool / "meta").exists()
+            _stop(second)
+        calls, gaps = _calls_and_gaps(db)
+    print(f"removed spool: sent={sent} stored={calls} gaps={gaps}")
+    assert sent == 250
+    assert (calls, gaps) == (50, 200)
