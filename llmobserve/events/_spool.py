@@ -377,6 +377,17 @@ class EventSpool:
     def _note_error(self, doing: str, error: OSError) -> None:
         self.error = f"spool {doing}: {error.strerror or error}"
 
+    def rewind_ack(self) -> int:
+        """Move the ack point back to just before the oldest record still on
+        disk (the store that had those lost them); return it. The new point
+        is persisted at the next L{sync}, before any deletion by it."""
+        with self._lock:
+            oldest = self._segments[0].first_seq - 1
+            if oldest < self.acked_seq:
+                self.acked_seq = oldest
+                self._meta_at = -math.inf
+            return self.acked_seq
+
     def ack(self, seq: int) -> None:
         """Everything up to C{seq} is delivered (deletion happens in L{sync})."""
         with self._lock:

@@ -156,6 +156,8 @@ class EventPipeline(Service):
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
         outbox.on_acked = self._acked
         outbox.read_after = self.read_spool
+        if isinstance(delivery, EmbeddedWriter):
+            delivery.on_replaced = self._store_replaced
 
     # -- ITransactionSink -------------------------------------------------------
 
@@ -207,6 +209,11 @@ class EventPipeline(Service):
             },
             "events_waiting": self.outbox.waiting,
         }
+        if isinstance(self.delivery, EmbeddedWriter) and self.delivery.replaced_total:
+            body["collector"]["store_reopened"] = {
+                "times": self.delivery.replaced_total,
+                "events_sent_again": self.delivery.redelivered_total,
+            }
         problems = self.problems()
         if problems:
             body["status"] = "degraded"
@@ -521,6 +528,15 @@ class EventPipeline(Service):
         self._dirty()
         self.delivery.pump()
         return True
+
+    def _store_replaced(self) -> int:
+        """The embedded store's file was removed: send again everything the
+        spool still holds; return how many of those the lost file had."""
+        before = self.outbox.acked_seq
+        after = self.spool.rewind_ack()
+        self.outbox.replay(after)
+        self._dirty(count=0)
+        return max(0, before - after)
 
     def _acked(self, seq: int) -> None:
         self.spool.ack(seq)

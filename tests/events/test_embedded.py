@@ -265,3 +265,56 @@ def test_store_retries_back_off_up_to_retry_max() -> None:
     writer._failed(Failure(OSError("no")), "opening")
     assert writer._retry is not None and writer._retry.getTime() - clock.seconds() == 1.0
     writer._retry.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_file_removed_is_reopened_and_the_spool_replayed(tmp_path: Path) -> None:
+    """Issue 13 item 2: before each write the writer checks that its file is
+    still the one it opened; a removed file is closed, opened again at once
+    (no failure counted), and C{on_replaced} asked to send events again."""
+    stores: list[FakeStore] = []
+    path = tmp_path / "events.db"
+
+    def factory(p: str) -> FakeStore:
+        Path(p).touch()
+        stores.append(FakeStore(p))
+        return stores[-1]
+
+    outbox = Outbox(acked_seq=0, last_seq=0)
+    writer = EmbeddedWriter(reactor, outbox, str(path), store_factory=factory, min_interval=0)
+    replays: list[int] = []
+
+    def replay() -> int:
+        replays.append(outbox.acked_seq)
+        outbox.replay(0)
+        return 3
+
+    writer.on_replaced = replay
+    outbox.read_after = lambda after, n, size: _read(records, after)  # type: ignore[assignment]
+    records = [(seq, _pack({"id": f"e{seq}"})) for seq in range(1, 7)]
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        for seq, payload in records[:3]:
+            outbox.offer(seq, payload)
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == 3)
+        path.unlink()
+        for seq, payload in records[3:]:
+            outbox.offer(seq, payload)
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == 6 and len(stores) == 2)
+        assert replays == [3]
+        assert writer.replaced_total == 1 and writer.redelivered_total == 3
+        assert writer.write_errors == 0 and writer.error is None
+        assert stores[0].closed
+        assert sorted(stores[1].events) == [f"e{seq}" for seq in range(1, 7)]
+    finally:
+        await writer.stopService()
+
+
+def _read(records: list[tuple[int, bytes]], after: int) -> Any:
+    from twisted.internet.defer import succeed
+
+    got = [r for r in records if r[0] > after]
+    return succeed((got, records[-1][0]))

@@ -158,3 +158,41 @@ def test_a_removed_spool_directory_is_recreated_and_its_backlog_counted_as_a_gap
     print(f"removed spool: sent={sent} stored={calls} gaps={gaps}")
     assert sent == 250
     assert (calls, gaps) == (50, 200)
+
+
+@pytest.mark.timeout(90)
+def test_a_removed_store_file_is_noticed_reopened_and_refilled_from_the_spool(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 2 (embedded mode): C{rm events.sqlite3*} under a running
+    proxy. The next write notices the file is gone, opens a new one, and
+    sends again what the spool still holds of the lost file's events (all
+    of them here: one segment); C{/health} and the log say so. Before, every
+    later event went into the unlinked file and the store ended up empty."""
+    db = tmp_path / "store" / "events.sqlite3"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db)]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            sent = _calls(proxy, upstream.url, 50)
+            _wait_for(lambda: _health(proxy)["events_waiting"] == 0, 10, "the first 50 stored")
+            time.sleep(0.2)
+            for path in db.parent.glob("events.sqlite3*"):
+                path.unlink()
+            sent += _calls(proxy, upstream.url, 100)
+            _wait_for(
+                lambda: (
+                    _health(proxy)["events_waiting"] == 0
+                    and "store_reopened" in _health(proxy)["collector"]
+                ),
+                20,
+                "the store reopened and everything written",
+            )
+            health = _health(proxy)
+            assert health["status"] == "ok", health
+            assert health["collector"]["store_reopened"] == {"times": 1, "events_sent_again": 50}
+            _stop(proxy)
+            assert "was removed or replaced" in proxy.log_text()
+        calls, gaps = _calls_and_gaps(db)
+    print(f"removed store: sent={sent} stored={calls} gaps={gaps}")
+    assert (sent, calls, gaps) == (150, 150, 0)
