@@ -34,6 +34,7 @@ from zope.interface import implementer
 from llmobserve.events._embedded import EmbeddedWriter, StoreLike, default_store_factory
 from llmobserve.events._exchange import AnalyseFn, default_analyse, exchange_from_transaction
 from llmobserve.events._link import CollectorLink, retry_policy
+from llmobserve.events._orphans import OrphanSpools
 from llmobserve.events._outbox import Outbox, Record
 from llmobserve.events._pool import DaemonThreadPool, ParsePool
 from llmobserve.events._record import (
@@ -100,6 +101,8 @@ class EventPipeline(Service):
         log_events: bool = True,
         log_lines_per_second: int = 50,
         turns: ReactorTurns | None = None,
+        orphans: OrphanSpools | None = None,
+        adopt_interval: float = 10.0,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor
@@ -154,6 +157,9 @@ class EventPipeline(Service):
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
+        self.orphans = orphans
+        self.adopt_interval = adopt_interval
+        self._adopt_call: IDelayedCall | None = None
         outbox.on_acked = self._acked
         outbox.read_after = self.read_spool
         if isinstance(delivery, EmbeddedWriter):
@@ -209,6 +215,14 @@ class EventPipeline(Service):
             },
             "events_waiting": self.outbox.waiting,
         }
+        orphans = self.orphans
+        if orphans is not None and (orphans.held or orphans.adopted_total):
+            body["events_waiting"] += orphans.waiting
+            body["orphaned_spools"] = {
+                "held": len(orphans.held),
+                "events_waiting": orphans.waiting,
+                "events_adopted": orphans.adopted_total,
+            }
         if isinstance(self.delivery, EmbeddedWriter) and self.delivery.replaced_total:
             body["collector"]["store_reopened"] = {
                 "times": self.delivery.replaced_total,
@@ -606,6 +620,53 @@ class EventPipeline(Service):
             self._clock.callLater(0, self._write_gap)
         return result
 
+    # -- orphaned sub-spools --------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Look for orphaned sub-spools, or move one batch of a held one
+        (in the spool thread); again at once while one is held, else after
+        C{adopt_interval}."""
+        self._adopt_call = None
+        if not self.running or self.orphans is None:
+            return
+        d = deferToThreadPool(self._reactor, self._io, self._adopt_step, self.orphans)
+        d.addCallbacks(self._adopted, self._adopt_failed)
+
+    @staticmethod
+    def _adopt_step(
+        orphans: OrphanSpools,
+    ) -> tuple[list[Path], list[tuple[int, bytes]], list[tuple[Path, int]]]:
+        taken = [] if orphans.held else orphans.scan()
+        moved, released = orphans.step()
+        return taken, moved, released
+
+    def _adopted(
+        self, result: tuple[list[Path], list[tuple[int, bytes]], list[tuple[Path, int]]]
+    ) -> None:
+        taken, moved, released = result
+        for directory in taken:
+            self._log.warn(
+                "adopting the spool {dir}: no live process holds it; its events are "
+                "delivered from here",
+                dir=str(directory),
+            )
+        if moved:
+            self._spooled(moved)
+            self.delivery.pump()
+        for directory, n in released:
+            self._log.info("adopted {n} events from the spool {dir}", n=n, dir=str(directory))
+        self._next_adopt()
+
+    def _adopt_failed(self, failure: Failure) -> None:
+        self._log.failure("adopting an orphaned spool failed", failure)
+        self._next_adopt(failed=True)
+
+    def _next_adopt(self, failed: bool = False) -> None:
+        if not self.running or self.orphans is None:
+            return
+        soon = self.orphans.held and not failed
+        self._adopt_call = self._clock.callLater(0 if soon else self.adopt_interval, self._adopt)
+
     # -- lifecycle ------------------------------------------------------------
 
     def startService(self) -> None:
@@ -623,6 +684,8 @@ class EventPipeline(Service):
             torn=stats.torn,
         )
         self.delivery.startService()
+        if self.orphans is not None:
+            self._adopt_call = self._clock.callLater(0, self._adopt)
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
@@ -648,11 +711,13 @@ class EventPipeline(Service):
             yield self._wait_acked(self.ack_drain_timeout)
         yield self.delivery.stopService()
         yield self._flush()
-        for call in (self._pump_call, self._sync_call):
+        for call in (self._pump_call, self._sync_call, self._adopt_call):
             if call is not None and call.active():
                 call.cancel()
-        self._pump_call = self._sync_call = None
+        self._pump_call = self._sync_call = self._adopt_call = None
         self._io.stop()
+        if self.orphans is not None:
+            self.orphans.release()
         self._turns.uninstall()
         self.spool.close()
         self._log.info(
@@ -861,6 +926,7 @@ def make_event_sink(
             log_events=log_events,
             log_lines_per_second=log_lines_per_second,
             turns=turns,
+            orphans=OrphanSpools(Path(spool_dir), spool, max_bytes=spool_max_bytes),
         )
     except BaseException:
         spool.close()

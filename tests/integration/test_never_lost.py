@@ -196,3 +196,47 @@ def test_a_removed_store_file_is_noticed_reopened_and_refilled_from_the_spool(
         calls, gaps = _calls_and_gaps(db)
     print(f"removed store: sent={sent} stored={calls} gaps={gaps}")
     assert (sent, calls, gaps) == (150, 150, 0)
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_proxys_sub_spool_is_adopted_by_a_live_one(tmp_path: Path) -> None:
+    """Issue 13 item 9: two proxies share C{--spool-dir} (the second takes
+    C{p1}); 300 events wait in C{p1} (the store unusable) when the second is
+    killed for good. The first, restarted, adopts C{p1}: C{/health} counts
+    its backlog as waiting (it said 0 before), and once the store opens all
+    300 are stored, once; C{p1} is released afterwards."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's directory should be")
+    db = blocker / "events.sqlite3"
+    spool = tmp_path / "spool"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db), "--spool-dir", str(spool)]
+        first = ProxyProcess(args, workdir=tmp_path / "first")
+        second = ProxyProcess(args, workdir=tmp_path / "second")
+        with first, second:
+            assert (spool / "p1" / "LOCK").exists()
+            sent = _calls(second, upstream.url, 300)
+            _wait_for(lambda: _health(second)["events_waiting"] >= 300, 10, "300 spooled in p1")
+            time.sleep(0.2)  # past the spool's fsync interval
+            second.kill()
+            _stop(first)
+        with ProxyProcess(args, workdir=tmp_path / "first") as again:
+            _wait_for(lambda: _health(again)["events_waiting"] >= 300, 10, "p1's backlog counted")
+            assert _health(again)["status"] == "degraded"  # the store cannot open
+            blocker.unlink()
+            _wait_for(
+                lambda: (
+                    _health(again)["events_waiting"] == 0
+                    and _health(again)["orphaned_spools"]["held"] == 0
+                ),
+                30,
+                "p1's backlog delivered",
+            )
+            assert _health(again)["orphaned_spools"]["events_adopted"] == 300
+            assert "adopting the spool" in again.log_text()
+            _stop(again)
+        calls, gaps = _calls_and_gaps(db)
+        ids = sqlite3.connect(db).execute("SELECT count(DISTINCT id) FROM events").fetchone()[0]
+    print(f"orphaned sub-spool: sent={sent} stored={calls} gaps={gaps}")
+    assert (sent, calls, gaps, ids) == (300, 300, 0, 300)
