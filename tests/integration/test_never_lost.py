@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.clients import chat_request, raw_request
+from support.clients import chat_request, proxy_request, raw_request
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.tmpfs import fill, small_tmpfs, unfill
 from support.upstreams import RecordingUpstream
@@ -240,3 +240,97 @@ def test_a_stopped_proxys_sub_spool_is_adopted_by_a_live_one(tmp_path: Path) -> 
         ids = sqlite3.connect(db).execute("SELECT count(DISTINCT id) FROM events").fetchone()[0]
     print(f"orphaned sub-spool: sent={sent} stored={calls} gaps={gaps}")
     assert (sent, calls, gaps, ids) == (300, 300, 0, 300)
+
+
+def _events_total(proxy: ProxyProcess) -> int:
+    with urllib.request.urlopen(proxy.url + "/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("llmobserve_events_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no llmobserve_events_total in /metrics")
+
+
+def _big_call(proxy: ProxyProcess, upstream_url: str) -> int:
+    """One chat call whose event is ~17 KiB (32 properties of 512 bytes)."""
+    headers = [("Content-Type", "application/json")]
+    headers += [(f"X-LLMObserve-Property-k{i:02d}", "v" * 512) for i in range(32)]
+    request = proxy_request(
+        proxy.port,
+        "POST",
+        upstream_url + "/v1/chat/completions",
+        headers,
+        b'{"model":"gpt-4o-mini","messages":[]}',
+    )
+    return raw_request(proxy.port, request).status
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_at_segment_rotation_leaks_no_descriptor_under_an_fd_limit(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 4 as the trial ran it: the spool on a 12 MiB tmpfs, its
+    active segment filled to the 4 MiB rotation point with large events,
+    then the disk filled, then 400 calls with the proxy limited (prlimit) to 40
+    descriptors more than it holds. Every call answers 200 and the descriptor count
+    stays flat (before: one descriptor leaked per failed batch, until
+    accept() failed); after space returns, every call is stored or counted
+    in a gap record."""
+    import resource
+
+    with small_tmpfs(tmp_path / "disk", kib=12 * 1024) as disk, RecordingUpstream() as upstream:
+        db = tmp_path / "store" / "events.sqlite3"
+        spool = disk / "spool"
+        proxy = ProxyProcess(
+            [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=openai",
+                "--db",
+                str(db),
+                "--spool-dir",
+                str(spool),
+            ],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            sent = ok = 0
+
+            def active_size() -> int:
+                return max(spool.glob("seg-*")).stat().st_size
+
+            limit = 4 * 1024 * 1024
+            while active_size() < limit:
+                sent += 1
+                ok += _big_call(proxy, upstream.url) == 200
+                assert sent < 1000, "the segment never reached its rotation size"
+                if active_size() > limit - 64 * 1024:
+                    # near the rotation point: let each event reach the spool
+                    # before looking again, or the next append rotates unseen
+                    _wait_for(lambda n=sent: _events_total(proxy) == n, 10, "the call spooled")
+            _wait_for(lambda: _health(proxy)["events_waiting"] == 0, 20, "the calls stored")
+            assert active_size() >= limit  # the next append starts a new segment
+            fill(disk)
+            fds = proxy.fd_count()
+            # room for the calls' own sockets, not for a descriptor per batch
+            limit_fds = fds + 40
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit_fds, limit_fds))
+            sent += 400
+            ok += _calls(proxy, upstream.url, 400)
+            assert ok == sent, f"{sent - ok} calls failed: observation broke traffic"
+            assert proxy.fd_count() <= fds + 4, (fds, proxy.fd_count())
+            health = _health(proxy)
+            assert health["status"] == "degraded", health
+            unfill(disk)
+            time.sleep(1.2)  # the rotation is retried after a second
+            sent += 20
+            ok += _calls(proxy, upstream.url, 20)
+            _wait_for(
+                lambda: _health(proxy)["status"] == "ok" and _health(proxy)["events_waiting"] == 0,
+                20,
+                "health back to ok with everything stored",
+            )
+            _stop(proxy)
+        calls, gaps = _calls_and_gaps(db)
+    print(f"full disk at rotation: sent={sent} ok={ok} stored={calls} gaps={gaps} fds={fds}")
+    assert gaps > 0
+    assert calls + gaps == sent, (calls, gaps, sent)
