@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 from support.clients import chat_request, proxy_request, raw_request
-from support.proxy import LOOPBACK_ARGS, ProxyProcess
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.tmpfs import fill, small_tmpfs, unfill
-from support.upstreams import RecordingUpstream
+from support.upstreams import RecordingUpstream, closed_port
 
 
 def _health(proxy: ProxyProcess) -> dict[str, Any]:
@@ -334,3 +334,47 @@ def test_a_full_disk_at_segment_rotation_leaks_no_descriptor_under_an_fd_limit(
     print(f"full disk at rotation: sent={sent} ok={ok} stored={calls} gaps={gaps} fds={fds}")
     assert gaps > 0
     assert calls + gaps == sent, (calls, gaps, sent)
+
+
+@pytest.mark.timeout(90)
+def test_collector_mode_a_removed_spool_backlog_is_counted_at_the_collector(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 3, collector mode: 200 events spooled while the
+    collector is down, the proxy killed and started again, its spool
+    directory removed, then the collector started. The 200 arrive as one gap
+    record (before: skipped as torn and acknowledged, C{dropped} and C{torn}
+    both 0); the 50 calls after are stored."""
+    collector_port = closed_port()
+    spool = tmp_path / "spool"
+    workdir = tmp_path / "proxy"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--collector", f"http://127.0.0.1:{collector_port}", "--spool-dir", str(spool)]
+        with ProxyProcess(args, workdir=workdir) as first:
+            sent = _calls(first, upstream.url, 200)
+            _wait_for(lambda: _health(first)["events_waiting"] >= 200, 10, "200 spooled")
+            time.sleep(0.2)  # past the spool's fsync interval
+            first.kill()
+        with ProxyProcess(args, workdir=workdir) as second:
+            shutil.rmtree(spool)
+            sent += _calls(second, upstream.url, 50)
+            collector = CollectorProcess(
+                db=tmp_path / "collector.db",
+                port=f"tcp:{collector_port}:interface=127.0.0.1",
+                workdir=tmp_path / "collector",
+            )
+            with collector:
+                _wait_for(
+                    lambda: (
+                        _health(second)["events_waiting"] == 0
+                        and _health(second)["collector"]["state"] == "connected"
+                    ),
+                    30,
+                    "everything delivered or counted",
+                )
+                _stop(second)
+                collector.terminate()
+        calls, gaps = _calls_and_gaps(tmp_path / "collector.db")
+    print(f"removed spool, collector mode: sent={sent} stored={calls} gaps={gaps}")
+    assert (sent, calls, gaps) == (250, 50, 200)
