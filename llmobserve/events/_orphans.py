@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from llmobserve.events._spool import EventSpool, SpoolLocked
+from llmobserve.events._spool import SEGMENT_MAGIC, EventSpool, SpoolLocked
 
 __all__ = ["OrphanSpools", "sibling_spools"]
 
@@ -65,7 +65,7 @@ class OrphanSpools:
         taken: list[Path] = []
         held = {spool.directory.resolve() for spool in self.held}
         for directory in sibling_spools(self.base, self.own.directory):
-            if directory.resolve() in held:
+            if directory.resolve() in held or not _has_records(directory):
                 continue
             try:
                 orphan = EventSpool(directory, max_bytes=self.max_bytes)
@@ -127,3 +127,16 @@ class OrphanSpools:
 
     def _count(self) -> None:
         self._waiting = sum(orphan.waiting for orphan in self.held)
+
+
+def _has_records(directory: Path) -> bool:
+    """Does C{directory} hold a segment with a record in it? (Looked at
+    before taking its lock: opening a spool writes its meta, which a scan
+    every few seconds of idle siblings should not.)"""
+    try:
+        return any(
+            p.name.startswith("seg-") and p.stat().st_size > len(SEGMENT_MAGIC)
+            for p in directory.iterdir()
+        )
+    except OSError:
+        return False

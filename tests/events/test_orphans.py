@@ -28,9 +28,11 @@ def test_only_unheld_siblings_with_a_backlog_are_adopted_and_moved_in_order(
     live = _spool_with(base / "p2", 10)
     _spool_with(base / "p3", 0).close()
     assert sibling_spools(base, own.directory) == [base / "p1", base / "p2", base / "p3"]
+    idle_meta = (base / "p3" / "meta").stat().st_mtime_ns
     orphans = OrphanSpools(base, own, max_bytes=10_000_000)
     assert orphans.scan() == [base / "p1"]
     assert orphans.waiting == 2500
+    assert (base / "p3" / "meta").stat().st_mtime_ns == idle_meta  # not even opened
     moved: list[tuple[int, bytes]] = []
     released: list[tuple[Path, int]] = []
     for _ in range(10):
