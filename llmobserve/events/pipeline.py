@@ -142,6 +142,7 @@ class EventPipeline(Service):
         # state
         self._gap_pending = 0
         self._lost_pending = 0  # lost with removed segment files, not yet in a gap record
+        self._closed_drops = 0  # events that came after the spool closed
         self._recreated_seen = 0
         self._spool_error: str | None = None  # the spool's error, as last logged
         # exchanges handed to the pool and not yet appended; a worker claims its
@@ -417,6 +418,13 @@ class EventPipeline(Service):
     ) -> list[int | None]:
         if not payloads:
             return []
+        if self.spool.closed:
+            # an exchange that ended after the sink stopped (the drain
+            # deadline cuts every call before that: this is a last resort)
+            if not self._closed_drops:
+                self._log.warn("event sink stopped: events of calls ending now are lost")
+            self._closed_drops += len(payloads)
+            return [None] * len(payloads)
         try:
             return self.spool.append_many(payloads, force=force, low=low)
         except Exception:

@@ -379,3 +379,25 @@ async def test_parse_threads_pause_only_while_parsing_keeps_up(
     await eventually(lambda: len(s.stored()) == 10)
     assert len(yields) == 5
     await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exchange_after_the_sink_stopped_is_counted_not_raised(tmp_path: Path) -> None:
+    """A call ending after the spool closed (the drain deadline makes this a
+    last resort) is counted as dropped, with one warning, not a traceback
+    per event."""
+    from twisted.logger import globalLogPublisher
+
+    s = Sink(tmp_path)
+    await eventually(lambda: bool(s.stores))
+    await s.sink.stopService()
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for i in range(3):
+            s.sink.transaction_finished(make_txn(started_at=5000.0 + i))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert s.sink.events_dropped_total == 3
+    assert not [e for e in seen if e.get("log_failure") is not None]
+    assert len([e for e in seen if "calls ending now are lost" in e.get("log_format", "")]) == 1
