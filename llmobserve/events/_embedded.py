@@ -30,6 +30,7 @@ lost, where C{FULL} would fsync on every commit.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,12 +47,26 @@ from llmobserve.events._outbox import Outbox, Record
 from llmobserve.events._pool import DaemonThreadPool
 from llmobserve.events._waiters import after
 
-__all__ = ["EmbeddedWriter", "StoreLike"]
+__all__ = ["EmbeddedWriter", "StoreLike", "StoreReplaced"]
 
 Row = tuple[Any, ...]
 #: Records decoded in one call when rows must be made in the writer thread:
 #: each call holds the GIL for its whole length.
 _DECODE_CHUNK = 32
+
+
+class StoreReplaced(Exception):
+    """The store's file was removed or replaced since it was opened: the
+    open connection writes into a file nobody will read again."""
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at C{path}; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class StoreLike(Protocol):
@@ -77,6 +92,14 @@ class EmbeddedWriter(Service):
 
     @ivar state: C{connecting} until the store is open, C{connected} while
         writes succeed, C{down} after a failed open or write (retried).
+    @ivar error: why the last open or write failed; None once one succeeds.
+    @ivar replaced_total: times the store's file was found removed or
+        replaced (each time it was opened again and C{on_replaced} called).
+
+    A failed write closes the store and the retry opens it again: a
+    connection that failed (a store made read-only, then writable again)
+    may never write again, a new one does (issue 13 item 5). Retries back
+    off from C{retry_delay}, doubling up to C{retry_max}.
     """
 
     _log = Logger()
@@ -91,6 +114,7 @@ class EmbeddedWriter(Service):
         max_batch_records: int = 1000,
         max_batch_bytes: int = 4 * 1024 * 1024,
         retry_delay: float = 1.0,
+        retry_max: float = 5.0,
         min_interval: float = 0.05,
         max_rows: int = 4000,
         pause: Callable[[], None] | None = None,
@@ -103,6 +127,15 @@ class EmbeddedWriter(Service):
         self.max_batch_records = max_batch_records
         self.max_batch_bytes = max_batch_bytes
         self.retry_delay = retry_delay
+        self.retry_max = retry_max
+        self._failures = 0  # in a row: the retry delay doubles with each
+        self._file: tuple[int, int] | None = None  # the open store's file identity
+        self.replaced_total = 0
+        self.redelivered_total = 0
+        #: called (reactor thread) when the store's file was found removed or
+        #: replaced; returns how many events it sends again from the spool
+        self.on_replaced: Callable[[], int] | None = None
+        self.error: str | None = None
         self.min_interval = min_interval
         self.max_rows = max_rows
         self._pause = pause
@@ -151,11 +184,12 @@ class EmbeddedWriter(Service):
         self._open()
 
     def _open(self) -> None:
-        d = self._busy = self._in_thread(self._factory, self.url)
+        d = self._busy = self._in_thread(_open_store, self._factory, self.url)
         d.addCallbacks(self._opened, self._failed, errbackArgs=("opening",))
 
-    def _opened(self, store: StoreLike) -> None:
+    def _opened(self, opened: tuple[StoreLike, tuple[int, int] | None]) -> None:
         self._busy = None
+        store, self._file = opened
         self._store = store
         if isinstance(store, RowStoreLike):
             # settled once: a runtime-checkable protocol's isinstance costs
@@ -163,16 +197,68 @@ class EmbeddedWriter(Service):
             self._row_store = _RowStore(store)
             self._row_for = store.row_for
         self.state = "connected"
+        if self.error is not None:
+            self._log.info("event store {db} open again", db=self.url)
         self.pump()
 
     def _failed(self, failure: Failure, doing: str) -> None:
         self._busy = None
+        if failure.check(StoreReplaced):
+            self._replaced()
+            return
         self.state = "down"
         self.write_errors += 1
-        self._log.failure("event store {doing} failed: {db}", failure, doing=doing, db=self.url)
+        self.error = f"event store {doing} failed: {failure.getErrorMessage()}"
+        self._log.failure(
+            "event store {doing} failed: {db} (retry in {delay:g} s)",
+            failure,
+            doing=doing,
+            db=self.url,
+            delay=self._retry_delay(),
+        )
         self.outbox.rewind()
+        self._close_store()
         if self.running:
-            self._retry = self.clock.callLater(self.retry_delay, self._retry_now)
+            self._retry = self.clock.callLater(self._retry_delay(), self._retry_now)
+        self._failures += 1
+
+    def _retry_delay(self) -> float:
+        delay: float = self.retry_delay * 2.0 ** min(self._failures, 30)
+        return min(delay, self.retry_max)
+
+    def _replaced(self) -> None:
+        """The store's file is gone (or another file took its name): close
+        the old connection, open the file again at once, and have what the
+        spool still holds of the lost file's events sent again."""
+        self.replaced_total += 1
+        self.state = "connecting"
+        self.outbox.rewind()
+        self._close_store()
+        again = 0
+        if self.on_replaced is not None:
+            try:
+                again = self.on_replaced()
+            except Exception:
+                self._log.failure("re-delivering from the spool failed")
+        self.redelivered_total += again
+        self._log.warn(
+            "event store file {db} was removed or replaced: opened again; {n} events "
+            "it held are sent again from the spool (older ones are no longer there)",
+            db=self.url,
+            n=again,
+        )
+        if self.running:
+            self._retry = self.clock.callLater(0, self._retry_now)
+
+    def _close_store(self) -> None:
+        """Drop the open store (closed in its thread, before any reopening):
+        the retry opens a new one."""
+        store, self._store = self._store, None
+        self._row_store = self._row_for = None
+        self._rows.clear()
+        if store is not None:
+            closing = self._in_thread(store.close)
+            closing.addErrback(lambda f: self._log.failure("closing the event store failed", f))
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -205,7 +291,9 @@ class EmbeddedWriter(Service):
         self._last_write = now
         rows = [self._rows.pop(seq, None) for seq, _ in records] if self._rows else None
         store = self._store if self._row_store is None else self._row_store
-        d = self._busy = self._in_thread(_insert, store, records, rows, self._pause)
+        d = self._busy = self._in_thread(
+            _insert_checked, self.url, self._file, store, records, rows, self._pause
+        )
         d.addCallbacks(
             self._written, self._failed, callbackArgs=(records[-1][0],), errbackArgs=("write",)
         )
@@ -217,6 +305,10 @@ class EmbeddedWriter(Service):
     def _written(self, _count: int, last_seq: int) -> None:
         self._busy = None
         self.state = "connected"
+        if self.error is not None:
+            self._log.info("event store {db} writable again", db=self.url)
+            self.error = None
+        self._failures = 0
         if len(self._rows) > self.max_rows // 2:
             # rows whose record was never taken (it cannot be now): do not
             # let them crowd out the rows of records still to come
@@ -292,6 +384,32 @@ class _RowStore:
     """A store known (since it opened) to take rows made ahead."""
 
     store: RowStoreLike
+
+
+def _open_store(
+    factory: Callable[[str], StoreLike], path: str
+) -> tuple[StoreLike, tuple[int, int] | None]:
+    """The writer thread's open: the store and its file's identity."""
+    store = factory(path)
+    return store, file_identity(path)
+
+
+def _insert_checked(
+    path: str,
+    identity: tuple[int, int] | None,
+    store: StoreLike | _RowStore,
+    records: Sequence[Record],
+    rows: list[Row | None] | None,
+    pause: Callable[[], None] | None,
+) -> int:
+    """L{_insert}, unless the store's file was removed or replaced since it
+    was opened (one C{stat} per batch; skipped for a store without a file).
+
+    @raise StoreReplaced: it was.
+    """
+    if identity is not None and file_identity(path) != identity:
+        raise StoreReplaced(path)
+    return _insert(store, records, rows, pause)
 
 
 def _insert(

@@ -166,6 +166,18 @@ class Outbox:
         """The link was lost: everything unacknowledged is to be sent again."""
         self._send = self._head
 
+    def replay(self, after_seq: int) -> None:
+        """Send everything after C{after_seq} again, even what was
+        acknowledged (the store that had it lost it): the window is emptied
+        and refilled from the spool."""
+        if after_seq >= self.acked_seq:
+            return
+        self.acked_seq = after_seq
+        self._mem = []
+        self._head = self._send = 0
+        self._mem_bytes = 0
+        self._mem_last = after_seq
+
     def _maybe_load(self) -> None:
         if self._loading or self._mem_last >= self.last_seq:
             return
@@ -181,7 +193,9 @@ class Outbox:
         records, disk_last = result
         self._loading = False
         if after != self._mem_last:
-            return  # cannot happen: offers do not append while loading
+            # a replay moved the window meanwhile: read again from there
+            self.on_ready()
+            return
         taken = 0
         for seq, payload in records:
             if seq <= self._mem_last:

@@ -83,6 +83,26 @@ def _segment_name(first_seq: int) -> str:
     return f"{_SEG_PREFIX}{first_seq:020d}"
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of C{path}; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_open_file(fd: int, start: int, size: int) -> bytes:
+    """Bytes C{start:size} of the file open (write-only) as C{fd}, even when
+    unlinked (Linux: through C{/proc/self/fd}); empty if it cannot be read."""
+    try:
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            f.seek(start)
+            return f.read(size - start)
+    except OSError:
+        return b""
+
+
 def _scan(data: bytes, after_seq: int = 0) -> Iterator[tuple[int, int, bytes]]:
     """Yield (end offset, seq, payload) for each whole, valid record.
 
@@ -140,7 +160,19 @@ class EventSpool:
         self._read_hint: tuple[Path, int, int] | None = None  # (path, offset, last seq read)
         self.torn_total = 0
         self.closed = False
+        #: why the last append or rotation failed (None once one succeeds)
+        self.error: str | None = None
+        self.retry_interval = 1.0
+        self._rotate_retry_at = -math.inf
+        self._force_rotate = False
+        #: records lost with segment files removed under the spool, counted
+        #: by L{read} (L{take_lost} hands them over once) and in total
+        self.lost_total = 0
+        self._lost_pending = 0
+        #: times the directory was found removed and was recreated
+        self.recreated_total = 0
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._dir_id = _identity(self.directory)
         self._lock_fd = self._take_lock()
         try:
             self.proxy_id, self.acked_seq = self._read_meta()
@@ -208,9 +240,23 @@ class EventSpool:
         return SpoolStats(len(self._segments), records, torn)
 
     def _open_segment(self, first_seq: int) -> None:
+        """Create the segment for C{first_seq} and make it the active one.
+
+        @raise OSError: it could not be created or its magic written (a full
+            disk): nothing is left open, and no empty file behind.
+        """
         path = self.directory / _segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        os.write(fd, SEGMENT_MAGIC)
+        try:
+            if os.write(fd, SEGMENT_MAGIC) != len(SEGMENT_MAGIC):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+        except BaseException:
+            os.close(fd)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            raise
         self._segments.append(_Segment(path, first_seq, first_seq - 1, len(SEGMENT_MAGIC), fd))
         self._total += len(SEGMENT_MAGIC)
         self._dir_dirty = True
@@ -256,7 +302,9 @@ class EventSpool:
             if self.closed:
                 raise RuntimeError("spool is closed")
             active = self._segments[-1]
-            if active.size >= self.segment_bytes and active.last_seq >= active.first_seq:
+            if self._force_rotate or (
+                active.size >= self.segment_bytes and active.last_seq >= active.first_seq
+            ):
                 self._rotate()
                 active = self._segments[-1]
             seqs: list[int | None] = []
@@ -283,16 +331,22 @@ class EventSpool:
             assert active.fd is not None
             try:
                 written = os.write(active.fd, data)
-            except OSError:
+            except OSError as e:
                 written = -1
+                self._note_error("cannot append", e)
             if written != len(data):
                 # disk full or a short write: cut the partial records off so the
                 # segment stays readable past them, and report drops
+                if written >= 0:
+                    self._note_error(
+                        "cannot append", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    )
                 try:
                     os.ftruncate(active.fd, active.size)
                 except OSError:
                     pass
                 return [None] * len(payloads)
+            self.error = None
             active.size += len(data)
             active.last_seq = seq
             self.last_seq = seq
@@ -301,11 +355,38 @@ class EventSpool:
             return seqs
 
     def _rotate(self) -> None:
+        """Start a new segment. Should that fail (a full disk), the active
+        one stays active (appends to it fail the same way, and are counted
+        as drops) and the next try waits C{retry_interval}: a failed batch
+        never leaves a descriptor open (issue 13 item 4)."""
+        now = self._clock()
+        if now < self._rotate_retry_at:
+            return
         old = self._segments[-1]
+        try:
+            self._open_segment(self.last_seq + 1)
+        except OSError as e:
+            self._rotate_retry_at = now + self.retry_interval
+            self._note_error("cannot start a segment", e)
+            return
+        self._force_rotate = False
         if old.fd is not None:
             self._unsynced.append(old.fd)
             old.fd = None
-        self._open_segment(self.last_seq + 1)
+
+    def _note_error(self, doing: str, error: OSError) -> None:
+        self.error = f"spool {doing}: {error.strerror or error}"
+
+    def rewind_ack(self) -> int:
+        """Move the ack point back to just before the oldest record still on
+        disk (the store that had those lost them); return it. The new point
+        is persisted at the next L{sync}, before any deletion by it."""
+        with self._lock:
+            oldest = self._segments[0].first_seq - 1
+            if oldest < self.acked_seq:
+                self.acked_seq = oldest
+                self._meta_at = -math.inf
+            return self.acked_seq
 
     def ack(self, seq: int) -> None:
         """Everything up to C{seq} is delivered (deletion happens in L{sync})."""
@@ -334,6 +415,7 @@ class EventSpool:
         covers it, so a crash in between resends acknowledged events (which
         the store deduplicates) and never skips an unacknowledged one.
         """
+        self._check_directory()
         with self._lock:
             if self.closed:
                 return
@@ -373,6 +455,81 @@ class EventSpool:
             except FileNotFoundError:
                 pass
 
+    def _check_directory(self) -> None:
+        """Recreate the directory if it was removed (or replaced) under the
+        spool (issue 13 item 3): a new lock, the ack point written again, and
+        appends move to a new segment in it at once. The records of the
+        segments removed with it are counted as lost when L{read} misses
+        them (those the outbox still holds in memory are delivered)."""
+        if _identity(self.directory) == self._dir_id:
+            return
+        with self._lock:
+            if self.closed:
+                return
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._dir_id = _identity(self.directory)
+            try:
+                fd = self._take_lock()
+            except (SpoolLocked, OSError):
+                pass  # keep the old lock: this process still owns the spool
+            else:
+                os.close(self._lock_fd)
+                self._lock_fd = fd
+            self._meta_written = -1  # written again at this sync
+            self._meta_at = -math.inf
+            self._dir_dirty = True
+            if not self._rehome(self._segments[-1]):
+                self._force_rotate = True
+                self._rotate_retry_at = -math.inf
+            self.recreated_total += 1
+
+    def _rehome(self, seg: _Segment) -> bool:
+        """Copy the open (unlinked) segment C{seg} into the recreated
+        directory and go on appending there; False if that failed (its
+        records then stay readable only through the old descriptor until
+        the next rotation)."""
+        if seg.fd is None:
+            return False
+        data = _read_open_file(seg.fd, 0, seg.size)
+        if len(data) != seg.size:
+            return False
+        try:
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        except OSError:
+            return False
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.close(fd)
+            try:
+                seg.path.unlink()
+            except OSError:
+                pass
+            return False
+        self._unsynced.append(seg.fd)
+        seg.fd = fd
+        return True
+
+    def take_lost(self) -> int:
+        """Records found lost (their segment file gone) since the last call."""
+        with self._lock:
+            lost, self._lost_pending = self._lost_pending, 0
+            return lost
+
+    def _segment_gone(self, path: Path, after_seq: int) -> None:
+        """L{read} found C{path} missing: count its records above
+        C{after_seq} as lost, once, and forget the segment."""
+        with self._lock:
+            for seg in self._segments[:-1]:
+                if seg.path == path:
+                    lost = max(0, seg.last_seq - max(after_seq, seg.first_seq - 1))
+                    self._lost_pending += lost
+                    self.lost_total += lost
+                    self._segments.remove(seg)
+                    self._total -= seg.size
+                    return
+
     def _fsync_dir(self) -> None:
         dfd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -409,6 +566,8 @@ class EventSpool:
                 for s in self._segments
                 if s.last_seq > after_seq
             ]
+            active = self._segments[-1]
+            active_fd = active.fd
             hint = self._read_hint
         out: list[tuple[int, bytes]] = []
         total = 0
@@ -422,7 +581,14 @@ class EventSpool:
                         f.seek(start)
                     chunk = f.read(size - start)
             except FileNotFoundError:
-                continue
+                # removed with its directory: the active segment is still
+                # open (read through the descriptor); any other is lost
+                chunk = b""
+                if path == active.path and active_fd is not None:
+                    chunk = _read_open_file(active_fd, start, size)
+                if not chunk:
+                    self._segment_gone(path, after_seq)
+                    continue
             data = SEGMENT_MAGIC + chunk if start else chunk
             base = start - len(SEGMENT_MAGIC) if start else 0
             here = (start or len(SEGMENT_MAGIC), after_seq)  # end offset, seq of the last taken

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from llmobserve.events._embedded import EmbeddedWriter, StoreLike
 from llmobserve.events._exchange import AnalyseFn, default_analyse, exchange_from_transaction
 from llmobserve.events._link import CollectorLink, retry_policy
+from llmobserve.events._orphans import OrphanSpools
 from llmobserve.events._outbox import Outbox, Record
 from llmobserve.events._pool import DaemonThreadPool, ParsePool
 from llmobserve.events._record import (
@@ -101,6 +102,8 @@ class EventPipeline(Service):
         log_events: bool = True,
         log_lines_per_second: int = 50,
         turns: ReactorTurns | None = None,
+        orphans: OrphanSpools | None = None,
+        adopt_interval: float = 10.0,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = reactor
@@ -142,6 +145,10 @@ class EventPipeline(Service):
         self._acked_at_start = spool.acked_seq
         # state
         self._gap_pending = 0
+        self._lost_pending = 0  # lost with removed segment files, not yet in a gap record
+        self._closed_drops = 0  # events that came after the spool closed
+        self._recreated_seen = 0
+        self._spool_error: str | None = None  # the spool's error, as last logged
         # exchanges handed to the pool and not yet appended; a worker claims its
         # own under the lock before appending, the drain deadline claims the rest
         self._parsing: dict[int, Transaction] = {}
@@ -155,8 +162,13 @@ class EventPipeline(Service):
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
+        self.orphans = orphans
+        self.adopt_interval = adopt_interval
+        self._adopt_call: IDelayedCall | None = None
         outbox.on_acked = self._acked
         outbox.read_after = self.read_spool
+        if isinstance(delivery, EmbeddedWriter):
+            delivery.on_replaced = self._store_replaced
 
     # -- ITransactionSink -------------------------------------------------------
 
@@ -197,8 +209,10 @@ class EventPipeline(Service):
         return self.delivery.url if isinstance(self.delivery, EmbeddedWriter) else None
 
     def health(self) -> Mapping[str, Any]:
-        """C{collector} (mode, state, url) and C{events_waiting}."""
-        return {
+        """C{collector} (mode, state, url) and C{events_waiting}; while
+        events cannot be kept or stored, also C{status: degraded} and the
+        reasons (C{degraded}, a list of sentences)."""
+        body: dict[str, Any] = {
             "collector": {
                 "mode": self.mode,
                 "state": self.delivery.state,
@@ -206,6 +220,38 @@ class EventPipeline(Service):
             },
             "events_waiting": self.outbox.waiting,
         }
+        orphans = self.orphans
+        if orphans is not None and (orphans.held or orphans.adopted_total):
+            body["events_waiting"] += orphans.waiting
+            body["orphaned_spools"] = {
+                "held": len(orphans.held),
+                "events_waiting": orphans.waiting,
+                "events_adopted": orphans.adopted_total,
+            }
+        if isinstance(self.delivery, EmbeddedWriter) and self.delivery.replaced_total:
+            body["collector"]["store_reopened"] = {
+                "times": self.delivery.replaced_total,
+                "events_sent_again": self.delivery.redelivered_total,
+            }
+        problems = self.problems()
+        if problems:
+            body["status"] = "degraded"
+            body["degraded"] = problems
+        return body
+
+    def problems(self) -> list[str]:
+        """Why events are not being kept or stored right now (empty when
+        all is well). A collector that is away is not one: the spool keeps
+        its events."""
+        out: list[str] = []
+        if self.spool.error is not None:
+            out.append(self.spool.error)
+        if isinstance(self.delivery, EmbeddedWriter) and self.delivery.error is not None:
+            out.append(self.delivery.error)
+        if self._gap_pending or self._lost_pending:
+            n = self._gap_pending + self._lost_pending
+            out.append(f"{n} events dropped or lost; their gap record is not written yet")
+        return out
 
     def metrics(self) -> Sequence[tuple[str, str, str, float]]:
         """Samples for C{GET /metrics}."""
@@ -257,6 +303,13 @@ class EventPipeline(Service):
                 "counter",
                 "Torn or corrupt spool records skipped",
                 self.spool.torn_total,
+            ),
+            (
+                "llmobserve_spool_lost_records_total",
+                "counter",
+                "Spooled events lost with segment files removed under the spool "
+                "(each counted in a gap record)",
+                self.spool.lost_total,
             ),
             (
                 "llmobserve_collector_connected",
@@ -376,6 +429,13 @@ class EventPipeline(Service):
     ) -> list[int | None]:
         if not payloads:
             return []
+        if self.spool.closed:
+            # an exchange that ended after the sink stopped (the drain
+            # deadline cuts every call before that: this is a last resort)
+            if not self._closed_drops:
+                self._log.warn("event sink stopped: events of calls ending now are lost")
+            self._closed_drops += len(payloads)
+            return [None] * len(payloads)
         try:
             return self.spool.append_many(payloads, force=force, low=low)
         except Exception:
@@ -450,6 +510,15 @@ class EventPipeline(Service):
         """Offer appended records to the outbox and count the ones the full
         spool dropped (seq None); the gap check and the fsync bookkeeping
         run once for all of them."""
+        if self.spool.error != self._spool_error:
+            self._spool_error = self.spool.error
+            if self._spool_error is not None:
+                self._log.warn(
+                    "{error}: events are dropped and counted until it can write again",
+                    error=self._spool_error,
+                )
+            else:
+                self._log.info("the spool can write again")
         spooled = 0
         offer = self.outbox.offer
         for seq, payload in records:
@@ -460,22 +529,47 @@ class EventPipeline(Service):
             offer(seq, payload)
             spooled += 1
         if spooled:
-            if self._gap_pending and self.spool.has_room(256):
+            if (self._gap_pending or self._lost_pending) and self.spool.has_room(256):
                 self._write_gap()
             self._dirty(spooled)
 
     def _write_gap(self) -> None:
-        """Record how many events the full spool dropped (written over the cap)."""
-        n = self._gap_pending
+        """Record how many events the full spool dropped, and how many were
+        lost with removed segment files, in gap records (written over the
+        cap: they are tiny). A count stays pending until its record is
+        spooled."""
+        if self._gap_pending and self._spool_gap(self._gap_pending, "spool_full"):
+            self._log.warn(
+                "spool full: {n} events dropped (gap record written)", n=self._gap_pending
+            )
+            self._gap_pending = 0
+        if self._lost_pending and self._spool_gap(self._lost_pending, "spool_files_lost"):
+            self._log.warn(
+                "{n} spooled events lost with their removed segment files (gap record written)",
+                n=self._lost_pending,
+            )
+            self._lost_pending = 0
+
+    def _spool_gap(self, n: int, flag: str) -> bool:
         event = build_gap_event(n, event_id=new_event_id(), proxy_id=self.proxy_id, ts=time.time())
+        event["flags"] = [flag]
         payload = pack_event(event)
         seq = self._spool_append(payload, force=True)
-        if seq is not None:
-            self._log.warn("spool full: {n} events dropped (gap record written)", n=n)
-            self._gap_pending = 0
-            self.outbox.offer(seq, payload)
-            self._dirty()
-            self.delivery.pump()
+        if seq is None:
+            return False
+        self.outbox.offer(seq, payload)
+        self._dirty()
+        self.delivery.pump()
+        return True
+
+    def _store_replaced(self) -> int:
+        """The embedded store's file was removed: send again everything the
+        spool still holds; return how many of those the lost file had."""
+        before = self.outbox.acked_seq
+        after = self.spool.rewind_ack()
+        self.outbox.replay(after)
+        self._dirty(count=0)
+        return max(0, before - after)
 
     def _acked(self, seq: int) -> None:
         self.spool.ack(seq)
@@ -502,7 +596,7 @@ class EventPipeline(Service):
             self._sync_call = None
         if self._sync_busy is not None:
             return after(self._sync_busy)
-        if self._gap_pending and self.spool.has_room(256):
+        if (self._gap_pending or self._lost_pending) and self.spool.has_room(256):
             self._write_gap()
         self._unsynced = 0
         d: Deferred[None] = deferToThreadPool(self._reactor, self._io, self.spool.sync)
@@ -512,7 +606,15 @@ class EventPipeline(Service):
             self._sync_busy = None
             if isinstance(result, Failure):
                 self._log.failure("spool fsync failed", result)
-            if (self._unsynced or self.spool.needs_sync or self._gap_pending) and self.running:
+            if self.spool.recreated_total != self._recreated_seen:
+                self._recreated_seen = self.spool.recreated_total
+                self._log.warn(
+                    "spool directory {dir} was removed: recreated; events of the removed "
+                    "segments that were not delivered yet are counted in a gap record",
+                    dir=str(self.spool.directory),
+                )
+            pending = self._gap_pending or self._lost_pending
+            if (self._unsynced or self.spool.needs_sync or pending) and self.running:
                 self._sync_call = self._clock.callLater(self.flush_interval, self._sync_now)
 
         d.addBoth(done)
@@ -521,10 +623,68 @@ class EventPipeline(Service):
     def read_spool(
         self, after_seq: int, max_records: int, max_bytes: int
     ) -> Deferred[tuple[list[Record], int]]:
-        """The outbox's disk reads, in the spool thread."""
-        return deferToThreadPool(
+        """The outbox's disk reads, in the spool thread. Records found lost
+        (their segment file removed) are counted for a gap record."""
+        d: Deferred[tuple[list[Record], int]] = deferToThreadPool(
             self._reactor, self._io, self.spool.read, after_seq, max_records, max_bytes
         )
+        d.addCallback(self._after_read)
+        return d
+
+    def _after_read(self, result: tuple[list[Record], int]) -> tuple[list[Record], int]:
+        lost = self.spool.take_lost()
+        if lost:
+            self._lost_pending += lost
+            # after the outbox took this read (the gap record's seq is new)
+            self._clock.callLater(0, self._write_gap)
+        return result
+
+    # -- orphaned sub-spools --------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Look for orphaned sub-spools, or move one batch of a held one
+        (in the spool thread); again at once while one is held, else after
+        C{adopt_interval}."""
+        self._adopt_call = None
+        if not self.running or self.orphans is None:
+            return
+        d = deferToThreadPool(self._reactor, self._io, self._adopt_step, self.orphans)
+        d.addCallbacks(self._adopted, self._adopt_failed)
+
+    @staticmethod
+    def _adopt_step(
+        orphans: OrphanSpools,
+    ) -> tuple[list[Path], list[tuple[int, bytes]], list[tuple[Path, int]]]:
+        taken = [] if orphans.held else orphans.scan()
+        moved, released = orphans.step()
+        return taken, moved, released
+
+    def _adopted(
+        self, result: tuple[list[Path], list[tuple[int, bytes]], list[tuple[Path, int]]]
+    ) -> None:
+        taken, moved, released = result
+        for directory in taken:
+            self._log.warn(
+                "adopting the spool {dir}: no live process holds it; its events are "
+                "delivered from here",
+                dir=str(directory),
+            )
+        if moved:
+            self._spooled(moved)
+            self.delivery.pump()
+        for directory, n in released:
+            self._log.info("adopted {n} events from the spool {dir}", n=n, dir=str(directory))
+        self._next_adopt()
+
+    def _adopt_failed(self, failure: Failure) -> None:
+        self._log.failure("adopting an orphaned spool failed", failure)
+        self._next_adopt(failed=True)
+
+    def _next_adopt(self, failed: bool = False) -> None:
+        if not self.running or self.orphans is None:
+            return
+        soon = self.orphans.held and not failed
+        self._adopt_call = self._clock.callLater(0 if soon else self.adopt_interval, self._adopt)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -543,6 +703,8 @@ class EventPipeline(Service):
             torn=stats.torn,
         )
         self.delivery.startService()
+        if self.orphans is not None:
+            self._adopt_call = self._clock.callLater(0, self._adopt)
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
@@ -561,18 +723,20 @@ class EventPipeline(Service):
                 self.parse_skipped_total += 1
                 self._append(self._unparsed(txn, "parse_timeout"))
         self.pool.stop()
-        if self._gap_pending:
+        if self._gap_pending or self._lost_pending:
             self._write_gap()
         yield self._flush()
         if self.outbox.waiting and self.delivery.state != "down":
             yield self._wait_acked(self.ack_drain_timeout)
         yield self.delivery.stopService()
         yield self._flush()
-        for call in (self._pump_call, self._sync_call):
+        for call in (self._pump_call, self._sync_call, self._adopt_call):
             if call is not None and call.active():
                 call.cancel()
-        self._pump_call = self._sync_call = None
+        self._pump_call = self._sync_call = self._adopt_call = None
         self._io.stop()
+        if self.orphans is not None:
+            self.orphans.release()
         self._turns.uninstall()
         delivered = self.spool.acked_seq - self._acked_at_start
         self.spool.close()
@@ -823,6 +987,7 @@ def make_event_sink(
             log_events=log_events,
             log_lines_per_second=log_lines_per_second,
             turns=turns,
+            orphans=OrphanSpools(Path(spool_dir), spool, max_bytes=spool_max_bytes),
         )
     except BaseException:
         spool.close()

@@ -75,6 +75,15 @@ class DeadlineSweeper:
         if self._relays:
             self._call = self._clock.callLater(self._interval, self._sweep)
 
+    def abort_all(self) -> int:
+        """Cut every relay still under watch (the drain deadline passed);
+        return how many. Each ends at once, so its event reaches the sink
+        before the sink stops."""
+        relays = list(self._relays)
+        for relay in relays:
+            relay.abort_for_shutdown()
+        return len(relays)
+
     def stop(self) -> None:
         call, self._call = self._call, None
         if call is not None and call.active():
@@ -582,6 +591,24 @@ class Relay:
         self.upstream_failed("timeout", message)
         if conn is not None:
             conn.abort()
+
+    def abort_for_shutdown(self) -> None:
+        """The drain deadline passed: cut the exchange now and record it as
+        C{shutdown_aborted}, with what the response carried so far (the
+        body tap's copy: a cut stream is priced from its usage so far). The
+        client loses its connection (a body already started can never look
+        complete) or, before the response, gets a 503."""
+        if self._done:
+            return
+        if self._response_started:
+            self._t_upstream_done = _now()
+            self._drop_client()
+            self._end(Outcome.SHUTDOWN_ABORTED, "drain_deadline")
+            self._abort_upstream()
+        else:
+            self._fail_before_response(
+                503, "shutting_down", "the proxy is shutting down", Outcome.SHUTDOWN_ABORTED
+            )
 
     # Endings
 

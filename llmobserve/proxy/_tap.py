@@ -442,6 +442,13 @@ class ProxyService(Service):
 
         def poll() -> None:
             if self._services.stats["in_flight"] <= 0 or self._reactor.seconds() >= deadline:
+                # the calls still running end now, as shutdown_aborted: their
+                # events reach the sink before it stops (issue 13 item 1)
+                cut = self._services.deadlines.abort_all()
+                if cut:
+                    _log.warn(
+                        "drain deadline: {n} calls cut off (recorded as shutdown_aborted)", n=cut
+                    )
                 self._services.pool.close()
                 done.callback(None)
             else:

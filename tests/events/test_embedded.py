@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from events.eventkit import FakeStore, eventually
 from twisted.internet import reactor
+from twisted.python.failure import Failure
 
 from llmobserve.events._embedded import EmbeddedWriter, _unpack
 from llmobserve.events._outbox import Outbox
@@ -182,3 +183,147 @@ async def test_rows_of_records_never_taken_are_let_go(tmp_path: Path) -> None:
         assert writer._rows == {}
     finally:
         await writer.stopService()
+
+
+class _ReadOnlyUntilReopened(FakeStore):
+    """A store whose connection, once it failed a write because the file was
+    read-only, keeps failing after the file is writable again (SQLite's
+    behaviour in the trial); a store opened after that writes."""
+
+    read_only = False
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.broken = False
+
+    def insert(self, events: Any) -> int:
+        if self.broken or _ReadOnlyUntilReopened.read_only:
+            self.broken = True
+            raise OSError("attempt to write a readonly database")
+        return super().insert(events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_was_read_only_is_reopened_and_heals(tmp_path: Path) -> None:
+    """Issue 13 item 5: after a failed write the store is closed and opened
+    again (with backoff), so once the file is writable again the events
+    waiting are written; before, the old connection was retried forever."""
+    stores: list[_ReadOnlyUntilReopened] = []
+
+    def factory(path: str) -> _ReadOnlyUntilReopened:
+        stores.append(_ReadOnlyUntilReopened(path))
+        return stores[-1]
+
+    outbox = Outbox(acked_seq=0, last_seq=0)
+    writer = EmbeddedWriter(
+        reactor,
+        outbox,
+        str(tmp_path / "x"),
+        store_factory=factory,
+        retry_delay=0.02,
+        retry_max=0.08,
+        min_interval=0,
+    )
+    _ReadOnlyUntilReopened.read_only = True
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        for seq in range(1, 11):
+            outbox.offer(seq, _pack({"id": f"e{seq}"}))
+        writer.pump()
+        await eventually(lambda: writer.write_errors >= 4)
+        assert writer.state == "down"
+        assert writer.error is not None and "readonly" in writer.error
+        assert outbox.acked_seq == 0
+        assert stores[0].closed, "the failed connection is closed"
+        _ReadOnlyUntilReopened.read_only = False
+        await eventually(lambda: outbox.acked_seq == 10)
+        assert writer.error is None and writer.connected
+        assert len(stores[-1].events) == 10
+        assert all(store.closed for store in stores[:-1])
+    finally:
+        _ReadOnlyUntilReopened.read_only = False
+        await writer.stopService()
+
+
+def test_store_retries_back_off_up_to_retry_max() -> None:
+    """Each failed retry doubles the delay, up to retry_max; a success resets it."""
+    from twisted.internet.task import Clock
+
+    from llmobserve.events._embedded import EmbeddedWriter as Writer
+
+    clock = Clock()
+    writer = Writer(
+        clock,
+        Outbox(acked_seq=0, last_seq=0),
+        "x",
+        store_factory=FakeStore,
+        retry_delay=1.0,
+        retry_max=4.0,
+    )
+    writer.running = True  # no threads: only the retry schedule is looked at
+    delays = []
+    for _ in range(5):
+        writer._failed(Failure(OSError("no")), "opening")
+        assert writer._retry is not None
+        delays.append(writer._retry.getTime() - clock.seconds())
+        writer._retry.cancel()
+        writer._retry = None
+    assert delays == [1.0, 2.0, 4.0, 4.0, 4.0]
+    writer._written(0, 0)
+    writer._failed(Failure(OSError("no")), "opening")
+    assert writer._retry is not None and writer._retry.getTime() - clock.seconds() == 1.0
+    writer._retry.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_file_removed_is_reopened_and_the_spool_replayed(tmp_path: Path) -> None:
+    """Issue 13 item 2: before each write the writer checks that its file is
+    still the one it opened; a removed file is closed, opened again at once
+    (no failure counted), and C{on_replaced} asked to send events again."""
+    stores: list[FakeStore] = []
+    path = tmp_path / "events.db"
+
+    def factory(p: str) -> FakeStore:
+        Path(p).touch()
+        stores.append(FakeStore(p))
+        return stores[-1]
+
+    outbox = Outbox(acked_seq=0, last_seq=0)
+    writer = EmbeddedWriter(reactor, outbox, str(path), store_factory=factory, min_interval=0)
+    replays: list[int] = []
+
+    def replay() -> int:
+        replays.append(outbox.acked_seq)
+        outbox.replay(0)
+        return 3
+
+    writer.on_replaced = replay
+    outbox.read_after = lambda after, n, size: _read(records, after)
+    records = [(seq, _pack({"id": f"e{seq}"})) for seq in range(1, 7)]
+    writer.startService()
+    try:
+        await eventually(lambda: writer.connected)
+        for seq, payload in records[:3]:
+            outbox.offer(seq, payload)
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == 3)
+        path.unlink()
+        for seq, payload in records[3:]:
+            outbox.offer(seq, payload)
+        writer.pump()
+        await eventually(lambda: outbox.acked_seq == 6 and len(stores) == 2)
+        assert replays == [3]
+        assert writer.replaced_total == 1 and writer.redelivered_total == 3
+        assert writer.write_errors == 0 and writer.error is None
+        assert stores[0].closed
+        assert sorted(stores[1].events) == [f"e{seq}" for seq in range(1, 7)]
+    finally:
+        await writer.stopService()
+
+
+def _read(records: list[tuple[int, bytes]], after: int) -> Any:
+    from twisted.internet.defer import succeed
+
+    got = [r for r in records if r[0] > after]
+    return succeed((got, records[-1][0]))

@@ -60,7 +60,11 @@ class Sink:
         return self.stores[0]
 
     def stored(self) -> list[dict[str, Any]]:
-        return list(self.store.events.values()) if self.stores else []
+        # a store reopened after a failed write is the same file: one view
+        merged: dict[str, dict[str, Any]] = {}
+        for store in self.stores:
+            merged.update(store.events)
+        return list(merged.values())
 
 
 def test_sink_provides_the_interface(tmp_path: Path) -> None:
@@ -154,8 +158,9 @@ async def test_store_failure_is_retried_from_the_spool(tmp_path: Path) -> None:
     assert s.sink.delivery.state == "connected"
     await eventually(lambda: s.sink.outbox.waiting == 0)
     assert s.sink.health()["events_waiting"] == 0
+    assert len(s.stores) == 2  # the failed write closed its store; the retry opened one
     await s.sink.stopService()
-    assert s.store.closed
+    assert all(store.closed for store in s.stores)
 
 
 @pytest_twisted.ensureDeferred
@@ -393,3 +398,25 @@ def test_embedded_mode_needs_the_store_factory_from_its_builder(tmp_path: Path) 
         )
     reopened = EventSpool(tmp_path / "spool")  # the refused build let go of its spool
     reopened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exchange_after_the_sink_stopped_is_counted_not_raised(tmp_path: Path) -> None:
+    """A call ending after the spool closed (the drain deadline makes this a
+    last resort) is counted as dropped, with one warning, not a traceback
+    per event."""
+    from twisted.logger import globalLogPublisher
+
+    s = Sink(tmp_path)
+    await eventually(lambda: bool(s.stores))
+    await s.sink.stopService()
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(cast(ILogObserver, seen.append))
+    try:
+        for i in range(3):
+            s.sink.transaction_finished(make_txn(started_at=5000.0 + i))
+    finally:
+        globalLogPublisher.removeObserver(cast(ILogObserver, seen.append))
+    assert s.sink.events_dropped_total == 3
+    assert not [e for e in seen if e.get("log_failure") is not None]
+    assert len([e for e in seen if "calls ending now are lost" in e.get("log_format", "")]) == 1

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from support.tmpfs import fill, small_tmpfs, unfill
 
 from llmobserve.events._spool import SEGMENT_MAGIC, EventSpool, SpoolLocked
 from llmobserve.events.pipeline import open_spool
@@ -235,3 +236,83 @@ def test_files_are_private(tmp_path: Path) -> None:
     spool.close()
     for p in tmp_path.iterdir():
         assert os.stat(p).st_mode & 0o077 == 0, p
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_full_disk_at_rotation_leaks_no_descriptor_and_heals(tmp_path: Path) -> None:
+    """Issue 13 item 4, with a real ENOSPC (a tiny tmpfs): a segment that
+    cannot be started is closed and removed, not leaked once per failed
+    batch; the failure is reported (C{error}), appends are refused (the
+    caller counts the drops), rotation is retried only after
+    C{retry_interval}, and once there is room again appends succeed and
+    every accepted record reads back."""
+    with small_tmpfs(tmp_path / "disk", kib=64) as disk:
+        now = [0.0]
+        spool = EventSpool(
+            disk / "spool", max_bytes=1_000_000, segment_bytes=4096, clock=lambda: now[0]
+        )
+        accepted: list[int] = []
+        while not accepted or segments(disk / "spool")[-1].stat().st_size < 4096:
+            seq = spool.append(payload(len(accepted)))
+            assert seq is not None
+            accepted.append(seq)
+        # the active segment is full: the next append starts a new one
+        fill(disk)
+        fds = _open_fds()
+        refused = 0
+        for i in range(300):  # many failed batches, each past the segment size
+            if spool.append_many([payload(1000 + i, 2000)] * 3)[0] is None:
+                refused += 1
+            now[0] += 0.01
+        assert refused > 250
+        assert _open_fds() <= fds, "a failed rotation left a descriptor open"
+        assert spool.error is not None and "No space left" in spool.error
+        files = segments(disk / "spool")
+        assert all(p.stat().st_size > len(SEGMENT_MAGIC) for p in files), "empty segment left"
+        unfill(disk)
+        now[0] += spool.retry_interval
+        later = [spool.append(payload(2000 + i)) for i in range(60)]
+        assert None not in later
+        assert spool.error is None
+        spool.sync()  # closes the segment rotated away from
+        assert _open_fds() <= fds + 1  # at most the new active segment
+        accepted += [s for s in later if s is not None]
+        got = [seq for seq, _ in read_all(spool)]
+        assert set(accepted) <= set(got)
+        spool.close()
+
+
+def test_a_removed_directory_is_recreated_and_its_lost_records_counted(tmp_path: Path) -> None:
+    """Issue 13 item 3: the spool directory removed under a live spool. A
+    read counts the records of the removed segments as lost (once, for a
+    gap record) instead of skipping them as if delivered, still reads the
+    active segment through its open descriptor, and the next sync recreates
+    the directory (lock, meta) with appends going to a new segment in it."""
+    import shutil
+
+    d = tmp_path / "spool"
+    spool = EventSpool(d, max_bytes=1_000_000, segment_bytes=4096)
+    for i in range(100):
+        spool.append(payload(i))
+    active_first = int(segments(d)[-1].name[4:])
+    shutil.rmtree(d)
+    got = [seq for seq, _ in read_all(spool)]
+    assert got == list(range(active_first, 101)), "the active segment is read through its fd"
+    assert spool.take_lost() == active_first - 1
+    assert spool.take_lost() == 0 and spool.lost_total == active_first - 1
+    spool.sync()
+    assert d.is_dir() and (d / "LOCK").exists() and (d / "meta").exists()
+    assert spool.recreated_total == 1
+    # the active segment was copied into the new directory: appends go on there
+    assert [p.name for p in segments(d)] == [f"seg-{active_first:020d}"]
+    assert spool.append(payload(500)) == 101
+    assert [seq for seq, _ in read_all(spool, active_first - 1)] == list(range(active_first, 102))
+    spool.ack(active_first - 1)
+    spool.close()
+    again = EventSpool(d, max_bytes=1_000_000, segment_bytes=4096)
+    assert [seq for seq, _ in read_all(again, again.acked_seq)] == list(range(active_first, 102))
+    assert again.take_lost() == 0
+    again.close()

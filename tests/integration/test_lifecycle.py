@@ -254,3 +254,83 @@ def test_embedded_events_spooled_before_a_sigkill_are_stored_after_restart(
     assert len(found) == calls, found
     assert len({event_id for event_id, _ in found}) == calls
     assert {provider for _, provider in found} == {"openai"}
+
+
+@pytest.mark.timeout(60)
+def test_streams_cut_at_the_drain_deadline_are_recorded_as_shutdown_aborted(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 1 (T29's variant): SIGTERM with --drain-timeout 2 during
+    streams far longer than that. Every stream is cut at the deadline, the
+    process exits 0, and every call has its event in the store, with outcome
+    C{shutdown_aborted} and the usage the stream carried so far (Anthropic's
+    message_start gives the input tokens). A call still waiting for its
+    response head gets a 503 and is recorded the same way. Before, the sink
+    closed the spool first and all of them were lost."""
+    streams = 16
+    with (
+        SSEUpstream(events=200, interval=0.05, flavor="anthropic") as upstream,
+        SSEUpstream(first_delay=20) as silent,
+    ):
+        proxy = ProxyProcess(
+            [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=anthropic",
+                "--provider-host",
+                f"127.0.0.1:{silent.port}=openai",
+                "--drain-timeout",
+                "2",
+            ],
+            workdir=tmp_path / "proxy",
+        )
+        with proxy:
+            readers = []
+            try:
+                for _ in range(streams):
+                    request = proxy_request(
+                        proxy.port,
+                        "POST",
+                        upstream.url + "/v1/messages",
+                        [("Content-Type", "application/json")],
+                        b'{"model":"claude-3-5-sonnet-20241022","stream":true,"messages":[]}',
+                    )
+                    reader = StreamReader(proxy.port, request, timeout=30)
+                    readers.append(reader)
+                    assert reader.read_head() == 200
+                for reader in readers:
+                    reader.read_until(lambda body: body.count(b"\n\n") >= 3, timeout=10)
+                waiting = StreamReader(proxy.port, chat_request(proxy.port, silent.url), timeout=30)
+                readers.append(waiting)
+                _wait_for(lambda: len(silent.streams) == 1, 10, "the head-less call upstream")
+                proxy.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                assert waiting.read_head(timeout=15) == 503
+                assert b"shutting_down" in waiting.read_all(timeout=5)
+                for reader in readers[:-1]:
+                    reader.read_all(timeout=15)
+                    assert not reader.complete, "a 10-s stream outlived a 2-s drain"
+            finally:
+                for reader in readers:
+                    reader.close()
+            code = proxy.wait(timeout=15)
+            assert code == 0, proxy.log_tail()
+            assert time.monotonic() - sent < 2 + 6, "exit within the deadline and the flush"
+        rows = (
+            sqlite3.connect(proxy.home / "events.sqlite3")
+            .execute(
+                "SELECT outcome, provider, input_tokens FROM events"
+                " WHERE kind = 'call' AND status = 200"
+            )
+            .fetchall()
+        )
+    assert len(rows) == streams, (rows, proxy.log_tail())
+    assert {outcome for outcome, _, _ in rows} == {"shutdown_aborted"}
+    assert {provider for _, provider, _ in rows} == {"anthropic"}
+    assert {tokens for _, _, tokens in rows} == {25}
+    cut_early = (
+        sqlite3.connect(proxy.home / "events.sqlite3")
+        .execute("SELECT outcome, provider FROM events WHERE kind = 'call' AND status = 503")
+        .fetchall()
+    )
+    assert cut_early == [("shutdown_aborted", "openai")]
