@@ -11,6 +11,7 @@ from typing import Any
 
 from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count, as_number, get_path
+from .estimate import estimate_stream_usage
 from .jsonbody import BodyError, loads
 from .sse import SSEEvent
 
@@ -31,6 +32,9 @@ _ENDPOINTS = (
     ("/rerank", "rerank"),
 )
 
+
+#: Endpoints whose streams without usage get an estimate (C{--stream-usage}).
+_ESTIMATED = frozenset({"chat.completions", "completions"})
 
 _BY_PATH: dict[str, str | None] = {}  # paths seen (bounded: they come from the network)
 
@@ -252,3 +256,6 @@ def _parse_stream(call: Call, draft: UsageDraft, endpoint: str | None) -> None:
     )
     if not complete:
         draft.flag("stream_incomplete")
+    if last_usage is None and call.estimate_usage and endpoint in _ESTIMATED:
+        reason = "no usage in stream" if complete else "stream ended early, no usage"
+        estimate_stream_usage(call, draft, reason)
