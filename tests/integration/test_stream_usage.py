@@ -35,7 +35,11 @@ def fake_openai(req: RecordedRequest) -> Response:
     events = openai_sse_events(4, include_usage=usage)
     if body.get("model") == SPLIT_MODEL and usage:
         # the usage chunk, one byte per write: it reaches the proxy in many reads
-        pieces = [*events[:-2], *(events[-2][i : i + 1] for i in range(len(events[-2]))), events[-1]]
+        pieces = [
+            *events[:-2],
+            *(events[-2][i : i + 1] for i in range(len(events[-2]))),
+            events[-1],
+        ]
         return Response(200, SSE, pieces, chunk_interval=0.0005)
     return Response(200, SSE, events, chunk_interval=0.002)
 
@@ -202,7 +206,9 @@ def test_a_body_over_the_bound_is_forwarded_unchanged_and_estimated(inject: Setu
     big = [{"role": "user", "content": "word " * 230_000}]  # ~1.1 MB of JSON
     client = inject.client(customer)
     chunks = list(
-        client.chat.completions.create(model="gpt-4o-mini", messages=big, stream=True, user=customer)
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=big, stream=True, user=customer
+        )
     )
     assert len(chunks) == 6
     assert "stream_options" not in inject.upstream_body(customer)
@@ -218,7 +224,9 @@ def test_estimate_and_off_modes_leave_the_request_alone(
 ) -> None:
     """openai=estimate: nothing is injected, the usage is counted locally
     (estimated, priced); openai=off: nothing is injected nor estimated."""
-    for setup in _start(tmp_path_factory, f"stream-usage-{mode}", "--stream-usage", f"openai={mode}"):
+    for setup in _start(
+        tmp_path_factory, f"stream-usage-{mode}", "--stream-usage", f"openai={mode}"
+    ):
         customer = f"mode-{mode}"
         chunks = _chunks(setup, customer)
         assert len(chunks) == 6
