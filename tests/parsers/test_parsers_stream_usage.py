@@ -194,3 +194,15 @@ def test_reported_usage_wins_and_off_means_no_estimate() -> None:
     assert analyse(_stream_exchange(WITH_USAGE)).usage_source == "reported"  # type: ignore[arg-type]
     off = analyse(_stream_exchange(WITHOUT_USAGE), no_estimate={"openai"})  # type: ignore[arg-type]
     assert off.usage_source == "missing" and off.cost_usd is None
+
+
+def test_the_cookbook_examples_are_counted_as_the_api_did() -> None:
+    """OpenAI's cookbook (How to count tokens with tiktoken) shows gpt-4o
+    reporting 124 prompt tokens for its six-message example and 101 for its
+    weather-tool example: the estimate gives the same figures."""
+    from bench.stream_estimate import CASES
+
+    cases = {name: (fields, prompt) for name, _, _, fields, _, prompt, _ in CASES}
+    for name in ("cookbook-jargon-gpt-4o", "cookbook-tools-gpt-4o"):
+        fields, reported = cases[name]
+        assert prompt_tokens(fields) == reported, name
