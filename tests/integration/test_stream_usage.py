@@ -26,6 +26,8 @@ SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 MESSAGES = [{"role": "user", "content": "Say hello in four tokens."}]
 #: The model name that makes the fake write its usage chunk one byte at a time.
 SPLIT_MODEL = "gpt-4o-mini-split"
+#: The model name that makes the fake pause 0.3 s between events.
+SLOW_MODEL = "gpt-4o-mini-slow"
 
 
 def fake_openai(req: RecordedRequest) -> Response:
@@ -41,6 +43,8 @@ def fake_openai(req: RecordedRequest) -> Response:
             events[-1],
         ]
         return Response(200, SSE, pieces, chunk_interval=0.0005)
+    if body.get("model") == SLOW_MODEL:
+        return Response(200, SSE, events, chunk_interval=0.3)
     return Response(200, SSE, events, chunk_interval=0.002)
 
 
@@ -238,3 +242,20 @@ def test_estimate_and_off_modes_leave_the_request_alone(
             assert event["cost_usd"] is not None and event["price_ref"].startswith("estimated")
         else:
             assert event["usage_source"] == "missing" and event["cost_usd"] is None
+
+
+def test_a_client_that_leaves_mid_stream_gets_an_estimate(inject: Setup) -> None:
+    """The usage chunk never came (the client left first): the tokens seen so
+    far are counted, and the event says so."""
+    customer = "aborted"
+    client = inject.client(customer)
+    stream = client.chat.completions.create(
+        model=SLOW_MODEL, messages=MESSAGES, stream=True, user=customer
+    )
+    first = [next(stream), next(stream)]
+    stream.close()
+    assert all(c.choices for c in first)
+    event = inject.event(customer)
+    assert event["outcome"] == "client_aborted"
+    assert event["usage_source"] == "estimated" and event["cost_usd"] is not None
+    assert "stream ended early" in event["price_ref"]
