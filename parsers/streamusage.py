@@ -50,6 +50,8 @@ def inject_include_usage(body: bytes) -> bytes | None:
     it; an existing C{stream_options} without C{include_usage: true} is
     rewritten by re-encoding the object (compact, non-ASCII kept).
     """
+    if b'"stream"' not in body:
+        return None  # most bodies: no JSON parse
     try:
         obj: Any = loads(body)
     except BodyError:

@@ -190,8 +190,12 @@ class Relay:
         self._paused_at: float | None = None  # when the client's socket filled up
         self._deadline_kind = ""
         #: The one hook of C{--stream-usage inject}: set for the requests it rewrites.
-        self._usage: UsageInjection | None = services.stream_usage.plan(
-            self._method, target.path, target.host, target.port, provider_hint, head
+        self._usage: UsageInjection | None = (
+            services.stream_usage.plan(
+                self._method, target.path, target.host, target.port, provider_hint, head
+            )
+            if self._method == b"POST"
+            else None
         )
         self._resp_filter: UsageChunkFilter | None = None
         services.stats["in_flight"] += 1

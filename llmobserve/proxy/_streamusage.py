@@ -45,7 +45,7 @@ class StreamUsagePolicy:
         so a host declared C{=openai} is injected like the real one.
     """
 
-    __slots__ = ("_hosts", "_modes", "body_bound")
+    __slots__ = ("_hosts", "_injected", "_modes", "body_bound")
 
     def __init__(
         self,
@@ -65,6 +65,8 @@ class StreamUsagePolicy:
             for spec, provider in (provider_hosts or {}).items()
         }
         self.body_bound = body_bound
+        #: (host, port, hint) -> inject or not; bounded (hosts come from clients)
+        self._injected: dict[tuple[str, int, str | None], bool] = {}
 
     def mode_for(self, provider: str | None) -> str:
         """The mode for one provider id."""
@@ -81,7 +83,14 @@ class StreamUsagePolicy:
         """A L{UsageInjection} for a request this policy rewrites, else None."""
         if method != b"POST" or not usage_injectable_path(path):
             return None
-        if self.mode_for(self._provider(host, port, hint)) != "inject":
+        key = (host, port, hint)
+        injected = self._injected.get(key)
+        if injected is None:
+            injected = self.mode_for(self._provider(host, port, hint)) == "inject"
+            if len(self._injected) >= 1024:
+                self._injected.clear()
+            self._injected[key] = injected
+        if not injected:
             return None
         if head.chunked:
             pass  # counted while it arrives
