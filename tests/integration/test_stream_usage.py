@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
-from support.upstreams import RecordedRequest, RecordingUpstream, Response, openai_sse_events
+from support.upstreams import (
+    DEFAULT_RESPONSE,
+    RecordedRequest,
+    RecordingUpstream,
+    Response,
+    openai_sse_events,
+)
 
 from llmobserve.collector import EventStore
 
@@ -34,6 +40,8 @@ def fake_openai(req: RecordedRequest) -> Response:
     """Chat completions as the API streams them: the usage chunk only on request."""
     body = json.loads(req.body or b"{}")
     usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if not body.get("stream"):
+        return DEFAULT_RESPONSE
     events = openai_sse_events(4, include_usage=usage)
     if body.get("model") == SPLIT_MODEL and usage:
         # the usage chunk, one byte per write: it reaches the proxy in many reads
@@ -259,3 +267,25 @@ def test_a_client_that_leaves_mid_stream_gets_an_estimate(inject: Setup) -> None
     assert event["outcome"] == "client_aborted"
     assert event["usage_source"] == "estimated" and event["cost_usd"] is not None
     assert "stream ended early" in event["price_ref"]
+
+
+def test_a_realistic_mix_is_fully_priced_from_reported_usage(inject: Setup) -> None:
+    """Issue 16's measure: half the streams without include_usage, the rest
+    asking for it or not streamed; with injection on (the default) every call
+    is priced, and from reported usage."""
+    customers = []
+    for i in range(8):
+        customer = f"mix-{i}"
+        customers.append(customer)
+        client = inject.client(customer)
+        extra: dict[str, Any] = {"user": customer}
+        if i % 2 == 0:
+            extra["stream"] = True  # no include_usage: what most clients send
+        elif i % 4 == 1:
+            extra |= {"stream": True, "stream_options": {"include_usage": True}}
+        result = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **extra)
+        if extra.get("stream"):
+            list(result)
+    events = [inject.event(c) for c in customers]
+    assert all(e["cost_usd"] is not None and e["cost_usd"] > 0 for e in events)
+    assert {e["usage_source"] for e in events} == {"reported"}
