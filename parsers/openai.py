@@ -120,6 +120,7 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
     if isinstance(cdet, dict):
         if as_count(cdet.get("reasoning_tokens")):
             draft.set("reasoning_tokens", cdet.get("reasoning_tokens"))
+            _reasoning_beside(usage, cdet, draft)
         if as_count(cdet.get("audio_tokens")):
             draft.set("audio_output_tokens", cdet.get("audio_tokens"))
     # Costs some OpenAI-compatible APIs report themselves (OpenRouter, Perplexity).
@@ -127,9 +128,31 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
     if isinstance(cost, dict):
         cost = cost.get("total_cost")
     reported = as_number(cost)
+    ticks = as_count(usage.get("cost_in_usd_ticks"))
+    if reported is None and ticks:  # xAI: the billed amount, 10^10 ticks a dollar
+        reported = ticks / _TICKS_PER_USD
     if reported is not None:
         draft.reported_cost_usd = reported
     return True
+
+
+_TICKS_PER_USD = 10_000_000_000
+
+
+def _reasoning_beside(usage: dict[str, Any], cdet: dict[str, Any], draft: UsageDraft) -> None:
+    """xAI counts reasoning tokens beside C{completion_tokens}, not inside them
+    (OpenAI and DeepSeek count them inside): C{total_tokens} then adds up to
+    prompt + completion + reasoning. Both are billed as output, so the event's
+    C{output_tokens} (which includes reasoning) is their sum."""
+    prompt = as_count(usage.get("prompt_tokens"))
+    completion = as_count(usage.get("completion_tokens"))
+    reasoning = as_count(cdet.get("reasoning_tokens"))
+    total = as_count(usage.get("total_tokens"))
+    if prompt is None or completion is None or total is None or not reasoning:
+        return
+    if total == prompt + completion + reasoning:
+        draft.set("output_tokens", completion + reasoning)
+        draft.flag("reasoning_beside_completion")
 
 
 def _parse_json(call: Call, draft: UsageDraft, endpoint: str | None, body: dict[str, Any]) -> None:
