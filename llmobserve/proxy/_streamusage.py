@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from llmobserve.proxy._headers import RequestHead
 from llmobserve.proxy._policy import _canonical_host_port
-from parsers import REGISTRY
+from parsers.registry import REGISTRY
 from parsers.streamusage import (
     STREAM_USAGE_MODES,
     UsageChunkFilter,
@@ -92,10 +92,9 @@ class StreamUsagePolicy:
             self._injected[key] = injected
         if not injected:
             return None
-        if head.chunked:
-            pass  # counted while it arrives
-        elif head.content_length is None or not 0 < head.content_length <= self.body_bound:
-            return None
+        length = head.content_length
+        if not head.chunked and (length is None or not 0 < length <= self.body_bound):
+            return None  # a chunked body is counted against the bound as it arrives
         if any(name.lower() == b"content-encoding" for name, _ in head.forward):
             return None  # a compressed request body is forwarded as it is
         return UsageInjection(self.body_bound)
