@@ -214,6 +214,8 @@ _SUMS = (
     "cache_write_tokens",
     "output_tokens",
     "reasoning_tokens",
+    "estimated_cost_usd",
+    "estimated_calls",
 )
 _TABLE_SUMS = ("calls", "cost_usd", "input_tokens", "output_tokens", "unpriced_calls")
 _HEADINGS = {
@@ -240,7 +242,7 @@ def _total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {}
     for key in _SUMS:
         values = [r.get(key) for r in rows]
-        if key == "cost_usd":
+        if key in ("cost_usd", "estimated_cost_usd"):
             priced = [v for v in values if v is not None]
             total[key] = sum(priced) if priced else None
         else:
@@ -280,6 +282,13 @@ def write_table(out: TextIO, by: Sequence[str], rows: list[dict[str, Any]]) -> N
     if footer and by:
         out.write("  ".join("-" * w for w in widths) + "\n")
         out.write(fmt(footer))
+    estimated_calls = sum(r.get("estimated_calls") or 0 for r in rows)
+    if estimated_calls:
+        estimated = _total(rows)["estimated_cost_usd"]
+        out.write(
+            f"\nof the cost, {_cost(estimated)} is estimated: {estimated_calls} call(s) whose"
+            " stream reported no usage, tokens counted by the proxy (usage_source estimated).\n"
+        )
     unpriced = sum(r.get("unpriced_calls") or 0 for r in rows)
     if unpriced:
         out.write(

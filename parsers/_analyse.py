@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from ._call import Call
 from ._draft import USAGE_KEYS, UsageDraft
@@ -64,10 +64,15 @@ def _provider(exchange: Exchange) -> tuple[Provider | None, list[str]]:
     return REGISTRY.for_host(exchange.host), flags
 
 
-def analyse(exchange: Exchange) -> UsageRecord:
-    """Usage and cost of one exchange. Total: whatever the input, returns a record."""
+def analyse(exchange: Exchange, *, no_estimate: Container[str] = ()) -> UsageRecord:
+    """Usage and cost of one exchange. Total: whatever the input, returns a record.
+
+    @param no_estimate: provider ids whose streams without usage stay
+        unpriced (C{--stream-usage PROVIDER=off}); the others get an
+        estimate, marked C{usage_source: estimated}.
+    """
     try:
-        return _analyse(exchange)
+        return _analyse(exchange, no_estimate)
     except Exception as exc:  # the last line of defence: observation never breaks traffic
         provider = exchange.provider_hint if isinstance(exchange.provider_hint, str) else "unknown"
         return UsageRecord(
@@ -84,9 +89,13 @@ def analyse(exchange: Exchange) -> UsageRecord:
         )
 
 
-def _analyse(exchange: Exchange) -> UsageRecord:
+def _analyse(exchange: Exchange, no_estimate: Container[str]) -> UsageRecord:
     provider, flags = _provider(exchange)
-    call = Call(exchange, provider)
+    call = Call(
+        exchange,
+        provider,
+        estimate_usage=not no_estimate or provider is None or provider.id not in no_estimate,
+    )
     draft = UsageDraft(flags=flags)
     if call.body_error:
         draft.error(call.body_error)
@@ -149,6 +158,11 @@ def _finish(
             item=draft.price_item,
             context=draft.price_context or None,
             use_genai=provider is None or provider.prices_id is not None or provider.kind == "llm",
+        )
+    why_estimated = draft.details.get("estimate_reason")
+    if isinstance(why_estimated, str) and draft.usage_source == "estimated":
+        priced = PriceResult(
+            priced.cost_usd, f"estimated ({why_estimated}): {priced.price_ref}", priced.breakdown
         )
     request_model = draft.request_model
     return construct(

@@ -25,10 +25,17 @@ class Call:
     """The decoded view of an L{Exchange}; request parsing is lazy (often unneeded)."""
 
     def __init__(
-        self, exchange: Exchange, provider: Provider | None, cap: int = DEFAULT_DECODED_CAP
+        self,
+        exchange: Exchange,
+        provider: Provider | None,
+        cap: int = DEFAULT_DECODED_CAP,
+        *,
+        estimate_usage: bool = True,
     ):
         self.exchange = exchange
         self.provider = provider
+        #: A stream that reports no usage gets an estimate (C{--stream-usage} is not C{off}).
+        self.estimate_usage = estimate_usage
         headers = exchange.response_headers
         decoded = decode_body(exchange.response_body, headers.get("content-encoding"), cap)
         self.body = decoded.data

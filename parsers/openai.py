@@ -11,6 +11,7 @@ from typing import Any
 
 from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count, as_number, get_path
+from .estimate import estimate_stream_usage
 from .jsonbody import BodyError, loads
 from .sse import SSEEvent
 
@@ -31,6 +32,9 @@ _ENDPOINTS = (
     ("/rerank", "rerank"),
 )
 
+
+#: Endpoints whose streams without usage get an estimate (C{--stream-usage}).
+_ESTIMATED = frozenset({"chat.completions", "completions"})
 
 _BY_PATH: dict[str, str | None] = {}  # paths seen (bounded: they come from the network)
 
@@ -116,6 +120,7 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
     if isinstance(cdet, dict):
         if as_count(cdet.get("reasoning_tokens")):
             draft.set("reasoning_tokens", cdet.get("reasoning_tokens"))
+            _reasoning_beside(usage, cdet, draft)
         if as_count(cdet.get("audio_tokens")):
             draft.set("audio_output_tokens", cdet.get("audio_tokens"))
     # Costs some OpenAI-compatible APIs report themselves (OpenRouter, Perplexity).
@@ -123,9 +128,31 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
     if isinstance(cost, dict):
         cost = cost.get("total_cost")
     reported = as_number(cost)
+    ticks = as_count(usage.get("cost_in_usd_ticks"))
+    if reported is None and ticks:  # xAI: the billed amount, 10^10 ticks a dollar
+        reported = ticks / _TICKS_PER_USD
     if reported is not None:
         draft.reported_cost_usd = reported
     return True
+
+
+_TICKS_PER_USD = 10_000_000_000
+
+
+def _reasoning_beside(usage: dict[str, Any], cdet: dict[str, Any], draft: UsageDraft) -> None:
+    """xAI counts reasoning tokens beside C{completion_tokens}, not inside them
+    (OpenAI and DeepSeek count them inside): C{total_tokens} then adds up to
+    prompt + completion + reasoning. Both are billed as output, so the event's
+    C{output_tokens} (which includes reasoning) is their sum."""
+    prompt = as_count(usage.get("prompt_tokens"))
+    completion = as_count(usage.get("completion_tokens"))
+    reasoning = as_count(cdet.get("reasoning_tokens"))
+    total = as_count(usage.get("total_tokens"))
+    if prompt is None or completion is None or total is None or not reasoning:
+        return
+    if total == prompt + completion + reasoning:
+        draft.set("output_tokens", completion + reasoning)
+        draft.flag("reasoning_beside_completion")
 
 
 def _parse_json(call: Call, draft: UsageDraft, endpoint: str | None, body: dict[str, Any]) -> None:
@@ -252,3 +279,6 @@ def _parse_stream(call: Call, draft: UsageDraft, endpoint: str | None) -> None:
     )
     if not complete:
         draft.flag("stream_incomplete")
+    if last_usage is None and call.estimate_usage and endpoint in _ESTIMATED:
+        reason = "no usage in stream" if complete else "stream ended early, no usage"
+        estimate_stream_usage(call, draft, reason)

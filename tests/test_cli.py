@@ -75,6 +75,32 @@ def test_report_table_default(db: Path) -> None:
     assert "1 call(s) had no known price" in text
 
 
+def test_estimated_spend_is_shown_apart(tmp_path: Path) -> None:
+    """Cost priced from estimated usage is part of the total and said apart:
+    a line under the table, estimated_cost_usd and estimated_calls in JSON."""
+    path = tmp_path / "events.sqlite3"
+    store = EventStore(path)
+    store.insert(
+        [
+            event(0, usage_source="reported"),
+            event(1, usage_source="estimated", cost_usd=0.125),
+            event(2, usage_source="estimated", cost_usd=0.125, model="gpt-4o-mini"),
+        ]
+    )
+    store.close()
+    code, text = run("report", "--db", str(path))
+    assert code == 0
+    assert any(line.startswith("TOTAL") and "$0.5" in line for line in text.splitlines())
+    assert "of the cost, $0.25 is estimated: 2 call(s)" in text
+    code, text = run("report", "--db", str(path), "--format", "json", "--by", "model")
+    rows = {r["model"]: r for r in json.loads(text)["rows"]}
+    assert rows["gpt-4o"]["estimated_cost_usd"] == pytest.approx(0.125)
+    assert rows["gpt-4o"]["estimated_calls"] == 1 and rows["gpt-4o"]["cost_usd"] == 0.375
+    code, text = run("report", "--db", str(path), "--format", "json", "--by", "")
+    [total] = json.loads(text)["rows"]
+    assert total["estimated_cost_usd"] == pytest.approx(0.25)
+
+
 def test_report_json(db: Path) -> None:
     """--format json gives by, window and rows with sums."""
     code, text = run("report", "--db", str(db), "--format", "json", "--by", "customer")

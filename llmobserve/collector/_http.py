@@ -275,7 +275,14 @@ def _dashboard_page(
         "</style></head><body>",
         f"<h1>llmobserve</h1><p>{html.escape(_when(since))} to {html.escape(_when(until))}: "
         f"<b>{t.get('calls', 0):,}</b> calls, <b>{html.escape(_usd(t.get('cost_usd')))}</b>"
-        f" ({t.get('unpriced_calls', 0):,} without a known price).</p>",
+        f" ({t.get('unpriced_calls', 0):,} without a known price"
+        + (
+            f"; {html.escape(_usd(t.get('estimated_cost_usd')))} of it estimated,"
+            f" {t.get('estimated_calls', 0):,} calls"
+            if t.get("estimated_calls")
+            else ""
+        )
+        + ").</p>",
     ]
     for title, by, rows in views:
         parts.append(f"<h2>{html.escape(title)}</h2>")

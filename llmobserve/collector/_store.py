@@ -877,7 +877,9 @@ class EventStore:
         them. C{cost_usd}
         sums the priced calls and is C{null} when none was priced;
         C{unpriced_calls} says how many had no known price, so an unknown
-        price never reads as zero.
+        price never reads as zero. C{estimated_cost_usd} is the part of
+        C{cost_usd} priced from estimated usage (C{usage_source: estimated},
+        C{null} when none), over C{estimated_calls} calls.
 
         @param by: names from L{GROUPS}; empty for one grand total row.
         @raise StoreError: an unknown grouping or filter name.
@@ -898,6 +900,8 @@ class EventStore:
             "sum(cost_usd)",
             "sum(cost_usd IS NULL)",
             *(f"sum({t})" for t in _TOKEN_COLUMNS),
+            "sum(CASE WHEN usage_source = 'estimated' THEN cost_usd END)",
+            "sum(usage_source = 'estimated')",
         ]
         sql = f"SELECT {', '.join(select)} FROM events{where}"
         if groups:
@@ -919,6 +923,11 @@ class EventStore:
             item["unpriced_calls"] = row[n + 2] or 0
             for j, t in enumerate(_TOKEN_COLUMNS):
                 item[t] = row[n + 3 + j] or 0
+            estimated = row[n + 3 + len(_TOKEN_COLUMNS)]
+            item["estimated_cost_usd"] = (
+                None if estimated is None or not math.isfinite(estimated) else round(estimated, 10)
+            )
+            item["estimated_calls"] = row[n + 4 + len(_TOKEN_COLUMNS)] or 0
             out.append(item)
         return out
 

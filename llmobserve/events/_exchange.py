@@ -8,6 +8,7 @@ and read a few of the response's).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 
 from llmobserve.events._record import UsageLike, header_value, headers_to_mapping
@@ -94,8 +95,9 @@ def exchange_from_transaction(txn: Transaction) -> Exchange:
     )
 
 
-def default_analyse() -> AnalyseFn:
-    """C{parsers.analyse}, warmed up.
+def default_analyse(no_estimate: frozenset[str] = frozenset()) -> AnalyseFn:
+    """C{parsers.analyse}, warmed up; with C{no_estimate} (provider ids set
+    to C{--stream-usage ...=off}), an C{analyse} that does not estimate them.
 
     The first call loads the price data (about 15 ms and tens of thousands
     of objects): done here, at start-up, it is not paid by the first call
@@ -106,6 +108,8 @@ def default_analyse() -> AnalyseFn:
         analyse(_WARM_UP)
     except Exception:
         pass  # a warm-up only: the real calls report their own errors
+    if no_estimate:
+        return functools.partial(analyse, no_estimate=no_estimate)
     return analyse  # a UsageRecord is a UsageLike (mypy checks it here)
 
 

@@ -920,6 +920,7 @@ def make_event_sink(
     analyse: AnalyseFn | None = None,
     endpoint: IStreamClientEndpoint | None = None,
     store_factory: Callable[[str], StoreLike] | None = None,
+    no_estimate: frozenset[str] = frozenset(),
 ) -> tuple[ITransactionSink, IService]:
     """Build the event sink and the service that runs it (the same object).
 
@@ -927,6 +928,9 @@ def make_event_sink(
     into C{store_factory(db_path or default_db_path())} (the embedded store:
     the caller passes the collector's C{EventStore}) in a writer thread.
     C{spool_dir} defaults to C{llmobserve.paths.default_spool_dir()}.
+
+    C{no_estimate} names the providers whose streams without usage stay
+    unpriced (C{--stream-usage PROVIDER=off}); the others are estimated.
 
     @raise ValueError: a bad collector URL, or no C{store_factory} without one.
     @raise SpoolLocked: every candidate spool directory is in use.
@@ -980,7 +984,7 @@ def make_event_sink(
             parse_workers=parse_workers,
             parse_queue=parse_queue,
             parse_gather=parse_gather,
-            analyse=analyse if analyse is not None else default_analyse(),
+            analyse=analyse if analyse is not None else default_analyse(no_estimate),
             flush_interval=flush_interval,
             parse_drain_timeout=parse_drain_timeout,
             ack_drain_timeout=ack_drain_timeout,

@@ -30,8 +30,10 @@ from llmobserve.proxy._errors import prepare_error, write_error
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
+from llmobserve.proxy._streamusage import StreamUsagePolicy, UsageInjection
 from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
 from llmobserve.transaction import ITransactionSink, Outcome, Transaction
+from parsers.streamusage import UsageChunkFilter
 
 __all__ = ["Relay", "RelayServices"]
 
@@ -93,7 +95,7 @@ class DeadlineSweeper:
 class RelayServices:
     """What every relay of one proxy shares: config, policy, pool, sink, clock."""
 
-    __slots__ = ("clock", "config", "deadlines", "policy", "pool", "sink", "stats")
+    __slots__ = ("clock", "config", "deadlines", "policy", "pool", "sink", "stats", "stream_usage")
 
     def __init__(
         self,
@@ -102,8 +104,11 @@ class RelayServices:
         policy: TargetPolicy,
         pool: UpstreamPool,
         sink: ITransactionSink,
+        stream_usage: StreamUsagePolicy | None = None,
     ) -> None:
         self.clock = clock
+        #: C{--stream-usage}: which streamed requests get usage injected.
+        self.stream_usage = stream_usage if stream_usage is not None else StreamUsagePolicy()
         self.config = config
         self.policy = policy
         self.pool = pool
@@ -135,6 +140,7 @@ class Relay:
         "_req_tap",
         "_request",
         "_resolved",
+        "_resp_filter",
         "_resp_tap",
         "_response_bytes",
         "_response_headers",
@@ -149,6 +155,7 @@ class Relay:
         "_t_sent",
         "_t_upstream_done",
         "_target",
+        "_usage",
         "deadline",
     )
 
@@ -197,6 +204,15 @@ class Relay:
         self.deadline = float("inf")  # clock time; checked by the DeadlineSweeper
         self._paused_at: float | None = None  # when the client's socket filled up
         self._deadline_kind = ""
+        #: The one hook of C{--stream-usage inject}: set for the requests it rewrites.
+        self._usage: UsageInjection | None = (
+            services.stream_usage.plan(
+                self._method, target.path, target.host, target.port, provider_hint, head
+            )
+            if self._method == b"POST"
+            else None
+        )
+        self._resp_filter: UsageChunkFilter | None = None
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
 
@@ -249,6 +265,9 @@ class Relay:
         self._resolved = resolved
         if self._provider_hint is None:
             self._provider_hint = resolved.provider_hint
+        usage = self._usage
+        if usage is not None and usage.holding:
+            return  # connects once the body is read (see _release_held_body)
         self._connect()
 
     def _connect(self, *, fresh: bool = False) -> None:
@@ -319,10 +338,14 @@ class Relay:
         head = self._head
         target = t.path.encode() + (b"?" + t.query.encode() if t.query else b"")
         parts = [self._method, b" ", target, b" HTTP/1.1\r\nHost: ", t.authority.encode(), b"\r\n"]
-        for name, value in head.forward:
+        usage = self._usage
+        forward = head.forward if usage is None else usage.forward_headers(head.forward)
+        for name, value in forward:
             parts += (name, b": ", value, b"\r\n")
         if head.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif usage is not None and usage.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % usage.content_length)
         elif head.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % head.content_length)
         if self._s.config.add_via:
@@ -345,6 +368,15 @@ class Relay:
             )
             return
         self._req_tap.add(data)
+        usage = self._usage
+        if usage is not None and usage.holding:
+            held = usage.hold(data)
+            if held is not None:  # over the bound: forwarded unchanged
+                self._release_held_body(held)
+            return
+        self._forward_body_chunk(data)
+
+    def _forward_body_chunk(self, data: bytes) -> None:
         conn = self._conn
         if conn is not None:
             self._send_chunk(conn, data)
@@ -361,10 +393,21 @@ class Relay:
     def body_complete(self) -> None:
         if self._done:
             return
+        usage = self._usage
+        if usage is not None and usage.holding:
+            self._release_held_body(usage.finish())
         self._body_done = True
         conn = self._conn
         if conn is not None:
             self._send_body_end(conn)
+
+    def _release_held_body(self, body: bytes) -> None:
+        """The body C{--stream-usage} held (rewritten or not) goes the usual
+        way; the connection waited for it when the target was checked first."""
+        if body:
+            self._forward_body_chunk(body)
+        if self._resolved is not None and self._conn is None and self._connecting is None:
+            self._connect()
 
     def _send_chunk(self, conn: UpstreamConnection, data: bytes) -> None:
         if self._head.chunked:
@@ -412,6 +455,10 @@ class Relay:
         forward, content_length = client_response_headers(headers)
         for name, value in forward:
             out.addRawHeader(name, value)
+        if self._usage is not None:
+            self._resp_filter = self._usage.response_filter(status, headers)
+            if self._resp_filter is not None:
+                content_length = None  # the body the client gets is shorter
         if content_length is not None and (
             self._method == b"HEAD" or status not in _NO_BODY_STATUS
         ):
@@ -425,6 +472,10 @@ class Relay:
         self._last_activity = self._s.clock.seconds()
         self._response_bytes += len(data)
         self._resp_tap.add(data)
+        if self._resp_filter is not None:
+            data = self._resp_filter.feed(data)
+            if not data:
+                return
         self._request.write(data)
 
     def upstream_complete(self) -> None:
@@ -433,6 +484,10 @@ class Relay:
         self._t_upstream_done = _now()
         self._conn = None
         request = self._request
+        if self._resp_filter is not None:
+            rest = self._resp_filter.close()
+            if rest:
+                request.write(rest)
         request.unregisterProducer()
         status = self._status or 0
         if self._body_done:

@@ -34,6 +34,7 @@ from llmobserve.proxy._policy import (
 )
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource
+from llmobserve.proxy._streamusage import StreamUsagePolicy
 from llmobserve.proxy._tls import collector_endpoint, load_extra_trust, tls_creator
 from llmobserve.proxy._tuning import ProcessTuning
 from llmobserve.proxy._upstream import UpstreamPool
@@ -45,6 +46,7 @@ from llmobserve.proxy._workers import (
 )
 from llmobserve.proxy._writes import WriteCoalescer
 from llmobserve.transaction import ITransactionSink
+from parsers.streamusage import STREAM_USAGE_MODES
 
 __all__ = ["Options", "makeService"]
 
@@ -199,6 +201,7 @@ class Options(usage.Options):
         self["resolve"] = {}
         self["dns-server"] = []
         self["public-name"] = []
+        self["stream-usage"] = {}
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -243,6 +246,19 @@ class Options(usage.Options):
             self["public-name"].append(public_name(name))
         except ValueError as e:
             raise usage.UsageError(f"--public-name: {e}") from None
+
+    def opt_stream_usage(self, spec: str) -> None:
+        """PROVIDER=inject|estimate|off: how a stream without usage is priced
+        (default openai=inject, estimate for the rest). inject adds
+        stream_options.include_usage to a streamed chat/completions request
+        and removes the usage chunk from the client's stream; estimate counts
+        tokens locally; off leaves it unpriced. Repeatable."""
+        provider, mode = _pair(spec, "--stream-usage")
+        if mode not in STREAM_USAGE_MODES:
+            raise usage.UsageError(
+                f"--stream-usage {provider}: {mode!r} is not inject|estimate|off"
+            )
+        self["stream-usage"][provider] = mode
 
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
@@ -301,6 +317,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
             else None
         ),
         store_factory=open_embedded_store,
+        no_estimate=StreamUsagePolicy(options["stream-usage"]).no_estimate,
     )
 
 
@@ -497,7 +514,8 @@ def build_proxy(
         max_head_bytes=config.max_response_head,
         tls_creator=lambda hostname: tls_creator(hostname, trust),
     )
-    services = RelayServices(reactor, config, policy, pool, sink)
+    stream_usage = StreamUsagePolicy(options["stream-usage"], options["provider-host"])
+    services = RelayServices(reactor, config, policy, pool, sink, stream_usage)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
         services, base_urls, host_guard=HostGuard(options["public-name"]), api=api

@@ -212,6 +212,8 @@ def test_report_grouping(store: EventStore) -> None:
             "cache_write_tokens": 0,
             "output_tokens": 11,
             "reasoning_tokens": 0,
+            "estimated_cost_usd": None,
+            "estimated_calls": 0,
         }
     ]
     for by in (["endpoint"], ["tenant"], ["section"], ["section_path"], ["run"]):

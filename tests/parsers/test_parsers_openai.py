@@ -513,19 +513,22 @@ def test_groq_x_groq_usage() -> None:
 
 
 def test_stream_without_usage_is_missing_not_zero() -> None:
-    """No stream_options.include_usage: usage missing, flagged, cost null."""
+    """No stream_options.include_usage and --stream-usage openai=off: usage
+    missing, flagged, cost null; otherwise estimated (and labelled so)."""
     events: list[dict[str, Any] | str] = [
         {"id": "c", "model": "gpt-4o-mini", "choices": [{"delta": {"content": "x"}}]},
         "[DONE]",
     ]
-    record = analyse(
-        exchange(
-            "api.openai.com", "/v1/chat/completions", sse(events), content_type="text/event-stream"
-        )
+    ex = exchange(
+        "api.openai.com", "/v1/chat/completions", sse(events), content_type="text/event-stream"
     )
+    record = analyse(ex, no_estimate={"openai"})
     assert record.usage_source == "missing"
     assert record.cost_usd is None
     assert "usage_not_in_stream" in record.flags
+    estimated = analyse(ex)
+    assert estimated.usage_source == "estimated" and estimated.usage["output_tokens"] == 1
+    assert "usage_not_in_stream" in estimated.flags
 
 
 def test_stream_cut_short_keeps_what_was_seen() -> None:

@@ -66,7 +66,8 @@ def test_random_multi_splits_same_events(data: st.DataObject, name: str) -> None
 @pytest.mark.parametrize("name", sorted(STREAMS))
 def test_every_prefix_is_total_and_monotone(name: str) -> None:
     """A stream cut at any byte gives a record without exception or parse error; once
-    usage appears it is the usage of the events seen so far, never a sum."""
+    usage appears it is the usage of the events seen so far, never a sum (a
+    prefix without usage may be estimated instead: not a reported figure)."""
     host, path, body = STREAMS[name]
     full = analyse(exchange(host, path, body, content_type="text/event-stream"))
     assert full.usage_source == "reported" and not full.flags
@@ -74,6 +75,8 @@ def test_every_prefix_is_total_and_monotone(name: str) -> None:
         record = analyse(exchange(host, path, body[:i], content_type="text/event-stream"))
         assert "parser_exception" not in record.flags
         assert record.parse_error is None, (i, record.parse_error)
+        if record.usage_source == "estimated":
+            continue
         for key, value in record.usage.items():
             assert value <= full.usage.get(key, value), (i, key)
 

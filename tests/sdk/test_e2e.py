@@ -303,19 +303,18 @@ def test_openai_streaming(tracked: World, include_usage: bool) -> None:
     assert event["streamed"] is True
     assert event["provider"] == "openai" and event["model"] == "gpt-4o-mini-2024-07-18"
     assert event["context"]["section_path"] == "writer"
-    if include_usage:
-        _check(
-            event,
-            provider="openai",
-            model="gpt-4o-mini-2024-07-18",
-            customer=customer,
-            section_path="writer",
-            usage={"input_tokens": 11, "output_tokens": 4},
-            streamed=True,
-        )
-        assert event["usage_source"] == "reported"
-    else:
-        assert event["usage_source"] in ("estimated", "missing")
+    # Without include_usage the proxy asks for it (--stream-usage openai=inject,
+    # the default) and hides the usage chunk: the client saw the stream above.
+    _check(
+        event,
+        provider="openai",
+        model="gpt-4o-mini-2024-07-18",
+        customer=customer,
+        section_path="writer",
+        usage={"input_tokens": 11, "output_tokens": 4},
+        streamed=True,
+    )
+    assert event["usage_source"] == "reported"
 
 
 # -- Anthropic -------------------------------------------------------------------------
