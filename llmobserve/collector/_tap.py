@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from llmobserve.endpoints import listen_endpoint
+from llmobserve.endpoints import listen_endpoint, listens_beyond_loopback
 from llmobserve.events import MAX_FRAME_SIZE
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
@@ -31,6 +31,15 @@ class Options(usage.Options):
         "Events are stored in SQLite (WAL mode), deduplicated on their id, and "
         "acknowledged only after commit. See docs/COLLECTOR.md."
     )
+    optFlags = [
+        [
+            "require-keys",
+            None,
+            "Require API keys on loopback too (always on when listening beyond "
+            "loopback): an ingest key in each link's hello, a read key "
+            "(Authorization: Bearer) on /api/*. Keys: llmobserve keys create --db.",
+        ],
+    ]
     optParameters = [
         [
             "port",
@@ -120,4 +129,5 @@ def makeService(options: usage.Options) -> IService:
         scheme="https" if description.startswith("ssl:") else "http",
         host_guard=HostGuard(options["public-name"]),
         max_partial_bytes=options["max-partial-bytes"],
+        require_keys=bool(options["require-keys"]) or listens_beyond_loopback(description),
     )

@@ -115,7 +115,13 @@ class LinkProtocol(Protocol):
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]  # IConsumer
         self._last_heard = self._link.clock.seconds()
-        hello = {"t": "hello", "proxy_id": self._link.proxy_id, "version": PROTOCOL_VERSION}
+        hello: dict[str, Any] = {
+            "t": "hello",
+            "proxy_id": self._link.proxy_id,
+            "version": PROTOCOL_VERSION,
+        }
+        if self._link.key:
+            hello["key"] = self._link.key
         self.transport.write(MAGIC + encode_frame(hello))
         self._beat = self._link.clock.callLater(self._link.heartbeat_interval, self._heartbeat)
         self._link._connected(self)
@@ -166,6 +172,12 @@ class LinkProtocol(Protocol):
                 return False
             self.ready = True
             self._link._welcomed(self)
+        elif kind == "error":
+            reason = message.get("reason")
+            self._link._refused(reason if isinstance(reason, str) else "error", message)
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
+            return False
         elif kind == "ping":
             self._write({"t": "pong", "ts": message.get("ts", 0.0)})
         elif kind == "pong":
@@ -234,6 +246,8 @@ class CollectorLink(Service):
         C{connected} (welcome received) or C{down} (the last attempt failed
         or the link was lost; a retry is scheduled).
     @ivar reconnects: connection attempts after the first.
+    @ivar refused: why the collector last refused this link (its C{error}
+        frame's reason, e.g. C{unauthorized}), None once welcomed.
     """
 
     _log = Logger()
@@ -254,8 +268,12 @@ class CollectorLink(Service):
         retry: Callable[[int], float] | None = None,
         max_batch_records: int = 500,
         max_batch_bytes: int = 1024 * 1024,
+        key: str | None = None,
     ) -> None:
         self.clock = clock
+        #: the link key sent in the hello (C{--collector-key}); never logged
+        self.key = key
+        self.refused: str | None = None
         self.outbox = outbox
         self.proxy_id = proxy_id
         self.url = url
@@ -315,9 +333,24 @@ class CollectorLink(Service):
         if proto is not self._proto:
             return
         self.state = "connected"
+        self.refused = None
         self.outbox.rewind()
         self._log.info("collector link up: {url}", url=self.url)
         self.pump()
+
+    def _refused(self, reason: str, message: dict[str, Any]) -> None:
+        # Every event stays spooled; the service keeps retrying, so a key
+        # created or fixed on the collector is picked up without a restart.
+        if reason != self.refused:
+            text = message.get("message")
+            self._log.warn(
+                "collector {url} refused the link ({reason}): {why}",
+                url=self.url,
+                reason=reason,
+                why=text if isinstance(text, str) else "",
+            )
+        self.refused = reason
+        self.state = "down"
 
     def _acked(self, seq: int) -> None:
         self.outbox.ack(seq)

@@ -199,6 +199,8 @@ class EventPipeline(Service):
                 "mode": self.mode,
                 "state": self.delivery.state,
                 "url": self.delivery.url,
+                # why the collector refused the link (e.g. unauthorized)
+                "refused": getattr(self.delivery, "refused", None),
             },
             "events_waiting": self.outbox.waiting,
         }
@@ -710,6 +712,7 @@ def make_event_sink(
     analyse: AnalyseFn | None = None,
     endpoint: IStreamClientEndpoint | None = None,
     store_factory: Callable[[str], StoreLike] | None = None,
+    collector_key: str | None = None,
 ) -> tuple[ITransactionSink, IService]:
     """Build the event sink and the service that runs it (the same object).
 
@@ -744,6 +747,7 @@ def make_event_sink(
                 url=collector_url,
                 heartbeat_interval=heartbeat_interval,
                 retry=retry_policy(initial=backoff_initial, cap=backoff_max),
+                key=collector_key,
             )
             mode = "link"
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from llmobserve.endpoints import endpoint_parts, listen_endpoint
+from llmobserve.endpoints import listen_endpoint, listens_beyond_loopback
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
@@ -46,24 +47,6 @@ from llmobserve.transaction import ITransactionSink
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
-_LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
-
-
-def listens_beyond_loopback(description: str) -> bool:
-    """True unless the endpoint string pins a loopback interface (or is a UNIX socket)."""
-    kind, *args = endpoint_parts(description)
-    if kind == "unix":
-        return False
-    for part in args:
-        if part.startswith("interface="):
-            iface = part[len("interface=") :].replace("\\", "")
-            if iface in _LOOPBACK_NAMES:
-                return False
-            try:
-                return not ipaddress.ip_address(iface).is_loopback
-            except ValueError:
-                return True
-    return True
 
 
 def _pair(spec: str, what: str) -> tuple[str, str]:
@@ -97,6 +80,13 @@ class Options(usage.Options):
             None,
             "Collector URL (http://host:port, or https:// for a collector on an ssl: port);"
             " default: the embedded store.",
+        ],
+        [
+            "collector-key",
+            None,
+            None,
+            "The link key (an ingest key from llmobserve keys create) sent to a collector "
+            "that requires keys (default: $LLMOBSERVE_COLLECTOR_KEY).",
         ],
         [
             "collector-ca-file",
@@ -247,6 +237,8 @@ class Options(usage.Options):
         self["port"] = listen_endpoint(str(self["port"]))
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
+        if self["collector-key"] is None:
+            self["collector-key"] = os.environ.get("LLMOBSERVE_COLLECTOR_KEY") or None
         if self["collector-ca-file"] is not None:
             if not str(self["collector"] or "").startswith("https://"):
                 raise usage.UsageError("--collector-ca-file needs an https:// --collector")
@@ -276,6 +268,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
             else None
         ),
         store_factory=open_embedded_store,
+        collector_key=options["collector-key"],
     )
 
 
