@@ -116,8 +116,13 @@ def bearer_key(request: Request) -> str | None:
     return (key.strip() or None) if kind.lower() == "bearer" else None
 
 
-def _refuse(request: Request, status: int, kind: str, message: str) -> bytes:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode() + b"\n"
+def _refuse(
+    request: Request, status: int, kind: str, message: str, reason: str | None = None
+) -> bytes:
+    error = {"type": kind, "message": message}
+    if reason is not None:
+        error["reason"] = reason
+    body = json.dumps({"error": error}).encode() + b"\n"
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"x-llmobserve-error", kind.encode())
@@ -133,6 +138,8 @@ class KeyGuardedResource(Resource):
     C{GET}/C{HEAD} need C{read}; anything else, and every path under one of
     C{admin_paths}, needs C{admin}. A non-admin key's project scopes the
     request (its C{project} parameter is replaced by the key's).
+    C{GET whoami} below it answers any valid key's name, project and scope
+    (how a proxy checks its clients' keys with the collector).
 
     @param inner: the guarded tree (its children are found below this one).
     @param verifier: the verdicts.
@@ -158,7 +165,9 @@ class KeyGuardedResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         scope = "read" if request.method in (b"GET", b"HEAD") else "admin"
-        if self._admin_only or (request.postpath and request.postpath[0] in self._admin_paths):
+        if request.postpath == [b"whoami"] and not self._admin_only:
+            scope = "any"
+        elif self._admin_only or (request.postpath and request.postpath[0] in self._admin_paths):
             scope = "admin"
         key = bearer_key(request)
         verdict = self._verifier.cached(key)
@@ -182,7 +191,13 @@ class KeyGuardedResource(Resource):
 
     def _decide(self, request: Request, verdict: Verdict, scope: str) -> bytes | int:
         if verdict.reason is not None:
-            return _refuse(request, 401, "unauthorized", refusal_message(verdict, scope))
+            message = refusal_message(verdict, scope)
+            return _refuse(request, 401, "unauthorized", message, verdict.reason)
+        if scope == "any":
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            who = {"name": verdict.name, "project": verdict.project, "scope": verdict.scope}
+            return json.dumps(who).encode() + b"\n"
         if not verdict.allows(scope):
             return _refuse(request, 403, "forbidden", refusal_message(verdict, scope))
         if verdict.scope != "admin" and verdict.project is not None:

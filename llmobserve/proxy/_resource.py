@@ -31,6 +31,7 @@ from llmobserve import __version__
 from llmobserve.hostguard import HostGuard
 from llmobserve.proxy._errors import write_error
 from llmobserve.proxy._headers import RequestHead, split_request_headers
+from llmobserve.proxy._keygate import AwaitingKey, ClientKeyGate, ClientVerdict
 from llmobserve.proxy._policy import Target, TargetRefused, parse_target
 from llmobserve.proxy._relay import Relay, RelayServices, write_error_early
 from llmobserve.proxy._streaming import IStreamingResource, StreamingRequest
@@ -73,6 +74,8 @@ class ProxyResource:
     @param host_guard: the C{Host} check every route passes first (IP
         literals, localhost and C{--public-name} names; defeats browser DNS
         rebinding). Default: no public names.
+    @param key_gate: when given, a forwarded call needs a valid
+        C{X-LLMObserve-Key} (L{ClientKeyGate}); its project goes into the event.
     """
 
     isLeaf = True
@@ -84,8 +87,10 @@ class ProxyResource:
         base_urls: Mapping[str, str],
         host_guard: HostGuard | None = None,
         api: Callable[[], Any] | None = None,
+        key_gate: ClientKeyGate | None = None,
     ) -> None:
         self._s = services
+        self._key_gate = key_gate
         self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._guard = host_guard or HostGuard()
@@ -197,9 +202,50 @@ class ProxyResource:
             return _REFUSAL
         if target is None:
             return None  # unknown route: render answers 404
+        gate = self._key_gate
+        if gate is not None:
+            key = head.ours.get(b"key")
+            verdict = gate.cached(key)
+            if verdict is None:
+                return self._await_key(request, head, target, provider, key, started_at, t0)
+            if verdict.reason is not None:
+                self._refuse_key(request, verdict)
+                return _REFUSAL
+            head.project = verdict.project
         relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
         relay.start(watch_client=not getattr(request, "reports_client_gone", False))
         return relay
+
+    def _await_key(
+        self,
+        request: Any,
+        head: RequestHead,
+        target: Target,
+        provider: str | None,
+        key: bytes | None,
+        started_at: float,
+        t0: float,
+    ) -> AwaitingKey:
+        """The call waits (its body held) for its key's first verdict."""
+        assert self._key_gate is not None
+
+        def start(project: str | None) -> Relay:
+            head.project = project
+            relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
+            relay.start(watch_client=not getattr(request, "reports_client_gone", False))
+            return relay
+
+        waiting = AwaitingKey(request, start, lambda v: self._refuse_key(request, v))
+        self._key_gate.check(key).addCallback(waiting.decided)
+        return waiting
+
+    def _refuse_key(self, request: Any, verdict: ClientVerdict) -> None:
+        if verdict.reason == "unavailable":
+            status, kind = 503, "key_check_unavailable"
+            message = "the client key could not be checked (the key store is unreachable)"
+        else:
+            status, kind, message = 401, "unauthorized", verdict.message
+        write_error_early(request, status, kind, message, self._s.clock)
 
     # Routing
 

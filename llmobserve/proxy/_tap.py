@@ -22,6 +22,7 @@ from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
+from llmobserve.proxy._keygate import ClientKeyGate, collector_lookup, store_lookup
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import (
     DnsServerResolver,
@@ -152,6 +153,13 @@ class Options(usage.Options):
             "(default when listening beyond loopback).",
         ],
         [
+            "require-keys",
+            None,
+            "Forward a call only with a valid X-LLMObserve-Key (ingest or admin scope; "
+            "checked by the collector, or in the embedded store); on by default when "
+            "listening beyond loopback.",
+        ],
+        [
             "no-via",
             None,
             "Do not add 'Via: 1.1 llmobserve' upstream (loops are then caught by address only).",
@@ -246,6 +254,13 @@ class Options(usage.Options):
                 load_extra_trust(self["collector-ca-file"])
             except (ValueError, OSError) as e:
                 raise usage.UsageError(f"--collector-ca-file: {e}") from None
+        if listens_beyond_loopback(self["port"]):
+            self["require-keys"] = True
+        if self["require-keys"] and self["no-events"] and not self["collector"]:
+            raise usage.UsageError(
+                "client keys are required (--require-keys, or listening beyond loopback) and "
+                "--no-events keeps no key store: give --collector URL to check them there"
+            )
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
             self["known-hosts-only"] = True
             self["known-hosts-only-forced"] = True
@@ -318,6 +333,22 @@ def _report_api(sink: ITransactionSink, reactor: Any) -> EmbeddedReportApi | Non
     """The C{/api} of an embedded proxy; None when events go to a collector."""
     store_path: str | None = sink.store_path
     return None if store_path is None else EmbeddedReportApi(reactor, store_path)
+
+
+def _client_key_gate(
+    options: Options, reactor: Any, sink: ITransactionSink
+) -> tuple[ClientKeyGate | None, Service | None]:
+    """The client-key check, when the proxy requires keys: against the
+    collector (C{/api/whoami}) or the embedded store file."""
+    if not options["require-keys"]:
+        return None, None
+    if options["collector"]:
+        lookup = collector_lookup(options["collector"], options["collector-ca-file"])
+        return ClientKeyGate(reactor, lookup), None
+    store_path = sink.store_path
+    assert store_path is not None  # postOptions refuses --no-events without a collector
+    service = store_lookup(reactor, store_path)
+    return ClientKeyGate(reactor, service), service
 
 
 class ProxyService(Service):
@@ -415,6 +446,7 @@ def build_proxy(
     options: Options,
     sink: ITransactionSink,
     api: Callable[[], Any] | None = None,
+    key_gate: ClientKeyGate | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options."""
     config = RelayConfig(
@@ -452,7 +484,11 @@ def build_proxy(
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
-        services, base_urls, host_guard=HostGuard(options["public-name"]), api=api
+        services,
+        base_urls,
+        host_guard=HostGuard(options["public-name"]),
+        api=api,
+        key_gate=key_gate,
     )
     site = ProxyServerFactory(
         resource,
@@ -512,8 +548,9 @@ def makeService(options: Options) -> IService:
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
+    gate, gate_service = _client_key_gate(options, reactor, sink)
     site, services, policy = build_proxy(
-        reactor, options, sink, api.resource if api is not None else None
+        reactor, options, sink, api.resource if api is not None else None, gate
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
@@ -536,6 +573,8 @@ def makeService(options: Options) -> IService:
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
+    if gate_service is not None:
+        gate_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
