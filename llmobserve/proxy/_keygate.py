@@ -57,20 +57,26 @@ _MESSAGES: Final = {
     "missing": "X-LLMObserve-Key is required by this proxy",
     "unknown": "the X-LLMObserve-Key is not known",
     "revoked": "the X-LLMObserve-Key was revoked",
-    "scope": "the X-LLMObserve-Key's scope does not allow calls (needs ingest or admin)",
 }
 
 
 @attrs.frozen
 class ClientVerdict:
-    """What a client's key may do: C{reason} None when it may call."""
+    """What a client's key may do: C{reason} None for a valid key."""
 
     reason: str | None
     project: str | None = None
+    scope: str | None = None
 
-    @property
-    def message(self) -> str:
-        return _MESSAGES.get(self.reason or "", "the X-LLMObserve-Key was not accepted")
+    def allows(self, scope: str) -> bool:
+        """A valid key whose scope is C{scope} or C{admin}."""
+        return self.reason is None and self.scope in (scope, "admin")
+
+    def message(self, scope: str) -> str:
+        """Why it does not allow C{scope} (never the key)."""
+        if self.reason is None:
+            return f"a {self.scope} key may not do this (needs {scope} or admin)"
+        return _MESSAGES.get(self.reason, "the key was not accepted")
 
 
 _MISSING: Final = ClientVerdict("missing")
@@ -136,9 +142,7 @@ class ClientKeyGate:
 def _store_verdict(reason: str | None, project: str | None, scope: str | None) -> ClientVerdict:
     if reason is not None:
         return ClientVerdict(reason)
-    if scope not in ("ingest", "admin"):
-        return ClientVerdict("scope")
-    return ClientVerdict(None, project)
+    return ClientVerdict(None, project, scope)
 
 
 class store_lookup(Service):  # used as a function: store_lookup(path)(key)
@@ -251,7 +255,7 @@ class AwaitingKey:
         held, self._held = self._held, None
         if self._gone or held is None:
             return
-        if verdict.reason is not None:
+        if not verdict.allows("ingest"):
             self._refuse(verdict)
             return
         relay = self._relay = self._start(verdict.project)

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from llmobserve import __version__
 from llmobserve.hostguard import HostGuard
+from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._errors import write_error
 from llmobserve.proxy._headers import RequestHead, split_request_headers
 from llmobserve.proxy._keygate import AwaitingKey, ClientKeyGate, ClientVerdict
@@ -147,6 +148,37 @@ class ProxyResource:
         if not request.postpath:
             write_error(request, 404, "not_found", "see /api/events and /api/report")
             return server.NOT_DONE_YET
+        gate = self._key_gate
+        if gate is None:
+            return getChildForRequest(self._api(), request).render(request)
+        # keys required: a read key (its project only) or an admin key, as
+        # X-LLMObserve-Key or Authorization: Bearer
+        key = request.getHeader(b"x-llmobserve-key")
+        if key is None:
+            kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+            key = value.strip() if kind.lower() == b"bearer" else None
+        verdict = gate.cached(key)
+        if verdict is not None:
+            return self._api_with(request, verdict)
+        gate.check(key).addCallback(self._api_decided, request)
+        return server.NOT_DONE_YET
+
+    def _api_decided(self, verdict: ClientVerdict, request: Any) -> None:
+        if request.finished or client_gone(request):
+            return
+        body = self._api_with(request, verdict)
+        if body is not server.NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _api_with(self, request: Any, verdict: ClientVerdict) -> Any:
+        assert self._api is not None
+        if not verdict.allows("read"):
+            status, kind, message = _key_refusal(verdict, "read")
+            write_error(request, status, kind, message)
+            return server.NOT_DONE_YET
+        if verdict.scope != "admin":
+            request.args[b"project"] = [(verdict.project or "").encode("utf-8")]
         return getChildForRequest(self._api(), request).render(request)
 
     # IStreamingResource
@@ -208,7 +240,7 @@ class ProxyResource:
             verdict = gate.cached(key)
             if verdict is None:
                 return self._await_key(request, head, target, provider, key, started_at, t0)
-            if verdict.reason is not None:
+            if not verdict.allows("ingest"):
                 self._refuse_key(request, verdict)
                 return _REFUSAL
             head.project = verdict.project
@@ -240,11 +272,7 @@ class ProxyResource:
         return waiting
 
     def _refuse_key(self, request: Any, verdict: ClientVerdict) -> None:
-        if verdict.reason == "unavailable":
-            status, kind = 503, "key_check_unavailable"
-            message = "the client key could not be checked (the key store is unreachable)"
-        else:
-            status, kind, message = 401, "unauthorized", verdict.message
+        status, kind, message = _key_refusal(verdict, "ingest")
         write_error_early(request, status, kind, message, self._s.clock)
 
     # Routing
@@ -330,6 +358,18 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+
+def _key_refusal(verdict: ClientVerdict, scope: str) -> tuple[int, str, str]:
+    """Status, error kind and message for a key that does not allow C{scope}."""
+    if verdict.reason == "unavailable":
+        return 503, "key_check_unavailable", "the key could not be checked (key store unreachable)"
+    if verdict.reason is None and scope != "ingest":
+        return 403, "forbidden", verdict.message(scope)
+    # A call is refused with 401 even for a valid key of another scope: the
+    # SDK takes a 403 with our error header as "nothing went upstream, go
+    # direct", and a call with the wrong key must not leave untracked.
+    return 401, "unauthorized", verdict.message(scope)
 
 
 def _merge_query(url: str, extra: str) -> str:

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -82,11 +83,17 @@ def _proxy(tmp_path: Path, upstream: RecordingUpstream, *args: str) -> ProxyProc
 def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) -> None:
     """No key, a wrong key, a read key: 401 C{unauthorized} with the error
     contract, nothing forwarded. An ingest key: forwarded without the
-    header, the event carries its project. Revoked with C{keys revoke --db}
+    header, the event carries its project; the proxy's own /api answers a
+    read key its project's events only, an admin key all. Revoked with C{keys revoke --db}
     while the proxy runs: refused within seconds."""
     db = tmp_path / "proxy.sqlite3"
     good = _new_key("--name", "app", "--project", "shop", "--db", str(db))
     read = _new_key("--name", "reader", "--scope", "read", "--db", str(db))
+    shop_read = _new_key(
+        "--name", "shop-reader", "--project", "shop", "--scope", "read", "--db", str(db)
+    )  # fmt: skip
+    other = _new_key("--name", "other", "--project", "other", "--scope", "read", "--db", str(db))
+    admin = _new_key("--name", "admin", "--scope", "admin", "--db", str(db))
     with RecordingUpstream() as upstream, _proxy(tmp_path, upstream, "--db", str(db)) as proxy:
         for key in (None, "llmo_" + "w" * 43, read):
             response = _call(proxy, upstream, key)
@@ -99,12 +106,24 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
         assert len(upstream.requests) == 3
         assert all(r.header("x-llmobserve-key") is None for r in upstream.requests)
         _wait_for(
-            lambda: len(_json(proxy.url + "/api/events?kind=call")["events"]) == 3,
+            lambda: len(_json(proxy.url + "/api/events?kind=call", admin)["events"]) == 3,
             10,
             "the events",
         )
-        events = _json(proxy.url + "/api/events?kind=call")["events"]
+        events = _json(proxy.url + "/api/events?kind=call", admin)["events"]
         assert {e["project"] for e in events} == {"shop"}
+        # the proxy's own /api: a read key sees its project only, no key nothing
+        assert _json(proxy.url + "/api/events?kind=call&project=shop", other)["events"] == []
+        assert len(_json(proxy.url + "/api/events?kind=call", read)["events"]) == 0
+        assert len(_json(proxy.url + "/api/events?kind=call", shop_read)["events"]) == 3
+        for key in (None, "llmo_" + "w" * 43, good):
+            request = urllib.request.Request(
+                proxy.url + "/api/report",
+                headers={"Authorization": f"Bearer {key}"} if key else {},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)
+            assert refused.value.code == (403 if key == good else 401)
         assert _cli("keys", "revoke", "app", "--db", str(db)).returncode == 0
         _wait_for(lambda: _call(proxy, upstream, good).status == 401, 10, "the revoked key refused")
         log = proxy.log_text()
