@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.clients import chat_calls
+from support.clients import chat_calls, chat_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
 from support.upstreams import RecordingUpstream
 
@@ -251,9 +251,10 @@ def test_a_revoked_key_stops_working_within_seconds(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_keys_never_reach_logs_spool_store_or_exports(tmp_path: Path) -> None:
-    """Calls and reads made with keys (right, wrong and revoked) leave no
-    key in the proxy's or the collector's log, the spool, the store file or
-    C{llmobserve events --format jsonl}."""
+    """Links, calls (X-LLMObserve-Key) and reads made with keys (right,
+    wrong and revoked) leave no key in the proxy's or the collector's log,
+    the spool, the store file, the upstream's requests or C{llmobserve
+    events --format jsonl}."""
     db = tmp_path / "collector.db"
     ingest = _new_key("--name", "proxy", "--project", "p", "--db", str(db))
     admin = _new_key("--name", "admin", "--scope", "admin", "--db", str(db))
@@ -268,8 +269,17 @@ def test_keys_never_reach_logs_spool_store_or_exports(tmp_path: Path) -> None:
                 10,
                 "the refusal",
             )
-        with _proxy(tmp_path, upstream, collector, "--collector-key", ingest, name="p") as proxy:
-            chat_calls(proxy.port, upstream.url, CALLS)
+        client = "X-LLMObserve-Key: " + ingest
+        with _proxy(
+            tmp_path, upstream, collector, "--collector-key", ingest, "--require-keys", name="p"
+        ) as proxy:
+            # the proxy's clients send keys too: the right one, a wrong and a revoked one
+            for header in (client, "X-LLMObserve-Key: " + wrong, "X-LLMObserve-Key: " + revoked):
+                for _ in range(CALLS if header == client else 1):
+                    head, sep, rest = chat_request(proxy.port, upstream.url).partition(b"\r\n")
+                    request = head + sep + header.encode() + b"\r\n" + rest
+                    status = raw_request(proxy.port, request).status
+                    assert status == (200 if header == client else 401)
             _wait_for(lambda: _json(proxy.url + "/health")["events_waiting"] == 0, 20, "delivery")
         for key in (revoked, wrong, admin):
             _get(collector.url + "/api/report", key)
@@ -277,6 +287,7 @@ def test_keys_never_reach_logs_spool_store_or_exports(tmp_path: Path) -> None:
         assert export.returncode == 0, export.stderr
         assert len(export.stdout.splitlines()) == 2 * CALLS
         logs = [collector.log_text(), proxy.log_text()]
+        logs += [repr(r.headers) for r in upstream.requests]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any("spool" in str(p) for p in files)
     blobs = [p.read_bytes() for p in files] + [t.encode() for t in [*logs, export.stdout]]
