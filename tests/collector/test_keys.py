@@ -184,3 +184,25 @@ def test_events_take_the_link_keys_project_and_a_revoked_key_closes_the_link(
     proto.dataReceived(encode_frame({"t": "batch", "seq": 2, "events": [{"id": "c"}]}))
     assert "error" in [f["t"] for f in _frames(transport)]
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("argv", "required"),
+    [
+        (["--port", "8000"], False),  # a bare port is 127.0.0.1
+        (["--port", "tcp:8000:interface=127.0.0.1", "--require-keys"], True),
+        (["--port", "tcp:8000"], True),  # every interface
+        (["--port", "tcp:8000:interface=0.0.0.0"], True),
+        (["--port", "tcp6:8000:interface=\\:\\:1"], False),
+    ],
+)
+def test_keys_are_required_beyond_loopback_or_when_asked(
+    tmp_path: Path, argv: list[str], required: bool
+) -> None:
+    """The collector built by C{twistd llmobserve-collector} (not started)."""
+    from llmobserve.collector._tap import Options, makeService
+
+    options = Options()
+    options.parseOptions([*argv, "--db", str(tmp_path / "c.sqlite3")])  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    service = makeService(options)
+    assert service.require_keys is required  # type: ignore[attr-defined]  # a CollectorService

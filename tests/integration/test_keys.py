@@ -207,6 +207,9 @@ def test_reads_need_a_key_and_a_read_key_sees_its_own_project(tmp_path: Path) ->
         assert "reader-a" in listed.stdout and "llmo_" not in listed.stdout
         refused = _cli("report", "--collector", url)
         assert refused.returncode == 1 and "API key is required" in refused.stderr
+        revoked = _cli("keys", "revoke", "reader-a", "--collector", url, "--key", admin)
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+        assert _get(url + "/api/events", read_a)[0] == 401  # at once: the cache is dropped
 
 
 @pytest.mark.timeout(120)
