@@ -33,6 +33,8 @@ from llmobserve.collector import (
 from llmobserve.money import usd_fixed
 from llmobserve.paths import ENV_HOME, default_db_path
 
+from ._keys_cli import add_keys_parser, run_keys
+
 __all__ = ["main"]
 
 _PAGE = 5000  # events fetched per query when exporting
@@ -139,7 +141,7 @@ class _StoreSource(_Source):
 
 
 class _CollectorSource(_Source):
-    def __init__(self, url: str, ca_file: str | None = None) -> None:
+    def __init__(self, url: str, ca_file: str | None = None, key: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise CLIError(f"--collector needs an http(s) URL, not {url!r}")
@@ -152,12 +154,18 @@ class _CollectorSource(_Source):
                 self._tls.load_verify_locations(cafile=ca_file)
             except (OSError, ssl.SSLError) as e:
                 raise CLIError(f"--ca-file {ca_file}: {e}") from e
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _get(self, path: str, params: list[tuple[str, Any]]) -> Any:
+    def _get(self, path: str, params: list[tuple[str, Any]], body: Any = None) -> Any:
         query = urllib.parse.urlencode([(k, v) for k, v in params if v is not None])
-        url = f"{self._base}{path}?{query}"
+        url = f"{self._base}{path}?{query}" if query else f"{self._base}{path}"
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers)
         try:
-            with urllib.request.urlopen(url, timeout=_HTTP_TIMEOUT, context=self._tls) as r:
+            with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT, context=self._tls) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             try:
@@ -332,10 +340,15 @@ def _source(args: argparse.Namespace) -> _Source:
     if args.collector:
         if args.db:
             raise CLIError("give --db or --collector, not both")
-        return _CollectorSource(args.collector, args.ca_file)
+        return _CollectorSource(args.collector, args.ca_file, _key(args))
     if args.ca_file:
         raise CLIError("--ca-file is for an https:// --collector")
     return _StoreSource(Path(args.db).expanduser() if args.db else default_db_path())
+
+
+def _key(args: argparse.Namespace) -> str | None:
+    key: str | None = getattr(args, "key", None) or os.environ.get("LLMOBSERVE_API_KEY") or None
+    return key
 
 
 def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
@@ -437,6 +450,11 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
         metavar="PEM",
         help="extra CAs to trust for an https:// collector (a private CA)",
     )
+    g.add_argument(
+        "--key",
+        metavar="KEY",
+        help="API key for a --collector that requires keys (default: $LLMOBSERVE_API_KEY)",
+    )
 
 
 def _add_window_options(p: argparse.ArgumentParser, kinds: bool) -> None:
@@ -462,6 +480,7 @@ _FILTER_HELP = {
     "outcome": "only this outcome (ok, upstream_error, client_aborted, ...)",
     "kind": "only this record kind: call, span or gap",
     "host": "only this target host",
+    "project": "only this project (a key's project; a read key sees only its own)",
 }
 
 
@@ -518,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--offset", type=int, default=0, metavar="N", help="skip the first N")
     _add_source_options(events)
     _add_window_options(events, kinds=True)
+    add_keys_parser(sub, _add_source_options)
     return parser
 
 
@@ -532,6 +552,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "report":
             _cmd_report(args, out)
+        elif args.command == "keys":
+            run_keys(
+                args,
+                out,
+                lambda a: _CollectorSource(a.collector, a.ca_file, _key(a)),
+                CLIError,
+            )
         else:
             _cmd_events(args, out)
     except CLIError as e:

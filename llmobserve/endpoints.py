@@ -14,10 +14,17 @@ Importing this module must stay cheap: no Twisted.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Final
 
-__all__ = ["LISTEN_BACKLOG", "check_port", "endpoint_parts", "listen_endpoint"]
+__all__ = [
+    "LISTEN_BACKLOG",
+    "check_port",
+    "endpoint_parts",
+    "listen_endpoint",
+    "listens_beyond_loopback",
+]
 
 #: Pending connections the kernel may queue before the reactor accepts them.
 LISTEN_BACKLOG: Final = 1024
@@ -65,3 +72,23 @@ def check_port(description: str) -> None:
     for port in named or positional:
         if not port.isdigit() or int(port) > 65535:
             raise ValueError(f"port must be a number from 0 to 65535, got {port!r}")
+
+
+_LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def listens_beyond_loopback(description: str) -> bool:
+    """True unless the endpoint string pins a loopback interface (or is a UNIX socket)."""
+    kind, *args = endpoint_parts(description)
+    if kind == "unix":
+        return False
+    for part in args:
+        if part.startswith("interface="):
+            iface = part[len("interface=") :].replace("\\", "")
+            if iface in _LOOPBACK_NAMES:
+                return False
+            try:
+                return not ipaddress.ip_address(iface).is_loopback
+            except ValueError:
+                return True
+    return True

@@ -96,6 +96,7 @@ class Transaction:
     overhead: float  # time spent in the proxy itself
     outcome: Outcome
     error: str | None = None  # error kind (the X-LLMObserve-Error value) or reason
+    project: str | None = None  # the project of the client's X-LLMObserve-Key
 
 
 class ITransactionSink(Interface):

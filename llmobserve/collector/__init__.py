@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from llmobserve.collector._keys import KeyStoreError
 from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
@@ -24,6 +25,7 @@ __all__ = [
     "GROUPS",
     "NOT_FORWARDED",
     "EventStore",
+    "KeyStoreError",
     "StoreError",
     "StoreThread",
     "TimeSpecError",

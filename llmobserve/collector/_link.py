@@ -26,7 +26,9 @@ from llmobserve.events import (
     encode_frame,
 )
 
+from ._auth import KeyVerifier, refusal_message
 from ._budget import PartialFrameBudget
+from ._keys import Verdict
 from ._loglimit import LogLimiter
 from ._writer import BatchWriter
 
@@ -52,15 +54,24 @@ class LinkRegistry:
 
     @param budget: the bytes all links may hold for incomplete frames.
     @param limiter: collapses repeated log lines of all links together.
+    @param verifier: when given, a link needs an C{ingest} (or C{admin}) key
+        in its C{hello}; None admits every link (loopback without
+        C{--require-keys}).
     """
 
     def __init__(
-        self, budget: PartialFrameBudget | None = None, limiter: LogLimiter | None = None
+        self,
+        budget: PartialFrameBudget | None = None,
+        limiter: LogLimiter | None = None,
+        verifier: KeyVerifier | None = None,
     ) -> None:
         self.links: set[LinkServerProtocol] = set()
         self.protocol_errors = 0
         self.budget = PartialFrameBudget() if budget is None else budget
         self.limiter = limiter
+        self.verifier = verifier
+        #: links refused or closed for their key
+        self.unauthorized = 0
 
     def describe(self) -> list[dict[str, Any]]:
         """One map per open link: proxy id, peer, last ack, events received."""
@@ -100,6 +111,10 @@ class LinkServerProtocol(Protocol):
         self._max_unacked = max_unacked
         self._decoder = FrameDecoder(max_frame_size)
         self._proxy_id: str | None = None
+        self._hello_seen = False
+        self._key: str | None = None
+        self._project: str | None = None
+        self._admin = False
         self._open = False
         self._paused = False
         self._unacked = 0
@@ -170,14 +185,59 @@ class LinkServerProtocol(Protocol):
             self.log.debug("link: ignoring unknown message {kind!r}", kind=kind)
 
     def _hello(self, message: Mapping[str, Any]) -> None:
-        if self._proxy_id is not None:
+        if self._hello_seen:
             raise FrameError("a second hello on one link")
+        self._hello_seen = True
         proxy_id = message.get("proxy_id")
         version = message.get("version")
         if not isinstance(proxy_id, str) or not proxy_id:
             raise FrameError("hello without a string proxy_id")
         if version != PROTOCOL_VERSION or isinstance(version, bool):
             raise FrameError(f"hello with unsupported version {version!r}")
+        verifier = self._registry.verifier
+        if verifier is None:
+            self._welcome(proxy_id)
+            return
+        key = message.get("key")
+        self._key = key if isinstance(key, str) else None
+        d = verifier.check(self._key)
+        d.addCallback(self._hello_verdict, proxy_id)
+
+    def _hello_verdict(self, verdict: Verdict, proxy_id: str) -> None:
+        if not self._open:
+            return
+        if not verdict.allows("ingest"):
+            self._unauthorized(verdict, proxy_id)
+            return
+        self._project = verdict.project
+        self._admin = verdict.scope == "admin"
+        self._welcome(proxy_id)
+
+    def _recheck(self, verdict: Verdict) -> None:
+        if self._open and not verdict.allows("ingest"):
+            self._unauthorized(verdict, self._proxy_id)
+
+    def _unauthorized(self, verdict: Verdict, proxy_id: str | None) -> None:
+        # An error frame says why (never with the key), then the link
+        # closes; the proxy keeps every event spooled and retries.
+        why = refusal_message(verdict, "ingest")
+        self._registry.unauthorized += 1
+        if self._allow("links refused for their key"):
+            self.log.warn(
+                "link from {proxy_id} ({peer}): unauthorized, closing: {why}",
+                proxy_id=proxy_id,
+                peer=self._peer(),
+                why=why,
+            )
+        self._send({"t": "error", "reason": "unauthorized", "message": why})
+        self._open = False
+        self._registry.links.discard(self)
+        self._registry.budget.release(self)
+        transport = self._transport()
+        if transport is not None:
+            transport.loseConnection()
+
+    def _welcome(self, proxy_id: str) -> None:
         self._proxy_id = proxy_id
         self._send({"t": "welcome", "version": PROTOCOL_VERSION, "server": SERVER_NAME})
         self.log.info("link from {proxy_id} ({peer}) open", proxy_id=proxy_id, peer=self._peer())
@@ -185,6 +245,11 @@ class LinkServerProtocol(Protocol):
     def _batch(self, message: Mapping[str, Any]) -> None:
         if self._proxy_id is None:
             raise FrameError("batch before hello")
+        verifier = self._registry.verifier
+        if verifier is not None and verifier.cached(self._key) is None:
+            # the verdict is older than its time to live: ask again, and
+            # close this link at once if the key was revoked meanwhile
+            verifier.check(self._key).addCallback(self._recheck)
         seq = message.get("seq")
         events = message.get("events")
         if type(seq) is not int or not 0 <= seq < 2**63:
@@ -201,6 +266,12 @@ class LinkServerProtocol(Protocol):
                     proxy_id=self._proxy_id,
                     n=len(events) - len(good),
                 )
+        if self._project is not None:
+            # a project's key writes that project's events; an admin key
+            # (a proxy serving several projects) keeps what its events say
+            for event in good:
+                if not self._admin or "project" not in event:
+                    event["project"] = self._project
         n = len(good)
         self._received += n
         self._unacked += n

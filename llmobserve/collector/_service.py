@@ -18,12 +18,15 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from llmobserve._exit import cannot_listen_text
 from llmobserve.hostguard import HostGuard, HostGuardedSite
 
+from ._auth import KeyGuardedResource, KeyVerifier
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
 from ._http import collector_root
+from ._keyapi import KeysResource
 from ._link import LinkRegistry, LinkServerProtocol
 from ._loglimit import LogLimiter
 from ._port import PortSwitchFactory
@@ -51,6 +54,9 @@ class CollectorService(MultiService):
         it is routed (default: IP literals and localhost only).
     @param max_partial_bytes: bytes all links together may hold for frames
         not yet complete (L{PartialFrameBudget}).
+    @param require_keys: links need an C{ingest} key in their hello, and
+        C{/api/*} and C{/dashboard} an C{Authorization: Bearer} key (the
+        C{twistd} plugin sets it when listening beyond loopback).
     """
 
     log = Logger()
@@ -66,6 +72,7 @@ class CollectorService(MultiService):
         host_guard: HostGuard | None = None,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
         on_listen_failure: Callable[[], None] | None = None,
+        require_keys: bool = False,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -86,8 +93,13 @@ class CollectorService(MultiService):
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.limiter = LogLimiter(reactor)
         self.writer = BatchWriter(self.writer_thread, self.limiter)
-        self.links = LinkRegistry(PartialFrameBudget(max_partial_bytes), self.limiter)
+        self.verifier = KeyVerifier(self.reader_thread, reactor) if require_keys else None
+        self.links = LinkRegistry(
+            PartialFrameBudget(max_partial_bytes), self.limiter, self.verifier
+        )
         root = collector_root(self.reader_thread, self.writer, self.links)
+        if self.verifier is not None:
+            _guard(root, self.reader_thread, self.verifier)
         self.site = HostGuardedSite(root, host_guard or HostGuard())
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
@@ -95,6 +107,11 @@ class CollectorService(MultiService):
         self._on_listen_failure = on_listen_failure
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
+
+    @property
+    def require_keys(self) -> bool:
+        """Whether links and the API need keys."""
+        return self.verifier is not None
 
     def _make_link(self) -> LinkServerProtocol:
         return LinkServerProtocol(self.writer, self._reactor, self.links, self._heartbeat)
@@ -163,3 +180,14 @@ class CollectorService(MultiService):
             await deferLater(self._reactor, 0.01, lambda: None)
         await DeferredList([self.reader_thread.stopService(), self.writer_thread.stopService()])
         self.limiter.stop()
+
+
+def _guard(root: Resource, reader: StoreThread, verifier: KeyVerifier) -> None:
+    """Put C{/api} (with C{/api/keys}, admin only) and C{/dashboard} (admin
+    only until it honours a read key's project) behind keys."""
+    api = root.children[b"api"]
+    api.putChild(b"keys", KeysResource(reader, verifier))
+    root.putChild(b"api", KeyGuardedResource(api, verifier, admin_paths=frozenset({b"keys"})))
+    dashboard = root.children.get(b"dashboard")
+    if dashboard is not None:
+        root.putChild(b"dashboard", KeyGuardedResource(dashboard, verifier, admin_only=True))

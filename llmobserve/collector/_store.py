@@ -43,6 +43,8 @@ import orjson
 from llmobserve.events import MAX_EVENT_DEPTH, nested_deeper_than
 from llmobserve.events.fields import EVENT_FIELDS
 
+from ._keys import KeyStore
+
 __all__ = [
     "CALL_FIELDS",
     "FILTERS",
@@ -122,6 +124,9 @@ FILTERS: Final[dict[str, str]] = {
     "outcome": "outcome",
     "kind": "kind",
     "host": "host",
+    # a key's project (DESIGN.md "A shared deployment"): not a column, the
+    # table is unchanged; kept in the extra JSON like any newer field
+    "project": "json_extract(extra, '$.project')",
 }
 
 #: Outcomes of calls the proxy answered itself, nothing forwarded: a report
@@ -141,6 +146,7 @@ GROUPS: Final[dict[str, str]] = {
     "run": "run_id",
     "host": "host",
     "outcome": "outcome",
+    "project": "json_extract(extra, '$.project')",
     "day": "strftime('%Y-%m-%d', ts, 'unixepoch')",
     "hour": "strftime('%Y-%m-%dT%H:00Z', ts, 'unixepoch')",
 }
@@ -653,6 +659,7 @@ class EventStore:
         self.path = Path(path)
         #: C{(id, reason)} of each event the last L{insert} stored as rejected
         self.last_rejected: list[tuple[str, str]] = []
+        self._keys: KeyStore | None = None
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -930,6 +937,14 @@ class EventStore:
             item["estimated_calls"] = row[n + 4 + len(_TOKEN_COLUMNS)] or 0
             out.append(item)
         return out
+
+    @property
+    def keys(self) -> KeyStore:
+        """The projects and API keys kept in this file (L{KeyStore}; its
+        tables are created on first use)."""
+        if self._keys is None:
+            self._keys = KeyStore(self._db)
+        return self._keys
 
     def close(self) -> None:
         """Close the file; the store is unusable afterwards."""

@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from llmobserve._exit import stop_with_status
 from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
-from llmobserve.endpoints import check_port, listen_endpoint
+from llmobserve.endpoints import check_port, listen_endpoint, listens_beyond_loopback
 from llmobserve.events import MAX_FRAME_SIZE
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
@@ -33,6 +33,15 @@ class Options(usage.Options):
         "Events are stored in SQLite (WAL mode), deduplicated on their id, and "
         "acknowledged only after commit. See docs/COLLECTOR.md."
     )
+    optFlags = [
+        [
+            "require-keys",
+            None,
+            "Require API keys on loopback too (always on when listening beyond "
+            "loopback): an ingest key in each link's hello, a read key "
+            "(Authorization: Bearer) on /api/*. Keys: llmobserve keys create --db.",
+        ],
+    ]
     optParameters = [
         [
             "port",
@@ -137,4 +146,5 @@ def makeService(options: usage.Options) -> IService:
         host_guard=HostGuard(options["public-name"]),
         max_partial_bytes=options["max-partial-bytes"],
         on_listen_failure=lambda: stop_with_status(r, 1),
+        require_keys=bool(options["require-keys"]) or listens_beyond_loopback(description),
     )

@@ -115,7 +115,13 @@ class LinkProtocol(Protocol):
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]  # IConsumer
         self._last_heard = self._link.clock.seconds()
-        hello = {"t": "hello", "proxy_id": self._link.proxy_id, "version": PROTOCOL_VERSION}
+        hello: dict[str, Any] = {
+            "t": "hello",
+            "proxy_id": self._link.proxy_id,
+            "version": PROTOCOL_VERSION,
+        }
+        if self._link.key:
+            hello["key"] = self._link.key
         self.transport.write(MAGIC + encode_frame(hello))
         self._beat = self._link.clock.callLater(self._link.heartbeat_interval, self._heartbeat)
         self._link._connected(self)
@@ -166,6 +172,12 @@ class LinkProtocol(Protocol):
                 return False
             self.ready = True
             self._link._welcomed(self)
+        elif kind == "error":
+            reason = message.get("reason")
+            self._link._refused(reason if isinstance(reason, str) else "error", message)
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
+            return False
         elif kind == "ping":
             self._write({"t": "pong", "ts": message.get("ts", 0.0)})
         elif kind == "pong":
@@ -253,6 +265,9 @@ class CollectorLink(Service):
     The log says when the link goes down (once), when it comes back (once),
     and every C{summary_interval} seconds in between how long it has been
     down: never a line per retry.
+
+    @ivar refused: why the collector last refused this link (its C{error}
+        frame's reason, e.g. C{unauthorized}), None once welcomed.
     """
 
     _log = Logger()
@@ -274,8 +289,12 @@ class CollectorLink(Service):
         max_batch_records: int = 500,
         max_batch_bytes: int = 1024 * 1024,
         summary_interval: float = 300.0,
+        key: str | None = None,
     ) -> None:
         self.clock = clock
+        #: the link key sent in the hello (C{--collector-key}); never logged
+        self.key = key
+        self.refused: str | None = None
         self.outbox = outbox
         self.proxy_id = proxy_id
         self.url = url
@@ -363,6 +382,7 @@ class CollectorLink(Service):
         if proto is not self._proto:
             return
         self.state = "connected"
+        self.refused = None
         self.outbox.rewind()
         if self._down_since is None:
             self._log.info("collector link up: {url}", url=self.url)
@@ -376,6 +396,20 @@ class CollectorLink(Service):
         self._down_since = None
         self._failed_since_up = 0
         self.pump()
+
+    def _refused(self, reason: str, message: dict[str, Any]) -> None:
+        # Every event stays spooled; the service keeps retrying, so a key
+        # created or fixed on the collector is picked up without a restart.
+        if reason != self.refused:
+            text = message.get("message")
+            self._log.warn(
+                "collector {url} refused the link ({reason}): {why}",
+                url=self.url,
+                reason=reason,
+                why=text if isinstance(text, str) else "",
+            )
+        self.refused = reason
+        self.state = "down"
 
     def _acked(self, seq: int) -> None:
         self.outbox.ack(seq)

@@ -276,7 +276,7 @@ def build_call_event(
         source = "missing"
         cost = None
         graphql = None
-    return {
+    event: dict[str, Any] = {
         "id": event_id,
         "kind": "call",
         "ts": txn.started_at if math.isfinite(txn.started_at) else None,
@@ -305,6 +305,9 @@ def build_call_event(
         "flags": [_clean(f, 128) for f in all_flags[:_MAX_ITEMS]],
         "proxy_id": proxy_id,
     }
+    if txn.project is not None:
+        event["project"] = txn.project
+    return event
 
 
 _SPAN_CONTEXT: Final = (

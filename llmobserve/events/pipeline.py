@@ -217,6 +217,8 @@ class EventPipeline(Service):
                 "mode": self.mode,
                 "state": self.delivery.state,
                 "url": self.delivery.url,
+                # why the collector refused the link (e.g. unauthorized)
+                "refused": getattr(self.delivery, "refused", None),
             },
             "events_waiting": self.outbox.waiting,
         }
@@ -921,6 +923,7 @@ def make_event_sink(
     endpoint: IStreamClientEndpoint | None = None,
     store_factory: Callable[[str], StoreLike] | None = None,
     no_estimate: frozenset[str] = frozenset(),
+    collector_key: str | None = None,
 ) -> tuple[ITransactionSink, IService]:
     """Build the event sink and the service that runs it (the same object).
 
@@ -958,6 +961,7 @@ def make_event_sink(
                 url=collector_url,
                 heartbeat_interval=heartbeat_interval,
                 retry=retry_policy(initial=backoff_initial, cap=backoff_max),
+                key=collector_key,
             )
             mode = "link"
         else:

@@ -143,11 +143,15 @@ class ChannelRequest:
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
-        """The query's parameters, as twisted.web's C{Request.args} (own routes only)."""
-        from urllib.parse import parse_qs
+        """The query's parameters, as twisted.web's C{Request.args} (own
+        routes only; parsed once, so a change to them is kept)."""
+        args: dict[bytes, list[bytes]] | None = self.__dict__.get("_args")
+        if args is None:
+            from urllib.parse import parse_qs
 
-        _, _, query = self.uri.partition(b"?")
-        return parse_qs(query, keep_blank_values=True)
+            _, _, query = self.uri.partition(b"?")
+            args = self.__dict__["_args"] = parse_qs(query, keep_blank_values=True)
+        return args
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code

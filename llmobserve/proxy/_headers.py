@@ -81,7 +81,7 @@ class RequestHead:
     lower-cased, C{_} turned into C{-}, prefix removed).
     """
 
-    __slots__ = ("chunked", "content_length", "forward", "ours", "via_loop")
+    __slots__ = ("chunked", "content_length", "forward", "ours", "project", "via_loop")
 
     def __init__(self) -> None:
         self.forward: list[tuple[bytes, bytes]] = []
@@ -89,6 +89,8 @@ class RequestHead:
         self.content_length: int | None = None
         self.chunked = False
         self.via_loop = False
+        #: the project of the client's X-LLMObserve-Key, once the key is checked
+        self.project: str | None = None
 
     def target_url(self) -> bytes | None:
         return self.ours.get(b"target-url")

@@ -725,6 +725,7 @@ class Relay:
             query=t.query,
             request_headers=tuple(self._head.forward),
             context=self._head.context(),
+            project=self._head.project,
             provider_hint=self._provider_hint,
             status=self._status,
             response_headers=self._response_headers,

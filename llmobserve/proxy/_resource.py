@@ -29,8 +29,10 @@ from zope.interface import implementer
 
 from llmobserve import __version__
 from llmobserve.hostguard import HostGuard
+from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._errors import write_error
 from llmobserve.proxy._headers import RequestHead, split_request_headers
+from llmobserve.proxy._keygate import AwaitingKey, ClientKeyGate, ClientVerdict
 from llmobserve.proxy._policy import Target, TargetRefused, parse_target
 from llmobserve.proxy._relay import Relay, RelayServices, write_error_early
 from llmobserve.proxy._streaming import IStreamingResource, StreamingRequest
@@ -73,6 +75,8 @@ class ProxyResource:
     @param host_guard: the C{Host} check every route passes first (IP
         literals, localhost and C{--public-name} names; defeats browser DNS
         rebinding). Default: no public names.
+    @param key_gate: when given, a forwarded call needs a valid
+        C{X-LLMObserve-Key} (L{ClientKeyGate}); its project goes into the event.
     """
 
     isLeaf = True
@@ -84,8 +88,10 @@ class ProxyResource:
         base_urls: Mapping[str, str],
         host_guard: HostGuard | None = None,
         api: Callable[[], Any] | None = None,
+        key_gate: ClientKeyGate | None = None,
     ) -> None:
         self._s = services
+        self._key_gate = key_gate
         self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._guard = host_guard or HostGuard()
@@ -142,6 +148,37 @@ class ProxyResource:
         if not request.postpath:
             write_error(request, 404, "not_found", "see /api/events and /api/report")
             return server.NOT_DONE_YET
+        gate = self._key_gate
+        if gate is None:
+            return getChildForRequest(self._api(), request).render(request)
+        # keys required: a read key (its project only) or an admin key, as
+        # X-LLMObserve-Key or Authorization: Bearer
+        key = request.getHeader(b"x-llmobserve-key")
+        if key is None:
+            kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+            key = value.strip() if kind.lower() == b"bearer" else None
+        verdict = gate.cached(key)
+        if verdict is not None:
+            return self._api_with(request, verdict)
+        gate.check(key).addCallback(self._api_decided, request)
+        return server.NOT_DONE_YET
+
+    def _api_decided(self, verdict: ClientVerdict, request: Any) -> None:
+        if request.finished or client_gone(request):
+            return
+        body = self._api_with(request, verdict)
+        if body is not server.NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _api_with(self, request: Any, verdict: ClientVerdict) -> Any:
+        assert self._api is not None
+        if not verdict.allows("read"):
+            status, kind, message = _key_refusal(verdict, "read")
+            write_error(request, status, kind, message)
+            return server.NOT_DONE_YET
+        if verdict.scope != "admin":
+            request.args[b"project"] = [(verdict.project or "").encode("utf-8")]
         return getChildForRequest(self._api(), request).render(request)
 
     # IStreamingResource
@@ -197,9 +234,46 @@ class ProxyResource:
             return _REFUSAL
         if target is None:
             return None  # unknown route: render answers 404
+        gate = self._key_gate
+        if gate is not None:
+            key = head.ours.get(b"key")
+            verdict = gate.cached(key)
+            if verdict is None:
+                return self._await_key(request, head, target, provider, key, started_at, t0)
+            if not verdict.allows("ingest"):
+                self._refuse_key(request, verdict)
+                return _REFUSAL
+            head.project = verdict.project
         relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
         relay.start(watch_client=not getattr(request, "reports_client_gone", False))
         return relay
+
+    def _await_key(
+        self,
+        request: Any,
+        head: RequestHead,
+        target: Target,
+        provider: str | None,
+        key: bytes | None,
+        started_at: float,
+        t0: float,
+    ) -> AwaitingKey:
+        """The call waits (its body held) for its key's first verdict."""
+        assert self._key_gate is not None
+
+        def start(project: str | None) -> Relay:
+            head.project = project
+            relay = Relay(self._s, request, head, target, provider, started_at=started_at, t0=t0)
+            relay.start(watch_client=not getattr(request, "reports_client_gone", False))
+            return relay
+
+        waiting = AwaitingKey(request, start, lambda v: self._refuse_key(request, v))
+        self._key_gate.check(key).addCallback(waiting.decided)
+        return waiting
+
+    def _refuse_key(self, request: Any, verdict: ClientVerdict) -> None:
+        status, kind, message = _key_refusal(verdict, "ingest")
+        write_error_early(request, status, kind, message, self._s.clock)
 
     # Routing
 
@@ -284,6 +358,18 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+
+def _key_refusal(verdict: ClientVerdict, scope: str) -> tuple[int, str, str]:
+    """Status, error kind and message for a key that does not allow C{scope}."""
+    if verdict.reason == "unavailable":
+        return 503, "key_check_unavailable", "the key could not be checked (key store unreachable)"
+    if verdict.reason is None and scope != "ingest":
+        return 403, "forbidden", verdict.message(scope)
+    # A call is refused with 401 even for a valid key of another scope: the
+    # SDK takes a 403 with our error header as "nothing went upstream, go
+    # direct", and a call with the wrong key must not leave untracked.
+    return 401, "unauthorized", verdict.message(scope)
 
 
 def _merge_query(url: str, extra: str) -> str:

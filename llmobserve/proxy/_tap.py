@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -18,12 +19,17 @@ from twisted.python.failure import Failure
 
 from llmobserve._exit import cannot_listen_text, stop_with_status
 from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
-from llmobserve.endpoints import check_port, endpoint_parts, listen_endpoint
+from llmobserve.endpoints import (
+    check_port,
+    listen_endpoint,
+    listens_beyond_loopback,
+)
 from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
+from llmobserve.proxy._keygate import ClientKeyGate, collector_lookup, store_lookup
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import (
     DnsServerResolver,
@@ -51,24 +57,6 @@ from parsers.streamusage import STREAM_USAGE_MODES
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
-_LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
-
-
-def listens_beyond_loopback(description: str) -> bool:
-    """True unless the endpoint string pins a loopback interface (or is a UNIX socket)."""
-    kind, *args = endpoint_parts(description)
-    if kind == "unix":
-        return False
-    for part in args:
-        if part.startswith("interface="):
-            iface = part[len("interface=") :].replace("\\", "")
-            if iface in _LOOPBACK_NAMES:
-                return False
-            try:
-                return not ipaddress.ip_address(iface).is_loopback
-            except ValueError:
-                return True
-    return True
 
 
 def _pair(spec: str, what: str) -> tuple[str, str]:
@@ -109,6 +97,13 @@ class Options(usage.Options):
             None,
             "Collector URL (http://host:port, or https:// for a collector on an ssl: port);"
             " default: the embedded store.",
+        ],
+        [
+            "collector-key",
+            None,
+            None,
+            "The link key (an ingest key from llmobserve keys create) sent to a collector "
+            "that requires keys (default: $LLMOBSERVE_COLLECTOR_KEY).",
         ],
         [
             "collector-ca-file",
@@ -172,6 +167,13 @@ class Options(usage.Options):
             None,
             "Forward only to registry hosts, --allow-host and --provider-host "
             "(default when listening beyond loopback).",
+        ],
+        [
+            "require-keys",
+            None,
+            "Forward a call only with a valid X-LLMObserve-Key (ingest or admin scope; "
+            "checked by the collector, or in the embedded store); on by default when "
+            "listening beyond loopback.",
         ],
         [
             "no-via",
@@ -288,6 +290,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--port: {e}") from None
         if (self["workers"] > 1 or self["worker-of"]) and tcp_address(self["port"]) is None:
             raise usage.UsageError("--workers needs a plain tcp port (tcp:PORT[:interface=IP])")
+        if self["collector-key"] is None:
+            self["collector-key"] = os.environ.get("LLMOBSERVE_COLLECTOR_KEY") or None
         if self["collector-ca-file"] is not None:
             if not str(self["collector"] or "").startswith("https://"):
                 raise usage.UsageError("--collector-ca-file needs an https:// --collector")
@@ -295,6 +299,13 @@ class Options(usage.Options):
                 load_extra_trust(self["collector-ca-file"])
             except (ValueError, OSError) as e:
                 raise usage.UsageError(f"--collector-ca-file: {e}") from None
+        if listens_beyond_loopback(self["port"]):
+            self["require-keys"] = True
+        if self["require-keys"] and self["no-events"] and not self["collector"]:
+            raise usage.UsageError(
+                "client keys are required (--require-keys, or listening beyond loopback) and "
+                "--no-events keeps no key store: give --collector URL to check them there"
+            )
         if listens_beyond_loopback(self["port"]) and not self["known-hosts-only"]:
             self["known-hosts-only"] = True
             self["known-hosts-only-forced"] = True
@@ -318,6 +329,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
         ),
         store_factory=open_embedded_store,
         no_estimate=StreamUsagePolicy(options["stream-usage"]).no_estimate,
+        collector_key=options["collector-key"],
     )
 
 
@@ -367,6 +379,22 @@ def _report_api(sink: ITransactionSink, reactor: Any) -> EmbeddedReportApi | Non
     """The C{/api} of an embedded proxy; None when events go to a collector."""
     store_path: str | None = sink.store_path
     return None if store_path is None else EmbeddedReportApi(reactor, store_path)
+
+
+def _client_key_gate(
+    options: Options, reactor: Any, sink: ITransactionSink
+) -> tuple[ClientKeyGate | None, Service | None]:
+    """The client-key check, when the proxy requires keys: against the
+    collector (C{/api/whoami}) or the embedded store file."""
+    if not options["require-keys"]:
+        return None, None
+    if options["collector"]:
+        lookup = collector_lookup(options["collector"], options["collector-ca-file"])
+        return ClientKeyGate(reactor, lookup), None
+    store_path = sink.store_path
+    assert store_path is not None  # postOptions refuses --no-events without a collector
+    service = store_lookup(reactor, store_path)
+    return ClientKeyGate(reactor, service), service
 
 
 class ProxyService(Service):
@@ -480,6 +508,7 @@ def build_proxy(
     options: Options,
     sink: ITransactionSink,
     api: Callable[[], Any] | None = None,
+    key_gate: ClientKeyGate | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options."""
     config = RelayConfig(
@@ -518,7 +547,11 @@ def build_proxy(
     services = RelayServices(reactor, config, policy, pool, sink, stream_usage)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
-        services, base_urls, host_guard=HostGuard(options["public-name"]), api=api
+        services,
+        base_urls,
+        host_guard=HostGuard(options["public-name"]),
+        api=api,
+        key_gate=key_gate,
     )
     site = ProxyServerFactory(
         resource,
@@ -578,8 +611,9 @@ def makeService(options: Options) -> IService:
     top = _OrderedServices(reactor)
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
+    gate, gate_service = _client_key_gate(options, reactor, sink)
     site, services, policy = build_proxy(
-        reactor, options, sink, api.resource if api is not None else None
+        reactor, options, sink, api.resource if api is not None else None, gate
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
@@ -603,6 +637,8 @@ def makeService(options: Options) -> IService:
     if sink_service is not None:
         # Started first, stopped last: the sink outlives the drain of in-flight calls.
         sink_service.setServiceParent(top)
+    if gate_service is not None:
+        gate_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated

@@ -131,6 +131,7 @@ def _start_supervisor(state: ProxyHome, args: list[str], api_key: str | None) ->
     env = dict(os.environ)
     if api_key:
         env["LLMOBSERVE_API_KEY"] = api_key  # never on a command line
+        env["LLMOBSERVE_COLLECTOR_KEY"] = api_key  # the proxy's link key
     with open(state.log_path, "ab") as logfile:
         proc = subprocess.Popen(
             [

@@ -92,12 +92,14 @@ def _route_through(
     collector_url: str | None,
     provider_hosts: Mapping[str, str],
     exclude_hosts: Iterable[str],
+    api_key: str | None = None,
 ) -> None:
     config = RoutingConfig.build(
         proxy_url,
         collector_url=collector_url,
         provider_hosts=provider_hosts,
         exclude_hosts=exclude_hosts,
+        api_key=api_key,
     )
     shipper = _spans.SpanShipper(config.proxy_url)
     _spans.use(shipper)
@@ -137,7 +139,7 @@ def _auto_start(
     if isinstance(found, str):
         _go_direct(found)
         return _finish(Observation(None, False, collector_url=collector_url, reason=found))
-    _route_through(found.url, collector_url, provider_hosts, exclude_hosts)
+    _route_through(found.url, collector_url, provider_hosts, exclude_hosts, api_key)
     if found.restarted_for:
         how = "restarted to add provider_hosts " + ", ".join(found.restarted_for)
     else:
@@ -248,7 +250,7 @@ def observe(
                 Observation(None, False, collector_url=collector_url, reason="proxy_url=None")
             )
         if isinstance(proxy_url, str):
-            _route_through(proxy_url, collector_url, hosts, excluded)
+            _route_through(proxy_url, collector_url, hosts, excluded, api_key)
             _say("llmobserve: tracking calls through the proxy at %s", proxy_url)
             return _finish(Observation(proxy_url.rstrip("/"), True, collector_url=collector_url))
         if _in_event_loop():

@@ -113,6 +113,8 @@ class RoutingConfig:
     provider_hosts: Mapping[str, str] = field(default_factory=dict)
     exclude_hosts: tuple[str, ...] = ()
     exempt: frozenset[tuple[str, int]] = frozenset()
+    #: sent as X-LLMObserve-Key on every routed call (the proxy consumes it)
+    api_key: str | None = field(default=None, repr=False)
     endpoint: str = field(init=False)
     authority: str = field(init=False)
     proxy_port: int = field(init=False)
@@ -147,6 +149,7 @@ class RoutingConfig:
         collector_url: str | None = None,
         provider_hosts: Mapping[str, str] | None = None,
         exclude_hosts: Iterable[str] = (),
+        api_key: str | None = None,
     ) -> RoutingConfig:
         """A config that also exempts the collector itself."""
         exempt: set[tuple[str, int]] = set()
@@ -158,6 +161,7 @@ class RoutingConfig:
             provider_hosts=dict(provider_hosts or {}),
             exclude_hosts=tuple(exclude_hosts),
             exempt=frozenset(exempt),
+            api_key=api_key or None,
         )
 
     def _excluded(self, host: str, port: int) -> bool:
@@ -375,11 +379,14 @@ class Router:
 
     def proxy_headers(self, config: RoutingConfig, target_url: str) -> list[tuple[str, str]]:
         """Headers to add to a routed call: Host, target, context, provider hint."""
-        return [
+        headers = [
             ("Host", config.authority),
             ("X-LLMObserve-Target-URL", target_url),
             *context_headers(),
         ]
+        if config.api_key:
+            headers.append(("X-LLMObserve-Key", config.api_key))
+        return headers
 
 
 #: The process-wide router every hook consults.

@@ -75,7 +75,12 @@ def test_sink_provides_the_interface(tmp_path: Path) -> None:
     assert isinstance(sink, EventPipeline)
     assert sink.store_path is None  # a collector stores them: no /api here
     assert sink.health() == {
-        "collector": {"mode": "link", "state": "connecting", "url": "http://127.0.0.1:9"},
+        "collector": {
+            "mode": "link",
+            "state": "connecting",
+            "url": "http://127.0.0.1:9",
+            "refused": None,  # or why the collector refused the link (unauthorized)
+        },
         "events_waiting": 0,
     }
     sink.spool.close()

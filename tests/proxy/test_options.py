@@ -55,6 +55,7 @@ def test_bad_values_are_refused_with_the_option_named(argv: tuple[str, ...], mes
 def test_known_hosts_only_is_forced_beyond_loopback_only(port: str, beyond: bool) -> None:
     options = parse("--port", port)
     assert bool(options["known-hosts-only"]) is beyond
+    assert bool(options["require-keys"]) is beyond  # clients need X-LLMObserve-Key
 
 
 def test_there_is_one_http_front_end() -> None:
