@@ -426,6 +426,8 @@ _FILTER_HELP = {
     "outcome": "only this outcome (ok, upstream_error, client_aborted, ...)",
     "kind": "only this record kind: call, span or gap",
     "host": "only this target host",
+    "status": "only this HTTP status (200, 429, ...)",
+    "usage_source": "only this usage provenance (reported, estimated, missing, ...)",
 }
 
 

@@ -121,6 +121,8 @@ FILTERS: Final[dict[str, str]] = {
     "outcome": "outcome",
     "kind": "kind",
     "host": "host",
+    "status": "status",
+    "usage_source": "usage_source",
 }
 
 #: Report grouping names and the SQL expression each groups on.
@@ -167,6 +169,15 @@ CREATE TABLE IF NOT EXISTS links (
     updated_at REAL NOT NULL
 );
 """
+
+#: Indexes made on every open when missing (no schema change): the
+#: dashboard reads a run's events and sums a window's calls without a
+#: scan of the whole table. C{events_kind_ts} covers the overview's sums.
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS events_run ON events (run_id) WHERE run_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_kind_ts ON events (kind, ts, cost_usd, duration_ms,"
+    " status, provider, model)",
+)
 
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM events"
 
@@ -689,6 +700,13 @@ class EventStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        present = {
+            name
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+        }
+        for statement in _INDEXES:
+            if statement.split()[5] not in present:
+                self._db.execute(statement)
 
     def insert(
         self,
@@ -799,6 +817,26 @@ class EventStore:
         """Every proxy's last acknowledged batch C{seq}."""
         return {p: int(s) for p, s in self._db.execute("SELECT proxy_id, acked_seq FROM links")}
 
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """The stored event with this C{id}, or None."""
+        row = self._db.execute(f"{_SELECT} WHERE id = ?", (event_id,)).fetchone()
+        return None if row is None else _event(row)
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query (for the dashboard's summaries in
+        L{llmobserve.collector._insights})."""
+        return self._db.execute(sql, params).fetchall()
+
+    def where(
+        self, filters: Mapping[str, str | None], since: float | None, until: float | None
+    ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause (or C{""}) and parameters L{events} and
+        L{report} use for these filters and bounds.
+
+        @raise StoreError: an unknown filter name.
+        """
+        return self._where(filters, since, until)
+
     def count(self) -> int:
         """How many events (of every kind) are stored."""
         (n,) = self._db.execute("SELECT count(*) FROM events").fetchone()
@@ -837,10 +875,12 @@ class EventStore:
         until: float | None = None,
         limit: int | None = 100,
         offset: int = 0,
+        newest_first: bool = False,
         **filters: str | None,
     ) -> list[dict[str, Any]]:
         """Stored events, oldest first (by C{ts}, then arrival), as event maps.
 
+        @param newest_first: the other way round (the dashboard's calls list).
         @param since: only events with C{ts >= since} (unix seconds).
         @param until: only events with C{ts < until}.
         @param limit: at most this many (C{None}: all).
@@ -849,7 +889,8 @@ class EventStore:
         @raise StoreError: an unknown filter name.
         """
         where, params = self._where(filters, since, until)
-        sql = f"{_SELECT}{where} ORDER BY ts, rowid LIMIT ? OFFSET ?"
+        order = "ts DESC, rowid DESC" if newest_first else "ts, rowid"
+        sql = f"{_SELECT}{where} ORDER BY {order} LIMIT ? OFFSET ?"
         params += [-1 if limit is None else max(0, limit), max(0, offset)]
         return [_event(row) for row in self._db.execute(sql, params)]
 

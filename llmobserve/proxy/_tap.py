@@ -288,8 +288,8 @@ def open_embedded_store(path: str) -> Any:
 
 
 class EmbeddedReportApi(Service):
-    """C{/api/events} and C{/api/report} over an embedded proxy's own store,
-    as the collector serves them. The reader (a thread and an SQLite
+    """C{/api/*} over an embedded proxy's own store, and the C{/dashboard}
+    page that reads it, as the collector serves them. The reader (a thread and an SQLite
     connection of its own) opens on the first request: a proxy nobody asks
     pays nothing for it."""
 
@@ -298,6 +298,7 @@ class EmbeddedReportApi(Service):
         self._db_path = db_path
         self._reader: Any = None
         self._api: Any = None
+        self._dashboard: Any = None
 
     def resource(self) -> Any:
         """The C{/api} resource tree (reactor thread)."""
@@ -311,6 +312,14 @@ class EmbeddedReportApi(Service):
             self._reader.startService()
             self._api = api_branch(self._reader)
         return self._api
+
+    def dashboard(self) -> Any:
+        """The C{/dashboard} resource (static files: no reader needed)."""
+        if self._dashboard is None:
+            from llmobserve.collector import DashboardResource
+
+            self._dashboard = DashboardResource()
+        return self._dashboard
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
@@ -422,8 +431,13 @@ def build_proxy(
     options: Options,
     sink: ITransactionSink,
     api: Callable[[], Any] | None = None,
+    dashboard: Callable[[], Any] | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
-    """The site, shared services and policy for these options."""
+    """The site, shared services and policy for these options.
+
+    @param api: makes the C{/api} resource of an embedded store.
+    @param dashboard: makes the C{/dashboard} resource that reads it.
+    """
     config = RelayConfig(
         connect_timeout=options["connect-timeout"],
         header_timeout=options["header-timeout"],
@@ -459,7 +473,11 @@ def build_proxy(
     services = RelayServices(reactor, config, policy, pool, sink)
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
-        services, base_urls, host_guard=HostGuard(options["public-name"]), api=api
+        services,
+        base_urls,
+        host_guard=HostGuard(options["public-name"]),
+        api=api,
+        dashboard=dashboard,
     )
     site = ProxyServerFactory(
         resource,
@@ -520,7 +538,11 @@ def makeService(options: Options) -> IService:
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
     site, services, policy = build_proxy(
-        reactor, options, sink, api.resource if api is not None else None
+        reactor,
+        options,
+        sink,
+        api.resource if api is not None else None,
+        api.dashboard if api is not None else None,
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
