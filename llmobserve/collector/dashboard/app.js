@@ -37,6 +37,13 @@
     const digits = Math.min(12, 2 - Math.floor(Math.log10(a)));
     return "$" + v.toFixed(digits);
   }
+  /** A chart axis's money: two significant digits, no trailing zeros. */
+  function usdTick(v) {
+    if (!(v > 0)) return "$0";
+    if (v >= 1) return usd(v);
+    const digits = Math.min(12, 1 - Math.floor(Math.log10(v)));
+    return "$" + Number(v.toPrecision(2)).toFixed(digits).replace(/0+$/, "").replace(/\.$/, "");
+  }
   const int = (v) => (v === null || v === undefined ? "–" : Number(v).toLocaleString("en-US"));
   const pct = (v) => (v === null || v === undefined ? "–" : (v * 100).toFixed(v && v < 0.001 ? 3 : 1) + " %");
   function ms(v) {
@@ -257,7 +264,7 @@
         card("latency-p95", "latency p95", ms(summary.latency_ms.p95), summary.latency_ms.p95));
       const data = { starts: series.starts, bucket: series.bucket, series: series.series.map((s) => ({
         name: s.name, values: metric === "cost" ? s.cost_usd : s.calls })) };
-      if (data.series.length) window.StackedBars.draw(chart, data, metric === "cost" ? usd : int);
+      if (data.series.length) window.StackedBars.draw(chart, data, metric === "cost" ? usd : int, metric === "cost" ? usdTick : int);
       else chart.replaceChildren(h("p", { class: "muted" }, "no calls in this window"));
       const rows = group[0] === "section" ? sectionTree(report.rows) : report.rows;
       const first = {
@@ -372,7 +379,7 @@
         bar.style.width = Math.min(100 - Math.min(100, left), Math.max(0, width)) + "%";
         const ctx = e.context || {};
         const label = e.kind === "call"
-          ? link(href("call", { id: e.id }), `${e.provider ?? "?"} ${e.model ?? ""} ${usd(e.cost_usd)}`)
+          ? link(href("call", { id: e.id }), `${ctx.section_path ?? ctx.section ?? e.provider ?? "?"} · ${e.model ?? ""} · ${usd(e.cost_usd)}`, { title: `${e.provider ?? ""} ${e.model ?? ""}` })
           : `${e.kind} ${e.name ?? ctx.section_path ?? e.section_path ?? e.section ?? ""}`;
         return h("div", { class: "tl-row" }, h("div", { class: "tl-label" }, label), h("div", { class: "tl-track" }, bar));
       }));

@@ -1,13 +1,13 @@
 /* Stacked bar chart as plain SVG (no library): one bar per time bucket,
  * one colour per series, a title per segment for hover, a few axis labels.
- * window.StackedBars.draw(element, {starts, bucket, series: [{name, values}]}, format)
+ * window.StackedBars.draw(element, {starts, bucket, series: [{name, values}]}, format, axisFormat)
  */
 "use strict";
 (function () {
   const NS = "http://www.w3.org/2000/svg";
   const COLORS = ["#2f6fde", "#f79009", "#12b76a", "#9e77ed", "#f04438", "#0ba5ec",
     "#ee46bc", "#667085", "#98a2b3"];
-  const W = 800, H = 240, LEFT = 64, RIGHT = 8, TOP = 8, BOTTOM = 26;
+  const H = 240, LEFT = 70, RIGHT = 8, TOP = 8, BOTTOM = 26;
 
   function el(name, attrs, text) {
     const node = document.createElementNS(NS, name);
@@ -31,7 +31,10 @@
       : `${pad(d.getHours())}:${pad(d.getMinutes())}`;
   }
 
-  function draw(target, data, format) {
+  function draw(target, data, format, axisFormat) {
+    // drawn at the element's own width, so labels keep their size on a phone
+    const W = Math.max(320, Math.round(target.clientWidth || 800));
+    const tick = axisFormat || format;
     const n = data.starts.length;
     const totals = new Array(n).fill(0);
     for (const s of data.series) s.values.forEach((v, i) => { totals[i] += v; });
@@ -45,7 +48,7 @@
       svg.appendChild(el("line", { x1: LEFT, x2: W - RIGHT, y1: y(v), y2: y(v),
         stroke: "#e4e7ec", "stroke-width": 1 }));
       svg.appendChild(el("text", { x: LEFT - 6, y: y(v) + 4, "text-anchor": "end",
-        "font-size": 11, fill: "#667085" }, format(v)));
+        "font-size": 11, fill: "#667085" }, tick(v)));
     }
     const step = plotW / Math.max(n, 1);
     const barW = Math.max(1, step * 0.8);
@@ -62,7 +65,7 @@
         svg.appendChild(rect);
       });
     });
-    const every = Math.max(1, Math.ceil(n / 8));
+    const every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(plotW / 90))));
     for (let i = 0; i < n; i += every) {
       svg.appendChild(el("text", { x: LEFT + i * step + step / 2, y: H - 8, "text-anchor": "middle",
         "font-size": 11, fill: "#667085" }, timeLabel(data.starts[i], data.bucket)));
