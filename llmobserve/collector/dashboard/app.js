@@ -171,7 +171,7 @@
   function card(id, label, value, raw, sub) {
     return h("div", { class: "card" }, h("div", { class: "label" }, label),
       h("div", { class: "value", id, "data-value": raw === null || raw === undefined ? "" : String(raw) }, value),
-      sub ? h("div", { class: "sub" }, sub) : null);
+      sub ? h("div", { class: "sub", title: sub }, sub) : null);
   }
   function sectionTree(rows) {
     const nodes = new Map();

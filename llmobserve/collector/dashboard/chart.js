@@ -23,12 +23,12 @@
     return 10 * p;
   }
 
-  function timeLabel(ts, bucket) {
+  function timeLabel(ts, bucket, days) {
     const d = new Date(ts * 1000);
     const pad = (n) => String(n).padStart(2, "0");
     const day = `${d.getMonth() + 1}/${d.getDate()}`;
-    return bucket >= 86400 ? day : bucket >= 3600 * 6 ? `${day} ${pad(d.getHours())}h`
-      : `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    const clock = `${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    return bucket >= 86400 ? day : days ? `${day} ${clock}` : clock;
   }
 
   function draw(target, data, format, axisFormat) {
@@ -36,6 +36,7 @@
     const W = Math.max(320, Math.round(target.clientWidth || 800));
     const tick = axisFormat || format;
     const n = data.starts.length;
+    const days = n > 1 && data.starts[n - 1] - data.starts[0] >= 86400;
     const totals = new Array(n).fill(0);
     for (const s of data.series) s.values.forEach((v, i) => { totals[i] += v; });
     const top = niceMax(Math.max(0, ...totals));
@@ -61,14 +62,14 @@
         base[i] += v;
         const rect = el("rect", { x: LEFT + i * step + (step - barW) / 2, y: y1,
           width: barW, height: Math.max(0.5, y0 - y1), fill: color, "data-series": s.name });
-        rect.appendChild(el("title", {}, `${s.name} ${timeLabel(data.starts[i], data.bucket)}: ${format(v)}`));
+        rect.appendChild(el("title", {}, `${s.name} ${timeLabel(data.starts[i], data.bucket, true)}: ${format(v)}`));
         svg.appendChild(rect);
       });
     });
-    const every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(plotW / 90))));
+    const every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(plotW / (days ? 110 : 70)))));
     for (let i = 0; i < n; i += every) {
       svg.appendChild(el("text", { x: LEFT + i * step + step / 2, y: H - 8, "text-anchor": "middle",
-        "font-size": 11, fill: "#667085" }, timeLabel(data.starts[i], data.bucket)));
+        "font-size": 11, fill: "#667085" }, timeLabel(data.starts[i], data.bucket, days)));
     }
     const legend = document.createElement("div");
     legend.className = "legend";
