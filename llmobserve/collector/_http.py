@@ -234,7 +234,7 @@ class ReportResource(_QueryResource):
         until = _time_arg(request, "until")
 
         def job(store: EventStore) -> dict[str, Any]:
-            rows = store.report(by, since=since, until=until, **filters)
+            rows = _insights.report(store, by, since, until, filters)
             return {"by": by, "since": since, "until": until, "rows": rows}
 
         return job
@@ -411,10 +411,28 @@ class _ToDashboard(_Branch):
         return b"see /dashboard\n"
 
 
+def start_warm_up(reader: StoreThread) -> None:
+    """Sum the store into the dashboard's rollup in the reader thread, one
+    short step at a time (L{_insights.warm_up}), so that the first long
+    window asked for is answered from it; queries run between the steps."""
+
+    def step(caught_up: bool) -> None:
+        if not caught_up:
+            reader.submit(_insights.warm_up).addCallbacks(step, _warm_up_failed)
+
+    step(False)
+
+
+def _warm_up_failed(failure: Failure) -> None:
+    # the queries still answer (from the events, or with the store's error)
+    _log.warn("dashboard sums not built: {why}", why=failure.getErrorMessage())
+
+
 def api_branch(reader: StoreThread) -> Resource:
     """C{/api}: C{events}, C{report}, C{summary}, C{timeseries} and C{runs}
     over the store C{reader} reads (the collector's, or an embedded proxy's
     own); C{/api} itself lists the endpoints."""
+    start_warm_up(reader)
     api = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     api.putChild(b"", api)
     api.putChild(b"events", EventsResource(reader))

@@ -8,10 +8,12 @@ other query. Only C{call} events count as calls (spans and gaps are not).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._store import EventStore, StoreError
+from ._rollup import DAILY, HISTOGRAM_SCALE, HOUR, HOURLY, SUMS_SQL, TOKENS, CallSums, Rollup
+from ._store import GROUPS, EventStore, StoreError
 
 __all__ = [
     "MAX_BUCKETS",
@@ -19,9 +21,12 @@ __all__ = [
     "SERIES",
     "auto_bucket",
     "event_by_id",
+    "report",
+    "rollup_for",
     "run",
     "summary",
     "timeseries",
+    "warm_up",
 ]
 
 #: What a time series may be split by, and the column each names.
@@ -37,6 +42,88 @@ TOP_REASONS: Final = 5
 
 #: Bucket sizes C{auto} picks from, smallest first: about 24 to 96 bars.
 _AUTO_STEPS: Final = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86_400, 7 * 86_400)
+
+
+#: Each store's rollup (a store belongs to one thread: so does its rollup).
+_ROLLUPS: weakref.WeakKeyDictionary[EventStore, Rollup] = weakref.WeakKeyDictionary()
+#: A window shorter than this many whole units of its sums reads the events.
+_MIN_UNITS: Final = 3
+_FAR: Final = 2**64  # past any unit CAST(... AS INTEGER) can give
+
+
+#: Rows a query adds to the rollup at most before it answers (about 0.2 s
+#: here): more, and it reads the events instead while L{warm_up} catches up.
+REFRESH_STEP: Final = 20_000
+
+
+def rollup_for(store: EventStore, limit: int | None = None) -> Rollup:
+    """C{store}'s rollup, brought up to date (by at most C{limit} rows)."""
+    found = _ROLLUPS.get(store)
+    if found is None:
+        found = _ROLLUPS[store] = Rollup()
+    found.refresh(store, limit)
+    return found
+
+
+def warm_up(store: EventStore) -> bool:
+    """Add one step of rows to C{store}'s rollup; whether it is caught up.
+
+    Run as a job of the reader thread, again and again while this is False
+    (L{llmobserve.collector._http.start_warm_up}): a store of a million
+    events is summed in steps of about 0.2 s, and the queries that arrive
+    meanwhile run between them.
+    """
+    return rollup_for(store, REFRESH_STEP).caught_up
+
+
+def _plan(
+    store: EventStore,
+    dim: str,
+    since: float | None,
+    until: float | None,
+    filters: Mapping[str, str | None],
+) -> tuple[Rollup, int, int, list[tuple[float | None, float | None]]] | None:
+    """How to answer an unfiltered window question about C{dim} from the
+    rollup: the rollup, its whole units C{[first, last)}, and the ragged
+    edges (time ranges) to read from the events. None: read the events."""
+    if any(v is not None for v in filters.values()):
+        return None
+    if not (dim in HOURLY or dim in DAILY):
+        return None
+    rollup = rollup_for(store, REFRESH_STEP)
+    if not rollup.caught_up or not rollup.covers(dim):
+        return None
+    size = HOUR if dim in HOURLY else 86_400
+    first = -_FAR if since is None else math.ceil(since / size)
+    last = _FAR if until is None else math.floor(until / size)
+    if last - first < _MIN_UNITS:
+        return None
+    edges: list[tuple[float | None, float | None]] = []
+    if since is not None and since < first * size:
+        edges.append((since, float(first * size)))
+    if until is not None and last * size < until:
+        edges.append((float(last * size), until))
+    return rollup, first, last, edges
+
+
+def _edge_where(edge: tuple[float | None, float | None]) -> tuple[str, list[Any]]:
+    return " WHERE kind = 'call' AND ts >= ? AND ts < ?", [edge[0], edge[1]]
+
+
+def _grouped_edges(
+    store: EventStore, column: str, edges: list[tuple[float | None, float | None]]
+) -> dict[Any, CallSums]:
+    out: dict[Any, CallSums] = {}
+    for edge in edges:
+        where, params = _edge_where(edge)
+        for value, *row in store.read(
+            f"SELECT {column}, {SUMS_SQL} FROM events{where} GROUP BY 1", params
+        ):
+            into = out.get(value)
+            if into is None:
+                into = out[value] = CallSums()
+            into.add_row(row)
+    return out
 
 
 def _money(value: Any) -> float | None:
@@ -71,39 +158,107 @@ def summary(
     latency percentiles (C{duration_ms}, nearest rank).
 
     An error is a call whose C{outcome} is not C{ok} or whose C{status} is
-    400 or more.
+    400 or more. An unfiltered window of three hours or more is summed from
+    the rollup (exact) and its percentiles read from its latency histogram
+    (within 2.5 %); any other reads the events (exact).
     """
     where, params = store.where({**filters, "kind": "call"}, since, until)
-    ((calls, cost, unpriced, tokens_in, tokens_out, errors, timed),) = store.read(
-        "SELECT count(*), sum(cost_usd), sum(cost_usd IS NULL), sum(input_tokens),"
-        " sum(output_tokens), sum(coalesce(outcome, 'ok') != 'ok' OR coalesce(status, 0) >= 400),"
-        f" count(duration_ms) FROM events{where}",
-        params,
-    )
+    plan = _plan(store, "", since, until, filters)
+    latency: dict[str, Any]
+    if plan is None:
+        ((total_row),) = store.read(
+            f"SELECT {SUMS_SQL}, count(duration_ms) FROM events{where}", params
+        )
+        total = CallSums()
+        total.add_row(total_row[:-1])
+        timed = total_row[-1]
+        latency = {
+            "p50": _percentile(store, where, params, timed, 0.50),
+            "p95": _percentile(store, where, params, timed, 0.95),
+        }
+    else:
+        rollup, first, last, edges = plan
+        total = rollup.sums("", first, last).get(None) or CallSums()
+        for edge_sums in _grouped_edges(store, "NULL", edges).values():
+            total.add(edge_sums)
+        histogram = rollup.latency(first, last)
+        for edge in edges:
+            edge_where, edge_params = _edge_where(edge)
+            for bucket, calls in store.read(
+                f"SELECT CAST(floor(ln(duration_ms) * {HISTOGRAM_SCALE}) AS INTEGER), count(*)"
+                f" FROM events{edge_where} AND duration_ms > 0 GROUP BY 1",
+                edge_params,
+            ):
+                histogram[bucket] = histogram.get(bucket, 0) + calls
+        latency = {"p50": _from_histogram(histogram, 0.50), "p95": _from_histogram(histogram, 0.95)}
     reasons = store.read(
         f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL "
         "GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
         [*params, TOP_REASONS],
     )
-    unpriced = unpriced or 0
-    errors = errors or 0
+    calls = total.calls
     return {
         "since": since,
         "until": until,
         "calls": calls,
-        "cost_usd": _money(cost),
-        "input_tokens": tokens_in or 0,
-        "output_tokens": tokens_out or 0,
-        "errors": errors,
-        "error_rate": errors / calls if calls else None,
-        "unpriced_calls": unpriced,
-        "unpriced_share": unpriced / calls if calls else None,
+        "cost_usd": _money(total.cost),
+        "input_tokens": total.tokens[TOKENS.index("input_tokens")],
+        "output_tokens": total.tokens[TOKENS.index("output_tokens")],
+        "errors": total.errors,
+        "error_rate": total.errors / calls if calls else None,
+        "unpriced_calls": total.unpriced,
+        "unpriced_share": total.unpriced / calls if calls else None,
         "unpriced_reasons": [{"reason": _reason(text), "calls": n} for text, n in reasons if n],
-        "latency_ms": {
-            "p50": _percentile(store, where, params, timed, 0.50),
-            "p95": _percentile(store, where, params, timed, 0.95),
-        },
+        "latency_ms": latency,
     }
+
+
+def _from_histogram(histogram: Mapping[int, int], q: float) -> float | None:
+    """The C{q} quantile (nearest rank) of a latency histogram, as its
+    bucket's geometric middle."""
+    n = sum(histogram.values())
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(q * n))
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return round(math.exp((bucket + 0.5) / HISTOGRAM_SCALE), 3)
+    return None  # pragma: no cover  (seen reaches n)
+
+
+def report(
+    store: EventStore,
+    by: list[str],
+    since: float | None,
+    until: float | None,
+    filters: Mapping[str, str | None],
+) -> list[dict[str, Any]]:
+    """L{EventStore.report}, from the rollup when it can answer (one
+    grouping it keeps, no filter, a long window): the same rows, in the
+    same order."""
+    dim = by[0] if len(by) == 1 else None
+    plan = None if dim is None else _plan(store, dim, since, until, filters)
+    if plan is None or dim is None:
+        return store.report(by, since=since, until=until, **filters)
+    rollup, first, last, edges = plan
+    sums = rollup.sums(dim, first, last)
+    for value, edge_sums in _grouped_edges(store, GROUPS[dim], edges).items():
+        into = sums.get(value)
+        if into is None:
+            into = sums[value] = CallSums()
+        into.add(edge_sums)
+    rows = []
+    for value, found in sums.items():
+        row: dict[str, Any] = {dim: value, "calls": found.calls, "cost_usd": _money(found.cost)}
+        row["unpriced_calls"] = found.unpriced
+        row.update(zip(TOKENS, found.tokens, strict=True))
+        rows.append(row)
+    # the store's order: costliest first, then most calls, then the key (NULL first)
+    rows.sort(key=lambda r: (r[dim] is not None, r[dim] if r[dim] is not None else ""))
+    rows.sort(key=lambda r: (-(r["cost_usd"] or 0.0), -r["calls"]))
+    return rows
 
 
 def _reason(price_ref: Any) -> str | None:
@@ -137,23 +292,35 @@ def timeseries(
     C{until}, one series for each value of C{by} (the costliest
     L{TOP_SERIES}; the others summed as C{"other"}).
 
-    Bucket C{i} starts at C{since + i * bucket}; every bucket is listed,
-    empty ones with zeros, so a chart needs no gap filling.
+    Buckets are aligned to whole multiples of their size (UTC: a C{1d}
+    bucket is a UTC day), so the first and the last may be partial; every
+    bucket is listed, empty ones with zeros, so a chart needs no gap filling.
+    Unfiltered series of whole-hour buckets come from the rollup.
 
     @raise StoreError: C{by} is not one of L{SERIES}, or too many buckets.
     """
     column = SERIES.get(by)
     if column is None:
         raise StoreError(f"unknown series {by!r}; known: {', '.join(SERIES)}")
-    count = max(1, math.ceil((until - since) / bucket))
+    origin = math.floor(since / bucket) * bucket
+    count = max(1, math.ceil((until - origin) / bucket))
     if count > MAX_BUCKETS:
         raise StoreError(f"{count} buckets of {bucket} s: at most {MAX_BUCKETS}; pick a larger one")
-    where, params = store.where({**filters, "kind": "call"}, since, until)
-    rows = store.read(
-        f"SELECT CAST((ts - ?) / ? AS INTEGER) AS b, {column}, count(*), sum(cost_usd)"
-        f" FROM events{where} GROUP BY b, {column}",
-        [since, bucket, *params],
-    )
+    plan = _plan(store, by, since, until, filters) if bucket % HOUR == 0 else None
+    rows: list[tuple[Any, ...]] = []
+    if plan is None:
+        ranges: list[tuple[float | None, float | None]] = [(since, until)]
+    else:
+        rollup, first, last, ranges = plan
+        for (hour, key), found in rollup.series(by, first, last).items():
+            rows.append(((hour * HOUR - origin) // bucket, key, found.calls, found.cost))
+    for low, high in ranges:
+        where, params = store.where({**filters, "kind": "call"}, low, high)
+        rows += store.read(
+            f"SELECT CAST((ts - ?) / ? AS INTEGER) AS b, {column}, count(*), sum(cost_usd)"
+            f" FROM events{where} GROUP BY b, {column}",
+            [origin, bucket, *params],
+        )
     totals: dict[Any, float] = {}
     for _, key, calls, cost in rows:
         totals[key] = totals.get(key, 0.0) + (cost or 0.0) + calls * 1e-12
@@ -176,7 +343,7 @@ def timeseries(
         "bucket": bucket,
         "since": since,
         "until": until,
-        "starts": [since + i * bucket for i in range(count)],
+        "starts": [origin + i * bucket for i in range(count)],
         "series": [
             {
                 "name": name,

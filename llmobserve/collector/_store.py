@@ -171,12 +171,12 @@ CREATE TABLE IF NOT EXISTS links (
 """
 
 #: Indexes made on every open when missing (no schema change): the
-#: dashboard reads a run's events and sums a window's calls without a
-#: scan of the whole table. C{events_kind_ts} covers the overview's sums.
+#: dashboard reads a run's events, and the reasons calls had no price,
+#: without a scan of the whole table. Both are partial (rows with a run, calls
+#: without a price): an ordinary priced call without a run costs no write.
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS events_run ON events (run_id) WHERE run_id IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS events_kind_ts ON events (kind, ts, cost_usd, duration_ms,"
-    " status, provider, model)",
+    "CREATE INDEX IF NOT EXISTS events_unpriced ON events (kind, ts) WHERE cost_usd IS NULL",
 )
 
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM events"

@@ -394,7 +394,7 @@ def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     >= 400), the share of calls of unknown cost with its commonest reasons, and
     nearest-rank p50/p95 of duration_ms; spans are not calls."""
     _dashboard_calls(client)
-    code, _, body = client.get(f"/api/summary?since={T0 + 3600}")
+    code, _, body = client.get(f"/api/summary?since={T0 + 3600}&until={T0 + 6000}")
     assert code == 200, body
     assert body["calls"] == 4 and body["cost_usd"] == 0.75
     assert body["input_tokens"] == 400 and body["output_tokens"] == 40
@@ -402,6 +402,13 @@ def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     assert body["unpriced_calls"] == 1 and body["unpriced_share"] == 0.25
     assert body["unpriced_reasons"] == [{"reason": "unknown model: mystery", "calls": 1}]
     assert body["latency_ms"] == {"p50": 200.0, "p95": 400.0}
+    # a long window: the same sums from the rollup, percentiles within 2.5 %
+    code, _, long = client.get(f"/api/summary?since={T0 + 3000}")
+    assert {k: long[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")} == {
+        k: body[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")
+    }
+    assert long["latency_ms"]["p50"] == pytest.approx(200.0, rel=0.025)
+    assert long["latency_ms"]["p95"] == pytest.approx(400.0, rel=0.025)
     code, _, body = client.get(f"/api/summary?since={T0 + 3600}&provider=openai")
     assert body["calls"] == 2 and body["error_rate"] == 0.0
     code, _, empty = client.get("/api/summary?since=1h")
@@ -410,19 +417,21 @@ def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
 
 
 def test_timeseries_buckets_by_provider_and_model(client: Client) -> None:
-    """/api/timeseries: every bucket from since to until is listed (zeros where
-    nothing happened), one series per provider or model, costliest first."""
+    """/api/timeseries: buckets aligned to multiples of their size, every one
+    from since to until listed (zeros where nothing happened), one series per
+    provider or model, costliest first."""
     _dashboard_calls(client)
     since, until = T0 + 3600, T0 + 3600 + 2400
     code, _, body = client.get(f"/api/timeseries?since={since}&until={until}&bucket=10m")
     assert code == 200, body
-    assert body["bucket"] == 600 and body["starts"] == [since + 600 * i for i in range(4)]
+    origin = since // 600 * 600  # the calls sit 400 s into their buckets
+    assert body["bucket"] == 600 and body["starts"] == [origin + 600 * i for i in range(5)]
     series = {s["name"]: s for s in body["series"]}
     assert [s["name"] for s in body["series"]] == ["openai", "anthropic"]
-    assert series["openai"]["cost_usd"] == [0.25, 0.5, 0.0, 0.0]
-    assert series["anthropic"]["calls"] == [0, 0, 1, 1]
+    assert series["openai"]["cost_usd"] == [0.25, 0.5, 0.0, 0.0, 0.0]
+    assert series["anthropic"]["calls"] == [0, 0, 1, 1, 0]
     code, _, body = client.get(f"/api/timeseries?since={since}&until={until}&by=model")
-    assert code == 200 and body["bucket"] == 60 and len(body["starts"]) == 40
+    assert code == 200 and body["bucket"] == 60 and len(body["starts"]) == 41
     assert {s["name"] for s in body["series"]} == {"gpt-4o", "mystery", "claude"}
     assert sum(sum(s["calls"]) for s in body["series"]) == 4
 
@@ -482,3 +491,64 @@ def test_events_newest_first_and_the_calls_page_filters(client: Client) -> None:
     assert ids("status=529") == ["d3"]
     assert ids("usage_source=reported&provider=openai") == ["d0", "d1"]
     assert client.get("/api/events?order=sideways")[0] == 400
+
+
+def test_long_windows_read_the_rollup_and_match_the_events(client: Client) -> None:
+    """Unfiltered long windows are summed from hourly and daily sums plus their
+    ragged edges: the report, summary and series equal what the events say,
+    and an event stored late, into an hour already summed, is counted."""
+    client.writer.write(
+        [
+            {
+                "id": f"r{i}",
+                "kind": "call",
+                "ts": T0 + i * 3 * 3600 + 17.5,
+                "provider": ["openai", "anthropic", "google"][i % 3],
+                "model": f"m{i % 4}",
+                "cost_usd": None if i % 7 == 0 else 0.001 * (i + 1),
+                "status": 500 if i % 11 == 0 else 200,
+                "duration_ms": 100.0 + i,
+                "usage": {"input_tokens": i, "output_tokens": 2 * i},
+                "context": {"customer_id": f"c{i % 5}", "section_path": f"a{i % 2}/t{i % 3}"},
+            }
+            for i in range(40)  # five days
+        ]
+    )
+    since, until = T0 + 1800, T0 + 4.5 * 86_400
+
+    def same_report(by: str) -> None:
+        code, _, body = client.get(f"/api/report?by={by}&since={since}&until={until}")
+        assert code == 200, body
+        expected = client.store.report([by], since=since, until=until)
+        assert [r[by] for r in body["rows"]] == [r[by] for r in expected]
+        for got, want in zip(body["rows"], expected, strict=True):
+            assert got == {**want, "cost_usd": pytest.approx(want["cost_usd"])}
+
+    for by in ("customer", "section_path", "provider", "model", "endpoint", "tenant"):
+        same_report(by)
+    (total,) = client.store.report([], since=since, until=until)
+    code, _, body = client.get(f"/api/summary?since={since}&until={until}")
+    assert body["calls"] == total["calls"] and body["unpriced_calls"] == total["unpriced_calls"]
+    assert body["cost_usd"] == pytest.approx(total["cost_usd"])
+    code, _, series = client.get(
+        f"/api/timeseries?since={since}&until={until}&bucket=1h&by=provider"
+    )
+    assert sum(sum(s["calls"]) for s in series["series"]) == total["calls"]
+    assert sum(sum(s["cost_usd"]) for s in series["series"]) == pytest.approx(total["cost_usd"])
+
+    client.writer.write(
+        [
+            {
+                "id": "late",
+                "kind": "call",
+                "ts": T0 + 7200.5,
+                "provider": "openai",
+                "cost_usd": 5.0,
+                "context": {"customer_id": "c1"},
+            }
+        ]
+    )
+    same_report("customer")
+    code, _, body = client.get(f"/api/summary?since={since}&until={until}")
+    assert body["calls"] == total["calls"] + 1
+    assert body["cost_usd"] == pytest.approx(total["cost_usd"] + 5.0)
