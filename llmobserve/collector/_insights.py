@@ -12,7 +12,17 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._rollup import DAILY, HISTOGRAM_SCALE, HOUR, HOURLY, SUMS_SQL, TOKENS, CallSums, Rollup
+from ._rollup import (
+    DAILY,
+    HISTOGRAM_SCALE,
+    HOUR,
+    HOURLY,
+    ONLY,
+    SUMS_SQL,
+    TOKENS,
+    CallSums,
+    Rollup,
+)
 from ._store import GROUPS, EventStore, StoreError
 
 __all__ = [
@@ -111,13 +121,13 @@ def _edge_where(edge: tuple[float | None, float | None]) -> tuple[str, list[Any]
 
 
 def _grouped_edges(
-    store: EventStore, column: str, edges: list[tuple[float | None, float | None]]
+    store: EventStore, column: str, edges: list[tuple[float | None, float | None]], only: str = ""
 ) -> dict[Any, CallSums]:
     out: dict[Any, CallSums] = {}
     for edge in edges:
         where, params = _edge_where(edge)
         for value, *row in store.read(
-            f"SELECT {column}, {SUMS_SQL} FROM events{where} GROUP BY 1", params
+            f"SELECT {column}, {SUMS_SQL} FROM events{where}{only} GROUP BY 1", params
         ):
             into = out.get(value)
             if into is None:
@@ -191,11 +201,7 @@ def summary(
             ):
                 histogram[bucket] = histogram.get(bucket, 0) + calls
         latency = {"p50": _from_histogram(histogram, 0.50), "p95": _from_histogram(histogram, 0.95)}
-    reasons = store.read(
-        f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL "
-        "GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
-        [*params, TOP_REASONS],
-    )
+    reasons = _reasons(store, since, until, filters, where, params)
     calls = total.calls
     return {
         "since": since,
@@ -211,6 +217,30 @@ def summary(
         "unpriced_reasons": [{"reason": _reason(text), "calls": n} for text, n in reasons if n],
         "latency_ms": latency,
     }
+
+
+def _reasons(
+    store: EventStore,
+    since: float | None,
+    until: float | None,
+    filters: Mapping[str, str | None],
+    where: str,
+    params: list[Any],
+) -> list[tuple[Any, int]]:
+    """The commonest C{price_ref} texts of calls without a price, with counts."""
+    plan = _plan(store, "reason", since, until, filters)
+    if plan is None:
+        return store.read(
+            f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL "
+            "GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
+            [*params, TOP_REASONS],
+        )
+    rollup, first, last, edges = plan
+    counts = {text: found.calls for text, found in rollup.sums("reason", first, last).items()}
+    for text, found in _grouped_edges(store, "price_ref", edges, ONLY["reason"]).items():
+        counts[text] = counts.get(text, 0) + found.calls
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None, str(kv[0])))
+    return ranked[:TOP_REASONS]
 
 
 def _from_histogram(histogram: Mapping[int, int], q: float) -> float | None:

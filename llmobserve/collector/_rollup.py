@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from ._store import EventStore
 
-__all__ = ["DAILY", "DAY", "HOUR", "HOURLY", "CallSums", "Rollup"]
+__all__ = ["DAILY", "DAY", "HOUR", "HOURLY", "ONLY", "CallSums", "Rollup"]
 
 HOUR: Final = 3600
 DAY: Final = 86_400
@@ -34,7 +34,10 @@ DAILY: Final[dict[str, str]] = {
     "tenant": "tenant_id",
     "section_path": "section_path",
     "endpoint": "endpoint",
+    "reason": "price_ref",  # calls without a price only: why they have none
 }
+#: The rows each dimension counts beyond C{kind = 'call'}.
+ONLY: Final[dict[str, str]] = {"reason": " AND cost_usd IS NULL"}
 #: Histogram buckets per factor of e of C{duration_ms}: each bucket is
 #: about 5 % wide, so a percentile read from it is within 2.5 %.
 HISTOGRAM_SCALE: Final = 20.0
@@ -130,8 +133,10 @@ class Rollup:
         for dim, column in DAILY.items():
             if dim in self._given_up:
                 continue
+            only = ONLY.get(dim, "")
             rows = store.read(
-                f"SELECT {day}, {column}, {SUMS_SQL} FROM events {where} GROUP BY 1, 2", span
+                f"SELECT {day}, {column}, {SUMS_SQL} FROM events {where}{only} GROUP BY 1, 2",
+                span,
             )
             self._add(dim, rows)
         for unit, bucket, calls in store.read(

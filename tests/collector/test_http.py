@@ -407,6 +407,7 @@ def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     assert {k: long[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")} == {
         k: body[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")
     }
+    assert long["unpriced_reasons"] == body["unpriced_reasons"]
     assert long["latency_ms"]["p50"] == pytest.approx(200.0, rel=0.025)
     assert long["latency_ms"]["p95"] == pytest.approx(400.0, rel=0.025)
     code, _, body = client.get(f"/api/summary?since={T0 + 3600}&provider=openai")
