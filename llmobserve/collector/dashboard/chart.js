@@ -67,7 +67,8 @@
       });
     });
     const every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(plotW / (days ? 110 : 70)))));
-    for (let i = 0; i < n; i += every) {
+    const room = days ? 40 : 20; // half a label: none cut at the right edge
+    for (let i = 0; i < n && LEFT + i * step + step / 2 + room <= W; i += every) {
       svg.appendChild(el("text", { x: LEFT + i * step + step / 2, y: H - 8, "text-anchor": "middle",
         "font-size": 11, fill: "#667085" }, timeLabel(data.starts[i], data.bucket, days)));
     }
