@@ -481,6 +481,8 @@ _FILTER_HELP = {
     "kind": "only this record kind: call, span or gap",
     "host": "only this target host",
     "project": "only this project (a key's project; a read key sees only its own)",
+    "status": "only this HTTP status (200, 429, ...)",
+    "usage_source": "only this usage provenance (reported, estimated, missing, ...)",
 }
 
 

@@ -292,7 +292,8 @@ class _FakeCollector(BaseHTTPRequestHandler):
             else:
                 limit = int(q.pop("limit"))
                 offset = int(q.pop("offset"))
-                body = {"events": store.events(since, until, limit, offset, **q)}
+                filters: dict[str, Any] = q  # the query's filters, by name
+                body = {"events": store.events(since, until, limit, offset, **filters)}
         finally:
             store.close()
         data = json.dumps(body).encode()

@@ -3,7 +3,8 @@
 What other packages use is exported here. The store and the time
 specifications (no Twisted: the CLI reads a store file with them) are
 imported at once; the Twisted parts the proxy mounts for its embedded
-C{/api} (L{api_branch}, L{StoreThread}) on first use, so that the CLI does
+C{/api} and C{/dashboard} (L{api_branch}, L{StoreThread},
+L{DashboardResource}) on first use, so that the CLI does
 not load Twisted.
 """
 
@@ -17,6 +18,7 @@ from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventSto
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
 if TYPE_CHECKING:
+    from llmobserve.collector._dashboard import DashboardResource
     from llmobserve.collector._http import api_branch
     from llmobserve.collector._thread import StoreThread
 
@@ -24,6 +26,7 @@ __all__ = [
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
+    "DashboardResource",
     "EventStore",
     "KeyStoreError",
     "StoreError",
@@ -37,6 +40,7 @@ __all__ = [
 _LAZY = {
     "api_branch": "llmobserve.collector._http",
     "StoreThread": "llmobserve.collector._thread",
+    "DashboardResource": "llmobserve.collector._dashboard",
 }
 
 

@@ -1,5 +1,8 @@
-"""The collector's HTTP API: C{/health}, C{/api/events}, C{/api/report}, and
-C{/dashboard}, the same report as a page for people.
+"""The collector's HTTP API: C{/health}, C{/api/events} (and
+C{/api/events/ID}), C{/api/report}, C{/api/summary}, C{/api/timeseries},
+C{/api/runs/ID}, and C{/dashboard}, the page that reads them (C{/} redirects
+there). Every route is put in L{collector_root} and L{api_branch}: a
+wrapper (authentication, say) wraps what they return.
 
 Plain C{twisted.web} resources. Queries run in the collector's reader
 thread (its own SQLite connection), never on the reactor thread and never in
@@ -8,8 +11,9 @@ the writer thread, so a slow report delays neither ingestion nor C{/health}.
 
 from __future__ import annotations
 
-import html
 import json
+import math
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +26,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve import __version__
 
+from . import _insights
+from ._dashboard import DashboardResource
 from ._link import LinkRegistry
 from ._store import FILTERS, GROUPS, EventStore, StoreError
 from ._thread import StoreThread
@@ -39,6 +45,10 @@ _log = Logger()
 
 class _BadRequest(Exception):
     pass
+
+
+class _Missing(Exception):
+    """What a query looked for is not stored: a 404."""
 
 
 def _write_json(request: Request, status: int, body: Any) -> bytes:
@@ -129,6 +139,8 @@ class _QueryResource(Resource):
             return
         if failure.check(StoreError):
             body = _error(request, 400, "bad_request", str(failure.value))
+        elif failure.check(_Missing):
+            body = _error(request, 404, "not_found", str(failure.value))
         else:
             _log.failure("query {uri} failed", failure, uri=request.uri)
             body = _error(request, 500, "internal", "the query failed; see the collector log")
@@ -140,22 +152,63 @@ class EventsResource(_QueryResource):
 
     Parameters: the filters of L{FILTERS} (provider, model, endpoint,
     customer, tenant, section, section_path, run, outcome, kind, host),
-    C{since}, C{until}, C{limit} (default 100, at most 10,000), C{offset}.
-    Answer: C{{"events": [...], "count": n, "limit": l, "offset": o}}.
+    status, usage_source), C{since}, C{until}, C{limit} (default 100, at
+    most 10,000), C{offset}, C{order} (C{asc}, the default, or C{desc}:
+    newest first). Answer: C{{"events": [...], "count": n, "limit": l,
+    "offset": o}}.
+
+    C{GET /api/events/ID}: the one event with that C{id} (C{{"event":
+    {...}}}), or a 404.
     """
 
     def query(self, request: Request) -> Callable[[EventStore], Any]:
+        event_id = _path_tail(request)
+        if event_id is not None:
+            return _one_event(event_id)
         filters = _filters(request)
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
         limit = _int_arg(request, "limit", DEFAULT_LIMIT, 0, MAX_LIMIT)
         offset = _int_arg(request, "offset", 0, 0, 2**62)
+        order = _arg(request, "order") or "asc"
+        if order not in ("asc", "desc"):
+            raise _BadRequest("parameter 'order' must be asc or desc")
 
         def job(store: EventStore) -> dict[str, Any]:
-            events = store.events(since=since, until=until, limit=limit, offset=offset, **filters)
+            events = store.events(
+                since=since,
+                until=until,
+                limit=limit,
+                offset=offset,
+                newest_first=order == "desc",
+                **filters,
+            )
             return {"events": events, "count": len(events), "limit": limit, "offset": offset}
 
         return job
+
+
+def _path_tail(request: Request) -> str | None:
+    """The one path segment after a leaf resource's own (an id), or None."""
+    rest = [p for p in (request.postpath or []) if p]
+    if not rest:
+        return None
+    if len(rest) > 1:
+        raise _BadRequest("one id after the resource's path, not " + str(len(rest)))
+    try:
+        return str(rest[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _BadRequest("the id is not UTF-8") from None
+
+
+def _one_event(event_id: str) -> Callable[[EventStore], Any]:
+    def job(store: EventStore) -> dict[str, Any]:
+        event = _insights.event_by_id(store, event_id)
+        if event is None:
+            raise _Missing(f"no event with id {event_id!r}")
+        return {"event": event}
+
+    return job
 
 
 class ReportResource(_QueryResource):
@@ -181,125 +234,99 @@ class ReportResource(_QueryResource):
         until = _time_arg(request, "until")
 
         def job(store: EventStore) -> dict[str, Any]:
-            rows = store.report(by, since=since, until=until, **filters)
+            rows = _insights.report(store, by, since, until, filters)
             return {"by": by, "since": since, "until": until, "rows": rows}
 
         return job
 
 
-class DashboardResource(_QueryResource):
-    """C{GET /dashboard}: where the money went, as a plain HTML page.
+class SummaryResource(_QueryResource):
+    """C{GET /api/summary}: a window's totals for the dashboard's overview.
 
-    Cost, calls and tokens by provider and model, by customer, and by
-    section over a window (C{since}, default the last 24 hours; C{until}),
-    then the latest calls. Server-rendered, no script, refreshed every 30 s;
-    every value is HTML-escaped (labels come from applications).
+    Parameters: C{since}, C{until} (default: all time) and the filters of
+    C{/api/events} but C{kind}. Answer: calls, C{cost_usd}, input and output
+    tokens, errors and C{error_rate}, C{unpriced_calls}, C{unpriced_share}
+    and the commonest C{unpriced_reasons}, C{latency_ms} C{p50} and C{p95}.
     """
 
-    _VIEWS = (
-        ("By provider and model", ["provider", "model"]),
-        ("By customer", ["customer"]),
-        ("By section", ["section"]),
-    )
-
     def query(self, request: Request) -> Callable[[EventStore], Any]:
+        filters = _filters(request)
+        filters.pop("kind", None)
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
-        if since is None:
-            since = time.time() - 86_400
+        return lambda store: _insights.summary(store, since, until, filters)
 
-        def job(store: EventStore) -> str:
-            total = store.report([], since=since, until=until)
-            views = [
-                (title, by, store.report(by, since=since, until=until)) for title, by in self._VIEWS
-            ]
-            calls = total[0]["calls"] if total else 0
-            latest = store.events(
-                kind="call", since=since, until=until, limit=20, offset=max(0, calls - 20)
-            )
-            return _dashboard_page(since, until, total, views, latest[::-1])
+
+_BUCKET = re.compile(r"([0-9]{1,9})([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _bucket_arg(request: Request, span: float) -> int:
+    text = _arg(request, "bucket") or "auto"
+    if text == "auto":
+        return _insights.auto_bucket(span)
+    match = _BUCKET.fullmatch(text)
+    if match is None:
+        raise _BadRequest("parameter 'bucket' must be auto or a size like 5m, 1h, 1d")
+    size = int(match[1]) * _UNIT[match[2]]
+    if size < 1:
+        raise _BadRequest("parameter 'bucket' must be at least 1s")
+    if span / size > _insights.MAX_BUCKETS:
+        raise _BadRequest(
+            f"bucket {text} makes more than {_insights.MAX_BUCKETS} buckets; pick a larger one"
+        )
+    return size
+
+
+class TimeseriesResource(_QueryResource):
+    """C{GET /api/timeseries}: cost and calls per time bucket, one series for
+    each provider or model.
+
+    Parameters: C{by} (C{provider}, the default, or C{model}), C{bucket}
+    (C{auto}, the default: 24 to 96 buckets; or a size such as C{5m},
+    C{1h}, C{1d}), C{since} (default 24 hours ago), C{until} (default now),
+    and the filters of C{/api/events} but C{kind}. Answer: C{starts} (each
+    bucket's start) and C{series}, each a C{name} with C{cost_usd} and
+    C{calls} per bucket; the costliest 8 series, the rest as C{other}.
+    """
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        by = _arg(request, "by") or "provider"
+        if by not in _insights.SERIES:
+            raise _BadRequest(f"unknown series {by!r}; known: {', '.join(_insights.SERIES)}")
+        filters = _filters(request)
+        filters.pop("kind", None)
+        now = time.time()
+        since = _time_arg(request, "since")
+        until = _time_arg(request, "until")
+        until = now if until is None else until
+        since = until - 86_400 if since is None else since
+        if not since < until:
+            raise _BadRequest("'since' must be before 'until'")
+        span = until - since
+        if not math.isfinite(span):
+            raise _BadRequest("the window is too long")
+        bucket = _bucket_arg(request, span)
+        return lambda store: _insights.timeseries(store, by, bucket, since, until, filters)
+
+
+class RunsResource(_QueryResource):
+    """C{GET /api/runs/RUN_ID}: one run's events (calls and spans) oldest
+    first, with its calls' total cost and its start and end; a 404 for a run
+    with no stored event."""
+
+    def query(self, request: Request) -> Callable[[EventStore], Any]:
+        run_id = _path_tail(request)
+        if run_id is None:
+            raise _BadRequest("name a run: /api/runs/RUN_ID (GET /api/report?by=run lists them)")
+
+        def job(store: EventStore) -> dict[str, Any]:
+            found = _insights.run(store, run_id)
+            if not found["events"]:
+                raise _Missing(f"no event of run {run_id!r}")
+            return found
 
         return job
-
-    def _answer(self, result: Any, request: Request, gone: list[bool]) -> None:
-        if gone:
-            return
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        _send(request, result.encode())
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "<td class=none>-</td>"
-    if isinstance(value, float):
-        return f"<td class=num>{value:.6f}</td>"
-    if isinstance(value, int):
-        return f"<td class=num>{value:,}</td>"
-    return f"<td>{html.escape(str(value))}</td>"
-
-
-def _table(headings: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body or '<tr><td>no calls</td></tr>'}</table>"
-
-
-def _when(ts: Any) -> str:
-    if ts is None:
-        return "now"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-    except (TypeError, ValueError, OverflowError, OSError):
-        # a stored event's ts comes from a proxy: show what it said
-        return str(ts)
-
-
-def _dashboard_page(
-    since: float,
-    until: float | None,
-    total: list[dict[str, Any]],
-    views: list[tuple[str, list[str], list[dict[str, Any]]]],
-    latest: list[dict[str, Any]],
-) -> str:
-    t = total[0] if total else {}
-    money = ["calls", "cost_usd", "unpriced_calls", "input_tokens", "output_tokens"]
-    parts = [
-        "<!doctype html><html><head><meta charset=utf-8>",
-        '<meta http-equiv="refresh" content="30">',
-        "<title>llmobserve: where the money goes</title><style>",
-        "body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;"
-        "margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.2em .6em}"
-        "th{background:#eee}.num{text-align:right;font-variant-numeric:tabular-nums}"
-        ".none{color:#999;text-align:center}",
-        "</style></head><body>",
-        f"<h1>llmobserve</h1><p>{html.escape(_when(since))} to {html.escape(_when(until))}: "
-        f"<b>{t.get('calls', 0):,}</b> calls, <b>{html.escape(_usd(t.get('cost_usd')))}</b>"
-        f" ({t.get('unpriced_calls', 0):,} without a known price"
-        + (
-            f"; {html.escape(_usd(t.get('estimated_cost_usd')))} of it estimated,"
-            f" {t.get('estimated_calls', 0):,} calls"
-            if t.get("estimated_calls")
-            else ""
-        )
-        + ").</p>",
-    ]
-    for title, by, rows in views:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(_table(by + money, [[r.get(k) for k in by + money] for r in rows[:50]]))
-    parts.append("<h2>Latest calls</h2>")
-    cols = ["ts", "provider", "model", "endpoint", "status", "outcome", "cost_usd"]
-    recent = [[_when(e.get("ts")), *(e.get(k) for k in cols[1:])] for e in latest]
-    parts.append(_table(["time", *cols[1:]], recent))
-    parts.append(
-        '<p>JSON: <a href="/api/report">/api/report</a>, <a href="/api/events">/api/events</a>.'
-        "</p></body></html>"
-    )
-    return "".join(parts)
-
-
-def _usd(cost: Any) -> str:
-    return "no priced calls" if cost is None else f"${cost:,.6f}"
 
 
 class HealthResource(Resource):
@@ -351,33 +378,76 @@ class _Branch(Resource):
         return _NotFound()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
 
 
+_ENDPOINTS = [
+    "/health",
+    "/api/events",
+    "/api/events/ID",
+    "/api/report",
+    "/api/summary",
+    "/api/timeseries",
+    "/api/runs/ID",
+    "/dashboard",
+]
+
+
 class _Index(_Branch):
+    """C{GET /api}: the service, its version and its endpoints."""
+
     def render_GET(self, request: Request) -> bytes:
         return _write_json(
             request,
             200,
-            {
-                "service": SERVICE_NAME,
-                "version": __version__,
-                "endpoints": ["/health", "/api/events", "/api/report", "/dashboard"],
-            },
+            {"service": SERVICE_NAME, "version": __version__, "endpoints": _ENDPOINTS},
         )
 
 
+class _ToDashboard(_Branch):
+    """C{GET /}: a redirect to the dashboard."""
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(302)
+        request.setHeader(b"location", b"/dashboard")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"see /dashboard\n"
+
+
+def start_warm_up(reader: StoreThread) -> None:
+    """Sum the store into the dashboard's rollup in the reader thread, one
+    short step at a time (L{_insights.warm_up}), so that the first long
+    window asked for is answered from it; queries run between the steps."""
+
+    def step(caught_up: bool) -> None:
+        if not caught_up:
+            reader.submit(_insights.warm_up).addCallbacks(step, _warm_up_failed)
+
+    step(False)
+
+
+def _warm_up_failed(failure: Failure) -> None:
+    # the queries still answer (from the events, or with the store's error)
+    _log.warn("dashboard sums not built: {why}", why=failure.getErrorMessage())
+
+
 def api_branch(reader: StoreThread) -> Resource:
-    """C{/api}: C{events} and C{report} over the store C{reader} reads (the
-    collector's, or an embedded proxy's own)."""
-    api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    """C{/api}: C{events}, C{report}, C{summary}, C{timeseries} and C{runs}
+    over the store C{reader} reads (the collector's, or an embedded proxy's
+    own); C{/api} itself lists the endpoints."""
+    start_warm_up(reader)
+    api = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    api.putChild(b"", api)
     api.putChild(b"events", EventsResource(reader))
     api.putChild(b"report", ReportResource(reader))
+    api.putChild(b"summary", SummaryResource(reader))
+    api.putChild(b"timeseries", TimeseriesResource(reader))
+    api.putChild(b"runs", RunsResource(reader))
     return api
 
 
 def collector_root(reader: StoreThread, writer: BatchWriter, links: LinkRegistry) -> Resource:
-    """The resource tree served on the collector's port."""
-    root = _Index()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    """The resource tree served on the collector's port: every route, in one place."""
+    root = _ToDashboard()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     root.putChild(b"", root)
     root.putChild(b"health", HealthResource(writer, links))
-    root.putChild(b"dashboard", DashboardResource(reader))
+    root.putChild(b"dashboard", DashboardResource())
     root.putChild(b"api", api_branch(reader))
     return root

@@ -127,6 +127,8 @@ FILTERS: Final[dict[str, str]] = {
     # a key's project (DESIGN.md "A shared deployment"): not a column, the
     # table is unchanged; kept in the extra JSON like any newer field
     "project": "json_extract(extra, '$.project')",
+    "status": "status",
+    "usage_source": "usage_source",
 }
 
 #: Outcomes of calls the proxy answered itself, nothing forwarded: a report
@@ -179,6 +181,15 @@ CREATE TABLE IF NOT EXISTS links (
     updated_at REAL NOT NULL
 );
 """
+
+#: Indexes made on every open when missing (no schema change): the
+#: dashboard reads a run's events, and the reasons calls had no price,
+#: without a scan of the whole table. Both are partial (rows with a run, calls
+#: without a price): an ordinary priced call without a run costs no write.
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS events_run ON events (run_id) WHERE run_id IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS events_unpriced ON events (kind, ts) WHERE cost_usd IS NULL",
+)
 
 _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM events"
 
@@ -702,6 +713,13 @@ class EventStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        present = {
+            name
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+        }
+        for statement in _INDEXES:
+            if statement.split()[5] not in present:
+                self._db.execute(statement)
 
     def insert(
         self,
@@ -812,6 +830,26 @@ class EventStore:
         """Every proxy's last acknowledged batch C{seq}."""
         return {p: int(s) for p, s in self._db.execute("SELECT proxy_id, acked_seq FROM links")}
 
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """The stored event with this C{id}, or None."""
+        row = self._db.execute(f"{_SELECT} WHERE id = ?", (event_id,)).fetchone()
+        return None if row is None else _event(row)
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query (for the dashboard's summaries in
+        L{llmobserve.collector._insights})."""
+        return self._db.execute(sql, params).fetchall()
+
+    def where(
+        self, filters: Mapping[str, str | None], since: float | None, until: float | None
+    ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause (or C{""}) and parameters L{events} and
+        L{report} use for these filters and bounds.
+
+        @raise StoreError: an unknown filter name.
+        """
+        return self._where(filters, since, until)
+
     def count(self) -> int:
         """How many events (of every kind) are stored."""
         (n,) = self._db.execute("SELECT count(*) FROM events").fetchone()
@@ -850,10 +888,13 @@ class EventStore:
         until: float | None = None,
         limit: int | None = 100,
         offset: int = 0,
+        *,
+        newest_first: bool = False,
         **filters: str | None,
     ) -> list[dict[str, Any]]:
         """Stored events, oldest first (by C{ts}, then arrival), as event maps.
 
+        @param newest_first: the other way round (the dashboard's calls list).
         @param since: only events with C{ts >= since} (unix seconds).
         @param until: only events with C{ts < until}.
         @param limit: at most this many (C{None}: all).
@@ -862,7 +903,8 @@ class EventStore:
         @raise StoreError: an unknown filter name.
         """
         where, params = self._where(filters, since, until)
-        sql = f"{_SELECT}{where} ORDER BY ts, rowid LIMIT ? OFFSET ?"
+        order = "ts DESC, rowid DESC" if newest_first else "ts, rowid"
+        sql = f"{_SELECT}{where} ORDER BY {order} LIMIT ? OFFSET ?"
         params += [-1 if limit is None else max(0, limit), max(0, offset)]
         return [_event(row) for row in self._db.execute(sql, params)]
 

@@ -3,8 +3,8 @@
 Routes (contract, DESIGN.md): C{GET /health}, C{GET /metrics},
 C{ANY /proxy} with C{X-LLMObserve-Target-URL}, C{ANY /<provider>/<rest>}
 (base-URL mode), C{POST /spans} for the SDK's span records, and, when the
-proxy stores its events itself (embedded mode), C{GET /api/events} and
-C{GET /api/report} as the collector serves them. Before any of them, every
+proxy stores its events itself (embedded mode), C{GET /api/*} and the
+C{/dashboard} page (C{/} redirects there) as the collector serves them. Before any of them, every
 request's C{Host} passes the L{HostGuard} (browser DNS rebinding).
 
 Mounted in any twisted.web C{Site}, the resource works with request bodies
@@ -44,7 +44,7 @@ __all__ = ["ProxyResource", "ProxySite"]
 
 _log = Logger()
 _now = time.perf_counter
-_OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b"api", b""})
+_OWN_ROUTES = frozenset({b"health", b"metrics", b"spans", b"api", b"dashboard", b""})
 _MAX_SPANS_BODY = 4 * 1024 * 1024
 
 
@@ -89,10 +89,12 @@ class ProxyResource:
         host_guard: HostGuard | None = None,
         api: Callable[[], Any] | None = None,
         key_gate: ClientKeyGate | None = None,
+        dashboard: Callable[[], Any] | None = None,
     ) -> None:
         self._s = services
         self._key_gate = key_gate
         self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
+        self._dashboard = dashboard  # /dashboard: the page over that API (a resource maker)
         self._base_urls = {k.encode(): v.rstrip("/") for k, v in base_urls.items()}
         self._guard = host_guard or HostGuard()
         self._started = time.time()
@@ -127,8 +129,25 @@ class ProxyResource:
             return self._spans(request)
         if route == b"api":
             return self._api_route(request)
+        if route in (b"", b"dashboard") and self._dashboard is not None:
+            return self._dashboard_route(request, route)
         write_error(request, 404, "not_found", "no such route; see GET /health")
         return server.NOT_DONE_YET
+
+    def _dashboard_route(self, request: Any, route: bytes) -> Any:
+        """C{GET /dashboard} (and its files) of an embedded proxy; C{/}
+        redirects there."""
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(request, 405, "method_not_allowed", "the dashboard answers GET only")
+            return server.NOT_DONE_YET
+        if route == b"":
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"/dashboard")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"see /dashboard\n"
+        request.prepath.append(request.postpath.pop(0))
+        assert self._dashboard is not None
+        return self._dashboard().render(request)
 
     def _api_route(self, request: Any) -> Any:
         """C{GET /api/events} and C{/api/report}, as the collector serves

@@ -342,8 +342,8 @@ def open_embedded_store(path: str) -> Any:
 
 
 class EmbeddedReportApi(Service):
-    """C{/api/events} and C{/api/report} over an embedded proxy's own store,
-    as the collector serves them. The reader (a thread and an SQLite
+    """C{/api/*} over an embedded proxy's own store, and the C{/dashboard}
+    page that reads it, as the collector serves them. The reader (a thread and an SQLite
     connection of its own) opens on the first request: a proxy nobody asks
     pays nothing for it."""
 
@@ -352,6 +352,7 @@ class EmbeddedReportApi(Service):
         self._db_path = db_path
         self._reader: Any = None
         self._api: Any = None
+        self._dashboard: Any = None
 
     def resource(self) -> Any:
         """The C{/api} resource tree (reactor thread)."""
@@ -365,6 +366,14 @@ class EmbeddedReportApi(Service):
             self._reader.startService()
             self._api = api_branch(self._reader)
         return self._api
+
+    def dashboard(self) -> Any:
+        """The C{/dashboard} resource (static files: no reader needed)."""
+        if self._dashboard is None:
+            from llmobserve.collector import DashboardResource
+
+            self._dashboard = DashboardResource()
+        return self._dashboard
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
@@ -509,8 +518,13 @@ def build_proxy(
     sink: ITransactionSink,
     api: Callable[[], Any] | None = None,
     key_gate: ClientKeyGate | None = None,
+    dashboard: Callable[[], Any] | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
-    """The site, shared services and policy for these options."""
+    """The site, shared services and policy for these options.
+
+    @param api: makes the C{/api} resource of an embedded store.
+    @param dashboard: makes the C{/dashboard} resource that reads it.
+    """
     config = RelayConfig(
         connect_timeout=options["connect-timeout"],
         header_timeout=options["header-timeout"],
@@ -552,6 +566,7 @@ def build_proxy(
         host_guard=HostGuard(options["public-name"]),
         api=api,
         key_gate=key_gate,
+        dashboard=dashboard,
     )
     site = ProxyServerFactory(
         resource,
@@ -613,7 +628,12 @@ def makeService(options: Options) -> IService:
     api = _report_api(sink, reactor)
     gate, gate_service = _client_key_gate(options, reactor, sink)
     site, services, policy = build_proxy(
-        reactor, options, sink, api.resource if api is not None else None, gate
+        reactor,
+        options,
+        sink,
+        api.resource if api is not None else None,
+        key_gate=gate,
+        dashboard=api.dashboard if api is not None else None,
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")

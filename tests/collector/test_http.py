@@ -177,57 +177,50 @@ def test_report_unknown_grouping(client: Client) -> None:
 
 
 def test_index_and_unknown_path(client: Client) -> None:
-    """/ names the endpoints; an unknown path is a 404."""
-    code, _, body = client.get("/")
-    assert code == 200 and "/api/events" in body["endpoints"]
+    """/ redirects to the dashboard; /api names the endpoints; an unknown path is a 404."""
     results: list[Any] = []
+    client.treq.get("http://127.0.0.1:8000/", allow_redirects=False).addCallback(results.append)
+    client.treq.flush()
+    assert results[0].code == 302
+    assert results[0].headers.getRawHeaders(b"location") == [b"/dashboard"]
+    code, _, body = client.get("/api")
+    assert code == 200 and "/api/events" in body["endpoints"]
+    assert "/api/summary" in body["endpoints"] and "/dashboard" in body["endpoints"]
+    results = []
     client.treq.get("http://127.0.0.1:8000/nope").addCallback(results.append)
     client.treq.flush()
     assert results[0].code == 404
 
 
-def test_dashboard_is_a_page_of_the_report(client: Client) -> None:
-    """/dashboard: totals, cost by provider/model, customer and section, the latest calls,
-    all in plain escaped HTML over the chosen window."""
-    client.writer.write(
-        [
-            {
-                "id": "x",
-                "kind": "call",
-                "ts": T0 + 30,
-                "provider": "openai",
-                "model": "<script>alert(1)</script>",
-                "cost_usd": 0.5,
-                "context": {"customer_id": "acme"},
-            }
-        ]
-    )
+def _page(client: Client, path: str) -> tuple[Any, bytes]:
     results: list[Any] = []
-    d = client.treq.get(f"http://127.0.0.1:8000/dashboard?since={T0 - 1}")
-    d.addCallback(
-        lambda r: client.treq.text_content(r).addCallback(lambda t: results.append((r, t)))
-    )
+    d = client.treq.get("http://127.0.0.1:8000" + path)
+    d.addCallback(lambda r: client.treq.content(r).addCallback(lambda t: results.append((r, t))))
     client.treq.flush()
-    ((response, page),) = results
+    ((response, body),) = results
+    return response, body
+
+
+def test_dashboard_serves_its_own_files_with_a_strict_policy(client: Client) -> None:
+    """/dashboard is the page; its script, chart and style come from the package
+    (no CDN); only this origin's scripts may run; unknown files are a JSON 404;
+    a bad window in the address is a 400 at once."""
+    response, page = _page(client, "/dashboard?since=24h")
     assert response.code == 200
     assert response.headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
-    assert "<b>3</b> calls" in page and "$4.500000" in page
-    assert "By provider and model" in page and "By customer" in page and "By section" in page
-    assert "<td>acme</td>" in page and "<td>globex</td>" in page and "<td>plan</td>" in page
-    assert "<script>" not in page and "&lt;script&gt;" in page
-    _, _, body = client.get("/")
-    assert "/dashboard" in body["endpoints"]
-
-
-def test_dashboard_default_window_is_the_last_day(client: Client) -> None:
-    """Without since, the page covers the last 24 hours (the fixture's calls are older)."""
-    results: list[Any] = []
-    d = client.treq.get("http://127.0.0.1:8000/dashboard")
-    d.addCallback(lambda r: client.treq.text_content(r).addCallback(results.append))
-    client.treq.flush()
-    assert "<b>0</b> calls" in results[0] and "no priced calls" in results[0]
-    bad = client.get("/dashboard?since=yesterday-ish")
-    assert bad[0] == 400
+    policy = response.headers.getRawHeaders(b"content-security-policy")[0]
+    assert b"script-src 'self'" in policy and b"default-src 'none'" in policy
+    assert b"http://" not in page and b"https://" not in page
+    for name, kind in [("app.js", b"text/javascript"), ("chart.js", b"text/javascript")]:
+        response, body = _page(client, "/dashboard/" + name)
+        assert response.code == 200 and body
+        assert response.headers.getRawHeaders(b"content-type")[0].startswith(kind)
+        assert b"http://" not in body.replace(b"http://www.w3.org/2000/svg", b"")
+    response, css = _page(client, "/dashboard/app.css")
+    assert response.code == 200 and b"@media" in css
+    assert _status(client, "/dashboard/nope.js") == 404
+    assert _status(client, "/dashboard/app.js/x") == 404
+    assert client.get("/dashboard?since=yesterday-ish")[0] == 400
 
 
 NINES = "9" * 400
@@ -245,6 +238,9 @@ NINES = "9" * 400
         "/dashboard?since=1e308",
         "/dashboard?since=-1e308",
         f"/dashboard?until={NINES}h",
+        "/api/summary?since=1e308",
+        f"/api/timeseries?since={NINES}s",
+        "/api/timeseries?until=9999-12-31T23:59-01:00",
         "/api/report?since=0001-01-01T00:00%2B01:00",
         "/api/report?until=9999-12-31T23:59-01:00",
     ],
@@ -260,7 +256,7 @@ def test_times_outside_years_1_to_9999_are_400(client: Client, path: str) -> Non
     assert "time" in body["error"]["message"]
 
 
-def test_report_and_dashboard_survive_extreme_stored_values(client: Client) -> None:
+def test_report_and_summary_survive_extreme_stored_values(client: Client) -> None:
     """Stored values come from proxies: costs summing past the float range and a
     ts no calendar holds answer 200 (the sum reads as unknown), not 500."""
     client.writer.write(
@@ -272,7 +268,9 @@ def test_report_and_dashboard_survive_extreme_stored_values(client: Client) -> N
     code, _, body = client.get("/api/report?by=provider")
     assert code == 200
     assert {r["provider"]: r["cost_usd"] for r in body["rows"]}["p"] is None
-    assert _status(client, "/dashboard?since=0") == 200
+    code, _, body = client.get("/api/summary?since=0")
+    assert code == 200 and body["cost_usd"] is None and body["calls"] == 4
+    assert _status(client, "/api/timeseries?since=0&until=2e300&bucket=auto") in (200, 400)
 
 
 def _status(client: Client, path: str) -> int:
@@ -286,7 +284,17 @@ def _status(client: Client, path: str) -> int:
     return int(results[0])
 
 
-_ROUTES = ["/api/events", "/api/report", "/dashboard", "/health", "/"]
+_ROUTES = [
+    "/api/events",
+    "/api/events/a",
+    "/api/report",
+    "/api/summary",
+    "/api/timeseries",
+    "/api/runs/r1",
+    "/api",
+    "/dashboard",
+    "/health",
+]
 _PARAMS = [
     "since",
     "until",
@@ -304,6 +312,10 @@ _PARAMS = [
     "outcome",
     "kind",
     "host",
+    "status",
+    "usage_source",
+    "order",
+    "bucket",
     "x",
 ]
 # what people and fuzzers type into a time or number: numbers of any size
@@ -343,3 +355,209 @@ def test_random_parameters_never_give_500(
     query = "&".join(f"{quote(name)}={quote(value)}" for name, value in params)
     code = _status(client, f"{route}?{query}")
     assert code in (200, 400), (route, query, code)
+
+
+def _dashboard_calls(client: Client) -> None:
+    """Four calls of the last hour of T0 + 3600 and one span, for the dashboard's endpoints."""
+    client.writer.write(
+        [
+            {
+                "id": f"d{i}",
+                "kind": "call",
+                "ts": T0 + 3600 + 600 * i,
+                "provider": provider,
+                "model": model,
+                "status": status,
+                "outcome": outcome,
+                "duration_ms": float(duration),
+                "usage_source": "reported",
+                "cost_usd": cost,
+                "price_ref": None if cost is not None else f"unknown model: {model}",
+                "usage": {"input_tokens": 100, "output_tokens": 10},
+                "context": {"run_id": "run-9", "customer_id": "acme"},
+            }
+            for i, (provider, model, status, outcome, duration, cost) in enumerate(
+                [
+                    ("openai", "gpt-4o", 200, "ok", 100, 0.25),
+                    ("openai", "gpt-4o", 200, "ok", 300, 0.5),
+                    ("anthropic", "mystery", 200, "ok", 200, None),
+                    ("anthropic", "claude", 529, "upstream_error", 400, 0.0),
+                ]
+            )
+        ]
+        + [{"id": "s1", "kind": "span", "ts": T0 + 3600, "run_id": "run-9", "name": "plan"}]
+    )
+
+
+def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
+    """/api/summary: calls, cost, tokens, the error rate (outcome not ok or status
+    >= 400), the share of calls of unknown cost with its commonest reasons, and
+    nearest-rank p50/p95 of duration_ms; spans are not calls."""
+    _dashboard_calls(client)
+    code, _, body = client.get(f"/api/summary?since={T0 + 3600}&until={T0 + 6000}")
+    assert code == 200, body
+    assert body["calls"] == 4 and body["cost_usd"] == 0.75
+    assert body["input_tokens"] == 400 and body["output_tokens"] == 40
+    assert body["errors"] == 1 and body["error_rate"] == 0.25
+    assert body["unpriced_calls"] == 1 and body["unpriced_share"] == 0.25
+    assert body["unpriced_reasons"] == [{"reason": "unknown model: mystery", "calls": 1}]
+    assert body["latency_ms"] == {"p50": 200.0, "p95": 400.0}
+    # a long window: the same sums from the rollup, percentiles within 2.5 %
+    code, _, long = client.get(f"/api/summary?since={T0 + 3000}")
+    assert {k: long[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")} == {
+        k: body[k] for k in ("calls", "cost_usd", "errors", "unpriced_calls")
+    }
+    assert long["unpriced_reasons"] == body["unpriced_reasons"]
+    assert long["latency_ms"]["p50"] == pytest.approx(200.0, rel=0.025)
+    assert long["latency_ms"]["p95"] == pytest.approx(400.0, rel=0.025)
+    code, _, body = client.get(f"/api/summary?since={T0 + 3600}&provider=openai")
+    assert body["calls"] == 2 and body["error_rate"] == 0.0
+    code, _, empty = client.get("/api/summary?since=1h")
+    assert code == 200 and empty["calls"] == 0 and empty["error_rate"] is None
+    assert empty["latency_ms"] == {"p50": None, "p95": None}
+
+
+def test_timeseries_buckets_by_provider_and_model(client: Client) -> None:
+    """/api/timeseries: buckets aligned to multiples of their size, every one
+    from since to until listed (zeros where nothing happened), one series per
+    provider or model, costliest first."""
+    _dashboard_calls(client)
+    since, until = T0 + 3600, T0 + 3600 + 2400
+    code, _, body = client.get(f"/api/timeseries?since={since}&until={until}&bucket=10m")
+    assert code == 200, body
+    origin = since // 600 * 600  # the calls sit 400 s into their buckets
+    assert body["bucket"] == 600 and body["starts"] == [origin + 600 * i for i in range(5)]
+    series = {s["name"]: s for s in body["series"]}
+    assert [s["name"] for s in body["series"]] == ["openai", "anthropic"]
+    assert series["openai"]["cost_usd"] == [0.25, 0.5, 0.0, 0.0, 0.0]
+    assert series["anthropic"]["calls"] == [0, 0, 1, 1, 0]
+    code, _, body = client.get(f"/api/timeseries?since={since}&until={until}&by=model")
+    assert code == 200 and body["bucket"] == 60 and len(body["starts"]) == 41
+    assert {s["name"] for s in body["series"]} == {"gpt-4o", "mystery", "claude"}
+    assert sum(sum(s["calls"]) for s in body["series"]) == 4
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "by=colour",
+        "bucket=fortnight",
+        "bucket=0s",
+        "bucket=1s&since=30d",
+        "since=1h&until=2h",
+        "kind=span&since=1h&provider=",
+    ],
+)
+def test_timeseries_bad_parameters_are_400(client: Client, query: str) -> None:
+    """An unknown series, a bucket that is no size, too many buckets, or a
+    window that ends before it starts is a 400 with the error contract."""
+    code, _, body = client.get("/api/timeseries?" + query)
+    if query.startswith("kind="):
+        assert code == 200  # kind is not a filter of a series of calls: ignored
+        return
+    assert code == 400, body
+    assert body["error"]["type"] == "bad_request"
+
+
+def test_one_event_and_one_run(client: Client) -> None:
+    """/api/events/ID is that event (a JSON 404 when none); /api/runs/ID lists a
+    run's calls and spans oldest first (ties in arrival order) with its calls' total cost."""
+    _dashboard_calls(client)
+    code, _, body = client.get("/api/events/d1")
+    assert code == 200 and body["event"]["id"] == "d1" and body["event"]["cost_usd"] == 0.5
+    code, _, body = client.get("/api/events/nope")
+    assert code == 404 and body["error"]["type"] == "not_found"
+    assert client.get("/api/events/a/b")[0] == 400
+    code, _, body = client.get("/api/runs/run-9")
+    assert code == 200, body
+    assert [e["id"] for e in body["events"]] == ["d0", "s1", "d1", "d2", "d3"]
+    assert body["calls"] == 4 and body["cost_usd"] == 0.75 and body["unpriced_calls"] == 1
+    assert body["start"] == T0 + 3600 and body["end"] == T0 + 3600 + 1800 + 0.4
+    assert client.get("/api/runs/none-such")[0] == 404
+    assert client.get("/api/runs")[0] == 400
+
+
+def test_events_newest_first_and_the_calls_page_filters(client: Client) -> None:
+    """/api/events takes order=desc (the calls page, newest first) and filters on
+    status and usage_source as on the other columns; order is asc or desc."""
+    _dashboard_calls(client)
+
+    def ids(query: str) -> list[str]:
+        code, _, body = client.get("/api/events?kind=call&" + query)
+        assert code == 200, body
+        return [e["id"] for e in body["events"]]
+
+    assert ids(f"since={T0 + 3600}&order=desc") == ["d3", "d2", "d1", "d0"]
+    assert ids(f"since={T0 + 3600}&order=desc&limit=2&offset=1") == ["d2", "d1"]
+    assert ids("status=529") == ["d3"]
+    assert ids("usage_source=reported&provider=openai") == ["d0", "d1"]
+    assert client.get("/api/events?order=sideways")[0] == 400
+
+
+def test_long_windows_read_the_rollup_and_match_the_events(client: Client) -> None:
+    """Unfiltered long windows are summed from hourly and daily sums plus their
+    ragged edges: the report, summary and series equal what the events say,
+    and an event stored late, into an hour already summed, is counted."""
+    client.writer.write(
+        [
+            {
+                "id": f"r{i}",
+                "kind": "call",
+                "ts": T0 + i * 3 * 3600 + 17.5,
+                "provider": ["openai", "anthropic", "google"][i % 3],
+                "model": f"m{i % 4}",
+                "cost_usd": None if i % 7 == 0 or i % 13 == 5 else 0.001 * (i + 1),
+                "status": 403 if i % 13 == 5 else 500 if i % 11 == 0 else 200,
+                "duration_ms": 100.0 + i,
+                # (a refusal went nowhere: no usage, no cost)
+                "usage": {} if i % 13 == 5 else {"input_tokens": i, "output_tokens": 2 * i},
+                "usage_source": (
+                    "missing" if i % 13 == 5 else "estimated" if i % 6 == 1 else "reported"
+                ),
+                # the proxy's own refusals: not in a report's calls
+                "outcome": "refused" if i % 13 == 5 else "ok",
+                "context": {"customer_id": f"c{i % 5}", "section_path": f"a{i % 2}/t{i % 3}"},
+            }
+            for i in range(40)  # five days
+        ]
+    )
+    since, until = T0 + 1800, T0 + 4.5 * 86_400
+
+    def same_report(by: str) -> None:
+        code, _, body = client.get(f"/api/report?by={by}&since={since}&until={until}")
+        assert code == 200, body
+        expected = client.store.report([by], since=since, until=until)
+        assert [r[by] for r in body["rows"]] == [r[by] for r in expected]
+        for got, want in zip(body["rows"], expected, strict=True):
+            assert got == {**want, "cost_usd": pytest.approx(want["cost_usd"])}
+
+    for by in ("customer", "section_path", "provider", "model", "endpoint", "tenant"):
+        same_report(by)
+    (total,) = client.store.report([], since=since, until=until)
+    _code, _, body = client.get(f"/api/summary?since={since}&until={until}")
+    assert body["calls"] == total["calls"] and body["unpriced_calls"] == total["unpriced_calls"]
+    assert body["cost_usd"] == pytest.approx(total["cost_usd"])
+    assert body["refused_calls"] == 3 and body["estimated_calls"] == total["estimated_calls"]
+    assert body["estimated_cost_usd"] == pytest.approx(total["estimated_cost_usd"])
+    _code, _, series = client.get(
+        f"/api/timeseries?since={since}&until={until}&bucket=1h&by=provider"
+    )
+    assert sum(sum(s["calls"]) for s in series["series"]) == total["calls"]
+    assert sum(sum(s["cost_usd"]) for s in series["series"]) == pytest.approx(total["cost_usd"])
+
+    client.writer.write(
+        [
+            {
+                "id": "late",
+                "kind": "call",
+                "ts": T0 + 7200.5,
+                "provider": "openai",
+                "cost_usd": 5.0,
+                "context": {"customer_id": "c1"},
+            }
+        ]
+    )
+    same_report("customer")
+    _code, _, body = client.get(f"/api/summary?since={since}&until={until}")
+    assert body["calls"] == total["calls"] + 1
+    assert body["cost_usd"] == pytest.approx(total["cost_usd"] + 5.0)

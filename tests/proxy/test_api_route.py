@@ -90,3 +90,37 @@ def test_api_itself_is_a_json_404_that_names_the_routes() -> None:
     _channel, transport = _get(proxy, "/api")
     assert transport.value().startswith(b"HTTP/1.1 404 ")
     assert b"/api/report" in transport.value()
+
+
+def _proxy_with_dashboard() -> InMemoryProxy:
+    from llmobserve.collector import DashboardResource
+
+    proxy = InMemoryProxy()
+    proxy.resource._dashboard = DashboardResource
+    return proxy
+
+
+def test_an_embedded_proxy_serves_the_dashboard_and_redirects_its_root() -> None:
+    """With a store of its own, the proxy answers / with a redirect to
+    /dashboard, and /dashboard and its files from the package."""
+    proxy = _proxy_with_dashboard()
+    _, transport = _get(proxy, "/")
+    head = transport.value()
+    assert head.startswith(b"HTTP/1.1 302 ") and b"\r\nlocation: /dashboard\r\n" in head.lower()
+    _, transport = _get(proxy, "/dashboard?since=7d")
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"text/html" in answer
+    assert b'src="/dashboard/app.js"' in answer
+    _, transport = _get(proxy, "/dashboard/chart.js")
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and b"StackedBars" in transport.value()
+    _, transport = _get(proxy, "/dashboard?since=garbage")
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_proxy_without_a_store_has_no_dashboard() -> None:
+    """A proxy that sends its events to a collector has no page of its own:
+    / and /dashboard are JSON 404s as before (the collector serves it)."""
+    proxy = InMemoryProxy()
+    for target in ("/", "/dashboard"):
+        _, transport = _get(proxy, target)
+        assert transport.value().startswith(b"HTTP/1.1 404 ")
