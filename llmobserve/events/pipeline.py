@@ -691,7 +691,7 @@ def make_event_sink(
     collector_url: str | None,
     db_path: str | None,
     spool_dir: str | None,
-    parse_workers: int = 2,
+    parse_workers: int = 1,
     parse_queue: int = 1000,
     parse_gather: float = 0.005,
     spool_max_bytes: int = 256 * 1024 * 1024,
@@ -714,6 +714,11 @@ def make_event_sink(
     With C{collector_url}, events go over the collector link; without it,
     into C{EventStore(db_path or default_db_path())} in a writer thread.
     C{spool_dir} defaults to C{llmobserve.paths.default_spool_dir()}.
+
+    One parse thread by default: the event threads share the proxy's core
+    and the GIL with the reactor, and a second parse thread only adds GIL
+    hand-offs (on the slower machine it cost ~11-14% more CPU per request
+    at c=64 in three A/B runs, docs/BENCHMARKS.md session 7).
 
     @raise ValueError: a bad collector URL.
     @raise SpoolLocked: every candidate spool directory is in use.
