@@ -209,6 +209,18 @@ class _Proc:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def runqueue_wait_seconds(self) -> float:
+        """Time all its threads spent runnable but waiting for a CPU
+        (C{/proc/PID/task/*/schedstat}): other load on the pinned core."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total / 1e9
+
     def status_kib(self, field: str) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -663,6 +675,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     before = _settle(proxy, px_port)
                 p0, u0 = cpu_proc.cpu_seconds(), upstream.cpu_seconds()
                 m0 = cpu_proc.main_thread_cpu_seconds()
+                w0 = cpu_proc.runqueue_wait_seconds()
                 t0 = time.monotonic()
                 if use_wrk:
                     tput = _wrk_throughput(
@@ -682,6 +695,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 tput["proxy_cpu_s"] = cpu_proc.cpu_seconds() - p0
                 tput["proxy_main_thread_cpu_s"] = cpu_proc.main_thread_cpu_seconds() - m0
                 tput["upstream_cpu_s"] = upstream.cpu_seconds() - u0
+                tput["proxy_runqueue_wait_s"] = cpu_proc.runqueue_wait_seconds() - w0
                 tput["wall_s"] = wall
                 if key == "proxied":
                     after = _settle(proxy, px_port)
@@ -735,7 +749,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rps": _median([r["rps"] for r in phases[f"c64_{key}"]]),
             "cpu_per_request_us": per_request_us(key),
             "sse_added_first_chunk_p50_us": added("sse", "first_chunk_us", "p50", key),
+            "c64_cpu_util": _median([r["proxy_cpu_s"] / r["wall_s"] for r in phases[f"c64_{key}"]]),
+            "c64_runqueue_wait_share": runqueue_wait_share(key),
         }
+
+    def runqueue_wait_share(key: str) -> float:
+        return _median([r["proxy_runqueue_wait_s"] / r["wall_s"] for r in phases[f"c64_{key}"]])
 
     c64p = phases["c64_proxied"]
     c64d = phases["c64_direct"]
@@ -770,6 +789,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "proxied_p50_us": _median([r.get("latency_us", {}).get("p50", 0.0) for r in c64p]),
             "proxied_p99_us": _median([r.get("latency_us", {}).get("p99", 0.0) for r in c64p]),
             "proxy_cpu_util": proxy_util,
+            "proxy_runqueue_wait_share": runqueue_wait_share("proxied"),
             "generator_and_upstream_cpu_util": gen_util,
             "bound": "proxy" if proxy_util >= 0.85 else "generator/upstream (figure is a floor)",
         },
