@@ -302,13 +302,15 @@ def _floor(up_port: int) -> Iterator[tuple[_Proc, int]]:
 
 @contextmanager
 def _proxy(
-    workdir: Path, extra: Sequence[str], plugin_log: str = "llmobserve"
+    workdir: Path, extra: Sequence[str], log_name: str | None = None
 ) -> Iterator[tuple[_Proc, int]]:
+    """C{twistd -n llmobserve} on a free port; a second one in the same
+    C{workdir} needs its own C{log_name} (its log and C{LLMOBSERVE_HOME})."""
     with _twistd(
         workdir,
         "llmobserve",
         ["--port", "tcp:0:interface=127.0.0.1", "--allow-cidr", "127.0.0.1/32", *extra],
-        log_name=plugin_log,
+        log_name=log_name,
     ) as started:
         yield started
 
