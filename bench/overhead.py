@@ -17,7 +17,21 @@ Prints one answer line, e.g.::
     overhead: c1 added p50=+85us p99=+130us | c64 direct=30100 rps proxied=11200 rps
       | cpu/req=88us | sse first chunk +95us | rss peak 52MB
 
-(one line in reality), and unless C{--no-streams} a second one for 64
+(one line in reality), then the floor: stock C{twisted.protocols.portforward}
+(C{bench._floor}, pinned like the proxy, relaying to the same upstream)
+measured in the same runs, and the proxy's figures as ratios to it, e.g.::
+
+    floor: c1 added p50=+157us p99=+210us | c64 12900 rps | cpu/req=61us
+      | sse first chunk +75us | ratios: p50 1.5x (<=2.2) rps 0.21x (>=0.40)
+      sse 1.9x (<=3.0) cpu 2.8x
+
+with C{--with-bare} a second proxy with C{--no-events} in the same runs::
+
+    bare: c1 added p50=+140us p99=+200us | c64 3900 rps | cpu/req=150us
+      | ratios: p99 1.9x (<=2.0) rps 0.30x of floor
+
+(the p99 ratio is the events-on proxy's added p99 to the bare one's),
+and unless C{--no-streams} one for 64
 concurrent long SSE streams (200 events over 2 s each), e.g.::
 
     streams: c64 first chunk p50=420us p99=2900us (direct p50=60us p99=700us)
@@ -28,7 +42,9 @@ and with C{--gap-ms 10} a third for c=1 with 10 ms of idle between calls::
     sparse: c1 with 10 ms gaps added p50=+250us p99=+600us
 
 C{--json} prints the full result instead, with the answer lines in
-C{"answer"}, C{"streams_answer"} and C{"gap_answer"}.  Progress goes to stderr.
+C{"answer"}, C{"floor_answer"}, C{"bare_answer"}, C{"streams_answer"} and
+C{"gap_answer"}, the floor's figures in C{"floor"} and the ratios in
+C{"ratios_to_floor"}.  Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -51,7 +67,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ANSWER_RE", "SPARSE_RE", "STREAMS_RE", "main"]
+__all__ = ["ANSWER_RE", "BARE_RE", "FLOOR_RE", "SPARSE_RE", "STREAMS_RE", "TARGETS", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +77,26 @@ ANSWER_RE = re.compile(
     r" \| cpu/req=(?P<cpu>\d+)us \| sse first chunk (?P<sse>[+-]\d+)us"
     r" \| rss peak (?P<rss>\d+)MB(?: \| parsed (?P<parsed>\d+)%)?$"
 )
+
+_RATIO = r"(?:\d+\.\d+x|n/a)"
+FLOOR_RE = re.compile(
+    r"^floor: c1 added p50=(?P<p50>[+-]\d+)us p99=(?P<p99>[+-]\d+)us"
+    r" \| c(?P<conc>\d+) (?P<rps>\d+) rps \| cpu/req=(?P<cpu>\d+)us"
+    r" \| sse first chunk (?P<sse>[+-]\d+)us"
+    rf" \| ratios: p50 (?P<p50_ratio>{_RATIO}) \(<=\d+\.\d\)"
+    rf" rps (?P<rps_ratio>{_RATIO}) \(>=\d+\.\d\d\)"
+    rf" sse (?P<sse_ratio>{_RATIO}) \(<=\d+\.\d\) cpu (?P<cpu_ratio>{_RATIO})$"
+)
+BARE_RE = re.compile(
+    r"^bare: c1 added p50=(?P<p50>[+-]\d+)us p99=(?P<p99>[+-]\d+)us"
+    r" \| c(?P<conc>\d+) (?P<rps>\d+) rps \| cpu/req=(?P<cpu>\d+)us"
+    rf" \| ratios: p99 (?P<p99_ratio>{_RATIO}) \(<=\d+\.\d\)"
+    rf" rps (?P<rps_ratio>{_RATIO}) of floor$"
+)
+# PERFORMANCE.md's targets, as ratios to a relay measured in the same run:
+# the proxy's (events on) added p50 at c=1, req/s at c=64 and SSE added
+# first chunk to the floor's; its c=1 added p99 to the bare proxy's.
+TARGETS = {"added_p50": 2.2, "rps": 0.40, "sse_added_first_chunk": 3.0, "added_p99_to_bare": 2.0}
 
 STREAMS_RE = re.compile(
     r"^streams: c(?P<conc>\d+) first chunk p50=(?P<p50>\d+)us p99=(?P<p99>\d+)us"
@@ -173,6 +209,18 @@ class _Proc:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def runqueue_wait_seconds(self) -> float:
+        """Time all its threads spent runnable but waiting for a CPU
+        (C{/proc/PID/task/*/schedstat}): other load on the pinned core."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total / 1e9
+
     def status_kib(self, field: str) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -231,11 +279,38 @@ def _upstream(
 
 
 @contextmanager
-def _proxy(workdir: Path, extra: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
+def _floor(up_port: int) -> Iterator[tuple[_Proc, int]]:
+    """Stock C{twisted.protocols.portforward} to the upstream (C{bench._floor})."""
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "bench._floor", "--upstream-port", str(up_port)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_pdeathsig,
+    )
+    proc = _Proc(popen)
+    try:
+        assert popen.stdout is not None
+        line = popen.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"bench floor (portforward) did not start: {line!r}")
+        yield proc, int(line.split()[1])
+    finally:
+        proc.stop()
+
+
+@contextmanager
+def _proxy(
+    workdir: Path, extra: Sequence[str], log_name: str | None = None
+) -> Iterator[tuple[_Proc, int]]:
+    """C{twistd -n llmobserve} on a free port; a second one in the same
+    C{workdir} needs its own C{log_name} (its log and C{LLMOBSERVE_HOME})."""
     with _twistd(
         workdir,
         "llmobserve",
         ["--port", "tcp:0:interface=127.0.0.1", "--allow-cidr", "127.0.0.1/32", *extra],
+        log_name=log_name,
     ) as started:
         yield started
 
@@ -252,13 +327,15 @@ def _collector(workdir: Path) -> Iterator[tuple[_Proc, int]]:
 
 
 @contextmanager
-def _twistd(workdir: Path, plugin: str, args: Sequence[str]) -> Iterator[tuple[_Proc, int]]:
-    log_path = workdir / f"{plugin}.log"
+def _twistd(
+    workdir: Path, plugin: str, args: Sequence[str], log_name: str | None = None
+) -> Iterator[tuple[_Proc, int]]:
+    log_path = workdir / f"{log_name or plugin}.log"
     env = dict(os.environ)
     for name in ("http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
         env.pop(name.upper(), None)
-    env["LLMOBSERVE_HOME"] = str(workdir / "home")
+    env["LLMOBSERVE_HOME"] = str(workdir / ("home" if log_name is None else f"home-{log_name}"))
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
             [
@@ -534,59 +611,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         contextlib.ExitStack() as stack,
     ):
         proxy_args = [a.replace("{UP}", str(up_port)) for a in args.proxy_arg]
+        bare_args = [*proxy_args, "--no-events"]
         if args.collector:
             collector, col_port = stack.enter_context(_collector(Path(tmp)))
             if pin:
                 _pin(collector.pid, other)  # type: ignore[arg-type]  # pinned: a set
             proxy_args += ["--collector", f"http://127.0.0.1:{col_port}"]
         proxy, px_port = stack.enter_context(_proxy(Path(tmp), proxy_args))
-        if pin:
-            _pin(proxy.pid, proxy_cpus)  # type: ignore[arg-type]  # pinned: a set
-            _pin(upstream.pid, other)  # type: ignore[arg-type]  # pinned: a set
+        floor, fl_port = stack.enter_context(_floor(up_port))
+        # Who serves each key's requests, on which port, with which bytes.
         reqs = _build_requests(up_port, px_port, args.route)
+        servers: dict[str, tuple[int, _Proc]] = {
+            "direct": (up_port, upstream),
+            "proxied": (px_port, proxy),
+            "floor": (fl_port, floor),
+        }
+        for suffix in ("", "_sse", "_stream"):
+            reqs["floor" + suffix] = reqs["direct" + suffix]
+        if args.with_bare:
+            bare, bare_port = stack.enter_context(_proxy(Path(tmp), bare_args, "llmobserve-bare"))
+            servers["bare"] = (bare_port, bare)
+            bare_reqs = _build_requests(up_port, bare_port, args.route)
+            for suffix in ("", "_sse", "_stream"):
+                reqs["bare" + suffix] = bare_reqs["proxied" + suffix]
+        if pin:
+            for key, (_, proc) in servers.items():
+                _pin(proc.pid, other if key == "direct" else proxy_cpus)  # type: ignore[arg-type]  # pinned: a set
         rss_idle = proxy.status_kib("VmRSS")
         _log(
             f"bench: upstream :{up_port}, proxy :{px_port} (pid {proxy.pid}), "
-            f"pinned={sorted(proxy_cpus) if proxy_cpus else 'no'}, "
+            f"floor :{fl_port} (pid {floor.pid}), "
+            + (f"bare :{servers['bare'][0]}, " if "bare" in servers else "")
+            + f"pinned={sorted(proxy_cpus) if proxy_cpus else 'no'}, "
             f"generator={'wrk' if use_wrk else 'python'}"
         )
-        # Warm up both paths (pool connections, caches, the store).
-        for key in ("direct", "proxied"):
-            _loadgen(
-                "latency", px_port if key == "proxied" else up_port, reqs[key], args.warmup, other
-            )
-            _loadgen(
-                "sse",
-                px_port if key == "proxied" else up_port,
-                reqs[key + "_sse"],
-                args.warmup / 2,
-                other,
-            )
-        _loadgen(
-            "throughput",
-            px_port,
-            reqs["proxied"],
-            args.warmup,
-            other,
-            concurrency=args.concurrency,
-            warmup=0,
-        )
+        # Warm up every path (pool connections, caches, the store).
+        for key, (port, _) in servers.items():
+            _loadgen("latency", port, reqs[key], args.warmup, other)
+            _loadgen("sse", port, reqs[key + "_sse"], args.warmup / 2, other)
+            if key != "direct":
+                _loadgen(
+                    "throughput",
+                    port,
+                    reqs[key],
+                    args.warmup,
+                    other,
+                    concurrency=args.concurrency,
+                    warmup=0,
+                )
         for run_index in range(args.runs):
-            order = ["direct", "proxied"] if run_index % 2 == 0 else ["proxied", "direct"]
+            order = list(servers) if run_index % 2 == 0 else list(reversed(servers))
             for key in order:
-                port = px_port if key == "proxied" else up_port
+                port, served_by = servers[key]
                 record(f"c1_{key}", _loadgen("latency", port, reqs[key], args.duration, other))
-                if args.gap_ms:
+                if args.gap_ms and key in ("direct", "proxied"):
                     record(
                         f"gap_{key}",
                         _loadgen(
                             "latency", port, reqs[key], args.duration, other, gap=args.gap_ms / 1000
                         ),
                     )
+                # direct's CPU figures are the (idle) proxy's, as before
+                cpu_proc = proxy if key == "direct" else served_by
                 if key == "proxied":
                     before = _settle(proxy, px_port)
-                p0, u0 = proxy.cpu_seconds(), upstream.cpu_seconds()
-                m0 = proxy.main_thread_cpu_seconds()
+                p0, u0 = cpu_proc.cpu_seconds(), upstream.cpu_seconds()
+                m0 = cpu_proc.main_thread_cpu_seconds()
+                w0 = cpu_proc.runqueue_wait_seconds()
                 t0 = time.monotonic()
                 if use_wrk:
                     tput = _wrk_throughput(
@@ -603,9 +694,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         warmup=args.c64_warmup,
                     )
                 wall = time.monotonic() - t0
-                tput["proxy_cpu_s"] = proxy.cpu_seconds() - p0
-                tput["proxy_main_thread_cpu_s"] = proxy.main_thread_cpu_seconds() - m0
+                tput["proxy_cpu_s"] = cpu_proc.cpu_seconds() - p0
+                tput["proxy_main_thread_cpu_s"] = cpu_proc.main_thread_cpu_seconds() - m0
                 tput["upstream_cpu_s"] = upstream.cpu_seconds() - u0
+                tput["proxy_runqueue_wait_s"] = cpu_proc.runqueue_wait_seconds() - w0
                 tput["wall_s"] = wall
                 if key == "proxied":
                     after = _settle(proxy, px_port)
@@ -623,7 +715,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"sse_{key}",
                     _loadgen("sse", port, reqs[key + "_sse"], args.sse_duration, other),
                 )
-                if args.streams:
+                if args.streams and key in ("direct", "proxied"):
                     record(
                         f"streams_{key}", _streams(args, port, reqs[key + "_stream"], proxy, other)
                     )
@@ -631,19 +723,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(
                 f"bench: run {run_index + 1}/{args.runs}: c1 proxied p50={c1['p50']:.0f}us, "
                 f"c64 proxied={phases['c64_proxied'][-1]['rps']:.0f} rps, "
+                f"floor={phases['c64_floor'][-1]['rps']:.0f} rps, "
                 f"direct={phases['c64_direct'][-1]['rps']:.0f} rps"
             )
         rss_peak = proxy.status_kib("VmHWM")
         rss_end = proxy.status_kib("VmRSS")
-        alive = proxy.popen.poll() is None
+        alive = all(proc.popen.poll() is None for _, proc in servers.values())
 
-    def added(name: str, field: str, q: str) -> float:
+    def added(name: str, field: str, q: str, key: str = "proxied") -> float:
         return _median(
             [
                 p[field][q] - d[field][q]
-                for p, d in zip(phases[f"{name}_proxied"], phases[f"{name}_direct"], strict=True)
+                for p, d in zip(phases[f"{name}_{key}"], phases[f"{name}_direct"], strict=True)
             ]
         )
+
+    def per_request_us(key: str) -> float:
+        return _median(
+            [r["proxy_cpu_s"] / max(1, r["completed_total"]) * 1e6 for r in phases[f"c64_{key}"]]
+        )
+
+    def relay_summary(key: str) -> dict[str, Any]:
+        """Another relay's figures (the floor, the bare proxy), added against direct."""
+        return {
+            "added_p50_us": added("c1", "latency_us", "p50", key),
+            "added_p99_us": added("c1", "latency_us", "p99", key),
+            "rps": _median([r["rps"] for r in phases[f"c64_{key}"]]),
+            "cpu_per_request_us": per_request_us(key),
+            "sse_added_first_chunk_p50_us": added("sse", "first_chunk_us", "p50", key),
+            "c64_cpu_util": _median([r["proxy_cpu_s"] / r["wall_s"] for r in phases[f"c64_{key}"]]),
+            "c64_runqueue_wait_share": runqueue_wait_share(key),
+        }
+
+    def runqueue_wait_share(key: str) -> float:
+        return _median([r["proxy_runqueue_wait_s"] / r["wall_s"] for r in phases[f"c64_{key}"]])
 
     c64p = phases["c64_proxied"]
     c64d = phases["c64_direct"]
@@ -678,6 +791,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "proxied_p50_us": _median([r.get("latency_us", {}).get("p50", 0.0) for r in c64p]),
             "proxied_p99_us": _median([r.get("latency_us", {}).get("p99", 0.0) for r in c64p]),
             "proxy_cpu_util": proxy_util,
+            "proxy_runqueue_wait_share": runqueue_wait_share("proxied"),
             "generator_and_upstream_cpu_util": gen_util,
             "bound": "proxy" if proxy_util >= 0.85 else "generator/upstream (figure is a floor)",
         },
@@ -730,6 +844,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"p50={result['c1_gap']['added_p50_us']:+.0f}us "
             f"p99={result['c1_gap']['added_p99_us']:+.0f}us"
         )
+    fl = result["floor"] = relay_summary("floor")
+    ratios = result["ratios_to_floor"] = {
+        "added_p50": _ratio(result["c1"]["added_p50_us"], fl["added_p50_us"]),
+        "rps": _ratio(result["c64"]["proxied_rps"], fl["rps"]),
+        "sse_added_first_chunk": _ratio(
+            result["sse"]["added_first_chunk_p50_us"], fl["sse_added_first_chunk_p50_us"]
+        ),
+        "cpu_per_request": _ratio(cpu_per_req, fl["cpu_per_request_us"]),
+    }
+    result["targets"] = dict(TARGETS)
+    result["floor_answer"] = (
+        f"floor: c1 added p50={fl['added_p50_us']:+.0f}us p99={fl['added_p99_us']:+.0f}us"
+        f" | c{args.concurrency} {fl['rps']:.0f} rps"
+        f" | cpu/req={fl['cpu_per_request_us']:.0f}us"
+        f" | sse first chunk {fl['sse_added_first_chunk_p50_us']:+.0f}us"
+        f" | ratios: p50 {_times(ratios['added_p50'])} (<={TARGETS['added_p50']:.1f})"
+        f" rps {_times(ratios['rps'], 2)} (>={TARGETS['rps']:.2f})"
+        f" sse {_times(ratios['sse_added_first_chunk'])} (<={TARGETS['sse_added_first_chunk']:.1f})"
+        f" cpu {_times(ratios['cpu_per_request'])}"
+    )
+    if args.with_bare:
+        br = result["bare"] = relay_summary("bare")
+        br["ratios"] = {
+            "events_added_p99_to_bare": _ratio(result["c1"]["added_p99_us"], br["added_p99_us"]),
+            "rps_to_floor": _ratio(br["rps"], fl["rps"]),
+        }
+        result["bare_answer"] = (
+            f"bare: c1 added p50={br['added_p50_us']:+.0f}us p99={br['added_p99_us']:+.0f}us"
+            f" | c{args.concurrency} {br['rps']:.0f} rps"
+            f" | cpu/req={br['cpu_per_request_us']:.0f}us"
+            f" | ratios: p99 {_times(br['ratios']['events_added_p99_to_bare'])}"
+            f" (<={TARGETS['added_p99_to_bare']:.1f})"
+            f" rps {_times(br['ratios']['rps_to_floor'], 2)} of floor"
+        )
     result["answer"] = (
         f"overhead: c1 added p50={result['c1']['added_p50_us']:+.0f}us "
         f"p99={result['c1']['added_p99_us']:+.0f}us | c{args.concurrency} "
@@ -740,6 +888,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + ("" if parsed_share is None else f" | parsed {parsed_share * 100:.0f}%")
     )
     return result
+
+
+def _ratio(value: float, floor: float) -> float | None:
+    """C{value / floor}, or C{None} when the floor is not positive (noise)."""
+    return value / floor if floor > 0 else None
+
+
+def _times(ratio: float | None, digits: int = 1) -> str:
+    return "n/a" if ratio is None else f"{ratio:.{digits}f}x"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -822,6 +979,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="spread the first requests of the streams phase over this many seconds"
         " (default: a quarter of a stream; 0: all at once)",
     )
+    parser.add_argument(
+        "--with-bare",
+        action="store_true",
+        help="also measure a second proxy with --no-events, pinned alike, in the same runs"
+        " (its c=1 p99 is the denominator of the events-on p99 target)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
@@ -862,7 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
     else:
         print(result["answer"], flush=True)
-        for extra in ("streams_answer", "gap_answer"):
+        for extra in ("floor_answer", "bare_answer", "streams_answer", "gap_answer"):
             if extra in result:
                 print(result[extra], flush=True)
     if not result["proxy_alive"]:

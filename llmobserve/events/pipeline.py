@@ -905,7 +905,7 @@ def make_event_sink(
     collector_url: str | None,
     db_path: str | None,
     spool_dir: str | None,
-    parse_workers: int = 2,
+    parse_workers: int = 1,
     parse_queue: int = 1000,
     parse_gather: float = 0.005,
     spool_max_bytes: int = 256 * 1024 * 1024,
@@ -934,6 +934,11 @@ def make_event_sink(
 
     C{no_estimate} names the providers whose streams without usage stay
     unpriced (C{--stream-usage PROVIDER=off}); the others are estimated.
+
+    One parse thread by default: the event threads share the proxy's core
+    and the GIL with the reactor, and a second parse thread only adds GIL
+    hand-offs (on the slower machine it cost ~11-14% more CPU per request
+    at c=64 in three A/B runs, docs/BENCHMARKS.md session 7).
 
     @raise ValueError: a bad collector URL, or no C{store_factory} without one.
     @raise SpoolLocked: every candidate spool directory is in use.

@@ -14,42 +14,100 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 def test_overhead_quick_prints_answer_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    C{python -m bench.overhead --quick --gap-ms 5} exits 0 and prints
-    exactly three stdout lines that the documented patterns parse: the
-    answer, the concurrent streams with every event relayed, and c=1 with
-    idle gaps (no timing assertions: the figures depend on the machine).
+    C{python -m bench.overhead --quick --with-bare --gap-ms 5} exits 0 and
+    prints exactly five stdout lines that the documented patterns parse:
+    the answer; the floor (stock portforward, same run) with the proxy's
+    ratios to it; the bare proxy with its p99 ratio; the concurrent
+    streams with every event relayed; and c=1 with idle gaps (no timing
+    assertions: the figures depend on the machine).
     """
     monkeypatch.syspath_prepend(str(ROOT))
-    from bench.overhead import ANSWER_RE, SPARSE_RE, STREAMS_RE
+    from bench.overhead import ANSWER_RE, BARE_RE, FLOOR_RE, SPARSE_RE, STREAMS_RE
 
     done = subprocess.run(
-        [sys.executable, "-m", "bench.overhead", "--quick", "--loadgen", "python", "--gap-ms", "5"],
+        [
+            sys.executable,
+            "-m",
+            "bench.overhead",
+            "--quick",
+            "--loadgen",
+            "python",
+            "--with-bare",
+            "--gap-ms",
+            "5",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=150,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 3, done.stdout
+    assert len(lines) == 5, done.stdout
     match = ANSWER_RE.match(lines[0])
     assert match, lines[0]
     assert int(match["conc"]) == 64
     assert int(match["direct"]) > 0 and int(match["proxied"]) > 0
     assert int(match["rss"]) > 0
-    streams = STREAMS_RE.match(lines[1])
-    assert streams, lines[1]
+    floor = FLOOR_RE.match(lines[1])
+    assert floor, lines[1]
+    assert int(floor["conc"]) == 64
+    assert int(floor["rps"]) > 0 and int(floor["cpu"]) > 0
+    assert floor["rps_ratio"] == f"{int(match['proxied']) / int(floor['rps']):.2f}x"
+    bare = BARE_RE.match(lines[2])
+    assert bare, lines[2]
+    assert int(bare["rps"]) > 0
+    streams = STREAMS_RE.match(lines[3])
+    assert streams, lines[3]
     assert int(streams["conc"]) == 64
     assert int(streams["expected"]) == 64 * 40  # --quick: 40 events per stream
     assert int(streams["events"]) == int(streams["expected"])
     assert float(streams["cpu"]) > 0
-    sparse = SPARSE_RE.match(lines[2])
-    assert sparse, lines[2]
+    sparse = SPARSE_RE.match(lines[4])
+    assert sparse, lines[4]
     assert sparse["gap"] == "5"
+
+
+@pytest.mark.timeout(60)
+def test_floor_relays_bytes_to_the_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    C{bench._floor} (stock portforward) prints its port and relays a
+    keep-alive connection's requests to the upstream and its answers back
+    unchanged; it exits once its stdin closes.
+    """
+    upstream, up_port = _start_upstream()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench._floor", "--upstream-port", str(up_port)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert floor.stdout is not None
+        line = floor.stdout.readline().decode()
+        assert line.startswith("PORT "), line
+        port = int(line.split()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for _ in range(2):
+                sock.sendall(_post(up_port, "/v1/sse/chat/completions"))
+                monkeypatch.syspath_prepend(str(ROOT))
+                from bench._upstream import SSE_FIRST, SSE_REST
+
+                expected = SSE_FIRST + SSE_REST
+                got = b""
+                while len(got) < len(expected):
+                    data = sock.recv(65536)
+                    assert data, got
+                    got += data
+                assert got == expected
+    finally:
+        _stop(floor)
+        _stop(upstream)
+    assert floor.returncode == 0
 
 
 def _start_upstream(*args: str) -> tuple[subprocess.Popen[bytes], int]:
