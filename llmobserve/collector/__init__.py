@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
 from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
@@ -23,7 +24,11 @@ __all__ = [
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
+    "Budget",
+    "BudgetBook",
+    "BudgetError",
     "EventStore",
+    "SQLiteBudgetBook",
     "StoreError",
     "StoreThread",
     "TimeSpecError",

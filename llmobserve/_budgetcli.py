@@ -1,0 +1,139 @@
+"""C{llmobserve budgets set|list|delete}, and the budgets lines of C{report}.
+
+Budgets live in the store file (C{--db}); the proxy reads them from there
+(see C{docs/BUDGETS.md}). Importing this module does not import Twisted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmobserve.collector import Budget, BudgetError, SQLiteBudgetBook
+from llmobserve.money import usd_fixed
+from llmobserve.paths import default_db_path
+
+__all__ = ["add_budgets_parser", "budget_status", "run_budgets", "write_budget_lines"]
+
+
+def add_budgets_parser(sub: Any) -> None:
+    """Add the C{budgets} subcommand and its C{set}, C{list}, C{delete}."""
+    p = sub.add_parser(
+        "budgets",
+        help="define, list and delete spending budgets the proxy enforces",
+        description=(
+            "Budgets are kept in the store file; a running proxy on that file applies a "
+            "change within 2 s. A 'block' budget makes the proxy answer 402 to a call "
+            "whose worst-case cost could take its spend past the limit."
+        ),
+    )
+    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    bsub = p.add_subparsers(dest="budgets_command", metavar="ACTION", required=True)
+    s = bsub.add_parser("set", help="create or replace a budget")
+    s.add_argument("--name", required=True)
+    s.add_argument("--limit-usd", required=True, type=float, metavar="AMOUNT")
+    s.add_argument("--window", required=True, choices=("hour", "day", "month", "total"))
+    s.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA zone of the window (UTC)")
+    s.add_argument("--action", choices=("block", "warn"), default="block", help="default: block")
+    s.add_argument(
+        "--unpriced",
+        choices=("allow", "block"),
+        default="allow",
+        help="a call with no known price: allow it, flagged (default), or block it",
+    )
+    for name in ("customer", "tenant", "section", "provider", "model"):
+        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    lst = bsub.add_parser("list", help="every budget with its spend in the current window")
+    lst.add_argument("--format", choices=("table", "json"), default="table")
+    lst.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    d = bsub.add_parser("delete", help="remove a budget")
+    d.add_argument("name")
+    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+
+
+def _book(args: argparse.Namespace) -> SQLiteBudgetBook:
+    db = getattr(args, "db_sub", None) or args.db
+    path = Path(db).expanduser() if db else default_db_path()
+    return SQLiteBudgetBook(path)
+
+
+def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
+    """Run C{budgets ACTION}; a L{BudgetError} is the caller's to print."""
+    book = _book(args)
+    try:
+        if args.budgets_command == "set":
+            budget = Budget(
+                name=args.name,
+                limit_usd=args.limit_usd,
+                window=args.window,
+                tz=args.tz,
+                action=args.action,
+                unpriced=args.unpriced,
+                customer=args.customer,
+                tenant=args.tenant,
+                section=args.section,
+                provider=args.provider,
+                model=args.model,
+            )
+            book.set(budget)
+            out.write(f"budget {budget.name} set: {describe(budget)}\n")
+        elif args.budgets_command == "delete":
+            if not book.delete(args.name):
+                raise BudgetError(f"no budget named {args.name!r}")
+            out.write(f"budget {args.name} deleted\n")
+        else:
+            rows = budget_status(book, time.time())
+            if args.format == "json":
+                out.write(json.dumps({"budgets": rows}, indent=2) + "\n")
+            elif not rows:
+                out.write("no budgets defined\n")
+            else:
+                write_budget_lines(out, rows)
+    finally:
+        book.close()
+
+
+def describe(budget: Budget) -> str:
+    """One line: limit, window, scope and action."""
+    scope = ", ".join(f"{k}={v}" for k, v in budget.scope().items()) or "every call"
+    tz = f" ({budget.tz})" if budget.window in ("hour", "day", "month") else ""
+    return (
+        f"${usd_fixed(budget.limit_usd)} per {budget.window}{tz}, {scope}, "
+        f"action {budget.action}, unpriced calls {budget.unpriced}"
+    )
+
+
+def budget_status(book: SQLiteBudgetBook, now: float) -> list[dict[str, Any]]:
+    """Each budget's definition with its spend and what is left in its window."""
+    rows = []
+    for budget in book.list():
+        spend = book.spend(budget, now)
+        start = budget.window_start(now)
+        rows.append(
+            {
+                **budget.as_dict(),
+                "spend_usd": spend,
+                "remaining_usd": max(0.0, budget.limit_usd - spend),
+                "window_start": None if start == float("-inf") else start,
+            }
+        )
+    return rows
+
+
+def write_budget_lines(out: TextIO, rows: list[dict[str, Any]]) -> None:
+    """One line per budget: spend vs limit."""
+    for r in rows:
+        budget = Budget.from_dict({k: v for k, v in r.items() if k in _FIELDS})
+        pct = 100.0 * r["spend_usd"] / budget.limit_usd if budget.limit_usd else 100.0
+        out.write(
+            f"{budget.name}: ${usd_fixed(round(r['spend_usd'], 8))} of "
+            f"${usd_fixed(budget.limit_usd)} ({pct:.0f}%) this {budget.window}; "
+            f"{describe(budget)}\n"
+        )
+
+
+_FIELDS = frozenset(Budget.__dataclass_fields__)
