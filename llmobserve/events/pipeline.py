@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -154,6 +155,9 @@ class EventPipeline(Service):
         self._pump_call: IDelayedCall | None = None
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
+        # (budget hold, cost, outcome, status) of priced calls, appended by the
+        # parse threads, settled on the reactor when their batch comes back
+        self._settlements: deque[tuple[Any, Any, str, int | None]] = deque()
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
         outbox.on_acked = self._acked
         outbox.read_after = self.read_spool
@@ -301,6 +305,8 @@ class EventPipeline(Service):
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
             call_cost = event.get("cost_usd")
+            if txn.budget_hold is not None:
+                self._settlements.append((txn.budget_hold, call_cost, txn.outcome, txn.status))
             if type(call_cost) is float:
                 priced += 1
                 cost += call_cost
@@ -364,6 +370,7 @@ class EventPipeline(Service):
                 event_id=new_event_id(txn.started_at),
                 proxy_id=self.proxy_id,
                 parse_error=parse_error,
+                flags=budget_flags(txn),
             )
             payload = self._pack(event)
         except Exception as e:  # a record the event cannot hold: keep the exchange
@@ -398,6 +405,10 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
+        settlements = self._settlements
+        while settlements:
+            hold, cost, outcome, status = settlements.popleft()
+            hold.settle(cost if type(cost) is float else None, outcome, status)
         hold_row = self.delivery.hold_row
         for seq, _payload, had_error, row in results:
             if had_error:
@@ -427,10 +438,12 @@ class EventPipeline(Service):
             event_id=new_event_id(txn.started_at),
             proxy_id=self.proxy_id,
             parse_error=parse_error,
-            flags=(flag,),
+            flags=(flag, *budget_flags(txn)),
         )
 
     def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
+        if txn.budget_hold is not None:  # no price: the hold says what counts as spent
+            txn.budget_hold.settle(None, txn.outcome, txn.status)
         return self._pack(self._unparsed_event(txn, flag, parse_error))
 
     def _append(self, payload: bytes, low: bool = False) -> None:
@@ -600,6 +613,12 @@ class EventPipeline(Service):
         if self.outbox.waiting == 0:
             return succeed(True)
         return self._ack_waiters.wait(timeout)
+
+
+def budget_flags(txn: Transaction) -> tuple[str, ...]:
+    """The flags a call's budget check left for its event (none without a hold)."""
+    hold = txn.budget_hold
+    return () if hold is None else tuple(hold.flags)
 
 
 def is_low_priority(event: Mapping[str, Any]) -> bool:

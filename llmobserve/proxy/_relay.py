@@ -24,6 +24,16 @@ from twisted.web.http import Request
 from zope.interface import implementer
 
 from llmobserve.proxy._bodytap import BodyTap
+from llmobserve.proxy._budgets import (
+    REMAINING_HEADER as _REMAINING_HEADER,
+)
+from llmobserve.proxy._budgets import (
+    BudgetHold,
+    BudgetLedger,
+    BudgetRefusal,
+    check_call,
+    remaining_value,
+)
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
@@ -84,7 +94,7 @@ class DeadlineSweeper:
 class RelayServices:
     """What every relay of one proxy shares: config, policy, pool, sink, clock."""
 
-    __slots__ = ("clock", "config", "deadlines", "policy", "pool", "sink", "stats")
+    __slots__ = ("budgets", "clock", "config", "deadlines", "policy", "pool", "sink", "stats")
 
     def __init__(
         self,
@@ -93,7 +103,9 @@ class RelayServices:
         policy: TargetPolicy,
         pool: UpstreamPool,
         sink: ITransactionSink,
+        budgets: BudgetLedger | None = None,
     ) -> None:
+        self.budgets = budgets  # checked before a call goes upstream when any is defined
         self.clock = clock
         self.config = config
         self.policy = policy
@@ -116,7 +128,9 @@ class Relay:
         "_connecting",
         "_deadline_kind",
         "_done",
+        "_gate",
         "_head",
+        "_hold",
         "_last_activity",
         "_method",
         "_paused_at",
@@ -188,6 +202,10 @@ class Relay:
         self.deadline = float("inf")  # clock time; checked by the DeadlineSweeper
         self._paused_at: float | None = None  # when the client's socket filled up
         self._deadline_kind = ""
+        budgets = services.budgets
+        # True until the budgets have seen the whole request (nothing connects before)
+        self._gate = budgets is not None and budgets.active
+        self._hold: BudgetHold | None = None
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
 
@@ -240,7 +258,48 @@ class Relay:
         self._resolved = resolved
         if self._provider_hint is None:
             self._provider_hint = resolved.provider_hint
+        if self._gate:
+            self._check_budgets()
+            return
         self._connect()
+
+    def _check_budgets(self) -> None:
+        """Once the target is checked and the body is in (or too big to
+        hold): reserve the call's worst case, or refuse it with a 402."""
+        if self._resolved is None or self._done:
+            return
+        if not self._body_done and self._pending_size <= self._gate_buffer():
+            return
+        whole = self._body_done and not self._req_tap.truncated
+        self._gate = False
+        ledger = self._s.budgets
+        assert ledger is not None
+        length = self._head.content_length
+        verdict = check_call(
+            ledger,
+            provider_hint=self._provider_hint,
+            host=self._target.host,
+            path=self._target.path,
+            context=self._head.context(),
+            body=self._req_tap.value() if whole else None,
+            body_bytes=length if length is not None else self._body_bytes,
+        )
+        if isinstance(verdict, BudgetRefusal):
+            self._fail_before_response(
+                402,
+                "budget_exceeded",
+                verdict.message(),
+                Outcome.BUDGET_REFUSED,
+                extra={"budget": verdict.detail()},
+            )
+            return
+        self._hold = verdict
+        self._connect()
+
+    def _gate_buffer(self) -> int:
+        """Request bytes held while the budgets wait for the whole body."""
+        cfg = self._s.config
+        return max(cfg.client_buffer, cfg.request_tap)
 
     def _connect(self, *, fresh: bool = False) -> None:
         resolved = self._resolved
@@ -346,6 +405,11 @@ class Relay:
         assert self._pending is not None
         self._pending.append(data)
         self._pending_size += len(data)
+        if self._gate:
+            if self._pending_size > self._gate_buffer():
+                self._pause_client("connect")
+                self._check_budgets()  # too big to hold whole: no bound from the body
+            return
         if self._pending_size > self._s.config.client_buffer:
             self._pause_client("connect")
 
@@ -353,6 +417,9 @@ class Relay:
         if self._done:
             return
         self._body_done = True
+        if self._gate:
+            self._check_budgets()
+            return
         conn = self._conn
         if conn is not None:
             self._send_body_end(conn)
@@ -407,6 +474,9 @@ class Relay:
             self._method == b"HEAD" or status not in _NO_BODY_STATUS
         ):
             out.addRawHeader(b"Content-Length", content_length)
+        hold = self._hold
+        if hold is not None and hold.remaining is not None:
+            out.addRawHeader(_REMAINING_HEADER, remaining_value(hold.remaining))
         request.registerProducer(self, True)
         self._arm("idle", self._s.config.idle_timeout)
 
@@ -585,16 +655,23 @@ class Relay:
 
     # Endings
 
-    def _fail_before_response(self, status: int, kind: str, message: str, outcome: Outcome) -> None:
+    def _fail_before_response(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        outcome: Outcome,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Answer with the proxy's own error; the client may still be sending."""
         self._abort_upstream()
         request = self._request
         self._status = status
         if not request.finished and not client_gone(request):
             if self._body_done:
-                write_error(request, status, kind, message)
+                write_error(request, status, kind, message, extra)
             else:
-                write_error_early(request, status, kind, message, self._s.clock)
+                write_error_early(request, status, kind, message, self._s.clock, extra)
         self._end(outcome, kind)
 
     def _client_too_slow(self) -> None:
@@ -657,6 +734,7 @@ class Relay:
             overhead=max(overhead, 0.0),
             outcome=outcome,
             error=error,
+            budget_hold=self._hold,
         )
         try:
             s.sink.transaction_finished(txn)
@@ -700,20 +778,29 @@ def _refusal_outcome(status: int) -> Outcome:
     return Outcome.REFUSED if status < 500 else Outcome.PROXY_ERROR
 
 
-def write_error_early(request: Request, status: int, kind: str, message: str, clock: Any) -> None:
+def write_error_early(
+    request: Request,
+    status: int,
+    kind: str,
+    message: str,
+    clock: Any,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """An error while the request body may still be arriving: answer, then close.
 
     Deferred to the next reactor turn so that nothing is written while
     twisted.web is still inside its header handling (it may yet send
     C{100 Continue}).
     """
-    clock.callLater(0, _answer_and_close, request, status, kind, message)
+    clock.callLater(0, _answer_and_close, request, status, kind, message, extra)
 
 
-def _answer_and_close(request: Request, status: int, kind: str, message: str) -> None:
+def _answer_and_close(
+    request: Request, status: int, kind: str, message: str, extra: dict[str, Any] | None
+) -> None:
     if request.finished or client_gone(request):
         return
-    body = prepare_error(request, status, kind, message)
+    body = prepare_error(request, status, kind, message, extra)
     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
     request.write(body)
     finish_early(request)

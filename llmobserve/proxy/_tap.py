@@ -545,6 +545,28 @@ def _stop_child(_: object, child: IService) -> Any:
     return child.stopService()
 
 
+def _budget_poller(
+    reactor: Any, sink: ITransactionSink, services: RelayServices, options: Options
+) -> IService | None:
+    """Budgets from the embedded store: loaded now (a restart never resets
+    one), then polled every second; none with a collector (not yet)."""
+    from llmobserve.proxy._budgets import BudgetLedger, BudgetPoller
+
+    store_path: str | None = sink.store_path
+    if store_path is None:
+        return None
+    ledger = BudgetLedger(reactor.seconds)
+    poller = BudgetPoller(reactor, ledger, store_path)
+    poller.load_now()
+    services.budgets = ledger
+    if options["workers"] > 1 or options["worker-of"]:
+        _log.warn(
+            "budgets are enforced per process: with --workers, each process spends"
+            " up to a budget's limit (see docs/BUDGETS.md)"
+        )
+    return poller
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -558,6 +580,7 @@ def makeService(options: Options) -> IService:
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
+    budgets = _budget_poller(reactor, sink, services, options)
     workers = (
         WorkerProcesses(reactor, options["workers"], sys.argv) if options["workers"] > 1 else None
     )
@@ -580,5 +603,7 @@ def makeService(options: Options) -> IService:
         sink_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    if budgets is not None:
+        budgets.setServiceParent(top)
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
