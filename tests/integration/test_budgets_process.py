@@ -1,0 +1,251 @@
+"""Budgets in a real C{twistd -n llmobserve}, with the real openai and
+anthropic clients: 402 with no retry, no overshoot under 64 concurrent
+clients, a restart that keeps the spend, a budget set while it runs.
+
+Budgets are set with the C{llmobserve budgets} command on the proxy's own
+store file (its embedded mode), as the README says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.proxy import LOOPBACK_ARGS, ProxyProcess
+from support.upstreams import RecordedRequest, RecordingUpstream, Response, json_response
+
+from llmobserve.cli import main as cli
+from llmobserve.collector import EventStore
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+PROMPT_TOKENS = 1000  # within the proxy's bound for a small body (bytes + 1000)
+
+
+def _openai(req: RecordedRequest) -> Response:
+    """A chat completion that used the whole output allowance: the worst case happens."""
+    body = json.loads(req.body or b"{}")
+    out = int(body.get("max_tokens") or 10)
+    return json_response(
+        {
+            "id": "chatcmpl-b",
+            "object": "chat.completion",
+            "created": 1700000000,
+            "model": body.get("model", "gpt-4o-mini"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "x"},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": out,
+                "total_tokens": PROMPT_TOKENS + out,
+            },
+        }
+    )
+
+
+def _anthropic(req: RecordedRequest) -> Response:
+    return json_response(
+        {
+            "id": "msg_01",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-3-5-sonnet-20241022",
+            "content": [{"type": "text", "text": "Hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 21, "output_tokens": 7},
+        }
+    )
+
+
+@pytest.fixture
+def upstreams() -> Iterator[tuple[RecordingUpstream, RecordingUpstream]]:
+    with RecordingUpstream(_openai) as oa, RecordingUpstream(_anthropic) as an:
+        yield oa, an
+
+
+def _proxy(home: Path, oa: RecordingUpstream, an: RecordingUpstream) -> ProxyProcess:
+    args = [
+        *LOOPBACK_ARGS,
+        "--provider-host",
+        f"{oa.authority}=openai",
+        "--provider-host",
+        f"{an.authority}=anthropic",
+        "--base-url",
+        f"openai={oa.url}/v1",
+        "--base-url",
+        f"anthropic={an.url}",
+    ]
+    return ProxyProcess(args, workdir=home)
+
+
+def _budget(db: Path, *args: str) -> None:
+    assert cli(["budgets", "set", *args, "--db", str(db)]) == 0
+
+
+def _events(db: Path) -> list[dict[str, Any]]:
+    store = EventStore(db)
+    try:
+        return store.events(limit=None, kind="call")
+    finally:
+        store.close()
+
+
+def _wait_events(db: Path, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if db.exists():
+            found = _events(db)
+            if len(found) >= n:
+                return found
+        time.sleep(0.05)
+    raise AssertionError(f"{len(found)} of {n} events")
+
+
+def test_402_through_the_real_clients_is_raised_once_and_never_retried(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """A spent budget: openai and anthropic (default retries on) each raise
+    one APIStatusError with status 402; the upstreams saw nothing; each
+    call is one budget_refused event."""
+    import anthropic
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    db.parent.mkdir(parents=True)
+    _budget(db, "--name", "zero", "--limit-usd", "0", "--window", "month")
+    with _proxy(home, oa, an) as proxy:
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai")
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+            )
+        err = raised.value
+        assert err.status_code == 402
+        assert err.response.headers["x-llmobserve-error"] == "budget_exceeded"
+        assert isinstance(err.body, dict) and err.body["type"] == "budget_exceeded"
+        assert err.body["budget"]["name"] == "zero"
+        print("openai:", type(err).__name__, str(err)[:300])
+        aclient = anthropic.Anthropic(api_key="sk-test", base_url=f"{proxy.url}/anthropic")
+        with pytest.raises(anthropic.APIStatusError) as araised:
+            aclient.messages.create(
+                model="claude-3-5-sonnet-20241022",
+                max_tokens=10,
+                messages=[{"role": "user", "content": "hi"}],
+            )
+        assert araised.value.status_code == 402
+        events = _wait_events(db, 2)
+        assert [e["outcome"] for e in events] == ["budget_refused", "budget_refused"]
+        assert [e["provider"] for e in events] == ["openai", "anthropic"]
+    assert oa.requests == [] and an.requests == []
+
+
+def test_64_concurrent_clients_never_overshoot_and_a_restart_keeps_the_spend(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """64 async openai clients, 3 calls each, every call worth (and really
+    costing) about $0.01, against $1.00: recorded spend <= $1.00, every call
+    either forwarded or refused with a 402 (and recorded so), every admitted
+    call carried X-LLMObserve-Budget-Remaining. After a restart the spend
+    is still there: the next call is refused."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    db.parent.mkdir(parents=True)
+    _budget(db, "--name", "cap", "--limit-usd", "1.00", "--window", "day")
+    calls = 64 * 3
+    with _proxy(home, oa, an) as proxy:
+
+        async def one(client: Any, results: list[Any]) -> None:
+            for _ in range(3):
+                try:
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini",
+                        max_tokens=16_000,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                    results.append(raw.headers.get("x-llmobserve-budget-remaining"))
+                except openai.APIStatusError as e:
+                    results.append(e.status_code)
+
+        async def run() -> list[Any]:
+            results: list[Any] = []
+            async with openai.AsyncOpenAI(
+                api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0
+            ) as client:
+                await asyncio.gather(*(one(client, results) for _ in range(64)))
+            return results
+
+        results = asyncio.run(run())
+        refused = [r for r in results if r == 402]
+        allowed = [r for r in results if r != 402]
+        assert len(results) == calls and refused and allowed
+        assert all(isinstance(r, str) and float(r) >= 0 for r in allowed)
+        events = _wait_events(db, calls)
+        spend = sum(e["cost_usd"] or 0 for e in events)
+        assert spend <= 1.00
+        assert spend > 0.95  # the budget was used, not refused early
+        outcomes = [e["outcome"] for e in events]
+        assert outcomes.count("budget_refused") == len(refused)
+        assert outcomes.count("ok") == len(allowed) == len(oa.requests)
+        print(f"admitted {len(allowed)}, refused {len(refused)}, spend ${spend:.6f}")
+    with _proxy(home, oa, an) as proxy:
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as raised:
+            client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=16_000, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert raised.value.status_code == 402
+        assert len(oa.requests) == len(allowed)
+
+
+def test_a_budget_set_while_the_proxy_runs_applies_within_2s(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """No restart: once `budgets set` returns, calls are refused within 2 s;
+    once `budgets delete` returns, they pass again within 2 s."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    with _proxy(home, oa, an) as proxy:
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+        def status() -> int:
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+                )
+            except openai.APIStatusError as e:
+                return e.status_code
+            return 200
+
+        assert status() == 200
+        _budget(
+            db, "--name", "zero", "--limit-usd", "0", "--window", "hour", "--model", "gpt-4o-mini"
+        )
+        set_at = time.monotonic()
+        while status() != 402:
+            assert time.monotonic() - set_at < 2.0
+            time.sleep(0.1)
+        assert cli(["budgets", "delete", "zero", "--db", str(db)]) == 0
+        deleted_at = time.monotonic()
+        while status() != 200:
+            assert time.monotonic() - deleted_at < 2.0
+            time.sleep(0.1)
