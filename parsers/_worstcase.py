@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .pricing import PRICER
 from .registry import REGISTRY
@@ -66,22 +65,22 @@ MAX_OUTPUT_TOKENS: Final[dict[str, int]] = {
 _PREFIXES: Final = sorted(MAX_OUTPUT_TOKENS, key=len, reverse=True)
 _OUTPUT_KEYS: Final = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _GEMINI_MODEL: Final = re.compile(r"/models/([^/:]+)")
-_IMAGE_MARKERS: Final = (
-    b'"image_url"',
-    b'"input_image"',
-    b'"type":"image"',
-    b'"type": "image"',
-    b'"inline_data"',
-    b'"inlineData"',
-    b'"file_data"',
-    b'"fileData"',
+#: An image part, in any provider's request format.
+_IMAGE_PART: Final = re.compile(
+    rb'"(?:image_url|input_image|inline_data|inlineData|file_data|fileData)"'
+    rb'|"type"\s*:\s*"image"'
 )
-_AUDIO_MARKERS: Final = (b'"input_audio"', b'"audio_url"', b'"type":"audio"', b'"type": "audio"')
+#: An audio part: its tokens cannot be bounded by its bytes.
+_AUDIO_PART: Final = re.compile(rb'"(?:input_audio|audio_url)"|"type"\s*:\s*"audio"')
+_decode: Final = json.JSONDecoder().decode
 
 
-@dataclass(frozen=True)
-class WorstCase:
-    """The bound: its cost in USD (None: no bound, C{reason} says why)."""
+class WorstCase(NamedTuple):
+    """The bound: its cost in USD (None: no bound, C{reason} says why).
+
+    A named tuple: built once per budgeted call on the proxy's reactor,
+    where a frozen dataclass's constructor costs several times more.
+    """
 
     provider: str | None
     model: str | None
@@ -122,8 +121,8 @@ def _worst_case(
     doc: Any = None
     if body:
         try:
-            doc = json.loads(body)
-        except ValueError:
+            doc = _decode(body.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             return WorstCase(pid, None, None, reason="request body is not JSON")
     if not isinstance(doc, dict):
         doc = {}
@@ -135,9 +134,11 @@ def _worst_case(
         return WorstCase(pid, model, None, reason="unknown provider")
     if model is None:
         return WorstCase(pid, None, None, reason="no model named")
-    if any(marker in body for marker in _AUDIO_MARKERS):
-        return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
-    images = sum(body.count(marker) for marker in _IMAGE_MARKERS)
+    images = 0
+    if b"audio" in body or b"image" in body or b"_data" in body or b"Data" in body:
+        if _AUDIO_PART.search(body) is not None:
+            return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
+        images = len(_IMAGE_PART.findall(body))
     input_tokens = body_bytes + _FIXED_INPUT_TOKENS + images * IMAGE_PART_TOKENS
     output_tokens = _output_bound(doc, model)
     if output_tokens is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 from twisted.application.service import Service
@@ -52,9 +52,9 @@ REMAINING_HEADER: Final = b"X-LLMObserve-Budget-Remaining"
 _NOT_SENT: Final = frozenset({"refused", "proxy_error", "budget_refused"})
 
 
-@attrs.frozen
-class CallScope:
-    """The labels of one call that budget scopes test."""
+class CallScope(NamedTuple):
+    """The labels of one call that budget scopes test (a named tuple: it is
+    made for every budgeted call and is the key of the ledger's scope cache)."""
 
     provider: str | None
     model: str | None
@@ -87,10 +87,10 @@ class _Account:
     spent: int = 0  # settled (and, at load, recorded in the store) in this window
     reserved: int = 0  # worst cases of the calls in flight
     live: bool = True  # False once the budget is deleted or redefined
+    limit: int = attrs.field(init=False)
 
-    @property
-    def limit(self) -> int:
-        return math.floor(self.budget.limit_usd * _NANO + 1e-6)
+    def __attrs_post_init__(self) -> None:
+        self.limit = math.floor(self.budget.limit_usd * _NANO + 1e-6)
 
     def roll(self, now: float) -> None:
         """Start the window holding C{now} when the current one has ended."""
@@ -100,10 +100,13 @@ class _Account:
             self.spent = 0
             self.reserved = 0
 
-    @property
-    def remaining(self) -> float:
-        """USD left once the calls in flight cost their worst case."""
-        return (self.limit - self.spent - self.reserved) / _NANO
+    def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
+        """Why this budget refuses a call of that worst case (None: unknown)."""
+        if self.spent + self.reserved >= self.limit:
+            reason = "it is spent"
+        elif worst is not None:
+            reason = f"{reason} ${usd_fixed(round(worst, 8))}"
+        return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
 
 
 @attrs.frozen
@@ -147,15 +150,17 @@ class BudgetHold:
         C{budget_warn:NAME}).
     """
 
-    __slots__ = ("_parts", "_settled", "flags", "remaining")
+    __slots__ = ("_amount", "_parts", "_settled", "flags", "remaining")
 
     def __init__(
         self,
-        parts: list[tuple[_Account, float, int]],
+        parts: list[tuple[_Account, float]],
+        amount: int,
         remaining: float | None,
         flags: tuple[str, ...],
     ) -> None:
-        self._parts = parts  # (account, its window start then, amount held)
+        self._parts = parts  # (account, its window start then)
+        self._amount = amount  # held on each, nano-USD
         self._settled = False
         self.remaining = remaining
         self.flags = flags
@@ -170,14 +175,18 @@ class BudgetHold:
         if self._settled:
             return
         self._settled = True
-        for account, window_start, amount in self._parts:
-            if not account.live or account.window_start != window_start:
-                continue  # deleted, redefined, or a window that is over
-            account.reserved = max(account.reserved - amount, 0)
-            if cost is not None:
-                account.spent += _nano(cost)
-            elif outcome not in _NOT_SENT and not (status is not None and status >= 400):
-                account.spent += amount
+        amount = self._amount
+        if cost is not None:
+            spent = _nano(cost)
+        elif outcome not in _NOT_SENT and not (status is not None and status >= 400):
+            spent = amount
+        else:
+            spent = 0
+        for account, window_start in self._parts:
+            if account.live and account.window_start == window_start:
+                # else: deleted, redefined, or its window is over
+                account.reserved = max(account.reserved - amount, 0)
+                account.spent += spent
 
 
 class BudgetLedger:
@@ -189,6 +198,8 @@ class BudgetLedger:
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
         self._accounts: list[_Account] = []
+        # the accounts each call scope counts against, until the next load
+        self._matched: dict[CallScope, list[_Account]] = {}
 
     @property
     def active(self) -> bool:
@@ -206,6 +217,7 @@ class BudgetLedger:
             prev = old.pop(budget.name, None)
             if prev is not None and prev.budget.counts_same(budget):
                 prev.budget = budget
+                prev.limit = math.floor(budget.limit_usd * _NANO + 1e-6)
                 prev.roll(now)
                 accounts.append(prev)
                 continue
@@ -222,54 +234,51 @@ class BudgetLedger:
         for gone in old.values():
             gone.live = False
         self._accounts = accounts
+        self._matched = {}
 
     def reserve(self, scope: CallScope, worst: float | None) -> BudgetHold | BudgetRefusal:
         """Check the call against every budget of its scope, and reserve
         its worst case (C{None}: unknown) on each if none refuses it."""
         now = self.now()
-        matched = []
-        for account in self._accounts:
-            b = account.budget
-            if b.matches(
-                scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
-            ):
-                account.roll(now)
-                matched.append(account)
-        flags: list[str] = []
+        matched = self._matched.get(scope)
+        if matched is None:
+            matched = [
+                a
+                for a in self._accounts
+                if a.budget.matches(
+                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
+                )
+            ]
+            if len(self._matched) >= 4096:  # labels come from clients: stay bounded
+                self._matched.clear()
+            self._matched[scope] = matched
+        if not matched:
+            return BudgetHold([], 0, None, ())
         amount = 0 if worst is None else _nano_up(worst)
+        flags: tuple[str, ...] = ()
         for account in matched:
+            if now >= account.window_end:
+                account.roll(now)
             b = account.budget
             used = account.spent + account.reserved
-            limit = account.limit
-            refusal = None
             if worst is None:
-                if b.action == "block" and (b.unpriced == "block" or used >= limit):
-                    why = "no price is known for this call" if used < limit else "it is spent"
-                    refusal = BudgetRefusal(
-                        b, account.spent / _NANO, account.reserved / _NANO, None, why
-                    )
-            elif used + amount > limit:
+                if b.action == "block" and (b.unpriced == "block" or used >= account.limit):
+                    return account.refusal(None, "no price is known for this call")
+            elif used + amount > account.limit:
                 if b.action == "block":
-                    refusal = BudgetRefusal(
-                        b,
-                        account.spent / _NANO,
-                        account.reserved / _NANO,
-                        worst,
-                        f"this call could cost up to ${usd_fixed(round(worst, 8))}",
-                    )
-                else:
-                    flags.append(f"budget_warn:{b.name}")
-            if refusal is not None:
-                return refusal
-        if worst is None and matched:
-            flags.append("budget_unpriced")
+                    return account.refusal(worst, "this call could cost up to")
+                flags += (f"budget_warn:{b.name}",)
+        if worst is None:
+            flags += ("budget_unpriced",)
         parts = []
-        remaining = math.inf
+        left = None
         for account in matched:
             account.reserved += amount
-            parts.append((account, account.window_start, amount))
-            remaining = min(remaining, account.remaining)
-        return BudgetHold(parts, None if remaining == math.inf else remaining, tuple(flags))
+            parts.append((account, account.window_start))
+            rest = account.limit - account.spent - account.reserved
+            if left is None or rest < left:
+                left = rest
+        return BudgetHold(parts, amount, None if left is None else left / _NANO, flags)
 
 
 class BudgetPoller(Service):
@@ -366,5 +375,7 @@ def check_call(
 
 def remaining_value(remaining: float) -> bytes:
     """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation,
-    to the micro-dollar, never negative."""
-    return usd_fixed(round(max(remaining, 0.0), 6)).encode()
+    to the micro-dollar (rounded down), never negative."""
+    micro = math.floor(max(remaining, 0.0) * 1_000_000 + 1e-6)
+    text = f"{micro // 1_000_000}.{micro % 1_000_000:06d}".rstrip("0").rstrip(".")
+    return text.encode()
