@@ -198,6 +198,8 @@ class SQLiteBudgetBook:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, timeout=30.0, check_same_thread=False
         )
