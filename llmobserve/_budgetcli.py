@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -16,7 +19,13 @@ from llmobserve.collector import Budget, BudgetError, SQLiteBudgetBook
 from llmobserve.money import usd_fixed
 from llmobserve.paths import default_db_path
 
-__all__ = ["add_budgets_parser", "budget_status", "run_budgets", "write_budget_lines"]
+__all__ = [
+    "add_budgets_parser",
+    "budget_status",
+    "budgets_of_collector",
+    "run_budgets",
+    "write_budget_lines",
+]
 
 
 def add_budgets_parser(sub: Any) -> None:
@@ -31,6 +40,7 @@ def add_budgets_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
     bsub = p.add_subparsers(dest="budgets_command", metavar="ACTION", required=True)
     s = bsub.add_parser("set", help="create or replace a budget")
     s.add_argument("--name", required=True)
@@ -47,16 +57,63 @@ def add_budgets_parser(sub: Any) -> None:
     for name in ("customer", "tenant", "section", "provider", "model"):
         s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
     s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    s.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
     lst = bsub.add_parser("list", help="every budget with its spend in the current window")
     lst.add_argument("--format", choices=("table", "json"), default="table")
     lst.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    lst.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
     d = bsub.add_parser("delete", help="remove a budget")
     d.add_argument("name")
     d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    d.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
 
 
-def _book(args: argparse.Namespace) -> SQLiteBudgetBook:
+class _HTTPBook:
+    """The budgets of a collector, through C{/api/budgets}."""
+
+    def __init__(self, url: str) -> None:
+        base = url if "://" in url else "http://" + url
+        self._url = base.rstrip("/") + "/api/budgets"
+
+    def _call(self, method: str, path: str = "", body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self._url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:
+                message = str(e)
+            raise BudgetError(f"{self._url}: {message}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise BudgetError(f"cannot use {self._url}: {e}") from None
+
+    def set(self, budget: Budget) -> None:
+        self._call("POST", body=budget.as_dict())
+
+    def delete(self, name: str) -> bool:
+        self._call("DELETE", "/" + urllib.parse.quote(name, safe=""))
+        return True
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET")["budgets"]
+        return rows
+
+    def close(self) -> None:
+        pass
+
+
+def _book(args: argparse.Namespace) -> SQLiteBudgetBook | _HTTPBook:
     db = getattr(args, "db_sub", None) or args.db
+    collector = getattr(args, "collector_sub", None) or args.collector
+    if collector:
+        if db:
+            raise BudgetError("give --db or --collector, not both")
+        return _HTTPBook(collector)
     path = Path(db).expanduser() if db else default_db_path()
     return SQLiteBudgetBook(path)
 
@@ -86,7 +143,7 @@ def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
                 raise BudgetError(f"no budget named {args.name!r}")
             out.write(f"budget {args.name} deleted\n")
         else:
-            rows = budget_status(book, time.time())
+            rows = book.status(time.time())
             if args.format == "json":
                 out.write(json.dumps({"budgets": rows}, indent=2) + "\n")
             elif not rows:
@@ -95,6 +152,11 @@ def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
                 write_budget_lines(out, rows)
     finally:
         book.close()
+
+
+def budgets_of_collector(url: str) -> list[dict[str, Any]]:
+    """Spend vs limit of each budget a collector keeps (C{GET /api/budgets})."""
+    return _HTTPBook(url).status(time.time())
 
 
 def describe(budget: Budget) -> str:
@@ -109,19 +171,7 @@ def describe(budget: Budget) -> str:
 
 def budget_status(book: SQLiteBudgetBook, now: float) -> list[dict[str, Any]]:
     """Each budget's definition with its spend and what is left in its window."""
-    rows = []
-    for budget in book.list():
-        spend = book.spend(budget, now)
-        start = budget.window_start(now)
-        rows.append(
-            {
-                **budget.as_dict(),
-                "spend_usd": spend,
-                "remaining_usd": max(0.0, budget.limit_usd - spend),
-                "window_start": None if start == float("-inf") else start,
-            }
-        )
-    return rows
+    return book.status(now)
 
 
 def write_budget_lines(out: TextIO, rows: list[dict[str, Any]]) -> None:

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llmobserve import __version__
-from llmobserve._budgetcli import add_budgets_parser, budget_status, run_budgets, write_budget_lines
+from llmobserve._budgetcli import (
+    add_budgets_parser,
+    budget_status,
+    budgets_of_collector,
+    run_budgets,
+    write_budget_lines,
+)
 from llmobserve.collector import (
     FILTERS,
     GROUPS,
@@ -380,9 +386,13 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _budgets_of(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Spend vs limit of each budget in a store file (none from a collector yet)."""
+    """Spend vs limit of each budget in a store file or a collector (an
+    older collector without C{/api/budgets}: none)."""
     if args.collector:
-        return []
+        try:
+            return budgets_of_collector(args.collector)
+        except BudgetError:
+            return []
     path = Path(args.db).expanduser() if args.db else default_db_path()
     book = SQLiteBudgetBook(path)
     try:

@@ -12,6 +12,7 @@ No Twisted here: the CLI and the proxy's poller (in a thread) use it.
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import os
@@ -238,6 +239,23 @@ class SQLiteBudgetBook:
         except sqlite3.OperationalError:
             return 0.0
         return float(row[0])
+
+    def status(self, now: float) -> builtins.list[dict[str, Any]]:
+        """Each budget's definition with its spend and what is left in its
+        window (C{llmobserve budgets list}, C{report}, C{GET /api/budgets})."""
+        rows = []
+        for budget in self.list():
+            spend = self.spend(budget, now)
+            start = budget.window_start(now)
+            rows.append(
+                {
+                    **budget.as_dict(),
+                    "spend_usd": spend,
+                    "remaining_usd": max(0.0, budget.limit_usd - spend),
+                    "window_start": None if start == -math.inf else start,
+                }
+            )
+        return rows
 
     def spends(self, budgets: Sequence[Budget], now: float) -> dict[str, float]:
         """L{spend} of each budget, by name."""

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve import __version__
 
+from ._budgetapi import BudgetsResource
 from ._link import LinkRegistry
 from ._store import FILTERS, GROUPS, EventStore, StoreError
 from ._thread import StoreThread
@@ -363,6 +364,7 @@ def api_branch(reader: StoreThread) -> Resource:
     api = _Branch()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
     api.putChild(b"events", EventsResource(reader))
     api.putChild(b"report", ReportResource(reader))
+    api.putChild(b"budgets", BudgetsResource(reader))
     return api
 
 

@@ -20,7 +20,7 @@ from support.proxy import LOOPBACK_ARGS, ProxyProcess
 from support.upstreams import RecordedRequest, RecordingUpstream, Response, json_response
 
 from llmobserve.cli import main as cli
-from llmobserve.collector import EventStore
+from llmobserve.collector import EventStore, SQLiteBudgetBook
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -249,3 +249,39 @@ def test_a_budget_set_while_the_proxy_runs_applies_within_2s(
         while status() != 200:
             assert time.monotonic() - deleted_at < 2.0
             time.sleep(0.1)
+
+
+def test_budgets_through_a_collectors_api(tmp_path: Path, capsys: Any) -> None:
+    """`budgets set|list|delete --collector URL` go through /api/budgets of a
+    real collector; bad definitions are a 400 with the reason; `report
+    --collector` ends with spend vs limit."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from support.proxy import CollectorProcess
+
+    with CollectorProcess(workdir=tmp_path / "c") as collector:
+        url = collector.url
+        out = io.StringIO()
+        args = ["--name", "acme", "--limit-usd", "2.5", "--window", "day", "--customer", "acme"]
+        assert cli(["budgets", "set", *args, "--collector", url], out) == 0
+        assert cli(["budgets", "list", "--format", "json", "--collector", url], out) == 0
+        listed = json.loads(out.getvalue().split("\n", 1)[1])["budgets"]
+        assert [(b["name"], b["limit_usd"], b["spend_usd"]) for b in listed] == [("acme", 2.5, 0.0)]
+        out = io.StringIO()
+        assert cli(["report", "--collector", url], out) == 0
+        assert "acme: $0 of $2.5 (0%) this day" in out.getvalue()
+        bad = urllib.request.Request(
+            f"{url}/api/budgets",
+            data=json.dumps({"name": "x", "limit_usd": 1, "window": "week"}).encode(),
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(bad, timeout=10)
+        assert raised.value.code == 400
+        assert "window must be one of" in json.loads(raised.value.read())["error"]["message"]
+        assert cli(["budgets", "delete", "acme", "--collector", url], out) == 0
+        assert cli(["budgets", "delete", "acme", "--collector", url], out) == 1
+        assert "no budget named 'acme'" in capsys.readouterr().err
+        assert SQLiteBudgetBook(collector.db).list() == []
