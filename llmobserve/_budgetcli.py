@@ -15,15 +15,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmobserve.collector import Budget, BudgetError, SQLiteBudgetBook
+from llmobserve.collector import Budget, BudgetError, RateLimit, SQLiteBudgetBook
 from llmobserve.money import usd_fixed
 from llmobserve.paths import default_db_path
 
 __all__ = [
     "add_budgets_parser",
+    "add_limits_parser",
     "budget_status",
     "budgets_of_collector",
     "run_budgets",
+    "run_limits",
     "write_budget_lines",
 ]
 
@@ -105,6 +107,71 @@ class _HTTPBook:
 
     def close(self) -> None:
         pass
+
+
+def add_limits_parser(sub: Any) -> None:
+    """Add the C{limits} subcommand (calls or tokens per minute)."""
+    p = sub.add_parser(
+        "limits",
+        help="define, list and delete calls-per-minute and tokens-per-minute limits",
+        description=(
+            "Rate limits are kept in the store file beside budgets; a running proxy on that "
+            "file applies a change within 2 s and answers 429 (with Retry-After) to a call "
+            "past one."
+        ),
+    )
+    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
+    s = lsub.add_parser("set", help="create or replace a limit")
+    s.add_argument("--name", required=True)
+    per = s.add_mutually_exclusive_group(required=True)
+    per.add_argument("--calls-per-minute", type=int, metavar="N")
+    per.add_argument("--tokens-per-minute", type=int, metavar="N")
+    for name in ("customer", "tenant", "section", "provider", "model"):
+        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    for q in (s, lsub.add_parser("list", help="every limit")):
+        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    d = lsub.add_parser("delete", help="remove a limit")
+    d.add_argument("name")
+    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+
+
+def run_limits(args: argparse.Namespace, out: TextIO) -> None:
+    """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
+    db = getattr(args, "db_sub", None) or args.db
+    book = SQLiteBudgetBook(Path(db).expanduser() if db else default_db_path())
+    try:
+        if args.limits_command == "set":
+            calls = args.calls_per_minute
+            limit = RateLimit(
+                name=args.name,
+                per_minute=calls if calls is not None else args.tokens_per_minute,
+                unit="calls" if calls is not None else "tokens",
+                customer=args.customer,
+                tenant=args.tenant,
+                section=args.section,
+                provider=args.provider,
+                model=args.model,
+            )
+            book.limits.set(limit)
+            out.write(f"limit {limit.name} set: {_describe_limit(limit)}\n")
+        elif args.limits_command == "delete":
+            if not book.limits.delete(args.name):
+                raise BudgetError(f"no limit named {args.name!r}")
+            out.write(f"limit {args.name} deleted\n")
+        else:
+            limits = book.limits.list()
+            if not limits:
+                out.write("no limits defined\n")
+            for limit in limits:
+                out.write(f"{limit.name}: {_describe_limit(limit)}\n")
+    finally:
+        book.close()
+
+
+def _describe_limit(limit: RateLimit) -> str:
+    scope = ", ".join(f"{k}={v}" for k, v in limit.scope().items()) or "every call"
+    return f"{limit.per_minute} {limit.unit} per minute, {scope}"
 
 
 def _book(args: argparse.Namespace) -> SQLiteBudgetBook | _HTTPBook:

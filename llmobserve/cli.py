@@ -24,9 +24,11 @@ from typing import Any, TextIO
 from llmobserve import __version__
 from llmobserve._budgetcli import (
     add_budgets_parser,
+    add_limits_parser,
     budget_status,
     budgets_of_collector,
     run_budgets,
+    run_limits,
     write_budget_lines,
 )
 from llmobserve.collector import (
@@ -542,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(events)
     _add_window_options(events, kinds=True)
     add_budgets_parser(sub)
+    add_limits_parser(sub)
     return parser
 
 
@@ -558,6 +561,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             _cmd_report(args, out)
         elif args.command == "budgets":
             run_budgets(args, out)
+        elif args.command == "limits":
+            run_limits(args, out)
         else:
             _cmd_events(args, out)
     except (CLIError, BudgetError) as e:

@@ -205,6 +205,10 @@ class SQLiteBudgetBook:
             self.path, isolation_level=None, timeout=30.0, check_same_thread=False
         )
         self._db.execute(_SCHEMA)
+        from llmobserve.collector._limits import RateLimitBook
+
+        #: the rate limits kept in the same file (C{rate_limits} table)
+        self.limits = RateLimitBook(self._db)
 
     def set(self, budget: Budget) -> None:
         """Create or replace the budget of that name."""

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from llmobserve.collector import Budget, SQLiteBudgetBook
+from llmobserve.collector import Budget, RateLimit, SQLiteBudgetBook
 from llmobserve.money import usd_fixed
 from parsers import worst_case
 
@@ -39,6 +39,7 @@ __all__ = [
     "BudgetPoller",
     "BudgetRefusal",
     "CallScope",
+    "RateRefusal",
     "check_call",
     "remaining_value",
 ]
@@ -118,6 +119,10 @@ class BudgetRefusal:
     reserved_usd: float
     worst_case_usd: float | None
     reason: str
+    status: int = 402
+    kind: str = "budget_exceeded"
+    detail_key: str = "budget"
+    retry_after: int | None = None
 
     def message(self) -> str:
         """The error message of the 402."""
@@ -141,6 +146,59 @@ class BudgetRefusal:
         }
 
 
+@attrs.define(eq=False)
+class _RateAccount:
+    """One rate limit's count in the current UTC minute (calls or tokens)."""
+
+    rule: RateLimit
+    window_start: float
+    window_end: float
+    used: int = 0  # settled in this minute
+    reserved: int = 0  # held by the calls in flight
+    live: bool = True
+
+    def roll(self, now: float) -> None:
+        """Start the minute holding C{now} when the current one has ended."""
+        if now >= self.window_end:
+            self.window_start = self.rule.window_start(now)
+            self.window_end = self.window_start + 60.0
+            self.used = 0
+            self.reserved = 0
+
+
+@attrs.frozen
+class RateRefusal:
+    """A call refused by a rate limit: 429, retry after the minute ends."""
+
+    rule: RateLimit
+    used: int
+    reserved: int
+    wanted: int | None
+    retry_after: int
+    status: int = 429
+    kind: str = "rate_limited"
+    detail_key: str = "limit"
+
+    def message(self) -> str:
+        """The error message of the 429."""
+        wanted = "" if self.wanted is None else f"; this call needs up to {self.wanted}"
+        return (
+            f"rate limit {self.rule.name!r} ({self.rule.per_minute} {self.rule.unit} per"
+            f" minute) reached: {self.used} used + {self.reserved} in flight{wanted}"
+        )
+
+    def detail(self) -> dict[str, Any]:
+        """The C{limit} object of the 429's JSON body."""
+        return {
+            "name": self.rule.name,
+            "unit": self.rule.unit,
+            "per_minute": self.rule.per_minute,
+            "used": self.used,
+            "reserved": self.reserved,
+            "retry_after_s": self.retry_after,
+        }
+
+
 class BudgetHold:
     """The reservation of one allowed call, settled once.
 
@@ -150,7 +208,7 @@ class BudgetHold:
         C{budget_warn:NAME}).
     """
 
-    __slots__ = ("_amount", "_parts", "_settled", "flags", "remaining")
+    __slots__ = ("_amount", "_parts", "_rates", "_settled", "flags", "remaining")
 
     def __init__(
         self,
@@ -158,27 +216,33 @@ class BudgetHold:
         amount: int,
         remaining: float | None,
         flags: tuple[str, ...],
+        rates: list[tuple[_RateAccount, float, int]] | None = None,
     ) -> None:
         self._parts = parts  # (account, its window start then)
         self._amount = amount  # held on each, nano-USD
+        self._rates = rates  # (rate account, its minute then, calls or tokens held)
         self._settled = False
         self.remaining = remaining
         self.flags = flags
 
-    def settle(self, cost: float | None, outcome: str, status: int | None) -> None:
-        """Turn the hold into the call's real cost and release the rest.
+    def settle(
+        self, cost: float | None, outcome: str, status: int | None, tokens: int | None = None
+    ) -> None:
+        """Turn the hold into the call's real cost (and tokens) and release the rest.
 
         With no price: a call that never reached the upstream, or that the
         upstream answered with an error status, spent nothing; any other
-        keeps its worst case as spent (we cannot know less).
+        keeps its worst case as spent (we cannot know less). Tokens
+        likewise; a call counts against a calls limit once it was sent.
         """
         if self._settled:
             return
         self._settled = True
         amount = self._amount
+        spared = outcome in _NOT_SENT or (status is not None and status >= 400)
         if cost is not None:
             spent = _nano(cost)
-        elif outcome not in _NOT_SENT and not (status is not None and status >= 400):
+        elif not spared:
             spent = amount
         else:
             spent = 0
@@ -187,6 +251,16 @@ class BudgetHold:
                 # else: deleted, redefined, or its window is over
                 account.reserved = max(account.reserved - amount, 0)
                 account.spent += spent
+        if self._rates:
+            for rate, minute, held in self._rates:
+                if rate.live and rate.window_start == minute:
+                    rate.reserved = max(rate.reserved - held, 0)
+                    if rate.rule.unit == "calls":
+                        rate.used += 0 if outcome in _NOT_SENT else 1
+                    elif tokens is not None:
+                        rate.used += tokens
+                    elif not spared:
+                        rate.used += held
 
 
 class BudgetLedger:
@@ -198,13 +272,72 @@ class BudgetLedger:
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
         self._accounts: list[_Account] = []
+        self._rates: list[_RateAccount] = []
         # the accounts each call scope counts against, until the next load
         self._matched: dict[CallScope, list[_Account]] = {}
+        self._matched_rates: dict[CallScope, list[_RateAccount]] = {}
 
     @property
     def active(self) -> bool:
-        """Is any budget defined (else calls skip the check altogether)?"""
-        return bool(self._accounts)
+        """Is any budget or rate limit defined (else calls skip the check)?"""
+        return bool(self._accounts or self._rates)
+
+    def load_limits(self, limits: Sequence[RateLimit]) -> None:
+        """Replace the rate limits; one that counts the same keeps its minute."""
+        now = self.now()
+        old = {a.rule.name: a for a in self._rates}
+        rates = []
+        for rule in limits:
+            prev = old.pop(rule.name, None)
+            if prev is not None and prev.rule.counts_same(rule):
+                prev.rule = rule
+                prev.roll(now)
+                rates.append(prev)
+                continue
+            if prev is not None:
+                prev.live = False
+            start = rule.window_start(now)
+            rates.append(_RateAccount(rule, start, start + 60.0))
+        for gone in old.values():
+            gone.live = False
+        self._rates = rates
+        self._matched_rates = {}
+
+    def _check_rates(
+        self, scope: CallScope, tokens: int | None
+    ) -> list[tuple[_RateAccount, float, int]] | RateRefusal | None:
+        matched = self._matched_rates.get(scope)
+        if matched is None:
+            matched = [
+                a
+                for a in self._rates
+                if a.rule.matches(
+                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
+                )
+            ]
+            if len(self._matched_rates) >= 4096:
+                self._matched_rates.clear()
+            self._matched_rates[scope] = matched
+        if not matched:
+            return None
+        now = self.now()
+        wants = []
+        for rate in matched:
+            if now >= rate.window_end:
+                rate.roll(now)
+            want = 1 if rate.rule.unit == "calls" else tokens
+            busy = rate.used + rate.reserved
+            if (want is None and busy >= rate.rule.per_minute) or (
+                want is not None and busy + want > rate.rule.per_minute
+            ):
+                wait = max(1, math.ceil(rate.window_end - now))
+                return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait)
+            wants.append(want or 0)
+        held = []
+        for rate, want in zip(matched, wants, strict=True):
+            rate.reserved += want
+            held.append((rate, rate.window_start, want))
+        return held
 
     def load(self, budgets: Sequence[Budget], spends: Mapping[str, float]) -> None:
         """Replace the definitions. A budget that counts the same calls over
@@ -236,9 +369,30 @@ class BudgetLedger:
         self._accounts = accounts
         self._matched = {}
 
-    def reserve(self, scope: CallScope, worst: float | None) -> BudgetHold | BudgetRefusal:
-        """Check the call against every budget of its scope, and reserve
-        its worst case (C{None}: unknown) on each if none refuses it."""
+    def reserve(
+        self, scope: CallScope, worst: float | None, tokens: int | None = None
+    ) -> BudgetHold | BudgetRefusal | RateRefusal:
+        """Check the call against every budget and rate limit of its scope,
+        and reserve its worst case (C{None}: unknown; C{tokens}: its most
+        input + output tokens) on each if none refuses it."""
+        rates = None
+        if self._rates:
+            checked = self._check_rates(scope, tokens)
+            if isinstance(checked, RateRefusal):
+                return checked
+            rates = checked
+        hold = self._reserve_budgets(scope, worst)
+        if rates:
+            if isinstance(hold, BudgetRefusal):
+                for rate, _, want in rates:
+                    rate.reserved -= want
+                return hold
+            hold._rates = rates
+            if tokens is None and any(r.rule.unit == "tokens" for r, _, _ in rates):
+                hold.flags += ("rate_unbounded",)
+        return hold
+
+    def _reserve_budgets(self, scope: CallScope, worst: float | None) -> BudgetHold | BudgetRefusal:
         now = self.now()
         matched = self._matched.get(scope)
         if matched is None:
@@ -299,6 +453,7 @@ class BudgetPoller(Service):
         self._interval = interval
         self._book: SQLiteBudgetBook | None = None
         self._known: tuple[Budget, ...] | None = None
+        self._known_limits: tuple[RateLimit, ...] = ()
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name="llmobserve-budgets")
         self._loop: LoopingCall | None = None
 
@@ -306,22 +461,28 @@ class BudgetPoller(Service):
         """Load once, synchronously (start-up: a restart never resets a budget)."""
         self._apply(self._read())
 
-    def _read(self) -> tuple[tuple[Budget, ...], dict[str, float]]:
+    def _read(self) -> tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...]]:
         if self._book is None:
             self._book = SQLiteBudgetBook(self._path)
+        limits = tuple(self._book.limits.list())
         budgets = tuple(self._book.list())
         known = self._known or ()
         fresh = [
             b for b in budgets if not any(k.name == b.name and k.counts_same(b) for k in known)
         ]
         now = self.ledger.now()
-        return budgets, {b.name: self._book.spend(b, now) for b in fresh}
+        return budgets, {b.name: self._book.spend(b, now) for b in fresh}, limits
 
-    def _apply(self, result: tuple[tuple[Budget, ...], dict[str, float]]) -> None:
-        budgets, spends = result
+    def _apply(
+        self, result: tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...]]
+    ) -> None:
+        budgets, spends, limits = result
         if budgets != self._known:
             self.ledger.load(budgets, spends)
             self._known = budgets
+        if limits != self._known_limits:
+            self.ledger.load_limits(limits)
+            self._known_limits = limits
 
     def _poll(self) -> Any:
         d = deferToThreadPool(self._reactor, self._pool, self._read)  # type: ignore[arg-type]
@@ -356,7 +517,7 @@ def check_call(
     context: Any,
     body: bytes | None,
     body_bytes: int,
-) -> BudgetHold | BudgetRefusal:
+) -> BudgetHold | BudgetRefusal | RateRefusal:
     """Bound the call's cost from its body and reserve it (reactor thread).
 
     @param context: the call's L{llmobserve.transaction.Context}.
@@ -370,7 +531,10 @@ def check_call(
         context.tenant_id,
         context.section_path or context.section,
     )
-    return ledger.reserve(scope, bound.cost_usd)
+    tokens = None
+    if bound.input_tokens is not None and bound.output_tokens is not None:
+        tokens = bound.input_tokens + bound.output_tokens
+    return ledger.reserve(scope, bound.cost_usd, tokens)
 
 
 def remaining_value(remaining: float) -> bytes:

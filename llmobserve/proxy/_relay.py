@@ -30,7 +30,6 @@ from llmobserve.proxy._budgets import (
 from llmobserve.proxy._budgets import (
     BudgetHold,
     BudgetLedger,
-    BudgetRefusal,
     check_call,
     remaining_value,
 )
@@ -284,13 +283,17 @@ class Relay:
             body=self._req_tap.value() if whole else None,
             body_bytes=length if length is not None else self._body_bytes,
         )
-        if isinstance(verdict, BudgetRefusal):
+        if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
+            if verdict.retry_after is not None:
+                self._request.responseHeaders.setRawHeaders(
+                    b"Retry-After", [b"%d" % verdict.retry_after]
+                )
             self._fail_before_response(
-                402,
-                "budget_exceeded",
+                verdict.status,
+                verdict.kind,
                 verdict.message(),
                 Outcome.BUDGET_REFUSED,
-                extra={"budget": verdict.detail()},
+                extra={verdict.detail_key: verdict.detail()},
             )
             return
         self._hold = verdict

@@ -285,3 +285,39 @@ def test_budgets_through_a_collectors_api(tmp_path: Path, capsys: Any) -> None:
         assert cli(["budgets", "delete", "acme", "--collector", url], out) == 1
         assert "no budget named 'acme'" in capsys.readouterr().err
         assert SQLiteBudgetBook(collector.db).list() == []
+
+
+def test_a_calls_per_minute_limit_through_the_real_client(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """`limits set --calls-per-minute 2` on a running proxy: within 2 s, the
+    third call in a minute is a 429 (rate_limited, Retry-After) the openai
+    client raises as RateLimitError; it never reaches the upstream."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    with _proxy(home, oa, an) as proxy:
+        db_args = ["--db", str(db)]
+        assert cli(["limits", "set", "--name", "rpm", "--calls-per-minute", "2", *db_args]) == 0
+        time.sleep(2.0)  # the proxy reads limits every second
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+        # the first minute may end between calls: try until two pass and one is refused
+        deadline = time.monotonic() + 70
+        while time.monotonic() < deadline:
+            before = len(oa.requests)
+            try:
+                for _ in range(3):
+                    client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=10,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+            except openai.RateLimitError as e:
+                assert e.response.headers["x-llmobserve-error"] == "rate_limited"
+                assert 1 <= int(e.response.headers["retry-after"]) <= 60
+                assert len(oa.requests) - before <= 2
+                break
+        else:
+            raise AssertionError("no call was rate limited")

@@ -10,8 +10,14 @@ import pytest
 from support.inmemory import InMemoryProxy
 from twisted.internet.task import Clock
 
-from llmobserve.collector import Budget
-from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, BudgetRefusal, CallScope
+from llmobserve.collector import Budget, RateLimit
+from llmobserve.proxy._budgets import (
+    BudgetHold,
+    BudgetLedger,
+    BudgetRefusal,
+    CallScope,
+    RateRefusal,
+)
 from llmobserve.transaction import Outcome
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -265,3 +271,87 @@ def test_no_budgets_no_check() -> None:
     channel.dataReceived(head)  # body not sent yet
     proxy.reactor.advance(0)
     assert proxy.connects() == 1
+
+
+# -- rate limits ------------------------------------------------------------------
+
+
+def rates(*limits: RateLimit) -> tuple[BudgetLedger, Clock]:
+    book, clock = ledger()
+    book.load_limits(limits)
+    return book, clock
+
+
+def test_calls_per_minute_counts_calls_in_flight_and_rolls_each_minute() -> None:
+    """100 calls at once against 10 a minute: exactly 10 admitted; the rest get
+    a 429 refusal that says when the minute ends; the next minute admits again."""
+    book, clock = rates(RateLimit("rpm", 10))
+    verdicts = [book.reserve(GPT, 0.001, 50) for _ in range(100)]
+    assert sum(isinstance(v, BudgetHold) for v in verdicts) == 10
+    refusal = verdicts[-1]
+    assert isinstance(refusal, RateRefusal) and refusal.status == 429
+    assert refusal.retry_after == 20  # T0 is 40 s into its minute
+    assert refusal.detail()["per_minute"] == 10 and "10 calls per minute" in refusal.message()
+    clock.advance(20)
+    assert isinstance(book.reserve(GPT, 0.001, 50), BudgetHold)
+
+
+def test_a_call_never_sent_does_not_count_against_a_calls_limit() -> None:
+    """Released when it never reached the upstream; counted once it did."""
+    book, _ = rates(RateLimit("rpm", 1))
+    hold = book.reserve(GPT, None, None)
+    assert isinstance(hold, BudgetHold)
+    hold.settle(None, "proxy_error", 502)
+    hold = book.reserve(GPT, None, None)
+    assert isinstance(hold, BudgetHold)
+    hold.settle(None, "upstream_error", 500)
+    assert isinstance(book.reserve(GPT, None, None), RateRefusal)
+
+
+def test_tokens_per_minute_reserve_the_bound_and_settle_to_the_real_count() -> None:
+    """A call's most tokens are held; its real tokens count once settled; a call
+    with no token bound is let through flagged until the minute is used up."""
+    book, _ = rates(RateLimit("tpm", 1000, unit="tokens"))
+    hold = book.reserve(GPT, 0.001, 800)
+    assert isinstance(hold, BudgetHold)
+    assert isinstance(book.reserve(GPT, 0.001, 300), RateRefusal)
+    hold.settle(0.0001, "ok", 200, tokens=100)
+    second = book.reserve(GPT, 0.001, 300)
+    assert isinstance(second, BudgetHold)
+    unbounded = book.reserve(GPT, None, None)
+    assert isinstance(unbounded, BudgetHold) and "rate_unbounded" in unbounded.flags
+    unbounded.settle(None, "ok", 200, tokens=600)
+    second.settle(0.0001, "ok", 200, tokens=300)
+    assert isinstance(book.reserve(GPT, None, None), RateRefusal)
+
+
+def test_rate_limits_have_scopes_and_a_budget_refusal_releases_them() -> None:
+    """A customer's limit leaves other customers alone; a call a budget refuses
+    holds nothing on the rate limits it passed."""
+    book, _ = rates(RateLimit("acme", 1, customer="acme"))
+    acme = CallScope("openai", "m", customer="acme")
+    book.load([Budget("cap", 0.5)], {})
+    assert isinstance(book.reserve(acme, 0.9, 10), BudgetRefusal)
+    assert isinstance(book.reserve(acme, 0.1, 10), BudgetHold)
+    assert isinstance(book.reserve(acme, 0.1, 10), RateRefusal)
+    assert isinstance(book.reserve(CallScope("openai", "m", customer="bob"), 0.1, 10), BudgetHold)
+
+
+def test_a_rate_limited_call_gets_429_with_retry_after() -> None:
+    """429, X-LLMObserve-Error: rate_limited, Retry-After, the limit in the body;
+    nothing upstream; outcome budget_refused."""
+    proxy = budgeted_proxy()
+    assert proxy.services.budgets is not None
+    proxy.services.budgets.load_limits([RateLimit("none", 0)])
+    channel, transport = proxy.client()
+    channel.dataReceived(chat_request(10))
+    proxy.reactor.advance(0)
+    out = transport.value()
+    assert out.startswith(b"HTTP/1.1 429 ")
+    assert b"x-llmobserve-error: rate_limited" in out.lower()
+    assert b"retry-after: " in out.lower()
+    body = json.loads(out.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["limit"]["name"] == "none"
+    assert proxy.connects() == 0
+    [txn] = proxy.sink.transactions
+    assert txn.outcome is Outcome.BUDGET_REFUSED and txn.error == "rate_limited"
