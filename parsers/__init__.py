@@ -8,6 +8,7 @@ or overrides prices (also read once from C{$LLMOBSERVE_PRICES}).
 from ._analyse import analyse
 from ._records import Exchange, UsageRecord, construct
 from ._worstcase import WorstCase, worst_case
+from .graphql import graphql_figures
 from .pricing import load_user_prices
 from .registry import REGISTRY, Provider, ProviderRegistry, canonical_host
 
@@ -21,6 +22,7 @@ __all__ = [
     "analyse",
     "canonical_host",
     "construct",
+    "graphql_figures",
     "load_user_prices",
     "worst_case",
 ]

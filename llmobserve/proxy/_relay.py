@@ -36,6 +36,7 @@ from llmobserve.proxy._budgets import (
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
+from llmobserve.proxy._gqllimits import GraphQLLimits
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
@@ -93,7 +94,17 @@ class DeadlineSweeper:
 class RelayServices:
     """What every relay of one proxy shares: config, policy, pool, sink, clock."""
 
-    __slots__ = ("budgets", "clock", "config", "deadlines", "policy", "pool", "sink", "stats")
+    __slots__ = (
+        "budgets",
+        "clock",
+        "config",
+        "deadlines",
+        "graphql_limits",
+        "policy",
+        "pool",
+        "sink",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -103,8 +114,10 @@ class RelayServices:
         pool: UpstreamPool,
         sink: ITransactionSink,
         budgets: BudgetLedger | None = None,
+        graphql_limits: GraphQLLimits | None = None,
     ) -> None:
         self.budgets = budgets  # checked before a call goes upstream when any is defined
+        self.graphql_limits = graphql_limits  # per host, checked likewise
         self.clock = clock
         self.config = config
         self.policy = policy
@@ -202,8 +215,12 @@ class Relay:
         self._paused_at: float | None = None  # when the client's socket filled up
         self._deadline_kind = ""
         budgets = services.budgets
-        # True until the budgets have seen the whole request (nothing connects before)
-        self._gate = budgets is not None and budgets.active
+        gql = services.graphql_limits
+        # True until the budgets (or a GraphQL limit) have seen the whole
+        # request: nothing connects before
+        self._gate = (budgets is not None and budgets.active) or (
+            gql is not None and gql.for_target(target.host, target.port) is not None
+        )
         self._hold: BudgetHold | None = None
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
@@ -271,8 +288,13 @@ class Relay:
             return
         whole = self._body_done and not self._req_tap.truncated
         self._gate = False
+        body = self._req_tap.value() if whole else None
+        if self._graphql_refused(body):
+            return
         ledger = self._s.budgets
-        assert ledger is not None
+        if ledger is None or not ledger.active:
+            self._connect()
+            return
         length = self._head.content_length
         verdict = check_call(
             ledger,
@@ -280,7 +302,7 @@ class Relay:
             host=self._target.host,
             path=self._target.path,
             context=self._head.context(),
-            body=self._req_tap.value() if whole else None,
+            body=body,
             body_bytes=length if length is not None else self._body_bytes,
         )
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
@@ -298,6 +320,34 @@ class Relay:
             return
         self._hold = verdict
         self._connect()
+
+    def _graphql_refused(self, body: bytes | None) -> bool:
+        """Refuse (400 graphql_limit) a GraphQL query over its host's limit."""
+        limits = self._s.graphql_limits
+        if limits is None:
+            return False
+        t = self._target
+        limit = limits.for_target(t.host, t.port)
+        if limit is None:
+            return False
+        ctype = next(
+            (v for n, v in self._head.forward if n.lower() == b"content-type"), b""
+        ).decode("latin-1")
+        found = limits.refusal(
+            limit,
+            method=self._method.decode("latin-1"),
+            path=t.path,
+            query=t.query,
+            content_type=ctype,
+            body=body,
+        )
+        if found is None:
+            return False
+        message, figures = found
+        self._fail_before_response(
+            400, "graphql_limit", message, Outcome.REFUSED, extra={"graphql": figures}
+        )
+        return True
 
     def _gate_buffer(self) -> int:
         """Request bytes held while the budgets wait for the whole body."""

@@ -24,6 +24,7 @@ from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
+from llmobserve.proxy._gqllimits import GraphQLLimit, GraphQLLimits
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import (
     DnsServerResolver,
@@ -199,6 +200,8 @@ class Options(usage.Options):
         self["resolve"] = {}
         self["dns-server"] = []
         self["public-name"] = []
+        self["graphql-max-depth"] = {}
+        self["graphql-max-complexity"] = {}
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -243,6 +246,18 @@ class Options(usage.Options):
             self["public-name"].append(public_name(name))
         except ValueError as e:
             raise usage.UsageError(f"--public-name: {e}") from None
+
+    def opt_graphql_max_depth(self, spec: str) -> None:
+        """HOST[:PORT]=N: refuse (400) GraphQL queries to HOST nested deeper
+        than N fields, before they go upstream. Repeatable."""
+        host, value = _pair(spec, "--graphql-max-depth")
+        self["graphql-max-depth"][host.lower()] = _count(value, "--graphql-max-depth")
+
+    def opt_graphql_max_complexity(self, spec: str) -> None:
+        """HOST[:PORT]=N: refuse (400) GraphQL queries to HOST whose complexity
+        (fields times page sizes) is over N, before they go upstream. Repeatable."""
+        host, value = _pair(spec, "--graphql-max-complexity")
+        self["graphql-max-complexity"][host.lower()] = _count(value, "--graphql-max-complexity")
 
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
@@ -490,7 +505,9 @@ def build_proxy(
         max_head_bytes=config.max_response_head,
         tls_creator=lambda hostname: tls_creator(hostname, trust),
     )
-    services = RelayServices(reactor, config, policy, pool, sink)
+    services = RelayServices(
+        reactor, config, policy, pool, sink, graphql_limits=_graphql_limits(options)
+    )
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
         services, base_urls, host_guard=HostGuard(options["public-name"]), api=api
@@ -504,6 +521,25 @@ def build_proxy(
         body_timeout=options["request-body-timeout"],
     )
     return site, services, policy
+
+
+def _count(value: str, flag: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise usage.UsageError(f"{flag}: {value!r} is not a whole number") from None
+    if n < 0:
+        raise usage.UsageError(f"{flag}: must not be negative")
+    return n
+
+
+def _graphql_limits(options: Options) -> GraphQLLimits | None:
+    depth: dict[str, int] = options["graphql-max-depth"]
+    complexity: dict[str, int] = options["graphql-max-complexity"]
+    hosts = set(depth) | set(complexity)
+    if not hosts:
+        return None
+    return GraphQLLimits({h: GraphQLLimit(depth.get(h), complexity.get(h)) for h in hosts})
 
 
 def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
