@@ -17,7 +17,13 @@ from typing import Any
 
 import pytest
 from support.proxy import LOOPBACK_ARGS, ProxyProcess
-from support.upstreams import RecordedRequest, RecordingUpstream, Response, json_response
+from support.upstreams import (
+    RecordedRequest,
+    RecordingUpstream,
+    Response,
+    json_response,
+    openai_sse_events,
+)
 
 from llmobserve.cli import main as cli
 from llmobserve.collector import EventStore, SQLiteBudgetBook
@@ -28,8 +34,12 @@ PROMPT_TOKENS = 1000  # within the proxy's bound for a small body (bytes + 1000)
 
 
 def _openai(req: RecordedRequest) -> Response:
-    """A chat completion that used the whole output allowance: the worst case happens."""
+    """A chat completion that used the whole output allowance: the worst case
+    happens; streamed (20 ms a chunk), a small one with its usage chunk."""
     body = json.loads(req.body or b"{}")
+    if body.get("stream"):
+        sse = [("Content-Type", "text/event-stream")]
+        return Response(200, sse, openai_sse_events(20), chunk_interval=0.02)
     out = int(body.get("max_tokens") or 10)
     return json_response(
         {
@@ -321,3 +331,52 @@ def test_a_calls_per_minute_limit_through_the_real_client(
                 break
         else:
             raise AssertionError("no call was rate limited")
+
+
+def test_a_streamed_call_settles_at_its_end_and_an_aborted_one_keeps_its_hold(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """$0.015 admits one call worth up to ~$0.0098 at a time. A stream read to
+    its end settles to its small real cost, so the next call is admitted; a
+    stream the client abandons before its usage chunk has no price, so its
+    whole worst case stays spent and the next one is refused."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    db.parent.mkdir(parents=True)
+    _budget(db, "--name", "cap", "--limit-usd", "0.015", "--window", "day")
+    with _proxy(home, oa, an) as proxy:
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+        def stream() -> Any:
+            return client.chat.completions.create(
+                model="gpt-4o-mini",
+                max_tokens=16_000,
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "hi"}],
+            )
+
+        assert len(list(stream())) > 20  # read to the end
+        deadline = time.monotonic() + 5
+        while True:  # the settle follows the parse pool, a few ms later
+            try:
+                second = stream()
+                break
+            except openai.APIStatusError as e:
+                assert e.status_code == 402 and time.monotonic() < deadline
+                time.sleep(0.05)
+        next(iter(second))
+        second.close()  # abandoned before the usage chunk
+        deadline = time.monotonic() + 10
+        aborted: list[dict[str, Any]] = []
+        while not aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+            aborted = [e for e in _events(db) if e["outcome"] == "client_aborted"]
+        assert len(aborted) == 1 and aborted[0]["cost_usd"] is None
+        with pytest.raises(openai.APIStatusError) as raised:
+            stream()
+        assert raised.value.status_code == 402
+        assert "it is spent" in str(raised.value) or "could cost" in str(raised.value)
