@@ -380,3 +380,40 @@ def test_a_streamed_call_settles_at_its_end_and_an_aborted_one_keeps_its_hold(
             stream()
         assert raised.value.status_code == 402
         assert "it is spent" in str(raised.value) or "could cost" in str(raised.value)
+
+
+def test_unknown_prices_are_allowed_and_flagged_or_blocked_per_budget(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """A model with no price under a default budget passes, its event flagged
+    budget_unpriced; once the budget says --unpriced block, it is a 402."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    db.parent.mkdir(parents=True)
+    _budget(db, "--name", "cap", "--limit-usd", "1", "--window", "day")
+    with _proxy(home, oa, an) as proxy:
+        client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+        def call() -> Any:
+            return client.chat.completions.with_raw_response.create(
+                model="house-model-7b", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+            )
+
+        raw = call()
+        assert raw.headers["x-llmobserve-budget-remaining"] == "1"
+        [event] = _wait_events(db, 1)
+        assert "budget_unpriced" in event["flags"] and event["cost_usd"] is None
+        _budget(db, "--name", "cap", "--limit-usd", "1", "--window", "day", "--unpriced", "block")
+        deadline = time.monotonic() + 2.5
+        while True:
+            try:
+                call()
+            except openai.APIStatusError as e:
+                assert e.status_code == 402 and "no price" in str(e)
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert len(oa.requests) >= 1
