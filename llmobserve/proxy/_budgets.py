@@ -538,8 +538,6 @@ def check_call(
 
 
 def remaining_value(remaining: float) -> bytes:
-    """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation,
-    to the micro-dollar (rounded down), never negative."""
-    micro = math.floor(max(remaining, 0.0) * 1_000_000 + 1e-6)
-    text = f"{micro // 1_000_000}.{micro % 1_000_000:06d}".rstrip("0").rstrip(".")
-    return text.encode()
+    """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation with
+    six decimals (C{0.994500}), rounded down, never negative."""
+    return b"%.6f" % (math.floor(max(remaining, 0.0) * 1_000_000 + 1e-6) / 1_000_000)

@@ -403,7 +403,7 @@ def test_unknown_prices_are_allowed_and_flagged_or_blocked_per_budget(
             )
 
         raw = call()
-        assert raw.headers["x-llmobserve-budget-remaining"] == "1"
+        assert raw.headers["x-llmobserve-budget-remaining"] == "1.000000"
         [event] = _wait_events(db, 1)
         assert "budget_unpriced" in event["flags"] and event["cost_usd"] is None
         _budget(db, "--name", "cap", "--limit-usd", "1", "--window", "day", "--unpriced", "block")
