@@ -23,10 +23,10 @@ tiered price) and the extra of a million output tokens on top of them.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Final, NamedTuple
 
+from .jsonbody import BodyError, loads
 from .pricing import PRICER
 from .registry import REGISTRY
 
@@ -72,7 +72,6 @@ _IMAGE_PART: Final = re.compile(
 )
 #: An audio part: its tokens cannot be bounded by its bytes.
 _AUDIO_PART: Final = re.compile(rb'"(?:input_audio|audio_url)"|"type"\s*:\s*"audio"')
-_decode: Final = json.JSONDecoder().decode
 
 
 class WorstCase(NamedTuple):
@@ -121,8 +120,8 @@ def _worst_case(
     doc: Any = None
     if body:
         try:
-            doc = _decode(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError included
+            doc = loads(body)  # orjson first, as the parsers read it
+        except BodyError:
             return WorstCase(pid, None, None, reason="request body is not JSON")
     if not isinstance(doc, dict):
         doc = {}
