@@ -261,6 +261,21 @@ class SQLiteBudgetBook:
             )
         return rows
 
+    def used(self, limit: Any, now: float) -> int:
+        """Calls (or input + output tokens) recorded in a rate limit's scope
+        in its current minute (0 when the store has no events table yet)."""
+        where, params = spend_filter(limit, now, priced=False)
+        what = (
+            "COUNT(*)"
+            if limit.unit == "calls"
+            else "COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0)"
+        )
+        try:
+            row = self._db.execute(f"SELECT {what} FROM events WHERE {where}", params).fetchone()
+        except sqlite3.OperationalError:
+            return 0
+        return int(row[0])
+
     def spends(self, budgets: Sequence[Budget], now: float) -> dict[str, float]:
         """L{spend} of each budget, by name."""
         return {b.name: self.spend(b, now) for b in budgets}
@@ -281,9 +296,14 @@ def model_matches(wanted: str, model: str | None) -> bool:
     return model[: n + 1] == wanted + "-" and model[n + 1 : n + 2].isdigit()
 
 
-def spend_filter(budget: Budget, now: float) -> tuple[str, list[Any]]:
-    """The SQL condition (and its parameters) selecting a budget's events."""
-    clauses = ["kind = 'call'", "cost_usd IS NOT NULL"]
+def spend_filter(budget: Any, now: float, *, priced: bool = True) -> tuple[str, list[Any]]:
+    """The SQL condition (and its parameters) selecting the call events of a
+    budget's (or a rate limit's) scope in its current window: the priced
+    ones, or (C{priced=False}) every call that reached an upstream."""
+    if priced:
+        clauses = ["kind = 'call'", "cost_usd IS NOT NULL"]
+    else:
+        clauses = ["kind = 'call'", "outcome NOT IN ('refused', 'proxy_error', 'budget_refused')"]
     params: list[Any] = []
     start = budget.window_start(now)
     if start != -math.inf:
@@ -301,6 +321,7 @@ def spend_filter(budget: Budget, now: float) -> tuple[str, list[Any]]:
             params += [value, len(value) + 1, value + "-", len(value) + 2]
         elif key == "section":
             prefix = value.rstrip("/")
+            column = "COALESCE(section_path, section)"  # as the proxy matches it
             clauses.append(f"({column} = ? OR substr({column}, 1, ?) = ?)")
             params += [prefix, len(prefix) + 1, prefix + "/"]
         else:

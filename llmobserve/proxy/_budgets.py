@@ -282,8 +282,11 @@ class BudgetLedger:
         """Is any budget or rate limit defined (else calls skip the check)?"""
         return bool(self._accounts or self._rates)
 
-    def load_limits(self, limits: Sequence[RateLimit]) -> None:
-        """Replace the rate limits; one that counts the same keeps its minute."""
+    def load_limits(
+        self, limits: Sequence[RateLimit], used: Mapping[str, int] | None = None
+    ) -> None:
+        """Replace the rate limits; one that counts the same keeps its minute,
+        a new one starts from what the store recorded in it (C{used[name]})."""
         now = self.now()
         old = {a.rule.name: a for a in self._rates}
         rates = []
@@ -297,7 +300,7 @@ class BudgetLedger:
             if prev is not None:
                 prev.live = False
             start = rule.window_start(now)
-            rates.append(_RateAccount(rule, start, start + 60.0))
+            rates.append(_RateAccount(rule, start, start + 60.0, (used or {}).get(rule.name, 0)))
         for gone in old.values():
             gone.live = False
         self._rates = rates
@@ -461,27 +464,36 @@ class BudgetPoller(Service):
         """Load once, synchronously (start-up: a restart never resets a budget)."""
         self._apply(self._read())
 
-    def _read(self) -> tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...]]:
+    def _read(
+        self,
+    ) -> tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...], dict[str, int]]:
         if self._book is None:
             self._book = SQLiteBudgetBook(self._path)
         limits = tuple(self._book.limits.list())
+        fresh_limits = [
+            r
+            for r in limits
+            if not any(k.name == r.name and k.counts_same(r) for k in self._known_limits)
+        ]
         budgets = tuple(self._book.list())
         known = self._known or ()
         fresh = [
             b for b in budgets if not any(k.name == b.name and k.counts_same(b) for k in known)
         ]
         now = self.ledger.now()
-        return budgets, {b.name: self._book.spend(b, now) for b in fresh}, limits
+        used = {r.name: self._book.used(r, now) for r in fresh_limits}
+        return budgets, {b.name: self._book.spend(b, now) for b in fresh}, limits, used
 
     def _apply(
-        self, result: tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...]]
+        self,
+        result: tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...], dict[str, int]],
     ) -> None:
-        budgets, spends, limits = result
+        budgets, spends, limits, used = result
         if budgets != self._known:
             self.ledger.load(budgets, spends)
             self._known = budgets
         if limits != self._known_limits:
-            self.ledger.load_limits(limits)
+            self.ledger.load_limits(limits, used)
             self._known_limits = limits
 
     def _poll(self) -> Any:

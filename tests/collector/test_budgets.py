@@ -84,7 +84,9 @@ def test_spend_sums_the_scope_in_the_window(tmp_path: Path) -> None:
     assert book.spend(Budget("b", 1, "day"), now) == 3.75
     assert book.spend(Budget("b", 1, "day", model="gpt-4o"), now) == 2.75
     assert book.spend(Budget("b", 1, "day", customer="acme"), now) == 1.75
-    assert book.spend(Budget("b", 1, "day", section="plan"), now) == 2.0
+    # calls 0-2 send only the section label "plan", call 3 the path "plan/a":
+    # both count, as the proxy matches (the label when no path is sent)
+    assert book.spend(Budget("b", 1, "day", section="plan"), now) == 3.75
     assert book.spend(Budget("b", 1, "day", provider="anthropic"), now) == 0.0
 
 
@@ -135,3 +137,30 @@ def test_cli_budgets_and_report(tmp_path: Path, capsys: Any) -> None:
     assert main(["budgets", "delete", "acme", *db], out) == 0
     assert main(["budgets", "delete", "acme", *db], out) == 1
     assert "no budget named 'acme'" in capsys.readouterr().err
+
+
+def test_rate_limit_usage_in_the_current_minute(tmp_path: Path) -> None:
+    """used() counts the calls (or tokens) of a limit's scope since its minute
+    began, leaving out calls that never reached an upstream."""
+    from llmobserve.collector import RateLimit
+
+    path = tmp_path / "s.db"
+    store = EventStore(path)
+    store.insert(
+        [
+            call(0),  # T0 is 40 s into its minute: the minute began at T0 - 40
+            call(1, usage={"input_tokens": 5, "output_tokens": 7}),
+            call(2, outcome="budget_refused"),
+            call(3, ts=T0 - 41),  # the minute before
+            call(4, context={"customer_id": "bob"}),
+        ]
+    )
+    store.close()
+    book = SQLiteBudgetBook(path)
+    now = T0 + 5
+    assert book.used(RateLimit("c", 10, customer="acme"), now) == 2
+    assert book.used(RateLimit("c", 10), now) == 3
+    assert book.used(RateLimit("t", 10, unit="tokens", customer="acme"), now) == 110 + 12
+    book.limits.set(RateLimit("rpm", 3, customer="acme"))
+    assert [r.name for r in book.limits.list()] == ["rpm"]
+    assert book.limits.delete("rpm") and not book.limits.delete("rpm")

@@ -5,6 +5,7 @@ then the relay in memory)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from support.inmemory import InMemoryProxy
@@ -355,3 +356,37 @@ def test_a_rate_limited_call_gets_429_with_retry_after() -> None:
     assert proxy.connects() == 0
     [txn] = proxy.sink.transactions
     assert txn.outcome is Outcome.BUDGET_REFUSED and txn.error == "rate_limited"
+
+
+def test_start_up_loads_spend_and_minute_usage_from_the_store(tmp_path: Any) -> None:
+    """The poller's first load (what a restart does) takes each budget's spend
+    and each rate limit's use of the current minute from the store file."""
+    from llmobserve.collector import EventStore, SQLiteBudgetBook
+    from llmobserve.proxy._budgets import BudgetPoller
+
+    path = tmp_path / "events.sqlite3"
+    store = EventStore(path)
+    event = {
+        "id": "e1",
+        "kind": "call",
+        "ts": T0 - 1,
+        "outcome": "ok",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "cost_usd": 0.99,
+        "usage": {"input_tokens": 10},
+        "context": {},
+    }
+    store.insert([event])
+    store.close()
+    book = SQLiteBudgetBook(path)
+    book.set(Budget("cap", 1.0, "day"))
+    book.limits.set(RateLimit("rpm", 2))
+    book.close()
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds)
+    BudgetPoller(clock, ledger, str(path)).load_now()
+    assert isinstance(ledger.reserve(GPT, 0.02, 10), BudgetRefusal)  # $0.99 spent already
+    assert isinstance(ledger.reserve(GPT, 0.005, 10), BudgetHold)  # 2nd call this minute
+    assert isinstance(ledger.reserve(GPT, 0.001, 10), RateRefusal)
