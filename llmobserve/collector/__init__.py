@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
@@ -29,6 +30,7 @@ __all__ = [
     "BudgetBook",
     "BudgetError",
     "EventStore",
+    "GrantBook",
     "RateLimit",
     "SQLiteBudgetBook",
     "StoreError",

@@ -210,6 +210,11 @@ class SQLiteBudgetBook:
         #: the rate limits kept in the same file (C{rate_limits} table)
         self.limits = RateLimitBook(self._db)
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The SQLite connection (for the grants kept in the same file)."""
+        return self._db
+
     def set(self, budget: Budget) -> None:
         """Create or replace the budget of that name."""
         self._db.execute(

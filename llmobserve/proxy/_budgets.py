@@ -18,7 +18,9 @@ C{block} budget's limit (see C{docs/BUDGETS.md}).
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Final, NamedTuple
 
 import attrs
@@ -29,7 +31,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from llmobserve.collector import Budget, RateLimit, SQLiteBudgetBook
+from llmobserve.collector import Budget, GrantBook, RateLimit, SQLiteBudgetBook
 from llmobserve.money import usd_fixed
 from parsers import worst_case
 
@@ -88,10 +90,19 @@ class _Account:
     spent: int = 0  # settled (and, at load, recorded in the store) in this window
     reserved: int = 0  # worst cases of the calls in flight
     live: bool = True  # False once the budget is deleted or redefined
+    #: shared budgets: what the store granted this process in this window
+    #: (None: the whole limit is this process's)
+    granted: int | None = None
     limit: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.limit = math.floor(self.budget.limit_usd * _NANO + 1e-6)
+
+    @property
+    def cap(self) -> int:
+        """What this process may spend: the limit, or its grant when shared."""
+        granted = self.granted
+        return self.limit if granted is None or granted > self.limit else granted
 
     def roll(self, now: float) -> None:
         """Start the window holding C{now} when the current one has ended."""
@@ -100,11 +111,13 @@ class _Account:
             self.window_end = self.budget.window_end(now)
             self.spent = 0
             self.reserved = 0
+            if self.granted is not None:
+                self.granted = 0  # a new window: nothing granted yet
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
-        if self.spent + self.reserved >= self.limit:
-            reason = "it is spent"
+        if self.spent + self.reserved >= self.cap:
+            reason = "it is spent" if self.granted is None else "this process's share is spent"
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
         return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
@@ -269,8 +282,12 @@ class BudgetLedger:
     @param now: wall-clock time (unix seconds); windows roll over by it.
     """
 
-    def __init__(self, now: Callable[[], float]) -> None:
+    def __init__(self, now: Callable[[], float], *, shared: bool = False) -> None:
         self.now = now
+        #: several processes enforce these budgets: each spends only its grant
+        self.shared = shared
+        #: called when a shared budget's grant runs low (ask the store for more)
+        self.on_low: Callable[[], None] | None = None
         self._accounts: list[_Account] = []
         self._rates: list[_RateAccount] = []
         # the accounts each call scope counts against, until the next load
@@ -359,12 +376,15 @@ class BudgetLedger:
                 continue
             if prev is not None:
                 prev.live = False
+            shared = self.shared and budget.action == "block"
             accounts.append(
                 _Account(
                     budget,
                     budget.window_start(now),
                     budget.window_end(now),
-                    spent=_nano(spends.get(budget.name, 0.0)),
+                    # shared: this process's own spend, the rest is in the grants
+                    spent=0 if shared else _nano(spends.get(budget.name, 0.0)),
+                    granted=0 if shared else None,
                 )
             )
         for gone in old.values():
@@ -418,12 +438,13 @@ class BudgetLedger:
                 account.roll(now)
             b = account.budget
             used = account.spent + account.reserved
+            cap = account.cap
             if worst is None:
-                if b.action == "block" and (b.unpriced == "block" or used >= account.limit):
-                    return account.refusal(None, "no price is known for this call")
-            elif used + amount > account.limit:
+                if b.action == "block" and (b.unpriced == "block" or used >= cap):
+                    return self._refused(account, None, "no price is known for this call")
+            elif used + amount > cap:
                 if b.action == "block":
-                    return account.refusal(worst, "this call could cost up to")
+                    return self._refused(account, worst, "this call could cost up to")
                 flags += (f"budget_warn:{b.name}",)
         if worst is None:
             flags += ("budget_unpriced",)
@@ -432,15 +453,53 @@ class BudgetLedger:
         for account in matched:
             account.reserved += amount
             parts.append((account, account.window_start))
-            rest = account.limit - account.spent - account.reserved
+            rest = account.cap - account.spent - account.reserved
             if left is None or rest < left:
                 left = rest
+        if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
+            self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(parts, amount, None if left is None else left / _NANO, flags)
+
+    def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
+        if account.granted is not None and self.on_low is not None:
+            self.on_low()  # the store may grant more for the next call
+        return account.refusal(worst, reason)
+
+    def grant_snapshot(self) -> dict[str, tuple[float, int, int]]:
+        """Shared budgets: name -> (window start, spent, spent + in flight)."""
+        return {
+            a.budget.name: (a.window_start, a.spent, a.spent + a.reserved)
+            for a in self._accounts
+            if a.granted is not None
+        }
+
+    def set_grants(self, grants: Mapping[str, tuple[float, int]]) -> None:
+        """Shared budgets: what the store granted, by name (window start, nano-USD)."""
+        for account in self._accounts:
+            got = grants.get(account.budget.name)
+            if got is not None and account.granted is not None:
+                if got[0] == account.window_start:
+                    account.granted = got[1]
+
+
+_Read = tuple[
+    tuple[Budget, ...],
+    dict[str, float],
+    tuple[RateLimit, ...],
+    dict[str, int],
+    dict[str, tuple[float, int]],
+]
 
 
 class BudgetPoller(Service):
     """Loads the budgets and their spend from the store at start-up, then
-    every C{interval} seconds (in a thread of its own), into the ledger."""
+    every C{interval} seconds (in a thread of its own), into the ledger.
+
+    With a shared ledger (C{ledger.shared}), each read also reports this
+    process's spend to the store's C{budget_grants} and takes its grant
+    (L{GrantBook}); the ledger asks for a read at once when a grant runs
+    low (C{ledger.on_low}).
+    """
 
     def __init__(
         self,
@@ -455,52 +514,97 @@ class BudgetPoller(Service):
         self._path = store_path
         self._interval = interval
         self._book: SQLiteBudgetBook | None = None
+        self._grants: GrantBook | None = None
+        self.holder = uuid.uuid4().hex[:16]  # this process, in budget_grants
         self._known: tuple[Budget, ...] | None = None
         self._known_limits: tuple[RateLimit, ...] = ()
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name="llmobserve-budgets")
         self._loop: LoopingCall | None = None
+        self._busy = False
+        if ledger.shared:
+            ledger.on_low = self.kick
 
     def load_now(self) -> None:
-        """Load once, synchronously (start-up: a restart never resets a budget)."""
-        self._apply(self._read())
+        """Load once, synchronously (start-up: a restart never resets a budget;
+        shared budgets get their first grant here)."""
+        self._apply(self._read({}))
+        if self.ledger.shared:  # the accounts exist now: report and take grants
+            self._apply(self._read(self.ledger.grant_snapshot()))
 
-    def _read(
-        self,
-    ) -> tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...], dict[str, int]]:
+    def _read(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
         if self._book is None:
             self._book = SQLiteBudgetBook(self._path)
-        limits = tuple(self._book.limits.list())
+        book = self._book
+        limits = tuple(book.limits.list())
         fresh_limits = [
             r
             for r in limits
             if not any(k.name == r.name and k.counts_same(r) for k in self._known_limits)
         ]
-        budgets = tuple(self._book.list())
+        budgets = tuple(book.list())
         known = self._known or ()
         fresh = [
             b for b in budgets if not any(k.name == b.name and k.counts_same(b) for k in known)
         ]
         now = self.ledger.now()
-        used = {r.name: self._book.used(r, now) for r in fresh_limits}
-        return budgets, {b.name: self._book.spend(b, now) for b in fresh}, limits, used
+        used = {r.name: book.used(r, now) for r in fresh_limits}
+        grants: dict[str, tuple[float, int]] = {}
+        if self.ledger.shared and snapshot:
+            if self._grants is None:
+                self._grants = GrantBook(book.connection)
+            for budget in budgets:
+                mine = snapshot.get(budget.name)
+                if budget.action != "block" or mine is None:
+                    continue
+                window, spent, busy = mine
+                granted = self._grants.exchange(
+                    budget,
+                    window,
+                    self.holder,
+                    spent=spent,
+                    busy=busy,
+                    now=now,
+                    recorded=partial(book.spend, budget, now),
+                )
+                grants[budget.name] = (window, granted)
+        spends = {b.name: book.spend(b, now) for b in fresh}
+        return budgets, spends, limits, used, grants
 
-    def _apply(
-        self,
-        result: tuple[tuple[Budget, ...], dict[str, float], tuple[RateLimit, ...], dict[str, int]],
-    ) -> None:
-        budgets, spends, limits, used = result
+    def _apply(self, result: _Read) -> None:
+        budgets, spends, limits, used, grants = result
         if budgets != self._known:
             self.ledger.load(budgets, spends)
             self._known = budgets
         if limits != self._known_limits:
             self.ledger.load_limits(limits, used)
             self._known_limits = limits
+        if grants:
+            self.ledger.set_grants(grants)
 
     def _poll(self) -> Any:
-        d = deferToThreadPool(self._reactor, self._pool, self._read)  # type: ignore[arg-type]
+        if self._busy:
+            return None
+        self._busy = True
+        snapshot = self.ledger.grant_snapshot() if self.ledger.shared else {}
+        d = deferToThreadPool(
+            self._reactor,  # type: ignore[arg-type]
+            self._pool,
+            self._read,
+            snapshot,
+        )
         d.addCallback(self._apply)
         d.addErrback(lambda f: _log.failure("reading budgets failed", f))
+
+        def done(result: object) -> None:
+            self._busy = False
+
+        d.addBoth(done)
         return d
+
+    def kick(self) -> None:
+        """Read (and exchange grants) now, unless a read is under way."""
+        if self.running and not self._busy:
+            self._poll()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
@@ -514,6 +618,14 @@ class BudgetPoller(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._pool.stop()
+        if self._grants is not None:  # give back what this process did not spend
+            try:
+                for name, (window, _, busy) in self.ledger.grant_snapshot().items():
+                    budget = next((b for b in self._known or () if b.name == name), None)
+                    if budget is not None:
+                        self._grants.release(budget, window, self.holder, busy)
+            except Exception:
+                _log.failure("releasing budget grants failed")
         if self._book is not None:
             self._book.close()
             self._book = None

@@ -167,6 +167,12 @@ class Options(usage.Options):
     ]
     optFlags: list[Any] = [
         [
+            "shared-budgets",
+            None,
+            "Other proxies enforce the budgets of this store file too: spend only the "
+            "slices the store grants (on by itself with --workers).",
+        ],
+        [
             "known-hosts-only",
             None,
             "Forward only to registry hosts, --allow-host and --provider-host "
@@ -585,20 +591,24 @@ def _budget_poller(
     reactor: Any, sink: ITransactionSink, services: RelayServices, options: Options
 ) -> IService | None:
     """Budgets from the embedded store: loaded now (a restart never resets
-    one), then polled every second; none with a collector (not yet)."""
+    one), then polled every second; none with a collector (not yet). With
+    --workers or --shared-budgets each process spends the slices the store
+    grants it (C{budget_grants})."""
     from llmobserve.proxy._budgets import BudgetLedger, BudgetPoller
 
     store_path: str | None = sink.store_path
     if store_path is None:
         return None
-    ledger = BudgetLedger(reactor.seconds)
+    shared = bool(options["shared-budgets"] or options["workers"] > 1 or options["worker-of"])
+    ledger = BudgetLedger(reactor.seconds, shared=shared)
     poller = BudgetPoller(reactor, ledger, store_path)
     poller.load_now()
     services.budgets = ledger
-    if options["workers"] > 1 or options["worker-of"]:
-        _log.warn(
-            "budgets are enforced per process: with --workers, each process spends"
-            " up to a budget's limit (see docs/BUDGETS.md)"
+    if shared:
+        _log.info(
+            "budgets shared with other processes on {store}: this one spends the slices"
+            " the store grants it",
+            store=store_path,
         )
     return poller
 

@@ -84,8 +84,11 @@ def upstreams() -> Iterator[tuple[RecordingUpstream, RecordingUpstream]]:
         yield oa, an
 
 
-def _proxy(home: Path, oa: RecordingUpstream, an: RecordingUpstream) -> ProxyProcess:
+def _proxy(
+    home: Path, oa: RecordingUpstream, an: RecordingUpstream, extra: list[str] | None = None
+) -> ProxyProcess:
     args = [
+        *(extra or []),
         *LOOPBACK_ARGS,
         "--provider-host",
         f"{oa.authority}=openai",
@@ -417,3 +420,57 @@ def test_unknown_prices_are_allowed_and_flagged_or_blocked_per_budget(
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert len(oa.requests) >= 1
+
+
+def test_two_proxies_sharing_one_store_never_overshoot(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """Two proxy processes on one store file with --shared-budgets, 32
+    concurrent clients on each, every call worth (and costing) about $0.01,
+    against $1.00: the recorded spend of both stays <= $1.00 and both
+    admitted calls (each spends the slices the store grants it)."""
+    import openai
+
+    oa, an = upstreams
+    db = tmp_path / "shared.sqlite3"
+    _budget(db, "--name", "cap", "--limit-usd", "1.00", "--window", "day")
+    shared = ["--db", str(db), "--shared-budgets"]
+    with _proxy(tmp_path / "a", oa, an, shared) as pa, _proxy(tmp_path / "b", oa, an, shared) as pb:
+
+        async def one(client: Any, results: list[Any], which: str) -> None:
+            for _ in range(3):
+                try:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=16_000,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                    results.append(which)
+                except openai.APIStatusError as e:
+                    results.append(e.status_code)
+
+        async def run() -> list[Any]:
+            results: list[Any] = []
+            async with (
+                openai.AsyncOpenAI(
+                    api_key="sk-test", base_url=f"{pa.url}/openai", max_retries=0
+                ) as ca,
+                openai.AsyncOpenAI(
+                    api_key="sk-test", base_url=f"{pb.url}/openai", max_retries=0
+                ) as cb,
+            ):
+                await asyncio.gather(
+                    *(one(ca, results, "a") for _ in range(32)),
+                    *(one(cb, results, "b") for _ in range(32)),
+                )
+            return results
+
+        results = asyncio.run(run())
+        assert len(results) == 192
+        assert results.count("a") > 0 and results.count("b") > 0
+        admitted = results.count("a") + results.count("b")
+        events = _wait_events(db, 192)
+        spend = sum(e["cost_usd"] or 0 for e in events)
+        print(f"two processes: admitted {admitted}, refused {192 - admitted}, spend ${spend:.6f}")
+        assert spend <= 1.00
+        assert len(oa.requests) == admitted
