@@ -7,6 +7,8 @@
    C{window}, C{tz}, C{action}, C{unpriced}, scope fields): create or
    replace it; C{200 {"budget": {...}}}, or 400 with the reason.
  - C{DELETE /api/budgets/NAME}: 200, or 404 when there is none.
+ - C{POST /api/budgets/grants}: what proxies that send their events here
+   use to share the budgets (L{GrantBook}: each spends only its slices).
 
 Each request runs in the store's reader thread, with a budget book on the
 store file (the C{budgets} table; see C{docs/BUDGETS.md}).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -26,6 +29,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve.collector._budgets import Budget, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._store import EventStore
 from llmobserve.collector._thread import StoreThread
 
@@ -101,7 +105,10 @@ class BudgetsResource(Resource):
         return self._run(request, lambda book: {"budgets": book.status(time.time())})
 
     def render_POST(self, request: Request) -> bytes | int:
-        if self._name(request) is not None:
+        name = self._name(request)
+        if name == "grants":
+            return self._grants(request)
+        if name is not None:
             return _error(request, 404, "not_found", "POST a budget to /api/budgets")
         raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
         if len(raw) > _MAX_BODY:
@@ -117,6 +124,48 @@ class BudgetsResource(Resource):
         def job(book: SQLiteBudgetBook) -> Any:
             book.set(budget)
             return {"budget": budget.as_dict()}
+
+        return self._run(request, job)
+
+    def _grants(self, request: Request) -> bytes | int:
+        """C{POST /api/budgets/grants}: a proxy reports its spend per shared
+        budget and takes its slices (L{GrantBook}); C{{"grants": {name:
+        [window_start, granted]}}} in nano-USD."""
+        raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
+        try:
+            doc = json.loads(raw)
+            holder = doc["holder"]
+            reports = [
+                (str(r["budget"]), float(r["window"]), int(r["spent"]), int(r["busy"]))
+                for r in doc["reports"]
+            ]
+            if not isinstance(holder, str) or not 0 < len(holder) <= 64:
+                raise ValueError("holder must be a short string")
+        except (ValueError, KeyError, TypeError) as e:
+            return _error(request, 400, "bad_request", f"bad grant request: {e}")
+
+        def job(book: SQLiteBudgetBook) -> Any:
+            now = time.time()
+            budgets = {b.name: b for b in book.list()}
+            grants = GrantBook(book.connection)
+            out = {}
+            for name, window, spent, busy in reports:
+                budget = budgets.get(name)
+                if budget is None or budget.action != "block":
+                    continue
+                if window != budget.window_start(now):
+                    continue  # a window that is over (or not begun): nothing to grant
+                got = grants.exchange(
+                    budget,
+                    window,
+                    holder,
+                    spent=spent,
+                    busy=busy,
+                    now=now,
+                    recorded=partial(book.spend, budget, now),
+                )
+                out[name] = [window, got]
+            return {"grants": out}
 
         return self._run(request, job)
 

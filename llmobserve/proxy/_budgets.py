@@ -17,7 +17,9 @@ C{block} budget's limit (see C{docs/BUDGETS.md}).
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.request
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -505,13 +507,17 @@ class BudgetPoller(Service):
         self,
         reactor: IReactorTime,
         ledger: BudgetLedger,
-        store_path: str,
+        store_path: str | None,
         *,
+        collector_url: str | None = None,
         interval: float = 1.0,
+        timeout: float = 2.0,
     ) -> None:
         self._reactor = reactor
         self.ledger = ledger
         self._path = store_path
+        self._collector = collector_url.rstrip("/") if collector_url else None
+        self._timeout = timeout
         self._interval = interval
         self._book: SQLiteBudgetBook | None = None
         self._grants: GrantBook | None = None
@@ -521,18 +527,32 @@ class BudgetPoller(Service):
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name="llmobserve-budgets")
         self._loop: LoopingCall | None = None
         self._busy = False
+        self._outages = 0
         if ledger.shared:
             ledger.on_low = self.kick
 
     def load_now(self) -> None:
         """Load once, synchronously (start-up: a restart never resets a budget;
-        shared budgets get their first grant here)."""
-        self._apply(self._read({}))
-        if self.ledger.shared:  # the accounts exist now: report and take grants
-            self._apply(self._read(self.ledger.grant_snapshot()))
+        shared budgets get their first grant here). A collector that does not
+        answer is logged, and asked again every second."""
+        try:
+            self._apply(self._read({}))
+            if self.ledger.shared:  # the accounts exist now: report and take grants
+                self._apply(self._read(self.ledger.grant_snapshot()))
+        except Exception as e:
+            if self._collector is None:
+                raise
+            _log.warn(
+                "budgets: collector {url} did not answer ({error}); asking again every second",
+                url=self._collector,
+                error=e,
+            )
 
     def _read(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
+        if self._collector is not None:
+            return self._read_collector(snapshot)
         if self._book is None:
+            assert self._path is not None
             self._book = SQLiteBudgetBook(self._path)
         book = self._book
         limits = tuple(book.limits.list())
@@ -570,6 +590,33 @@ class BudgetPoller(Service):
         spends = {b.name: book.spend(b, now) for b in fresh}
         return budgets, spends, limits, used, grants
 
+    def _read_collector(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
+        """The collector's budgets (C{GET /api/budgets}) and this process's
+        grants (C{POST /api/budgets/grants}); raises when it cannot be
+        reached, so the ledger keeps what it had (its grants included)."""
+        rows = self._http("GET", "/api/budgets")["budgets"]
+        fields = set(Budget.__dataclass_fields__)
+        budgets = tuple(Budget.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows)
+        grants: dict[str, tuple[float, int]] = {}
+        if snapshot:
+            reports = [
+                {"budget": name, "window": window, "spent": spent, "busy": busy}
+                for name, (window, spent, busy) in snapshot.items()
+            ]
+            got = self._http(
+                "POST", "/api/budgets/grants", {"holder": self.holder, "reports": reports}
+            )["grants"]
+            grants = {name: (float(w), int(g)) for name, (w, g) in got.items()}
+        return budgets, {}, (), {}, grants
+
+    def _http(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self._collector}{path}", data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=self._timeout) as response:
+            return json.loads(response.read())
+
     def _apply(self, result: _Read) -> None:
         budgets, spends, limits, used, grants = result
         if budgets != self._known:
@@ -592,14 +639,32 @@ class BudgetPoller(Service):
             self._read,
             snapshot,
         )
-        d.addCallback(self._apply)
-        d.addErrback(lambda f: _log.failure("reading budgets failed", f))
+        d.addCallback(self._applied)
+        d.addErrback(self._read_failed)
 
         def done(result: object) -> None:
             self._busy = False
 
         d.addBoth(done)
         return d
+
+    def _applied(self, result: _Read) -> None:
+        self._outages = 0
+        self._apply(result)
+
+    def _read_failed(self, failure: Any) -> None:
+        if self._collector is not None and failure.check(OSError, ValueError):
+            # an outage: this process spends what it was granted, then refuses
+            self._outages += 1
+            if self._outages in (1, 10) or self._outages % 300 == 0:
+                _log.warn(
+                    "budgets: collector {url} unreachable ({n} reads): spending only"
+                    " what was granted",
+                    url=self._collector,
+                    n=self._outages,
+                )
+            return
+        _log.failure("reading budgets failed", failure)
 
     def kick(self) -> None:
         """Read (and exchange grants) now, unless a read is under way."""

@@ -591,24 +591,29 @@ def _budget_poller(
     reactor: Any, sink: ITransactionSink, services: RelayServices, options: Options
 ) -> IService | None:
     """Budgets from the embedded store: loaded now (a restart never resets
-    one), then polled every second; none with a collector (not yet). With
-    --workers or --shared-budgets each process spends the slices the store
-    grants it (C{budget_grants})."""
+    one), then polled every second; with a collector, from its
+    /api/budgets. With a collector, --workers or --shared-budgets each
+    process spends the slices the store (or collector) grants it."""
     from llmobserve.proxy._budgets import BudgetLedger, BudgetPoller
 
     store_path: str | None = sink.store_path
-    if store_path is None:
+    collector: str | None = options["collector"] if store_path is None else None
+    if store_path is None and not collector:
         return None
-    shared = bool(options["shared-budgets"] or options["workers"] > 1 or options["worker-of"])
+    shared = bool(
+        collector or options["shared-budgets"] or options["workers"] > 1 or options["worker-of"]
+    )
     ledger = BudgetLedger(reactor.seconds, shared=shared)
-    poller = BudgetPoller(reactor, ledger, store_path)
+    if collector and "://" not in collector:
+        collector = "http://" + collector
+    poller = BudgetPoller(reactor, ledger, store_path, collector_url=collector)
     poller.load_now()
     services.budgets = ledger
     if shared:
         _log.info(
             "budgets shared with other processes on {store}: this one spends the slices"
-            " the store grants it",
-            store=store_path,
+            " it is granted",
+            store=collector or store_path,
         )
     return poller
 

@@ -474,3 +474,126 @@ def test_two_proxies_sharing_one_store_never_overshoot(
         print(f"two processes: admitted {admitted}, refused {192 - admitted}, spend ${spend:.6f}")
         assert spend <= 1.00
         assert len(oa.requests) == admitted
+
+
+def test_proxies_on_one_collector_share_its_budgets_and_fail_closed(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """Two proxies sending their events to one collector take slices of its
+    budget (POST /api/budgets/grants): 64 clients against $1.00 record at most
+    $1.00 in the collector's store. With the collector gone, a proxy spends
+    only what it was granted, then refuses (fail closed)."""
+    import openai
+    from support.proxy import CollectorProcess
+
+    oa, an = upstreams
+    with CollectorProcess(workdir=tmp_path / "c") as collector:
+        url = collector.url
+        assert (
+            cli(
+                [
+                    "budgets",
+                    "set",
+                    "--name",
+                    "cap",
+                    "--limit-usd",
+                    "1.00",
+                    "--window",
+                    "day",
+                    "--collector",
+                    url,
+                ]
+            )
+            == 0
+        )
+        link = ["--collector", url]
+        with _proxy(tmp_path / "a", oa, an, link) as pa, _proxy(tmp_path / "b", oa, an, link) as pb:
+
+            async def one(client: Any, results: list[Any]) -> None:
+                for _ in range(3):
+                    try:
+                        await client.chat.completions.create(
+                            model="gpt-4o-mini",
+                            max_tokens=16_000,
+                            messages=[{"role": "user", "content": "hi"}],
+                        )
+                        results.append(200)
+                    except openai.APIStatusError as e:
+                        results.append(e.status_code)
+
+            async def run() -> list[Any]:
+                results: list[Any] = []
+                async with (
+                    openai.AsyncOpenAI(
+                        api_key="sk-test", base_url=f"{pa.url}/openai", max_retries=0
+                    ) as ca,
+                    openai.AsyncOpenAI(
+                        api_key="sk-test", base_url=f"{pb.url}/openai", max_retries=0
+                    ) as cb,
+                ):
+                    await asyncio.gather(
+                        *(one(ca, results) for _ in range(32)),
+                        *(one(cb, results) for _ in range(32)),
+                    )
+                return results
+
+            results = asyncio.run(run())
+            admitted = results.count(200)
+            assert admitted > 0 and results.count(402) > 0
+            events = _wait_events(collector.db, 192)
+            spend = sum(e["cost_usd"] or 0 for e in events)
+            print(f"collector: admitted {admitted}, spend ${spend:.6f}")
+            assert spend <= 1.00
+            assert len(oa.requests) == admitted
+
+
+def test_a_proxy_without_its_collector_spends_only_its_grant(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """Fail closed: once the collector is gone, the proxy admits calls up to
+    the slice it holds (a quarter of the limit when alone), then refuses."""
+    import openai
+    from support.proxy import CollectorProcess
+
+    oa, an = upstreams
+    collector = CollectorProcess(workdir=tmp_path / "c").start()
+    try:
+        assert (
+            cli(
+                [
+                    "budgets",
+                    "set",
+                    "--name",
+                    "cap",
+                    "--limit-usd",
+                    "1.00",
+                    "--window",
+                    "day",
+                    "--collector",
+                    collector.url,
+                ]
+            )
+            == 0
+        )
+        with _proxy(tmp_path / "a", oa, an, ["--collector", collector.url]) as proxy:
+            client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+            def status() -> int:
+                try:
+                    client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=16_000,
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                except openai.APIStatusError as e:
+                    return e.status_code
+                return 200
+
+            assert status() == 200
+            collector.terminate()
+            statuses = [status() for _ in range(60)]
+            admitted = statuses.count(200)
+            assert 0 < admitted <= 30 and statuses[-1] == 402
+            print(f"outage: admitted {admitted} of 60 on the grant held")
+    finally:
+        collector.terminate()
