@@ -56,6 +56,13 @@ def add_budgets_parser(sub: Any) -> None:
         default="allow",
         help="a call with no known price: allow it, flagged (default), or block it",
     )
+    s.add_argument(
+        "--fail",
+        choices=("closed", "open"),
+        default="closed",
+        help="while a proxy cannot reach its collector: refuse once its slice is spent "
+        "(closed, default) or let calls through, flagged (open)",
+    )
     for name in ("customer", "tenant", "section", "provider", "model"):
         s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
     s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
@@ -197,6 +204,7 @@ def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
                 tz=args.tz,
                 action=args.action,
                 unpriced=args.unpriced,
+                fail=args.fail,
                 customer=args.customer,
                 tenant=args.tenant,
                 section=args.section,
@@ -230,9 +238,10 @@ def describe(budget: Budget) -> str:
     """One line: limit, window, scope and action."""
     scope = ", ".join(f"{k}={v}" for k, v in budget.scope().items()) or "every call"
     tz = f" ({budget.tz})" if budget.window in ("hour", "day", "month") else ""
+    fail = ", fail open" if budget.fail == "open" else ""
     return (
         f"${usd_fixed(budget.limit_usd)} per {budget.window}{tz}, {scope}, "
-        f"action {budget.action}, unpriced calls {budget.unpriced}"
+        f"action {budget.action}, unpriced calls {budget.unpriced}{fail}"
     )
 
 

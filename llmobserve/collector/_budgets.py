@@ -36,6 +36,7 @@ __all__ = [
 WINDOWS: Final = ("hour", "day", "month", "total")
 ACTIONS: Final = ("block", "warn")
 UNPRICED: Final = ("allow", "block")
+FAIL_MODES: Final = ("closed", "open")
 #: scope field -> the event column it tests (section is a path prefix)
 SCOPE_FIELDS: Final = {
     "customer": "customer_id",
@@ -65,6 +66,9 @@ class Budget:
 
     @ivar unpriced: a call whose worst case has no price: C{allow} (let it
         through, flagged) or C{block}.
+    @ivar fail: while a proxy cannot reach its collector (shared budgets):
+        C{closed} (spend what was granted, then refuse) or C{open} (let
+        calls through, flagged C{budget_fail_open}).
     """
 
     name: str
@@ -73,6 +77,7 @@ class Budget:
     tz: str = "UTC"
     action: str = "block"
     unpriced: str = "allow"
+    fail: str = "closed"
     customer: str | None = None
     tenant: str | None = None
     section: str | None = None
@@ -92,6 +97,8 @@ class Budget:
             raise BudgetError(f"action must be one of {', '.join(ACTIONS)}")
         if self.unpriced not in UNPRICED:
             raise BudgetError(f"unpriced must be one of {', '.join(UNPRICED)}")
+        if self.fail not in FAIL_MODES:
+            raise BudgetError(f"fail must be one of {', '.join(FAIL_MODES)}")
         try:
             ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError):

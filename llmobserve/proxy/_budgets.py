@@ -290,6 +290,8 @@ class BudgetLedger:
         self.shared = shared
         #: called when a shared budget's grant runs low (ask the store for more)
         self.on_low: Callable[[], None] | None = None
+        #: the collector cannot be reached: budgets with fail=open let calls through
+        self.outage = False
         self._accounts: list[_Account] = []
         self._rates: list[_RateAccount] = []
         # the accounts each call scope counts against, until the next load
@@ -441,6 +443,9 @@ class BudgetLedger:
             b = account.budget
             used = account.spent + account.reserved
             cap = account.cap
+            if self.outage and b.fail == "open" and account.granted is not None:
+                flags += ("budget_fail_open",)
+                continue
             if worst is None:
                 if b.action == "block" and (b.unpriced == "block" or used >= cap):
                     return self._refused(account, None, "no price is known for this call")
@@ -650,12 +655,15 @@ class BudgetPoller(Service):
 
     def _applied(self, result: _Read) -> None:
         self._outages = 0
+        self.ledger.outage = False
         self._apply(result)
 
     def _read_failed(self, failure: Any) -> None:
         if self._collector is not None and failure.check(OSError, ValueError):
             # an outage: this process spends what it was granted, then refuses
+            # (or, for budgets with fail=open, lets calls through flagged)
             self._outages += 1
+            self.ledger.outage = True
             if self._outages in (1, 10) or self._outages % 300 == 0:
                 _log.warn(
                     "budgets: collector {url} unreachable ({n} reads): spending only"

@@ -108,3 +108,20 @@ def test_two_shared_ledgers_on_one_store_never_overshoot(tmp_path: Path) -> None
     assert admitted in (99, 100)
     spent = sum(a.spent for ledger in ledgers for a in ledger._accounts)
     assert spent == admitted * NANO // 100 <= NANO
+
+
+def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:
+    """With the collector unreachable, a fail-closed budget admits only what
+    its grant holds; a fail-open one lets calls through, flagged."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([CAP, Budget("open", 1.0, "day", fail="open", model="gpt-4o-mini")], {})
+    ledger.outage = True
+    refused = ledger.reserve(GPT, 0.01)
+    assert isinstance(refused, BudgetRefusal) and refused.budget.name == "cap"
+    ledger.load([Budget("open", 1.0, "day", fail="open")], {})
+    hold = ledger.reserve(GPT, 0.01)
+    assert isinstance(hold, BudgetHold) and hold.flags == ("budget_fail_open",)
+    ledger.outage = False
+    assert isinstance(ledger.reserve(GPT, 0.01), BudgetRefusal)  # back to its grant (none)
