@@ -105,6 +105,9 @@ class GrantBook:
                 elif who != _RECORDED:
                     alive += 1
                 others += granted
+            # spend past the grant (a fail-open budget during an outage) is
+            # spend all the same: the grant grows to cover it
+            mine = max(mine, spent)
             share = max(limit // (4 * alive), 1)
             free = mine - busy
             if free < share:

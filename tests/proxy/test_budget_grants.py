@@ -125,3 +125,21 @@ def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:
     assert isinstance(hold, BudgetHold) and hold.flags == ("budget_fail_open",)
     ledger.outage = False
     assert isinstance(ledger.reserve(GPT, 0.01), BudgetRefusal)  # back to its grant (none)
+
+
+def test_spend_past_a_grant_is_counted_in_the_grants(tmp_path: Path) -> None:
+    """A holder that spent past its grant (fail open during an outage) has its
+    grant grown to its spend, so the others' room shrinks by that much."""
+    grants = book(tmp_path)
+    start = CAP.window_start(T0)
+    grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
+    a = grants.exchange(
+        CAP, start, "a", spent=NANO // 2, busy=NANO // 2, now=T0 + 1, recorded=lambda: 0.0
+    )
+    assert a >= NANO // 2
+    got = 0
+    for i in range(20):
+        got = grants.exchange(
+            CAP, start, "b", spent=got, busy=got, now=T0 + 2 + i, recorded=lambda: 0.0
+        )
+    assert a + got <= NANO
