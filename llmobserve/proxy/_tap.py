@@ -594,7 +594,8 @@ def _budget_poller(
     one), then polled every second; with a collector, from its
     /api/budgets. With a collector, --workers or --shared-budgets each
     process spends the slices the store (or collector) grants it."""
-    from llmobserve.proxy._budgets import BudgetLedger, BudgetPoller
+    from llmobserve.proxy._budgetpoll import BudgetPoller
+    from llmobserve.proxy._budgets import BudgetLedger
 
     store_path: str | None = sink.store_path
     collector: str | None = options["collector"] if store_path is None else None

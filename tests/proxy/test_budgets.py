@@ -362,7 +362,7 @@ def test_start_up_loads_spend_and_minute_usage_from_the_store(tmp_path: Any) -> 
     """The poller's first load (what a restart does) takes each budget's spend
     and each rate limit's use of the current minute from the store file."""
     from llmobserve.collector import EventStore, SQLiteBudgetBook
-    from llmobserve.proxy._budgets import BudgetPoller
+    from llmobserve.proxy._budgetpoll import BudgetPoller
 
     path = tmp_path / "events.sqlite3"
     store = EventStore(path)
