@@ -88,7 +88,7 @@ def _request(route: str) -> bytes:
 
 
 class _Rig:
-    def __init__(self, route: str) -> None:
+    def __init__(self, route: str, budgets: Any = None, sink: Any = None) -> None:
         self.reactor = MemoryReactorClock()
         config = RelayConfig()
         policy = TargetPolicy(StaticResolver({}), allow_cidrs=["127.0.0.1/32"])
@@ -100,8 +100,8 @@ class _Rig:
             idle_timeout=config.pool_idle_timeout,
             max_head_bytes=config.max_response_head,
         )
-        self.sink = _DropSink()
-        services = RelayServices(self.reactor, config, policy, pool, self.sink)
+        self.sink = sink if sink is not None else _DropSink()
+        services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets)
         resource = ProxyResource(services, {"openai": f"http://{_UPSTREAM}"})
         site = ProxyServerFactory(resource, self.reactor, coalescer=coalescer)
         peer = IPv4Address("TCP", "127.0.0.1", 50000)

@@ -13,6 +13,7 @@ import json
 import os
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,11 +22,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llmobserve import __version__
+from llmobserve._budgetcli import (
+    add_budgets_parser,
+    add_limits_parser,
+    budget_status,
+    budgets_of_collector,
+    run_budgets,
+    run_limits,
+    write_budget_lines,
+)
 from llmobserve.collector import (
     FILTERS,
     GROUPS,
     NOT_FORWARDED,
+    BudgetError,
     EventStore,
+    SQLiteBudgetBook,
     StoreError,
     TimeSpecError,
     parse_time,
@@ -380,8 +392,11 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
         raise CLIError(str(e)) from e
     finally:
         source.close()
+    budgets = _budgets_of(args)
     if args.format == "json":
         doc = {"by": by, "since": since, "until": until, "rows": rows, "refused": refused}
+        if budgets:
+            doc["budgets"] = budgets
         out.write(json.dumps(doc, indent=2) + "\n")
     elif args.format == "csv":
         write_csv(out, [*by, *_SUMS], rows)
@@ -389,6 +404,25 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
         write_table(out, by, rows)
         if any(refused.values()):
             out.write(_refused_line(refused))
+        if budgets:
+            out.write("\nbudgets (spend vs limit, current window):\n")
+            write_budget_lines(out, budgets)
+
+
+def _budgets_of(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Spend vs limit of each budget in a store file or a collector (an
+    older collector without C{/api/budgets}: none)."""
+    if args.collector:
+        try:
+            return budgets_of_collector(args.collector, _key(args), args.ca_file)
+        except BudgetError:
+            return []
+    path = Path(args.db).expanduser() if args.db else default_db_path()
+    book = SQLiteBudgetBook(path)
+    try:
+        return budget_status(book, time.time())
+    finally:
+        book.close()
 
 
 def _not_forwarded(
@@ -540,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_options(events)
     _add_window_options(events, kinds=True)
     add_keys_parser(sub, _add_source_options)
+    add_budgets_parser(sub)
+    add_limits_parser(sub)
     return parser
 
 
@@ -561,9 +597,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 lambda a: _CollectorSource(a.collector, a.ca_file, _key(a)),
                 CLIError,
             )
+        elif args.command == "budgets":
+            run_budgets(args, out)
+        elif args.command == "limits":
+            run_limits(args, out)
         else:
             _cmd_events(args, out)
-    except CLIError as e:
+    except (CLIError, BudgetError) as e:
         print(f"llmobserve: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

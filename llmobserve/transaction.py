@@ -36,6 +36,7 @@ class Outcome(StrEnum):
     PROXY_ERROR = "proxy_error"  # the proxy could not forward it (502: unresolvable, unreachable)
     REFUSED = "refused"  # the proxy refused to forward it (403 policy, 400, 413, 508)
     SHUTDOWN_ABORTED = "shutdown_aborted"  # cut at the drain deadline
+    BUDGET_REFUSED = "budget_refused"  # a budget refused it (402), nothing went upstream
 
 
 @attrs.frozen
@@ -97,6 +98,9 @@ class Transaction:
     outcome: Outcome
     error: str | None = None  # error kind (the X-LLMObserve-Error value) or reason
     project: str | None = None  # the project of the client's X-LLMObserve-Key
+    #: the call's budget reservation (C{settle(cost, outcome, status)} on the
+    #: reactor once priced; C{flags} for its event), or None
+    budget_hold: Any = None
 
 
 class ITransactionSink(Interface):

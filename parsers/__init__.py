@@ -7,6 +7,8 @@ or overrides prices (also read once from C{$LLMOBSERVE_PRICES}).
 
 from ._analyse import analyse
 from ._records import Exchange, UsageRecord, construct
+from ._worstcase import WorstCase, worst_case
+from .graphql import graphql_figures
 from .pricing import load_user_prices
 from .registry import REGISTRY, Provider, ProviderRegistry, canonical_host
 
@@ -16,8 +18,11 @@ __all__ = [
     "Provider",
     "ProviderRegistry",
     "UsageRecord",
+    "WorstCase",
     "analyse",
     "canonical_host",
     "construct",
+    "graphql_figures",
     "load_user_prices",
+    "worst_case",
 ]

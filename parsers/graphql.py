@@ -15,6 +15,7 @@ from urllib.parse import parse_qs
 
 from ._call import Call
 from ._draft import UsageDraft, as_number, get_path
+from ._records import Exchange
 from .jsonbody import BodyError, loads
 
 __all__ = ["graphql_request", "parse_graphql"]
@@ -142,3 +143,58 @@ def _response(call: Call, info: dict[str, Any], draft: UsageDraft) -> None:
         reported = as_number(get_path(body, "data", "rateLimit", "cost"))  # GitHub
     if reported is not None:
         info["reported_cost"] = reported
+
+
+def graphql_figures(
+    method: str,
+    path: str,
+    query: str,
+    content_type: str,
+    body: bytes,
+) -> dict[str, Any] | None:
+    """Depth, field count and complexity of a GraphQL request, before it is sent.
+
+    None when the request is not GraphQL; otherwise the C{graphql} map of
+    the event (C{depth}, C{field_count}, C{complexity}, ...), with
+    C{error} set when the document could not be read (too large, nested
+    too deeply, a syntax error, a persisted query with no text).
+    """
+    exchange = Exchange(
+        method=method,
+        scheme="https",
+        host="",
+        port=443,
+        path=path,
+        query=query,
+        request_headers={"content-type": content_type},
+        request_body=body,
+        request_body_truncated=False,
+        status=None,
+        response_headers={},
+        response_body=b"",
+        response_body_truncated=False,
+        started_at=0.0,
+    )
+    call = Call(exchange, None)
+    request = graphql_request(call)
+    if request is None:
+        return None
+    info: dict[str, Any] = {}
+    text = request.get("query")
+    if not isinstance(text, str):
+        return {"error": "a persisted query has no text to measure"}
+    from ._graphql_document import describe  # graphql-core: loaded on first use
+
+    draft = UsageDraft()
+    name = request.get("operationName")
+    variables = request.get("variables")
+    describe(
+        text,
+        name if isinstance(name, str) else None,
+        variables if isinstance(variables, dict) else {},
+        info,
+        draft,
+    )
+    if draft.parse_error is not None:
+        info["error"] = draft.parse_error
+    return info

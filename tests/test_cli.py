@@ -136,7 +136,7 @@ def test_report_prints_refused_calls_on_their_own_line(tmp_path: Path) -> None:
         "refused: 3 calls not forwarded (refused 2, proxy_error 1), not counted above"
     )
     code, text = run("report", "--db", str(path), "--format", "json")
-    assert json.loads(text)["refused"] == {"refused": 2, "proxy_error": 1}
+    assert json.loads(text)["refused"] == {"refused": 2, "proxy_error": 1, "budget_refused": 0}
     assert [r["calls"] for r in json.loads(text)["rows"]] == [1]
 
 

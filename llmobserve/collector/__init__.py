@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError
+from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
@@ -26,9 +29,15 @@ __all__ = [
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
+    "Budget",
+    "BudgetBook",
+    "BudgetError",
     "DashboardResource",
     "EventStore",
+    "GrantBook",
     "KeyStoreError",
+    "RateLimit",
+    "SQLiteBudgetBook",
     "StoreError",
     "StoreThread",
     "TimeSpecError",

@@ -132,6 +132,13 @@ def _refuse(
     return body
 
 
+def _budget_link_path(postpath: list[bytes], reading: bool) -> bool:
+    """C{GET /api/budgets} and C{POST /api/budgets/grants}: a proxy linked
+    to the collector reads the budgets and takes its slices of them with
+    its link key (C{ingest}), as read and admin keys may."""
+    return postpath[:1] == [b"budgets"] and (reading or postpath[1:] == [b"grants"])
+
+
 class KeyGuardedResource(Resource):
     """Serves C{inner} only to requests with a key whose scope covers them.
 
@@ -164,9 +171,12 @@ class KeyGuardedResource(Resource):
         self._admin_only = admin_only
 
     def render(self, request: Request) -> bytes | int:
-        scope = "read" if request.method in (b"GET", b"HEAD") else "admin"
+        reading = request.method in (b"GET", b"HEAD")
+        scope = "read" if reading else "admin"
         if request.postpath == [b"whoami"] and not self._admin_only:
             scope = "any"
+        elif not self._admin_only and _budget_link_path(request.postpath or [], reading):
+            scope = "link"
         elif self._admin_only or (request.postpath and request.postpath[0] in self._admin_paths):
             scope = "admin"
         key = bearer_key(request)
@@ -198,6 +208,8 @@ class KeyGuardedResource(Resource):
             request.setHeader(b"cache-control", b"no-store")
             who = {"name": verdict.name, "project": verdict.project, "scope": verdict.scope}
             return json.dumps(who).encode() + b"\n"
+        if scope == "link":  # what a proxy's link key may also do
+            scope = "ingest" if verdict.scope == "ingest" else "read"
         if not verdict.allows(scope):
             return _refuse(request, 403, "forbidden", refusal_message(verdict, scope))
         if verdict.scope != "admin" and verdict.project is not None:

@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmobserve import __version__
 
 from . import _insights
+from ._budgetapi import BudgetsResource
 from ._dashboard import DashboardResource
 from ._link import LinkRegistry
 from ._store import FILTERS, GROUPS, EventStore, StoreError
@@ -440,6 +441,7 @@ def api_branch(reader: StoreThread) -> Resource:
     api.putChild(b"summary", SummaryResource(reader))
     api.putChild(b"timeseries", TimeseriesResource(reader))
     api.putChild(b"runs", RunsResource(reader))
+    api.putChild(b"budgets", BudgetsResource(reader))
     return api
 
 

@@ -134,7 +134,7 @@ FILTERS: Final[dict[str, str]] = {
 #: Outcomes of calls the proxy answered itself, nothing forwarded: a report
 #: leaves them out of its call counts (the command line shows them on a
 #: line of their own).
-NOT_FORWARDED: Final = ("refused", "proxy_error")
+NOT_FORWARDED: Final = ("refused", "proxy_error", "budget_refused")
 
 #: Report grouping names and the SQL expression each groups on.
 GROUPS: Final[dict[str, str]] = {

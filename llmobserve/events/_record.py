@@ -228,7 +228,7 @@ def header_value(pairs: RawHeaders, name: str) -> str | None:
 
 
 #: Outcomes of a call the proxy answered itself (see docs/EVENTS.md).
-_NOT_FORWARDED: Final = frozenset({"refused", "proxy_error"})
+_NOT_FORWARDED: Final = frozenset({"refused", "proxy_error", "budget_refused"})
 
 
 def build_call_event(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -161,6 +162,9 @@ class EventPipeline(Service):
         self._pump_call: IDelayedCall | None = None
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
+        # (budget hold, cost, outcome, status) of priced calls, appended by the
+        # parse threads, settled on the reactor when their batch comes back
+        self._settlements: deque[tuple[Any, Any, str, int | None, int | None]] = deque()
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
         self.orphans = orphans
         self.adopt_interval = adopt_interval
@@ -356,6 +360,10 @@ class EventPipeline(Service):
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
             call_cost = event.get("cost_usd")
+            if txn.budget_hold is not None:
+                self._settlements.append(
+                    (txn.budget_hold, call_cost, txn.outcome, txn.status, _tokens(event))
+                )
             if type(call_cost) is float:
                 priced += 1
                 cost += call_cost
@@ -419,6 +427,7 @@ class EventPipeline(Service):
                 event_id=new_event_id(txn.started_at),
                 proxy_id=self.proxy_id,
                 parse_error=parse_error,
+                flags=budget_flags(txn),
             )
             payload = self._pack(event)
         except Exception as e:  # a record the event cannot hold: keep the exchange
@@ -460,6 +469,10 @@ class EventPipeline(Service):
     # -- back on the reactor -------------------------------------------------
 
     def _parsed_batch(self, results: list[_Parsed]) -> None:
+        settlements = self._settlements
+        while settlements:
+            hold, cost, outcome, status, tokens = settlements.popleft()
+            hold.settle(cost if type(cost) is float else None, outcome, status, tokens)
         hold_row = self.delivery.hold_row
         for seq, _payload, had_error, row in results:
             if had_error:
@@ -489,10 +502,12 @@ class EventPipeline(Service):
             event_id=new_event_id(txn.started_at),
             proxy_id=self.proxy_id,
             parse_error=parse_error,
-            flags=(flag,),
+            flags=(flag, *budget_flags(txn)),
         )
 
     def _unparsed(self, txn: Transaction, flag: str, parse_error: str | None = None) -> bytes:
+        if txn.budget_hold is not None:  # no price: the hold says what counts as spent
+            txn.budget_hold.settle(None, txn.outcome, txn.status)
         return self._pack(self._unparsed_event(txn, flag, parse_error))
 
     def _append(self, payload: bytes, low: bool = False) -> None:
@@ -766,6 +781,22 @@ class EventPipeline(Service):
         if self.outbox.waiting == 0:
             return succeed(True)
         return self._ack_waiters.wait(timeout)
+
+
+def _tokens(event: Mapping[str, Any]) -> int | None:
+    """Input + output tokens of a call event (a tokens-per-minute limit's
+    count), or None when the event has neither."""
+    usage = event.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    counts = [v for k in ("input_tokens", "output_tokens") if type(v := usage.get(k)) is int]
+    return sum(counts) if counts else None
+
+
+def budget_flags(txn: Transaction) -> tuple[str, ...]:
+    """The flags a call's budget check left for its event (none without a hold)."""
+    hold = txn.budget_hold
+    return () if hold is None else tuple(hold.flags)
 
 
 def is_low_priority(event: Mapping[str, Any]) -> bool:

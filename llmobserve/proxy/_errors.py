@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["ERROR_HEADER", "ProxyError", "error_body", "prepare_error", "write_error"]
@@ -23,13 +24,16 @@ class ProxyError(Exception):
         self.message = message
 
 
-def error_body(kind: str, message: str) -> bytes:
-    return json.dumps({"error": {"type": kind, "message": message}}).encode()
+def error_body(kind: str, message: str, extra: Mapping[str, Any] | None = None) -> bytes:
+    """The JSON body; C{extra} adds fields to its C{error} object (a 402's C{budget})."""
+    return json.dumps({"error": {"type": kind, "message": message, **(extra or {})}}).encode()
 
 
-def prepare_error(request: Any, status: int, kind: str, message: str) -> bytes:
+def prepare_error(
+    request: Any, status: int, kind: str, message: str, extra: Mapping[str, Any] | None = None
+) -> bytes:
     """Set the error contract's status and headers on C{request}; return the body."""
-    body = error_body(kind, message)
+    body = error_body(kind, message, extra)
     request.setResponseCode(status)
     headers = request.responseHeaders
     headers.setRawHeaders(b"Content-Type", [b"application/json"])
@@ -38,7 +42,9 @@ def prepare_error(request: Any, status: int, kind: str, message: str) -> bytes:
     return body
 
 
-def write_error(request: Any, status: int, kind: str, message: str) -> None:
+def write_error(
+    request: Any, status: int, kind: str, message: str, extra: Mapping[str, Any] | None = None
+) -> None:
     """Answer C{request} with the error contract and finish it."""
-    request.write(prepare_error(request, status, kind, message))
+    request.write(prepare_error(request, status, kind, message, extra))
     request.finish()

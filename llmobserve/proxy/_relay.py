@@ -24,9 +24,19 @@ from twisted.web.http import Request
 from zope.interface import implementer
 
 from llmobserve.proxy._bodytap import BodyTap
+from llmobserve.proxy._budgets import (
+    REMAINING_HEADER as _REMAINING_HEADER,
+)
+from llmobserve.proxy._budgets import (
+    BudgetHold,
+    BudgetLedger,
+    check_call,
+    remaining_value,
+)
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
+from llmobserve.proxy._gqllimits import GraphQLLimits
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
@@ -95,7 +105,18 @@ class DeadlineSweeper:
 class RelayServices:
     """What every relay of one proxy shares: config, policy, pool, sink, clock."""
 
-    __slots__ = ("clock", "config", "deadlines", "policy", "pool", "sink", "stats", "stream_usage")
+    __slots__ = (
+        "budgets",
+        "clock",
+        "config",
+        "deadlines",
+        "graphql_limits",
+        "policy",
+        "pool",
+        "sink",
+        "stats",
+        "stream_usage",
+    )
 
     def __init__(
         self,
@@ -105,7 +126,11 @@ class RelayServices:
         pool: UpstreamPool,
         sink: ITransactionSink,
         stream_usage: StreamUsagePolicy | None = None,
+        budgets: BudgetLedger | None = None,
+        graphql_limits: GraphQLLimits | None = None,
     ) -> None:
+        self.budgets = budgets  # checked before a call goes upstream when any is defined
+        self.graphql_limits = graphql_limits  # per host, checked likewise
         self.clock = clock
         #: C{--stream-usage}: which streamed requests get usage injected.
         self.stream_usage = stream_usage if stream_usage is not None else StreamUsagePolicy()
@@ -130,7 +155,9 @@ class Relay:
         "_connecting",
         "_deadline_kind",
         "_done",
+        "_gate",
         "_head",
+        "_hold",
         "_last_activity",
         "_method",
         "_paused_at",
@@ -213,6 +240,14 @@ class Relay:
             else None
         )
         self._resp_filter: UsageChunkFilter | None = None
+        budgets = services.budgets
+        gql = services.graphql_limits
+        # True until the budgets (or a GraphQL limit) have seen the whole
+        # request: nothing connects before
+        self._gate = (budgets is not None and budgets.active) or (
+            gql is not None and gql.for_target(target.host, target.port) is not None
+        )
+        self._hold: BudgetHold | None = None
         services.stats["in_flight"] += 1
         services.stats["requests_total"] += 1
 
@@ -268,7 +303,85 @@ class Relay:
         usage = self._usage
         if usage is not None and usage.holding:
             return  # connects once the body is read (see _release_held_body)
+        if self._gate:
+            self._check_budgets()
+            return
         self._connect()
+
+    def _check_budgets(self) -> None:
+        """Once the target is checked and the body is in (or too big to
+        hold): reserve the call's worst case, or refuse it with a 402."""
+        if self._resolved is None or self._done:
+            return
+        if not self._body_done and self._pending_size <= self._gate_buffer():
+            return
+        whole = self._body_done and not self._req_tap.truncated
+        self._gate = False
+        body = self._req_tap.value() if whole else None
+        if self._graphql_refused(body):
+            return
+        ledger = self._s.budgets
+        if ledger is None or not ledger.active:
+            self._connect()
+            return
+        length = self._head.content_length
+        verdict = check_call(
+            ledger,
+            provider_hint=self._provider_hint,
+            host=self._target.host,
+            path=self._target.path,
+            context=self._head.context(),
+            body=body,
+            body_bytes=length if length is not None else self._body_bytes,
+        )
+        if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
+            if verdict.retry_after is not None:
+                self._request.responseHeaders.setRawHeaders(
+                    b"Retry-After", [b"%d" % verdict.retry_after]
+                )
+            self._fail_before_response(
+                verdict.status,
+                verdict.kind,
+                verdict.message(),
+                Outcome.BUDGET_REFUSED,
+                extra={verdict.detail_key: verdict.detail()},
+            )
+            return
+        self._hold = verdict
+        self._connect()
+
+    def _graphql_refused(self, body: bytes | None) -> bool:
+        """Refuse (400 graphql_limit) a GraphQL query over its host's limit."""
+        limits = self._s.graphql_limits
+        if limits is None:
+            return False
+        t = self._target
+        limit = limits.for_target(t.host, t.port)
+        if limit is None:
+            return False
+        ctype = next(
+            (v for n, v in self._head.forward if n.lower() == b"content-type"), b""
+        ).decode("latin-1")
+        found = limits.refusal(
+            limit,
+            method=self._method.decode("latin-1"),
+            path=t.path,
+            query=t.query,
+            content_type=ctype,
+            body=body,
+        )
+        if found is None:
+            return False
+        message, figures = found
+        self._fail_before_response(
+            400, "graphql_limit", message, Outcome.REFUSED, extra={"graphql": figures}
+        )
+        return True
+
+    def _gate_buffer(self) -> int:
+        """Request bytes held while the budgets wait for the whole body."""
+        cfg = self._s.config
+        return max(cfg.client_buffer, cfg.request_tap)
 
     def _connect(self, *, fresh: bool = False) -> None:
         resolved = self._resolved
@@ -387,6 +500,11 @@ class Relay:
         assert self._pending is not None
         self._pending.append(data)
         self._pending_size += len(data)
+        if self._gate:
+            if self._pending_size > self._gate_buffer():
+                self._pause_client("connect")
+                self._check_budgets()  # too big to hold whole: no bound from the body
+            return
         if self._pending_size > self._s.config.client_buffer:
             self._pause_client("connect")
 
@@ -397,6 +515,9 @@ class Relay:
         if usage is not None and usage.holding:
             self._release_held_body(usage.finish())
         self._body_done = True
+        if self._gate:
+            self._check_budgets()
+            return
         conn = self._conn
         if conn is not None:
             self._send_body_end(conn)
@@ -407,7 +528,10 @@ class Relay:
         if body:
             self._forward_body_chunk(body)
         if self._resolved is not None and self._conn is None and self._connecting is None:
-            self._connect()
+            if self._gate:  # the budgets see the whole body first
+                self._check_budgets()
+            else:
+                self._connect()
 
     def _send_chunk(self, conn: UpstreamConnection, data: bytes) -> None:
         if self._head.chunked:
@@ -463,6 +587,9 @@ class Relay:
             self._method == b"HEAD" or status not in _NO_BODY_STATUS
         ):
             out.addRawHeader(b"Content-Length", content_length)
+        hold = self._hold
+        if hold is not None and hold.remaining is not None:
+            out.addRawHeader(_REMAINING_HEADER, remaining_value(hold.remaining))
         request.registerProducer(self, True)
         self._arm("idle", self._s.config.idle_timeout)
 
@@ -667,16 +794,23 @@ class Relay:
 
     # Endings
 
-    def _fail_before_response(self, status: int, kind: str, message: str, outcome: Outcome) -> None:
+    def _fail_before_response(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        outcome: Outcome,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Answer with the proxy's own error; the client may still be sending."""
         self._abort_upstream()
         request = self._request
         self._status = status
         if not request.finished and not client_gone(request):
             if self._body_done:
-                write_error(request, status, kind, message)
+                write_error(request, status, kind, message, extra)
             else:
-                write_error_early(request, status, kind, message, self._s.clock)
+                write_error_early(request, status, kind, message, self._s.clock, extra)
         self._end(outcome, kind)
 
     def _client_too_slow(self) -> None:
@@ -740,6 +874,7 @@ class Relay:
             overhead=max(overhead, 0.0),
             outcome=outcome,
             error=error,
+            budget_hold=self._hold,
         )
         try:
             s.sink.transaction_finished(txn)
@@ -783,20 +918,29 @@ def _refusal_outcome(status: int) -> Outcome:
     return Outcome.REFUSED if status < 500 else Outcome.PROXY_ERROR
 
 
-def write_error_early(request: Request, status: int, kind: str, message: str, clock: Any) -> None:
+def write_error_early(
+    request: Request,
+    status: int,
+    kind: str,
+    message: str,
+    clock: Any,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """An error while the request body may still be arriving: answer, then close.
 
     Deferred to the next reactor turn so that nothing is written while
     twisted.web is still inside its header handling (it may yet send
     C{100 Continue}).
     """
-    clock.callLater(0, _answer_and_close, request, status, kind, message)
+    clock.callLater(0, _answer_and_close, request, status, kind, message, extra)
 
 
-def _answer_and_close(request: Request, status: int, kind: str, message: str) -> None:
+def _answer_and_close(
+    request: Request, status: int, kind: str, message: str, extra: dict[str, Any] | None
+) -> None:
     if request.finished or client_gone(request):
         return
-    body = prepare_error(request, status, kind, message)
+    body = prepare_error(request, status, kind, message, extra)
     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
     request.write(body)
     finish_early(request)

@@ -29,6 +29,7 @@ from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
+from llmobserve.proxy._gqllimits import GraphQLLimit, GraphQLLimits
 from llmobserve.proxy._keygate import ClientKeyGate, collector_lookup, store_lookup
 from llmobserve.proxy._logsink import LoggingSink
 from llmobserve.proxy._policy import (
@@ -163,6 +164,12 @@ class Options(usage.Options):
     ]
     optFlags: list[Any] = [
         [
+            "shared-budgets",
+            None,
+            "Other proxies enforce the budgets of this store file too: spend only the "
+            "slices the store grants (on by itself with --workers).",
+        ],
+        [
             "known-hosts-only",
             None,
             "Forward only to registry hosts, --allow-host and --provider-host "
@@ -204,6 +211,8 @@ class Options(usage.Options):
         self["dns-server"] = []
         self["public-name"] = []
         self["stream-usage"] = {}
+        self["graphql-max-depth"] = {}
+        self["graphql-max-complexity"] = {}
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -261,6 +270,18 @@ class Options(usage.Options):
                 f"--stream-usage {provider}: {mode!r} is not inject|estimate|off"
             )
         self["stream-usage"][provider] = mode
+
+    def opt_graphql_max_depth(self, spec: str) -> None:
+        """HOST[:PORT]=N: refuse (400) GraphQL queries to HOST nested deeper
+        than N fields, before they go upstream. Repeatable."""
+        host, value = _pair(spec, "--graphql-max-depth")
+        self["graphql-max-depth"][host.lower()] = _count(value, "--graphql-max-depth")
+
+    def opt_graphql_max_complexity(self, spec: str) -> None:
+        """HOST[:PORT]=N: refuse (400) GraphQL queries to HOST whose complexity
+        (fields times page sizes) is over N, before they go upstream. Repeatable."""
+        host, value = _pair(spec, "--graphql-max-complexity")
+        self["graphql-max-complexity"][host.lower()] = _count(value, "--graphql-max-complexity")
 
     def opt_base_url(self, spec: str) -> None:
         """PROVIDER=URL: base-URL mode /PROVIDER/... goes to URL. Repeatable."""
@@ -558,7 +579,15 @@ def build_proxy(
         tls_creator=lambda hostname: tls_creator(hostname, trust),
     )
     stream_usage = StreamUsagePolicy(options["stream-usage"], options["provider-host"])
-    services = RelayServices(reactor, config, policy, pool, sink, stream_usage)
+    services = RelayServices(
+        reactor,
+        config,
+        policy,
+        pool,
+        sink,
+        stream_usage,
+        graphql_limits=_graphql_limits(options),
+    )
     base_urls = _base_urls(options["base-url"])
     resource = ProxyResource(
         services,
@@ -577,6 +606,25 @@ def build_proxy(
         body_timeout=options["request-body-timeout"],
     )
     return site, services, policy
+
+
+def _count(value: str, flag: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise usage.UsageError(f"{flag}: {value!r} is not a whole number") from None
+    if n < 0:
+        raise usage.UsageError(f"{flag}: must not be negative")
+    return n
+
+
+def _graphql_limits(options: Options) -> GraphQLLimits | None:
+    depth: dict[str, int] = options["graphql-max-depth"]
+    complexity: dict[str, int] = options["graphql-max-complexity"]
+    hosts = set(depth) | set(complexity)
+    if not hosts:
+        return None
+    return GraphQLLimits({h: GraphQLLimit(depth.get(h), complexity.get(h)) for h in hosts})
 
 
 def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
@@ -618,6 +666,45 @@ def _stop_child(_: object, child: IService) -> Any:
     return child.stopService()
 
 
+def _budget_poller(
+    reactor: Any, sink: ITransactionSink, services: RelayServices, options: Options
+) -> IService | None:
+    """Budgets from the embedded store: loaded now (a restart never resets
+    one), then polled every second; with a collector, from its
+    /api/budgets. With a collector, --workers or --shared-budgets each
+    process spends the slices the store (or collector) grants it."""
+    from llmobserve.proxy._budgetpoll import BudgetPoller
+    from llmobserve.proxy._budgets import BudgetLedger
+
+    store_path: str | None = sink.store_path
+    collector: str | None = options["collector"] if store_path is None else None
+    if store_path is None and not collector:
+        return None
+    shared = bool(
+        collector or options["shared-budgets"] or options["workers"] > 1 or options["worker-of"]
+    )
+    ledger = BudgetLedger(reactor.seconds, shared=shared)
+    if collector and "://" not in collector:
+        collector = "http://" + collector
+    poller = BudgetPoller(
+        reactor,
+        ledger,
+        store_path,
+        collector_url=collector,
+        collector_key=options["collector-key"],
+        ca_file=options["collector-ca-file"],
+    )
+    poller.load_now()
+    services.budgets = ledger
+    if shared:
+        _log.info(
+            "budgets shared with other processes on {store}: this one spends the slices"
+            " it is granted",
+            store=collector or store_path,
+        )
+    return poller
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -637,6 +724,7 @@ def makeService(options: Options) -> IService:
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
+    budgets = _budget_poller(reactor, sink, services, options)
     workers = (
         WorkerProcesses(reactor, options["workers"], sys.argv) if options["workers"] > 1 else None
     )
@@ -661,5 +749,7 @@ def makeService(options: Options) -> IService:
         gate_service.setServiceParent(top)
     if api is not None:
         api.setServiceParent(top)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+    if budgets is not None:
+        budgets.setServiceParent(top)
     proxy.setServiceParent(top)  # type: ignore[no-untyped-call]  # Service is unannotated
     return top

@@ -89,4 +89,4 @@ def test_refusals_have_their_own_outcome_and_report_line(
     )
     doc = json.loads(_report(db, "--format", "json"))
     assert [r["calls"] for r in doc["rows"]] == [1]
-    assert doc["refused"] == {"refused": 1, "proxy_error": 1}
+    assert doc["refused"] == {"refused": 1, "proxy_error": 1, "budget_refused": 0}

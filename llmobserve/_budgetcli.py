@@ -1,0 +1,282 @@
+"""C{llmobserve budgets set|list|delete}, and the budgets lines of C{report}.
+
+Budgets live in the store file (C{--db}); the proxy reads them from there
+(see C{docs/BUDGETS.md}). Importing this module does not import Twisted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, TextIO
+
+from llmobserve.collector import Budget, BudgetError, RateLimit, SQLiteBudgetBook
+from llmobserve.money import usd_fixed
+from llmobserve.paths import default_db_path
+
+__all__ = [
+    "add_budgets_parser",
+    "add_limits_parser",
+    "budget_status",
+    "budgets_of_collector",
+    "run_budgets",
+    "run_limits",
+    "write_budget_lines",
+]
+
+
+def add_budgets_parser(sub: Any) -> None:
+    """Add the C{budgets} subcommand and its C{set}, C{list}, C{delete}."""
+    p = sub.add_parser(
+        "budgets",
+        help="define, list and delete spending budgets the proxy enforces",
+        description=(
+            "Budgets are kept in the store file; a running proxy on that file applies a "
+            "change within 2 s. A 'block' budget makes the proxy answer 402 to a call "
+            "whose worst-case cost could take its spend past the limit."
+        ),
+    )
+    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
+    p.add_argument(
+        "--key",
+        metavar="KEY",
+        help="an admin key (set, delete) or any key (list) for a collector that requires"
+        " keys (default $LLMOBSERVE_API_KEY)",
+    )
+    p.add_argument("--ca-file", metavar="PEM", help="extra CAs to trust for an https collector")
+    bsub = p.add_subparsers(dest="budgets_command", metavar="ACTION", required=True)
+    s = bsub.add_parser("set", help="create or replace a budget")
+    s.add_argument("--name", required=True)
+    s.add_argument("--limit-usd", required=True, type=float, metavar="AMOUNT")
+    s.add_argument("--window", required=True, choices=("hour", "day", "month", "total"))
+    s.add_argument("--tz", default="UTC", metavar="ZONE", help="IANA zone of the window (UTC)")
+    s.add_argument("--action", choices=("block", "warn"), default="block", help="default: block")
+    s.add_argument(
+        "--unpriced",
+        choices=("allow", "block"),
+        default="allow",
+        help="a call with no known price: allow it, flagged (default), or block it",
+    )
+    s.add_argument(
+        "--fail",
+        choices=("closed", "open"),
+        default="closed",
+        help="while a proxy cannot reach its collector: refuse once its slice is spent "
+        "(closed, default) or let calls through, flagged (open)",
+    )
+    for name in ("customer", "tenant", "section", "provider", "model"):
+        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    s.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+    lst = bsub.add_parser("list", help="every budget with its spend in the current window")
+    lst.add_argument("--format", choices=("table", "json"), default="table")
+    lst.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    lst.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+    d = bsub.add_parser("delete", help="remove a budget")
+    d.add_argument("name")
+    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    d.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+
+
+class _HTTPBook:
+    """The budgets of a collector, through C{/api/budgets}."""
+
+    def __init__(self, url: str, key: str | None = None, ca_file: str | None = None) -> None:
+        base = url if "://" in url else "http://" + url
+        self._url = base.rstrip("/") + "/api/budgets"
+        self._key = key if key is not None else os.environ.get("LLMOBSERVE_API_KEY") or None
+        self._tls = ssl.create_default_context()
+        if ca_file is not None:  # a private CA, added to the system's
+            self._tls.load_verify_locations(cafile=ca_file)
+
+    def _call(self, method: str, path: str = "", body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self._url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self._key:
+            req.add_header("Authorization", f"Bearer {self._key}")
+        try:
+            with urllib.request.urlopen(req, timeout=30, context=self._tls) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except Exception:
+                message = str(e)
+            raise BudgetError(f"{self._url}: {message}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise BudgetError(f"cannot use {self._url}: {e}") from None
+
+    def set(self, budget: Budget) -> None:
+        self._call("POST", body=budget.as_dict())
+
+    def delete(self, name: str) -> bool:
+        self._call("DELETE", "/" + urllib.parse.quote(name, safe=""))
+        return True
+
+    def status(self, now: float) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET")["budgets"]
+        return rows
+
+    def close(self) -> None:
+        pass
+
+
+def add_limits_parser(sub: Any) -> None:
+    """Add the C{limits} subcommand (calls or tokens per minute)."""
+    p = sub.add_parser(
+        "limits",
+        help="define, list and delete calls-per-minute and tokens-per-minute limits",
+        description=(
+            "Rate limits are kept in the store file beside budgets; a running proxy on that "
+            "file applies a change within 2 s and answers 429 (with Retry-After) to a call "
+            "past one."
+        ),
+    )
+    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
+    s = lsub.add_parser("set", help="create or replace a limit")
+    s.add_argument("--name", required=True)
+    per = s.add_mutually_exclusive_group(required=True)
+    per.add_argument("--calls-per-minute", type=int, metavar="N")
+    per.add_argument("--tokens-per-minute", type=int, metavar="N")
+    for name in ("customer", "tenant", "section", "provider", "model"):
+        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    for q in (s, lsub.add_parser("list", help="every limit")):
+        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    d = lsub.add_parser("delete", help="remove a limit")
+    d.add_argument("name")
+    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+
+
+def run_limits(args: argparse.Namespace, out: TextIO) -> None:
+    """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
+    db = getattr(args, "db_sub", None) or args.db
+    book = SQLiteBudgetBook(Path(db).expanduser() if db else default_db_path())
+    try:
+        if args.limits_command == "set":
+            calls = args.calls_per_minute
+            limit = RateLimit(
+                name=args.name,
+                per_minute=calls if calls is not None else args.tokens_per_minute,
+                unit="calls" if calls is not None else "tokens",
+                customer=args.customer,
+                tenant=args.tenant,
+                section=args.section,
+                provider=args.provider,
+                model=args.model,
+            )
+            book.limits.set(limit)
+            out.write(f"limit {limit.name} set: {_describe_limit(limit)}\n")
+        elif args.limits_command == "delete":
+            if not book.limits.delete(args.name):
+                raise BudgetError(f"no limit named {args.name!r}")
+            out.write(f"limit {args.name} deleted\n")
+        else:
+            limits = book.limits.list()
+            if not limits:
+                out.write("no limits defined\n")
+            for limit in limits:
+                out.write(f"{limit.name}: {_describe_limit(limit)}\n")
+    finally:
+        book.close()
+
+
+def _describe_limit(limit: RateLimit) -> str:
+    scope = ", ".join(f"{k}={v}" for k, v in limit.scope().items()) or "every call"
+    return f"{limit.per_minute} {limit.unit} per minute, {scope}"
+
+
+def _book(args: argparse.Namespace) -> SQLiteBudgetBook | _HTTPBook:
+    db = getattr(args, "db_sub", None) or args.db
+    collector = getattr(args, "collector_sub", None) or args.collector
+    if collector:
+        if db:
+            raise BudgetError("give --db or --collector, not both")
+        return _HTTPBook(collector, getattr(args, "key", None), getattr(args, "ca_file", None))
+    path = Path(db).expanduser() if db else default_db_path()
+    return SQLiteBudgetBook(path)
+
+
+def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
+    """Run C{budgets ACTION}; a L{BudgetError} is the caller's to print."""
+    book = _book(args)
+    try:
+        if args.budgets_command == "set":
+            budget = Budget(
+                name=args.name,
+                limit_usd=args.limit_usd,
+                window=args.window,
+                tz=args.tz,
+                action=args.action,
+                unpriced=args.unpriced,
+                fail=args.fail,
+                customer=args.customer,
+                tenant=args.tenant,
+                section=args.section,
+                provider=args.provider,
+                model=args.model,
+            )
+            book.set(budget)
+            out.write(f"budget {budget.name} set: {describe(budget)}\n")
+        elif args.budgets_command == "delete":
+            if not book.delete(args.name):
+                raise BudgetError(f"no budget named {args.name!r}")
+            out.write(f"budget {args.name} deleted\n")
+        else:
+            rows = book.status(time.time())
+            if args.format == "json":
+                out.write(json.dumps({"budgets": rows}, indent=2) + "\n")
+            elif not rows:
+                out.write("no budgets defined\n")
+            else:
+                write_budget_lines(out, rows)
+    finally:
+        book.close()
+
+
+def budgets_of_collector(
+    url: str, key: str | None = None, ca_file: str | None = None
+) -> list[dict[str, Any]]:
+    """Spend vs limit of each budget a collector keeps (C{GET /api/budgets})."""
+    return _HTTPBook(url, key, ca_file).status(time.time())
+
+
+def describe(budget: Budget) -> str:
+    """One line: limit, window, scope and action."""
+    scope = ", ".join(f"{k}={v}" for k, v in budget.scope().items()) or "every call"
+    tz = f" ({budget.tz})" if budget.window in ("hour", "day", "month") else ""
+    fail = ", fail open" if budget.fail == "open" else ""
+    return (
+        f"${usd_fixed(budget.limit_usd)} per {budget.window}{tz}, {scope}, "
+        f"action {budget.action}, unpriced calls {budget.unpriced}{fail}"
+    )
+
+
+def budget_status(book: SQLiteBudgetBook, now: float) -> list[dict[str, Any]]:
+    """Each budget's definition with its spend and what is left in its window."""
+    return book.status(now)
+
+
+def write_budget_lines(out: TextIO, rows: list[dict[str, Any]]) -> None:
+    """One line per budget: spend vs limit."""
+    for r in rows:
+        budget = Budget.from_dict({k: v for k, v in r.items() if k in _FIELDS})
+        pct = 100.0 * r["spend_usd"] / budget.limit_usd if budget.limit_usd else 100.0
+        out.write(
+            f"{budget.name}: ${usd_fixed(round(r['spend_usd'], 8))} of "
+            f"${usd_fixed(budget.limit_usd)} ({pct:.0f}%) this {budget.window}; "
+            f"{describe(budget)}\n"
+        )
+
+
+_FIELDS = frozenset(Budget.__dataclass_fields__)

@@ -1,0 +1,182 @@
+"""C{/api/budgets}: list, set and delete budgets over HTTP.
+
+ - C{GET /api/budgets}: C{{"budgets": [...]}}, each budget's definition with
+   C{spend_usd}, C{remaining_usd} and C{window_start} (as C{llmobserve
+   budgets list --format json}).
+ - C{POST /api/budgets} with a budget's JSON (C{name}, C{limit_usd},
+   C{window}, C{tz}, C{action}, C{unpriced}, scope fields): create or
+   replace it; C{200 {"budget": {...}}}, or 400 with the reason.
+ - C{DELETE /api/budgets/NAME}: 200, or 404 when there is none.
+ - C{POST /api/budgets/grants}: what proxies that send their events here
+   use to share the budgets (L{GrantBook}: each spends only its slices).
+
+Each request runs in the store's reader thread, with a budget book on the
+store file (the C{budgets} table; see C{docs/BUDGETS.md}).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+from functools import partial
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from llmobserve.collector._budgets import Budget, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._grants import GrantBook
+from llmobserve.collector._store import EventStore
+from llmobserve.collector._thread import StoreThread
+
+__all__ = ["BudgetsResource"]
+
+_log = Logger()
+_MAX_BODY = 64 * 1024
+
+
+def _json(request: Request, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(request: Request, status: int, kind: str, message: str) -> bytes:
+    return _json(request, status, {"error": {"type": kind, "message": message}})
+
+
+class _NotFound(Exception):
+    pass
+
+
+class BudgetsResource(Resource):
+    """C{/api/budgets} and C{/api/budgets/NAME}."""
+
+    isLeaf = True
+
+    def __init__(self, reader: StoreThread) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        self._reader = reader
+
+    def _run(self, request: Request, job: Any) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def in_thread(store: EventStore) -> Any:
+            book = SQLiteBudgetBook(store.path)
+            try:
+                return job(book)
+            finally:
+                book.close()
+
+        d: Deferred[Any] = self._reader.submit(in_thread)
+        d.addCallback(lambda body: None if gone else self._send(request, _json(request, 200, body)))
+        d.addErrback(self._failed, request, gone)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _send(request: Request, body: bytes) -> None:
+        request.write(body)
+        request.finish()
+
+    def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
+        if gone:
+            return
+        if failure.check(_NotFound):
+            body = _error(request, 404, "not_found", str(failure.value))
+        else:
+            _log.failure("budgets request failed", failure)
+            body = _error(request, 500, "internal", "the budgets request failed; see the log")
+        self._send(request, body)
+
+    def _name(self, request: Request) -> str | None:
+        if not request.postpath or request.postpath == [b""]:
+            return None
+        return urllib.parse.unquote(b"/".join(request.postpath).decode("utf-8", "replace"))
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if self._name(request) is not None:
+            return _error(request, 404, "not_found", "GET /api/budgets lists them all")
+        return self._run(request, lambda book: {"budgets": book.status(time.time())})
+
+    def render_POST(self, request: Request) -> bytes | int:
+        name = self._name(request)
+        if name == "grants":
+            return self._grants(request)
+        if name is not None:
+            return _error(request, 404, "not_found", "POST a budget to /api/budgets")
+        raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > _MAX_BODY:
+            return _error(request, 413, "body_too_large", "a budget is a small JSON object")
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise BudgetError("expected a JSON object")
+            budget = Budget.from_dict(data)
+        except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
+            return _error(request, 400, "bad_request", f"bad budget: {e}")
+
+        def job(book: SQLiteBudgetBook) -> Any:
+            book.set(budget)
+            return {"budget": budget.as_dict()}
+
+        return self._run(request, job)
+
+    def _grants(self, request: Request) -> bytes | int:
+        """C{POST /api/budgets/grants}: a proxy reports its spend per shared
+        budget and takes its slices (L{GrantBook}); C{{"grants": {name:
+        [window_start, granted]}}} in nano-USD."""
+        raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
+        try:
+            doc = json.loads(raw)
+            holder = doc["holder"]
+            reports = [
+                (str(r["budget"]), float(r["window"]), int(r["spent"]), int(r["busy"]))
+                for r in doc["reports"]
+            ]
+            if not isinstance(holder, str) or not 0 < len(holder) <= 64:
+                raise ValueError("holder must be a short string")
+        except (ValueError, KeyError, TypeError) as e:
+            return _error(request, 400, "bad_request", f"bad grant request: {e}")
+
+        def job(book: SQLiteBudgetBook) -> Any:
+            now = time.time()
+            budgets = {b.name: b for b in book.list()}
+            grants = GrantBook(book.connection)
+            out = {}
+            for name, window, spent, busy in reports:
+                budget = budgets.get(name)
+                if budget is None or budget.action != "block":
+                    continue
+                if window != budget.window_start(now):
+                    continue  # a window that is over (or not begun): nothing to grant
+                got = grants.exchange(
+                    budget,
+                    window,
+                    holder,
+                    spent=spent,
+                    busy=busy,
+                    now=now,
+                    recorded=partial(book.spend, budget, now),
+                )
+                out[name] = [window, got]
+            return {"grants": out}
+
+        return self._run(request, job)
+
+    def render_DELETE(self, request: Request) -> bytes | int:
+        name = self._name(request)
+        if name is None:
+            return _error(request, 400, "bad_request", "DELETE /api/budgets/NAME")
+
+        def job(book: SQLiteBudgetBook) -> Any:
+            if not book.delete(name):
+                raise _NotFound(f"no budget named {name!r}")
+            return {"deleted": name}
+
+        return self._run(request, job)

@@ -1,0 +1,131 @@
+"""Slices of a budget granted to each proxy process that shares one store.
+
+Several processes enforcing the same budget (C{--workers}, or proxies on
+one store file with C{--shared-budgets}) each spend only what the store
+granted them: a C{budget_grants} row per budget, window and holder (one
+process) records what it was granted and what it reported spent. Grants
+are handed out in one C{BEGIN IMMEDIATE} transaction, so the sum of all
+grants of a window never passes the limit, and no process spends past its
+grant: together they never pass the limit. The spend recorded before the
+first grant of a window is a row of its own (C{_recorded}).
+
+A holder that has not reported for C{dead_after} seconds is taken for
+gone: its grant shrinks to what it reported spent, and the rest goes back
+to the others (what it spent after its last report, at most the worst
+cases it had in flight then, is the bound on overshoot; see
+C{docs/BUDGETS.md}).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Callable
+from typing import Final
+
+from llmobserve.collector._budgets import Budget
+
+__all__ = ["NANO", "GrantBook"]
+
+#: amounts in grants are whole nano-dollars, as in the proxy's ledger
+NANO: Final = 1_000_000_000
+_RECORDED: Final = "_recorded"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS budget_grants (
+    budget TEXT NOT NULL,
+    window TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    granted INTEGER NOT NULL,
+    spent INTEGER NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (budget, window, holder)
+)
+"""
+
+
+class GrantBook:
+    """The C{budget_grants} table of a store file (one thread at a time)."""
+
+    def __init__(self, db: sqlite3.Connection, *, dead_after: float = 30.0) -> None:
+        self._db = db
+        self._dead_after = dead_after
+        db.execute(_SCHEMA)
+
+    def exchange(
+        self,
+        budget: Budget,
+        window_start: float,
+        holder: str,
+        *,
+        spent: int,
+        busy: int,
+        now: float,
+        recorded: Callable[[], float],
+    ) -> int:
+        """Report this holder's C{spent} (and C{busy}: spent + in flight),
+        take back grants of holders gone quiet, and top this holder's grant
+        up to a slice of free room. Returns its grant (nano-USD).
+
+        @param recorded: the store's spend in the window in USD, read only
+            for the window's first grant.
+        """
+        db = self._db
+        key = repr(window_start)
+        limit = math.floor(budget.limit_usd * NANO + 1e-6)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                "SELECT holder, granted, spent, seen FROM budget_grants"
+                " WHERE budget = ? AND window = ?",
+                (budget.name, key),
+            ).fetchall()
+            if not rows:
+                before = round(recorded() * NANO)
+                db.execute(
+                    "INSERT INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)",
+                    (budget.name, key, _RECORDED, before, before, math.inf),
+                )
+                rows = [(_RECORDED, before, before, math.inf)]
+            others = 0
+            alive = 1
+            mine = 0
+            for who, granted, was_spent, seen in rows:
+                if who == holder:
+                    mine = granted
+                    continue
+                if who != _RECORDED and seen < now - self._dead_after:
+                    if granted > was_spent:
+                        db.execute(
+                            "UPDATE budget_grants SET granted = spent"
+                            " WHERE budget = ? AND window = ? AND holder = ?",
+                            (budget.name, key, who),
+                        )
+                    granted = was_spent
+                elif who != _RECORDED:
+                    alive += 1
+                others += granted
+            # spend past the grant (a fail-open budget during an outage) is
+            # spend all the same: the grant grows to cover it
+            mine = max(mine, spent)
+            share = max(limit // (4 * alive), 1)
+            free = mine - busy
+            if free < share:
+                mine += max(0, min(share - free, limit - others - mine))
+            db.execute(
+                "INSERT OR REPLACE INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)",
+                (budget.name, key, holder, mine, spent, now),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(mine)
+
+    def release(self, budget: Budget, window_start: float, holder: str, busy: int) -> None:
+        """Give back what this holder was granted beyond C{busy} (stopping)."""
+        self._db.execute(
+            "UPDATE budget_grants SET granted = MIN(granted, ?), spent = MIN(granted, ?)"
+            " WHERE budget = ? AND window = ? AND holder = ?",
+            (busy, busy, budget.name, repr(window_start), holder),
+        )

@@ -1,0 +1,142 @@
+"""Rate limits: calls or tokens per minute, for the same scopes as budgets.
+
+A L{RateLimit} caps the calls (or the input + output tokens) of its scope
+in each UTC minute. They are kept in a C{rate_limits} table of the store
+file by L{SQLiteBudgetBook}'s sibling methods here, and enforced by the
+proxy with the budgets' reserve-and-settle ledger (see C{docs/BUDGETS.md}).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Final
+
+from llmobserve.collector._budgets import SCOPE_FIELDS, BudgetError, model_matches
+
+__all__ = ["UNITS", "RateLimit", "RateLimitBook"]
+
+UNITS: Final = ("calls", "tokens")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name TEXT PRIMARY KEY NOT NULL,
+    definition TEXT NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most C{per_minute} calls or tokens (C{unit}) of a scope per UTC minute."""
+
+    name: str
+    per_minute: int
+    unit: str = "calls"
+    customer: str | None = None
+    tenant: str | None = None
+    section: str | None = None
+    provider: str | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 200:
+            raise BudgetError("a limit needs a name (at most 200 characters)")
+        if isinstance(self.per_minute, bool) or not isinstance(self.per_minute, int):
+            raise BudgetError("per_minute must be a whole number")
+        if self.per_minute < 0:
+            raise BudgetError("per_minute must not be negative")
+        if self.unit not in UNITS:
+            raise BudgetError(f"unit must be one of {', '.join(UNITS)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RateLimit:
+        """A limit from its JSON form (unknown keys are an error)."""
+        extra = set(data) - {f.name for f in fields(cls)}
+        if extra:
+            raise BudgetError(f"unknown limit fields: {', '.join(sorted(extra))}")
+        try:
+            return cls(**dict(data))
+        except TypeError as e:
+            raise BudgetError(str(e)) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (scope fields left out when unset)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def scope(self) -> dict[str, str]:
+        """The scope fields that are set."""
+        return {k: v for k in SCOPE_FIELDS if (v := getattr(self, k)) is not None}
+
+    def counts_same(self, other: object) -> bool:
+        """Does C{other} count the same thing of the same calls?"""
+        return isinstance(other, RateLimit) and (self.unit, self.scope()) == (
+            other.unit,
+            other.scope(),
+        )
+
+    def window_start(self, now: float) -> float:
+        """The UTC minute holding C{now}."""
+        return math.floor(now / 60.0) * 60.0
+
+    def window_end(self, now: float) -> float:
+        """The end of the UTC minute holding C{now}."""
+        return self.window_start(now) + 60.0
+
+    def matches(
+        self,
+        provider: str | None,
+        model: str | None,
+        customer: str | None,
+        tenant: str | None,
+        section_path: str | None,
+    ) -> bool:
+        """Does a call with these labels count against this limit?"""
+        if self.provider is not None and provider != self.provider:
+            return False
+        if self.model is not None and not model_matches(self.model, model):
+            return False
+        if self.customer is not None and customer != self.customer:
+            return False
+        if self.tenant is not None and tenant != self.tenant:
+            return False
+        if self.section is not None:
+            if section_path is None:
+                return False
+            prefix = self.section.rstrip("/")
+            return section_path == prefix or section_path.startswith(prefix + "/")
+        return True
+
+
+class RateLimitBook:
+    """Rate limits in the store file's C{rate_limits} table."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._db.execute(_SCHEMA)
+
+    def set(self, limit: RateLimit) -> None:
+        """Create or replace the limit of that name."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO rate_limits (name, definition, updated_at) VALUES (?, ?, ?)",
+            (limit.name, json.dumps(limit.as_dict(), sort_keys=True), time.time()),
+        )
+
+    def list(self) -> list[RateLimit]:
+        """Every limit, by name (a row that no longer parses is skipped)."""
+        out = []
+        for (text,) in self._db.execute("SELECT definition FROM rate_limits ORDER BY name"):
+            try:
+                out.append(RateLimit.from_dict(json.loads(text)))
+            except (BudgetError, ValueError):
+                continue
+        return out
+
+    def delete(self, name: str) -> bool:
+        """Remove a limit; False when there was none of that name."""
+        return self._db.execute("DELETE FROM rate_limits WHERE name = ?", (name,)).rowcount > 0

@@ -1,0 +1,257 @@
+"""L{BudgetPoller}: the budgets, rate limits and grants a proxy's ledger runs on.
+
+At start-up (synchronously: a restart never resets a budget) and then every
+second in a thread of its own, it reads the definitions and the spend so far
+from the store file, or from the collector's C{/api/budgets}, into the
+L{BudgetLedger}; for shared budgets it also reports this process's spend
+and takes its grant (C{budget_grants}: L{GrantBook} on a store file, C{POST
+/api/budgets/grants} on a collector).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.request
+import uuid
+from functools import partial
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from llmobserve.collector import Budget, GrantBook, RateLimit, SQLiteBudgetBook
+from llmobserve.proxy._budgets import BudgetLedger
+
+__all__ = ["BudgetPoller"]
+
+_log = Logger()
+
+_Read = tuple[
+    tuple[Budget, ...],
+    dict[str, float],
+    tuple[RateLimit, ...],
+    dict[str, int],
+    dict[str, tuple[float, int]],
+]
+
+
+class BudgetPoller(Service):
+    """Loads the budgets and their spend from the store at start-up, then
+    every C{interval} seconds (in a thread of its own), into the ledger.
+
+    With a shared ledger (C{ledger.shared}), each read also reports this
+    process's spend to the store's C{budget_grants} and takes its grant
+    (L{GrantBook}); the ledger asks for a read at once when a grant runs
+    low (C{ledger.on_low}).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        ledger: BudgetLedger,
+        store_path: str | None,
+        *,
+        collector_url: str | None = None,
+        collector_key: str | None = None,
+        ca_file: str | None = None,
+        interval: float = 1.0,
+        timeout: float = 2.0,
+    ) -> None:
+        self._reactor = reactor
+        #: the link key (C{--collector-key}) also reads the collector's
+        #: budgets and takes this process's grants, when keys are required
+        self._collector_key = collector_key
+        self._tls = ssl.create_default_context()
+        if ca_file is not None:  # C{--collector-ca-file}: a private CA, added
+            self._tls.load_verify_locations(cafile=ca_file)
+        self.ledger = ledger
+        self._path = store_path
+        self._collector = collector_url.rstrip("/") if collector_url else None
+        self._timeout = timeout
+        self._interval = interval
+        self._book: SQLiteBudgetBook | None = None
+        self._grants: GrantBook | None = None
+        self.holder = uuid.uuid4().hex[:16]  # this process, in budget_grants
+        self._known: tuple[Budget, ...] | None = None
+        self._known_limits: tuple[RateLimit, ...] = ()
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name="llmobserve-budgets")
+        self._loop: LoopingCall | None = None
+        self._busy = False
+        self._outages = 0
+        if ledger.shared:
+            ledger.on_low = self.kick
+
+    def load_now(self) -> None:
+        """Load once, synchronously (start-up: a restart never resets a budget;
+        shared budgets get their first grant here). A collector that does not
+        answer is logged, and asked again every second."""
+        try:
+            self._apply(self._read({}))
+            if self.ledger.shared:  # the accounts exist now: report and take grants
+                self._apply(self._read(self.ledger.grant_snapshot()))
+        except Exception as e:
+            if self._collector is None:
+                raise
+            _log.warn(
+                "budgets: collector {url} did not answer ({error}); asking again every second",
+                url=self._collector,
+                error=e,
+            )
+
+    def _read(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
+        if self._collector is not None:
+            return self._read_collector(snapshot)
+        if self._book is None:
+            assert self._path is not None
+            self._book = SQLiteBudgetBook(self._path)
+        book = self._book
+        limits = tuple(book.limits.list())
+        fresh_limits = [
+            r
+            for r in limits
+            if not any(k.name == r.name and k.counts_same(r) for k in self._known_limits)
+        ]
+        budgets = tuple(book.list())
+        known = self._known or ()
+        fresh = [
+            b for b in budgets if not any(k.name == b.name and k.counts_same(b) for k in known)
+        ]
+        now = self.ledger.now()
+        used = {r.name: book.used(r, now) for r in fresh_limits}
+        grants: dict[str, tuple[float, int]] = {}
+        if self.ledger.shared and snapshot:
+            if self._grants is None:
+                self._grants = GrantBook(book.connection)
+            for budget in budgets:
+                mine = snapshot.get(budget.name)
+                if budget.action != "block" or mine is None:
+                    continue
+                window, spent, busy = mine
+                granted = self._grants.exchange(
+                    budget,
+                    window,
+                    self.holder,
+                    spent=spent,
+                    busy=busy,
+                    now=now,
+                    recorded=partial(book.spend, budget, now),
+                )
+                grants[budget.name] = (window, granted)
+        spends = {b.name: book.spend(b, now) for b in fresh}
+        return budgets, spends, limits, used, grants
+
+    def _read_collector(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
+        """The collector's budgets (C{GET /api/budgets}) and this process's
+        grants (C{POST /api/budgets/grants}); raises when it cannot be
+        reached, so the ledger keeps what it had (its grants included)."""
+        rows = self._http("GET", "/api/budgets")["budgets"]
+        fields = set(Budget.__dataclass_fields__)
+        budgets = tuple(Budget.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows)
+        grants: dict[str, tuple[float, int]] = {}
+        if snapshot:
+            reports = [
+                {"budget": name, "window": window, "spent": spent, "busy": busy}
+                for name, (window, spent, busy) in snapshot.items()
+            ]
+            got = self._http(
+                "POST", "/api/budgets/grants", {"holder": self.holder, "reports": reports}
+            )["grants"]
+            grants = {name: (float(w), int(g)) for name, (w, g) in got.items()}
+        return budgets, {}, (), {}, grants
+
+    def _http(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self._collector}{path}", data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self._collector_key:
+            request.add_header("Authorization", f"Bearer {self._collector_key}")
+        with urllib.request.urlopen(request, timeout=self._timeout, context=self._tls) as response:
+            return json.loads(response.read())
+
+    def _apply(self, result: _Read) -> None:
+        budgets, spends, limits, used, grants = result
+        if budgets != self._known:
+            self.ledger.load(budgets, spends)
+            self._known = budgets
+        if limits != self._known_limits:
+            self.ledger.load_limits(limits, used)
+            self._known_limits = limits
+        if grants:
+            self.ledger.set_grants(grants)
+
+    def _poll(self) -> Any:
+        if self._busy:
+            return None
+        self._busy = True
+        snapshot = self.ledger.grant_snapshot() if self.ledger.shared else {}
+        d = deferToThreadPool(
+            self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
+            self._pool,
+            self._read,
+            snapshot,
+        )
+        d.addCallback(self._applied)
+        d.addErrback(self._read_failed)
+
+        def done(result: object) -> None:
+            self._busy = False
+
+        d.addBoth(done)
+        return d
+
+    def _applied(self, result: _Read) -> None:
+        self._outages = 0
+        self.ledger.outage = False
+        self._apply(result)
+
+    def _read_failed(self, failure: Any) -> None:
+        if self._collector is not None and failure.check(OSError, ValueError):
+            # an outage: this process spends what it was granted, then refuses
+            # (or, for budgets with fail=open, lets calls through flagged)
+            self._outages += 1
+            self.ledger.outage = True
+            if self._outages in (1, 10) or self._outages % 300 == 0:
+                _log.warn(
+                    "budgets: collector {url} unreachable ({n} reads): spending only"
+                    " what was granted",
+                    url=self._collector,
+                    n=self._outages,
+                )
+            return
+        _log.failure("reading budgets failed", failure)
+
+    def kick(self) -> None:
+        """Read (and exchange grants) now, unless a read is under way."""
+        if self.running and not self._busy:
+            self._poll()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        self._pool.start()
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._pool.stop()
+        if self._grants is not None:  # give back what this process did not spend
+            try:
+                for name, (window, _, busy) in self.ledger.grant_snapshot().items():
+                    budget = next((b for b in self._known or () if b.name == name), None)
+                    if budget is not None:
+                        self._grants.release(budget, window, self.holder, busy)
+            except Exception:
+                _log.failure("releasing budget grants failed")
+        if self._book is not None:
+            self._book.close()
+            self._book = None
+        return None

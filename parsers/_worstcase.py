@@ -1,0 +1,199 @@
+"""The most a request can cost, from its body alone, before it is sent.
+
+Budgets reserve this bound before a call goes upstream (see
+C{docs/BUDGETS.md}). It must really be an upper bound, so:
+
+ - input tokens are bounded by the body's size in bytes (a token of text
+   is at least one byte, and JSON only adds bytes) plus a fixed allowance
+   per image part (L{IMAGE_PART_TOKENS}, above the largest any provider
+   documents for one image), since an image named by a URL costs far more
+   tokens than its bytes;
+ - output tokens by C{max_tokens}, C{max_completion_tokens},
+   C{max_output_tokens} or Gemini's C{generationConfig.maxOutputTokens}
+   (times C{n} choices), else the model's maximum output
+   (L{MAX_OUTPUT_TOKENS}, by name prefix);
+ - a request whose bound cannot be found (no model, a body too big to
+   read, audio parts, a model with no known maximum output and no limit
+   given, no price) has no bound: C{cost_usd} is None with the reason.
+
+Prices are the events' own (L{PRICER}), read once per model and day as
+per-token rates: the rate of a million input tokens (the top tier of a
+tiered price) and the extra of a million output tokens on top of them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, NamedTuple
+
+from .jsonbody import BodyError, loads
+from .pricing import PRICER
+from .registry import REGISTRY
+
+__all__ = ["IMAGE_PART_TOKENS", "MAX_OUTPUT_TOKENS", "WorstCase", "worst_case"]
+
+#: Tokens allowed per image part: OpenAI's high-detail tiles top out near
+#: 1.5k, Anthropic's 1568 px images near 1.6k, Gemini's 258 per tile;
+#: 10k is above every documented figure.
+IMAGE_PART_TOKENS: Final = 10_000
+#: Per-message and framing tokens a chat template adds beyond the text.
+_FIXED_INPUT_TOKENS: Final = 1_000
+
+#: The largest output a model may produce when the request sets no limit,
+#: by model-name prefix (longest prefix wins). Models not named here need
+#: the request to say how much output it allows.
+MAX_OUTPUT_TOKENS: Final[dict[str, int]] = {
+    "gpt-3.5": 4_096,
+    "gpt-4": 8_192,
+    "gpt-4-turbo": 4_096,
+    "gpt-4o": 16_384,
+    "gpt-4o-mini": 16_384,
+    "gpt-4.1": 32_768,
+    "gpt-5": 128_000,
+    "o1": 100_000,
+    "o3": 100_000,
+    "o4-mini": 100_000,
+    "claude-3": 8_192,
+    "claude-3-haiku": 4_096,
+    "claude-sonnet-4": 64_000,
+    "claude-opus-4": 32_000,
+    "claude-haiku-4": 64_000,
+    "gemini-1.5": 8_192,
+    "gemini-2.0": 8_192,
+    "gemini-2.5": 65_536,
+}
+_PREFIXES: Final = sorted(MAX_OUTPUT_TOKENS, key=len, reverse=True)
+_OUTPUT_KEYS: Final = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_GEMINI_MODEL: Final = re.compile(r"/models/([^/:]+)")
+#: An image part, in any provider's request format.
+_IMAGE_PART: Final = re.compile(
+    rb'"(?:image_url|input_image|inline_data|inlineData|file_data|fileData)"'
+    rb'|"type"\s*:\s*"image"'
+)
+#: An audio part: its tokens cannot be bounded by its bytes.
+_AUDIO_PART: Final = re.compile(rb'"(?:input_audio|audio_url)"|"type"\s*:\s*"audio"')
+
+
+class WorstCase(NamedTuple):
+    """The bound: its cost in USD (None: no bound, C{reason} says why).
+
+    A named tuple: built once per budgeted call on the proxy's reactor,
+    where a frozen dataclass's constructor costs several times more.
+    """
+
+    provider: str | None
+    model: str | None
+    cost_usd: float | None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    reason: str | None = None
+
+
+_rates: dict[tuple[str, str, int], tuple[float, float] | None] = {}
+
+
+def worst_case(
+    provider_id: str | None,
+    host: str,
+    path: str,
+    body: bytes | None,
+    body_bytes: int,
+    when: float,
+) -> WorstCase:
+    """The most this request can cost. C{body} None: not read whole (too big).
+
+    Total: never raises.
+    """
+    try:
+        return _worst_case(provider_id, host, path, body, body_bytes, when)
+    except Exception as e:  # a bound we cannot find is no bound
+        return WorstCase(provider_id, None, None, reason=f"internal error: {type(e).__name__}")
+
+
+def _worst_case(
+    provider_id: str | None, host: str, path: str, body: bytes | None, body_bytes: int, when: float
+) -> WorstCase:
+    provider = REGISTRY.by_id(provider_id) if provider_id else REGISTRY.for_host(host)
+    pid = provider.id if provider is not None else provider_id
+    if body is None:
+        return WorstCase(pid, None, None, reason="request body too large to bound")
+    doc: Any = None
+    if body:
+        try:
+            doc = loads(body)  # orjson first, as the parsers read it
+        except BodyError:
+            return WorstCase(pid, None, None, reason="request body is not JSON")
+    if not isinstance(doc, dict):
+        doc = {}
+    model = doc.get("model")
+    if not isinstance(model, str):
+        m = _GEMINI_MODEL.search(path)
+        model = m.group(1) if m else None
+    if provider is None or pid is None:
+        return WorstCase(pid, model, None, reason="unknown provider")
+    if model is None:
+        return WorstCase(pid, None, None, reason="no model named")
+    images = 0
+    if b"audio" in body or b"image" in body or b"_data" in body or b"Data" in body:
+        if _AUDIO_PART.search(body) is not None:
+            return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
+        images = len(_IMAGE_PART.findall(body))
+    input_tokens = body_bytes + _FIXED_INPUT_TOKENS + images * IMAGE_PART_TOKENS
+    output_tokens = _output_bound(doc, model)
+    if output_tokens is None:
+        return WorstCase(
+            pid,
+            model,
+            None,
+            input_tokens,
+            reason=f"no output limit given and none known for {model}",
+        )
+    rates = _rates_for(pid, provider.prices_id, model, when)
+    if rates is None:
+        return WorstCase(pid, model, None, input_tokens, output_tokens, reason="no price")
+    per_in, per_out = rates
+    cost = input_tokens * per_in + output_tokens * per_out
+    return WorstCase(pid, model, cost, input_tokens, output_tokens)
+
+
+def _output_bound(doc: dict[str, Any], model: str) -> int | None:
+    limit: Any = None
+    for key in _OUTPUT_KEYS:
+        if key in doc:
+            limit = doc[key]
+            break
+    else:
+        config = doc.get("generationConfig") or doc.get("generation_config")
+        if isinstance(config, dict):
+            limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
+    choices = doc.get("n", 1)
+    if not isinstance(choices, int) or isinstance(choices, bool) or choices < 1:
+        choices = 1
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        return limit * choices
+    name = model.rsplit("/", 1)[-1]
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            return MAX_OUTPUT_TOKENS[prefix] * choices
+    return None
+
+
+def _rates_for(
+    provider_id: str, prices_id: str | None, model: str, when: float
+) -> tuple[float, float] | None:
+    """(USD per input token, USD per output token), cached per model and day."""
+    key = (provider_id, model, int(when // 86400))
+    if key in _rates:
+        return _rates[key]
+    million = 1_000_000
+    inp = PRICER.price(provider_id, prices_id, model, {"input_tokens": million}, when)
+    both = PRICER.price(
+        provider_id, prices_id, model, {"input_tokens": million, "output_tokens": million}, when
+    )
+    rates: tuple[float, float] | None = None
+    if inp.cost_usd is not None and both.cost_usd is not None:
+        rates = (inp.cost_usd / million, max(both.cost_usd - inp.cost_usd, 0.0) / million)
+    if len(_rates) >= 4096:  # models come from requests: stay bounded
+        _rates.clear()
+    _rates[key] = rates
+    return rates

@@ -1,0 +1,166 @@
+"""Budget definitions in the store: validation, scopes, windows, spend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmobserve.cli import main
+from llmobserve.collector import Budget, BudgetError, EventStore, SQLiteBudgetBook
+from collector.test_store import T0, call
+
+
+def test_definition_is_checked() -> None:
+    """Unknown windows, actions, time zones and negative limits are refused."""
+    for bad in (
+        {"window": "week"},
+        {"action": "stop"},
+        {"tz": "Nowhere/City"},
+        {"limit_usd": -1.0},
+        {"limit_usd": float("nan")},
+        {"unpriced": "maybe"},
+    ):
+        with pytest.raises(BudgetError):
+            Budget(**{"name": "b", "limit_usd": 1.0, **bad})  # type: ignore[arg-type]  # deliberately bad values
+    with pytest.raises(BudgetError, match="unknown budget fields"):
+        Budget.from_dict({"name": "b", "limit_usd": 1.0, "colour": "red"})
+
+
+def test_windows_in_utc_and_a_named_zone() -> None:
+    """hour/day/month windows start on the boundary of their zone; total never starts."""
+    # T0 = 2025-06-15T15:06:40Z
+    assert Budget("b", 1, "hour").window_start(T0) == 1_749_999_600.0  # 15:00Z
+    assert Budget("b", 1, "day").window_start(T0) == 1_749_945_600.0  # 2025-06-15T00:00Z
+    assert Budget("b", 1, "month").window_start(T0) == 1_748_736_000.0  # 2025-06-01T00:00Z
+    assert Budget("b", 1, "total").window_start(T0) == float("-inf")
+    # New York is UTC-4 in June: its day began at 04:00Z
+    ny = Budget("b", 1, "day", tz="America/New_York")
+    assert ny.window_start(T0) == 1_749_960_000.0
+    assert ny.window_end(T0) == 1_749_960_000.0 + 86400
+    month = Budget("b", 1, "month")
+    assert month.window_start(month.window_end(T0)) == month.window_end(T0)  # July 1st
+
+
+def test_scopes_combine_and_section_is_a_prefix() -> None:
+    """Every scope field set must match; a section scope covers nested sections."""
+    b = Budget("b", 1, customer="acme", model="gpt-4o", section="plan")
+    assert b.matches("openai", "gpt-4o", "acme", None, "plan/step1")
+    assert b.matches("openai", "gpt-4o-2024-08-06", "acme", None, "plan")
+    assert not b.matches("openai", "gpt-4o-mini", "acme", None, "plan")
+    assert not b.matches("openai", "gpt-4o", "other", None, "plan")
+    assert not b.matches("openai", "gpt-4o", "acme", None, "planning")
+    assert not b.matches("openai", "gpt-4o", "acme", None, None)
+    assert Budget("b", 1, provider="anthropic", tenant="t1").matches(
+        "anthropic", "x", None, "t1", None
+    )
+    assert not Budget("b", 1, provider="anthropic").matches("openai", "x", None, None, None)
+
+
+def _store_with_calls(path: Path) -> None:
+    store = EventStore(path)
+    store.insert(
+        [
+            call(0, cost_usd=0.25),
+            call(1, cost_usd=0.5, model="gpt-4o-2024-08-06"),
+            call(2, cost_usd=1.0, model="gpt-4o-mini"),
+            call(3, cost_usd=2.0, context={"customer_id": "bob", "section_path": "plan/a"}),
+            call(4, cost_usd=None),
+            call(5, cost_usd=4.0, ts=T0 - 86400),  # yesterday
+        ]
+    )
+    store.close()
+
+
+def test_spend_sums_the_scope_in_the_window(tmp_path: Path) -> None:
+    """spend() counts priced calls of the scope since the window began, the
+    same way Budget.matches counts a call in the proxy."""
+    path = tmp_path / "s.db"
+    _store_with_calls(path)
+    book = SQLiteBudgetBook(path)
+    now = T0 + 10
+    assert book.spend(Budget("b", 1, "total"), now) == 7.75
+    assert book.spend(Budget("b", 1, "day"), now) == 3.75
+    assert book.spend(Budget("b", 1, "day", model="gpt-4o"), now) == 2.75
+    assert book.spend(Budget("b", 1, "day", customer="acme"), now) == 1.75
+    # calls 0-2 send only the section label "plan", call 3 the path "plan/a":
+    # both count, as the proxy matches (the label when no path is sent)
+    assert book.spend(Budget("b", 1, "day", section="plan"), now) == 3.75
+    assert book.spend(Budget("b", 1, "day", provider="anthropic"), now) == 0.0
+
+
+def test_book_set_list_delete(tmp_path: Path) -> None:
+    """set replaces by name; list is by name; delete says whether it found one."""
+    book = SQLiteBudgetBook(tmp_path / "s.db")
+    assert book.spend(Budget("b", 1), T0) == 0.0  # no events table yet
+    book.set(Budget("b", 1.0))
+    book.set(Budget("a", 2.0, "day", customer="acme"))
+    book.set(Budget("b", 3.0))
+    assert [(b.name, b.limit_usd) for b in book.list()] == [("a", 2.0), ("b", 3.0)]
+    assert book.delete("a") and not book.delete("a")
+
+
+def test_cli_budgets_and_report(tmp_path: Path, capsys: Any) -> None:
+    """budgets set/list/delete on a store file; report shows spend vs limit."""
+    import io
+
+    path = tmp_path / "s.db"
+    _store_with_calls(path)
+    out = io.StringIO()
+    db = ["--db", str(path)]
+    assert (
+        main(
+            [
+                "budgets",
+                "set",
+                "--name",
+                "acme",
+                "--limit-usd",
+                "10",
+                "--window",
+                "total",
+                "--customer",
+                "acme",
+                *db,
+            ],
+            out,
+        )
+        == 0
+    )
+    assert main(["budgets", "list", "--format", "json", *db], out) == 0
+    text = out.getvalue()
+    assert '"spend_usd": 5.75' in text and '"remaining_usd": 4.25' in text
+    out = io.StringIO()
+    assert main(["report", *db], out) == 0
+    assert "acme: $5.75 of $10 (58%) this total" in out.getvalue()
+    assert main(["budgets", "delete", "acme", *db], out) == 0
+    assert main(["budgets", "delete", "acme", *db], out) == 1
+    assert "no budget named 'acme'" in capsys.readouterr().err
+
+
+def test_rate_limit_usage_in_the_current_minute(tmp_path: Path) -> None:
+    """used() counts the calls (or tokens) of a limit's scope since its minute
+    began, leaving out calls that never reached an upstream."""
+    from llmobserve.collector import RateLimit
+
+    path = tmp_path / "s.db"
+    store = EventStore(path)
+    store.insert(
+        [
+            call(0),  # T0 is 40 s into its minute: the minute began at T0 - 40
+            call(1, usage={"input_tokens": 5, "output_tokens": 7}),
+            call(2, outcome="budget_refused"),
+            call(3, ts=T0 - 41),  # the minute before
+            call(4, context={"customer_id": "bob"}),
+        ]
+    )
+    store.close()
+    book = SQLiteBudgetBook(path)
+    now = T0 + 5
+    assert book.used(RateLimit("c", 10, customer="acme"), now) == 2
+    assert book.used(RateLimit("c", 10), now) == 3
+    assert book.used(RateLimit("t", 10, unit="tokens", customer="acme"), now) == 110 + 12
+    book.limits.set(RateLimit("rpm", 3, customer="acme"))
+    assert [r.name for r in book.limits.list()] == ["rpm"]
+    assert book.limits.delete("rpm") and not book.limits.delete("rpm")

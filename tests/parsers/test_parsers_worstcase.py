@@ -1,0 +1,96 @@
+"""parsers.worst_case: the most a request can cost, from its body, before it is sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parsers import worst_case
+from parsers._worstcase import IMAGE_PART_TOKENS
+from parsers.pricing import PRICER
+
+WHEN = 1_750_000_000.0
+
+
+def bound(body: Any, provider: str | None = "openai", path: str = "/v1/chat/completions") -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return worst_case(provider, "api.example.com", path, raw, len(raw), WHEN)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_output_limits_each_api_names() -> None:
+    """max_tokens, max_completion_tokens, max_output_tokens and Gemini's
+    generationConfig.maxOutputTokens bound the output; n multiplies it."""
+    assert bound(chat(max_tokens=100)).output_tokens == 100
+    assert bound(chat(max_completion_tokens=200)).output_tokens == 200
+    assert bound(chat(max_output_tokens=300)).output_tokens == 300
+    assert bound(chat(max_tokens=100, n=3)).output_tokens == 300
+    gemini = bound(
+        {"contents": [], "generationConfig": {"maxOutputTokens": 50}},
+        provider="gemini",
+        path="/v1beta/models/gemini-2.5-flash:generateContent",
+    )
+    assert (gemini.model, gemini.output_tokens) == ("gemini-2.5-flash", 50)
+
+
+def test_no_output_limit_uses_the_models_maximum_or_gives_no_bound() -> None:
+    """Absent a limit: the model's maximum output; a model with none known has no bound."""
+    assert bound(chat()).output_tokens == 16_384
+    unknown = bound({"model": "someone-else-7b", "messages": []})
+    assert unknown.cost_usd is None and "no output limit" in (unknown.reason or "")
+
+
+def test_input_is_bounded_by_bytes_plus_image_parts() -> None:
+    """Each image part adds the per-part allowance; audio parts cannot be bounded."""
+    text = bound(chat(max_tokens=1))
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    two = chat(max_tokens=1, messages=[{"role": "user", "content": [image, image]}])
+    with_images = bound(two)
+    assert with_images.input_tokens >= text.input_tokens + 2 * IMAGE_PART_TOKENS
+    audio = chat(
+        max_tokens=1,
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+    )
+    assert bound(audio).cost_usd is None
+
+
+def test_unboundable_requests_have_no_cost() -> None:
+    """No model, not JSON, a body too big to hold, an unknown price: None, with a reason."""
+    assert bound({"messages": []}).reason == "no model named"
+    assert bound(b"not json").reason == "request body is not JSON"
+    big = worst_case("openai", "api.openai.com", "/v1/chat/completions", None, 10**7, WHEN)
+    assert big.cost_usd is None
+    assert bound(chat(model="no-such-model-x", max_tokens=5)).reason == "no price"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    content=st.text(max_size=400),
+    max_tokens=st.integers(min_value=1, max_value=5000),
+    used_out=st.floats(min_value=0.0, max_value=1.0),
+    model=st.sampled_from(["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-20250514"]),
+)
+def test_the_bound_is_never_below_the_price_of_what_it_allows(
+    content: str, max_tokens: int, used_out: float, model: str
+) -> None:
+    """Any usage within the bound (input tokens <= body bytes, output <= max_tokens)
+    is priced at no more than the bound's cost."""
+    provider = "anthropic" if model.startswith("claude") else "openai"
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}],
+    }
+    raw = json.dumps(body).encode()
+    worst = worst_case(provider, "h", "/v1/x", raw, len(raw), WHEN)
+    assert worst.cost_usd is not None
+    used = {"input_tokens": len(raw), "output_tokens": int(max_tokens * used_out)}
+    priced = PRICER.price(provider, None if provider == "openai" else provider, model, used, WHEN)
+    assert priced.cost_usd is not None
+    assert priced.cost_usd <= worst.cost_usd + 1e-12

@@ -1,0 +1,145 @@
+"""Budgets shared by several processes: each spends only the slices the
+store grants it (budget_grants), so together they never pass the limit."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from llmobserve.collector import Budget, GrantBook
+from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, BudgetRefusal, CallScope
+
+T0 = 1_750_000_000.0
+NANO = 1_000_000_000
+GPT = CallScope("openai", "gpt-4o-mini")
+CAP = Budget("cap", 1.0, "day")
+
+
+def book(tmp_path: Path) -> GrantBook:
+    return GrantBook(sqlite3.connect(tmp_path / "g.db", isolation_level=None), dead_after=30)
+
+
+def test_grants_never_sum_past_the_limit_and_count_what_was_recorded(tmp_path: Path) -> None:
+    """The window's first grant records the store's spend so far; holders get
+    slices of what is left; all grants together stay within the limit."""
+    grants = book(tmp_path)
+    start = CAP.window_start(T0)
+    a = grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.2)
+    b = grants.exchange(CAP, start, "b", spent=0, busy=0, now=T0, recorded=lambda: 9.9)
+    assert a == NANO // 4 and b == NANO // 8  # a quarter of the limit per live holder
+    total = 0.2 * NANO + a + b
+    for i in range(50):  # both spend all they get, then ask again
+        a = grants.exchange(CAP, start, "a", spent=a, busy=a, now=T0 + i, recorded=lambda: 0)
+        b = grants.exchange(CAP, start, "b", spent=b, busy=b, now=T0 + i, recorded=lambda: 0)
+        total = 0.2 * NANO + a + b
+        assert total <= NANO
+    assert total == NANO
+
+
+def test_a_silent_holder_gives_back_what_it_did_not_spend(tmp_path: Path) -> None:
+    """A holder that stops reporting keeps only what it reported spent."""
+    grants = book(tmp_path)
+    start = CAP.window_start(T0)
+    grants.exchange(CAP, start, "gone", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
+    grants.exchange(
+        CAP, start, "gone", spent=NANO // 10, busy=NANO // 10, now=T0 + 1, recorded=lambda: 0.0
+    )
+    got = 0
+    for i in range(40):
+        got = grants.exchange(
+            CAP, start, "me", spent=got, busy=got, now=T0 + 40 + i, recorded=lambda: 0.0
+        )
+    assert got == NANO - NANO // 10
+
+
+def test_a_shared_ledger_spends_only_its_grant_and_asks_when_low() -> None:
+    """Nothing is admitted before a grant; a call that would pass the grant is
+    refused (this process's share); running low asks the store at once."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    asked: list[int] = []
+    ledger.on_low = lambda: asked.append(1)
+    ledger.load([CAP], {"cap": 0.5})  # shared: the store's spend is in the grants
+    refusal = ledger.reserve(GPT, 0.01)
+    assert isinstance(refusal, BudgetRefusal) and "share" in refusal.message()
+    assert asked
+    [(name, (window, spent, busy))] = ledger.grant_snapshot().items()
+    assert (name, spent, busy) == ("cap", 0, 0)
+    ledger.set_grants({"cap": (window, NANO // 10)})  # $0.10
+    holds = [ledger.reserve(GPT, 0.01) for _ in range(12)]
+    assert sum(isinstance(h, BudgetHold) for h in holds) == 10
+
+
+def test_two_shared_ledgers_on_one_store_never_overshoot(tmp_path: Path) -> None:
+    """Two processes' ledgers, exchanging with one grant table as their
+    pollers do, admit calls worth $0.01 each against $1.00: spend never past
+    $1.00 (overshoot $0); near the limit the room left can be split between
+    the two grants, so one call may be refused that one process would have
+    admitted."""
+    grants = book(tmp_path)
+    clock = Clock()
+    clock.advance(T0)
+    ledgers = [BudgetLedger(clock.seconds, shared=True) for _ in range(2)]
+    for ledger in ledgers:
+        ledger.load([CAP], {})
+    admitted = 0
+    for step in range(400):
+        for n, ledger in enumerate(ledgers):
+            if step % 7 == n:  # the poller's exchange
+                [(name, (window, spent, busy))] = ledger.grant_snapshot().items()
+                got = grants.exchange(
+                    CAP,
+                    window,
+                    f"p{n}",
+                    spent=spent,
+                    busy=busy,
+                    now=clock.seconds(),
+                    recorded=lambda: 0.0,
+                )
+                ledger.set_grants({name: (window, got)})
+            hold = ledger.reserve(GPT, 0.01)
+            if isinstance(hold, BudgetHold):
+                admitted += 1
+                hold.settle(0.01, "ok", 200)
+        clock.advance(0.01)
+    assert admitted in (99, 100)
+    spent = sum(a.spent for ledger in ledgers for a in ledger._accounts)
+    assert spent == admitted * NANO // 100 <= NANO
+
+
+def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:
+    """With the collector unreachable, a fail-closed budget admits only what
+    its grant holds; a fail-open one lets calls through, flagged."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([CAP, Budget("open", 1.0, "day", fail="open", model="gpt-4o-mini")], {})
+    ledger.outage = True
+    refused = ledger.reserve(GPT, 0.01)
+    assert isinstance(refused, BudgetRefusal) and refused.budget.name == "cap"
+    ledger.load([Budget("open", 1.0, "day", fail="open")], {})
+    hold = ledger.reserve(GPT, 0.01)
+    assert isinstance(hold, BudgetHold) and hold.flags == ("budget_fail_open",)
+    ledger.outage = False
+    assert isinstance(ledger.reserve(GPT, 0.01), BudgetRefusal)  # back to its grant (none)
+
+
+def test_spend_past_a_grant_is_counted_in_the_grants(tmp_path: Path) -> None:
+    """A holder that spent past its grant (fail open during an outage) has its
+    grant grown to its spend, so the others' room shrinks by that much."""
+    grants = book(tmp_path)
+    start = CAP.window_start(T0)
+    grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
+    a = grants.exchange(
+        CAP, start, "a", spent=NANO // 2, busy=NANO // 2, now=T0 + 1, recorded=lambda: 0.0
+    )
+    assert a >= NANO // 2
+    got = 0
+    for i in range(20):
+        got = grants.exchange(
+            CAP, start, "b", spent=got, busy=got, now=T0 + 2 + i, recorded=lambda: 0.0
+        )
+    assert a + got <= NANO
