@@ -199,6 +199,49 @@ def test_a_removed_store_file_is_noticed_reopened_and_refilled_from_the_spool(
     assert (sent, calls, gaps) == (150, 150, 0)
 
 
+def _report_calls(proxy: ProxyProcess) -> int:
+    """The calls C{/api/report} on the proxy's port counts."""
+    with urllib.request.urlopen(proxy.url + "/api/report?since=1d", timeout=5) as response:
+        report = json.loads(response.read())
+    return sum(int(row["calls"]) for row in report["rows"])
+
+
+@pytest.mark.timeout(90)
+def test_the_report_reader_follows_a_removed_store_file_to_the_refilled_one(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 2's leftover (embedded mode): C{/api/report}'s reader,
+    opened before C{rm events.sqlite3*}, reads the store the writer refills
+    from the spool, not the unlinked file (which it kept reading until
+    restart: 20 calls where the store held 50)."""
+    db = tmp_path / "store" / "events.sqlite3"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db)]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            sent = _calls(proxy, upstream.url, 20)
+            _wait_for(lambda: _report_calls(proxy) == 20, 10, "the reader to see 20 calls")
+            for path in db.parent.glob("events.sqlite3*"):
+                path.unlink()
+            sent += _calls(proxy, upstream.url, 30)
+            _wait_for(
+                lambda: (
+                    _health(proxy)["events_waiting"] == 0
+                    and "store_reopened" in _health(proxy)["collector"]
+                ),
+                20,
+                "the store reopened and refilled",
+            )
+            deadline = time.monotonic() + 10
+            while _report_calls(proxy) != sent and time.monotonic() < deadline:
+                time.sleep(0.1)
+            reported = _report_calls(proxy)
+            _stop(proxy)
+        calls, gaps = _calls_and_gaps(db)
+    print(f"report after a removed store: sent={sent} reported={reported} stored={calls}")
+    assert (sent, reported, calls, gaps) == (50, 50, 50, 0)
+
+
 @pytest.mark.timeout(90)
 def test_a_stopped_proxys_sub_spool_is_adopted_by_a_live_one(tmp_path: Path) -> None:
     """Issue 13 item 9: two proxies share C{--spool-dir} (the second takes
