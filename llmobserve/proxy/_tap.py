@@ -366,7 +366,10 @@ class EmbeddedReportApi(Service):
     """C{/api/*} over an embedded proxy's own store, and the C{/dashboard}
     page that reads it, as the collector serves them. The reader (a thread and an SQLite
     connection of its own) opens on the first request: a proxy nobody asks
-    pays nothing for it."""
+    pays nothing for it. It watches the store's file as the writer does: a
+    file removed or replaced under the proxy is reopened at the next
+    request, so the report shows the store the writer refills rather than
+    the unlinked file."""
 
     def __init__(self, reactor: Any, db_path: str) -> None:
         self._reactor = reactor
@@ -382,7 +385,10 @@ class EmbeddedReportApi(Service):
 
             db_path = self._db_path
             self._reader = StoreThread(
-                self._reactor, lambda: EventStore(db_path), "llmobserve-report-reader"
+                self._reactor,
+                lambda: EventStore(db_path),
+                "llmobserve-report-reader",
+                watch=db_path,
             )
             self._reader.startService()
             self._api = api_branch(self._reader)

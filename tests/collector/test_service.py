@@ -147,6 +147,57 @@ def test_store_thread_open_failure_fails_jobs(tmp_path: Path) -> None:
     reactor.run_until(1)
 
 
+def _run_job(reactor: ThreadReactor, t: StoreThread, job: Callable[[EventStore], Any]) -> Any:
+    """C{job}'s result, run in C{t}'s thread."""
+    results: list[Any] = []
+    t.submit(job).addBoth(results.append)
+    reactor.run_until(1)
+    return results[0]
+
+
+def test_store_thread_watching_its_file_reopens_it_when_removed_or_replaced(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 2's reader: a thread watching the store's file opens
+    the file found at the path when the one it opened was removed (a new,
+    empty store) or replaced (the new file's rows), instead of reading the
+    unlinked file until restart."""
+    reactor = ThreadReactor()
+    db = tmp_path / "x.sqlite3"
+    t = StoreThread(reactor, lambda: EventStore(db), "llmo-test-reader", watch=str(db))  # type: ignore[arg-type]  # a fake reactor
+    t.startService()
+    assert _run_job(reactor, t, lambda s: s.insert(evs("a", 3))) == 3
+    assert _run_job(reactor, t, lambda s: s.count()) == 3
+    for path in tmp_path.glob("x.sqlite3*"):
+        path.unlink()
+    assert _run_job(reactor, t, lambda s: s.count()) == 0
+    assert t.reopened == 1
+    db.unlink()
+    other = EventStore(db)
+    other.insert(evs("b", 2))
+    other.close()
+    assert _run_job(reactor, t, lambda s: s.count()) == 2
+    assert _run_job(reactor, t, lambda s: s.count()) == 2
+    assert t.reopened == 2
+    t.stopService()
+    reactor.run_until(1)
+
+
+def test_store_thread_not_watching_keeps_the_store_it_opened(tmp_path: Path) -> None:
+    """Without C{watch} (the collector's threads) the store is opened once."""
+    reactor = ThreadReactor()
+    db = tmp_path / "x.sqlite3"
+    t = StoreThread(reactor, lambda: EventStore(db), "llmo-test-reader")  # type: ignore[arg-type]  # a fake reactor
+    t.startService()
+    assert _run_job(reactor, t, lambda s: s.insert(evs("a", 3))) == 3
+    for path in tmp_path.glob("x.sqlite3*"):
+        path.unlink()
+    assert _run_job(reactor, t, lambda s: s.count()) == 3
+    assert t.reopened == 0
+    t.stopService()
+    reactor.run_until(1)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -21,7 +21,7 @@ from typing import Any, cast
 import pytest
 from support.clients import chat_request, proxy_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
-from support.tmpfs import fill, small_tmpfs, unfill
+from support.tmpfs import fill, remount, small_tmpfs, unfill
 from support.upstreams import RecordingUpstream, closed_port
 
 
@@ -197,6 +197,49 @@ def test_a_removed_store_file_is_noticed_reopened_and_refilled_from_the_spool(
         calls, gaps = _calls_and_gaps(db)
     print(f"removed store: sent={sent} stored={calls} gaps={gaps}")
     assert (sent, calls, gaps) == (150, 150, 0)
+
+
+def _report_calls(proxy: ProxyProcess) -> int:
+    """The calls C{/api/report} on the proxy's port counts."""
+    with urllib.request.urlopen(proxy.url + "/api/report?since=1d", timeout=5) as response:
+        report = json.loads(response.read())
+    return sum(int(row["calls"]) for row in report["rows"])
+
+
+@pytest.mark.timeout(90)
+def test_the_report_reader_follows_a_removed_store_file_to_the_refilled_one(
+    tmp_path: Path,
+) -> None:
+    """Issue 13 item 2's leftover (embedded mode): C{/api/report}'s reader,
+    opened before C{rm events.sqlite3*}, reads the store the writer refills
+    from the spool, not the unlinked file (which it kept reading until
+    restart: 20 calls where the store held 50)."""
+    db = tmp_path / "store" / "events.sqlite3"
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db)]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            sent = _calls(proxy, upstream.url, 20)
+            _wait_for(lambda: _report_calls(proxy) == 20, 10, "the reader to see 20 calls")
+            for path in db.parent.glob("events.sqlite3*"):
+                path.unlink()
+            sent += _calls(proxy, upstream.url, 30)
+            _wait_for(
+                lambda: (
+                    _health(proxy)["events_waiting"] == 0
+                    and "store_reopened" in _health(proxy)["collector"]
+                ),
+                20,
+                "the store reopened and refilled",
+            )
+            deadline = time.monotonic() + 10
+            while _report_calls(proxy) != sent and time.monotonic() < deadline:
+                time.sleep(0.1)
+            reported = _report_calls(proxy)
+            _stop(proxy)
+        calls, gaps = _calls_and_gaps(db)
+    print(f"report after a removed store: sent={sent} reported={reported} stored={calls}")
+    assert (sent, reported, calls, gaps) == (50, 50, 50, 0)
 
 
 @pytest.mark.timeout(90)
@@ -382,3 +425,89 @@ def test_collector_mode_a_removed_spool_backlog_is_counted_at_the_collector(
         calls, gaps = _calls_and_gaps(tmp_path / "collector.db")
     print(f"removed spool, collector mode: sent={sent} stored={calls} gaps={gaps}")
     assert (sent, calls, gaps) == (250, 50, 200)
+
+
+#: the embedded writer's longest retry delay (EmbeddedWriter.retry_max)
+_RETRY_MAX = 5.0
+
+
+def _read_only_then_writable(
+    proxy: ProxyProcess, upstream_url: str, disk: Path, calls_before: int
+) -> tuple[int, float]:
+    """With the store's filesystem C{disk} read-only: 30 calls, all
+    answered, C{/health} degraded naming the store, until the retry delay
+    reaches its 5 s cap; then C{remount,rw} and 20 more calls: return
+    (calls sent in all, seconds from C{remount,rw} until everything waiting
+    is stored and C{/health} is C{ok})."""
+    sent = calls_before
+    ok = _calls(proxy, upstream_url, 30)
+    sent += 30
+    assert ok == 30, "observation broke traffic"
+    _wait_for(lambda: _health(proxy)["status"] == "degraded", 10, "health degraded")
+    health = _health(proxy)
+    assert any("event store" in reason for reason in health["degraded"]), health
+    # the 30 spooled (and, after a replaced file, those sent again)
+    _wait_for(lambda: _health(proxy)["events_waiting"] >= 30, 10, "30 events waiting")
+    # read-only long enough for the back-off to reach its cap (1 + 2 + 4 s)
+    _wait_for(lambda: "(retry in 5 s)" in proxy.log_text(), 30, "the retry delay at 5 s")
+    remount(disk, "rw")
+    writable = time.monotonic()
+    _wait_for(
+        lambda: _health(proxy)["events_waiting"] == 0 and _health(proxy)["status"] == "ok",
+        30,
+        "the store written again after remount,rw",
+    )
+    healed = time.monotonic() - writable
+    sent += 20
+    assert _calls(proxy, upstream_url, 20) == 20
+    _wait_for(lambda: _health(proxy)["events_waiting"] == 0, 10, "the last calls stored")
+    return sent, healed
+
+
+@pytest.mark.timeout(120)
+def test_a_store_on_a_read_only_filesystem_heals_once_it_is_writable(tmp_path: Path) -> None:
+    """Issue 13 item 5 with real processes: the store's tmpfs is mounted
+    read-only when the proxy starts (the store cannot open: SQLite's WAL
+    needs its -shm file), calls go through while C{/health} says degraded,
+    then C{mount -o remount,rw}: the writer's retry (1 s doubling to 5 s)
+    opens a new connection and every event waiting in the spool (on
+    another filesystem) is stored within the back-off."""
+    with small_tmpfs(tmp_path / "disk", kib=4096) as disk, RecordingUpstream() as upstream:
+        db = disk / "events.sqlite3"
+        remount(disk, "ro")
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            sent, healed = _read_only_then_writable(proxy, upstream.url, disk, 0)
+            _stop(proxy)
+            assert "event store" in proxy.log_text() and "open again" in proxy.log_text()
+        calls, gaps = _calls_and_gaps(db)
+    print(f"read-only at start: sent={sent} stored={calls} gaps={gaps} healed={healed:.2f} s")
+    assert healed <= _RETRY_MAX + 5, f"writes resumed {healed:.1f} s after remount,rw"
+    assert (sent, calls, gaps) == (50, 50, 0)
+
+
+@pytest.mark.timeout(120)
+def test_a_store_directory_turned_read_only_while_running_heals(tmp_path: Path) -> None:
+    """Issue 13 item 5 while the proxy runs: 20 calls stored, then a tmpfs
+    remounted read-only is mounted over the store's directory (Linux
+    refuses C{remount,ro} of the filesystem the open store is on: EBUSY).
+    The writer finds its file gone, closes it, and its reopening fails
+    (EROFS) with back-off; calls go through, C{/health} says degraded.
+    After C{remount,rw} the store opens again and the spool's records
+    (all of them: one segment) are written to it within the back-off."""
+    with small_tmpfs(tmp_path / "disk", kib=4096) as disk, RecordingUpstream() as upstream:
+        db = disk / "store" / "events.sqlite3"
+        args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        args += ["--db", str(db), "--spool-dir", str(tmp_path / "spool")]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            sent = _calls(proxy, upstream.url, 20)
+            _wait_for(lambda: _health(proxy)["events_waiting"] == 0, 10, "the first 20 stored")
+            with small_tmpfs(db.parent, kib=4096) as over:
+                remount(over, "ro")
+                sent, healed = _read_only_then_writable(proxy, upstream.url, over, sent)
+                _stop(proxy)
+                calls, gaps = _calls_and_gaps(db)
+    print(f"read-only while running: sent={sent} stored={calls} gaps={gaps} healed={healed:.2f} s")
+    assert healed <= _RETRY_MAX + 5, f"writes resumed {healed:.1f} s after remount,rw"
+    assert (sent, calls, gaps) == (70, 70, 0)

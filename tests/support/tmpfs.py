@@ -5,7 +5,15 @@
         ...
         unfill(disk)        # space again
 
-The test is skipped where C{mount -t tmpfs} is not allowed.
+    with small_tmpfs(tmp_path / "disk", kib=1024) as disk:
+        remount(disk, "ro")  # writes and opens for writing fail: EROFS
+        remount(disk, "rw")
+
+The test is skipped loudly where C{mount} is not allowed; under
+C{CI=true}, as root on Linux (where it should work), that is a failure.
+Linux refuses C{remount,ro} (EBUSY) while any file on the filesystem is
+open for writing: a store must be closed (or not yet opened) to be made
+read-only.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,11 +41,34 @@ def small_tmpfs(where: Path, kib: int) -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+        _cannot_mount(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def _cannot_mount(why: str) -> None:
+    """Skip loudly; fail under C{CI=true} where mounting should work (root on Linux)."""
+    if os.environ.get("CI") == "true" and sys.platform == "linux" and os.geteuid() == 0:
+        pytest.fail(f"MOUNT TESTS CANNOT RUN under CI=true as root: {why}", pytrace=False)
+    message = f"MOUNT TESTS SKIPPED: {why}"
+    sys.stderr.write(f"\n{'!' * 72}\n{message}\n{'!' * 72}\n")
+    pytest.skip(message)
+
+
+def remount(disk: Path, mode: str) -> None:
+    """Remount the tmpfs on C{disk} C{"ro"} or C{"rw"} (skip where not allowed).
+
+    @raise AssertionError: Linux refused it (C{ro} while a file on it is open for writing).
+    """
+    done = subprocess.run(
+        ["mount", "-o", f"remount,{mode}", str(disk)], capture_output=True, check=False
+    )
+    why = done.stderr.decode(errors="replace").strip()
+    if done.returncode != 0 and ("permission denied" in why.lower() or "only root" in why):
+        _cannot_mount(f"cannot remount {disk} {mode}: {why}")
+    assert done.returncode == 0, f"remount,{mode} of {disk} failed: {why}"
 
 
 def fill(disk: Path) -> int:
