@@ -31,7 +31,9 @@ class Happening:
     """What else can happen to a channel than client bytes."""
 
     RESPONSE = "upstream answers"
-    IDLE_TIMEOUT = "the keep-alive deadline passes"
+    HALF_RESPONSE = "upstream sends a head and half the body"
+    REST = "upstream sends the rest of the body"
+    DEADLINES_PASS = "every deadline passes (head, body, keep-alive)"
     LOST = "the client goes away"
 
 
@@ -39,7 +41,7 @@ class Happening:
 Step = tuple[bytes | str, ChannelState]
 
 
-def run(steps: Sequence[Step]) -> tuple[ProxyChannel, Any, list[Upstream]]:
+def run(steps: Sequence[Step]) -> tuple[ProxyChannel, Any, list[Upstream], InMemoryProxy]:
     """Play C{steps} on a new client connection, asserting the state after each."""
     proxy = InMemoryProxy(server="lean")
     channel, client = proxy.client()
@@ -51,8 +53,15 @@ def run(steps: Sequence[Step]) -> tuple[ProxyChannel, Any, list[Upstream]]:
             if proxy.connects() > len(upstreams):
                 upstreams.append(proxy.accept_upstream())
             upstreams[-1].send(OK)
-        elif step == Happening.IDLE_TIMEOUT:
-            for _ in range(int(proxy.site.keepalive_timeout * 2) + 4):
+        elif step == Happening.HALF_RESPONSE:
+            upstreams.append(proxy.accept_upstream())
+            upstreams[-1].send(OK[:-1])
+        elif step == Happening.REST:
+            upstreams[-1].send(OK[-1:])
+        elif step == Happening.DEADLINES_PASS:
+            site = proxy.site
+            longest = max(site.head_timeout, site.body_timeout, site.keepalive_timeout)
+            for _ in range(int(longest * 2) + 4):
                 proxy.reactor.advance(0.5)
         elif step == Happening.LOST:
             channel.connectionLost(None)
@@ -60,7 +69,7 @@ def run(steps: Sequence[Step]) -> tuple[ProxyChannel, Any, list[Upstream]]:
             assert isinstance(step, bytes)
             channel.dataReceived(step)
         assert channel.state is expected, f"step {i} ({step!r})"
-    return channel, client, upstreams
+    return channel, client, upstreams, proxy
 
 
 SCENARIOS: dict[str, list[Step]] = {
@@ -82,7 +91,7 @@ SCENARIOS: dict[str, list[Step]] = {
     "idle past the keep-alive deadline closes": [
         (GET, S.OPEN),
         (Happening.RESPONSE, S.OPEN),
-        (Happening.IDLE_TIMEOUT, S.CLOSED),
+        (Happening.DEADLINES_PASS, S.CLOSED),
     ],
     "a malformed request is answered and closes": [(b"NOT HTTP AT ALL\r\n\r\n", S.CLOSED)],
     "garbage behind a request being relayed drains": [
@@ -92,6 +101,12 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "the client leaves while its request is relayed": [(GET, S.OPEN), (Happening.LOST, S.CLOSED)],
     "the client leaves while draining": [(GET_CLOSE, S.DRAINING), (Happening.LOST, S.CLOSED)],
+    "a deadline passing mid-response closes; the held request is never begun": [
+        (GET + GET, S.OPEN),
+        (Happening.HALF_RESPONSE, S.OPEN),
+        (Happening.DEADLINES_PASS, S.CLOSED),
+        (Happening.REST, S.CLOSED),
+    ],
 }
 
 
@@ -99,17 +114,30 @@ SCENARIOS: dict[str, list[Step]] = {
 def test_states_after_each_step(name: str) -> None:
     """The state after every byte sequence, answer and tick is the one named."""
     steps = SCENARIOS[name]
-    channel, client, _ = run(steps)
+    channel, client, _, _ = run(steps)
     if channel.state is S.CLOSED and steps[-1][0] != Happening.LOST:
         assert client.disconnecting, "the proxy closed the connection"
 
 
 def test_bytes_after_draining_reach_no_upstream() -> None:
     """A request sent after a Connection: close request is never forwarded."""
-    _, client, upstreams = run(SCENARIOS["bytes after a Connection: close request are not parsed"])
+    _, client, upstreams, _ = run(
+        SCENARIOS["bytes after a Connection: close request are not parsed"]
+    )
     (upstream,) = upstreams
     assert upstream.received().count(b"GET /v1/chat/completions") == 1
     assert client.value().count(b"HTTP/1.1 200") == 1
+
+
+def test_a_closed_channel_begins_no_held_request() -> None:
+    """Closed by a deadline while answering, the channel forwards no pipelined
+    request once that answer ends (it used to begin the next one)."""
+    _, client, upstreams, proxy = run(
+        SCENARIOS["a deadline passing mid-response closes; the held request is never begun"]
+    )
+    assert proxy.connects() == 1, "no connection opened for the held request"
+    assert upstreams[0].received().count(b"GET /v1/chat/completions") == 1
+    assert client.value().endswith(b"ok")
 
 
 @pytest.fixture
