@@ -151,3 +151,16 @@ def _records_built_as_their_constructor_builds_them(
     from parsers import _analyse, _records
 
     monkeypatch.setattr(_analyse, "construct", checking_construct(_records.construct))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _illegal_state_transitions_raise() -> Iterator[None]:
+    """A state machine's illegal move (llmobserve.proxy._states) raises in every
+    test, in process and in the proxies the tests start (they inherit the
+    environment); production only logs it."""
+    from llmobserve.proxy import _states
+
+    os.environ["LLMOBSERVE_STRICT_STATES"] = "1"
+    saved, _states.strict = _states.strict, True
+    yield
+    _states.strict = saved

@@ -89,17 +89,19 @@ class BudgetPoller(Service):
     def load_now(self) -> None:
         """Load once, synchronously (start-up: a restart never resets a budget;
         shared budgets get their first grant here). A collector that does not
-        answer is logged, and asked again every second."""
+        answer, or a store file that cannot be opened, is logged and asked
+        again every second: observation never stops traffic, so the proxy
+        starts and forwards (spooling its events) while no budget is known."""
         try:
             self._apply(self._read({}))
             if self.ledger.shared:  # the accounts exist now: report and take grants
                 self._apply(self._read(self.ledger.grant_snapshot()))
         except Exception as e:
-            if self._collector is None:
-                raise
+            self._book = None
             _log.warn(
-                "budgets: collector {url} did not answer ({error}); asking again every second",
-                url=self._collector,
+                "budgets: {where} cannot be read ({error}); no budget applies until it can,"
+                " asking again every second",
+                where=f"collector {self._collector}" if self._collector else f"store {self._path}",
                 error=e,
             )
 
@@ -224,7 +226,16 @@ class BudgetPoller(Service):
                     n=self._outages,
                 )
             return
-        _log.failure("reading budgets failed", failure)
+        # the store file: opened again on the next read; logged a few times,
+        # not once a second
+        self._book = None
+        self._outages += 1
+        if self._outages in (1, 10) or self._outages % 300 == 0:
+            _log.failure(
+                "reading budgets failed ({n} reads); no new budget applies until it works",
+                failure,
+                n=self._outages,
+            )
 
     def kick(self) -> None:
         """Read (and exchange grants) now, unless a read is under way."""

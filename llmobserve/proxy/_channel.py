@@ -36,9 +36,10 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from llmobserve.proxy._errors import error_body, prepare_error
+from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
-__all__ = ["ChannelRequest", "ProxyChannel", "ProxyServerFactory"]
+__all__ = ["ChannelRequest", "ChannelState", "ProxyChannel", "ProxyServerFactory"]
 
 _log = Logger()
 #: Reason phrases: twisted.web's table, and the standard library's for the
@@ -252,9 +253,37 @@ def _discard(data: bytes) -> None:
     pass
 
 
+class ChannelState(StateEnum):
+    """Where a L{ProxyChannel} is in its life (see docs/ARCHITECTURE.md)."""
+
+    OPEN = "open"  # parsing requests and answering them in turn
+    DRAINING = "draining"  # parsing nothing more; closes once the responses are out
+    CLOSED = "closed"  # closing or closed: nothing more is parsed or begun
+
+
+_OPEN, _DRAINING, _CLOSED = ChannelState
+#: The legal moves. Draining a draining or closed channel, and closing a
+#: closed one, do nothing and are not moves.
+CHANNEL_TRANSITIONS: Transitions[ChannelState] = Transitions(
+    "ProxyChannel",
+    {
+        _OPEN: [_DRAINING, _CLOSED],
+        _DRAINING: [_CLOSED],
+        _CLOSED: [],
+    },
+)
+
+
 @implementer(IPushProducer)
 class ProxyChannel(Protocol):
-    """One client connection: parse requests with llhttp, relay one at a time."""
+    """One client connection: parse requests with llhttp, relay one at a time.
+
+    Its lifecycle is the one C{state} field (L{ChannelState}, moves checked
+    by L{CHANNEL_TRANSITIONS}). Apart from it: the queue of requests (the
+    head of line is answered, the others held), the parser's position as
+    the kind of deadline armed, and read flow control (paused by us while
+    held bodies exceed the hold limit), which may change in any state.
+    """
 
     def __init__(self, factory: ProxyServerFactory) -> None:
         self.factory = factory
@@ -265,10 +294,8 @@ class ProxyChannel(Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._held_bytes = 0
-        self._reading = True
+        self.state = _OPEN
         self._paused_by_us = False
-        self._closing = False
-        self._write_paused = False
         self._body_progress = 0
         self.deadline = float("inf")
         self._deadline_kind = "keepalive"
@@ -285,7 +312,7 @@ class ProxyChannel(Protocol):
         self.factory.deadlines.add(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._reading:
+        if self.state is not _OPEN:
             return
         coalescer = self.factory.coalescer
         coalescer.hold()
@@ -310,7 +337,8 @@ class ProxyChannel(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.deadlines.discard(self)
-        self._reading = False
+        if self.state is not _CLOSED:
+            self.state = CHANNEL_TRANSITIONS.move(self.state, _CLOSED)
         requests, self._requests = self._requests, deque()
         for request in requests:
             request._disconnected = True
@@ -451,7 +479,7 @@ class ProxyChannel(Protocol):
         # the cyclic garbage collector (a pause every few hundred requests).
         request.receiver = None
         request.producer = None
-        if not request.keep_alive or self._closing:
+        if not request.keep_alive or self.state is not _OPEN:
             self._close()
             return
         if not request.body_done:
@@ -478,11 +506,13 @@ class ProxyChannel(Protocol):
 
     def stop_reading_requests(self) -> None:
         """Parse nothing more on this connection; close once responses are out."""
-        self._closing = True
-        self._reading = False
+        if self.state is _OPEN:
+            self.state = CHANNEL_TRANSITIONS.move(_OPEN, _DRAINING)
 
     def _close(self) -> None:
-        self._reading = False
+        if self.state is _CLOSED:
+            return
+        self.state = CHANNEL_TRANSITIONS.move(self.state, _CLOSED)
         self.factory.deadlines.discard(self)
         transport: Any = self.transport
         if transport is not None:
@@ -504,7 +534,7 @@ class ProxyChannel(Protocol):
             headers.pairs.append((b"Transfer-Encoding", b"chunked"))
         if request.clientproto != b"HTTP/1.1" and not headers.hasHeader(b"content-length"):
             request.keep_alive = False  # HTTP/1.0 without a length: close frames the body
-        if not request.keep_alive or self._closing:
+        if not request.keep_alive or self.state is not _OPEN:
             headers.setRawHeaders(b"Connection", [b"close"])
         parts = [b"HTTP/1.1 %d " % code, reason, b"\r\n"]
         for name, value in headers.pairs:
@@ -517,8 +547,7 @@ class ProxyChannel(Protocol):
         request.finish_and_close()
 
     def _protocol_error(self, status: int, kind: str, message: str) -> None:
-        self._reading = False
-        self._closing = True
+        self.stop_reading_requests()
         broken = self._current
         if broken is not None and broken.receiver is not None and not broken.body_done:
             # The body of the request being relayed is malformed: the upstream
@@ -556,12 +585,10 @@ class ProxyChannel(Protocol):
 
     def pauseProducing(self) -> None:
         """The client's socket buffer is full: pause whoever produces the response."""
-        self._write_paused = True
         if self._requests and self._requests[0].producer is not None:
             self._requests[0].producer.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._write_paused = False
         if self._requests and self._requests[0].producer is not None:
             self._requests[0].producer.resumeProducing()
 

@@ -39,13 +39,14 @@ from llmobserve.proxy._errors import prepare_error, write_error
 from llmobserve.proxy._gqllimits import GraphQLLimits
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
+from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
 from llmobserve.proxy._streamusage import StreamUsagePolicy, UsageInjection
 from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
 from llmobserve.transaction import ITransactionSink, Outcome, Transaction
 from parsers.streamusage import UsageChunkFilter
 
-__all__ = ["Relay", "RelayServices"]
+__all__ = ["Relay", "RelayServices", "RelayState"]
 
 _log = Logger()
 _now = time.perf_counter
@@ -142,9 +143,38 @@ class RelayServices:
         self.stats: dict[str, int] = {"in_flight": 0, "requests_total": 0}
 
 
+class RelayState(StateEnum):
+    """Where a L{Relay}'s exchange is (see docs/ARCHITECTURE.md)."""
+
+    BEFORE_RESPONSE = "before_response"  # checking, connecting, sending; no response head yet
+    RESPONDING = "responding"  # the response head went to the client; relaying its body
+    CLIENT_LEFT = "client_left"  # the client closed mid-response; waiting for the end (grace)
+    ENDED = "ended"  # the transaction is recorded; nothing more happens
+
+
+_BEFORE_RESPONSE, _RESPONDING, _CLIENT_LEFT, _ENDED = RelayState
+#: The legal moves; ending an ended relay does nothing and is not a move.
+RELAY_TRANSITIONS: Transitions[RelayState] = Transitions(
+    "Relay",
+    {
+        _BEFORE_RESPONSE: [_RESPONDING, _ENDED],
+        _RESPONDING: [_CLIENT_LEFT, _ENDED],
+        _CLIENT_LEFT: [_ENDED],
+        _ENDED: [],
+    },
+)
+
+
 @implementer(IPushProducer)
 class Relay:
-    """Relays one request. Created at header time; the body arrives afterwards."""
+    """Relays one request. Created at header time; the body arrives afterwards.
+
+    The exchange's lifecycle is the one C{state} field (L{RelayState}, moves
+    checked by L{RELAY_TRANSITIONS}). Apart from it: whether the request
+    body has all arrived (it streams on while the response does), the
+    connection being made or used, why the client is paused, the one retry
+    taken, and the deadline armed.
+    """
 
     __slots__ = (
         "_body_bytes",
@@ -154,7 +184,6 @@ class Relay:
         "_conn",
         "_connecting",
         "_deadline_kind",
-        "_done",
         "_gate",
         "_head",
         "_hold",
@@ -171,7 +200,6 @@ class Relay:
         "_resp_tap",
         "_response_bytes",
         "_response_headers",
-        "_response_started",
         "_retried",
         "_s",
         "_started_at",
@@ -184,6 +212,7 @@ class Relay:
         "_target",
         "_usage",
         "deadline",
+        "state",
     )
 
     def __init__(
@@ -220,8 +249,7 @@ class Relay:
         self._resolved: ResolvedTarget | None = None
         self._status: int | None = None
         self._response_headers: tuple[tuple[bytes, bytes], ...] = ()
-        self._response_started = False
-        self._done = False
+        self.state = _BEFORE_RESPONSE
         self._retried = False
         self._t_sent: float | None = None
         self._t_connect = 0.0
@@ -278,7 +306,7 @@ class Relay:
 
     def _target_refused(self, failure: Failure) -> None:
         self._connecting = None
-        if self._done:
+        if self.state is _ENDED:
             return
         if failure.check(TargetRefused):
             exc: Any = failure.value
@@ -295,7 +323,7 @@ class Relay:
 
     def _target_checked(self, resolved: ResolvedTarget) -> None:
         self._connecting = None
-        if self._done:
+        if self.state is _ENDED:
             return
         self._resolved = resolved
         if self._provider_hint is None:
@@ -311,7 +339,7 @@ class Relay:
     def _check_budgets(self) -> None:
         """Once the target is checked and the body is in (or too big to
         hold): reserve the call's worst case, or refuse it with a 402."""
-        if self._resolved is None or self._done:
+        if self._resolved is None or self.state is _ENDED:
             return
         if not self._body_done and self._pending_size <= self._gate_buffer():
             return
@@ -410,7 +438,7 @@ class Relay:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if self._done:
+        if self.state is _ENDED:
             return
         if failure.check(CancelledError, ConnectingCancelledError):
             return
@@ -429,7 +457,7 @@ class Relay:
 
     def _connected(self, conn: UpstreamConnection) -> None:
         self._connecting = None
-        if self._done:
+        if self.state is _ENDED:
             conn.abort()
             return
         self._conn = conn
@@ -469,7 +497,7 @@ class Relay:
     # Request body (from the client)
 
     def body_chunk(self, data: bytes) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         self._body_bytes += len(data)
         if self._body_bytes > self._s.config.max_body:
@@ -493,7 +521,7 @@ class Relay:
         conn = self._conn
         if conn is not None:
             self._send_chunk(conn, data)
-            if not self._response_started:
+            if self.state is _BEFORE_RESPONSE:
                 # The response-header deadline counts from the end of the request.
                 self._arm("header", self._s.config.header_timeout)
             return
@@ -509,7 +537,7 @@ class Relay:
             self._pause_client("connect")
 
     def body_complete(self) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         usage = self._usage
         if usage is not None and usage.holding:
@@ -566,13 +594,13 @@ class Relay:
     def upstream_headers(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         self._t_first = _now()
         self._last_activity = self._s.clock.seconds()
         self._status = status
         self._response_headers = tuple(headers)
-        self._response_started = True
+        self.state = RELAY_TRANSITIONS.move(self.state, _RESPONDING)
         request = self._request
         request.setResponseCode(status, reason or None)
         out = request.responseHeaders
@@ -594,7 +622,7 @@ class Relay:
         self._arm("idle", self._s.config.idle_timeout)
 
     def upstream_body(self, data: bytes) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         self._last_activity = self._s.clock.seconds()
         self._response_bytes += len(data)
@@ -606,7 +634,7 @@ class Relay:
         self._request.write(data)
 
     def upstream_complete(self) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         self._t_upstream_done = _now()
         self._conn = None
@@ -626,10 +654,10 @@ class Relay:
         self._end(Outcome.UPSTREAM_ERROR if status >= 400 else Outcome.OK, None)
 
     def upstream_failed(self, kind: str, message: str) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
         conn, self._conn = self._conn, None
-        if not self._response_started:
+        if self.state is _BEFORE_RESPONSE:
             if (
                 kind == "upstream_reset"
                 and conn is not None
@@ -698,17 +726,19 @@ class Relay:
         or the grace running out, and it is C{client_aborted} and the
         upstream connection is cut at once.
         """
-        if self._done or self._client_left is not None:
+        state = self.state
+        if state is _ENDED or state is _CLIENT_LEFT:
             return
         conn = self._conn
         if (
             conn is None
-            or not self._response_started
+            or state is _BEFORE_RESPONSE
             or not self._body_done
             or self._paused_at is not None
         ):
             self._client_aborted()
             return
+        self.state = RELAY_TRANSITIONS.move(state, _CLIENT_LEFT)
         self._s.deadlines.discard(self)
         self._client_left = self._s.clock.callLater(CLIENT_CLOSE_GRACE, self._client_aborted)
         conn.listener = _AfterClientLeft(self)
@@ -717,7 +747,7 @@ class Relay:
         left, self._client_left = self._client_left, None
         if left is not None and left.active():
             left.cancel()
-        if self._done:
+        if self.state is _ENDED:
             return
         self._end(Outcome.CLIENT_ABORTED, "client_disconnected")
         self._abort_upstream()
@@ -727,7 +757,7 @@ class Relay:
         left, self._client_left = self._client_left, None
         if left is not None and left.active():
             left.cancel()
-        if self._done:
+        if self.state is _ENDED:
             return
         self._t_upstream_done = _now()
         self._conn = None
@@ -750,7 +780,7 @@ class Relay:
 
     def deadline_passed(self, now: float) -> None:
         """Called by the sweeper once C{now} is past C{deadline}."""
-        if self._done:
+        if self.state is _ENDED:
             return
         if self._deadline_kind == "idle":
             paused = self._paused_at
@@ -780,9 +810,9 @@ class Relay:
         body tap's copy: a cut stream is priced from its usage so far). The
         client loses its connection (a body already started can never look
         complete) or, before the response, gets a 503."""
-        if self._done:
+        if self.state is _ENDED:
             return
-        if self._response_started:
+        if self.state is not _BEFORE_RESPONSE:
             self._t_upstream_done = _now()
             self._drop_client()
             self._end(Outcome.SHUTDOWN_ABORTED, "drain_deadline")
@@ -833,9 +863,9 @@ class Relay:
             channel.transport.loseConnection()
 
     def _end(self, outcome: Outcome, error: str | None) -> None:
-        if self._done:
+        if self.state is _ENDED:
             return
-        self._done = True
+        self.state = RELAY_TRANSITIONS.move(self.state, _ENDED)
         self._s.deadlines.discard(self)
         if self._client_paused_for:
             self._client_paused_for.clear()

@@ -32,9 +32,16 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
-__all__ = ["IUpstreamListener", "UpstreamConnection", "UpstreamKey", "UpstreamPool"]
+__all__ = [
+    "IUpstreamListener",
+    "UpstreamConnection",
+    "UpstreamKey",
+    "UpstreamPool",
+    "UpstreamState",
+]
 
 #: (scheme, address to connect to, port, hostname for SNI and Host)
 UpstreamKey = tuple[str, str, int, str]
@@ -88,26 +95,56 @@ class _WriteBackpressure:
         pass
 
 
+class UpstreamState(StateEnum):
+    """Where an L{UpstreamConnection} is in its life (see docs/ARCHITECTURE.md)."""
+
+    CONNECTING = "connecting"  # built, the transport not made yet
+    IDLE = "idle"  # connected, no exchange (new, or back in the pool)
+    AWAIT_HEAD = "await_head"  # request head written, final response head not complete
+    BODY = "body"  # final response head relayed, its body arriving
+    DONE = "done"  # response complete, the listener told; settling
+    CLOSED = "closed"  # aborted or lost: never used again
+
+
+_CONNECTING, _IDLE, _AWAIT_HEAD, _BODY, _DONE, _CLOSED = UpstreamState
+#: The legal moves; closing is idempotent and not a move (see L{UpstreamConnection.abort}).
+UPSTREAM_TRANSITIONS: Transitions[UpstreamState] = Transitions(
+    "UpstreamConnection",
+    {
+        _CONNECTING: [_IDLE],
+        _IDLE: [_AWAIT_HEAD, _CLOSED],
+        _AWAIT_HEAD: [_BODY, _CLOSED],
+        _BODY: [_DONE, _CLOSED],
+        _DONE: [_IDLE, _CLOSED],
+        _CLOSED: [],
+    },
+)
+
+
 class UpstreamConnection(TwistedProtocol):
-    """One HTTP/1.1 connection to an upstream, one exchange at a time."""
+    """One HTTP/1.1 connection to an upstream, one exchange at a time.
+
+    Its lifecycle is the one C{state} field (L{UpstreamState}, moves checked
+    by L{UPSTREAM_TRANSITIONS}). What is not lifecycle stays in fields of
+    its own, as h11 keeps keep-alive apart from its states: facts about the
+    current exchange (HEAD request, framed by EOF, request body all written,
+    may be reused) and read flow control, which can be paused in any state.
+    """
 
     def __init__(self, pool: UpstreamPool, key: UpstreamKey, max_head_bytes: int) -> None:
         self.pool = pool
         self.key = key
+        self.state = _CONNECTING
         self.listener: IUpstreamListener | None = None
         self.reused = False
-        self.connected_ = False
         self._max_head_bytes = max_head_bytes
         self._parser: Any = None
         self._head_bytes = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
-        self._in_head = True
-        self._response_done = True
         self._request_done = True
         self._reusable = True
         self._head_request = False
-        self._response_started = False
         self._eof_framed = False
         self._read_paused = False
         self.idle_since = 0.0  # clock time it went back to the pool
@@ -116,8 +153,11 @@ class UpstreamConnection(TwistedProtocol):
 
     # Twisted protocol
 
+    def _move(self, new: UpstreamState) -> None:
+        self.state = UPSTREAM_TRANSITIONS.move(self.state, new)
+
     def connectionMade(self) -> None:
-        self.connected_ = True
+        self._move(_IDLE)
         transport: Any = self.transport
         nodelay = getattr(transport, "setTcpNoDelay", None)
         if nodelay is not None:
@@ -136,13 +176,14 @@ class UpstreamConnection(TwistedProtocol):
             coalescer.release()
 
     def _received(self, data: bytes) -> None:
-        if self.listener is None or self._response_done:
+        state = self.state
+        if self.listener is None or (state is not _AWAIT_HEAD and state is not _BODY):
             # Bytes out of turn (stray body after 204/HEAD, unsolicited data
             # on an idle connection): never trust this connection again.
             self._reusable = False
             self.abort()
             return
-        if self._in_head:
+        if state is _AWAIT_HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes:
                 self._fail("bad_upstream_response", "response headers too large")
@@ -155,13 +196,14 @@ class UpstreamConnection(TwistedProtocol):
             self._fail("bad_upstream_response", f"malformed response: {e}")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.connected_ = False
+        state = self.state
+        if state is not _CLOSED:
+            self._move(_CLOSED)
         self._reusable = False
         self.pool._forget(self)
-        if self.listener is not None and not self._response_done:
+        if self.listener is not None and (state is _AWAIT_HEAD or state is _BODY):
             listener, self.listener = self.listener, None
-            self._response_done = True
-            if self._eof_framed and self._response_started:
+            if self._eof_framed and state is _BODY:
                 # A response framed by the end of the connection ends here.
                 listener.upstream_complete()
             else:
@@ -177,7 +219,7 @@ class UpstreamConnection(TwistedProtocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        if self._response_done:
+        if self.state is not _AWAIT_HEAD:
             # A second response in the same read: bytes out of turn.
             self.abort()
 
@@ -188,6 +230,8 @@ class UpstreamConnection(TwistedProtocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.state is not _AWAIT_HEAD:
+            return  # a response out of turn, already aborted by on_message_begin
         status: int = self._parser.get_status_code()
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103 Early Hints) are not
@@ -195,8 +239,7 @@ class UpstreamConnection(TwistedProtocol):
             self._headers = []
             self._reason = b""
             return
-        self._in_head = False
-        self._response_started = True
+        self._move(_BODY)
         if not self._parser.should_keep_alive():
             self._reusable = False
         if status not in (204, 304) and not self._head_request:
@@ -224,9 +267,9 @@ class UpstreamConnection(TwistedProtocol):
             listener.upstream_body(body)
 
     def on_message_complete(self) -> None:
-        if self._response_done or not self._response_started:
-            return
-        self._response_done = True
+        if self.state is not _BODY:
+            return  # an interim response's end, or a HEAD response already ended
+        self._move(_DONE)
         listener, self.listener = self.listener, None
         if not self._request_done:
             # The upstream answered before taking the whole body: the rest of
@@ -240,15 +283,13 @@ class UpstreamConnection(TwistedProtocol):
 
     def start(self, listener: IUpstreamListener, head: bytes, method: bytes) -> None:
         """Begin one exchange: write the request head."""
+        self._move(_AWAIT_HEAD)
         self.listener = listener
         self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self._headers = []
         self._reason = b""
-        self._in_head = True
-        self._response_started = False
         self._eof_framed = False
-        self._response_done = False
         self._request_done = False
         self._head_request = method == b"HEAD"
         self._out.append(head)
@@ -264,7 +305,7 @@ class UpstreamConnection(TwistedProtocol):
         if not out:
             return
         self._out = []
-        if self.transport is not None and self.connected_:
+        if self.transport is not None and self.state is not _CLOSED:
             write_now(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def request_finished(self) -> None:
@@ -284,27 +325,31 @@ class UpstreamConnection(TwistedProtocol):
             transport.resumeProducing()
 
     def abort(self) -> None:
-        """Close now: this connection never goes back to the pool."""
+        """Close now: this connection never goes back to the pool (idempotent)."""
         self._reusable = False
         self.listener = None
         self._out = []
         self.pool._forget(self)
+        if self.state is _CLOSED:
+            return
+        connected = self.state is not _CONNECTING
+        self._move(_CLOSED)
         transport: Any = self.transport
-        if transport is not None and self.connected_:
+        if transport is not None and connected:
             transport.abortConnection()
 
     def _fail(self, kind: str, message: str) -> None:
         listener, self.listener = self.listener, None
-        self._response_done = True
         self.abort()
         if listener is not None:
             listener.upstream_failed(kind, message)
 
     def _settle(self) -> None:
-        if self._reusable and self._request_done and self.connected_:
+        if self._reusable and self._request_done and self.state is _DONE:
             # A slow client may have left the socket paused: an idle pooled
             # connection must read (to notice EOF, and for its next response).
             self.resume_reading()
+            self._move(_IDLE)
             self.pool._release(self)
         else:
             self.abort()
@@ -356,7 +401,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if conn.connected_ and conn._reusable:
+            if conn.state is _IDLE and conn._reusable:
                 conn.reused = True
                 return conn
         return None

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from collector.test_store import T0, call
 
 from llmobserve.cli import main
 from llmobserve.collector import Budget, BudgetError, EventStore, SQLiteBudgetBook
-from collector.test_store import T0, call
 
 
 def test_definition_is_checked() -> None:
