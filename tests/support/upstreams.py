@@ -914,6 +914,12 @@ class SSEUpstream(_ThreadedServer):
         self.streams: list[StreamRecord] = []
         self.client_closed = threading.Event()
         self.completed = threading.Event()
+        # Made once, before any request: 50,000 padded events take a loaded
+        # machine seconds to build, and a head held back that long met the
+        # proxy's header deadline (a 504 that was the fake's, not the proxy's).
+        self._made: dict[str, list[bytes]] = {}
+        if flavor != "anthropic":
+            self._made["openai"] = openai_sse_events(events, padding=padding)
 
     def events_for(self, request: RecordedRequest | None) -> list[bytes]:
         """The exact events this upstream sends for C{request}."""
@@ -924,9 +930,14 @@ class SSEUpstream(_ThreadedServer):
                 if request is not None and request.path.endswith("/messages")
                 else "openai"
             )
-        if flavor == "anthropic":
-            return anthropic_sse_events(self.events, padding=self.padding)
-        return openai_sse_events(self.events, padding=self.padding)
+        made = self._made.get(flavor)
+        if made is None:
+            made = self._made[flavor] = (
+                anthropic_sse_events(self.events, padding=self.padding)
+                if flavor == "anthropic"
+                else openai_sse_events(self.events, padding=self.padding)
+            )
+        return made
 
     def body_for(self, request: RecordedRequest | None = None) -> bytes:
         """The whole (de-chunked) body this upstream sends."""
