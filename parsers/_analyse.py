@@ -6,6 +6,7 @@ from collections.abc import Callable, Container
 
 from ._call import Call
 from ._draft import USAGE_KEYS, UsageDraft
+from ._modifiers import apply_modifiers
 from ._records import Exchange, UsageRecord, construct
 from .anthropic import parse_anthropic
 from .bedrock import parse_bedrock
@@ -159,6 +160,10 @@ def _finish(
             context=draft.price_context or None,
             use_genai=provider is None or provider.prices_id is not None or provider.kind == "llm",
         )
+        for name in priced.modifiers:
+            draft.flag(f"pricing:{name}")
+    if draft.batch or draft.tool_calls:
+        priced = apply_modifiers(provider_id, draft, priced)
     why_estimated = draft.details.get("estimate_reason")
     if isinstance(why_estimated, str) and draft.usage_source == "estimated":
         priced = PriceResult(

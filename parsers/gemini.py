@@ -85,6 +85,7 @@ def parse_gemini(call: Call, draft: UsageDraft) -> None:
             draft.flag("api_error")
         if method == "predict":
             _predict_usage(chunk, draft)
+        _count_grounding(chunk, draft)
     if last is not None:
         _read_usage(last, draft)
     elif method == "embedContent" or method == "batchEmbedContents":
@@ -114,6 +115,23 @@ def _read_usage(meta: dict[str, Any], draft: UsageDraft) -> None:
             for item in details:
                 if isinstance(item, dict) and item.get("modality") == "AUDIO":
                     draft.set(target, item.get("tokenCount"))
+
+
+def _count_grounding(chunk: dict[str, Any], draft: UsageDraft) -> None:
+    """Grounding with Google Search: the queries it ran (billed per prompt or per query).
+
+    Kept as the most any one chunk reports (a stream repeats its metadata).
+    """
+    candidates = chunk.get("candidates")
+    if not isinstance(candidates, list):
+        return
+    for candidate in candidates:
+        meta = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        queries = meta.get("webSearchQueries")
+        count = len(queries) if isinstance(queries, list) and queries else 1
+        draft.tool_calls["grounding"] = max(draft.tool_calls.get("grounding", 0), count)
 
 
 def _predict_usage(chunk: dict[str, Any], draft: UsageDraft) -> None:

@@ -33,6 +33,8 @@ class PriceResult:
     cost_usd: float | None
     price_ref: str | None
     breakdown: Mapping[str, float] | None = None
+    #: Price modifiers the price list applied (C{long_context}: the higher tier).
+    modifiers: tuple[str, ...] = ()
 
 
 def _builtin_table() -> PriceTable:
@@ -117,6 +119,9 @@ class Pricer:
                     totals = found.plan.totals(genai_usage)
                 except InvalidUsage as exc:
                     return PriceResult(None, f"{ref}: invalid usage ({exc})")
+                tiered = found.plan.tier_start
+                if tiered is not None and usage.get("input_tokens", 0) > tiered:
+                    return _result(totals, ref, ("long_context",))
                 return _result(totals, ref)
         return PriceResult(None, f"unknown model: {model[:200]}")
 
@@ -168,9 +173,10 @@ class Pricer:
         return PriceResult(float(total), ref + label, breakdown)
 
 
-def _result(totals: PlanTotals, ref: str) -> PriceResult:
+def _result(totals: PlanTotals, ref: str, modifiers: tuple[str, ...] = ()) -> PriceResult:
     total, input_, output = totals
-    return PriceResult(float(total), ref, {"input": float(input_), "output": float(output)})
+    breakdown = {"input": float(input_), "output": float(output)}
+    return PriceResult(float(total), ref, breakdown, modifiers)
 
 
 PRICER = Pricer()

@@ -66,6 +66,7 @@ class PricePlan:
         "_unguarded",
         "min_audio_seconds",
         "priced_keys",
+        "tier_start",
     )
 
     def __init__(self, model_price: ModelPrice, min_audio_seconds: int = 0) -> None:
@@ -87,6 +88,11 @@ class PricePlan:
         except ValueError as exc:
             self._invalid = str(exc)
         self._tiered = any(isinstance(p, TieredPrices) for _, p, _ in priced)
+        #: The fewest input tokens a higher (long-context) price tier starts above, or None.
+        self.tier_start: int | None = min(
+            (t.start for _, p, _ in priced if isinstance(p, TieredPrices) for t in p.tiers),
+            default=None,
+        )
         self._requests = any(u.usage_key == "requests" for u, _, _ in priced)
         units = [u for u, _, _ in priced if u.usage_key != "requests"]
         order = sorted(units, key=lambda u: (-len(u.dimensions), u.usage_key))
