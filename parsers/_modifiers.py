@@ -30,10 +30,12 @@ BATCH_FACTOR = Decimal("0.5")
 
 #: USD per call of a server-side tool, by (provider, tool), with its source.
 TOOL_FEES: Mapping[tuple[str, str], tuple[Decimal, str]] = {
-    # "$10 per 1,000 searches", the Claude pricing page, read 2026-12-07.
+    # "$10 per 1,000 searches, plus standard token costs" (Anthropic's web
+    # search tool documentation, as quoted in copies of it from 2025-06 to
+    # 2026; checked 2026-12-07).
     ("anthropic", "web_search"): (
         Decimal("0.01"),
-        "https://docs.anthropic.com/en/docs/about-claude/pricing",
+        "https://platform.claude.com/docs/en/agents-and-tools/tool-use/web-search-tool",
     ),
 }
 

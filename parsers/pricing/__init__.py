@@ -123,6 +123,8 @@ class Pricer:
                 if tiered is not None and usage.get("input_tokens", 0) > tiered:
                     return _result(totals, ref, ("long_context",))
                 return _result(totals, ref)
+        if not use_genai:
+            return PriceResult(None, f"no sourced price for {provider_id}/{model[:200]}")
         return PriceResult(None, f"unknown model: {model[:200]}")
 
     def _entry_price(
