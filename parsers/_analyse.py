@@ -159,11 +159,10 @@ def _finish(
             item=draft.price_item,
             context=draft.price_context or None,
             use_genai=provider is None or provider.prices_id is not None or provider.kind == "llm",
+            tool_calls=draft.tool_calls or None,
         )
-        for name in priced.modifiers:
-            draft.flag(f"pricing:{name}")
-    if draft.batch or draft.tool_calls:
-        priced = apply_modifiers(provider_id, draft, priced)
+    if draft.batch or draft.tool_calls or priced.modifiers:
+        priced = apply_modifiers(draft, priced)
     why_estimated = draft.details.get("estimate_reason")
     if isinstance(why_estimated, str) and draft.usage_source == "estimated":
         priced = PriceResult(

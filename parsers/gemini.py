@@ -118,9 +118,9 @@ def _read_usage(meta: dict[str, Any], draft: UsageDraft) -> None:
 
 
 def _count_grounding(chunk: dict[str, Any], draft: UsageDraft) -> None:
-    """Grounding with Google Search: the queries it ran (billed per prompt or per query).
-
-    Kept as the most any one chunk reports (a stream repeats its metadata).
+    """Grounding with Google Search: Gemini 2.x bills it per grounded prompt,
+    so a grounded response counts one; the queries it ran are kept in
+    C{details} (a stream repeats its metadata: the most seen is kept).
     """
     candidates = chunk.get("candidates")
     if not isinstance(candidates, list):
@@ -129,9 +129,11 @@ def _count_grounding(chunk: dict[str, Any], draft: UsageDraft) -> None:
         meta = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
         if not isinstance(meta, dict):
             continue
+        draft.tool_calls["grounding"] = 1
         queries = meta.get("webSearchQueries")
-        count = len(queries) if isinstance(queries, list) and queries else 1
-        draft.tool_calls["grounding"] = max(draft.tool_calls.get("grounding", 0), count)
+        if isinstance(queries, list):
+            seen = draft.details.get("grounding_queries", 0)
+            draft.details["grounding_queries"] = max(seen, len(queries))
 
 
 def _predict_usage(chunk: dict[str, Any], draft: UsageDraft) -> None:

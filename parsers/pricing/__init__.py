@@ -91,8 +91,14 @@ class Pricer:
         item: str | None = None,
         context: Mapping[str, str] | None = None,
         use_genai: bool = True,
+        tool_calls: Mapping[str, int] | None = None,
     ) -> PriceResult:
-        """Price C{usage} of C{model} at C{provider_id} at unix time C{when}."""
+        """Price C{usage} of C{model} at C{provider_id} at unix time C{when}.
+
+        C{tool_calls} (server-side searches, by tool) are priced at the
+        model's own per-call rate when genai-prices has one (its
+        C{web_searches} unit); the result's C{modifiers} then name them.
+        """
         if not usage:
             return PriceResult(None, "no usage reported")
         for table in self._tables:
@@ -115,14 +121,19 @@ class Pricer:
                     found.plan.priced_keys & genai_usage.keys()
                 ) and not found.plan.priced_keys & {"requests"}:
                     return PriceResult(None, f"{ref} prices none of {sorted(usage)}")
+                modifiers: list[str] = []
+                if tool_calls and "web_searches" in found.plan.priced_keys:
+                    genai_usage["web_searches"] = sum(tool_calls.values())
+                    modifiers += [f"{tool}={n}" for tool, n in tool_calls.items()]
+                    ref += " + " + ", ".join(f"{n} {tool}" for tool, n in tool_calls.items())
                 try:
                     totals = found.plan.totals(genai_usage)
                 except InvalidUsage as exc:
                     return PriceResult(None, f"{ref}: invalid usage ({exc})")
                 tiered = found.plan.tier_start
                 if tiered is not None and usage.get("input_tokens", 0) > tiered:
-                    return _result(totals, ref, ("long_context",))
-                return _result(totals, ref)
+                    modifiers.append("long_context")
+                return _result(totals, ref, tuple(modifiers), tools="web_searches" in genai_usage)
         if not use_genai:
             return PriceResult(None, f"no sourced price for {provider_id}/{model[:200]}")
         return PriceResult(None, f"unknown model: {model[:200]}")
@@ -175,9 +186,13 @@ class Pricer:
         return PriceResult(float(total), ref + label, breakdown)
 
 
-def _result(totals: PlanTotals, ref: str, modifiers: tuple[str, ...] = ()) -> PriceResult:
+def _result(
+    totals: PlanTotals, ref: str, modifiers: tuple[str, ...] = (), *, tools: bool = False
+) -> PriceResult:
     total, input_, output = totals
     breakdown = {"input": float(input_), "output": float(output)}
+    if tools:  # per-call tool fees have no direction: what is left of the total
+        breakdown["tools"] = float(total - input_ - output)
     return PriceResult(float(total), ref, breakdown, modifiers)
 
 

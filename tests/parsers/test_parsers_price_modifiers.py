@@ -122,8 +122,9 @@ def test_gemini_long_context_tier() -> None:
 
 
 def test_anthropic_web_search_fee_added() -> None:
-    """Anthropic's server_tool_use.web_search_requests are billed $10 per
-    1,000 on top of the tokens: added to the cost, flagged, named in price_ref."""
+    """Anthropic's server_tool_use.web_search_requests are billed per search on
+    top of the tokens ($10 per 1,000, genai-prices's web_searches rate for the
+    model): added to the cost, flagged, named in price_ref."""
     usage = {
         "input_tokens": 1000,
         "output_tokens": 500,
@@ -137,12 +138,12 @@ def test_anthropic_web_search_fee_added() -> None:
     assert record.cost_usd == pytest.approx(0.0405, rel=1e-9)
     assert record.cost_breakdown is not None
     assert record.cost_breakdown["tools"] == pytest.approx(0.03)
-    assert record.price_ref is not None and record.price_ref.endswith("+ web_search 3 x $0.01")
+    assert record.price_ref is not None and record.price_ref.endswith(" + 3 web_search")
 
 
-def test_openai_web_search_calls_recorded_unpriced() -> None:
-    """Responses API web_search_call items are counted; OpenAI's per-call fee
-    depends on the model and date, so it is flagged unpriced, tokens priced."""
+def test_openai_web_search_calls_priced_per_call() -> None:
+    """Responses API web_search_call items are billed per call: $10 per 1,000
+    for gpt-4.1-mini in genai-prices's data, added to the tokens."""
     body = {
         "id": "resp_1",
         "object": "response",
@@ -154,14 +155,36 @@ def test_openai_web_search_calls_recorded_unpriced() -> None:
         "usage": {"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100},
     }
     record = analyse(exchange("api.openai.com", "/v1/responses", body, started_at=NOV_2025))
-    assert "pricing:web_search=1,unpriced" in record.flags
-    # gpt-4.1-mini: $0.40/M input, $1.60/M output: 400 + 160 = 560 per M
-    assert record.cost_usd == pytest.approx(560e-6, rel=1e-9)
+    assert "pricing:web_search=1" in record.flags
+    # gpt-4.1-mini: $0.40/M input, $1.60/M output: 400 + 160 = 560 per M, plus $0.01
+    assert record.cost_usd == pytest.approx(560e-6 + 0.01, rel=1e-9)
 
 
-def test_gemini_grounding_recorded_unpriced() -> None:
-    """Grounding with Google Search is free up to a daily allowance the proxy
-    cannot see: its queries are recorded, not priced."""
+def test_tool_calls_without_a_rate_are_flagged_unpriced() -> None:
+    """A model whose price list has no per-search rate: the searches are
+    counted and flagged unpriced, the tokens priced."""
+    usage = {
+        "input_tokens": 1000,
+        "output_tokens": 0,
+        "server_tool_use": {"web_search_requests": 2},
+    }
+    record = analyse(
+        exchange(
+            "api.anthropic.com",
+            "/v1/messages",
+            _claude(usage, model="claude-3-haiku-20240307"),
+            started_at=NOV_2025,
+        )
+    )
+    assert "pricing:web_search=2,unpriced" in record.flags
+    # claude-3-haiku: $0.25/M input: 1000 x 0.25 = 250 per M
+    assert record.cost_usd == pytest.approx(250e-6, rel=1e-9)
+
+
+def test_gemini_grounding_priced_per_grounded_prompt() -> None:
+    """Grounding with Google Search: Gemini 2.5 bills it per grounded prompt
+    ($35 per 1,000 in genai-prices's data; the daily free allowance is not
+    visible to the proxy), whatever the number of queries it ran."""
     body = {
         "candidates": [
             {
@@ -180,8 +203,10 @@ def test_gemini_grounding_recorded_unpriced() -> None:
             started_at=NOV_2025,
         )
     )
-    assert "pricing:grounding=2,unpriced" in record.flags
-    assert record.cost_usd is not None
+    assert "pricing:grounding=1" in record.flags
+    assert record.details["grounding_queries"] == 2
+    # gemini-2.5-flash: $0.30/M input, $2.50/M output: 3 + 25 = 28 per M, plus $0.035
+    assert record.cost_usd == pytest.approx(28e-6 + 0.035, rel=1e-9)
 
 
 def test_openai_batch_creation_recorded() -> None:
