@@ -126,8 +126,12 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
             draft.set("cached_input_tokens", pdet.get("cached_tokens"))
         if as_count(pdet.get("audio_tokens")):
             draft.set("audio_input_tokens", pdet.get("audio_tokens"))
-    elif as_count(usage.get("prompt_cache_hit_tokens")):  # DeepSeek's naming
-        draft.set("cached_input_tokens", usage.get("prompt_cache_hit_tokens"))
+    if "cached_input_tokens" not in draft.usage:
+        # DeepSeek's naming, then Moonshot's (a top-level count, part of prompt_tokens)
+        for key in ("prompt_cache_hit_tokens", "cached_tokens"):
+            if as_count(usage.get(key)):
+                draft.set("cached_input_tokens", usage.get(key))
+                break
     if isinstance(cdet, dict):
         if as_count(cdet.get("reasoning_tokens")):
             draft.set("reasoning_tokens", cdet.get("reasoning_tokens"))
