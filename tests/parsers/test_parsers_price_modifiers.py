@@ -61,6 +61,7 @@ def test_openai_flex_tier_is_priced_and_flagged() -> None:
     )
     assert "pricing:service_tier=flex" in record.flags
     assert not any(f.startswith("pricing:") for f in standard.flags)
+    assert "pricing:service_tier=flex,unpriced" not in record.flags
     # o3: $2/M input, $8/M output; flex halves both: 1000 x 1 + 1000 x 4 = 5000 per M
     assert standard.cost_usd == pytest.approx(10000e-6, rel=1e-9)
     assert record.cost_usd == pytest.approx(5000e-6, rel=1e-9)
@@ -354,3 +355,22 @@ def test_batch_results_of_several_models_not_priced() -> None:
     assert record.price_ref == (
         "not priced: batch results mix models (gpt-4o-mini, gpt-4o): one event has one model"
     )
+
+
+def test_openai_flex_before_its_price_is_known_says_so() -> None:
+    """genai-prices has OpenAI's flex prices from 2026-10-12 only: an earlier
+    flex call is priced at the standard rates and flagged so."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "o3",
+        "service_tier": "flex",
+        "choices": [],
+        "usage": usage,
+    }
+    record = analyse(exchange("api.openai.com", "/v1/chat/completions", body, started_at=NOV_2025))
+    assert "pricing:service_tier=flex" in record.flags
+    assert "pricing:service_tier=flex,unpriced" in record.flags
+    # o3 standard: 1000 x 2 + 1000 x 8 = 10000 per M
+    assert record.cost_usd == pytest.approx(10000e-6, rel=1e-9)
