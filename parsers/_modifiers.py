@@ -12,7 +12,9 @@ C{pricing:<what>}, so a reader sees why a call cost what it did
    (C{web_search}, Gemini's C{grounding}), priced at the model's own
    rate in genai-prices (its C{web_searches} unit), or
    C{pricing:<tool>=N,unpriced} when it has none for that model;
- - C{pricing:batch}: a Batch API call, billed at half price (applied here).
+ - C{pricing:batch}: a Batch API call, priced with genai-prices's batch
+   prices for the model where its data has them (C{processing: batch}),
+   else at half the standard price (applied here).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ BATCH_FACTOR = Decimal("0.5")
 def apply_modifiers(draft: UsageDraft, priced: PriceResult) -> PriceResult:
     """Flag the modifiers behind C{priced} and apply the batch discount."""
     for name in priced.modifiers:
-        draft.flag(f"pricing:{name}")
+        if not name.startswith("processing="):  # the batch: flagged below
+            draft.flag(f"pricing:{name}")
     reported = (priced.price_ref or "").startswith("reported:")
     for tool, count in draft.tool_calls.items():
         if f"{tool}={count}" not in priced.modifiers:
@@ -40,6 +43,8 @@ def apply_modifiers(draft: UsageDraft, priced: PriceResult) -> PriceResult:
     if not draft.batch:
         return priced
     draft.flag("pricing:batch")
+    if "processing=batch" in priced.modifiers:
+        return PriceResult(priced.cost_usd, f"{priced.price_ref} (batch prices)", priced.breakdown)
     if priced.cost_usd is None or reported:
         return priced
     total = Decimal(repr(priced.cost_usd)) * BATCH_FACTOR

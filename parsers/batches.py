@@ -49,6 +49,7 @@ def read_batch_output(
     @param read_usage: the provider's usage reader, C{(usage, draft)}.
     """
     draft.batch = True
+    draft.price_context["processing"] = "batch"
     draft.endpoint = "batch.results"
     if call.body_truncated:
         draft.unpriced_reason = "batch results longer than the copy kept for parsing"

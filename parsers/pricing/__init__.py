@@ -133,8 +133,11 @@ class Pricer:
                 tiered = found.plan.tier_start
                 if tiered is not None and usage.get("input_tokens", 0) > tiered:
                     modifiers.append("long_context")
-                for key in found.unmatched_context:  # e.g. flex before the data has its price
-                    modifiers.append(f"{key}={(context or {}).get(key)},unpriced")
+                for key, value in (context or {}).items():
+                    if key in found.unmatched_context:  # e.g. flex before the data has it
+                        modifiers.append(f"{key}={value},unpriced")
+                    elif key == "processing":  # the data's own batch prices applied
+                        modifiers.append(f"{key}={value}")
                 return _result(totals, ref, tuple(modifiers), tools="web_searches" in genai_usage)
         if not use_genai:
             return PriceResult(None, f"no sourced price for {provider_id}/{model[:200]}")

@@ -374,3 +374,32 @@ def test_openai_flex_before_its_price_is_known_says_so() -> None:
     assert "pricing:service_tier=flex,unpriced" in record.flags
     # o3 standard: 1000 x 2 + 1000 x 8 = 10000 per M
     assert record.cost_usd == pytest.approx(10000e-6, rel=1e-9)
+
+
+def test_batch_results_use_the_datas_batch_prices_when_it_has_them() -> None:
+    """From 2026-10-14 genai-prices carries batch prices of its own
+    (processing: batch): they are used instead of halving."""
+    row = {
+        "custom_id": "r1",
+        "response": {
+            "status_code": 200,
+            "body": {
+                "model": "gpt-4o-mini",
+                "usage": {"prompt_tokens": 52, "completion_tokens": 12, "total_tokens": 64},
+            },
+        },
+    }
+    record = analyse(
+        exchange(
+            "api.openai.com",
+            "/v1/files/file-1/content",
+            _jsonl([row]),
+            method="GET",
+            started_at=DEC_2026,
+        )
+    )
+    assert "pricing:batch" in record.flags
+    assert not any(f.startswith("pricing:processing") for f in record.flags)
+    assert record.price_ref is not None and record.price_ref.endswith(" (batch prices)")
+    # gpt-4o-mini batch: $0.075/M input, $0.30/M output: 3.9 + 3.6 = 7.5 per M
+    assert record.cost_usd == pytest.approx(7.5e-6, rel=1e-9)
