@@ -17,6 +17,7 @@ USAGE_KEYS = (
     "input_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "output_tokens",
     "reasoning_tokens",
     "audio_input_tokens",

@@ -95,7 +95,8 @@ def read_anthropic_usage(usage: dict[str, Any], draft: UsageDraft) -> None:
     draft.set("output_tokens", usage.get("output_tokens"))
     creation = usage.get("cache_creation")
     if isinstance(creation, dict) and as_count(creation.get("ephemeral_1h_input_tokens")):
-        draft.details["cache_write_1h_tokens"] = as_count(creation.get("ephemeral_1h_input_tokens"))
+        # 1-hour cache writes cost more than 5-minute ones: a subset of the writes
+        draft.set("cache_write_1h_tokens", creation.get("ephemeral_1h_input_tokens"))
     server = usage.get("server_tool_use")
     searches = as_count(server.get("web_search_requests")) if isinstance(server, dict) else None
     if searches:

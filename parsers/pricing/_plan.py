@@ -31,6 +31,7 @@ TO_GENAI = {
     "input_tokens": "input_tokens",
     "cached_input_tokens": "cache_read_tokens",
     "cache_write_tokens": "cache_write_tokens",
+    "cache_write_1h_tokens": "cache_write_1h_tokens",
     "output_tokens": "output_tokens",
     "reasoning_tokens": "output_reasoning_tokens",
     "audio_input_tokens": "input_audio_tokens",

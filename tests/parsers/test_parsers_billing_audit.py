@@ -505,3 +505,37 @@ def test_providers_without_a_price_list(
     record = _priced(host, path, body)
     assert record.cost_usd is None
     assert record.price_ref == reason
+
+
+def test_anthropic_one_hour_cache_writes_at_their_own_rate() -> None:
+    """Anthropic: usage.cache_creation splits the writes by lifetime; 1-hour
+    writes cost 2x the input rate, 5-minute ones 1.25x (the prompt caching
+    guide). Kept as cache_write_1h_tokens, a subset of cache_write_tokens."""
+    body = {
+        "id": "msg_01",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "usage": {
+            "input_tokens": 100,
+            "cache_creation_input_tokens": 2000,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 1000,
+                "ephemeral_1h_input_tokens": 1000,
+            },
+            "output_tokens": 100,
+        },
+    }
+    record = _priced("api.anthropic.com", "/v1/messages", body)
+    assert record.usage == {
+        "input_tokens": 2100,
+        "cache_write_tokens": 2000,
+        "cache_write_1h_tokens": 1000,
+        "output_tokens": 100,
+    }
+    # claude-sonnet-4-5: $3/M input, $3.75/M 5-minute write, $6/M 1-hour write, $15/M output
+    # 100 x 3 + 1000 x 3.75 + 1000 x 6 + 100 x 15 = 300 + 3750 + 6000 + 1500 = 11550 per M
+    assert record.cost_usd == pytest.approx(11550e-6, rel=1e-9)
