@@ -56,7 +56,7 @@ def read_batch_output(
         return
     models: dict[str, None] = {}
     totals: dict[str, int | float] = {}
-    requests = 0
+    requests = results = 0
     for n, line in enumerate(call.body.splitlines()):
         if n >= _MAX_LINES:
             draft.flag("batch_results_cut")
@@ -68,6 +68,8 @@ def read_batch_output(
         except BodyError as exc:
             draft.error(f"bad batch results line: {exc}")
             continue
+        if isinstance(row, dict) and ("response" in row or "result" in row):
+            results += 1
         message = get_path(row, "response", "body")
         if not isinstance(message, dict):
             message = get_path(row, "result", "message")
@@ -80,6 +82,12 @@ def read_batch_output(
         if isinstance(message.get("model"), str):
             models[message["model"]] = None
         requests += 1
+    if not results:  # a batch's input file (requests, no answers): not billed
+        draft.batch = False
+        draft.price_context.pop("processing", None)
+        draft.endpoint = "batch.input"
+        draft.unpriced_reason = "a batch input file is not billed"
+        return
     draft.details["batch_requests"] = requests
     for key, value in totals.items():
         draft.set(key, value)

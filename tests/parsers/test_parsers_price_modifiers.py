@@ -403,3 +403,26 @@ def test_batch_results_use_the_datas_batch_prices_when_it_has_them() -> None:
     assert record.price_ref is not None and record.price_ref.endswith(" (batch prices)")
     # gpt-4o-mini batch: $0.075/M input, $0.30/M output: 3.9 + 3.6 = 7.5 per M
     assert record.cost_usd == pytest.approx(7.5e-6, rel=1e-9)
+
+
+def test_batch_input_file_download_is_not_billed() -> None:
+    """A batch's input file (request lines with custom_id, no responses) read
+    back through /v1/files/{id}/content is not a billed call."""
+    row = {
+        "custom_id": "request-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]},
+    }
+    record = analyse(
+        exchange(
+            "api.openai.com",
+            "/v1/files/file-in/content",
+            _jsonl([row]),
+            method="GET",
+            started_at=NOV_2025,
+        )
+    )
+    assert record.endpoint == "batch.input"
+    assert "pricing:batch" not in record.flags
+    assert record.price_ref == "not priced: a batch input file is not billed"
