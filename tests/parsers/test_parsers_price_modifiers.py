@@ -426,3 +426,65 @@ def test_batch_input_file_download_is_not_billed() -> None:
     assert record.endpoint == "batch.input"
     assert "pricing:batch" not in record.flags
     assert record.price_ref == "not priced: a batch input file is not billed"
+
+
+def test_batch_results_longer_than_the_copy_are_not_priced() -> None:
+    """A results file cut by the proxy's copy bound is still recognised as a
+    batch, but left unpriced rather than priced from the lines seen."""
+    row = {
+        "custom_id": "r1",
+        "response": {
+            "status_code": 200,
+            "body": {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        },
+    }
+    record = analyse(
+        exchange(
+            "api.openai.com",
+            "/v1/files/file-1/content",
+            _jsonl([row]),
+            method="GET",
+            response_truncated=True,
+            started_at=NOV_2025,
+        )
+    )
+    assert "pricing:batch" in record.flags
+    assert record.cost_usd is None
+    assert record.price_ref == "not priced: batch results longer than the copy kept for parsing"
+
+
+def test_openai_responses_stream_counts_web_search_calls() -> None:
+    """A streamed Responses call: the web_search_call items of the
+    response.completed event are priced per call too."""
+    completed = {
+        "type": "response.completed",
+        "response": {
+            "id": "resp_1",
+            "object": "response",
+            "model": "gpt-4.1-mini",
+            "output": [
+                {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+                {"type": "web_search_call", "id": "ws_2", "status": "completed"},
+                {"type": "message", "role": "assistant", "content": []},
+            ],
+            "usage": {"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100},
+        },
+    }
+    created = {"type": "response.created", "response": {"id": "resp_1", "model": "gpt-4.1-mini"}}
+    stream = (
+        b"event: response.created\ndata: " + json.dumps(created).encode() + b"\n\n"
+        b"event: response.completed\ndata: " + json.dumps(completed).encode() + b"\n\n"
+    )
+    record = analyse(
+        exchange(
+            "api.openai.com",
+            "/v1/responses",
+            stream,
+            content_type="text/event-stream",
+            started_at=NOV_2025,
+        )
+    )
+    assert record.streamed
+    assert "pricing:web_search=2" in record.flags
+    # 1000 x 0.40 + 100 x 1.60 = 560 per M, plus 2 x $0.01
+    assert record.cost_usd == pytest.approx(560e-6 + 0.02, rel=1e-9)
