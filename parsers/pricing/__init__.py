@@ -24,6 +24,8 @@ __all__ = ["PRICER", "PriceResult", "PriceTableError", "Pricer", "load_user_pric
 
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
+#: Claude prompts over this many tokens are billed at long-context rates.
+_CLAUDE_LONG = 200_000
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,15 @@ class Pricer:
                 except InvalidUsage as exc:
                     return PriceResult(None, f"{ref}: invalid usage ({exc})")
                 tiered = found.plan.tier_start
-                if tiered is not None and usage.get("input_tokens", 0) > tiered:
+                prompt = usage.get("input_tokens", 0)
+                if tiered is not None and prompt > tiered:
                     modifiers.append("long_context")
+                elif (
+                    tiered is None and prompt > _CLAUDE_LONG and found.model_id.startswith("claude")
+                ):
+                    # Anthropic bills every prompt over 200k at its long-context
+                    # rates; the data lacks them for this model (Sonnet 4)
+                    modifiers.append("long_context,unpriced")
                 for key, value in (context or {}).items():
                     if key in found.unmatched_context:  # e.g. flex before the data has it
                         modifiers.append(f"{key}={value},unpriced")

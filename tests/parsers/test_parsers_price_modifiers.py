@@ -488,3 +488,20 @@ def test_openai_responses_stream_counts_web_search_calls() -> None:
     assert "pricing:web_search=2" in record.flags
     # 1000 x 0.40 + 100 x 1.60 = 560 per M, plus 2 x $0.01
     assert record.cost_usd == pytest.approx(560e-6 + 0.02, rel=1e-9)
+
+
+def test_claude_long_prompt_without_a_tier_in_the_data_says_so() -> None:
+    """Claude Sonnet 4 (1M-context beta) bills prompts over 200k at higher
+    rates that genai-prices 0.2.3 does not carry for it: priced at the base
+    rates and flagged pricing:long_context,unpriced."""
+    record = analyse(
+        exchange(
+            "api.anthropic.com",
+            "/v1/messages",
+            _claude({"input_tokens": 300000, "output_tokens": 0}, model="claude-sonnet-4-20250514"),
+            started_at=NOV_2025,
+        )
+    )
+    assert "pricing:long_context,unpriced" in record.flags
+    # base rate: 300000 x $3/M = $0.90
+    assert record.cost_usd == pytest.approx(0.9, rel=1e-9)
