@@ -1,4 +1,4 @@
-"""Batch API results files: the usage of every request in a batch, priced at half.
+"""Batch API results files: the usage of every request in a batch, at batch prices.
 
 OpenAI (C{/v1/batches}) and Anthropic (Message Batches) bill a batch's
 requests at half the usual price, when they run. Neither says so in
@@ -14,8 +14,9 @@ request:
    {message, with "model" and "usage"}}}}.
 
 So the download of a results file through the proxy is the call priced:
-its lines' usage summed, the model theirs, and the batch discount
-applied (L{parsers._modifiers}). A file whose lines name more than one
+its lines' usage summed, the model theirs, at genai-prices's batch prices
+(price context C{processing: batch}) or, where its data has none, half
+the standard ones (L{parsers._modifiers}). A file whose lines name more than one
 model is not priced (one event has one model): C{price_ref} says so.
 """
 
