@@ -6,6 +6,7 @@ from collections.abc import Callable, Container
 
 from ._call import Call
 from ._draft import USAGE_KEYS, UsageDraft
+from ._modifiers import apply_modifiers
 from ._records import Exchange, UsageRecord, construct
 from .anthropic import parse_anthropic
 from .bedrock import parse_bedrock
@@ -158,7 +159,10 @@ def _finish(
             item=draft.price_item,
             context=draft.price_context or None,
             use_genai=provider is None or provider.prices_id is not None or provider.kind == "llm",
+            tool_calls=draft.tool_calls or None,
         )
+    if draft.batch or draft.tool_calls or priced.modifiers:
+        priced = apply_modifiers(draft, priced)
     why_estimated = draft.details.get("estimate_reason")
     if isinstance(why_estimated, str) and draft.usage_source == "estimated":
         priced = PriceResult(

@@ -17,6 +17,7 @@ USAGE_KEYS = (
     "input_tokens",
     "cached_input_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "output_tokens",
     "reasoning_tokens",
     "audio_input_tokens",
@@ -104,6 +105,10 @@ class UsageDraft:
     unpriced_reason: str | None = None
     graphql: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: A Batch API call (billed at half price: L{parsers._modifiers}).
+    batch: bool = False
+    #: Server-side tool calls billed per call, by tool (C{web_search}, C{grounding}).
+    tool_calls: dict[str, int] = field(default_factory=dict)
 
     def set(self, key: str, value: object) -> None:
         """Record a reported count when it is a valid number (ignore otherwise)."""

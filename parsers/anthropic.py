@@ -13,6 +13,7 @@ from typing import Any
 
 from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count
+from .batches import is_batch_output, read_batch_output
 from .jsonbody import BodyError, loads
 from .sse import SSEEvent
 
@@ -46,6 +47,12 @@ def parse_anthropic(call: Call, draft: UsageDraft) -> None:
     draft.endpoint = _endpoint(call.path)
     if draft.endpoint == "messages.count_tokens":
         draft.unpriced_reason = "token counting is free"
+    if draft.endpoint == "messages.batches" and is_batch_output(call.body):
+        read_batch_output(call, draft, read_anthropic_usage)
+        return
+    if draft.endpoint == "messages.batches" and call.exchange.method == "POST":
+        draft.batch = True
+        draft.unpriced_reason = "a batch is billed when it runs: priced from its results file"
     if call.is_event_stream:
         draft.streamed = True
         _parse_stream(call, draft)
@@ -88,13 +95,18 @@ def read_anthropic_usage(usage: dict[str, Any], draft: UsageDraft) -> None:
     draft.set("output_tokens", usage.get("output_tokens"))
     creation = usage.get("cache_creation")
     if isinstance(creation, dict) and as_count(creation.get("ephemeral_1h_input_tokens")):
-        draft.details["cache_write_1h_tokens"] = as_count(creation.get("ephemeral_1h_input_tokens"))
+        # 1-hour cache writes cost more than 5-minute ones: a subset of the writes
+        draft.set("cache_write_1h_tokens", creation.get("ephemeral_1h_input_tokens"))
     server = usage.get("server_tool_use")
-    if isinstance(server, dict) and as_count(server.get("web_search_requests")):
-        draft.details["web_search_requests"] = as_count(server.get("web_search_requests"))
+    searches = as_count(server.get("web_search_requests")) if isinstance(server, dict) else None
+    if searches:
+        draft.details["web_search_requests"] = searches
+        draft.tool_calls["web_search"] = searches
     tier = usage.get("service_tier")
     if isinstance(tier, str):
         draft.details["service_tier"] = tier
+        if tier == "batch":  # a message inside a batch's results: half price
+            draft.batch = True
 
 
 _CONTENT_EVENTS = frozenset({"content_block_delta", "content_block_start", "content_block_stop"})

@@ -85,6 +85,7 @@ def parse_gemini(call: Call, draft: UsageDraft) -> None:
             draft.flag("api_error")
         if method == "predict":
             _predict_usage(chunk, draft)
+        _count_grounding(chunk, draft)
     if last is not None:
         _read_usage(last, draft)
     elif method == "embedContent" or method == "batchEmbedContents":
@@ -114,6 +115,25 @@ def _read_usage(meta: dict[str, Any], draft: UsageDraft) -> None:
             for item in details:
                 if isinstance(item, dict) and item.get("modality") == "AUDIO":
                     draft.set(target, item.get("tokenCount"))
+
+
+def _count_grounding(chunk: dict[str, Any], draft: UsageDraft) -> None:
+    """Grounding with Google Search: Gemini 2.x bills it per grounded prompt,
+    so a grounded response counts one; the queries it ran are kept in
+    C{details} (a stream repeats its metadata: the most seen is kept).
+    """
+    candidates = chunk.get("candidates")
+    if not isinstance(candidates, list):
+        return
+    for candidate in candidates:
+        meta = candidate.get("groundingMetadata") if isinstance(candidate, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        draft.tool_calls["grounding"] = 1
+        queries = meta.get("webSearchQueries")
+        if isinstance(queries, list):
+            seen = draft.details.get("grounding_queries", 0)
+            draft.details["grounding_queries"] = max(seen, len(queries))
 
 
 def _predict_usage(chunk: dict[str, Any], draft: UsageDraft) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ._call import Call, json_or_cut_usage
 from ._draft import UsageDraft, as_count, as_number, get_path
+from .batches import is_batch_output, read_batch_output
 from .estimate import estimate_stream_usage
 from .jsonbody import BodyError, loads
 from .sse import SSEEvent
@@ -30,6 +31,7 @@ _ENDPOINTS = (
     ("/audio/speech", "audio.speech"),
     ("/moderations", "moderations"),
     ("/rerank", "rerank"),
+    ("/batches", "batches"),
 )
 
 
@@ -59,6 +61,8 @@ def _endpoint_for_path(path: str) -> str | None:
             return name
     if "/responses/" in path:
         return "responses.retrieve"
+    if "/files/" in path and path.endswith("/content"):
+        return "files.content"
     return None
 
 
@@ -69,6 +73,13 @@ def parse_openai(call: Call, draft: UsageDraft) -> None:
     if call.is_event_stream:
         draft.streamed = True
         _parse_stream(call, draft, endpoint)
+    elif endpoint == "files.content" and is_batch_output(call.body):
+        read_batch_output(call, draft, read_openai_usage)
+        return
+    elif endpoint == "batches" and call.exchange.method == "POST":
+        draft.batch = True
+        draft.unpriced_reason = "a batch is billed when it runs: priced from its results file"
+        return
     elif endpoint == "audio.speech":
         _parse_speech(call, draft)
     elif call.content_type.startswith("application/json") or call.body.lstrip()[:1] == b"{":
@@ -115,8 +126,12 @@ def read_openai_usage(usage: object, draft: UsageDraft) -> bool:
             draft.set("cached_input_tokens", pdet.get("cached_tokens"))
         if as_count(pdet.get("audio_tokens")):
             draft.set("audio_input_tokens", pdet.get("audio_tokens"))
-    elif as_count(usage.get("prompt_cache_hit_tokens")):  # DeepSeek's naming
-        draft.set("cached_input_tokens", usage.get("prompt_cache_hit_tokens"))
+    if "cached_input_tokens" not in draft.usage:
+        # DeepSeek's naming, then Moonshot's (a top-level count, part of prompt_tokens)
+        for key in ("prompt_cache_hit_tokens", "cached_tokens"):
+            if as_count(usage.get(key)):
+                draft.set("cached_input_tokens", usage.get(key))
+                break
     if isinstance(cdet, dict):
         if as_count(cdet.get("reasoning_tokens")):
             draft.set("reasoning_tokens", cdet.get("reasoning_tokens"))
@@ -167,6 +182,7 @@ def _parse_json(call: Call, draft: UsageDraft, endpoint: str | None, body: dict[
         draft.details["service_tier"] = tier
         if tier in ("flex", "priority"):
             draft.price_context["service_tier"] = tier
+            draft.flag(f"pricing:service_tier={tier}")
     if "error" in body and body.get("error"):
         draft.flag("api_error")
     usage = body.get("usage")
@@ -185,6 +201,20 @@ def _parse_json(call: Call, draft: UsageDraft, endpoint: str | None, body: dict[
         draft.set("input_tokens", usage.get("total_tokens"))
     elif endpoint == "responses.retrieve":
         draft.unpriced_reason = "retrieving a stored response is not billed again"
+    if endpoint == "responses":
+        count_tool_calls(body, draft)
+
+
+def count_tool_calls(response: dict[str, Any], draft: UsageDraft) -> None:
+    """Responses API: C{web_search_call} output items, billed per call."""
+    output = response.get("output")
+    if not isinstance(output, list):
+        return
+    searches = sum(
+        1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call"
+    )
+    if searches:
+        draft.tool_calls["web_search"] = searches
 
 
 def _image_usage(call: Call, draft: UsageDraft, body: dict[str, Any]) -> None:
@@ -264,9 +294,12 @@ def _parse_stream(call: Call, draft: UsageDraft, endpoint: str | None) -> None:
             usage = get_path(inner, "x_groq", "usage")  # Groq puts it here in streams
         if isinstance(usage, dict):
             last_usage = usage
+            if endpoint == "responses":
+                count_tool_calls(inner, draft)
             tier = inner.get("service_tier")
             if isinstance(tier, str) and tier in ("flex", "priority"):
                 draft.price_context["service_tier"] = tier
+                draft.flag(f"pricing:service_tier={tier}")
             break
     if last_usage is not None:
         read_openai_usage(last_usage, draft)

@@ -24,6 +24,8 @@ __all__ = ["PRICER", "PriceResult", "PriceTableError", "Pricer", "load_user_pric
 
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
+#: Claude prompts over this many tokens are billed at long-context rates.
+_CLAUDE_LONG = 200_000
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class PriceResult:
     cost_usd: float | None
     price_ref: str | None
     breakdown: Mapping[str, float] | None = None
+    #: Price modifiers the price list applied (C{long_context}: the higher tier).
+    modifiers: tuple[str, ...] = ()
 
 
 def _builtin_table() -> PriceTable:
@@ -89,8 +93,14 @@ class Pricer:
         item: str | None = None,
         context: Mapping[str, str] | None = None,
         use_genai: bool = True,
+        tool_calls: Mapping[str, int] | None = None,
     ) -> PriceResult:
-        """Price C{usage} of C{model} at C{provider_id} at unix time C{when}."""
+        """Price C{usage} of C{model} at C{provider_id} at unix time C{when}.
+
+        C{tool_calls} (server-side searches, by tool) are priced at the
+        model's own per-call rate when genai-prices has one (its
+        C{web_searches} unit); the result's C{modifiers} then name them.
+        """
         if not usage:
             return PriceResult(None, "no usage reported")
         for table in self._tables:
@@ -113,11 +123,33 @@ class Pricer:
                     found.plan.priced_keys & genai_usage.keys()
                 ) and not found.plan.priced_keys & {"requests"}:
                     return PriceResult(None, f"{ref} prices none of {sorted(usage)}")
+                modifiers: list[str] = []
+                if tool_calls and "web_searches" in found.plan.priced_keys:
+                    genai_usage["web_searches"] = sum(tool_calls.values())
+                    modifiers += [f"{tool}={n}" for tool, n in tool_calls.items()]
+                    ref += " + " + ", ".join(f"{n} {tool}" for tool, n in tool_calls.items())
                 try:
                     totals = found.plan.totals(genai_usage)
                 except InvalidUsage as exc:
                     return PriceResult(None, f"{ref}: invalid usage ({exc})")
-                return _result(totals, ref)
+                tiered = found.plan.tier_start
+                prompt = usage.get("input_tokens", 0)
+                if tiered is not None and prompt > tiered:
+                    modifiers.append("long_context")
+                elif (
+                    tiered is None and prompt > _CLAUDE_LONG and found.model_id.startswith("claude")
+                ):
+                    # Anthropic bills every prompt over 200k at its long-context
+                    # rates; the data lacks them for this model (Sonnet 4)
+                    modifiers.append("long_context,unpriced")
+                for key, value in (context or {}).items():
+                    if key in found.unmatched_context:  # e.g. flex before the data has it
+                        modifiers.append(f"{key}={value},unpriced")
+                    elif key == "processing":  # the data's own batch prices applied
+                        modifiers.append(f"{key}={value}")
+                return _result(totals, ref, tuple(modifiers), tools="web_searches" in genai_usage)
+        if not use_genai:
+            return PriceResult(None, f"no sourced price for {provider_id}/{model[:200]}")
         return PriceResult(None, f"unknown model: {model[:200]}")
 
     def _entry_price(
@@ -168,9 +200,14 @@ class Pricer:
         return PriceResult(float(total), ref + label, breakdown)
 
 
-def _result(totals: PlanTotals, ref: str) -> PriceResult:
+def _result(
+    totals: PlanTotals, ref: str, modifiers: tuple[str, ...] = (), *, tools: bool = False
+) -> PriceResult:
     total, input_, output = totals
-    return PriceResult(float(total), ref, {"input": float(input_), "output": float(output)})
+    breakdown = {"input": float(input_), "output": float(output)}
+    if tools:  # per-call tool fees have no direction: what is left of the total
+        breakdown["tools"] = float(total - input_ - output)
+    return PriceResult(float(total), ref, breakdown, modifiers)
 
 
 PRICER = Pricer()

@@ -37,6 +37,9 @@ class GenaiPlan:
     model_id: str
     #: The UTC date (YYYY-MM-DD) the prices are taken at (a plan never spans two).
     day: str = ""
+    #: Price context keys (C{service_tier}) that no price variant of the model
+    #: matched at that date: the standard prices stand in for them.
+    unmatched_context: tuple[str, ...] = ()
 
 
 def _has_time_of_day(model: ModelInfo) -> bool:
@@ -45,6 +48,19 @@ def _has_time_of_day(model: ModelInfo) -> bool:
         constraints += [c.constraint for c in model.prices]
     constraints += [v.constraint for v in model.price_variants or ()]
     return any(isinstance(c, TimeOfDateConstraint) for c in constraints)
+
+
+def _unmatched(
+    model: ModelInfo, stamp: datetime, ctx: tuple[tuple[str, str], ...]
+) -> tuple[str, ...]:
+    """The context keys no price variant of C{model} active at C{stamp} matches."""
+    matched: set[str] = set()
+    for variant in model.price_variants or ():
+        if variant.constraint is not None and not variant.constraint.active(stamp):
+            continue
+        if all(dict(ctx).get(key) == value for key, value in variant.when.items()):
+            matched.update(variant.when)
+    return tuple(k for k, _ in ctx if k not in matched)
 
 
 class GenaiResolver:
@@ -111,11 +127,14 @@ class GenaiResolver:
         stamp = datetime.fromtimestamp(when, UTC)
         if ctx and not any(model is m for m in provider.models):
             model_price = model.get_prices(stamp)  # what genai-prices does for fallback models
+            unmatched = tuple(k for k, _ in ctx)
         else:
             model_price = model.get_prices(stamp, dict(ctx) or None)
+            unmatched = _unmatched(model, stamp, ctx)
         min_seconds = 10 if provider.id == "groq" and model.id in _GROQ_WHISPER else 0
         day = stamp.strftime("%Y-%m-%d")
-        result = GenaiPlan(PricePlan(model_price, min_seconds), provider.id, model.id, day)
+        plan = PricePlan(model_price, min_seconds)
+        result = GenaiPlan(plan, provider.id, model.id, day, unmatched)
         if len(self._plans) >= _MAX_ENTRIES:
             self._plans = {}
         self._plans[key] = result

@@ -31,6 +31,7 @@ TO_GENAI = {
     "input_tokens": "input_tokens",
     "cached_input_tokens": "cache_read_tokens",
     "cache_write_tokens": "cache_write_tokens",
+    "cache_write_1h_tokens": "cache_write_1h_tokens",
     "output_tokens": "output_tokens",
     "reasoning_tokens": "output_reasoning_tokens",
     "audio_input_tokens": "input_audio_tokens",
@@ -66,6 +67,7 @@ class PricePlan:
         "_unguarded",
         "min_audio_seconds",
         "priced_keys",
+        "tier_start",
     )
 
     def __init__(self, model_price: ModelPrice, min_audio_seconds: int = 0) -> None:
@@ -87,6 +89,11 @@ class PricePlan:
         except ValueError as exc:
             self._invalid = str(exc)
         self._tiered = any(isinstance(p, TieredPrices) for _, p, _ in priced)
+        #: The fewest input tokens a higher (long-context) price tier starts above, or None.
+        self.tier_start: int | None = min(
+            (t.start for _, p, _ in priced if isinstance(p, TieredPrices) for t in p.tiers),
+            default=None,
+        )
         self._requests = any(u.usage_key == "requests" for u, _, _ in priced)
         units = [u for u, _, _ in priced if u.usage_key != "requests"]
         order = sorted(units, key=lambda u: (-len(u.dimensions), u.usage_key))

@@ -13,7 +13,8 @@ C{input_mchars}, ...) and a few of our own:
 
 An entry names C{provider} (a registry id), C{model} (exact, C{prefix*}
 or C{*}), and optionally C{start_date} (YYYY-MM-DD, UTC), C{source},
-C{note}. See docs/PRICES.md.
+C{as_of} (YYYY-MM-DD: the date the source's figures are from),
+C{checked_via}, C{note}. See docs/PRICES.md.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def _entry(raw: object, origin: str, where: str) -> PriceEntry:
             start = date.fromisoformat(str(raw["start_date"]))
         except ValueError:
             raise PriceTableError(f"{where}: start_date must be YYYY-MM-DD") from None
+    if raw.get("as_of") is not None:
+        try:
+            date.fromisoformat(str(raw["as_of"]))
+        except ValueError:
+            raise PriceTableError(f"{where}: as_of must be YYYY-MM-DD") from None
     prices = raw.get("prices", {})
     if not isinstance(prices, dict):
         raise PriceTableError(f"{where}: 'prices' must be an object")

@@ -56,7 +56,7 @@ COMPLETIONS = {
 }
 AUDIO_CHAT = {
     **CHAT_COMPLETION,
-    "model": "gpt-4o-audio-preview-2024-12-17",
+    "model": "gpt-4o-audio-preview-2025-06-03",
     "usage": {
         "prompt_tokens": 100,
         "completion_tokens": 200,
@@ -192,7 +192,7 @@ CASES: list[tuple[str, str, str, Any, dict[str, Any], dict[str, Any]]] = [
         "chat.completions",
         {
             "id": "x",
-            "model": "jamba-1.5-large",
+            "model": "jamba-large-1.7",
             "choices": [],
             "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
         },
@@ -238,7 +238,7 @@ def test_audio_preview_priced_from_our_table() -> None:
     record = analyse(exchange("api.openai.com", "/v1/chat/completions", AUDIO_CHAT))
     expected = (40 * 2.5 + 60 * 40 + 50 * 10 + 150 * 80) / 1e6
     assert record.cost_usd == pytest.approx(expected, rel=1e-12)
-    assert record.price_ref == "llmobserve:openai/gpt-4o-audio-preview*"
+    assert record.price_ref == "llmobserve:openai/gpt-4o-audio-preview-2025-06-03"
 
 
 def test_openrouter_reported_cost_wins() -> None:

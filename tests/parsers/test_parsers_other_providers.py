@@ -37,11 +37,11 @@ ROWS: list[tuple[Any, ...]] = [
             "results": {},
         },
         b"RIFF",
-        {"query": "model=nova-2&smart_format=true"},
+        {"query": "model=nova-3&smart_format=true"},
         "listen",
         {"audio_seconds": 120.0},
         120 / 3600 * 0.258,
-        "llmobserve:deepgram/nova-2*",
+        "llmobserve:deepgram/nova-3*",
     ),
     (
         "api.deepgram.com",
@@ -52,20 +52,20 @@ ROWS: list[tuple[Any, ...]] = [
         {"query": "model=aura-asteria-en", "content_type": "audio/mpeg"},
         "speak",
         {"characters": 8},
-        8 * 15 / 1e6,
-        "llmobserve:deepgram/aura*",
+        None,  # no Aura price traced to Deepgram's pricing page (prices.json)
+        "no sourced price for deepgram/aura-asteria-en",
     ),
     (
         "api.assemblyai.com",
         "GET",
         "/v2/transcript/abc",
-        {"id": "abc", "status": "completed", "audio_duration": 3600, "speech_model": "best"},
+        {"id": "abc", "status": "completed", "audio_duration": 3600, "speech_model": "universal"},
         None,
         {},
         "transcript",
         {"audio_seconds": 3600},
-        0.37,
-        "llmobserve:assemblyai/best",
+        0.15,
+        "llmobserve:assemblyai/universal",
     ),
     (
         "api.stability.ai",
@@ -88,8 +88,8 @@ ROWS: list[tuple[Any, ...]] = [
         {},
         "image_to_video",
         {"requests": 1},
-        0.5,
-        "llmobserve:runway/gen4_turbo",
+        None,  # Runway's credit prices could not be traced to a pricing page
+        "no sourced price for runway/gen4_turbo",
     ),
     (
         "westeurope.tts.speech.microsoft.com",
@@ -100,8 +100,8 @@ ROWS: list[tuple[Any, ...]] = [
         {"content_type": "audio/wav"},
         "text_to_speech",
         {"characters": 11},
-        11 * 15 / 1e6,
-        "llmobserve:azure_speech/neural",
+        None,  # Azure Speech's rates could not be traced to its pricing page
+        "no sourced price for azure_speech/neural",
     ),
     (
         "polly.us-east-1.amazonaws.com",

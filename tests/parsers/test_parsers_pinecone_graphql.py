@@ -131,7 +131,8 @@ def test_pinecone_unbilled_operations(method: str, path: str, operation: str) ->
 
 
 def test_pinecone_inference_embed() -> None:
-    """Pinecone inference: embed tokens priced per model."""
+    """Pinecone inference: embed tokens counted; no price for them could be
+    traced to Pinecone's pricing page (issue 16), so the call is unpriced."""
     record = analyse(
         exchange(
             "api.pinecone.io",
@@ -141,7 +142,8 @@ def test_pinecone_inference_embed() -> None:
         )
     )
     assert record.usage == {"input_tokens": 1000}
-    assert record.cost_usd == pytest.approx(0.00008)
+    assert record.cost_usd is None
+    assert record.price_ref == "no sourced price for pinecone/multilingual-e5-large"
 
 
 def test_pinecone_query_without_usage_is_missing() -> None:

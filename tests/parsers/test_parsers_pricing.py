@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -251,3 +252,24 @@ def test_invalid_usage_gives_null_not_garbage() -> None:
     record = analyse(exchange("api.openai.com", "/v1/chat/completions", body))
     assert record.cost_usd is None
     assert record.price_ref is not None and "invalid usage" in record.price_ref
+
+
+def test_builtin_prices_each_have_a_source_and_date() -> None:
+    """Issue 16: every entry of llmobserve's own table names the provider's
+    pricing page (an https URL) and the date its figures are from (as_of)."""
+    text = (Path(__file__).parents[2] / "parsers" / "data" / "prices.json").read_text("utf-8")
+    for entry in json.loads(text)["prices"]:
+        name = f"{entry['provider']}/{entry['model']}"
+        assert str(entry.get("source", "")).startswith("https://"), name
+        assert datetime.strptime(entry["as_of"], "%Y-%m-%d"), name
+
+
+def test_as_of_must_be_a_date(tmp_path: Path) -> None:
+    """A price file's as_of, when given, is a YYYY-MM-DD date."""
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"prices": [{"provider": "x", "model": "*", "prices": {"per_request": 1},'
+        ' "as_of": "last spring"}]}'
+    )
+    with pytest.raises(PriceTableError, match="as_of must be YYYY-MM-DD"):
+        PRICER.load_user_prices(str(path))
