@@ -103,6 +103,9 @@
     const url = path + (params ? "?" + params.toString() : "");
     const response = await fetch(url, { headers: { accept: "application/json" } });
     const body = await response.json().catch(() => null);
+    if (response.status === 401 && document.getElementById("logout").hidden === false) {
+      location.assign("/dashboard/login");  // the session ended (expired, revoked, logged out)
+    }
     if (!response.ok) {
       const message = body && body.error ? body.error.message : response.statusText;
       const err = new Error(message);
