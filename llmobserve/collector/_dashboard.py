@@ -68,6 +68,11 @@ class DashboardResource(Resource):
     def render_GET(self, request: Request) -> bytes:
         rest = [p for p in (request.postpath or []) if p]
         name = "index.html" if not rest else rest[0].decode("utf-8", "replace")
+        if rest == [b"login"]:  # no keys required here: no login, the page is open
+            request.setResponseCode(303)
+            request.setHeader(b"location", b"/dashboard")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"see /dashboard\n"
         if len(rest) > 1 or name not in ASSETS:
             return _json_error(request, 404, "not_found", "no such dashboard file; see /dashboard")
         if name == "index.html":

@@ -274,3 +274,19 @@ def test_a_bearer_key_still_opens_the_page(collector: Collector) -> None:
     assert collector.request("GET", "/dashboard", {"Authorization": f"Bearer {key}"})[0] == 200
     code, headers, _ = collector.request("GET", "/dashboard", {"Authorization": "Bearer llmo_x"})
     assert code == 401 and headers.getRawHeaders("x-llmobserve-error") == ["unauthorized"]
+
+
+def test_without_required_keys_the_dashboard_has_no_login(tmp_path: Path) -> None:
+    """On loopback without C{--require-keys} the page is open as before, with
+    no logout button, and C{/dashboard/login} is a 303 to it."""
+    runner = SyncRunner(EventStore(tmp_path / "x.sqlite3"))
+    root = collector_root(runner, BatchWriter(runner), LinkRegistry())  # type: ignore[arg-type]  # SyncRunner
+    treq: Any = StubTreq(root)  # type: ignore[no-untyped-call]  # treq is untyped
+    results: list[Any] = []
+    for path in ("/dashboard", "/dashboard/login"):
+        d = treq.get(ORIGIN + path, allow_redirects=False)
+        d.addCallback(lambda r: treq.content(r).addCallback(lambda b: results.append((r, b))))
+        treq.flush()
+    (page, body), (login, _) = results
+    assert page.code == 200 and b'id="logout" hidden' in body
+    assert login.code == 303 and login.headers.getRawHeaders("location") == ["/dashboard"]
