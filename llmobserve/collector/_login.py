@@ -27,24 +27,26 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ._auth import KeyVerifier, bearer_key, refusal_message
+from ._auth import bearer_key, refusal_message
 from ._dashboard import ASSETS, POLICY, DashboardResource, asset
 from ._keys import Verdict
 from ._sessions import (
     DashboardSessions,
     clear_session_cookie,
+    is_secure,
     request_session_id,
     set_session_cookie,
 )
 
-__all__ = ["LOGIN_PATH", "DashboardGate", "cross_site_refusal"]
+__all__ = ["LOGIN_PATH", "DashboardGate", "VerdictSource", "cross_site_refusal"]
 
 #: Where the login form lives.
 LOGIN_PATH: Final = b"/dashboard/login"
@@ -52,6 +54,17 @@ LOGIN_PATH: Final = b"/dashboard/login"
 _MAX_FORM: Final = 4096
 
 _log = Logger()
+
+
+class VerdictSource(Protocol):
+    """Verdicts on keys, remembered a short while: the collector's
+    L{KeyVerifier}, or an embedded proxy's client-key check."""
+
+    def cached(self, key: str | None) -> Verdict | None:
+        """The remembered verdict on C{key}, or None when it must be asked."""
+
+    def check(self, key: str | None) -> Deferred[Verdict]:
+        """The verdict on C{key}."""
 
 
 def cross_site_refusal(request: Request) -> str | None:
@@ -62,7 +75,7 @@ def cross_site_refusal(request: Request) -> str | None:
         return "this form only accepts posts from its own page (Sec-Fetch-Site)"
     origin = request.getHeader(b"origin")
     if origin is not None:
-        scheme = b"https" if request.isSecure() else b"http"
+        scheme = b"https" if is_secure(request) else b"http"
         host = (request.getHeader(b"host") or b"").strip().lower()
         if origin.strip().lower() != scheme + b"://" + host:
             return "this form only accepts posts from its own page (Origin)"
@@ -104,14 +117,15 @@ class DashboardGate(Resource):
     """The dashboard behind a login (see the module's docstring).
 
     @param page: the dashboard's files.
-    @param verifier: verdicts on keys (its 2-second cache).
+    @param verifier: verdicts on keys (the collector's L{KeyVerifier}, with
+        its 2-second cache).
     @param sessions: the logins.
     """
 
     isLeaf = True
 
     def __init__(
-        self, page: DashboardResource, verifier: KeyVerifier, sessions: DashboardSessions
+        self, page: DashboardResource, verifier: VerdictSource, sessions: DashboardSessions
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._page = page

@@ -29,6 +29,7 @@ __all__ = [
     "SESSION_TTL",
     "DashboardSessions",
     "clear_session_cookie",
+    "is_secure",
     "request_session_id",
     "set_session_cookie",
 ]
@@ -91,6 +92,10 @@ class DashboardSessions:
             return None
         return session.key
 
+    def key_of(self, request: Request) -> str | None:
+        """The key behind C{request}'s session cookie, or None."""
+        return self.key_for(request_session_id(request))
+
     def close(self, session_id: str | None) -> None:
         """End a session (logout, or its key is no longer valid)."""
         if session_id:
@@ -102,36 +107,39 @@ class DashboardSessions:
             del self._table[index]
 
 
+def is_secure(request: Request) -> bool:
+    """Whether C{request} came over TLS (False for a request object that
+    cannot tell, such as the proxy's own)."""
+    secure = getattr(request, "isSecure", None)
+    return bool(secure()) if secure is not None else False
+
+
 def request_session_id(request: Request) -> str | None:
-    """The session id in C{request}'s cookie, or None."""
-    raw: bytes | None = request.getCookie(COOKIE_NAME)
-    if not raw:
-        return None
-    return raw.decode("ascii", "replace")
+    """The session id in C{request}'s C{Cookie} header, or None.
+
+    Read from the header itself (not C{Request.getCookie}), so the proxy's
+    own request objects work too."""
+    for raw in request.requestHeaders.getRawHeaders(b"cookie") or []:
+        for pair in raw.split(b";"):
+            name, sep, value = pair.strip().partition(b"=")
+            if sep and name == COOKIE_NAME and value:
+                return value.decode("ascii", "replace")
+    return None
+
+
+def _cookie(request: Request, value: bytes, max_age: int) -> None:
+    attributes = b"; Path=/; Max-Age=%d; HttpOnly; SameSite=Strict" % max_age
+    if is_secure(request):
+        attributes += b"; Secure"
+    request.responseHeaders.addRawHeader(b"set-cookie", COOKIE_NAME + b"=" + value + attributes)
 
 
 def set_session_cookie(request: Request, session_id: str, ttl: float) -> None:
     """Send the session cookie: C{HttpOnly; SameSite=Strict; Path=/}, and
     C{Secure} when the request came over TLS."""
-    request.addCookie(
-        COOKIE_NAME,
-        session_id.encode("ascii"),
-        path=b"/",
-        max_age=str(int(ttl)).encode(),
-        secure=request.isSecure(),
-        httpOnly=True,
-        sameSite="strict",
-    )
+    _cookie(request, session_id.encode("ascii"), int(ttl))
 
 
 def clear_session_cookie(request: Request) -> None:
     """Tell the browser to forget the session cookie."""
-    request.addCookie(
-        COOKIE_NAME,
-        b"",
-        path=b"/",
-        max_age=b"0",
-        secure=request.isSecure(),
-        httpOnly=True,
-        sameSite="strict",
-    )
+    _cookie(request, b"", 0)

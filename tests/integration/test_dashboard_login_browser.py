@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from support.browser import launched_chromium, require_browser
-from support.clients import chat_calls
+from support.clients import chat_calls, chat_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
 from support.upstreams import RecordingUpstream
 
@@ -173,3 +173,57 @@ def test_a_read_key_logs_in_sees_its_project_and_logs_out(chromium: Any, tmp_pat
         logs.append(collector.log_text())
     for key in (ingest_a, ingest_b, admin, read_a, doomed):
         assert not any(key in text for text in logs)
+
+
+def _keyed_call(port: int, upstream_url: str, key: str) -> None:
+    request = chat_request(port, upstream_url)
+    head, sep, rest = request.partition(b"\r\n")
+    request = head + sep + b"X-LLMObserve-Key: " + key.encode() + b"\r\n" + rest
+    assert raw_request(port, request).status == 200
+
+
+def test_an_embedded_proxy_that_requires_keys_has_the_same_login(
+    chromium: Any, tmp_path: Path
+) -> None:
+    """A proxy with its own store and C{--require-keys}: its dashboard sends
+    the browser to the same login; a read key of shop sees shop's calls
+    only (not other's), with the cookie; a form from another origin is
+    refused; logout closes the page again."""
+    db = tmp_path / "proxy.sqlite3"
+    shop = _new_key(db, "app-shop", "shop", "ingest")
+    other = _new_key(db, "app-other", "other", "ingest")
+    read_shop = _new_key(db, "reader-shop", "shop", "read")
+    with RecordingUpstream() as upstream:
+        args = [*LOOPBACK_ARGS, "--require-keys", "--db", str(db)]
+        args += ["--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            for key, calls in ((shop, 2), (other, 3)):
+                for _ in range(calls):
+                    _keyed_call(proxy.port, upstream.url, key)
+            _stored(proxy.url, read_shop, 2)
+            context = chromium.new_context()
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            _log_in(page, proxy.url, "llmo_" + "w" * 43)
+            page.wait_for_selector("#login-error")
+            _log_in(page, proxy.url, read_shop)
+            page.wait_for_url(proxy.url + "/dashboard", timeout=WAIT_MS)
+            _wait_value(page, "#total-calls", "2")
+            (cookie,) = context.cookies()
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert read_shop not in cookie["value"]
+            page.click("#logout-button")
+            page.wait_for_url("**/dashboard/login", timeout=WAIT_MS)
+            page.goto("about:blank")
+            page.set_content(
+                f'<form method="post" action="{proxy.url}/dashboard/login">'
+                f'<input name="key" value="{read_shop}"><button id="go">go</button></form>'
+            )
+            with page.expect_navigation(timeout=WAIT_MS):
+                page.click("#go")
+            assert "forbidden" in page.content() and context.cookies() == []
+            context.close()
+            assert errors == []
+            log = proxy.log_text()
+    assert not any(key in log for key in (shop, other, read_shop))
