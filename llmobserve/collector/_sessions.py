@@ -20,7 +20,7 @@ import secrets
 from typing import Final
 
 import attrs
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.web.server import Request
 
 __all__ = [
@@ -108,10 +108,12 @@ class DashboardSessions:
 
 
 def is_secure(request: Request) -> bool:
-    """Whether C{request} came over TLS (False for a request object that
-    cannot tell, such as the proxy's own)."""
+    """Whether C{request} came over TLS (C{Request.isSecure}, or, for the
+    proxy's own request objects, whether their transport is a TLS one)."""
     secure = getattr(request, "isSecure", None)
-    return bool(secure()) if secure is not None else False
+    if secure is not None:
+        return bool(secure())
+    return ISSLTransport.providedBy(getattr(request, "transport", None))
 
 
 def request_session_id(request: Request) -> str | None:

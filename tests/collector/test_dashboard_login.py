@@ -290,3 +290,20 @@ def test_without_required_keys_the_dashboard_has_no_login(tmp_path: Path) -> Non
     (page, body), (login, _) = results
     assert page.code == 200 and b'id="logout" hidden' in body
     assert login.code == 303 and login.headers.getRawHeaders("location") == ["/dashboard"]
+
+
+def test_a_request_without_is_secure_is_secure_on_a_tls_transport() -> None:
+    """The proxy's own request objects have no C{isSecure}: their transport
+    tells whether the cookie gets C{Secure}."""
+    from types import SimpleNamespace
+
+    from twisted.internet.interfaces import ISSLTransport
+    from zope.interface import directlyProvides
+
+    from llmobserve.collector._sessions import is_secure
+
+    tls, plain = SimpleNamespace(), SimpleNamespace()
+    directlyProvides(tls, ISSLTransport)
+    assert is_secure(cast(Any, SimpleNamespace(transport=tls)))
+    assert not is_secure(cast(Any, SimpleNamespace(transport=plain)))
+    assert not is_secure(cast(Any, SimpleNamespace()))
