@@ -4,8 +4,8 @@ What other packages use is exported here. The store and the time
 specifications (no Twisted: the CLI reads a store file with them) are
 imported at once; the Twisted parts the proxy mounts for its embedded
 C{/api} and C{/dashboard} (L{api_branch}, L{StoreThread},
-L{DashboardResource}) on first use, so that the CLI does
-not load Twisted.
+L{DashboardResource}, and L{DashboardGate} with L{DashboardSessions} for
+its login) on first use, so that the CLI does not load Twisted.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
 from llmobserve.collector._grants import GrantBook
-from llmobserve.collector._keys import KeyStoreError
+from llmobserve.collector._keys import KeyStoreError, Verdict
 from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
 from llmobserve.collector._timespec import TimeSpecError, parse_time
@@ -23,6 +23,8 @@ from llmobserve.collector._timespec import TimeSpecError, parse_time
 if TYPE_CHECKING:
     from llmobserve.collector._dashboard import DashboardResource
     from llmobserve.collector._http import api_branch
+    from llmobserve.collector._login import DashboardGate
+    from llmobserve.collector._sessions import DashboardSessions
     from llmobserve.collector._thread import StoreThread
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "Budget",
     "BudgetBook",
     "BudgetError",
+    "DashboardGate",
     "DashboardResource",
+    "DashboardSessions",
     "EventStore",
     "GrantBook",
     "KeyStoreError",
@@ -41,6 +45,7 @@ __all__ = [
     "StoreError",
     "StoreThread",
     "TimeSpecError",
+    "Verdict",
     "api_branch",
     "parse_time",
 ]
@@ -50,6 +55,8 @@ _LAZY = {
     "api_branch": "llmobserve.collector._http",
     "StoreThread": "llmobserve.collector._thread",
     "DashboardResource": "llmobserve.collector._dashboard",
+    "DashboardGate": "llmobserve.collector._login",
+    "DashboardSessions": "llmobserve.collector._sessions",
 }
 
 

@@ -11,7 +11,10 @@ key of the right scope gets 401 C{unauthorized} (403 C{forbidden} for a valid
 key whose scope does not cover it) with the error contract; a C{read} key's
 project is forced into the request's C{project} parameter, so every query
 below returns that project's events only. Kept a wrapper, so other routes
-(the dashboard) can be put behind the same check.
+(the dashboard) can be put behind the same check. Given the dashboard's
+sessions, it also accepts the session cookie in place of a key, on C{GET}
+and C{HEAD} only (a cookie never changes anything: no CSRF), and checks the
+session's key like a presented one, so a revoked key ends its sessions.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ._keys import MISSING, Verdict
+from ._sessions import DashboardSessions, clear_session_cookie, request_session_id
 from ._store import EventStore
 from ._thread import StoreThread
 
@@ -43,6 +47,7 @@ _MESSAGES: Final = {
     "unknown": "the API key is not known",
     "revoked": "the API key was revoked",
     "unavailable": "the key store could not be read",
+    "session": "the dashboard session has ended; log in again",
 }
 
 
@@ -153,6 +158,8 @@ class KeyGuardedResource(Resource):
     @param admin_paths: first path segments below this one that need C{admin}.
     @param admin_only: every request needs C{admin} (a tree that does not
         honour the C{project} parameter).
+    @param sessions: the dashboard's logins, whose cookie stands for their
+        key on C{GET}/C{HEAD} (a C{Bearer} key wins over a cookie).
     """
 
     isLeaf = True
@@ -163,12 +170,14 @@ class KeyGuardedResource(Resource):
         verifier: KeyVerifier,
         admin_paths: frozenset[bytes] = frozenset(),
         admin_only: bool = False,
+        sessions: DashboardSessions | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._inner = inner
         self._verifier = verifier
         self._admin_paths = admin_paths
         self._admin_only = admin_only
+        self._sessions = sessions
 
     def render(self, request: Request) -> bytes | int:
         reading = request.method in (b"GET", b"HEAD")
@@ -180,27 +189,47 @@ class KeyGuardedResource(Resource):
         elif self._admin_only or (request.postpath and request.postpath[0] in self._admin_paths):
             scope = "admin"
         key = bearer_key(request)
+        session_id = None
+        if key is None and self._sessions is not None and request.method in (b"GET", b"HEAD"):
+            session_id = request_session_id(request)
+            if session_id is not None:
+                key = self._sessions.key_for(session_id)
+                if key is None:
+                    clear_session_cookie(request)
+                    return self._decide(request, Verdict("session"), scope, None)
         verdict = self._verifier.cached(key)
         if verdict is not None:
-            return self._decide(request, verdict, scope)
+            return self._decide(request, verdict, scope, session_id)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = self._verifier.check(key)
-        d.addCallback(self._decided, request, scope, gone)
+        d.addCallback(self._decided, request, scope, gone, session_id)
         d.addErrback(lambda f: _log.failure("guarded request failed", f))
         return NOT_DONE_YET
 
-    def _decided(self, verdict: Verdict, request: Request, scope: str, gone: list[bool]) -> None:
+    def _decided(
+        self,
+        verdict: Verdict,
+        request: Request,
+        scope: str,
+        gone: list[bool],
+        session_id: str | None,
+    ) -> None:
         if gone:
             return
-        body = self._decide(request, verdict, scope)
+        body = self._decide(request, verdict, scope, session_id)
         if body is not NOT_DONE_YET:
             assert isinstance(body, bytes)
             request.write(body)
             request.finish()
 
-    def _decide(self, request: Request, verdict: Verdict, scope: str) -> bytes | int:
+    def _decide(
+        self, request: Request, verdict: Verdict, scope: str, session_id: str | None
+    ) -> bytes | int:
         if verdict.reason is not None:
+            if session_id is not None and self._sessions is not None:
+                self._sessions.close(session_id)  # its key was revoked: so is the login
+                clear_session_cookie(request)
             message = refusal_message(verdict, scope)
             return _refuse(request, 401, "unauthorized", message, verdict.reason)
         if scope == "any":

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from ._timespec import TimeSpecError, parse_time
 
-__all__ = ["ASSETS", "DashboardResource"]
+__all__ = ["ASSETS", "POLICY", "DashboardResource", "asset"]
 
 #: File name -> content type of everything the page needs.
 ASSETS: Final[dict[str, bytes]] = {
@@ -27,13 +27,14 @@ ASSETS: Final[dict[str, bytes]] = {
 
 #: Only this origin's own scripts, styles and API: the page shows labels
 #: that applications chose, so nothing else may run.
-_POLICY: Final = (
+POLICY: Final = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 
 
-def _asset(name: str) -> bytes:
+def asset(name: str) -> bytes:
+    """The bytes of one of the dashboard's files."""
     return (resources.files("llmobserve.collector") / "dashboard" / name).read_bytes()
 
 
@@ -45,17 +46,33 @@ def _json_error(request: Request, status: int, kind: str, message: str) -> bytes
 
 
 class DashboardResource(Resource):
-    """C{GET /dashboard} (the page) and C{GET /dashboard/NAME} (its assets)."""
+    """C{GET /dashboard} (the page) and C{GET /dashboard/NAME} (its assets).
+
+    @param with_logout: the page shows its C{Log out} button (the page is
+        behind a login, L{llmobserve.collector._login.DashboardGate}).
+    """
 
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, with_logout: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._cache: dict[str, bytes] = {}
+        self._with_logout = with_logout
+
+    def _file(self, name: str) -> bytes:
+        body = asset(name)
+        if name == "index.html" and self._with_logout:
+            body = body.replace(b'id="logout" hidden', b'id="logout"')
+        return body
 
     def render_GET(self, request: Request) -> bytes:
         rest = [p for p in (request.postpath or []) if p]
         name = "index.html" if not rest else rest[0].decode("utf-8", "replace")
+        if rest == [b"login"]:  # no keys required here: no login, the page is open
+            request.setResponseCode(303)
+            request.setHeader(b"location", b"/dashboard")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"see /dashboard\n"
         if len(rest) > 1 or name not in ASSETS:
             return _json_error(request, 404, "not_found", "no such dashboard file; see /dashboard")
         if name == "index.html":
@@ -68,9 +85,9 @@ class DashboardResource(Resource):
                         return _json_error(request, 400, "bad_request", str(e))
         body = self._cache.get(name)
         if body is None:
-            body = self._cache[name] = _asset(name)
+            body = self._cache[name] = self._file(name)
         request.setHeader(b"content-type", ASSETS[name])
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"content-security-policy", _POLICY)
+        request.setHeader(b"content-security-policy", POLICY)
         return body

@@ -5,6 +5,10 @@ first bytes until they either spell the magic, so the connection is a link,
 or cannot, so it is HTTP; then it builds that protocol on the same transport
 and replays what it held. A connection that stays silent before deciding is
 closed after a deadline, so a half-open socket holds nothing for long.
+
+On an C{ssl:} port the factory answers ALPN with C{http/1.1}: Twisted fails
+the handshake of every client that offers ALPN (browsers, curl) when the
+wrapped factory names no protocol. The link's clients offer none.
 """
 
 from __future__ import annotations
@@ -12,9 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from llmobserve.events import MAGIC
 
@@ -94,6 +104,7 @@ class PortSwitch(Protocol):
         self._deadline = None
 
 
+@implementer(IProtocolNegotiationFactory)
 class PortSwitchFactory(Factory):
     """Builds a L{PortSwitch} per connection.
 
@@ -121,6 +132,10 @@ class PortSwitchFactory(Factory):
 
     def stopFactory(self) -> None:
         self._http.doStop()
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN on a TLS port: HTTP/1.1 (the link's clients offer none)."""
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return PortSwitch(addr, self._make_link, self._build_http, self._clock, self._timeout)

@@ -25,11 +25,14 @@ from llmobserve.hostguard import HostGuard, HostGuardedSite
 
 from ._auth import KeyGuardedResource, KeyVerifier
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
+from ._dashboard import DashboardResource
 from ._http import collector_root
 from ._keyapi import KeysResource
 from ._link import LinkRegistry, LinkServerProtocol
+from ._login import DashboardGate
 from ._loglimit import LogLimiter
 from ._port import PortSwitchFactory
+from ._sessions import DashboardSessions
 from ._store import EventStore
 from ._thread import StoreThread
 from ._writer import BatchWriter
@@ -55,8 +58,9 @@ class CollectorService(MultiService):
     @param max_partial_bytes: bytes all links together may hold for frames
         not yet complete (L{PartialFrameBudget}).
     @param require_keys: links need an C{ingest} key in their hello, and
-        C{/api/*} and C{/dashboard} an C{Authorization: Bearer} key (the
-        C{twistd} plugin sets it when listening beyond loopback).
+        C{/api/*} an C{Authorization: Bearer} key or a dashboard session,
+        and C{/dashboard} a login with a read key (the C{twistd} plugin sets
+        it when listening beyond loopback).
     """
 
     log = Logger()
@@ -98,8 +102,10 @@ class CollectorService(MultiService):
             PartialFrameBudget(max_partial_bytes), self.limiter, self.verifier
         )
         root = collector_root(self.reader_thread, self.writer, self.links)
-        if self.verifier is not None:
-            _guard(root, self.reader_thread, self.verifier)
+        #: the dashboard's logins (None when keys are not required)
+        self.sessions = DashboardSessions(reactor) if require_keys else None
+        if self.verifier is not None and self.sessions is not None:
+            _guard(root, self.reader_thread, self.verifier, self.sessions)
         self.site = HostGuardedSite(root, host_guard or HostGuard())
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
@@ -182,12 +188,16 @@ class CollectorService(MultiService):
         self.limiter.stop()
 
 
-def _guard(root: Resource, reader: StoreThread, verifier: KeyVerifier) -> None:
-    """Put C{/api} (with C{/api/keys}, admin only) and C{/dashboard} (admin
-    only until it honours a read key's project) behind keys."""
+def _guard(
+    root: Resource, reader: StoreThread, verifier: KeyVerifier, sessions: DashboardSessions
+) -> None:
+    """Put C{/api} (with C{/api/keys}, admin only) behind keys, and
+    C{/dashboard} behind its login (a read key's session reads, through
+    C{/api}, its project only)."""
     api = root.children[b"api"]
     api.putChild(b"keys", KeysResource(reader, verifier))
-    root.putChild(b"api", KeyGuardedResource(api, verifier, admin_paths=frozenset({b"keys"})))
-    dashboard = root.children.get(b"dashboard")
-    if dashboard is not None:
-        root.putChild(b"dashboard", KeyGuardedResource(dashboard, verifier, admin_only=True))
+    guarded = KeyGuardedResource(api, verifier, admin_paths=frozenset({b"keys"}), sessions=sessions)
+    root.putChild(b"api", guarded)
+    if b"dashboard" in root.children:
+        page = DashboardResource(with_logout=True)
+        root.putChild(b"dashboard", DashboardGate(page, verifier, sessions))

@@ -90,8 +90,11 @@ class ProxyResource:
         api: Callable[[], Any] | None = None,
         key_gate: ClientKeyGate | None = None,
         dashboard: Callable[[], Any] | None = None,
+        session_key: Callable[[Any], bytes | None] | None = None,
     ) -> None:
         self._s = services
+        # the dashboard's login (keys required): a session cookie's key, on GET /api
+        self._session_key = session_key
         self._key_gate = key_gate
         self._api = api  # /api/...: an embedded proxy's events and report (a resource maker)
         self._dashboard = dashboard  # /dashboard: the page over that API (a resource maker)
@@ -137,7 +140,8 @@ class ProxyResource:
     def _dashboard_route(self, request: Any, route: bytes) -> Any:
         """C{GET /dashboard} (and its files) of an embedded proxy; C{/}
         redirects there."""
-        if request.method not in (b"GET", b"HEAD"):
+        login = self._session_key is not None and request.method == b"POST"
+        if request.method not in (b"GET", b"HEAD") and not login:
             write_error(request, 405, "method_not_allowed", "the dashboard answers GET only")
             return server.NOT_DONE_YET
         if route == b"":
@@ -176,6 +180,8 @@ class ProxyResource:
         if key is None:
             kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
             key = value.strip() if kind.lower() == b"bearer" else None
+        if key is None and self._session_key is not None:  # GET only: never a CSRF
+            key = self._session_key(request)
         verdict = gate.cached(key)
         if verdict is not None:
             return self._api_with(request, verdict)

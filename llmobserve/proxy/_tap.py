@@ -29,6 +29,7 @@ from llmobserve.providers import UnknownProviderError, check_provider_id
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._compat import clear_exit_signal
 from llmobserve.proxy._config import DEFAULT_MAX_BODY, RelayConfig
+from llmobserve.proxy._dashlogin import EmbeddedDashboardLogin
 from llmobserve.proxy._gqllimits import GraphQLLimit, GraphQLLimits
 from llmobserve.proxy._keygate import ClientKeyGate, collector_lookup, store_lookup
 from llmobserve.proxy._logsink import LoggingSink
@@ -546,11 +547,14 @@ def build_proxy(
     api: Callable[[], Any] | None = None,
     key_gate: ClientKeyGate | None = None,
     dashboard: Callable[[], Any] | None = None,
+    session_key: Callable[[Any], bytes | None] | None = None,
 ) -> tuple[Any, RelayServices, TargetPolicy]:
     """The site, shared services and policy for these options.
 
     @param api: makes the C{/api} resource of an embedded store.
     @param dashboard: makes the C{/dashboard} resource that reads it.
+    @param session_key: the key behind a dashboard session's cookie (the
+        dashboard has a login: keys are required).
     """
     config = RelayConfig(
         connect_timeout=options["connect-timeout"],
@@ -602,6 +606,7 @@ def build_proxy(
         api=api,
         key_gate=key_gate,
         dashboard=dashboard,
+        session_key=session_key,
     )
     site = ProxyServerFactory(
         resource,
@@ -720,13 +725,16 @@ def makeService(options: Options) -> IService:
     sink, sink_service = _make_sink(options, reactor)
     api = _report_api(sink, reactor)
     gate, gate_service = _client_key_gate(options, reactor, sink)
+    dashboard = api.dashboard if api is not None else None
+    login = EmbeddedDashboardLogin(reactor, gate) if api is not None and gate is not None else None
     site, services, policy = build_proxy(
         reactor,
         options,
         sink,
         api.resource if api is not None else None,
         key_gate=gate,
-        dashboard=api.dashboard if api is not None else None,
+        dashboard=login.resource if login is not None else dashboard,
+        session_key=login.session_key if login is not None else None,
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")

@@ -122,3 +122,14 @@ def test_deadline_cancelled_once_decided() -> None:
     clock.advance(60)
     assert not transport.disconnecting and not transport.disconnected
     assert clock.getDelayedCalls() == []
+
+
+def test_alpn_names_http_1_1_so_browsers_can_connect_over_tls() -> None:
+    """On an C{ssl:} port Twisted refuses every handshake that offers ALPN
+    (browsers, curl) unless the factory names a protocol: it names HTTP/1.1."""
+    from twisted.internet.interfaces import IProtocolNegotiationFactory
+    from zope.interface.verify import verifyObject
+
+    factory = PortSwitchFactory(Protocol, Factory(), Clock())
+    assert verifyObject(IProtocolNegotiationFactory, factory)
+    assert factory.acceptableProtocols() == [b"http/1.1"]

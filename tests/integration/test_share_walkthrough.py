@@ -14,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.browser import chromium_path, launched_chromium
 from support.clients import build_request, raw_request
 from support.proxy import CollectorProcess, ProxyProcess, loopback_env
 from support.upstreams import RecordingUpstream
@@ -42,11 +46,44 @@ def _last_line(text: str) -> str:
     return text.splitlines()[-1]
 
 
+def browser_missing() -> str | None:
+    """Why step 7 (a browser) cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Playwright is not installed"
+    return None if chromium_path() is not None else "no Chromium on the PATH"
+
+
+def _dashboard_step(url: str, read_key: str) -> None:
+    """Step 7: open the dashboard over TLS (the self-signed certificate
+    accepted), get sent to its login, paste the read key: team-a's 3 calls,
+    with a C{Secure} session cookie that is not the key."""
+    path = chromium_path()
+    assert path is not None
+    with launched_chromium(path) as browser:
+        context: Any = browser.new_context(ignore_https_errors=True)
+        page = context.new_page()
+        page.goto(url + "/dashboard")
+        page.wait_for_url("**/dashboard/login", timeout=15_000)
+        page.fill("#login-key", read_key)
+        page.click("#login-submit")
+        page.wait_for_function(
+            "() => { const e = document.querySelector('#total-calls');"
+            " return e && e.dataset.value === '3'; }",
+            timeout=15_000,
+        )
+        (cookie,) = context.cookies()
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert read_key not in cookie["value"]
+        context.close()
+
+
 @pytest.mark.timeout(120)
 def test_the_share_it_with_your_team_walkthrough(tmp_path: Path) -> None:
     """TLS collector with keys, two proxies with their projects' keys, an
     app reaching a proxy by its service name, a read key's report showing
-    only its project."""
+    only its project, and (with a Chromium) its dashboard login."""
     d = tmp_path
     # 1. the certificate
     _run(
@@ -133,6 +170,16 @@ def test_the_share_it_with_your_team_walkthrough(tmp_path: Path) -> None:
             d, "llmobserve", "report", *tls, "--key", read_a, "--by", "project,model",
             "--format", "json",
         )  # fmt: skip
+        # 7. the dashboard in a browser, logged in with the read key; a client
+        #    offering ALPN, as browsers and curl do, is served HTTP/1.1 over TLS
+        alpn = ssl.create_default_context(cafile=str(d / "collector-cert.pem"))
+        alpn.set_alpn_protocols(["h2", "http/1.1"])
+        with urllib.request.urlopen(url + "/health", timeout=5, context=alpn) as response:
+            assert response.status == 200
+        if browser_missing() is None:
+            _dashboard_step(url, read_a)
+        else:
+            warnings.warn(f"walkthrough step 7 not tried: {browser_missing()}", stacklevel=1)
     assert "team-a" in table and "team-b" not in table
     rows = json.loads(as_json)["rows"]
     assert [(r["project"], r["calls"]) for r in rows] == [("team-a", 3)]

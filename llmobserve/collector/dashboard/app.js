@@ -23,6 +23,7 @@
     ["status", "status"], ["outcome", "outcome"], ["usage_source", "usage"], ["run", "run"],
   ];
   const sortState = {};
+  let leaving = false; // on the way to the login page
   let refresh = null; // the current view's live update, if it has one
   let generation = 0; // bumped on every navigation: late answers are dropped
 
@@ -103,6 +104,10 @@
     const url = path + (params ? "?" + params.toString() : "");
     const response = await fetch(url, { headers: { accept: "application/json" } });
     const body = await response.json().catch(() => null);
+    if (response.status === 401 && !document.getElementById("logout").hidden && !leaving) {
+      leaving = true;  // once: the view's parallel calls all see the 401
+      location.assign("/dashboard/login");  // the session ended (expired, revoked, logged out)
+    }
     if (!response.ok) {
       const message = body && body.error ? body.error.message : response.statusText;
       const err = new Error(message);
