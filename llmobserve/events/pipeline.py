@@ -849,12 +849,27 @@ class PricedTally:
 
 
 def _cost_text(cost: Any) -> str:
-    return usd_fixed(cost) if isinstance(cost, float | int) else str(cost)
+    return usd_fixed(cost) if isinstance(cost, float | int) else "unpriced"
+
+
+#: Outcomes of calls the proxy never forwarded: no provider, model or usage to show.
+_NOT_FORWARDED = frozenset({"refused", "proxy_error"})
 
 
 def _summary(event: Mapping[str, Any]) -> str:
-    """The log line of one call event."""
+    """The log line of one call event.
+
+    A call the proxy did not forward says why (its C{error:} flag) instead
+    of a provider, model and usage it never had.
+    """
     usage = event["usage"]
+    if event["outcome"] in _NOT_FORWARDED:
+        why = [f[len("error:") :] for f in event.get("flags", ()) if f.startswith("error:")]
+        return (
+            f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
+            f"{event['outcome']} ({', '.join(why) or 'no reason given'}), not forwarded "
+            f"ms={event['duration_ms']}"
+        )
     return (
         f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
         f"{event['outcome']} {event['provider']} {event['model']} "
