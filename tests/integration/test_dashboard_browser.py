@@ -189,7 +189,10 @@ def test_embedded_proxy_serves_the_same_dashboard(
     chromium: Any, upstream: RecordingUpstream, tmp_path: Path
 ) -> None:
     """`make run`'s proxy (events in its own store): opening its address shows
-    the dashboard over that store, and a new call appears without a reload."""
+    the dashboard over that store, and a new call appears without a reload.
+    A few cheap calls (a few millionths of a dollar, a newcomer's first run)
+    put long labels on the cost axis ("$0.0000025"): none is cut at the
+    chart's left edge."""
     args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
     args += ["--db", str(tmp_path / "events.sqlite3")]
     with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
@@ -201,7 +204,14 @@ def test_embedded_proxy_serves_the_same_dashboard(
         page.goto(proxy.url + "/")
         assert page.url.startswith(proxy.url + "/dashboard")
         _wait_value(page, "#total-calls", "2")
+        page.wait_for_selector("#chart svg rect")
         page.screenshot(path=tmp_path / "embedded-overview.png", full_page=True)
+        axis = page.evaluate(
+            "Array.from(document.querySelectorAll(\"#chart svg text[text-anchor='end']\"))"
+            ".map((t) => [t.textContent, t.getBBox().x])"
+        )
+        assert max(len(label) for label, _ in axis) >= len("$0.0000025"), axis
+        assert all(x >= 0 for _, x in axis), axis
         _call(proxy, upstream, customer_id="globex")
         _wait_value(page, "#total-calls", "3")
         page.click("#nav-calls")
