@@ -162,7 +162,15 @@ def _auto_start(
         seen = reported.get("url")
         if seen and seen != collector_url and not found.started:
             log.warning(
-                "llmobserve: the running proxy ships events to %s, not %s", seen, collector_url
+                "llmobserve: the running proxy ships events to %s, not %s: this process's "
+                "calls are recorded there. To ship them to %s, stop that proxy (one an "
+                "earlier observe() started stops by itself once no process has used it "
+                "for LLMOBSERVE_PROXY_LINGER, %g s by default) or start it with --collector %s",
+                seen,
+                collector_url,
+                collector_url,
+                _autostart.DEFAULT_LINGER,
+                collector_url,
             )
     return _finish(Observation(found.url, True, found.started, collector_url))
 

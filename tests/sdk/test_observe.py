@@ -309,3 +309,21 @@ def test_a_reused_proxy_with_a_collector_url_is_no_warning(
     _found(monkeypatch, started=False, health=link)
     llmobserve.observe(collector_url="http://127.0.0.1:8000")
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_reused_proxy_shipping_elsewhere_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """observe(collector_url=...) reusing a proxy (one an earlier observe() started,
+    still lingering) that stores events itself: the warning says where this
+    process's calls are recorded and how to get them to the collector."""
+    embedded = {"collector": {"mode": "embedded", "url": "/home/u/.llmobserve/events.sqlite3"}}
+    _found(monkeypatch, started=False, health=embedded)
+    llmobserve.observe(collector_url="http://127.0.0.1:8000")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(
+        "llmobserve: the running proxy ships events to /home/u/.llmobserve/events.sqlite3, "
+        "not http://127.0.0.1:8000: this process's calls are recorded there."
+    )
+    assert "LLMOBSERVE_PROXY_LINGER, 30 s by default" in warning
+    assert warning.endswith("start it with --collector http://127.0.0.1:8000")
