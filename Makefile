@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 9000
+# More proxy options for `make run`, e.g. ARGS="--provider-host 127.0.0.1:18080=openai".
+ARGS ?=
 
 .PHONY: run test setup lint typecheck bench clean
 
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/twistd -n llmobserve --port $(PORT)
+	$(BIN)/twistd -n llmobserve --port $(PORT) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -44,3 +44,28 @@ def test_the_per_call_log_line_prints_cost_in_fixed_notation() -> None:
         }
     )
     assert "cost=0.0000072 " in line
+
+
+def test_the_log_line_of_a_call_not_forwarded_says_why() -> None:
+    """A refused call logged 'refused unknown None in=None out=None cost=None':
+    it says its reason and that it was not forwarded; an unpriced call says so."""
+    from llmobserve.events.pipeline import _summary
+
+    refused = {
+        "method": "POST",
+        "host": "127.0.0.1",
+        "path": "/v1/chat/completions",
+        "status": 403,
+        "outcome": "refused",
+        "provider": "unknown",
+        "model": None,
+        "usage": {},
+        "cost_usd": None,
+        "duration_ms": 0.251,
+        "flags": ["error:not_allowed"],
+    }
+    assert _summary(refused) == (
+        "POST 127.0.0.1/v1/chat/completions -> 403 refused (not_allowed), not forwarded ms=0.251"
+    )
+    unpriced = {**refused, "status": 200, "outcome": "ok", "provider": "openai", "flags": []}
+    assert "cost=unpriced " in _summary(unpriced)

@@ -62,3 +62,26 @@ def test_the_readme_calls_the_commands_where_make_setup_puts_them() -> None:
     found = [m.group(0) for m in bare.finditer(readme)]
     assert found == [], found
     assert ". .venv/bin/activate" in readme
+
+
+def test_make_run_passes_proxy_options() -> None:
+    """C{make run ARGS="--provider-host ..."} starts the proxy with those options:
+    the README's way to name a local server for a proxy the user starts."""
+    out = subprocess.run(
+        ["make", "-n", "run", "ARGS=--provider-host 127.0.0.1:18080=openai"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    [run] = [line for line in out.stdout.splitlines() if "twistd" in line]
+    assert run.split() == [
+        ".venv/bin/twistd",
+        "-n",
+        "llmobserve",
+        "--port",
+        "9000",
+        "--provider-host",
+        "127.0.0.1:18080=openai",
+    ]

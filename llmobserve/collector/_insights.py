@@ -237,18 +237,29 @@ def _reasons(
     where: str,
     params: list[Any],
 ) -> list[tuple[Any, int]]:
-    """The commonest C{price_ref} texts of calls without a price, with counts."""
+    """The commonest C{price_ref} texts of calls without a price, with counts.
+
+    As in L{summary}'s C{unpriced_calls}, calls the proxy did not forward
+    are left out unless an C{outcome} filter asks for them.
+    """
+    left_out = filters.get("outcome") is None
     plan = _plan(store, "reason", since, until, filters)
     if plan is None:
+        forwarded = f" AND NOT {NOT_FORWARDED_SQL}" if left_out else ""
         return store.read(
-            f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL "
-            "GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
+            f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL"
+            f"{forwarded} GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
             [*params, TOP_REASONS],
         )
     rollup, first, last, edges = plan
-    counts = {text: found.calls for text, found in rollup.sums("reason", first, last).items()}
-    for text, found in _grouped_edges(store, "price_ref", edges, ONLY["reason"]).items():
-        counts[text] = counts.get(text, 0) + found.calls
+    counts: dict[Any, int] = {}
+    for sums in (
+        rollup.sums("reason", first, last),
+        _grouped_edges(store, "price_ref", edges, ONLY["reason"]),
+    ):
+        for text, found in sums.items():
+            n = found.calls - (found.not_forwarded if left_out else 0)
+            counts[text] = counts.get(text, 0) + n
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] is not None, str(kv[0])))
     return ranked[:TOP_REASONS]
 

@@ -137,6 +137,7 @@ class EventPipeline(Service):
         self._log_quota = _LineQuota(log_lines_per_second)
         # counters (reactor thread only)
         self.calls_total = 0
+        self.not_forwarded_total = 0  # of calls_total: the proxy refused or could not forward
         self.events_total = 0
         self.events_dropped_total = 0
         self.parse_skipped_total = 0
@@ -180,6 +181,8 @@ class EventPipeline(Service):
         """Hand one exchange to the parse pool, or record it unparsed now."""
         try:
             self.calls_total += 1
+            if transaction.outcome in _NOT_FORWARDED:
+                self.not_forwarded_total += 1
             token = self._next_token
             self._next_token = token + 1
             with self._parsing_lock:
@@ -761,11 +764,15 @@ class EventPipeline(Service):
 
     def stop_summary(self, delivered: int) -> str:
         """The shutdown line: what this run recorded and where its events are."""
-        calls, cost = self.priced.read()
-        unpriced = max(0, self.calls_total - calls)
+        priced, cost = self.priced.read()
+        # as the report: calls the proxy did not forward are counted apart
+        refused = self.not_forwarded_total
+        calls = self.calls_total - refused
+        unpriced = max(0, calls - priced)
+        apart = f", {refused} refused or not forwarded" if refused else ""
         return (
-            f"llmobserve proxy stopped: {self.calls_total} calls, "
-            f"${usd_fixed(round(cost, 8))} priced, {unpriced} unpriced; "
+            f"llmobserve proxy stopped: {calls} calls, "
+            f"${usd_fixed(round(cost, 8))} priced, {unpriced} unpriced{apart}; "
             f"events: {delivered} delivered to the {_DELIVERED_TO.get(self.mode, self.mode)}, "
             f"{self.outbox.waiting} waiting in the spool for the next start"
         )
@@ -880,12 +887,27 @@ class PricedTally:
 
 
 def _cost_text(cost: Any) -> str:
-    return usd_fixed(cost) if isinstance(cost, float | int) else str(cost)
+    return usd_fixed(cost) if isinstance(cost, float | int) else "unpriced"
+
+
+#: Outcomes of calls the proxy never forwarded: no provider, model or usage to show.
+_NOT_FORWARDED = frozenset({"refused", "proxy_error"})
 
 
 def _summary(event: Mapping[str, Any]) -> str:
-    """The log line of one call event."""
+    """The log line of one call event.
+
+    A call the proxy did not forward says why (its C{error:} flag) instead
+    of a provider, model and usage it never had.
+    """
     usage = event["usage"]
+    if event["outcome"] in _NOT_FORWARDED:
+        why = [f[len("error:") :] for f in event.get("flags", ()) if f.startswith("error:")]
+        return (
+            f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
+            f"{event['outcome']} ({', '.join(why) or 'no reason given'}), not forwarded "
+            f"ms={event['duration_ms']}"
+        )
     return (
         f"{event['method']} {event['host']}{event['path']} -> {event['status']} "
         f"{event['outcome']} {event['provider']} {event['model']} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -37,8 +38,10 @@ from llmobserve.proxy._policy import (
     DnsServerResolver,
     OverrideResolver,
     TargetPolicy,
+    TargetRefused,
     TwistedResolver,
     parse_dns_server,
+    parse_target,
 )
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource
@@ -290,6 +293,10 @@ class Options(usage.Options):
         provider = _provider_id(provider, "--base-url")
         if not url.startswith(("http://", "https://")):
             raise usage.UsageError(f"--base-url {provider}: URL must be http(s)")
+        try:
+            parse_target(url)
+        except TargetRefused as refused:
+            raise usage.UsageError(f"--base-url {provider}: {refused.message}") from None
         self["base-url"][provider] = url
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -574,7 +581,7 @@ def build_proxy(
         resolver,
         allow_cidrs=options["allow-cidr"],
         allow_hosts=options["allow-host"],
-        provider_hosts=options["provider-host"],
+        provider_hosts={**_base_url_hosts(options["base-url"]), **options["provider-host"]},
         known_hosts_only=options["known-hosts-only"],
         clock=reactor,
     )
@@ -643,7 +650,45 @@ def _base_urls(overrides: dict[str, str]) -> dict[str, str]:
 
     urls = {p.id: p.base_url for p in REGISTRY if p.base_url}
     urls.update(overrides)
+    for provider, url in overrides.items():
+        _warn_doubled_version(provider, url, REGISTRY.base_url(provider))
     return urls
+
+
+def _base_url_hosts(overrides: dict[str, str]) -> dict[str, str]:
+    """C{HOST:PORT} to provider for each C{--base-url}: the operator named
+    that host, so it is admitted like a C{--provider-host} (a local server or
+    a gateway on a private address would otherwise be refused)."""
+    hosts = {}
+    for provider, url in overrides.items():
+        target = parse_target(url)  # checked by Options.opt_base_url
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        hosts[f"{host}:{target.port}"] = provider
+    return hosts
+
+
+def _warn_doubled_version(provider: str, url: str, public: str | None) -> None:
+    """Warn when an override ends in the API version that clients put in their
+    path too (C{--base-url openai=http://127.0.0.1:18080/v1} would send
+    C{/openai/v1/chat/completions} to C{.../v1/v1/chat/completions})."""
+    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    if public is None or "//" in tail or not _API_VERSION.fullmatch(tail):
+        return
+    if public.rstrip("/").endswith("/" + tail):
+        return  # the public base URL has the version too: clients leave it out
+    _log.warn(
+        "--base-url {provider}={url}: base-URL mode appends the client's whole path, "
+        "so /{provider}/{tail}/... goes to {url}/{tail}/...; give the URL that replaces "
+        "{public} (without /{tail})",
+        provider=provider,
+        url=url.rstrip("/"),
+        tail=tail,
+        public=public,
+    )
+
+
+#: The last path segment of a URL that looks like an API version (v1, v1beta, v2alpha1).
+_API_VERSION = re.compile(r"v[0-9]+(?:(?:alpha|beta)[0-9]*)?")
 
 
 class _OrderedServices(MultiService):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
+from llmobserve.paths import default_db_path
 from llmobserve.providers import check_provider_id
 from llmobserve.sdk import _autostart, _context, _install, _spans
 from llmobserve.sdk._routing import ROUTER, RoutingConfig
@@ -162,7 +165,15 @@ def _auto_start(
         seen = reported.get("url")
         if seen and seen != collector_url and not found.started:
             log.warning(
-                "llmobserve: the running proxy ships events to %s, not %s", seen, collector_url
+                "llmobserve: the running proxy ships events to %s, not %s: this process's "
+                "calls are recorded there. To ship them to %s, stop that proxy (one an "
+                "earlier observe() started stops by itself once no process has used it "
+                "for LLMOBSERVE_PROXY_LINGER, %g s by default) or start it with --collector %s",
+                seen,
+                collector_url,
+                collector_url,
+                _autostart.DEFAULT_LINGER,
+                collector_url,
             )
     return _finish(Observation(found.url, True, found.started, collector_url))
 
@@ -177,10 +188,24 @@ def _events_go_to(health: Mapping[str, Any], collector_url: str | None) -> str:
         if mode == "none":
             return "nowhere (the proxy runs with --no-events)"
         if mode == "embedded":
-            return "its embedded store (llmobserve report)"
+            return f"its embedded store ({_report_command(url)})"
     if collector_url:
         return f"the collector at {collector_url}"
-    return "its embedded store (llmobserve report)"
+    return f"its embedded store ({_report_command(None)})"
+
+
+def _report_command(store: object) -> str:
+    """The command that reads this store, as the user can type it: the
+    C{llmobserve} beside this Python when none is on C{PATH} (a checkout's
+    C{.venv/bin}), with C{--db} when the store is not the default one."""
+    command = "llmobserve"
+    if shutil.which(command) is None:
+        beside = Path(sys.executable).parent / command
+        if beside.exists():
+            command = str(beside)
+    if isinstance(store, str) and store and Path(store) != default_db_path():
+        return f"{command} report --db {store}"
+    return f"{command} report"
 
 
 def _check_provider_ids(provider_hosts: Mapping[str, str]) -> None:

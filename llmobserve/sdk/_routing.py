@@ -343,17 +343,35 @@ class Router:
             if key not in state.refused:
                 log.warning(
                     "llmobserve: calls to %s://%s are NOT tracked: the proxy refused them "
-                    "(%s); they go direct. Name the host in provider_hosts, or start the "
-                    "proxy with --provider-host / --allow-host for it",
+                    "(%s); they go direct. %s",
                     key[0],
                     _shown(key[1], key[2]),
                     reason,
+                    self._refusal_advice(key),
                 )
             state.refused.add(key)
             state.decisions[key] = False
         # Cached variants of the spelling (upper-case host, brackets) go too.
         for other in [k for k in state.decisions if self.key(*k) == key]:
             state.decisions[other] = False
+
+    def _refusal_advice(self, key: HostKey) -> str:
+        """What to do about a refused target: name it, or, when C{provider_hosts}
+        already names it, start the proxy with it (a proxy started by hand, e.g.
+        by C{make run}, knows only the hosts on its own command line)."""
+        config = self.config
+        provider = config.provider_for(key[1], key[2]) if config else None
+        if config is None or provider is None:
+            return (
+                "Name the host in provider_hosts, or start the proxy with "
+                "--provider-host / --allow-host for it"
+            )
+        return (
+            f"provider_hosts names it, but the proxy at {config.proxy_url} was not "
+            "started with it: a proxy started by hand (make run, twistd) learns hosts "
+            f"only from its command line; restart it with --provider-host "
+            f"{_shown(key[1], key[2])}={provider}, or stop it and let observe() start one"
+        )
 
     def confirmed(self, key: HostKey) -> None:
         """The proxy forwarded a call to this target (its policy admits it)."""

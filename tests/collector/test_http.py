@@ -389,6 +389,41 @@ def _dashboard_calls(client: Client) -> None:
     )
 
 
+def test_unknown_cost_reasons_leave_out_calls_not_forwarded(client: Client) -> None:
+    """A call the proxy refused has no price, but it is no call of any provider:
+    /api/summary left it out of unpriced_calls yet listed its price_ref among
+    the unknown-cost reasons ("every call priced" beside "no parser for this
+    host"). Left out there too, on a short and a long window, unless an
+    outcome filter asks for it."""
+    _dashboard_calls(client)
+    client.writer.write(
+        [
+            {
+                "id": "refused-1",
+                "kind": "call",
+                "ts": T0 + 3700,
+                "provider": "unknown",
+                "cost_usd": None,
+                "price_ref": "not priced: no parser for this host",
+                "status": 403,
+                "outcome": "refused",
+                "usage": {},
+                "usage_source": "missing",
+                "duration_ms": 0.25,
+            }
+        ]
+    )
+    _, _, short = client.get(f"/api/summary?since={T0 + 3600}&until={T0 + 6000}")
+    assert short["refused_calls"] == 1 and short["unpriced_calls"] == 1
+    assert short["unpriced_reasons"] == [{"reason": "unknown model: mystery", "calls": 1}]
+    _, _, long = client.get(f"/api/summary?since={T0 + 3000}")
+    assert long["unpriced_reasons"] == short["unpriced_reasons"]
+    _, _, refused = client.get(f"/api/summary?since={T0 + 3600}&outcome=refused")
+    assert refused["unpriced_reasons"] == [
+        {"reason": "not priced: no parser for this host", "calls": 1}
+    ]
+
+
 def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     """/api/summary: calls, cost, tokens, the error rate (outcome not ok or status
     >= 400), the share of calls of unknown cost with its commonest reasons, and

@@ -360,6 +360,27 @@ async def test_one_log_event_per_batch_one_line_per_call(tmp_path: Path) -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_stop_summary_counts_calls_not_forwarded_apart(tmp_path: Path) -> None:
+    """The shutdown line counted a call the proxy refused as one of its calls, and
+    unpriced, while the report counts it apart: it is named apart here too."""
+    from llmobserve.transaction import Outcome
+
+    s = Sink(tmp_path)
+    s.sink.transaction_finished(make_txn())
+    s.sink.transaction_finished(make_txn(outcome=Outcome.REFUSED, status=403, response_body=b""))
+    s.sink.transaction_finished(make_txn(outcome=Outcome.PROXY_ERROR, status=502))
+    await eventually(lambda: len(s.stored()) == 3)
+    line = s.sink.stop_summary(3)
+    await s.sink.stopService()
+    assert line.startswith("llmobserve proxy stopped: 1 calls, $")
+    assert line.endswith(
+        "unpriced, 2 refused or not forwarded; events: 3 delivered to the embedded store, "
+        "0 waiting in the spool for the next start"
+    )
+    assert "proxy stopped: 3 calls" not in line
+
+
+@pytest_twisted.ensureDeferred
 async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Path) -> None:
     """Over log_lines_per_second, calls get no line of their own; the next window's
     first batch says how many there were and what they cost."""

@@ -189,10 +189,17 @@ def test_embedded_proxy_serves_the_same_dashboard(
     chromium: Any, upstream: RecordingUpstream, tmp_path: Path
 ) -> None:
     """`make run`'s proxy (events in its own store): opening its address shows
-    the dashboard over that store, and a new call appears without a reload."""
+    the dashboard over that store, and a new call appears without a reload.
+    A few cheap calls (a few millionths of a dollar, a newcomer's first run)
+    put long labels on the cost axis ("$0.0000025"): none is cut at the
+    chart's left edge. A call the proxy refused is not one of the calls, and
+    the calls card says it was refused (as the report's "refused" line does)."""
     args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
     args += ["--db", str(tmp_path / "events.sqlite3")]
     with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+        # 127.0.0.2 is outside LOOPBACK_ARGS' --allow-cidr: refused, nothing sent
+        refused = proxy_request(proxy.port, "POST", "http://127.0.0.2:9/v1/x", [], b"{}")
+        assert raw_request(proxy.port, refused).status == 403
         _call(proxy, upstream, customer_id="acme")
         _call(proxy, upstream, customer_id="acme")
         _calls_stored(proxy.url, 2)
@@ -201,7 +208,17 @@ def test_embedded_proxy_serves_the_same_dashboard(
         page.goto(proxy.url + "/")
         assert page.url.startswith(proxy.url + "/dashboard")
         _wait_value(page, "#total-calls", "2")
+        assert page.inner_text("#summary .card:has(#total-calls) .sub") == (
+            "1 refused, not forwarded"
+        )
+        page.wait_for_selector("#chart svg rect")
         page.screenshot(path=tmp_path / "embedded-overview.png", full_page=True)
+        axis = page.evaluate(
+            "Array.from(document.querySelectorAll(\"#chart svg text[text-anchor='end']\"))"
+            ".map((t) => [t.textContent, t.getBBox().x])"
+        )
+        assert max(len(label) for label, _ in axis) >= len("$0.0000025"), axis
+        assert all(x >= 0 for _, x in axis), axis
         _call(proxy, upstream, customer_id="globex")
         _wait_value(page, "#total-calls", "3")
         page.click("#nav-calls")

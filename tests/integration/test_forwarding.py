@@ -324,6 +324,28 @@ def test_base_url_mode(proxy_factory: ProxyFactory, recording_upstream: Recordin
     assert req.header("authorization") == b"Bearer sk-1"
 
 
+def test_base_url_host_is_admitted_and_a_doubled_version_warned(
+    proxy_factory: ProxyFactory, recording_upstream: RecordingUpstream
+) -> None:
+    """A newcomer's C{--base-url openai=URL} to a local server, alone (no
+    C{--allow-cidr}, no C{--provider-host}): the operator named that host, so
+    base-URL calls reach it (they were refused, 403 not_allowed loopback). A URL
+    ending in C{/v1}, as the openai client's own base_url does, gets one start-up
+    warning, since the client's path has its C{/v1} too; one without it gets none."""
+    doubled = proxy_factory("--base-url", f"openai={recording_upstream.url}/v1")
+    plain = proxy_factory("--base-url", f"openai={recording_upstream.url}")
+    for proxy in (doubled, plain):
+        with RawClient(proxy.port) as client:
+            resp = client.request("POST", "/openai/v1/chat/completions", [], b"{}")
+        assert resp.status == 200
+    first, second = recording_upstream.wait_requests(2)
+    assert (first.target, second.target) == (b"/v1/v1/chat/completions", b"/v1/chat/completions")
+    warning = "base-URL mode appends the client's whole path"
+    assert warning in doubled.log_text()
+    assert "(without /v1)" in doubled.log_text()
+    assert warning not in plain.log_text()
+
+
 def test_keep_alive_client_connection_reused(
     loopback_proxy: ProxyProcess, recording_upstream: RecordingUpstream
 ) -> None:

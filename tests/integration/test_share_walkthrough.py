@@ -116,7 +116,7 @@ def test_the_share_it_with_your_team_walkthrough(tmp_path: Path) -> None:
                     "--public-name", "llmobserve", "--spool-dir", str(d / spool),
                     "--collector", url, "--collector-ca-file", str(d / "collector-cert.pem"),
                     "--collector-key", key,
-                    "--base-url", f"openai={upstream.url}/v1",
+                    "--base-url", f"openai={upstream.url}",
                     "--provider-host", f"127.0.0.1:{upstream.port}=openai",
                 ],
                 workdir=d / spool.replace("spool", "proxy"),

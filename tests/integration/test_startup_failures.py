@@ -130,7 +130,12 @@ def test_the_collector_recipe_runs_from_one_directory(tmp_path: Path) -> None:
                 if link["state"] == "connected" or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
-            assert link == {"mode": "link", "state": "connected", "url": collector.url}
+            # (the link's other fields, e.g. "refused", are not this test's business)
+            assert {k: link.get(k) for k in ("mode", "state", "url")} == {
+                "mode": "link",
+                "state": "connected",
+                "url": collector.url,
+            }
 
 
 def test_shutdown_says_what_the_proxy_recorded(tmp_path: Path) -> None:

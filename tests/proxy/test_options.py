@@ -95,6 +95,13 @@ def test_known_provider_ids_are_accepted() -> None:
     assert options["provider-host"] == {"10.0.0.5:8000": "groq"}
 
 
+def test_a_malformed_base_url_is_a_usage_error() -> None:
+    """The URL is checked when parsed (a bad one would otherwise fail later, in
+    makeService, as a traceback), since its host is admitted like a provider host."""
+    with pytest.raises(usage.UsageError, match="--base-url openai: "):
+        parse("--base-url", "openai=http://user@127.0.0.1:18080")
+
+
 @pytest.mark.parametrize(
     ("argv", "pidfile"),
     [

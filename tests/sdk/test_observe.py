@@ -309,3 +309,45 @@ def test_a_reused_proxy_with_a_collector_url_is_no_warning(
     _found(monkeypatch, started=False, health=link)
     llmobserve.observe(collector_url="http://127.0.0.1:8000")
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_reused_proxy_shipping_elsewhere_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """observe(collector_url=...) reusing a proxy (one an earlier observe() started,
+    still lingering) that stores events itself: the warning says where this
+    process's calls are recorded and how to get them to the collector."""
+    embedded = {"collector": {"mode": "embedded", "url": "/home/u/.llmobserve/events.sqlite3"}}
+    _found(monkeypatch, started=False, health=embedded)
+    llmobserve.observe(collector_url="http://127.0.0.1:8000")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(
+        "llmobserve: the running proxy ships events to /home/u/.llmobserve/events.sqlite3, "
+        "not http://127.0.0.1:8000: this process's calls are recorded there."
+    )
+    assert "LLMOBSERVE_PROXY_LINGER, 30 s by default" in warning
+    assert warning.endswith("start it with --collector http://127.0.0.1:8000")
+
+
+def test_the_report_command_is_one_the_user_can_type(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The start line said '(llmobserve report)', which is not on PATH after
+    make setup and reads the default store only: it names the llmobserve beside
+    this Python when none is on PATH, and --db for a store the proxy was given."""
+    from llmobserve.paths import default_db_path
+
+    monkeypatch.setattr("llmobserve.sdk._observe.shutil.which", lambda name: None)
+    beside = Path(sys.executable).parent / "llmobserve"
+    assert beside.exists()
+    caplog.set_level(logging.INFO, logger="llmobserve")
+    for store, command in [
+        (str(default_db_path()), f"{beside} report"),
+        (str(tmp_path / "x.sqlite3"), f"{beside} report --db {tmp_path / 'x.sqlite3'}"),
+    ]:
+        llmobserve.shutdown()
+        caplog.clear()
+        _found(monkeypatch, started=False, health={"collector": {"mode": "embedded", "url": store}})
+        llmobserve.observe()
+        [said] = [r.getMessage() for r in caplog.records if "tracking calls" in r.getMessage()]
+        assert said.endswith(f"events go to its embedded store ({command})")

@@ -84,6 +84,24 @@ def test_refused_host_is_remembered() -> None:
     assert router.route("https", "api.openai.com", 443) is not None
 
 
+def test_refusal_of_a_named_host_says_to_start_the_proxy_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A host that provider_hosts names but the proxy refuses (a proxy started by
+    hand, e.g. by C{make run}, without C{--provider-host}): the warning does not tell
+    the user to do what they already did, it gives the proxy's missing option."""
+    router = Router()
+    router.configure(CONFIG)
+    with caplog.at_level("WARNING", logger="llmobserve"):
+        router.refused(router.key("http", "127.0.0.1", 8080), "not_allowed: loopback")
+        router.refused(router.key("https", "db.internal.test", 443), "not_allowed: private")
+    named, unnamed = [r.getMessage() for r in caplog.records]
+    assert "calls to http://127.0.0.1:8080 are NOT tracked" in named
+    assert "restart it with --provider-host 127.0.0.1:8080=openai" in named
+    assert "Name the host in provider_hosts" not in named
+    assert "Name the host in provider_hosts" in unnamed
+
+
 def test_unreachable_proxy_means_direct_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
     import llmobserve.sdk._routing as routing
 

@@ -259,7 +259,8 @@
       const reasons = summary.unpriced_reasons.map((r) => `${r.reason ?? "no reason"} (${int(r.calls)})`).join("; ");
       cards.replaceChildren(
         card("total-cost", "cost", usd(summary.cost_usd), summary.cost_usd),
-        card("total-calls", "calls", int(summary.calls), summary.calls),
+        card("total-calls", "calls", int(summary.calls), summary.calls,
+          summary.refused_calls ? `${int(summary.refused_calls)} refused, not forwarded` : null),
         card("tokens-in", "tokens in", int(summary.input_tokens), summary.input_tokens),
         card("tokens-out", "tokens out", int(summary.output_tokens), summary.output_tokens),
         card("error-rate", "error rate", pct(summary.error_rate), summary.error_rate, `${int(summary.errors)} errors`),

@@ -40,16 +40,19 @@
     const totals = new Array(n).fill(0);
     for (const s of data.series) s.values.forEach((v, i) => { totals[i] += v; });
     const top = niceMax(Math.max(0, ...totals));
+    const ticks = [0, 1, 2, 3, 4].map((t) => tick((top * t) / 4));
+    // room for the longest axis label ("$0.0000037"), about 7 px a character at 11 px
+    const left = Math.max(LEFT, 10 + 7 * Math.max(...ticks.map((s) => String(s).length)));
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
       "aria-label": "stacked bars over time" });
-    const plotW = W - LEFT - RIGHT, plotH = H - TOP - BOTTOM;
+    const plotW = W - left - RIGHT, plotH = H - TOP - BOTTOM;
     const y = (v) => TOP + plotH - (v / top) * plotH;
     for (let t = 0; t <= 4; t++) {
       const v = (top * t) / 4;
-      svg.appendChild(el("line", { x1: LEFT, x2: W - RIGHT, y1: y(v), y2: y(v),
+      svg.appendChild(el("line", { x1: left, x2: W - RIGHT, y1: y(v), y2: y(v),
         stroke: "#e4e7ec", "stroke-width": 1 }));
-      svg.appendChild(el("text", { x: LEFT - 6, y: y(v) + 4, "text-anchor": "end",
-        "font-size": 11, fill: "#667085" }, tick(v)));
+      svg.appendChild(el("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end",
+        "font-size": 11, fill: "#667085" }, ticks[t]));
     }
     const step = plotW / Math.max(n, 1);
     const barW = Math.max(1, step * 0.8);
@@ -60,7 +63,7 @@
         if (!(v > 0)) return;
         const y0 = y(base[i]), y1 = y(base[i] + v);
         base[i] += v;
-        const rect = el("rect", { x: LEFT + i * step + (step - barW) / 2, y: y1,
+        const rect = el("rect", { x: left + i * step + (step - barW) / 2, y: y1,
           width: barW, height: Math.max(0.5, y0 - y1), fill: color, "data-series": s.name });
         rect.appendChild(el("title", {}, `${s.name} ${timeLabel(data.starts[i], data.bucket, true)}: ${format(v)}`));
         svg.appendChild(rect);
@@ -68,8 +71,8 @@
     });
     const every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(plotW / (days ? 110 : 70)))));
     const room = days ? 40 : 20; // half a label: none cut at the right edge
-    for (let i = 0; i < n && LEFT + i * step + step / 2 + room <= W; i += every) {
-      svg.appendChild(el("text", { x: LEFT + i * step + step / 2, y: H - 8, "text-anchor": "middle",
+    for (let i = 0; i < n && left + i * step + step / 2 + room <= W; i += every) {
+      svg.appendChild(el("text", { x: left + i * step + step / 2, y: H - 8, "text-anchor": "middle",
         "font-size": 11, fill: "#667085" }, timeLabel(data.starts[i], data.bucket, days)));
     }
     const legend = document.createElement("div");
