@@ -1,4 +1,4 @@
-"""The collector: link server and HTTP API on one port, and the SQLite store.
+"""The collector: link server and HTTP API on one port, and the store (SQLite or PostgreSQL).
 
 What other packages use is exported here. The store and the time
 specifications (no Twisted: the CLI reads a store file with them) are
@@ -12,7 +12,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
+from llmobserve.collector._open import DB_ENV, db_from_env, is_postgres_url, open_store
+from llmobserve.collector._store import (
+    FILTERS,
+    GROUPS,
+    NOT_FORWARDED,
+    EventStore,
+    Store,
+    StoreError,
+)
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
 if TYPE_CHECKING:
@@ -20,14 +28,19 @@ if TYPE_CHECKING:
     from llmobserve.collector._thread import StoreThread
 
 __all__ = [
+    "DB_ENV",
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
     "EventStore",
+    "Store",
     "StoreError",
     "StoreThread",
     "TimeSpecError",
     "api_branch",
+    "db_from_env",
+    "is_postgres_url",
+    "open_store",
     "parse_time",
 ]
 

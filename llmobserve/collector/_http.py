@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from llmobserve import __version__
 
 from ._link import LinkRegistry
-from ._store import FILTERS, GROUPS, EventStore, StoreError
+from ._store import FILTERS, GROUPS, Store, StoreError, StoreUnavailable
 from ._thread import StoreThread
 from ._timespec import TimeSpecError, parse_time
 from ._writer import BatchWriter
@@ -104,7 +104,7 @@ class _QueryResource(Resource):
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reader = reader
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         raise NotImplementedError
 
     def render_GET(self, request: Request) -> bytes | int:
@@ -127,7 +127,9 @@ class _QueryResource(Resource):
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
         if gone:
             return
-        if failure.check(StoreError):
+        if failure.check(StoreUnavailable):
+            body = _error(request, 503, "unavailable", str(failure.value))
+        elif failure.check(StoreError):
             body = _error(request, 400, "bad_request", str(failure.value))
         else:
             _log.failure("query {uri} failed", failure, uri=request.uri)
@@ -144,14 +146,14 @@ class EventsResource(_QueryResource):
     Answer: C{{"events": [...], "count": n, "limit": l, "offset": o}}.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         filters = _filters(request)
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
         limit = _int_arg(request, "limit", DEFAULT_LIMIT, 0, MAX_LIMIT)
         offset = _int_arg(request, "offset", 0, 0, 2**62)
 
-        def job(store: EventStore) -> dict[str, Any]:
+        def job(store: Store) -> dict[str, Any]:
             events = store.events(since=since, until=until, limit=limit, offset=offset, **filters)
             return {"events": events, "count": len(events), "limit": limit, "offset": offset}
 
@@ -167,7 +169,7 @@ class ReportResource(_QueryResource):
     "rows": [...]}}.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         raw = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"by", [])]
         by = [b.strip() for v in raw for b in v.split(",") if b.strip()]
         if not raw:
@@ -180,7 +182,7 @@ class ReportResource(_QueryResource):
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
 
-        def job(store: EventStore) -> dict[str, Any]:
+        def job(store: Store) -> dict[str, Any]:
             rows = store.report(by, since=since, until=until, **filters)
             return {"by": by, "since": since, "until": until, "rows": rows}
 
@@ -202,13 +204,13 @@ class DashboardResource(_QueryResource):
         ("By section", ["section"]),
     )
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
         if since is None:
             since = time.time() - 86_400
 
-        def job(store: EventStore) -> str:
+        def job(store: Store) -> str:
             total = store.report([], since=since, until=until)
             views = [
                 (title, by, store.report(by, since=since, until=until)) for title, by in self._VIEWS

@@ -26,8 +26,8 @@ from ._budget import DEFAULT_MAX_PARTIAL_BYTES, PartialFrameBudget
 from ._http import collector_root
 from ._link import LinkRegistry, LinkServerProtocol
 from ._loglimit import LogLimiter
+from ._open import open_store
 from ._port import PortSwitchFactory
-from ._store import EventStore
 from ._thread import StoreThread
 from ._writer import BatchWriter
 
@@ -43,7 +43,7 @@ class CollectorService(MultiService):
     and commits, then the threads end.
 
     @param endpoint: where to listen (C{twistd}'s C{--port}).
-    @param db_path: the SQLite file.
+    @param db_path: the SQLite file, or a C{postgresql://} URL.
     @param heartbeat: the link heartbeat interval, seconds.
     @param synchronous: SQLite C{synchronous} for the writer (C{FULL}:
         an ack means the events survive power loss too).
@@ -59,7 +59,7 @@ class CollectorService(MultiService):
         self,
         reactor: Any,
         endpoint: IStreamServerEndpoint,
-        db_path: Path,
+        db_path: Path | str,
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
         scheme: str = "http",
@@ -74,13 +74,16 @@ class CollectorService(MultiService):
         self.scheme = scheme
         self.db_path = db_path
         threads: IReactorFromThreads = reactor
+        # the schema was created or migrated at start-up (makeService)
         self.writer_thread = StoreThread(
             threads,
-            lambda: EventStore(db_path, synchronous=synchronous),
+            lambda: open_store(
+                db_path, synchronous=synchronous, log=self._store_said, migrate=False
+            ),
             "llmobserve-store-writer",
         )
         self.reader_thread = StoreThread(
-            threads, lambda: EventStore(db_path), "llmobserve-store-reader"
+            threads, lambda: open_store(db_path, migrate=False), "llmobserve-store-reader"
         )
         self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
@@ -95,6 +98,10 @@ class CollectorService(MultiService):
         self._on_listen_failure = on_listen_failure
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
+
+    def _store_said(self, line: str) -> None:
+        """A line from the store's thread (PostgreSQL connection loss and recovery)."""
+        self.log.warn("{line}", line=line)
 
     def _make_link(self) -> LinkServerProtocol:
         return LinkServerProtocol(self.writer, self._reactor, self.links, self._heartbeat)

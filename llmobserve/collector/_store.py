@@ -58,6 +58,7 @@ __all__ = [
     "EventStore",
     "Store",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -229,6 +230,10 @@ _INSERTS: Final = {
 
 class StoreError(Exception):
     """A bad query (unknown grouping or filter) or an unusable store file."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached now (PostgreSQL); try again later."""
 
 
 class _TooDeep(ValueError):
@@ -656,6 +661,8 @@ class Store:
     _GROUPS: Mapping[str, str] = GROUPS
     #: How L{events} orders rows: by C{ts}, then arrival.
     _EVENT_ORDER: str = "ts, rowid"
+    #: The report's cost sum (it must not fail past the float range).
+    _COST_SUM: str = "sum(cost_usd)"
 
     #: C{(id, reason)} of each event the last L{insert} stored as rejected
     last_rejected: list[tuple[str, str]]
@@ -790,7 +797,7 @@ class Store:
         select = [f"{self._GROUPS[g]} AS g{i}" for i, g in enumerate(groups)]
         select += [
             "count(*)",
-            "sum(cost_usd)",
+            self._COST_SUM,
             "sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)",
             *(f"sum({t})" for t in _TOKEN_COLUMNS),
         ]
@@ -800,7 +807,7 @@ class Store:
         # Time groups read best in time order; the rest, costliest first.
         key = self._group_order
         order = [key(i, g) for i, g in enumerate(groups) if g in ("day", "hour")]
-        order += ["coalesce(sum(cost_usd), 0) DESC", "count(*) DESC"]
+        order += [f"coalesce({self._COST_SUM}, 0) DESC", "count(*) DESC"]
         order += [key(i, g) for i, g in enumerate(groups) if g not in ("day", "hour")]
         sql += f" ORDER BY {', '.join(order)}"
         out: list[dict[str, Any]] = []

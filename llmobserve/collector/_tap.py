@@ -17,8 +17,9 @@ from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
 
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES
+from ._open import DB_ENV, db_from_env, is_postgres_url, open_store
 from ._service import CollectorService
-from ._store import EventStore, StoreError
+from ._store import StoreError
 
 __all__ = ["Options", "makeService"]
 
@@ -46,8 +47,10 @@ class Options(usage.Options):
             "db",
             "d",
             None,
-            "The SQLite event store (default: $LLMOBSERVE_HOME/events.sqlite3, "
-            "LLMOBSERVE_HOME defaulting to ~/.llmobserve).",
+            "The event store: a SQLite file, or a PostgreSQL database as "
+            "postgresql://user@host:5432/dbname (several collectors may share one). "
+            f"Default: ${DB_ENV}, else $LLMOBSERVE_HOME/events.sqlite3, "
+            "LLMOBSERVE_HOME defaulting to ~/.llmobserve.",
         ],
         [
             "heartbeat",
@@ -98,7 +101,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         foreground_without_pidfile(self.parent)
         if self["db"] is None:
-            self["db"] = str(default_db_path())
+            self["db"] = db_from_env() or str(default_db_path())
         try:
             check_port(listen_endpoint(str(self["port"])))
         except ValueError as e:
@@ -118,11 +121,14 @@ def makeService(options: usage.Options) -> IService:
     from twisted.internet import reactor
 
     r: Any = reactor
-    db_path = Path(options["db"]).expanduser()
+    db: Path | str = options["db"]
+    if not is_postgres_url(db):
+        db = Path(db).expanduser()
     try:
-        # Open once here so a bad path or a newer schema fails before the
-        # reactor runs, and the schema exists before the threads open it.
-        EventStore(db_path).close()
+        # Open once here so a bad path, an unreachable server or a newer
+        # schema fails before the reactor runs, and the schema exists (is
+        # migrated) before the threads open it.
+        open_store(db).close()
     except (StoreError, OSError) as e:
         raise usage.UsageError(str(e)) from e
     description = listen_endpoint(options["port"])
@@ -130,7 +136,7 @@ def makeService(options: usage.Options) -> IService:
     return CollectorService(
         r,
         endpoint,
-        db_path,
+        db,
         heartbeat=options["heartbeat"],
         synchronous=str(options["synchronous"]).upper(),
         scheme="https" if description.startswith("ssl:") else "http",

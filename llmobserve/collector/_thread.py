@@ -18,13 +18,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from ._store import EventStore
+from ._store import Store
 
 __all__ = ["StoreThread"]
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[EventStore], Any], Deferred[Any]]
+_Job = tuple[Callable[[Store], Any], Deferred[Any]]
 
 
 class StoreThread(Service):
@@ -38,7 +38,7 @@ class StoreThread(Service):
     def __init__(
         self,
         reactor: IReactorFromThreads,
-        open_store: Callable[[], EventStore],
+        open_store: Callable[[], Store],
         name: str,
     ) -> None:
         self._reactor = reactor
@@ -64,14 +64,14 @@ class StoreThread(Service):
         self._queue.put(None)
         return stopped
 
-    def submit(self, job: Callable[[EventStore], T]) -> Deferred[T]:
+    def submit(self, job: Callable[[Store], T]) -> Deferred[T]:
         """Run C{job(store)} in the thread; the Deferred fires with its result."""
         d: Deferred[T] = Deferred()
         self._queue.put((job, d))
         return d
 
     def _run(self) -> None:
-        store: EventStore | None = None
+        store: Store | None = None
         open_error: BaseException | None = None
         try:
             store = self._open_store()
