@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,11 @@ def makeService(options: usage.Options) -> IService:
         # migrated) before the threads open it.
         open_store(db).close()
     except (StoreError, OSError) as e:
+        if options.parent is not None:
+            # under twistd: one line and exit 1 (a UsageError is a traceback there)
+            sys.stderr.write(f"twistd llmobserve-collector: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
         raise usage.UsageError(str(e)) from e
     description = listen_endpoint(options["port"])
     endpoint = serverFromString(r, description)

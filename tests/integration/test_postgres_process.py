@@ -147,3 +147,50 @@ def test_failover_between_two_collectors_stores_every_event_once(
                 )
                 assert _stored(pg_url) == (calls, calls)
                 assert _get_json(second.url + "/health")["events_stored"] > 0
+
+
+def _run_collector(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    import subprocess
+
+    proc = CollectorProcess(workdir=tmp_path / "refused", env=env)
+    command = proc.command()
+    command[command.index("--port") :] = ["--port", "tcp:0:interface=127.0.0.1", *args]
+    proc.workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=proc.environment(),
+        cwd=proc.workdir,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_collector_refuses_a_newer_schema_in_one_line(tmp_path: Path, pg_url: str) -> None:
+    """A database migrated by a newer llmobserve: the collector does not
+    start, and says why (the schema version) without a traceback."""
+    from llmobserve.collector._pgstore import PG_SCHEMA_VERSION, PgEventStore
+
+    PgEventStore(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO llmobserve_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION + 5,)
+        )
+    out = _run_collector(tmp_path, "--db", pg_url)
+    assert out.returncode != 0
+    assert f"store schema {PG_SCHEMA_VERSION + 5}" in out.stderr
+    assert "newer than this llmobserve" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_llmobserve_db_names_the_database(tmp_path: Path, pg_url: str) -> None:
+    """Without --db, LLMOBSERVE_DB: the collector creates its schema there."""
+    collector = CollectorProcess(workdir=tmp_path / "env", env={"LLMOBSERVE_DB": pg_url})
+    command = collector.command()
+    at = command.index("--db")
+    del command[at : at + 2]
+    collector.command = lambda: command  # type: ignore[method-assign]
+    with collector:
+        assert _get_json(collector.url + "/health")["events_stored"] == 0
+    assert _stored(pg_url) == (0, 0)  # the events table exists
