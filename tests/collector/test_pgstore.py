@@ -200,3 +200,26 @@ def test_insert_gives_up_after_the_outage_bound(own_server: Any) -> None:
         assert store.insert([call(1)]) == 1
     finally:
         store.close()
+
+
+def test_the_command_line_reads_a_postgresql_store(pg_url: str, tmp_path: Path) -> None:
+    """llmobserve report/events --db postgresql://... answer as for a SQLite file."""
+    import io
+    import json as jsonlib
+
+    from llmobserve.cli import main
+
+    lite, pg = EventStore(tmp_path / "x.sqlite3"), PgEventStore(pg_url)
+    batch = [call(i, model=f"m{i % 3}") for i in range(12)]
+    lite.insert(batch)
+    pg.insert(batch)
+    lite.close()
+    pg.close()
+    answers = []
+    for db in (str(tmp_path / "x.sqlite3"), pg_url):
+        report, events = io.StringIO(), io.StringIO()
+        assert main(["report", "--db", db, "--by", "model", "--format", "json"], out=report) == 0
+        assert main(["events", "--db", db, "--format", "jsonl"], out=events) == 0
+        answers.append((jsonlib.loads(report.getvalue()), events.getvalue()))
+    assert answers[0] == answers[1]
+    assert len(answers[1][1].splitlines()) == 12
