@@ -407,6 +407,13 @@ class PgEventStore(Store):
                     raise StoreUnavailable(f"PostgreSQL unreachable: {_first_line(e)}") from e
         raise AssertionError("unreachable")
 
+    def _change(self, sql: str, params: Sequence[Any]) -> int:
+        try:
+            return max(0, self._connection().execute(sql, params).rowcount)
+        except _CONNECTION_ERRORS as e:
+            self._drop()
+            raise StoreUnavailable(f"PostgreSQL unreachable: {_first_line(e)}") from e
+
     def _group_order(self, index: int, name: str) -> str:
         # byte order, as SQLite sorts, whatever the database's collation
         return f'{self._GROUPS[name]} COLLATE "C"'

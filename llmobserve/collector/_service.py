@@ -28,6 +28,7 @@ from ._link import LinkRegistry, LinkServerProtocol
 from ._loglimit import LogLimiter
 from ._open import open_store
 from ._port import PortSwitchFactory
+from ._retain import Retention
 from ._thread import StoreThread
 from ._writer import BatchWriter
 
@@ -51,6 +52,7 @@ class CollectorService(MultiService):
         it is routed (default: IP literals and localhost only).
     @param max_partial_bytes: bytes all links together may hold for frames
         not yet complete (L{PartialFrameBudget}).
+    @param retain: delete events older than this many seconds (L{Retention}).
     """
 
     log = Logger()
@@ -66,6 +68,7 @@ class CollectorService(MultiService):
         host_guard: HostGuard | None = None,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
         on_listen_failure: Callable[[], None] | None = None,
+        retain: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -89,6 +92,10 @@ class CollectorService(MultiService):
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.limiter = LogLimiter(reactor)
         self.writer = BatchWriter(self.writer_thread, self.limiter)
+        self.retention: Retention | None = None
+        if retain is not None:
+            self.retention = Retention(reactor, self.writer_thread, self.writer, retain)
+            self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.links = LinkRegistry(PartialFrameBudget(max_partial_bytes), self.limiter)
         root = collector_root(self.reader_thread, self.writer, self.links)
         self.site = HostGuardedSite(root, host_guard or HostGuard())
@@ -160,6 +167,8 @@ class CollectorService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stopService()
         port, self.port = self.port, None
         if port is not None:
             await maybeDeferred(port.stopListening)

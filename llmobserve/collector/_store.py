@@ -675,6 +675,25 @@ class Store:
         """The ORDER BY term of report group C{index} (named C{name})."""
         return f"g{index}"
 
+    def _change(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement in its own transaction; the rows it changed."""
+        raise NotImplementedError
+
+    def drop_before(self, cutoff: float, limit: int = 10_000) -> int:
+        """Delete up to C{limit} events with C{ts < cutoff} (retention).
+
+        One short transaction over the C{ts} index, so inserts are not held
+        up for long: call again while it returns C{limit}. Events without a
+        C{ts} are kept. Returns how many were deleted.
+        """
+        arrival = self._EVENT_ORDER.rsplit(",", 1)[-1].strip()
+        p = self._P
+        sql = (
+            f"DELETE FROM events WHERE {arrival} IN "
+            f"(SELECT {arrival} FROM events WHERE ts < {p} LIMIT {p})"
+        )
+        return self._change(sql, (cutoff, max(1, limit)))
+
     def insert(
         self,
         events: Iterable[Mapping[str, Any]],
@@ -1012,6 +1031,9 @@ class EventStore(Store):
 
     def _query(self, sql: str, params: Sequence[Any]) -> Iterable[Sequence[Any]]:
         return self._db.execute(sql, params)
+
+    def _change(self, sql: str, params: Sequence[Any]) -> int:
+        return int(self._db.execute(sql, params).rowcount)
 
     def close(self) -> None:
         """Close the file; the store is unusable afterwards."""

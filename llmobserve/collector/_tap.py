@@ -19,6 +19,7 @@ from llmobserve.paths import default_db_path
 
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES
 from ._open import DB_ENV, db_from_env, is_postgres_url, open_store
+from ._retain import parse_span
 from ._service import CollectorService
 from ._store import StoreError
 
@@ -69,6 +70,13 @@ class Options(usage.Options):
             int,
         ],
         [
+            "retain",
+            None,
+            None,
+            "Delete events older than this span (90d, 12h, 2w), at start-up and hourly; "
+            "default: keep everything.",
+        ],
+        [
             "synchronous",
             None,
             "FULL",
@@ -113,6 +121,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--max-partial-bytes must be at least {MAX_FRAME_SIZE} (one largest frame)"
             )
+        if self["retain"] is not None:
+            try:
+                self["retain"] = parse_span(str(self["retain"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--retain: {e}") from None
         if str(self["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise usage.UsageError("--synchronous must be FULL, NORMAL, EXTRA or OFF")
 
@@ -149,4 +162,5 @@ def makeService(options: usage.Options) -> IService:
         host_guard=HostGuard(options["public-name"]),
         max_partial_bytes=options["max-partial-bytes"],
         on_listen_failure=lambda: stop_with_status(r, 1),
+        retain=options["retain"],
     )

@@ -573,3 +573,17 @@ def test_report_leaves_out_calls_the_proxy_answered_itself(store: EventStore) ->
     assert [r["provider"] for r in store.report(["provider"])] == ["openai"]
     [refused] = store.report([], outcome="refused")
     assert refused["calls"] == 1
+
+
+def test_drop_before_deletes_old_events_in_chunks(store: EventStore) -> None:
+    """Retention: events with ts < cutoff go, at most limit a call; events
+    without a ts stay; what is left reads and reports as before."""
+    store.insert([call(i, ts=T0 + i) for i in range(25)])
+    store.insert([{"id": "no-ts", "kind": "span"}])
+    assert store.drop_before(T0 + 20, limit=8) == 8
+    assert store.drop_before(T0 + 20, limit=8) == 8
+    assert store.drop_before(T0 + 20, limit=8) == 4
+    assert store.drop_before(T0 + 20, limit=8) == 0
+    assert store.count() == 6
+    assert [e["id"] for e in store.events(kind="call")] == [f"e{i}" for i in range(20, 25)]
+    assert store.report(by=())[0]["calls"] == 5
