@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--backends", default="sqlite,postgres", help="comma-separated")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -206,7 +207,10 @@ def main() -> None:
             "postgres": (server.url("ingest"), server.url("big")),
         }
         now = time.time()
+        chosen = args.backends.split(",")
         for name, (ingest_db, big_db) in backends.items():
+            if name not in chosen:
+                continue
             if not args.skip_ingest:
                 for key, value in ingest(ingest_db, args, tmp).items():
                     answer[f"{name}_{key}"] = round(value)
