@@ -215,6 +215,8 @@ class PgEventStore(Store):
     @param log: told (a line of text) of each connection loss and recovery.
     @param migrate: create or migrate the schema on opening (the collector's
         start-up does it once, before its threads open their stores).
+        Without it an unreachable server is not an error yet: the first
+        operation connects (and checks the schema's version).
     @raise StoreError: the database cannot be reached or its schema is newer.
     """
 
@@ -240,12 +242,18 @@ class PgEventStore(Store):
         self._log = log
         self._sleep = sleep
         self._conn: psycopg.Connection[Any] | None = None
+        self._checked = False
         try:
-            conn = self._connection()
             if migrate:
-                self._migrate(conn)
+                self._migrate(self._connection())
             else:
-                self._check_version(conn)
+                self._connection()
+        except _CONNECTION_ERRORS as e:
+            self._drop()
+            if migrate:
+                raise StoreError(f"cannot open event store {_safe_url(url)}: {e}") from e
+            # a collector's thread (the start-up migrated): its first job
+            # connects, and fails or waits as any job does while the server is away
         except psycopg.Error as e:
             self._drop()
             raise StoreError(f"cannot open event store {_safe_url(url)}: {e}") from e
@@ -257,6 +265,14 @@ class PgEventStore(Store):
         if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
             conn.execute("SET TIME ZONE 'UTC'")
+            if not self._checked:
+                # every connection until one has seen the schema's version
+                try:
+                    self._check_version(conn)
+                except BaseException:
+                    conn.close()
+                    raise
+                self._checked = True
             self._conn = conn
         return conn
 

@@ -223,3 +223,17 @@ def test_the_command_line_reads_a_postgresql_store(pg_url: str, tmp_path: Path) 
         answers.append((jsonlib.loads(report.getvalue()), events.getvalue()))
     assert answers[0] == answers[1]
     assert len(answers[1][1].splitlines()) == 12
+
+
+def test_a_thread_store_opened_while_the_server_is_away_connects_later(own_server: Any) -> None:
+    """migrate=False (the collector's threads): a server away at opening is
+    not an error; the first operation connects, checking the schema."""
+    PgEventStore(own_server.url()).close()  # the start-up's migration
+    own_server.stop()
+    store = PgEventStore(own_server.url(), migrate=False, outage_wait=60.0)
+    try:
+        own_server.start()
+        assert store.insert([call(1)]) == 1
+        assert store.count() == 1
+    finally:
+        store.close()
