@@ -52,6 +52,7 @@ from ._store import (
     StoreUnavailable,
     _dumps,
     _loads,
+    _row,
     _rows,
 )
 
@@ -143,6 +144,9 @@ _PG_GROUPS: Final[dict[str, str]] = {
     "hour": f"CASE WHEN {_TS_RANGE} THEN "
     "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"') END",
 }
+
+#: A value the server (or the driver) refuses: rows are made to fit.
+_VALUE_ERRORS: Final = (psycopg.DataError, UnicodeError, ValueError, OverflowError)
 
 #: Errors of the connection or the server's availability: retried.
 _CONNECTION_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError)
@@ -332,7 +336,7 @@ class PgEventStore(Store):
             events = list(events)
         rejected: list[tuple[str, str]] = []
         rows = _rows(events, rejected)
-        inserted = self._write(rows, acked_seqs, now)
+        inserted = self._write(rows, acked_seqs, now, rejected)
         self.last_rejected = rejected
         return inserted
 
@@ -351,6 +355,7 @@ class PgEventStore(Store):
         rows: Sequence[tuple[Any, ...]],
         acked_seqs: Mapping[str, int] | None,
         now: float | None,
+        rejected: list[tuple[str, str]] | None = None,
     ) -> int:
         delay = 0.1
         deadline = time.monotonic() + self._outage_wait
@@ -360,9 +365,12 @@ class PgEventStore(Store):
                 conn = self._connection()
                 try:
                     inserted = self._transaction(conn, rows, acked_seqs, now, fitted=False)
-                except (psycopg.DataError, UnicodeError, ValueError, OverflowError):
+                except _VALUE_ERRORS:
                     # a value the typed columns refuse: every row made to fit
-                    inserted = self._transaction(conn, rows, acked_seqs, now, fitted=True)
+                    try:
+                        inserted = self._transaction(conn, rows, acked_seqs, now, fitted=True)
+                    except _VALUE_ERRORS:
+                        inserted = self._one_by_one(conn, rows, acked_seqs, now, rejected)
             except _CONNECTION_ERRORS as e:
                 self._drop()
                 if not lost:
@@ -403,6 +411,31 @@ class PgEventStore(Store):
             if acked_seqs:
                 when = time.time() if now is None else now
                 cur.executemany(_LINKS_SQL, [(p, s, when) for p, s in acked_seqs.items()])
+        return inserted
+
+    def _one_by_one(
+        self,
+        conn: psycopg.Connection[Any],
+        rows: Sequence[tuple[Any, ...]],
+        acked_seqs: Mapping[str, int] | None,
+        now: float | None,
+        rejected: list[tuple[str, str]] | None,
+    ) -> int:
+        """The last resort: each row in a transaction of its own; a row the
+        server still refuses is stored as a rejected record (as SQLite does
+        with an event it cannot convert), so one event never blocks a batch."""
+        inserted = 0
+        for row in rows:
+            try:
+                inserted += self._transaction(conn, [row], None, now, fitted=True)
+            except _VALUE_ERRORS as e:
+                reason = f"{type(e).__name__}: {_first_line(e)}"[:200]
+                record = _row({"id": str(row[0]), "kind": "rejected", "reason": reason})
+                inserted += self._transaction(conn, [record], None, now, fitted=True)
+                if rejected is not None:
+                    rejected.append((str(row[0]), reason))
+        if acked_seqs:
+            self._transaction(conn, [], acked_seqs, now, fitted=True)
         return inserted
 
     def _say(self, line: str) -> None:

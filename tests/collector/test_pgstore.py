@@ -237,3 +237,24 @@ def test_a_thread_store_opened_while_the_server_is_away_connects_later(own_serve
         assert store.count() == 1
     finally:
         store.close()
+
+
+def test_a_row_the_server_still_refuses_is_stored_rejected_alone(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should making rows fit ever miss a case, the batch goes row by row and
+    the row the server refuses becomes a rejected record (its id and the
+    reason), as on SQLite: the other events and the acked seq are stored."""
+    from llmobserve.collector import _pgstore
+
+    monkeypatch.setattr(_pgstore, "_fitted", lambda row: row + _pgstore._PADS[len(row)])
+    store = PgEventStore(pg_url)
+    try:
+        assert store.insert([call(0), call(1, model="a\x00b"), call(2)], {"p": 7}) == 3
+        assert [r[0] for r in store.last_rejected] == ["e1"]
+        kinds = {e["id"]: e["kind"] for e in store.events(limit=None)}
+        assert kinds == {"e0": "call", "e1": "rejected", "e2": "call"}
+        assert store.events(kind="rejected")[0]["reason"] == store.last_rejected[0][1]
+        assert store.acked_seq("p") == 7
+    finally:
+        store.close()
