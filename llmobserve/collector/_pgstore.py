@@ -86,15 +86,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         {_columns_sql()},
         seq bigserial NOT NULL
     );
-    CREATE INDEX events_ts ON events (ts, seq);
+    -- the order of the events page (ts NULLS FIRST, seq): a page is an index walk
+    CREATE INDEX events_ts ON events (ts NULLS FIRST, seq);
     CREATE TABLE links (
         proxy_id text PRIMARY KEY NOT NULL,
         acked_seq bigint NOT NULL,
         updated_at double precision NOT NULL
     );
     """,
-    # reports filter on kind and a time range, then group: an index that
-    # covers the common filter and the sums
+    # every report filters on kind = 'call' and most on a time range
     """
     CREATE INDEX events_kind_ts ON events (kind, ts);
     """,
