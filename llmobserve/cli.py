@@ -36,10 +36,12 @@ from llmobserve.collector import (
     GROUPS,
     NOT_FORWARDED,
     BudgetError,
-    EventStore,
     SQLiteBudgetBook,
     StoreError,
     TimeSpecError,
+    db_from_env,
+    is_postgres_url,
+    open_store,
     parse_time,
 )
 from llmobserve.money import usd_fixed
@@ -75,6 +77,8 @@ where the data comes from:
   --db PATH          an event store file; default {ENV_HOME}/events.sqlite3 with
                      {ENV_HOME} defaulting to ~/.llmobserve (now: %(db)s).
                      The proxy's embedded mode and the collector both write this format.
+  --db postgresql://user@host:5432/dbname
+                     a collector's PostgreSQL database (also $LLMOBSERVE_DB).
   --collector URL    a running collector's HTTP API, e.g. http://localhost:8000
 
 times (--since, --until): an ISO date or date-time (2025-01-31, 2025-01-31T12:00Z;
@@ -120,13 +124,14 @@ class _Source:
 
 
 class _StoreSource(_Source):
-    def __init__(self, path: Path) -> None:
-        if not path.exists():
+    def __init__(self, path: Path | str) -> None:
+        if not is_postgres_url(path) and not Path(path).exists():
             raise CLIError(
                 f"no event store at {path} (give --db PATH, or --collector URL, or set {ENV_HOME})"
             )
         try:
-            self._store = EventStore(path)
+            # a reader: a PostgreSQL schema is checked, never created or migrated
+            self._store = open_store(path, migrate=False)
         except StoreError as e:
             raise CLIError(str(e)) from e
 
@@ -355,7 +360,10 @@ def _source(args: argparse.Namespace) -> _Source:
         return _CollectorSource(args.collector, args.ca_file, _key(args))
     if args.ca_file:
         raise CLIError("--ca-file is for an https:// --collector")
-    return _StoreSource(Path(args.db).expanduser() if args.db else default_db_path())
+    db = args.db or db_from_env()
+    if db and is_postgres_url(db):
+        return _StoreSource(db)
+    return _StoreSource(Path(db).expanduser() if db else default_db_path())
 
 
 def _key(args: argparse.Namespace) -> str | None:
@@ -473,8 +481,9 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the data comes from")
     g.add_argument(
         "--db",
-        metavar="PATH",
-        help=f"event store file (default: ${ENV_HOME}/events.sqlite3, ~/.llmobserve/...)",
+        metavar="PATH|URL",
+        help=f"event store file or postgresql:// URL (default: $LLMOBSERVE_DB, "
+        f"else ${ENV_HOME}/events.sqlite3, ~/.llmobserve/...)",
     )
     g.add_argument(
         "--collector", metavar="URL", help="a collector's HTTP API, e.g. http://localhost:8000"

@@ -164,3 +164,50 @@ def _illegal_state_transitions_raise() -> Iterator[None]:
     saved, _states.strict = _states.strict, True
     yield
     _states.strict = saved
+
+
+# -- PostgreSQL ---------------------------------------------------------------
+
+_PG_SKIPPED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL server for the whole run (L{support.postgres}).
+
+    Without server binaries the test skips, said loudly at the end of the
+    run; under C{CI=true} that is a failure (.ci/run installs them).
+    """
+    from support.postgres import PostgresServer, find_binaries
+
+    bindir = find_binaries()
+    if bindir is None:
+        reason = "no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        _PG_SKIPPED.append(reason)
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    server = PostgresServer(bindir)
+    try:
+        server.init().start()
+    except Exception:
+        server.destroy()
+        raise
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres_server: Any) -> str:
+    """A connection URL to an empty schema of its own on L{postgres_server}."""
+    url: str = postgres_server.fresh_schema()
+    return url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly that the PostgreSQL back end went untested."""
+    if _PG_SKIPPED:
+        terminalreporter.write_sep("!", "PostgreSQL TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(
+            f"{_PG_SKIPPED[0]}; every PostgreSQL test was skipped (CI=true makes this a failure)"
+        )

@@ -1,4 +1,4 @@
-"""The collector: link server and HTTP API on one port, and the SQLite store.
+"""The collector: link server and HTTP API on one port, and the store (SQLite or PostgreSQL).
 
 What other packages use is exported here. The store and the time
 specifications (no Twisted: the CLI reads a store file with them) are
@@ -17,7 +17,15 @@ from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLit
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
 from llmobserve.collector._limits import RateLimit
-from llmobserve.collector._store import FILTERS, GROUPS, NOT_FORWARDED, EventStore, StoreError
+from llmobserve.collector._open import DB_ENV, db_from_env, is_postgres_url, open_store
+from llmobserve.collector._store import (
+    FILTERS,
+    GROUPS,
+    NOT_FORWARDED,
+    EventStore,
+    Store,
+    StoreError,
+)
 from llmobserve.collector._timespec import TimeSpecError, parse_time
 
 if TYPE_CHECKING:
@@ -28,6 +36,7 @@ if TYPE_CHECKING:
     from llmobserve.collector._thread import StoreThread
 
 __all__ = [
+    "DB_ENV",
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
@@ -42,11 +51,15 @@ __all__ = [
     "KeyStoreError",
     "RateLimit",
     "SQLiteBudgetBook",
+    "Store",
     "StoreError",
     "StoreThread",
     "TimeSpecError",
     "Verdict",
     "api_branch",
+    "db_from_env",
+    "is_postgres_url",
+    "open_store",
     "parse_time",
 ]
 

@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve.collector._budgets import Budget, BudgetError, SQLiteBudgetBook
 from llmobserve.collector._grants import GrantBook
-from llmobserve.collector._store import EventStore
+from llmobserve.collector._store import Store, sqlite_only
 from llmobserve.collector._thread import StoreThread
 
 __all__ = ["BudgetsResource"]
@@ -67,8 +67,8 @@ class BudgetsResource(Resource):
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        def in_thread(store: EventStore) -> Any:
-            book = SQLiteBudgetBook(store.path)
+        def in_thread(store: Store) -> Any:
+            book = SQLiteBudgetBook(sqlite_only(store, "budgets").path)
             try:
                 return job(book)
             finally:

@@ -30,7 +30,7 @@ from . import _insights
 from ._budgetapi import BudgetsResource
 from ._dashboard import DashboardResource
 from ._link import LinkRegistry
-from ._store import FILTERS, GROUPS, EventStore, StoreError
+from ._store import FILTERS, GROUPS, Store, StoreError, StoreUnavailable, StoreUnsupported
 from ._thread import StoreThread
 from ._timespec import TimeSpecError, parse_time
 from ._writer import BatchWriter
@@ -115,7 +115,7 @@ class _QueryResource(Resource):
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reader = reader
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         raise NotImplementedError
 
     def render_GET(self, request: Request) -> bytes | int:
@@ -138,7 +138,11 @@ class _QueryResource(Resource):
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
         if gone:
             return
-        if failure.check(StoreError):
+        if failure.check(StoreUnavailable):
+            body = _error(request, 503, "unavailable", str(failure.value))
+        elif failure.check(StoreUnsupported):
+            body = _error(request, 501, "not_implemented", str(failure.value))
+        elif failure.check(StoreError):
             body = _error(request, 400, "bad_request", str(failure.value))
         elif failure.check(_Missing):
             body = _error(request, 404, "not_found", str(failure.value))
@@ -162,7 +166,7 @@ class EventsResource(_QueryResource):
     {...}}}), or a 404.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         event_id = _path_tail(request)
         if event_id is not None:
             return _one_event(event_id)
@@ -175,7 +179,7 @@ class EventsResource(_QueryResource):
         if order not in ("asc", "desc"):
             raise _BadRequest("parameter 'order' must be asc or desc")
 
-        def job(store: EventStore) -> dict[str, Any]:
+        def job(store: Store) -> dict[str, Any]:
             events = store.events(
                 since=since,
                 until=until,
@@ -202,8 +206,8 @@ def _path_tail(request: Request) -> str | None:
         raise _BadRequest("the id is not UTF-8") from None
 
 
-def _one_event(event_id: str) -> Callable[[EventStore], Any]:
-    def job(store: EventStore) -> dict[str, Any]:
+def _one_event(event_id: str) -> Callable[[Store], Any]:
+    def job(store: Store) -> dict[str, Any]:
         event = _insights.event_by_id(store, event_id)
         if event is None:
             raise _Missing(f"no event with id {event_id!r}")
@@ -221,7 +225,7 @@ class ReportResource(_QueryResource):
     "rows": [...]}}.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         raw = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"by", [])]
         by = [b.strip() for v in raw for b in v.split(",") if b.strip()]
         if not raw:
@@ -234,7 +238,7 @@ class ReportResource(_QueryResource):
         since = _time_arg(request, "since")
         until = _time_arg(request, "until")
 
-        def job(store: EventStore) -> dict[str, Any]:
+        def job(store: Store) -> dict[str, Any]:
             rows = _insights.report(store, by, since, until, filters)
             return {"by": by, "since": since, "until": until, "rows": rows}
 
@@ -250,7 +254,7 @@ class SummaryResource(_QueryResource):
     and the commonest C{unpriced_reasons}, C{latency_ms} C{p50} and C{p95}.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         filters = _filters(request)
         filters.pop("kind", None)
         since = _time_arg(request, "since")
@@ -291,7 +295,7 @@ class TimeseriesResource(_QueryResource):
     C{calls} per bucket; the costliest 8 series, the rest as C{other}.
     """
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         by = _arg(request, "by") or "provider"
         if by not in _insights.SERIES:
             raise _BadRequest(f"unknown series {by!r}; known: {', '.join(_insights.SERIES)}")
@@ -316,12 +320,12 @@ class RunsResource(_QueryResource):
     first, with its calls' total cost and its start and end; a 404 for a run
     with no stored event."""
 
-    def query(self, request: Request) -> Callable[[EventStore], Any]:
+    def query(self, request: Request) -> Callable[[Store], Any]:
         run_id = _path_tail(request)
         if run_id is None:
             raise _BadRequest("name a run: /api/runs/RUN_ID (GET /api/report?by=run lists them)")
 
-        def job(store: EventStore) -> dict[str, Any]:
+        def job(store: Store) -> dict[str, Any]:
             found = _insights.run(store, run_id)
             if not found["events"]:
                 raise _Missing(f"no event of run {run_id!r}")

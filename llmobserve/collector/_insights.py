@@ -24,7 +24,7 @@ from ._rollup import (
     CallSums,
     Rollup,
 )
-from ._store import GROUPS, EventStore, StoreError
+from ._store import GROUPS, EventStore, Store, StoreError, sqlite_only
 
 __all__ = [
     "MAX_BUCKETS",
@@ -76,7 +76,7 @@ def rollup_for(store: EventStore, limit: int | None = None) -> Rollup:
     return found
 
 
-def warm_up(store: EventStore) -> bool:
+def warm_up(any_store: Store) -> bool:
     """Add one step of rows to C{store}'s rollup; whether it is caught up.
 
     Run as a job of the reader thread, again and again while this is False
@@ -84,6 +84,9 @@ def warm_up(store: EventStore) -> bool:
     events is summed in steps of about 0.2 s, and the queries that arrive
     meanwhile run between them.
     """
+    if not isinstance(any_store, EventStore):
+        return True  # another back end keeps no rollup here: nothing to warm
+    store = any_store
     return rollup_for(store, REFRESH_STEP).caught_up
 
 
@@ -159,7 +162,7 @@ def _percentile(store: EventStore, where: str, params: list[Any], n: int, q: flo
 
 
 def summary(
-    store: EventStore,
+    any_store: Store,
     since: float | None,
     until: float | None,
     filters: Mapping[str, str | None],
@@ -173,6 +176,7 @@ def summary(
     the rollup (exact) and its percentiles read from its latency histogram
     (within 2.5 %); any other reads the events (exact).
     """
+    store = sqlite_only(any_store, "/api/summary")
     where, params = store.where({**filters, "kind": "call"}, since, until)
     plan = _plan(store, "", since, until, filters)
     latency: dict[str, Any]
@@ -280,7 +284,7 @@ def _from_histogram(histogram: Mapping[int, int], q: float) -> float | None:
 
 
 def report(
-    store: EventStore,
+    any_store: Store,
     by: list[str],
     since: float | None,
     until: float | None,
@@ -288,7 +292,10 @@ def report(
 ) -> list[dict[str, Any]]:
     """L{EventStore.report}, from the rollup when it can answer (one
     grouping it keeps, no filter, a long window): the same rows, in the
-    same order."""
+    same order. Another back end's own report, as it is."""
+    if not isinstance(any_store, EventStore):
+        return any_store.report(by, since=since, until=until, **filters)
+    store = any_store
     dim = by[0] if len(by) == 1 else None
     plan = None if dim is None else _plan(store, dim, since, until, filters)
     if plan is None or dim is None:
@@ -338,7 +345,7 @@ def auto_bucket(span: float) -> int:
 
 
 def timeseries(
-    store: EventStore,
+    any_store: Store,
     by: str,
     bucket: int,
     since: float,
@@ -356,6 +363,7 @@ def timeseries(
 
     @raise StoreError: C{by} is not one of L{SERIES}, or too many buckets.
     """
+    store = sqlite_only(any_store, "/api/timeseries")
     column = SERIES.get(by)
     if column is None:
         raise StoreError(f"unknown series {by!r}; known: {', '.join(SERIES)}")
@@ -419,15 +427,16 @@ def _series_name(key: Any) -> str:
     return "(none)" if key is None else str(key)
 
 
-def event_by_id(store: EventStore, event_id: str) -> dict[str, Any] | None:
+def event_by_id(any_store: Store, event_id: str) -> dict[str, Any] | None:
     """The stored event with this C{id}, or None."""
-    return store.event(event_id)
+    return sqlite_only(any_store, "/api/events/ID").event(event_id)
 
 
-def run(store: EventStore, run_id: str) -> dict[str, Any]:
+def run(any_store: Store, run_id: str) -> dict[str, Any]:
     """A run's events (calls and spans) in time order, with its calls'
     total cost, first and last time. At most L{RUN_LIMIT} events are listed
     (C{truncated} says so); the totals count them all."""
+    store = sqlite_only(any_store, "/api/runs")
     events = store.events(limit=RUN_LIMIT + 1, run=run_id)
     where, params = store.where({"run": run_id, "kind": "call"}, None, None)
     ((calls, cost, unpriced),) = store.read(

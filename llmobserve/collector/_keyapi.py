@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._auth import KeyVerifier
 from ._keys import DEFAULT_PROJECT, KeyStoreError
-from ._store import EventStore
+from ._store import EventStore, sqlite_only
 from ._thread import StoreThread
 
 __all__ = ["KeysResource"]
@@ -117,5 +117,7 @@ class KeysResource(Resource):
                 )
             request.finish()
 
-        self._reader.submit(job).addCallbacks(done, failed)
+        self._reader.submit(lambda store: job(sqlite_only(store, "API keys"))).addCallbacks(
+            done, failed
+        )
         return NOT_DONE_YET

@@ -31,9 +31,10 @@ from ._keyapi import KeysResource
 from ._link import LinkRegistry, LinkServerProtocol
 from ._login import DashboardGate
 from ._loglimit import LogLimiter
+from ._open import open_store
 from ._port import PortSwitchFactory
+from ._retain import Retention
 from ._sessions import DashboardSessions
-from ._store import EventStore
 from ._thread import StoreThread
 from ._writer import BatchWriter
 
@@ -49,7 +50,7 @@ class CollectorService(MultiService):
     and commits, then the threads end.
 
     @param endpoint: where to listen (C{twistd}'s C{--port}).
-    @param db_path: the SQLite file.
+    @param db_path: the SQLite file, or a C{postgresql://} URL.
     @param heartbeat: the link heartbeat interval, seconds.
     @param synchronous: SQLite C{synchronous} for the writer (C{FULL}:
         an ack means the events survive power loss too).
@@ -61,6 +62,7 @@ class CollectorService(MultiService):
         C{/api/*} an C{Authorization: Bearer} key or a dashboard session,
         and C{/dashboard} a login with a read key (the C{twistd} plugin sets
         it when listening beyond loopback).
+    @param retain: delete events older than this many seconds (L{Retention}).
     """
 
     log = Logger()
@@ -69,7 +71,7 @@ class CollectorService(MultiService):
         self,
         reactor: Any,
         endpoint: IStreamServerEndpoint,
-        db_path: Path,
+        db_path: Path | str,
         heartbeat: float = 10.0,
         synchronous: str = "FULL",
         scheme: str = "http",
@@ -77,6 +79,7 @@ class CollectorService(MultiService):
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
         on_listen_failure: Callable[[], None] | None = None,
         require_keys: bool = False,
+        retain: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reactor: IReactorTime = reactor
@@ -85,19 +88,26 @@ class CollectorService(MultiService):
         self.scheme = scheme
         self.db_path = db_path
         threads: IReactorFromThreads = reactor
+        # the schema was created or migrated at start-up (makeService)
         self.writer_thread = StoreThread(
             threads,
-            lambda: EventStore(db_path, synchronous=synchronous),
+            lambda: open_store(
+                db_path, synchronous=synchronous, log=self._store_said, migrate=False
+            ),
             "llmobserve-store-writer",
         )
         self.reader_thread = StoreThread(
-            threads, lambda: EventStore(db_path), "llmobserve-store-reader"
+            threads, lambda: open_store(db_path, migrate=False), "llmobserve-store-reader"
         )
         self.writer_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.reader_thread.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.limiter = LogLimiter(reactor)
         self.writer = BatchWriter(self.writer_thread, self.limiter)
         self.verifier = KeyVerifier(self.reader_thread, reactor) if require_keys else None
+        self.retention: Retention | None = None
+        if retain is not None:
+            self.retention = Retention(reactor, self.writer_thread, self.writer, retain)
+            self.retention.setServiceParent(self)  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self.links = LinkRegistry(
             PartialFrameBudget(max_partial_bytes), self.limiter, self.verifier
         )
@@ -118,6 +128,10 @@ class CollectorService(MultiService):
     def require_keys(self) -> bool:
         """Whether links and the API need keys."""
         return self.verifier is not None
+
+    def _store_said(self, line: str) -> None:
+        """A line from the store's thread (PostgreSQL connection loss and recovery)."""
+        self.log.warn("{line}", line=line)
 
     def _make_link(self) -> LinkServerProtocol:
         return LinkServerProtocol(self.writer, self._reactor, self.links, self._heartbeat)
@@ -176,6 +190,8 @@ class CollectorService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.retention is not None:
+            self.retention.stopService()
         port, self.port = self.port, None
         if port is not None:
             await maybeDeferred(port.stopListening)

@@ -1,4 +1,10 @@
-"""The SQLite event store shared by the collector and the proxy's embedded mode.
+"""The event store: L{Store}, the back-end interface, and L{EventStore}, SQLite.
+
+L{Store} holds what every back end shares: the query layer (filters,
+C{events}, C{report}) written once over a few dialect hooks, and the row
+conversion below. L{EventStore} is the SQLite back end, shared by the
+collector and the proxy's embedded mode; C{_pgstore.PgEventStore} is the
+PostgreSQL one (C{open_store} in C{_open} picks one from a C{--db} value).
 
 L{EventStore} is synchronous and free of Twisted: one instance belongs to one
 thread at a time (the collector's writer thread, its reader thread, the
@@ -52,7 +58,9 @@ __all__ = [
     "NOT_FORWARDED",
     "SCHEMA_VERSION",
     "EventStore",
+    "Store",
     "StoreError",
+    "StoreUnavailable",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -239,6 +247,22 @@ _INSERTS: Final = {
 
 class StoreError(Exception):
     """A bad query (unknown grouping or filter) or an unusable store file."""
+
+
+class StoreUnsupported(StoreError):
+    """What this back end does not offer yet (API keys, budgets and the
+    dashboard's own queries are SQLite's alone for now)."""
+
+
+def sqlite_only(store: Store, what: str) -> EventStore:
+    """C{store} as the SQLite store C{what} needs, or L{StoreUnsupported}."""
+    if isinstance(store, EventStore):
+        return store
+    raise StoreUnsupported(f"{what} needs the SQLite store for now (not yet on PostgreSQL)")
+
+
+class StoreUnavailable(StoreError):
+    """The store's server cannot be reached now (PostgreSQL); try again later."""
 
 
 class _TooDeep(ValueError):
@@ -646,7 +670,232 @@ def _retry_locked(action: Callable[[], object], attempts: int = 50) -> None:
             time.sleep(0.02)
 
 
-class EventStore:
+class Store:
+    """What every event store back end offers; the query layer is shared.
+
+    A back end implements the storage methods (L{insert}, L{insert_rows},
+    L{acked_seq}, L{links}, L{count}, L{close}) and L{_query}, and sets the
+    dialect hooks below; L{events} and L{report} are written once here over
+    them, so both back ends answer every C{/api/*} query alike. One instance
+    belongs to one thread at a time. A new query (budgets, API keys, the
+    dashboard's) is written here the same way, in portable SQL with
+    C{self._P} placeholders, or as a method each back end implements.
+    """
+
+    #: The placeholder of the driver's parameter style.
+    _P: str = "?"
+    #: The LIMIT value meaning "no limit".
+    _NO_LIMIT: Any = -1
+    #: The SQL expression of each L{GROUPS} name.
+    _GROUPS: Mapping[str, str] = GROUPS
+    #: How L{events} orders rows: by C{ts}, then arrival (and newest first).
+    _EVENT_ORDER: str = "ts, rowid"
+    _EVENT_ORDER_DESC: str = "ts DESC, rowid DESC"
+    #: The SQL expression of each L{FILTERS} name.
+    _FILTERS: Mapping[str, str] = FILTERS
+    #: The report's cost sum (it must not fail past the float range).
+    _COST_SUM: str = "sum(cost_usd)"
+
+    #: C{(id, reason)} of each event the last L{insert} stored as rejected
+    last_rejected: list[tuple[str, str]]
+
+    def _query(self, sql: str, params: Sequence[Any]) -> Iterable[Sequence[Any]]:
+        """The rows of one read-only query."""
+        raise NotImplementedError
+
+    def _group_order(self, index: int, name: str) -> str:
+        """The ORDER BY term of report group C{index} (named C{name})."""
+        return f"g{index}"
+
+    def _change(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement in its own transaction; the rows it changed."""
+        raise NotImplementedError
+
+    def drop_before(self, cutoff: float, limit: int = 10_000) -> int:
+        """Delete up to C{limit} events with C{ts < cutoff} (retention).
+
+        One short transaction over the C{ts} index, so inserts are not held
+        up for long: call again while it returns C{limit}. Events without a
+        C{ts} are kept. Returns how many were deleted.
+        """
+        arrival = self._EVENT_ORDER.rsplit(",", 1)[-1].strip()
+        p = self._P
+        sql = (
+            f"DELETE FROM events WHERE {arrival} IN "
+            f"(SELECT {arrival} FROM events WHERE ts < {p} LIMIT {p})"
+        )
+        return self._change(sql, (cutoff, max(1, limit)))
+
+    def insert(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        acked_seqs: Mapping[str, int] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Store events in one transaction; return how many were new (see L{EventStore})."""
+        raise NotImplementedError
+
+    def insert_rows(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        pause: Callable[[], None] | None = None,
+        chunk: int = 8,
+    ) -> int:
+        """Store rows made by L{EventStore.row_for}; return how many were new."""
+        raise NotImplementedError
+
+    def acked_seq(self, proxy_id: str) -> int | None:
+        """The last batch C{seq} acknowledged to this proxy, if any."""
+        raise NotImplementedError
+
+    def links(self) -> dict[str, int]:
+        """Every proxy's last acknowledged batch C{seq}."""
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """How many events (of every kind) are stored."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection; the store is unusable afterwards."""
+        raise NotImplementedError
+
+    def _where(
+        self, filters: Mapping[str, str | None], since: float | None, until: float | None
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for name, value in filters.items():
+            if value is None:
+                continue
+            column = self._FILTERS.get(name)
+            if column is None:
+                raise StoreError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
+            if name == "section_path":
+                # a section path also selects everything nested under it
+                p = self._P
+                clauses.append(f"(section_path = {p} OR substr(section_path, 1, {p}) = {p})")
+                params += [value, len(value) + 1, value + "/"]
+            else:
+                clauses.append(f"{column} = {self._P}")
+                params.append(value)
+        if since is not None:
+            clauses.append(f"ts >= {self._P}")
+            params.append(since)
+        if until is not None:
+            clauses.append(f"ts < {self._P}")
+            params.append(until)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def events(
+        self,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+        *,
+        newest_first: bool = False,
+        **filters: str | None,
+    ) -> list[dict[str, Any]]:
+        """Stored events, oldest first (by C{ts}, then arrival), as event maps.
+
+        @param newest_first: the other way round (the dashboard's calls list).
+        @param since: only events with C{ts >= since} (unix seconds).
+        @param until: only events with C{ts < until}.
+        @param limit: at most this many (C{None}: all).
+        @param filters: exact matches, named as in L{FILTERS} (C{customer},
+            C{run}, ...); C{section_path} also matches nested paths.
+        @raise StoreError: an unknown filter name.
+        """
+        where, params = self._where(filters, since, until)
+        p = self._P
+        order = self._EVENT_ORDER_DESC if newest_first else self._EVENT_ORDER
+        sql = f"{_SELECT}{where} ORDER BY {order} LIMIT {p} OFFSET {p}"
+        params += [self._NO_LIMIT if limit is None else max(0, limit), max(0, offset)]
+        return [_event(row) for row in self._query(sql, params)]
+
+    def report(
+        self,
+        by: Sequence[str] = ("provider", "model"),
+        since: float | None = None,
+        until: float | None = None,
+        **filters: str | None,
+    ) -> list[dict[str, Any]]:
+        """Call counts, cost and token sums grouped by C{by}.
+
+        Rows come most expensive first; with a C{day} or C{hour} grouping,
+        in time order first.
+
+        Only C{call} events count (spans and gaps are not calls), and only
+        calls that were forwarded: outcomes in L{NOT_FORWARDED} (the proxy
+        answered itself) are left out unless the C{outcome} filter asks for
+        them. C{cost_usd}
+        sums the priced calls and is C{null} when none was priced;
+        C{unpriced_calls} says how many had no known price, so an unknown
+        price never reads as zero.
+
+        @param by: names from L{GROUPS}; empty for one grand total row.
+        @raise StoreError: an unknown grouping or filter name.
+        """
+        groups: list[str] = []
+        for name in by:
+            if name not in self._GROUPS:
+                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
+            if name not in groups:
+                groups.append(name)
+        where, params = self._where({**filters, "kind": "call"}, since, until)
+        if filters.get("outcome") is None:
+            marks = ", ".join([self._P] * len(NOT_FORWARDED))
+            where += f" AND coalesce(outcome, '') NOT IN ({marks})"
+            params += list(NOT_FORWARDED)
+        select = [f"{self._GROUPS[g]} AS g{i}" for i, g in enumerate(groups)]
+        select += [
+            "count(*)",
+            self._COST_SUM,
+            "sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END)",
+            *(f"sum({t})" for t in _TOKEN_COLUMNS),
+            self._COST_SUM.replace(
+                "cost_usd", "CASE WHEN usage_source = 'estimated' THEN cost_usd END"
+            ),
+            "sum(CASE WHEN usage_source = 'estimated' THEN 1 ELSE 0 END)",
+        ]
+        sql = f"SELECT {', '.join(select)} FROM events{where}"
+        if groups:
+            sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))}"
+        # Time groups read best in time order; the rest, costliest first.
+        key = self._group_order
+        order = [key(i, g) for i, g in enumerate(groups) if g in ("day", "hour")]
+        order += [f"coalesce({self._COST_SUM}, 0) DESC", "count(*) DESC"]
+        order += [key(i, g) for i, g in enumerate(groups) if g not in ("day", "hour")]
+        sql += f" ORDER BY {', '.join(order)}"
+        out: list[dict[str, Any]] = []
+        n = len(groups)
+        for row in self._query(sql, params):
+            item: dict[str, Any] = {g: row[i] for i, g in enumerate(groups)}
+            item["calls"] = int(row[n])
+            cost = row[n + 1]
+            # sums of many small floats carry noise in the last digits
+            # (a sum past the float range has no JSON spelling: unknown)
+            if cost is not None:
+                cost = float(cost)
+            item["cost_usd"] = None if cost is None or not math.isfinite(cost) else round(cost, 10)
+            # int(): PostgreSQL sums integers as numeric
+            item["unpriced_calls"] = int(row[n + 2] or 0)
+            for j, t in enumerate(_TOKEN_COLUMNS):
+                item[t] = int(row[n + 3 + j] or 0)
+            estimated = row[n + 3 + len(_TOKEN_COLUMNS)]
+            if estimated is not None:
+                estimated = float(estimated)
+            item["estimated_cost_usd"] = (
+                None if estimated is None or not math.isfinite(estimated) else round(estimated, 10)
+            )
+            item["estimated_calls"] = int(row[n + 4 + len(_TOKEN_COLUMNS)] or 0)
+            out.append(item)
+        return out
+
+
+class EventStore(Store):
     """Events in one SQLite file, synchronous, for use by one thread at a time.
 
     @param path: the database file; its directory is created if missing.
@@ -855,32 +1104,8 @@ class EventStore:
         (n,) = self._db.execute("SELECT count(*) FROM events").fetchone()
         return int(n)
 
-    @staticmethod
-    def _where(
-        filters: Mapping[str, str | None], since: float | None, until: float | None
-    ) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for name, value in filters.items():
-            if value is None:
-                continue
-            column = FILTERS.get(name)
-            if column is None:
-                raise StoreError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
-            if name == "section_path":
-                # a section path also selects everything nested under it
-                clauses.append("(section_path = ? OR substr(section_path, 1, ?) = ?)")
-                params += [value, len(value) + 1, value + "/"]
-            else:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if since is not None:
-            clauses.append("ts >= ?")
-            params.append(since)
-        if until is not None:
-            clauses.append("ts < ?")
-            params.append(until)
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+    def _query(self, sql: str, params: Sequence[Any]) -> Iterable[Sequence[Any]]:
+        return self._db.execute(sql, params)
 
     def events(
         self,
@@ -979,6 +1204,9 @@ class EventStore:
             item["estimated_calls"] = row[n + 4 + len(_TOKEN_COLUMNS)] or 0
             out.append(item)
         return out
+
+    def _change(self, sql: str, params: Sequence[Any]) -> int:
+        return int(self._db.execute(sql, params).rowcount)
 
     @property
     def keys(self) -> KeyStore:

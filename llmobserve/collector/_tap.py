@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from llmobserve.hostguard import HostGuard, public_name
 from llmobserve.paths import default_db_path
 
 from ._budget import DEFAULT_MAX_PARTIAL_BYTES
+from ._open import DB_ENV, db_from_env, is_postgres_url, open_store
+from ._retain import parse_span
 from ._service import CollectorService
-from ._store import EventStore, StoreError
+from ._store import StoreError
 
 __all__ = ["Options", "makeService"]
 
@@ -55,8 +58,10 @@ class Options(usage.Options):
             "db",
             "d",
             None,
-            "The SQLite event store (default: $LLMOBSERVE_HOME/events.sqlite3, "
-            "LLMOBSERVE_HOME defaulting to ~/.llmobserve).",
+            "The event store: a SQLite file, or a PostgreSQL database as "
+            "postgresql://user@host:5432/dbname (several collectors may share one). "
+            f"Default: ${DB_ENV}, else $LLMOBSERVE_HOME/events.sqlite3, "
+            "LLMOBSERVE_HOME defaulting to ~/.llmobserve.",
         ],
         [
             "heartbeat",
@@ -72,6 +77,13 @@ class Options(usage.Options):
             "Bytes all links together may hold for frames not yet complete; a link "
             "whose bytes would go past it is closed (at least 16777216, one largest frame).",
             int,
+        ],
+        [
+            "retain",
+            None,
+            None,
+            "Delete events older than this span (90d, 12h, 2w), at start-up and hourly; "
+            "default: keep everything.",
         ],
         [
             "synchronous",
@@ -107,7 +119,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         foreground_without_pidfile(self.parent)
         if self["db"] is None:
-            self["db"] = str(default_db_path())
+            self["db"] = db_from_env() or str(default_db_path())
         try:
             check_port(listen_endpoint(str(self["port"])))
         except ValueError as e:
@@ -118,6 +130,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--max-partial-bytes must be at least {MAX_FRAME_SIZE} (one largest frame)"
             )
+        if self["retain"] is not None:
+            try:
+                self["retain"] = parse_span(str(self["retain"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--retain: {e}") from None
         if str(self["synchronous"]).upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise usage.UsageError("--synchronous must be FULL, NORMAL, EXTRA or OFF")
 
@@ -127,24 +144,45 @@ def makeService(options: usage.Options) -> IService:
     from twisted.internet import reactor
 
     r: Any = reactor
-    db_path = Path(options["db"]).expanduser()
+    db: Path | str = options["db"]
+    if not is_postgres_url(db):
+        db = Path(db).expanduser()
     try:
-        # Open once here so a bad path or a newer schema fails before the
-        # reactor runs, and the schema exists before the threads open it.
-        EventStore(db_path).close()
+        # Open once here so a bad path, an unreachable server or a newer
+        # schema fails before the reactor runs, and the schema exists (is
+        # migrated) before the threads open it.
+        open_store(db).close()
     except (StoreError, OSError) as e:
+        if options.parent is not None:
+            # under twistd: one line and exit 1 (a UsageError is a traceback there)
+            sys.stderr.write(f"twistd llmobserve-collector: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
         raise usage.UsageError(str(e)) from e
     description = listen_endpoint(options["port"])
+    require_keys = bool(options["require-keys"]) or listens_beyond_loopback(description)
+    if require_keys and is_postgres_url(db):
+        # API keys live in the SQLite store for now (docs/COLLECTOR.md)
+        message = (
+            "API keys (--require-keys, or listening beyond loopback) need the SQLite store"
+            " for now: run a PostgreSQL collector on loopback without --require-keys"
+        )
+        if options.parent is not None:
+            sys.stderr.write(f"twistd llmobserve-collector: {message}\n")
+            sys.stderr.flush()
+            raise SystemExit(1)
+        raise usage.UsageError(message)
     endpoint = serverFromString(r, description)
     return CollectorService(
         r,
         endpoint,
-        db_path,
+        db,
         heartbeat=options["heartbeat"],
         synchronous=str(options["synchronous"]).upper(),
         scheme="https" if description.startswith("ssl:") else "http",
         host_guard=HostGuard(options["public-name"]),
         max_partial_bytes=options["max-partial-bytes"],
         on_listen_failure=lambda: stop_with_status(r, 1),
-        require_keys=bool(options["require-keys"]) or listens_beyond_loopback(description),
+        require_keys=require_keys,
+        retain=options["retain"],
     )

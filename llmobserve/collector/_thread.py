@@ -1,4 +1,4 @@
-"""One dedicated thread that owns one L{EventStore}.
+"""One dedicated thread that owns one L{Store}.
 
 SQLite connections belong to the thread that uses them, and the collector
 must never run SQLite on the reactor thread nor share the reactor's default
@@ -24,13 +24,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from ._store import EventStore
+from ._store import Store
 
 __all__ = ["StoreThread", "file_identity"]
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[EventStore], Any], Deferred[Any]]
+_Job = tuple[Callable[[Store], Any], Deferred[Any]]
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
@@ -59,7 +59,7 @@ class StoreThread(Service):
     def __init__(
         self,
         reactor: IReactorFromThreads,
-        open_store: Callable[[], EventStore],
+        open_store: Callable[[], Store],
         name: str,
         *,
         watch: str | None = None,
@@ -90,13 +90,13 @@ class StoreThread(Service):
         self._queue.put(None)
         return stopped
 
-    def submit(self, job: Callable[[EventStore], T]) -> Deferred[T]:
+    def submit(self, job: Callable[[Store], T]) -> Deferred[T]:
         """Run C{job(store)} in the thread; the Deferred fires with its result."""
         d: Deferred[T] = Deferred()
         self._queue.put((job, d))
         return d
 
-    def _open(self) -> tuple[EventStore | None, tuple[int, int] | None, BaseException | None]:
+    def _open(self) -> tuple[Store | None, tuple[int, int] | None, BaseException | None]:
         """Open the store: (store, its file's identity when watched, the
         error when it could not open)."""
         try:
@@ -105,7 +105,7 @@ class StoreThread(Service):
             return None, None, e
         return store, None if self._watch is None else file_identity(self._watch), None
 
-    def _stale(self, store: EventStore | None, opened: tuple[int, int] | None) -> bool:
+    def _stale(self, store: Store | None, opened: tuple[int, int] | None) -> bool:
         """Whether the watched store must be opened (again) before a job."""
         if self._watch is None:
             return False

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._loglimit import LogLimiter
-from ._store import EventStore
+from ._store import Store
 
 __all__ = ["BatchWriter", "JobRunner"]
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 class JobRunner(Protocol):
     """Runs store jobs in order and reports each result (a L{StoreThread})."""
 
-    def submit(self, job: Callable[[EventStore], T]) -> Deferred[T]: ...
+    def submit(self, job: Callable[[Store], T]) -> Deferred[T]: ...
 
 
 #: Stop adding batches to one transaction past this many events.
@@ -113,7 +113,7 @@ class BatchWriter:
                 seqs[item.proxy_id] = item.seq
         self._busy = True
 
-        def job(store: EventStore) -> tuple[int, list[tuple[str, str]]]:
+        def job(store: Store) -> tuple[int, list[tuple[str, str]]]:
             inserted = store.insert(events, seqs)
             return inserted, store.last_rejected
 

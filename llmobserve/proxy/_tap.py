@@ -12,8 +12,8 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -45,6 +45,7 @@ from llmobserve.proxy._policy import (
 )
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource
+from llmobserve.proxy._rotate import RotatingEndpoint
 from llmobserve.proxy._streamusage import StreamUsagePolicy
 from llmobserve.proxy._tls import collector_endpoint, load_extra_trust, tls_creator
 from llmobserve.proxy._tuning import ProcessTuning
@@ -95,13 +96,6 @@ class Options(usage.Options):
             "p",
             "9000",
             "Where to listen: a port number (127.0.0.1) or a Twisted endpoint string.",
-        ],
-        [
-            "collector",
-            None,
-            None,
-            "Collector URL (http://host:port, or https:// for a collector on an ssl: port);"
-            " default: the embedded store.",
         ],
         [
             "collector-key",
@@ -217,6 +211,16 @@ class Options(usage.Options):
         self["stream-usage"] = {}
         self["graphql-max-depth"] = {}
         self["graphql-max-complexity"] = {}
+        self["collector"] = None
+        self["collectors"] = []
+
+    def opt_collector(self, url: str) -> None:
+        """URL: collector URL (http://host:port, or https:// for a collector
+        on an ssl: port); default: the embedded store. Repeatable: collectors
+        sharing one PostgreSQL store, tried in turn (the next after a failed
+        connection)."""
+        self["collectors"].append(url)
+        self["collector"] = self["collectors"][0]
 
     def opt_allow_host(self, host: str) -> None:
         """Admit a host name (exact, or *.suffix) even when it resolves privately. Repeatable."""
@@ -340,6 +344,27 @@ class Options(usage.Options):
             self["known-hosts-only-forced"] = True
 
 
+def _collector_endpoint(reactor: Any, options: Options) -> IStreamClientEndpoint | None:
+    """The link's endpoint: None for one plain http:// collector (the
+    pipeline makes it); several collectors are tried in turn."""
+    urls: list[str] = options["collectors"]
+    if not urls:
+        return None
+    ca_file = options["collector-ca-file"]
+    if len(urls) == 1:
+        return collector_endpoint(reactor, urls[0], ca_file=ca_file)
+    from llmobserve.events import parse_collector_url
+
+    endpoints: list[IStreamClientEndpoint] = []
+    for url in urls:
+        endpoint = collector_endpoint(reactor, url, ca_file=ca_file)
+        if endpoint is None:
+            host, port = parse_collector_url(url)
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=5.0)
+        endpoints.append(endpoint)
+    return RotatingEndpoint(endpoints)
+
+
 def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IService | None]:
     """The transaction sink: the event pipeline, or a log line per call with --no-events."""
     if options["no-events"]:
@@ -351,11 +376,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
         collector_url=options["collector"],
         db_path=options["db"],
         spool_dir=options["spool-dir"],
-        endpoint=(
-            collector_endpoint(reactor, options["collector"], ca_file=options["collector-ca-file"])
-            if options["collector"]
-            else None
-        ),
+        endpoint=_collector_endpoint(reactor, options),
         store_factory=open_embedded_store,
         no_estimate=StreamUsagePolicy(options["stream-usage"]).no_estimate,
         collector_key=options["collector-key"],

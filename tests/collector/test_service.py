@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -150,7 +150,7 @@ def test_store_thread_open_failure_fails_jobs(tmp_path: Path) -> None:
 def _run_job(reactor: ThreadReactor, t: StoreThread, job: Callable[[EventStore], Any]) -> Any:
     """C{job}'s result, run in C{t}'s thread."""
     results: list[Any] = []
-    t.submit(job).addBoth(results.append)
+    t.submit(lambda store: job(cast(EventStore, store))).addBoth(results.append)
     reactor.run_until(1)
     return results[0]
 

@@ -1,4 +1,9 @@
-"""The SQLite EventStore: dedup, every field kept, filters, reports, link seqs."""
+"""The event store's contract, run on both back ends, and SQLite's own tests.
+
+The C{store} fixture yields a SQLite L{EventStore} and a PostgreSQL
+L{PgEventStore} (a real server, tests/support/postgres.py): every test
+taking it is the contract both back ends keep.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +50,14 @@ def call(i: int, **over: Any) -> dict[str, Any]:
     return event
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    s = EventStore(tmp_path / "sub" / "events.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "sqlite":
+        s: Any = EventStore(tmp_path / "sub" / "events.sqlite3")
+    else:
+        from llmobserve.collector._pgstore import PgEventStore
+
+        s = PgEventStore(request.getfixturevalue("pg_url"))
     yield s
     s.close()
 
@@ -381,8 +391,10 @@ def test_rows_of_different_lengths_keep_their_order(store: EventStore) -> None:
     assert store.events(limit=None) == events
 
 
-def test_rows_go_in_chunks_with_a_pause_between_them(store: EventStore) -> None:
-    """insert_rows(pause=...) calls it between chunks, all in one transaction."""
+def test_rows_go_in_chunks_with_a_pause_between_them(tmp_path: Path) -> None:
+    """insert_rows(pause=...) calls it between chunks, all in one transaction
+    (SQLite only: the proxy's embedded store)."""
+    store = EventStore(tmp_path / "x.sqlite3")
     rows = [EventStore.row_for(call(i)) for i in range(20)]
     pauses: list[bool] = []
 
@@ -563,3 +575,17 @@ def test_report_leaves_out_calls_the_proxy_answered_itself(store: EventStore) ->
     assert [r["provider"] for r in store.report(["provider"])] == ["openai"]
     [refused] = store.report([], outcome="refused")
     assert refused["calls"] == 1
+
+
+def test_drop_before_deletes_old_events_in_chunks(store: EventStore) -> None:
+    """Retention: events with ts < cutoff go, at most limit a call; events
+    without a ts stay; what is left reads and reports as before."""
+    store.insert([call(i, ts=T0 + i) for i in range(25)])
+    store.insert([{"id": "no-ts", "kind": "span"}])
+    assert store.drop_before(T0 + 20, limit=8) == 8
+    assert store.drop_before(T0 + 20, limit=8) == 8
+    assert store.drop_before(T0 + 20, limit=8) == 4
+    assert store.drop_before(T0 + 20, limit=8) == 0
+    assert store.count() == 6
+    assert [e["id"] for e in store.events(kind="call")] == [f"e{i}" for i in range(20, 25)]
+    assert store.report(by=())[0]["calls"] == 5

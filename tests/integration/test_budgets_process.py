@@ -541,7 +541,7 @@ def test_proxies_on_one_collector_share_its_budgets_and_fail_closed(
             results = asyncio.run(run())
             admitted = results.count(200)
             assert admitted > 0 and results.count(402) > 0
-            events = _wait_events(collector.db, 192)
+            events = _wait_events(Path(collector.db), 192)
             spend = sum(e["cost_usd"] or 0 for e in events)
             print(f"collector: admitted {admitted}, spend ${spend:.6f}")
             assert spend <= 1.00

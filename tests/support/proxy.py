@@ -395,7 +395,8 @@ class CollectorProcess(TwistdProcess):
     """
     C{twistd -n llmobserve-collector --port tcp:0:interface=127.0.0.1 --db PATH ARGS...}.
 
-    C{db} defaults to C{collector.db} in the working directory.
+    C{db} defaults to C{collector.db} in the working directory; a
+    C{postgresql://} URL is passed as it is.
     """
 
     plugin = "llmobserve-collector"
@@ -412,7 +413,9 @@ class CollectorProcess(TwistdProcess):
         start_timeout: float = 15.0,
     ) -> None:
         super().__init__(args, port=port, workdir=workdir, env=env, start_timeout=start_timeout)
-        self.db = Path(db) if db is not None else self.workdir / "collector.db"
+        self.db: Path | str = self.workdir / "collector.db" if db is None else db
+        if not (isinstance(self.db, str) and "://" in self.db):
+            self.db = Path(self.db)
 
     def command(self) -> list[str]:
         return [*super().command(), "--db", str(self.db)]

@@ -1,0 +1,237 @@
+"""PostgreSQL beside SQLite: collector ingest events/s, and reports over a large store.
+
+Starts a throwaway PostgreSQL server (tests/support/postgres.py: Debian's
+initdb and pg_ctl in a temporary directory, C{fsync=on}, loopback only) and
+measures, for each back end:
+
+1. Ingest through a real collector: C{twistd -n llmobserve-collector --db
+   URL-or-FILE}, C{--links} link connections sending C{--events} events in
+   batches of C{--batch} with C{--window} unacked (as bench/collector_ingest.py:
+   the clock runs from the first byte to the last ack, an ack meaning
+   committed), and the store alone in this process (C{insert} in batches).
+2. Reports over a large store: C{--rows} events (ts spread over a year, 17
+   customers, 6 models) written straight into the store, then the median of
+   C{--repeats} runs of each query the HTTP API answers: the report by
+   provider and model (all time), by day over the last 30 days, by customer
+   for one model, and the first page of events for one customer.
+
+Bounded by C{--timeout}; the collector and the server are always stopped.
+Prints one line per figure; C{--json} prints them as one JSON map.
+
+    .venv/bin/python -m bench.postgres_store [--events 100000] [--rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.collector_ingest import make_event, run_link, start_collector
+from llmobserve.collector import Store, open_store
+from llmobserve.events import encode_frame
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.postgres import PostgresServer, find_binaries  # noqa: E402
+
+_MODELS = ("gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4", "claude-haiku", "gemini-2.5")
+_YEAR = 365 * 86400.0
+
+
+def big_event(i: int, now: float, rng: random.Random) -> dict[str, Any]:
+    """An event of the large store: any time in the last year."""
+    model = _MODELS[i % len(_MODELS)]
+    return {
+        "id": uuid.UUID(int=rng.getrandbits(128)).hex,
+        "kind": "call",
+        "ts": now - rng.random() * _YEAR,
+        "duration_ms": 500.0,
+        "status": 200,
+        "outcome": "ok",
+        "provider": "anthropic" if model.startswith("claude") else "openai",
+        "endpoint": "chat.completions",
+        "model": model,
+        "streamed": bool(i % 2),
+        "usage": {"input_tokens": 1000 + i % 97, "output_tokens": 200},
+        "cost_usd": 0.0003 + (i % 11) * 1e-5,
+        "context": {"customer_id": f"cust-{i % 17}", "run_id": f"run-{i // 100}"},
+    }
+
+
+def ingest(db: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """Events/s through a collector on C{db}, and of the store alone."""
+    per_link = args.events // args.links
+    events = [[make_event(i, p) for i in range(per_link)] for p in range(args.links)]
+    frames = [
+        [
+            (seq, encode_frame({"t": "batch", "seq": seq, "events": evs[k : k + args.batch]}))
+            for seq, k in enumerate(range(0, per_link, args.batch))
+        ]
+        for evs in events
+    ]
+    total = per_link * args.links
+    proc, port = start_collector(db, 60.0)  # type: ignore[arg-type]  # a postgresql:// URL where a path is typed
+    try:
+        results: list[dict[str, Any]] = [{} for _ in range(args.links)]
+        threads = [
+            threading.Thread(
+                target=run_link,
+                args=(port, f"bench-{uuid.uuid4().hex[:6]}", frames[p], args.window, results[p]),
+                daemon=True,
+            )
+            for p in range(args.links)
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.timeout)
+        if not all("done" in r for r in results):
+            raise SystemExit("a link did not finish")
+        collector_rate = total / (max(r["done"] for r in results) - t0)
+    finally:
+        proc.kill()
+        proc.wait()
+    # the store alone, fresh events, same batches
+    alone = [make_event(i, 9) for i in range(total)]
+    store = open_store(db)
+    t0 = time.perf_counter()
+    for k in range(0, total, args.batch):
+        store.insert(alone[k : k + args.batch])
+    alone_rate = total / (time.perf_counter() - t0)
+    stored = store.count()
+    store.close()
+    if stored != 2 * total:
+        raise SystemExit(f"{db}: stored {stored} != {2 * total}")
+    return {"collector_events_per_s": collector_rate, "store_alone_events_per_s": alone_rate}
+
+
+def fill(store: Store, rows: int, now: float) -> float:
+    """Write C{rows} events of the large store; returns events/s."""
+    rng = random.Random(7)
+    t0 = time.perf_counter()
+    chunk = 20_000
+    for k in range(0, rows, chunk):
+        store.insert([big_event(i, now, rng) for i in range(k, min(rows, k + chunk))])
+    return rows / (time.perf_counter() - t0)
+
+
+def report_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
+    """Median seconds of each query the API answers, over the large store."""
+    queries: dict[str, Callable[[], object]] = {
+        "report_by_provider_model_all_time": lambda: store.report(("provider", "model")),
+        "report_by_day_last_30d": lambda: store.report(("day",), since=now - 30 * 86400),
+        "report_by_customer_one_model": lambda: store.report(("customer",), model="o3"),
+        "events_first_page_one_customer": lambda: store.events(limit=100, customer="cust-3"),
+    }
+    out: dict[str, float] = {}
+    for name, query in queries.items():
+        query()  # warm
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            query()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--links", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--backends", default="sqlite,postgres", help="comma-separated")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    bindir = find_binaries()
+    if bindir is None:
+        raise SystemExit("no PostgreSQL server binaries: apt-get install postgresql")
+    tmp = Path(tempfile.mkdtemp(prefix="llmo-pgbench-"))
+    server = PostgresServer(bindir, fsync=True)
+
+    def give_up() -> None:
+        server.destroy()
+        print("postgres bench: timed out", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watchdog = threading.Timer(args.timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    answer: dict[str, Any] = {"events": args.events, "rows": args.rows}
+    try:
+        server.init().start()
+        subprocess.run(
+            [
+                str(bindir / "psql"),
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(server.port),
+                "-U",
+                "llmobserve",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE ingest",
+                "-c",
+                "CREATE DATABASE big",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        backends = {
+            "sqlite": (str(tmp / "ingest.sqlite3"), str(tmp / "big.sqlite3")),
+            "postgres": (server.url("ingest"), server.url("big")),
+        }
+        now = time.time()
+        chosen = args.backends.split(",")
+        for name, (ingest_db, big_db) in backends.items():
+            if name not in chosen:
+                continue
+            if not args.skip_ingest:
+                for key, value in ingest(ingest_db, args, tmp).items():
+                    answer[f"{name}_{key}"] = round(value)
+                    print(f"{name}: {key.replace('_', ' ')}: {value:,.0f}", flush=True)
+            store = open_store(big_db)
+            rate = fill(store, args.rows, now)
+            answer[f"{name}_fill_events_per_s"] = round(rate)
+            print(f"{name}: filled {args.rows:,} events at {rate:,.0f}/s", flush=True)
+            if name == "postgres":
+                store._change("ANALYZE events", ())  # as autovacuum would soon
+            for key, seconds in report_timings(store, now, args.repeats).items():
+                answer[f"{name}_{key}_s"] = round(seconds, 3)
+                print(f"{name}: {key.replace('_', ' ')}: {seconds:.3f} s", flush=True)
+            store.close()
+        if args.json:
+            print(json.dumps(answer))
+    finally:
+        watchdog.cancel()
+        server.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Several collectors behind one link: their endpoints tried in turn.
+
+C{--collector} is repeatable: collectors that share one PostgreSQL store
+are interchangeable, so the link connects to the first, and after a failed
+attempt the next attempt goes to the next one (round robin). A link that
+was up and is lost retries the same collector first: its next failure
+moves on. Exactly-once holds whichever collector stores a batch, because
+the event id is the store's key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["RotatingEndpoint"]
+
+
+@implementer(IStreamClientEndpoint)
+class RotatingEndpoint:
+    """Connects to C{endpoints[i]}; a failed attempt moves C{i} to the next one.
+
+    @ivar current: the index the next attempt uses.
+    """
+
+    def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
+        if not endpoints:
+            raise ValueError("no collector endpoint")
+        self._endpoints = list(endpoints)
+        self.current = 0
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        index = self.current
+        d = self._endpoints[index].connect(protocolFactory)
+
+        def failed(failure: Failure) -> Failure:
+            if self.current == index:
+                self.current = (index + 1) % len(self._endpoints)
+            return failure
+
+        d.addErrback(failed)
+        return d

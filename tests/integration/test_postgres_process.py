@@ -1,0 +1,196 @@
+"""Real collectors on a real PostgreSQL server: outage and failover, nothing lost.
+
+A proxy sends chat calls through a real C{twistd llmobserve} to collectors
+storing into PostgreSQL (tests/support/postgres.py). The server restarted
+mid-ingest: the collector stops acknowledging, reconnects, and every event
+is stored once. Two collectors on one database, one SIGKILLed mid-run: the
+proxy moves to the other (C{--collector} twice) and every event is stored
+exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support.clients import RawClient, chat_request
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
+from support.upstreams import RecordingUpstream
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stored(url: str) -> tuple[int, int]:
+    """(rows, distinct ids) of call events in the database."""
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT id) FROM events WHERE kind = 'call'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _stored_or_zero(url: str) -> int:
+    try:
+        return _stored(url)[0]
+    except psycopg.Error:
+        return 0
+
+
+class _Caller(threading.Thread):
+    """Makes C{calls} chat calls through the proxy on one keep-alive connection."""
+
+    def __init__(self, proxy_port: int, upstream_url: str, calls: int) -> None:
+        super().__init__(daemon=True)
+        self.proxy_port = proxy_port
+        self.request = chat_request(proxy_port, upstream_url)
+        self.calls = calls
+        self.done = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with RawClient(self.proxy_port) as client:
+                for _ in range(self.calls):
+                    client.send(self.request)
+                    assert client.read_response(method="POST").status == 200
+                    self.done += 1
+        except BaseException as e:
+            self.error = e
+
+
+def _proxy(tmp_path: Path, upstream: RecordingUpstream, collectors: list[str]) -> ProxyProcess:
+    args = [*LOOPBACK_ARGS, "--provider-host", f"127.0.0.1:{upstream.port}=openai"]
+    for url in collectors:
+        args += ["--collector", url]
+    return ProxyProcess(args, workdir=tmp_path / "proxy")
+
+
+@pytest.mark.timeout(150)
+def test_a_server_restart_mid_ingest_loses_nothing(tmp_path: Path, postgres_server: Any) -> None:
+    """1,000 calls; the PostgreSQL server stopped for 2 s after the first
+    ~300 are stored: the collector logs the loss, acknowledges nothing
+    meanwhile, reconnects, and the database ends with 1,000 calls, once each."""
+    from support.postgres import PostgresServer
+
+    calls = 1000
+    server = PostgresServer(postgres_server.bindir).init().start()
+    try:
+        url = server.url()
+        with RecordingUpstream() as upstream:
+            collector = CollectorProcess(db=url, workdir=tmp_path / "collector")
+            with collector, _proxy(tmp_path, upstream, [collector.url]) as proxy:
+                caller = _Caller(proxy.port, upstream.url, calls)
+                caller.start()
+                _wait_for(lambda: _stored_or_zero(url) >= 300, 60, "300 calls stored")
+                server.stop()
+                time.sleep(2.0)
+                server.start()
+                caller.join(90)
+                assert caller.error is None and caller.done == calls
+                _wait_for(lambda: _stored_or_zero(url) >= calls, 60, "every call stored")
+                _wait_for(
+                    lambda: _get_json(proxy.url + "/health")["events_waiting"] == 0,
+                    30,
+                    "the proxy's spool to drain",
+                )
+                assert _stored(url) == (calls, calls)
+                log = collector.log_text()
+                assert "PostgreSQL connection lost" in log
+                assert "PostgreSQL connection back" in log
+    finally:
+        server.destroy()
+
+
+@pytest.mark.timeout(150)
+def test_failover_between_two_collectors_stores_every_event_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two collectors on one database, a proxy naming both; 2,000 calls, the
+    first collector SIGKILLed once ~500 are stored: the proxy resends what
+    was not acknowledged to the second, and every call is stored exactly once."""
+    calls = 2000
+    with RecordingUpstream() as upstream:
+        first = CollectorProcess(db=pg_url, workdir=tmp_path / "c1")
+        second = CollectorProcess(db=pg_url, workdir=tmp_path / "c2")
+        with first, second:
+            with _proxy(tmp_path, upstream, [first.url, second.url]) as proxy:
+                caller = _Caller(proxy.port, upstream.url, calls)
+                caller.start()
+                _wait_for(lambda: _stored_or_zero(pg_url) >= 500, 60, "500 calls stored")
+                first.kill()
+                caller.join(120)
+                assert caller.error is None and caller.done == calls
+                _wait_for(lambda: _stored_or_zero(pg_url) >= calls, 60, "every call stored")
+                _wait_for(
+                    lambda: _get_json(proxy.url + "/health")["events_waiting"] == 0,
+                    30,
+                    "the proxy's spool to drain",
+                )
+                assert _stored(pg_url) == (calls, calls)
+                assert _get_json(second.url + "/health")["events_stored"] > 0
+
+
+def _run_collector(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    import subprocess
+
+    proc = CollectorProcess(workdir=tmp_path / "refused", env=env)
+    command = proc.command()
+    command[command.index("--port") :] = ["--port", "tcp:0:interface=127.0.0.1", *args]
+    proc.workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=proc.environment(),
+        cwd=proc.workdir,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_collector_refuses_a_newer_schema_in_one_line(tmp_path: Path, pg_url: str) -> None:
+    """A database migrated by a newer llmobserve: the collector does not
+    start, and says why (the schema version) without a traceback."""
+    from llmobserve.collector._pgstore import PG_SCHEMA_VERSION, PgEventStore
+
+    PgEventStore(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO llmobserve_schema (version) VALUES (%s)", (PG_SCHEMA_VERSION + 5,)
+        )
+    out = _run_collector(tmp_path, "--db", pg_url)
+    assert out.returncode != 0
+    assert f"store schema {PG_SCHEMA_VERSION + 5}" in out.stderr
+    assert "newer than this llmobserve" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_llmobserve_db_names_the_database(tmp_path: Path, pg_url: str) -> None:
+    """Without --db, LLMOBSERVE_DB: the collector creates its schema there."""
+    collector = CollectorProcess(workdir=tmp_path / "env", env={"LLMOBSERVE_DB": pg_url})
+    command = collector.command()
+    at = command.index("--db")
+    del command[at : at + 2]
+    collector.command = lambda: command  # type: ignore[method-assign]  # this process starts with its own command
+    with collector:
+        assert _get_json(collector.url + "/health")["events_stored"] == 0
+    assert _stored(pg_url) == (0, 0)  # the events table exists
