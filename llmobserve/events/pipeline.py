@@ -63,11 +63,16 @@ _MAX_SPANS_PER_POST: Final = 10_000
 #: C{_yield_backlog}); about the longest a reactor woken mid-slice waits for
 #: the GIL. Traced at c=1: 200 us slices with C{os.sched_yield} between them
 #: cost a request that met a batch ~400 us, as the thread came back at each
-#: of the reactor's system calls. With pauses for the reactor's turn,
-#: 50/100/200 us slices gave the same p99 (~520-620 us absolute, within
-#: noise) and p50 200/166/165 us (one context switch per pause). Never
+#: of the reactor's system calls. With pauses for the reactor's turn, each
+#: pause costs a wake-up at the reactor's next turn, a context switch and
+#: cold caches: on the slower machine 100 us slices (a pause every second
+#: chat event) made the event path ~25% dearer than 500 us ones
+#: (C{bench.event_path}: ~133 against ~110 us per event), and in
+#: interleaved C{bench.overhead} runs 500 us gave the lower c=1 added p50
+#: (median 2.6x the floor's against 4.8x over ten pairs), c=64 unchanged
+#: within noise (docs/BENCHMARKS.md, session 7, the event path). Never
 #: pausing under a backlog keeps c=64 parsed.
-_SLICE: Final = 0.0001
+_SLICE: Final = 0.0005
 
 Delivery = CollectorLink | EmbeddedWriter
 #: a parsed exchange: (spool seq or None when full, packed event, parse failed,

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -432,6 +433,36 @@ async def test_parse_threads_pause_only_while_parsing_keeps_up(
         s.sink.transaction_finished(make_txn(started_at=2000.0 + i))
     await eventually(lambda: len(s.stored()) == 10)
     assert len(yields) == 5
+    await s.sink.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_parse_threads_pause_once_per_slice_not_per_exchange(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parse thread pauses for the reactor's next turn once per 0.5 ms of
+    parsing, not after every exchange or two: a chat completion parses in
+    ~50 us on the slower machine, and each pause costs a wake-up at the
+    reactor's next turn and cold caches. Exchanges of 110 us of (fake)
+    parsing time: ten in one batch pause twice, after the fifth and the
+    tenth (with 100 us slices they paused ten times)."""
+    from llmobserve.events import pipeline
+
+    now = [0.0]
+    clock = SimpleNamespace(perf_counter=lambda: now[0], time=time.time, monotonic=time.monotonic)
+    monkeypatch.setattr(pipeline, "time", clock)
+
+    def parse_for_110us(exchange: Any) -> Any:
+        now[0] += 0.00011
+        return fake_analyse(exchange)
+
+    yields: list[int] = []
+    s = Sink(tmp_path, analyse=parse_for_110us, parse_gather=0.05)
+    monkeypatch.setattr(s.sink._turns, "pause", lambda: yields.append(1))
+    for i in range(10):
+        s.sink.transaction_finished(make_txn(started_at=1000.0 + i))
+    await eventually(lambda: len(s.stored()) == 10)
+    assert len(yields) == 2
     await s.sink.stopService()
 
 
