@@ -17,7 +17,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, TextIO
 
-from llmobserve.collector import Budget, BudgetError, RateLimit, SQLiteBudgetBook
+from llmobserve.collector import (
+    Budget,
+    BudgetError,
+    RateLimit,
+    SQLiteBudgetBook,
+    is_postgres_url,
+)
 from llmobserve.money import usd_fixed
 from llmobserve.paths import default_db_path
 
@@ -203,6 +209,8 @@ def _book(args: argparse.Namespace) -> SQLiteBudgetBook | _HTTPBook:
         if db:
             raise BudgetError("give --db or --collector, not both")
         return _HTTPBook(collector, getattr(args, "key", None), getattr(args, "ca_file", None))
+    if db and is_postgres_url(db):
+        raise BudgetError("budgets are kept in a SQLite store for now, not on PostgreSQL")
     path = Path(db).expanduser() if db else default_db_path()
     return SQLiteBudgetBook(path)
 

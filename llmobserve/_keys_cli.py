@@ -84,9 +84,11 @@ def run_keys(
         else:
             info = source._get("/api/keys/revoke", [], {"key": args.target})
     else:
-        from llmobserve.collector import EventStore, KeyStoreError, StoreError
+        from llmobserve.collector import EventStore, KeyStoreError, StoreError, is_postgres_url
         from llmobserve.paths import default_db_path
 
+        if args.db and is_postgres_url(args.db):
+            raise CLIError("API keys are kept in a SQLite store for now, not on PostgreSQL")
         path = Path(args.db).expanduser() if args.db else default_db_path()
         try:
             store = EventStore(path)

@@ -425,6 +425,8 @@ def _budgets_of(args: argparse.Namespace) -> list[dict[str, Any]]:
             return budgets_of_collector(args.collector, _key(args), args.ca_file)
         except BudgetError:
             return []
+    if args.db and is_postgres_url(args.db):
+        return []  # budgets are kept in the SQLite store for now
     path = Path(args.db).expanduser() if args.db else default_db_path()
     book = SQLiteBudgetBook(path)
     try:
