@@ -67,12 +67,15 @@ _MAX_SPANS_PER_POST: Final = 10_000
 #: pause costs a wake-up at the reactor's next turn, a context switch and
 #: cold caches: on the slower machine 100 us slices (a pause every second
 #: chat event) made the event path ~25% dearer than 500 us ones
-#: (C{bench.event_path}: ~133 against ~110 us per event), and in
-#: interleaved C{bench.overhead} runs 500 us gave the lower c=1 added p50
-#: (median 2.6x the floor's against 4.8x over ten pairs), c=64 unchanged
-#: within noise (docs/BENCHMARKS.md, session 7, the event path). Never
-#: pausing under a backlog keeps c=64 parsed.
-_SLICE: Final = 0.0005
+#: (C{bench.event_path}: ~133 against ~110 us per event), and on a busy
+#: host 500 us gave a lower c=1 added p50 (median 2.6x the floor's against
+#: 4.8x over ten interleaved pairs). But on the quiet host, with everything
+#: of session 7 merged, 500 us left the c=1 p50 where it was (+188 against
+#: +195 us) and put the c=1 p99 at +3.6 ms against +0.9 ms (the reactor
+#: waits out the GIL behind a longer slice): 100 us it stays
+#: (docs/BENCHMARKS.md, session 7). Never pausing under a backlog keeps c=64
+#: parsed.
+_SLICE: Final = 0.0001
 
 Delivery = CollectorLink | EmbeddedWriter
 #: a parsed exchange: (spool seq or None when full, packed event, parse failed,

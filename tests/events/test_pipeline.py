@@ -440,24 +440,23 @@ async def test_parse_threads_pause_only_while_parsing_keeps_up(
 async def test_parse_threads_pause_once_per_slice_not_per_exchange(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A parse thread pauses for the reactor's next turn once per 0.5 ms of
-    parsing, not after every exchange or two: a chat completion parses in
-    ~50 us on the slower machine, and each pause costs a wake-up at the
-    reactor's next turn and cold caches. Exchanges of 110 us of (fake)
-    parsing time: ten in one batch pause twice, after the fifth and the
-    tenth (with 100 us slices they paused ten times)."""
+    """A parse thread pauses for the reactor's next turn once per slice
+    (100 us) of parsing, not after every exchange: each pause costs a
+    wake-up at the reactor's next turn and cold caches. Exchanges of 30 us
+    of (fake) parsing time: ten in one batch pause twice, after the fourth
+    and the eighth."""
     from llmobserve.events import pipeline
 
     now = [0.0]
     clock = SimpleNamespace(perf_counter=lambda: now[0], time=time.time, monotonic=time.monotonic)
     monkeypatch.setattr(pipeline, "time", clock)
 
-    def parse_for_110us(exchange: Any) -> Any:
-        now[0] += 0.00011
+    def parse_for_30us(exchange: Any) -> Any:
+        now[0] += 0.00003
         return fake_analyse(exchange)
 
     yields: list[int] = []
-    s = Sink(tmp_path, analyse=parse_for_110us, parse_gather=0.05)
+    s = Sink(tmp_path, analyse=parse_for_30us, parse_gather=0.05)
     monkeypatch.setattr(s.sink._turns, "pause", lambda: yields.append(1))
     for i in range(10):
         s.sink.transaction_finished(make_txn(started_at=1000.0 + i))
