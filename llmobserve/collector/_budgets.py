@@ -165,20 +165,7 @@ class Budget:
         section_path: str | None,
     ) -> bool:
         """Does a call with these labels count against this budget?"""
-        if self.provider is not None and provider != self.provider:
-            return False
-        if self.model is not None and not model_matches(self.model, model):
-            return False
-        if self.customer is not None and customer != self.customer:
-            return False
-        if self.tenant is not None and tenant != self.tenant:
-            return False
-        if self.section is not None:
-            if section_path is None:
-                return False
-            prefix = self.section.rstrip("/")
-            return section_path == prefix or section_path.startswith(prefix + "/")
-        return True
+        return scope_matches(self, provider, model, customer, tenant, section_path)
 
 
 class BudgetBook(Protocol):
@@ -295,6 +282,47 @@ class SQLiteBudgetBook:
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+
+
+class _Scoped(Protocol):
+    """A budget's or a rate limit's scope: each field None means any."""
+
+    @property
+    def provider(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def customer(self) -> str | None: ...
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def section(self) -> str | None: ...
+
+
+def scope_matches(
+    rule: _Scoped,
+    provider: str | None,
+    model: str | None,
+    customer: str | None,
+    tenant: str | None,
+    section_path: str | None,
+) -> bool:
+    """Does a call with these labels fall in C{rule}'s scope (budgets and
+    rate limits alike)? A section prefix also takes the paths nested under it."""
+    if rule.provider is not None and provider != rule.provider:
+        return False
+    if rule.model is not None and not model_matches(rule.model, model):
+        return False
+    if rule.customer is not None and customer != rule.customer:
+        return False
+    if rule.tenant is not None and tenant != rule.tenant:
+        return False
+    if rule.section is not None:
+        if section_path is None:
+            return False
+        prefix = rule.section.rstrip("/")
+        return section_path == prefix or section_path.startswith(prefix + "/")
+    return True
 
 
 def model_matches(wanted: str, model: str | None) -> bool:

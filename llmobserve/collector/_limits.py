@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
-from llmobserve.collector._budgets import SCOPE_FIELDS, BudgetError, model_matches
+from llmobserve.collector._budgets import SCOPE_FIELDS, BudgetError, scope_matches
 
 __all__ = ["UNITS", "RateLimit", "RateLimitBook"]
 
@@ -97,20 +97,7 @@ class RateLimit:
         section_path: str | None,
     ) -> bool:
         """Does a call with these labels count against this limit?"""
-        if self.provider is not None and provider != self.provider:
-            return False
-        if self.model is not None and not model_matches(self.model, model):
-            return False
-        if self.customer is not None and customer != self.customer:
-            return False
-        if self.tenant is not None and tenant != self.tenant:
-            return False
-        if self.section is not None:
-            if section_path is None:
-                return False
-            prefix = self.section.rstrip("/")
-            return section_path == prefix or section_path.startswith(prefix + "/")
-        return True
+        return scope_matches(self, provider, model, customer, tenant, section_path)
 
 
 class RateLimitBook:
