@@ -236,7 +236,7 @@ class _WatchedEndpoint:
         self._link = link
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        self._link._attempt()
+        self._link._attempt(_next_url(self._endpoint))
         d = self._endpoint.connect(protocolFactory)
         d.addErrback(self._failed)
         return d
@@ -244,6 +244,14 @@ class _WatchedEndpoint:
     def _failed(self, failure: Failure) -> Failure:
         self._link._attempt_failed(failure)
         return failure
+
+
+def _next_url(endpoint: IStreamClientEndpoint) -> str | None:
+    """The collector URL an endpoint that rotates over several collectors
+    tries next (its C{current_url}, see C{llmobserve.proxy._rotate}); None
+    for an endpoint to one collector."""
+    url = getattr(endpoint, "current_url", None)
+    return url if isinstance(url, str) else None
 
 
 class _QuietClientService(ClientService):
@@ -268,6 +276,10 @@ class CollectorLink(Service):
 
     @ivar refused: why the collector last refused this link (its C{error}
         frame's reason, e.g. C{unauthorized}), None once welcomed.
+    @ivar url: the collector in use: the one connected to, or else the one
+        the latest attempt went to (C{--collector} repeated: they are tried
+        in turn, so this moves after a failover).
+    @ivar urls: every collector the link may use, in the order given.
     """
 
     _log = Logger()
@@ -284,6 +296,7 @@ class CollectorLink(Service):
         *,
         proxy_id: str,
         url: str,
+        urls: Sequence[str] = (),
         heartbeat_interval: float = 5.0,
         retry: Callable[[int], float] | None = None,
         max_batch_records: int = 500,
@@ -298,6 +311,7 @@ class CollectorLink(Service):
         self.outbox = outbox
         self.proxy_id = proxy_id
         self.url = url
+        self.urls: list[str] = list(urls) or [url]
         self.heartbeat_interval = heartbeat_interval
         self.max_batch_records = max_batch_records
         self.max_batch_bytes = max_batch_bytes
@@ -341,8 +355,10 @@ class CollectorLink(Service):
 
     # -- called by the protocol and the endpoint -----------------------------
 
-    def _attempt(self) -> None:
+    def _attempt(self, url: str | None = None) -> None:
         self.attempts += 1
+        if url is not None:
+            self.url = url
         if self.state != "down":
             self.state = "connecting"
 

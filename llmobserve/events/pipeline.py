@@ -224,7 +224,8 @@ class EventPipeline(Service):
         return self.delivery.url if isinstance(self.delivery, EmbeddedWriter) else None
 
     def health(self) -> Mapping[str, Any]:
-        """C{collector} (mode, state, url) and C{events_waiting}; while
+        """C{collector} (mode, state, url; in link mode also urls, every
+        collector named) and C{events_waiting}; while
         events cannot be kept or stored, also C{status: degraded} and the
         reasons (C{degraded}, a list of sentences)."""
         body: dict[str, Any] = {
@@ -237,6 +238,8 @@ class EventPipeline(Service):
             },
             "events_waiting": self.outbox.waiting,
         }
+        if isinstance(self.delivery, CollectorLink):
+            body["collector"]["urls"] = list(self.delivery.urls)
         orphans = self.orphans
         if orphans is not None and (orphans.held or orphans.adopted_total):
             body["events_waiting"] += orphans.waiting
@@ -965,6 +968,7 @@ def make_event_sink(
     *,
     collector_url: str | None,
     db_path: str | None,
+    collector_urls: Sequence[str] = (),
     spool_dir: str | None,
     parse_workers: int = 1,
     parse_queue: int = 1000,
@@ -992,6 +996,8 @@ def make_event_sink(
     into C{store_factory(db_path or default_db_path())} (the embedded store:
     the caller passes the collector's C{EventStore}) in a writer thread.
     C{spool_dir} defaults to C{llmobserve.paths.default_spool_dir()}.
+    C{collector_urls} lists every collector when C{endpoint} rotates over
+    several (C{--collector} repeated); C{collector_url} is the first.
 
     C{no_estimate} names the providers whose streams without usage stay
     unpriced (C{--stream-usage PROVIDER=off}); the others are estimated.
@@ -1025,6 +1031,7 @@ def make_event_sink(
                 outbox,
                 proxy_id=spool.proxy_id,
                 url=collector_url,
+                urls=collector_urls,
                 heartbeat_interval=heartbeat_interval,
                 retry=retry_policy(initial=backoff_initial, cap=backoff_max),
                 key=collector_key,

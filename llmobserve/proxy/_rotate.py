@@ -25,13 +25,26 @@ class RotatingEndpoint:
     """Connects to C{endpoints[i]}; a failed attempt moves C{i} to the next one.
 
     @ivar current: the index the next attempt uses.
+    @ivar urls: the collector URL of each endpoint, in the same order (empty
+        when not given).
     """
 
-    def __init__(self, endpoints: Sequence[IStreamClientEndpoint]) -> None:
+    def __init__(
+        self, endpoints: Sequence[IStreamClientEndpoint], urls: Sequence[str] = ()
+    ) -> None:
         if not endpoints:
             raise ValueError("no collector endpoint")
+        if urls and len(urls) != len(endpoints):
+            raise ValueError("one URL per collector endpoint")
         self._endpoints = list(endpoints)
+        self.urls = list(urls)
         self.current = 0
+
+    @property
+    def current_url(self) -> str | None:
+        """The URL of the collector the next attempt goes to (the one in
+        use while the link is up); None when no URLs were given."""
+        return self.urls[self.current] if self.urls else None
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         index = self.current

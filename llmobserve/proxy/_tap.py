@@ -362,7 +362,7 @@ def _collector_endpoint(reactor: Any, options: Options) -> IStreamClientEndpoint
             host, port = parse_collector_url(url)
             endpoint = HostnameEndpoint(reactor, host, port, timeout=5.0)
         endpoints.append(endpoint)
-    return RotatingEndpoint(endpoints)
+    return RotatingEndpoint(endpoints, urls)
 
 
 def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IService | None]:
@@ -374,6 +374,7 @@ def _make_sink(options: Options, reactor: Any) -> tuple[ITransactionSink, IServi
     return make_event_sink(
         reactor,
         collector_url=options["collector"],
+        collector_urls=options["collectors"],
         db_path=options["db"],
         spool_dir=options["spool-dir"],
         endpoint=_collector_endpoint(reactor, options),

@@ -81,6 +81,7 @@ def test_sink_provides_the_interface(tmp_path: Path) -> None:
             "state": "connecting",
             "url": "http://127.0.0.1:9",
             "refused": None,  # or why the collector refused the link (unauthorized)
+            "urls": ["http://127.0.0.1:9"],  # every --collector; url is the one in use
         },
         "events_waiting": 0,
     }

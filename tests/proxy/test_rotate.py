@@ -67,3 +67,19 @@ def test_one_plain_collector_leaves_the_endpoint_to_the_pipeline() -> None:
     options = Options()
     options.parseOptions([])
     assert options["collector"] is None and _collector_endpoint(reactor, options) is None
+
+
+def test_the_url_in_use_follows_the_rotation() -> None:
+    """current_url names the collector the next attempt goes to: the first,
+    then after a refused attempt the second (what /health reports)."""
+    a, b = _Endpoint("a", False), _Endpoint("b", True)
+    rotating = RotatingEndpoint(
+        [a, b],  # type: ignore[list-item]  # test doubles for endpoints
+        ["http://127.0.0.1:8001", "http://127.0.0.1:8002"],
+    )
+    assert rotating.current_url == "http://127.0.0.1:8001"
+    assert _try(rotating).check(ConnectionRefusedError)
+    assert rotating.current_url == "http://127.0.0.1:8002"
+    assert _try(rotating) == "b"
+    assert rotating.current_url == "http://127.0.0.1:8002"
+    assert RotatingEndpoint([a]).current_url is None  # type: ignore[list-item]  # a test double
