@@ -72,6 +72,8 @@ class LinkRegistry:
         self.verifier = verifier
         #: links refused or closed for their key
         self.unauthorized = 0
+        #: links welcomed since start-up (the stop line's "links served")
+        self.served = 0
 
     def describe(self) -> list[dict[str, Any]]:
         """One map per open link: proxy id, peer, last ack, events received."""
@@ -239,6 +241,7 @@ class LinkServerProtocol(Protocol):
 
     def _welcome(self, proxy_id: str) -> None:
         self._proxy_id = proxy_id
+        self._registry.served += 1
         self._send({"t": "welcome", "version": PROTOCOL_VERSION, "server": SERVER_NAME})
         self.log.info("link from {proxy_id} ({peer}) open", proxy_id=proxy_id, peer=self._peer())
 

@@ -47,7 +47,8 @@ class CollectorService(MultiService):
     Start order: the writer and reader threads (each opens its own
     connection to the store), then the port. Stop order: the port first (no
     new connections), then the open links, then the writer drains its queue
-    and commits, then the threads end.
+    and commits, then the threads end, and one line says what this run did
+    (L{stop_summary}).
 
     @param endpoint: where to listen (C{twistd}'s C{--port}).
     @param db_path: the SQLite file, or a C{postgresql://} URL.
@@ -123,6 +124,7 @@ class CollectorService(MultiService):
         self._on_listen_failure = on_listen_failure
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
+        self._started_at: float | None = None
 
     @property
     def require_keys(self) -> bool:
@@ -138,6 +140,7 @@ class CollectorService(MultiService):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        self._started_at = self._reactor.seconds()
         # The writer thread's first job: count what is already stored, so
         # /health is exact from then on (it runs before any insert). Listen
         # only after it: "listening" then means the store is open and ready.
@@ -202,6 +205,35 @@ class CollectorService(MultiService):
             await deferLater(self._reactor, 0.01, lambda: None)
         await DeferredList([self.reader_thread.stopService(), self.writer_thread.stopService()])
         self.limiter.stop()
+        self.log.info("{summary}", summary=self.stop_summary())
+
+    def stop_summary(self) -> str:
+        """The shutdown line: what this run stored, ignored and served, and for how long."""
+        w = self.writer
+        started = self._started_at
+        uptime = 0.0 if started is None else self._reactor.seconds() - started
+        rejected = f", {_count(w.rejected, 'event')} stored as rejected" if w.rejected else ""
+        return (
+            f"llmobserve collector stopped: {_count(w.inserted, 'event')} stored, "
+            f"{_count(w.duplicates, 'duplicate')} ignored{rejected}, "
+            f"{_count(self.links.served, 'link')} served; up {duration_text(uptime)}"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def duration_text(seconds: float) -> str:
+    """C{42 s}, C{5 min 12 s}, C{3 h 4 min}, C{2 d 3 h}: two units at most."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _guard(

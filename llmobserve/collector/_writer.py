@@ -52,6 +52,8 @@ class BatchWriter:
 
     @ivar stored: events in the store (set by L{set_stored} at start-up, then
         kept up to date from each commit's count of new rows).
+    @ivar inserted: events stored since start-up (what L{stored} gained by
+        commits, whatever retention took off since).
     @ivar duplicates: events received again and ignored since start-up.
     @ivar queued: events waiting for or inside the running transaction.
     @ivar rejected: events received since start-up that could not be stored
@@ -69,6 +71,7 @@ class BatchWriter:
         self._queue: deque[_Pending] = deque()
         self._busy = False
         self.stored = 0
+        self.inserted = 0
         self.duplicates = 0
         self.queued = 0
         self.commits = 0
@@ -136,6 +139,7 @@ class BatchWriter:
                 )
         self.queued -= n
         self.stored += inserted
+        self.inserted += inserted
         self.duplicates += n - inserted
         self.commits += 1
         for item in take:

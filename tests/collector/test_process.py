@@ -8,6 +8,7 @@ port read from its start-up line, killed with its test whatever happened).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import struct
@@ -394,3 +395,46 @@ def test_bad_time_parameters_are_400_on_collector_and_embedded_proxy(
             status, body = _status_and_json(url)
             assert status == 400, (url, body)
             assert body["error"]["type"] == "bad_request", (url, body)
+
+
+_STOP_LINE = re.compile(
+    r"llmobserve collector stopped: (\d+) events? stored, (\d+) duplicates? ignored, "
+    r"(\d+) links? served; up \d+ s"
+)
+
+
+def _stop_line(collector: CollectorProcess) -> tuple[int, int, int]:
+    """SIGTERM C{collector}, wait for it, and read its stop line's counts."""
+    collector.send_signal(signal.SIGTERM)
+    assert collector.wait(15) in (0, -15)
+    match = _STOP_LINE.search(collector.log_text())
+    assert match is not None, collector.log_tail()
+    stored, duplicates, links = match.groups()
+    return int(stored), int(duplicates), int(links)
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_collector_says_what_this_run_did(spawn: Any) -> None:
+    """On SIGTERM the collector logs one line: events stored this run (not
+    the store's total), duplicates ignored, links served, uptime. Two links,
+    the second resending a batch the first stored; then a second run on the
+    same store stores 10 new events of 60 received."""
+    events = make_events(510)
+    collector = spawn()
+    first = LinkClient(collector.port, "proxy-a")
+    for seq in range(10):
+        first.send_batch(seq, events[seq * 50 : seq * 50 + 50])
+    first.wait_ack(9)
+    second = LinkClient(collector.port, "proxy-b")
+    second.send_batch(0, events[:50])
+    second.wait_ack(0)
+    assert _stop_line(collector) == (500, 50, 2)
+    first.close()
+    second.close()
+
+    collector = spawn()
+    again = LinkClient(collector.port, "proxy-a")
+    again.send_batch(10, events[450:510])
+    again.wait_ack(10)
+    assert _stop_line(collector) == (10, 50, 1)
+    again.close()
