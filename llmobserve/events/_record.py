@@ -231,6 +231,10 @@ def header_value(pairs: RawHeaders, name: str) -> str | None:
 _NOT_FORWARDED: Final = frozenset({"refused", "proxy_error", "budget_refused"})
 
 
+#: The port a scheme implies: an event names its port only when it differs.
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
 def build_call_event(
     txn: Transaction,
     usage: UsageLike | None,
@@ -307,6 +311,10 @@ def build_call_event(
     }
     if txn.project is not None:
         event["project"] = txn.project
+    if txn.port != _DEFAULT_PORTS.get(txn.scheme):
+        # DESIGN.md's host is the name alone (what reports group and filter
+        # on); a port other than the scheme's own travels beside it
+        event["port"] = txn.port
     return event
 
 

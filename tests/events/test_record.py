@@ -231,3 +231,19 @@ def test_an_upstream_error_status_is_still_flagged() -> None:
         txn, default_analyse()(exchange_from_transaction(txn)), event_id="e", proxy_id="p"
     )
     assert "upstream_error_status" in event["flags"]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "port", "expected"),
+    [("https", 443, None), ("http", 80, None), ("http", 8443, 8443), ("https", 80, 80)],
+)
+def test_the_port_is_named_only_when_not_the_schemes_own(
+    scheme: str, port: int, expected: int | None
+) -> None:
+    """host stays the name alone (DESIGN.md); a port other than the
+    scheme's default travels as the event's port, else there is none."""
+    txn = make_txn(scheme=scheme, host="127.0.0.1", port=port)
+    event = roundtrip(build_call_event(txn, None, event_id="e1", proxy_id="p1"))
+    assert event["host"] == "127.0.0.1"
+    assert event.get("port") == expected
+    assert ("port" in event) is (expected is not None)
