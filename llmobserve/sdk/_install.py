@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from llmobserve.sdk import _hook_aiohttp, _hook_httpx, _hook_urllib3
+from llmobserve.sdk import _hook_aiohttp, _hook_httpx, _hook_urllib3, _hook_urllib_request
 
 __all__ = ["LIBRARIES", "install_hooks", "uninstall_hooks"]
 
@@ -28,6 +28,7 @@ LIBRARIES: dict[str, tuple[Installer, Callable[[ModuleType], None]]] = {
     "httpx": (_hook_httpx.install, _hook_httpx.uninstall),
     "urllib3": (_hook_urllib3.install, _hook_urllib3.uninstall),
     "aiohttp": (_hook_aiohttp.install, _hook_aiohttp.uninstall),
+    "urllib.request": (_hook_urllib_request.install, _hook_urllib_request.uninstall),
 }
 
 _lock = threading.RLock()

@@ -204,6 +204,37 @@ def call_aiohttp(
     return asyncio.run(run())
 
 
+def call_urllib(
+    url: str,
+    *,
+    method: str = "POST",
+    body: Any = None,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+    **_: Any,
+) -> Reply:
+    """The standard library's C{urllib.request}, through an opener of its
+    own (no forward proxy from the environment); an error status is a reply."""
+    import urllib.error
+    import urllib.request
+
+    if params:
+        from urllib.parse import urlencode
+
+        url = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+    data = _gen(body) if isinstance(body, list) else body
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=20) as r:
+            content = b"".join(iter(lambda: r.read(1024), b"")) if stream else r.read()
+            return Reply(r.status, _lower(r.headers), content, r.geturl())
+    except urllib.error.HTTPError as e:
+        with e:
+            return Reply(e.code, _lower(e.headers), e.read(), e.url)
+
+
 def _httpx(module: str, async_: bool) -> Caller:
     def call(url: str, **kw: Any) -> Reply:
         return call_httpx(module, url, async_=async_, **kw)
@@ -218,6 +249,7 @@ CALLERS: dict[str, Caller] = {
     "httpx2-async": _httpx("httpx2", True),
     "requests": call_requests,
     "urllib3": call_urllib3,
+    "urllib": call_urllib,
     "aiohttp": call_aiohttp,
 }
 

@@ -428,6 +428,12 @@ def _plain_call(lib: str, url: str) -> tuple[int, bytes]:
 
         r3 = urllib3.request("POST", url, body=CHAT, headers=headers)
         return r3.status, r3.data
+    if lib == "urllib":
+        import urllib.request
+
+        request = urllib.request.Request(url, data=CHAT.encode(), headers=headers)
+        with urllib.request.urlopen(request, timeout=20) as r5:
+            return r5.status, r5.read()
     import aiohttp
 
     async def main() -> tuple[int, bytes]:
@@ -437,7 +443,7 @@ def _plain_call(lib: str, url: str) -> tuple[int, bytes]:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("lib", ["httpx", "httpx2", "requests", "urllib3", "aiohttp"])
+@pytest.mark.parametrize("lib", ["httpx", "httpx2", "requests", "urllib3", "urllib", "aiohttp"])
 def test_plain_http_libraries(tracked: World, lib: str) -> None:
     customer = f"plain-{lib}"
     with llmobserve.customer(customer), llmobserve.section(f"lib:{lib}"):

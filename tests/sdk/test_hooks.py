@@ -1,7 +1,7 @@
 """Each HTTP-library hook against a recording server that plays the proxy.
 
-Parametrised over httpx, httpx2 (sync and async), requests, urllib3 and
-aiohttp. What the "proxy" received is checked byte for byte: the request
+Parametrised over httpx, httpx2 (sync and async), requests, urllib3,
+urllib.request and aiohttp. What the "proxy" received is checked byte for byte: the request
 line, C{X-LLMObserve-Target-URL}, C{Host}, the context headers, the body;
 and what the application saw: status, headers, body and the original URL.
 """
@@ -315,6 +315,44 @@ def test_httpx_transport_behind_a_forward_proxy_reaches_ours_directly(
     assert target.requests == []
 
 
+def test_urllib_redirect_is_followed_through_the_proxy(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+) -> None:
+    """urllib.request's opener follows a redirect the proxy relayed; the next
+    hop is routed too, and geturl() names the final target."""
+    import urllib.request
+
+    fake_proxy.queue(
+        Response(302, [("Location", f"{target.url}/b?x=1"), ("Content-Length", "0")]),
+        json_response({"final": True}),
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{target.url}/a", timeout=20) as r:
+        assert (r.status, r.read(), r.geturl()) == (200, b'{"final":true}', f"{target.url}/b?x=1")
+    got = [req.header("X-LLMObserve-Target-URL") for req in fake_proxy.wait_requests(2)]
+    assert got == [f"{target.url}/a".encode(), f"{target.url}/b?x=1".encode()]
+    assert target.requests == []
+
+
+def test_urllib_behind_a_forward_proxy_reaches_ours_directly(
+    routed: Any, fake_proxy: RecordingUpstream, target: RecordingUpstream
+) -> None:
+    """An opener with a forward proxy (as HTTP_PROXY gives urlopen): the routed
+    call goes straight to the llmobserve proxy, not through the forward proxy."""
+    import urllib.request
+
+    with RecordingUpstream() as forward:
+        handler = urllib.request.ProxyHandler({"http": forward.url})
+        opener = urllib.request.build_opener(handler)
+        with opener.open(f"{target.url}/v1/chat/completions", data=b"{}", timeout=20) as r:
+            assert r.status == 200
+        assert forward.requests == []
+    [req] = fake_proxy.wait_requests(1)
+    assert req.target == b"/proxy"
+    assert req.header("X-LLMObserve-Target-URL") == f"{target.url}/v1/chat/completions".encode()
+    assert target.requests == []
+
+
 def test_unrouted_local_call_says_once_that_it_is_not_tracked(
     routed: Any, fake_proxy: RecordingUpstream, caller: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -367,3 +405,19 @@ def test_call_straight_to_the_proxy_carries_the_context(
     assert ctx["x-llmobserve-section-path"] == "agent:baseurl"
     assert "x-llmobserve-target-url" not in ctx
     assert req.body == b"{}"
+
+
+def test_urllib_request_reused_in_base_url_mode_gets_each_calls_context(
+    routed: Any, fake_proxy: RecordingUpstream
+) -> None:
+    """One urllib Request object sent twice straight to the proxy, in two
+    customers' contexts: each call carries its own customer, not the first's."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{fake_proxy.url}/openai/v1/chat/completions", data=b"{}")
+    for customer in ("first", "second"):
+        with llmobserve.customer(customer), opener.open(request, timeout=20) as r:
+            assert r.status == 200
+    reqs = fake_proxy.wait_requests(2)
+    assert [_ctx_headers(r)["x-llmobserve-customer-id"] for r in reqs] == ["first", "second"]
