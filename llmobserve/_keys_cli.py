@@ -84,14 +84,15 @@ def run_keys(
         else:
             info = source._get("/api/keys/revoke", [], {"key": args.target})
     else:
-        from llmobserve.collector import EventStore, KeyStoreError, StoreError, is_postgres_url
+        from llmobserve.collector import KeyStoreError, StoreError, is_postgres_url, open_store
         from llmobserve.paths import default_db_path
 
-        if args.db and is_postgres_url(args.db):
-            raise CLIError("API keys are kept in a SQLite store for now, not on PostgreSQL")
-        path = Path(args.db).expanduser() if args.db else default_db_path()
+        db: str | Path = args.db if args.db and is_postgres_url(args.db) else ""
+        if not db:
+            db = Path(args.db).expanduser() if args.db else default_db_path()
         try:
-            store = EventStore(path)
+            # a PostgreSQL database is migrated as a collector's start-up does
+            store = open_store(db)
         except StoreError as e:
             raise CLIError(str(e)) from e
         try:
@@ -102,7 +103,7 @@ def run_keys(
                 infos = [k.as_dict() for k in store.keys.list()]
             else:
                 info = store.keys.revoke(args.target).as_dict()
-        except KeyStoreError as e:
+        except (KeyStoreError, StoreError) as e:
             raise CLIError(str(e)) from e
         finally:
             store.close()
