@@ -54,7 +54,11 @@ def add_budgets_parser(sub: Any) -> None:
             "whose worst-case cost could take its spend past the limit."
         ),
     )
-    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="store file or postgresql:// URL (default: the proxy's own file)",
+    )
     p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
     p.add_argument(
         "--key",
@@ -148,12 +152,16 @@ def add_limits_parser(sub: Any) -> None:
         "limits",
         help="define, list and delete calls-per-minute and tokens-per-minute limits",
         description=(
-            "Rate limits are kept in the store file beside budgets; a running proxy on that "
-            "file applies a change within 2 s and answers 429 (with Retry-After) to a call "
-            "past one."
+            "Rate limits are kept in the store beside budgets (a file, or a postgresql:// "
+            "database); a running proxy on that file applies a change within 2 s and "
+            "answers 429 (with Retry-After) to a call past one."
         ),
     )
-    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="store file or postgresql:// URL (default: the proxy's own file)",
+    )
     lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
     s = lsub.add_parser("set", help="create or replace a limit")
     s.add_argument("--name", required=True)

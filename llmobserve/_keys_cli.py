@@ -30,7 +30,8 @@ def add_keys_parser(
         description=(
             "Projects and API keys. Scopes: ingest (a proxy's link, and a client of a "
             "proxy), read (GET /api/*, limited to the key's project), admin (everything). "
-            "The first admin key is created with --db on the collector's machine."
+            "The first admin key is created with --db: the collector's store file, or the "
+            "postgresql:// database the collectors share."
         ),
     )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

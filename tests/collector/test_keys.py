@@ -246,3 +246,16 @@ def test_keys_are_required_beyond_loopback_or_when_asked(
     options.parseOptions([*argv, "--db", str(tmp_path / "c.sqlite3")])
     service = makeService(options)
     assert service.require_keys is required  # type: ignore[attr-defined]  # a CollectorService
+
+
+def test_a_postgres_collector_requires_keys_when_asked(pg_url: str) -> None:
+    """C{--require-keys} (or a port beyond loopback) on a PostgreSQL store
+    builds a collector that requires keys, as on SQLite (it used to refuse)."""
+    from llmobserve.collector._tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(
+        ["--port", "tcp:8000:interface=127.0.0.1", "--require-keys", "--db", pg_url]
+    )
+    service = makeService(options)
+    assert service.require_keys is True  # type: ignore[attr-defined]  # a CollectorService
