@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve.collector._budgets import Budget, BudgetError, SqlBudgetBook
 from llmobserve.collector._grants import GrantBook
-from llmobserve.collector._store import Store
+from llmobserve.collector._store import Store, StoreUnavailable
 from llmobserve.collector._thread import StoreThread
 
 __all__ = ["BudgetsResource"]
@@ -90,6 +90,9 @@ class BudgetsResource(Resource):
             return
         if failure.check(_NotFound):
             body = _error(request, 404, "not_found", str(failure.value))
+        elif failure.check(StoreUnavailable):
+            # PostgreSQL away: as the other /api routes say (a proxy asks again)
+            body = _error(request, 503, "unavailable", str(failure.value))
         else:
             _log.failure("budgets request failed", failure)
             body = _error(request, 500, "internal", "the budgets request failed; see the log")

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._auth import KeyVerifier
 from ._keys import DEFAULT_PROJECT, KeyStoreError
-from ._store import Store
+from ._store import Store, StoreUnavailable
 from ._thread import StoreThread
 
 __all__ = ["KeysResource"]
@@ -107,6 +107,9 @@ class KeysResource(Resource):
         def failed(failure: Failure) -> None:
             if failure.check(KeyStoreError):
                 request.write(_bad(request, str(failure.value)))
+            elif failure.check(StoreUnavailable):
+                error = {"type": "unavailable", "message": str(failure.value)}
+                request.write(_json(request, 503, {"error": error}))
             else:
                 request.write(
                     _json(

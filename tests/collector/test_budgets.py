@@ -185,3 +185,41 @@ def test_rate_limit_usage_in_the_current_minute(db: str, capsys: Any) -> None:
     assert main(["limits", "set", "--name", "rpm", "--calls-per-minute", "5", "--db", db]) == 0
     assert main(["limits", "list", "--db", db]) == 0
     assert "rpm: 5 calls per minute, every call" in capsys.readouterr().out
+
+
+def test_budget_and_key_routes_answer_503_while_the_store_is_unreachable() -> None:
+    """A PostgreSQL server that is away (L{StoreUnavailable} from the store
+    thread): C{/api/budgets}, its grants and C{/api/keys} answer 503
+    C{unavailable} (as C{/api/events} does), not a 500 with a traceback."""
+    import io
+    import json
+    from typing import cast
+
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from llmobserve.collector._auth import KeyVerifier
+    from llmobserve.collector._budgetapi import BudgetsResource
+    from llmobserve.collector._keyapi import KeysResource
+    from llmobserve.collector._store import StoreUnavailable
+    from llmobserve.collector._thread import StoreThread
+
+    class AwayReader:
+        def submit(self, job: Any) -> Any:
+            return fail(StoreUnavailable("PostgreSQL unreachable: connection refused"))
+
+    reader = cast(StoreThread, AwayReader())
+    resources = [
+        (BudgetsResource(reader), b"GET", [], b""),
+        (BudgetsResource(reader), b"POST", [b"grants"], b'{"holder": "h", "reports": []}'),
+        (KeysResource(reader, KeyVerifier(reader, Clock())), b"GET", [], b""),
+    ]
+    for resource, method, postpath, body in resources:
+        request = DummyRequest(postpath)
+        request.method = method
+        request.content = io.BytesIO(body)  # type: ignore[attr-defined]  # DummyRequest has none; the resources read it
+        resource.render(request)
+        assert request.responseCode == 503, (resource, method)
+        error = json.loads(b"".join(request.written))["error"]
+        assert error["type"] == "unavailable"
