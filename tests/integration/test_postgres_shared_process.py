@@ -1,11 +1,13 @@
-"""Keys and budgets shared by two real collectors on one PostgreSQL database.
+"""Keys and budgets shared by two real collectors on one PostgreSQL database,
+and keys through a PostgreSQL outage.
 
 Collectors on one database (docs/COLLECTOR.md, "PostgreSQL and several
 collectors") share what they keep there: a key made through one collector
 is valid at the other, a revocation through either applies to both within
 the verdict caches' bound, and budget grants handed out by either never sum
 past the budget (an advisory lock per budget: tests/support/postgres.py
-starts the server).
+starts the server). While the server is away a key cannot be checked: a
+new link is refused and its events wait, and nothing is lost.
 """
 
 from __future__ import annotations
@@ -210,3 +212,72 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(tmp_path: Path, pg
             assert len(oa.requests) == admitted
             status = _json(a.url + "/api/budgets")["budgets"]
             assert [(s["name"], s["spend_usd"]) for s in status] == [("cap", pytest.approx(spend))]
+
+
+def test_a_server_restart_with_keys_required_loses_nothing(
+    tmp_path: Path, postgres_server: Any
+) -> None:
+    """A collector with --require-keys on PostgreSQL and a proxy linked with
+    an ingest key; the server stopped mid-ingest and the proxy restarted
+    meanwhile: its new link's key cannot be checked, so the link is refused
+    ("the key store could not be read") and its events wait in the spool;
+    once the server is back the link is welcomed and every call is stored
+    once, under the key's project."""
+    from support.postgres import PostgresServer
+
+    calls = 300
+    server = PostgresServer(postgres_server.bindir).init().start()
+    try:
+        url = server.url()
+        key = _new_key("--name", "proxy", "--project", "team-a", "--db", url)
+        collector = CollectorProcess(["--require-keys"], db=url, workdir=tmp_path / "c")
+        with RecordingUpstream() as upstream, collector:
+            args = [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=openai",
+                "--collector",
+                collector.url,
+                "--collector-key",
+                key,
+            ]
+            with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+                request = chat_request(proxy.port, upstream.url)
+                for _ in range(calls // 2):
+                    assert raw_request(proxy.port, request).status == 200
+                _wait_for(lambda: _stored(url) == calls // 2, 30, "the first half stored")
+                server.stop()
+                request = chat_request(proxy.port, upstream.url)
+                for _ in range(calls // 2):
+                    assert raw_request(proxy.port, request).status == 200
+            # a new link meanwhile (the proxy restarted): its key cannot be checked
+            with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+                _wait_for(
+                    lambda: _json(proxy.url + "/health")["collector"]["refused"] is not None,
+                    20,
+                    "the link refused while the key store is away",
+                )
+                assert "the key store could not be read" in proxy.log_text()
+                server.start()
+                _wait_for(lambda: _stored(url) >= calls, 90, "every call stored")
+                _wait_for(
+                    lambda: _json(proxy.url + "/health")["events_waiting"] == 0,
+                    30,
+                    "the proxy's spool to drain",
+                )
+                assert _json(proxy.url + "/health")["collector"]["refused"] is None
+        with psycopg.connect(url) as conn:
+            rows = conn.execute(
+                "SELECT count(*), count(DISTINCT id), count(*) FILTER"
+                " (WHERE extra::jsonb ->> 'project' = 'team-a') FROM events WHERE kind = 'call'"
+            ).fetchone()
+        assert rows == (calls, calls, calls)
+    finally:
+        server.destroy()
+
+
+def _stored(url: str) -> int:
+    try:
+        return _spend(url)[0]
+    except psycopg.Error:
+        return -1
