@@ -2,7 +2,8 @@
 
 Budgets live in the store (C{--db}: a file, or a C{postgresql://}
 database that collectors share); the proxy reads them from there or from
-its collector (see C{docs/BUDGETS.md}). Importing this module does not import Twisted.
+its collector (see C{docs/BUDGETS.md}). Importing this module does not
+import Twisted.
 """
 
 from __future__ import annotations

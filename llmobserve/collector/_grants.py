@@ -8,8 +8,9 @@ are handed out in one transaction that holds the budget's lock (SQLite's
 C{BEGIN IMMEDIATE}; on PostgreSQL an advisory lock per budget, so
 collectors sharing one database hand out one budget's slices in turn), so
 the sum of all grants of a window never passes the limit, and no process
-spends past its grant: together they never pass the limit. The spend recorded before the
-first grant of a window is a row of its own (C{_recorded}).
+spends past its grant: together they never pass the limit. The spend
+recorded before the first grant of a window is a row of its own
+(C{_recorded}).
 
 A holder that has not reported for C{dead_after} seconds is taken for
 gone: its grant shrinks to what it reported spent, and the rest goes back
