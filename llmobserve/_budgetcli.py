@@ -1,7 +1,9 @@
 """C{llmobserve budgets set|list|delete}, and the budgets lines of C{report}.
 
-Budgets live in the store file (C{--db}); the proxy reads them from there
-(see C{docs/BUDGETS.md}). Importing this module does not import Twisted.
+Budgets live in the store (C{--db}: a file, or a C{postgresql://}
+database that collectors share); the proxy reads them from there or from
+its collector (see C{docs/BUDGETS.md}). Importing this module does not
+import Twisted.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from llmobserve.collector import (
     Budget,
     BudgetError,
     RateLimit,
+    SqlBudgetBook,
     SQLiteBudgetBook,
+    StoreError,
     is_postgres_url,
+    open_store,
 )
 from llmobserve.money import usd_fixed
 from llmobserve.paths import default_db_path
@@ -34,6 +39,7 @@ __all__ = [
     "budgets_of_collector",
     "run_budgets",
     "run_limits",
+    "store_book",
     "write_budget_lines",
 ]
 
@@ -49,7 +55,11 @@ def add_budgets_parser(sub: Any) -> None:
             "whose worst-case cost could take its spend past the limit."
         ),
     )
-    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="store file or postgresql:// URL (default: the proxy's own file)",
+    )
     p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
     p.add_argument(
         "--key",
@@ -143,12 +153,16 @@ def add_limits_parser(sub: Any) -> None:
         "limits",
         help="define, list and delete calls-per-minute and tokens-per-minute limits",
         description=(
-            "Rate limits are kept in the store file beside budgets; a running proxy on that "
-            "file applies a change within 2 s and answers 429 (with Retry-After) to a call "
-            "past one."
+            "Rate limits are kept in the store beside budgets (a file, or a postgresql:// "
+            "database); a running proxy on that file applies a change within 2 s and "
+            "answers 429 (with Retry-After) to a call past one."
         ),
     )
-    p.add_argument("--db", metavar="PATH", help="store file (default: the proxy's own)")
+    p.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="store file or postgresql:// URL (default: the proxy's own file)",
+    )
     lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
     s = lsub.add_parser("set", help="create or replace a limit")
     s.add_argument("--name", required=True)
@@ -167,7 +181,7 @@ def add_limits_parser(sub: Any) -> None:
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
     db = getattr(args, "db_sub", None) or args.db
-    book = SQLiteBudgetBook(Path(db).expanduser() if db else default_db_path())
+    book = store_book(db)
     try:
         if args.limits_command == "set":
             calls = args.calls_per_minute
@@ -202,17 +216,30 @@ def _describe_limit(limit: RateLimit) -> str:
     return f"{limit.per_minute} {limit.unit} per minute, {scope}"
 
 
-def _book(args: argparse.Namespace) -> SQLiteBudgetBook | _HTTPBook:
+def store_book(db: str | None, *, migrate: bool = True) -> SqlBudgetBook:
+    """The budget book of the store C{--db} names (a file, by default the
+    embedded one, or a PostgreSQL database: migrated unless C{migrate} is
+    false, as a reader leaves it); closing it closes the store.
+
+    @raise BudgetError: the store cannot be opened.
+    """
+    if not (db and is_postgres_url(db)):
+        return SQLiteBudgetBook(Path(db).expanduser() if db else default_db_path())
+    try:
+        store = open_store(db, migrate=migrate)
+    except StoreError as e:
+        raise BudgetError(str(e)) from e
+    return SqlBudgetBook(store.sql(), on_close=store.close)
+
+
+def _book(args: argparse.Namespace) -> SqlBudgetBook | _HTTPBook:
     db = getattr(args, "db_sub", None) or args.db
     collector = getattr(args, "collector_sub", None) or args.collector
     if collector:
         if db:
             raise BudgetError("give --db or --collector, not both")
         return _HTTPBook(collector, getattr(args, "key", None), getattr(args, "ca_file", None))
-    if db and is_postgres_url(db):
-        raise BudgetError("budgets are kept in a SQLite store for now, not on PostgreSQL")
-    path = Path(db).expanduser() if db else default_db_path()
-    return SQLiteBudgetBook(path)
+    return store_book(db)
 
 
 def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
@@ -270,7 +297,7 @@ def describe(budget: Budget) -> str:
     )
 
 
-def budget_status(book: SQLiteBudgetBook, now: float) -> list[dict[str, Any]]:
+def budget_status(book: SqlBudgetBook, now: float) -> list[dict[str, Any]]:
     """Each budget's definition with its spend and what is left in its window."""
     return book.status(now)
 

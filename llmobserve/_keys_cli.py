@@ -30,7 +30,8 @@ def add_keys_parser(
         description=(
             "Projects and API keys. Scopes: ingest (a proxy's link, and a client of a "
             "proxy), read (GET /api/*, limited to the key's project), admin (everything). "
-            "The first admin key is created with --db on the collector's machine."
+            "The first admin key is created with --db: the collector's store file, or the "
+            "postgresql:// database the collectors share."
         ),
     )
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
@@ -84,14 +85,15 @@ def run_keys(
         else:
             info = source._get("/api/keys/revoke", [], {"key": args.target})
     else:
-        from llmobserve.collector import EventStore, KeyStoreError, StoreError, is_postgres_url
+        from llmobserve.collector import KeyStoreError, StoreError, is_postgres_url, open_store
         from llmobserve.paths import default_db_path
 
-        if args.db and is_postgres_url(args.db):
-            raise CLIError("API keys are kept in a SQLite store for now, not on PostgreSQL")
-        path = Path(args.db).expanduser() if args.db else default_db_path()
+        db: str | Path = args.db if args.db and is_postgres_url(args.db) else ""
+        if not db:
+            db = Path(args.db).expanduser() if args.db else default_db_path()
         try:
-            store = EventStore(path)
+            # a PostgreSQL database is migrated as a collector's start-up does
+            store = open_store(db)
         except StoreError as e:
             raise CLIError(str(e)) from e
         try:
@@ -102,7 +104,7 @@ def run_keys(
                 infos = [k.as_dict() for k in store.keys.list()]
             else:
                 info = store.keys.revoke(args.target).as_dict()
-        except KeyStoreError as e:
+        except (KeyStoreError, StoreError) as e:
             raise CLIError(str(e)) from e
         finally:
             store.close()

@@ -29,6 +29,7 @@ from llmobserve._budgetcli import (
     budgets_of_collector,
     run_budgets,
     run_limits,
+    store_book,
     write_budget_lines,
 )
 from llmobserve.collector import (
@@ -36,7 +37,6 @@ from llmobserve.collector import (
     GROUPS,
     NOT_FORWARDED,
     BudgetError,
-    SQLiteBudgetBook,
     StoreError,
     TimeSpecError,
     db_from_env,
@@ -425,12 +425,15 @@ def _budgets_of(args: argparse.Namespace) -> list[dict[str, Any]]:
             return budgets_of_collector(args.collector, _key(args), args.ca_file)
         except BudgetError:
             return []
-    if args.db and is_postgres_url(args.db):
-        return []  # budgets are kept in the SQLite store for now
-    path = Path(args.db).expanduser() if args.db else default_db_path()
-    book = SQLiteBudgetBook(path)
+    try:
+        # a reader: a PostgreSQL schema is checked, never created or migrated
+        book = store_book(args.db or db_from_env(), migrate=False)
+    except BudgetError:
+        return []
     try:
         return budget_status(book, time.time())
+    except StoreError:
+        return []  # the PostgreSQL server went away after the report
     finally:
         book.close()
 

@@ -13,7 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._budgets import (
+    Budget,
+    BudgetBook,
+    BudgetError,
+    SqlBudgetBook,
+    SQLiteBudgetBook,
+)
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
 from llmobserve.collector._limits import RateLimit
@@ -51,6 +57,7 @@ __all__ = [
     "KeyStoreError",
     "RateLimit",
     "SQLiteBudgetBook",
+    "SqlBudgetBook",
     "Store",
     "StoreError",
     "StoreThread",

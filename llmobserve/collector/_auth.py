@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._keys import MISSING, Verdict
 from ._sessions import DashboardSessions, clear_session_cookie, request_session_id
-from ._store import EventStore, sqlite_only
+from ._store import Store
 from ._thread import StoreThread
 
 __all__ = ["VERDICT_TTL", "KeyGuardedResource", "KeyVerifier", "bearer_key", "refusal_message"]
@@ -93,9 +93,7 @@ class KeyVerifier:
             return succeed(verdict)
         assert key is not None
         self.lookups += 1
-        d: Deferred[Verdict] = self._reader.submit(
-            lambda store: _verify(sqlite_only(store, "API keys"), key)
-        )
+        d: Deferred[Verdict] = self._reader.submit(lambda store: _verify(store, key))
         d.addCallbacks(self._remember, self._unavailable, callbackArgs=(key,))
         return d
 
@@ -110,7 +108,7 @@ class KeyVerifier:
         return Verdict("unavailable")
 
 
-def _verify(store: EventStore, key: str) -> Verdict:
+def _verify(store: Store, key: str) -> Verdict:
     return store.keys.verify(key)
 
 

@@ -10,8 +10,9 @@
  - C{POST /api/budgets/grants}: what proxies that send their events here
    use to share the budgets (L{GrantBook}: each spends only its slices).
 
-Each request runs in the store's reader thread, with a budget book on the
-store file (the C{budgets} table; see C{docs/BUDGETS.md}).
+Each request runs in the store's reader thread, with the store's budget
+book (C{Store.budget_book}: the C{budgets} table of the SQLite file or of
+the PostgreSQL database; see C{docs/BUDGETS.md}).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llmobserve.collector._budgets import Budget, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._budgets import Budget, BudgetError, SqlBudgetBook
 from llmobserve.collector._grants import GrantBook
-from llmobserve.collector._store import Store, sqlite_only
+from llmobserve.collector._store import Store, StoreUnavailable
 from llmobserve.collector._thread import StoreThread
 
 __all__ = ["BudgetsResource"]
@@ -68,7 +69,7 @@ class BudgetsResource(Resource):
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def in_thread(store: Store) -> Any:
-            book = SQLiteBudgetBook(sqlite_only(store, "budgets").path)
+            book = store.budget_book()
             try:
                 return job(book)
             finally:
@@ -89,6 +90,9 @@ class BudgetsResource(Resource):
             return
         if failure.check(_NotFound):
             body = _error(request, 404, "not_found", str(failure.value))
+        elif failure.check(StoreUnavailable):
+            # PostgreSQL away: as the other /api routes say (a proxy asks again)
+            body = _error(request, 503, "unavailable", str(failure.value))
         else:
             _log.failure("budgets request failed", failure)
             body = _error(request, 500, "internal", "the budgets request failed; see the log")
@@ -121,7 +125,7 @@ class BudgetsResource(Resource):
         except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
             return _error(request, 400, "bad_request", f"bad budget: {e}")
 
-        def job(book: SQLiteBudgetBook) -> Any:
+        def job(book: SqlBudgetBook) -> Any:
             book.set(budget)
             return {"budget": budget.as_dict()}
 
@@ -144,7 +148,7 @@ class BudgetsResource(Resource):
         except (ValueError, KeyError, TypeError) as e:
             return _error(request, 400, "bad_request", f"bad grant request: {e}")
 
-        def job(book: SQLiteBudgetBook) -> Any:
+        def job(book: SqlBudgetBook) -> Any:
             now = time.time()
             budgets = {b.name: b for b in book.list()}
             grants = GrantBook(book.connection)
@@ -174,7 +178,7 @@ class BudgetsResource(Resource):
         if name is None:
             return _error(request, 400, "bad_request", "DELETE /api/budgets/NAME")
 
-        def job(book: SQLiteBudgetBook) -> Any:
+        def job(book: SqlBudgetBook) -> Any:
             if not book.delete(name):
                 raise _NotFound(f"no budget named {name!r}")
             return {"deleted": name}

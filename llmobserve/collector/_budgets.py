@@ -3,9 +3,12 @@
 A L{Budget} is a limit in USD over a window (C{hour}, C{day}, C{month} in
 UTC or a named time zone, or C{total}) for a scope (every call, or the calls
 whose labels match each scope field given: customer, tenant, section-path
-prefix, provider, model). L{SQLiteBudgetBook} keeps them in a C{budgets}
-table of the store file and sums the spend of a budget from its C{events}
-table; a PostgreSQL book would implement the same L{BudgetBook} protocol.
+prefix, provider, model). L{SqlBudgetBook} keeps them in a C{budgets}
+table of the store and sums the spend of a budget from its C{events}
+table, on either back end (L{SqlConnection}: a SQLite file, or a PostgreSQL
+database that several collectors share); L{SQLiteBudgetBook} is one on a
+store file, on a connection of its own. C{Store.budget_book()} gives the
+book of an open store.
 
 No Twisted here: the CLI and the proxy's poller (in a thread) use it.
 """
@@ -18,11 +21,13 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from llmobserve.collector._sql import MissingTable, SqlConnection, SQLiteSql
 
 __all__ = [
     "SCOPE_FIELDS",
@@ -31,6 +36,7 @@ __all__ = [
     "BudgetBook",
     "BudgetError",
     "SQLiteBudgetBook",
+    "SqlBudgetBook",
 ]
 
 WINDOWS: Final = ("hour", "day", "month", "total")
@@ -169,8 +175,7 @@ class Budget:
 
 
 class BudgetBook(Protocol):
-    """Where budgets are kept and their spend is summed (SQLite now,
-    PostgreSQL later)."""
+    """Where budgets are kept and their spend is summed."""
 
     def set(self, budget: Budget) -> None:
         """Create or replace the budget of that name."""
@@ -185,41 +190,46 @@ class BudgetBook(Protocol):
         """Priced spend recorded for the budget's scope in its current window."""
 
 
-class SQLiteBudgetBook:
-    """Budgets in the store file's C{budgets} table; spend from its events.
+class SqlBudgetBook:
+    """Budgets in the store's C{budgets} table; spend from its events.
 
-    One connection, for one thread at a time (like L{EventStore}).
+    @param db: the store's connection (L{Store.sql}), for one thread at a
+        time; on SQLite the tables are created if missing (on PostgreSQL
+        the store's migrations made them).
+    @param on_close: what L{close} does (closing a store the book was
+        opened with); by default nothing: the connection is the store's.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-        )
-        self._db.execute(_SCHEMA)
+    def __init__(self, db: SqlConnection, on_close: Callable[[], None] | None = None) -> None:
+        self._db = db
+        self._on_close = on_close
+        if db.dialect == "sqlite":
+            db.execute(_SCHEMA)
         from llmobserve.collector._limits import RateLimitBook
 
-        #: the rate limits kept in the same file (C{rate_limits} table)
-        self.limits = RateLimitBook(self._db)
+        #: the rate limits kept in the same store (C{rate_limits} table)
+        self.limits = RateLimitBook(db)
 
     @property
-    def connection(self) -> sqlite3.Connection:
-        """The SQLite connection (for the grants kept in the same file)."""
+    def connection(self) -> SqlConnection:
+        """The store's connection (for the grants kept in the same store)."""
         return self._db
 
     def set(self, budget: Budget) -> None:
         """Create or replace the budget of that name."""
         self._db.execute(
-            "INSERT OR REPLACE INTO budgets (name, definition, updated_at) VALUES (?, ?, ?)",
+            "INSERT INTO budgets (name, definition, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET"
+            " definition = excluded.definition, updated_at = excluded.updated_at",
             (budget.name, json.dumps(budget.as_dict(), sort_keys=True), time.time()),
         )
 
     def list(self) -> list[Budget]:
         """Every budget, by name (a row that no longer parses is skipped)."""
         out = []
-        for (text,) in self._db.execute("SELECT definition FROM budgets ORDER BY name"):
+        # byte order on both back ends, whatever the database's collation
+        order = 'name COLLATE "C"' if self._db.dialect == "postgresql" else "name"
+        for (text,) in self._db.execute(f"SELECT definition FROM budgets ORDER BY {order}"):
             try:
                 out.append(Budget.from_dict(json.loads(text)))
             except (BudgetError, ValueError):
@@ -234,12 +244,12 @@ class SQLiteBudgetBook:
     def spend(self, budget: Budget, now: float) -> float:
         """Sum of C{cost_usd} of the call events in the budget's scope since
         its window began (0 when the store has no events table yet)."""
-        where, params = spend_filter(budget, now)
+        where, params = spend_filter(budget, now, columns=self._db.scope_sql)
         try:
             row = self._db.execute(
                 f"SELECT COALESCE(SUM(cost_usd), 0) FROM events WHERE {where}", params
             ).fetchone()
-        except sqlite3.OperationalError:
+        except MissingTable:
             return 0.0
         return float(row[0])
 
@@ -263,7 +273,7 @@ class SQLiteBudgetBook:
     def used(self, limit: Any, now: float) -> int:
         """Calls (or input + output tokens) recorded in a rate limit's scope
         in its current minute (0 when the store has no events table yet)."""
-        where, params = spend_filter(limit, now, priced=False)
+        where, params = spend_filter(limit, now, priced=False, columns=self._db.scope_sql)
         what = (
             "COUNT(*)"
             if limit.unit == "calls"
@@ -271,7 +281,7 @@ class SQLiteBudgetBook:
         )
         try:
             row = self._db.execute(f"SELECT {what} FROM events WHERE {where}", params).fetchone()
-        except sqlite3.OperationalError:
+        except MissingTable:
             return 0
         return int(row[0])
 
@@ -280,8 +290,23 @@ class SQLiteBudgetBook:
         return {b.name: self.spend(b, now) for b in budgets}
 
     def close(self) -> None:
-        """Close the connection."""
-        self._db.close()
+        """Done with the book (the store's connection stays open unless
+        C{on_close} closes it)."""
+        if self._on_close is not None:
+            self._on_close()
+
+
+class SQLiteBudgetBook(SqlBudgetBook):
+    """L{SqlBudgetBook} on a store file, with a connection of its own."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._file = sqlite3.connect(
+            self.path, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
+        super().__init__(SQLiteSql(self._file), on_close=self._file.close)
 
 
 class _Scoped(Protocol):
@@ -336,10 +361,16 @@ def model_matches(wanted: str, model: str | None) -> bool:
     return model[: n + 1] == wanted + "-" and model[n + 1 : n + 2].isdigit()
 
 
-def spend_filter(budget: Any, now: float, *, priced: bool = True) -> tuple[str, list[Any]]:
+def spend_filter(
+    budget: Any, now: float, *, priced: bool = True, columns: Mapping[str, str] | None = None
+) -> tuple[str, list[Any]]:
     """The SQL condition (and its parameters) selecting the call events of a
     budget's (or a rate limit's) scope in its current window: the priced
-    ones, or (C{priced=False}) every call that reached an upstream."""
+    ones, or (C{priced=False}) every call that reached an upstream.
+
+    @param columns: the back end's SQL for a scope field that is not the
+        plain column L{SCOPE_FIELDS} names (L{SqlConnection.scope_sql}).
+    """
     if priced:
         clauses = ["kind = 'call'", "cost_usd IS NOT NULL"]
     else:
@@ -350,6 +381,7 @@ def spend_filter(budget: Any, now: float, *, priced: bool = True) -> tuple[str, 
         clauses.append("ts >= ?")
         params.append(start)
     for key, column in SCOPE_FIELDS.items():
+        column = (columns or {}).get(key, column)
         value = getattr(budget, key)
         if value is None:
             continue

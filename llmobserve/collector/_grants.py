@@ -4,10 +4,13 @@ Several processes enforcing the same budget (C{--workers}, or proxies on
 one store file with C{--shared-budgets}) each spend only what the store
 granted them: a C{budget_grants} row per budget, window and holder (one
 process) records what it was granted and what it reported spent. Grants
-are handed out in one C{BEGIN IMMEDIATE} transaction, so the sum of all
-grants of a window never passes the limit, and no process spends past its
-grant: together they never pass the limit. The spend recorded before the
-first grant of a window is a row of its own (C{_recorded}).
+are handed out in one transaction that holds the budget's lock (SQLite's
+C{BEGIN IMMEDIATE}; on PostgreSQL an advisory lock per budget, so
+collectors sharing one database hand out one budget's slices in turn), so
+the sum of all grants of a window never passes the limit, and no process
+spends past its grant: together they never pass the limit. The spend
+recorded before the first grant of a window is a row of its own
+(C{_recorded}).
 
 A holder that has not reported for C{dead_after} seconds is taken for
 gone: its grant shrinks to what it reported spent, and the rest goes back
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from typing import Final
 
 from llmobserve.collector._budgets import Budget
+from llmobserve.collector._sql import SqlConnection, as_sql
 
 __all__ = ["NANO", "GrantBook"]
 
@@ -34,23 +38,25 @@ _RECORDED: Final = "_recorded"
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS budget_grants (
     budget TEXT NOT NULL,
-    window TEXT NOT NULL,
+    "window" TEXT NOT NULL,
     holder TEXT NOT NULL,
     granted INTEGER NOT NULL,
     spent INTEGER NOT NULL,
     seen REAL NOT NULL,
-    PRIMARY KEY (budget, window, holder)
+    PRIMARY KEY (budget, "window", holder)
 )
 """
 
 
 class GrantBook:
-    """The C{budget_grants} table of a store file (one thread at a time)."""
+    """The C{budget_grants} table of a store (one thread at a time): a
+    SQLite file's (created here) or a PostgreSQL database's (migrations)."""
 
-    def __init__(self, db: sqlite3.Connection, *, dead_after: float = 30.0) -> None:
-        self._db = db
+    def __init__(self, db: sqlite3.Connection | SqlConnection, *, dead_after: float = 30.0) -> None:
+        self._db = as_sql(db)
         self._dead_after = dead_after
-        db.execute(_SCHEMA)
+        if self._db.dialect == "sqlite":
+            self._db.execute(_SCHEMA)
 
     def exchange(
         self,
@@ -73,11 +79,10 @@ class GrantBook:
         db = self._db
         key = repr(window_start)
         limit = math.floor(budget.limit_usd * NANO + 1e-6)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with db.transaction(lock=budget.name):
             rows = db.execute(
                 "SELECT holder, granted, spent, seen FROM budget_grants"
-                " WHERE budget = ? AND window = ?",
+                ' WHERE budget = ? AND "window" = ?',
                 (budget.name, key),
             ).fetchall()
             if not rows:
@@ -98,7 +103,7 @@ class GrantBook:
                     if granted > was_spent:
                         db.execute(
                             "UPDATE budget_grants SET granted = spent"
-                            " WHERE budget = ? AND window = ? AND holder = ?",
+                            ' WHERE budget = ? AND "window" = ? AND holder = ?',
                             (budget.name, key, who),
                         )
                     granted = was_spent
@@ -113,19 +118,19 @@ class GrantBook:
             if free < share:
                 mine += max(0, min(share - free, limit - others - mine))
             db.execute(
-                "INSERT OR REPLACE INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)"
+                ' ON CONFLICT (budget, "window", holder) DO UPDATE SET'
+                " granted = excluded.granted, spent = excluded.spent, seen = excluded.seen",
                 (budget.name, key, holder, mine, spent, now),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return int(mine)
 
     def release(self, budget: Budget, window_start: float, holder: str, busy: int) -> None:
         """Give back what this holder was granted beyond C{busy} (stopping)."""
         self._db.execute(
-            "UPDATE budget_grants SET granted = MIN(granted, ?), spent = MIN(granted, ?)"
-            " WHERE budget = ? AND window = ? AND holder = ?",
-            (busy, busy, budget.name, repr(window_start), holder),
+            "UPDATE budget_grants SET"
+            " granted = CASE WHEN granted < ? THEN granted ELSE ? END,"
+            " spent = CASE WHEN granted < ? THEN granted ELSE ? END"
+            ' WHERE budget = ? AND "window" = ? AND holder = ?',
+            (busy, busy, busy, busy, budget.name, repr(window_start), holder),
         )

@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ._auth import KeyVerifier
 from ._keys import DEFAULT_PROJECT, KeyStoreError
-from ._store import EventStore, sqlite_only
+from ._store import Store, StoreUnavailable
 from ._thread import StoreThread
 
 __all__ = ["KeysResource"]
@@ -75,7 +75,7 @@ class KeysResource(Resource):
         if request.postpath == [b"revoke"]:
             target = body.get("key", "")
 
-            def revoke(store: EventStore) -> dict[str, Any]:
+            def revoke(store: Store) -> dict[str, Any]:
                 return store.keys.revoke(target).as_dict()
 
             return self._run(request, 200, revoke, forget=True)
@@ -85,7 +85,7 @@ class KeysResource(Resource):
         project = body.get("project") or DEFAULT_PROJECT
         scope = body.get("scope") or "ingest"
 
-        def create(store: EventStore) -> dict[str, Any]:
+        def create(store: Store) -> dict[str, Any]:
             info, key = store.keys.create(name, project, scope)
             return {**info.as_dict(), "key": key}
 
@@ -95,7 +95,7 @@ class KeysResource(Resource):
         self,
         request: Request,
         status: int,
-        job: Callable[[EventStore], Any],
+        job: Callable[[Store], Any],
         forget: bool = False,
     ) -> int:
         def done(result: Any) -> None:
@@ -107,6 +107,9 @@ class KeysResource(Resource):
         def failed(failure: Failure) -> None:
             if failure.check(KeyStoreError):
                 request.write(_bad(request, str(failure.value)))
+            elif failure.check(StoreUnavailable):
+                error = {"type": "unavailable", "message": str(failure.value)}
+                request.write(_json(request, 503, {"error": error}))
             else:
                 request.write(
                     _json(
@@ -117,7 +120,5 @@ class KeysResource(Resource):
                 )
             request.finish()
 
-        self._reader.submit(lambda store: job(sqlite_only(store, "API keys"))).addCallbacks(
-            done, failed
-        )
+        self._reader.submit(job).addCallbacks(done, failed)
         return NOT_DONE_YET

@@ -1,9 +1,10 @@
 """Projects and API keys, kept in the store's file (contract: DESIGN.md,
 "A shared deployment").
 
-L{KeyStore} is the one place that knows how keys are kept, so a PostgreSQL
-back end later replaces this module alone. It is synchronous and free of
-Twisted, like L{EventStore}, and works on a DB-API connection it is given.
+L{KeyStore} is the one place that knows how keys are kept. It is
+synchronous and free of Twisted, like L{EventStore}, and works on the
+connection it is given (L{SqlConnection}: the SQLite file's, or a
+PostgreSQL store's, where every collector on the database shares the keys).
 
 A key is C{llmo_} and 43 URL-safe characters (256 random bits). Only its
 HMAC-SHA-256 under a secret of this store is kept (a per-store pepper: a
@@ -12,9 +13,12 @@ slow hash). The digest is the lookup index; the match is confirmed with
 C{hmac.compare_digest}. Every key has a short non-secret id (C{k_} and 8 hex
 digits) that C{keys list} shows instead of the key.
 
-The tables are the key store's own (C{llmo_keys}, C{llmo_key_meta}), with a
-version of their own in C{llmo_key_meta}, so they migrate independently of
-the event table's C{user_version}.
+The tables are the key store's own (C{llmo_keys}, C{llmo_key_meta}). In a
+SQLite file they carry a version of their own in C{llmo_key_meta}, so they
+migrate independently of the event table's C{user_version}; on PostgreSQL
+they are created by the store's numbered migrations (C{_pgstore.py}). The
+secret is made by the first store that finds none (C{ON CONFLICT DO
+NOTHING}): collectors opening one database together agree on it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import time
 from typing import Any, Final
 
 import attrs
+
+from ._sql import DuplicateRow, MissingTable, SqlConnection, as_sql
 
 __all__ = [
     "DEFAULT_PROJECT",
@@ -111,22 +117,24 @@ def looks_like_key(text: str) -> bool:
 
 
 class KeyStore:
-    """Keys in the store's SQLite file.
+    """Keys in the store (its SQLite file, or its PostgreSQL database).
 
-    @param db: an open connection in autocommit mode (C{isolation_level=None}),
-        used by one thread at a time; the key tables are created if missing.
+    @param db: an open connection in autocommit mode (a C{sqlite3} one with
+        C{isolation_level=None}, or a L{SqlConnection}), used by one thread
+        at a time; on SQLite the key tables are created if missing.
     """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self._migrate()
+    def __init__(self, db: sqlite3.Connection | SqlConnection) -> None:
+        self._db = as_sql(db)
+        if self._db.dialect == "sqlite":
+            self._migrate(self._db)
         self._secret = self._load_secret()
 
-    def _migrate(self) -> None:
-        db = self._db
+    @staticmethod
+    def _migrate(db: SqlConnection) -> None:
         try:
             row = db.execute("SELECT value FROM llmo_key_meta WHERE name = 'version'").fetchone()
-        except sqlite3.OperationalError:
+        except (sqlite3.OperationalError, MissingTable):
             row = None
         version = int(row[0]) if row else 0
         if version > KEYS_SCHEMA_VERSION:
@@ -135,29 +143,26 @@ class KeyStore:
             )
         if version == KEYS_SCHEMA_VERSION:
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with db.transaction():
             for statement in _SCHEMA:
                 db.execute(statement)
-            db.execute(
-                "INSERT OR IGNORE INTO llmo_key_meta (name, value) VALUES ('secret', ?)",
-                (secrets.token_hex(32),),
-            )
             db.execute(
                 "INSERT OR REPLACE INTO llmo_key_meta (name, value) VALUES ('version', ?)",
                 (str(KEYS_SCHEMA_VERSION),),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _load_secret(self) -> bytes:
-        (value,) = self._db.execute(
-            "SELECT value FROM llmo_key_meta WHERE name = 'secret'"
-        ).fetchone()
-        return bytes.fromhex(value)
+        select = "SELECT value FROM llmo_key_meta WHERE name = 'secret'"
+        row = self._db.execute(select).fetchone()
+        if row is None:
+            # the first store here makes it; one made at the same moment wins
+            self._db.execute(
+                "INSERT INTO llmo_key_meta (name, value) VALUES ('secret', ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (secrets.token_hex(32),),
+            )
+            row = self._db.execute(select).fetchone()
+        return bytes.fromhex(row[0])
 
     def _digest(self, key: str) -> bytes:
         return hmac.new(self._secret, key.encode("utf-8", "replace"), hashlib.sha256).digest()
@@ -190,7 +195,7 @@ class KeyStore:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (info.id, name, project, scope, self._digest(key), info.created),
             )
-        except sqlite3.IntegrityError:
+        except DuplicateRow:
             raise KeyStoreError(f"a key named {name!r} exists already") from None
         return info, key
 

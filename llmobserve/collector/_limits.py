@@ -2,7 +2,8 @@
 
 A L{RateLimit} caps the calls (or the input + output tokens) of its scope
 in each UTC minute. They are kept in a C{rate_limits} table of the store
-file by L{SQLiteBudgetBook}'s sibling methods here, and enforced by the
+(a SQLite file or a PostgreSQL database, as budgets are) by
+L{RateLimitBook}, the budget book's C{limits}, and enforced by the
 proxy with the budgets' reserve-and-settle ledger (see C{docs/BUDGETS.md}).
 """
 
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from llmobserve.collector._budgets import SCOPE_FIELDS, BudgetError, scope_matches
+from llmobserve.collector._sql import SqlConnection, as_sql
 
 __all__ = ["UNITS", "RateLimit", "RateLimitBook"]
 
@@ -101,23 +103,28 @@ class RateLimit:
 
 
 class RateLimitBook:
-    """Rate limits in the store file's C{rate_limits} table."""
+    """Rate limits in the store's C{rate_limits} table (created here on
+    SQLite, by the migrations on PostgreSQL)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self._db.execute(_SCHEMA)
+    def __init__(self, db: sqlite3.Connection | SqlConnection) -> None:
+        self._db = as_sql(db)
+        if self._db.dialect == "sqlite":
+            self._db.execute(_SCHEMA)
 
     def set(self, limit: RateLimit) -> None:
         """Create or replace the limit of that name."""
         self._db.execute(
-            "INSERT OR REPLACE INTO rate_limits (name, definition, updated_at) VALUES (?, ?, ?)",
+            "INSERT INTO rate_limits (name, definition, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET"
+            " definition = excluded.definition, updated_at = excluded.updated_at",
             (limit.name, json.dumps(limit.as_dict(), sort_keys=True), time.time()),
         )
 
     def list(self) -> list[RateLimit]:
         """Every limit, by name (a row that no longer parses is skipped)."""
         out = []
-        for (text,) in self._db.execute("SELECT definition FROM rate_limits ORDER BY name"):
+        order = 'name COLLATE "C"' if self._db.dialect == "postgresql" else "name"
+        for (text,) in self._db.execute(f"SELECT definition FROM rate_limits ORDER BY {order}"):
             try:
                 out.append(RateLimit.from_dict(json.loads(text)))
             except (BudgetError, ValueError):

@@ -39,6 +39,7 @@ import psycopg
 
 from llmobserve.events import MAX_EVENT_DEPTH
 
+from ._sql import PgSql
 from ._store import (
     _COLUMNS,
     _CONTEXT_COLUMNS,
@@ -98,6 +99,39 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # every report filters on kind = 'call' and most on a time range
     """
     CREATE INDEX events_kind_ts ON events (kind, ts);
+    """,
+    # API keys, budgets, rate limits and budget grants: the SQLite store's
+    # tables of the same names (_keys.py, _budgets.py, _limits.py, _grants.py)
+    """
+    CREATE TABLE llmo_key_meta (name text PRIMARY KEY NOT NULL, value text);
+    CREATE TABLE llmo_keys (
+        id text PRIMARY KEY NOT NULL,
+        name text NOT NULL UNIQUE,
+        project text NOT NULL,
+        scope text NOT NULL,
+        digest bytea NOT NULL UNIQUE,
+        created double precision NOT NULL,
+        revoked double precision
+    );
+    CREATE TABLE budgets (
+        name text PRIMARY KEY NOT NULL,
+        definition text NOT NULL,
+        updated_at double precision NOT NULL
+    );
+    CREATE TABLE rate_limits (
+        name text PRIMARY KEY NOT NULL,
+        definition text NOT NULL,
+        updated_at double precision NOT NULL
+    );
+    CREATE TABLE budget_grants (
+        budget text NOT NULL,
+        "window" text NOT NULL,
+        holder text NOT NULL,
+        granted bigint NOT NULL,
+        spent bigint NOT NULL,
+        seen double precision NOT NULL,
+        PRIMARY KEY (budget, "window", holder)
+    );
     """,
 )
 PG_SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -489,6 +523,11 @@ class PgEventStore(Store):
         """How many events (of every kind) are stored."""
         ((n,),) = self._query("SELECT count(*) FROM events", ())
         return int(n)
+
+    def sql(self) -> PgSql:
+        """This store's connection for the key, budget, limit and grant books
+        (shared with its queries: one thread at a time)."""
+        return PgSql(self)
 
     def close(self) -> None:
         """Close the connection; the store is unusable afterwards."""

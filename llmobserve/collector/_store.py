@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import orjson
@@ -50,6 +50,10 @@ from llmobserve.events import MAX_EVENT_DEPTH, nested_deeper_than
 from llmobserve.events.fields import EVENT_FIELDS
 
 from ._keys import KeyStore
+from ._sql import SqlConnection, SQLiteSql
+
+if TYPE_CHECKING:
+    from ._budgets import SqlBudgetBook
 
 __all__ = [
     "CALL_FIELDS",
@@ -250,8 +254,8 @@ class StoreError(Exception):
 
 
 class StoreUnsupported(StoreError):
-    """What this back end does not offer yet (API keys, budgets and the
-    dashboard's own queries are SQLite's alone for now)."""
+    """What this back end does not offer yet (the dashboard's own queries
+    are SQLite's alone for now)."""
 
 
 def sqlite_only(store: Store, what: str) -> EventStore:
@@ -699,6 +703,27 @@ class Store:
     #: C{(id, reason)} of each event the last L{insert} stored as rejected
     last_rejected: list[tuple[str, str]]
 
+    _keys: KeyStore | None = None
+
+    def sql(self) -> SqlConnection:
+        """The store's connection for the key, budget, limit and grant books."""
+        raise NotImplementedError
+
+    @property
+    def keys(self) -> KeyStore:
+        """The projects and API keys kept in this store (L{KeyStore}; on
+        SQLite its tables are created on first use)."""
+        if self._keys is None:
+            self._keys = KeyStore(self.sql())
+        return self._keys
+
+    def budget_book(self) -> SqlBudgetBook:
+        """The budgets and rate limits kept in this store, on its own
+        connection (closing the book leaves the store open)."""
+        from ._budgets import SqlBudgetBook
+
+        return SqlBudgetBook(self.sql())
+
     def _query(self, sql: str, params: Sequence[Any]) -> Iterable[Sequence[Any]]:
         """The rows of one read-only query."""
         raise NotImplementedError
@@ -1110,13 +1135,9 @@ class EventStore(Store):
     def _change(self, sql: str, params: Sequence[Any]) -> int:
         return int(self._db.execute(sql, params).rowcount)
 
-    @property
-    def keys(self) -> KeyStore:
-        """The projects and API keys kept in this file (L{KeyStore}; its
-        tables are created on first use)."""
-        if self._keys is None:
-            self._keys = KeyStore(self._db)
-        return self._keys
+    def sql(self) -> SqlConnection:
+        """The file's connection for the key, budget, limit and grant books."""
+        return SQLiteSql(self._db)
 
     def close(self) -> None:
         """Close the file; the store is unusable afterwards."""

@@ -161,17 +161,6 @@ def makeService(options: usage.Options) -> IService:
         raise usage.UsageError(str(e)) from e
     description = listen_endpoint(options["port"])
     require_keys = bool(options["require-keys"]) or listens_beyond_loopback(description)
-    if require_keys and is_postgres_url(db):
-        # API keys live in the SQLite store for now (docs/COLLECTOR.md)
-        message = (
-            "API keys (--require-keys, or listening beyond loopback) need the SQLite store"
-            " for now: run a PostgreSQL collector on loopback without --require-keys"
-        )
-        if options.parent is not None:
-            sys.stderr.write(f"twistd llmobserve-collector: {message}\n")
-            sys.stderr.flush()
-            raise SystemExit(1)
-        raise usage.UsageError(message)
     endpoint = serverFromString(r, description)
     return CollectorService(
         r,

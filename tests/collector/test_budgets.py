@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from collector.test_store import T0, call
 
+from llmobserve._budgetcli import store_book
 from llmobserve.cli import main
-from llmobserve.collector import Budget, BudgetError, EventStore, SQLiteBudgetBook
+from llmobserve.collector import Budget, BudgetError, SqlBudgetBook, open_store
 
 
 def test_definition_is_checked() -> None:
@@ -58,8 +59,23 @@ def test_scopes_combine_and_section_is_a_prefix() -> None:
     assert not Budget("b", 1, provider="anthropic").matches("openai", "x", None, None, None)
 
 
-def _store_with_calls(path: Path) -> None:
-    store = EventStore(path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The C{--db} of a store: a SQLite file, or a PostgreSQL database (a
+    real server, tests/support/postgres.py): the budget book's contract is
+    kept by both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def _book(db: str) -> SqlBudgetBook:
+    return store_book(db)
+
+
+def _store_with_calls(path: str | Path) -> None:
+    store = open_store(path)
     store.insert(
         [
             call(0, cost_usd=0.25),
@@ -73,12 +89,11 @@ def _store_with_calls(path: Path) -> None:
     store.close()
 
 
-def test_spend_sums_the_scope_in_the_window(tmp_path: Path) -> None:
+def test_spend_sums_the_scope_in_the_window(db: str) -> None:
     """spend() counts priced calls of the scope since the window began, the
     same way Budget.matches counts a call in the proxy."""
-    path = tmp_path / "s.db"
-    _store_with_calls(path)
-    book = SQLiteBudgetBook(path)
+    _store_with_calls(db)
+    book = _book(db)
     now = T0 + 10
     assert book.spend(Budget("b", 1, "total"), now) == 7.75
     assert book.spend(Budget("b", 1, "day"), now) == 3.75
@@ -88,27 +103,29 @@ def test_spend_sums_the_scope_in_the_window(tmp_path: Path) -> None:
     # both count, as the proxy matches (the label when no path is sent)
     assert book.spend(Budget("b", 1, "day", section="plan"), now) == 3.75
     assert book.spend(Budget("b", 1, "day", provider="anthropic"), now) == 0.0
+    book.close()
 
 
-def test_book_set_list_delete(tmp_path: Path) -> None:
+def test_book_set_list_delete(db: str) -> None:
     """set replaces by name; list is by name; delete says whether it found one."""
-    book = SQLiteBudgetBook(tmp_path / "s.db")
-    assert book.spend(Budget("b", 1), T0) == 0.0  # no events table yet
+    book = _book(db)
+    assert book.spend(Budget("b", 1), T0) == 0.0  # no events (SQLite: no events table yet)
     book.set(Budget("b", 1.0))
     book.set(Budget("a", 2.0, "day", customer="acme"))
     book.set(Budget("b", 3.0))
     assert [(b.name, b.limit_usd) for b in book.list()] == [("a", 2.0), ("b", 3.0)]
     assert book.delete("a") and not book.delete("a")
+    book.close()
 
 
-def test_cli_budgets_and_report(tmp_path: Path, capsys: Any) -> None:
-    """budgets set/list/delete on a store file; report shows spend vs limit."""
+def test_cli_budgets_and_report(db: str, capsys: Any) -> None:
+    """budgets set/list/delete on a store (--db FILE or postgresql://);
+    report shows spend vs limit."""
     import io
 
-    path = tmp_path / "s.db"
-    _store_with_calls(path)
+    _store_with_calls(db)
     out = io.StringIO()
-    db = ["--db", str(path)]
+    where = ["--db", db]
     assert (
         main(
             [
@@ -122,30 +139,30 @@ def test_cli_budgets_and_report(tmp_path: Path, capsys: Any) -> None:
                 "total",
                 "--customer",
                 "acme",
-                *db,
+                *where,
             ],
             out,
         )
         == 0
     )
-    assert main(["budgets", "list", "--format", "json", *db], out) == 0
+    assert main(["budgets", "list", "--format", "json", *where], out) == 0
     text = out.getvalue()
     assert '"spend_usd": 5.75' in text and '"remaining_usd": 4.25' in text
     out = io.StringIO()
-    assert main(["report", *db], out) == 0
+    assert main(["report", *where], out) == 0
     assert "acme: $5.75 of $10 (58%) this total" in out.getvalue()
-    assert main(["budgets", "delete", "acme", *db], out) == 0
-    assert main(["budgets", "delete", "acme", *db], out) == 1
+    assert main(["budgets", "delete", "acme", *where], out) == 0
+    assert main(["budgets", "delete", "acme", *where], out) == 1
     assert "no budget named 'acme'" in capsys.readouterr().err
 
 
-def test_rate_limit_usage_in_the_current_minute(tmp_path: Path) -> None:
+def test_rate_limit_usage_in_the_current_minute(db: str, capsys: Any) -> None:
     """used() counts the calls (or tokens) of a limit's scope since its minute
-    began, leaving out calls that never reached an upstream."""
+    began, leaving out calls that never reached an upstream; C{llmobserve
+    limits} keeps them in the same store."""
     from llmobserve.collector import RateLimit
 
-    path = tmp_path / "s.db"
-    store = EventStore(path)
+    store = open_store(db)
     store.insert(
         [
             call(0),  # T0 is 40 s into its minute: the minute began at T0 - 40
@@ -156,7 +173,7 @@ def test_rate_limit_usage_in_the_current_minute(tmp_path: Path) -> None:
         ]
     )
     store.close()
-    book = SQLiteBudgetBook(path)
+    book = _book(db)
     now = T0 + 5
     assert book.used(RateLimit("c", 10, customer="acme"), now) == 2
     assert book.used(RateLimit("c", 10), now) == 3
@@ -164,3 +181,45 @@ def test_rate_limit_usage_in_the_current_minute(tmp_path: Path) -> None:
     book.limits.set(RateLimit("rpm", 3, customer="acme"))
     assert [r.name for r in book.limits.list()] == ["rpm"]
     assert book.limits.delete("rpm") and not book.limits.delete("rpm")
+    book.close()
+    assert main(["limits", "set", "--name", "rpm", "--calls-per-minute", "5", "--db", db]) == 0
+    assert main(["limits", "list", "--db", db]) == 0
+    assert "rpm: 5 calls per minute, every call" in capsys.readouterr().out
+
+
+def test_budget_and_key_routes_answer_503_while_the_store_is_unreachable() -> None:
+    """A PostgreSQL server that is away (L{StoreUnavailable} from the store
+    thread): C{/api/budgets}, its grants and C{/api/keys} answer 503
+    C{unavailable} (as C{/api/events} does), not a 500 with a traceback."""
+    import io
+    import json
+    from typing import cast
+
+    from twisted.internet.defer import fail
+    from twisted.internet.task import Clock
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from llmobserve.collector._auth import KeyVerifier
+    from llmobserve.collector._budgetapi import BudgetsResource
+    from llmobserve.collector._keyapi import KeysResource
+    from llmobserve.collector._store import StoreUnavailable
+    from llmobserve.collector._thread import StoreThread
+
+    class AwayReader:
+        def submit(self, job: Any) -> Any:
+            return fail(StoreUnavailable("PostgreSQL unreachable: connection refused"))
+
+    reader = cast(StoreThread, AwayReader())
+    resources = [
+        (BudgetsResource(reader), b"GET", [], b""),
+        (BudgetsResource(reader), b"POST", [b"grants"], b'{"holder": "h", "reports": []}'),
+        (KeysResource(reader, KeyVerifier(reader, Clock())), b"GET", [], b""),
+    ]
+    for resource, method, postpath, body in resources:
+        request = DummyRequest(postpath)
+        request.method = method
+        request.content = io.BytesIO(body)  # type: ignore[attr-defined]  # DummyRequest has none; the resources read it
+        resource.render(request)
+        assert request.responseCode == 503, (resource, method)
+        error = json.loads(b"".join(request.written))["error"]
+        assert error["type"] == "unavailable"

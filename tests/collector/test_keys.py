@@ -1,10 +1,12 @@
 """Keys in the store, the collector's verdict cache, and the link's key
-check, in memory (SQLite in a temporary file, StringTransport, Clock)."""
+check, in memory (StringTransport, Clock). The C{store} fixture is a SQLite
+file and a PostgreSQL database (a real server, tests/support/postgres.py):
+every test taking it is the contract both back ends keep."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +18,8 @@ from twisted.internet.testing import StringTransport
 from llmobserve.collector._auth import VERDICT_TTL, KeyVerifier
 from llmobserve.collector._keys import KEYS_SCHEMA_VERSION, KeyStoreError
 from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
-from llmobserve.collector._store import SCHEMA_VERSION, EventStore
+from llmobserve.collector._pgstore import PgEventStore
+from llmobserve.collector._store import SCHEMA_VERSION, EventStore, Store
 from llmobserve.collector._thread import StoreThread
 from llmobserve.collector._writer import BatchWriter
 from llmobserve.events._codec import FrameDecoder, encode_frame
@@ -25,21 +28,40 @@ from llmobserve.events._codec import FrameDecoder, encode_frame
 class InlineReader:
     """A store thread stand-in: each job runs at once, on this thread."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.jobs = 0
 
-    def submit(self, job: Callable[[EventStore], Any]) -> Deferred[Any]:
+    def submit(self, job: Callable[[Store], Any]) -> Deferred[Any]:
         self.jobs += 1
         return succeed(job(self.store))
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> EventStore:
-    return EventStore(tmp_path / "events.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s: Store = EventStore(tmp_path / "events.sqlite3")
+    else:
+        s = PgEventStore(request.getfixturevalue("pg_url"))
+    yield s
+    s.close()
 
 
-def test_a_key_is_shown_once_and_only_its_hmac_is_stored(store: EventStore) -> None:
+def _stored_bytes(store: Store) -> bytes:
+    """Everything the store keeps about keys, as bytes."""
+    if isinstance(store, EventStore):
+        store.close()
+        return store.path.read_bytes()
+    import psycopg
+
+    assert isinstance(store, PgEventStore)
+    with psycopg.connect(store.url) as conn:
+        rows = conn.execute("SELECT * FROM llmo_keys").fetchall()
+        rows += conn.execute("SELECT * FROM llmo_key_meta").fetchall()
+    return repr(rows).encode()
+
+
+def test_a_key_is_shown_once_and_only_its_hmac_is_stored(store: Store) -> None:
     """C{create} returns C{llmo_...}; the file holds neither the key nor
     any part of it after the prefix; C{verify} gives its name, project and
     scope; C{list} never shows it."""
@@ -54,11 +76,10 @@ def test_a_key_is_shown_once_and_only_its_hmac_is_stored(store: EventStore) -> N
         "ingest",
     )
     assert [k.name for k in store.keys.list()] == ["proxy-a"]
-    store.close()
-    assert key[5:].encode() not in store.path.read_bytes()
+    assert key[5:].encode() not in _stored_bytes(store)
 
 
-def test_unknown_missing_and_revoked_keys_are_refused(store: EventStore) -> None:
+def test_unknown_missing_and_revoked_keys_are_refused(store: Store) -> None:
     """Revoking by name, by id, or by the key itself; a revoked key says so."""
     keys = [store.keys.create(f"k{i}")[1] for i in range(3)]
     infos = store.keys.list()
@@ -71,7 +92,7 @@ def test_unknown_missing_and_revoked_keys_are_refused(store: EventStore) -> None
     assert all(k.revoked is not None for k in store.keys.list())
 
 
-def test_bad_key_requests_are_errors_that_never_repeat_a_key(store: EventStore) -> None:
+def test_bad_key_requests_are_errors_that_never_repeat_a_key(store: Store) -> None:
     store.keys.create("a")
     with pytest.raises(KeyStoreError, match="exists"):
         store.keys.create("a")
@@ -81,6 +102,24 @@ def test_bad_key_requests_are_errors_that_never_repeat_a_key(store: EventStore) 
     with pytest.raises(KeyStoreError) as e:
         store.keys.revoke(secret)
     assert secret not in str(e.value)
+
+
+def test_two_stores_on_one_postgres_database_share_their_keys(pg_url: str) -> None:
+    """Two collectors' stores on one database (opened at once, as collectors
+    starting together do): one secret, so a key made through one is valid
+    through the other, and a revocation through the other is seen by both."""
+    first, second = PgEventStore(pg_url), PgEventStore(pg_url)
+    try:
+        keys_a, keys_b = first.keys, second.keys
+        _, key = keys_a.create("shared", "team-a", "ingest")
+        assert keys_b.verify(key).project == "team-a"
+        keys_b.revoke("shared")
+        assert keys_a.verify(key).reason == "revoked"
+        with pytest.raises(KeyStoreError, match="exists"):
+            keys_b.create("shared")
+    finally:
+        first.close()
+        second.close()
 
 
 def test_key_tables_have_their_own_version(tmp_path: Path) -> None:
@@ -100,7 +139,7 @@ def test_key_tables_have_their_own_version(tmp_path: Path) -> None:
         _ = EventStore(path).keys
 
 
-def test_verdicts_are_remembered_for_two_seconds_only(store: EventStore) -> None:
+def test_verdicts_are_remembered_for_two_seconds_only(store: Store) -> None:
     """A second check within the TTL asks nothing; after a revocation the
     cached verdict lasts until the TTL, then the store says revoked."""
     clock = Clock()
@@ -132,7 +171,7 @@ class _Writer:
         return succeed(None)
 
 
-def _link(store: EventStore, clock: Clock) -> tuple[LinkServerProtocol, StringTransport, _Writer]:
+def _link(store: Store, clock: Clock) -> tuple[LinkServerProtocol, StringTransport, _Writer]:
     writer = _Writer()
     verifier = KeyVerifier(cast(StoreThread, InlineReader(store)), clock)
     registry = LinkRegistry(verifier=verifier)
@@ -150,7 +189,7 @@ def _frames(transport: StringTransport) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("key", [None, "llmo_" + "x" * 43, "read"])
 def test_a_link_without_an_ingest_key_gets_an_error_frame_and_is_closed(
-    store: EventStore, key: str | None
+    store: Store, key: str | None
 ) -> None:
     _, read = store.keys.create("r", scope="read")
     proto, transport, _ = _link(store, Clock())
@@ -166,7 +205,7 @@ def test_a_link_without_an_ingest_key_gets_an_error_frame_and_is_closed(
 
 
 def test_events_take_the_link_keys_project_and_a_revoked_key_closes_the_link(
-    store: EventStore,
+    store: Store,
 ) -> None:
     """An ingest key's link stores its events under the key's project (an
     event's own project is replaced); revoked, the link is closed at its
@@ -207,3 +246,16 @@ def test_keys_are_required_beyond_loopback_or_when_asked(
     options.parseOptions([*argv, "--db", str(tmp_path / "c.sqlite3")])
     service = makeService(options)
     assert service.require_keys is required  # type: ignore[attr-defined]  # a CollectorService
+
+
+def test_a_postgres_collector_requires_keys_when_asked(pg_url: str) -> None:
+    """C{--require-keys} (or a port beyond loopback) on a PostgreSQL store
+    builds a collector that requires keys, as on SQLite (it used to refuse)."""
+    from llmobserve.collector._tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(
+        ["--port", "tcp:8000:interface=127.0.0.1", "--require-keys", "--db", pg_url]
+    )
+    service = makeService(options)
+    assert service.require_keys is True  # type: ignore[attr-defined]  # a CollectorService

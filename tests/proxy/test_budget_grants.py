@@ -1,11 +1,17 @@
 """Budgets shared by several processes: each spends only the slices the
-store grants it (budget_grants), so together they never pass the limit."""
+store grants it (budget_grants), so together they never pass the limit.
+
+The C{grants} fixture is a SQLite file's and a PostgreSQL database's (a
+real server, tests/support/postgres.py): both keep the grants' contract."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from twisted.internet.task import Clock
 
 from llmobserve.collector import Budget, GrantBook
@@ -17,14 +23,23 @@ GPT = CallScope("openai", "gpt-4o-mini")
 CAP = Budget("cap", 1.0, "day")
 
 
-def book(tmp_path: Path) -> GrantBook:
-    return GrantBook(sqlite3.connect(tmp_path / "g.db", isolation_level=None), dead_after=30)
+@pytest.fixture(params=["sqlite", "postgres"])
+def grants(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GrantBook]:
+    if request.param == "sqlite":
+        db = sqlite3.connect(tmp_path / "g.db", isolation_level=None)
+        yield GrantBook(db, dead_after=30)
+        db.close()
+    else:
+        from llmobserve.collector._pgstore import PgEventStore
+
+        store = PgEventStore(request.getfixturevalue("pg_url"))
+        yield GrantBook(store.sql(), dead_after=30)
+        store.close()
 
 
-def test_grants_never_sum_past_the_limit_and_count_what_was_recorded(tmp_path: Path) -> None:
+def test_grants_never_sum_past_the_limit_and_count_what_was_recorded(grants: GrantBook) -> None:
     """The window's first grant records the store's spend so far; holders get
     slices of what is left; all grants together stay within the limit."""
-    grants = book(tmp_path)
     start = CAP.window_start(T0)
     a = grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.2)
     b = grants.exchange(CAP, start, "b", spent=0, busy=0, now=T0, recorded=lambda: 9.9)
@@ -38,9 +53,8 @@ def test_grants_never_sum_past_the_limit_and_count_what_was_recorded(tmp_path: P
     assert total == NANO
 
 
-def test_a_silent_holder_gives_back_what_it_did_not_spend(tmp_path: Path) -> None:
+def test_a_silent_holder_gives_back_what_it_did_not_spend(grants: GrantBook) -> None:
     """A holder that stops reporting keeps only what it reported spent."""
-    grants = book(tmp_path)
     start = CAP.window_start(T0)
     grants.exchange(CAP, start, "gone", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
     grants.exchange(
@@ -73,13 +87,12 @@ def test_a_shared_ledger_spends_only_its_grant_and_asks_when_low() -> None:
     assert sum(isinstance(h, BudgetHold) for h in holds) == 10
 
 
-def test_two_shared_ledgers_on_one_store_never_overshoot(tmp_path: Path) -> None:
+def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> None:
     """Two processes' ledgers, exchanging with one grant table as their
     pollers do, admit calls worth $0.01 each against $1.00: spend never past
     $1.00 (overshoot $0); near the limit the room left can be split between
     the two grants, so one call may be refused that one process would have
     admitted."""
-    grants = book(tmp_path)
     clock = Clock()
     clock.advance(T0)
     ledgers = [BudgetLedger(clock.seconds, shared=True) for _ in range(2)]
@@ -127,10 +140,9 @@ def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:
     assert isinstance(ledger.reserve(GPT, 0.01), BudgetRefusal)  # back to its grant (none)
 
 
-def test_spend_past_a_grant_is_counted_in_the_grants(tmp_path: Path) -> None:
+def test_spend_past_a_grant_is_counted_in_the_grants(grants: GrantBook) -> None:
     """A holder that spent past its grant (fail open during an outage) has its
     grant grown to its spend, so the others' room shrinks by that much."""
-    grants = book(tmp_path)
     start = CAP.window_start(T0)
     grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
     a = grants.exchange(
@@ -143,3 +155,59 @@ def test_spend_past_a_grant_is_counted_in_the_grants(tmp_path: Path) -> None:
             CAP, start, "b", spent=got, busy=got, now=T0 + 2 + i, recorded=lambda: 0.0
         )
     assert a + got <= NANO
+
+
+def test_release_gives_back_what_is_not_busy(grants: GrantBook) -> None:
+    """A stopping holder keeps only what it has spent or in flight."""
+    start = CAP.window_start(T0)
+    got = grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
+    assert got == NANO // 4
+    grants.release(CAP, start, "a", NANO // 100)
+    other = grants.exchange(CAP, start, "b", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
+    assert other == NANO // 8  # a slice: a quarter of the limit split between two live holders
+    for i in range(40):
+        other = grants.exchange(
+            CAP, start, "b", spent=other, busy=other, now=T0 + i, recorded=lambda: 0.0
+        )
+    assert other == NANO - NANO // 100
+
+
+def test_collectors_on_one_postgres_database_never_grant_past_the_limit(pg_url: str) -> None:
+    """Four connections to one database (four collectors' reader threads)
+    exchange grants for one budget at once, each holder spending all it
+    gets and asking again: the budget's advisory lock makes the exchanges
+    take turns, so the grants of the window never sum past the limit."""
+    import psycopg
+
+    from llmobserve.collector._pgstore import PgEventStore
+
+    start = CAP.window_start(T0)
+    errors: list[BaseException] = []
+
+    def holder(n: int) -> None:
+        store = PgEventStore(pg_url)
+        try:
+            book = GrantBook(store.sql(), dead_after=30)
+            got = 0
+            for i in range(100):
+                got = book.exchange(
+                    CAP, start, f"h{n}", spent=got, busy=got, now=T0 + i, recorded=lambda: 0.25
+                )
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=holder, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    with psycopg.connect(pg_url) as conn:
+        rows: list[tuple[str, int]] = conn.execute(
+            "SELECT holder, granted FROM budget_grants"
+        ).fetchall()
+    assert sorted(h for h, _ in rows) == ["_recorded", "h0", "h1", "h2", "h3"]
+    assert dict(rows)["_recorded"] == NANO // 4  # read once, by the window's first grant
+    assert sum(g for _, g in rows) == NANO  # all of it handed out, never more

@@ -1,0 +1,283 @@
+"""Keys and budgets shared by two real collectors on one PostgreSQL database,
+and keys through a PostgreSQL outage.
+
+Collectors on one database (docs/COLLECTOR.md, "PostgreSQL and several
+collectors") share what they keep there: a key made through one collector
+is valid at the other, a revocation through either applies to both within
+the verdict caches' bound, and budget grants handed out by either never sum
+past the budget (an advisory lock per budget: tests/support/postgres.py
+starts the server). While the server is away a key cannot be checked: a
+new link is refused and its events wait, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from integration.test_budgets_process import _openai
+from support.clients import chat_request, raw_request
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.upstreams import RecordingUpstream
+
+pytestmark = [pytest.mark.timeout(180)]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmobserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=loopback_env(),
+    )
+
+
+def _new_key(*args: str) -> str:
+    """C{llmobserve keys create ARGS}: the key, alone on the last line."""
+    done = _cli("keys", "create", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1]
+
+
+def _json(url: str, key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _call(proxy: ProxyProcess, upstream: RecordingUpstream, key: str) -> int:
+    request = chat_request(proxy.port, upstream.url)
+    head, sep, rest = request.partition(b"\r\n")
+    request = head + sep + b"X-LLMObserve-Key: " + key.encode() + b"\r\n" + rest
+    status: int = raw_request(proxy.port, request).status
+    return status
+
+
+def test_a_key_made_through_one_collector_is_valid_at_the_other(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two collectors with --require-keys on one database. The first admin
+    key is made with C{keys create --db postgresql://...}; the proxy's link
+    key and a client key are made through collector A's API. A proxy that
+    requires client keys, linked to collector B, admits the client key and
+    its event lands in the database with the key's project; revoked through
+    A, the client key is refused at B's proxy within seconds."""
+    admin = _new_key("--name", "admin", "--scope", "admin", "--db", pg_url)
+    a = CollectorProcess(["--require-keys"], db=pg_url, workdir=tmp_path / "a")
+    b = CollectorProcess(["--require-keys"], db=pg_url, workdir=tmp_path / "b")
+    with RecordingUpstream() as upstream, a, b:
+        via_a = ("--collector", a.url, "--key", admin)
+        link = _new_key("--name", "proxy", "--scope", "admin", *via_a)
+        shop = _new_key("--name", "shop-app", "--project", "shop", *via_a)
+        listed = _cli("keys", "list", "--collector", b.url, "--key", admin)
+        assert listed.returncode == 0 and "shop-app" in listed.stdout, listed.stderr
+        args = [
+            *LOOPBACK_ARGS,
+            "--require-keys",
+            "--provider-host",
+            f"127.0.0.1:{upstream.port}=openai",
+            "--collector",
+            b.url,
+            "--collector-key",
+            link,
+        ]
+        with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+            assert _call(proxy, upstream, "llmo_" + "w" * 43) == 401
+            assert _call(proxy, upstream, shop) == 200
+            _wait_for(
+                lambda: _json(b.url + "/health")["events_stored"] == 1,
+                20,
+                "the event at collector B",
+            )
+            rows = _json(a.url + "/api/report?by=project", admin)["rows"]
+            assert [(r["project"], r["calls"]) for r in rows] == [("shop", 1)]
+            revoked = _cli("keys", "revoke", "shop-app", *via_a)
+            assert revoked.returncode == 0, revoked.stderr
+            # B's verdict cache (2 s) and the proxy's own: a few seconds at most
+            since = time.monotonic()
+            admitted: list[int] = []
+
+            def refused() -> bool:
+                status = _call(proxy, upstream, shop)
+                admitted.extend([status] if status == 200 else [])
+                time.sleep(0.2)
+                return status == 401
+
+            _wait_for(refused, 15, "the revocation at B")
+            print(f"revoked through A, refused at B's proxy after {time.monotonic() - since:.1f} s")
+    assert len(upstream.requests) == 1 + len(admitted)
+
+
+def _spend(url: str) -> tuple[int, float]:
+    """(call events, their recorded cost) in the database."""
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT count(*), COALESCE(sum(cost_usd), 0) FROM events WHERE kind = 'call'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), float(row[1])
+
+
+def test_proxies_on_two_collectors_never_overshoot_one_budget(tmp_path: Path, pg_url: str) -> None:
+    """Two collectors on one database, a proxy linked to each (each polls
+    its own collector for grants of the same $1.00 block budget), 64
+    concurrent clients through each proxy making two calls of about $0.01:
+    the spend recorded in the database stays <= $1.00, and both proxies
+    admitted calls."""
+    import openai
+
+    calls = 2 * 2 * 64
+    assert _cli(
+        "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
+        "--db", pg_url,
+    ).returncode == 0  # fmt: skip
+    a = CollectorProcess(db=pg_url, workdir=tmp_path / "a")
+    b = CollectorProcess(db=pg_url, workdir=tmp_path / "b")
+    with RecordingUpstream(_openai) as oa, a, b:
+
+        def proxy(collector: CollectorProcess, name: str) -> ProxyProcess:
+            args = [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"{oa.authority}=openai",
+                "--base-url",
+                f"openai={oa.url}/v1",
+                "--collector",
+                collector.url,
+            ]
+            return ProxyProcess(args, workdir=tmp_path / name)
+
+        with proxy(a, "pa") as pa, proxy(b, "pb") as pb:
+
+            async def one(client: Any, results: list[Any], which: str) -> None:
+                for _ in range(2):
+                    try:
+                        await client.chat.completions.create(
+                            model="gpt-4o-mini",
+                            max_tokens=16_000,  # with 1,000 prompt tokens: $0.00975
+                            messages=[{"role": "user", "content": "hi"}],
+                        )
+                        results.append(which)
+                    except openai.APIStatusError as e:
+                        results.append(e.status_code)
+
+            async def run() -> list[Any]:
+                results: list[Any] = []
+                async with (
+                    openai.AsyncOpenAI(
+                        api_key="sk-test", base_url=f"{pa.url}/openai", max_retries=0
+                    ) as ca,
+                    openai.AsyncOpenAI(
+                        api_key="sk-test", base_url=f"{pb.url}/openai", max_retries=0
+                    ) as cb,
+                ):
+                    await asyncio.gather(
+                        *(one(ca, results, "a") for _ in range(64)),
+                        *(one(cb, results, "b") for _ in range(64)),
+                    )
+                return results
+
+            results = asyncio.run(run())
+            assert len(results) == calls
+            admitted = results.count("a") + results.count("b")
+            assert results.count("a") > 0 and results.count("b") > 0
+            assert set(results) <= {"a", "b", 402}
+            _wait_for(lambda: _spend(pg_url)[0] >= calls, 60, "every event in the database")
+            stored, spend = _spend(pg_url)
+            print(
+                f"two collectors on one database: admitted {admitted} of {calls} "
+                f"(a {results.count('a')}, b {results.count('b')}), spend ${spend:.6f} of $1.00"
+            )
+            assert stored == calls
+            assert spend <= 1.00
+            assert len(oa.requests) == admitted
+            status = _json(a.url + "/api/budgets")["budgets"]
+            assert [(s["name"], s["spend_usd"]) for s in status] == [("cap", pytest.approx(spend))]
+
+
+def test_a_server_restart_with_keys_required_loses_nothing(
+    tmp_path: Path, postgres_server: Any
+) -> None:
+    """A collector with --require-keys on PostgreSQL and a proxy linked with
+    an ingest key; the server stopped mid-ingest and the proxy restarted
+    meanwhile: its new link's key cannot be checked, so the link is refused
+    ("the key store could not be read") and its events wait in the spool;
+    once the server is back the link is welcomed and every call is stored
+    once, under the key's project."""
+    from support.postgres import PostgresServer
+
+    calls = 300
+    server = PostgresServer(postgres_server.bindir).init().start()
+    try:
+        url = server.url()
+        key = _new_key("--name", "proxy", "--project", "team-a", "--db", url)
+        collector = CollectorProcess(["--require-keys"], db=url, workdir=tmp_path / "c")
+        with RecordingUpstream() as upstream, collector:
+            args = [
+                *LOOPBACK_ARGS,
+                "--provider-host",
+                f"127.0.0.1:{upstream.port}=openai",
+                "--collector",
+                collector.url,
+                "--collector-key",
+                key,
+            ]
+            with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+                request = chat_request(proxy.port, upstream.url)
+                for _ in range(calls // 2):
+                    assert raw_request(proxy.port, request).status == 200
+                _wait_for(lambda: _stored(url) == calls // 2, 30, "the first half stored")
+                server.stop()
+                request = chat_request(proxy.port, upstream.url)
+                for _ in range(calls // 2):
+                    assert raw_request(proxy.port, request).status == 200
+            # a new link meanwhile (the proxy restarted): its key cannot be checked
+            with ProxyProcess(args, workdir=tmp_path / "proxy") as proxy:
+                _wait_for(
+                    lambda: _json(proxy.url + "/health")["collector"]["refused"] is not None,
+                    20,
+                    "the link refused while the key store is away",
+                )
+                assert "the key store could not be read" in proxy.log_text()
+                server.start()
+                _wait_for(lambda: _stored(url) >= calls, 90, "every call stored")
+                _wait_for(
+                    lambda: _json(proxy.url + "/health")["events_waiting"] == 0,
+                    30,
+                    "the proxy's spool to drain",
+                )
+                assert _json(proxy.url + "/health")["collector"]["refused"] is None
+        with psycopg.connect(url) as conn:
+            rows = conn.execute(
+                "SELECT count(*), count(DISTINCT id), count(*) FILTER"
+                " (WHERE extra::jsonb ->> 'project' = 'team-a') FROM events WHERE kind = 'call'"
+            ).fetchone()
+        assert rows == (calls, calls, calls)
+    finally:
+        server.destroy()
+
+
+def _stored(url: str) -> int:
+    try:
+        return _spend(url)[0]
+    except psycopg.Error:
+        return -1
