@@ -473,8 +473,12 @@ class PgEventStore(Store):
             raise StoreUnavailable(f"PostgreSQL unreachable: {_first_line(e)}") from e
 
     def _group_order(self, index: int, name: str) -> str:
-        # byte order, as SQLite sorts, whatever the database's collation
-        return f'{self._GROUPS[name]} COLLATE "C"'
+        return self.text_order(self._GROUPS[name])
+
+    def text_order(self, expr: str) -> str:
+        """Byte order, NULL first, as SQLite sorts (whatever the database's
+        collation; PostgreSQL puts NULL last by itself)."""
+        return f'{expr} COLLATE "C" NULLS FIRST'
 
     def acked_seq(self, proxy_id: str) -> int | None:
         """The last batch C{seq} acknowledged to this proxy, if any."""

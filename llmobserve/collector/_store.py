@@ -761,6 +761,47 @@ class Store:
         """Close the connection; the store is unusable afterwards."""
         raise NotImplementedError
 
+    # -- what the dashboard's queries (_insights) write their SQL with -------
+
+    @property
+    def placeholder(self) -> str:
+        """The driver's parameter placeholder (C{?} or C{%s})."""
+        return self._P
+
+    def cost_sum(self, expr: str = "cost_usd") -> str:
+        """The SQL sum of a cost expression that does not fail past the
+        float range (SQLite gives infinity; PostgreSQL sums it as numeric)."""
+        return self._COST_SUM.replace("cost_usd", f"({expr})")
+
+    def group_sql(self, name: str) -> str:
+        """The SQL expression of the L{GROUPS} name C{name}."""
+        return self._GROUPS[name]
+
+    def text_order(self, expr: str) -> str:
+        """An ORDER BY term putting text in byte order, NULL first (SQLite's
+        own order, whatever the database's collation)."""
+        return expr
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """The stored event with this C{id}, or None."""
+        rows = list(self._query(f"{_SELECT} WHERE id = {self._P}", (event_id,)))
+        return _event(rows[0]) if rows else None
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query (for the dashboard's summaries in
+        L{llmobserve.collector._insights}), with L{placeholder} parameters."""
+        return [tuple(row) for row in self._query(sql, params)]
+
+    def where(
+        self, filters: Mapping[str, str | None], since: float | None, until: float | None
+    ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause (or C{""}) and parameters L{events} and
+        L{report} use for these filters and bounds.
+
+        @raise StoreError: an unknown filter name.
+        """
+        return self._where(filters, since, until)
+
     def _where(
         self, filters: Mapping[str, str | None], since: float | None, until: float | None
     ) -> tuple[str, list[Any]]:
@@ -1079,25 +1120,9 @@ class EventStore(Store):
         """Every proxy's last acknowledged batch C{seq}."""
         return {p: int(s) for p, s in self._db.execute("SELECT proxy_id, acked_seq FROM links")}
 
-    def event(self, event_id: str) -> dict[str, Any] | None:
-        """The stored event with this C{id}, or None."""
-        row = self._db.execute(f"{_SELECT} WHERE id = ?", (event_id,)).fetchone()
-        return None if row is None else _event(row)
-
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """The rows of one read-only query (for the dashboard's summaries in
-        L{llmobserve.collector._insights})."""
+        """L{Store.read}: sqlite3's rows are tuples already."""
         return self._db.execute(sql, params).fetchall()
-
-    def where(
-        self, filters: Mapping[str, str | None], since: float | None, until: float | None
-    ) -> tuple[str, list[Any]]:
-        """The C{WHERE} clause (or C{""}) and parameters L{events} and
-        L{report} use for these filters and bounds.
-
-        @raise StoreError: an unknown filter name.
-        """
-        return self._where(filters, since, until)
 
     def count(self) -> int:
         """How many events (of every kind) are stored."""
