@@ -703,8 +703,8 @@ class Store:
         """The rows of one read-only query."""
         raise NotImplementedError
 
-    def _group_order(self, index: int, name: str) -> str:
-        """The ORDER BY term of report group C{index} (named C{name})."""
+    def _group_order(self, index: int, expr: str) -> str:
+        """The ORDER BY term of report group C{index} (the SQL C{expr})."""
         return f"g{index}"
 
     def _change(self, sql: str, params: Sequence[Any]) -> int:
@@ -803,14 +803,22 @@ class Store:
         return self._where(filters, since, until)
 
     def _where(
-        self, filters: Mapping[str, str | None], since: float | None, until: float | None
+        self,
+        filters: Mapping[str, str | None],
+        since: float | None,
+        until: float | None,
+        columns: Mapping[str, str] | None = None,
     ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause and parameters of C{filters} and bounds.
+
+        @param columns: each filter's SQL (default: the dialect's L{_FILTERS}).
+        """
         clauses: list[str] = []
         params: list[Any] = []
         for name, value in filters.items():
             if value is None:
                 continue
-            column = self._FILTERS.get(name)
+            column = (self._FILTERS if columns is None else columns).get(name)
             if column is None:
                 raise StoreError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
             if name == "section_path":
@@ -879,12 +887,7 @@ class Store:
         @param by: names from L{GROUPS}; empty for one grand total row.
         @raise StoreError: an unknown grouping or filter name.
         """
-        groups: list[str] = []
-        for name in by:
-            if name not in self._GROUPS:
-                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
-            if name not in groups:
-                groups.append(name)
+        groups = self._report_groups(by)
         where, params = self._where({**filters, "kind": "call"}, since, until)
         if filters.get("outcome") is None:
             marks = ", ".join([self._P] * len(NOT_FORWARDED))
@@ -904,17 +907,44 @@ class Store:
         sql = f"SELECT {', '.join(select)} FROM events{where}"
         if groups:
             sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))}"
+        order = self._report_order(groups, self._GROUPS, self._COST_SUM, "count(*)")
+        sql += f" ORDER BY {order}"
+        return self._report_rows(groups, self._query(sql, params))
+
+    def _report_groups(self, by: Sequence[str]) -> list[str]:
+        """L{report}'s groups: C{by} without repeats, each checked."""
+        groups: list[str] = []
+        for name in by:
+            if name not in self._GROUPS:
+                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
+            if name not in groups:
+                groups.append(name)
+        return groups
+
+    def _report_order(
+        self, groups: Sequence[str], exprs: Mapping[str, str], cost: str, calls: str
+    ) -> str:
+        """L{report}'s ORDER BY terms, given its group expressions and its
+        cost and call count sums."""
+
+        def key(index: int, name: str) -> str:
+            return self._group_order(index, exprs[name])
+
         # Time groups read best in time order; the rest, costliest first.
-        key = self._group_order
         order = [key(i, g) for i, g in enumerate(groups) if g in ("day", "hour")]
-        order += [f"coalesce({self._COST_SUM}, 0) DESC", "count(*) DESC"]
+        order += [f"coalesce({cost}, 0) DESC", f"{calls} DESC"]
         order += [key(i, g) for i, g in enumerate(groups) if g not in ("day", "hour")]
-        sql += f" ORDER BY {', '.join(order)}"
+        return ", ".join(order)
+
+    @staticmethod
+    def _report_rows(groups: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+        """L{report}'s rows from result rows: the groups, then count, cost,
+        unpriced calls, the token sums, estimated cost and estimated calls."""
         out: list[dict[str, Any]] = []
         n = len(groups)
-        for row in self._query(sql, params):
+        for row in rows:
             item: dict[str, Any] = {g: row[i] for i, g in enumerate(groups)}
-            item["calls"] = int(row[n])
+            item["calls"] = int(row[n] or 0)
             cost = row[n + 1]
             # sums of many small floats carry noise in the last digits
             # (a sum past the float range has no JSON spelling: unknown)
