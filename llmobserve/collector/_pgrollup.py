@@ -33,6 +33,7 @@ __all__ = [
     "END_HOUR",
     "FIRST_HOUR",
     "MIGRATION",
+    "REBUILD",
     "ROLLUP_FILTERS",
     "ROLLUP_GROUPS",
     "report_sql",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 HOUR: Final = 3600
+DAY: Final = 86_400
 #: The C{ts} the rollup covers: the whole hours of the years 1 to 9999,
 #: which the C{day} and C{hour} groups can name (a call outside, or without
 #: a C{ts}, is read from the events; so are those of 9999-12-31 23:00 on).
@@ -112,15 +114,31 @@ _KEY: Final = (
 )
 
 
+#: The rollup's tables: table, its time unit's column, and how a call's
+#: C{hour} (L{_HOUR_OF}) gives that unit.
+_TABLES: Final = (
+    ("rollup_hourly", "hour", "hour"),
+    # floor of a numeric: exact, and right for the hours before 1970 too
+    ("rollup_daily", "day", "floor(hour / 24.0)::bigint"),
+)
+
+
 def _upsert(source: str, sign: str, project: str) -> str:
-    """The statement adding (C{sign} C{+}) or subtracting (C{-}) the calls
-    of C{source}, a transition table, to the rollup."""
+    """The statements adding (C{sign} C{+}) or subtracting (C{-}) the calls
+    of C{source}, a transition table, to the rollup's tables, each in its
+    key order."""
+    return ";".join(
+        _upsert_one(table, unit, of_hour, source, sign, project) for table, unit, of_hour in _TABLES
+    )
+
+
+def _upsert_one(table: str, unit: str, of_hour: str, source: str, sign: str, project: str) -> str:
     dims = ", ".join(_DIMENSIONS)
     sums = ", ".join(f"{sign}{expr}" for _, _, expr in _SUMS)
-    updates = ", ".join(f"{n} = rollup_hourly.{n} + excluded.{n}" for n in _SUM_NAMES)
+    updates = ", ".join(f"{n} = {table}.{n} + excluded.{n}" for n in _SUM_NAMES)
     return f"""
-        INSERT INTO rollup_hourly (hour, key, not_forwarded, {dims}, {", ".join(_SUM_NAMES)})
-        SELECT hour, {_KEY}, not_forwarded, {dims}, {sums}
+        INSERT INTO {table} ({unit}, key, not_forwarded, {dims}, {", ".join(_SUM_NAMES)})
+        SELECT {of_hour}, {_KEY}, not_forwarded, {dims}, {sums}
         FROM (
             SELECT {_HOUR_OF} AS hour, {_NOT_FORWARDED} AS not_forwarded,
                 provider, model, endpoint, customer_id, tenant_id, section, section_path,
@@ -128,9 +146,9 @@ def _upsert(source: str, sign: str, project: str) -> str:
             FROM {source}
             WHERE kind = 'call' AND {_IN_RANGE}
         ) AS calls
-        GROUP BY hour, not_forwarded, {dims}
+        GROUP BY 1, not_forwarded, {dims}
         ORDER BY 1, 2
-        ON CONFLICT (hour, key) DO UPDATE SET {updates}"""
+        ON CONFLICT ({unit}, key) DO UPDATE SET {updates}"""
 
 
 def _upsert_safely(source: str, sign: str) -> str:
@@ -158,23 +176,39 @@ def _trigger_function(name: str, source: str, sign: str, after: str = "") -> str
     """
 
 
-# combinations whose calls were all deleted, among the hours just touched
+# combinations whose calls were all deleted, among the hours (days) just touched
 _DROP_EMPTY: Final = f"""
         DELETE FROM rollup_hourly WHERE calls = 0
             AND hour >= (SELECT min({_HOUR_OF}) FROM deleted WHERE {_IN_RANGE})
-            AND hour <= (SELECT max({_HOUR_OF}) FROM deleted WHERE {_IN_RANGE});"""
+            AND hour <= (SELECT max({_HOUR_OF}) FROM deleted WHERE {_IN_RANGE});
+        DELETE FROM rollup_daily WHERE calls = 0
+            AND day >= (SELECT floor(min({_HOUR_OF}) / 24.0) FROM deleted WHERE {_IN_RANGE})
+            AND day <= (SELECT floor(max({_HOUR_OF}) / 24.0) FROM deleted WHERE {_IN_RANGE});"""
 
 
-#: Migration 3: the table, its triggers, and the sums of the events already stored.
-MIGRATION: Final = f"""
-    CREATE TABLE rollup_hourly (
-        hour bigint NOT NULL,
+def _create_table(table: str, unit: str) -> str:
+    return f"""
+    CREATE TABLE {table} (
+        {unit} bigint NOT NULL,
         key bytea NOT NULL,
         not_forwarded boolean NOT NULL,
         {", ".join(f"{d} text" for d in _DIMENSIONS)},
         {", ".join(f"{name} {kind} NOT NULL" for name, kind, _ in _SUMS)},
-        PRIMARY KEY (hour, key)
-    );
+        PRIMARY KEY ({unit}, key)
+    );"""
+
+
+#: The sums of every event stored, made again (migration 3 ends with it;
+#: the benchmark times it; a person may run it, in one transaction).
+REBUILD: Final = f"""
+    DELETE FROM rollup_hourly;
+    DELETE FROM rollup_daily;
+    DO $do$ BEGIN {_upsert_safely("events", "")} END $do$;
+"""
+
+#: Migration 3: the table, its triggers, and the sums of the events already stored.
+MIGRATION: Final = f"""
+    {"".join(_create_table(table, unit) for table, unit, _ in _TABLES)}
     CREATE FUNCTION llmobserve_project(extra text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $fn$
     BEGIN
         RETURN extra::jsonb ->> 'project';
@@ -191,7 +225,7 @@ MIGRATION: Final = f"""
     CREATE TRIGGER events_rollup_subtract AFTER DELETE ON events
         REFERENCING OLD TABLE AS deleted
         FOR EACH STATEMENT EXECUTE FUNCTION llmobserve_rollup_subtract();
-    DO $do$ BEGIN {_upsert_safely("events", "")} END $do$;
+    {REBUILD}
 """
 
 
@@ -215,7 +249,9 @@ def report_sql(
     project: bool,
 ) -> tuple[str, list[Any]]:
     """A report's query from the rollup's whole C{hours} plus the events
-    of the window outside them.
+    of the window outside them: the whole days among those hours from
+    C{rollup_daily} (unless the report groups by hour), the hours left
+    from C{rollup_hourly}.
 
     @param group_exprs: each group's SQL over the rows of both (L{ROLLUP_GROUPS}).
     @param where: the report's filters over the same rows (a C{WHERE} clause
@@ -243,10 +279,25 @@ def report_sql(
         edges.append("ts IS NULL")
     dims = "provider, model, endpoint, customer_id, tenant_id, section, section_path"
     estimated = "usage_source = 'estimated'"
+    sums = ", ".join(_SUM_NAMES)
+    day_first, day_end = -(-first // 24), end // 24
+    if "hour" in groups or day_first >= day_end:
+        day_first = day_end = first // 24  # no whole day (or the hours are asked for)
     rows = f"""
-        SELECT hour * {HOUR}.0 AS ts, {dims}, project, {", ".join(_SUM_NAMES)}
-        FROM rollup_hourly WHERE hour >= %s AND hour < %s AND NOT not_forwarded"""
-    row_params: list[Any] = [first, end]
+        SELECT hour * {HOUR}.0 AS ts, {dims}, project, {sums}
+        FROM rollup_hourly WHERE NOT not_forwarded
+            AND (hour >= %s AND hour < %s OR hour >= %s AND hour < %s)
+        UNION ALL
+        SELECT day * {DAY}.0 AS ts, {dims}, project, {sums}
+        FROM rollup_daily WHERE NOT not_forwarded AND day >= %s AND day < %s"""
+    row_params: list[Any] = [
+        first,
+        max(first, day_first * 24),
+        max(first, day_end * 24),
+        end,
+        day_first,
+        day_end,
+    ]
     if edges:
         rows += f"""
         UNION ALL

@@ -147,13 +147,16 @@ _PROJECT: Final = "(extra::jsonb ->> 'project')"
 
 _PG_FILTERS: Final[dict[str, str]] = {**FILTERS, "project": _PROJECT}
 
+# floor(ts): the hour and day a call falls in (to_timestamp rounds to the
+# microsecond, which would put 15:59:59.9999998 in 16:00, where a window
+# ending at 16:00 and the rollup's hours do not)
 _PG_GROUPS: Final[dict[str, str]] = {
     **GROUPS,
     "project": _PROJECT,
     "day": f"CASE WHEN {_TS_RANGE} THEN "
-    "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD') END",
+    "to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD') END",
     "hour": f"CASE WHEN {_TS_RANGE} THEN "
-    "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"') END",
+    "to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"') END",
 }
 
 #: A value the server (or the driver) refuses: rows are made to fit.

@@ -124,13 +124,13 @@ def test_a_report_from_the_rollup_is_the_report_from_the_events(
     span: float,
 ) -> None:
     """Random events written by two writers in turns, some delivered twice:
-    every report the rollup can answer (whole hours plus the window's
-    edges) equals the report summed from the events, to the last digit, for
+    every report the rollup can answer (whole days and hours plus the
+    window's edges) equals the report summed from the events, to the last digit, for
     all time, a random window and a window of whole hours; so does every
     report after retention drops the events before a random time."""
     first, second = stores
     with psycopg.connect(first.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE events, rollup_hourly")
+        conn.execute("TRUNCATE events, rollup_hourly, rollup_daily")
     half = len(events) // 2
     first.insert(events[:half])
     second.insert(events[half:])
@@ -138,7 +138,8 @@ def test_a_report_from_the_rollup_is_the_report_from_the_events(
     windows = [
         (None, None),
         (since, None if since is None else since + span),
-        (T0 + HOUR, T0 + 30 * HOUR),
+        (T0 + HOUR, T0 + 30 * HOUR),  # whole hours and edges
+        (T0 + 0.5, T0 + 60 * HOUR + 0.5),  # whole days, whole hours and edges
     ]
     _check_all(first, windows)
     ((in_hours,),) = first.read(
