@@ -782,6 +782,11 @@ class Store:
         own order, whatever the database's collation)."""
         return expr
 
+    def rollup_answers(self, by: Sequence[str], filters: Mapping[str, str | None]) -> bool:
+        """Whether L{report} answers these groups and filters from sums the
+        store keeps (PostgreSQL's rollup tables) rather than the events."""
+        return False
+
     def event(self, event_id: str) -> dict[str, Any] | None:
         """The stored event with this C{id}, or None."""
         rows = list(self._query(f"{_SELECT} WHERE id = {self._P}", (event_id,)))

@@ -253,3 +253,47 @@ def test_a_project_jsonb_refuses_is_no_reason_to_refuse_the_event(
     )
     assert calls == 2 and projects == ["p1", None]
     assert store.report(("provider",)) == _from_events(store, ("provider",))
+
+
+def test_a_series_of_whole_hours_reads_the_rollup(
+    stores: tuple[PgEventStore, PgEventStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/api/timeseries in buckets of whole hours reads the store's report per
+    hour (the rollup): the same series as summed from the events."""
+    from llmobserve.collector import _insights
+
+    store = stores[0]
+    store.insert(
+        [
+            {
+                "id": f"t{i}",
+                "kind": "call",
+                "ts": T0 + i * 397.3,
+                "provider": ["openai", "anthropic", None][i % 3],
+                "model": f"m{i % 4}",
+                "cost_usd": None if i % 5 == 0 else 0.001 * i,
+                "outcome": "refused" if i % 7 == 0 else "ok",
+            }
+            for i in range(600)
+        ]
+    )
+    asked: list[tuple[str, ...]] = []
+    report = store.report
+
+    def counted(by: tuple[str, ...], **kw: Any) -> list[dict[str, Any]]:
+        asked.append(by)
+        return report(by, **kw)
+
+    monkeypatch.setattr(store, "report", counted)
+    cases = [("provider", 3600, {}), ("model", 3 * 3600, {"provider": "openai"})]
+    got = [
+        _insights.timeseries(store, by, bucket, T0 + 100, T0 + 60 * HOUR + 5, filters)
+        for by, bucket, filters in cases
+    ]
+    assert asked == [("hour", "provider"), ("hour", "model")]
+    monkeypatch.setattr(store, "rollup_answers", lambda by, filters: False)
+    for (by, bucket, filters), series in zip(cases, got, strict=True):
+        assert series == _insights.timeseries(
+            store, by, bucket, T0 + 100, T0 + 60 * HOUR + 5, filters
+        )
+        assert sum(sum(s["calls"]) for s in series["series"]) > 0
