@@ -105,6 +105,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ROLLUP_MIGRATION,
 )
 PG_SCHEMA_VERSION: Final = len(MIGRATIONS)
+#: The schema version from which the rollup tables are there.
+_ROLLUP_VERSION: Final = MIGRATIONS.index(ROLLUP_MIGRATION) + 1
 
 #: Any constant: collectors migrating at once take turns on it.
 _MIGRATION_LOCK: Final = 0x6C6C6D6F62
@@ -263,6 +265,8 @@ class PgEventStore(Store):
         self._sleep = sleep
         self._conn: psycopg.Connection[Any] | None = None
         self._checked = False
+        #: the schema version the database had when last checked
+        self._schema: int | None = None
         try:
             if migrate:
                 self._migrate(self._connection())
@@ -315,6 +319,7 @@ class PgEventStore(Store):
 
     def _check_version(self, conn: psycopg.Connection[Any]) -> int:
         version = self._version(conn)
+        self._schema = version
         if version > PG_SCHEMA_VERSION:
             raise StoreError(
                 f"store schema {version} in {_safe_url(self.url)} is newer than this "
@@ -333,6 +338,7 @@ class PgEventStore(Store):
             for number in range(version + 1, PG_SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[number - 1])
                 conn.execute(f"INSERT INTO {_SCHEMA_TABLE} (version) VALUES (%s)", (number,))
+            self._schema = max(version, PG_SCHEMA_VERSION)
 
     # -- writing ------------------------------------------------------------
 
@@ -493,7 +499,7 @@ class PgEventStore(Store):
         groups = self._report_groups(by)
         given = {name: value for name, value in filters.items() if value is not None}
         hours = rollup_window(since, until)
-        if hours is None or not self.rollup_answers(groups, given):
+        if hours is None or not self.rollup_answers(groups, given) or not self._has_rollup():
             return super().report(by, since=since, until=until, **filters)
         given.pop("kind", None)  # a report counts calls whatever it is given
         exprs = {**self._GROUPS, "project": "project"}
@@ -505,6 +511,13 @@ class PgEventStore(Store):
             groups, exprs, hours, since, until, where, params, order, project
         )
         return self._report_rows(groups, self._query(sql, all_params))
+
+    def _has_rollup(self) -> bool:
+        """Whether the database has the rollup tables (C{llmobserve report}
+        never migrates: a database an older collector keeps may lack them)."""
+        if self._schema is None:
+            self._query("SELECT 1", ())  # connects, which reads the schema's version
+        return (self._schema or 0) >= _ROLLUP_VERSION
 
     def rollup_answers(self, by: Sequence[str], filters: Mapping[str, str | None]) -> bool:
         """L{Store.rollup_answers}: every group and filter is a dimension of

@@ -221,7 +221,13 @@ def test_the_migration_sums_the_events_already_stored(pg_url: str) -> None:
             for i in range(100)
         ]
     )
+    # llmobserve report on that database (it never migrates): from the events
+    (before,) = old.report(())
+    assert before["calls"] == 100
     old.close()
+    reader = PgEventStore(pg_url, migrate=False)
+    assert reader.report(("provider",)) == _from_events(reader, ("provider",))
+    reader.close()
     store = PgEventStore(pg_url)
     try:
         assert _rollup_rows(store) > 0
