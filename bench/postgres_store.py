@@ -73,10 +73,17 @@ def big_event(i: int, now: float, rng: random.Random) -> dict[str, Any]:
     }
 
 
-def ingest(db: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    """Events/s through a collector on C{db}, and of the store alone."""
+def _rollup_trigger(store: Store, on: bool) -> None:
+    """Turn PostgreSQL's rollup trigger on insert on or off (the baseline)."""
+    store._change(
+        f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER events_rollup_add", ()
+    )
+
+
+def _through_collector(db: str, args: argparse.Namespace, salt: int) -> float:
+    """Events/s through a real collector on C{db}."""
     per_link = args.events // args.links
-    events = [[make_event(i, p) for i in range(per_link)] for p in range(args.links)]
+    events = [[make_event(i, salt + p) for i in range(per_link)] for p in range(args.links)]
     frames = [
         [
             (seq, encode_frame({"t": "batch", "seq": seq, "events": evs[k : k + args.batch]}))
@@ -103,22 +110,44 @@ def ingest(db: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
             t.join(args.timeout)
         if not all("done" in r for r in results):
             raise SystemExit("a link did not finish")
-        collector_rate = total / (max(r["done"] for r in results) - t0)
+        return float(total / (max(r["done"] for r in results) - t0))
     finally:
         proc.kill()
         proc.wait()
-    # the store alone, fresh events, same batches
-    alone = [make_event(i, 9) for i in range(total)]
+
+
+def ingest(db: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """Events/s through a collector on C{db}, and of the store alone; on
+    PostgreSQL also without the rollup's trigger (the baseline, same run)."""
+    total = args.events // args.links * args.links
+    postgres = db.startswith("postgresql://")
+    out = {"collector_events_per_s": _through_collector(db, args, 0)}
+    if postgres:
+        store = open_store(db)
+        _rollup_trigger(store, False)
+        out["collector_no_rollup_events_per_s"] = _through_collector(db, args, 100)
+        _rollup_trigger(store, True)
+        store.close()
+    # the store alone, fresh events, same batches; on PostgreSQL also
+    # without the rollup's triggers, in turns (the baseline, same run)
     store = open_store(db)
-    t0 = time.perf_counter()
-    for k in range(0, total, args.batch):
-        store.insert(alone[k : k + args.batch])
-    alone_rate = total / (time.perf_counter() - t0)
-    stored = store.count()
+    rates: dict[str, list[float]] = {"store_alone_events_per_s": []}
+    rounds = [("store_alone_events_per_s", True)]
+    if postgres:
+        rates["store_alone_no_rollup_events_per_s"] = []
+        rounds = [*rounds, ("store_alone_no_rollup_events_per_s", False)] * 2
+    for n, (key, rollup) in enumerate(rounds):
+        alone = [make_event(i, 200 + n) for i in range(total // len(rounds))]
+        if postgres:
+            _rollup_trigger(store, rollup)
+        t0 = time.perf_counter()
+        for k in range(0, len(alone), args.batch):
+            store.insert(alone[k : k + args.batch])
+        rates[key].append(len(alone) / (time.perf_counter() - t0))
+    if postgres:
+        _rollup_trigger(store, True)
     store.close()
-    if stored != 2 * total:
-        raise SystemExit(f"{db}: stored {stored} != {2 * total}")
-    return {"collector_events_per_s": collector_rate, "store_alone_events_per_s": alone_rate}
+    return {**out, **{key: statistics.median(found) for key, found in rates.items()}}
 
 
 def fill(store: Store, rows: int, now: float) -> float:
@@ -131,10 +160,57 @@ def fill(store: Store, rows: int, now: float) -> float:
     return rows / (time.perf_counter() - t0)
 
 
+def fill_sql(store: Store, rows: int, now: float) -> float:
+    """L{fill} done by the server (PostgreSQL only): the same events, made
+    by C{generate_series} in statements of a million rows (the rollup's
+    trigger runs once a statement); returns events/s."""
+    models = ", ".join(f"'{m}'" for m in _MODELS)
+    anthropic = ", ".join(str(i) for i, m in enumerate(_MODELS) if m.startswith("claude"))
+    chunk = 1_000_000
+    t0 = time.perf_counter()
+    for k in range(0, rows, chunk):
+        store._change(  # a bulk load, in one statement a chunk
+            f"""
+            INSERT INTO events (id, kind, ts, duration_ms, status, outcome, provider,
+                endpoint, model, streamed, usage, cost_usd, context,
+                input_tokens, output_tokens, customer_id, run_id)
+            SELECT md5(i::text || '-big'), 'call', %s - random() * {_YEAR}, 500.0, 200, 'ok',
+                CASE WHEN i %% 6 IN ({anthropic}) THEN 'anthropic' ELSE 'openai' END,
+                'chat.completions', (ARRAY[{models}])[i %% 6 + 1], i %% 2,
+                '{{"input_tokens":' || (1000 + i %% 97) || ',"output_tokens":200}}',
+                0.0003 + (i %% 11) * 1e-5,
+                '{{"customer_id":"cust-' || i %% 17 || '","run_id":"run-' || i / 100 || '"}}',
+                1000 + i %% 97, 200, 'cust-' || i %% 17, 'run-' || i / 100
+            FROM generate_series(%s::bigint, %s::bigint) AS i
+            """,
+            (now, k, min(rows, k + chunk) - 1),
+        )
+    return rows / (time.perf_counter() - t0)
+
+
+def rebuild_rollup(url: str) -> float:
+    """Seconds to sum the rollup again from every event (what migration 4
+    does to a store that already holds events)."""
+    import psycopg
+
+    from llmobserve.collector._pgrollup import REBUILD
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        conn.execute(REBUILD)  # two statements, one transaction
+        seconds = time.perf_counter() - t0
+        conn.execute("VACUUM ANALYZE rollup_hourly")
+    return seconds
+
+
 def report_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
-    """Median seconds of each query the API answers, over the large store."""
+    """Median seconds of each query the API answers, over the large store
+    (and, as the baseline, the all-time report summed from the events alone)."""
     queries: dict[str, Callable[[], object]] = {
         "report_by_provider_model_all_time": lambda: store.report(("provider", "model")),
+        "report_by_provider_model_all_time_from_events": lambda: Store.report(
+            store, ("provider", "model")
+        ),
         "report_by_day_last_30d": lambda: store.report(("day",), since=now - 30 * 86400),
         "report_by_customer_one_model": lambda: store.report(("customer",), model="o3"),
         "events_first_page_one_customer": lambda: store.events(limit=100, customer="cust-3"),
@@ -161,6 +237,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument(
+        "--fill-sql",
+        action="store_true",
+        help="PostgreSQL makes the large store itself (generate_series): 10 M rows in minutes",
+    )
     ap.add_argument("--backends", default="sqlite,postgres", help="comma-separated")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -216,11 +297,21 @@ def main() -> None:
                     answer[f"{name}_{key}"] = round(value)
                     print(f"{name}: {key.replace('_', ' ')}: {value:,.0f}", flush=True)
             store = open_store(big_db)
-            rate = fill(store, args.rows, now)
+            if args.fill_sql and name == "postgres":
+                rate = fill_sql(store, args.rows, now)
+            else:
+                rate = fill(store, args.rows, now)
             answer[f"{name}_fill_events_per_s"] = round(rate)
             print(f"{name}: filled {args.rows:,} events at {rate:,.0f}/s", flush=True)
             if name == "postgres":
                 store._change("ANALYZE events", ())  # as autovacuum would soon
+                store._change("ANALYZE rollup_hourly", ())
+                ((hours,),) = store.read("SELECT count(*) FROM rollup_hourly")
+                answer["postgres_rollup_rows"] = hours
+                print(f"{name}: rollup rows: {hours:,}", flush=True)
+                seconds = rebuild_rollup(big_db)
+                answer["postgres_rollup_rebuild_s"] = round(seconds, 1)
+                print(f"{name}: rollup summed again from the events: {seconds:.1f} s", flush=True)
             for key, seconds in report_timings(store, now, args.repeats).items():
                 answer[f"{name}_{key}_s"] = round(seconds, 3)
                 print(f"{name}: {key.replace('_', ' ')}: {seconds:.3f} s", flush=True)

@@ -1,13 +1,19 @@
-"""What the dashboard asks of a store beyond L{EventStore.report}: a window's
+"""What the dashboard asks of a store beyond L{Store.report}: a window's
 summary, cost and calls over time, one event, one run.
 
-Plain functions of an L{EventStore}, run in the reader thread like every
-other query. Only C{call} events count as calls (spans and gaps are not).
+Plain functions of a L{Store} of either back end, run in the reader thread
+like every other query, in SQL both run: placeholders, cost sums and text
+order come from the store's dialect hooks (L{Store.placeholder},
+L{Store.cost_sum}, L{Store.text_order}). Only C{call} events count as calls
+(spans and gaps are not). The in-memory L{Rollup} is SQLite's (it follows
+C{rowid}); on PostgreSQL every question reads the events.
 """
 
 from __future__ import annotations
 
+import calendar
 import math
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Final
@@ -19,12 +25,12 @@ from ._rollup import (
     HOURLY,
     NOT_FORWARDED_SQL,
     ONLY,
-    SUMS_SQL,
     TOKENS,
     CallSums,
     Rollup,
+    sums_sql,
 )
-from ._store import GROUPS, EventStore, Store, StoreError, sqlite_only
+from ._store import EventStore, Store, StoreError
 
 __all__ = [
     "MAX_BUCKETS",
@@ -91,7 +97,7 @@ def warm_up(any_store: Store) -> bool:
 
 
 def _plan(
-    store: EventStore,
+    store: Store,
     dim: str,
     since: float | None,
     until: float | None,
@@ -100,6 +106,8 @@ def _plan(
     """How to answer an unfiltered window question about C{dim} from the
     rollup: the rollup, its whole units C{[first, last)}, and the ragged
     edges (time ranges) to read from the events. None: read the events."""
+    if not isinstance(store, EventStore):
+        return None  # no rollup but SQLite's: read the events
     if any(v is not None for v in filters.values()):
         return None
     if not (dim in HOURLY or dim in DAILY):
@@ -120,18 +128,20 @@ def _plan(
     return rollup, first, last, edges
 
 
-def _edge_where(edge: tuple[float | None, float | None]) -> tuple[str, list[Any]]:
-    return " WHERE kind = 'call' AND ts >= ? AND ts < ?", [edge[0], edge[1]]
+def _edge_where(store: Store, edge: tuple[float | None, float | None]) -> tuple[str, list[Any]]:
+    p = store.placeholder
+    return f" WHERE kind = 'call' AND ts >= {p} AND ts < {p}", [edge[0], edge[1]]
 
 
 def _grouped_edges(
-    store: EventStore, column: str, edges: list[tuple[float | None, float | None]], only: str = ""
+    store: Store, column: str, edges: list[tuple[float | None, float | None]], only: str = ""
 ) -> dict[Any, CallSums]:
     out: dict[Any, CallSums] = {}
     for edge in edges:
-        where, params = _edge_where(edge)
+        where, params = _edge_where(store, edge)
         for value, *row in store.read(
-            f"SELECT {column}, {SUMS_SQL} FROM events{where}{only} GROUP BY 1", params
+            f"SELECT {column}, {sums_sql(store.cost_sum)} FROM events{where}{only} GROUP BY 1",
+            params,
         ):
             into = out.get(value)
             if into is None:
@@ -142,20 +152,22 @@ def _grouped_edges(
 
 def _money(value: Any) -> float | None:
     # sums of many small floats carry noise in the last digits; a sum past
-    # the float range has no JSON spelling: unknown
-    if value is None or not math.isfinite(value):
+    # the float range has no JSON spelling: unknown (PostgreSQL's numeric
+    # sum is finite there, its float is not)
+    if value is None:
         return None
-    return round(float(value), 10)
+    value = float(value)
+    return round(value, 10) if math.isfinite(value) else None
 
 
-def _percentile(store: EventStore, where: str, params: list[Any], n: int, q: float) -> Any:
+def _percentile(store: Store, where: str, params: list[Any], n: int, q: float) -> Any:
     """The C{q} quantile of C{duration_ms} (nearest rank) among C{n} calls."""
     if n == 0:
         return None
     rank = max(0, math.ceil(q * n) - 1)
     rows = store.read(
         f"SELECT duration_ms FROM events{where} AND duration_ms IS NOT NULL "
-        "ORDER BY duration_ms LIMIT 1 OFFSET ?",
+        f"ORDER BY duration_ms LIMIT 1 OFFSET {store.placeholder}",
         [*params, rank],
     )
     return rows[0][0] if rows else None
@@ -176,13 +188,13 @@ def summary(
     the rollup (exact) and its percentiles read from its latency histogram
     (within 2.5 %); any other reads the events (exact).
     """
-    store = sqlite_only(any_store, "/api/summary")
+    store = any_store
     where, params = store.where({**filters, "kind": "call"}, since, until)
     plan = _plan(store, "", since, until, filters)
     latency: dict[str, Any]
     if plan is None:
         ((total_row),) = store.read(
-            f"SELECT {SUMS_SQL}, count(duration_ms) FROM events{where}", params
+            f"SELECT {sums_sql(store.cost_sum)}, count(duration_ms) FROM events{where}", params
         )
         total = CallSums()
         total.add_row(total_row[:-1])
@@ -198,7 +210,7 @@ def summary(
             total.add(edge_sums)
         histogram = rollup.latency(first, last)
         for edge in edges:
-            edge_where, edge_params = _edge_where(edge)
+            edge_where, edge_params = _edge_where(store, edge)
             for bucket, calls in store.read(
                 f"SELECT CAST(floor(ln(duration_ms) * {HISTOGRAM_SCALE}) AS INTEGER), count(*)"
                 f" FROM events{edge_where} AND duration_ms > 0 GROUP BY 1",
@@ -234,7 +246,7 @@ def summary(
 
 
 def _reasons(
-    store: EventStore,
+    store: Store,
     since: float | None,
     until: float | None,
     filters: Mapping[str, str | None],
@@ -252,7 +264,8 @@ def _reasons(
         forwarded = f" AND NOT {NOT_FORWARDED_SQL}" if left_out else ""
         return store.read(
             f"SELECT price_ref, count(*) AS n FROM events{where} AND cost_usd IS NULL"
-            f"{forwarded} GROUP BY price_ref ORDER BY n DESC, price_ref LIMIT ?",
+            f"{forwarded} GROUP BY price_ref"
+            f" ORDER BY n DESC, {store.text_order('price_ref')} LIMIT {store.placeholder}",
             [*params, TOP_REASONS],
         )
     rollup, first, last, edges = plan
@@ -302,7 +315,7 @@ def report(
         return store.report(by, since=since, until=until, **filters)
     rollup, first, last, edges = plan
     sums = rollup.sums(dim, first, last)
-    for value, edge_sums in _grouped_edges(store, GROUPS[dim], edges).items():
+    for value, edge_sums in _grouped_edges(store, store.group_sql(dim), edges).items():
         into = sums.get(value)
         if into is None:
             into = sums[value] = CallSums()
@@ -363,7 +376,7 @@ def timeseries(
 
     @raise StoreError: C{by} is not one of L{SERIES}, or too many buckets.
     """
-    store = sqlite_only(any_store, "/api/timeseries")
+    store = any_store
     column = SERIES.get(by)
     if column is None:
         raise StoreError(f"unknown series {by!r}; known: {', '.join(SERIES)}")
@@ -373,22 +386,33 @@ def timeseries(
         raise StoreError(f"{count} buckets of {bucket} s: at most {MAX_BUCKETS}; pick a larger one")
     plan = _plan(store, by, since, until, filters) if bucket % HOUR == 0 else None
     rows: list[tuple[Any, ...]] = []
-    if plan is None:
-        ranges: list[tuple[float | None, float | None]] = [(since, until)]
+    ranges: list[tuple[float | None, float | None]]
+    if plan is None and bucket % HOUR == 0 and store.rollup_answers(("hour", by), filters):
+        # the store's report per hour reads its own rollup (PostgreSQL's)
+        ranges = []
+        for row in store.report(("hour", by), since=since, until=until, **filters):
+            if row["hour"] is not None:
+                start = calendar.timegm(time.strptime(row["hour"], "%Y-%m-%dT%H:00Z"))
+                rows.append(((start - origin) // bucket, row[by], row["calls"], row["cost_usd"]))
+    elif plan is None:
+        ranges = [(since, until)]
     else:
         rollup, first, last, ranges = plan
         for (hour, key), found in rollup.series(by, first, last).items():
             forwarded = found.calls - found.not_forwarded
             rows.append(((hour * HOUR - origin) // bucket, key, forwarded, found.cost))
+    p = store.placeholder
     for low, high in ranges:
         where, params = store.where({**filters, "kind": "call"}, low, high)
         if filters.get("outcome") is None:  # as the report: only calls that went upstream
             where += f" AND NOT {NOT_FORWARDED_SQL}"
-        rows += store.read(
-            f"SELECT CAST((ts - ?) / ? AS INTEGER) AS b, {column}, count(*), sum(cost_usd)"
-            f" FROM events{where} GROUP BY b, {column}",
-            [origin, bucket, *params],
-        )
+        # floor: a cast to integer truncates in SQLite but rounds in PostgreSQL
+        for b, key, calls, cost in store.read(
+            f"SELECT CAST(floor((ts - {p}) / {p}) AS bigint) AS b, {column}, count(*),"
+            f" {store.cost_sum()} FROM events{where} GROUP BY b, {column}",
+            [float(origin), float(bucket), *params],
+        ):
+            rows.append((int(b), key, int(calls), None if cost is None else float(cost)))
     totals: dict[Any, float] = {}
     for _, key, calls, cost in rows:
         totals[key] = totals.get(key, 0.0) + (cost or 0.0) + calls * 1e-12
@@ -429,28 +453,31 @@ def _series_name(key: Any) -> str:
 
 def event_by_id(any_store: Store, event_id: str) -> dict[str, Any] | None:
     """The stored event with this C{id}, or None."""
-    return sqlite_only(any_store, "/api/events/ID").event(event_id)
+    return any_store.event(event_id)
 
 
 def run(any_store: Store, run_id: str) -> dict[str, Any]:
     """A run's events (calls and spans) in time order, with its calls'
     total cost, first and last time. At most L{RUN_LIMIT} events are listed
     (C{truncated} says so); the totals count them all."""
-    store = sqlite_only(any_store, "/api/runs")
+    store = any_store
     events = store.events(limit=RUN_LIMIT + 1, run=run_id)
     where, params = store.where({"run": run_id, "kind": "call"}, None, None)
     ((calls, cost, unpriced),) = store.read(
-        f"SELECT count(*), sum(cost_usd), sum(cost_usd IS NULL) FROM events{where}", params
+        f"SELECT count(*), {store.cost_sum()},"
+        f" sum(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END) FROM events{where}",
+        params,
     )
     ((first, last),) = store.read(
-        "SELECT min(ts), max(ts + coalesce(duration_ms, 0) / 1000.0) FROM events WHERE run_id = ?",
+        "SELECT min(ts), max(ts + coalesce(duration_ms, 0) / 1000.0) FROM events"
+        f" WHERE run_id = {store.placeholder}",
         [run_id],
     )
     return {
         "run_id": run_id,
-        "calls": calls,
+        "calls": int(calls),
         "cost_usd": _money(cost),
-        "unpriced_calls": unpriced or 0,
+        "unpriced_calls": int(unpriced or 0),
         "start": first,
         "end": last,
         "events": events[:RUN_LIMIT],

@@ -39,6 +39,8 @@ import psycopg
 
 from llmobserve.events import MAX_EVENT_DEPTH
 
+from ._pgrollup import MIGRATION as ROLLUP_MIGRATION
+from ._pgrollup import ROLLUP_FILTERS, ROLLUP_GROUPS, report_sql, rollup_window
 from ._sql import PgSql
 from ._store import (
     _COLUMNS,
@@ -133,8 +135,12 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (budget, "window", holder)
     );
     """,
+    # the hourly rollup the reports read (_pgrollup)
+    ROLLUP_MIGRATION,
 )
 PG_SCHEMA_VERSION: Final = len(MIGRATIONS)
+#: The schema version from which the rollup tables are there.
+_ROLLUP_VERSION: Final = MIGRATIONS.index(ROLLUP_MIGRATION) + 1
 
 #: Any constant: collectors migrating at once take turns on it.
 _MIGRATION_LOCK: Final = 0x6C6C6D6F62
@@ -177,13 +183,16 @@ _PROJECT: Final = "(extra::jsonb ->> 'project')"
 
 _PG_FILTERS: Final[dict[str, str]] = {**FILTERS, "project": _PROJECT}
 
+# floor(ts): the hour and day a call falls in (to_timestamp rounds to the
+# microsecond, which would put 15:59:59.9999998 in 16:00, where a window
+# ending at 16:00 and the rollup's hours do not)
 _PG_GROUPS: Final[dict[str, str]] = {
     **GROUPS,
     "project": _PROJECT,
     "day": f"CASE WHEN {_TS_RANGE} THEN "
-    "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD') END",
+    "to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD') END",
     "hour": f"CASE WHEN {_TS_RANGE} THEN "
-    "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"') END",
+    "to_char(to_timestamp(floor(ts)) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24\":00Z\"') END",
 }
 
 #: A value the server (or the driver) refuses: rows are made to fit.
@@ -290,6 +299,8 @@ class PgEventStore(Store):
         self._sleep = sleep
         self._conn: psycopg.Connection[Any] | None = None
         self._checked = False
+        #: the schema version the database had when last checked
+        self._schema: int | None = None
         try:
             if migrate:
                 self._migrate(self._connection())
@@ -342,6 +353,7 @@ class PgEventStore(Store):
 
     def _check_version(self, conn: psycopg.Connection[Any]) -> int:
         version = self._version(conn)
+        self._schema = version
         if version > PG_SCHEMA_VERSION:
             raise StoreError(
                 f"store schema {version} in {_safe_url(self.url)} is newer than this "
@@ -360,6 +372,7 @@ class PgEventStore(Store):
             for number in range(version + 1, PG_SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[number - 1])
                 conn.execute(f"INSERT INTO {_SCHEMA_TABLE} (version) VALUES (%s)", (number,))
+            self._schema = max(version, PG_SCHEMA_VERSION)
 
     # -- writing ------------------------------------------------------------
 
@@ -506,9 +519,53 @@ class PgEventStore(Store):
             self._drop()
             raise StoreUnavailable(f"PostgreSQL unreachable: {_first_line(e)}") from e
 
-    def _group_order(self, index: int, name: str) -> str:
-        # byte order, as SQLite sorts, whatever the database's collation
-        return f'{self._GROUPS[name]} COLLATE "C"'
+    def report(
+        self,
+        by: Sequence[str] = ("provider", "model"),
+        since: float | None = None,
+        until: float | None = None,
+        **filters: str | None,
+    ) -> list[dict[str, Any]]:
+        """L{Store.report}: the same rows, from the hourly rollup where it
+        can answer (every group and filter one of its dimensions, a window
+        holding a whole hour): its whole hours plus the events of the
+        window's ragged edges. Any other report reads the events."""
+        groups = self._report_groups(by)
+        given = {name: value for name, value in filters.items() if value is not None}
+        hours = rollup_window(since, until)
+        if hours is None or not self.rollup_answers(groups, given) or not self._has_rollup():
+            return super().report(by, since=since, until=until, **filters)
+        given.pop("kind", None)  # a report counts calls whatever it is given
+        exprs = {**self._GROUPS, "project": "project"}
+        where, params = self._where(given, None, None, {**self._FILTERS, "project": "project"})
+        cost = "CASE WHEN sum(calls) > sum(unpriced) THEN sum(cost) END"
+        order = self._report_order(groups, exprs, cost, "coalesce(sum(calls), 0)")
+        project = "project" in groups or "project" in given
+        sql, all_params = report_sql(
+            groups, exprs, hours, since, until, where, params, order, project
+        )
+        return self._report_rows(groups, self._query(sql, all_params))
+
+    def _has_rollup(self) -> bool:
+        """Whether the database has the rollup tables (C{llmobserve report}
+        never migrates: a database an older collector keeps may lack them)."""
+        if self._schema is None:
+            self._query("SELECT 1", ())  # connects, which reads the schema's version
+        return (self._schema or 0) >= _ROLLUP_VERSION
+
+    def rollup_answers(self, by: Sequence[str], filters: Mapping[str, str | None]) -> bool:
+        """L{Store.rollup_answers}: every group and filter is a dimension of
+        the rollup (a window without a whole hour reads the events too)."""
+        given = (name for name, value in filters.items() if value is not None)
+        return ROLLUP_GROUPS.issuperset(by) and ROLLUP_FILTERS.issuperset(given)
+
+    def _group_order(self, index: int, expr: str) -> str:
+        return self.text_order(expr)
+
+    def text_order(self, expr: str) -> str:
+        """Byte order, NULL first, as SQLite sorts (whatever the database's
+        collation; PostgreSQL puts NULL last by itself)."""
+        return f'{expr} COLLATE "C" NULLS FIRST'
 
     def acked_seq(self, proxy_id: str) -> int | None:
         """The last batch C{seq} acknowledged to this proxy, if any."""

@@ -17,7 +17,7 @@ questions are answered here; a filtered one reads the events.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from ._store import NOT_FORWARDED, EventStore
@@ -29,8 +29,10 @@ __all__ = [
     "HOURLY",
     "NOT_FORWARDED_SQL",
     "ONLY",
+    "SUMS_SQL",
     "CallSums",
     "Rollup",
+    "sums_sql",
 ]
 
 HOUR: Final = 3600
@@ -67,17 +69,39 @@ NOT_FORWARDED_SQL: Final = (
     "coalesce(outcome, '') IN (" + ", ".join(f"'{o}'" for o in NOT_FORWARDED) + ")"
 )
 
-#: The sums one row of the events gives, in this order.
-SUMS_SQL: Final = (
-    "count(*), sum(cost_usd), sum(cost_usd IS NULL), "
-    + ", ".join(f"sum({t})" for t in TOKENS)
-    + ", sum(coalesce(outcome, 'ok') != 'ok' OR coalesce(status, 0) >= 400)"
-    + ", sum(CASE WHEN usage_source = 'estimated' THEN cost_usd END)"
-    + ", sum(usage_source = 'estimated')"
-    + f", sum({NOT_FORWARDED_SQL}), sum({NOT_FORWARDED_SQL} AND cost_usd IS NULL)"
-)
 #: What counts as an error, for callers that need it alone.
 ERROR_SQL: Final = "(coalesce(outcome, 'ok') != 'ok' OR coalesce(status, 0) >= 400)"
+
+
+def _count_of(condition: str) -> str:
+    # sum(CASE ...), not sum(condition): PostgreSQL sums no booleans
+    return f"sum(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+def sums_sql(cost_sum: Callable[[str], str] = lambda expr: f"sum({expr})") -> str:
+    """The sums one row of the events gives, in L{CallSums.add_row}'s order,
+    in SQL both back ends run.
+
+    @param cost_sum: the back end's sum of a cost expression
+        (L{Store.cost_sum<llmobserve.collector._store.Store.cost_sum>}).
+    """
+    return ", ".join(
+        [
+            "count(*)",
+            cost_sum("cost_usd"),
+            _count_of("cost_usd IS NULL"),
+            *(f"sum({t})" for t in TOKENS),
+            _count_of(ERROR_SQL),
+            cost_sum("CASE WHEN usage_source = 'estimated' THEN cost_usd END"),
+            _count_of("usage_source = 'estimated'"),
+            _count_of(NOT_FORWARDED_SQL),
+            _count_of(f"{NOT_FORWARDED_SQL} AND cost_usd IS NULL"),
+        ]
+    )
+
+
+#: L{sums_sql} for SQLite (the in-memory rollup's refresh).
+SUMS_SQL: Final = sums_sql()
 
 
 class CallSums:
@@ -112,18 +136,19 @@ class CallSums:
 
     def add_row(self, row: tuple[Any, ...] | list[Any]) -> None:
         """Add one result row of L{SUMS_SQL}."""
+        # int() and float(): PostgreSQL sums integers and costs as numeric
         calls, cost, unpriced, *rest = row
-        self.calls += calls or 0
+        self.calls += int(calls or 0)
         self.cost = _plus(self.cost, cost)
-        self.unpriced += unpriced or 0
+        self.unpriced += int(unpriced or 0)
         for i in range(len(TOKENS)):
-            self.tokens[i] += rest[i] or 0
+            self.tokens[i] += int(rest[i] or 0)
         errors, estimated_cost, estimated, not_forwarded, nf_unpriced = rest[len(TOKENS) :]
-        self.errors += errors or 0
+        self.errors += int(errors or 0)
         self.estimated_cost = _plus(self.estimated_cost, estimated_cost)
-        self.estimated += estimated or 0
-        self.not_forwarded += not_forwarded or 0
-        self.not_forwarded_unpriced += nf_unpriced or 0
+        self.estimated += int(estimated or 0)
+        self.not_forwarded += int(not_forwarded or 0)
+        self.not_forwarded_unpriced += int(nf_unpriced or 0)
 
     def add(self, other: CallSums) -> None:
         self.add_row(
@@ -141,11 +166,12 @@ class CallSums:
         )
 
 
-def _plus(total: float | None, value: float | None) -> float | None:
+def _plus(total: float | None, value: Any) -> float | None:
     """A sum that stays None (unknown) until a known value is added."""
     if value is None:
         return total
-    return value if total is None else total + value
+    added = float(value)
+    return added if total is None else total + added
 
 
 class Rollup:

@@ -728,8 +728,8 @@ class Store:
         """The rows of one read-only query."""
         raise NotImplementedError
 
-    def _group_order(self, index: int, name: str) -> str:
-        """The ORDER BY term of report group C{index} (named C{name})."""
+    def _group_order(self, index: int, expr: str) -> str:
+        """The ORDER BY term of report group C{index} (the SQL C{expr})."""
         return f"g{index}"
 
     def _change(self, sql: str, params: Sequence[Any]) -> int:
@@ -786,15 +786,69 @@ class Store:
         """Close the connection; the store is unusable afterwards."""
         raise NotImplementedError
 
-    def _where(
+    # -- what the dashboard's queries (_insights) write their SQL with -------
+
+    @property
+    def placeholder(self) -> str:
+        """The driver's parameter placeholder (C{?} or C{%s})."""
+        return self._P
+
+    def cost_sum(self, expr: str = "cost_usd") -> str:
+        """The SQL sum of a cost expression that does not fail past the
+        float range (SQLite gives infinity; PostgreSQL sums it as numeric)."""
+        return self._COST_SUM.replace("cost_usd", f"({expr})")
+
+    def group_sql(self, name: str) -> str:
+        """The SQL expression of the L{GROUPS} name C{name}."""
+        return self._GROUPS[name]
+
+    def text_order(self, expr: str) -> str:
+        """An ORDER BY term putting text in byte order, NULL first (SQLite's
+        own order, whatever the database's collation)."""
+        return expr
+
+    def rollup_answers(self, by: Sequence[str], filters: Mapping[str, str | None]) -> bool:
+        """Whether L{report} answers these groups and filters from sums the
+        store keeps (PostgreSQL's rollup tables) rather than the events."""
+        return False
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """The stored event with this C{id}, or None."""
+        rows = list(self._query(f"{_SELECT} WHERE id = {self._P}", (event_id,)))
+        return _event(rows[0]) if rows else None
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query (for the dashboard's summaries in
+        L{llmobserve.collector._insights}), with L{placeholder} parameters."""
+        return [tuple(row) for row in self._query(sql, params)]
+
+    def where(
         self, filters: Mapping[str, str | None], since: float | None, until: float | None
     ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause (or C{""}) and parameters L{events} and
+        L{report} use for these filters and bounds.
+
+        @raise StoreError: an unknown filter name.
+        """
+        return self._where(filters, since, until)
+
+    def _where(
+        self,
+        filters: Mapping[str, str | None],
+        since: float | None,
+        until: float | None,
+        columns: Mapping[str, str] | None = None,
+    ) -> tuple[str, list[Any]]:
+        """The C{WHERE} clause and parameters of C{filters} and bounds.
+
+        @param columns: each filter's SQL (default: the dialect's L{_FILTERS}).
+        """
         clauses: list[str] = []
         params: list[Any] = []
         for name, value in filters.items():
             if value is None:
                 continue
-            column = self._FILTERS.get(name)
+            column = (self._FILTERS if columns is None else columns).get(name)
             if column is None:
                 raise StoreError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
             if name == "section_path":
@@ -863,12 +917,7 @@ class Store:
         @param by: names from L{GROUPS}; empty for one grand total row.
         @raise StoreError: an unknown grouping or filter name.
         """
-        groups: list[str] = []
-        for name in by:
-            if name not in self._GROUPS:
-                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
-            if name not in groups:
-                groups.append(name)
+        groups = self._report_groups(by)
         where, params = self._where({**filters, "kind": "call"}, since, until)
         if filters.get("outcome") is None:
             marks = ", ".join([self._P] * len(NOT_FORWARDED))
@@ -888,17 +937,44 @@ class Store:
         sql = f"SELECT {', '.join(select)} FROM events{where}"
         if groups:
             sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))}"
+        order = self._report_order(groups, self._GROUPS, self._COST_SUM, "count(*)")
+        sql += f" ORDER BY {order}"
+        return self._report_rows(groups, self._query(sql, params))
+
+    def _report_groups(self, by: Sequence[str]) -> list[str]:
+        """L{report}'s groups: C{by} without repeats, each checked."""
+        groups: list[str] = []
+        for name in by:
+            if name not in self._GROUPS:
+                raise StoreError(f"unknown grouping {name!r}; known: {', '.join(GROUPS)}")
+            if name not in groups:
+                groups.append(name)
+        return groups
+
+    def _report_order(
+        self, groups: Sequence[str], exprs: Mapping[str, str], cost: str, calls: str
+    ) -> str:
+        """L{report}'s ORDER BY terms, given its group expressions and its
+        cost and call count sums."""
+
+        def key(index: int, name: str) -> str:
+            return self._group_order(index, exprs[name])
+
         # Time groups read best in time order; the rest, costliest first.
-        key = self._group_order
         order = [key(i, g) for i, g in enumerate(groups) if g in ("day", "hour")]
-        order += [f"coalesce({self._COST_SUM}, 0) DESC", "count(*) DESC"]
+        order += [f"coalesce({cost}, 0) DESC", f"{calls} DESC"]
         order += [key(i, g) for i, g in enumerate(groups) if g not in ("day", "hour")]
-        sql += f" ORDER BY {', '.join(order)}"
+        return ", ".join(order)
+
+    @staticmethod
+    def _report_rows(groups: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
+        """L{report}'s rows from result rows: the groups, then count, cost,
+        unpriced calls, the token sums, estimated cost and estimated calls."""
         out: list[dict[str, Any]] = []
         n = len(groups)
-        for row in self._query(sql, params):
+        for row in rows:
             item: dict[str, Any] = {g: row[i] for i, g in enumerate(groups)}
-            item["calls"] = int(row[n])
+            item["calls"] = int(row[n] or 0)
             cost = row[n + 1]
             # sums of many small floats carry noise in the last digits
             # (a sum past the float range has no JSON spelling: unknown)
@@ -1104,25 +1180,9 @@ class EventStore(Store):
         """Every proxy's last acknowledged batch C{seq}."""
         return {p: int(s) for p, s in self._db.execute("SELECT proxy_id, acked_seq FROM links")}
 
-    def event(self, event_id: str) -> dict[str, Any] | None:
-        """The stored event with this C{id}, or None."""
-        row = self._db.execute(f"{_SELECT} WHERE id = ?", (event_id,)).fetchone()
-        return None if row is None else _event(row)
-
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """The rows of one read-only query (for the dashboard's summaries in
-        L{llmobserve.collector._insights})."""
+        """L{Store.read}: sqlite3's rows are tuples already."""
         return self._db.execute(sql, params).fetchall()
-
-    def where(
-        self, filters: Mapping[str, str | None], since: float | None, until: float | None
-    ) -> tuple[str, list[Any]]:
-        """The C{WHERE} clause (or C{""}) and parameters L{events} and
-        L{report} use for these filters and bounds.
-
-        @raise StoreError: an unknown filter name.
-        """
-        return self._where(filters, since, until)
 
     def count(self) -> int:
         """How many events (of every kind) are stored."""

@@ -101,24 +101,29 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     c.store.close()
 
 
-#: The dashboard's own queries are SQLite's alone for now (a PostgreSQL
-#: store answers them 501: test_dashboard_queries_are_501_on_postgres).
-_SQLITE_ONLY = pytest.mark.parametrize("client", ["sqlite"], indirect=True)
-
-
-def test_dashboard_queries_are_501_on_postgres(pg_url: str, tmp_path: Path) -> None:
-    """Not yet on PostgreSQL: a clear 501 with the error contract, not a 500."""
+def test_dashboard_queries_answer_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    """Every /api/* route of the dashboard answers on PostgreSQL (they were a
+    501 not_implemented): the same bodies as over a SQLite store fed the
+    same events."""
     from llmobserve.collector._pgstore import PgEventStore
 
-    c = _filled_client(tmp_path, PgEventStore(pg_url))
-    try:
-        for path in ("/api/summary", "/api/timeseries", "/api/events/a", "/api/runs/r1"):
-            code, _, body = c.get(path)
-            assert code == 501 and body["error"]["type"] == "not_implemented", (path, body)
-        code, _, body = c.get("/api/report?by=provider")
-        assert code == 200 and body["rows"], body
-    finally:
-        c.store.close()
+    paths = (
+        "/api/summary?since=0",
+        "/api/timeseries?since=1749900000&until=1750100000&bucket=1h",
+        "/api/events/a",
+        "/api/runs/r1",
+        "/api/report?by=provider",
+    )
+    answers = []
+    for store in (PgEventStore(pg_url), None):
+        c = _filled_client(tmp_path / ("pg" if store else "sqlite"), store)
+        try:
+            answers.append([c.get(path)[::2] for path in paths])
+        finally:
+            c.store.close()
+    for path, pg, sqlite in zip(paths, *answers, strict=True):
+        assert pg[0] == 200, (path, pg)
+        assert pg == sqlite, path
 
 
 @pytest.fixture
@@ -297,7 +302,6 @@ def test_times_outside_years_1_to_9999_are_400(client: Client, path: str) -> Non
     assert "time" in body["error"]["message"]
 
 
-@_SQLITE_ONLY
 def test_report_and_summary_survive_extreme_stored_values(client: Client) -> None:
     """Stored values come from proxies: costs summing past the float range and a
     ts no calendar holds answer 200 (the sum reads as unknown), not 500."""
@@ -431,7 +435,6 @@ def _dashboard_calls(client: Client) -> None:
     )
 
 
-@_SQLITE_ONLY
 def test_unknown_cost_reasons_leave_out_calls_not_forwarded(client: Client) -> None:
     """A call the proxy refused has no price, but it is no call of any provider:
     /api/summary left it out of unpriced_calls yet listed its price_ref among
@@ -467,7 +470,6 @@ def test_unknown_cost_reasons_leave_out_calls_not_forwarded(client: Client) -> N
     ]
 
 
-@_SQLITE_ONLY
 def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     """/api/summary: calls, cost, tokens, the error rate (outcome not ok or status
     >= 400), the share of calls of unknown cost with its commonest reasons, and
@@ -496,7 +498,6 @@ def test_summary_totals_errors_unknown_cost_and_latency(client: Client) -> None:
     assert empty["latency_ms"] == {"p50": None, "p95": None}
 
 
-@_SQLITE_ONLY
 def test_timeseries_buckets_by_provider_and_model(client: Client) -> None:
     """/api/timeseries: buckets aligned to multiples of their size, every one
     from since to until listed (zeros where nothing happened), one series per
@@ -517,7 +518,6 @@ def test_timeseries_buckets_by_provider_and_model(client: Client) -> None:
     assert sum(sum(s["calls"]) for s in body["series"]) == 4
 
 
-@_SQLITE_ONLY
 @pytest.mark.parametrize(
     "query",
     [
@@ -540,7 +540,6 @@ def test_timeseries_bad_parameters_are_400(client: Client, query: str) -> None:
     assert body["error"]["type"] == "bad_request"
 
 
-@_SQLITE_ONLY
 def test_one_event_and_one_run(client: Client) -> None:
     """/api/events/ID is that event (a JSON 404 when none); /api/runs/ID lists a
     run's calls and spans oldest first (ties in arrival order) with its calls' total cost."""
@@ -576,7 +575,6 @@ def test_events_newest_first_and_the_calls_page_filters(client: Client) -> None:
     assert client.get("/api/events?order=sideways")[0] == 400
 
 
-@_SQLITE_ONLY
 def test_long_windows_read_the_rollup_and_match_the_events(client: Client) -> None:
     """Unfiltered long windows are summed from hourly and daily sums plus their
     ragged edges: the report, summary and series equal what the events say,

@@ -194,3 +194,94 @@ def test_llmobserve_db_names_the_database(tmp_path: Path, pg_url: str) -> None:
     with collector:
         assert _get_json(collector.url + "/health")["events_stored"] == 0
     assert _stored(pg_url) == (0, 0)  # the events table exists
+
+
+def _varied_events(n: int) -> list[dict[str, Any]]:
+    """C{n} calls over about ten hours (providers, models, customers, unpriced
+    and refused calls, errors, estimated usage, a run) and a span."""
+    t0 = 1_750_003_200.0  # on the hour
+    events: list[dict[str, Any]] = [
+        {"id": "span-1", "kind": "span", "ts": t0 + 5, "run_id": "run-7", "name": "plan"}
+    ]
+    for i in range(n):
+        refused = i % 17 == 3
+        events.append(
+            {
+                "id": f"pg-dash-{i:04d}",
+                "kind": "call",
+                "ts": t0 + i * 61.5,
+                "provider": ["openai", "anthropic", "gemini"][i % 3],
+                "model": f"m{i % 4}",
+                "endpoint": "chat.completions",
+                "status": 403 if refused else 500 if i % 11 == 0 else 200,
+                "outcome": "refused" if refused else "ok",
+                "duration_ms": 50.0 + (i * 37) % 900,
+                "cost_usd": None if refused or i % 7 == 0 else 0.0001 * (1 + i % 9),
+                "price_ref": "not priced" if refused else f"unknown model m{i % 2}",
+                "usage_source": "missing" if refused else "estimated" if i % 5 == 1 else "reported",
+                "usage": {} if refused else {"input_tokens": i % 50, "output_tokens": i % 13},
+                "context": {
+                    "customer_id": f"c{i % 6}",
+                    "section_path": f"s{i % 2}/t{i % 3}",
+                    **({"run_id": "run-7"} if i % 50 == 0 else {}),
+                },
+            }
+        )
+    return events
+
+
+def _deliver(port: int, events: list[dict[str, Any]]) -> None:
+    """Send C{events} over one LINK.md connection (twice: the second time as
+    a resend after a lost ack) and wait for every ack."""
+    import socket
+
+    from llmobserve.events._codec import MAGIC, FrameDecoder, encode_frame
+
+    batches = [events[i : i + 200] for i in range(0, len(events), 200)]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        decoder = FrameDecoder()
+        sock.sendall(MAGIC + encode_frame({"t": "hello", "proxy_id": "dash-1", "version": 1}))
+        for seq, batch in enumerate([*batches, *batches]):
+            sock.sendall(encode_frame({"t": "batch", "seq": seq, "events": batch}))
+        acked = -1
+        while acked < 2 * len(batches) - 1:
+            data = sock.recv(65536)
+            assert data, "the collector closed the link"
+            for message in decoder.feed(data):
+                if message.get("t") == "ack":
+                    acked = int(message["seq"])
+
+
+@pytest.mark.timeout(120)
+def test_the_dashboard_api_answers_alike_on_postgres_and_sqlite(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A PostgreSQL collector and a SQLite one, fed the same events (each
+    delivered twice) over the link: /api/summary, /api/timeseries,
+    /api/report, /api/runs/ID and /api/events/ID answer with the same
+    figures (they were 501 on PostgreSQL)."""
+    events = _varied_events(600)
+    t0 = events[1]["ts"]
+    short = f"since={t0 + 600}&until={t0 + 7200}"  # under three hours: events on both
+    paths = [
+        f"/api/summary?{short}",
+        f"/api/summary?{short}&provider=openai",
+        f"/api/summary?since={t0 - 1}&until={t0 + 40_000}&customer=c1",
+        f"/api/timeseries?{short}&bucket=10m",
+        f"/api/timeseries?since={t0}&until={t0 + 40_000}&bucket=1h&by=model",
+        f"/api/report?by=customer&since={t0}&until={t0 + 40_000}",
+        "/api/runs/run-7",
+        "/api/events/pg-dash-0042",
+    ]
+    answers: dict[str, list[Any]] = {}
+    for name, db in (("postgres", pg_url), ("sqlite", str(tmp_path / "events.sqlite3"))):
+        with CollectorProcess(db=db, workdir=tmp_path / name) as collector:
+            _deliver(collector.port, events)
+            answers[name] = [_get_json(collector.url + path) for path in paths]
+            # an all-time summary: the SQLite collector sums it from its rollup
+            whole = _get_json(collector.url + f"/api/summary?since={t0 - 1}")
+            answers[name].append({k: v for k, v in whole.items() if k != "latency_ms"})
+    compared = zip([*paths, "all time"], answers["postgres"], answers["sqlite"], strict=True)
+    for path, pg, sqlite in compared:
+        assert pg == sqlite, path
+    assert answers["postgres"][0]["calls"] > 0 and answers["postgres"][0]["refused_calls"] > 0
