@@ -222,7 +222,10 @@ class ProxyResource:
                 for name, values in request.requestHeaders.getAllRawHeaders()
                 for value in values
             ]
-        refused = self._guard.refusal([v for n, v in pairs if n.lower() == b"host"])
+        hosts = getattr(request, "host_values", None)  # the lean channel gathered them
+        if hosts is None:
+            hosts = [v for n, v in pairs if n.lower() == b"host"]
+        refused = self._guard.refusal(hosts)
         if refused is not None:
             write_error_early(request, refused.status, refused.kind, refused.message, clock)
             return _REFUSAL
