@@ -150,11 +150,16 @@ class ChannelRequest:
         #: Every C{Host} value, gathered while the framing was checked (the
         #: resource's Host guard reads them instead of scanning again).
         self.host_values = hosts
-        self.requestHeaders = _RequestHeaders(self.raw_headers)
         self.responseHeaders = _ResponseHeaders()
         self._out: list[bytes] = []
 
     # twisted.web.http.Request, the parts used
+
+    @property
+    def requestHeaders(self) -> _RequestHeaders:
+        """The request's headers, twisted.web style (the proxy's own routes;
+        the relay reads C{raw_headers}), made when asked."""
+        return _RequestHeaders(self.raw_headers)
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
@@ -376,11 +381,13 @@ class ProxyChannel(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url) + 16)  # plus method, version, line ends
+        self._head_bytes += len(url) + 16  # plus method, version, line ends
+        if self._head_bytes > self.factory.max_head_bytes:
+            raise _TooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Called for every header of every request: the head-size count of
-        # _count_head, inline.
+        # Called for every header of every request: kept to one call (the
+        # head's size and the number of fields, both bounded).
         size = self._head_bytes + len(name) + len(value) + 4  # plus ": " and CRLF
         self._head_bytes = size
         headers = self._headers
@@ -637,11 +644,6 @@ class ProxyChannel(Protocol):
             transport: Any = self.transport
             if transport is not None:
                 transport.abortConnection()
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.factory.max_head_bytes:
-            raise _TooLarge()
 
 
 class _TooLarge(Exception):

@@ -312,7 +312,7 @@ class ProxyResource:
         prefix = len(b"/".join(request.prepath)) + 1 if request.prepath else 0
         rel = uri[prefix:]
         if route == b"proxy":
-            raw = head.target_url()
+            raw = head.ours.get(b"target-url")  # head.target_url(), inline
             if raw is None:
                 raise TargetRefused(
                     "bad_target", "X-LLMObserve-Target-URL header is required for /proxy"
