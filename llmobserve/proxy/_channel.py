@@ -36,6 +36,7 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from llmobserve.proxy._errors import error_body, prepare_error
+from llmobserve.proxy._headers import EXPECT, HOST, LENGTH, REQUEST_KINDS, TE, request_kind
 from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
@@ -670,17 +671,20 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[
     te = cl = 0
     expects_continue = False
     hosts: list[bytes] = []
+    kinds = REQUEST_KINDS
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"host":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = request_kind(name)  # each spelling lower-cased once
+        if kind == HOST:
             hosts.append(value)
-        elif lower == b"expect":
+        elif kind == EXPECT:
             expects_continue = value.strip().lower() == b"100-continue"
-        elif lower == b"transfer-encoding":
+        elif kind == TE:
             te += 1
             if value.strip().lower() != b"chunked":
                 raise _BadFraming("only 'Transfer-Encoding: chunked' is accepted")
-        elif lower == b"content-length":
+        elif kind == LENGTH:
             cl += 1
             if not value.strip().isdigit():
                 raise _BadFraming("Content-Length must be digits")
