@@ -132,6 +132,7 @@ FORWARD, DROP, LENGTH, TE, CONNECTION, VIA, HOST, EXPECT = range(8)
 #: from clients).
 REQUEST_KINDS: dict[bytes, int | bytes] = {}
 _KINDS_MAX = 512
+_KIND_NAME_MAX = 64  # so the remembered names hold at most 32 KiB
 _DROPPED_KIND = {
     b"content-length": LENGTH,
     b"transfer-encoding": TE,
@@ -152,9 +153,10 @@ def request_kind(name: bytes) -> int | bytes:
         kind = _DROPPED_KIND.get(lower, DROP)
     else:
         kind = VIA if lower == b"via" else FORWARD
-    if len(REQUEST_KINDS) >= _KINDS_MAX:
-        REQUEST_KINDS.clear()
-    REQUEST_KINDS[name] = kind
+    if len(name) <= _KIND_NAME_MAX:  # long names are classified every time
+        if len(REQUEST_KINDS) >= _KINDS_MAX:
+            REQUEST_KINDS.clear()
+        REQUEST_KINDS[name] = kind
     return kind
 
 
