@@ -21,10 +21,12 @@ __all__ = [
     "HOST",
     "LENGTH",
     "REQUEST_KINDS",
+    "RESPONSE_KINDS",
     "TE",
     "RequestHead",
     "client_response_headers",
     "request_kind",
+    "response_kind",
     "split_request_headers",
 ]
 
@@ -198,6 +200,22 @@ def split_request_headers(pairs: Iterable[tuple[bytes, bytes]]) -> RequestHead:
     return head
 
 
+#: Raw response field name -> FORWARD, DROP, LENGTH, TE or CONNECTION,
+#: remembered like L{REQUEST_KINDS} (an upstream, too, repeats its names).
+RESPONSE_KINDS: dict[bytes, int] = {}
+
+
+def response_kind(name: bytes) -> int:
+    """Classify one response field name, and remember it in L{RESPONSE_KINDS}."""
+    lower = name.lower()
+    kind = _DROPPED_KIND.get(lower, DROP) if lower in _RESPONSE_DROPPED else FORWARD
+    if len(name) <= _KIND_NAME_MAX:
+        if len(RESPONSE_KINDS) >= _KINDS_MAX:
+            RESPONSE_KINDS.clear()
+        RESPONSE_KINDS[name] = kind
+    return kind
+
+
 def client_response_headers(
     pairs: Iterable[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
@@ -206,15 +224,17 @@ def client_response_headers(
     out: list[tuple[bytes, bytes]] = []
     named: set[bytes] | None = None
     content_length = None
+    kinds = RESPONSE_KINDS
     for name, value in pairs:
-        lower = name.lower()
-        if lower in _RESPONSE_DROPPED:
-            if lower == b"content-length":
-                content_length = value
-            elif lower == b"connection":
-                named = _add_tokens(named, value)
-        else:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = response_kind(name)
+        if kind == FORWARD:
             out.append((name, value))
+        elif kind == LENGTH:
+            content_length = value
+        elif kind == CONNECTION:
+            named = _add_tokens(named, value)
     if named:
         out = [(n, v) for n, v in out if n.lower() not in named]
     return out, content_length

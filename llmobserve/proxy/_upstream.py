@@ -32,6 +32,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmobserve.proxy._headers import LENGTH, RESPONSE_KINDS, TE, response_kind
 from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
@@ -243,9 +244,12 @@ class UpstreamConnection(TwistedProtocol):
             self._reusable = False
         if status not in (204, 304) and not self._head_request:
             framed = False
+            kinds = RESPONSE_KINDS
             for name, _ in self._headers:
-                lower = name.lower()
-                if lower == b"content-length" or lower == b"transfer-encoding":
+                kind = kinds.get(name)
+                if kind is None:
+                    kind = response_kind(name)  # each spelling lower-cased once
+                if kind == LENGTH or kind == TE:
                     framed = True
                     break
             if not framed:

@@ -140,3 +140,21 @@ def test_remembered_name_kinds_give_the_same_split_and_stay_bounded() -> None:
     assert split_request_headers([(long_name, b"v")]).forward == [(long_name, b"v")]
     assert len(_headers.REQUEST_KINDS) <= 512
     assert all(len(name) <= 64 for name in _headers.REQUEST_KINDS)
+
+
+def test_remembered_response_name_kinds_give_the_same_answer() -> None:
+    """Response names are remembered too: the same upstream head, filtered
+    twice, gives the same headers and Content-Length."""
+    pairs = [
+        (b"Content-Type", b"application/json"),
+        (b"content-length", b"12"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"x-request-id", b"abc"),
+    ]
+    for _ in range(2):
+        assert client_response_headers(pairs) == (
+            [(b"Content-Type", b"application/json"), (b"x-request-id", b"abc")],
+            b"12",
+        )
