@@ -288,7 +288,11 @@ class UpstreamConnection(TwistedProtocol):
         """Begin one exchange: write the request head."""
         self.state = _move(self.state, _AWAIT_HEAD)
         self.listener = listener
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None:
+            # One parser per connection: a connection is reused only after a
+            # response that llhttp saw end cleanly, which leaves its parser
+            # at a message boundary, ready for the next one.
+            self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self._headers = []
         self._reason = b""
