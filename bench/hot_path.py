@@ -1,6 +1,6 @@
 """CPU the proxy's own Python code spends per relayed request, without sockets.
 
-    python -m bench.hot_path [--requests N] [--repeats K] [--route proxy|base-url]
+    python -m bench.hot_path [--requests N] [--repeats K] [--route proxy|base-url] [--keys]
 
 Drives the real front end, resource, relay and upstream pool (the same
 classes C{twistd llmobserve} wires together) over in-memory transports and a
@@ -9,7 +9,9 @@ as bytes on a pooled upstream connection, which answers with the overhead
 benchmark's canned chat completion.  No system calls, no reactor loop: what
 is left is the per-request Python work, the part this project controls.
 The finished transactions go to a sink that drops them, so the event path
-is not included (C{bench.event_path} measures that).
+is not included (C{bench.event_path} measures that). With C{--keys} every
+request carries an C{X-LLMObserve-Key} that a L{ClientKeyGate} checks, as
+on a proxy that requires keys (its verdict cached, the steady state).
 
 Prints the best and median CPU microseconds per request over the repeats.
 The figure is steadier than C{bench.overhead}'s on a busy machine and is
@@ -27,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
@@ -34,6 +37,7 @@ from bench._upstream import JSON_RESPONSE
 from bench.overhead import _CHAT_BODY
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
+from llmobserve.proxy._keygate import ClientKeyGate, ClientVerdict
 from llmobserve.proxy._policy import StaticResolver, TargetPolicy
 from llmobserve.proxy._relay import RelayServices
 from llmobserve.proxy._resource import ProxyResource
@@ -66,7 +70,7 @@ class _DropSink:
         return []
 
 
-def _request(route: str) -> bytes:
+def _request(route: str, key: bool = False) -> bytes:
     headers = [
         "Host: 127.0.0.1:9000",
         "Content-Type: application/json",
@@ -75,6 +79,8 @@ def _request(route: str) -> bytes:
         "User-Agent: llmobserve-bench/1",
         f"Content-Length: {len(_CHAT_BODY)}",
     ]
+    if key:
+        headers.insert(1, "X-LLMObserve-Key: llmo_bench_not_a_key")
     if route == "proxy":
         target = "/proxy"
         headers.insert(1, f"X-LLMObserve-Target-URL: http://{_UPSTREAM}/v1/chat/completions")
@@ -88,7 +94,9 @@ def _request(route: str) -> bytes:
 
 
 class _Rig:
-    def __init__(self, route: str, budgets: Any = None, sink: Any = None) -> None:
+    def __init__(
+        self, route: str, budgets: Any = None, sink: Any = None, keys: bool = False
+    ) -> None:
         self.reactor = MemoryReactorClock()
         config = RelayConfig()
         policy = TargetPolicy(StaticResolver({}), allow_cidrs=["127.0.0.1/32"])
@@ -102,14 +110,15 @@ class _Rig:
         )
         self.sink = sink if sink is not None else _DropSink()
         services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets)
-        resource = ProxyResource(services, {"openai": f"http://{_UPSTREAM}"})
+        gate = ClientKeyGate(self.reactor, _bench_key) if keys else None
+        resource = ProxyResource(services, {"openai": f"http://{_UPSTREAM}"}, key_gate=gate)
         site = ProxyServerFactory(resource, self.reactor, coalescer=coalescer)
         peer = IPv4Address("TCP", "127.0.0.1", 50000)
         client: Any = site.buildProtocol(peer)
         self.client = client
         self.client_transport = StringTransport(peerAddress=peer)
         client.makeConnection(self.client_transport)
-        self.request = _request(route)
+        self.request = _request(route, keys)
         self.upstream: Any = None
         self.upstream_transport: StringTransport | None = None
 
@@ -127,8 +136,12 @@ class _Rig:
         self.client_transport.clear()
 
 
-def measure(requests: int, repeats: int, route: str) -> list[float]:
-    rig = _Rig(route)
+def _bench_key(key: str) -> Deferred[ClientVerdict]:
+    return succeed(ClientVerdict(None, "bench", "ingest"))
+
+
+def measure(requests: int, repeats: int, route: str, keys: bool = False) -> list[float]:
+    rig = _Rig(route, keys=keys)
     for _ in range(200):  # warm up: pool connection, caches
         rig.one()
     if not rig.client_transport.connected or rig.sink.count != 200:
@@ -148,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--route", choices=["proxy", "base-url"], default="proxy")
+    parser.add_argument("--keys", action="store_true", help="a client key on every request")
     args = parser.parse_args(argv)
-    runs = measure(args.requests, args.repeats, args.route)
+    runs = measure(args.requests, args.repeats, args.route, args.keys)
+    label = args.route + (", keys" if args.keys else "")
     print(
-        f"hot path ({args.route}): best={min(runs):.1f}us median={statistics.median(runs):.1f}us"
+        f"hot path ({label}): best={min(runs):.1f}us median={statistics.median(runs):.1f}us"
         " CPU per request, in memory (no sockets, no event path)"
     )
     return 0

@@ -36,6 +36,7 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from llmobserve.proxy._errors import error_body, prepare_error
+from llmobserve.proxy._headers import EXPECT, HOST, LENGTH, REQUEST_KINDS, TE, request_kind
 from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
@@ -51,6 +52,7 @@ _REASONS: dict[int, bytes] = {
 _NO_BODY = frozenset({204, 304})
 _OWN_BODY_LIMIT = 4 * 1024 * 1024  # /spans and friends: bodies read whole
 _BODY_PROGRESS = 1024  # request-body bytes that move the body deadline on
+_NEVER = float("inf")
 
 
 class _ResponseHeaders:
@@ -106,8 +108,32 @@ class ChannelRequest:
 
     reports_client_gone = True  # the channel calls the receiver's client_gone itself
     _finish_waiters: list[Deferred[None]] | None = None  # notifyFinish (own routes only)
+    # Immutable defaults live on the class: an instance sets only what
+    # changes (a dozen attribute stores fewer per request).
+    code = 200
+    code_message: bytes | None = None
+    content: Any = None
+    receiver: Any = None
+    finished = False
+    _disconnected = False
+    started_writing = False
+    chunked = False
+    keep_alive = True
+    body_done = False
+    held: list[bytes] | None = None  # body bytes of a pipelined request not yet begun
+    expects_continue = False
+    producer: Any = None
+    queued = False  # waiting in the WriteCoalescer
 
-    def __init__(self, channel: ProxyChannel, method: bytes, uri: bytes, version: bytes) -> None:
+    def __init__(
+        self,
+        channel: ProxyChannel,
+        method: bytes,
+        uri: bytes,
+        version: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        hosts: list[bytes] | None = None,
+    ) -> None:
         self.channel: ProxyChannel | None = channel
         self.transport = channel.transport
         self.method = method
@@ -121,26 +147,20 @@ class ChannelRequest:
 
             segments = [unquote_to_bytes(s) for s in segments]
         self.postpath: list[bytes] = segments
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.requestHeaders = _RequestHeaders(self.raw_headers)
+        self.raw_headers: list[tuple[bytes, bytes]] = headers if headers is not None else []
+        #: Every C{Host} value, gathered while the framing was checked (the
+        #: resource's Host guard reads them instead of scanning again).
+        self.host_values = hosts
         self.responseHeaders = _ResponseHeaders()
-        self.code = 200
-        self.code_message: bytes | None = None
-        self.content: Any = None
-        self.receiver: Any = None
-        self.finished = False
-        self._disconnected = False
-        self.started_writing = False
-        self.chunked = False
-        self.keep_alive = True
-        self.body_done = False
-        self.held: list[bytes] | None = None  # body bytes of a pipelined request not yet begun
-        self.expects_continue = False
-        self.producer: Any = None
         self._out: list[bytes] = []
-        self.queued = False  # waiting in the WriteCoalescer
 
     # twisted.web.http.Request, the parts used
+
+    @property
+    def requestHeaders(self) -> _RequestHeaders:
+        """The request's headers, twisted.web style (the proxy's own routes;
+        the relay reads C{raw_headers}), made when asked."""
+        return _RequestHeaders(self.raw_headers)
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
@@ -362,21 +382,29 @@ class ProxyChannel(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url) + 16)  # plus method, version, line ends
+        self._head_bytes += len(url) + 16  # plus method, version, line ends
+        if self._head_bytes > self.factory.max_head_bytes:
+            raise _TooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # plus ": " and CRLF
-        self._headers.append((name, value))
-        if len(self._headers) > self.factory.max_headers:
+        # Called for every header of every request: kept to one call (the
+        # head's size and the number of fields, both bounded).
+        size = self._head_bytes + len(name) + len(value) + 4  # plus ": " and CRLF
+        self._head_bytes = size
+        headers = self._headers
+        headers.append((name, value))
+        factory = self.factory
+        if size > factory.max_head_bytes or len(headers) > factory.max_headers:
             raise _TooLarge()
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = b"HTTP/" + parser.get_http_version().encode()
-        expects_continue = _check_framing(self._headers, version)
-        request = ChannelRequest(self, parser.get_method(), self._url, version)
+        headers = self._headers
+        self._headers = []  # handed over to the request
+        expects_continue, hosts = _check_framing(headers, version)
+        request = ChannelRequest(self, parser.get_method(), self._url, version, headers, hosts)
         request.expects_continue = expects_continue
-        request.raw_headers.extend(self._headers)
         request.keep_alive = parser.should_keep_alive()
         self._current = request
         self._requests.append(request)
@@ -411,7 +439,8 @@ class ProxyChannel(Protocol):
             return
         request.body_done = True
         if self._requests and request is self._requests[0]:
-            self._arm("none", 0)
+            self._deadline_kind = "none"  # _arm("none"), inline: once per request
+            self.deadline = _NEVER
             self._deliver_end(request)
         if not request.keep_alive:
             # Anything after a Connection: close request is ignored.
@@ -617,11 +646,6 @@ class ProxyChannel(Protocol):
             if transport is not None:
                 transport.abortConnection()
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.factory.max_head_bytes:
-            raise _TooLarge()
-
 
 class _TooLarge(Exception):
     pass
@@ -631,10 +655,12 @@ class _BadFraming(Exception):
     pass
 
 
-def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> bool:
+def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> tuple[bool, list[bytes]]:
     """Refuse every ambiguous body framing (the smuggling vectors of RELIABILITY.md §2.1).
 
-    Returns whether the (last) C{Expect} field asks for C{100-continue}.
+    Returns whether the (last) C{Expect} field asks for C{100-continue},
+    and every C{Host} value (the one pass over the names that every
+    request makes; the Host guard reads them).
 
     llhttp is strict, but a few forms it tolerates are refused here too:
     any Transfer-Encoding other than exactly C{chunked}, more than one
@@ -644,15 +670,21 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> bool:
     """
     te = cl = 0
     expects_continue = False
+    hosts: list[bytes] = []
+    kinds = REQUEST_KINDS
     for name, value in headers:
-        lower = name.lower()
-        if lower == b"expect":
+        kind = kinds.get(name)
+        if kind is None:
+            kind = request_kind(name)  # each spelling lower-cased once
+        if kind == HOST:
+            hosts.append(value)
+        elif kind == EXPECT:
             expects_continue = value.strip().lower() == b"100-continue"
-        elif lower == b"transfer-encoding":
+        elif kind == TE:
             te += 1
             if value.strip().lower() != b"chunked":
                 raise _BadFraming("only 'Transfer-Encoding: chunked' is accepted")
-        elif lower == b"content-length":
+        elif kind == LENGTH:
             cl += 1
             if not value.strip().isdigit():
                 raise _BadFraming("Content-Length must be digits")
@@ -662,7 +694,7 @@ def _check_framing(headers: list[tuple[bytes, bytes]], version: bytes) -> bool:
         raise _BadFraming("both Content-Length and Transfer-Encoding")
     if te and version != b"HTTP/1.1":
         raise _BadFraming("Transfer-Encoding needs HTTP/1.1")
-    return expects_continue
+    return expects_continue, hosts
 
 
 class ProxyServerFactory(Factory):

@@ -597,7 +597,8 @@ class Relay:
         if self.state is _ENDED:
             return
         self._t_first = _now()
-        self._last_activity = self._s.clock.seconds()
+        s = self._s
+        self._last_activity = clock_now = s.clock.seconds()
         self._status = status
         self._response_headers = tuple(headers)
         self.state = RELAY_TRANSITIONS.move(self.state, _RESPONDING)
@@ -605,8 +606,12 @@ class Relay:
         request.setResponseCode(status, reason or None)
         out = request.responseHeaders
         forward, content_length = client_response_headers(headers)
-        for name, value in forward:
-            out.addRawHeader(name, value)
+        pairs = getattr(out, "pairs", None)
+        if pairs is not None:  # the lean channel's headers: a plain list of pairs
+            pairs += forward
+        else:
+            for name, value in forward:
+                out.addRawHeader(name, value)
         if self._usage is not None:
             self._resp_filter = self._usage.response_filter(status, headers)
             if self._resp_filter is not None:
@@ -619,7 +624,8 @@ class Relay:
         if hold is not None and hold.remaining is not None:
             out.addRawHeader(_REMAINING_HEADER, remaining_value(hold.remaining))
         request.registerProducer(self, True)
-        self._arm("idle", self._s.config.idle_timeout)
+        self._deadline_kind = "idle"  # _arm("idle"), with the clock read above
+        self.deadline = clock_now + s.config.idle_timeout
 
     def upstream_body(self, data: bytes) -> None:
         if self.state is _ENDED:

@@ -222,7 +222,10 @@ class ProxyResource:
                 for name, values in request.requestHeaders.getAllRawHeaders()
                 for value in values
             ]
-        refused = self._guard.refusal([v for n, v in pairs if n.lower() == b"host"])
+        hosts = getattr(request, "host_values", None)  # the lean channel gathered them
+        if hosts is None:
+            hosts = [v for n, v in pairs if n.lower() == b"host"]
+        refused = self._guard.refusal(hosts)
         if refused is not None:
             write_error_early(request, refused.status, refused.kind, refused.message, clock)
             return _REFUSAL
@@ -309,7 +312,7 @@ class ProxyResource:
         prefix = len(b"/".join(request.prepath)) + 1 if request.prepath else 0
         rel = uri[prefix:]
         if route == b"proxy":
-            raw = head.target_url()
+            raw = head.ours.get(b"target-url")  # head.target_url(), inline
             if raw is None:
                 raise TargetRefused(
                     "bad_target", "X-LLMObserve-Target-URL header is required for /proxy"

@@ -95,8 +95,9 @@ class StreamUsagePolicy:
         length = head.content_length
         if not head.chunked and (length is None or not 0 < length <= self.body_bound):
             return None  # a chunked body is counted against the bound as it arrives
-        if any(name.lower() == b"content-encoding" for name, _ in head.forward):
-            return None  # a compressed request body is forwarded as it is
+        for name, _ in head.forward:  # a loop, not any(): no generator per request
+            if name.lower() == b"content-encoding":
+                return None  # a compressed request body is forwarded as it is
         return UsageInjection(self.body_bound)
 
     def _provider(self, host: str, port: int, hint: str | None) -> str | None:
@@ -119,20 +120,18 @@ class _State(enum.Enum):
 class UsageInjection:
     """One request's rewrite: hold its body, then send it with usage asked for."""
 
-    __slots__ = ("_bound", "_parts", "_size", "content_length", "state")
+    __slots__ = ("_bound", "_parts", "_size", "content_length", "holding", "state")
 
     def __init__(self, bound: int) -> None:
         self._bound = bound
         self._parts: list[bytes] = []
         self._size = 0
         self.state = _State.HOLDING
+        #: The body is still being read: nothing may go upstream yet (the
+        #: relay asks three times per request: a field, not a property).
+        self.holding = True
         #: The rewritten body's length, for the request head (None: unchanged).
         self.content_length: int | None = None
-
-    @property
-    def holding(self) -> bool:
-        """The body is still being read: nothing may go upstream yet."""
-        return self.state is _State.HOLDING
 
     def hold(self, data: bytes) -> bytes | None:
         """Keep C{data}; None while holding, or every byte so far once the
@@ -142,6 +141,7 @@ class UsageInjection:
         if self._size <= self._bound:
             return None
         self.state = _State.UNCHANGED
+        self.holding = False
         body = b"".join(self._parts)
         self._parts = []
         return body
@@ -150,6 +150,7 @@ class UsageInjection:
         """The whole body arrived: the bytes to send upstream."""
         body = b"".join(self._parts)
         self._parts = []
+        self.holding = False
         rewritten = inject_include_usage(body)
         if rewritten is None:
             self.state = _State.UNCHANGED

@@ -32,6 +32,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from llmobserve.proxy._headers import LENGTH, RESPONSE_KINDS, TE, response_kind
 from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._writes import WriteCoalescer, write_now
 
@@ -119,6 +120,8 @@ UPSTREAM_TRANSITIONS: Transitions[UpstreamState] = Transitions(
         _CLOSED: [],
     },
 )
+#: Its C{move}, bound once: a move is made four times per exchange.
+_move = UPSTREAM_TRANSITIONS.move
 
 
 class UpstreamConnection(TwistedProtocol):
@@ -153,11 +156,8 @@ class UpstreamConnection(TwistedProtocol):
 
     # Twisted protocol
 
-    def _move(self, new: UpstreamState) -> None:
-        self.state = UPSTREAM_TRANSITIONS.move(self.state, new)
-
     def connectionMade(self) -> None:
-        self._move(_IDLE)
+        self.state = _move(self.state, _IDLE)
         transport: Any = self.transport
         nodelay = getattr(transport, "setTcpNoDelay", None)
         if nodelay is not None:
@@ -198,7 +198,7 @@ class UpstreamConnection(TwistedProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         state = self.state
         if state is not _CLOSED:
-            self._move(_CLOSED)
+            self.state = _move(self.state, _CLOSED)
         self._reusable = False
         self.pool._forget(self)
         if self.listener is not None and (state is _AWAIT_HEAD or state is _BODY):
@@ -239,14 +239,17 @@ class UpstreamConnection(TwistedProtocol):
             self._headers = []
             self._reason = b""
             return
-        self._move(_BODY)
+        self.state = _move(self.state, _BODY)
         if not self._parser.should_keep_alive():
             self._reusable = False
         if status not in (204, 304) and not self._head_request:
             framed = False
+            kinds = RESPONSE_KINDS
             for name, _ in self._headers:
-                lower = name.lower()
-                if lower == b"content-length" or lower == b"transfer-encoding":
+                kind = kinds.get(name)
+                if kind is None:
+                    kind = response_kind(name)  # each spelling lower-cased once
+                if kind == LENGTH or kind == TE:
                     framed = True
                     break
             if not framed:
@@ -269,7 +272,7 @@ class UpstreamConnection(TwistedProtocol):
     def on_message_complete(self) -> None:
         if self.state is not _BODY:
             return  # an interim response's end, or a HEAD response already ended
-        self._move(_DONE)
+        self.state = _move(self.state, _DONE)
         listener, self.listener = self.listener, None
         if not self._request_done:
             # The upstream answered before taking the whole body: the rest of
@@ -283,9 +286,13 @@ class UpstreamConnection(TwistedProtocol):
 
     def start(self, listener: IUpstreamListener, head: bytes, method: bytes) -> None:
         """Begin one exchange: write the request head."""
-        self._move(_AWAIT_HEAD)
+        self.state = _move(self.state, _AWAIT_HEAD)
         self.listener = listener
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None:
+            # One parser per connection: a connection is reused only after a
+            # response that llhttp saw end cleanly, which leaves its parser
+            # at a message boundary, ready for the next one.
+            self._parser = httptools.HttpResponseParser(self)
         self._head_bytes = 0
         self._headers = []
         self._reason = b""
@@ -333,7 +340,7 @@ class UpstreamConnection(TwistedProtocol):
         if self.state is _CLOSED:
             return
         connected = self.state is not _CONNECTING
-        self._move(_CLOSED)
+        self.state = _move(self.state, _CLOSED)
         transport: Any = self.transport
         if transport is not None and connected:
             transport.abortConnection()
@@ -349,7 +356,7 @@ class UpstreamConnection(TwistedProtocol):
             # A slow client may have left the socket paused: an idle pooled
             # connection must read (to notice EOF, and for its next response).
             self.resume_reading()
-            self._move(_IDLE)
+            self.state = _move(self.state, _IDLE)
             self.pool._release(self)
         else:
             self.abort()

@@ -113,3 +113,48 @@ def test_a_via_named_in_connection_is_dropped_and_not_a_loop() -> None:
     head = split_request_headers([(b"Via", b"1.1 llmobserve"), (b"Connection", b"via")])
     assert head.forward == []
     assert not head.via_loop
+
+
+def test_remembered_name_kinds_give_the_same_split_and_stay_bounded() -> None:
+    """Each name spelling is classified once and remembered (REQUEST_KINDS):
+    the second request with the same names splits exactly as the first; a
+    client inventing names cannot grow the memory past 512 names of at
+    most 64 bytes."""
+    from llmobserve.proxy import _headers
+
+    pairs = [
+        (b"x_LLMObserve_run_id", b"r1"),
+        (b"Content-Length", b"3"),
+        (b"Via", b"1.1 llmobserve"),
+        (b"Host", b"127.0.0.1"),
+        (b"Authorization", b"Bearer k"),
+    ]
+    first, second = split_request_headers(pairs), split_request_headers(pairs)
+    for head in (first, second):
+        assert head.ours == {b"run-id": b"r1"}
+        assert head.content_length == 3 and head.via_loop
+        assert head.forward == [(b"Via", b"1.1 llmobserve"), (b"Authorization", b"Bearer k")]
+    for i in range(2000):
+        split_request_headers([(b"X-Made-Up-%d" % i, b"v")])
+    long_name = b"X-" + b"a" * 1000
+    assert split_request_headers([(long_name, b"v")]).forward == [(long_name, b"v")]
+    assert len(_headers.REQUEST_KINDS) <= 512
+    assert all(len(name) <= 64 for name in _headers.REQUEST_KINDS)
+
+
+def test_remembered_response_name_kinds_give_the_same_answer() -> None:
+    """Response names are remembered too: the same upstream head, filtered
+    twice, gives the same headers and Content-Length."""
+    pairs = [
+        (b"Content-Type", b"application/json"),
+        (b"content-length", b"12"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"x-request-id", b"abc"),
+    ]
+    for _ in range(2):
+        assert client_response_headers(pairs) == (
+            [(b"Content-Type", b"application/json"), (b"x-request-id", b"abc")],
+            b"12",
+        )

@@ -99,6 +99,24 @@ SCENARIOS: dict[str, tuple[list[Step], list[str]]] = {
         ],
         ["headers 200", "body hel", "body lo", "complete", "headers 204", "complete"],
     ),
+    "the connection's one parser reads successive responses of each framing": (
+        [
+            *_STARTED,
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", S.BODY),
+            (b"0\r\n\r\n", S.IDLE),
+            ("start GET", S.AWAIT_HEAD),
+            ("request sent", S.AWAIT_HEAD),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", S.IDLE),
+            ("start GET", S.AWAIT_HEAD),
+            ("request sent", S.AWAIT_HEAD),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", S.IDLE),
+        ],
+        [
+            *("headers 200", "body abc", "complete"),
+            *("headers 204", "complete"),
+            *("headers 200", "body ok", "complete"),
+        ],
+    ),
     "a response framed by the end of the connection": (
         [*_STARTED, (b"HTTP/1.1 200 OK\r\n\r\nabc", S.BODY), ("lost", S.CLOSED)],
         ["headers 200", "body abc", "complete"],
