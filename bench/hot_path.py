@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from bench._upstream import JSON_RESPONSE
 from bench.overhead import _CHAT_BODY
+from llmobserve.proxy._budgets import BudgetLedger
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._policy import StaticResolver, TargetPolicy
@@ -88,7 +89,7 @@ def _request(route: str) -> bytes:
 
 
 class _Rig:
-    def __init__(self, route: str, budgets: Any = None, sink: Any = None) -> None:
+    def __init__(self, route: str, budgets: BudgetLedger | None = None, sink: Any = None) -> None:
         self.reactor = MemoryReactorClock()
         config = RelayConfig()
         policy = TargetPolicy(StaticResolver({}), allow_cidrs=["127.0.0.1/32"])
@@ -101,7 +102,7 @@ class _Rig:
             max_head_bytes=config.max_response_head,
         )
         self.sink = sink if sink is not None else _DropSink()
-        services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets)
+        services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets=budgets)
         resource = ProxyResource(services, {"openai": f"http://{_UPSTREAM}"})
         site = ProxyServerFactory(resource, self.reactor, coalescer=coalescer)
         peer = IPv4Address("TCP", "127.0.0.1", 50000)
