@@ -13,7 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from llmobserve.collector._budgets import Budget, BudgetBook, BudgetError, SQLiteBudgetBook
+from llmobserve.collector._budgets import (
+    SCOPE_FIELDS,
+    Budget,
+    BudgetBook,
+    BudgetError,
+    SQLiteBudgetBook,
+)
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
 from llmobserve.collector._limits import RateLimit
@@ -40,6 +46,7 @@ __all__ = [
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
+    "SCOPE_FIELDS",
     "Budget",
     "BudgetBook",
     "BudgetError",

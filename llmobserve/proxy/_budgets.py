@@ -54,6 +54,8 @@ class CallScope(NamedTuple):
     customer: str | None = None
     tenant: str | None = None
     section_path: str | None = None
+    #: the project of the key that authenticated the call (None: no key)
+    project: str | None = None
 
 
 #: Amounts are kept in whole nano-dollars: float sums drift (a hundred
@@ -324,7 +326,12 @@ class BudgetLedger:
                 a
                 for a in self._rates
                 if a.rule.matches(
-                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
+                    scope.provider,
+                    scope.model,
+                    scope.customer,
+                    scope.tenant,
+                    scope.section_path,
+                    scope.project,
                 )
             ]
             if len(self._matched_rates) >= 4096:
@@ -415,7 +422,12 @@ class BudgetLedger:
                 a
                 for a in self._accounts
                 if a.budget.matches(
-                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
+                    scope.provider,
+                    scope.model,
+                    scope.customer,
+                    scope.tenant,
+                    scope.section_path,
+                    scope.project,
                 )
             ]
             if len(self._matched) >= 4096:  # labels come from clients: stay bounded
@@ -486,11 +498,13 @@ def check_call(
     context: Any,
     body: bytes | None,
     body_bytes: int,
+    project: str | None = None,
 ) -> BudgetHold | BudgetRefusal | RateRefusal:
     """Bound the call's cost from its body and reserve it (reactor thread).
 
     @param context: the call's L{llmobserve.transaction.Context}.
     @param body: the whole request body, or None when it was too big to hold.
+    @param project: the project of the key the call came with (None: no key).
     """
     bound = worst_case(provider_hint, host, path, body, body_bytes, ledger.now())
     scope = CallScope(
@@ -499,6 +513,7 @@ def check_call(
         context.customer_id,
         context.tenant_id,
         context.section_path or context.section,
+        project,
     )
     tokens = None
     if bound.input_tokens is not None and bound.output_tokens is not None:

@@ -361,6 +361,7 @@ class Relay:
             context=self._head.context(),
             body=body,
             body_bytes=length if length is not None else self._body_bytes,
+            project=self._head.project,
         )
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if verdict.retry_after is not None:

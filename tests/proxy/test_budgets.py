@@ -95,6 +95,16 @@ def test_settling_releases_what_the_call_did_not_use() -> None:
             CallScope("openai", "gpt-4o", customer="acme"),
             CallScope("openai", "gpt-4o-mini", customer="acme"),
         ),
+        (
+            Budget("b", 1, project="alpha"),
+            CallScope("openai", "m", project="alpha"),
+            CallScope("openai", "m", project="beta"),
+        ),
+        (  # a call made with no key has no project: outside every project scope
+            Budget("b", 1, project="alpha"),
+            CallScope("openai", "m", project="alpha"),
+            CallScope("openai", "m"),
+        ),
     ],
 )
 def test_every_scope(budget: Budget, inside: CallScope, outside: CallScope) -> None:
@@ -336,6 +346,17 @@ def test_rate_limits_have_scopes_and_a_budget_refusal_releases_them() -> None:
     assert isinstance(book.reserve(acme, 0.1, 10), BudgetHold)
     assert isinstance(book.reserve(acme, 0.1, 10), RateRefusal)
     assert isinstance(book.reserve(CallScope("openai", "m", customer="bob"), 0.1, 10), BudgetHold)
+
+
+def test_a_project_rate_limit_counts_that_project_s_calls_only() -> None:
+    """A limit scoped to a project counts calls made with that project's keys;
+    another project's calls and calls with no key pass it."""
+    book, _ = rates(RateLimit("alpha", 1, project="alpha"))
+    alpha = CallScope("openai", "m", project="alpha")
+    assert isinstance(book.reserve(alpha, 0.1, 10), BudgetHold)
+    assert isinstance(book.reserve(alpha, 0.1, 10), RateRefusal)
+    assert isinstance(book.reserve(CallScope("openai", "m", project="beta"), 0.1, 10), BudgetHold)
+    assert isinstance(book.reserve(CallScope("openai", "m"), 0.1, 10), BudgetHold)
 
 
 def test_a_rate_limited_call_gets_429_with_retry_after() -> None:
