@@ -19,6 +19,7 @@ from llmobserve.collector._budgets import (
     BudgetBook,
     BudgetError,
     SQLiteBudgetBook,
+    scope_matches,
 )
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
@@ -68,6 +69,7 @@ __all__ = [
     "is_postgres_url",
     "open_store",
     "parse_time",
+    "scope_matches",
 ]
 
 #: Names served on first use, and the module that defines each.
