@@ -25,6 +25,7 @@ import attrs
 
 from llmobserve.collector import Budget, RateLimit, scope_matches
 from llmobserve.money import usd_fixed
+from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
 from parsers import worst_case
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "RateRefusal",
     "ScopeKey",
     "check_call",
-    "remaining_value",
 ]
 
 
@@ -133,42 +133,6 @@ class _Account:
         return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
 
 
-@attrs.frozen
-class BudgetRefusal:
-    """Why a call is refused: the budget, its window, spend and limit."""
-
-    budget: Budget
-    spend_usd: float
-    reserved_usd: float
-    worst_case_usd: float | None
-    reason: str
-    status: int = 402
-    kind: str = "budget_exceeded"
-    detail_key: str = "budget"
-    retry_after: int | None = None
-
-    def message(self) -> str:
-        """The error message of the 402."""
-        return (
-            f"budget {self.budget.name!r} ({self.budget.window}) would be exceeded: "
-            f"spend ${usd_fixed(round(self.spend_usd, 8))} + in flight "
-            f"${usd_fixed(round(self.reserved_usd, 8))} of limit "
-            f"${usd_fixed(self.budget.limit_usd)}; {self.reason}"
-        )
-
-    def detail(self) -> dict[str, Any]:
-        """The C{budget} object of the 402's JSON body."""
-        return {
-            "name": self.budget.name,
-            "window": self.budget.window,
-            "tz": self.budget.tz,
-            "spend_usd": self.spend_usd,
-            "reserved_usd": self.reserved_usd,
-            "limit_usd": self.budget.limit_usd,
-            "worst_case_usd": self.worst_case_usd,
-        }
-
-
 @attrs.define(eq=False)
 class _RateAccount:
     """One rate limit's count in the current UTC minute (calls or tokens)."""
@@ -187,39 +151,6 @@ class _RateAccount:
             self.window_end = self.window_start + 60.0
             self.used = 0
             self.reserved = 0
-
-
-@attrs.frozen
-class RateRefusal:
-    """A call refused by a rate limit: 429, retry after the minute ends."""
-
-    rule: RateLimit
-    used: int
-    reserved: int
-    wanted: int | None
-    retry_after: int
-    status: int = 429
-    kind: str = "rate_limited"
-    detail_key: str = "limit"
-
-    def message(self) -> str:
-        """The error message of the 429."""
-        wanted = "" if self.wanted is None else f"; this call needs up to {self.wanted}"
-        return (
-            f"rate limit {self.rule.name!r} ({self.rule.per_minute} {self.rule.unit} per"
-            f" minute) reached: {self.used} used + {self.reserved} in flight{wanted}"
-        )
-
-    def detail(self) -> dict[str, Any]:
-        """The C{limit} object of the 429's JSON body."""
-        return {
-            "name": self.rule.name,
-            "unit": self.rule.unit,
-            "per_minute": self.rule.per_minute,
-            "used": self.used,
-            "reserved": self.reserved,
-            "retry_after_s": self.retry_after,
-        }
 
 
 class BudgetHold:
@@ -253,8 +184,9 @@ class BudgetHold:
         return None if left is None else left / _NANO
 
     def remaining_header(self) -> bytes | None:
-        """The C{X-LLMObserve-Budget-Remaining} value (see L{remaining_value}),
-        from whole nano-USD; None when no budget applies."""
+        """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation
+        with six decimals (C{0.994500}), rounded down from whole nano-USD,
+        never negative; None when no budget applies."""
         left = self._left
         if left is None:
             return None
@@ -602,9 +534,3 @@ def check_call(
     if bound.input_tokens is not None and bound.output_tokens is not None:
         tokens = bound.input_tokens + bound.output_tokens
     return ledger.reserve(scope, bound.cost_usd, tokens, now)
-
-
-def remaining_value(remaining: float) -> bytes:
-    """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation with
-    six decimals (C{0.994500}), rounded down, never negative."""
-    return b"%.6f" % (math.floor(max(remaining, 0.0) * 1_000_000 + 1e-6) / 1_000_000)
