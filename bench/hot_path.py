@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from bench._upstream import JSON_RESPONSE
 from bench.overhead import _CHAT_BODY
+from llmobserve.proxy._budgets import BudgetLedger
 from llmobserve.proxy._channel import ProxyServerFactory
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._keygate import ClientKeyGate, ClientVerdict
@@ -95,7 +96,7 @@ def _request(route: str, key: bool = False) -> bytes:
 
 class _Rig:
     def __init__(
-        self, route: str, budgets: Any = None, sink: Any = None, keys: bool = False
+        self, route: str, budgets: BudgetLedger | None = None, sink: Any = None, keys: bool = False
     ) -> None:
         self.reactor = MemoryReactorClock()
         config = RelayConfig()
@@ -109,7 +110,7 @@ class _Rig:
             max_head_bytes=config.max_response_head,
         )
         self.sink = sink if sink is not None else _DropSink()
-        services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets)
+        services = RelayServices(self.reactor, config, policy, pool, self.sink, budgets=budgets)
         gate = ClientKeyGate(self.reactor, _bench_key) if keys else None
         resource = ProxyResource(services, {"openai": f"http://{_UPSTREAM}"}, key_gate=gate)
         site = ProxyServerFactory(resource, self.reactor, coalescer=coalescer)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llmobserve.collector import (
+    SCOPE_FIELDS,
     Budget,
     BudgetError,
     RateLimit,
@@ -88,8 +89,7 @@ def add_budgets_parser(sub: Any) -> None:
         help="while a proxy cannot reach its collector: refuse once its slice is spent "
         "(closed, default) or let calls through, flagged (open)",
     )
-    for name in ("customer", "tenant", "section", "provider", "model"):
-        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    _add_scope_options(s)
     s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
     s.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
     lst = bsub.add_parser("list", help="every budget with its spend in the current window")
@@ -100,6 +100,28 @@ def add_budgets_parser(sub: Any) -> None:
     d.add_argument("name")
     d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
     d.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+
+
+#: the help of each scope option (C{SCOPE_FIELDS} names them)
+_SCOPE_HELP = {
+    "customer": "only calls of this customer id",
+    "tenant": "only calls of this tenant id",
+    "section": "only calls in this section path or under it",
+    "provider": "only calls to this provider id",
+    "model": "only calls of this model or its dated snapshots",
+    "project": "only calls made with a key of this project (shared deployments)",
+}
+
+
+def _add_scope_options(parser: Any) -> None:
+    """C{--customer}, C{--tenant}, ...: one option per scope field."""
+    for name in SCOPE_FIELDS:
+        parser.add_argument(f"--{name}", metavar="VALUE", help=_SCOPE_HELP[name])
+
+
+def _scope_args(args: argparse.Namespace) -> dict[str, str | None]:
+    """The scope options given, by field name."""
+    return {name: getattr(args, name) for name in SCOPE_FIELDS}
 
 
 class _HTTPBook:
@@ -169,8 +191,7 @@ def add_limits_parser(sub: Any) -> None:
     per = s.add_mutually_exclusive_group(required=True)
     per.add_argument("--calls-per-minute", type=int, metavar="N")
     per.add_argument("--tokens-per-minute", type=int, metavar="N")
-    for name in ("customer", "tenant", "section", "provider", "model"):
-        s.add_argument(f"--{name}", metavar="VALUE", help=f"only calls of this {name}")
+    _add_scope_options(s)
     for q in (s, lsub.add_parser("list", help="every limit")):
         q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
     d = lsub.add_parser("delete", help="remove a limit")
@@ -189,11 +210,7 @@ def run_limits(args: argparse.Namespace, out: TextIO) -> None:
                 name=args.name,
                 per_minute=calls if calls is not None else args.tokens_per_minute,
                 unit="calls" if calls is not None else "tokens",
-                customer=args.customer,
-                tenant=args.tenant,
-                section=args.section,
-                provider=args.provider,
-                model=args.model,
+                **_scope_args(args),
             )
             book.limits.set(limit)
             out.write(f"limit {limit.name} set: {_describe_limit(limit)}\n")
@@ -255,11 +272,7 @@ def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
                 action=args.action,
                 unpriced=args.unpriced,
                 fail=args.fail,
-                customer=args.customer,
-                tenant=args.tenant,
-                section=args.section,
-                provider=args.provider,
-                model=args.model,
+                **_scope_args(args),
             )
             book.set(budget)
             out.write(f"budget {budget.name} set: {describe(budget)}\n")

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any, Final, NamedTuple
 
+import orjson
+
 from .jsonbody import BodyError, loads
 from .pricing import PRICER
 from .registry import REGISTRY
@@ -63,7 +65,6 @@ MAX_OUTPUT_TOKENS: Final[dict[str, int]] = {
     "gemini-2.5": 65_536,
 }
 _PREFIXES: Final = sorted(MAX_OUTPUT_TOKENS, key=len, reverse=True)
-_OUTPUT_KEYS: Final = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _GEMINI_MODEL: Final = re.compile(r"/models/([^/:]+)")
 #: An image part, in any provider's request format.
 _IMAGE_PART: Final = re.compile(
@@ -120,9 +121,15 @@ def _worst_case(
     doc: Any = None
     if body:
         try:
-            doc = loads(body)  # orjson first, as the parsers read it
-        except BodyError:
-            return WorstCase(pid, None, None, reason="request body is not JSON")
+            # orjson alone, without loads()'s pass looking for integers too
+            # long for it: it reads those as floats, which _output_bound
+            # notices (a float limit), and then loads() reads the body exactly
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            try:
+                doc = loads(body)  # what orjson refuses: a BOM, UTF-16, NaN, ...
+            except BodyError:
+                return WorstCase(pid, None, None, reason="request body is not JSON")
     if not isinstance(doc, dict):
         doc = {}
     model = doc.get("model")
@@ -134,12 +141,19 @@ def _worst_case(
     if model is None:
         return WorstCase(pid, None, None, reason="no model named")
     images = 0
-    if b"audio" in body or b"image" in body or b"_data" in body or b"Data" in body:
+    # Every marker of a part holds "image", "audio" or "ata" (inline_data,
+    # fileData, ...): the regexes run only on bodies with one of those. The
+    # markers are ASCII, so they are searched in a str (latin-1 maps bytes to
+    # code points one to one), where CPython's search is several times faster.
+    text = body.decode("latin-1")
+    if "ata" in text or "image" in text or "audio" in text:
         if _AUDIO_PART.search(body) is not None:
             return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
         images = len(_IMAGE_PART.findall(body))
     input_tokens = body_bytes + _FIXED_INPUT_TOKENS + images * IMAGE_PART_TOKENS
     output_tokens = _output_bound(doc, model)
+    if output_tokens == _INEXACT:  # orjson read a number as a float: read it exactly
+        output_tokens = _output_bound(loads(body), model, exact=True)
     if output_tokens is None:
         return WorstCase(
             pid,
@@ -148,7 +162,8 @@ def _worst_case(
             input_tokens,
             reason=f"no output limit given and none known for {model}",
         )
-    rates = _rates_for(pid, provider.prices_id, model, when)
+    key = (pid, model, int(when // 86400))
+    rates = _rates[key] if key in _rates else _rates_for(key, provider.prices_id, when)
     if rates is None:
         return WorstCase(pid, model, None, input_tokens, output_tokens, reason="no price")
     per_in, per_out = rates
@@ -156,20 +171,31 @@ def _worst_case(
     return WorstCase(pid, model, cost, input_tokens, output_tokens)
 
 
-def _output_bound(doc: dict[str, Any], model: str) -> int | None:
+#: what L{_output_bound} says when a limit or C{n} is a float: orjson reads
+#: an integer beyond 64 bits as one, so the body is read again exactly
+_INEXACT: Final = -1
+
+
+def _output_bound(doc: dict[str, Any], model: str, *, exact: bool = False) -> int | None:
     limit: Any = None
-    for key in _OUTPUT_KEYS:
-        if key in doc:
-            limit = doc[key]
-            break
+    # the first the request has of max_completion_tokens, max_output_tokens
+    # and max_tokens (unrolled: this runs per call, on the reactor)
+    if "max_completion_tokens" in doc:
+        limit = doc["max_completion_tokens"]
+    elif "max_output_tokens" in doc:
+        limit = doc["max_output_tokens"]
+    elif "max_tokens" in doc:
+        limit = doc["max_tokens"]
     else:
         config = doc.get("generationConfig") or doc.get("generation_config")
         if isinstance(config, dict):
             limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
     choices = doc.get("n", 1)
-    if not isinstance(choices, int) or isinstance(choices, bool) or choices < 1:
+    if not exact and (type(limit) is float or type(choices) is float):
+        return _INEXACT
+    if type(choices) is not int or choices < 1:  # (a bool is not an int here)
         choices = 1
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+    if type(limit) is int and limit >= 0:
         return limit * choices
     name = model.rsplit("/", 1)[-1]
     for prefix in _PREFIXES:
@@ -179,12 +205,11 @@ def _output_bound(doc: dict[str, Any], model: str) -> int | None:
 
 
 def _rates_for(
-    provider_id: str, prices_id: str | None, model: str, when: float
+    key: tuple[str, str, int], prices_id: str | None, when: float
 ) -> tuple[float, float] | None:
-    """(USD per input token, USD per output token), cached per model and day."""
-    key = (provider_id, model, int(when // 86400))
-    if key in _rates:
-        return _rates[key]
+    """(USD per input token, USD per output token) of C{key}'s provider and
+    model, cached per model and day (C{key}: provider id, model, day)."""
+    provider_id, model, _day = key
     million = 1_000_000
     inp = PRICER.price(provider_id, prices_id, model, {"input_tokens": million}, when)
     both = PRICER.price(

@@ -14,11 +14,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from llmobserve.collector._budgets import (
+    SCOPE_FIELDS,
     Budget,
     BudgetBook,
     BudgetError,
     SqlBudgetBook,
     SQLiteBudgetBook,
+    scope_matches,
 )
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
@@ -46,6 +48,7 @@ __all__ = [
     "FILTERS",
     "GROUPS",
     "NOT_FORWARDED",
+    "SCOPE_FIELDS",
     "Budget",
     "BudgetBook",
     "BudgetError",
@@ -68,6 +71,7 @@ __all__ = [
     "is_postgres_url",
     "open_store",
     "parse_time",
+    "scope_matches",
 ]
 
 #: Names served on first use, and the module that defines each.

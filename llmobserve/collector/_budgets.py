@@ -3,7 +3,7 @@
 A L{Budget} is a limit in USD over a window (C{hour}, C{day}, C{month} in
 UTC or a named time zone, or C{total}) for a scope (every call, or the calls
 whose labels match each scope field given: customer, tenant, section-path
-prefix, provider, model). L{SqlBudgetBook} keeps them in a C{budgets}
+prefix, provider, model, project). L{SqlBudgetBook} keeps them in a C{budgets}
 table of the store and sums the spend of a budget from its C{events}
 table, on either back end (L{SqlConnection}: a SQLite file, or a PostgreSQL
 database that several collectors share); L{SQLiteBudgetBook} is one on a
@@ -43,15 +43,19 @@ WINDOWS: Final = ("hour", "day", "month", "total")
 ACTIONS: Final = ("block", "warn")
 UNPRICED: Final = ("allow", "block")
 FAIL_MODES: Final = ("closed", "open")
-#: scope field -> the event column it tests (section is a path prefix)
+#: Scope field -> the event column (or SQL expression) it tests (section is
+#: a path prefix). The one list of scope fields: budgets, rate limits, the
+#: command line's options and the spend queries all follow it. A key's
+#: project is not a column of the events table: it is kept in the extra
+#: JSON, as the store's C{project} filter reads it.
 SCOPE_FIELDS: Final = {
     "customer": "customer_id",
     "tenant": "tenant_id",
     "section": "section_path",
     "provider": "provider",
     "model": "model",
+    "project": "json_extract(extra, '$.project')",
 }
-# TODO(issue 18): a `project` scope once events carry `project` (keys branch).
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -89,6 +93,7 @@ class Budget:
     section: str | None = None
     provider: str | None = None
     model: str | None = None
+    project: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -169,9 +174,10 @@ class Budget:
         customer: str | None,
         tenant: str | None,
         section_path: str | None,
+        project: str | None = None,
     ) -> bool:
         """Does a call with these labels count against this budget?"""
-        return scope_matches(self, provider, model, customer, tenant, section_path)
+        return scope_matches(self, provider, model, customer, tenant, section_path, project)
 
 
 class BudgetBook(Protocol):
@@ -322,6 +328,8 @@ class _Scoped(Protocol):
     def tenant(self) -> str | None: ...
     @property
     def section(self) -> str | None: ...
+    @property
+    def project(self) -> str | None: ...
 
 
 def scope_matches(
@@ -331,9 +339,14 @@ def scope_matches(
     customer: str | None,
     tenant: str | None,
     section_path: str | None,
+    project: str | None = None,
 ) -> bool:
     """Does a call with these labels fall in C{rule}'s scope (budgets and
-    rate limits alike)? A section prefix also takes the paths nested under it."""
+    rate limits alike)? A section prefix also takes the paths nested under it.
+    C{project} is the project of the key the call came with (None: no key,
+    which no project scope matches)."""
+    if rule.project is not None and project != rule.project:
+        return False
     if rule.provider is not None and provider != rule.provider:
         return False
     if rule.model is not None and not model_matches(rule.model, model):

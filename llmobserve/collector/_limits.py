@@ -45,6 +45,7 @@ class RateLimit:
     section: str | None = None
     provider: str | None = None
     model: str | None = None
+    project: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -97,9 +98,10 @@ class RateLimit:
         customer: str | None,
         tenant: str | None,
         section_path: str | None,
+        project: str | None = None,
     ) -> bool:
         """Does a call with these labels count against this limit?"""
-        return scope_matches(self, provider, model, customer, tenant, section_path)
+        return scope_matches(self, provider, model, customer, tenant, section_path, project)
 
 
 class RateLimitBook:

@@ -23,8 +23,9 @@ from typing import Any, Final, NamedTuple
 
 import attrs
 
-from llmobserve.collector import Budget, RateLimit
+from llmobserve.collector import Budget, RateLimit, scope_matches
 from llmobserve.money import usd_fixed
+from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
 from parsers import worst_case
 
 __all__ = [
@@ -33,8 +34,8 @@ __all__ = [
     "BudgetRefusal",
     "CallScope",
     "RateRefusal",
+    "ScopeKey",
     "check_call",
-    "remaining_value",
 ]
 
 
@@ -54,6 +55,8 @@ class CallScope(NamedTuple):
     customer: str | None = None
     tenant: str | None = None
     section_path: str | None = None
+    #: the project of the key that authenticated the call (None: no key)
+    project: str | None = None
 
 
 #: Amounts are kept in whole nano-dollars: float sums drift (a hundred
@@ -81,18 +84,35 @@ class _Account:
     reserved: int = 0  # worst cases of the calls in flight
     live: bool = True  # False once the budget is deleted or redefined
     #: shared budgets: what the store granted this process in this window
-    #: (None: the whole limit is this process's)
-    granted: int | None = None
+    #: (None: the whole limit is this process's); see L{granted}
+    _granted: int | None = None
     limit: int = attrs.field(init=False)
+    #: What this process may spend: the limit, or its grant when shared. A
+    #: field, not a property: every call reads it, and it changes only with
+    #: the limit or the grant (L{set_limit}, L{granted}).
+    cap: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.limit = math.floor(self.budget.limit_usd * _NANO + 1e-6)
+        self.set_limit(self.budget.limit_usd)
+
+    def set_limit(self, usd: float) -> None:
+        """The budget's limit (rounded down to whole nano-USD)."""
+        self.limit = math.floor(usd * _NANO + 1e-6)
+        self._recap()
 
     @property
-    def cap(self) -> int:
-        """What this process may spend: the limit, or its grant when shared."""
-        granted = self.granted
-        return self.limit if granted is None or granted > self.limit else granted
+    def granted(self) -> int | None:
+        """Shared budgets: what the store granted this process (None: not shared)."""
+        return self._granted
+
+    @granted.setter
+    def granted(self, value: int | None) -> None:
+        self._granted = value
+        self._recap()
+
+    def _recap(self) -> None:
+        granted, limit = self._granted, self.limit
+        self.cap = limit if granted is None or granted > limit else granted
 
     def roll(self, now: float) -> None:
         """Start the window holding C{now} when the current one has ended."""
@@ -111,42 +131,6 @@ class _Account:
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
         return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
-
-
-@attrs.frozen
-class BudgetRefusal:
-    """Why a call is refused: the budget, its window, spend and limit."""
-
-    budget: Budget
-    spend_usd: float
-    reserved_usd: float
-    worst_case_usd: float | None
-    reason: str
-    status: int = 402
-    kind: str = "budget_exceeded"
-    detail_key: str = "budget"
-    retry_after: int | None = None
-
-    def message(self) -> str:
-        """The error message of the 402."""
-        return (
-            f"budget {self.budget.name!r} ({self.budget.window}) would be exceeded: "
-            f"spend ${usd_fixed(round(self.spend_usd, 8))} + in flight "
-            f"${usd_fixed(round(self.reserved_usd, 8))} of limit "
-            f"${usd_fixed(self.budget.limit_usd)}; {self.reason}"
-        )
-
-    def detail(self) -> dict[str, Any]:
-        """The C{budget} object of the 402's JSON body."""
-        return {
-            "name": self.budget.name,
-            "window": self.budget.window,
-            "tz": self.budget.tz,
-            "spend_usd": self.spend_usd,
-            "reserved_usd": self.reserved_usd,
-            "limit_usd": self.budget.limit_usd,
-            "worst_case_usd": self.worst_case_usd,
-        }
 
 
 @attrs.define(eq=False)
@@ -169,64 +153,44 @@ class _RateAccount:
             self.reserved = 0
 
 
-@attrs.frozen
-class RateRefusal:
-    """A call refused by a rate limit: 429, retry after the minute ends."""
-
-    rule: RateLimit
-    used: int
-    reserved: int
-    wanted: int | None
-    retry_after: int
-    status: int = 429
-    kind: str = "rate_limited"
-    detail_key: str = "limit"
-
-    def message(self) -> str:
-        """The error message of the 429."""
-        wanted = "" if self.wanted is None else f"; this call needs up to {self.wanted}"
-        return (
-            f"rate limit {self.rule.name!r} ({self.rule.per_minute} {self.rule.unit} per"
-            f" minute) reached: {self.used} used + {self.reserved} in flight{wanted}"
-        )
-
-    def detail(self) -> dict[str, Any]:
-        """The C{limit} object of the 429's JSON body."""
-        return {
-            "name": self.rule.name,
-            "unit": self.rule.unit,
-            "per_minute": self.rule.per_minute,
-            "used": self.used,
-            "reserved": self.reserved,
-            "retry_after_s": self.retry_after,
-        }
-
-
 class BudgetHold:
     """The reservation of one allowed call, settled once.
 
-    @ivar remaining: USD left in the tightest budget once this call's worst
-        case is reserved (the C{X-LLMObserve-Budget-Remaining} header).
     @ivar flags: added to the call's event (C{budget_unpriced},
         C{budget_warn:NAME}).
     """
 
-    __slots__ = ("_amount", "_parts", "_rates", "_settled", "flags", "remaining")
+    __slots__ = ("_amount", "_left", "_parts", "_rates", "_settled", "flags")
 
     def __init__(
         self,
-        parts: list[tuple[_Account, float]],
+        parts: tuple[tuple[_Account, float], ...],
         amount: int,
-        remaining: float | None,
+        left: int | None,
         flags: tuple[str, ...],
-        rates: list[tuple[_RateAccount, float, int]] | None = None,
     ) -> None:
-        self._parts = parts  # (account, its window start then)
+        self._parts = parts  # (account, its window start then): the scope's, shared
         self._amount = amount  # held on each, nano-USD
-        self._rates = rates  # (rate account, its minute then, calls or tokens held)
+        self._left = left  # nano-USD left in the tightest budget once held
+        self._rates: list[tuple[_RateAccount, float, int]] | None = None
         self._settled = False
-        self.remaining = remaining
         self.flags = flags
+
+    @property
+    def remaining(self) -> float | None:
+        """USD left in the tightest budget of the call's scope once its worst
+        case is held (None: no budget applies)."""
+        left = self._left
+        return None if left is None else left / _NANO
+
+    def remaining_header(self) -> bytes | None:
+        """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation
+        with six decimals (C{0.994500}), rounded down from whole nano-USD,
+        never negative; None when no budget applies."""
+        left = self._left
+        if left is None:
+            return None
+        return b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
 
     def settle(
         self, cost: float | None, outcome: str, status: int | None, tokens: int | None = None
@@ -242,19 +206,21 @@ class BudgetHold:
             return
         self._settled = True
         amount = self._amount
-        spared = outcome in _NOT_SENT or (status is not None and status >= 400)
         if cost is not None:
-            spent = _nano(cost)
-        elif not spared:
-            spent = amount
+            spent = round(cost * _NANO)
+            spared = False  # only read below when tokens are unknown
         else:
-            spent = 0
+            spared = outcome in _NOT_SENT or (status is not None and status >= 400)
+            spent = 0 if spared else amount
         for account, window_start in self._parts:
-            if account.live and account.window_start == window_start:
+            if account.window_start == window_start and account.live:
                 # else: deleted, redefined, or its window is over
-                account.reserved = max(account.reserved - amount, 0)
+                left = account.reserved - amount
+                account.reserved = left if left > 0 else 0
                 account.spent += spent
         if self._rates:
+            if cost is not None:
+                spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             for rate, minute, held in self._rates:
                 if rate.live and rate.window_start == minute:
                     rate.reserved = max(rate.reserved - held, 0)
@@ -264,6 +230,39 @@ class BudgetHold:
                         rate.used += tokens
                     elif not spared:
                         rate.used += held
+
+
+#: A call's labels as the ledger keys them: L{CallScope}'s fields, in its order.
+ScopeKey = tuple[str | None, str | None, str | None, str | None, str | None, str | None]
+
+
+class _ScopePlan:
+    """What one distinct call scope counts against, until the next load: its
+    budgets' accounts and rate limits, the (account, window start) pairs a
+    hold keeps (one tuple shared by every hold), and the earliest end of
+    their windows (one comparison per call tells whether any must roll)."""
+
+    __slots__ = ("accounts", "next_end", "parts", "rates")
+
+    def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
+        self.accounts = accounts
+        self.rates = rates
+        self.parts: tuple[tuple[_Account, float], ...] = ()
+        self.next_end = math.inf
+        self.refresh()
+
+    def roll(self, now: float) -> None:
+        """Roll the accounts whose window ended by C{now} (and take the new
+        windows: an account shared with another scope may have rolled there)."""
+        for account in self.accounts:
+            if now >= account.window_end:
+                account.roll(now)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take the accounts' current windows."""
+        self.parts = tuple((a, a.window_start) for a in self.accounts)
+        self.next_end = min((a.window_end for a in self.accounts), default=math.inf)
 
 
 class BudgetLedger:
@@ -282,14 +281,10 @@ class BudgetLedger:
         self.outage = False
         self._accounts: list[_Account] = []
         self._rates: list[_RateAccount] = []
-        # the accounts each call scope counts against, until the next load
-        self._matched: dict[CallScope, list[_Account]] = {}
-        self._matched_rates: dict[CallScope, list[_RateAccount]] = {}
-
-    @property
-    def active(self) -> bool:
-        """Is any budget or rate limit defined (else calls skip the check)?"""
-        return bool(self._accounts or self._rates)
+        #: each distinct call scope's accounts and rate limits, until the next load
+        self._plans: dict[ScopeKey, _ScopePlan] = {}
+        #: is any budget or rate limit defined (else calls skip the check)?
+        self.active = False
 
     def load_limits(
         self, limits: Sequence[RateLimit], used: Mapping[str, int] | None = None
@@ -313,43 +308,7 @@ class BudgetLedger:
         for gone in old.values():
             gone.live = False
         self._rates = rates
-        self._matched_rates = {}
-
-    def _check_rates(
-        self, scope: CallScope, tokens: int | None
-    ) -> list[tuple[_RateAccount, float, int]] | RateRefusal | None:
-        matched = self._matched_rates.get(scope)
-        if matched is None:
-            matched = [
-                a
-                for a in self._rates
-                if a.rule.matches(
-                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
-                )
-            ]
-            if len(self._matched_rates) >= 4096:
-                self._matched_rates.clear()
-            self._matched_rates[scope] = matched
-        if not matched:
-            return None
-        now = self.now()
-        wants = []
-        for rate in matched:
-            if now >= rate.window_end:
-                rate.roll(now)
-            want = 1 if rate.rule.unit == "calls" else tokens
-            busy = rate.used + rate.reserved
-            if (want is None and busy >= rate.rule.per_minute) or (
-                want is not None and busy + want > rate.rule.per_minute
-            ):
-                wait = max(1, math.ceil(rate.window_end - now))
-                return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait)
-            wants.append(want or 0)
-        held = []
-        for rate, want in zip(matched, wants, strict=True):
-            rate.reserved += want
-            held.append((rate, rate.window_start, want))
-        return held
+        self._loaded()
 
     def load(self, budgets: Sequence[Budget], spends: Mapping[str, float]) -> None:
         """Replace the definitions. A budget that counts the same calls over
@@ -362,7 +321,7 @@ class BudgetLedger:
             prev = old.pop(budget.name, None)
             if prev is not None and prev.budget.counts_same(budget):
                 prev.budget = budget
-                prev.limit = math.floor(budget.limit_usd * _NANO + 1e-6)
+                prev.set_limit(budget.limit_usd)
                 prev.roll(now)
                 accounts.append(prev)
                 continue
@@ -382,52 +341,119 @@ class BudgetLedger:
         for gone in old.values():
             gone.live = False
         self._accounts = accounts
-        self._matched = {}
+        self._loaded()
+
+    def _loaded(self) -> None:
+        self._plans = {}
+        self.active = bool(self._accounts or self._rates)
+
+    def _plan(self, scope: ScopeKey) -> _ScopePlan:
+        """The accounts and rate limits of a scope not seen since the last load."""
+        plan = _ScopePlan(
+            tuple(a for a in self._accounts if scope_matches(a.budget, *scope)),
+            tuple(r for r in self._rates if scope_matches(r.rule, *scope)),
+        )
+        if len(self._plans) >= 4096:  # labels come from clients: stay bounded
+            self._plans.clear()
+        self._plans[scope] = plan
+        return plan
 
     def reserve(
-        self, scope: CallScope, worst: float | None, tokens: int | None = None
+        self,
+        scope: ScopeKey,
+        worst: float | None,
+        tokens: int | None = None,
+        now: float | None = None,
     ) -> BudgetHold | BudgetRefusal | RateRefusal:
         """Check the call against every budget and rate limit of its scope,
         and reserve its worst case (C{None}: unknown; C{tokens}: its most
-        input + output tokens) on each if none refuses it."""
-        rates = None
-        if self._rates:
-            checked = self._check_rates(scope, tokens)
-            if isinstance(checked, RateRefusal):
-                return checked
-            rates = checked
-        hold = self._reserve_budgets(scope, worst)
-        if rates:
-            if isinstance(hold, BudgetRefusal):
-                for rate, _, want in rates:
-                    rate.reserved -= want
-                return hold
-            hold._rates = rates
-            if tokens is None and any(r.rule.unit == "tokens" for r, _, _ in rates):
-                hold.flags += ("rate_unbounded",)
+        input + output tokens) on each if none refuses it.
+
+        @param scope: a L{CallScope}, or a plain tuple of its six fields.
+        @param now: the time of the check, when the caller has it (else read).
+        """
+        plan = self._plans.get(scope)
+        if plan is None:
+            plan = self._plan(scope)
+        if now is None:
+            now = self.now()
+        if plan.rates:
+            return self._reserve_with_rates(plan, now, worst, tokens)
+        accounts = plan.accounts
+        if not accounts:
+            return BudgetHold((), 0, None, ())
+        if now >= plan.next_end:
+            plan.roll(now)
+        if worst is None or self.outage:
+            return self._reserve_each(plan, worst)
+        # The common case in one pass: a priced call that fits every budget
+        # of its scope (anything else takes _reserve_each)
+        amount = math.ceil(worst * _NANO - 1e-6)
+        least = -1
+        for i, account in enumerate(accounts):
+            room = account.cap - account.spent - account.reserved
+            if room < amount:  # a warn flag or a refusal: undo, the careful way
+                for held in accounts[:i]:
+                    held.reserved -= amount
+                return self._reserve_each(plan, worst)
+            account.reserved += amount
+            if least < 0 or room < least:
+                least = room
+        left = least - amount
+        if self.shared and left < 4 * max(amount, 1) and self.on_low:
+            self.on_low()  # fewer than four more calls like this one fit: ask now
+        return BudgetHold(plan.parts, amount, left, ())
+
+    def _reserve_with_rates(
+        self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
+    ) -> BudgetHold | BudgetRefusal | RateRefusal:
+        """L{reserve} for a scope with rate limits: those first, then the budgets."""
+        rates = self._check_rates(plan.rates, now, tokens)
+        if isinstance(rates, RateRefusal):
+            return rates
+        if plan.accounts:
+            if now >= plan.next_end:
+                plan.roll(now)
+            hold = self._reserve_each(plan, worst)
+        else:
+            hold = BudgetHold((), 0, None, ())
+        if isinstance(hold, BudgetRefusal):
+            for rate, _, want in rates:
+                rate.reserved -= want
+            return hold
+        hold._rates = rates
+        if tokens is None and any(r.rule.unit == "tokens" for r, _, _ in rates):
+            hold.flags += ("rate_unbounded",)
         return hold
 
-    def _reserve_budgets(self, scope: CallScope, worst: float | None) -> BudgetHold | BudgetRefusal:
-        now = self.now()
-        matched = self._matched.get(scope)
-        if matched is None:
-            matched = [
-                a
-                for a in self._accounts
-                if a.budget.matches(
-                    scope.provider, scope.model, scope.customer, scope.tenant, scope.section_path
-                )
-            ]
-            if len(self._matched) >= 4096:  # labels come from clients: stay bounded
-                self._matched.clear()
-            self._matched[scope] = matched
-        if not matched:
-            return BudgetHold([], 0, None, ())
+    def _check_rates(
+        self, matched: tuple[_RateAccount, ...], now: float, tokens: int | None
+    ) -> list[tuple[_RateAccount, float, int]] | RateRefusal:
+        wants = []
+        for rate in matched:
+            if now >= rate.window_end:
+                rate.roll(now)
+            want = 1 if rate.rule.unit == "calls" else tokens
+            busy = rate.used + rate.reserved
+            if (want is None and busy >= rate.rule.per_minute) or (
+                want is not None and busy + want > rate.rule.per_minute
+            ):
+                wait = max(1, math.ceil(rate.window_end - now))
+                return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait)
+            wants.append(want or 0)
+        held = []
+        for rate, want in zip(matched, wants, strict=True):
+            rate.reserved += want
+            held.append((rate, rate.window_start, want))
+        return held
+
+    def _reserve_each(self, plan: _ScopePlan, worst: float | None) -> BudgetHold | BudgetRefusal:
+        """Budget by budget: warn flags, unknown prices, fail-open in an
+        outage, refusals, and every call of a scope with rate limits (the
+        accounts' windows are current)."""
         amount = 0 if worst is None else _nano_up(worst)
         flags: tuple[str, ...] = ()
-        for account in matched:
-            if now >= account.window_end:
-                account.roll(now)
+        for account in plan.accounts:
             b = account.budget
             used = account.spent + account.reserved
             cap = account.cap
@@ -443,17 +469,15 @@ class BudgetLedger:
                 flags += (f"budget_warn:{b.name}",)
         if worst is None:
             flags += ("budget_unpriced",)
-        parts = []
         left = None
-        for account in matched:
+        for account in plan.accounts:
             account.reserved += amount
-            parts.append((account, account.window_start))
             rest = account.cap - account.spent - account.reserved
             if left is None or rest < left:
                 left = rest
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(parts, amount, None if left is None else left / _NANO, flags)
+        return BudgetHold(plan.parts, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None and self.on_low is not None:
@@ -486,27 +510,27 @@ def check_call(
     context: Any,
     body: bytes | None,
     body_bytes: int,
+    project: str | None = None,
 ) -> BudgetHold | BudgetRefusal | RateRefusal:
     """Bound the call's cost from its body and reserve it (reactor thread).
 
     @param context: the call's L{llmobserve.transaction.Context}.
     @param body: the whole request body, or None when it was too big to hold.
+    @param project: the project of the key the call came with (None: no key).
     """
-    bound = worst_case(provider_hint, host, path, body, body_bytes, ledger.now())
-    scope = CallScope(
+    now = ledger.now()
+    bound = worst_case(provider_hint, host, path, body, body_bytes, now)
+    # a plain tuple (a CallScope's fields, in its order): the named tuple's
+    # constructor is a Python function, and the key is hashed the same
+    scope = (
         bound.provider,
         bound.model,
         context.customer_id,
         context.tenant_id,
         context.section_path or context.section,
+        project,
     )
     tokens = None
     if bound.input_tokens is not None and bound.output_tokens is not None:
         tokens = bound.input_tokens + bound.output_tokens
-    return ledger.reserve(scope, bound.cost_usd, tokens)
-
-
-def remaining_value(remaining: float) -> bytes:
-    """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation with
-    six decimals (C{0.994500}), rounded down, never negative."""
-    return b"%.6f" % (math.floor(max(remaining, 0.0) * 1_000_000 + 1e-6) / 1_000_000)
+    return ledger.reserve(scope, bound.cost_usd, tokens, now)

@@ -31,7 +31,6 @@ from llmobserve.proxy._budgets import (
     BudgetHold,
     BudgetLedger,
     check_call,
-    remaining_value,
 )
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
@@ -111,6 +110,7 @@ class RelayServices:
         "clock",
         "config",
         "deadlines",
+        "gate_buffer",
         "graphql_limits",
         "policy",
         "pool",
@@ -136,6 +136,8 @@ class RelayServices:
         #: C{--stream-usage}: which streamed requests get usage injected.
         self.stream_usage = stream_usage if stream_usage is not None else StreamUsagePolicy()
         self.config = config
+        #: request bytes held while the budgets wait for the whole body
+        self.gate_buffer = max(config.client_buffer, config.request_tap)
         self.policy = policy
         self.pool = pool
         self.sink = sink
@@ -341,12 +343,12 @@ class Relay:
         hold): reserve the call's worst case, or refuse it with a 402."""
         if self._resolved is None or self.state is _ENDED:
             return
-        if not self._body_done and self._pending_size <= self._gate_buffer():
+        if not self._body_done and self._pending_size <= self._s.gate_buffer:
             return
         whole = self._body_done and not self._req_tap.truncated
         self._gate = False
         body = self._req_tap.value() if whole else None
-        if self._graphql_refused(body):
+        if self._s.graphql_limits is not None and self._graphql_refused(body):
             return
         ledger = self._s.budgets
         if ledger is None or not ledger.active:
@@ -361,6 +363,7 @@ class Relay:
             context=self._head.context(),
             body=body,
             body_bytes=length if length is not None else self._body_bytes,
+            project=self._head.project,
         )
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if verdict.retry_after is not None:
@@ -405,11 +408,6 @@ class Relay:
             400, "graphql_limit", message, Outcome.REFUSED, extra={"graphql": figures}
         )
         return True
-
-    def _gate_buffer(self) -> int:
-        """Request bytes held while the budgets wait for the whole body."""
-        cfg = self._s.config
-        return max(cfg.client_buffer, cfg.request_tap)
 
     def _connect(self, *, fresh: bool = False) -> None:
         resolved = self._resolved
@@ -529,7 +527,7 @@ class Relay:
         self._pending.append(data)
         self._pending_size += len(data)
         if self._gate:
-            if self._pending_size > self._gate_buffer():
+            if self._pending_size > self._s.gate_buffer:
                 self._pause_client("connect")
                 self._check_budgets()  # too big to hold whole: no bound from the body
             return
@@ -621,8 +619,10 @@ class Relay:
         ):
             out.addRawHeader(b"Content-Length", content_length)
         hold = self._hold
-        if hold is not None and hold.remaining is not None:
-            out.addRawHeader(_REMAINING_HEADER, remaining_value(hold.remaining))
+        if hold is not None:
+            remaining = hold.remaining_header()
+            if remaining is not None:
+                out.addRawHeader(_REMAINING_HEADER, remaining)
         request.registerProducer(self, True)
         self._deadline_kind = "idle"  # _arm("idle"), with the clock read above
         self.deadline = clock_now + s.config.idle_timeout

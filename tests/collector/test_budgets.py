@@ -10,7 +10,14 @@ from collector.test_store import T0, call
 
 from llmobserve._budgetcli import store_book
 from llmobserve.cli import main
-from llmobserve.collector import Budget, BudgetError, SqlBudgetBook, open_store
+from llmobserve.collector import (
+    Budget,
+    BudgetError,
+    RateLimit,
+    SqlBudgetBook,
+    SQLiteBudgetBook,
+    open_store,
+)
 
 
 def test_definition_is_checked() -> None:
@@ -72,6 +79,47 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def _book(db: str) -> SqlBudgetBook:
     return store_book(db)
+
+
+def test_a_project_scope_matches_the_key_s_project_only() -> None:
+    """A project scope matches calls whose key is of that project; a call
+    with no key (no project) or another project's key is outside it, and
+    a budget with no project scope takes calls of every project."""
+    b = Budget("b", 1, project="alpha", model="gpt-4o")
+    assert b.matches("openai", "gpt-4o", None, None, None, "alpha")
+    assert not b.matches("openai", "gpt-4o", None, None, None, "beta")
+    assert not b.matches("openai", "gpt-4o", None, None, None, None)
+    assert not b.matches("openai", "gpt-4o-mini", None, None, None, "alpha")
+    assert Budget("b", 1).matches("openai", "gpt-4o", None, None, None, "alpha")
+    limit = RateLimit("r", 5, project="alpha")
+    assert limit.matches("openai", "m", None, None, None, "alpha")
+    assert not limit.matches("openai", "m", None, None, None, None)
+    assert b.scope() == {"model": "gpt-4o", "project": "alpha"}
+    assert Budget.from_dict(b.as_dict()) == b
+    assert not b.counts_same(Budget("b", 1, project="beta", model="gpt-4o"))
+
+
+def test_a_project_budget_sums_that_project_s_spend(db: str) -> None:
+    """spend() and used() of a project scope count the events whose
+    C{project} is that project (kept in the store's extra JSON), on
+    either back end."""
+    store = open_store(db)
+    store.insert(
+        [
+            call(0, cost_usd=0.25, project="alpha"),
+            call(1, cost_usd=0.5, project="beta"),
+            call(2, cost_usd=1.0),  # no key: no project
+            call(3, cost_usd=2.0, project="alpha"),
+        ]
+    )
+    store.close()
+    book = _book(db)
+    now = T0 + 10
+    assert book.spend(Budget("b", 1, "day", project="alpha"), now) == 2.25
+    assert book.spend(Budget("b", 1, "day", project="beta"), now) == 0.5
+    assert book.spend(Budget("b", 1, "day", project="gamma"), now) == 0.0
+    assert book.spend(Budget("b", 1, "day"), now) == 3.75
+    assert book.used(RateLimit("c", 10, project="alpha"), now) == 2
 
 
 def _store_with_calls(path: str | Path) -> None:
@@ -154,6 +202,46 @@ def test_cli_budgets_and_report(db: str, capsys: Any) -> None:
     assert main(["budgets", "delete", "acme", *where], out) == 0
     assert main(["budgets", "delete", "acme", *where], out) == 1
     assert "no budget named 'acme'" in capsys.readouterr().err
+
+
+def test_cli_budgets_and_limits_take_a_project(tmp_path: Path) -> None:
+    """C{budgets set --project P} and C{limits set --project P} keep the
+    scope; list and report name it."""
+    import io
+
+    path = tmp_path / "s.db"
+    db = ["--db", str(path)]
+    out = io.StringIO()
+    set_args = ["--name", "alpha", "--limit-usd", "5", "--window", "day", "--project", "alpha"]
+    assert main(["budgets", "set", *set_args, *db], out) == 0
+    assert "project=alpha" in out.getvalue()
+    assert (
+        main(
+            [
+                "limits",
+                "set",
+                "--name",
+                "rpm",
+                "--calls-per-minute",
+                "3",
+                "--project",
+                "alpha",
+                *db,
+            ],
+            out,
+        )
+        == 0
+    )
+    book = SQLiteBudgetBook(path)
+    assert [b.project for b in book.list()] == ["alpha"]
+    assert [r.project for r in book.limits.list()] == ["alpha"]
+    book.close()
+    out = io.StringIO()
+    assert main(["budgets", "list", "--format", "json", *db], out) == 0
+    assert '"project": "alpha"' in out.getvalue()
+    out = io.StringIO()
+    assert main(["report", *db], out) == 0
+    assert "alpha: $0 of $5 (0%) this day; $5 per day (UTC), project=alpha" in out.getvalue()
 
 
 def test_rate_limit_usage_in_the_current_minute(db: str, capsys: Any) -> None:

@@ -254,3 +254,17 @@ def test_loadgen_streams_mode_counts_first_chunks_and_events() -> None:
     assert result["total_us"]["n"] == 12
     assert 0 < result["first_chunk_us"]["p50"] <= result["total_us"]["p50"]
     assert result["errors"] == result["non2xx"] == result["short_streams"] == 0
+
+
+def test_budget_check_runs_its_rig_with_and_without_budgets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """C{bench.budget_check} builds both in-memory rigs, relays its warm-up
+    and a few rounds through each, and prints its one answer line (it once
+    failed at start-up when C{RelayServices} gained a parameter)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.budget_check import main
+
+    assert main(["--requests", "20", "--repeats", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("budgets: ") and "added CPU per call with 10 budgets" in line

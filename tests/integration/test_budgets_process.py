@@ -9,6 +9,7 @@ store file (its embedded mode), as the README says.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -166,6 +167,55 @@ def test_402_through_the_real_clients_is_raised_once_and_never_retried(
     assert oa.requests == [] and an.requests == []
 
 
+def _key(db: Path, name: str, project: str) -> str:
+    out = io.StringIO()
+    assert cli(["keys", "create", "--name", name, "--project", project, "--db", str(db)], out) == 0
+    return out.getvalue().splitlines()[-1]
+
+
+def test_a_project_budget_refuses_that_project_s_keys_only(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """A proxy that requires keys, a spent block budget with C{--project
+    alpha}: calls made with alpha's key get the 402 and never reach the
+    upstream; calls with beta's key go through (real openai client)."""
+    import openai
+
+    oa, an = upstreams
+    home = tmp_path / "p"
+    db = home / "home" / "events.sqlite3"
+    db.parent.mkdir(parents=True)
+    alpha, beta = _key(db, "a-app", "alpha"), _key(db, "b-app", "beta")
+    _budget(db, "--name", "alpha-cap", "--limit-usd", "0", "--window", "day", "--project", "alpha")
+    with _proxy(home, oa, an, ["--require-keys"]) as proxy:
+
+        def status(key: str) -> int:
+            client = openai.OpenAI(
+                api_key="sk-test",
+                base_url=f"{proxy.url}/openai",
+                default_headers={"X-LLMObserve-Key": key},
+            )
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+                )
+            except openai.APIStatusError as e:
+                assert e.status_code == 402 and isinstance(e.body, dict)
+                assert e.body["budget"]["name"] == "alpha-cap"
+                return e.status_code
+            return 200
+
+        assert [status(alpha), status(beta), status(alpha), status(beta)] == [402, 200, 402, 200]
+        events = _wait_events(db, 4)
+    assert len(oa.requests) == 2
+    assert sorted((e["project"], e["outcome"]) for e in events) == [
+        ("alpha", "budget_refused"),
+        ("alpha", "budget_refused"),
+        ("beta", "ok"),
+        ("beta", "ok"),
+    ]
+
+
 def test_64_concurrent_clients_never_overshoot_and_a_restart_keeps_the_spend(
     tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
 ) -> None:
@@ -266,7 +316,7 @@ def test_a_budget_set_while_the_proxy_runs_applies_within_2s(
 
 def test_budgets_through_a_collectors_api(tmp_path: Path, capsys: Any) -> None:
     """`budgets set|list|delete --collector URL` go through /api/budgets of a
-    real collector; bad definitions are a 400 with the reason; `report
+    real collector (a `project` scope included); bad definitions are a 400 with the reason; `report
     --collector` ends with spend vs limit."""
     import io
     import urllib.error
@@ -285,6 +335,10 @@ def test_budgets_through_a_collectors_api(tmp_path: Path, capsys: Any) -> None:
         out = io.StringIO()
         assert cli(["report", "--collector", url], out) == 0
         assert "acme: $0 of $2.5 (0%) this day" in out.getvalue()
+        args = ["--name", "alpha", "--limit-usd", "1", "--window", "day", "--project", "alpha"]
+        assert cli(["budgets", "set", *args, "--collector", url], out) == 0
+        assert [b.project for b in SQLiteBudgetBook(collector.db).list()] == [None, "alpha"]
+        assert cli(["budgets", "delete", "alpha", "--collector", url], out) == 0
         bad = urllib.request.Request(
             f"{url}/api/budgets",
             data=json.dumps({"name": "x", "limit_usd": 1, "window": "week"}).encode(),

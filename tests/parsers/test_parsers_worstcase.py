@@ -94,3 +94,27 @@ def test_the_bound_is_never_below_the_price_of_what_it_allows(
     priced = PRICER.price(provider, None if provider == "openai" else provider, model, used, WHEN)
     assert priced.cost_usd is not None
     assert priced.cost_usd <= worst.cost_usd + 1e-12
+
+
+def test_integers_beyond_64_bits_are_read_exactly() -> None:
+    """orjson reads an integer too long for 64 bits as a float; the bound
+    must still see the integer (a limit of 10**30 tokens is no small bound),
+    and a limit that really is a float is no limit, as before."""
+    huge = bound(chat(max_tokens=10**30))
+    assert huge.output_tokens == 10**30
+    assert bound(chat(max_tokens=10, n=10**25)).output_tokens == 10**26
+    assert bound(chat(max_tokens=100.0)).output_tokens == 16_384  # gpt-4o-mini's maximum
+
+
+def test_what_orjson_refuses_is_read_by_the_stdlib() -> None:
+    """A UTF-8 BOM (orjson refuses it) still gives the same bound."""
+    raw = json.dumps(chat(max_tokens=7)).encode()
+    with_bom = worst_case(
+        "openai",
+        "api.example.com",
+        "/v1/chat/completions",
+        b"\xef\xbb\xbf" + raw,
+        len(raw) + 3,
+        WHEN,
+    )
+    assert (with_bom.model, with_bom.output_tokens) == ("gpt-4o-mini", 7)

@@ -95,6 +95,16 @@ def test_settling_releases_what_the_call_did_not_use() -> None:
             CallScope("openai", "gpt-4o", customer="acme"),
             CallScope("openai", "gpt-4o-mini", customer="acme"),
         ),
+        (
+            Budget("b", 1, project="alpha"),
+            CallScope("openai", "m", project="alpha"),
+            CallScope("openai", "m", project="beta"),
+        ),
+        (  # a call made with no key has no project: outside every project scope
+            Budget("b", 1, project="alpha"),
+            CallScope("openai", "m", project="alpha"),
+            CallScope("openai", "m"),
+        ),
     ],
 )
 def test_every_scope(budget: Budget, inside: CallScope, outside: CallScope) -> None:
@@ -126,6 +136,41 @@ def test_a_call_from_the_previous_window_settles_nowhere() -> None:
     clock.advance(3600)
     hold.settle(0.9, "ok", 200)
     assert isinstance(book.reserve(GPT, 1.0), BudgetHold)
+
+
+def test_a_window_rolled_by_another_scope_is_seen_by_every_scope() -> None:
+    """Two call scopes share one hourly budget; each keeps its own cached
+    list of accounts. When the hour ends and the first call of the new
+    hour comes from the other scope, this scope's next call still counts in
+    the new hour, and a hold from the old hour settles nowhere."""
+    book, clock = ledger(Budget("hourly", 1.0, "hour"), spends={"hourly": 0.5})
+    acme = CallScope("openai", "gpt-4o-mini", customer="acme")
+    old = book.reserve(GPT, 0.4)
+    assert isinstance(old, BudgetHold) and isinstance(book.reserve(acme, 0.2), BudgetRefusal)
+    clock.advance(3600 - 400)  # 16:00:00Z: a new hour
+    assert isinstance(book.reserve(acme, 0.3), BudgetHold)
+    hold = book.reserve(GPT, 0.7)  # 0.3 + 0.7: exactly the limit of the new hour
+    assert isinstance(hold, BudgetHold) and hold.remaining == 0.0
+    old.settle(0.4, "ok", 200)  # its hour is over
+    assert isinstance(book.reserve(GPT, 0.000001), BudgetRefusal)
+    hold.settle(0.6, "ok", 200)  # a hold of the new hour settles in it
+    [account] = book._accounts
+    assert (account.spent, account.reserved) == (600_000_000, 300_000_000)
+
+
+def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
+    """Six decimals, rounded down, from whole nano-dollars; never negative;
+    a call past a warn budget is held once on every budget."""
+    book, _ = ledger(Budget("cap", 1.0), Budget("warn", 0.1, action="warn"))
+    hold = book.reserve(GPT, 0.0000015)
+    assert isinstance(hold, BudgetHold) and hold.remaining_header() == b"0.099998"
+    over = book.reserve(GPT, 0.5)
+    assert isinstance(over, BudgetHold) and over.flags == ("budget_warn:warn",)
+    assert over.remaining_header() == b"0.000000"
+    assert BudgetHold((), 0, None, ()).remaining_header() is None
+    # each budget holds both calls once (the warn budget's flag is found
+    # after the first budget held the call: that hold is undone, then redone)
+    assert [a.reserved for a in book._accounts] == [500_001_500, 500_001_500]
 
 
 def test_unknown_prices_follow_the_budget_choice() -> None:
@@ -336,6 +381,17 @@ def test_rate_limits_have_scopes_and_a_budget_refusal_releases_them() -> None:
     assert isinstance(book.reserve(acme, 0.1, 10), BudgetHold)
     assert isinstance(book.reserve(acme, 0.1, 10), RateRefusal)
     assert isinstance(book.reserve(CallScope("openai", "m", customer="bob"), 0.1, 10), BudgetHold)
+
+
+def test_a_project_rate_limit_counts_that_project_s_calls_only() -> None:
+    """A limit scoped to a project counts calls made with that project's keys;
+    another project's calls and calls with no key pass it."""
+    book, _ = rates(RateLimit("alpha", 1, project="alpha"))
+    alpha = CallScope("openai", "m", project="alpha")
+    assert isinstance(book.reserve(alpha, 0.1, 10), BudgetHold)
+    assert isinstance(book.reserve(alpha, 0.1, 10), RateRefusal)
+    assert isinstance(book.reserve(CallScope("openai", "m", project="beta"), 0.1, 10), BudgetHold)
+    assert isinstance(book.reserve(CallScope("openai", "m"), 0.1, 10), BudgetHold)
 
 
 def test_a_rate_limited_call_gets_429_with_retry_after() -> None:
