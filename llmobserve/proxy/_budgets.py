@@ -106,11 +106,18 @@ class _Account:
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
-        if self.spent + self.reserved >= self.cap:
+        cap = self.cap
+        if self.spent + self.reserved >= cap:
             reason = "it is spent" if self.granted is None else "this process's share is spent"
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
-        return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
+        # shared: the spend is this process's, held against the share it was
+        # granted, not against the limit (a refusal at 15 % of the limit read
+        # "spend $0 + in flight $0.0004626 of limit $0.003")
+        share = cap / _NANO if self.granted is not None and cap < self.limit else None
+        return BudgetRefusal(
+            self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason, share_usd=share
+        )
 
 
 @attrs.frozen
@@ -122,6 +129,9 @@ class BudgetRefusal:
     reserved_usd: float
     worst_case_usd: float | None
     reason: str
+    #: shared budgets: what the store granted this process (its spend and
+    #: in-flight figures are its own); None when the limit itself refused
+    share_usd: float | None = None
     status: int = 402
     kind: str = "budget_exceeded"
     detail_key: str = "budget"
@@ -129,11 +139,20 @@ class BudgetRefusal:
 
     def message(self) -> str:
         """The error message of the 402."""
+        spend = usd_fixed(round(self.spend_usd, 8))
+        reserved = usd_fixed(round(self.reserved_usd, 8))
+        limit = usd_fixed(self.budget.limit_usd)
+        if self.share_usd is None:
+            held = f"spend ${spend} + in flight ${reserved} of limit ${limit}"
+        else:
+            held = (
+                f"this process's spend ${spend} + in flight ${reserved} of its share"
+                f" ${usd_fixed(round(self.share_usd, 8))} (limit ${limit}, shared with other"
+                " processes: the store grants more within a second while the limit allows)"
+            )
         return (
             f"budget {self.budget.name!r} ({self.budget.window}) would be exceeded: "
-            f"spend ${usd_fixed(round(self.spend_usd, 8))} + in flight "
-            f"${usd_fixed(round(self.reserved_usd, 8))} of limit "
-            f"${usd_fixed(self.budget.limit_usd)}; {self.reason}"
+            f"{held}; {self.reason}"
         )
 
     def detail(self) -> dict[str, Any]:
@@ -146,6 +165,7 @@ class BudgetRefusal:
             "reserved_usd": self.reserved_usd,
             "limit_usd": self.budget.limit_usd,
             "worst_case_usd": self.worst_case_usd,
+            **({} if self.share_usd is None else {"share_usd": self.share_usd}),
         }
 
 

@@ -87,6 +87,34 @@ def test_a_shared_ledger_spends_only_its_grant_and_asks_when_low() -> None:
     assert sum(isinstance(h, BudgetHold) for h in holds) == 10
 
 
+def test_a_refusal_by_the_share_names_the_share_not_only_the_limit() -> None:
+    """A proxy on a collector refused a call at 15 % of its budget with "spend
+    $0 + in flight $0.0004626 of limit $0.003; this call could cost up to
+    $0.0004626": figures that fit the limit. It names the share that refused it."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([Budget("cap", 0.003, "day")], {})
+    [(_, (window, _, _))] = ledger.grant_snapshot().items()
+    ledger.set_grants({"cap": (window, 750_000)})  # a quarter of $0.003
+    assert isinstance(ledger.reserve(GPT, 0.0004626), BudgetHold)
+    refusal = ledger.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal)
+    assert refusal.message() == (
+        "budget 'cap' (day) would be exceeded: this process's spend $0 + in flight"
+        " $0.0004626 of its share $0.00075 (limit $0.003, shared with other processes:"
+        " the store grants more within a second while the limit allows);"
+        " this call could cost up to $0.0004626"
+    )
+    assert refusal.detail()["share_usd"] == 0.00075
+    alone = BudgetLedger(clock.seconds)  # one process: no share in the message
+    alone.load([Budget("cap", 0.0005, "day")], {})
+    assert isinstance(alone.reserve(GPT, 0.0004626), BudgetHold)
+    refusal = alone.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal) and "share" not in refusal.message()
+    assert "share_usd" not in refusal.detail()
+
+
 def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> None:
     """Two processes' ledgers, exchanging with one grant table as their
     pollers do, admit calls worth $0.01 each against $1.00: spend never past
