@@ -151,6 +151,58 @@ def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> N
     assert spent == admitted * NANO // 100 <= NANO
 
 
+def test_a_lowered_limit_shrinks_the_grants(grants: GrantBook) -> None:
+    """A budget lowered from $5 to $0.05 while a proxy on a collector held a
+    $1.25 slice of it: the proxy kept the slice, its cap became the whole new
+    limit, and it spent $0.0495 of its own on top of the $0.00315 recorded
+    before ($0.0531 of $0.05). Each holder's next exchange shrinks its grant
+    to what it spent and holds plus a slice of the room left: the new limit
+    holds, and the room is still granted."""
+    clock = Clock()
+    clock.advance(T0)
+    big, small = Budget("cap", 5.0, "day"), Budget("cap", 0.05, "day")
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([big], {})
+
+    def poll(budget: Budget, recorded: float = 0.0) -> int:
+        """What the poller does each second: the definitions, then an exchange."""
+        [(window, spent, busy)] = ledger.grant_snapshot().values()
+        ledger.load([budget], {})
+        got = grants.exchange(
+            budget,
+            window,
+            "me",
+            spent=spent,
+            busy=busy,
+            now=clock.seconds(),
+            recorded=lambda: recorded,
+        )
+        ledger.set_grants({"cap": (window, got)})
+        return got
+
+    def other(budget: Budget) -> int:
+        """A second live holder that spends nothing."""
+        window = budget.window_start(T0)
+        now = clock.seconds()
+        return grants.exchange(
+            budget, window, "other", spent=0, busy=0, now=now, recorded=lambda: 0.0
+        )
+
+    assert poll(big, recorded=0.00315) == 5 * NANO // 4
+    assert other(big) > 0
+    spent = 0
+    for _ in range(200):
+        poll(small)
+        other(small)
+        hold = ledger.reserve(GPT, 0.00045)
+        if isinstance(hold, BudgetHold):
+            hold.settle(0.00045, "ok", 200)
+            spent += 450_000
+        clock.advance(0.1)
+    assert 3_150_000 + spent + other(small) <= NANO // 20
+    assert spent >= 40 * 450_000  # the room left was granted, not only refused
+
+
 def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:
     """With the collector unreachable, a fail-closed budget admits only what
     its grant holds; a fail-open one lets calls through, flagged."""
