@@ -281,3 +281,56 @@ def _stored(url: str) -> int:
         return _spend(url)[0]
     except psycopg.Error:
         return -1
+
+
+def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, pg_url: str) -> None:
+    """A proxy with two --collector URLs on one database, a $1.00 block budget
+    and the first collector stopped: the link failed over to the second, but
+    the budgets were still read from the first, so the proxy spent the slice
+    it held (a quarter of the limit, about 25 calls of ~$0.01) and then
+    answered 402 to every call. Its budget poller moves to the second
+    collector too: 40 calls in turn after the stop are admitted."""
+    import openai
+
+    assert _cli(
+        "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
+        "--db", pg_url,
+    ).returncode == 0  # fmt: skip
+    a = CollectorProcess(db=pg_url, workdir=tmp_path / "a")
+    b = CollectorProcess(db=pg_url, workdir=tmp_path / "b")
+    with RecordingUpstream(_openai) as oa, a, b:
+        args = [
+            *LOOPBACK_ARGS,
+            "--provider-host",
+            f"{oa.authority}=openai",
+            "--base-url",
+            f"openai={oa.url}/v1",
+            "--collector",
+            a.url,
+            "--collector",
+            b.url,
+        ]
+        with ProxyProcess(args, workdir=tmp_path / "p") as proxy:
+            client = openai.OpenAI(
+                api_key="sk-test", base_url=f"{proxy.url}/openai/v1", max_retries=0
+            )
+
+            def call() -> int:
+                try:
+                    client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=16_000,  # with 1,000 prompt tokens: $0.00975
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                    return 200
+                except openai.APIStatusError as e:
+                    return e.status_code
+
+            assert call() == 200  # the budget is known and a slice is held
+            a.terminate()
+            _wait_for(lambda: "budgets: collector" in proxy.log_text(), 30, "the poller to miss A")
+            statuses = [call() for _ in range(40)]
+            client.close()
+            assert statuses.count(200) >= 38, statuses
+            _wait_for(lambda: _spend(pg_url)[0] >= 41, 60, "every event in the database")
+            assert _spend(pg_url)[1] <= 1.00
