@@ -27,6 +27,7 @@ from llmobserve.collector import (
     SqlBudgetBook,
     SQLiteBudgetBook,
     StoreError,
+    db_from_env,
     is_postgres_url,
     open_store,
 )
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 
+#: C{--db} of C{budgets} and C{limits}: the default is the one C{report} has
+_DB_HELP = "store file or postgresql:// URL (default: $LLMOBSERVE_DB, else the proxy's own file)"
+
+
 def add_budgets_parser(sub: Any) -> None:
     """Add the C{budgets} subcommand and its C{set}, C{list}, C{delete}."""
     p = sub.add_parser(
@@ -56,11 +61,7 @@ def add_budgets_parser(sub: Any) -> None:
             "whose worst-case cost could take its spend past the limit."
         ),
     )
-    p.add_argument(
-        "--db",
-        metavar="PATH|URL",
-        help="store file or postgresql:// URL (default: the proxy's own file)",
-    )
+    p.add_argument("--db", metavar="PATH|URL", help=_DB_HELP)
     p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
     p.add_argument(
         "--key",
@@ -90,16 +91,16 @@ def add_budgets_parser(sub: Any) -> None:
         "(closed, default) or let calls through, flagged (open)",
     )
     _add_scope_options(s)
-    s.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
-    s.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
     lst = bsub.add_parser("list", help="every budget with its spend in the current window")
     lst.add_argument("--format", choices=("table", "json"), default="table")
-    lst.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
-    lst.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
     d = bsub.add_parser("delete", help="remove a budget")
     d.add_argument("name")
-    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
-    d.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+    for q in (s, lst, d):
+        # the same options after the action (`budgets list --collector URL --key KEY`)
+        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+        q.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+        q.add_argument("--key", metavar="KEY", dest="key_sub", help=argparse.SUPPRESS)
+        q.add_argument("--ca-file", metavar="PEM", dest="ca_file_sub", help=argparse.SUPPRESS)
 
 
 #: the help of each scope option (C{SCOPE_FIELDS} names them)
@@ -180,11 +181,7 @@ def add_limits_parser(sub: Any) -> None:
             "answers 429 (with Retry-After) to a call past one."
         ),
     )
-    p.add_argument(
-        "--db",
-        metavar="PATH|URL",
-        help="store file or postgresql:// URL (default: the proxy's own file)",
-    )
+    p.add_argument("--db", metavar="PATH|URL", help=_DB_HELP)
     lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
     s = lsub.add_parser("set", help="create or replace a limit")
     s.add_argument("--name", required=True)
@@ -201,7 +198,7 @@ def add_limits_parser(sub: Any) -> None:
 
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
-    db = getattr(args, "db_sub", None) or args.db
+    db = getattr(args, "db_sub", None) or args.db or db_from_env()
     book = store_book(db)
     try:
         if args.limits_command == "set":
@@ -255,8 +252,10 @@ def _book(args: argparse.Namespace) -> SqlBudgetBook | _HTTPBook:
     if collector:
         if db:
             raise BudgetError("give --db or --collector, not both")
-        return _HTTPBook(collector, getattr(args, "key", None), getattr(args, "ca_file", None))
-    return store_book(db)
+        key = getattr(args, "key_sub", None) or getattr(args, "key", None)
+        ca_file = getattr(args, "ca_file_sub", None) or getattr(args, "ca_file", None)
+        return _HTTPBook(collector, key, ca_file)
+    return store_book(db or db_from_env())
 
 
 def run_budgets(args: argparse.Namespace, out: TextIO) -> None:

@@ -85,12 +85,19 @@ def run_keys(
         else:
             info = source._get("/api/keys/revoke", [], {"key": args.target})
     else:
-        from llmobserve.collector import KeyStoreError, StoreError, is_postgres_url, open_store
+        from llmobserve.collector import (
+            KeyStoreError,
+            StoreError,
+            db_from_env,
+            is_postgres_url,
+            open_store,
+        )
         from llmobserve.paths import default_db_path
 
-        db: str | Path = args.db if args.db and is_postgres_url(args.db) else ""
+        named = args.db or db_from_env()  # as report: $LLMOBSERVE_DB by default
+        db: str | Path = named if named and is_postgres_url(named) else ""
         if not db:
-            db = Path(args.db).expanduser() if args.db else default_db_path()
+            db = Path(named).expanduser() if named else default_db_path()
         try:
             # a PostgreSQL database is migrated as a collector's start-up does
             store = open_store(db)

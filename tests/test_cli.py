@@ -371,3 +371,61 @@ def test_csv_money_is_in_fixed_notation(tmp_path: Path) -> None:
     assert sorted(listed) == ["0.0000072", "0.000108"]
     _code, text = run("report", "--db", str(path), "--by", "model")
     assert "$0.0000072" in text and "e-" not in text
+
+
+def test_keys_budgets_and_limits_default_to_llmobserve_db(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With $LLMOBSERVE_DB exported (COLLECTOR.md's walkthrough), report read that
+    store but keys, budgets and limits wrote the proxy's default file, and `keys
+    list` said "no keys" although its --help names $LLMOBSERVE_DB."""
+    monkeypatch.setenv("LLMOBSERVE_HOME", str(tmp_path / "home"))
+    shared = tmp_path / "shared.sqlite3"
+    monkeypatch.setenv("LLMOBSERVE_DB", str(shared))
+    assert run("keys", "create", "--name", "admin", "--scope", "admin")[0] == 0
+    assert run("budgets", "set", "--name", "cap", "--limit-usd", "5", "--window", "day")[0] == 0
+    assert run("limits", "set", "--name", "rpm", "--calls-per-minute", "60")[0] == 0
+    assert not (tmp_path / "home" / "events.sqlite3").exists()
+    monkeypatch.delenv("LLMOBSERVE_DB")
+    assert "admin" in run("keys", "list", "--db", str(shared))[1]
+    assert run("budgets", "list", "--db", str(shared))[1].startswith("cap: ")
+    assert run("limits", "list", "--db", str(shared))[1].startswith("rpm: ")
+
+
+class _BudgetsAPI(BaseHTTPRequestHandler):
+    """/api/budgets that remembers the Authorization header of each request."""
+
+    seen: list[str | None]
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        data = b'{"budgets": []}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_budgets_take_key_and_ca_file_after_the_action(tmp_path: Path) -> None:
+    """`budgets list --collector URL --key KEY` (as `keys list` is written) was
+    "unrecognized arguments: --key": --key and --ca-file were taken only before
+    the action, although --db and --collector were taken after it too."""
+    seen: list[str | None] = []
+    handler = type("H", (_BudgetsAPI,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code, text = run("budgets", "list", "--collector", url, "--key", "llmo_k1")
+        assert (code, text) == (0, "no budgets defined\n")
+        code, _ = run("budgets", "--key", "llmo_k2", "list", "--collector", url)
+        assert code == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["Bearer llmo_k1", "Bearer llmo_k2"]

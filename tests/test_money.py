@@ -69,3 +69,27 @@ def test_the_log_line_of_a_call_not_forwarded_says_why() -> None:
     )
     unpriced = {**refused, "status": 200, "outcome": "ok", "provider": "openai", "flags": []}
     assert "cost=unpriced " in _summary(unpriced)
+
+
+def test_the_log_line_of_a_budget_refusal_says_why() -> None:
+    """A budget's 402 logged 'budget_refused openai gpt-4o-mini in=None out=None
+    cost=unpriced': it was never forwarded, so it says so and why."""
+    from llmobserve.events.pipeline import _summary
+
+    refused = {
+        "method": "POST",
+        "host": "127.0.0.1",
+        "path": "/v1/chat/completions",
+        "status": 402,
+        "outcome": "budget_refused",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "usage": {},
+        "cost_usd": None,
+        "duration_ms": 0.652,
+        "flags": ["error:budget_exceeded"],
+    }
+    assert _summary(refused) == (
+        "POST 127.0.0.1/v1/chat/completions -> 402 budget_refused (budget_exceeded),"
+        " not forwarded ms=0.652"
+    )

@@ -12,6 +12,11 @@ spends past its grant: together they never pass the limit. The spend
 recorded before the first grant of a window is a row of its own
 (C{_recorded}).
 
+When a budget's limit is lowered below what its holders were granted,
+each holder's next exchange shrinks its grant to what it spent and holds
+plus a slice, within the room the others leave (their grants shrink at
+their own next exchange).
+
 A holder that has not reported for C{dead_after} seconds is taken for
 gone: its grant shrinks to what it reported spent, and the rest goes back
 to the others (what it spent after its last report, at most the worst
@@ -114,6 +119,12 @@ class GrantBook:
             # spend all the same: the grant grows to cover it
             mine = max(mine, spent)
             share = max(limit // (4 * alive), 1)
+            if others + mine > limit:
+                # the limit was lowered below what is granted: this holder
+                # keeps what it spent and holds, plus at most a slice of the
+                # room left (a grant of the old limit let each holder spend
+                # up to the new one)
+                mine = max(spent, min(limit - others, busy + share))
             free = mine - busy
             if free < share:
                 mine += max(0, min(share - free, limit - others - mine))

@@ -901,8 +901,10 @@ def _cost_text(cost: Any) -> str:
     return usd_fixed(cost) if isinstance(cost, float | int) else "unpriced"
 
 
-#: Outcomes of calls the proxy never forwarded: no provider, model or usage to show.
-_NOT_FORWARDED = frozenset({"refused", "proxy_error"})
+#: Outcomes of calls the proxy never forwarded (the report's NOT_FORWARDED: a
+#: budget's or a rate limit's refusal too): no usage or cost to show, and the
+#: stop line counts them apart from the calls.
+_NOT_FORWARDED = frozenset({"refused", "proxy_error", "budget_refused"})
 
 
 def _summary(event: Mapping[str, Any]) -> str:

@@ -5,7 +5,9 @@ second in a thread of its own, it reads the definitions and the spend so far
 from the store file, or from the collector's C{/api/budgets}, into the
 L{BudgetLedger}; for shared budgets it also reports this process's spend
 and takes its grant (C{budget_grants}: L{GrantBook} on a store file, C{POST
-/api/budgets/grants} on a collector).
+/api/budgets/grants} on a collector). With several C{--collector} URLs
+(collectors on one PostgreSQL database) it reads from one and, after a
+read that cannot reach it, from the next, as the event link fails over.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import ssl
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -57,6 +60,7 @@ class BudgetPoller(Service):
         store_path: str | None,
         *,
         collector_url: str | None = None,
+        collector_urls: Sequence[str] = (),
         collector_key: str | None = None,
         ca_file: str | None = None,
         interval: float = 1.0,
@@ -72,6 +76,10 @@ class BudgetPoller(Service):
         self.ledger = ledger
         self._path = store_path
         self._collector = collector_url.rstrip("/") if collector_url else None
+        #: every --collector, in order: a read that cannot reach one moves on
+        self._collectors = [u.rstrip("/") for u in collector_urls] or (
+            [self._collector] if self._collector else []
+        )
         self._timeout = timeout
         self._interval = interval
         self._book: SQLiteBudgetBook | None = None
@@ -104,6 +112,8 @@ class BudgetPoller(Service):
                 where=f"collector {self._collector}" if self._collector else f"store {self._path}",
                 error=e,
             )
+            if isinstance(e, OSError | ValueError):
+                self._next_collector()
 
     def _read(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
         if self._collector is not None:
@@ -225,6 +235,7 @@ class BudgetPoller(Service):
                     url=self._collector,
                     n=self._outages,
                 )
+            self._next_collector()
             return
         # the store file: opened again on the next read; logged a few times,
         # not once a second
@@ -236,6 +247,13 @@ class BudgetPoller(Service):
                 failure,
                 n=self._outages,
             )
+
+    def _next_collector(self) -> None:
+        """Read from the next --collector (round robin), as the link fails over:
+        collectors on one PostgreSQL database keep the same budgets and grants."""
+        urls = self._collectors
+        if len(urls) > 1 and self._collector in urls:
+            self._collector = urls[(urls.index(self._collector) + 1) % len(urls)]
 
     def kick(self) -> None:
         """Read (and exchange grants) now, unless a read is under way."""

@@ -126,11 +126,18 @@ class _Account:
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
-        if self.spent + self.reserved >= self.cap:
+        cap = self.cap
+        if self.spent + self.reserved >= cap:
             reason = "it is spent" if self.granted is None else "this process's share is spent"
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
-        return BudgetRefusal(self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason)
+        # shared: the spend is this process's, held against the share it was
+        # granted, not against the limit (a refusal at 15 % of the limit read
+        # "spend $0 + in flight $0.0004626 of limit $0.003")
+        share = cap / _NANO if self.granted is not None and cap < self.limit else None
+        return BudgetRefusal(
+            self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason, share_usd=share
+        )
 
 
 @attrs.define(eq=False)

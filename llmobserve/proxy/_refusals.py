@@ -28,6 +28,9 @@ class BudgetRefusal:
     reserved_usd: float
     worst_case_usd: float | None
     reason: str
+    #: shared budgets: what the store granted this process (its spend and
+    #: in-flight figures are its own); None when the limit itself refused
+    share_usd: float | None = None
     status: int = 402
     kind: str = "budget_exceeded"
     detail_key: str = "budget"
@@ -35,11 +38,20 @@ class BudgetRefusal:
 
     def message(self) -> str:
         """The error message of the 402."""
+        spend = usd_fixed(round(self.spend_usd, 8))
+        reserved = usd_fixed(round(self.reserved_usd, 8))
+        limit = usd_fixed(self.budget.limit_usd)
+        if self.share_usd is None:
+            held = f"spend ${spend} + in flight ${reserved} of limit ${limit}"
+        else:
+            held = (
+                f"this process's spend ${spend} + in flight ${reserved} of its share"
+                f" ${usd_fixed(round(self.share_usd, 8))} (limit ${limit}, shared with other"
+                " processes: the store grants more within a second while the limit allows)"
+            )
         return (
             f"budget {self.budget.name!r} ({self.budget.window}) would be exceeded: "
-            f"spend ${usd_fixed(round(self.spend_usd, 8))} + in flight "
-            f"${usd_fixed(round(self.reserved_usd, 8))} of limit "
-            f"${usd_fixed(self.budget.limit_usd)}; {self.reason}"
+            f"{held}; {self.reason}"
         )
 
     def detail(self) -> dict[str, Any]:
@@ -52,6 +64,7 @@ class BudgetRefusal:
             "reserved_usd": self.reserved_usd,
             "limit_usd": self.budget.limit_usd,
             "worst_case_usd": self.worst_case_usd,
+            **({} if self.share_usd is None else {"share_usd": self.share_usd}),
         }
 
 

@@ -769,6 +769,9 @@ def _budget_poller(
         ledger,
         store_path,
         collector_url=collector,
+        collector_urls=[u if "://" in u else "http://" + u for u in options["collectors"]]
+        if collector
+        else [],
         collector_key=options["collector-key"],
         ca_file=options["collector-ca-file"],
     )

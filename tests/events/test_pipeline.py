@@ -383,6 +383,26 @@ async def test_the_stop_summary_counts_calls_not_forwarded_apart(tmp_path: Path)
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_stop_summary_counts_budget_refusals_apart(tmp_path: Path) -> None:
+    """A budget's 402 (outcome budget_refused) was one of the stop line's calls,
+    and unpriced, while the report counts it on its refused line: 23 calls and
+    12 unpriced against the report's 11 calls and 12 refused."""
+    from llmobserve.transaction import Outcome
+
+    s = Sink(tmp_path)
+    s.sink.transaction_finished(make_txn())
+    for _ in range(2):
+        s.sink.transaction_finished(
+            make_txn(outcome=Outcome.BUDGET_REFUSED, status=402, response_body=b"")
+        )
+    await eventually(lambda: len(s.stored()) == 3)
+    line = s.sink.stop_summary(3)
+    await s.sink.stopService()
+    assert line.startswith("llmobserve proxy stopped: 1 calls, $")
+    assert ", 0 unpriced, 2 refused or not forwarded; " in line
+
+
+@pytest_twisted.ensureDeferred
 async def test_per_call_log_lines_are_capped_and_the_rest_summed_up(tmp_path: Path) -> None:
     """Over log_lines_per_second, calls get no line of their own; the next window's
     first batch says how many there were and what they cost."""

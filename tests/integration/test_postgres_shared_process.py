@@ -281,3 +281,60 @@ def _stored(url: str) -> int:
         return _spend(url)[0]
     except psycopg.Error:
         return -1
+
+
+def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, pg_url: str) -> None:
+    """A proxy with two --collector URLs on one database, a $1.00 block budget
+    and the first collector stopped: the link failed over to the second, but
+    the budgets were still read from the first, so the proxy spent the slice
+    it held (a quarter of the limit, about 25 calls of ~$0.01) and then
+    answered 402 to every call. Its budget poller moves to the second
+    collector too: after the slice it held, calls are admitted again."""
+    import openai
+
+    assert _cli(
+        "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
+        "--db", pg_url,
+    ).returncode == 0  # fmt: skip
+    a = CollectorProcess(db=pg_url, workdir=tmp_path / "a")
+    b = CollectorProcess(db=pg_url, workdir=tmp_path / "b")
+    with RecordingUpstream(_openai) as oa, a, b:
+        args = [
+            *LOOPBACK_ARGS,
+            "--provider-host",
+            f"{oa.authority}=openai",
+            "--base-url",
+            f"openai={oa.url}/v1",
+            "--collector",
+            a.url,
+            "--collector",
+            b.url,
+        ]
+        with ProxyProcess(args, workdir=tmp_path / "p") as proxy:
+            client = openai.OpenAI(
+                api_key="sk-test", base_url=f"{proxy.url}/openai/v1", max_retries=0
+            )
+
+            def call() -> int:
+                try:
+                    client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=16_000,  # with 1,000 prompt tokens: $0.00975
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                    return 200
+                except openai.APIStatusError as e:
+                    return e.status_code
+
+            assert call() == 200  # the budget is known and a slice is held
+            a.terminate()
+            _wait_for(lambda: "budgets: collector" in proxy.log_text(), 30, "the poller to miss A")
+            statuses = [call() for _ in range(40)]
+            # a few calls may be refused while the first read from the second
+            # collector is under way (a top-up is a round trip); then calls are
+            # admitted again (the slice alone held about 25 of them)
+            _wait_for(lambda: call() == 200, 30, "a call admitted on the second's grant")
+            assert [call() for _ in range(5)] == [200] * 5, statuses
+            client.close()
+            _wait_for(lambda: _spend(pg_url)[0] >= 47, 60, "every event in the database")
+            assert _spend(pg_url)[1] <= 1.00

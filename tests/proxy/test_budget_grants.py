@@ -87,6 +87,34 @@ def test_a_shared_ledger_spends_only_its_grant_and_asks_when_low() -> None:
     assert sum(isinstance(h, BudgetHold) for h in holds) == 10
 
 
+def test_a_refusal_by_the_share_names_the_share_not_only_the_limit() -> None:
+    """A proxy on a collector refused a call at 15 % of its budget with "spend
+    $0 + in flight $0.0004626 of limit $0.003; this call could cost up to
+    $0.0004626": figures that fit the limit. It names the share that refused it."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([Budget("cap", 0.003, "day")], {})
+    [(_, (window, _, _))] = ledger.grant_snapshot().items()
+    ledger.set_grants({"cap": (window, 750_000)})  # a quarter of $0.003
+    assert isinstance(ledger.reserve(GPT, 0.0004626), BudgetHold)
+    refusal = ledger.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal)
+    assert refusal.message() == (
+        "budget 'cap' (day) would be exceeded: this process's spend $0 + in flight"
+        " $0.0004626 of its share $0.00075 (limit $0.003, shared with other processes:"
+        " the store grants more within a second while the limit allows);"
+        " this call could cost up to $0.0004626"
+    )
+    assert refusal.detail()["share_usd"] == 0.00075
+    alone = BudgetLedger(clock.seconds)  # one process: no share in the message
+    alone.load([Budget("cap", 0.0005, "day")], {})
+    assert isinstance(alone.reserve(GPT, 0.0004626), BudgetHold)
+    refusal = alone.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal) and "share" not in refusal.message()
+    assert "share_usd" not in refusal.detail()
+
+
 def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> None:
     """Two processes' ledgers, exchanging with one grant table as their
     pollers do, admit calls worth $0.01 each against $1.00: spend never past
@@ -121,6 +149,58 @@ def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> N
     assert admitted in (99, 100)
     spent = sum(a.spent for ledger in ledgers for a in ledger._accounts)
     assert spent == admitted * NANO // 100 <= NANO
+
+
+def test_a_lowered_limit_shrinks_the_grants(grants: GrantBook) -> None:
+    """A budget lowered from $5 to $0.05 while a proxy on a collector held a
+    $1.25 slice of it: the proxy kept the slice, its cap became the whole new
+    limit, and it spent $0.0495 of its own on top of the $0.00315 recorded
+    before ($0.0531 of $0.05). Each holder's next exchange shrinks its grant
+    to what it spent and holds plus a slice of the room left: the new limit
+    holds, and the room is still granted."""
+    clock = Clock()
+    clock.advance(T0)
+    big, small = Budget("cap", 5.0, "day"), Budget("cap", 0.05, "day")
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load([big], {})
+
+    def poll(budget: Budget, recorded: float = 0.0) -> int:
+        """What the poller does each second: the definitions, then an exchange."""
+        [(window, spent, busy)] = ledger.grant_snapshot().values()
+        ledger.load([budget], {})
+        got = grants.exchange(
+            budget,
+            window,
+            "me",
+            spent=spent,
+            busy=busy,
+            now=clock.seconds(),
+            recorded=lambda: recorded,
+        )
+        ledger.set_grants({"cap": (window, got)})
+        return got
+
+    def other(budget: Budget) -> int:
+        """A second live holder that spends nothing."""
+        window = budget.window_start(T0)
+        now = clock.seconds()
+        return grants.exchange(
+            budget, window, "other", spent=0, busy=0, now=now, recorded=lambda: 0.0
+        )
+
+    assert poll(big, recorded=0.00315) == 5 * NANO // 4
+    assert other(big) > 0
+    spent = 0
+    for _ in range(200):
+        poll(small)
+        other(small)
+        hold = ledger.reserve(GPT, 0.00045)
+        if isinstance(hold, BudgetHold):
+            hold.settle(0.00045, "ok", 200)
+            spent += 450_000
+        clock.advance(0.1)
+    assert 3_150_000 + spent + other(small) <= NANO // 20
+    assert spent >= 40 * 450_000  # the room left was granted, not only refused
 
 
 def test_during_an_outage_fail_open_budgets_let_calls_through_flagged() -> None:

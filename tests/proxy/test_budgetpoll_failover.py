@@ -1,0 +1,102 @@
+"""A proxy with several C{--collector} URLs reads its budgets and takes its
+grants from the next one when the one it reads from cannot be reached, as
+its event link fails over (collectors on one PostgreSQL database keep the
+same budgets and grants)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import pytest_twisted
+from events.eventkit import eventually
+from twisted.internet.task import Clock
+
+from llmobserve.collector import Budget
+from llmobserve.proxy._budgetpoll import BudgetPoller
+from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, CallScope
+
+T0 = 1_750_000_000.0
+CAP = Budget("cap", 1.0, "day")
+GPT = CallScope("openai", "gpt-4o-mini")
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """GET /api/budgets: one budget; POST /api/budgets/grants: $0.25 of it."""
+
+    def _answer(self, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer({"budgets": [CAP.as_dict()]})
+
+    def do_POST(self) -> None:
+        sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        grants = {r["budget"]: [r["window"], 250_000_000] for r in sent["reports"]}
+        self._answer({"grants": grants})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def second() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _refused_url() -> str:
+    """A loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_start_up_reads_the_next_collector_when_the_first_is_down(second: str) -> None:
+    """The first --collector down at start-up: the next read asks the second."""
+    first = _refused_url()
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    poller = BudgetPoller(clock, ledger, None, collector_url=first, collector_urls=[first, second])
+    poller.load_now()
+    assert not ledger.active
+    poller.load_now()
+    assert ledger.active and ledger.grant_snapshot()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_running_poller_moves_to_the_next_collector(second: str) -> None:
+    """The budgets stayed on the first --collector while it was down: the proxy
+    spent only its slice and then refused every call, though its link had
+    failed over to the second collector of the same database. The poll that
+    cannot reach the first reads from the second next time."""
+    from twisted.internet import reactor
+
+    first = _refused_url()
+    ledger = BudgetLedger(reactor.seconds, shared=True)
+    poller = BudgetPoller(
+        reactor, ledger, None, collector_url=first, collector_urls=[first, second], interval=0.05
+    )
+    poller.startService()
+    try:
+        await eventually(lambda: ledger.active, what="the budgets read from the second")
+        await eventually(
+            lambda: isinstance(ledger.reserve(GPT, 0.01), BudgetHold),
+            what="a call admitted on the second collector's grant",
+        )
+    finally:
+        poller.stopService()
