@@ -149,7 +149,13 @@ class BudgetsResource(Resource):
                 for r in doc["reports"]
             ]
             rate_reports = [
-                (str(r["limit"]), float(r["window"]), int(r["used"]), int(r["busy"]))
+                (
+                    str(r["limit"]),
+                    float(r["window"]),
+                    int(r["used"]),
+                    int(r["busy"]),
+                    int(r.get("want", 0)),
+                )
                 for r in doc.get("limits", ())
             ]
             if not isinstance(holder, str) or not 0 < len(holder) <= 64:
@@ -214,7 +220,7 @@ def _rate_grants(
     book: SqlBudgetBook,
     grants: GrantBook,
     holder: str,
-    reports: list[tuple[str, float, int, int]],
+    reports: list[tuple[str, float, int, int, int]],
     now: float,
 ) -> dict[str, list[list[float | int]]]:
     """Each reported limit's slice of the current minute or the next one
@@ -222,7 +228,7 @@ def _rate_grants(
     slice at its first call); any other minute gets nothing."""
     limits = {r.name: r for r in book.limits.list()}
     out: dict[str, list[list[float | int]]] = {}
-    for name, minute, used, busy in reports:
+    for name, minute, used, busy, want in reports:
         limit = limits.get(name)
         if limit is None:
             continue
@@ -237,6 +243,7 @@ def _rate_grants(
             busy=busy,
             now=now,
             recorded=partial(book.used, limit, minute),
+            want=want,
         )
         out.setdefault(name, []).append([minute, got])
     return out

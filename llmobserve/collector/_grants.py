@@ -108,6 +108,7 @@ class GrantBook:
         busy: int,
         now: float,
         recorded: Callable[[], int],
+        want: int = 0,
     ) -> int:
         """L{exchange} for a rate limit's UTC minute starting at C{minute}
         (calls or tokens instead of nano-USD). Its rows have the window
@@ -116,6 +117,10 @@ class GrantBook:
 
         @param recorded: the store's count in that minute, read only for
             its first grant.
+        @param want: the tokens of a call this holder refused for want of
+            room: its free grant is topped up to that much if the limit has
+            it, even when that is more than a slice (a call's worst case
+            can be bigger than a quarter of a tokens limit).
         """
         key = _rate_key(minute)
 
@@ -139,6 +144,7 @@ class GrantBook:
             now=now,
             recorded=first,
             lock=f"{_RATE}{limit.name}",
+            want=want,
         )
 
     def _exchange(
@@ -153,6 +159,7 @@ class GrantBook:
         now: float,
         recorded: Callable[[], int],
         lock: str | None = None,
+        want: int = 0,
     ) -> int:
         db = self._db
         with db.transaction(lock=lock or name):
@@ -189,7 +196,8 @@ class GrantBook:
             # spend past the grant (a fail-open budget during an outage) is
             # spend all the same: the grant grows to cover it
             mine = max(mine, spent)
-            share = max(limit // (4 * alive), 1)
+            # a slice, or room for the call this holder could not take
+            share = max(limit // (4 * alive), want, 1)
             free = mine - busy
             if free < share:
                 mine += max(0, min(share - free, limit - others - mine))

@@ -41,8 +41,8 @@ _Read = tuple[
     dict[str, tuple[float, int]],
     dict[str, list[tuple[float, int]]],
 ]
-#: shared rate limits' reports: (name, minute, used, used + in flight)
-_RateReports = Sequence[tuple[str, float, int, int]]
+#: shared rate limits' reports: (name, minute, used, used + in flight, wanted)
+_RateReports = Sequence[tuple[str, float, int, int, int]]
 
 
 class BudgetPoller(Service):
@@ -160,7 +160,7 @@ class BudgetPoller(Service):
             if self._grants is None:
                 self._grants = GrantBook(book.connection)
             by_name = {r.name: r for r in limits}
-            for name, minute, own, busy in rates:
+            for name, minute, own, busy, want in rates:
                 rule = by_name.get(name)
                 if rule is None:
                     continue
@@ -172,6 +172,7 @@ class BudgetPoller(Service):
                     busy=busy,
                     now=now,
                     recorded=partial(book.used, rule, minute),
+                    want=want,
                 )
                 rate_grants.setdefault(name, []).append((minute, got))
         spends = {b.name: book.spend(b, now) for b in fresh}
@@ -198,8 +199,8 @@ class BudgetPoller(Service):
             ask: dict[str, Any] = {"holder": self.holder, "reports": reports}
             if rates:
                 ask["limits"] = [
-                    {"limit": name, "window": minute, "used": used, "busy": busy}
-                    for name, minute, used, busy in rates
+                    {"limit": name, "window": minute, "used": used, "busy": busy, "want": want}
+                    for name, minute, used, busy, want in rates
                 ]
             got = self._http("POST", "/api/budgets/grants", ask)
             grants = {name: (float(w), int(g)) for name, (w, g) in got["grants"].items()}
@@ -326,7 +327,7 @@ class BudgetPoller(Service):
                     if budget is not None:
                         self._grants.release(budget, window, self.holder, busy)
                 rules = {r.name: r for r in self._known_limits}
-                for name, minute, _, busy in self.ledger.rate_grant_snapshot(self.ledger.now()):
+                for name, minute, _, busy, _ in self.ledger.rate_grant_snapshot(self.ledger.now()):
                     if name in rules:
                         self._grants.release_rate(rules[name], minute, self.holder, busy)
             except Exception:

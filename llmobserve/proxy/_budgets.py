@@ -153,6 +153,9 @@ class _RateAccount:
     #: shared limits: a grant of the next minute taken before it began
     #: (its start, the amount), this minute's grant once it begins
     ahead: tuple[float, int] | None = None
+    #: shared limits: the most a call refused for want of grant needed
+    #: (asked for at the next exchange, then forgotten)
+    wanted: int = 0
     #: what this process may use in this minute: the limit, or its grant
     cap: int = attrs.field(init=False)
 
@@ -497,6 +500,8 @@ class BudgetLedger:
         may be granted to it soon (asked for now) unless the limit itself is
         spent, so the client is told to retry in a second while the grant is
         below the limit."""
+        if want is not None and want > rate.wanted:
+            rate.wanted = want
         if self.on_low is not None:
             self.on_low()
         wait = max(1, math.ceil(rate.window_end - now))
@@ -549,20 +554,21 @@ class BudgetLedger:
             if a.granted is not None
         }
 
-    def rate_grant_snapshot(self, now: float) -> list[tuple[str, float, int, int]]:
-        """Shared rate limits: (name, minute, used, used + in flight) for this
-        minute, and for the next one (nothing used yet) once this one has
-        less than C{RATE_AHEAD} seconds to run, so that a grant of it is
-        here when it begins."""
+    def rate_grant_snapshot(self, now: float) -> list[tuple[str, float, int, int, int]]:
+        """Shared rate limits: (name, minute, used, used + in flight, the
+        most a refused call wanted) for this minute, and for the next one
+        (nothing used yet) once this one has less than C{RATE_AHEAD} seconds
+        to run, so that a grant of it is here when it begins."""
         out = []
         for rate in self._rates:
             if rate.granted is None:
                 continue
             if now >= rate.window_end:
                 rate.roll(now)
-            out.append((rate.rule.name, rate.window_start, rate.used, rate.used + rate.reserved))
+            busy = rate.used + rate.reserved
+            out.append((rate.rule.name, rate.window_start, rate.used, busy, rate.wanted))
             if rate.window_end - now < RATE_AHEAD:
-                out.append((rate.rule.name, rate.window_end, 0, 0))
+                out.append((rate.rule.name, rate.window_end, 0, 0, 0))
         return out
 
     def set_rate_grants(self, grants: Mapping[str, Sequence[tuple[float, int]]]) -> None:
@@ -574,6 +580,7 @@ class BudgetLedger:
             for minute, amount in got:
                 if minute == rate.window_start:
                     rate.granted = amount
+                    rate.wanted = 0
                     rate.recap()
                 elif minute == rate.window_end:
                     rate.ahead = (minute, amount)

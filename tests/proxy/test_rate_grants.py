@@ -76,7 +76,7 @@ def test_a_shared_ledger_uses_only_its_rate_grant_and_takes_the_next_minute_ahea
     refusal = ledger.reserve(GPT, 0.001)
     assert isinstance(refusal, RateRefusal) and refusal.retry_after == 1
     assert "this process's share" in refusal.message() and asked
-    assert ledger.rate_grant_snapshot(T0) == [("rpm", MINUTE, 0, 0)]
+    assert ledger.rate_grant_snapshot(T0) == [("rpm", MINUTE, 0, 0, 1)]
     ledger.set_rate_grants({"rpm": [(MINUTE, 3)]})
     holds = [ledger.reserve(GPT, 0.001) for _ in range(5)]
     assert [isinstance(h, BudgetHold) for h in holds] == [True, True, True, False, False]
@@ -85,8 +85,8 @@ def test_a_shared_ledger_uses_only_its_rate_grant_and_takes_the_next_minute_ahea
         hold.settle(0.001, "ok", 200)
     clock.advance(MINUTE + 58 - T0)
     assert ledger.rate_grant_snapshot(clock.seconds()) == [
-        ("rpm", MINUTE, 3, 3),
-        ("rpm", MINUTE + 60, 0, 0),
+        ("rpm", MINUTE, 3, 3, 1),  # two calls were refused since the grant
+        ("rpm", MINUTE + 60, 0, 0, 0),
     ]
     ledger.set_rate_grants({"rpm": [(MINUTE, 3), (MINUTE + 60, 2)]})
     clock.advance(3)  # the next minute: its grant was taken ahead
@@ -107,7 +107,7 @@ def test_two_shared_ledgers_never_pass_a_calls_limit(grants: GrantBook) -> None:
     for step in range(1000):
         for n, ledger in enumerate(ledgers):
             if step % 7 == n:  # the poller's exchange
-                for name, minute, used, busy in ledger.rate_grant_snapshot(clock.seconds()):
+                for name, minute, used, busy, want in ledger.rate_grant_snapshot(clock.seconds()):
                     got = grants.exchange_rate(
                         RPM,
                         minute,
@@ -116,6 +116,7 @@ def test_two_shared_ledgers_never_pass_a_calls_limit(grants: GrantBook) -> None:
                         busy=busy,
                         now=clock.seconds(),
                         recorded=lambda: 0,
+                        want=want,
                     )
                     ledger.set_rate_grants({name: [(minute, got)]})
             hold = ledger.reserve(GPT, 0.001)
@@ -124,6 +125,39 @@ def test_two_shared_ledgers_never_pass_a_calls_limit(grants: GrantBook) -> None:
                 hold.settle(0.001, "ok", 200)
         clock.advance(0.01)
     assert 30 <= admitted <= 40
+
+
+def test_a_call_bigger_than_a_slice_of_a_tokens_limit_is_granted_room(
+    grants: GrantBook,
+) -> None:
+    """A call's worst case over a slice of a tokens limit (a quarter of it
+    per live process) is refused once, and the exchange that follows grants
+    this process room for it when the limit has it: it passes next time;
+    one bigger than what is left never does."""
+    tpm = RateLimit("tpm", 1000, unit="tokens")
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    ledger.load_limits([tpm], {})
+
+    def exchange() -> None:
+        for name, minute, used, busy, want in ledger.rate_grant_snapshot(clock.seconds()):
+            got = grants.exchange_rate(
+                tpm, minute, "p", used=used, busy=busy, now=T0, recorded=lambda: 0, want=want
+            )
+            ledger.set_rate_grants({name: [(minute, got)]})
+
+    exchange()  # a slice: 250 tokens
+    assert isinstance(ledger.reserve(GPT, 0.001, tokens=600), RateRefusal)
+    exchange()  # asks for room for 600
+    hold = ledger.reserve(GPT, 0.001, tokens=600)
+    assert isinstance(hold, BudgetHold)
+    hold.settle(0.001, "ok", 200, tokens=600)
+    exchange()
+    assert isinstance(ledger.reserve(GPT, 0.001, tokens=500), RateRefusal)
+    exchange()  # 400 left in the minute: never room for 500
+    assert isinstance(ledger.reserve(GPT, 0.001, tokens=500), RateRefusal)
+    assert isinstance(ledger.reserve(GPT, 0.001, tokens=400), BudgetHold)
 
 
 def test_during_an_outage_a_rate_limit_applies_its_fail_mode() -> None:
