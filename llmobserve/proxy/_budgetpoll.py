@@ -2,10 +2,11 @@
 
 At start-up (synchronously: a restart never resets a budget) and then every
 second in a thread of its own, it reads the definitions and the spend so far
-from the store file, or from the collector's C{/api/budgets}, into the
-L{BudgetLedger}; for shared budgets it also reports this process's spend
-and takes its grant (C{budget_grants}: L{GrantBook} on a store file, C{POST
-/api/budgets/grants} on a collector).
+from the store file, or from the collector's C{/api/budgets} and
+C{/api/limits}, into the L{BudgetLedger}; for shared budgets and rate
+limits it also reports this process's spend (calls, tokens) and takes its
+grants (C{budget_grants}: L{GrantBook} on a store file, C{POST
+/api/budgets/grants} on a collector; a limit's next minute ahead of it).
 """
 
 from __future__ import annotations
