@@ -17,13 +17,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from llmobserve.collector import (
     SCOPE_FIELDS,
     Budget,
     BudgetError,
     RateLimit,
+    RateLimitBook,
     SqlBudgetBook,
     SQLiteBudgetBook,
     StoreError,
@@ -62,14 +63,7 @@ def add_budgets_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("--db", metavar="PATH|URL", help=_DB_HELP)
-    p.add_argument("--collector", metavar="URL", help="a collector's HTTP API (/api/budgets)")
-    p.add_argument(
-        "--key",
-        metavar="KEY",
-        help="an admin key (set, delete) or any key (list) for a collector that requires"
-        " keys (default $LLMOBSERVE_API_KEY)",
-    )
-    p.add_argument("--ca-file", metavar="PEM", help="extra CAs to trust for an https collector")
+    _add_collector_options(p, "/api/budgets")
     bsub = p.add_subparsers(dest="budgets_command", metavar="ACTION", required=True)
     s = bsub.add_parser("set", help="create or replace a budget")
     s.add_argument("--name", required=True)
@@ -120,17 +114,34 @@ def _add_scope_options(parser: Any) -> None:
         parser.add_argument(f"--{name}", metavar="VALUE", help=_SCOPE_HELP[name])
 
 
+def _add_collector_options(parser: Any, route: str) -> None:
+    """C{--collector URL} (its C{route}), C{--key} and C{--ca-file}."""
+    parser.add_argument("--collector", metavar="URL", help=f"a collector's HTTP API ({route})")
+    parser.add_argument(
+        "--key",
+        metavar="KEY",
+        help="an admin key (set, delete) or any key (list) for a collector that requires"
+        " keys (default $LLMOBSERVE_API_KEY)",
+    )
+    parser.add_argument(
+        "--ca-file", metavar="PEM", help="extra CAs to trust for an https collector"
+    )
+
+
 def _scope_args(args: argparse.Namespace) -> dict[str, str | None]:
     """The scope options given, by field name."""
     return {name: getattr(args, name) for name in SCOPE_FIELDS}
 
 
 class _HTTPBook:
-    """The budgets of a collector, through C{/api/budgets}."""
+    """The budgets of a collector, through C{/api/budgets} (or its rate
+    limits, through C{/api/limits}: L{_HTTPLimits})."""
+
+    route = "/api/budgets"
 
     def __init__(self, url: str, key: str | None = None, ca_file: str | None = None) -> None:
         base = url if "://" in url else "http://" + url
-        self._url = base.rstrip("/") + "/api/budgets"
+        self._url = base.rstrip("/") + self.route
         self._key = key if key is not None else os.environ.get("LLMOBSERVE_API_KEY") or None
         self._tls = ssl.create_default_context()
         if ca_file is not None:  # a private CA, added to the system's
@@ -170,6 +181,20 @@ class _HTTPBook:
         pass
 
 
+class _HTTPLimits(_HTTPBook):
+    """The rate limits of a collector, through C{/api/limits}."""
+
+    route = "/api/limits"
+
+    def set(self, limit: RateLimit) -> None:  # type: ignore[override]  # a limit, not a budget
+        self._call("POST", body=limit.as_dict())
+
+    def list(self) -> list[RateLimit]:
+        rows = self._call("GET")["limits"]
+        fields = set(RateLimit.__dataclass_fields__)
+        return [RateLimit.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows]
+
+
 def add_limits_parser(sub: Any) -> None:
     """Add the C{limits} subcommand (calls or tokens per minute)."""
     p = sub.add_parser(
@@ -177,29 +202,42 @@ def add_limits_parser(sub: Any) -> None:
         help="define, list and delete calls-per-minute and tokens-per-minute limits",
         description=(
             "Rate limits are kept in the store beside budgets (a file, or a postgresql:// "
-            "database); a running proxy on that file applies a change within 2 s and "
-            "answers 429 (with Retry-After) to a call past one."
+            "database, or a collector's); a running proxy on that file or collector "
+            "applies a change within 2 s and answers 429 (with Retry-After) to a call "
+            "past one."
         ),
     )
     p.add_argument("--db", metavar="PATH|URL", help=_DB_HELP)
+    _add_collector_options(p, "/api/limits")
     lsub = p.add_subparsers(dest="limits_command", metavar="ACTION", required=True)
     s = lsub.add_parser("set", help="create or replace a limit")
     s.add_argument("--name", required=True)
     per = s.add_mutually_exclusive_group(required=True)
     per.add_argument("--calls-per-minute", type=int, metavar="N")
     per.add_argument("--tokens-per-minute", type=int, metavar="N")
+    s.add_argument(
+        "--fail",
+        choices=("closed", "open"),
+        default="closed",
+        help="while a proxy cannot reach its collector: refuse once its slice is used "
+        "(closed, default) or let calls through, flagged (open)",
+    )
     _add_scope_options(s)
-    for q in (s, lsub.add_parser("list", help="every limit")):
-        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
     d = lsub.add_parser("delete", help="remove a limit")
     d.add_argument("name")
-    d.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+    for q in (s, lsub.add_parser("list", help="every limit"), d):
+        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
+        q.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
+        q.add_argument("--key", metavar="KEY", dest="key_sub", help=argparse.SUPPRESS)
+        q.add_argument("--ca-file", metavar="PEM", dest="ca_file_sub", help=argparse.SUPPRESS)
 
 
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
-    db = getattr(args, "db_sub", None) or args.db or db_from_env()
-    book = store_book(db)
+    book = _book(args, _HTTPLimits)
+    limits: RateLimitBook | _HTTPLimits = (
+        book.limits if isinstance(book, SqlBudgetBook) else cast(_HTTPLimits, book)
+    )
     try:
         if args.limits_command == "set":
             calls = args.calls_per_minute
@@ -207,19 +245,20 @@ def run_limits(args: argparse.Namespace, out: TextIO) -> None:
                 name=args.name,
                 per_minute=calls if calls is not None else args.tokens_per_minute,
                 unit="calls" if calls is not None else "tokens",
+                fail=args.fail,
                 **_scope_args(args),
             )
-            book.limits.set(limit)
+            limits.set(limit)
             out.write(f"limit {limit.name} set: {_describe_limit(limit)}\n")
         elif args.limits_command == "delete":
-            if not book.limits.delete(args.name):
+            if not limits.delete(args.name):
                 raise BudgetError(f"no limit named {args.name!r}")
             out.write(f"limit {args.name} deleted\n")
         else:
-            limits = book.limits.list()
-            if not limits:
+            defined = limits.list()
+            if not defined:
                 out.write("no limits defined\n")
-            for limit in limits:
+            for limit in defined:
                 out.write(f"{limit.name}: {_describe_limit(limit)}\n")
     finally:
         book.close()
@@ -227,7 +266,8 @@ def run_limits(args: argparse.Namespace, out: TextIO) -> None:
 
 def _describe_limit(limit: RateLimit) -> str:
     scope = ", ".join(f"{k}={v}" for k, v in limit.scope().items()) or "every call"
-    return f"{limit.per_minute} {limit.unit} per minute, {scope}"
+    fail = ", fail open" if limit.fail == "open" else ""
+    return f"{limit.per_minute} {limit.unit} per minute, {scope}{fail}"
 
 
 def store_book(db: str | None, *, migrate: bool = True) -> SqlBudgetBook:
@@ -246,7 +286,9 @@ def store_book(db: str | None, *, migrate: bool = True) -> SqlBudgetBook:
     return SqlBudgetBook(store.sql(), on_close=store.close)
 
 
-def _book(args: argparse.Namespace) -> SqlBudgetBook | _HTTPBook:
+def _book(args: argparse.Namespace, http: type[_HTTPBook] = _HTTPBook) -> SqlBudgetBook | _HTTPBook:
+    """The store C{--db} names, or the collector C{--collector} names
+    (through C{http}: its budgets or its limits)."""
     db = getattr(args, "db_sub", None) or args.db
     collector = getattr(args, "collector_sub", None) or args.collector
     if collector:
@@ -254,7 +296,7 @@ def _book(args: argparse.Namespace) -> SqlBudgetBook | _HTTPBook:
             raise BudgetError("give --db or --collector, not both")
         key = getattr(args, "key_sub", None) or getattr(args, "key", None)
         ca_file = getattr(args, "ca_file_sub", None) or getattr(args, "ca_file", None)
-        return _HTTPBook(collector, key, ca_file)
+        return http(collector, key, ca_file)
     return store_book(db or db_from_env())
 
 

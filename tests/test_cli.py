@@ -399,7 +399,7 @@ class _BudgetsAPI(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append(self.headers.get("Authorization"))
-        data = b'{"budgets": []}'
+        data = b'{"limits": []}' if self.path.startswith("/api/limits") else b'{"budgets": []}'
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
@@ -410,7 +410,7 @@ class _BudgetsAPI(BaseHTTPRequestHandler):
         pass
 
 
-def test_budgets_take_key_and_ca_file_after_the_action(tmp_path: Path) -> None:
+def test_budgets_and_limits_take_key_and_ca_file_after_the_action(tmp_path: Path) -> None:
     """`budgets list --collector URL --key KEY` (as `keys list` is written) was
     "unrecognized arguments: --key": --key and --ca-file were taken only before
     the action, although --db and --collector were taken after it too."""
@@ -425,7 +425,9 @@ def test_budgets_take_key_and_ca_file_after_the_action(tmp_path: Path) -> None:
         assert (code, text) == (0, "no budgets defined\n")
         code, _ = run("budgets", "--key", "llmo_k2", "list", "--collector", url)
         assert code == 0
+        code, text = run("limits", "list", "--collector", url, "--key", "llmo_k3")
+        assert (code, text) == (0, "no limits defined\n")
     finally:
         server.shutdown()
         server.server_close()
-    assert seen == ["Bearer llmo_k1", "Bearer llmo_k2"]
+    assert seen == ["Bearer llmo_k1", "Bearer llmo_k2", "Bearer llmo_k3"]

@@ -24,7 +24,7 @@ from llmobserve.collector._budgets import (
 )
 from llmobserve.collector._grants import GrantBook
 from llmobserve.collector._keys import KeyStoreError, Verdict
-from llmobserve.collector._limits import RateLimit
+from llmobserve.collector._limits import RateLimit, RateLimitBook
 from llmobserve.collector._open import DB_ENV, db_from_env, is_postgres_url, open_store
 from llmobserve.collector._store import (
     FILTERS,
@@ -59,6 +59,7 @@ __all__ = [
     "GrantBook",
     "KeyStoreError",
     "RateLimit",
+    "RateLimitBook",
     "SQLiteBudgetBook",
     "SqlBudgetBook",
     "Store",

@@ -138,9 +138,12 @@ def _refuse(
 
 
 def _budget_link_path(postpath: list[bytes], reading: bool) -> bool:
-    """C{GET /api/budgets} and C{POST /api/budgets/grants}: a proxy linked
-    to the collector reads the budgets and takes its slices of them with
-    its link key (C{ingest}), as read and admin keys may."""
+    """C{GET /api/budgets}, C{GET /api/limits} and C{POST
+    /api/budgets/grants}: a proxy linked to the collector reads the budgets
+    and rate limits and takes its slices of them with its link key
+    (C{ingest}), as read and admin keys may."""
+    if postpath[:1] == [b"limits"]:
+        return reading
     return postpath[:1] == [b"budgets"] and (reading or postpath[1:] == [b"grants"])
 
 

@@ -8,7 +8,8 @@
    replace it; C{200 {"budget": {...}}}, or 400 with the reason.
  - C{DELETE /api/budgets/NAME}: 200, or 404 when there is none.
  - C{POST /api/budgets/grants}: what proxies that send their events here
-   use to share the budgets (L{GrantBook}: each spends only its slices).
+   use to share the budgets and rate limits (L{GrantBook}: each spends
+   only its slices).
 
 Each request runs in the store's reader thread, with the store's budget
 book (C{Store.budget_book}: the C{budgets} table of the SQLite file or of
@@ -37,7 +38,8 @@ from llmobserve.collector._thread import StoreThread
 __all__ = ["BudgetsResource"]
 
 _log = Logger()
-_MAX_BODY = 64 * 1024
+#: the largest definition or grant request read
+MAX_BODY = 64 * 1024
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:
@@ -47,12 +49,12 @@ def _json(request: Request, status: int, body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
-def _error(request: Request, status: int, kind: str, message: str) -> bytes:
+def error_body(request: Request, status: int, kind: str, message: str) -> bytes:
     return _json(request, status, {"error": {"type": kind, "message": message}})
 
 
-class _NotFound(Exception):
-    pass
+class NotFound(Exception):
+    """No definition of that name (a 404)."""
 
 
 class BudgetsResource(Resource):
@@ -88,14 +90,14 @@ class BudgetsResource(Resource):
     def _failed(self, failure: Failure, request: Request, gone: list[bool]) -> None:
         if gone:
             return
-        if failure.check(_NotFound):
-            body = _error(request, 404, "not_found", str(failure.value))
+        if failure.check(NotFound):
+            body = error_body(request, 404, "not_found", str(failure.value))
         elif failure.check(StoreUnavailable):
             # PostgreSQL away: as the other /api routes say (a proxy asks again)
-            body = _error(request, 503, "unavailable", str(failure.value))
+            body = error_body(request, 503, "unavailable", str(failure.value))
         else:
             _log.failure("budgets request failed", failure)
-            body = _error(request, 500, "internal", "the budgets request failed; see the log")
+            body = error_body(request, 500, "internal", "the budgets request failed; see the log")
         self._send(request, body)
 
     def _name(self, request: Request) -> str | None:
@@ -105,7 +107,7 @@ class BudgetsResource(Resource):
 
     def render_GET(self, request: Request) -> bytes | int:
         if self._name(request) is not None:
-            return _error(request, 404, "not_found", "GET /api/budgets lists them all")
+            return error_body(request, 404, "not_found", "GET /api/budgets lists them all")
         return self._run(request, lambda book: {"budgets": book.status(time.time())})
 
     def render_POST(self, request: Request) -> bytes | int:
@@ -113,17 +115,17 @@ class BudgetsResource(Resource):
         if name == "grants":
             return self._grants(request)
         if name is not None:
-            return _error(request, 404, "not_found", "POST a budget to /api/budgets")
-        raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
-        if len(raw) > _MAX_BODY:
-            return _error(request, 413, "body_too_large", "a budget is a small JSON object")
+            return error_body(request, 404, "not_found", "POST a budget to /api/budgets")
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if len(raw) > MAX_BODY:
+            return error_body(request, 413, "body_too_large", "a budget is a small JSON object")
         try:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise BudgetError("expected a JSON object")
             budget = Budget.from_dict(data)
         except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
-            return _error(request, 400, "bad_request", f"bad budget: {e}")
+            return error_body(request, 400, "bad_request", f"bad budget: {e}")
 
         def job(book: SqlBudgetBook) -> Any:
             book.set(budget)
@@ -134,8 +136,11 @@ class BudgetsResource(Resource):
     def _grants(self, request: Request) -> bytes | int:
         """C{POST /api/budgets/grants}: a proxy reports its spend per shared
         budget and takes its slices (L{GrantBook}); C{{"grants": {name:
-        [window_start, granted]}}} in nano-USD."""
-        raw = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
+        [window_start, granted]}}} in nano-USD. Its C{limits} reports (calls
+        or tokens used per rate limit and minute, the current one or the
+        next) take slices of those minutes: C{{"limit_grants": {name:
+        [[minute, granted], ...]}}}."""
+        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         try:
             doc = json.loads(raw)
             holder = doc["holder"]
@@ -143,44 +148,102 @@ class BudgetsResource(Resource):
                 (str(r["budget"]), float(r["window"]), int(r["spent"]), int(r["busy"]))
                 for r in doc["reports"]
             ]
+            rate_reports = [
+                (
+                    str(r["limit"]),
+                    float(r["window"]),
+                    int(r["used"]),
+                    int(r["busy"]),
+                    int(r.get("want", 0)),
+                )
+                for r in doc.get("limits", ())
+            ]
             if not isinstance(holder, str) or not 0 < len(holder) <= 64:
                 raise ValueError("holder must be a short string")
-        except (ValueError, KeyError, TypeError) as e:
-            return _error(request, 400, "bad_request", f"bad grant request: {e}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return error_body(request, 400, "bad_request", f"bad grant request: {e}")
 
         def job(book: SqlBudgetBook) -> Any:
             now = time.time()
-            budgets = {b.name: b for b in book.list()}
             grants = GrantBook(book.connection)
-            out = {}
-            for name, window, spent, busy in reports:
-                budget = budgets.get(name)
-                if budget is None or budget.action != "block":
-                    continue
-                if window != budget.window_start(now):
-                    continue  # a window that is over (or not begun): nothing to grant
-                got = grants.exchange(
-                    budget,
-                    window,
-                    holder,
-                    spent=spent,
-                    busy=busy,
-                    now=now,
-                    recorded=partial(book.spend, budget, now),
-                )
-                out[name] = [window, got]
-            return {"grants": out}
+            out: dict[str, Any] = {
+                "grants": self._budget_grants(book, grants, holder, reports, now)
+            }
+            if rate_reports:
+                out["limit_grants"] = _rate_grants(book, grants, holder, rate_reports, now)
+            return out
 
         return self._run(request, job)
+
+    @staticmethod
+    def _budget_grants(
+        book: SqlBudgetBook,
+        grants: GrantBook,
+        holder: str,
+        reports: list[tuple[str, float, int, int]],
+        now: float,
+    ) -> dict[str, Any]:
+        budgets = {b.name: b for b in book.list()}
+        out = {}
+        for name, window, spent, busy in reports:
+            budget = budgets.get(name)
+            if budget is None or budget.action != "block":
+                continue
+            if window != budget.window_start(now):
+                continue  # a window that is over (or not begun): nothing to grant
+            got = grants.exchange(
+                budget,
+                window,
+                holder,
+                spent=spent,
+                busy=busy,
+                now=now,
+                recorded=partial(book.spend, budget, now),
+            )
+            out[name] = [window, got]
+        return out
 
     def render_DELETE(self, request: Request) -> bytes | int:
         name = self._name(request)
         if name is None:
-            return _error(request, 400, "bad_request", "DELETE /api/budgets/NAME")
+            return error_body(request, 400, "bad_request", "DELETE /api/budgets/NAME")
 
         def job(book: SqlBudgetBook) -> Any:
             if not book.delete(name):
-                raise _NotFound(f"no budget named {name!r}")
+                raise NotFound(f"no budget named {name!r}")
             return {"deleted": name}
 
         return self._run(request, job)
+
+
+def _rate_grants(
+    book: SqlBudgetBook,
+    grants: GrantBook,
+    holder: str,
+    reports: list[tuple[str, float, int, int, int]],
+    now: float,
+) -> dict[str, list[list[float | int]]]:
+    """Each reported limit's slice of the current minute or the next one
+    (a proxy takes the next minute's before it begins, so that it holds a
+    slice at its first call); any other minute gets nothing."""
+    limits = {r.name: r for r in book.limits.list()}
+    out: dict[str, list[list[float | int]]] = {}
+    for name, minute, used, busy, want in reports:
+        limit = limits.get(name)
+        if limit is None:
+            continue
+        current = limit.window_start(now)
+        if minute not in (current, current + 60.0):
+            continue
+        got = grants.exchange_rate(
+            limit,
+            minute,
+            holder,
+            used=used,
+            busy=busy,
+            now=now,
+            recorded=partial(book.used, limit, minute),
+            want=want,
+        )
+        out.setdefault(name, []).append([minute, got])
+    return out

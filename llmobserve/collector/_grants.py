@@ -22,6 +22,9 @@ gone: its grant shrinks to what it reported spent, and the rest goes back
 to the others (what it spent after its last report, at most the worst
 cases it had in flight then, is the bound on overshoot; see
 C{docs/BUDGETS.md}).
+
+Rate limits share the table (L{GrantBook.exchange_rate}): a slice of a
+UTC minute's calls or tokens, in rows whose window is C{rate:MINUTE}.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from typing import Final
 
 from llmobserve.collector._budgets import Budget
+from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._sql import SqlConnection, as_sql
 
 __all__ = ["NANO", "GrantBook"]
@@ -39,6 +43,8 @@ __all__ = ["NANO", "GrantBook"]
 #: amounts in grants are whole nano-dollars, as in the proxy's ledger
 NANO: Final = 1_000_000_000
 _RECORDED: Final = "_recorded"
+#: the window of a rate limit's rows: C{rate:} and its minute's start
+_RATE: Final = "rate:"
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS budget_grants (
@@ -51,6 +57,10 @@ CREATE TABLE IF NOT EXISTS budget_grants (
     PRIMARY KEY (budget, "window", holder)
 )
 """
+
+
+def _rate_key(minute: float) -> str:
+    return f"{_RATE}{minute!r}"
 
 
 class GrantBook:
@@ -81,20 +91,93 @@ class GrantBook:
         @param recorded: the store's spend in the window in USD, read only
             for the window's first grant.
         """
-        db = self._db
-        key = repr(window_start)
         limit = math.floor(budget.limit_usd * NANO + 1e-6)
-        with db.transaction(lock=budget.name):
+        return self._exchange(
+            budget.name,
+            repr(window_start),
+            limit,
+            holder,
+            spent=spent,
+            busy=busy,
+            now=now,
+            recorded=lambda: round(recorded() * NANO),
+        )
+
+    def exchange_rate(
+        self,
+        limit: RateLimit,
+        minute: float,
+        holder: str,
+        *,
+        used: int,
+        busy: int,
+        now: float,
+        recorded: Callable[[], int],
+        want: int = 0,
+    ) -> int:
+        """L{exchange} for a rate limit's UTC minute starting at C{minute}
+        (calls or tokens instead of nano-USD). Its rows have the window
+        C{rate:MINUTE}, which no budget window is, and a window's first
+        grant drops the limit's rows of minutes that are over.
+
+        @param recorded: the store's count in that minute, read only for
+            its first grant.
+        @param want: the tokens of a call this holder refused for want of
+            room: its free grant is topped up to that much if the limit has
+            it, even when that is more than a slice (a call's worst case
+            can be bigger than a quarter of a tokens limit).
+        """
+        key = _rate_key(minute)
+
+        def first() -> int:
+            # minutes over by more than one are done with: their rows go
+            # (the minute before, this one and the next stay)
+            self._db.execute(
+                'DELETE FROM budget_grants WHERE budget = ? AND "window" LIKE ?'
+                ' AND "window" NOT IN (?, ?, ?)',
+                (limit.name, f"{_RATE}%", *(_rate_key(minute + d) for d in (-60.0, 0.0, 60.0))),
+            )
+            return recorded()
+
+        return self._exchange(
+            limit.name,
+            key,
+            limit.per_minute,
+            holder,
+            spent=used,
+            busy=busy,
+            now=now,
+            recorded=first,
+            lock=f"{_RATE}{limit.name}",
+            want=want,
+        )
+
+    def _exchange(
+        self,
+        name: str,
+        key: str,
+        limit: int,
+        holder: str,
+        *,
+        spent: int,
+        busy: int,
+        now: float,
+        recorded: Callable[[], int],
+        lock: str | None = None,
+        want: int = 0,
+    ) -> int:
+        db = self._db
+        with db.transaction(lock=lock or name):
             rows = db.execute(
                 "SELECT holder, granted, spent, seen FROM budget_grants"
                 ' WHERE budget = ? AND "window" = ?',
-                (budget.name, key),
+                (name, key),
             ).fetchall()
             if not rows:
-                before = round(recorded() * NANO)
+                before = recorded()
                 db.execute(
                     "INSERT INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)",
-                    (budget.name, key, _RECORDED, before, before, math.inf),
+                    (name, key, _RECORDED, before, before, math.inf),
                 )
                 rows = [(_RECORDED, before, before, math.inf)]
             others = 0
@@ -109,7 +192,7 @@ class GrantBook:
                         db.execute(
                             "UPDATE budget_grants SET granted = spent"
                             ' WHERE budget = ? AND "window" = ? AND holder = ?',
-                            (budget.name, key, who),
+                            (name, key, who),
                         )
                     granted = was_spent
                 elif who != _RECORDED:
@@ -118,7 +201,8 @@ class GrantBook:
             # spend past the grant (a fail-open budget during an outage) is
             # spend all the same: the grant grows to cover it
             mine = max(mine, spent)
-            share = max(limit // (4 * alive), 1)
+            # a slice, or room for the call this holder could not take
+            share = max(limit // (4 * alive), want, 1)
             if others + mine > limit:
                 # the limit was lowered below what is granted: this holder
                 # keeps what it spent and holds, plus at most a slice of the
@@ -132,16 +216,23 @@ class GrantBook:
                 "INSERT INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)"
                 ' ON CONFLICT (budget, "window", holder) DO UPDATE SET'
                 " granted = excluded.granted, spent = excluded.spent, seen = excluded.seen",
-                (budget.name, key, holder, mine, spent, now),
+                (name, key, holder, mine, spent, now),
             )
         return int(mine)
 
     def release(self, budget: Budget, window_start: float, holder: str, busy: int) -> None:
         """Give back what this holder was granted beyond C{busy} (stopping)."""
+        self._release(budget.name, repr(window_start), holder, busy)
+
+    def release_rate(self, limit: RateLimit, minute: float, holder: str, busy: int) -> None:
+        """L{release} for a rate limit's minute."""
+        self._release(limit.name, _rate_key(minute), holder, busy)
+
+    def _release(self, name: str, key: str, holder: str, busy: int) -> None:
         self._db.execute(
             "UPDATE budget_grants SET"
             " granted = CASE WHEN granted < ? THEN granted ELSE ? END,"
             " spent = CASE WHEN granted < ? THEN granted ELSE ? END"
             ' WHERE budget = ? AND "window" = ? AND holder = ?',
-            (busy, busy, busy, busy, budget.name, repr(window_start), holder),
+            (busy, busy, busy, busy, name, key, holder),
         )

@@ -29,6 +29,7 @@ from llmobserve import __version__
 from . import _insights
 from ._budgetapi import BudgetsResource
 from ._dashboard import DashboardResource
+from ._limitapi import LimitsResource
 from ._link import LinkRegistry
 from ._store import FILTERS, GROUPS, Store, StoreError, StoreUnavailable, StoreUnsupported
 from ._thread import StoreThread
@@ -446,6 +447,7 @@ def api_branch(reader: StoreThread) -> Resource:
     api.putChild(b"timeseries", TimeseriesResource(reader))
     api.putChild(b"runs", RunsResource(reader))
     api.putChild(b"budgets", BudgetsResource(reader))
+    api.putChild(b"limits", LimitsResource(reader))
     return api
 
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
-from llmobserve.collector._budgets import SCOPE_FIELDS, BudgetError, scope_matches
+from llmobserve.collector._budgets import FAIL_MODES, SCOPE_FIELDS, BudgetError, scope_matches
 from llmobserve.collector._sql import SqlConnection, as_sql
 
 __all__ = ["UNITS", "RateLimit", "RateLimitBook"]
@@ -46,6 +46,9 @@ class RateLimit:
     provider: str | None = None
     model: str | None = None
     project: str | None = None
+    #: while a proxy cannot reach its collector (shared limits): C{closed}
+    #: (use what was granted, then refuse) or C{open} (let calls through)
+    fail: str = "closed"
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -56,6 +59,8 @@ class RateLimit:
             raise BudgetError("per_minute must not be negative")
         if self.unit not in UNITS:
             raise BudgetError(f"unit must be one of {', '.join(UNITS)}")
+        if self.fail not in FAIL_MODES:
+            raise BudgetError(f"fail must be one of {', '.join(FAIL_MODES)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RateLimit:
@@ -69,8 +74,12 @@ class RateLimit:
             raise BudgetError(str(e)) from None
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form (scope fields left out when unset)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The JSON form (scope fields left out when unset, and C{fail} when
+        it is the default: a store row an older proxy can still parse)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.fail == "closed":
+            del out["fail"]
+        return out
 
     def scope(self) -> dict[str, str]:
         """The scope fields that are set."""

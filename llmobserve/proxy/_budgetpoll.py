@@ -2,10 +2,12 @@
 
 At start-up (synchronously: a restart never resets a budget) and then every
 second in a thread of its own, it reads the definitions and the spend so far
-from the store file, or from the collector's C{/api/budgets}, into the
-L{BudgetLedger}; for shared budgets it also reports this process's spend
-and takes its grant (C{budget_grants}: L{GrantBook} on a store file, C{POST
-/api/budgets/grants} on a collector). With several C{--collector} URLs
+from the store file, or from the collector's C{/api/budgets} and
+C{/api/limits}, into the L{BudgetLedger}; for shared budgets and rate
+limits it also reports this process's spend (calls, tokens) and takes its
+grants (C{budget_grants}: L{GrantBook} on a store file, C{POST
+/api/budgets/grants} on a collector; a limit's next minute ahead of it).
+With several C{--collector} URLs
 (collectors on one PostgreSQL database) it reads from one and, after a
 read that cannot reach it, from the next, as the event link fails over.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -40,7 +43,10 @@ _Read = tuple[
     tuple[RateLimit, ...],
     dict[str, int],
     dict[str, tuple[float, int]],
+    dict[str, list[tuple[float, int]]],
 ]
+#: shared rate limits' reports: (name, minute, used, used + in flight, wanted)
+_RateReports = Sequence[tuple[str, float, int, int, int]]
 
 
 class BudgetPoller(Service):
@@ -91,6 +97,7 @@ class BudgetPoller(Service):
         self._loop: LoopingCall | None = None
         self._busy = False
         self._outages = 0
+        self._no_limits_route = False
         if ledger.shared:
             ledger.on_low = self.kick
 
@@ -103,7 +110,7 @@ class BudgetPoller(Service):
         try:
             self._apply(self._read({}))
             if self.ledger.shared:  # the accounts exist now: report and take grants
-                self._apply(self._read(self.ledger.grant_snapshot()))
+                self._apply(self._read(*self._snapshots()))
         except Exception as e:
             self._book = None
             _log.warn(
@@ -115,9 +122,14 @@ class BudgetPoller(Service):
             if isinstance(e, OSError | ValueError):
                 self._next_collector()
 
-    def _read(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
+    def _snapshots(self) -> tuple[dict[str, tuple[float, int, int]], _RateReports]:
+        """What this process reports of its shared budgets and rate limits."""
+        ledger = self.ledger
+        return ledger.grant_snapshot(), ledger.rate_grant_snapshot(ledger.now())
+
+    def _read(self, snapshot: dict[str, tuple[float, int, int]], rates: _RateReports = ()) -> _Read:
         if self._collector is not None:
-            return self._read_collector(snapshot)
+            return self._read_collector(snapshot, rates)
         if self._book is None:
             assert self._path is not None
             self._book = SQLiteBudgetBook(self._path)
@@ -154,27 +166,79 @@ class BudgetPoller(Service):
                     recorded=partial(book.spend, budget, now),
                 )
                 grants[budget.name] = (window, granted)
+        rate_grants: dict[str, list[tuple[float, int]]] = {}
+        if self.ledger.shared and rates:
+            if self._grants is None:
+                self._grants = GrantBook(book.connection)
+            by_name = {r.name: r for r in limits}
+            for name, minute, own, busy, want in rates:
+                rule = by_name.get(name)
+                if rule is None:
+                    continue
+                got = self._grants.exchange_rate(
+                    rule,
+                    minute,
+                    self.holder,
+                    used=own,
+                    busy=busy,
+                    now=now,
+                    recorded=partial(book.used, rule, minute),
+                    want=want,
+                )
+                rate_grants.setdefault(name, []).append((minute, got))
         spends = {b.name: book.spend(b, now) for b in fresh}
-        return budgets, spends, limits, used, grants
+        return budgets, spends, limits, used, grants, rate_grants
 
-    def _read_collector(self, snapshot: dict[str, tuple[float, int, int]]) -> _Read:
-        """The collector's budgets (C{GET /api/budgets}) and this process's
-        grants (C{POST /api/budgets/grants}); raises when it cannot be
-        reached, so the ledger keeps what it had (its grants included)."""
+    def _read_collector(
+        self, snapshot: dict[str, tuple[float, int, int]], rates: _RateReports
+    ) -> _Read:
+        """The collector's budgets (C{GET /api/budgets}), rate limits (C{GET
+        /api/limits}) and this process's grants (C{POST
+        /api/budgets/grants}); raises when it cannot be reached, so the
+        ledger keeps what it had (its grants included)."""
         rows = self._http("GET", "/api/budgets")["budgets"]
         fields = set(Budget.__dataclass_fields__)
         budgets = tuple(Budget.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows)
+        limits = self._collector_limits()
         grants: dict[str, tuple[float, int]] = {}
-        if snapshot:
+        rate_grants: dict[str, list[tuple[float, int]]] = {}
+        if snapshot or rates:
             reports = [
                 {"budget": name, "window": window, "spent": spent, "busy": busy}
                 for name, (window, spent, busy) in snapshot.items()
             ]
-            got = self._http(
-                "POST", "/api/budgets/grants", {"holder": self.holder, "reports": reports}
-            )["grants"]
-            grants = {name: (float(w), int(g)) for name, (w, g) in got.items()}
-        return budgets, {}, (), {}, grants
+            ask: dict[str, Any] = {"holder": self.holder, "reports": reports}
+            if rates:
+                ask["limits"] = [
+                    {"limit": name, "window": minute, "used": used, "busy": busy, "want": want}
+                    for name, minute, used, busy, want in rates
+                ]
+            got = self._http("POST", "/api/budgets/grants", ask)
+            grants = {name: (float(w), int(g)) for name, (w, g) in got["grants"].items()}
+            rate_grants = {
+                name: [(float(w), int(g)) for w, g in pairs]
+                for name, pairs in got.get("limit_grants", {}).items()
+            }
+        return budgets, {}, limits, {}, grants, rate_grants
+
+    def _collector_limits(self) -> tuple[RateLimit, ...]:
+        """The collector's rate limits; none from a collector too old to
+        serve C{/api/limits} (a 404: its budgets still apply)."""
+        try:
+            rows = self._http("GET", "/api/limits")["limits"]
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+            if not self._no_limits_route:
+                self._no_limits_route = True
+                _log.warn(
+                    "budgets: collector {url} has no /api/limits (older than this proxy):"
+                    " no rate limit applies",
+                    url=self._collector,
+                )
+            return ()
+        fields = set(RateLimit.__dataclass_fields__)
+        return tuple(RateLimit.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows)
 
     def _http(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -187,7 +251,7 @@ class BudgetPoller(Service):
             return json.loads(response.read())
 
     def _apply(self, result: _Read) -> None:
-        budgets, spends, limits, used, grants = result
+        budgets, spends, limits, used, grants, rate_grants = result
         if budgets != self._known:
             self.ledger.load(budgets, spends)
             self._known = budgets
@@ -196,17 +260,20 @@ class BudgetPoller(Service):
             self._known_limits = limits
         if grants:
             self.ledger.set_grants(grants)
+        if rate_grants:
+            self.ledger.set_rate_grants(rate_grants)
 
     def _poll(self) -> Any:
         if self._busy:
             return None
         self._busy = True
-        snapshot = self.ledger.grant_snapshot() if self.ledger.shared else {}
+        snapshot, rates = self._snapshots() if self.ledger.shared else ({}, [])
         d = deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
             self._pool,
             self._read,
             snapshot,
+            rates,
         )
         d.addCallback(self._applied)
         d.addErrback(self._read_failed)
@@ -278,6 +345,10 @@ class BudgetPoller(Service):
                     budget = next((b for b in self._known or () if b.name == name), None)
                     if budget is not None:
                         self._grants.release(budget, window, self.holder, busy)
+                rules = {r.name: r for r in self._known_limits}
+                for name, minute, _, busy, _ in self.ledger.rate_grant_snapshot(self.ledger.now()):
+                    if name in rules:
+                        self._grants.release_rate(rules[name], minute, self.holder, busy)
             except Exception:
                 _log.failure("releasing budget grants failed")
         if self._book is not None:

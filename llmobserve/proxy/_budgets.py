@@ -42,6 +42,10 @@ __all__ = [
 #: the header of an allowed call: USD left in the tightest budget of its scope
 REMAINING_HEADER: Final = b"X-LLMObserve-Budget-Remaining"
 
+#: shared rate limits: a grant of the next minute is asked for once the
+#: current one has less than this to run (seconds; the poller reads every one)
+RATE_AHEAD: Final = 3.0
+
 #: outcomes of calls that never reached the upstream: nothing was spent
 _NOT_SENT: Final = frozenset({"refused", "proxy_error", "budget_refused"})
 
@@ -147,9 +151,28 @@ class _RateAccount:
     rule: RateLimit
     window_start: float
     window_end: float
-    used: int = 0  # settled in this minute
+    used: int = 0  # settled in this minute (shared: by this process)
     reserved: int = 0  # held by the calls in flight
     live: bool = True
+    #: shared limits: what the store or collector granted this process in
+    #: this minute (None: the whole limit is this process's)
+    granted: int | None = None
+    #: shared limits: a grant of the next minute taken before it began
+    #: (its start, the amount), this minute's grant once it begins
+    ahead: tuple[float, int] | None = None
+    #: shared limits: the most a call refused for want of grant needed
+    #: (asked for at the next exchange, then forgotten)
+    wanted: int = 0
+    #: what this process may use in this minute: the limit, or its grant
+    cap: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.recap()
+
+    def recap(self) -> None:
+        """Take the limit or the grant (after either changed)."""
+        granted, limit = self.granted, self.rule.per_minute
+        self.cap = limit if granted is None or granted > limit else granted
 
     def roll(self, now: float) -> None:
         """Start the minute holding C{now} when the current one has ended."""
@@ -158,6 +181,11 @@ class _RateAccount:
             self.window_end = self.window_start + 60.0
             self.used = 0
             self.reserved = 0
+            if self.granted is not None:  # the grant taken ahead, if it is this minute's
+                ahead = self.ahead
+                self.granted = ahead[1] if ahead and ahead[0] == self.window_start else 0
+                self.ahead = None
+                self.recap()
 
 
 class BudgetHold:
@@ -297,7 +325,9 @@ class BudgetLedger:
         self, limits: Sequence[RateLimit], used: Mapping[str, int] | None = None
     ) -> None:
         """Replace the rate limits; one that counts the same keeps its minute,
-        a new one starts from what the store recorded in it (C{used[name]})."""
+        a new one starts from what the store recorded in it (C{used[name]});
+        shared, from nothing: it uses only what it is granted
+        (L{set_rate_grants}), and the store's count is in the grants."""
         now = self.now()
         old = {a.rule.name: a for a in self._rates}
         rates = []
@@ -306,12 +336,18 @@ class BudgetLedger:
             if prev is not None and prev.rule.counts_same(rule):
                 prev.rule = rule
                 prev.roll(now)
+                prev.recap()
                 rates.append(prev)
                 continue
             if prev is not None:
                 prev.live = False
             start = rule.window_start(now)
-            rates.append(_RateAccount(rule, start, start + 60.0, (used or {}).get(rule.name, 0)))
+            if self.shared:  # this process's own use; the rest is in the grants
+                rates.append(_RateAccount(rule, start, start + 60.0, granted=0))
+            else:
+                rates.append(
+                    _RateAccount(rule, start, start + 60.0, (used or {}).get(rule.name, 0))
+                )
         for gone in old.values():
             gone.live = False
         self._rates = rates
@@ -431,6 +467,10 @@ class BudgetLedger:
         hold._rates = rates
         if tokens is None and any(r.rule.unit == "tokens" for r, _, _ in rates):
             hold.flags += ("rate_unbounded",)
+        if self.outage and any(
+            r.granted is not None and r.used + r.reserved > r.cap for r, _, _ in rates
+        ):
+            hold.flags += ("rate_fail_open",)
         return hold
 
     def _check_rates(
@@ -442,17 +482,39 @@ class BudgetLedger:
                 rate.roll(now)
             want = 1 if rate.rule.unit == "calls" else tokens
             busy = rate.used + rate.reserved
-            if (want is None and busy >= rate.rule.per_minute) or (
-                want is not None and busy + want > rate.rule.per_minute
-            ):
-                wait = max(1, math.ceil(rate.window_end - now))
-                return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait)
+            cap = rate.cap
+            if (want is None and busy >= cap) or (want is not None and busy + want > cap):
+                if rate.granted is None:
+                    wait = max(1, math.ceil(rate.window_end - now))
+                    return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait)
+                if not (self.outage and rate.rule.fail == "open"):
+                    return self._rate_share_refused(rate, now, want)
             wants.append(want or 0)
         held = []
         for rate, want in zip(matched, wants, strict=True):
             rate.reserved += want
             held.append((rate, rate.window_start, want))
+            if (
+                rate.granted is not None
+                and rate.cap - rate.used - rate.reserved < 4 * max(want, 1)
+                and self.on_low
+            ):
+                self.on_low()  # fewer than four more calls like this one fit: ask now
         return held
+
+    def _rate_share_refused(self, rate: _RateAccount, now: float, want: int | None) -> RateRefusal:
+        """A shared limit past this process's grant: the rest of the minute
+        may be granted to it soon (asked for now) unless the limit itself is
+        spent, so the client is told to retry in a second while the grant is
+        below the limit."""
+        if want is not None and want > rate.wanted:
+            rate.wanted = want
+        if self.on_low is not None:
+            self.on_low()
+        wait = max(1, math.ceil(rate.window_end - now))
+        if rate.cap < rate.rule.per_minute:
+            wait = 1
+        return RateRefusal(rate.rule, rate.used, rate.reserved, want, wait, shared=True)
 
     def _reserve_each(self, plan: _ScopePlan, worst: float | None) -> BudgetHold | BudgetRefusal:
         """Budget by budget: warn flags, unknown prices, fail-open in an
@@ -498,6 +560,37 @@ class BudgetLedger:
             for a in self._accounts
             if a.granted is not None
         }
+
+    def rate_grant_snapshot(self, now: float) -> list[tuple[str, float, int, int, int]]:
+        """Shared rate limits: (name, minute, used, used + in flight, the
+        most a refused call wanted) for this minute, and for the next one
+        (nothing used yet) once this one has less than C{RATE_AHEAD} seconds
+        to run, so that a grant of it is here when it begins."""
+        out = []
+        for rate in self._rates:
+            if rate.granted is None:
+                continue
+            if now >= rate.window_end:
+                rate.roll(now)
+            busy = rate.used + rate.reserved
+            out.append((rate.rule.name, rate.window_start, rate.used, busy, rate.wanted))
+            if rate.window_end - now < RATE_AHEAD:
+                out.append((rate.rule.name, rate.window_end, 0, 0, 0))
+        return out
+
+    def set_rate_grants(self, grants: Mapping[str, Sequence[tuple[float, int]]]) -> None:
+        """Shared rate limits: what was granted, by name (minute start, amount)."""
+        for rate in self._rates:
+            got = grants.get(rate.rule.name)
+            if got is None or rate.granted is None:
+                continue
+            for minute, amount in got:
+                if minute == rate.window_start:
+                    rate.granted = amount
+                    rate.wanted = 0
+                    rate.recap()
+                elif minute == rate.window_end:
+                    rate.ahead = (minute, amount)
 
     def set_grants(self, grants: Mapping[str, tuple[float, int]]) -> None:
         """Shared budgets: what the store granted, by name (window start, nano-USD)."""

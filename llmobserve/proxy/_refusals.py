@@ -77,6 +77,8 @@ class RateRefusal:
     reserved: int
     wanted: int | None
     retry_after: int
+    #: refused for want of this process's grant of a shared limit
+    shared: bool = False
     status: int = 429
     kind: str = "rate_limited"
     detail_key: str = "limit"
@@ -84,9 +86,10 @@ class RateRefusal:
     def message(self) -> str:
         """The error message of the 429."""
         wanted = "" if self.wanted is None else f"; this call needs up to {self.wanted}"
+        share = ": this process's share" if self.shared else ""
         return (
             f"rate limit {self.rule.name!r} ({self.rule.per_minute} {self.rule.unit} per"
-            f" minute) reached: {self.used} used + {self.reserved} in flight{wanted}"
+            f" minute){share} reached: {self.used} used + {self.reserved} in flight{wanted}"
         )
 
     def detail(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import trustme
-from support.clients import chat_calls
+from support.clients import chat_calls, chat_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
 from support.upstreams import RecordingUpstream
 
@@ -156,3 +156,82 @@ def test_a_collector_ca_file_needs_an_https_collector(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="needs an https"):
         proxy.start()
     proxy.kill()
+
+
+def _chat(proxy: ProxyProcess, upstream: RecordingUpstream, model: str, key: str) -> Any:
+    """A chat call through the proxy with the client key C{key}."""
+    body = json.dumps({"model": model, "max_tokens": 10, "messages": []}).encode()
+    request = chat_request(proxy.port, upstream.url, body)
+    head, sep, rest = request.partition(b"\r\n")
+    return raw_request(
+        proxy.port, head + sep + b"X-LLMObserve-Key: " + key.encode() + b"\r\n" + rest
+    )
+
+
+def _new_key(db: Path, name: str, scope: str) -> str:
+    done = _cli("keys", "create", "--name", name, "--scope", scope, "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1]
+
+
+@pytest.mark.timeout(120)
+def test_budgets_limits_and_key_checks_trust_the_collector_ca_file(tmp_path: Path) -> None:
+    """With C{--collector https://...} and C{--collector-ca-file}, the proxy
+    reads the collector's budgets and rate limits and takes its grants over
+    TLS (a budget refuses gpt-4o with a 402, a limit of one call a minute
+    refuses the second gpt-4o-mini call with a 429), and checks its clients'
+    keys with C{/api/whoami} over TLS (a valid key passes, another gets
+    401); the CLI sets them with C{--ca-file}."""
+    server_pem, ca_pem, _ = _ca_files(tmp_path)
+    db = tmp_path / "collector.db"
+    admin = _new_key(db, "admin", "admin")
+    client_key = _new_key(db, "app", "ingest")
+    collector = CollectorProcess(
+        ["--require-keys"],
+        port=f"ssl:0:interface=127.0.0.1:privateKey={server_pem}:certKey={server_pem}",
+        db=db,
+        workdir=tmp_path / "collector",
+    )
+    with RecordingUpstream() as upstream, collector:
+        https = f"https://127.0.0.1:{collector.port}"
+        tls = ("--key", admin, "--ca-file", str(ca_pem))
+        budget = (
+            "--name",
+            "cap",
+            "--limit-usd",
+            "0.000001",
+            "--window",
+            "day",
+            "--model",
+            "gpt-4o",
+        )
+        done = _cli("budgets", *tls, "set", *budget, "--collector", https)
+        assert done.returncode == 0, done.stderr
+        limit = ("--name", "rpm", "--calls-per-minute", "1", "--model", "gpt-4o-mini")
+        done = _cli("limits", *tls, "set", *limit, "--collector", https)
+        assert done.returncode == 0, done.stderr
+        left = 60.0 - time.time() % 60.0
+        if left < 20.0:  # both gpt-4o-mini calls in one minute
+            time.sleep(left + 0.5)
+        with _proxy(
+            tmp_path,
+            upstream,
+            "--require-keys",
+            "--collector",
+            https,
+            "--collector-ca-file",
+            str(ca_pem),
+            "--collector-key",
+            admin,
+        ) as proxy:
+            refused = _chat(proxy, upstream, "gpt-4o", client_key)
+            assert refused.status == 402, refused.body
+            first = _chat(proxy, upstream, "gpt-4o-mini", client_key)
+            assert first.status == 200, first.body
+            second = _chat(proxy, upstream, "gpt-4o-mini", client_key)
+            assert second.status == 429, second.body
+            assert json.loads(second.body)["error"]["type"] == "rate_limited"
+            assert _chat(proxy, upstream, "gpt-4o-mini", "llmo_not-a-key").status == 401
+            assert "cannot be read" not in proxy.log_text()
+            assert "unreachable" not in proxy.log_text()
+        assert len(upstream.requests) == 1

@@ -27,7 +27,8 @@ GPT = CallScope("openai", "gpt-4o-mini")
 
 
 class _Collector(BaseHTTPRequestHandler):
-    """GET /api/budgets: one budget; POST /api/budgets/grants: $0.25 of it."""
+    """GET /api/budgets: one budget; GET /api/limits: none; POST
+    /api/budgets/grants: $0.25 of the budget."""
 
     def _answer(self, body: Any) -> None:
         data = json.dumps(body).encode()
@@ -38,7 +39,10 @@ class _Collector(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        self._answer({"budgets": [CAP.as_dict()]})
+        if self.path.startswith("/api/limits"):
+            self._answer({"limits": []})
+        else:
+            self._answer({"budgets": [CAP.as_dict()]})
 
     def do_POST(self) -> None:
         sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

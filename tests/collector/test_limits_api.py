@@ -1,0 +1,111 @@
+"""C{/api/limits} in memory (treq's StubTreq over the collector's resource
+tree), on a SQLite store and on a PostgreSQL one; and the rate limits'
+slices through C{POST /api/budgets/grants}."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from collector.test_http import Client
+
+from llmobserve.collector import RateLimit
+
+
+class LimitsClient(Client):
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        results: list[Any] = []
+        data = None if body is None else json.dumps(body).encode()
+        d = self.treq.request(method, "http://127.0.0.1:8000" + path, data=data)
+        d.addCallback(
+            lambda r: self.treq.json_content(r).addCallback(lambda b: results.append((r.code, b)))
+        )
+        d.addErrback(results.append)
+        self.treq.flush()
+        assert len(results) == 1, results
+        code, answer = results[0]
+        return code, answer
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LimitsClient]:
+    store = None
+    if request.param == "postgres":
+        from llmobserve.collector._pgstore import PgEventStore
+
+        store = PgEventStore(request.getfixturevalue("pg_url"))
+    c = LimitsClient(tmp_path, store)
+    yield c
+    c.store.close()
+
+
+def test_limits_set_list_and_delete_over_http(client: LimitsClient) -> None:
+    """POST or PUT a limit (replacing one of that name), GET lists them with
+    the current minute's use, DELETE removes one (404 when there is none);
+    a bad definition is a 400 with the reason."""
+    code, body = client.call("POST", "/api/limits", {"name": "rpm", "per_minute": 5})
+    assert code == 200 and body == {"limit": {"name": "rpm", "per_minute": 5, "unit": "calls"}}
+    tpm = {"name": "tpm", "per_minute": 900, "unit": "tokens", "model": "gpt-4o", "fail": "open"}
+    assert client.call("PUT", "/api/limits", tpm)[0] == 200
+    assert client.call("PUT", "/api/limits", {"name": "rpm", "per_minute": 7})[0] == 200
+    client.writer.write(
+        [
+            {"id": "a", "kind": "call", "ts": time.time(), "provider": "openai", "model": "m"},
+            {"id": "b", "kind": "call", "ts": time.time() - 3600, "provider": "openai"},
+        ]
+    )
+    code, body = client.call("GET", "/api/limits")
+    assert code == 200
+    rows = {r["name"]: r for r in body["limits"]}
+    assert rows["rpm"]["per_minute"] == 7 and rows["tpm"]["fail"] == "open"
+    # the call of this minute counts (unless the minute rolled in between)
+    assert rows["rpm"]["used"] in (0, 1) and rows["tpm"]["used"] == 0
+    assert rows["rpm"]["window_start"] % 60 == 0
+    assert RateLimit.from_dict(
+        {k: v for k, v in rows["tpm"].items() if k not in ("used", "window_start")}
+    )
+    code, body = client.call("POST", "/api/limits", {"name": "x", "per_minute": -1})
+    assert code == 400 and "per_minute must not be negative" in body["error"]["message"]
+    code, body = client.call("POST", "/api/limits", {"name": "x", "per_minute": 1, "fail": "ajar"})
+    assert code == 400 and "fail must be one of" in body["error"]["message"]
+    assert client.call("DELETE", "/api/limits/tpm") == (200, {"deleted": "tpm"})
+    code, body = client.call("DELETE", "/api/limits/tpm")
+    assert code == 404 and body["error"]["message"] == "no limit named 'tpm'"
+    assert [r["name"] for r in client.call("GET", "/api/limits")[1]["limits"]] == ["rpm"]
+
+
+def test_rate_grants_through_the_budgets_grant_route(client: LimitsClient) -> None:
+    """C{POST /api/budgets/grants} with C{limits} reports hands out slices of
+    this minute and the next (never another minute, never an unknown
+    limit), never more than the limit together."""
+    assert client.call("POST", "/api/limits", {"name": "rpm", "per_minute": 8})[0] == 200
+    minute = RateLimit("rpm", 8).window_start(time.time())
+    granted: dict[str, int] = {"a": 0, "b": 0}
+    for _ in range(10):
+        for holder in ("a", "b"):
+            reports = [
+                {"limit": "rpm", "window": m, "used": granted[holder], "busy": granted[holder]}
+                for m in (minute, minute - 120)
+            ] + [{"limit": "gone", "window": minute, "used": 0, "busy": 0}]
+            code, body = client.call(
+                "POST",
+                "/api/budgets/grants",
+                {"holder": holder, "reports": [], "limits": reports},
+            )
+            assert code == 200 and body["grants"] == {}
+            if "rpm" not in body["limit_grants"]:  # the minute rolled: start again
+                continue
+            [(got_minute, got)] = body["limit_grants"]["rpm"]
+            assert got_minute == minute
+            granted[holder] = got
+    assert 0 < granted["a"] + granted["b"] <= 8
+    code, body = client.call(
+        "POST",
+        "/api/budgets/grants",
+        {"holder": "c", "reports": [], "limits": [{"limit": "rpm", "window": "x"}]},
+    )
+    assert code == 400
