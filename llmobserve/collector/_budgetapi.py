@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -40,6 +41,7 @@ __all__ = ["BudgetsResource"]
 _log = Logger()
 #: the largest definition or grant request read
 MAX_BODY = 64 * 1024
+_Definition = TypeVar("_Definition")
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:
@@ -51,6 +53,24 @@ def _json(request: Request, status: int, body: Any) -> bytes:
 
 def error_body(request: Request, status: int, kind: str, message: str) -> bytes:
     return _json(request, status, {"error": {"type": kind, "message": message}})
+
+
+def definition_from(
+    request: Request, what: str, from_dict: Callable[[dict[str, Any]], _Definition]
+) -> _Definition | bytes:
+    """The definition a POST's JSON object gives (a budget, a limit), or the
+    error body to answer: 413 past L{MAX_BODY}, 400 when it is not a JSON
+    object or C{from_dict} refuses it."""
+    raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        return error_body(request, 413, "body_too_large", f"a {what} is a small JSON object")
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise BudgetError("expected a JSON object")
+        return from_dict(data)
+    except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
+        return error_body(request, 400, "bad_request", f"bad {what}: {e}")
 
 
 class NotFound(Exception):
@@ -116,16 +136,9 @@ class BudgetsResource(Resource):
             return self._grants(request)
         if name is not None:
             return error_body(request, 404, "not_found", "POST a budget to /api/budgets")
-        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if len(raw) > MAX_BODY:
-            return error_body(request, 413, "body_too_large", "a budget is a small JSON object")
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise BudgetError("expected a JSON object")
-            budget = Budget.from_dict(data)
-        except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
-            return error_body(request, 400, "bad_request", f"bad budget: {e}")
+        budget = definition_from(request, "budget", Budget.from_dict)
+        if isinstance(budget, bytes):
+            return budget
 
         def job(book: SqlBudgetBook) -> Any:
             book.set(budget)

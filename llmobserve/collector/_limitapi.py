@@ -16,14 +16,13 @@ proxy's link key.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from twisted.web.server import Request
 
-from llmobserve.collector._budgetapi import MAX_BODY, BudgetsResource, NotFound, error_body
-from llmobserve.collector._budgets import BudgetError, SqlBudgetBook
+from llmobserve.collector._budgetapi import BudgetsResource, NotFound, definition_from, error_body
+from llmobserve.collector._budgets import SqlBudgetBook
 from llmobserve.collector._limits import RateLimit
 
 __all__ = ["LimitsResource"]
@@ -49,16 +48,9 @@ class LimitsResource(BudgetsResource):
     def render_POST(self, request: Request) -> bytes | int:
         if self._name(request) is not None:
             return error_body(request, 404, "not_found", "POST a limit to /api/limits")
-        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if len(raw) > MAX_BODY:
-            return error_body(request, 413, "body_too_large", "a limit is a small JSON object")
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise BudgetError("expected a JSON object")
-            limit = RateLimit.from_dict(data)
-        except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
-            return error_body(request, 400, "bad_request", f"bad limit: {e}")
+        limit = definition_from(request, "limit", RateLimit.from_dict)
+        if isinstance(limit, bytes):
+            return limit
 
         def job(book: SqlBudgetBook) -> Any:
             book.limits.set(limit)

@@ -109,3 +109,40 @@ def test_rate_grants_through_the_budgets_grant_route(client: LimitsClient) -> No
         {"holder": "c", "reports": [], "limits": [{"limit": "rpm", "window": "x"}]},
     )
     assert code == 400
+
+
+class RawClient(LimitsClient):
+    def raw(self, path: str, data: bytes) -> tuple[int, Any]:
+        results: list[Any] = []
+        d = self.treq.request("POST", "http://127.0.0.1:8000" + path, data=data)
+        d.addCallback(
+            lambda r: self.treq.json_content(r).addCallback(lambda b: results.append((r.code, b)))
+        )
+        d.addErrback(results.append)
+        self.treq.flush()
+        assert len(results) == 1, results
+        code, answer = results[0]
+        return code, answer
+
+
+@pytest.mark.parametrize(("route", "what"), [("/api/budgets", "budget"), ("/api/limits", "limit")])
+def test_a_definition_that_is_not_one_is_refused_with_its_reason(
+    tmp_path: Path, route: str, what: str
+) -> None:
+    """Budgets and limits read a POST alike: not JSON, or JSON but not an
+    object, is a 400 naming the kind of definition; past 64 KiB a 413; and
+    nothing is stored."""
+    client = RawClient(tmp_path, None)
+    try:
+        for data in (b"{", b"[1, 2]", b'"x"'):
+            code, body = client.raw(route, data)
+            assert code == 400, data
+            assert body["error"]["type"] == "bad_request"
+            assert body["error"]["message"].startswith(f"bad {what}: "), body
+        code, body = client.raw(route, b'{"name": "' + b"x" * 70_000 + b'"}')
+        assert code == 413 and body["error"]["type"] == "body_too_large"
+        assert body["error"]["message"] == f"a {what} is a small JSON object"
+        listed = client.call("GET", route)[1]
+        assert listed[what + "s"] == []
+    finally:
+        client.store.close()
