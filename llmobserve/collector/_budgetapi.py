@@ -144,7 +144,9 @@ class BudgetsResource(Resource):
         be granted even when over a slice). Its C{limits} reports (calls
         or tokens used per rate limit and minute, the current one or the
         next) take slices of those minutes: C{{"limit_grants": {name:
-        [[minute, granted], ...]}}}."""
+        [[minute, granted], ...]}}}. With C{"release": true}, a stopping
+        proxy gives back what it was granted beyond each report's C{busy}
+        (C{{"grants": {}, "released": true}})."""
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         try:
             doc = json.loads(raw)
@@ -174,9 +176,14 @@ class BudgetsResource(Resource):
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return error_body(request, 400, "bad_request", f"bad grant request: {e}")
 
+        release = doc.get("release") is True
+
         def job(book: SqlBudgetBook) -> Any:
             now = time.time()
             grants = GrantBook(book.connection, spends=self._spends)
+            if release:  # a proxy stopping: it gives back what it did not spend
+                _release(book, grants, holder, reports, rate_reports)
+                return {"grants": {}, "released": True}
             out: dict[str, Any] = {
                 "grants": self._budget_grants(book, grants, holder, reports, now)
             }
@@ -259,3 +266,22 @@ def _rate_grants(
         )
         out.setdefault(name, []).append([minute, got])
     return out
+
+
+def _release(
+    book: SqlBudgetBook,
+    grants: GrantBook,
+    holder: str,
+    reports: list[tuple[str, float, int, int, int]],
+    rate_reports: list[tuple[str, float, int, int, int]],
+) -> None:
+    """A stopping proxy's grants shrink to what it spent and has in flight
+    (else they stay counted until their window ends: see L{GrantBook})."""
+    budgets = {b.name: b for b in book.list()}
+    for name, window, _, busy, _ in reports:
+        if name in budgets:
+            grants.release(budgets[name], window, holder, busy)
+    limits = {r.name: r for r in book.limits.list()}
+    for name, minute, _, busy, _ in rate_reports:
+        if name in limits:
+            grants.release_rate(limits[name], minute, holder, busy)

@@ -355,11 +355,41 @@ class BudgetPoller(Service):
         self._loop.clock = self._reactor
         self._loop.start(self._interval, now=False)
 
+    def _release_at_collector(self) -> None:
+        """Give back what this process did not spend of its grants (else the
+        collector keeps them counted until their windows end: it cannot
+        tell a stopped proxy from one that died holding unreported spend).
+        Once, with a short timeout: a collector that cannot be reached
+        keeps them."""
+        ledger = self.ledger
+        reports = [
+            {"budget": name, "window": window, "spent": spent, "busy": busy}
+            for name, (window, spent, busy) in ledger.grant_snapshot().items()
+        ]
+        limits = [
+            {"limit": name, "window": minute, "used": used, "busy": busy}
+            for name, minute, used, busy, _ in ledger.rate_grant_snapshot(ledger.now())
+        ]
+        if not reports and not limits:
+            return
+        ask = {"holder": self.holder, "reports": reports, "limits": limits, "release": True}
+        try:
+            self._http("POST", "/api/budgets/grants", ask)
+        except Exception as e:
+            _log.warn(
+                "budgets: could not give back this process's grants to {url} ({error});"
+                " they stay counted until their windows end",
+                url=self._collector,
+                error=e,
+            )
+
     def stopService(self) -> Any:
         super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._pool.stop()
+        if self._collector is not None and self.ledger.shared:
+            self._release_at_collector()
         if self._grants is not None:  # give back what this process did not spend
             try:
                 for name, (window, _, busy) in self.ledger.grant_snapshot().items():
