@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llmobserve.collector._budgets import Budget, BudgetError, SqlBudgetBook
-from llmobserve.collector._grants import GrantBook
+from llmobserve.collector._grants import GrantBook, SpendCache
 from llmobserve.collector._store import Store, StoreUnavailable
 from llmobserve.collector._thread import StoreThread
 
@@ -85,6 +85,9 @@ class BudgetsResource(Resource):
     def __init__(self, reader: StoreThread) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         self._reader = reader
+        #: the budgets' spend from the events, read once a second for every
+        #: proxy's exchange (a GrantBook is made per request)
+        self._spends = SpendCache()
 
     def _run(self, request: Request, job: Any) -> int:
         gone: list[bool] = []
@@ -149,16 +152,26 @@ class BudgetsResource(Resource):
     def _grants(self, request: Request) -> bytes | int:
         """C{POST /api/budgets/grants}: a proxy reports its spend per shared
         budget and takes its slices (L{GrantBook}); C{{"grants": {name:
-        [window_start, granted]}}} in nano-USD. Its C{limits} reports (calls
+        [window_start, granted]}}} in nano-USD (a report's C{want}, when
+        given: the most a call it refused for want of grant could cost, to
+        be granted even when over a slice). Its C{limits} reports (calls
         or tokens used per rate limit and minute, the current one or the
         next) take slices of those minutes: C{{"limit_grants": {name:
-        [[minute, granted], ...]}}}."""
+        [[minute, granted], ...]}}}. With C{"release": true}, a stopping
+        proxy gives back what it was granted beyond each report's C{busy}
+        (C{{"grants": {}, "released": true}})."""
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         try:
             doc = json.loads(raw)
             holder = doc["holder"]
             reports = [
-                (str(r["budget"]), float(r["window"]), int(r["spent"]), int(r["busy"]))
+                (
+                    str(r["budget"]),
+                    float(r["window"]),
+                    int(r["spent"]),
+                    int(r["busy"]),
+                    int(r.get("want", 0)),
+                )
                 for r in doc["reports"]
             ]
             rate_reports = [
@@ -176,9 +189,14 @@ class BudgetsResource(Resource):
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return error_body(request, 400, "bad_request", f"bad grant request: {e}")
 
+        release = doc.get("release") is True
+
         def job(book: SqlBudgetBook) -> Any:
             now = time.time()
-            grants = GrantBook(book.connection)
+            grants = GrantBook(book.connection, spends=self._spends)
+            if release:  # a proxy stopping: it gives back what it did not spend
+                _release(book, grants, holder, reports, rate_reports)
+                return {"grants": {}, "released": True}
             out: dict[str, Any] = {
                 "grants": self._budget_grants(book, grants, holder, reports, now)
             }
@@ -193,12 +211,12 @@ class BudgetsResource(Resource):
         book: SqlBudgetBook,
         grants: GrantBook,
         holder: str,
-        reports: list[tuple[str, float, int, int]],
+        reports: list[tuple[str, float, int, int, int]],
         now: float,
     ) -> dict[str, Any]:
         budgets = {b.name: b for b in book.list()}
         out = {}
-        for name, window, spent, busy in reports:
+        for name, window, spent, busy, want in reports:
             budget = budgets.get(name)
             if budget is None or budget.action != "block":
                 continue
@@ -212,6 +230,7 @@ class BudgetsResource(Resource):
                 busy=busy,
                 now=now,
                 recorded=partial(book.spend, budget, now),
+                want=want,
             )
             out[name] = [window, got]
         return out
@@ -260,3 +279,22 @@ def _rate_grants(
         )
         out.setdefault(name, []).append([minute, got])
     return out
+
+
+def _release(
+    book: SqlBudgetBook,
+    grants: GrantBook,
+    holder: str,
+    reports: list[tuple[str, float, int, int, int]],
+    rate_reports: list[tuple[str, float, int, int, int]],
+) -> None:
+    """A stopping proxy's grants shrink to what it spent and has in flight
+    (else they stay counted until their window ends: see L{GrantBook})."""
+    budgets = {b.name: b for b in book.list()}
+    for name, window, _, busy, _ in reports:
+        if name in budgets:
+            grants.release(budgets[name], window, holder, busy)
+    limits = {r.name: r for r in book.limits.list()}
+    for name, minute, _, busy, _ in rate_reports:
+        if name in limits:
+            grants.release_rate(limits[name], minute, holder, busy)

@@ -18,10 +18,20 @@ plus a slice, within the room the others leave (their grants shrink at
 their own next exchange).
 
 A holder that has not reported for C{dead_after} seconds is taken for
-gone: its grant shrinks to what it reported spent, and the rest goes back
-to the others (what it spent after its last report, at most the worst
-cases it had in flight then, is the bound on overshoot; see
-C{docs/BUDGETS.md}).
+gone, but its whole grant stays counted until the window ends: it may
+have spent all of it after its last report (during a collector outage,
+say) with its events still in its spool. And every exchange checks the
+reports against the events: what the others hold counts as at least the
+store's spend in the window (the events' C{cost_usd}, read at most once a
+second per budget) less this holder's reported spend, plus what the live
+others were granted and have not reported spent. So the events of a dead
+holder's spool, stored late, of a fail-open holder that spent past its
+grant, or of calls from before the window's first grant, shrink what is
+granted next; see C{docs/BUDGETS.md}.
+
+A holder refused a call bigger than its free grant says so (C{want}): its
+grant is topped up to that much if the limit has it, even when that is
+more than a slice.
 
 Rate limits share the table (L{GrantBook.exchange_rate}): a slice of a
 UTC minute's calls or tokens, in rows whose window is C{rate:MINUTE}.
@@ -38,7 +48,7 @@ from llmobserve.collector._budgets import Budget
 from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._sql import SqlConnection, as_sql
 
-__all__ = ["NANO", "GrantBook"]
+__all__ = ["NANO", "GrantBook", "SpendCache"]
 
 #: amounts in grants are whole nano-dollars, as in the proxy's ledger
 NANO: Final = 1_000_000_000
@@ -63,13 +73,45 @@ def _rate_key(minute: float) -> str:
     return f"{_RATE}{minute!r}"
 
 
+class SpendCache:
+    """Each budget's spend in a window as the events show it (nano-USD),
+    read at most once per C{ttl} seconds: every holder exchanges every
+    second, and the sum runs over the window's events."""
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self._ttl = ttl
+        self._read: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def get(self, name: str, window: str, now: float, read: Callable[[], float]) -> int:
+        """The spend (USD from C{read}, in nano-USD), read again when older than C{ttl}."""
+        cached = self._read.get((name, window))
+        if cached is not None and 0 <= now - cached[0] < self._ttl:
+            return cached[1]
+        value = round(read() * NANO)
+        if len(self._read) >= 1024:  # budgets come and go: stay bounded
+            self._read.clear()
+        self._read[(name, window)] = (now, value)
+        return value
+
+
 class GrantBook:
     """The C{budget_grants} table of a store (one thread at a time): a
     SQLite file's (created here) or a PostgreSQL database's (migrations)."""
 
-    def __init__(self, db: sqlite3.Connection | SqlConnection, *, dead_after: float = 30.0) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection | SqlConnection,
+        *,
+        dead_after: float = 30.0,
+        spends: SpendCache | None = None,
+    ) -> None:
+        """
+        @param spends: the budgets' spend read from the events, kept for a
+            second; pass one to share it between books made per request.
+        """
         self._db = as_sql(db)
         self._dead_after = dead_after
+        self._spends = SpendCache() if spends is None else spends
         if self._db.dialect == "sqlite":
             self._db.execute(_SCHEMA)
 
@@ -83,24 +125,37 @@ class GrantBook:
         busy: int,
         now: float,
         recorded: Callable[[], float],
+        want: int = 0,
     ) -> int:
-        """Report this holder's C{spent} (and C{busy}: spent + in flight),
-        take back grants of holders gone quiet, and top this holder's grant
-        up to a slice of free room. Returns its grant (nano-USD).
+        """Report this holder's C{spent} (and C{busy}: spent + in flight)
+        and top its grant up to a slice of the free room. Returns its grant
+        (nano-USD).
 
-        @param recorded: the store's spend in the window in USD, read only
-            for the window's first grant.
+        @param recorded: the store's spend in the window in USD (summed from
+            its events): the window's first grant counts it as spent, and
+            every exchange holds the grants to it (read at most once a
+            second per budget and window).
+        @param want: the most a call this holder refused for want of grant
+            could cost (nano-USD): its free grant is topped up to that if
+            the limit has it, even when that is more than a slice.
         """
         limit = math.floor(budget.limit_usd * NANO + 1e-6)
+        key = repr(window_start)
+
+        def events() -> int:
+            return self._spends.get(budget.name, key, now, recorded)
+
         return self._exchange(
             budget.name,
-            repr(window_start),
+            key,
             limit,
             holder,
             spent=spent,
             busy=busy,
             now=now,
-            recorded=lambda: round(recorded() * NANO),
+            recorded=events,
+            events=events,
+            want=want,
         )
 
     def exchange_rate(
@@ -165,6 +220,7 @@ class GrantBook:
         recorded: Callable[[], int],
         lock: str | None = None,
         want: int = 0,
+        events: Callable[[], int] | None = None,
     ) -> int:
         db = self._db
         with db.transaction(lock=lock or name):
@@ -180,24 +236,23 @@ class GrantBook:
                     (name, key, _RECORDED, before, before, math.inf),
                 )
                 rows = [(_RECORDED, before, before, math.inf)]
-            others = 0
+            others = 0  # what the others hold (a silent holder: all it was granted)
+            unreported = 0  # what the live others hold and have not reported spent
             alive = 1
             mine = 0
             for who, granted, was_spent, seen in rows:
                 if who == holder:
                     mine = granted
                     continue
-                if who != _RECORDED and seen < now - self._dead_after:
-                    if granted > was_spent:
-                        db.execute(
-                            "UPDATE budget_grants SET granted = spent"
-                            ' WHERE budget = ? AND "window" = ? AND holder = ?',
-                            (name, key, who),
-                        )
-                    granted = was_spent
-                elif who != _RECORDED:
+                if who != _RECORDED and seen >= now - self._dead_after:
                     alive += 1
+                    unreported += max(0, granted - was_spent)
                 others += granted
+            if events is not None:
+                # the events may show more spent than the grants hold: a
+                # silent holder's past its grant (fail open), calls stored
+                # late from before the first grant
+                others = max(others, events() - spent + unreported)
             # spend past the grant (a fail-open budget during an outage) is
             # spend all the same: the grant grows to cover it
             mine = max(mine, spent)

@@ -122,14 +122,27 @@ class BudgetPoller(Service):
             if isinstance(e, OSError | ValueError):
                 self._next_collector()
 
-    def _snapshots(self) -> tuple[dict[str, tuple[float, int, int]], _RateReports]:
-        """What this process reports of its shared budgets and rate limits."""
+    def _snapshots(
+        self,
+    ) -> tuple[dict[str, tuple[float, int, int]], _RateReports, dict[str, int]]:
+        """What this process reports of its shared budgets and rate limits
+        (and the most a call refused by a budget's grant could cost)."""
         ledger = self.ledger
-        return ledger.grant_snapshot(), ledger.rate_grant_snapshot(ledger.now())
+        return (
+            ledger.grant_snapshot(),
+            ledger.rate_grant_snapshot(ledger.now()),
+            ledger.grant_wants(),
+        )
 
-    def _read(self, snapshot: dict[str, tuple[float, int, int]], rates: _RateReports = ()) -> _Read:
+    def _read(
+        self,
+        snapshot: dict[str, tuple[float, int, int]],
+        rates: _RateReports = (),
+        wants: dict[str, int] | None = None,
+    ) -> _Read:
+        wants = wants or {}
         if self._collector is not None:
-            return self._read_collector(snapshot, rates)
+            return self._read_collector(snapshot, rates, wants)
         if self._book is None:
             assert self._path is not None
             self._book = SQLiteBudgetBook(self._path)
@@ -164,6 +177,7 @@ class BudgetPoller(Service):
                     busy=busy,
                     now=now,
                     recorded=partial(book.spend, budget, now),
+                    want=wants.get(budget.name, 0),
                 )
                 grants[budget.name] = (window, granted)
         rate_grants: dict[str, list[tuple[float, int]]] = {}
@@ -190,7 +204,10 @@ class BudgetPoller(Service):
         return budgets, spends, limits, used, grants, rate_grants
 
     def _read_collector(
-        self, snapshot: dict[str, tuple[float, int, int]], rates: _RateReports
+        self,
+        snapshot: dict[str, tuple[float, int, int]],
+        rates: _RateReports,
+        wants: dict[str, int],
     ) -> _Read:
         """The collector's budgets (C{GET /api/budgets}), rate limits (C{GET
         /api/limits}) and this process's grants (C{POST
@@ -203,10 +220,13 @@ class BudgetPoller(Service):
         grants: dict[str, tuple[float, int]] = {}
         rate_grants: dict[str, list[tuple[float, int]]] = {}
         if snapshot or rates:
-            reports = [
+            reports: list[dict[str, Any]] = [
                 {"budget": name, "window": window, "spent": spent, "busy": busy}
                 for name, (window, spent, busy) in snapshot.items()
             ]
+            for report in reports:  # only when one was refused: older collectors ignore it
+                if report["budget"] in wants:
+                    report["want"] = wants[report["budget"]]
             ask: dict[str, Any] = {"holder": self.holder, "reports": reports}
             if rates:
                 ask["limits"] = [
@@ -267,13 +287,14 @@ class BudgetPoller(Service):
         if self._busy:
             return None
         self._busy = True
-        snapshot, rates = self._snapshots() if self.ledger.shared else ({}, [])
+        snapshot, rates, wants = self._snapshots() if self.ledger.shared else ({}, [], {})
         d = deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
             self._pool,
             self._read,
             snapshot,
             rates,
+            wants,
         )
         d.addCallback(self._applied)
         d.addErrback(self._read_failed)
@@ -334,11 +355,41 @@ class BudgetPoller(Service):
         self._loop.clock = self._reactor
         self._loop.start(self._interval, now=False)
 
+    def _release_at_collector(self) -> None:
+        """Give back what this process did not spend of its grants (else the
+        collector keeps them counted until their windows end: it cannot
+        tell a stopped proxy from one that died holding unreported spend).
+        Once, with a short timeout: a collector that cannot be reached
+        keeps them."""
+        ledger = self.ledger
+        reports = [
+            {"budget": name, "window": window, "spent": spent, "busy": busy}
+            for name, (window, spent, busy) in ledger.grant_snapshot().items()
+        ]
+        limits = [
+            {"limit": name, "window": minute, "used": used, "busy": busy}
+            for name, minute, used, busy, _ in ledger.rate_grant_snapshot(ledger.now())
+        ]
+        if not reports and not limits:
+            return
+        ask = {"holder": self.holder, "reports": reports, "limits": limits, "release": True}
+        try:
+            self._http("POST", "/api/budgets/grants", ask)
+        except Exception as e:
+            _log.warn(
+                "budgets: could not give back this process's grants to {url} ({error});"
+                " they stay counted until their windows end",
+                url=self._collector,
+                error=e,
+            )
+
     def stopService(self) -> Any:
         super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._pool.stop()
+        if self._collector is not None and self.ledger.shared:
+            self._release_at_collector()
         if self._grants is not None:  # give back what this process did not spend
             try:
                 for name, (window, _, busy) in self.ledger.grant_snapshot().items():

@@ -90,6 +90,9 @@ class _Account:
     #: shared budgets: what the store granted this process in this window
     #: (None: the whole limit is this process's); see L{granted}
     _granted: int | None = None
+    #: shared budgets: the most a call refused for want of grant could cost
+    #: (asked for at the next exchange: it may be more than a slice)
+    wanted: int = 0
     limit: int = attrs.field(init=False)
     #: What this process may spend: the limit, or its grant when shared. A
     #: field, not a property: every call reads it, and it changes only with
@@ -549,8 +552,13 @@ class BudgetLedger:
         return BudgetHold(plan.parts, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
-        if account.granted is not None and self.on_low is not None:
-            self.on_low()  # the store may grant more for the next call
+        if account.granted is not None:
+            if worst is not None:
+                want = _nano_up(worst)
+                if want > account.wanted:
+                    account.wanted = want
+            if self.on_low is not None:
+                self.on_low()  # the store may grant more for the next call
         return account.refusal(worst, reason)
 
     def grant_snapshot(self) -> dict[str, tuple[float, int, int]]:
@@ -559,6 +567,13 @@ class BudgetLedger:
             a.budget.name: (a.window_start, a.spent, a.spent + a.reserved)
             for a in self._accounts
             if a.granted is not None
+        }
+
+    def grant_wants(self) -> dict[str, int]:
+        """Shared budgets: name -> the most a call refused for want of grant
+        could cost (nano-USD), for those that refused one since the last grant."""
+        return {
+            a.budget.name: a.wanted for a in self._accounts if a.granted is not None and a.wanted
         }
 
     def rate_grant_snapshot(self, now: float) -> list[tuple[str, float, int, int, int]]:
@@ -599,6 +614,7 @@ class BudgetLedger:
             if got is not None and account.granted is not None:
                 if got[0] == account.window_start:
                     account.granted = got[1]
+                    account.wanted = 0
 
 
 def check_call(

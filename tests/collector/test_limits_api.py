@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from collector.test_http import Client
 
-from llmobserve.collector import RateLimit
+from llmobserve.collector import Budget, RateLimit
 
 
 class LimitsClient(Client):
@@ -146,3 +146,55 @@ def test_a_definition_that_is_not_one_is_refused_with_its_reason(
         assert listed[what + "s"] == []
     finally:
         client.store.close()
+
+
+def test_budget_grants_make_room_for_a_call_a_proxy_wanted(client: LimitsClient) -> None:
+    """A proxy's budget report may say C{want}: the most a call it refused
+    for want of grant could cost. Its grant is topped up to that much when
+    the limit has it (a $0.02 call against a $0.05 budget, whose slice is
+    $0.0125, was refused for ever); a report without it (an older proxy)
+    gets a slice as before."""
+    budget = {"name": "cap", "limit_usd": 0.05, "window": "day"}
+    assert client.call("POST", "/api/budgets", budget)[0] == 200
+    window = Budget("cap", 0.05, "day").window_start(time.time())
+
+    def ask(**report: Any) -> int:
+        code, body = client.call(
+            "POST",
+            "/api/budgets/grants",
+            {"holder": "p", "reports": [{"budget": "cap", "window": window, **report}]},
+        )
+        assert code == 200, body
+        [got_window, got] = body["grants"]["cap"]
+        assert got_window == window
+        return int(got)
+
+    assert ask(spent=0, busy=0) == 12_500_000  # a quarter of $0.05
+    assert ask(spent=0, busy=0, want=20_000_000) == 20_000_000
+    assert ask(spent=0, busy=0, want=90_000_000) == 50_000_000  # never past the limit
+
+
+def test_a_stopping_proxy_gives_its_grants_back(client: LimitsClient) -> None:
+    """C{"release": true}: a stopping proxy's grants shrink to what it spent
+    and has in flight, so the others can take the rest (a silent holder's
+    grant stays counted until its window ends)."""
+    assert (
+        client.call("POST", "/api/budgets", {"name": "cap", "limit_usd": 1.0, "window": "day"})[0]
+        == 200
+    )
+    window = Budget("cap", 1.0, "day").window_start(time.time())
+
+    def ask(holder: str, busy: int, **extra: Any) -> Any:
+        report = {"budget": "cap", "window": window, "spent": busy, "busy": busy}
+        code, body = client.call(
+            "POST", "/api/budgets/grants", {"holder": holder, "reports": [report], **extra}
+        )
+        assert code == 200, body
+        return body
+
+    assert ask("a", 0)["grants"]["cap"] == [window, 250_000_000]
+    assert ask("a", 10_000_000, release=True) == {"grants": {}, "released": True}
+    got = 0
+    for _ in range(10):
+        got = ask("b", got)["grants"]["cap"][1]
+    assert got == 990_000_000  # all but what a spent

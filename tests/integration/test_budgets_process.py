@@ -652,3 +652,84 @@ def test_a_proxy_without_its_collector_spends_only_its_grant(
             print(f"outage: admitted {admitted} of 60 on the grant held")
     finally:
         collector.terminate()
+
+
+def test_a_proxy_killed_in_an_outage_never_lets_the_budget_pass(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """Proxy A spends its slice of $1.00 (fail closed) while its collector is
+    down, and is SIGKILLed before the collector is back: it never reports
+    that spend. Its events reach the collector when A is started again on
+    its spool (and stopped). Proxy B then spends all it is granted, for
+    longer than the 30 s after which A counts as gone: the collector's
+    recorded spend stays within $1.00 (until this version A's unreported
+    slice went back to B then: $1.25 could be recorded)."""
+    import openai
+    from support.proxy import CollectorProcess
+
+    oa, an = upstreams
+
+    def status(client: Any) -> int:
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                max_tokens=16_000,
+                messages=[{"role": "user", "content": "hi"}],
+            )
+        except openai.APIStatusError as e:
+            return int(e.status_code)
+        return 200
+
+    def openai_client(proxy: ProxyProcess) -> Any:
+        return openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+    collector = CollectorProcess(workdir=tmp_path / "c").start()
+    port = collector.port
+    proxies: list[ProxyProcess] = []
+    try:
+        url = collector.url
+        assert cli(["budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
+                    "--collector", url]) == 0  # fmt: skip
+        link = ["--collector", url]
+        pa = _proxy(tmp_path / "a", oa, an, link).start()
+        proxies.append(pa)
+        client = openai_client(pa)
+        assert status(client) == 200
+        _wait_events(Path(collector.db), 1)
+        collector.terminate()
+        a_statuses = [status(client) for _ in range(60)]
+        a_admitted = 1 + a_statuses.count(200)
+        assert a_admitted > 1 and a_statuses[-1] == 402
+        pa.kill()  # its spend never reported
+        silent_since = time.monotonic()
+        collector = CollectorProcess(
+            workdir=tmp_path / "c", port=f"tcp:{port}:interface=127.0.0.1"
+        ).start()
+        with _proxy(tmp_path / "a", oa, an, link) as again:  # A's spool, delivered
+            _wait_events(Path(collector.db), a_admitted)
+        pb = _proxy(tmp_path / "b", oa, an, link).start()
+        proxies.append(pb)
+        client = openai_client(pb)
+        b_admitted = 0
+        refused_in_a_row = 0
+        deadline = silent_since + 90
+        # past the 30 s after which A counts as gone, until B is refused for 3 s
+        while time.monotonic() < deadline and (
+            time.monotonic() < silent_since + 35 or refused_in_a_row < 6
+        ):
+            if status(client) == 200:
+                b_admitted += 1
+                refused_in_a_row = 0
+            else:
+                refused_in_a_row += 1
+                time.sleep(0.5)
+        assert again.poll() is not None
+        events = _wait_events(Path(collector.db), a_admitted + b_admitted)
+        spend = sum(e["cost_usd"] or 0 for e in events)
+        print(f"A admitted {a_admitted}, B admitted {b_admitted}, recorded ${spend:.6f} of $1.00")
+        assert spend <= 1.00
+        assert spend >= 0.90  # the room A did not hold was granted to B
+    finally:
+        for proxy in proxies:
+            proxy.terminate()
+        collector.terminate()

@@ -42,30 +42,34 @@ def test_grants_never_sum_past_the_limit_and_count_what_was_recorded(grants: Gra
     slices of what is left; all grants together stay within the limit."""
     start = CAP.window_start(T0)
     a = grants.exchange(CAP, start, "a", spent=0, busy=0, now=T0, recorded=lambda: 0.2)
-    b = grants.exchange(CAP, start, "b", spent=0, busy=0, now=T0, recorded=lambda: 9.9)
+    b = grants.exchange(CAP, start, "b", spent=0, busy=0, now=T0, recorded=lambda: 0.2)
     assert a == NANO // 4 and b == NANO // 8  # a quarter of the limit per live holder
     total = 0.2 * NANO + a + b
-    for i in range(50):  # both spend all they get, then ask again
-        a = grants.exchange(CAP, start, "a", spent=a, busy=a, now=T0 + i, recorded=lambda: 0)
-        b = grants.exchange(CAP, start, "b", spent=b, busy=b, now=T0 + i, recorded=lambda: 0)
+    for i in range(50):  # both spend all they get, then ask again (no event stored yet)
+        a = grants.exchange(CAP, start, "a", spent=a, busy=a, now=T0 + i, recorded=lambda: 0.2)
+        b = grants.exchange(CAP, start, "b", spent=b, busy=b, now=T0 + i, recorded=lambda: 0.2)
         total = 0.2 * NANO + a + b
         assert total <= NANO
     assert total == NANO
 
 
-def test_a_silent_holder_gives_back_what_it_did_not_spend(grants: GrantBook) -> None:
-    """A holder that stops reporting keeps only what it reported spent."""
+def test_a_silent_holder_keeps_its_whole_grant_counted(grants: GrantBook) -> None:
+    """A holder that stops reporting may have spent all of its grant since
+    its last report (its events still in its spool): its grant stays
+    counted, not only what it reported spent (until this version the rest
+    went back to the others, and the budget could be passed by it)."""
     start = CAP.window_start(T0)
     grants.exchange(CAP, start, "gone", spent=0, busy=0, now=T0, recorded=lambda: 0.0)
-    grants.exchange(
+    gone = grants.exchange(
         CAP, start, "gone", spent=NANO // 10, busy=NANO // 10, now=T0 + 1, recorded=lambda: 0.0
     )
+    assert gone > NANO // 10
     got = 0
     for i in range(40):
         got = grants.exchange(
             CAP, start, "me", spent=got, busy=got, now=T0 + 40 + i, recorded=lambda: 0.0
         )
-    assert got == NANO - NANO // 10
+    assert got == NANO - gone
 
 
 def test_a_shared_ledger_spends_only_its_grant_and_asks_when_low() -> None:
@@ -291,3 +295,190 @@ def test_collectors_on_one_postgres_database_never_grant_past_the_limit(pg_url: 
     assert sorted(h for h, _ in rows) == ["_recorded", "h0", "h1", "h2", "h3"]
     assert dict(rows)["_recorded"] == NANO // 4  # read once, by the window's first grant
     assert sum(g for _, g in rows) == NANO  # all of it handed out, never more
+
+
+class _Holder:
+    """One process's ledger and what its poller does: report, take a grant."""
+
+    def __init__(self, name: str, budget: Budget, clock: Clock) -> None:
+        self.name = name
+        self.budget = budget
+        self.clock = clock
+        self.ledger = BudgetLedger(clock.seconds, shared=True)
+        self.ledger.load([budget], {})
+        self.spent = 0  # nano-USD this process spent (settled)
+
+    def exchange(self, grants: GrantBook, stored: list[int]) -> int:
+        """The poller's exchange; C{stored}: the store's spend from its events."""
+        [(name, (window, spent, busy))] = self.ledger.grant_snapshot().items()
+        got = grants.exchange(
+            self.budget,
+            window,
+            self.name,
+            spent=spent,
+            busy=busy,
+            now=self.clock.seconds(),
+            recorded=lambda: stored[0] / NANO,
+            want=self.ledger.grant_wants().get(name, 0),
+        )
+        self.ledger.set_grants({name: (window, got)})
+        return got
+
+    def spend(self, cost: float, most: int = 200) -> int:
+        """Calls of C{cost} until one is refused; what they spent (nano-USD)."""
+        before = self.spent
+        for _ in range(most):
+            hold = self.ledger.reserve(GPT, cost)
+            if not isinstance(hold, BudgetHold):
+                break
+            hold.settle(cost, "ok", 200)
+            self.spent += round(cost * NANO)
+        return self.spent - before
+
+
+def test_a_proxy_that_dies_in_an_outage_never_lets_the_budget_pass(grants: GrantBook) -> None:
+    """Proxy A takes its slice, loses the collector, spends all of it
+    (fail closed) and is killed before the collector is back: it never
+    reports that spend; its events reach the store a minute later (its
+    spool, delivered by a restarted A). Proxy B keeps asking every second
+    and spends all it gets, its events stored at once. Until this version
+    A's grant went back to B once A was silent for 30 s: B's spend and A's
+    ran to $1.25 of $1.00. A's grant stays counted: B's spend plus A's real
+    spend never pass the limit, and B still gets all the rest."""
+    clock = Clock()
+    clock.advance(T0)
+    a, b = _Holder("a", CAP, clock), _Holder("b", CAP, clock)
+    stored = [0]  # the store's spend in the window, from its events (nano-USD)
+    granted_a = a.exchange(grants, stored)
+    b.exchange(grants, stored)
+    assert granted_a == NANO // 4
+    a.ledger.outage = True  # the collector is gone: A spends what it holds
+    a_real = a.spend(0.01)
+    assert a_real == granted_a  # all of it, reported to nobody
+    for second in range(120):
+        clock.advance(1)
+        if second == 60:
+            stored[0] += a_real  # A's spool reaches the store
+        b.exchange(grants, stored)
+        stored[0] += b.spend(0.01)
+        assert b.spent + a_real <= NANO
+    assert b.spent + a_real == NANO  # the room A did not hold was all granted
+
+
+def test_events_past_the_grants_shrink_what_is_granted(grants: GrantBook) -> None:
+    """A proxy with a fail-open budget spends past its grant while the
+    collector is away (flagged budget_fail_open) and dies before it is
+    back; its events then show $0.40 spent on a $0.25 grant. The grants
+    count what the events show: the other proxy gets only what is left of
+    the limit after that $0.40 (the book counted A's $0.25 grant, and B
+    spent $0.75 of its own: $1.15 of $1.00)."""
+    clock = Clock()
+    clock.advance(T0)
+    budget = Budget("cap", 1.0, "day", fail="open")
+    a, b = _Holder("a", budget, clock), _Holder("b", budget, clock)
+    stored = [0]
+    assert a.exchange(grants, stored) == NANO // 4
+    b.exchange(grants, stored)
+    a.ledger.outage = True
+    a_real = a.spend(0.01, most=40)
+    assert a_real == 40 * NANO // 100  # past its grant: the budget fails open
+    for second in range(60):
+        clock.advance(1)
+        if second == 2:
+            stored[0] += a_real  # A's events are stored
+        b.exchange(grants, stored)
+        stored[0] += b.spend(0.01)
+        assert b.spent + a_real <= NANO
+    assert b.spent + a_real == NANO
+
+
+def test_a_call_bigger_than_a_slice_is_granted_room(grants: GrantBook) -> None:
+    """Two proxies share a $0.05 budget: a slice is $0.05 / 8 = $0.00625, and
+    a call whose worst case is $0.01 was refused for ever ("this process's
+    share is spent" with nothing spent). The refused call's worst case is
+    reported as its want, and the next grant makes room for it while the
+    limit has it."""
+    clock = Clock()
+    clock.advance(T0)
+    small = Budget("cap", 0.05, "day")
+    a, b = _Holder("a", small, clock), _Holder("b", small, clock)
+    stored = [0]
+    a.exchange(grants, stored)
+    assert b.exchange(grants, stored) == 6_250_000
+    assert b.spend(0.01) == 0  # refused: over the slice
+    assert b.ledger.grant_wants() == {"cap": 10_000_000}
+    assert b.exchange(grants, stored) == 10_000_000
+    assert b.ledger.grant_wants() == {}  # asked for once
+    assert b.spend(0.01) == 10_000_000
+    for _ in range(10):  # both keep asking for room for their calls
+        clock.advance(1)
+        for holder in (a, b):
+            holder.spend(0.01)
+            holder.exchange(grants, stored)
+    assert a.spent + b.spent == 5 * 10_000_000  # the whole limit, never more
+
+
+def test_the_events_are_summed_at_most_once_a_second_per_budget(grants: GrantBook) -> None:
+    """Every holder exchanges every second, and the store's spend sums the
+    window's events: the book reads it once a second per budget and window,
+    however many holders ask."""
+    start = CAP.window_start(T0)
+    reads: list[float] = []
+
+    def recorded() -> float:
+        reads.append(1)
+        return 0.0
+
+    for step in range(10):  # ten holders in each of ten tenths of a second
+        for n in range(10):
+            grants.exchange(
+                CAP, start, f"h{n}", spent=0, busy=0, now=T0 + step / 10, recorded=recorded
+            )
+    assert len(reads) == 1
+    grants.exchange(CAP, start, "h0", spent=0, busy=0, now=T0 + 1.0, recorded=recorded)
+    assert len(reads) == 2
+
+
+def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -> None:
+    """Proxies sharing a store file (C{--shared-budgets}): the poller reports
+    the worst case of a call its grant refused, and the next grant makes
+    room for it; an event stored later by another process (its spool)
+    shrinks this process's grant at its next exchange."""
+    from llmobserve.collector import EventStore, SQLiteBudgetBook
+    from llmobserve.proxy._budgetpoll import BudgetPoller
+
+    path = tmp_path / "events.sqlite3"
+    EventStore(path).close()
+    book = SQLiteBudgetBook(path)
+    book.set(Budget("cap", 0.05, "day"))
+    book.close()
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    poller = BudgetPoller(clock, ledger, str(path))
+    poller.load_now()
+    [account] = ledger._accounts
+    assert account.granted == 12_500_000  # a quarter of $0.05
+    assert isinstance(ledger.reserve(GPT, 0.02), BudgetRefusal)
+    poller._apply(poller._read(*poller._snapshots()))  # the read the refusal asks for
+    assert account.granted == 20_000_000
+    hold = ledger.reserve(GPT, 0.02)
+    assert isinstance(hold, BudgetHold)
+    store = EventStore(path)
+    event = {
+        "id": "late",
+        "kind": "call",
+        "ts": T0 - 1,
+        "outcome": "ok",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "cost_usd": 0.04,
+        "context": {},
+    }
+    store.insert([event])
+    store.close()
+    clock.advance(1.5)  # the events' spend is read again after a second
+    poller._apply(poller._read(*poller._snapshots()))
+    # $0.04 stored, $0.02 in flight here: $0.01 of the limit is left for it
+    assert account.granted == 10_000_000
+    poller.stopService()
