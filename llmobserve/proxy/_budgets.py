@@ -160,16 +160,16 @@ class BudgetHold:
         C{budget_warn:NAME}).
     """
 
-    __slots__ = ("_amount", "_left", "_parts", "_rates", "_settled", "flags")
+    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags")
 
     def __init__(
         self,
-        parts: tuple[tuple[_Account, float], ...],
+        plan: _ScopePlan,
         amount: int,
         left: int | None,
         flags: tuple[str, ...],
     ) -> None:
-        self._parts = parts  # (account, its window start then): the scope's, shared
+        self._plan = plan  # the scope's accounts then, and their windows
         self._amount = amount  # held on each, nano-USD
         self._left = left  # nano-USD left in the tightest budget once held
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
@@ -212,12 +212,20 @@ class BudgetHold:
         else:
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             spent = 0 if spared else amount
-        for account, window_start in self._parts:
-            if account.window_start == window_start and account.live:
-                # else: deleted, redefined, or its window is over
-                left = account.reserved - amount
-                account.reserved = left if left > 0 else 0
+        plan = self._plan
+        if plan.current:
+            # no account of the plan has rolled or gone since the hold was
+            # taken: each still holds this amount in the same window
+            for account in plan.accounts:
+                account.reserved -= amount
                 account.spent += spent
+        else:
+            for account, window_start in plan.parts:
+                if account.window_start == window_start and account.live:
+                    # else: deleted, redefined, or its window is over
+                    left = account.reserved - amount
+                    account.reserved = left if left > 0 else 0
+                    account.spent += spent
         if self._rates:
             if cost is not None:
                 spared = outcome in _NOT_SENT or (status is not None and status >= 400)
@@ -237,32 +245,29 @@ ScopeKey = tuple[str | None, str | None, str | None, str | None, str | None, str
 
 
 class _ScopePlan:
-    """What one distinct call scope counts against, until the next load: its
-    budgets' accounts and rate limits, the (account, window start) pairs a
-    hold keeps (one tuple shared by every hold), and the earliest end of
-    their windows (one comparison per call tells whether any must roll)."""
+    """What one distinct call scope counts against, until the next load or
+    the next window that ends: its budgets' accounts and rate limits, the
+    (account, window start) pairs of its holds, and the earliest end of
+    their windows (one comparison per call tells whether any must roll).
 
-    __slots__ = ("accounts", "next_end", "parts", "rates")
+    A plan is never changed: it is I{current} until the ledger retires it
+    (a load, or an account rolling to a new window), and while it is, no
+    account of it has rolled or gone, so a hold taken on it settles
+    without looking at each account's window (one flag per settle).
+    """
+
+    __slots__ = ("accounts", "current", "next_end", "parts", "rates")
 
     def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
         self.accounts = accounts
         self.rates = rates
-        self.parts: tuple[tuple[_Account, float], ...] = ()
-        self.next_end = math.inf
-        self.refresh()
+        self.parts = tuple((a, a.window_start) for a in accounts)
+        self.next_end = min((a.window_end for a in accounts), default=math.inf)
+        self.current = True
 
-    def roll(self, now: float) -> None:
-        """Roll the accounts whose window ended by C{now} (and take the new
-        windows: an account shared with another scope may have rolled there)."""
-        for account in self.accounts:
-            if now >= account.window_end:
-                account.roll(now)
-        self.refresh()
 
-    def refresh(self) -> None:
-        """Take the accounts' current windows."""
-        self.parts = tuple((a, a.window_start) for a in self.accounts)
-        self.next_end = min((a.window_end for a in self.accounts), default=math.inf)
+#: the plan of the holds on no budget (a scope with rate limits only)
+_NO_BUDGETS: Final = _ScopePlan((), ())
 
 
 class BudgetLedger:
@@ -344,8 +349,24 @@ class BudgetLedger:
         self._loaded()
 
     def _loaded(self) -> None:
-        self._plans = {}
+        self._retire_plans()
         self.active = bool(self._accounts or self._rates)
+
+    def _retire_plans(self) -> None:
+        """Forget every plan: an account rolled, or the definitions changed.
+        The holds taken on them settle account by account, by window."""
+        for plan in self._plans.values():
+            plan.current = False
+        self._plans = {}
+
+    def _roll(self, scope: ScopeKey, now: float) -> _ScopePlan:
+        """An account of C{scope}'s plan reached the end of its window: roll
+        every account whose window ended by C{now}, and plan afresh."""
+        for account in self._accounts:
+            if now >= account.window_end:
+                account.roll(now)
+        self._retire_plans()
+        return self._plan(scope)
 
     def _plan(self, scope: ScopeKey) -> _ScopePlan:
         """The accounts and rate limits of a scope not seen since the last load."""
@@ -354,7 +375,7 @@ class BudgetLedger:
             tuple(r for r in self._rates if scope_matches(r.rule, *scope)),
         )
         if len(self._plans) >= 4096:  # labels come from clients: stay bounded
-            self._plans.clear()
+            self._retire_plans()
         self._plans[scope] = plan
         return plan
 
@@ -377,32 +398,35 @@ class BudgetLedger:
             plan = self._plan(scope)
         if now is None:
             now = self.now()
+        if now >= plan.next_end:
+            plan = self._roll(scope, now)
         if plan.rates:
             return self._reserve_with_rates(plan, now, worst, tokens)
         accounts = plan.accounts
         if not accounts:
-            return BudgetHold((), 0, None, ())
-        if now >= plan.next_end:
-            plan.roll(now)
+            return BudgetHold(_NO_BUDGETS, 0, None, ())
         if worst is None or self.outage:
             return self._reserve_each(plan, worst)
         # The common case in one pass: a priced call that fits every budget
         # of its scope (anything else takes _reserve_each)
         amount = math.ceil(worst * _NANO - 1e-6)
-        least = -1
-        for i, account in enumerate(accounts):
+        first = accounts[0]
+        least = first.cap - first.spent - first.reserved  # the first room, as below
+        for account in accounts:
             room = account.cap - account.spent - account.reserved
             if room < amount:  # a warn flag or a refusal: undo, the careful way
-                for held in accounts[:i]:
+                for held in accounts:
+                    if held is account:
+                        break
                     held.reserved -= amount
                 return self._reserve_each(plan, worst)
             account.reserved += amount
-            if least < 0 or room < least:
+            if room < least:
                 least = room
         left = least - amount
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan.parts, amount, left, ())
+        return BudgetHold(plan, amount, left, ())
 
     def _reserve_with_rates(
         self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
@@ -412,11 +436,9 @@ class BudgetLedger:
         if isinstance(rates, RateRefusal):
             return rates
         if plan.accounts:
-            if now >= plan.next_end:
-                plan.roll(now)
             hold = self._reserve_each(plan, worst)
         else:
-            hold = BudgetHold((), 0, None, ())
+            hold = BudgetHold(_NO_BUDGETS, 0, None, ())
         if isinstance(hold, BudgetRefusal):
             for rate, _, want in rates:
                 rate.reserved -= want
@@ -477,7 +499,7 @@ class BudgetLedger:
                 left = rest
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan.parts, amount, left, flags)
+        return BudgetHold(plan, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None and self.on_low is not None:
@@ -503,7 +525,6 @@ class BudgetLedger:
 
 def check_call(
     ledger: BudgetLedger,
-    *,
     provider_hint: str | None,
     host: str,
     path: str,
@@ -519,18 +540,21 @@ def check_call(
     @param project: the project of the key the call came with (None: no key).
     """
     now = ledger.now()
-    bound = worst_case(provider_hint, host, path, body, body_bytes, now)
+    # unpacked: a named tuple's field is a descriptor, its items are not
+    provider, model, cost, input_tokens, output_tokens, _ = worst_case(
+        provider_hint, host, path, body, body_bytes, now
+    )
     # a plain tuple (a CallScope's fields, in its order): the named tuple's
     # constructor is a Python function, and the key is hashed the same
     scope = (
-        bound.provider,
-        bound.model,
+        provider,
+        model,
         context.customer_id,
         context.tenant_id,
         context.section_path or context.section,
         project,
     )
     tokens = None
-    if bound.input_tokens is not None and bound.output_tokens is not None:
-        tokens = bound.input_tokens + bound.output_tokens
-    return ledger.reserve(scope, bound.cost_usd, tokens, now)
+    if input_tokens is not None and output_tokens is not None:
+        tokens = input_tokens + output_tokens
+    return ledger.reserve(scope, cost, tokens, now)
