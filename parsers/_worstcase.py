@@ -97,6 +97,8 @@ _UNKNOWN: Final = (-1.0, -1.0)
 #: C{__new__} is a Python function, and this runs once per budgeted call
 _bound: Final = tuple.__new__
 _EMPTY: Final[dict[str, Any]] = {}
+#: the registry's providers by id, read without a method call per bound
+_PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
 
 
 def worst_case(
@@ -114,7 +116,7 @@ def worst_case(
     runs on the reactor for every budgeted call.
     """
     try:
-        provider = REGISTRY.by_id(provider_id) if provider_id else REGISTRY.for_host(host)
+        provider = _PROVIDERS.get(provider_id) if provider_id else REGISTRY.for_host(host)
         pid = provider.id if provider is not None else provider_id
         if body is None:
             return WorstCase(pid, None, None, reason="request body too large to bound")

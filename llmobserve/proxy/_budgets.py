@@ -75,13 +75,19 @@ def _nano(usd: float) -> int:
 
 @attrs.define(eq=False)
 class _Account:
-    """One budget's live state in its current window (amounts in nano-USD)."""
+    """One budget's live state in its current window (amounts in nano-USD).
+
+    What is reserved (the worst cases of the calls in flight) is kept as
+    L{free}, the room left: C{cap - spent - reserved}. A reservation reads
+    and writes that one figure (a budget over $1 is a two-digit integer,
+    and each sum of two makes a new one), and the reserved amount is
+    worked out from it when a refusal or a grant report asks.
+    """
 
     budget: Budget
     window_start: float
     window_end: float
     spent: int = 0  # settled (and, at load, recorded in the store) in this window
-    reserved: int = 0  # worst cases of the calls in flight
     live: bool = True  # False once the budget is deleted or redefined
     #: shared budgets: what the store granted this process in this window
     #: (None: the whole limit is this process's); see L{granted}
@@ -91,9 +97,18 @@ class _Account:
     #: field, not a property: every call reads it, and it changes only with
     #: the limit or the grant (L{set_limit}, L{granted}).
     cap: int = attrs.field(init=False)
+    #: the room left: C{cap - spent - reserved} (negative once past the cap)
+    free: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.set_limit(self.budget.limit_usd)
+        self.limit = math.floor(self.budget.limit_usd * _NANO + 1e-6)
+        self.cap = self._capped()
+        self.free = self.cap - self.spent  # nothing reserved yet
+
+    @property
+    def reserved(self) -> int:
+        """The worst cases of the calls in flight."""
+        return self.cap - self.spent - self.free
 
     def set_limit(self, usd: float) -> None:
         """The budget's limit (rounded down to whole nano-USD)."""
@@ -110,9 +125,15 @@ class _Account:
         self._granted = value
         self._recap()
 
-    def _recap(self) -> None:
+    def _capped(self) -> int:
         granted, limit = self._granted, self.limit
-        self.cap = limit if granted is None or granted > limit else granted
+        return limit if granted is None or granted > limit else granted
+
+    def _recap(self) -> None:
+        """A new cap; what is spent and reserved stays."""
+        cap = self._capped()
+        self.free += cap - self.cap
+        self.cap = cap
 
     def roll(self, now: float) -> None:
         """Start the window holding C{now} when the current one has ended."""
@@ -120,13 +141,13 @@ class _Account:
             self.window_start = self.budget.window_start(now)
             self.window_end = self.budget.window_end(now)
             self.spent = 0
-            self.reserved = 0
+            self.free = self.cap  # nothing reserved
             if self.granted is not None:
                 self.granted = 0  # a new window: nothing granted yet
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
-        if self.spent + self.reserved >= self.cap:
+        if self.free <= 0:
             reason = "it is spent" if self.granted is None else "this process's share is spent"
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
@@ -216,16 +237,17 @@ class BudgetHold:
         if plan.current:
             # no account of the plan has rolled or gone since the hold was
             # taken: each still holds this amount in the same window
+            back = amount - spent
             for account in plan.accounts:
-                account.reserved -= amount
+                account.free += back
                 account.spent += spent
         else:
             for account, window_start in plan.parts:
                 if account.window_start == window_start and account.live:
                     # else: deleted, redefined, or its window is over
                     left = account.reserved - amount
-                    account.reserved = left if left > 0 else 0
                     account.spent += spent
+                    account.free = account.cap - account.spent - (left if left > 0 else 0)
         if self._rates:
             if cost is not None:
                 spared = outcome in _NOT_SENT or (status is not None and status >= 400)
@@ -256,7 +278,7 @@ class _ScopePlan:
     without looking at each account's window (one flag per settle).
     """
 
-    __slots__ = ("accounts", "current", "next_end", "parts", "rates")
+    __slots__ = ("accounts", "current", "next_end", "parts", "plain", "rates")
 
     def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
         self.accounts = accounts
@@ -264,6 +286,8 @@ class _ScopePlan:
         self.parts = tuple((a, a.window_start) for a in accounts)
         self.next_end = min((a.window_end for a in accounts), default=math.inf)
         self.current = True
+        #: budgets and no rate limit: the one-pass reservation may apply
+        self.plain = bool(accounts) and not rates
 
 
 #: the plan of the holds on no budget (a scope with rate limits only)
@@ -400,30 +424,28 @@ class BudgetLedger:
             now = self.now()
         if now >= plan.next_end:
             plan = self._roll(scope, now)
-        if plan.rates:
-            return self._reserve_with_rates(plan, now, worst, tokens)
-        accounts = plan.accounts
-        if not accounts:
-            return BudgetHold(_NO_BUDGETS, 0, None, ())
-        if worst is None or self.outage:
+        if not plan.plain or worst is None or self.outage:
+            if plan.rates:
+                return self._reserve_with_rates(plan, now, worst, tokens)
+            if not plan.accounts:
+                return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
         # The common case in one pass: a priced call that fits every budget
         # of its scope (anything else takes _reserve_each)
+        accounts = plan.accounts
         amount = math.ceil(worst * _NANO - 1e-6)
-        first = accounts[0]
-        least = first.cap - first.spent - first.reserved  # the first room, as below
+        left = accounts[0].free - amount  # the least room left, once held
         for account in accounts:
-            room = account.cap - account.spent - account.reserved
-            if room < amount:  # a warn flag or a refusal: undo, the careful way
+            free = account.free - amount
+            if free < 0:  # a warn flag or a refusal: undo, the careful way
                 for held in accounts:
                     if held is account:
                         break
-                    held.reserved -= amount
+                    held.free += amount
                 return self._reserve_each(plan, worst)
-            account.reserved += amount
-            if room < least:
-                least = room
-        left = least - amount
+            account.free = free
+            if free < left:
+                left = free
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(plan, amount, left, ())
@@ -477,8 +499,8 @@ class BudgetLedger:
         flags: tuple[str, ...] = ()
         for account in plan.accounts:
             b = account.budget
-            used = account.spent + account.reserved
             cap = account.cap
+            used = cap - account.free
             if self.outage and b.fail == "open" and account.granted is not None:
                 flags += ("budget_fail_open",)
                 continue
@@ -493,8 +515,8 @@ class BudgetLedger:
             flags += ("budget_unpriced",)
         left = None
         for account in plan.accounts:
-            account.reserved += amount
-            rest = account.cap - account.spent - account.reserved
+            account.free -= amount
+            rest = account.free
             if left is None or rest < left:
                 left = rest
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:

@@ -345,9 +345,8 @@ class Relay:
             return
         if not self._body_done and self._pending_size <= self._s.gate_buffer:
             return
-        tap = self._req_tap
         self._gate = False
-        body = tap.value() if self._body_done and not tap.truncated else None
+        body = self._req_tap.whole() if self._body_done else None
         s = self._s
         if s.graphql_limits is not None and self._graphql_refused(body):
             return
@@ -634,7 +633,11 @@ class Relay:
         hold = self._hold
         if hold is not None:
             remaining = hold.remaining_header()
-            if remaining is not None:
+            if remaining is None:
+                pass
+            elif pairs is not None:
+                pairs.append((_REMAINING_HEADER, remaining))
+            else:
                 out.addRawHeader(_REMAINING_HEADER, remaining)
         request.registerProducer(self, True)
         self._deadline_kind = "idle"  # _arm("idle"), with the clock read above
