@@ -188,15 +188,19 @@ def test_a_new_cap_keeps_what_is_spent_and_reserved() -> None:
     assert (account.spent, account.reserved) == (750_000_000, 0)
 
 
+def hold(verdict: BudgetHold | BudgetRefusal | RateRefusal) -> BudgetHold:
+    assert isinstance(verdict, BudgetHold), verdict
+    return verdict
+
+
 def test_holds_settle_the_same_before_and_after_their_plan_is_retired() -> None:
     """A scope's plan is retired by every load and every rolled window;
     holds taken on it settle on the accounts that still count them (a load
     that keeps the budget), and on none whose window is over."""
     book, clock = ledger(Budget("day", 10.0, "day"), Budget("hour", 10.0, "hour"))
-    before = [book.reserve(GPT, 1.0) for _ in range(2)]
+    before = [hold(book.reserve(GPT, 1.0)) for _ in range(2)]
     book.load([Budget("day", 10.0, "day"), Budget("hour", 10.0, "hour")], {})
-    after = book.reserve(GPT, 1.0)
-    assert all(isinstance(h, BudgetHold) for h in [*before, after])
+    after = hold(book.reserve(GPT, 1.0))
     day, hour = book._accounts
     assert (day.reserved, hour.reserved) == (3_000_000_000, 3_000_000_000)
     before[0].settle(0.5, "ok", 200)  # retired by the load: account by account
