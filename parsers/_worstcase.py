@@ -90,7 +90,15 @@ class WorstCase(NamedTuple):
     reason: str | None = None
 
 
-_rates: dict[tuple[str, str, int], tuple[float, float] | None] = {}
+_rates: dict[tuple[str, str, float], tuple[float, float] | None] = {}
+#: what L{_rates} gives for a key it does not hold (None is a cached "no price")
+_UNKNOWN: Final = (-1.0, -1.0)
+#: a L{WorstCase} made by the tuple's own constructor: the named tuple's
+#: C{__new__} is a Python function, and this runs once per budgeted call
+_bound: Final = tuple.__new__
+_EMPTY: Final[dict[str, Any]] = {}
+#: the registry's providers by id, read without a method call per bound
+_PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
 
 
 def worst_case(
@@ -103,72 +111,82 @@ def worst_case(
 ) -> WorstCase:
     """The most this request can cost. C{body} None: not read whole (too big).
 
-    Total: never raises.
+    Total: never raises. One function, with the common case (a JSON object
+    naming its model and output limit, no image or audio part) first: it
+    runs on the reactor for every budgeted call.
     """
     try:
-        return _worst_case(provider_id, host, path, body, body_bytes, when)
+        provider = _PROVIDERS.get(provider_id) if provider_id else REGISTRY.for_host(host)
+        pid = provider.id if provider is not None else provider_id
+        if body is None:
+            return WorstCase(pid, None, None, reason="request body too large to bound")
+        doc: Any = _EMPTY
+        if body:
+            try:
+                # orjson alone, without loads()'s pass looking for integers
+                # too long for it: it reads those as floats, which the output
+                # limit notices (a float), and then loads() reads the body exactly
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                try:
+                    doc = loads(body)  # what orjson refuses: a BOM, UTF-16, NaN, ...
+                except BodyError:
+                    return WorstCase(pid, None, None, reason="request body is not JSON")
+            if type(doc) is not dict:
+                doc = _EMPTY
+        model = doc.get("model")
+        if type(model) is not str:
+            m = _GEMINI_MODEL.search(path)
+            model = m.group(1) if m else None
+        if provider is None or pid is None:
+            return WorstCase(pid, model, None, reason="unknown provider")
+        if model is None:
+            return WorstCase(pid, None, None, reason="no model named")
+        input_tokens = body_bytes + _FIXED_INPUT_TOKENS
+        # Every marker of a part holds "image", "audio" or "ata" (inline_data,
+        # fileData, ...): the regexes run only on bodies with one of those.
+        # The markers are ASCII, so they are searched in a str (latin-1 maps
+        # bytes to code points one to one), where CPython's search is
+        # several times faster than in bytes.
+        text = body.decode("latin-1")
+        if "ata" in text or "image" in text or "audio" in text:
+            if _AUDIO_PART.search(body) is not None:
+                return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
+            input_tokens += len(_IMAGE_PART.findall(body)) * IMAGE_PART_TOKENS
+        # the output limit: the first the request has of max_completion_tokens,
+        # max_output_tokens and max_tokens, times n (inline: this is the
+        # common case; anything else, _output_bound)
+        if "max_completion_tokens" in doc:
+            limit = doc["max_completion_tokens"]
+        elif "max_output_tokens" in doc:
+            limit = doc["max_output_tokens"]
+        elif "max_tokens" in doc:
+            limit = doc["max_tokens"]
+        else:
+            limit = None
+        output_tokens: int | None = limit
+        if type(limit) is not int or limit < 0 or "n" in doc:
+            output_tokens = _output_bound(doc, model)
+            if output_tokens == _INEXACT:  # orjson read a number as a float: read it exactly
+                output_tokens = _output_bound(loads(body), model, exact=True)
+        if output_tokens is None:
+            return WorstCase(
+                pid,
+                model,
+                None,
+                input_tokens,
+                reason=f"no output limit given and none known for {model}",
+            )
+        key = (pid, model, when // 86400)
+        rates = _rates.get(key, _UNKNOWN)
+        if rates is _UNKNOWN:
+            rates = _rates_for(key, provider.prices_id, when)
+        if rates is None:
+            return WorstCase(pid, model, None, input_tokens, output_tokens, reason="no price")
+        cost = input_tokens * rates[0] + output_tokens * rates[1]
+        return _bound(WorstCase, (pid, model, cost, input_tokens, output_tokens, None))
     except Exception as e:  # a bound we cannot find is no bound
         return WorstCase(provider_id, None, None, reason=f"internal error: {type(e).__name__}")
-
-
-def _worst_case(
-    provider_id: str | None, host: str, path: str, body: bytes | None, body_bytes: int, when: float
-) -> WorstCase:
-    provider = REGISTRY.by_id(provider_id) if provider_id else REGISTRY.for_host(host)
-    pid = provider.id if provider is not None else provider_id
-    if body is None:
-        return WorstCase(pid, None, None, reason="request body too large to bound")
-    doc: Any = None
-    if body:
-        try:
-            # orjson alone, without loads()'s pass looking for integers too
-            # long for it: it reads those as floats, which _output_bound
-            # notices (a float limit), and then loads() reads the body exactly
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            try:
-                doc = loads(body)  # what orjson refuses: a BOM, UTF-16, NaN, ...
-            except BodyError:
-                return WorstCase(pid, None, None, reason="request body is not JSON")
-    if not isinstance(doc, dict):
-        doc = {}
-    model = doc.get("model")
-    if not isinstance(model, str):
-        m = _GEMINI_MODEL.search(path)
-        model = m.group(1) if m else None
-    if provider is None or pid is None:
-        return WorstCase(pid, model, None, reason="unknown provider")
-    if model is None:
-        return WorstCase(pid, None, None, reason="no model named")
-    images = 0
-    # Every marker of a part holds "image", "audio" or "ata" (inline_data,
-    # fileData, ...): the regexes run only on bodies with one of those. The
-    # markers are ASCII, so they are searched in a str (latin-1 maps bytes to
-    # code points one to one), where CPython's search is several times faster.
-    text = body.decode("latin-1")
-    if "ata" in text or "image" in text or "audio" in text:
-        if _AUDIO_PART.search(body) is not None:
-            return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
-        images = len(_IMAGE_PART.findall(body))
-    input_tokens = body_bytes + _FIXED_INPUT_TOKENS + images * IMAGE_PART_TOKENS
-    output_tokens = _output_bound(doc, model)
-    if output_tokens == _INEXACT:  # orjson read a number as a float: read it exactly
-        output_tokens = _output_bound(loads(body), model, exact=True)
-    if output_tokens is None:
-        return WorstCase(
-            pid,
-            model,
-            None,
-            input_tokens,
-            reason=f"no output limit given and none known for {model}",
-        )
-    key = (pid, model, int(when // 86400))
-    rates = _rates[key] if key in _rates else _rates_for(key, provider.prices_id, when)
-    if rates is None:
-        return WorstCase(pid, model, None, input_tokens, output_tokens, reason="no price")
-    per_in, per_out = rates
-    cost = input_tokens * per_in + output_tokens * per_out
-    return WorstCase(pid, model, cost, input_tokens, output_tokens)
 
 
 #: what L{_output_bound} says when a limit or C{n} is a float: orjson reads
@@ -178,8 +196,6 @@ _INEXACT: Final = -1
 
 def _output_bound(doc: dict[str, Any], model: str, *, exact: bool = False) -> int | None:
     limit: Any = None
-    # the first the request has of max_completion_tokens, max_output_tokens
-    # and max_tokens (unrolled: this runs per call, on the reactor)
     if "max_completion_tokens" in doc:
         limit = doc["max_completion_tokens"]
     elif "max_output_tokens" in doc:
@@ -205,7 +221,7 @@ def _output_bound(doc: dict[str, Any], model: str, *, exact: bool = False) -> in
 
 
 def _rates_for(
-    key: tuple[str, str, int], prices_id: str | None, when: float
+    key: tuple[str, str, float], prices_id: str | None, when: float
 ) -> tuple[float, float] | None:
     """(USD per input token, USD per output token) of C{key}'s provider and
     model, cached per model and day (C{key}: provider id, model, day)."""

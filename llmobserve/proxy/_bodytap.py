@@ -52,6 +52,13 @@ class BodyTap:
     def truncated(self) -> bool:
         return self._tail_size > 0
 
+    def whole(self) -> bytes | None:
+        """The body when nothing was cut (None when it was): one call where
+        the budget check would make two."""
+        if self._tail_size:
+            return None
+        return b"".join(self._head)
+
     def value(self) -> bytes:
         """The copy. It is made on the reactor thread, so the head is copied
         once, into the result, and the tail twice at most."""

@@ -79,13 +79,19 @@ def _nano(usd: float) -> int:
 
 @attrs.define(eq=False)
 class _Account:
-    """One budget's live state in its current window (amounts in nano-USD)."""
+    """One budget's live state in its current window (amounts in nano-USD).
+
+    What is reserved (the worst cases of the calls in flight) is kept as
+    L{free}, the room left: C{cap - spent - reserved}. A reservation reads
+    and writes that one figure (a budget over $1 is a two-digit integer,
+    and each sum of two makes a new one), and the reserved amount is
+    worked out from it when a refusal or a grant report asks.
+    """
 
     budget: Budget
     window_start: float
     window_end: float
     spent: int = 0  # settled (and, at load, recorded in the store) in this window
-    reserved: int = 0  # worst cases of the calls in flight
     live: bool = True  # False once the budget is deleted or redefined
     #: shared budgets: what the store granted this process in this window
     #: (None: the whole limit is this process's); see L{granted}
@@ -98,9 +104,18 @@ class _Account:
     #: field, not a property: every call reads it, and it changes only with
     #: the limit or the grant (L{set_limit}, L{granted}).
     cap: int = attrs.field(init=False)
+    #: the room left: C{cap - spent - reserved} (negative once past the cap)
+    free: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.set_limit(self.budget.limit_usd)
+        self.limit = math.floor(self.budget.limit_usd * _NANO + 1e-6)
+        self.cap = self._capped()
+        self.free = self.cap - self.spent  # nothing reserved yet
+
+    @property
+    def reserved(self) -> int:
+        """The worst cases of the calls in flight."""
+        return self.cap - self.spent - self.free
 
     def set_limit(self, usd: float) -> None:
         """The budget's limit (rounded down to whole nano-USD)."""
@@ -117,9 +132,15 @@ class _Account:
         self._granted = value
         self._recap()
 
-    def _recap(self) -> None:
+    def _capped(self) -> int:
         granted, limit = self._granted, self.limit
-        self.cap = limit if granted is None or granted > limit else granted
+        return limit if granted is None or granted > limit else granted
+
+    def _recap(self) -> None:
+        """A new cap; what is spent and reserved stays."""
+        cap = self._capped()
+        self.free += cap - self.cap
+        self.cap = cap
 
     def roll(self, now: float) -> None:
         """Start the window holding C{now} when the current one has ended."""
@@ -127,14 +148,14 @@ class _Account:
             self.window_start = self.budget.window_start(now)
             self.window_end = self.budget.window_end(now)
             self.spent = 0
-            self.reserved = 0
+            self.free = self.cap  # nothing reserved
             if self.granted is not None:
                 self.granted = 0  # a new window: nothing granted yet
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
         cap = self.cap
-        if self.spent + self.reserved >= cap:
+        if self.free <= 0:
             reason = "it is spent" if self.granted is None else "this process's share is spent"
         elif worst is not None:
             reason = f"{reason} ${usd_fixed(round(worst, 8))}"
@@ -198,16 +219,16 @@ class BudgetHold:
         C{budget_warn:NAME}).
     """
 
-    __slots__ = ("_amount", "_left", "_parts", "_rates", "_settled", "flags")
+    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags")
 
     def __init__(
         self,
-        parts: tuple[tuple[_Account, float], ...],
+        plan: _ScopePlan,
         amount: int,
         left: int | None,
         flags: tuple[str, ...],
     ) -> None:
-        self._parts = parts  # (account, its window start then): the scope's, shared
+        self._plan = plan  # the scope's accounts then, and their windows
         self._amount = amount  # held on each, nano-USD
         self._left = left  # nano-USD left in the tightest budget once held
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
@@ -250,12 +271,21 @@ class BudgetHold:
         else:
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             spent = 0 if spared else amount
-        for account, window_start in self._parts:
-            if account.window_start == window_start and account.live:
-                # else: deleted, redefined, or its window is over
-                left = account.reserved - amount
-                account.reserved = left if left > 0 else 0
+        plan = self._plan
+        if plan.current:
+            # no account of the plan has rolled or gone since the hold was
+            # taken: each still holds this amount in the same window
+            back = amount - spent
+            for account in plan.accounts:
+                account.free += back
                 account.spent += spent
+        else:
+            for account, window_start in plan.parts:
+                if account.window_start == window_start and account.live:
+                    # else: deleted, redefined, or its window is over
+                    left = account.reserved - amount
+                    account.spent += spent
+                    account.free = account.cap - account.spent - (left if left > 0 else 0)
         if self._rates:
             if cost is not None:
                 spared = outcome in _NOT_SENT or (status is not None and status >= 400)
@@ -275,32 +305,31 @@ ScopeKey = tuple[str | None, str | None, str | None, str | None, str | None, str
 
 
 class _ScopePlan:
-    """What one distinct call scope counts against, until the next load: its
-    budgets' accounts and rate limits, the (account, window start) pairs a
-    hold keeps (one tuple shared by every hold), and the earliest end of
-    their windows (one comparison per call tells whether any must roll)."""
+    """What one distinct call scope counts against, until the next load or
+    the next window that ends: its budgets' accounts and rate limits, the
+    (account, window start) pairs of its holds, and the earliest end of
+    their windows (one comparison per call tells whether any must roll).
 
-    __slots__ = ("accounts", "next_end", "parts", "rates")
+    A plan is never changed: it is I{current} until the ledger retires it
+    (a load, or an account rolling to a new window), and while it is, no
+    account of it has rolled or gone, so a hold taken on it settles
+    without looking at each account's window (one flag per settle).
+    """
+
+    __slots__ = ("accounts", "current", "next_end", "parts", "plain", "rates")
 
     def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
         self.accounts = accounts
         self.rates = rates
-        self.parts: tuple[tuple[_Account, float], ...] = ()
-        self.next_end = math.inf
-        self.refresh()
+        self.parts = tuple((a, a.window_start) for a in accounts)
+        self.next_end = min((a.window_end for a in accounts), default=math.inf)
+        self.current = True
+        #: budgets and no rate limit: the one-pass reservation may apply
+        self.plain = bool(accounts) and not rates
 
-    def roll(self, now: float) -> None:
-        """Roll the accounts whose window ended by C{now} (and take the new
-        windows: an account shared with another scope may have rolled there)."""
-        for account in self.accounts:
-            if now >= account.window_end:
-                account.roll(now)
-        self.refresh()
 
-    def refresh(self) -> None:
-        """Take the accounts' current windows."""
-        self.parts = tuple((a, a.window_start) for a in self.accounts)
-        self.next_end = min((a.window_end for a in self.accounts), default=math.inf)
+#: the plan of the holds on no budget (a scope with rate limits only)
+_NO_BUDGETS: Final = _ScopePlan((), ())
 
 
 class BudgetLedger:
@@ -390,8 +419,24 @@ class BudgetLedger:
         self._loaded()
 
     def _loaded(self) -> None:
-        self._plans = {}
+        self._retire_plans()
         self.active = bool(self._accounts or self._rates)
+
+    def _retire_plans(self) -> None:
+        """Forget every plan: an account rolled, or the definitions changed.
+        The holds taken on them settle account by account, by window."""
+        for plan in self._plans.values():
+            plan.current = False
+        self._plans = {}
+
+    def _roll(self, scope: ScopeKey, now: float) -> _ScopePlan:
+        """An account of C{scope}'s plan reached the end of its window: roll
+        every account whose window ended by C{now}, and plan afresh."""
+        for account in self._accounts:
+            if now >= account.window_end:
+                account.roll(now)
+        self._retire_plans()
+        return self._plan(scope)
 
     def _plan(self, scope: ScopeKey) -> _ScopePlan:
         """The accounts and rate limits of a scope not seen since the last load."""
@@ -400,7 +445,7 @@ class BudgetLedger:
             tuple(r for r in self._rates if scope_matches(r.rule, *scope)),
         )
         if len(self._plans) >= 4096:  # labels come from clients: stay bounded
-            self._plans.clear()
+            self._retire_plans()
         self._plans[scope] = plan
         return plan
 
@@ -423,32 +468,33 @@ class BudgetLedger:
             plan = self._plan(scope)
         if now is None:
             now = self.now()
-        if plan.rates:
-            return self._reserve_with_rates(plan, now, worst, tokens)
-        accounts = plan.accounts
-        if not accounts:
-            return BudgetHold((), 0, None, ())
         if now >= plan.next_end:
-            plan.roll(now)
-        if worst is None or self.outage:
+            plan = self._roll(scope, now)
+        if not plan.plain or worst is None or self.outage:
+            if plan.rates:
+                return self._reserve_with_rates(plan, now, worst, tokens)
+            if not plan.accounts:
+                return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
         # The common case in one pass: a priced call that fits every budget
         # of its scope (anything else takes _reserve_each)
+        accounts = plan.accounts
         amount = math.ceil(worst * _NANO - 1e-6)
-        least = -1
-        for i, account in enumerate(accounts):
-            room = account.cap - account.spent - account.reserved
-            if room < amount:  # a warn flag or a refusal: undo, the careful way
-                for held in accounts[:i]:
-                    held.reserved -= amount
+        left = accounts[0].free - amount  # the least room left, once held
+        for account in accounts:
+            free = account.free - amount
+            if free < 0:  # a warn flag or a refusal: undo, the careful way
+                for held in accounts:
+                    if held is account:
+                        break
+                    held.free += amount
                 return self._reserve_each(plan, worst)
-            account.reserved += amount
-            if least < 0 or room < least:
-                least = room
-        left = least - amount
+            account.free = free
+            if free < left:
+                left = free
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan.parts, amount, left, ())
+        return BudgetHold(plan, amount, left, ())
 
     def _reserve_with_rates(
         self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
@@ -458,11 +504,9 @@ class BudgetLedger:
         if isinstance(rates, RateRefusal):
             return rates
         if plan.accounts:
-            if now >= plan.next_end:
-                plan.roll(now)
             hold = self._reserve_each(plan, worst)
         else:
-            hold = BudgetHold((), 0, None, ())
+            hold = BudgetHold(_NO_BUDGETS, 0, None, ())
         if isinstance(hold, BudgetRefusal):
             for rate, _, want in rates:
                 rate.reserved -= want
@@ -527,8 +571,8 @@ class BudgetLedger:
         flags: tuple[str, ...] = ()
         for account in plan.accounts:
             b = account.budget
-            used = account.spent + account.reserved
             cap = account.cap
+            used = cap - account.free
             if self.outage and b.fail == "open" and account.granted is not None:
                 flags += ("budget_fail_open",)
                 continue
@@ -543,13 +587,13 @@ class BudgetLedger:
             flags += ("budget_unpriced",)
         left = None
         for account in plan.accounts:
-            account.reserved += amount
-            rest = account.cap - account.spent - account.reserved
+            account.free -= amount
+            rest = account.free
             if left is None or rest < left:
                 left = rest
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan.parts, amount, left, flags)
+        return BudgetHold(plan, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None:
@@ -619,7 +663,6 @@ class BudgetLedger:
 
 def check_call(
     ledger: BudgetLedger,
-    *,
     provider_hint: str | None,
     host: str,
     path: str,
@@ -635,18 +678,21 @@ def check_call(
     @param project: the project of the key the call came with (None: no key).
     """
     now = ledger.now()
-    bound = worst_case(provider_hint, host, path, body, body_bytes, now)
+    # unpacked: a named tuple's field is a descriptor, its items are not
+    provider, model, cost, input_tokens, output_tokens, _ = worst_case(
+        provider_hint, host, path, body, body_bytes, now
+    )
     # a plain tuple (a CallScope's fields, in its order): the named tuple's
     # constructor is a Python function, and the key is hashed the same
     scope = (
-        bound.provider,
-        bound.model,
+        provider,
+        model,
         context.customer_id,
         context.tenant_id,
         context.section_path or context.section,
         project,
     )
     tokens = None
-    if bound.input_tokens is not None and bound.output_tokens is not None:
-        tokens = bound.input_tokens + bound.output_tokens
-    return ledger.reserve(scope, bound.cost_usd, tokens, now)
+    if input_tokens is not None and output_tokens is not None:
+        tokens = input_tokens + output_tokens
+    return ledger.reserve(scope, cost, tokens, now)

@@ -345,25 +345,27 @@ class Relay:
             return
         if not self._body_done and self._pending_size <= self._s.gate_buffer:
             return
-        whole = self._body_done and not self._req_tap.truncated
         self._gate = False
-        body = self._req_tap.value() if whole else None
-        if self._s.graphql_limits is not None and self._graphql_refused(body):
+        body = self._req_tap.whole() if self._body_done else None
+        s = self._s
+        if s.graphql_limits is not None and self._graphql_refused(body):
             return
-        ledger = self._s.budgets
+        ledger = s.budgets
         if ledger is None or not ledger.active:
             self._connect()
             return
-        length = self._head.content_length
+        head = self._head
+        target = self._target
+        length = head.content_length
         verdict = check_call(
             ledger,
-            provider_hint=self._provider_hint,
-            host=self._target.host,
-            path=self._target.path,
-            context=self._head.context(),
-            body=body,
-            body_bytes=length if length is not None else self._body_bytes,
-            project=self._head.project,
+            self._provider_hint,
+            target.host,
+            target.path,
+            head.context(),
+            body,
+            length if length is not None else self._body_bytes,
+            head.project,
         )
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if verdict.retry_after is not None:
@@ -539,11 +541,21 @@ class Relay:
             return
         usage = self._usage
         if usage is not None and usage.holding:
-            self._release_held_body(usage.finish())
-        self._body_done = True
-        if self._gate:
-            self._check_budgets()
-            return
+            body = usage.finish()
+            if body:
+                self._forward_body_chunk(body)
+            self._body_done = True
+            if self._gate:  # the budgets see the whole body first
+                self._check_budgets()
+                return
+            if self._resolved is not None and self._conn is None and self._connecting is None:
+                self._connect()  # which ends the body: it is done
+                return
+        else:
+            self._body_done = True
+            if self._gate:
+                self._check_budgets()
+                return
         conn = self._conn
         if conn is not None:
             self._send_body_end(conn)
@@ -621,7 +633,11 @@ class Relay:
         hold = self._hold
         if hold is not None:
             remaining = hold.remaining_header()
-            if remaining is not None:
+            if remaining is None:
+                pass
+            elif pairs is not None:
+                pairs.append((_REMAINING_HEADER, remaining))
+            else:
                 out.addRawHeader(_REMAINING_HEADER, remaining)
         request.registerProducer(self, True)
         self._deadline_kind = "idle"  # _arm("idle"), with the clock read above

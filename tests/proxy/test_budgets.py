@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 
 from llmobserve.collector import Budget, RateLimit
 from llmobserve.proxy._budgets import (
+    _NO_BUDGETS,
     BudgetHold,
     BudgetLedger,
     BudgetRefusal,
@@ -158,6 +159,61 @@ def test_a_window_rolled_by_another_scope_is_seen_by_every_scope() -> None:
     assert (account.spent, account.reserved) == (600_000_000, 300_000_000)
 
 
+def test_a_new_cap_keeps_what_is_spent_and_reserved() -> None:
+    """A shared budget's grant (or a budget's limit) changes while calls are
+    in flight: what they reserve and what was spent stay as they were, only
+    the room left moves with the cap."""
+    book = BudgetLedger(lambda: T0, shared=True)
+    book.load([Budget("cap", 10.0)], {})
+    book.set_grants({"cap": (book._accounts[0].window_start, 2_000_000_000)})
+    hold = book.reserve(GPT, 0.5)
+    assert isinstance(hold, BudgetHold) and hold.remaining == 1.5
+    hold.settle(0.25, "ok", 200)
+    held = book.reserve(GPT, 0.5)
+    assert isinstance(held, BudgetHold)
+    [account] = book._accounts
+    book.set_grants({"cap": (account.window_start, 5_000_000_000)})
+    assert (account.spent, account.reserved, account.free) == (
+        250_000_000,
+        500_000_000,
+        4_250_000_000,
+    )
+    book.load([Budget("cap", 3.0)], {})  # the same budget, a lower limit than the grant
+    assert (account.spent, account.reserved, account.free) == (
+        250_000_000,
+        500_000_000,
+        2_250_000_000,
+    )
+    held.settle(0.5, "ok", 200)
+    assert (account.spent, account.reserved) == (750_000_000, 0)
+
+
+def hold(verdict: BudgetHold | BudgetRefusal | RateRefusal) -> BudgetHold:
+    assert isinstance(verdict, BudgetHold), verdict
+    return verdict
+
+
+def test_holds_settle_the_same_before_and_after_their_plan_is_retired() -> None:
+    """A scope's plan is retired by every load and every rolled window;
+    holds taken on it settle on the accounts that still count them (a load
+    that keeps the budget), and on none whose window is over."""
+    book, clock = ledger(Budget("day", 10.0, "day"), Budget("hour", 10.0, "hour"))
+    before = [hold(book.reserve(GPT, 1.0)) for _ in range(2)]
+    book.load([Budget("day", 10.0, "day"), Budget("hour", 10.0, "hour")], {})
+    after = hold(book.reserve(GPT, 1.0))
+    day, hour = book._accounts
+    assert (day.reserved, hour.reserved) == (3_000_000_000, 3_000_000_000)
+    before[0].settle(0.5, "ok", 200)  # retired by the load: account by account
+    after.settle(0.25, "ok", 200)  # current: its plan's accounts at once
+    assert (day.spent, day.reserved) == (750_000_000, 1_000_000_000)
+    assert (hour.spent, hour.reserved) == (750_000_000, 1_000_000_000)
+    clock.advance(3600)  # the hour rolls (the day does not): on the next call
+    assert isinstance(book.reserve(GPT, 0.0), BudgetHold)
+    before[1].settle(1.0, "ok", 200)  # counts in the day, not in the new hour
+    assert (day.spent, day.reserved) == (1_750_000_000, 0)
+    assert (hour.spent, hour.reserved, hour.free) == (0, 0, 10_000_000_000)
+
+
 def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     """Six decimals, rounded down, from whole nano-dollars; never negative;
     a call past a warn budget is held once on every budget."""
@@ -167,7 +223,7 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     over = book.reserve(GPT, 0.5)
     assert isinstance(over, BudgetHold) and over.flags == ("budget_warn:warn",)
     assert over.remaining_header() == b"0.000000"
-    assert BudgetHold((), 0, None, ()).remaining_header() is None
+    assert BudgetHold(_NO_BUDGETS, 0, None, ()).remaining_header() is None
     # each budget holds both calls once (the warn budget's flag is found
     # after the first budget held the call: that hold is undone, then redone)
     assert [a.reserved for a in book._accounts] == [500_001_500, 500_001_500]
