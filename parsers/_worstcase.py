@@ -13,7 +13,8 @@ C{docs/BUDGETS.md}). It must really be an upper bound, so:
    (times C{n} choices), else the model's maximum output
    (L{MAX_OUTPUT_TOKENS}, by name prefix);
  - a request whose bound cannot be found (no model, a body too big to
-   read, audio parts, a model with no known maximum output and no limit
+   read, audio parts, file or document parts (a PDF, a video by URI), a
+   model with no known maximum output and no limit
    given, no price) has no bound: C{cost_usd} is None with the reason.
 
 Prices are the events' own (L{PRICER}), read once per model and day as
@@ -71,8 +72,20 @@ _IMAGE_PART: Final = re.compile(
     rb'"(?:image_url|input_image|inline_data|inlineData|file_data|fileData)"'
     rb'|"type"\s*:\s*"image"'
 )
-#: An audio part: its tokens cannot be bounded by its bytes.
-_AUDIO_PART: Final = re.compile(rb'"(?:input_audio|audio_url)"|"type"\s*:\s*"audio"')
+#: An audio part, an earlier answer's audio by id, or audio asked for as
+#: output (C{"audio": {"voice": ...}}, priced above text): their tokens
+#: cannot be bounded by the body's bytes.
+_AUDIO_PART: Final = re.compile(
+    rb'"(?:input_audio|audio_url)"|"type"\s*:\s*"audio"|"audio"\s*:\s*\{'
+)
+#: A file or document part (a PDF by id, URL or inline; OpenAI's C{file}
+#: and C{input_file}, Anthropic's C{document}): pages become text and
+#: images, so no byte count bounds them either.
+_FILE_PART: Final = re.compile(rb'"type"\s*:\s*"(?:file|input_file|document)"')
+#: Gemini names a file by URI (C{file_data} / C{fileData}): an image of
+#: that type is bounded like any image; a video, audio or PDF is not.
+_FILE_URI: Final = re.compile(rb'"(?:file_data|fileData)"')
+_MIME_TYPE: Final = re.compile(rb'"mime_?[tT]ype"\s*:\s*"([^"]*)"')
 
 
 class WorstCase(NamedTuple):
@@ -152,7 +165,11 @@ def worst_case(
         if "ata" in text or "image" in text or "audio" in text:
             if _AUDIO_PART.search(body) is not None:
                 return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
+            if _FILE_URI.search(body) is not None and not _only_images(body):
+                return WorstCase(pid, model, None, reason="file parts cannot be bounded")
             input_tokens += len(_IMAGE_PART.findall(body)) * IMAGE_PART_TOKENS
+        if ("file" in text or "document" in text) and _FILE_PART.search(body) is not None:
+            return WorstCase(pid, model, None, reason="file parts cannot be bounded")
         # the output limit: the first the request has of max_completion_tokens,
         # max_output_tokens and max_tokens, times n (inline: this is the
         # common case; anything else, _output_bound)
@@ -238,3 +255,10 @@ def _rates_for(
         _rates.clear()
     _rates[key] = rates
     return rates
+
+
+def _only_images(body: bytes) -> bool:
+    """Whether every MIME type the body names is an image's (a Gemini file
+    by URI with no MIME type is not known to be one)."""
+    types = _MIME_TYPE.findall(body)
+    return bool(types) and all(t.startswith(b"image/") for t in types)

@@ -60,6 +60,48 @@ def test_input_is_bounded_by_bytes_plus_image_parts() -> None:
     assert bound(audio).cost_usd is None
 
 
+def test_files_documents_and_audio_references_cannot_be_bounded() -> None:
+    """A PDF or other file (OpenAI's file and input_file parts, Anthropic's
+    document), a Gemini file by URI that is not an image, an earlier
+    answer's audio by id, and audio asked for as output: no byte count
+    bounds them, so the call has no bound (a budget treats it as unpriced).
+    A Gemini image by URI is still an image."""
+
+    def user(*parts: Any) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": list(parts)}]
+
+    pdf = {"type": "file", "file": {"file_id": "file-abc"}}
+    assert bound(chat(max_tokens=1, messages=user(pdf))).reason == "file parts cannot be bounded"
+    responses = {
+        "model": "gpt-4o-mini",
+        "max_output_tokens": 1,
+        "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-abc"}]}],
+    }
+    assert bound(responses, path="/v1/responses").reason == "file parts cannot be bounded"
+    document = {"type": "document", "source": {"type": "url", "url": "https://e.com/a.pdf"}}
+    anthropic = {"model": "claude-sonnet-4-20250514", "max_tokens": 1, "messages": user(document)}
+    assert bound(anthropic, "anthropic", "/v1/messages").reason == "file parts cannot be bounded"
+
+    def gemini(mime: str) -> Any:
+        part = {"fileData": {"mimeType": mime, "fileUri": "gs://b/f"}}
+        doc = {"contents": [{"parts": [part]}], "generationConfig": {"maxOutputTokens": 5}}
+        return bound(doc, "gemini", "/v1beta/models/gemini-2.0-flash:generateContent")
+
+    assert gemini("video/mp4").reason == "file parts cannot be bounded"
+    assert gemini("application/pdf").reason == "file parts cannot be bounded"
+    assert gemini("image/jpeg").cost_usd is not None
+    earlier = [
+        {"role": "assistant", "audio": {"id": "audio_abc"}},
+        {"role": "user", "content": "?"},
+    ]
+    assert bound(chat(max_tokens=1, messages=earlier)).reason == "audio parts cannot be bounded"
+    spoken = chat(max_tokens=1, modalities=["text", "audio"], audio={"voice": "alloy"})
+    assert bound(spoken).reason == "audio parts cannot be bounded"
+    # the words alone are not parts
+    words = chat(max_tokens=1, messages=[{"role": "user", "content": "a file, a document"}])
+    assert bound(words).cost_usd is not None
+
+
 def test_unboundable_requests_have_no_cost() -> None:
     """No model, not JSON, a body too big to hold, an unknown price: None, with a reason."""
     assert bound({"messages": []}).reason == "no model named"
