@@ -82,10 +82,10 @@ def big_event(i: int, now: float, rng: random.Random) -> dict[str, Any]:
 
 
 def _rollup_trigger(store: Store, on: bool) -> None:
-    """Turn PostgreSQL's rollup trigger on insert on or off (the baseline)."""
-    store._change(
-        f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER events_rollup_add", ()
-    )
+    """Turn PostgreSQL's rollup triggers on insert (the report's and the
+    summary's) on or off (the baseline)."""
+    for trigger in ("events_rollup_add", "events_summary_add"):
+        store._change(f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER {trigger}", ())
 
 
 def _through_collector(db: str, args: argparse.Namespace, salt: int) -> float:
@@ -199,19 +199,22 @@ def fill_sql(store: Store, rows: int, now: float) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def rebuild_rollup(url: str) -> float:
-    """Seconds to sum the rollup again from every event (what migration 4
-    does to a store that already holds events)."""
+def rebuild_rollup(url: str) -> dict[str, float]:
+    """Seconds to sum the report's rollup and the summary's tables again
+    from every event (what migrations 4 and 5 do to a store that already
+    holds events)."""
     import psycopg
 
-    from llmobserve.collector._pgrollup import REBUILD
+    from llmobserve.collector import _pgrollup, _pgsummary
 
+    out: dict[str, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:
-        t0 = time.perf_counter()
-        conn.execute(REBUILD)  # two statements, one transaction
-        seconds = time.perf_counter() - t0
-        conn.execute("VACUUM ANALYZE rollup_hourly")
-    return seconds
+        for name, rebuild in (("rollup", _pgrollup.REBUILD), ("summary", _pgsummary.REBUILD)):
+            t0 = time.perf_counter()
+            conn.execute(rebuild)  # a few statements, one transaction
+            out[name] = time.perf_counter() - t0
+        conn.execute("VACUUM ANALYZE")
+    return out
 
 
 def report_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
@@ -361,17 +364,18 @@ def main() -> None:
             answer[f"{name}_fill_events_per_s"] = round(rate)
             print(f"{name}: filled {args.rows:,} events at {rate:,.0f}/s", flush=True)
             if name == "postgres":
-                store._change("ANALYZE events", ())  # as autovacuum would soon
-                store._change("ANALYZE rollup_hourly", ())
+                store._change("ANALYZE", ())  # the events and the rollups, as autovacuum would soon
                 ((hours,),) = store.read("SELECT count(*) FROM rollup_hourly")
                 answer["postgres_rollup_rows"] = hours
                 print(f"{name}: rollup rows: {hours:,}", flush=True)
+                for table in ("rollup_latency_hourly", "rollup_latency_daily"):
+                    ((found,),) = store.read(f"SELECT count(*) FROM {table}")
+                    answer[f"postgres_{table}_rows"] = found
+                    print(f"{name}: {table} rows: {found:,}", flush=True)
                 if not args.skip_rebuild:
-                    seconds = rebuild_rollup(big_db)
-                    answer["postgres_rollup_rebuild_s"] = round(seconds, 1)
-                    print(
-                        f"{name}: rollup summed again from the events: {seconds:.1f} s", flush=True
-                    )
+                    for table, seconds in rebuild_rollup(big_db).items():
+                        answer[f"postgres_{table}_rebuild_s"] = round(seconds, 1)
+                        print(f"{name}: {table} summed again from the events: {seconds:.1f} s")
             timings = report_timings(store, now, args.repeats)
             if args.dashboard:
                 timings.update(dashboard_timings(store, now, args.repeats))
