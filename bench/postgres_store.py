@@ -14,6 +14,11 @@ measures, for each back end:
    C{--repeats} runs of each query the HTTP API answers: the report by
    provider and model (all time), by day over the last 30 days, by customer
    for one model, and the first page of events for one customer.
+3. With C{--dashboard}: the dashboard's C{/api/summary} and C{/api/timeseries}
+   (by provider, C{bucket=auto}) over the last 24 h, 7 d, 30 d and all time
+   (a series needs a start: the store's year), as the reader thread runs
+   them; on PostgreSQL also the summary read from the events alone (the
+   baseline, same run).
 
 Bounded by C{--timeout}; the collector and the server are always stopped.
 Prints one line per figure; C{--json} prints them as one JSON map.
@@ -39,9 +44,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.collector_ingest import make_event, run_link, start_collector
 from llmobserve.collector import Store, open_store
+from llmobserve.collector._store import EventStore
 from llmobserve.events import encode_frame
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +67,7 @@ def big_event(i: int, now: float, rng: random.Random) -> dict[str, Any]:
         "id": uuid.UUID(int=rng.getrandbits(128)).hex,
         "kind": "call",
         "ts": now - rng.random() * _YEAR,
-        "duration_ms": 500.0,
+        "duration_ms": 50.0 + (i * 7919) % 5000,
         "status": 200,
         "outcome": "ok",
         "provider": "anthropic" if model.startswith("claude") else "openai",
@@ -68,16 +75,17 @@ def big_event(i: int, now: float, rng: random.Random) -> dict[str, Any]:
         "model": model,
         "streamed": bool(i % 2),
         "usage": {"input_tokens": 1000 + i % 97, "output_tokens": 200},
-        "cost_usd": 0.0003 + (i % 11) * 1e-5,
+        "cost_usd": None if i % 50 == 0 else 0.0003 + (i % 11) * 1e-5,
+        "price_ref": f"unknown model: {model}-{i % 3}" if i % 50 == 0 else None,
         "context": {"customer_id": f"cust-{i % 17}", "run_id": f"run-{i // 100}"},
     }
 
 
 def _rollup_trigger(store: Store, on: bool) -> None:
-    """Turn PostgreSQL's rollup trigger on insert on or off (the baseline)."""
-    store._change(
-        f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER events_rollup_add", ()
-    )
+    """Turn PostgreSQL's rollup triggers on insert (the report's and the
+    summary's) on or off (the baseline)."""
+    for trigger in ("events_rollup_add", "events_summary_add"):
+        store._change(f"ALTER TABLE events {'ENABLE' if on else 'DISABLE'} TRIGGER {trigger}", ())
 
 
 def _through_collector(db: str, args: argparse.Namespace, salt: int) -> float:
@@ -172,13 +180,16 @@ def fill_sql(store: Store, rows: int, now: float) -> float:
         store._change(  # a bulk load, in one statement a chunk
             f"""
             INSERT INTO events (id, kind, ts, duration_ms, status, outcome, provider,
-                endpoint, model, streamed, usage, cost_usd, context,
+                endpoint, model, streamed, usage, cost_usd, price_ref, context,
                 input_tokens, output_tokens, customer_id, run_id)
-            SELECT md5(i::text || '-big'), 'call', %s - random() * {_YEAR}, 500.0, 200, 'ok',
+            SELECT md5(i::text || '-big'), 'call', %s - random() * {_YEAR},
+                50.0 + (i * 7919) %% 5000, 200, 'ok',
                 CASE WHEN i %% 6 IN ({anthropic}) THEN 'anthropic' ELSE 'openai' END,
                 'chat.completions', (ARRAY[{models}])[i %% 6 + 1], i %% 2,
                 '{{"input_tokens":' || (1000 + i %% 97) || ',"output_tokens":200}}',
-                0.0003 + (i %% 11) * 1e-5,
+                CASE WHEN i %% 50 <> 0 THEN 0.0003 + (i %% 11) * 1e-5 END,
+                CASE WHEN i %% 50 = 0 THEN '"unknown model: '
+                    || (ARRAY[{models}])[i %% 6 + 1] || '-' || i %% 3 || '"' END,
                 '{{"customer_id":"cust-' || i %% 17 || '","run_id":"run-' || i / 100 || '"}}',
                 1000 + i %% 97, 200, 'cust-' || i %% 17, 'run-' || i / 100
             FROM generate_series(%s::bigint, %s::bigint) AS i
@@ -188,19 +199,22 @@ def fill_sql(store: Store, rows: int, now: float) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def rebuild_rollup(url: str) -> float:
-    """Seconds to sum the rollup again from every event (what migration 4
-    does to a store that already holds events)."""
+def rebuild_rollup(url: str) -> dict[str, float]:
+    """Seconds to sum the report's rollup and the summary's tables again
+    from every event (what migrations 4 and 5 do to a store that already
+    holds events)."""
     import psycopg
 
-    from llmobserve.collector._pgrollup import REBUILD
+    from llmobserve.collector import _pgrollup, _pgsummary
 
+    out: dict[str, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:
-        t0 = time.perf_counter()
-        conn.execute(REBUILD)  # two statements, one transaction
-        seconds = time.perf_counter() - t0
-        conn.execute("VACUUM ANALYZE rollup_hourly")
-    return seconds
+        for name, rebuild in (("rollup", _pgrollup.REBUILD), ("summary", _pgsummary.REBUILD)):
+            t0 = time.perf_counter()
+            conn.execute(rebuild)  # a few statements, one transaction
+            out[name] = time.perf_counter() - t0
+        conn.execute("VACUUM ANALYZE")
+    return out
 
 
 def report_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
@@ -227,6 +241,48 @@ def report_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
     return out
 
 
+_WINDOWS = (("24h", 86_400.0), ("7d", 7 * 86_400.0), ("30d", 30 * 86_400.0), ("all", None))
+
+
+def dashboard_timings(store: Store, now: float, repeats: int) -> dict[str, float]:
+    """Median seconds of the dashboard's summary and time series over each
+    default window (and all time), as the reader thread runs them; on
+    PostgreSQL also the summary summed from the events alone (the baseline,
+    one run each: seconds apiece at 10 M events)."""
+    from llmobserve.collector import _insights
+
+    def summary(since: float | None, from_events: bool = False) -> Callable[[], object]:
+        def query() -> object:
+            if not from_events:
+                return _insights.summary(store, since, now, {})
+            with mock.patch.object(store, "summary_rollup", return_value=None):
+                return _insights.summary(store, since, now, {})
+
+        return query
+
+    def series(since: float) -> Callable[[], object]:
+        bucket = _insights.auto_bucket(now - since)
+        return lambda: _insights.timeseries(store, "provider", bucket, since, now, {})
+
+    queries: dict[str, tuple[Callable[[], object], int]] = {}
+    for name, span in _WINDOWS:
+        since = None if span is None else now - span
+        queries[f"summary_{name}"] = (summary(since), repeats)
+        if not isinstance(store, EventStore):
+            queries[f"summary_{name}_from_events"] = (summary(since, True), 1)
+        queries[f"timeseries_{name}"] = (series(now - (span or _YEAR + 86_400.0)), repeats)
+    out: dict[str, float] = {}
+    for name, (query, runs) in queries.items():
+        query()  # warm
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            query()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=100_000)
@@ -243,6 +299,10 @@ def main() -> None:
         help="PostgreSQL makes the large store itself (generate_series): 10 M rows in minutes",
     )
     ap.add_argument("--backends", default="sqlite,postgres", help="comma-separated")
+    ap.add_argument(
+        "--dashboard", action="store_true", help="time /api/summary and /api/timeseries too"
+    )
+    ap.add_argument("--skip-rebuild", action="store_true", help="do not time migration 4's rebuild")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -304,15 +364,22 @@ def main() -> None:
             answer[f"{name}_fill_events_per_s"] = round(rate)
             print(f"{name}: filled {args.rows:,} events at {rate:,.0f}/s", flush=True)
             if name == "postgres":
-                store._change("ANALYZE events", ())  # as autovacuum would soon
-                store._change("ANALYZE rollup_hourly", ())
+                store._change("ANALYZE", ())  # the events and the rollups, as autovacuum would soon
                 ((hours,),) = store.read("SELECT count(*) FROM rollup_hourly")
                 answer["postgres_rollup_rows"] = hours
                 print(f"{name}: rollup rows: {hours:,}", flush=True)
-                seconds = rebuild_rollup(big_db)
-                answer["postgres_rollup_rebuild_s"] = round(seconds, 1)
-                print(f"{name}: rollup summed again from the events: {seconds:.1f} s", flush=True)
-            for key, seconds in report_timings(store, now, args.repeats).items():
+                for table in ("rollup_latency_hourly", "rollup_latency_daily"):
+                    ((found,),) = store.read(f"SELECT count(*) FROM {table}")
+                    answer[f"postgres_{table}_rows"] = found
+                    print(f"{name}: {table} rows: {found:,}", flush=True)
+                if not args.skip_rebuild:
+                    for table, seconds in rebuild_rollup(big_db).items():
+                        answer[f"postgres_{table}_rebuild_s"] = round(seconds, 1)
+                        print(f"{name}: {table} summed again from the events: {seconds:.1f} s")
+            timings = report_timings(store, now, args.repeats)
+            if args.dashboard:
+                timings.update(dashboard_timings(store, now, args.repeats))
+            for key, seconds in timings.items():
                 answer[f"{name}_{key}_s"] = round(seconds, 3)
                 print(f"{name}: {key.replace('_', ' ')}: {seconds:.3f} s", flush=True)
             store.close()

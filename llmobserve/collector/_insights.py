@@ -6,7 +6,8 @@ like every other query, in SQL both run: placeholders, cost sums and text
 order come from the store's dialect hooks (L{Store.placeholder},
 L{Store.cost_sum}, L{Store.text_order}). Only C{call} events count as calls
 (spans and gaps are not). The in-memory L{Rollup} is SQLite's (it follows
-C{rowid}); on PostgreSQL every question reads the events.
+C{rowid}); PostgreSQL keeps its own tables (L{Store.report} and
+L{Store.summary_rollup} read them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Final
 
 from ._rollup import (
     DAILY,
+    DAY,
     HISTOGRAM_SCALE,
     HOUR,
     HOURLY,
@@ -185,14 +187,24 @@ def summary(
 
     An error is a call whose C{outcome} is not C{ok} or whose C{status} is
     400 or more. An unfiltered window of three hours or more is summed from
-    the rollup (exact) and its percentiles read from its latency histogram
-    (within 2.5 %); any other reads the events (exact).
+    the rollup (SQLite's in memory, PostgreSQL's tables: exact) and its
+    percentiles read from its latency histogram (within 2.5 %); any other
+    reads the events (exact).
     """
     store = any_store
     where, params = store.where({**filters, "kind": "call"}, since, until)
     plan = _plan(store, "", since, until, filters)
+    kept = None
+    if plan is None and not any(v is not None for v in filters.values()):
+        kept = store.summary_rollup(since, until, TOP_REASONS)
     latency: dict[str, Any]
-    if plan is None:
+    reasons: list[tuple[Any, int]] | None = None
+    if kept is not None:
+        total_row, histogram, reasons = kept
+        total = CallSums()
+        total.add_row(list(total_row))
+        latency = {"p50": _from_histogram(histogram, 0.50), "p95": _from_histogram(histogram, 0.95)}
+    elif plan is None:
         ((total_row),) = store.read(
             f"SELECT {sums_sql(store.cost_sum)}, count(duration_ms) FROM events{where}", params
         )
@@ -218,7 +230,8 @@ def summary(
             ):
                 histogram[bucket] = histogram.get(bucket, 0) + calls
         latency = {"p50": _from_histogram(histogram, 0.50), "p95": _from_histogram(histogram, 0.95)}
-    reasons = _reasons(store, since, until, filters, where, params)
+    if reasons is None:
+        reasons = _reasons(store, since, until, filters, where, params)
     # as the report: the calls the proxy answered itself (refused, its own
     # errors) are not calls of any provider; they are counted apart
     left_out = filters.get("outcome") is None
@@ -372,7 +385,9 @@ def timeseries(
     Buckets are aligned to whole multiples of their size (UTC: a C{1d}
     bucket is a UTC day), so the first and the last may be partial; every
     bucket is listed, empty ones with zeros, so a chart needs no gap filling.
-    Unfiltered series of whole-hour buckets come from the rollup.
+    Unfiltered series of whole-hour buckets come from the rollup (on
+    PostgreSQL filtered ones too, by any of its dimensions; whole-day
+    buckets from its daily table).
 
     @raise StoreError: C{by} is not one of L{SERIES}, or too many buckets.
     """
@@ -387,12 +402,14 @@ def timeseries(
     plan = _plan(store, by, since, until, filters) if bucket % HOUR == 0 else None
     rows: list[tuple[Any, ...]] = []
     ranges: list[tuple[float | None, float | None]]
-    if plan is None and bucket % HOUR == 0 and store.rollup_answers(("hour", by), filters):
-        # the store's report per hour reads its own rollup (PostgreSQL's)
+    unit = "day" if bucket % DAY == 0 else "hour"
+    if plan is None and bucket % HOUR == 0 and store.rollup_answers((unit, by), filters):
+        # the store's report per hour reads its own rollup (PostgreSQL's);
+        # per day when the buckets are whole days: its daily table, 24 times fewer rows
         ranges = []
-        for row in store.report(("hour", by), since=since, until=until, **filters):
-            if row["hour"] is not None:
-                start = calendar.timegm(time.strptime(row["hour"], "%Y-%m-%dT%H:00Z"))
+        for row in store.report((unit, by), since=since, until=until, **filters):
+            if row[unit] is not None:
+                start = calendar.timegm(time.strptime(row[unit], _UNIT_FORMAT[unit]))
                 rows.append(((start - origin) // bucket, row[by], row["calls"], row["cost_usd"]))
     elif plan is None:
         ranges = [(since, until)]
@@ -445,6 +462,10 @@ def timeseries(
             for i, name in enumerate(names)
         ],
     }
+
+
+#: How the store's report spells a C{day} and an C{hour} (UTC).
+_UNIT_FORMAT: Final = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00Z"}
 
 
 def _series_name(key: Any) -> str:

@@ -41,6 +41,8 @@ from llmobserve.events import MAX_EVENT_DEPTH
 
 from ._pgrollup import MIGRATION as ROLLUP_MIGRATION
 from ._pgrollup import ROLLUP_FILTERS, ROLLUP_GROUPS, report_sql, rollup_window
+from ._pgsummary import MIGRATION as SUMMARY_MIGRATION
+from ._pgsummary import SummaryParts, summary_parts
 from ._sql import PgSql
 from ._store import (
     _COLUMNS,
@@ -137,10 +139,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """,
     # the hourly rollup the reports read (_pgrollup)
     ROLLUP_MIGRATION,
+    # the latency histogram, errors and unpriced reasons the summary reads (_pgsummary)
+    SUMMARY_MIGRATION,
 )
 PG_SCHEMA_VERSION: Final = len(MIGRATIONS)
 #: The schema version from which the rollup tables are there.
 _ROLLUP_VERSION: Final = MIGRATIONS.index(ROLLUP_MIGRATION) + 1
+#: The schema version from which the summary's tables are there.
+_SUMMARY_VERSION: Final = MIGRATIONS.index(SUMMARY_MIGRATION) + 1
 
 #: Any constant: collectors migrating at once take turns on it.
 _MIGRATION_LOCK: Final = 0x6C6C6D6F62
@@ -546,12 +552,22 @@ class PgEventStore(Store):
         )
         return self._report_rows(groups, self._query(sql, all_params))
 
-    def _has_rollup(self) -> bool:
+    def _has_rollup(self, version: int = _ROLLUP_VERSION) -> bool:
         """Whether the database has the rollup tables (C{llmobserve report}
         never migrates: a database an older collector keeps may lack them)."""
         if self._schema is None:
             self._query("SELECT 1", ())  # connects, which reads the schema's version
-        return (self._schema or 0) >= _ROLLUP_VERSION
+        return (self._schema or 0) >= version
+
+    def summary_rollup(
+        self, since: float | None, until: float | None, top_reasons: int
+    ) -> SummaryParts | None:
+        """L{Store.summary_rollup}: from the rollup's and the summary's
+        tables (L{summary_parts}) when the window holds three whole hours
+        and the database has them (schema 5)."""
+        if not self._has_rollup(_SUMMARY_VERSION):
+            return None
+        return summary_parts(self.read, since, until, top_reasons)
 
     def rollup_answers(self, by: Sequence[str], filters: Mapping[str, str | None]) -> bool:
         """L{Store.rollup_answers}: every group and filter is a dimension of

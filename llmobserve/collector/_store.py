@@ -812,6 +812,16 @@ class Store:
         store keeps (PostgreSQL's rollup tables) rather than the events."""
         return False
 
+    def summary_rollup(
+        self, since: float | None, until: float | None, top_reasons: int
+    ) -> tuple[Sequence[Any], dict[int, int], list[tuple[Any, int]]] | None:
+        """An unfiltered window's summary from sums the store keeps
+        (PostgreSQL's tables), or None to read the events: the totals row
+        (L{CallSums.add_row<llmobserve.collector._rollup.CallSums.add_row>}'s
+        order), calls per latency histogram bucket, and the C{top_reasons}
+        commonest C{price_ref} texts of unpriced forwarded calls."""
+        return None
+
     def event(self, event_id: str) -> dict[str, Any] | None:
         """The stored event with this C{id}, or None."""
         rows = list(self._query(f"{_SELECT} WHERE id = {self._P}", (event_id,)))
