@@ -38,6 +38,7 @@ __all__ = [
     "ROLLUP_GROUPS",
     "report_sql",
     "rollup_window",
+    "window_edges",
 ]
 
 HOUR: Final = 3600
@@ -260,23 +261,7 @@ def report_sql(
     @param project: whether the groups or filters name the project.
     """
     first, end = hours
-    edges: list[str] = []
-    edge_params: list[Any] = []
-    low, high = float(first * HOUR), float(end * HOUR)
-    if since is None:
-        edges.append("ts < %s")
-        edge_params.append(low)
-    elif since < low:
-        edges.append("(ts >= %s AND ts < %s)")
-        edge_params += [since, low]
-    if until is None:
-        edges.append("ts >= %s")
-        edge_params.append(high)
-    elif high < until:
-        edges.append("(ts >= %s AND ts < %s)")
-        edge_params += [high, until]
-    if since is None and until is None:
-        edges.append("ts IS NULL")
+    edges, edge_params = window_edges(first, end, since, until)
     dims = "provider, model, endpoint, customer_id, tenant_id, section, section_path"
     estimated = "usage_source = 'estimated'"
     sums = ", ".join(_SUM_NAMES)
@@ -308,7 +293,7 @@ def report_sql(
             CASE WHEN {estimated} AND cost_usd IS NOT NULL THEN 1 ELSE 0 END,
             CASE WHEN {estimated} THEN 1 ELSE 0 END
         FROM events
-        WHERE kind = 'call' AND NOT {_NOT_FORWARDED} AND ({" OR ".join(edges)})"""
+        WHERE kind = 'call' AND NOT {_NOT_FORWARDED} AND {edges}"""
         row_params += edge_params
     select = [f"{group_exprs[g]} AS g{i}" for i, g in enumerate(groups)]
     select += [
@@ -325,3 +310,28 @@ def report_sql(
         sql += f" GROUP BY {', '.join(f'g{i}' for i in range(len(groups)))} HAVING sum(calls) > 0"
     sql += f" ORDER BY {order}"
     return sql, [*row_params, *params]
+
+
+def window_edges(
+    first: int, end: int, since: float | None, until: float | None
+) -> tuple[str, list[Any]]:
+    """The condition on C{ts} selecting the window's calls outside the whole
+    hours C{[first, end)} (those the tables do not hold), or C{""}."""
+    edges: list[str] = []
+    params: list[Any] = []
+    low, high = float(first * HOUR), float(end * HOUR)
+    if since is None:
+        edges.append("ts < %s")
+        params.append(low)
+    elif since < low:
+        edges.append("(ts >= %s AND ts < %s)")
+        params += [since, low]
+    if until is None:
+        edges.append("ts >= %s")
+        params.append(high)
+    elif high < until:
+        edges.append("(ts >= %s AND ts < %s)")
+        params += [high, until]
+    if since is None and until is None:
+        edges.append("ts IS NULL")
+    return ("(" + " OR ".join(edges) + ")" if edges else ""), params

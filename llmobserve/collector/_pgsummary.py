@@ -27,7 +27,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ._pgrollup import _HOUR_OF, _IN_RANGE, _NOT_FORWARDED, _TABLES, HOUR, rollup_window
+from ._pgrollup import (
+    _HOUR_OF,
+    _IN_RANGE,
+    _NOT_FORWARDED,
+    _TABLES,
+    rollup_window,
+    window_edges,
+)
 from ._rollup import ERROR_SQL, HISTOGRAM_SCALE, TOKENS
 
 __all__ = ["MIGRATION", "NO_BUCKET", "REBUILD", "SummaryParts", "summary_parts"]
@@ -170,29 +177,6 @@ MIGRATION: Final = f"""
 """
 
 
-def _edges(first: int, end: int, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-    """The condition on C{ts} selecting the window's calls outside the whole
-    hours C{[first, end)} (those the tables do not hold), or C{""}."""
-    edges: list[str] = []
-    params: list[Any] = []
-    low, high = float(first * HOUR), float(end * HOUR)
-    if since is None:
-        edges.append("ts < %s")
-        params.append(low)
-    elif since < low:
-        edges.append("(ts >= %s AND ts < %s)")
-        params += [since, low]
-    if until is None:
-        edges.append("ts >= %s")
-        params.append(high)
-    elif high < until:
-        edges.append("(ts >= %s AND ts < %s)")
-        params += [high, until]
-    if since is None and until is None:
-        edges.append("ts IS NULL")
-    return ("(" + " OR ".join(edges) + ")" if edges else ""), params
-
-
 def _units(first: int, end: int) -> tuple[str, str, list[Any], list[Any]]:
     """The conditions selecting the hourly rows and the daily rows that
     together hold the whole hours C{[first, end)}: the whole days from the
@@ -294,7 +278,7 @@ def summary_parts(
         return None
     first, end = window
     hours = _units(first, end)
-    edges = _edges(first, end, since, until)
+    edges = window_edges(first, end, since, until)
     sql, params = _totals_sql(hours, edges)
     ((*totals,),) = read(sql, params)
     timed = f" AND bucket <> {NO_BUCKET}"
