@@ -7,7 +7,7 @@ or overrides prices (also read once from C{$LLMOBSERVE_PRICES}).
 
 from ._analyse import analyse
 from ._records import Exchange, UsageRecord, construct
-from ._worstcase import WorstCase, worst_case
+from ._worstcase import WorstCase, worst_case, worst_case_fields
 from .graphql import graphql_figures
 from .pricing import load_user_prices
 from .registry import REGISTRY, Provider, ProviderRegistry, canonical_host
@@ -25,4 +25,5 @@ __all__ = [
     "graphql_figures",
     "load_user_prices",
     "worst_case",
+    "worst_case_fields",
 ]

@@ -27,13 +27,22 @@ from __future__ import annotations
 import re
 from typing import Any, Final, NamedTuple
 
-import orjson
+import msgspec
 
 from .jsonbody import BodyError, loads
 from .pricing import PRICER
 from .registry import REGISTRY
 
-__all__ = ["IMAGE_PART_TOKENS", "MAX_OUTPUT_TOKENS", "WorstCase", "worst_case"]
+#: a top-level field the request does not have
+_UNSET: Final[Any] = msgspec.UNSET
+
+__all__ = [
+    "IMAGE_PART_TOKENS",
+    "MAX_OUTPUT_TOKENS",
+    "WorstCase",
+    "worst_case",
+    "worst_case_fields",
+]
 
 #: Tokens allowed per image part: OpenAI's high-detail tiles top out near
 #: 1.5k, Anthropic's 1568 px images near 1.6k, Gemini's 258 per tile;
@@ -91,8 +100,8 @@ _MIME_TYPE: Final = re.compile(rb'"mime_?[tT]ype"\s*:\s*"([^"]*)"')
 class WorstCase(NamedTuple):
     """The bound: its cost in USD (None: no bound, C{reason} says why).
 
-    A named tuple: built once per budgeted call on the proxy's reactor,
-    where a frozen dataclass's constructor costs several times more.
+    The budget check takes the same fields as a plain tuple
+    (L{worst_case_fields}).
     """
 
     provider: str | None
@@ -106,12 +115,45 @@ class WorstCase(NamedTuple):
 _rates: dict[tuple[str, str, float], tuple[float, float] | None] = {}
 #: what L{_rates} gives for a key it does not hold (None is a cached "no price")
 _UNKNOWN: Final = (-1.0, -1.0)
-#: a L{WorstCase} made by the tuple's own constructor: the named tuple's
-#: C{__new__} is a Python function, and this runs once per budgeted call
-_bound: Final = tuple.__new__
-_EMPTY: Final[dict[str, Any]] = {}
 #: the registry's providers by id, read without a method call per bound
 _PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
+
+
+class _Top(msgspec.Struct):
+    """The top-level fields of a request that bound its output.
+
+    C{msgspec} decodes only these and skips the rest (the messages, the
+    tools) without building a Python object for it, still checking that
+    the whole body is well-formed JSON. Like C{json} and the providers'
+    decoders, it unescapes key names, takes the last of a repeated key
+    and reads integers of any size exactly (a limit past 64 bits is not
+    read as a float).
+    """
+
+    model: Any = None
+    max_completion_tokens: Any = _UNSET
+    max_output_tokens: Any = _UNSET
+    max_tokens: Any = _UNSET
+    n: Any = _UNSET
+    generationConfig: Any = None  # Gemini's spelling
+    generation_config: Any = None
+
+
+_decode_top: Final = msgspec.json.Decoder(_Top).decode
+_TOP_FIELDS: Final = _Top.__struct_fields__
+_NOTHING: Final = _Top()
+
+
+def _top_of(body: bytes) -> _Top | None:
+    """The body's top-level fields when C{msgspec} refuses it (a BOM,
+    UTF-16, NaN, a number out of its range: L{loads} decides); None: not JSON."""
+    try:
+        doc = loads(body)
+    except BodyError:
+        return None
+    if type(doc) is not dict:
+        return _NOTHING
+    return _Top(**{k: doc[k] for k in _TOP_FIELDS if k in doc})
 
 
 def worst_case(
@@ -124,108 +166,119 @@ def worst_case(
 ) -> WorstCase:
     """The most this request can cost. C{body} None: not read whole (too big).
 
-    Total: never raises. One function, with the common case (a JSON object
-    naming its model and output limit, no image or audio part) first: it
-    runs on the reactor for every budgeted call.
+    Total: never raises.
+    """
+    return WorstCase._make(worst_case_fields(provider_id, host, path, body, body_bytes, when))
+
+
+#: L{WorstCase}'s fields as a plain tuple, in its order
+Fields = tuple[str | None, str | None, float | None, int | None, int | None, str | None]
+
+
+def _no_bound(
+    provider: str | None,
+    model: str | None,
+    reason: str,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+) -> Fields:
+    return (provider, model, None, input_tokens, output_tokens, reason)
+
+
+def worst_case_fields(
+    provider_id: str | None,
+    host: str,
+    path: str,
+    body: bytes | None,
+    body_bytes: int,
+    when: float,
+) -> Fields:
+    """L{worst_case}'s fields as a plain tuple, for the budget check.
+
+    One function, with the common case (a JSON object naming its model and
+    output limit, no image or audio part) first: it runs on the reactor
+    for every budgeted call, whose caller unpacks the tuple at once (a
+    named tuple would cost a constructor call more).
     """
     try:
         provider = _PROVIDERS.get(provider_id) if provider_id else REGISTRY.for_host(host)
         pid = provider.id if provider is not None else provider_id
         if body is None:
-            return WorstCase(pid, None, None, reason="request body too large to bound")
-        doc: Any = _EMPTY
+            return _no_bound(pid, None, "request body too large to bound")
+        top = _NOTHING
         if body:
             try:
-                # orjson alone, without loads()'s pass looking for integers
-                # too long for it: it reads those as floats, which the output
-                # limit notices (a float), and then loads() reads the body exactly
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                try:
-                    doc = loads(body)  # what orjson refuses: a BOM, UTF-16, NaN, ...
-                except BodyError:
-                    return WorstCase(pid, None, None, reason="request body is not JSON")
-            if type(doc) is not dict:
-                doc = _EMPTY
-        model = doc.get("model")
+                top = _decode_top(body)
+            except msgspec.ValidationError:  # well-formed, but not an object
+                pass
+            except msgspec.DecodeError:
+                read = _top_of(body)
+                if read is None:
+                    return _no_bound(pid, None, "request body is not JSON")
+                top = read
+        model = top.model
         if type(model) is not str:
             m = _GEMINI_MODEL.search(path)
             model = m.group(1) if m else None
         if provider is None or pid is None:
-            return WorstCase(pid, model, None, reason="unknown provider")
+            return _no_bound(pid, model, "unknown provider")
         if model is None:
-            return WorstCase(pid, None, None, reason="no model named")
+            return _no_bound(pid, None, "no model named")
         input_tokens = body_bytes + _FIXED_INPUT_TOKENS
         # Every marker of a part holds "image", "audio" or "ata" (inline_data,
-        # fileData, ...): the regexes run only on bodies with one of those.
+        # fileData, ...), and a file part's is a "type": the regexes run only
+        # on bodies with one of those.
         # The markers are ASCII, so they are searched in a str (latin-1 maps
         # bytes to code points one to one), where CPython's search is
         # several times faster than in bytes.
         text = body.decode("latin-1")
         if "ata" in text or "image" in text or "audio" in text:
             if _AUDIO_PART.search(body) is not None:
-                return WorstCase(pid, model, None, reason="audio parts cannot be bounded")
+                return _no_bound(pid, model, "audio parts cannot be bounded")
             if _FILE_URI.search(body) is not None and not _only_images(body):
-                return WorstCase(pid, model, None, reason="file parts cannot be bounded")
+                return _no_bound(pid, model, "file parts cannot be bounded")
             input_tokens += len(_IMAGE_PART.findall(body)) * IMAGE_PART_TOKENS
-        if ("file" in text or "document" in text) and _FILE_PART.search(body) is not None:
-            return WorstCase(pid, model, None, reason="file parts cannot be bounded")
+        if '"type"' in text and _FILE_PART.search(body) is not None:
+            return _no_bound(pid, model, "file parts cannot be bounded")
         # the output limit: the first the request has of max_completion_tokens,
         # max_output_tokens and max_tokens, times n (inline: this is the
         # common case; anything else, _output_bound)
-        if "max_completion_tokens" in doc:
-            limit = doc["max_completion_tokens"]
-        elif "max_output_tokens" in doc:
-            limit = doc["max_output_tokens"]
-        elif "max_tokens" in doc:
-            limit = doc["max_tokens"]
-        else:
-            limit = None
+        limit = top.max_completion_tokens
+        if limit is _UNSET:
+            limit = top.max_output_tokens
+            if limit is _UNSET:
+                limit = top.max_tokens
         output_tokens: int | None = limit
-        if type(limit) is not int or limit < 0 or "n" in doc:
-            output_tokens = _output_bound(doc, model)
-            if output_tokens == _INEXACT:  # orjson read a number as a float: read it exactly
-                output_tokens = _output_bound(loads(body), model, exact=True)
+        if type(limit) is not int or limit < 0 or top.n is not _UNSET:
+            output_tokens = _output_bound(top, model)
         if output_tokens is None:
-            return WorstCase(
-                pid,
-                model,
-                None,
-                input_tokens,
-                reason=f"no output limit given and none known for {model}",
+            return _no_bound(
+                pid, model, f"no output limit given and none known for {model}", input_tokens
             )
         key = (pid, model, when // 86400)
         rates = _rates.get(key, _UNKNOWN)
         if rates is _UNKNOWN:
             rates = _rates_for(key, provider.prices_id, when)
         if rates is None:
-            return WorstCase(pid, model, None, input_tokens, output_tokens, reason="no price")
+            return _no_bound(pid, model, "no price", input_tokens, output_tokens)
         cost = input_tokens * rates[0] + output_tokens * rates[1]
-        return _bound(WorstCase, (pid, model, cost, input_tokens, output_tokens, None))
+        return (pid, model, cost, input_tokens, output_tokens, None)
     except Exception as e:  # a bound we cannot find is no bound
-        return WorstCase(provider_id, None, None, reason=f"internal error: {type(e).__name__}")
+        return _no_bound(provider_id, None, f"internal error: {type(e).__name__}")
 
 
-#: what L{_output_bound} says when a limit or C{n} is a float: orjson reads
-#: an integer beyond 64 bits as one, so the body is read again exactly
-_INEXACT: Final = -1
-
-
-def _output_bound(doc: dict[str, Any], model: str, *, exact: bool = False) -> int | None:
-    limit: Any = None
-    if "max_completion_tokens" in doc:
-        limit = doc["max_completion_tokens"]
-    elif "max_output_tokens" in doc:
-        limit = doc["max_output_tokens"]
-    elif "max_tokens" in doc:
-        limit = doc["max_tokens"]
-    else:
-        config = doc.get("generationConfig") or doc.get("generation_config")
+def _output_bound(top: _Top, model: str) -> int | None:
+    limit: Any = top.max_completion_tokens
+    if limit is _UNSET:
+        limit = top.max_output_tokens
+    if limit is _UNSET:
+        limit = top.max_tokens
+    if limit is _UNSET:
+        config = top.generationConfig or top.generation_config
+        limit = None
         if isinstance(config, dict):
             limit = config.get("maxOutputTokens", config.get("max_output_tokens"))
-    choices = doc.get("n", 1)
-    if not exact and (type(limit) is float or type(choices) is float):
-        return _INEXACT
+    choices = top.n
     if type(choices) is not int or choices < 1:  # (a bool is not an int here)
         choices = 1
     if type(limit) is int and limit >= 0:

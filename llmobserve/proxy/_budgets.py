@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import attrs
 
 from llmobserve.collector import Budget, RateLimit, scope_matches
 from llmobserve.money import usd_fixed
 from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
-from parsers import worst_case
 
 __all__ = [
     "BudgetHold",
@@ -35,7 +34,6 @@ __all__ = [
     "CallScope",
     "RateRefusal",
     "ScopeKey",
-    "check_call",
 ]
 
 
@@ -659,40 +657,3 @@ class BudgetLedger:
                 if got[0] == account.window_start:
                     account.granted = got[1]
                     account.wanted = 0
-
-
-def check_call(
-    ledger: BudgetLedger,
-    provider_hint: str | None,
-    host: str,
-    path: str,
-    context: Any,
-    body: bytes | None,
-    body_bytes: int,
-    project: str | None = None,
-) -> BudgetHold | BudgetRefusal | RateRefusal:
-    """Bound the call's cost from its body and reserve it (reactor thread).
-
-    @param context: the call's L{llmobserve.transaction.Context}.
-    @param body: the whole request body, or None when it was too big to hold.
-    @param project: the project of the key the call came with (None: no key).
-    """
-    now = ledger.now()
-    # unpacked: a named tuple's field is a descriptor, its items are not
-    provider, model, cost, input_tokens, output_tokens, _ = worst_case(
-        provider_hint, host, path, body, body_bytes, now
-    )
-    # a plain tuple (a CallScope's fields, in its order): the named tuple's
-    # constructor is a Python function, and the key is hashed the same
-    scope = (
-        provider,
-        model,
-        context.customer_id,
-        context.tenant_id,
-        context.section_path or context.section,
-        project,
-    )
-    tokens = None
-    if input_tokens is not None and output_tokens is not None:
-        tokens = input_tokens + output_tokens
-    return ledger.reserve(scope, cost, tokens, now)

@@ -27,11 +27,7 @@ from llmobserve.proxy._bodytap import BodyTap
 from llmobserve.proxy._budgets import (
     REMAINING_HEADER as _REMAINING_HEADER,
 )
-from llmobserve.proxy._budgets import (
-    BudgetHold,
-    BudgetLedger,
-    check_call,
-)
+from llmobserve.proxy._budgets import BudgetHold, BudgetLedger
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
@@ -43,6 +39,7 @@ from llmobserve.proxy._streaming import finish_early, pause_client, resume_clien
 from llmobserve.proxy._streamusage import StreamUsagePolicy, UsageInjection
 from llmobserve.proxy._upstream import UpstreamConnection, UpstreamPool
 from llmobserve.transaction import ITransactionSink, Outcome, Transaction
+from parsers import worst_case_fields
 from parsers.streamusage import UsageChunkFilter
 
 __all__ = ["Relay", "RelayServices", "RelayState"]
@@ -354,18 +351,35 @@ class Relay:
         if ledger is None or not ledger.active:
             self._connect()
             return
+        # Bound the call's cost from its body and reserve it: inline (not a
+        # helper's frame more), as this runs for every budgeted call
         head = self._head
         target = self._target
         length = head.content_length
-        verdict = check_call(
-            ledger,
+        now = ledger.now()
+        provider, model, cost, input_tokens, output_tokens, _ = worst_case_fields(
             self._provider_hint,
             target.host,
             target.path,
-            head.context(),
             body,
             length if length is not None else self._body_bytes,
-            head.project,
+            now,
+        )
+        context = head.context()
+        verdict = ledger.reserve(
+            # the call's scope: a CallScope's fields, as a plain tuple
+            (
+                provider,
+                model,
+                context.customer_id,
+                context.tenant_id,
+                context.section_path or context.section,
+                head.project,  # the project of the key the call came with
+            ),
+            cost,
+            # the most input + output tokens, for tokens-per-minute limits
+            None if input_tokens is None or output_tokens is None else input_tokens + output_tokens,
+            now,
         )
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if verdict.retry_after is not None:
