@@ -139,8 +139,8 @@ def test_the_bound_is_never_below_the_price_of_what_it_allows(
 
 
 def test_integers_beyond_64_bits_are_read_exactly() -> None:
-    """orjson reads an integer too long for 64 bits as a float; the bound
-    must still see the integer (a limit of 10**30 tokens is no small bound),
+    """A float reader (orjson) would read an integer too long for 64 bits
+    as a float; the bound must still see the integer (a limit of 10**30 tokens is no small bound),
     and a limit that really is a float is no limit, as before."""
     huge = bound(chat(max_tokens=10**30))
     assert huge.output_tokens == 10**30
@@ -148,8 +148,39 @@ def test_integers_beyond_64_bits_are_read_exactly() -> None:
     assert bound(chat(max_tokens=100.0)).output_tokens == 16_384  # gpt-4o-mini's maximum
 
 
-def test_what_orjson_refuses_is_read_by_the_stdlib() -> None:
-    """A UTF-8 BOM (orjson refuses it) still gives the same bound."""
+def test_keys_are_read_as_the_provider_reads_them() -> None:
+    """Only the top-level fields are decoded, and the way a provider's JSON
+    reader takes them: a repeated key counts its last value, an escaped
+    key name is the key, a key inside a nested object is not the call's."""
+    repeated = b'{"model":"gpt-4o-mini","max_tokens":5,"messages":[],"max_tokens":900}'
+    assert bound(repeated).output_tokens == 900
+    escaped = b'{"model":"gpt-4o-mini","max_tokens":5,"max_tok\\u0065ns":900,"\\u006e":3}'
+    assert bound(escaped).output_tokens == 2_700
+    nested = chat(metadata={"max_tokens": 1}, tools=[{"max_tokens": 2, "model": "gpt-4o"}])
+    assert (bound(nested).model, bound(nested).output_tokens) == ("gpt-4o-mini", 16_384)
+    swapped = b'{"model":"gpt-4o-mini","model":"gpt-4o","max_tokens":10}'
+    assert bound(swapped).model == "gpt-4o"
+
+
+def test_malformed_json_anywhere_is_not_json() -> None:
+    """The fields the bound skips (the messages) must still be well-formed:
+    a body the upstream would refuse is no JSON to bound either."""
+    assert bound(b'{"model":"gpt-4o-mini","max_tokens":5,"messages":[1,2,]}').reason == (
+        "request body is not JSON"
+    )
+    assert bound(b'{"model":"gpt-4o-mini","max_tokens":5} trailing').reason == (
+        "request body is not JSON"
+    )
+    assert bound(b'["model", "gpt-4o-mini"]').reason == "no model named"
+
+
+def test_what_the_fast_reader_refuses_is_read_by_the_stdlib() -> None:
+    """A UTF-8 BOM or a number out of a double's range (the fast reader
+    refuses them; Python's json reads them) still gives a bound; NaN is
+    no JSON (parsers.jsonbody refuses non-finite constants)."""
+    assert bound(b'{"model":"gpt-4o-mini","max_tokens":5,"top_p":1e999}').output_tokens == 5
+    nan = bound(b'{"model":"gpt-4o-mini","max_tokens":5,"temperature":NaN}')
+    assert nan.reason == "request body is not JSON"
     raw = json.dumps(chat(max_tokens=7)).encode()
     with_bom = worst_case(
         "openai",
