@@ -88,7 +88,7 @@ class RequestHead:
     lower-cased, C{_} turned into C{-}, prefix removed).
     """
 
-    __slots__ = ("chunked", "content_length", "forward", "ours", "project", "via_loop")
+    __slots__ = ("_context", "chunked", "content_length", "forward", "ours", "project", "via_loop")
 
     def __init__(self) -> None:
         self.forward: list[tuple[bytes, bytes]] = []
@@ -98,12 +98,20 @@ class RequestHead:
         self.via_loop = False
         #: the project of the client's X-LLMObserve-Key, once the key is checked
         self.project: str | None = None
+        self._context: Context | None = None
 
     def target_url(self) -> bytes | None:
         return self.ours.get(b"target-url")
 
     def context(self) -> Context:
-        """The attribution labels the SDK sent, as the event's context."""
+        """The attribution labels the SDK sent, as the event's context.
+
+        Made once (the budget check asks for it before the call goes
+        upstream, the transaction when it ends; the head is complete by then).
+        """
+        made = self._context
+        if made is not None:
+            return made
         ours = self.ours
         if not ours:
             return _EMPTY_CONTEXT
@@ -117,9 +125,11 @@ class RequestHead:
                 prop = _clean_label(key[len(_PROPERTY) :]).lower().replace("-", "_")
                 if prop:
                     properties[prop] = _clean_label(value)
-        if not fields and not properties:
-            return _EMPTY_CONTEXT
-        return Context(properties=properties, **fields)
+        made = _EMPTY_CONTEXT
+        if fields or properties:
+            made = Context(properties=properties, **fields)
+        self._context = made
+        return made
 
 
 _EMPTY_CONTEXT = Context()
