@@ -215,9 +215,12 @@ class BudgetHold:
 
     @ivar flags: added to the call's event (C{budget_unpriced},
         C{budget_warn:NAME}).
+    @ivar header: the C{X-LLMObserve-Budget-Remaining} value (see
+        L{remaining_header}), made with the hold: the relay reads it
+        without a call of its own.
     """
 
-    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags")
+    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags", "header")
 
     def __init__(
         self,
@@ -232,6 +235,11 @@ class BudgetHold:
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
         self._settled = False
         self.flags = flags
+        self.header = (
+            None
+            if left is None
+            else b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
+        )
 
     @property
     def remaining(self) -> float | None:
@@ -244,10 +252,7 @@ class BudgetHold:
         """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation
         with six decimals (C{0.994500}), rounded down from whole nano-USD,
         never negative; None when no budget applies."""
-        left = self._left
-        if left is None:
-            return None
-        return b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
+        return self.header
 
     def settle(
         self, cost: float | None, outcome: str, status: int | None, tokens: int | None = None

@@ -646,7 +646,7 @@ class Relay:
             out.addRawHeader(b"Content-Length", content_length)
         hold = self._hold
         if hold is not None:
-            remaining = hold.remaining_header()
+            remaining = hold.header
             if remaining is None:
                 pass
             elif pairs is not None:
