@@ -9,6 +9,7 @@ C{docs/BUDGETS.md}).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -63,7 +64,7 @@ class BudgetRefusal:
             "spend_usd": self.spend_usd,
             "reserved_usd": self.reserved_usd,
             "limit_usd": self.budget.limit_usd,
-            "worst_case_usd": self.worst_case_usd,
+            "worst_case_usd": _as_held(self.worst_case_usd),
             **({} if self.share_usd is None else {"share_usd": self.share_usd}),
         }
 
@@ -102,3 +103,9 @@ class RateRefusal:
             "reserved": self.reserved,
             "retry_after_s": self.retry_after,
         }
+
+
+def _as_held(usd: float | None) -> float | None:
+    """A worst case as the ledger holds it: rounded up to the nano-dollar
+    (C{0.0001989}, not the product's C{0.00019890000000000002})."""
+    return None if usd is None else math.ceil(usd * 1e9 - 1e-6) / 1e9

@@ -502,3 +502,16 @@ def test_start_up_loads_spend_and_minute_usage_from_the_store(tmp_path: Any) -> 
     assert isinstance(ledger.reserve(GPT, 0.02, 10), BudgetRefusal)  # $0.99 spent already
     assert isinstance(ledger.reserve(GPT, 0.005, 10), BudgetHold)  # 2nd call this minute
     assert isinstance(ledger.reserve(GPT, 0.001, 10), RateRefusal)
+
+
+def test_a_refusal_gives_the_worst_case_as_held_in_whole_nano_dollars() -> None:
+    """The 402 body's C{worst_case_usd} is what the ledger would hold:
+    rounded up to the nano-dollar, without the price product's float noise."""
+    budget = Budget("tiny", 0.0001, "day")
+    noisy = 0.1 + 0.2  # 0.30000000000000004
+    assert noisy != 0.3
+    detail = BudgetRefusal(budget, 0.0, 0.0, noisy, "this call could cost up to").detail()
+    assert detail["worst_case_usd"] == 0.3
+    held = BudgetRefusal(budget, 0.0, 0.0, 1.0000000001, "this call could cost up to").detail()
+    assert held["worst_case_usd"] == 1.000000001  # rounded up, as reserved
+    assert BudgetRefusal(budget, 0.0, 0.0, None, "no price").detail()["worst_case_usd"] is None
