@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from ._store import Store
 from ._writer import BatchWriter, JobRunner
 
-__all__ = ["Retention", "parse_span"]
+__all__ = ["Retention", "format_span", "parse_span"]
 
 _SPAN: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -40,6 +40,16 @@ def parse_span(text: str) -> float:
     if seconds <= 0:
         raise ValueError(f"span {text!r} must be more than zero")
     return seconds
+
+
+def format_span(seconds: float) -> str:
+    """A span as C{--retain} takes it, in its largest whole unit (C{172800}
+    is C{2d}, C{5400} is C{90m}); seconds, as a number, otherwise."""
+    for unit in "wdhm":
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 class Retention(Service):
@@ -108,9 +118,9 @@ class Retention(Service):
         def finish() -> None:
             if total[0]:
                 self.log.info(
-                    "retention: deleted {n} events older than {span:g} s",
+                    "retention: deleted {n} events older than {span}",
                     n=total[0],
-                    span=self.span,
+                    span=format_span(self.span),
                 )
             self._running = None
             done.callback(None)

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from llmobserve.collector._retain import Retention, parse_span
+from llmobserve.collector._retain import Retention, format_span, parse_span
 from llmobserve.collector._store import EventStore
 from llmobserve.collector._tap import Options
 from llmobserve.collector._writer import BatchWriter
@@ -38,6 +38,18 @@ def test_parse_span() -> None:
     for bad in ("", "90", "d", "-1d", "0d", "1y"):
         with pytest.raises(ValueError):
             parse_span(bad)
+
+
+def test_format_span_gives_a_span_as_retain_takes_it() -> None:
+    """The log names the span as the user wrote it, not in seconds."""
+    assert format_span(172_800) == "2d"
+    assert format_span(14 * 86_400) == "2w"
+    assert format_span(5_400) == "90m"
+    assert format_span(12 * 3_600) == "12h"
+    assert format_span(90) == "90s"
+    assert format_span(1.5) == "1.5s"
+    for text in ("90d", "12h", "2w", "30m", "45s"):
+        assert parse_span(format_span(parse_span(text))) == parse_span(text)
 
 
 def test_the_retain_option() -> None:
