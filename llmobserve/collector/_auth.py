@@ -240,11 +240,15 @@ class KeyGuardedResource(Resource):
             request.setHeader(b"cache-control", b"no-store")
             who = {"name": verdict.name, "project": verdict.project, "scope": verdict.scope}
             return json.dumps(who).encode() + b"\n"
+        link = scope == "link" and verdict.scope == "ingest"
         if scope == "link":  # what a proxy's link key may also do
-            scope = "ingest" if verdict.scope == "ingest" else "read"
+            scope = "ingest" if link else "read"
         if not verdict.allows(scope):
             return _refuse(request, 403, "forbidden", refusal_message(verdict, scope))
-        if verdict.scope != "admin" and verdict.project is not None:
+        # A proxy's link key reads every budget and limit (its clients' keys
+        # may be of any project: it enforces them all); any other non-admin
+        # key is held to its project
+        if verdict.scope != "admin" and verdict.project is not None and not link:
             if request.args is None:
                 request.args = {}
             request.args[b"project"] = [verdict.project.encode("utf-8")]

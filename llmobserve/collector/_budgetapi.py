@@ -36,7 +36,7 @@ from llmobserve.collector._grants import GrantBook, SpendCache
 from llmobserve.collector._store import Store, StoreUnavailable
 from llmobserve.collector._thread import StoreThread
 
-__all__ = ["BudgetsResource"]
+__all__ = ["BudgetsResource", "applying_to", "project_of"]
 
 _log = Logger()
 #: the largest definition or grant request read
@@ -131,7 +131,11 @@ class BudgetsResource(Resource):
     def render_GET(self, request: Request) -> bytes | int:
         if self._name(request) is not None:
             return error_body(request, 404, "not_found", "GET /api/budgets lists them all")
-        return self._run(request, lambda book: {"budgets": book.status(time.time())})
+        project = project_of(request)
+        return self._run(
+            request,
+            lambda book: {"budgets": applying_to(book.status(time.time()), project)},
+        )
 
     def render_POST(self, request: Request) -> bytes | int:
         name = self._name(request)
@@ -298,3 +302,19 @@ def _release(
     for name, minute, _, busy, _ in rate_reports:
         if name in limits:
             grants.release_rate(limits[name], minute, holder, busy)
+
+
+def project_of(request: Request) -> str | None:
+    """The C{project} parameter: a project key's own (the key guard puts it
+    there), or what an admin asked for; None: every project."""
+    values = (request.args or {}).get(b"project")
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def applying_to(rows: list[dict[str, Any]], project: str | None) -> list[dict[str, Any]]:
+    """The definitions that can apply to C{project}'s calls: those of no
+    project and those of that one (all of them for None). A project's key
+    does not see another project's budgets or limits, nor their spend."""
+    if project is None:
+        return rows
+    return [row for row in rows if row.get("project") in (None, project)]

@@ -21,7 +21,14 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from llmobserve.collector._budgetapi import BudgetsResource, NotFound, definition_from, error_body
+from llmobserve.collector._budgetapi import (
+    BudgetsResource,
+    NotFound,
+    applying_to,
+    definition_from,
+    error_body,
+    project_of,
+)
 from llmobserve.collector._budgets import SqlBudgetBook
 from llmobserve.collector._limits import RateLimit
 
@@ -43,7 +50,11 @@ class LimitsResource(BudgetsResource):
     def render_GET(self, request: Request) -> bytes | int:
         if self._name(request) is not None:
             return error_body(request, 404, "not_found", "GET /api/limits lists them all")
-        return self._run(request, lambda book: {"limits": limit_status(book, time.time())})
+        project = project_of(request)
+        return self._run(
+            request,
+            lambda book: {"limits": applying_to(limit_status(book, time.time()), project)},
+        )
 
     def render_POST(self, request: Request) -> bytes | int:
         if self._name(request) is not None:

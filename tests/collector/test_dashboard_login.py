@@ -4,6 +4,7 @@ StubTreq over the same tree the collector builds with C{--require-keys})."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -15,7 +16,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from llmobserve.collector._auth import VERDICT_TTL, KeyVerifier
+from llmobserve.collector._budgets import Budget
 from llmobserve.collector._http import collector_root
+from llmobserve.collector._limits import RateLimit
 from llmobserve.collector._link import LinkRegistry
 from llmobserve.collector._service import _guard
 from llmobserve.collector._sessions import COOKIE_NAME, SESSION_TTL, DashboardSessions
@@ -203,6 +206,39 @@ def test_a_read_session_reads_its_project_only_and_never_changes_anything(
     )
     assert code == 401 and headers.getRawHeaders("x-llmobserve-error") == ["unauthorized"]
     assert collector.request("GET", "/api/events")[0] == 401
+
+
+def test_a_project_key_reads_only_the_budgets_and_limits_that_apply_to_its_project(
+    collector: Collector,
+) -> None:
+    """C{GET /api/budgets} and C{/api/limits} with team A's read key list the
+    definitions of no project and team A's, never team B's (nor its spend),
+    whatever the address asks; an admin key lists them all, or one
+    project's with C{?project=}; a proxy's link key (ingest) lists them all,
+    since its clients' keys may be of any project."""
+    book = collector.store.budget_book()
+    book.set(Budget("everyone", 10.0, "day"))
+    book.set(Budget("a-cap", 1.0, "day", project="team-a"))
+    book.set(Budget("b-secret", 2.0, "day", project="team-b"))
+    book.limits.set(RateLimit("a-rpm", 60, project="team-a"))
+    book.limits.set(RateLimit("b-rpm", 30, project="team-b"))
+    book.close()
+    _, reader = collector.store.keys.create("reader", project="team-a", scope="read")
+    _, admin = collector.store.keys.create("admin", scope="admin")
+    _, link = collector.store.keys.create("proxy", project="team-a", scope="ingest")
+
+    def names(key: str, path: str) -> set[str]:
+        code, _, body = collector.request("GET", path, {"Authorization": f"Bearer {key}"})
+        assert code == 200, body
+        rows = json.loads(body)["budgets" if "budgets" in path else "limits"]
+        return {row["name"] for row in rows}
+
+    assert names(reader, "/api/budgets?project=team-b") == {"everyone", "a-cap"}
+    assert names(reader, "/api/limits") == {"a-rpm"}
+    assert names(admin, "/api/budgets") == {"everyone", "a-cap", "b-secret"}
+    assert names(admin, "/api/budgets?project=team-b") == {"everyone", "b-secret"}
+    assert names(link, "/api/budgets") == {"everyone", "a-cap", "b-secret"}
+    assert names(link, "/api/limits") == {"a-rpm", "b-rpm"}
 
 
 def test_wrong_ingest_and_revoked_keys_get_no_session(collector: Collector) -> None:
