@@ -210,18 +210,8 @@ class _RateAccount:
                 self.recap()
 
 
-def _remaining_header(left: int) -> bytes:
-    """USD left (from nano-USD) in fixed notation with six decimals
-    (C{0.994500}), rounded down, never negative."""
-    return b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
-
-
 class BudgetHold:
     """The reservation of one allowed call, settled once.
-
-    Made by L{make}, or by L{BudgetLedger.reserve}'s common case, which
-    fills the slots itself: a Python C{__init__} costs a call from C into
-    the interpreter for every budgeted call.
 
     @ivar flags: added to the call's event (C{budget_unpriced},
         C{budget_warn:NAME}).
@@ -232,27 +222,24 @@ class BudgetHold:
 
     __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags", "header")
 
-    _plan: _ScopePlan  # the scope's accounts then, and their windows
-    _amount: int  # held on each, nano-USD
-    _left: int | None  # nano-USD left in the tightest budget once held
-    _rates: list[tuple[_RateAccount, float, int]] | None
-    _settled: bool
-    flags: tuple[str, ...]
-    header: bytes | None
-
-    @classmethod
-    def make(
-        cls, plan: _ScopePlan, amount: int, left: int | None, flags: tuple[str, ...]
-    ) -> BudgetHold:
-        hold = cls()
-        hold._plan = plan
-        hold._amount = amount
-        hold._left = left
-        hold._rates = None
-        hold._settled = False
-        hold.flags = flags
-        hold.header = None if left is None else _remaining_header(left)
-        return hold
+    def __init__(
+        self,
+        plan: _ScopePlan,
+        amount: int,
+        left: int | None,
+        flags: tuple[str, ...],
+    ) -> None:
+        self._plan = plan  # the scope's accounts then, and their windows
+        self._amount = amount  # held on each, nano-USD
+        self._left = left  # nano-USD left in the tightest budget once held
+        self._rates: list[tuple[_RateAccount, float, int]] | None = None
+        self._settled = False
+        self.flags = flags
+        self.header = (
+            None
+            if left is None
+            else b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
+        )
 
     @property
     def remaining(self) -> float | None:
@@ -262,8 +249,9 @@ class BudgetHold:
         return None if left is None else left / _NANO
 
     def remaining_header(self) -> bytes | None:
-        """The C{X-LLMObserve-Budget-Remaining} value (L{_remaining_header}),
-        None when no budget applies."""
+        """The C{X-LLMObserve-Budget-Remaining} value: USD in fixed notation
+        with six decimals (C{0.994500}), rounded down from whole nano-USD,
+        never negative; None when no budget applies."""
         return self.header
 
     def settle(
@@ -489,7 +477,7 @@ class BudgetLedger:
             if plan.rates:
                 return self._reserve_with_rates(plan, now, worst, tokens)
             if not plan.accounts:
-                return BudgetHold.make(_NO_BUDGETS, 0, None, ())
+                return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
         # The common case in one pass: a priced call that fits every budget
         # of its scope (anything else takes _reserve_each)
@@ -509,15 +497,7 @@ class BudgetLedger:
                 left = free
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        hold = BudgetHold()  # BudgetHold.make, inline: once per budgeted call
-        hold._plan = plan
-        hold._amount = amount
-        hold._left = left
-        hold._rates = None
-        hold._settled = False
-        hold.flags = ()
-        hold.header = b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)  # (inline)
-        return hold
+        return BudgetHold(plan, amount, left, ())
 
     def _reserve_with_rates(
         self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
@@ -529,7 +509,7 @@ class BudgetLedger:
         if plan.accounts:
             hold = self._reserve_each(plan, worst)
         else:
-            hold = BudgetHold.make(_NO_BUDGETS, 0, None, ())
+            hold = BudgetHold(_NO_BUDGETS, 0, None, ())
         if isinstance(hold, BudgetRefusal):
             for rate, _, want in rates:
                 rate.reserved -= want
@@ -616,7 +596,7 @@ class BudgetLedger:
                 left = rest
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold.make(plan, amount, left, flags)
+        return BudgetHold(plan, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None:

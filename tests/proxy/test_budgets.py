@@ -223,7 +223,7 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     over = book.reserve(GPT, 0.5)
     assert isinstance(over, BudgetHold) and over.flags == ("budget_warn:warn",)
     assert over.remaining_header() == b"0.000000"
-    assert BudgetHold.make(_NO_BUDGETS, 0, None, ()).remaining_header() is None
+    assert BudgetHold(_NO_BUDGETS, 0, None, ()).remaining_header() is None
     # each budget holds both calls once (the warn budget's flag is found
     # after the first budget held the call: that hold is undone, then redone)
     assert [a.reserved for a in book._accounts] == [500_001_500, 500_001_500]
