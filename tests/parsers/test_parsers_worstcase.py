@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers import worst_case
-from parsers._worstcase import IMAGE_PART_TOKENS
+from parsers._worstcase import (
+    _ANY_PART,
+    _AUDIO_PART,
+    _FILE_PART,
+    _FILE_URI,
+    _IMAGE_PART,
+    IMAGE_PART_TOKENS,
+)
 from parsers.pricing import PRICER
 
 WHEN = 1_750_000_000.0
@@ -191,3 +198,70 @@ def test_what_the_fast_reader_refuses_is_read_by_the_stdlib() -> None:
         WHEN,
     )
     assert (with_bom.model, with_bom.output_tokens) == ("gpt-4o-mini", 7)
+
+
+_MARKERS = (_IMAGE_PART, _AUDIO_PART, _FILE_PART, _FILE_URI)
+_PIECES = [
+    b'"image_url"',
+    b'"input_image"',
+    b'"inline_data"',
+    b'"inlineData"',
+    b'"file_data"',
+    b'"fileData"',
+    b'"input_audio"',
+    b'"audio_url"',
+    b'"audio"',
+    b'"type"',
+    b'"image"',
+    b'"file"',
+    b'"input_file"',
+    b'"document"',
+    b'"text"',
+    b'"data"',
+    b"{",
+    b"}",
+    b":",
+    b" ",
+    b"\n",
+    b",",
+    b'"',
+    b"image",
+    b"audio",
+    b"type",
+    b"_url",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12), st.binary(max_size=8))
+def test_the_one_pass_prefilter_finds_every_part_marker(pieces: list[bytes], junk: bytes) -> None:
+    """The bound runs its exact part markers only where _ANY_PART matches:
+    wherever one of them matches, so must it (else a part goes unbounded)."""
+    body = junk.join(pieces) if junk else b"".join(pieces)
+    if any(marker.search(body) for marker in _MARKERS):
+        assert _ANY_PART.search(body) is not None, body
+
+
+def test_the_prefilter_matches_each_provider_s_parts_and_not_prose() -> None:
+    """Each provider's image, audio and file parts pass the prefilter; a
+    prompt about data, images and audio files does not."""
+    parts = [
+        {"type": "image_url", "image_url": {"url": "https://x/a.png"}},
+        {"type": "input_image", "image_url": "https://x/a.png"},
+        {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}},
+        {"inline_data": {"mime_type": "image/png", "data": "AAAA"}},
+        {"inlineData": {"mimeType": "image/png", "data": "AAAA"}},
+        {"file_data": {"mime_type": "video/mp4", "file_uri": "gs://x"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}},
+    ]
+    for part in parts:
+        body = json.dumps(chat(messages=[{"role": "user", "content": [part]}])).encode()
+        assert _ANY_PART.search(body) is not None, part
+    assert _ANY_PART.search(json.dumps(chat(audio={"voice": "alloy"})).encode())
+    prose = "Read the data, describe the image, transcribe the audio file and the document."
+    assert (
+        _ANY_PART.search(json.dumps(chat(messages=[{"role": "user", "content": prose}])).encode())
+        is None
+    )
