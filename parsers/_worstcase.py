@@ -258,7 +258,7 @@ def worst_case_fields(
                 limit = top.max_tokens
         output_tokens: int | None = limit
         if type(limit) is not int or limit < 0 or top.n is not _UNSET:
-            output_tokens = _output_bound(top, model)
+            output_tokens = _output_bound(top, limit, model)
         if output_tokens is None:
             return _no_bound(
                 pid, model, f"no output limit given and none known for {model}", input_tokens
@@ -275,12 +275,9 @@ def worst_case_fields(
         return _no_bound(provider_id, None, f"internal error: {type(e).__name__}")
 
 
-def _output_bound(top: _Top, model: str) -> int | None:
-    limit: Any = top.max_completion_tokens
-    if limit is _UNSET:
-        limit = top.max_output_tokens
-    if limit is _UNSET:
-        limit = top.max_tokens
+def _output_bound(top: _Top, limit: Any, model: str) -> int | None:
+    """The output limit the request gives (C{limit}: the first it has of
+    the three top-level ones, else _UNSET) or its model's maximum, times C{n}."""
     if limit is _UNSET:
         config = top.generationConfig or top.generation_config
         limit = None

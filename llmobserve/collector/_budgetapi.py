@@ -306,9 +306,10 @@ def _release(
 
 def project_of(request: Request) -> str | None:
     """The C{project} parameter: a project key's own (the key guard puts it
-    there), or what an admin asked for; None: every project."""
+    there), or what an admin asked for (the last, as the events routes
+    read it); None: every project."""
     values = (request.args or {}).get(b"project")
-    return values[0].decode("utf-8", "replace") if values else None
+    return values[-1].decode("utf-8", "replace") if values else None
 
 
 def applying_to(rows: list[dict[str, Any]], project: str | None) -> list[dict[str, Any]]:
