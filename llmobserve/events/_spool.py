@@ -160,8 +160,11 @@ class EventSpool:
         self._read_hint: tuple[Path, int, int] | None = None  # (path, offset, last seq read)
         self.torn_total = 0
         self.closed = False
-        #: why the last append or rotation failed (None once one succeeds)
+        #: why the last append or rotation failed (None once one succeeds;
+        #: a failed rotation stays the error until a rotation succeeds, even
+        #: while small appends still fit the old segment's last page)
         self.error: str | None = None
+        self._rotate_error: str | None = None
         self.retry_interval = 1.0
         self._rotate_retry_at = -math.inf
         self._force_rotate = False
@@ -346,7 +349,7 @@ class EventSpool:
                 except OSError:
                     pass
                 return [None] * len(payloads)
-            self.error = None
+            self.error = self._rotate_error
             active.size += len(data)
             active.last_seq = seq
             self.last_seq = seq
@@ -368,7 +371,9 @@ class EventSpool:
         except OSError as e:
             self._rotate_retry_at = now + self.retry_interval
             self._note_error("cannot start a segment", e)
+            self._rotate_error = self.error
             return
+        self._rotate_error = None
         self._force_rotate = False
         if old.fd is not None:
             self._unsynced.append(old.fd)
