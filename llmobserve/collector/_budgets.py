@@ -16,17 +16,16 @@ No Twisted here: the CLI and the proxy's poller (in a thread) use it.
 from __future__ import annotations
 
 import builtins
-import json
 import math
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from llmobserve.collector._definitions import DefinitionTable
 from llmobserve.collector._sql import MissingTable, SqlConnection, SQLiteSql
 
 __all__ = [
@@ -56,14 +55,6 @@ SCOPE_FIELDS: Final = {
     "model": "model",
     "project": "json_extract(extra, '$.project')",
 }
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS budgets (
-    name TEXT PRIMARY KEY NOT NULL,
-    definition TEXT NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
 
 
 class BudgetError(ValueError):
@@ -207,12 +198,11 @@ class SqlBudgetBook:
     """
 
     def __init__(self, db: SqlConnection, on_close: Callable[[], None] | None = None) -> None:
+        from llmobserve.collector._limits import RateLimitBook  # it imports this module
+
         self._db = db
         self._on_close = on_close
-        if db.dialect == "sqlite":
-            db.execute(_SCHEMA)
-        from llmobserve.collector._limits import RateLimitBook
-
+        self._budgets = DefinitionTable(db, "budgets", Budget.from_dict)
         #: the rate limits kept in the same store (C{rate_limits} table)
         self.limits = RateLimitBook(db)
 
@@ -223,29 +213,15 @@ class SqlBudgetBook:
 
     def set(self, budget: Budget) -> None:
         """Create or replace the budget of that name."""
-        self._db.execute(
-            "INSERT INTO budgets (name, definition, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET"
-            " definition = excluded.definition, updated_at = excluded.updated_at",
-            (budget.name, json.dumps(budget.as_dict(), sort_keys=True), time.time()),
-        )
+        self._budgets.set(budget)
 
     def list(self) -> list[Budget]:
         """Every budget, by name (a row that no longer parses is skipped)."""
-        out = []
-        # byte order on both back ends, whatever the database's collation
-        order = 'name COLLATE "C"' if self._db.dialect == "postgresql" else "name"
-        for (text,) in self._db.execute(f"SELECT definition FROM budgets ORDER BY {order}"):
-            try:
-                out.append(Budget.from_dict(json.loads(text)))
-            except (BudgetError, ValueError):
-                continue
-        return out
+        return self._budgets.list()
 
     def delete(self, name: str) -> bool:
         """Remove a budget; False when there was none of that name."""
-        cur = self._db.execute("DELETE FROM budgets WHERE name = ?", (name,))
-        return cur.rowcount > 0
+        return self._budgets.delete(name)
 
     def spend(self, budget: Budget, now: float) -> float:
         """Sum of C{cost_usd} of the call events in the budget's scope since

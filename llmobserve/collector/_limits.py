@@ -9,28 +9,19 @@ proxy with the budgets' reserve-and-settle ledger (see C{docs/BUDGETS.md}).
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from llmobserve.collector._budgets import FAIL_MODES, SCOPE_FIELDS, BudgetError, scope_matches
+from llmobserve.collector._definitions import DefinitionTable
 from llmobserve.collector._sql import SqlConnection, as_sql
 
 __all__ = ["UNITS", "RateLimit", "RateLimitBook"]
 
 UNITS: Final = ("calls", "tokens")
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS rate_limits (
-    name TEXT PRIMARY KEY NOT NULL,
-    definition TEXT NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True)
@@ -118,30 +109,16 @@ class RateLimitBook:
     SQLite, by the migrations on PostgreSQL)."""
 
     def __init__(self, db: sqlite3.Connection | SqlConnection) -> None:
-        self._db = as_sql(db)
-        if self._db.dialect == "sqlite":
-            self._db.execute(_SCHEMA)
+        self._limits = DefinitionTable(as_sql(db), "rate_limits", RateLimit.from_dict)
 
     def set(self, limit: RateLimit) -> None:
         """Create or replace the limit of that name."""
-        self._db.execute(
-            "INSERT INTO rate_limits (name, definition, updated_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET"
-            " definition = excluded.definition, updated_at = excluded.updated_at",
-            (limit.name, json.dumps(limit.as_dict(), sort_keys=True), time.time()),
-        )
+        self._limits.set(limit)
 
     def list(self) -> list[RateLimit]:
         """Every limit, by name (a row that no longer parses is skipped)."""
-        out = []
-        order = 'name COLLATE "C"' if self._db.dialect == "postgresql" else "name"
-        for (text,) in self._db.execute(f"SELECT definition FROM rate_limits ORDER BY {order}"):
-            try:
-                out.append(RateLimit.from_dict(json.loads(text)))
-            except (BudgetError, ValueError):
-                continue
-        return out
+        return self._limits.list()
 
     def delete(self, name: str) -> bool:
         """Remove a limit; False when there was none of that name."""
-        return self._db.execute("DELETE FROM rate_limits WHERE name = ?", (name,)).rowcount > 0
+        return self._limits.delete(name)

@@ -166,6 +166,31 @@ def test_book_set_list_delete(db: str) -> None:
     book.close()
 
 
+def test_definitions_a_newer_version_wrote_are_skipped_not_fatal(db: str) -> None:
+    """Budgets and rate limits share one kind of table: set replaces by
+    name, list is in byte order of the names (on PostgreSQL too, whatever
+    its collation), and a row that no longer parses (not JSON, a field this
+    version does not know) is left out of the list instead of failing it."""
+    book = _book(db)
+    for b in (Budget("b", 1.0), Budget("B", 2.0), Budget("a", 3.0), Budget("b", 4.0)):
+        book.set(b)
+    for limit in (RateLimit("z", 10), RateLimit("Z", 20, "tokens"), RateLimit("z", 30)):
+        book.limits.set(limit)
+    for table, name, text in [
+        ("budgets", "broken", "{not json"),
+        ("budgets", "newer", '{"name": "newer", "limit_usd": 1, "surge": 2}'),
+        ("rate_limits", "newer", '{"name": "newer", "per_minute": 1, "burst": 5}'),
+    ]:
+        book.connection.execute(
+            f"INSERT INTO {table} (name, definition, updated_at) VALUES (?, ?, 0)", (name, text)
+        )
+    assert [(b.name, b.limit_usd) for b in book.list()] == [("B", 2.0), ("a", 3.0), ("b", 4.0)]
+    assert [(r.name, r.per_minute) for r in book.limits.list()] == [("Z", 20), ("z", 30)]
+    assert book.limits.delete("z") and not book.limits.delete("z")
+    assert book.delete("broken")  # a row that does not parse can still be deleted
+    book.close()
+
+
 def test_cli_budgets_and_report(db: str, capsys: Any) -> None:
     """budgets set/list/delete on a store (--db FILE or postgresql://);
     report shows spend vs limit."""
