@@ -346,9 +346,19 @@ def describe(budget: Budget) -> str:
     tz = f" ({budget.tz})" if budget.window in ("hour", "day", "month") else ""
     fail = ", fail open" if budget.fail == "open" else ""
     return (
-        f"${usd_fixed(budget.limit_usd)} per {budget.window}{tz}, {scope}, "
+        f"${usd_fixed(budget.limit_usd)} {_per(budget.window)}{tz}, {scope}, "
         f"action {budget.action}, unpriced calls {budget.unpriced}{fail}"
     )
+
+
+def _per(window: str) -> str:
+    """C{per day}; C{in total} for the window that never ends."""
+    return "in total" if window == "total" else f"per {window}"
+
+
+def _this(window: str) -> str:
+    """C{this day}; C{so far} for the window that never ends."""
+    return "so far" if window == "total" else f"this {window}"
 
 
 def budget_status(book: SqlBudgetBook, now: float) -> list[dict[str, Any]]:
@@ -363,7 +373,7 @@ def write_budget_lines(out: TextIO, rows: list[dict[str, Any]]) -> None:
         pct = 100.0 * r["spend_usd"] / budget.limit_usd if budget.limit_usd else 100.0
         out.write(
             f"{budget.name}: ${usd_fixed(round(r['spend_usd'], 8))} of "
-            f"${usd_fixed(budget.limit_usd)} ({pct:.0f}%) this {budget.window}; "
+            f"${usd_fixed(budget.limit_usd)} ({pct:.0f}%) {_this(budget.window)}; "
             f"{describe(budget)}\n"
         )
 

@@ -73,7 +73,7 @@ def _paged(
 _HTTP_TIMEOUT = 30.0
 
 _EPILOG = f"""\
-where the data comes from:
+--db and --collector, in detail:
   --db PATH          an event store file; default {ENV_HOME}/events.sqlite3 with
                      {ENV_HOME} defaulting to ~/.llmobserve (now: %(db)s).
                      The proxy's embedded mode and the collector both write this format.
@@ -275,10 +275,23 @@ def _total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def write_table(out: TextIO, by: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    """A readable report: one line per group, a total line, numbers right-aligned."""
+def write_table(
+    out: TextIO,
+    by: Sequence[str],
+    rows: list[dict[str, Any]],
+    none: str = "no calls",
+    not_forwarded: str | None = None,
+) -> None:
+    """A readable report: one line per group, a total line, numbers right-aligned.
+
+    @param none: the line written when there is no call to report.
+    @param not_forwarded: the outcome, when the report is of calls the
+        proxy did not forward (C{--outcome budget_refused}): they have no
+        price because they cost nothing, which the last line says instead
+        of counting them as calls of unknown price.
+    """
     if not rows or (not by and rows[0].get("calls", 0) == 0):
-        out.write("no calls in this window\n")
+        out.write(f"{none}\n")
         return
     headings = [*by, *(_HEADINGS[k] for k in _TABLE_SUMS)]
     lines: list[list[str]] = []
@@ -315,11 +328,13 @@ def write_table(out: TextIO, by: Sequence[str], rows: list[dict[str, Any]]) -> N
             " stream reported no usage, tokens counted by the proxy (usage_source estimated).\n"
         )
     unpriced = sum(r.get("unpriced_calls") or 0 for r in rows)
-    if unpriced:
+    if unpriced and not not_forwarded:
         out.write(
             f"\n{unpriced} call(s) had no known price: their cost is not in the sums "
             "(never counted as $0).\n"
         )
+    elif not_forwarded:
+        out.write(f"\n{not_forwarded}: the proxy answered these itself, they cost nothing.\n")
 
 
 def _sum_cells(r: dict[str, Any]) -> list[str]:
@@ -409,12 +424,23 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> None:
     elif args.format == "csv":
         write_csv(out, [*by, *_SUMS], rows)
     else:
-        write_table(out, by, rows)
+        outcome = filters.get("outcome")
+        apart = outcome if outcome in NOT_FORWARDED else None
+        write_table(out, by, rows, _no_calls(since, until, filters), apart)
         if any(refused.values()):
             out.write(_refused_line(refused))
         if budgets:
             out.write("\nbudgets (spend vs limit, current window):\n")
             write_budget_lines(out, budgets)
+
+
+def _no_calls(since: float | None, until: float | None, filters: dict[str, Any]) -> str:
+    """What an empty report says: which of its bounds left nothing."""
+    if since is not None or until is not None:
+        return "no calls in this window"
+    if any(v is not None for v in filters.values()):
+        return "no calls match these filters"
+    return "no calls recorded yet"
 
 
 def _budgets_of(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -138,6 +138,10 @@ def test_report_prints_refused_calls_on_their_own_line(tmp_path: Path) -> None:
     code, text = run("report", "--db", str(path), "--format", "json")
     assert json.loads(text)["refused"] == {"refused": 2, "proxy_error": 1, "budget_refused": 0}
     assert [r["calls"] for r in json.loads(text)["rows"]] == [1]
+    # asked for as rows, they are not "calls with no known price": they cost nothing
+    code, text = run("report", "--db", str(path), "--outcome", "refused")
+    assert code == 0 and "no known price" not in text
+    assert text.splitlines()[-1] == "refused: the proxy answered these itself, they cost nothing."
 
 
 def test_report_csv(db: Path) -> None:
@@ -168,6 +172,11 @@ def test_report_since_until_and_filters(db: Path) -> None:
     assert [r["provider"] for r in json.loads(text)["rows"]] == ["anthropic"]
     code, text = run("report", "--db", str(db), "--since", "24h")
     assert code == 0 and "no calls in this window" in text
+    code, text = run("report", "--db", str(db), "--customer", "nobody")
+    assert code == 0 and "no calls match these filters" in text
+    EventStore(db.parent / "empty.sqlite3").close()
+    code, text = run("report", "--db", str(db.parent / "empty.sqlite3"))
+    assert code == 0 and "no calls recorded yet" in text
 
 
 def test_report_by_day_in_time_order(db: Path) -> None:

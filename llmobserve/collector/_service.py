@@ -43,10 +43,16 @@ __all__ = ["CollectorService"]
 
 
 #: Requests every proxy of the collector makes on its own, once a second
-#: (its budgets and grants) or every 2 s per client key (C{whoami}): not in
-#: the access log when they succeed (ten proxies wrote 864,000 lines a day).
+#: (its budgets, rate limits and grants) or every 2 s per client key
+#: (C{whoami}): not in the access log when they succeed (ten proxies wrote
+#: 864,000 lines a day).
 _POLLED: Final = frozenset(
-    {(b"GET", b"/api/budgets"), (b"POST", b"/api/budgets/grants"), (b"GET", b"/api/whoami")}
+    {
+        (b"GET", b"/api/budgets"),
+        (b"GET", b"/api/limits"),
+        (b"POST", b"/api/budgets/grants"),
+        (b"GET", b"/api/whoami"),
+    }
 )
 
 

@@ -782,7 +782,7 @@ class EventPipeline(Service):
         unpriced = max(0, calls - priced)
         apart = f", {refused} refused or not forwarded" if refused else ""
         return (
-            f"llmobserve proxy stopped: {calls} calls, "
+            f"llmobserve proxy stopped: {calls} call{'' if calls == 1 else 's'}, "
             f"${usd_fixed(round(cost, 8))} priced, {unpriced} unpriced{apart}; "
             f"events: {delivered} delivered to the {_DELIVERED_TO.get(self.mode, self.mode)}, "
             f"{self.outbox.waiting} waiting in the spool for the next start"

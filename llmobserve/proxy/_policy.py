@@ -836,7 +836,11 @@ class TargetPolicy:
             if why is not None:
                 raise TargetRefused(
                     "not_allowed",
-                    f"{_show(target.host)} resolves to a {why} address",
+                    f"{_show(target.host)} resolves to a {why} address"
+                    # what the proxy's operator can do about it (the first
+                    # thing a newcomer with a local fake upstream meets)
+                    " (the proxy admits one with --provider-host HOST:PORT=PROVIDER,"
+                    " --allow-host or --allow-cidr)",
                 )
         return ResolvedTarget(target, addresses[0], tuple(addresses), hint)
 

@@ -223,7 +223,7 @@ def test_cli_budgets_and_report(db: str, capsys: Any) -> None:
     assert '"spend_usd": 5.75' in text and '"remaining_usd": 4.25' in text
     out = io.StringIO()
     assert main(["report", *where], out) == 0
-    assert "acme: $5.75 of $10 (58%) this total" in out.getvalue()
+    assert "acme: $5.75 of $10 (58%) so far; $10 in total," in out.getvalue()
     assert main(["budgets", "delete", "acme", *where], out) == 0
     assert main(["budgets", "delete", "acme", *where], out) == 1
     assert "no budget named 'acme'" in capsys.readouterr().err

@@ -374,7 +374,7 @@ async def test_the_stop_summary_counts_calls_not_forwarded_apart(tmp_path: Path)
     await eventually(lambda: len(s.stored()) == 3)
     line = s.sink.stop_summary(3)
     await s.sink.stopService()
-    assert line.startswith("llmobserve proxy stopped: 1 calls, $")
+    assert line.startswith("llmobserve proxy stopped: 1 call, $")
     assert line.endswith(
         "unpriced, 2 refused or not forwarded; events: 3 delivered to the embedded store, "
         "0 waiting in the spool for the next start"
@@ -398,7 +398,7 @@ async def test_the_stop_summary_counts_budget_refusals_apart(tmp_path: Path) -> 
     await eventually(lambda: len(s.stored()) == 3)
     line = s.sink.stop_summary(3)
     await s.sink.stopService()
-    assert line.startswith("llmobserve proxy stopped: 1 calls, $")
+    assert line.startswith("llmobserve proxy stopped: 1 call, $")
     assert ", 0 unpriced, 2 refused or not forwarded; " in line
 
 

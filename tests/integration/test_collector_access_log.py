@@ -1,7 +1,7 @@
 """The collector's access log leaves out what its proxies ask on their own.
 
-A proxy linked to a collector reads C{GET /api/budgets} and takes grants
-(C{POST /api/budgets/grants}) every second whether or not any budget is
+A proxy linked to a collector reads C{GET /api/budgets} and C{GET
+/api/limits} and takes grants (C{POST /api/budgets/grants}) every second whether or not any budget is
 defined: each was one access-log line, so a collector with ten proxies wrote
 864,000 lines a day. Those polls are not logged when they succeed; any other
 request (and a poll that failed) is, as before.
@@ -66,4 +66,5 @@ def test_the_proxies_polls_are_not_in_the_access_log(tmp_path: Path) -> None:
     assert '"POST /api/budgets HTTP/1.1" 200' in log
     assert '"GET /api/report HTTP/1.1" 200' in log
     assert "GET /api/budgets" not in log
+    assert "GET /api/limits" not in log
     assert "/api/budgets/grants" not in log

@@ -180,6 +180,16 @@ def test_non_public_targets_are_not_allowed(url: str) -> None:
     assert refused.message.isprintable() and refused.message.isascii()
 
 
+def test_a_denied_address_names_the_options_that_admit_it() -> None:
+    """A newcomer pointing the proxy at a fake upstream on 127.0.0.1 reads
+    what to start the proxy with, not only why it refused."""
+    policy, _ = make_policy()
+    message = refusal(policy, "http://127.0.0.1:8080/").message
+    assert "loopback" in message
+    for option in ("--provider-host", "--allow-host", "--allow-cidr"):
+        assert option in message
+
+
 @pytest.mark.parametrize(
     ("address", "why"),
     [
