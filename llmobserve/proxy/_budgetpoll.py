@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -98,8 +99,11 @@ class BudgetPoller(Service):
         self._busy = False
         self._outages = 0
         self._no_limits_route = False
+        #: calls waiting for the next grant exchange (L{next_grants})
+        self._waiters: list[Deferred[None]] = []
         if ledger.shared:
             ledger.on_low = self.kick
+            ledger.next_grants = self.next_grants
 
     def load_now(self) -> None:
         """Load once, synchronously (start-up: a restart never resets a budget;
@@ -287,6 +291,8 @@ class BudgetPoller(Service):
         if self._busy:
             return None
         self._busy = True
+        # these calls' wants are in this snapshot: this exchange answers them
+        waiters, self._waiters = self._waiters, []
         snapshot, rates, wants = self._snapshots() if self.ledger.shared else ({}, [], {})
         d = deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
@@ -301,9 +307,26 @@ class BudgetPoller(Service):
 
         def done(result: object) -> None:
             self._busy = False
+            _fire(waiters)
+            if self._waiters:  # asked for while this exchange was under way
+                self.kick()
 
         d.addBoth(done)
         return d
+
+    def next_grants(self) -> Deferred[None]:
+        """A Deferred that fires once a grant exchange started from now on
+        has ended (the ledger holds what it granted), or failed, or taken
+        longer than the read's timeout and a second more; the exchange is
+        asked for at once. A call refused only by this process's share of a
+        shared budget waits for it before it is refused (see the relay)."""
+        if not self.running:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        waiter.addTimeout(self._timeout + 1.0, self._reactor)
+        self._waiters.append(waiter)
+        self.kick()
+        return waiter
 
     def _applied(self, result: _Read) -> None:
         self._outages = 0
@@ -385,6 +408,8 @@ class BudgetPoller(Service):
 
     def stopService(self) -> Any:
         super().stopService()  # type: ignore[no-untyped-call]  # inherited from unannotated Twisted
+        waiters, self._waiters = self._waiters, []
+        _fire(waiters)  # no exchange comes now: they are refused as they stand
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._pool.stop()
@@ -406,3 +431,10 @@ class BudgetPoller(Service):
             self._book.close()
             self._book = None
         return None
+
+
+def _fire(waiters: list[Deferred[None]]) -> None:
+    """Fire the waiters that have not timed out."""
+    for waiter in waiters:
+        if not waiter.called:
+            waiter.callback(None)

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import attrs
 
 from llmobserve.collector import Budget, RateLimit, scope_matches
 from llmobserve.money import usd_fixed
 from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 __all__ = [
     "BudgetHold",
@@ -347,6 +350,11 @@ class BudgetLedger:
         self.shared = shared
         #: called when a shared budget's grant runs low (ask the store for more)
         self.on_low: Callable[[], None] | None = None
+        #: shared budgets: a Deferred that fires once the next grant exchange
+        #: (asked for now) has ended, or failed, or taken too long: a call
+        #: refused only by this process's share waits for it and is checked
+        #: again, as the store may grant the room (the poller sets it)
+        self.next_grants: Callable[[], Deferred[None]] | None = None
         #: the collector cannot be reached: budgets with fail=open let calls through
         self.outage = False
         self._accounts: list[_Account] = []

@@ -27,13 +27,14 @@ from llmobserve.proxy._bodytap import BodyTap
 from llmobserve.proxy._budgets import (
     REMAINING_HEADER as _REMAINING_HEADER,
 )
-from llmobserve.proxy._budgets import BudgetHold, BudgetLedger
+from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, ScopeKey
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._config import RelayConfig
 from llmobserve.proxy._errors import prepare_error, write_error
 from llmobserve.proxy._gqllimits import GraphQLLimits
 from llmobserve.proxy._headers import RequestHead, client_response_headers
 from llmobserve.proxy._policy import ResolvedTarget, Target, TargetPolicy, TargetRefused
+from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
 from llmobserve.proxy._states import StateEnum, Transitions
 from llmobserve.proxy._streaming import finish_early, pause_client, resume_client
 from llmobserve.proxy._streamusage import StreamUsagePolicy, UsageInjection
@@ -366,36 +367,66 @@ class Relay:
             now,
         )
         context = head.context()
-        verdict = ledger.reserve(
-            # the call's scope: a CallScope's fields, as a plain tuple
-            (
-                provider,
-                model,
-                context.customer_id,
-                context.tenant_id,
-                context.section_path or context.section,
-                head.project,  # the project of the key the call came with
-            ),
-            cost,
-            # the most input + output tokens, for tokens-per-minute limits
-            None if input_tokens is None or output_tokens is None else input_tokens + output_tokens,
-            now,
+        # the call's scope: a CallScope's fields, as a plain tuple
+        scope = (
+            provider,
+            model,
+            context.customer_id,
+            context.tenant_id,
+            context.section_path or context.section,
+            head.project,  # the project of the key the call came with
         )
+        # the most input + output tokens, for tokens-per-minute limits
+        tokens = (
+            None if input_tokens is None or output_tokens is None else input_tokens + output_tokens
+        )
+        verdict = ledger.reserve(scope, cost, tokens, now)
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
-            if verdict.retry_after is not None:
-                self._request.responseHeaders.setRawHeaders(
-                    b"Retry-After", [b"%d" % verdict.retry_after]
-                )
-            self._fail_before_response(
-                verdict.status,
-                verdict.kind,
-                verdict.message(),
-                Outcome.BUDGET_REFUSED,
-                extra={verdict.detail_key: verdict.detail()},
-            )
+            if (
+                type(verdict) is not BudgetRefusal
+                or verdict.share_usd is None
+                or ledger.next_grants is None
+                or ledger.outage
+            ):
+                self._refuse(verdict)
+                return
+            # refused only by this process's share of a shared budget: the
+            # store may grant the room, so wait for the next grant exchange
+            # (asked for now) and check once more before refusing
+            waited = ledger.next_grants()
+            waited.addBoth(self._check_again, scope, cost, tokens)
             return
         self._hold = verdict
         self._connect()
+
+    def _check_again(
+        self, _: object, scope: ScopeKey, cost: float | None, tokens: int | None
+    ) -> None:
+        """After a grant exchange (or its timeout): reserve the call again,
+        and refuse it this time if it still does not fit."""
+        ledger = self._s.budgets
+        if self.state is _ENDED or ledger is None:  # the client left meanwhile
+            return
+        verdict = ledger.reserve(scope, cost, tokens)
+        if not isinstance(verdict, BudgetHold):
+            self._refuse(verdict)
+            return
+        self._hold = verdict
+        self._connect()
+
+    def _refuse(self, verdict: BudgetRefusal | RateRefusal) -> None:
+        """Answer a budget's 402 or a rate limit's 429; the call goes nowhere."""
+        if verdict.retry_after is not None:
+            self._request.responseHeaders.setRawHeaders(
+                b"Retry-After", [b"%d" % verdict.retry_after]
+            )
+        self._fail_before_response(
+            verdict.status,
+            verdict.kind,
+            verdict.message(),
+            Outcome.BUDGET_REFUSED,
+            extra={verdict.detail_key: verdict.detail()},
+        )
 
     def _graphql_refused(self, body: bytes | None) -> bool:
         """Refuse (400 graphql_limit) a GraphQL query over its host's limit."""

@@ -602,6 +602,54 @@ def test_proxies_on_one_collector_share_its_budgets_and_fail_closed(
             assert len(oa.requests) == admitted
 
 
+def test_a_proxy_alone_on_a_collector_waits_for_a_grant_instead_of_refusing(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """A proxy holds a slice of a collector's budget (a quarter of the limit
+    when alone). A burst of 16 concurrent calls worth about half the limit
+    used to get 402 for every call past the slice (about 9 of them), though
+    the budget had room: a call refused only by this process's share now
+    waits for the grant exchange it asks for, and is checked again. The
+    limit still holds: calls go on until it refuses them, and the recorded
+    spend stays within it."""
+    import openai
+    from support.proxy import CollectorProcess
+
+    oa, an = upstreams
+    with CollectorProcess(workdir=tmp_path / "c") as collector:
+        args = ["--name", "cap", "--limit-usd", "0.05", "--window", "total"]
+        assert cli(["budgets", "set", *args, "--collector", collector.url]) == 0
+        with _proxy(tmp_path / "a", oa, an, ["--collector", collector.url]) as proxy:
+
+            async def one(client: Any) -> int:
+                try:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=2000,  # about $0.0014 at worst, and used whole
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                except openai.APIStatusError as e:
+                    return e.status_code
+                return 200
+
+            async def burst(n: int) -> list[int]:
+                async with openai.AsyncOpenAI(
+                    api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0
+                ) as client:
+                    return list(await asyncio.gather(*(one(client) for _ in range(n))))
+
+            first = asyncio.run(burst(16))
+            assert first == [200] * 16, first
+            later = [asyncio.run(burst(1))[0] for _ in range(40)]
+            assert 402 in later
+            admitted = 16 + later.count(200)
+            events = _wait_events(Path(collector.db), 16 + 40)
+            spend = sum(e["cost_usd"] or 0 for e in events)
+            print(f"alone on a collector: admitted {admitted}, spend ${spend:.6f} of $0.05")
+            assert spend <= 0.05
+            assert spend > 0.05 - 2 * 0.0014  # refused only when the limit had no room
+
+
 def test_a_proxy_without_its_collector_spends_only_its_grant(
     tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
 ) -> None:

@@ -44,7 +44,11 @@ class _Collector(BaseHTTPRequestHandler):
         else:
             self._answer({"budgets": [CAP.as_dict()]})
 
+    #: grant exchanges answered (POST /api/budgets/grants)
+    exchanges = 0
+
     def do_POST(self) -> None:
+        type(self).exchanges += 1
         sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         grants = {r["budget"]: [r["window"], 250_000_000] for r in sent["reports"]}
         self._answer({"grants": grants})
@@ -102,5 +106,29 @@ async def test_a_running_poller_moves_to_the_next_collector(second: str) -> None
             lambda: isinstance(ledger.reserve(GPT, 0.01), BudgetHold),
             what="a call admitted on the second collector's grant",
         )
+    finally:
+        poller.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_grants_asks_for_an_exchange_now_and_fires_when_it_ends(second: str) -> None:
+    """A call refused only by this process's share waits on C{next_grants()}
+    (the relay): the exchange is asked for at once, not at the poll's next
+    tick (an hour away here), and the wait ends when it has. A poller that
+    is not running has no exchange to wait for."""
+    import time
+
+    from twisted.internet import reactor
+
+    ledger = BudgetLedger(reactor.seconds, shared=True)
+    poller = BudgetPoller(reactor, ledger, None, collector_url=second, interval=3600)
+    assert poller.next_grants().called
+    poller.load_now()
+    poller.startService()
+    try:
+        before, t0 = _Collector.exchanges, time.monotonic()
+        await poller.next_grants()
+        assert _Collector.exchanges == before + 1
+        assert time.monotonic() - t0 < 2.0
     finally:
         poller.stopService()
