@@ -101,6 +101,10 @@ class BudgetPoller(Service):
         self._no_limits_route = False
         #: calls waiting for the next grant exchange (L{next_grants})
         self._waiters: list[Deferred[None]] = []
+        #: the exchange under way: its waiters, and the ledger's C{asks}
+        #: when its snapshot was taken (a refusal up to it is in that one)
+        self._inflight: list[Deferred[None]] = []
+        self._asks_sent = -1
         if ledger.shared:
             ledger.on_low = self.kick
             ledger.next_grants = self.next_grants
@@ -293,6 +297,7 @@ class BudgetPoller(Service):
         self._busy = True
         # these calls' wants are in this snapshot: this exchange answers them
         waiters, self._waiters = self._waiters, []
+        self._inflight, self._asks_sent = waiters, self.ledger.asks
         snapshot, rates, wants = self._snapshots() if self.ledger.shared else ({}, [], {})
         d = deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
@@ -324,8 +329,13 @@ class BudgetPoller(Service):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         waiter.addTimeout(self._timeout + 1.0, self._reactor)
-        self._waiters.append(waiter)
-        self.kick()
+        if self._busy and self.ledger.asks <= self._asks_sent:
+            # the refusal that led here started the exchange under way (the
+            # ledger asks at once): that exchange carries its want
+            self._inflight.append(waiter)
+        else:
+            self._waiters.append(waiter)
+            self.kick()
         return waiter
 
     def _applied(self, result: _Read) -> None:

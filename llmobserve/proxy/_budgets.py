@@ -355,6 +355,9 @@ class BudgetLedger:
         #: refused only by this process's share waits for it and is checked
         #: again, as the store may grant the room (the poller sets it)
         self.next_grants: Callable[[], Deferred[None]] | None = None
+        #: refusals by a share so far: an exchange whose snapshot was taken
+        #: at this count carries the wants of every one of them
+        self.asks = 0
         #: the collector cannot be reached: budgets with fail=open let calls through
         self.outage = False
         self._accounts: list[_Account] = []
@@ -612,6 +615,7 @@ class BudgetLedger:
                 want = _nano_up(worst)
                 if want > account.wanted:
                     account.wanted = want
+            self.asks += 1  # before on_low: the exchange it starts carries this want
             if self.on_low is not None:
                 self.on_low()  # the store may grant more for the next call
         return account.refusal(worst, reason)

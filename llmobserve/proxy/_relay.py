@@ -384,35 +384,49 @@ class Relay:
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if (
                 type(verdict) is not BudgetRefusal
-                or verdict.share_usd is None
+                or verdict.share_usd is None  # the limit itself refused
+                or verdict.worst_case_usd is None  # no price: a grant changes nothing
                 or ledger.next_grants is None
                 or ledger.outage
             ):
                 self._refuse(verdict)
                 return
             # refused only by this process's share of a shared budget: the
-            # store may grant the room, so wait for the next grant exchange
-            # (asked for now) and check once more before refusing
+            # store may grant the room, so wait for the grant exchange the
+            # refusal asked for and check once more before refusing. The
+            # wait stands where a connection being made would: nothing else
+            # connects the call meanwhile, and an abort cancels it.
             waited = ledger.next_grants()
+            self._connecting = waited
             waited.addBoth(self._check_again, scope, cost, tokens)
+            waited.addErrback(self._check_failed)
             return
         self._hold = verdict
         self._connect()
 
     def _check_again(
-        self, _: object, scope: ScopeKey, cost: float | None, tokens: int | None
+        self, result: object, scope: ScopeKey, cost: float | None, tokens: int | None
     ) -> None:
         """After a grant exchange (or its timeout): reserve the call again,
         and refuse it this time if it still does not fit."""
+        self._connecting = None
         ledger = self._s.budgets
         if self.state is _ENDED or ledger is None:  # the client left meanwhile
             return
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return  # aborted (the relay ends): not a timeout
         verdict = ledger.reserve(scope, cost, tokens)
         if not isinstance(verdict, BudgetHold):
             self._refuse(verdict)
             return
         self._hold = verdict
         self._connect()
+
+    def _check_failed(self, failure: Failure) -> None:
+        """The check after a grant exchange raised: answered, never left hanging."""
+        _log.failure("budget check after a grant exchange failed", failure)
+        if self.state is not _ENDED:
+            self._fail_before_response(500, "internal_error", "internal error", Outcome.PROXY_ERROR)
 
     def _refuse(self, verdict: BudgetRefusal | RateRefusal) -> None:
         """Answer a budget's 402 or a rate limit's 429; the call goes nowhere."""
@@ -589,6 +603,8 @@ class Relay:
             body = usage.finish()
             if body:
                 self._forward_body_chunk(body)
+                if self.state is _ENDED:  # refused on the way (the budgets saw it all)
+                    return
             self._body_done = True
             if self._gate:  # the budgets see the whole body first
                 self._check_budgets()
@@ -610,6 +626,8 @@ class Relay:
         way; the connection waited for it when the target was checked first."""
         if body:
             self._forward_body_chunk(body)
+        if self.state is _ENDED:  # refused on the way (the budgets saw it all)
+            return
         if self._resolved is not None and self._conn is None and self._connecting is None:
             if self._gate:  # the budgets see the whole body first
                 self._check_budgets()

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 
 from llmobserve.collector import Budget
 from llmobserve.proxy._budgetpoll import BudgetPoller
-from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, CallScope
+from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, BudgetRefusal, CallScope
 
 T0 = 1_750_000_000.0
 CAP = Budget("cap", 1.0, "day")
@@ -130,5 +130,35 @@ async def test_next_grants_asks_for_an_exchange_now_and_fires_when_it_ends(secon
         await poller.next_grants()
         assert _Collector.exchanges == before + 1
         assert time.monotonic() - t0 < 2.0
+    finally:
+        poller.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_waits_for_the_exchange_it_started_not_the_one_after(
+    second: str,
+) -> None:
+    """The refusal asks for an exchange at once (the ledger's C{on_low}),
+    carrying the call's want; the relay's wait that follows joins that
+    exchange instead of queueing behind it (two round trips inside a
+    timeout sized for one)."""
+    from twisted.internet import reactor
+
+    ledger = BudgetLedger(reactor.seconds, shared=True)
+    poller = BudgetPoller(reactor, ledger, None, collector_url=second, interval=3600)
+    poller.load_now()
+    poller.startService()
+    try:
+        while isinstance(ledger.reserve(GPT, 0.05), BudgetHold):  # spend the $0.25 grant
+            pass
+        # the top-ups asked for while it ran down (fewer than four calls left)
+        await eventually(lambda: not poller._busy, what="the exchanges under way to end")
+        before = _Collector.exchanges
+        refused = ledger.reserve(GPT, 0.05)
+        assert isinstance(refused, BudgetRefusal) and refused.share_usd is not None
+        next_grants = ledger.next_grants
+        assert next_grants is not None
+        await next_grants()
+        assert _Collector.exchanges == before + 1
     finally:
         poller.stopService()
