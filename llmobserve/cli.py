@@ -293,6 +293,8 @@ def write_table(
     if not rows or (not by and rows[0].get("calls", 0) == 0):
         out.write(f"{none}\n")
         return
+    if not_forwarded:  # they cost nothing: not "unpriced", whose cost is unknown
+        rows = [{**r, "cost_usd": 0.0, "unpriced_calls": 0} for r in rows]
     headings = [*by, *(_HEADINGS[k] for k in _TABLE_SUMS)]
     lines: list[list[str]] = []
     for r in rows:
@@ -328,7 +330,7 @@ def write_table(
             " stream reported no usage, tokens counted by the proxy (usage_source estimated).\n"
         )
     unpriced = sum(r.get("unpriced_calls") or 0 for r in rows)
-    if unpriced and not not_forwarded:
+    if unpriced:
         out.write(
             f"\n{unpriced} call(s) had no known price: their cost is not in the sums "
             "(never counted as $0).\n"

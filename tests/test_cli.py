@@ -142,6 +142,8 @@ def test_report_prints_refused_calls_on_their_own_line(tmp_path: Path) -> None:
     code, text = run("report", "--db", str(path), "--outcome", "refused")
     assert code == 0 and "no known price" not in text
     assert text.splitlines()[-1] == "refused: the proxy answered these itself, they cost nothing."
+    calls, cost, _, _, unpriced = text.splitlines()[2].split()[-5:]
+    assert (calls, cost, unpriced) == ("2", "$0", "0")
 
 
 def test_report_csv(db: Path) -> None:
