@@ -419,6 +419,8 @@ class Relay:
         if not isinstance(verdict, BudgetHold):
             self._refuse(verdict)
             return
+        # the event says why this call's overhead includes a grant's round trip
+        verdict.flags += ("budget_waited",)
         self._hold = verdict
         self._connect()
 

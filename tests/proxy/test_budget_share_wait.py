@@ -79,6 +79,12 @@ def test_the_call_waits_unconnected_and_goes_once_the_grant_has_room() -> None:
     shared.grant(250_000_000)  # $0.25
     assert shared.proxy.connects() == 1
     assert shared.ledger.grant_snapshot()["cap"][2] > 0  # held while it is in flight
+    upstream = shared.proxy.accept_upstream()
+    upstream.send(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    (txn,) = shared.proxy.sink.transactions
+    assert txn.budget_hold is not None and "budget_waited" in txn.budget_hold.flags
 
 
 def test_the_call_is_refused_when_the_exchange_brings_no_room() -> None:
