@@ -361,7 +361,38 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
-    def _spans(self, request: Any) -> bytes:
+    def _spans(self, request: Any) -> Any:
+        """C{POST /spans}; where clients need a key for their calls, their
+        spans need one too (an ingest key: they become events)."""
+        gate = self._key_gate
+        if gate is None:
+            return self._take_spans(request)
+        key = request.getHeader(b"x-llmobserve-key")
+        if key is None:
+            kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+            key = value.strip() if kind.lower() == b"bearer" else None
+        verdict = gate.cached(key)
+        if verdict is not None:
+            return self._spans_with(request, verdict)
+        gate.check(key).addCallback(self._spans_decided, request)
+        return server.NOT_DONE_YET
+
+    def _spans_decided(self, verdict: ClientVerdict, request: Any) -> None:
+        if request.finished or client_gone(request):
+            return
+        body = self._spans_with(request, verdict)
+        if body is not server.NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _spans_with(self, request: Any, verdict: ClientVerdict) -> Any:
+        if not verdict.allows("ingest"):
+            status, kind, message = _key_refusal(verdict, "ingest")
+            write_error(request, status, kind, message)
+            return server.NOT_DONE_YET
+        return self._take_spans(request)
+
+    def _take_spans(self, request: Any) -> bytes:
         data = request.content.read(_MAX_SPANS_BODY + 1)
         if len(data) > _MAX_SPANS_BODY:
             write_error(request, 413, "body_too_large", "span batch too large")

@@ -104,7 +104,7 @@ def _route_through(
         exclude_hosts=exclude_hosts,
         api_key=api_key,
     )
-    shipper = _spans.SpanShipper(config.proxy_url)
+    shipper = _spans.SpanShipper(config.proxy_url, config.api_key)
     _spans.use(shipper)
     _context.set_span_sink(shipper)
     ROUTER.configure(config)

@@ -32,8 +32,13 @@ INTERVAL = 0.5
 class SpanShipper:
     """A bounded queue of span records and the thread that posts them."""
 
-    def __init__(self, proxy_url: str) -> None:
+    def __init__(self, proxy_url: str, api_key: str | None = None) -> None:
         self.proxy_url = proxy_url.rstrip("/")
+        #: sent as C{X-LLMObserve-Key}: a proxy that requires keys for calls
+        #: requires one for spans too
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["X-LLMObserve-Key"] = api_key
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -96,7 +101,7 @@ class SpanShipper:
         conn = http.client.HTTPConnection(host_port, timeout=timeout)
         try:
             body = json.dumps(batch, separators=(",", ":")).encode()
-            conn.request("POST", "/spans", body, {"Content-Type": "application/json"})
+            conn.request("POST", "/spans", body, self._headers)
             response = conn.getresponse()
             response.read()
             if response.status >= 300:

@@ -124,6 +124,21 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(request, timeout=5)
             assert refused.value.code == (403 if key == good else 401)
+        # the SDK's spans become events too: the same key as the calls
+        for key, status in ((None, 401), (read, 401), (good, 202)):
+            span = json.dumps([{"span_id": f"s-{status}", "section": "plan", "ts": 1.0}])
+            request = urllib.request.Request(
+                proxy.url + "/spans",
+                data=span.encode(),
+                headers={"Content-Type": "application/json"}
+                | ({"X-LLMObserve-Key": key} if key else {}),
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answered:
+                    got = answered.status
+            except urllib.error.HTTPError as refused_span:
+                got = refused_span.code
+            assert got == status, (key, got)
         assert _cli("keys", "revoke", "app", "--db", str(db)).returncode == 0
         _wait_for(lambda: _call(proxy, upstream, good).status == 401, 10, "the revoked key refused")
         log = proxy.log_text()

@@ -1,10 +1,11 @@
 """The collector's access log leaves out what its proxies ask on their own.
 
 A proxy linked to a collector reads C{GET /api/budgets} and C{GET
-/api/limits} and takes grants (C{POST /api/budgets/grants}) every second whether or not any budget is
-defined: each was one access-log line, so a collector with ten proxies wrote
-864,000 lines a day. Those polls are not logged when they succeed; any other
-request (and a poll that failed) is, as before.
+/api/limits} and takes grants (C{POST /api/budgets/grants}) every second
+whether or not any budget is defined: each was one access-log line, so a
+collector with ten proxies wrote 864,000 lines a day. Those polls are not
+logged when they succeed; any other request (and a poll that failed) is,
+as before.
 """
 
 from __future__ import annotations

@@ -177,6 +177,20 @@ def test_sections_are_shipped_to_the_proxy(fake_proxy: RecordingUpstream) -> Non
     assert posted[0].header("Content-Type") == b"application/json"
 
 
+def test_sections_carry_the_key_the_calls_carry(fake_proxy: RecordingUpstream) -> None:
+    """observe(api_key=...): a proxy that requires keys for calls requires
+    one for spans too, so the shipper sends the same X-LLMObserve-Key."""
+    fake_proxy.respond_with(
+        Response(202, [("Content-Type", "application/json")], b'{"accepted":1}')
+    )
+    llmobserve.observe(proxy_url=fake_proxy.url, api_key="llmo_spans_key")
+    with llmobserve.section("plan"):
+        pass
+    llmobserve.shutdown()  # flushes
+    posted = [r for r in fake_proxy.requests if r.target == b"/spans"]
+    assert posted and all(r.header("X-LLMObserve-Key") == b"llmo_spans_key" for r in posted)
+
+
 def test_sections_wait_while_proxy_is_down_then_go() -> None:
     """Spans queued while the proxy is unreachable are sent once it is back."""
     from llmobserve.sdk._spans import SpanShipper
