@@ -45,6 +45,12 @@ class ProxyMetrics:
             ("llmobserve_requests_total", "counter", "Requests relayed", stats["requests_total"]),
             ("llmobserve_requests_in_flight", "gauge", "Requests in flight", stats["in_flight"]),
             (
+                "llmobserve_requests_key_refused_total",
+                "counter",
+                "Calls refused for their client key (401/403/503), not forwarded",
+                stats.get("key_refused_total", 0),
+            ),
+            (
                 "llmobserve_upstream_idle_connections",
                 "gauge",
                 "Idle pooled upstream connections",

@@ -140,7 +140,9 @@ class RelayServices:
         self.pool = pool
         self.sink = sink
         self.deadlines = DeadlineSweeper(clock)
-        self.stats: dict[str, int] = {"in_flight": 0, "requests_total": 0}
+        #: C{key_refused_total}: calls answered 401/403/503 for their client
+        #: key (not relayed: no event, see ProxyResource._refuse_key)
+        self.stats: dict[str, int] = {"in_flight": 0, "requests_total": 0, "key_refused_total": 0}
 
 
 class RelayState(StateEnum):

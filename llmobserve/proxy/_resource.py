@@ -17,6 +17,7 @@ arrive.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -102,6 +103,7 @@ class ProxyResource:
         self._guard = host_guard or HostGuard()
         self._started = time.time()
         self._exposition: MetricsExposition | None = None  # made on the first scrape
+        self._key_log = _KeyRefusalLog()
 
     # IResource
 
@@ -300,8 +302,12 @@ class ProxyResource:
         return waiting
 
     def _refuse_key(self, request: Any, verdict: ClientVerdict) -> None:
+        """A call without a valid client key: answered, counted and logged,
+        not stored (an unauthenticated client cannot write to the store)."""
         status, kind, message = _key_refusal(verdict, "ingest")
         write_error_early(request, status, kind, message, self._s.clock)
+        self._s.stats["key_refused_total"] += 1
+        self._key_log.note(self._s.clock.seconds(), request, status, kind)
 
     # Routing
 
@@ -417,6 +423,31 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+
+class _KeyRefusalLog:
+    """One log line for a call refused for its key, at most one a second;
+    the refusals in between are counted on the next line."""
+
+    def __init__(self) -> None:
+        self._next = -math.inf
+        self._unlogged = 0
+
+    def note(self, now: float, request: Any, status: int, kind: str) -> None:
+        if now < self._next:
+            self._unlogged += 1
+            return
+        self._next = now + 1.0
+        more, self._unlogged = self._unlogged, 0
+        path = (request.uri or b"").split(b"?", 1)[0].decode("latin-1")  # a query may hold secrets
+        _log.info(
+            "{method} {path} -> {status} {kind} (client key), not forwarded{more}",
+            method=request.method.decode("latin-1"),
+            path=path[:200],
+            status=status,
+            kind=kind,
+            more=f"; and {more} more since the last such line" if more else "",
+        )
 
 
 def _key_refusal(verdict: ClientVerdict, scope: str) -> tuple[int, str, str]:

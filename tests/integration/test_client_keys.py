@@ -101,6 +101,20 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
             assert response.header("x-llmobserve-error") == b"unauthorized"
             assert json.loads(response.body)["error"]["type"] == "unauthorized"
         assert upstream.requests == []
+        # refused calls are not events (no client key, no write to the
+        # store), but the log and /metrics say so
+        with urllib.request.urlopen(proxy.url + "/metrics", timeout=5) as metrics:
+            counted = [
+                line
+                for line in metrics.read().decode().splitlines()
+                if line.startswith("llmobserve_requests_key_refused_total ")
+            ]
+        assert counted == ["llmobserve_requests_key_refused_total 3.0"]
+        _wait_for(
+            lambda: "-> 401 unauthorized (client key), not forwarded" in proxy.log_text(),
+            5,
+            "the refusal's log line",
+        )
         for _ in range(3):
             assert _call(proxy, upstream, good).status == 200
         assert len(upstream.requests) == 3
