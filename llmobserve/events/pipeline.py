@@ -262,10 +262,18 @@ class EventPipeline(Service):
     def problems(self) -> list[str]:
         """Why events are not being kept or stored right now (empty when
         all is well). A collector that is away is not one: the spool keeps
-        its events."""
+        its events, and they go when it is back; one that refuses this
+        proxy's key is (they never go until the key is fixed)."""
         out: list[str] = []
         if self.spool.error is not None:
             out.append(self.spool.error)
+        refused = getattr(self.delivery, "refused", None)
+        if refused is not None:
+            # kept in the spool, but never stored until someone fixes the key
+            out.append(
+                f"the collector refuses this proxy's link ({refused}): events wait in"
+                " the spool until it has a valid --collector-key"
+            )
         if isinstance(self.delivery, EmbeddedWriter) and self.delivery.error is not None:
             out.append(self.delivery.error)
         if self._gap_pending or self._lost_pending:

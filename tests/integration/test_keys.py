@@ -136,6 +136,10 @@ def test_a_link_without_a_good_key_keeps_its_events_until_the_key_is_fixed(
             assert health["collector"]["state"] != "connected"
             assert health["collector"]["refused"] == "unauthorized"
             assert health["events_waiting"] == CALLS
+            # a monitor reading only the status sees it: the events will not
+            # be stored until the key is fixed
+            assert health["status"] == "degraded"
+            assert any("--collector-key" in reason for reason in health["degraded"])
         assert _json(collector.url + "/health")["events_stored"] == 0
         assert "unauthorized" in collector.log_text()
         with _proxy(tmp_path, upstream, collector, "--collector-key", good, name="proxy") as proxy:
@@ -145,6 +149,7 @@ def test_a_link_without_a_good_key_keeps_its_events_until_the_key_is_fixed(
                 "the spool to drain",
             )
             assert _json(proxy.url + "/health")["collector"]["refused"] is None
+            assert _json(proxy.url + "/health")["status"] == "ok"
         admin = _new_key("--name", "admin", "--scope", "admin", "--db", str(db))
         events = _json(collector.url + "/api/events?limit=100", admin)["events"]
     assert len({e["id"] for e in events}) == len(events) == CALLS
