@@ -55,7 +55,7 @@ def refusal_message(verdict: Verdict, scope: str) -> str:
     """Why a verdict refuses C{scope}, never naming the key."""
     if verdict.reason is not None:
         return _MESSAGES.get(verdict.reason, "the API key is not valid")
-    return f"a {verdict.scope} key may not do this (needs {scope} or admin)"
+    return f"{_an(verdict.scope)} key may not do this (needs {scope} or admin)"
 
 
 class KeyVerifier:
@@ -255,3 +255,8 @@ class KeyGuardedResource(Resource):
         child = getChildForRequest(self._inner, request)
         result: bytes | int = child.render(request)
         return result
+
+
+def _an(word: str | None) -> str:
+    """C{a read}, C{an ingest}, C{an admin}."""
+    return f"an {word}" if (word or "")[:1] in ("a", "e", "i", "o", "u") else f"a {word}"

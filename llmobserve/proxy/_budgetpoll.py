@@ -350,10 +350,15 @@ class BudgetPoller(Service):
             self._outages += 1
             self.ledger.outage = True
             if self._outages in (1, 10) or self._outages % 300 == 0:
+                error = failure.value
+                refused = isinstance(error, urllib.error.HTTPError) and error.code in (401, 403)
                 _log.warn(
-                    "budgets: collector {url} unreachable ({n} reads): spending only"
-                    " what was granted",
+                    "budgets: collector {url} {what} ({n} reads): spending only what was granted",
                     url=self._collector,
+                    # a key it refuses is not a network outage: say which
+                    what=f"refuses this proxy's key (HTTP {error.code}, see --collector-key)"
+                    if refused
+                    else "unreachable",
                     n=self._outages,
                 )
             self._next_collector()

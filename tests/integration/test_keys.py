@@ -140,6 +140,13 @@ def test_a_link_without_a_good_key_keeps_its_events_until_the_key_is_fixed(
             # be stored until the key is fixed
             assert health["status"] == "degraded"
             assert any("--collector-key" in reason for reason in health["degraded"])
+            if fault != "read-scope":  # its budgets' reads are refused too (a read
+                # key may read them): said as such, not "unreachable"
+                _wait_for(
+                    lambda: "refuses this proxy's key (HTTP 401" in proxy.log_text(),
+                    10,
+                    "the budget reads' refusal in the log",
+                )
         assert _json(collector.url + "/health")["events_stored"] == 0
         assert "unauthorized" in collector.log_text()
         with _proxy(tmp_path, upstream, collector, "--collector-key", good, name="proxy") as proxy:

@@ -53,6 +53,8 @@ def test_scopes() -> None:
     assert ClientVerdict(None, None, "admin").allows("read")
     assert not ClientVerdict("revoked").allows("ingest")
     assert "revoked" in ClientVerdict("revoked").message("ingest")
+    assert GOOD.message("read") == "an ingest key may not do this (needs read or admin)"
+    assert ClientVerdict(None, None, "read").message("ingest").startswith("a read key ")
 
 
 class Relay:
