@@ -188,10 +188,13 @@ class CollectorService(MultiService):
         if ":" in h:
             h = f"[{h}]"
         self.log.info(
-            "llmobserve collector listening on {scheme}://{host}:{port}",
+            "llmobserve collector listening on {scheme}://{host}:{port}{keys}",
             scheme=self.scheme,
             host=h,
             port=getattr(host, "port", "?"),
+            keys="; keys required (links: an ingest key; /api and /dashboard: read or admin)"
+            if self.verifier is not None
+            else "",
         )
         self.listening.callback(port)
 

@@ -808,6 +808,14 @@ def makeService(options: Options) -> IService:
     )
     if options.get("known-hosts-only-forced"):
         _log.info("listening beyond loopback: --known-hosts-only is on")
+    if gate is not None:
+        _log.info(
+            "client keys required: calls and POST /spans need an ingest key in"
+            " X-LLMObserve-Key (checked {where}); /health and /metrics stay open",
+            where=f"by the collector {options['collector']}"
+            if options["collector"]
+            else f"against the keys of {sink.store_path}",
+        )
     budgets = _budget_poller(reactor, sink, services, options)
     workers = (
         WorkerProcesses(reactor, options["workers"], sys.argv) if options["workers"] > 1 else None

@@ -157,6 +157,7 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
         _wait_for(lambda: _call(proxy, upstream, good).status == 401, 10, "the revoked key refused")
         log = proxy.log_text()
     assert not any(k in log for k in (good, read))
+    assert "client keys required: calls and POST /spans need an ingest key" in log
 
 
 @pytest.mark.timeout(120)
