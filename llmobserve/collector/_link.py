@@ -231,7 +231,10 @@ class LinkServerProtocol(Protocol):
                 peer=self._peer(),
                 why=why,
             )
-        self._send({"t": "error", "reason": "unauthorized", "message": why})
+        # a key store it could not read is not a bad key: the proxy's /health
+        # blames its key only for "unauthorized"
+        reason = "key_check_unavailable" if verdict.reason == "unavailable" else "unauthorized"
+        self._send({"t": "error", "reason": reason, "message": why})
         self._open = False
         self._registry.links.discard(self)
         self._registry.budget.release(self)

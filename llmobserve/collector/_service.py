@@ -192,7 +192,8 @@ class CollectorService(MultiService):
             scheme=self.scheme,
             host=h,
             port=getattr(host, "port", "?"),
-            keys="; keys required (links: an ingest key; /api and /dashboard: read or admin)"
+            keys="; keys required (links: an ingest key; /api and /dashboard: a key of the"
+            " scope each route needs)"
             if self.verifier is not None
             else "",
         )

@@ -267,11 +267,12 @@ class EventPipeline(Service):
         out: list[str] = []
         if self.spool.error is not None:
             out.append(self.spool.error)
-        refused = getattr(self.delivery, "refused", None)
-        if refused is not None:
+        if getattr(self.delivery, "refused", None) == "unauthorized":
             # kept in the spool, but never stored until someone fixes the key
+            # (key_check_unavailable, the collector's key store unreadable for
+            # a while, is not: the link is tried again as after an outage)
             out.append(
-                f"the collector refuses this proxy's link ({refused}): events wait in"
+                "the collector refuses this proxy's link (unauthorized): events wait in"
                 " the spool until it has a valid --collector-key"
             )
         if isinstance(self.delivery, EmbeddedWriter) and self.delivery.error is not None:

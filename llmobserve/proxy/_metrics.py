@@ -47,7 +47,7 @@ class ProxyMetrics:
             (
                 "llmobserve_requests_key_refused_total",
                 "counter",
-                "Calls refused for their client key (401/403/503), not forwarded",
+                "Calls and span posts refused for their client key (401/503), not forwarded",
                 stats.get("key_refused_total", 0),
             ),
             (

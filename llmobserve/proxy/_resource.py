@@ -306,6 +306,10 @@ class ProxyResource:
         not stored (an unauthenticated client cannot write to the store)."""
         status, kind, message = _key_refusal(verdict, "ingest")
         write_error_early(request, status, kind, message, self._s.clock)
+        self._key_refused(request, status, kind)
+
+    def _key_refused(self, request: Any, status: int, kind: str) -> None:
+        """Count and log (at most a line a second) a refusal for a client key."""
         self._s.stats["key_refused_total"] += 1
         self._key_log.note(self._s.clock.seconds(), request, status, kind)
 
@@ -395,6 +399,7 @@ class ProxyResource:
         if not verdict.allows("ingest"):
             status, kind, message = _key_refusal(verdict, "ingest")
             write_error(request, status, kind, message)
+            self._key_refused(request, status, kind)
             return server.NOT_DONE_YET
         return self._take_spans(request)
 
@@ -440,10 +445,11 @@ class _KeyRefusalLog:
         self._next = now + 1.0
         more, self._unlogged = self._unlogged, 0
         path = (request.uri or b"").split(b"?", 1)[0].decode("latin-1")  # a query may hold secrets
+        path = "".join(c if c.isprintable() else "?" for c in path[:200])  # one line, always
         _log.info(
             "{method} {path} -> {status} {kind} (client key), not forwarded{more}",
             method=request.method.decode("latin-1"),
-            path=path[:200],
+            path=path,
             status=status,
             kind=kind,
             more=f"; and {more} more since the last such line" if more else "",

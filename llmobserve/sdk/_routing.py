@@ -161,7 +161,9 @@ class RoutingConfig:
             provider_hosts=dict(provider_hosts or {}),
             exclude_hosts=tuple(exclude_hosts),
             exempt=frozenset(exempt),
-            api_key=api_key or None,
+            # a key read from a file or a secret often ends in a newline: a
+            # header cannot carry it (and the error would print the key)
+            api_key=(api_key or "").strip() or None,
         )
 
     def _excluded(self, host: str, port: int) -> bool:

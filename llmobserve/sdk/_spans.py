@@ -37,8 +37,9 @@ class SpanShipper:
         #: sent as C{X-LLMObserve-Key}: a proxy that requires keys for calls
         #: requires one for spans too
         self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["X-LLMObserve-Key"] = api_key
+        key = (api_key or "").strip()
+        if key and key.isprintable():  # a header cannot carry a line break
+            self._headers["X-LLMObserve-Key"] = key
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -88,7 +89,10 @@ class SpanShipper:
                     log.warning(
                         "llmobserve: could not send sections to %s: %s (will retry)",
                         self.proxy_url,
-                        exc,
+                        # http.client's "invalid header value" would quote a header
+                        exc
+                        if not isinstance(exc, ValueError) or "proxy answered" in str(exc)
+                        else type(exc).__name__,
                     )
                 return False
             for _ in batch:
@@ -105,7 +109,12 @@ class SpanShipper:
             response = conn.getresponse()
             response.read()
             if response.status >= 300:
-                raise ValueError(f"proxy answered {response.status} to POST /spans")
+                hint = (
+                    " (a proxy that requires keys needs observe(api_key=...) or LLMOBSERVE_API_KEY)"
+                    if response.status == 401
+                    else ""
+                )
+                raise ValueError(f"proxy answered {response.status} to POST /spans{hint}")
         finally:
             conn.close()
 

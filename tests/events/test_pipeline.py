@@ -88,6 +88,27 @@ def test_sink_provides_the_interface(tmp_path: Path) -> None:
     sink.spool.close()
 
 
+def test_a_refused_link_key_degrades_health_a_key_store_outage_does_not(
+    tmp_path: Path,
+) -> None:
+    """A collector that refuses the link's key (unauthorized) keeps every
+    event in the spool for good, until the key is fixed: /health says so.
+    One that could not read its own keys for a while (key_check_unavailable)
+    is retried like an outage: no reason to page anyone about the key."""
+    sink, _ = make_event_sink(
+        reactor, collector_url="http://127.0.0.1:9", db_path=None, spool_dir=str(tmp_path)
+    )
+    assert isinstance(sink, EventPipeline)
+    link: Any = sink.delivery
+    link.refused = "unauthorized"
+    health = sink.health()
+    assert health["status"] == "degraded"
+    assert any("--collector-key" in reason for reason in health["degraded"])
+    link.refused = "key_check_unavailable"
+    assert "status" not in sink.health()
+    sink.spool.close()
+
+
 def test_sink_parses_in_one_thread_by_default(tmp_path: Path) -> None:
     """
     C{make_event_sink} gives the parse pool one thread unless told

@@ -149,7 +149,7 @@ def test_a_link_without_a_good_key_keeps_its_events_until_the_key_is_fixed(
                 )
         assert _json(collector.url + "/health")["events_stored"] == 0
         assert "unauthorized" in collector.log_text()
-        assert "; keys required (links: an ingest key" in collector.log_text()
+        assert "; keys required (links: an ingest key;" in collector.log_text()
         with _proxy(tmp_path, upstream, collector, "--collector-key", good, name="proxy") as proxy:
             _wait_for(
                 lambda: _json(proxy.url + "/health")["events_waiting"] == 0,

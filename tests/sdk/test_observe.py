@@ -183,7 +183,8 @@ def test_sections_carry_the_key_the_calls_carry(fake_proxy: RecordingUpstream) -
     fake_proxy.respond_with(
         Response(202, [("Content-Type", "application/json")], b'{"accepted":1}')
     )
-    llmobserve.observe(proxy_url=fake_proxy.url, api_key="llmo_spans_key")
+    # read from a file or a secret: a trailing newline, which no header can carry
+    llmobserve.observe(proxy_url=fake_proxy.url, api_key="llmo_spans_key\n")
     with llmobserve.section("plan"):
         pass
     llmobserve.shutdown()  # flushes
