@@ -176,12 +176,8 @@ class ProxyResource:
         gate = self._key_gate
         if gate is None:
             return getChildForRequest(self._api(), request).render(request)
-        # keys required: a read key (its project only) or an admin key, as
-        # X-LLMObserve-Key or Authorization: Bearer
-        key = request.getHeader(b"x-llmobserve-key")
-        if key is None:
-            kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
-            key = value.strip() if kind.lower() == b"bearer" else None
+        # keys required: a read key (its project only) or an admin key
+        key = _presented_key(request)
         if key is None and self._session_key is not None:  # GET only: never a CSRF
             key = self._session_key(request)
         verdict = gate.cached(key)
@@ -377,10 +373,7 @@ class ProxyResource:
         gate = self._key_gate
         if gate is None:
             return self._take_spans(request)
-        key = request.getHeader(b"x-llmobserve-key")
-        if key is None:
-            kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
-            key = value.strip() if kind.lower() == b"bearer" else None
+        key = _presented_key(request)
         verdict = gate.cached(key)
         if verdict is not None:
             return self._spans_with(request, verdict)
@@ -454,6 +447,16 @@ class _KeyRefusalLog:
             kind=kind,
             more=f"; and {more} more since the last such line" if more else "",
         )
+
+
+def _presented_key(request: Any) -> bytes | None:
+    """The key a request to the proxy's own routes shows: C{X-LLMObserve-Key},
+    else C{Authorization: Bearer}."""
+    key: bytes | None = request.getHeader(b"x-llmobserve-key")
+    if key is None:
+        kind, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+        key = value.strip() if kind.lower() == b"bearer" else None
+    return key
 
 
 def _key_refusal(verdict: ClientVerdict, scope: str) -> tuple[int, str, str]:
