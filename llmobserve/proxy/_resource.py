@@ -180,19 +180,32 @@ class ProxyResource:
         key = _presented_key(request)
         if key is None and self._session_key is not None:  # GET only: never a CSRF
             key = self._session_key(request)
+        return self._after_verdict(gate, request, key, self._api_with)
+
+    @staticmethod
+    def _after_verdict(
+        gate: ClientKeyGate,
+        request: Any,
+        key: bytes | None,
+        answer: Callable[[Any, ClientVerdict], Any],
+    ) -> Any:
+        """C{answer(request, verdict)} once the key's verdict is known: at
+        once when remembered, else when the check comes back (unless the
+        client left meanwhile)."""
         verdict = gate.cached(key)
         if verdict is not None:
-            return self._api_with(request, verdict)
-        gate.check(key).addCallback(self._api_decided, request)
-        return server.NOT_DONE_YET
+            return answer(request, verdict)
 
-    def _api_decided(self, verdict: ClientVerdict, request: Any) -> None:
-        if request.finished or client_gone(request):
-            return
-        body = self._api_with(request, verdict)
-        if body is not server.NOT_DONE_YET:
-            request.write(body)
-            request.finish()
+        def decided(verdict: ClientVerdict) -> None:
+            if request.finished or client_gone(request):
+                return
+            body = answer(request, verdict)
+            if body is not server.NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        gate.check(key).addCallback(decided)
+        return server.NOT_DONE_YET
 
     def _api_with(self, request: Any, verdict: ClientVerdict) -> Any:
         assert self._api is not None
@@ -373,20 +386,7 @@ class ProxyResource:
         gate = self._key_gate
         if gate is None:
             return self._take_spans(request)
-        key = _presented_key(request)
-        verdict = gate.cached(key)
-        if verdict is not None:
-            return self._spans_with(request, verdict)
-        gate.check(key).addCallback(self._spans_decided, request)
-        return server.NOT_DONE_YET
-
-    def _spans_decided(self, verdict: ClientVerdict, request: Any) -> None:
-        if request.finished or client_gone(request):
-            return
-        body = self._spans_with(request, verdict)
-        if body is not server.NOT_DONE_YET:
-            request.write(body)
-            request.finish()
+        return self._after_verdict(gate, request, _presented_key(request), self._spans_with)
 
     def _spans_with(self, request: Any, verdict: ClientVerdict) -> Any:
         if not verdict.allows("ingest"):
