@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
-__all__ = ["usd_fixed"]
+__all__ = ["NANO_PER_USD", "nano_up", "usd_fixed"]
+
+#: budgets count money in whole nano-dollars (exact sums)
+NANO_PER_USD = 1_000_000_000
 
 
 def usd_fixed(value: float | int) -> str:
@@ -17,3 +21,9 @@ def usd_fixed(value: float | int) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
+
+
+def nano_up(usd: float) -> int:
+    """C{usd} in whole nano-dollars, rounded up (a worst case is never held
+    short), forgiving the float noise of a product (C{0.0001989} is 198,900)."""
+    return math.ceil(usd * NANO_PER_USD - 1e-6)

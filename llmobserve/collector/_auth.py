@@ -29,6 +29,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
+from llmobserve._words import with_article
+
 from ._keys import MISSING, Verdict
 from ._sessions import DashboardSessions, clear_session_cookie, request_session_id
 from ._store import Store
@@ -55,7 +57,7 @@ def refusal_message(verdict: Verdict, scope: str) -> str:
     """Why a verdict refuses C{scope}, never naming the key."""
     if verdict.reason is not None:
         return _MESSAGES.get(verdict.reason, "the API key is not valid")
-    return f"{_an(verdict.scope)} key may not do this (needs {scope} or admin)"
+    return f"{with_article(verdict.scope)} key may not do this (needs {scope} or admin)"
 
 
 class KeyVerifier:
@@ -255,8 +257,3 @@ class KeyGuardedResource(Resource):
         child = getChildForRequest(self._inner, request)
         result: bytes | int = child.render(request)
         return result
-
-
-def _an(word: str | None) -> str:
-    """C{a read}, C{an ingest}, C{an admin}."""
-    return f"an {word}" if (word or "")[:1] in ("a", "e", "i", "o", "u") else f"a {word}"

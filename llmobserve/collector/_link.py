@@ -18,6 +18,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmobserve._loglimit import LogLimiter
 from llmobserve.events import (
     MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
@@ -29,7 +30,6 @@ from llmobserve.events import (
 from ._auth import KeyVerifier, refusal_message
 from ._budget import PartialFrameBudget
 from ._keys import Verdict
-from ._loglimit import LogLimiter
 from ._writer import BatchWriter
 
 __all__ = ["LinkRegistry", "LinkServerProtocol"]

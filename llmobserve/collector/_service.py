@@ -22,6 +22,7 @@ from twisted.web.http import Request
 from twisted.web.resource import Resource
 
 from llmobserve._exit import cannot_listen_text
+from llmobserve._loglimit import LogLimiter
 from llmobserve.hostguard import HostGuard, HostGuardedSite
 
 from ._auth import KeyGuardedResource, KeyVerifier
@@ -31,7 +32,6 @@ from ._http import collector_root
 from ._keyapi import KeysResource
 from ._link import LinkRegistry, LinkServerProtocol
 from ._login import DashboardGate
-from ._loglimit import LogLimiter
 from ._open import open_store
 from ._port import PortSwitchFactory
 from ._retain import Retention

@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._loglimit import LogLimiter
+from llmobserve._loglimit import LogLimiter
+
 from ._store import Store
 
 __all__ = ["BatchWriter", "JobRunner"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 import attrs
 
 from llmobserve.collector import Budget, RateLimit, scope_matches
-from llmobserve.money import usd_fixed
+from llmobserve.money import NANO_PER_USD, nano_up, usd_fixed
 from llmobserve.proxy._refusals import BudgetRefusal, RateRefusal
 
 if TYPE_CHECKING:
@@ -67,11 +67,7 @@ class CallScope(NamedTuple):
 #: Amounts are kept in whole nano-dollars: float sums drift (a hundred
 #: $0.01 calls add up to more than $1.00), integers do not. Reservations
 #: round up, limits down.
-_NANO: Final = 1_000_000_000
-
-
-def _nano_up(usd: float) -> int:
-    return math.ceil(usd * _NANO - 1e-6)
+_NANO: Final = NANO_PER_USD
 
 
 def _nano(usd: float) -> int:
@@ -581,7 +577,7 @@ class BudgetLedger:
         """Budget by budget: warn flags, unknown prices, fail-open in an
         outage, refusals, and every call of a scope with rate limits (the
         accounts' windows are current)."""
-        amount = 0 if worst is None else _nano_up(worst)
+        amount = 0 if worst is None else nano_up(worst)
         flags: tuple[str, ...] = ()
         for account in plan.accounts:
             b = account.budget
@@ -612,7 +608,7 @@ class BudgetLedger:
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None:
             if worst is not None:
-                want = _nano_up(worst)
+                want = nano_up(worst)
                 if want > account.wanted:
                     account.wanted = want
             self.asks += 1  # before on_low: the exchange it starts carries this want

@@ -36,6 +36,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llmobserve._words import with_article
 from llmobserve.proxy._streaming import pause_client, resume_client
 
 __all__ = [
@@ -75,7 +76,7 @@ class ClientVerdict:
     def message(self, scope: str) -> str:
         """Why it does not allow C{scope} (never the key)."""
         if self.reason is None:
-            return f"{_an(self.scope)} key may not do this (needs {scope} or admin)"
+            return f"{with_article(self.scope)} key may not do this (needs {scope} or admin)"
         return _MESSAGES.get(self.reason, "the key was not accepted")
 
 
@@ -293,8 +294,3 @@ class AwaitingKey:
         else:
             self._gone = True
             self._held = None
-
-
-def _an(word: str | None) -> str:
-    """C{a read}, C{an ingest}, C{an admin}."""
-    return f"an {word}" if (word or "")[:1] in ("a", "e", "i", "o", "u") else f"a {word}"

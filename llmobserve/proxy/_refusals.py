@@ -9,13 +9,12 @@ C{docs/BUDGETS.md}).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
 
 from llmobserve.collector import Budget, RateLimit
-from llmobserve.money import usd_fixed
+from llmobserve.money import NANO_PER_USD, nano_up, usd_fixed
 
 __all__ = ["BudgetRefusal", "RateRefusal"]
 
@@ -108,4 +107,4 @@ class RateRefusal:
 def _as_held(usd: float | None) -> float | None:
     """A worst case as the ledger holds it: rounded up to the nano-dollar
     (C{0.0001989}, not the product's C{0.00019890000000000002})."""
-    return None if usd is None else math.ceil(usd * 1e9 - 1e-6) / 1e9
+    return None if usd is None else nano_up(usd) / NANO_PER_USD

@@ -17,7 +17,6 @@ arrive.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from twisted.web.resource import IResource, getChildForRequest
 from zope.interface import implementer
 
 from llmobserve import __version__
+from llmobserve._loglimit import LogLimiter
 from llmobserve.hostguard import HostGuard
 from llmobserve.proxy._compat import client_gone
 from llmobserve.proxy._errors import write_error
@@ -103,7 +103,8 @@ class ProxyResource:
         self._guard = host_guard or HostGuard()
         self._started = time.time()
         self._exposition: MetricsExposition | None = None  # made on the first scrape
-        self._key_log = _KeyRefusalLog()
+        #: calls refused for their client key: a line each, then a count a second
+        self._key_log = LogLimiter(services.clock, burst=1, window=1.0)
 
     # IResource
 
@@ -320,7 +321,16 @@ class ProxyResource:
     def _key_refused(self, request: Any, status: int, kind: str) -> None:
         """Count and log (at most a line a second) a refusal for a client key."""
         self._s.stats["key_refused_total"] += 1
-        self._key_log.note(self._s.clock.seconds(), request, status, kind)
+        if not self._key_log.allow("calls refused for their client key"):
+            return
+        path = (request.uri or b"").split(b"?", 1)[0].decode("latin-1")  # a query may hold secrets
+        _log.info(
+            "{method} {path} -> {status} {kind} (client key), not forwarded",
+            method=request.method.decode("latin-1"),
+            path="".join(c if c.isprintable() else "?" for c in path[:200]),  # one line, always
+            status=status,
+            kind=kind,
+        )
 
     # Routing
 
@@ -421,32 +431,6 @@ class ProxyResource:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
-
-
-class _KeyRefusalLog:
-    """One log line for a call refused for its key, at most one a second;
-    the refusals in between are counted on the next line."""
-
-    def __init__(self) -> None:
-        self._next = -math.inf
-        self._unlogged = 0
-
-    def note(self, now: float, request: Any, status: int, kind: str) -> None:
-        if now < self._next:
-            self._unlogged += 1
-            return
-        self._next = now + 1.0
-        more, self._unlogged = self._unlogged, 0
-        path = (request.uri or b"").split(b"?", 1)[0].decode("latin-1")  # a query may hold secrets
-        path = "".join(c if c.isprintable() else "?" for c in path[:200])  # one line, always
-        _log.info(
-            "{method} {path} -> {status} {kind} (client key), not forwarded{more}",
-            method=request.method.decode("latin-1"),
-            path=path,
-            status=status,
-            kind=kind,
-            more=f"; and {more} more since the last such line" if more else "",
-        )
 
 
 def _presented_key(request: Any) -> bytes | None:

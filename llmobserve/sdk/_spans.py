@@ -38,7 +38,8 @@ class SpanShipper:
         #: requires one for spans too
         self._headers = {"Content-Type": "application/json"}
         key = (api_key or "").strip()
-        if key and key.isprintable():  # a header cannot carry a line break
+        if key.isascii() and key.isprintable() and key:
+            # what a header can carry (else http.client's error would quote it)
             self._headers["X-LLMObserve-Key"] = key
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = threading.Event()
@@ -89,10 +90,7 @@ class SpanShipper:
                     log.warning(
                         "llmobserve: could not send sections to %s: %s (will retry)",
                         self.proxy_url,
-                        # http.client's "invalid header value" would quote a header
-                        exc
-                        if not isinstance(exc, ValueError) or "proxy answered" in str(exc)
-                        else type(exc).__name__,
+                        exc,
                     )
                 return False
             for _ in batch:

@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver
 
+from llmobserve._loglimit import LogLimiter
 from llmobserve.collector._budget import PartialFrameBudget
 from llmobserve.collector._link import LinkRegistry, LinkServerProtocol
-from llmobserve.collector._loglimit import LogLimiter
 from llmobserve.collector._store import EventStore
 from llmobserve.collector._writer import BatchWriter
 from llmobserve.events._codec import (

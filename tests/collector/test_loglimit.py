@@ -7,7 +7,7 @@ from typing import Any, cast
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 
-from llmobserve.collector._loglimit import LogLimiter
+from llmobserve._loglimit import LogLimiter
 
 
 def _summaries(seen: list[dict[str, Any]]) -> list[tuple[str, int]]:
