@@ -219,7 +219,7 @@ class BudgetHold:
         without a call of its own.
     """
 
-    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "flags", "header")
+    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "_slice", "flags", "header")
 
     def __init__(
         self,
@@ -227,8 +227,10 @@ class BudgetHold:
         amount: int,
         left: int | None,
         flags: tuple[str, ...],
+        slice_: _Slice | None = None,
     ) -> None:
         self._plan = plan  # the scope's accounts then, and their windows
+        self._slice = slice_  # held on this slice of them (None: on each account)
         self._amount = amount  # held on each, nano-USD
         self._left = left  # nano-USD left in the tightest budget once held
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
@@ -273,6 +275,14 @@ class BudgetHold:
         else:
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             spent = 0 if spared else amount
+        held_on = self._slice
+        if held_on is not None and held_on.live:
+            # held on its plan's slice, still taken from the accounts: the
+            # rest goes back to the slice, the spend is written with it
+            # (a slice's holds have no rate limits: its plan has none)
+            held_on.avail += amount - spent
+            held_on.spent += spent
+            return
         plan = self._plan
         if plan.current:
             # no account of the plan has rolled or gone since the hold was
@@ -318,7 +328,7 @@ class _ScopePlan:
     without looking at each account's window (one flag per settle).
     """
 
-    __slots__ = ("accounts", "current", "next_end", "parts", "plain", "rates")
+    __slots__ = ("accounts", "current", "next_end", "parts", "plain", "rates", "slice")
 
     def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
         self.accounts = accounts
@@ -328,10 +338,60 @@ class _ScopePlan:
         self.current = True
         #: budgets and no rate limit: the one-pass reservation may apply
         self.plain = bool(accounts) and not rates
+        #: the slice of its accounts this plan's calls are held on (see L{_Slice})
+        self.slice: _Slice | None = None
 
 
 #: the plan of the holds on no budget (a scope with rate limits only)
 _NO_BUDGETS: Final = _ScopePlan((), ())
+
+#: A slice is room for this many calls like the one that took it ...
+_SLICE_CALLS: Final = 16
+#: ... and at most this part of the room its accounts have left (so that
+#: a few scopes in flight at once each find room for a slice, and near a
+#: limit, where no slice fits a call, every call is held account by account)
+_SLICE_PART: Final = 8
+#: slices taken at once, at most (each slice taken re-reads them all)
+_MAX_SLICES: Final = 8
+
+
+class _Slice:
+    """Room taken at once from every account of one scope's plan, on which
+    that scope's calls are then held and settled, one figure for all of
+    its budgets, where each call would otherwise write each account twice.
+
+    The room is taken from the accounts (their C{free} is lowered by it),
+    so nothing is ever held twice: with slices out, an account's C{free}
+    is what is left outside them, and no call can take more than that. A
+    slice is given back (L{BudgetLedger.return_slices}): what its calls did
+    not hold returns to the accounts, and what they spent is written to
+    them, before anything reads the accounts' figures (a refusal, a warn
+    flag, a load, a window that rolls, a grant exchange).
+    """
+
+    __slots__ = ("accounts", "avail", "base", "live", "plan", "spent")
+
+    def __init__(self, plan: _ScopePlan, size: int) -> None:
+        self.plan = plan
+        self.accounts = plan.accounts
+        #: the part of the slice no call holds (nano-USD)
+        self.avail = size
+        #: what the calls held on it spent once settled, not yet in the accounts
+        self.spent = 0
+        #: the least room any of its accounts has outside the slice (its
+        #: calls' C{X-LLMObserve-Budget-Remaining} is this plus L{avail}); see
+        #: L{BudgetLedger._rebase}
+        self.base = 0
+        self.live = True
+
+    def give_back(self) -> None:
+        """Return what no call holds, and write what was spent, to the accounts."""
+        self.live = False
+        self.plan.slice = None
+        avail, spent = self.avail, self.spent
+        for account in self.accounts:
+            account.free += avail
+            account.spent += spent
 
 
 class BudgetLedger:
@@ -360,6 +420,8 @@ class BudgetLedger:
         self._rates: list[_RateAccount] = []
         #: each distinct call scope's accounts and rate limits, until the next load
         self._plans: dict[ScopeKey, _ScopePlan] = {}
+        #: the slices taken from the accounts (see L{_Slice})
+        self._slices: list[_Slice] = []
         #: is any budget or rate limit defined (else calls skip the check)?
         self.active = False
 
@@ -432,9 +494,50 @@ class BudgetLedger:
         self._retire_plans()
         self.active = bool(self._accounts or self._rates)
 
+    def return_slices(self) -> None:
+        """Give every slice back to its accounts: their C{spent}, C{free} and
+        C{reserved} are then the calls' own (a hold on a slice given back
+        settles account by account)."""
+        for taken in self._slices:
+            taken.give_back()
+        self._slices = []
+
+    def accounts(self) -> list[_Account]:
+        """Every budget's account, its figures the calls' own (the slices
+        given back first)."""
+        self.return_slices()
+        return self._accounts
+
+    def _take_slice(self, plan: _ScopePlan, amount: int) -> _Slice | None:
+        """Room for a few calls of C{amount} from every account of C{plan},
+        or None when too little is left for one (or enough slices are out)."""
+        if len(self._slices) >= _MAX_SLICES:
+            return None
+        accounts = plan.accounts
+        room = min(a.free for a in accounts)
+        size = min(_SLICE_CALLS * amount, room // _SLICE_PART)
+        if size < amount or size <= 0:
+            return None
+        for account in accounts:
+            account.free -= size
+        taken = _Slice(plan, size)
+        plan.slice = taken
+        self._slices.append(taken)
+        self._rebase()
+        return taken
+
+    def _rebase(self) -> None:
+        """Each slice's least room outside it, read again after the accounts'
+        room went down (a slice taken, a call held account by account):
+        C{X-LLMObserve-Budget-Remaining} never says more is left than is.
+        (Room given back only makes a base lower than it could be.)"""
+        for taken in self._slices:
+            taken.base = min(a.free for a in taken.accounts)
+
     def _retire_plans(self) -> None:
         """Forget every plan: an account rolled, or the definitions changed.
         The holds taken on them settle account by account, by window."""
+        self.return_slices()
         for plan in self._plans.values():
             plan.current = False
         self._plans = {}
@@ -486,10 +589,25 @@ class BudgetLedger:
             if not plan.accounts:
                 return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
-        # The common case in one pass: a priced call that fits every budget
-        # of its scope (anything else takes _reserve_each)
-        accounts = plan.accounts
         amount = math.ceil(worst * _NANO - 1e-6)
+        # The common case: a priced call held on its scope's slice, one
+        # figure for all of its budgets (the slice already taken from them)
+        taken = plan.slice
+        if taken is None or taken.avail < amount:
+            if taken is not None:
+                taken.give_back()
+                self._slices.remove(taken)
+            taken = self._take_slice(plan, amount)
+        if taken is not None:
+            avail = taken.avail - amount
+            taken.avail = avail
+            left = taken.base + avail  # the least room left once held
+            if self.shared and left < 4 * max(amount, 1) and self.on_low:
+                self.on_low()  # fewer than four more calls like this one fit: ask now
+            return BudgetHold(plan, amount, left, (), taken)
+        # Too little room for a slice: a priced call that fits every budget
+        # of its scope, in one pass (anything else takes _reserve_each)
+        accounts = plan.accounts
         left = accounts[0].free - amount  # the least room left, once held
         for account in accounts:
             free = account.free - amount
@@ -502,6 +620,8 @@ class BudgetLedger:
             account.free = free
             if free < left:
                 left = free
+        if self._slices:
+            self._rebase()
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(plan, amount, left, ())
@@ -576,7 +696,12 @@ class BudgetLedger:
     def _reserve_each(self, plan: _ScopePlan, worst: float | None) -> BudgetHold | BudgetRefusal:
         """Budget by budget: warn flags, unknown prices, fail-open in an
         outage, refusals, and every call of a scope with rate limits (the
-        accounts' windows are current)."""
+        accounts' windows are current).
+
+        With slices out, an account's room leaves theirs out: a call that
+        fits is held in what is left; one that a budget would refuse or
+        flag is checked again once they are given back, by the calls' own
+        figures."""
         amount = 0 if worst is None else nano_up(worst)
         flags: tuple[str, ...] = ()
         for account in plan.accounts:
@@ -588,8 +713,14 @@ class BudgetLedger:
                 continue
             if worst is None:
                 if b.action == "block" and (b.unpriced == "block" or used >= cap):
+                    if self._slices:
+                        self.return_slices()
+                        return self._reserve_each(plan, worst)
                     return self._refused(account, None, "no price is known for this call")
             elif used + amount > cap:
+                if self._slices:
+                    self.return_slices()
+                    return self._reserve_each(plan, worst)
                 if b.action == "block":
                     return self._refused(account, worst, "this call could cost up to")
                 flags += (f"budget_warn:{b.name}",)
@@ -601,6 +732,8 @@ class BudgetLedger:
             rest = account.free
             if left is None or rest < left:
                 left = rest
+        if self._slices and amount:
+            self._rebase()
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(plan, amount, left, flags)
@@ -618,6 +751,7 @@ class BudgetLedger:
 
     def grant_snapshot(self) -> dict[str, tuple[float, int, int]]:
         """Shared budgets: name -> (window start, spent, spent + in flight)."""
+        self.return_slices()
         return {
             a.budget.name: (a.window_start, a.spent, a.spent + a.reserved)
             for a in self._accounts
@@ -664,6 +798,7 @@ class BudgetLedger:
 
     def set_grants(self, grants: Mapping[str, tuple[float, int]]) -> None:
         """Shared budgets: what the store granted, by name (window start, nano-USD)."""
+        self.return_slices()  # a cap may go down: no slice keeps room past it
         for account in self._accounts:
             got = grants.get(account.budget.name)
             if got is not None and account.granted is not None:

@@ -151,7 +151,7 @@ def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> N
                 hold.settle(0.01, "ok", 200)
         clock.advance(0.01)
     assert admitted in (99, 100)
-    spent = sum(a.spent for ledger in ledgers for a in ledger._accounts)
+    spent = sum(a.spent for ledger in ledgers for a in ledger.accounts())
     assert spent == admitted * NANO // 100 <= NANO
 
 
@@ -457,7 +457,7 @@ def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -
     ledger = BudgetLedger(clock.seconds, shared=True)
     poller = BudgetPoller(clock, ledger, str(path))
     poller.load_now()
-    [account] = ledger._accounts
+    [account] = ledger.accounts()
     assert account.granted == 12_500_000  # a quarter of $0.05
     assert isinstance(ledger.reserve(GPT, 0.02), BudgetRefusal)
     poller._apply(poller._read(*poller._snapshots()))  # the read the refusal asks for

@@ -46,7 +46,7 @@ def test_two_hundred_concurrent_calls_never_overshoot() -> None:
     assert holds[-1].remaining == 0.0
     for hold in holds:
         hold.settle(0.01, "ok", 200)
-    [account] = book._accounts
+    [account] = book.accounts()
     assert account.spent / 1e9 == 1.00 and account.reserved == 0
     assert isinstance(book.reserve(GPT, 0.000001), BudgetRefusal)
     refusal = refusals[0]
@@ -155,7 +155,7 @@ def test_a_window_rolled_by_another_scope_is_seen_by_every_scope() -> None:
     old.settle(0.4, "ok", 200)  # its hour is over
     assert isinstance(book.reserve(GPT, 0.000001), BudgetRefusal)
     hold.settle(0.6, "ok", 200)  # a hold of the new hour settles in it
-    [account] = book._accounts
+    [account] = book.accounts()
     assert (account.spent, account.reserved) == (600_000_000, 300_000_000)
 
 
@@ -165,13 +165,13 @@ def test_a_new_cap_keeps_what_is_spent_and_reserved() -> None:
     the room left moves with the cap."""
     book = BudgetLedger(lambda: T0, shared=True)
     book.load([Budget("cap", 10.0)], {})
-    book.set_grants({"cap": (book._accounts[0].window_start, 2_000_000_000)})
+    book.set_grants({"cap": (book.accounts()[0].window_start, 2_000_000_000)})
     hold = book.reserve(GPT, 0.5)
     assert isinstance(hold, BudgetHold) and hold.remaining == 1.5
     hold.settle(0.25, "ok", 200)
     held = book.reserve(GPT, 0.5)
     assert isinstance(held, BudgetHold)
-    [account] = book._accounts
+    [account] = book.accounts()
     book.set_grants({"cap": (account.window_start, 5_000_000_000)})
     assert (account.spent, account.reserved, account.free) == (
         250_000_000,
@@ -201,7 +201,7 @@ def test_holds_settle_the_same_before_and_after_their_plan_is_retired() -> None:
     before = [hold(book.reserve(GPT, 1.0)) for _ in range(2)]
     book.load([Budget("day", 10.0, "day"), Budget("hour", 10.0, "hour")], {})
     after = hold(book.reserve(GPT, 1.0))
-    day, hour = book._accounts
+    day, hour = book.accounts()
     assert (day.reserved, hour.reserved) == (3_000_000_000, 3_000_000_000)
     before[0].settle(0.5, "ok", 200)  # retired by the load: account by account
     after.settle(0.25, "ok", 200)  # current: its plan's accounts at once
@@ -226,7 +226,7 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     assert BudgetHold(_NO_BUDGETS, 0, None, ()).remaining_header() is None
     # each budget holds both calls once (the warn budget's flag is found
     # after the first budget held the call: that hold is undone, then redone)
-    assert [a.reserved for a in book._accounts] == [500_001_500, 500_001_500]
+    assert [a.reserved for a in book.accounts()] == [500_001_500, 500_001_500]
 
 
 def test_unknown_prices_follow_the_budget_choice() -> None:
