@@ -76,12 +76,36 @@ class _SettlingSink:
         return []
 
 
-def _rig(with_budgets: bool) -> _Rig:
+class _Rotating(_Rig):
+    """The rig, its requests taking turns among C{customers} customer labels
+    (C{X-LLMObserve-Customer-Id}): that many call scopes in flight, each
+    with a plan (and a slice) of its own. One customer: the label is not sent."""
+
+    def __init__(self, customers: int, **kwargs: Any) -> None:
+        super().__init__("base-url", **kwargs)
+        plain = self.request
+        cut = plain.index(b"\r\n") + 2  # after the request line
+        self.requests = [plain]
+        if customers > 1:
+            self.requests = [
+                plain[:cut] + b"X-LLMObserve-Customer-Id: c%d\r\n" % i + plain[cut:]
+                for i in range(customers)
+            ]
+        self.turn = 0
+
+    def one(self) -> None:
+        requests = self.requests
+        self.request = requests[self.turn % len(requests)]
+        self.turn += 1
+        super().one()
+
+
+def _rig(with_budgets: bool, customers: int = 1) -> _Rotating:
     ledger = None
     if with_budgets:
         ledger = BudgetLedger(time.time)
         ledger.load(BUDGETS, {})
-    rig = _Rig("base-url", budgets=ledger, sink=_SettlingSink())
+    rig = _Rotating(customers, budgets=ledger, sink=_SettlingSink())
     for _ in range(200):  # warm up: pool connection, price cache, scope cache
         rig.one()
     if rig.sink.count != 200:
@@ -100,8 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=250, help="requests per round")
     parser.add_argument("--repeats", type=int, default=200, help="pairs of rounds")
+    parser.add_argument(
+        "--customers",
+        type=int,
+        default=1,
+        help="customer labels the requests take turns among (call scopes in flight)",
+    )
     args = parser.parse_args(argv)
-    without, with_ = _rig(False), _rig(True)
+    without, with_ = _rig(False, args.customers), _rig(True, args.customers)
     base: list[float] = []
     budgeted: list[float] = []
     added: list[float] = []
@@ -121,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     q1, median, q3 = _quartiles(added)
     print(
         f"budgets: {median:.1f}us added CPU per call with {len(BUDGETS)} budgets"
-        f" (quartiles {q1:.1f}..{q3:.1f} over {len(added)} pairs of rounds;"
+        + (f", {args.customers} customers" if args.customers > 1 else "")
+        + f" (quartiles {q1:.1f}..{q3:.1f} over {len(added)} pairs of rounds;"
         f" median {statistics.median(budgeted):.1f}us vs {statistics.median(base):.1f}us without)"
     )
     return 0

@@ -130,7 +130,7 @@ _UNKNOWN: Final = (-1.0, -1.0)
 _PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
 
 
-class _Top(msgspec.Struct):
+class _Top(msgspec.Struct, gc=False):
     """The top-level fields of a request that bound its output.
 
     C{msgspec} decodes only these and skips the rest (the messages, the
@@ -139,6 +139,9 @@ class _Top(msgspec.Struct):
     decoders, it unescapes key names, takes the last of a repeated key
     and reads integers of any size exactly (a limit past 64 bits is not
     read as a float).
+
+    Not tracked by the garbage collector (C{gc=False}): JSON values hold
+    no cycles, and one is made for every budgeted call.
     """
 
     model: Any = None

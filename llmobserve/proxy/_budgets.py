@@ -209,6 +209,24 @@ class _RateAccount:
                 self.recap()
 
 
+def _usd_header(left: int) -> bytes:
+    """C{left} nano-USD as the header's USD, rounded down to the micro-dollar
+    and never negative (C{0.994500}).
+
+    Below $10^9 a float carries the micro-dollars exactly (fewer than 16
+    digits; the format rounds to the nearest, which is the exact figure),
+    and formats in half the time of two integers.
+    """
+    micro = left // 1000 if left > 0 else 0
+    if micro < _FLOAT_EXACT // 1000:
+        return b"%.6f" % (micro / 1e6)
+    return b"%d.%06d" % divmod(micro, 1_000_000)
+
+
+#: nano-USD below which L{_usd_header}'s float form is exact ($10^9)
+_FLOAT_EXACT: Final = 10**18
+
+
 class BudgetHold:
     """The reservation of one allowed call, settled once.
 
@@ -219,7 +237,7 @@ class BudgetHold:
         without a call of its own.
     """
 
-    __slots__ = ("_amount", "_left", "_plan", "_rates", "_settled", "_slice", "flags", "header")
+    __slots__ = ("_allotment", "_amount", "_left", "_plan", "_rates", "_settled", "flags", "header")
 
     def __init__(
         self,
@@ -227,19 +245,22 @@ class BudgetHold:
         amount: int,
         left: int | None,
         flags: tuple[str, ...],
-        slice_: _Slice | None = None,
+        allotment: _Allotment | None = None,
     ) -> None:
         self._plan = plan  # the scope's accounts then, and their windows
-        self._slice = slice_  # held on this slice of them (None: on each account)
+        self._allotment = allotment  # held on this allotment of them (None: on each account)
         self._amount = amount  # held on each, nano-USD
         self._left = left  # nano-USD left in the tightest budget once held
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
         self._settled = False
         self.flags = flags
+        # (inline, with _usd_header's float form: one call less per hold)
         self.header = (
             None
             if left is None
-            else b"%d.%06d" % divmod(left // 1000 if left > 0 else 0, 1_000_000)
+            else b"%.6f" % (left // 1000 / 1e6)
+            if 0 <= left < _FLOAT_EXACT
+            else _usd_header(left)
         )
 
     @property
@@ -275,11 +296,11 @@ class BudgetHold:
         else:
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             spent = 0 if spared else amount
-        held_on = self._slice
+        held_on = self._allotment
         if held_on is not None and held_on.live:
-            # held on its plan's slice, still taken from the accounts: the
-            # rest goes back to the slice, the spend is written with it
-            # (a slice's holds have no rate limits: its plan has none)
+            # held on its plan's allotment, still taken from the accounts: the
+            # rest goes back to the allotment, the spend is written with it
+            # (an allotment's holds have no rate limits: its plan has none)
             held_on.avail += amount - spent
             held_on.spent += spent
             return
@@ -328,7 +349,7 @@ class _ScopePlan:
     without looking at each account's window (one flag per settle).
     """
 
-    __slots__ = ("accounts", "current", "next_end", "parts", "plain", "rates", "slice")
+    __slots__ = ("accounts", "allotment", "current", "next_end", "parts", "plain", "rates")
 
     def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
         self.accounts = accounts
@@ -338,56 +359,57 @@ class _ScopePlan:
         self.current = True
         #: budgets and no rate limit: the one-pass reservation may apply
         self.plain = bool(accounts) and not rates
-        #: the slice of its accounts this plan's calls are held on (see L{_Slice})
-        self.slice: _Slice | None = None
+        #: the allotment of its accounts this plan's calls are held on (see L{_Allotment})
+        self.allotment: _Allotment | None = None
 
 
 #: the plan of the holds on no budget (a scope with rate limits only)
 _NO_BUDGETS: Final = _ScopePlan((), ())
 
-#: A slice is room for this many calls like the one that took it ...
-_SLICE_CALLS: Final = 16
+#: An allotment is room for this many calls like the one that took it ...
+_ALLOT_CALLS: Final = 16
 #: ... and at most this part of the room its accounts have left (so that
-#: a few scopes in flight at once each find room for a slice, and near a
-#: limit, where no slice fits a call, every call is held account by account)
-_SLICE_PART: Final = 8
-#: slices taken at once, at most (each slice taken re-reads them all)
-_MAX_SLICES: Final = 8
+#: a few scopes in flight at once each find room for an allotment, and near a
+#: limit, where no allotment fits a call, every call is held account by account)
+_ALLOT_PART: Final = 8
+#: allotments out at once, at most (the scopes past them are held account by account)
+_MAX_ALLOTMENTS: Final = 64
 
 
-class _Slice:
+class _Allotment:
     """Room taken at once from every account of one scope's plan, on which
     that scope's calls are then held and settled, one figure for all of
     its budgets, where each call would otherwise write each account twice.
 
     The room is taken from the accounts (their C{free} is lowered by it),
-    so nothing is ever held twice: with slices out, an account's C{free}
+    so nothing is ever held twice: with allotments out, an account's C{free}
     is what is left outside them, and no call can take more than that. A
-    slice is given back (L{BudgetLedger.return_slices}): what its calls did
+    allotment is given back (L{BudgetLedger.return_allotments}): what its calls did
     not hold returns to the accounts, and what they spent is written to
     them, before anything reads the accounts' figures (a refusal, a warn
     flag, a load, a window that rolls, a grant exchange).
     """
 
-    __slots__ = ("accounts", "avail", "base", "live", "plan", "spent")
+    __slots__ = ("accounts", "avail", "base", "epoch", "live", "plan", "spent")
 
     def __init__(self, plan: _ScopePlan, size: int) -> None:
         self.plan = plan
         self.accounts = plan.accounts
-        #: the part of the slice no call holds (nano-USD)
+        #: the part of the allotment no call holds (nano-USD)
         self.avail = size
         #: what the calls held on it spent once settled, not yet in the accounts
         self.spent = 0
-        #: the least room any of its accounts has outside the slice (its
-        #: calls' C{X-LLMObserve-Budget-Remaining} is this plus L{avail}); see
-        #: L{BudgetLedger._rebase}
+        #: the least room any of its accounts has outside the allotment (its
+        #: calls' C{X-LLMObserve-Budget-Remaining} is this plus L{avail}),
+        #: read when the ledger's C{room_epoch} was L{epoch}
         self.base = 0
+        self.epoch = -1
         self.live = True
 
     def give_back(self) -> None:
         """Return what no call holds, and write what was spent, to the accounts."""
         self.live = False
-        self.plan.slice = None
+        self.plan.allotment = None
         avail, spent = self.avail, self.spent
         for account in self.accounts:
             account.free += avail
@@ -420,8 +442,11 @@ class BudgetLedger:
         self._rates: list[_RateAccount] = []
         #: each distinct call scope's accounts and rate limits, until the next load
         self._plans: dict[ScopeKey, _ScopePlan] = {}
-        #: the slices taken from the accounts (see L{_Slice})
-        self._slices: list[_Slice] = []
+        #: the allotments taken from the accounts (see L{_Allotment})
+        self._allotments: set[_Allotment] = set()
+        #: counts the times room was taken from the accounts outside an allotment
+        #: (each allotment's base is read again when it moved)
+        self.room_epoch = 0
         #: is any budget or rate limit defined (else calls skip the check)?
         self.active = False
 
@@ -494,50 +519,42 @@ class BudgetLedger:
         self._retire_plans()
         self.active = bool(self._accounts or self._rates)
 
-    def return_slices(self) -> None:
-        """Give every slice back to its accounts: their C{spent}, C{free} and
-        C{reserved} are then the calls' own (a hold on a slice given back
+    def return_allotments(self) -> None:
+        """Give every allotment back to its accounts: their C{spent}, C{free} and
+        C{reserved} are then the calls' own (a hold on an allotment given back
         settles account by account)."""
-        for taken in self._slices:
+        for taken in self._allotments:
             taken.give_back()
-        self._slices = []
+        self._allotments = set()
 
     def accounts(self) -> list[_Account]:
-        """Every budget's account, its figures the calls' own (the slices
+        """Every budget's account, its figures the calls' own (the allotments
         given back first)."""
-        self.return_slices()
+        self.return_allotments()
         return self._accounts
 
-    def _take_slice(self, plan: _ScopePlan, amount: int) -> _Slice | None:
+    def _allot(self, plan: _ScopePlan, amount: int) -> _Allotment | None:
         """Room for a few calls of C{amount} from every account of C{plan},
-        or None when too little is left for one (or enough slices are out)."""
-        if len(self._slices) >= _MAX_SLICES:
+        or None when too little is left for one (or enough allotments are out)."""
+        if len(self._allotments) >= _MAX_ALLOTMENTS:
             return None
         accounts = plan.accounts
         room = min(a.free for a in accounts)
-        size = min(_SLICE_CALLS * amount, room // _SLICE_PART)
+        size = min(_ALLOT_CALLS * amount, room // _ALLOT_PART)
         if size < amount or size <= 0:
             return None
         for account in accounts:
             account.free -= size
-        taken = _Slice(plan, size)
-        plan.slice = taken
-        self._slices.append(taken)
-        self._rebase()
+        self.room_epoch += 1
+        taken = _Allotment(plan, size)
+        plan.allotment = taken
+        self._allotments.add(taken)
         return taken
-
-    def _rebase(self) -> None:
-        """Each slice's least room outside it, read again after the accounts'
-        room went down (a slice taken, a call held account by account):
-        C{X-LLMObserve-Budget-Remaining} never says more is left than is.
-        (Room given back only makes a base lower than it could be.)"""
-        for taken in self._slices:
-            taken.base = min(a.free for a in taken.accounts)
 
     def _retire_plans(self) -> None:
         """Forget every plan: an account rolled, or the definitions changed.
         The holds taken on them settle account by account, by window."""
-        self.return_slices()
+        self.return_allotments()
         for plan in self._plans.values():
             plan.current = False
         self._plans = {}
@@ -590,22 +607,29 @@ class BudgetLedger:
                 return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
         amount = math.ceil(worst * _NANO - 1e-6)
-        # The common case: a priced call held on its scope's slice, one
-        # figure for all of its budgets (the slice already taken from them)
-        taken = plan.slice
+        # The common case: a priced call held on its scope's allotment, one
+        # figure for all of its budgets (the allotment already taken from them)
+        taken = plan.allotment
         if taken is None or taken.avail < amount:
             if taken is not None:
                 taken.give_back()
-                self._slices.remove(taken)
-            taken = self._take_slice(plan, amount)
+                self._allotments.discard(taken)
+            taken = self._allot(plan, amount)
         if taken is not None:
+            if taken.epoch != self.room_epoch:
+                # room was taken outside this allotment since its base was read
+                # (another allotment, a call held account by account): read it
+                # again, so that X-LLMObserve-Budget-Remaining never says
+                # more is left than is (room given back only makes it say less)
+                taken.base = min(a.free for a in taken.accounts)
+                taken.epoch = self.room_epoch
             avail = taken.avail - amount
             taken.avail = avail
             left = taken.base + avail  # the least room left once held
             if self.shared and left < 4 * max(amount, 1) and self.on_low:
                 self.on_low()  # fewer than four more calls like this one fit: ask now
             return BudgetHold(plan, amount, left, (), taken)
-        # Too little room for a slice: a priced call that fits every budget
+        # Too little room for an allotment: a priced call that fits every budget
         # of its scope, in one pass (anything else takes _reserve_each)
         accounts = plan.accounts
         left = accounts[0].free - amount  # the least room left, once held
@@ -620,8 +644,7 @@ class BudgetLedger:
             account.free = free
             if free < left:
                 left = free
-        if self._slices:
-            self._rebase()
+        self.room_epoch += 1  # the allotments' bases may be more than is left
         if self.shared and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(plan, amount, left, ())
@@ -698,7 +721,7 @@ class BudgetLedger:
         outage, refusals, and every call of a scope with rate limits (the
         accounts' windows are current).
 
-        With slices out, an account's room leaves theirs out: a call that
+        With allotments out, an account's room leaves theirs out: a call that
         fits is held in what is left; one that a budget would refuse or
         flag is checked again once they are given back, by the calls' own
         figures."""
@@ -713,13 +736,13 @@ class BudgetLedger:
                 continue
             if worst is None:
                 if b.action == "block" and (b.unpriced == "block" or used >= cap):
-                    if self._slices:
-                        self.return_slices()
+                    if self._allotments:
+                        self.return_allotments()
                         return self._reserve_each(plan, worst)
                     return self._refused(account, None, "no price is known for this call")
             elif used + amount > cap:
-                if self._slices:
-                    self.return_slices()
+                if self._allotments:
+                    self.return_allotments()
                     return self._reserve_each(plan, worst)
                 if b.action == "block":
                     return self._refused(account, worst, "this call could cost up to")
@@ -732,8 +755,7 @@ class BudgetLedger:
             rest = account.free
             if left is None or rest < left:
                 left = rest
-        if self._slices and amount:
-            self._rebase()
+        self.room_epoch += 1  # the allotments' bases may be more than is left
         if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
             self.on_low()  # fewer than four more calls like this one fit: ask now
         return BudgetHold(plan, amount, left, flags)
@@ -751,7 +773,7 @@ class BudgetLedger:
 
     def grant_snapshot(self) -> dict[str, tuple[float, int, int]]:
         """Shared budgets: name -> (window start, spent, spent + in flight)."""
-        self.return_slices()
+        self.return_allotments()
         return {
             a.budget.name: (a.window_start, a.spent, a.spent + a.reserved)
             for a in self._accounts
@@ -798,7 +820,7 @@ class BudgetLedger:
 
     def set_grants(self, grants: Mapping[str, tuple[float, int]]) -> None:
         """Shared budgets: what the store granted, by name (window start, nano-USD)."""
-        self.return_slices()  # a cap may go down: no slice keeps room past it
+        self.return_allotments()  # a cap may go down: no allotment keeps room past it
         for account in self._accounts:
             got = grants.get(account.budget.name)
             if got is not None and account.granted is not None:

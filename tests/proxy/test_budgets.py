@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.inmemory import InMemoryProxy
 from twisted.internet.task import Clock
 
@@ -19,6 +21,7 @@ from llmobserve.proxy._budgets import (
     BudgetRefusal,
     CallScope,
     RateRefusal,
+    _usd_header,
 )
 from llmobserve.transaction import Outcome
 
@@ -227,6 +230,21 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     # each budget holds both calls once (the warn budget's flag is found
     # after the first budget held the call: that hold is undone, then redone)
     assert [a.reserved for a in book.accounts()] == [500_001_500, 500_001_500]
+
+
+@settings(max_examples=2000)
+@given(
+    st.one_of(
+        st.integers(min_value=-(10**12), max_value=10**19),
+        st.sampled_from([999, 1000, 10**18 - 1, 10**18, 10**18 + 999, 2**53, 2**63]),
+    )
+)
+def test_the_remaining_header_is_the_exact_micro_dollars_of_any_amount(left: int) -> None:
+    """The header's fast (float) form gives the same digits as whole-number
+    arithmetic, up to the largest amounts, and switches form past $10^9."""
+    micro = max(left, 0) // 1000
+    assert _usd_header(left) == b"%d.%06d" % divmod(micro, 1_000_000)
+    assert BudgetHold(_NO_BUDGETS, 0, left, ()).header == _usd_header(left)
 
 
 def test_unknown_prices_follow_the_budget_choice() -> None:
