@@ -123,7 +123,7 @@ class WorstCase(NamedTuple):
     reason: str | None = None
 
 
-_rates: dict[tuple[str, str, float], tuple[float, float] | None] = {}
+_rates: dict[tuple[str | None, str, float], tuple[float, float] | None] = {}
 #: what L{_rates} gives for a key it does not hold (None is a cached "no price")
 _UNKNOWN: Final = (-1.0, -1.0)
 #: the registry's providers by id, read without a method call per bound
@@ -209,11 +209,50 @@ def worst_case_fields(
 ) -> Fields:
     """L{worst_case}'s fields as a plain tuple, for the budget check.
 
-    One function, with the common case (a JSON object naming its model and
-    output limit, no image or audio part) first: it runs on the reactor
-    for every budgeted call, whose caller unpacks the tuple at once (a
-    named tuple would cost a constructor call more).
+    It runs on the reactor for every budgeted call, whose caller unpacks
+    the tuple at once (a named tuple would cost a constructor call more).
+    The common case is taken here in one pass: a known provider, a JSON
+    object naming its model and an output limit, no part of any kind, a
+    price already read today. Anything else, and whatever this pass is
+    not sure of, is L{_worst_case_any}'s, which gives the same figures for
+    the common case (a test holds both to that).
     """
+    try:
+        provider = _PROVIDERS.get(provider_id) if provider_id else None
+        if provider is not None and body:
+            top = _decode_top(body)
+            model = top.model
+            limit = top.max_completion_tokens
+            if limit is _UNSET:
+                limit = top.max_output_tokens
+                if limit is _UNSET:
+                    limit = top.max_tokens
+            if (
+                type(model) is str
+                and type(limit) is int
+                and limit >= 0
+                and top.n is _UNSET
+                and _ANY_PART.search(body) is None
+            ):
+                rates = _rates.get((provider_id, model, when // 86400))
+                if rates is not None:
+                    input_tokens = body_bytes + _FIXED_INPUT_TOKENS
+                    cost = input_tokens * rates[0] + limit * rates[1]
+                    return (provider_id, model, cost, input_tokens, limit, None)
+    except Exception:  # not JSON, not an object, ...: the full way says why
+        pass
+    return _worst_case_any(provider_id, host, path, body, body_bytes, when)
+
+
+def _worst_case_any(
+    provider_id: str | None,
+    host: str,
+    path: str,
+    body: bytes | None,
+    body_bytes: int,
+    when: float,
+) -> Fields:
+    """L{worst_case_fields} for any request: every provider, format and part."""
     try:
         provider = _PROVIDERS.get(provider_id) if provider_id else REGISTRY.for_host(host)
         pid = provider.id if provider is not None else provider_id

@@ -436,8 +436,7 @@ class BudgetLedger:
         #: refusals by a share so far: an exchange whose snapshot was taken
         #: at this count carries the wants of every one of them
         self.asks = 0
-        #: the collector cannot be reached: budgets with fail=open let calls through
-        self.outage = False
+        self._outage = False
         self._accounts: list[_Account] = []
         self._rates: list[_RateAccount] = []
         #: each distinct call scope's accounts and rate limits, until the next load
@@ -518,6 +517,18 @@ class BudgetLedger:
     def _loaded(self) -> None:
         self._retire_plans()
         self.active = bool(self._accounts or self._rates)
+
+    @property
+    def outage(self) -> bool:
+        """The collector cannot be reached: budgets with fail=open let calls
+        through (flagged), so every call is held budget by budget."""
+        return self._outage
+
+    @outage.setter
+    def outage(self, value: bool) -> None:
+        if value:
+            self.return_allotments()
+        self._outage = value
 
     def return_allotments(self) -> None:
         """Give every allotment back to its accounts: their C{spent}, C{free} and
@@ -600,6 +611,26 @@ class BudgetLedger:
             now = self.now()
         if now >= plan.next_end:
             plan = self._roll(scope, now)
+        # The common case: a priced call held on its scope's allotment, one
+        # figure for all of its budgets (the allotment already taken from
+        # them; none is out in an outage)
+        taken = plan.allotment
+        if taken is not None and worst is not None:
+            amount = math.ceil(worst * _NANO - 1e-6)
+            avail = taken.avail - amount
+            if avail >= 0 and taken.epoch == self.room_epoch:
+                taken.avail = avail
+                left = taken.base + avail  # the least room left once held
+                if self.shared and left < 4 * max(amount, 1) and self.on_low:
+                    self.on_low()  # fewer than four more calls like this one fit: ask now
+                return BudgetHold(plan, amount, left, (), taken)
+        return self._reserve_other(plan, now, worst, tokens)
+
+    def _reserve_other(
+        self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
+    ) -> BudgetHold | BudgetRefusal | RateRefusal:
+        """L{reserve} when its common case does not apply: a new allotment,
+        its base read again, or a call held budget by budget."""
         if not plan.plain or worst is None or self.outage:
             if plan.rates:
                 return self._reserve_with_rates(plan, now, worst, tokens)
@@ -607,8 +638,6 @@ class BudgetLedger:
                 return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
         amount = math.ceil(worst * _NANO - 1e-6)
-        # The common case: a priced call held on its scope's allotment, one
-        # figure for all of its budgets (the allotment already taken from them)
         taken = plan.allotment
         if taken is None or taken.avail < amount:
             if taken is not None:

@@ -16,6 +16,8 @@ from parsers._worstcase import (
     _FILE_URI,
     _IMAGE_PART,
     IMAGE_PART_TOKENS,
+    _worst_case_any,
+    worst_case_fields,
 )
 from parsers.pricing import PRICER
 
@@ -265,3 +267,52 @@ def test_the_prefilter_matches_each_provider_s_parts_and_not_prose() -> None:
         _ANY_PART.search(json.dumps(chat(messages=[{"role": "user", "content": prose}])).encode())
         is None
     )
+
+
+_LIMIT = st.one_of(
+    st.integers(-5, 10**6),
+    st.integers(2**62, 2**70),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3),
+)
+_PART = st.sampled_from(
+    [
+        "hi",
+        [{"type": "text", "text": "hi"}],
+        [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+        [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+        [{"type": "file", "file": {"file_id": "f"}}],
+        "a prompt about image_url and inline_data",
+    ]
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.sampled_from(["openai", "anthropic", "google", "groq", None, "no-such-provider"]),
+    st.one_of(st.sampled_from(["gpt-4o-mini", "claude-haiku-4-5", "no-such-model"]), _LIMIT),
+    st.dictionaries(
+        st.sampled_from(["max_tokens", "max_completion_tokens", "max_output_tokens", "n"]),
+        _LIMIT,
+    ),
+    _PART,
+    st.sampled_from([b"", b"\xef\xbb\xbf", b" "]),
+    st.floats(1_700_000_000, 1_800_000_000),
+)
+def test_the_one_pass_gives_what_the_full_way_gives(
+    provider: str | None, model: Any, limits: dict[str, Any], content: Any, lead: bytes, when: float
+) -> None:
+    """worst_case_fields takes the common case in one pass: for any request,
+    its figures (and reasons) are those of _worst_case_any, which reads
+    every provider's format and part."""
+    raw = (
+        lead
+        + json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": content}], **limits}
+        ).encode()
+    )
+    args = (provider, "api.example.com", "/v1/chat/completions", raw, len(raw), when)
+    _worst_case_any(*args)  # the price of the model and day read: the one pass may apply
+    assert worst_case_fields(*args) == _worst_case_any(*args)
