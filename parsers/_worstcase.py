@@ -123,8 +123,13 @@ class WorstCase(NamedTuple):
     reason: str | None = None
 
 
-_rates: dict[tuple[str | None, str, float], tuple[float, float] | None] = {}
-#: what L{_rates} gives for a key it does not hold (None is a cached "no price")
+#: Per-token rates (L{_rates_for}) by provider id, then model, for one
+#: UTC day: L{_rates_day}'s (nested, as a lookup by a tuple key costs
+#: three times as much: a tuple made and hashed for every call).
+_rates: dict[str, dict[str, tuple[float, float] | None]] = {}
+#: the UTC day (unix time // 86400) the rates in L{_rates} are for
+_rates_day: list[float] = [-1.0]
+#: what L{_rates} gives for a model it does not hold (None is a cached "no price")
 _UNKNOWN: Final = (-1.0, -1.0)
 #: the registry's providers by id, read without a method call per bound
 _PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
@@ -234,7 +239,10 @@ def worst_case_fields(
                 and top.n is _UNSET
                 and _ANY_PART.search(body) is None
             ):
-                rates = _rates.get((provider_id, model, when // 86400))
+                models = _rates.get(provider.id)
+                rates = None
+                if models is not None and _rates_day[0] == when // 86400:
+                    rates = models.get(model)
                 if rates is not None:
                     input_tokens = body_bytes + _FIXED_INPUT_TOKENS
                     cost = input_tokens * rates[0] + limit * rates[1]
@@ -305,10 +313,7 @@ def _worst_case_any(
             return _no_bound(
                 pid, model, f"no output limit given and none known for {model}", input_tokens
             )
-        key = (pid, model, when // 86400)
-        rates = _rates.get(key, _UNKNOWN)
-        if rates is _UNKNOWN:
-            rates = _rates_for(key, provider.prices_id, when)
+        rates = _rates_for(pid, model, provider.prices_id, when)
         if rates is None:
             return _no_bound(pid, model, "no price", input_tokens, output_tokens)
         cost = input_tokens * rates[0] + output_tokens * rates[1]
@@ -338,11 +343,18 @@ def _output_bound(top: _Top, limit: Any, model: str) -> int | None:
 
 
 def _rates_for(
-    key: tuple[str, str, float], prices_id: str | None, when: float
+    provider_id: str, model: str, prices_id: str | None, when: float
 ) -> tuple[float, float] | None:
-    """(USD per input token, USD per output token) of C{key}'s provider and
-    model, cached per model and day (C{key}: provider id, model, day)."""
-    provider_id, model, _day = key
+    """(USD per input token, USD per output token) of the provider's model
+    on the UTC day of C{when}, read once per day (L{_rates})."""
+    day = when // 86400
+    if _rates_day[0] != day:  # a new day: prices may have changed
+        _rates.clear()
+        _rates_day[0] = day
+    models = _rates.setdefault(provider_id, {})
+    cached = models.get(model, _UNKNOWN)
+    if cached is not _UNKNOWN:
+        return cached
     million = 1_000_000
     inp = PRICER.price(provider_id, prices_id, model, {"input_tokens": million}, when)
     both = PRICER.price(
@@ -351,9 +363,9 @@ def _rates_for(
     rates: tuple[float, float] | None = None
     if inp.cost_usd is not None and both.cost_usd is not None:
         rates = (inp.cost_usd / million, max(both.cost_usd - inp.cost_usd, 0.0) / million)
-    if len(_rates) >= 4096:  # models come from requests: stay bounded
-        _rates.clear()
-    _rates[key] = rates
+    if len(models) >= 4096:  # models come from requests: stay bounded
+        models.clear()
+    models[model] = rates
     return rates
 
 
