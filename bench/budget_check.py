@@ -1,6 +1,6 @@
 """CPU a call pays for budgets: the hot path with ten budgets defined, and without.
 
-    python -m bench.budget_check [--requests N] [--repeats K]
+    python -m bench.budget_check [--requests N] [--repeats K] [--customers C]
 
 Runs C{bench.hot_path}'s in-memory rig (the real front end, resource, relay
 and pool; no sockets) in base-URL mode (C{/openai/...}, so the call has a
@@ -16,6 +16,8 @@ speed drifts by tens of percent from one second to the next, adjacent
 rounds see the same machine, where long rounds each saw a different one.
 Prints the median difference, the added CPU per call (target: under
 10 us), with its quartiles, and the median CPU per request of both.
+With C{--customers C} the requests take turns among C customer labels:
+C call scopes in flight, each with a plan and an allotment of its own.
 """
 
 from __future__ import annotations
