@@ -47,7 +47,7 @@ class BudgetRefusal:
             held = (
                 f"this process's spend ${spend} + in flight ${reserved} of its share"
                 f" ${usd_fixed(round(self.share_usd, 8))} (limit ${limit}, shared with other"
-                " processes: the store grants more within a second while the limit allows)"
+                " processes: what they hold and do not spend is granted again)"
             )
         return (
             f"budget {self.budget.name!r} ({self.budget.window}) would be exceeded: "

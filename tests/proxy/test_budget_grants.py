@@ -107,7 +107,7 @@ def test_a_refusal_by_the_share_names_the_share_not_only_the_limit() -> None:
     assert refusal.message() == (
         "budget 'cap' (day) would be exceeded: this process's spend $0 + in flight"
         " $0.0004626 of its share $0.00075 (limit $0.003, shared with other processes:"
-        " the store grants more within a second while the limit allows);"
+        " what they hold and do not spend is granted again);"
         " this call could cost up to $0.0004626"
     )
     assert refusal.detail()["share_usd"] == 0.00075
