@@ -58,12 +58,24 @@ _POLLED: Final = frozenset(
 
 class CollectorSite(HostGuardedSite):
     """The collector's HTTP site: the access log leaves out the proxies'
-    successful polls (L{_POLLED}); every other request, and a poll that
-    failed, is logged as before."""
+    successful polls (L{_POLLED}); a poll that failed is logged through
+    C{limiter} (a proxy with a wrong key fails two or three a second, for
+    as long as it runs: a few lines a minute, then a count); every other
+    request is logged as before."""
+
+    def __init__(
+        self, resource: Resource, guard: HostGuard, limiter: LogLimiter | None = None
+    ) -> None:
+        super().__init__(resource, guard)
+        self._limiter = limiter
 
     def log(self, request: Request) -> None:
-        if request.code < 400 and (request.method, request.path) in _POLLED:
-            return
+        if (request.method, request.path) in _POLLED:
+            if request.code < 400:
+                return
+            limiter = self._limiter
+            if limiter is not None and not limiter.allow("failed polls (proxies' budget reads)"):
+                return
         super().log(request)
 
 
@@ -143,7 +155,7 @@ class CollectorService(MultiService):
         self.sessions = DashboardSessions(reactor) if require_keys else None
         if self.verifier is not None and self.sessions is not None:
             _guard(root, self.reader_thread, self.verifier, self.sessions)
-        self.site = CollectorSite(root, host_guard or HostGuard())
+        self.site = CollectorSite(root, host_guard or HostGuard(), self.limiter)
         self.site.noisy = False
         self.factory = PortSwitchFactory(self._make_link, self.site, self._reactor)
         self._heartbeat = heartbeat

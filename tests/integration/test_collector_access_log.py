@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,3 +70,25 @@ def test_the_proxies_polls_are_not_in_the_access_log(tmp_path: Path) -> None:
     assert "GET /api/budgets" not in log
     assert "GET /api/limits" not in log
     assert "/api/budgets/grants" not in log
+
+
+def test_failed_polls_are_logged_a_few_times_a_minute(tmp_path: Path) -> None:
+    """A proxy with a wrong key fails its polls for as long as it runs:
+    the first few failures of a minute are logged, the rest counted."""
+    with CollectorProcess(["--require-keys"], workdir=tmp_path / "c") as collector:
+        for _ in range(20):
+            request = urllib.request.Request(
+                f"{collector.url}/api/budgets",
+                headers={"Authorization": "Bearer llmo_not_a_key"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401
+        with urllib.request.urlopen(f"{collector.url}/health", timeout=10) as r:
+            assert r.status == 200
+        deadline = time.monotonic() + 10
+        while '"GET /health HTTP/1.1" 200' not in collector.log_text():
+            assert time.monotonic() < deadline, "the access log did not show /health"
+            time.sleep(0.1)
+        log = collector.log_text()
+    assert log.count('"GET /api/budgets HTTP/1.1" 401') == 5
