@@ -314,6 +314,8 @@ class BudgetHold:
             for account in plan.accounts:
                 account.free += back
                 account.spent += spent
+            if back < 0 and plan.ledger is not None:
+                plan.ledger.room_epoch += 1  # the allotments' bases may be more than is left
         else:
             for account, window_start in plan.parts:
                 if account.window_start == window_start and account.live:
@@ -321,6 +323,8 @@ class BudgetHold:
                     left = account.reserved - amount
                     account.spent += spent
                     account.free = account.cap - account.spent - (left if left > 0 else 0)
+            if spent > amount and plan.ledger is not None:
+                plan.ledger.room_epoch += 1  # the allotments' bases may be more than is left
         if self._rates:
             if cost is not None:
                 spared = outcome in _NOT_SENT or (status is not None and status >= 400)
@@ -351,10 +355,26 @@ class _ScopePlan:
     without looking at each account's window (one flag per settle).
     """
 
-    __slots__ = ("accounts", "allotment", "current", "next_end", "parts", "plain", "rates")
+    __slots__ = (
+        "accounts",
+        "allotment",
+        "current",
+        "ledger",
+        "next_end",
+        "parts",
+        "plain",
+        "rates",
+    )
 
-    def __init__(self, accounts: tuple[_Account, ...], rates: tuple[_RateAccount, ...]) -> None:
+    def __init__(
+        self,
+        accounts: tuple[_Account, ...],
+        rates: tuple[_RateAccount, ...],
+        ledger: BudgetLedger | None = None,
+    ) -> None:
         self.accounts = accounts
+        #: told when a settle takes room (a call that cost more than its hold)
+        self.ledger = ledger
         self.rates = rates
         self.parts = tuple((a, a.window_start) for a in accounts)
         self.next_end = min((a.window_end for a in accounts), default=math.inf)
@@ -487,6 +507,7 @@ class BudgetLedger:
         """Replace the definitions. A budget that counts the same calls over
         the same window as before keeps its live spend and reservations; a
         new one starts from the store's spend C{spends[name]}."""
+        self.return_allotments()  # before a kept budget rolls to a new window
         now = self.now()
         old = {a.budget.name: a for a in self._accounts}
         accounts = []
@@ -574,7 +595,9 @@ class BudgetLedger:
 
     def _roll(self, scope: ScopeKey, now: float) -> _ScopePlan:
         """An account of C{scope}'s plan reached the end of its window: roll
-        every account whose window ended by C{now}, and plan afresh."""
+        every account whose window ended by C{now}, and plan afresh. The
+        allotments go back first: their room and spend are the old window's."""
+        self.return_allotments()
         for account in self._accounts:
             if now >= account.window_end:
                 account.roll(now)
@@ -586,6 +609,7 @@ class BudgetLedger:
         plan = _ScopePlan(
             tuple(a for a in self._accounts if scope_matches(a.budget, *scope)),
             tuple(r for r in self._rates if scope_matches(r.rule, *scope)),
+            self,
         )
         if len(self._plans) >= 4096:  # labels come from clients: stay bounded
             self._retire_plans()

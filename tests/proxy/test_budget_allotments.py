@@ -25,25 +25,33 @@ SCOPES = [
 ]
 BUDGETS = [
     Budget("everything", 1.0),
+    Budget("hourly", 0.3, "hour"),
     Budget("acme", 0.4, customer="acme"),
     Budget("openai", 0.7, provider="openai"),
     Budget("warn", 0.5, action="warn"),
 ]
 
 
-def book(allot: bool, monkeypatch: pytest.MonkeyPatch) -> BudgetLedger:
-    clock = Clock()
-    clock.advance(T0)
-    ledger = BudgetLedger(clock.seconds)
+def book(
+    allot: bool, monkeypatch: pytest.MonkeyPatch, clock: Clock, shared: bool = False
+) -> BudgetLedger:
+    ledger = BudgetLedger(clock.seconds, shared=shared)
     ledger.load(BUDGETS, {})
     if not allot:
         monkeypatch.setattr(ledger, "_allot", lambda plan, amount: None)
     return ledger
 
 
-#: a call from scope S worth up to W USD, or the settling of the Nth hold
-#: still open at cost C (None: no price) and outcome O
+#: a call from scope S worth up to W USD, the settling of the Nth hold
+#: still open at cost C (None: no price) and outcome O, the clock moving
+#: on (past an hour's end, at times), the budgets loaded again, and, when
+#: shared, a grant of G nano-USD on budget B, an outage, a grant exchange
 _STEP = st.one_of(
+    st.tuples(st.just("tick"), st.integers(1, 1800), st.none()),
+    st.tuples(st.just("load"), st.just(0), st.none()),
+    st.tuples(st.just("grant"), st.integers(0, len(BUDGETS) - 1), st.integers(0, 10**9)),
+    st.tuples(st.just("outage"), st.integers(0, 1), st.none()),
+    st.tuples(st.just("snapshot"), st.just(0), st.none()),
     st.tuples(
         st.just("call"),
         st.integers(0, len(SCOPES) - 1),
@@ -53,7 +61,7 @@ _STEP = st.one_of(
         st.just("settle"),
         st.integers(0, 1000),
         st.tuples(
-            st.one_of(st.none(), st.floats(0.0, 1.0)),
+            st.one_of(st.none(), st.floats(0.0, 1.0), st.floats(1.0, 1.5)),
             st.sampled_from(["ok", "budget_refused", "client_aborted"]),
         ),
     ),
@@ -68,13 +76,31 @@ def _verdict(v: BudgetHold | Any) -> tuple[Any, ...]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_STEP, max_size=400))
-def test_any_run_of_calls_ends_as_without_allotments(steps: list[Any]) -> None:
+@given(st.lists(_STEP, max_size=400), st.booleans())
+def test_any_run_of_calls_ends_as_without_allotments(steps: list[Any], shared: bool) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        fast, exact = book(True, monkeypatch), book(False, monkeypatch)
+        clock = Clock()
+        clock.advance(T0)
+        fast = book(True, monkeypatch, clock, shared)
+        exact = book(False, monkeypatch, clock, shared)
         open_holds: list[tuple[BudgetHold, BudgetHold, float | None]] = []
         for kind, index, arg in steps:
-            if kind == "call":
+            if kind == "tick":
+                clock.advance(index)
+            elif kind == "load":
+                fast.load(BUDGETS, {})
+                exact.load(BUDGETS, {})
+            elif kind == "grant":
+                name = BUDGETS[index].name
+                window = exact.grant_snapshot().get(name)
+                if window is not None:  # a shared block budget
+                    fast.set_grants({name: (window[0], arg)})
+                    exact.set_grants({name: (window[0], arg)})
+            elif kind == "outage":
+                fast.outage = exact.outage = bool(index)
+            elif kind == "snapshot":
+                assert fast.grant_snapshot() == exact.grant_snapshot()
+            elif kind == "call":
                 scope, worst = SCOPES[index], arg
                 a, b = fast.reserve(scope, worst), exact.reserve(scope, worst)
                 assert _verdict(a) == _verdict(b)
@@ -133,3 +159,19 @@ def test_many_scopes_take_at_most_so_many_allotments(monkeypatch: pytest.MonkeyP
     assert len(ledger._allotments) == 2
     [cap] = ledger.accounts()
     assert cap.reserved == 4 * 10_000_000
+
+
+def test_a_call_that_cost_more_than_its_hold_is_seen_by_the_allotments() -> None:
+    """A call held budget by budget that settles above its worst case takes
+    room the allotments' bases did not see: the next call reads it again."""
+    ledger = BudgetLedger(lambda: T0)
+    ledger.load([Budget("cap", 1.0)], {})
+    assert isinstance(ledger.reserve(SCOPES[0], 0.01), BudgetHold)  # allotment: $0.125
+    big = ledger.reserve(SCOPES[1], 0.2)  # no allotment fits: held on the budget
+    assert isinstance(big, BudgetHold) and big._allotment is None
+    assert isinstance(ledger.reserve(SCOPES[0], 0.01), BudgetHold)  # its base read again
+    big.settle(0.3, "ok", 200)  # $0.10 more than it held
+    after = ledger.reserve(SCOPES[0], 0.01)
+    assert isinstance(after, BudgetHold) and after.remaining is not None
+    [cap] = ledger.accounts()
+    assert after.remaining <= cap.free / 1e9
