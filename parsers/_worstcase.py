@@ -127,7 +127,8 @@ class WorstCase(NamedTuple):
 #: UTC day: L{_rates_day}'s (nested, as a lookup by a tuple key costs
 #: three times as much: a tuple made and hashed for every call).
 _rates: dict[str, dict[str, tuple[float, float] | None]] = {}
-#: the UTC day (unix time // 86400) the rates in L{_rates} are for
+#: the UTC day (unix time // 86400) the rates in L{_rates} are for (a
+#: one-item list: a cell both paths read and L{_rates_for} sets)
 _rates_day: list[float] = [-1.0]
 #: what L{_rates} gives for a model it does not hold (None is a cached "no price")
 _UNKNOWN: Final = (-1.0, -1.0)

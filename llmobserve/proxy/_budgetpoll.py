@@ -280,6 +280,9 @@ class BudgetPoller(Service):
 
     def _apply(self, result: _Read) -> None:
         budgets, spends, limits, used, grants, rate_grants = result
+        # room that scopes no longer calling set aside goes back to the
+        # budgets at least once a second (see _budgets._Allotment)
+        self.ledger.return_allotments()
         if budgets != self._known:
             self.ledger.load(budgets, spends)
             self._known = budgets

@@ -101,7 +101,10 @@ class _Account:
     #: field, not a property: every call reads it, and it changes only with
     #: the limit or the grant (L{set_limit}, L{granted}).
     cap: int = attrs.field(init=False)
-    #: the room left: C{cap - spent - reserved} (negative once past the cap)
+    #: the room left: C{cap - spent - reserved} (negative once past the cap).
+    #: While allotments are out it leaves out the room they took, and
+    #: C{spent} what their calls spent: read an account's figures through
+    #: L{BudgetLedger.accounts}, which gives them back first.
     free: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -254,14 +257,12 @@ class BudgetHold:
         self._rates: list[tuple[_RateAccount, float, int]] | None = None
         self._settled = False
         self.flags = flags
-        # (inline, with _usd_header's float form: one call less per hold)
-        self.header = (
-            None
-            if left is None
-            else b"%.6f" % (left // 1000 / 1e6)
-            if 0 <= left < _FLOAT_EXACT
-            else _usd_header(left)
-        )
+        if left is None:
+            self.header = None
+        elif 0 <= left < _FLOAT_EXACT:  # _usd_header's float form, inline: a call less
+            self.header = b"%.6f" % (left // 1000 / 1e6)
+        else:
+            self.header = _usd_header(left)
 
     @property
     def remaining(self) -> float | None:
@@ -293,8 +294,13 @@ class BudgetHold:
         if cost is not None:
             # to the nearest nano-USD (a cost is never negative; int() and
             # a half is the quicker round() on a reactor that settles every call)
-            spent = int(cost * 1e9 + 0.5)
+            spent = int(cost * _NANO + 0.5)
             spared = False  # only read below when tokens are unknown
+            if spent > amount and self._plan.ledger is not None:
+                # more than was held (an unpriced call priced at its end, a
+                # bound the price outran): room no allotment has counted is
+                # gone, so they all go back before this is written
+                self._plan.ledger.return_allotments()
         else:
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             spent = 0 if spared else amount
@@ -314,8 +320,6 @@ class BudgetHold:
             for account in plan.accounts:
                 account.free += back
                 account.spent += spent
-            if back < 0 and plan.ledger is not None:
-                plan.ledger.room_epoch += 1  # the allotments' bases may be more than is left
         else:
             for account, window_start in plan.parts:
                 if account.window_start == window_start and account.live:
@@ -323,8 +327,6 @@ class BudgetHold:
                     left = account.reserved - amount
                     account.spent += spent
                     account.free = account.cap - account.spent - (left if left > 0 else 0)
-            if spent > amount and plan.ledger is not None:
-                plan.ledger.room_epoch += 1  # the allotments' bases may be more than is left
         if self._rates:
             if cost is not None:
                 spared = outcome in _NOT_SENT or (status is not None and status >= 400)
@@ -373,7 +375,8 @@ class _ScopePlan:
         ledger: BudgetLedger | None = None,
     ) -> None:
         self.accounts = accounts
-        #: told when a settle takes room (a call that cost more than its hold)
+        #: its ledger: a hold that settles above its amount gives the
+        #: allotments back through it (None: the plan of no budget)
         self.ledger = ledger
         self.rates = rates
         self.parts = tuple((a, a.window_start) for a in accounts)
@@ -394,6 +397,10 @@ _ALLOT_CALLS: Final = 16
 #: a few scopes in flight at once each find room for an allotment, and near a
 #: limit, where no allotment fits a call, every call is held account by account)
 _ALLOT_PART: Final = 8
+#: All allotments out together take at most this part of the room (with
+#: them): the X-LLMObserve-Budget-Remaining of a call leaves out what other
+#: scopes' allotments hold, so it reads at most about this part less than is left.
+_ALLOT_ALL_PART: Final = 4
 #: allotments out at once, at most (the scopes past them are held account by account)
 _MAX_ALLOTMENTS: Final = 64
 
@@ -405,18 +412,21 @@ class _Allotment:
 
     The room is taken from the accounts (their C{free} is lowered by it),
     so nothing is ever held twice: with allotments out, an account's C{free}
-    is what is left outside them, and no call can take more than that. A
-    allotment is given back (L{BudgetLedger.return_allotments}): what its calls did
-    not hold returns to the accounts, and what they spent is written to
-    them, before anything reads the accounts' figures (a refusal, a warn
-    flag, a load, a window that rolls, a grant exchange).
+    is what is left outside them, and no call can take more than that. An
+    allotment is given back (L{BudgetLedger.return_allotments}): what its
+    calls did not hold returns to the accounts, and what they spent is
+    written to them, before anything reads the accounts' figures (a
+    refusal, a warn flag, a load, a window that rolls, a grant exchange, an
+    outage) or a call settles above what it held.
     """
 
-    __slots__ = ("accounts", "avail", "base", "epoch", "live", "plan", "spent")
+    __slots__ = ("accounts", "avail", "base", "epoch", "live", "plan", "size", "spent")
 
     def __init__(self, plan: _ScopePlan, size: int) -> None:
         self.plan = plan
         self.accounts = plan.accounts
+        #: the room taken from each account
+        self.size = size
         #: the part of the allotment no call holds (nano-USD)
         self.avail = size
         #: what the calls held on it spent once settled, not yet in the accounts
@@ -465,8 +475,11 @@ class BudgetLedger:
         self._plans: dict[ScopeKey, _ScopePlan] = {}
         #: the allotments taken from the accounts (see L{_Allotment})
         self._allotments: set[_Allotment] = set()
-        #: counts the times room was taken from the accounts outside an allotment
-        #: (each allotment's base is read again when it moved)
+        #: the room all allotments out took, together (L{_ALLOT_ALL_PART})
+        self._set_aside = 0
+        #: counts the times room was taken from the accounts other than by
+        #: a call held on an allotment (an allotment taken, a call held
+        #: budget by budget): each allotment reads its base again when it moved
         self.room_epoch = 0
         #: is any budget or rate limit defined (else calls skip the check)?
         self.active = False
@@ -560,6 +573,7 @@ class BudgetLedger:
         for taken in self._allotments:
             taken.give_back()
         self._allotments = set()
+        self._set_aside = 0
 
     def accounts(self) -> list[_Account]:
         """Every budget's account, its figures the calls' own (the allotments
@@ -574,9 +588,15 @@ class BudgetLedger:
             return None
         accounts = plan.accounts
         room = min(a.free for a in accounts)
-        size = min(_ALLOT_CALLS * amount, room // _ALLOT_PART)
+        aside = self._set_aside
+        size = min(
+            _ALLOT_CALLS * amount,
+            room // _ALLOT_PART,
+            (room + aside) // _ALLOT_ALL_PART - aside,
+        )
         if size < amount or size <= 0:
             return None
+        self._set_aside = aside + size
         for account in accounts:
             account.free -= size
         self.room_epoch += 1
@@ -645,12 +665,35 @@ class BudgetLedger:
             amount = math.ceil(worst * _NANO - 1e-6)
             avail = taken.avail - amount
             if avail >= 0 and taken.epoch == self.room_epoch:
+                # (L{_hold}, inline: this is every call of the common case)
                 taken.avail = avail
                 left = taken.base + avail  # the least room left once held
                 if self.shared and left < 4 * max(amount, 1) and self.on_low:
                     self.on_low()  # fewer than four more calls like this one fit: ask now
                 return BudgetHold(plan, amount, left, (), taken)
         return self._reserve_other(plan, now, worst, tokens)
+
+    def _hold(
+        self,
+        plan: _ScopePlan,
+        amount: int,
+        left: int | None,
+        flags: tuple[str, ...] = (),
+        taken: _Allotment | None = None,
+    ) -> BudgetHold:
+        """The hold of a call of C{amount} on C{plan} (on C{taken}, when an
+        allotment), C{left} the least room its budgets have once it is held;
+        shared budgets ask the store for more when fewer than four more
+        calls like it fit."""
+        if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
+            self.on_low()
+        return BudgetHold(plan, amount, left, flags, taken)
+
+    def _give_back(self, taken: _Allotment) -> None:
+        """Give one allotment back (its scope needs a new one)."""
+        taken.give_back()
+        self._allotments.discard(taken)
+        self._set_aside -= taken.size
 
     def _reserve_other(
         self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
@@ -667,23 +710,18 @@ class BudgetLedger:
         taken = plan.allotment
         if taken is None or taken.avail < amount:
             if taken is not None:
-                taken.give_back()
-                self._allotments.discard(taken)
+                self._give_back(taken)
             taken = self._allot(plan, amount)
         if taken is not None:
             if taken.epoch != self.room_epoch:
                 # room was taken outside this allotment since its base was read
-                # (another allotment, a call held account by account): read it
+                # (another allotment, a call held budget by budget): read it
                 # again, so that X-LLMObserve-Budget-Remaining never says
                 # more is left than is (room given back only makes it say less)
                 taken.base = min(a.free for a in taken.accounts)
                 taken.epoch = self.room_epoch
-            avail = taken.avail - amount
-            taken.avail = avail
-            left = taken.base + avail  # the least room left once held
-            if self.shared and left < 4 * max(amount, 1) and self.on_low:
-                self.on_low()  # fewer than four more calls like this one fit: ask now
-            return BudgetHold(plan, amount, left, (), taken)
+            taken.avail -= amount
+            return self._hold(plan, amount, taken.base + taken.avail, (), taken)
         # Too little room for an allotment: a priced call that fits every budget
         # of its scope, in one pass (anything else takes _reserve_each)
         accounts = plan.accounts
@@ -700,9 +738,7 @@ class BudgetLedger:
             if free < left:
                 left = free
         self.room_epoch += 1  # the allotments' bases may be more than is left
-        if self.shared and left < 4 * max(amount, 1) and self.on_low:
-            self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan, amount, left, ())
+        return self._hold(plan, amount, left)
 
     def _reserve_with_rates(
         self, plan: _ScopePlan, now: float, worst: float | None, tokens: int | None
@@ -811,9 +847,7 @@ class BudgetLedger:
             if left is None or rest < left:
                 left = rest
         self.room_epoch += 1  # the allotments' bases may be more than is left
-        if self.shared and left is not None and left < 4 * max(amount, 1) and self.on_low:
-            self.on_low()  # fewer than four more calls like this one fit: ask now
-        return BudgetHold(plan, amount, left, flags)
+        return self._hold(plan, amount, left, flags)
 
     def _refused(self, account: _Account, worst: float | None, reason: str) -> BudgetRefusal:
         if account.granted is not None:

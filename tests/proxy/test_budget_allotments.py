@@ -6,6 +6,7 @@ told more is left than is."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from llmobserve.collector import Budget
+from llmobserve.collector import Budget, EventStore, SQLiteBudgetBook
 from llmobserve.proxy import _budgets
+from llmobserve.proxy._budgetpoll import BudgetPoller
 from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, BudgetRefusal, CallScope
 
 T0 = 1_750_000_000.0
@@ -112,7 +114,8 @@ def test_any_run_of_calls_ends_as_without_allotments(steps: list[Any], shared: b
             elif open_holds:
                 a, b, worst = open_holds.pop(index % len(open_holds))
                 fraction, outcome = arg
-                cost = None if fraction is None or worst is None else worst * fraction
+                # an unpriced call (held at $0) may be priced at its end
+                cost = None if fraction is None else (worst or 0.05) * fraction
                 a.settle(cost, outcome, 200)
                 b.settle(cost, outcome, 200)
         for a, b, _ in open_holds:
@@ -175,3 +178,27 @@ def test_a_call_that_cost_more_than_its_hold_is_seen_by_the_allotments() -> None
     assert isinstance(after, BudgetHold) and after.remaining is not None
     [cap] = ledger.accounts()
     assert after.remaining <= cap.free / 1e9
+
+
+def test_the_once_a_second_read_of_the_budgets_gives_every_allotment_back(
+    tmp_path: Path,
+) -> None:
+    """Room a scope set aside and no longer uses goes back to the budgets at
+    the poller's next read, budgets changed or not."""
+    path = tmp_path / "events.sqlite3"
+    EventStore(path).close()
+    book = SQLiteBudgetBook(path)
+    book.set(Budget("cap", 1.0, "day"))
+    book.close()
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds)
+    poller = BudgetPoller(clock, ledger, str(path))
+    poller.load_now()
+    hold = ledger.reserve(SCOPES[0], 0.01)
+    assert isinstance(hold, BudgetHold) and ledger._allotments
+    hold.settle(0.01, "ok", 200)
+    poller._apply(poller._read(*poller._snapshots()))  # nothing changed
+    assert not ledger._allotments
+    [cap] = ledger._accounts  # the figures as they are, not given back by accounts()
+    assert (cap.spent, cap.reserved, cap.free) == (10_000_000, 0, 990_000_000)
