@@ -81,7 +81,7 @@ class _SettlingSink:
 class _Rotating(_Rig):
     """The rig, its requests taking turns among C{customers} customer labels
     (C{X-LLMObserve-Customer-Id}): that many call scopes in flight, each
-    with a plan (and a slice) of its own. One customer: the label is not sent."""
+    with a plan (and an allotment) of its own. One customer: the label is not sent."""
 
     def __init__(self, customers: int, **kwargs: Any) -> None:
         super().__init__("base-url", **kwargs)

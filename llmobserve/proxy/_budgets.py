@@ -421,11 +421,10 @@ class _Allotment:
     outage) or a call settles above what it held.
     """
 
-    __slots__ = ("accounts", "avail", "base", "epoch", "live", "plan", "size", "spent")
+    __slots__ = ("avail", "base", "epoch", "live", "plan", "size", "spent")
 
     def __init__(self, plan: _ScopePlan, size: int) -> None:
         self.plan = plan
-        self.accounts = plan.accounts
         #: the room taken from each account
         self.size = size
         #: the part of the allotment no call holds (nano-USD)
@@ -444,7 +443,7 @@ class _Allotment:
         self.live = False
         self.plan.allotment = None
         avail, spent = self.avail, self.spent
-        for account in self.accounts:
+        for account in self.plan.accounts:
             account.free += avail
             account.spent += spent
 
@@ -663,7 +662,7 @@ class BudgetLedger:
         # them; none is out in an outage)
         taken = plan.allotment
         if taken is not None and worst is not None:
-            amount = math.ceil(worst * _NANO - 1e-6)
+            amount = math.ceil(worst * _NANO - 1e-6)  # nano_up, inline
             avail = taken.avail - amount
             if avail >= 0 and taken.epoch == self.room_epoch:
                 # (L{_hold}, inline: this is every call of the common case)
@@ -707,7 +706,7 @@ class BudgetLedger:
             if not plan.accounts:
                 return BudgetHold(_NO_BUDGETS, 0, None, ())
             return self._reserve_each(plan, worst)
-        amount = math.ceil(worst * _NANO - 1e-6)
+        amount = nano_up(worst)
         taken = plan.allotment
         if taken is None or taken.avail < amount:
             if taken is not None:
@@ -719,7 +718,7 @@ class BudgetLedger:
                 # (another allotment, a call held budget by budget): read it
                 # again, so that X-LLMObserve-Budget-Remaining never says
                 # more is left than is (room given back only makes it say less)
-                taken.base = min(a.free for a in taken.accounts)
+                taken.base = min(a.free for a in plan.accounts)
                 taken.epoch = self.room_epoch
             taken.avail -= amount
             return self._hold(plan, amount, taken.base + taken.avail, (), taken)
