@@ -27,7 +27,9 @@ second per budget) less this holder's reported spend, plus what the live
 others were granted and have not reported spent. So the events of a dead
 holder's spool, stored late, of a fail-open holder that spent past its
 grant, or of calls from before the window's first grant, shrink what is
-granted next; see C{docs/BUDGETS.md}.
+granted next; they never take back what a holder was granted (only a
+lowered limit does): its calls admitted while its exchange is on its way
+would be spent on room granted to the others. See C{docs/BUDGETS.md}.
 
 A holder refused a call bigger than its free grant says so (C{want}): its
 grant is topped up to that much if the limit has it, even when that is
@@ -248,22 +250,30 @@ class GrantBook:
                     alive += 1
                     unreported += max(0, granted - was_spent)
                 others += granted
+            granted = others  # what the others were granted, with the spend recorded before
             if events is not None:
                 # the events may show more spent than the grants hold: a
                 # silent holder's past its grant (fail open), calls stored
-                # late from before the first grant
+                # late from before the first grant. (A live holder's calls
+                # stored since its last report count twice here: this only
+                # ever limits what is granted next, never what was.)
                 others = max(others, events() - spent + unreported)
             # spend past the grant (a fail-open budget during an outage) is
             # spend all the same: the grant grows to cover it
             mine = max(mine, spent)
             # a slice, or room for the call this holder could not take
             share = max(limit // (4 * alive), want, 1)
-            if others + mine > limit:
+            if granted + mine > limit:
                 # the limit was lowered below what is granted: this holder
                 # keeps what it spent and holds, plus at most a slice of the
                 # room left (a grant of the old limit let each holder spend
-                # up to the new one)
-                mine = max(spent, min(limit - others, busy + share))
+                # up to the new one). Only a lowered limit takes a grant
+                # back: a holder admits calls on its grant while this
+                # exchange is on its way, and its calls in flight are
+                # spent whatever the row says (a grant shrunk by the
+                # events' estimate let the others take room those calls
+                # held: $1.0725 recorded on $1.00 by two collectors)
+                mine = max(busy, min(limit - others, busy + share))
             free = mine - busy
             if free < share:
                 mine += max(0, min(share - free, limit - others - mine))

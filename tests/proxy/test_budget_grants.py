@@ -392,6 +392,52 @@ def test_events_past_the_grants_shrink_what_is_granted(grants: GrantBook) -> Non
     assert b.spent + a_real == NANO
 
 
+def test_calls_admitted_while_an_exchange_is_on_its_way_are_never_granted_again(
+    grants: GrantBook,
+) -> None:
+    """Proxy A holds a $0.25 grant and reports $0.20 in flight; while its
+    exchange is on its way it admits five calls more, up to its grant. B has
+    $0.75 granted and its last $0.04 stored but not yet reported, so the
+    events' estimate counts those twice. The exchange leaves A its $0.25
+    (only a lowered limit takes a grant back): B is never granted the room
+    A's calls hold, and the two spend $1.00 at most. (The estimate shrank
+    A's grant to $0.22 with $0.25 in flight, and two collectors on one
+    PostgreSQL database recorded $1.0725 of $1.00.)"""
+    clock = Clock()
+    clock.advance(T0)
+    a, b = _Holder("a", CAP, clock), _Holder("b", CAP, clock)
+    stored = [0]
+    assert a.exchange(grants, stored) == NANO // 4
+    for _ in range(20):  # B takes slice after slice: everything A does not hold
+        if b.spent == 3 * NANO // 4:
+            break
+        clock.advance(0.1)
+        b.exchange(grants, stored)
+        stored[0] += b.spend(0.01, most=4)  # the last $0.04: stored, not reported
+    assert b.spent == 3 * NANO // 4
+    clock.advance(1.5)  # the events are read again
+    a_holds = [a.ledger.reserve(GPT, 0.01) for _ in range(20)]
+    [(name, (window, spent, busy))] = a.ledger.grant_snapshot().items()
+    assert busy == NANO // 5
+    a_holds += [a.ledger.reserve(GPT, 0.01) for _ in range(5)]  # the exchange is on its way
+    assert all(isinstance(h, BudgetHold) for h in a_holds)
+    got = grants.exchange(
+        CAP, window, "a", spent=spent, busy=busy, now=clock.seconds(),
+        recorded=lambda: stored[0] / NANO,
+    )  # fmt: skip
+    a.ledger.set_grants({name: (window, got)})
+    assert got == NANO // 4
+    for hold in a_holds:
+        assert isinstance(hold, BudgetHold)
+        hold.settle(0.01, "ok", 200)
+    stored[0] += NANO // 4
+    for _ in range(10):
+        clock.advance(1)
+        b.exchange(grants, stored)
+        stored[0] += b.spend(0.01)
+    assert b.spent + NANO // 4 == stored[0] == NANO
+
+
 def test_a_call_bigger_than_a_slice_is_granted_room(grants: GrantBook) -> None:
     """Two proxies share a $0.05 budget: a slice is $0.05 / 8 = $0.00625, and
     a call whose worst case is $0.01 was refused for ever ("this process's
@@ -443,7 +489,9 @@ def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -
     """Proxies sharing a store file (C{--shared-budgets}): the poller reports
     the worst case of a call its grant refused, and the next grant makes
     room for it; an event stored later by another process (its spool)
-    shrinks this process's grant at its next exchange."""
+    leaves no room to grant at its next exchange: the grant stays what
+    this process holds (its calls in flight may all be spent, so it is
+    never taken back), and no call more is admitted."""
     from llmobserve.collector import EventStore, SQLiteBudgetBook
     from llmobserve.proxy._budgetpoll import BudgetPoller
 
@@ -479,6 +527,15 @@ def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -
     store.close()
     clock.advance(1.5)  # the events' spend is read again after a second
     poller._apply(poller._read(*poller._snapshots()))
-    # $0.04 stored, $0.02 in flight here: $0.01 of the limit is left for it
-    assert account.granted == 10_000_000
+    # $0.04 stored, $0.02 in flight here: nothing is granted past what it holds
+    assert account.granted == 20_000_000
+    assert isinstance(ledger.reserve(GPT, 0.0001), BudgetRefusal)
+    hold.settle(0.02, "ok", 200)  # and its event is stored
+    store = EventStore(path)
+    store.insert([{**event, "id": "own", "cost_usd": 0.02}])
+    store.close()
+    clock.advance(1.5)
+    poller._apply(poller._read(*poller._snapshots()))
+    assert account.granted == 20_000_000
+    assert isinstance(ledger.reserve(GPT, 0.0001), BudgetRefusal)
     poller.stopService()
