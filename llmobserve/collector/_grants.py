@@ -250,7 +250,7 @@ class GrantBook:
                     alive += 1
                     unreported += max(0, granted - was_spent)
                 others += granted
-            granted = others  # what the others were granted, with the spend recorded before
+            others_granted = others  # with the spend recorded before the first grant
             if events is not None:
                 # the events may show more spent than the grants hold: a
                 # silent holder's past its grant (fail open), calls stored
@@ -263,7 +263,7 @@ class GrantBook:
             mine = max(mine, spent)
             # a slice, or room for the call this holder could not take
             share = max(limit // (4 * alive), want, 1)
-            if granted + mine > limit:
+            if others_granted + mine > limit:
                 # the limit was lowered below what is granted: this holder
                 # keeps what it spent and holds, plus at most a slice of the
                 # room left (a grant of the old limit let each holder spend
