@@ -24,6 +24,7 @@ tiered price) and the extra of a million output tokens on top of them.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Final, NamedTuple
 
@@ -106,6 +107,12 @@ _ANY_PART: Final = re.compile(
     rb'|a(?:udio_url|udio"\s*:\s*\{)'
     rb'|type"\s*:\s*"(?:image|audio|file|input_file|document))'
 )
+#: A printable ASCII character written as an escape (C{\u0069} for
+#: C{i}): no JSON encoder writes one, but a key or value so written reads
+#: the same to the provider, and the markers above would not see it. Such
+#: a body (or one not in UTF-8) is searched as its plain UTF-8 rewrite
+#: (L{_plain}).
+_ESCAPED_ASCII: Final = re.compile(rb"\\u00[2-7]")
 
 
 class WorstCase(NamedTuple):
@@ -239,6 +246,7 @@ def worst_case_fields(
                 and limit >= 0
                 and top.n is _UNSET
                 and _ANY_PART.search(body) is None
+                and _ESCAPED_ASCII.search(body) is None
             ):
                 models = _rates.get(provider.id)
                 rates = None
@@ -268,6 +276,7 @@ def _worst_case_any(
         if body is None:
             return _no_bound(pid, None, "request body too large to bound")
         top = _NOTHING
+        scan = body  # what the part markers are searched in
         if body:
             try:
                 top = _decode_top(body)
@@ -278,6 +287,9 @@ def _worst_case_any(
                 if read is None:
                     return _no_bound(pid, None, "request body is not JSON")
                 top = read
+                scan = _plain(body)  # UTF-16 or 32, a BOM, NaN ...
+            if scan is body and _ESCAPED_ASCII.search(body) is not None:
+                scan = _plain(body)
         model = top.model
         if type(model) is not str:
             m = _GEMINI_MODEL.search(path)
@@ -291,14 +303,14 @@ def _worst_case_any(
         # them (or something like one): one pass, that skips from one quote
         # to the next, where five substring searches read every byte five
         # times (and the words "data" or "image" in a prompt set them off)
-        if _ANY_PART.search(body) is not None:
-            if _AUDIO_PART.search(body) is not None:
+        if scan and _ANY_PART.search(scan) is not None:
+            if _AUDIO_PART.search(scan) is not None:
                 return _no_bound(pid, model, "audio parts cannot be bounded")
-            if _FILE_URI.search(body) is not None and not _only_images(body):
+            if _FILE_URI.search(scan) is not None and not _only_images(scan):
                 return _no_bound(pid, model, "file parts cannot be bounded")
-            if _FILE_PART.search(body) is not None:
+            if _FILE_PART.search(scan) is not None:
                 return _no_bound(pid, model, "file parts cannot be bounded")
-            input_tokens += len(_IMAGE_PART.findall(body)) * IMAGE_PART_TOKENS
+            input_tokens += len(_IMAGE_PART.findall(scan)) * IMAGE_PART_TOKENS
         # the output limit: the first the request has of max_completion_tokens,
         # max_output_tokens and max_tokens, times n (inline: this is the
         # common case; anything else, _output_bound)
@@ -368,6 +380,18 @@ def _rates_for(
         models.clear()
     models[model] = rates
     return rates
+
+
+def _plain(body: bytes) -> bytes:
+    """The JSON body written again in UTF-8 with no escape but those JSON
+    needs (a quote, a backslash, a control character): what the provider
+    reads, in the bytes the part markers look for."""
+    try:
+        doc = loads(body)
+    except BodyError:
+        return body
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _only_images(body: bytes) -> bool:

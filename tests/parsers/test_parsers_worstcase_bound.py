@@ -218,19 +218,52 @@ def expected_output(doc: dict[str, Any]) -> int:
     return {"gpt-4o-mini": 16_384, "gpt-4.1": 32_768}[doc["model"]] * int(doc.get("n", 1))
 
 
+def hostile_dumps(node: Any) -> str:
+    """JSON with every ASCII letter of every key and string written as an
+    escape (C{"\\u0069mage_url"}): what the provider reads is the same, and
+    no part marker appears in the bytes as written."""
+    if isinstance(node, dict):
+        return (
+            "{" + ",".join(f"{hostile_dumps(k)}:{hostile_dumps(v)}" for k, v in node.items()) + "}"
+        )
+    if isinstance(node, list):
+        return "[" + ",".join(hostile_dumps(v) for v in node) + "]"
+    if isinstance(node, str):
+        return (
+            '"'
+            + "".join(
+                f"\\u{ord(c):04x}" if c.isascii() and c.isalpha() else json.dumps(c)[1:-1]
+                for c in node
+            )
+            + '"'
+        )
+    return json.dumps(node)
+
+
+#: How a body is written: as any encoder does, every letter escaped (a
+#: client hiding its parts), or in an encoding other than UTF-8 that JSON
+#: parsers read as well (UTF-16, a BOM).
+FORMS = st.sampled_from(["utf-8", "escaped", "utf-16", "utf-8-sig"])
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(request=REQUESTS, ascii_only=st.booleans(), compact=st.booleans())
+@given(request=REQUESTS, ascii_only=st.booleans(), compact=st.booleans(), form=FORMS)
 def test_the_bound_is_at_least_the_walked_count(
-    request: tuple[str, str, dict[str, Any]], ascii_only: bool, compact: bool
+    request: tuple[str, str, dict[str, Any]], ascii_only: bool, compact: bool, form: str
 ) -> None:
     """For any generated body (unicode, huge messages, images by URL and
     inline, audio, tool schemas with nested max_tokens keys), written
-    compact or spaced, escaped or not: the bound's input tokens are at
-    least the walk's count, an audio part leaves it without a price, and
-    its output tokens are the top-level limit, never a nested one."""
+    compact or spaced, escaped or not, its letters written as escapes, in
+    UTF-16 or with a BOM: the bound's input tokens are at least the walk's
+    count, an audio part leaves it without a price, and its output tokens
+    are the top-level limit, never a nested one."""
     provider, path, doc = request
     separators = (",", ":") if compact else (", ", ": ")
-    raw = json.dumps(doc, ensure_ascii=ascii_only, separators=separators).encode()
+    text = json.dumps(doc, ensure_ascii=ascii_only, separators=separators)
+    if form == "escaped":
+        raw = hostile_dumps(doc).encode()
+    else:
+        raw = text.encode(form, "surrogatepass")
     bound = worst_case(provider, "api.example.com", path, raw, len(raw), WHEN)
     walked = walked_input_tokens(doc)
     if walked is None:
