@@ -15,7 +15,14 @@ C{docs/BUDGETS.md}). It must really be an upper bound, so:
  - a request whose bound cannot be found (no model, a body too big to
    read, audio parts, file or document parts (a PDF, a video by URI), a
    model with no known maximum output and no limit
-   given, no price) has no bound: C{cost_usd} is None with the reason.
+   given, no price) has no bound: C{cost_usd} is None with the reason;
+ - so has a request whose input the provider adds from what it holds or
+   fetches: an earlier response or conversation (C{previous_response_id},
+   C{conversation}, an C{item_reference}), a stored prompt (C{prompt} as
+   an object), cached content (Gemini's C{cachedContent}), or a tool the
+   provider runs itself (web search, file search, code execution, an MCP
+   server, image generation; OpenAI's C{web_search_options}), whose
+   results enter the model's input with no byte of them in the body.
 
 Prices are the events' own (L{PRICER}), read once per model and day as
 per-token rates: the rate of a million input tokens (the top tier of a
@@ -96,16 +103,55 @@ _FILE_PART: Final = re.compile(rb'"type"\s*:\s*"(?:file|input_file|document)"')
 #: that type is bounded like any image; a video, audio or PDF is not.
 _FILE_URI: Final = re.compile(rb'"(?:file_data|fileData)"')
 _MIME_TYPE: Final = re.compile(rb'"mime_?[tT]ype"\s*:\s*"([^"]*)"')
+#: A tool the provider runs itself, or a stored item named by id, by its
+#: type: the model reads what they bring, and the body holds none of it.
+#: OpenAI's tool types (Responses), Anthropic's server tools (dated:
+#: C{web_search_20250305}). Exact names: an earlier call's record passed
+#: back as input (C{"web_search_call"}, C{"server_tool_use"}) is in the
+#: body, bounded.
+_SERVER_TOOL: Final = re.compile(
+    rb'"type"\s*:\s*"(?:web_search(?:_preview)?|web_fetch|file_search|code_interpreter'
+    rb"|code_execution|image_generation|mcp|tool_search_tool_[a-z0-9]+|item_reference"
+    rb"|google_search)"
+    rb'(?:_[0-9]+)*"'
+)
+#: The same by key: Gemini's tools (read in a body with no top-level
+#: output limit, as Gemini's has none: its API refuses a field it does not
+#: know, so a body with both is refused, at no cost)
+_SERVER_TOOL_KEY: Final = re.compile(
+    rb'"(?:google_?[sS]earch(?:_?[rR]etrieval)?|google_?[mM]aps|code_?[eE]xecution'
+    rb'|url_?[cC]ontext|file_?[sS]earch)"\s*:'
+)
+#: The top-level fields that bring input the body does not hold (see
+#: L{_SERVER_TOOL}), when set: OpenAI's earlier response, conversation,
+#: stored prompt (C{prompt} as an object; a string is the legacy
+#: completions' own prompt) and web search, Gemini's cached content,
+#: Anthropic's MCP servers (a list of any)
+_SERVER_STATE: Final = (
+    "previous_response_id",
+    "conversation",
+    "prompt",
+    "web_search_options",
+    "cachedContent",
+    "cached_content",
+    "mcp_servers",
+)
+_SERVER_TOOL_REASON: Final = "input a provider-run tool or a stored item brings cannot be bounded"
 #: Where any of the markers above may be: every one begins with a quote
 #: and then one of these (grouped by first letter, so that at each quote
 #: of the body one test of its next byte sends most keys and strings on).
-#: A body it does not match has no part of any kind (a test checks that it
-#: matches wherever one of the exact markers does).
+#: A body it does not match has no part of any kind and no tool the
+#: provider runs named by its type (a test checks that it matches wherever
+#: one of the exact markers does). The fields of L{_SERVER_STATE} are the
+#: one pass's decoder's to refuse (L{_FastTop}); Gemini names its tools by
+#: key, and a Gemini body never takes the one pass (its output limit is
+#: in C{generationConfig}).
 _ANY_PART: Final = re.compile(
     rb'"(?:i(?:mage_url|nput_image|nline_data|nlineData|nput_audio)'
     rb"|f(?:ile_data|ileData)"
     rb'|a(?:udio_url|udio"\s*:\s*\{)'
-    rb'|type"\s*:\s*"(?:image|audio|file|input_file|document))'
+    rb'|type"\s*:\s*"(?:image|audio|file|input_file|document|item_reference'
+    rb"|web_|code_|mcp|tool_search|google_))"
 )
 #: A printable ASCII character written as an escape (C{\u0069} for
 #: C{i}): no JSON encoder writes one, but a key or value so written reads
@@ -161,6 +207,13 @@ class _Top(msgspec.Struct, gc=False):
     """
 
     model: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    cachedContent: Any = None
+    cached_content: Any = None
+    web_search_options: Any = None
+    prompt: Any = None
+    mcp_servers: Any = None
     max_completion_tokens: Any = _UNSET
     max_output_tokens: Any = _UNSET
     max_tokens: Any = _UNSET
@@ -170,6 +223,29 @@ class _Top(msgspec.Struct, gc=False):
 
 
 _decode_top: Final = msgspec.json.Decoder(_Top).decode
+
+
+class _FastTop(msgspec.Struct, gc=False):
+    """L{_Top} for the one pass (L{worst_case_fields}): the fields of
+    L{_SERVER_STATE} may only be null, so that a request setting one is
+    refused by the decoder (and taken the full way) at no cost of a test
+    of each for every call."""
+
+    model: Any = None
+    max_completion_tokens: Any = _UNSET
+    max_output_tokens: Any = _UNSET
+    max_tokens: Any = _UNSET
+    n: Any = _UNSET
+    previous_response_id: None = None
+    conversation: None = None
+    cachedContent: None = None
+    cached_content: None = None
+    web_search_options: None = None
+    prompt: None = None
+    mcp_servers: None = None
+
+
+_decode_fast: Final = msgspec.json.Decoder(_FastTop).decode
 _TOP_FIELDS: Final = _Top.__struct_fields__
 _NOTHING: Final = _Top()
 
@@ -236,7 +312,7 @@ def worst_case_fields(
     try:
         provider = _PROVIDERS.get(provider_id) if provider_id else None
         if provider is not None and body:
-            top = _decode_top(body)
+            top = _decode_fast(body)
             model = top.model
             limit = top.max_completion_tokens
             if limit is _UNSET:
@@ -301,6 +377,9 @@ def _worst_case_any(
             return _no_bound(pid, model, "unknown provider")
         if model is None:
             return _no_bound(pid, None, "no model named")
+        held = _server_state(top)
+        if held is not None:
+            return _no_bound(pid, model, f"input the provider adds ({held}) cannot be bounded")
         input_tokens = body_bytes + _FIXED_INPUT_TOKENS
         # The exact markers run only on a body where _ANY_PART finds one of
         # them (or something like one): one pass, that skips from one quote
@@ -313,6 +392,8 @@ def _worst_case_any(
                 return _no_bound(pid, model, "file parts cannot be bounded")
             if _FILE_PART.search(scan) is not None:
                 return _no_bound(pid, model, "file parts cannot be bounded")
+            if _SERVER_TOOL.search(scan) is not None:
+                return _no_bound(pid, model, _SERVER_TOOL_REASON)
             input_tokens += len(_IMAGE_PART.findall(scan)) * IMAGE_PART_TOKENS
         # the output limit: the first the request has of max_completion_tokens,
         # max_output_tokens and max_tokens, times n (inline: this is the
@@ -322,6 +403,8 @@ def _worst_case_any(
             limit = top.max_output_tokens
             if limit is _UNSET:
                 limit = top.max_tokens
+        if limit is _UNSET and scan and _SERVER_TOOL_KEY.search(scan) is not None:
+            return _no_bound(pid, model, _SERVER_TOOL_REASON)
         output_tokens: int | None = limit
         if type(limit) is not int or limit < 0 or top.n is not _UNSET:
             output_tokens = _output_bound(top, limit, model)
@@ -336,6 +419,16 @@ def _worst_case_any(
         return (pid, model, cost, input_tokens, output_tokens, None)
     except Exception as e:  # a bound we cannot find is no bound
         return _no_bound(provider_id, None, f"internal error: {type(e).__name__}")
+
+
+def _server_state(top: _Top) -> str | None:
+    """The first top-level field of L{_SERVER_STATE} the request sets, if any."""
+    for name in _SERVER_STATE:
+        value = getattr(top, name)
+        if value is None or value == [] or (name == "prompt" and type(value) is not dict):
+            continue
+        return name
+    return None
 
 
 def _output_bound(top: _Top, limit: Any, model: str) -> int | None:

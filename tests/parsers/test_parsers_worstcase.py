@@ -15,6 +15,7 @@ from parsers._worstcase import (
     _FILE_PART,
     _FILE_URI,
     _IMAGE_PART,
+    _SERVER_TOOL,
     IMAGE_PART_TOKENS,
     _worst_case_any,
     worst_case_fields,
@@ -111,6 +112,109 @@ def test_files_documents_and_audio_references_cannot_be_bounded() -> None:
     assert bound(words).cost_usd is not None
 
 
+def test_input_the_provider_holds_or_fetches_cannot_be_bounded() -> None:
+    """An earlier response, a conversation, a stored prompt or item, cached
+    content, and tools the provider runs itself (web search, file search,
+    code execution, MCP servers, image generation) put input before the
+    model that the body does not hold: the call has no bound (a budget
+    treats it as unpriced). Function tools, client-run tools, an earlier
+    call's records passed back, a legacy string prompt and keys that only
+    look alike are still bounded."""
+    responses = {"model": "gpt-4o-mini", "max_output_tokens": 5, "input": "go on"}
+    held = "input the provider adds ({}) cannot be bounded"
+    for field, value in [
+        ("previous_response_id", "resp_abc"),
+        ("conversation", "conv_abc"),
+        ("conversation", {"id": "conv_abc"}),
+        ("prompt", {"id": "pmpt_abc", "variables": {"city": "Paris"}}),
+    ]:
+        reason = bound({**responses, field: value}, path="/v1/responses").reason
+        assert reason == held.format(field), (field, reason)
+    assert bound(chat(max_tokens=5, web_search_options={})).reason == held.format(
+        "web_search_options"
+    )
+    gemini_path = "/v1beta/models/gemini-2.0-flash:generateContent"
+    cached = {
+        "contents": [{"parts": [{"text": "hi"}]}],
+        "cachedContent": "cachedContents/abc",
+        "generationConfig": {"maxOutputTokens": 5},
+    }
+    assert bound(cached, "gemini", gemini_path).reason == held.format("cachedContent")
+
+    tool_run = "input a provider-run tool or a stored item brings cannot be bounded"
+    for tool in [
+        {"type": "web_search"},
+        {"type": "web_search_preview"},
+        {"type": "file_search", "vector_store_ids": ["vs_1"]},
+        {"type": "code_interpreter", "container": {"type": "auto"}},
+        {"type": "image_generation"},
+        {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example.com"},
+    ]:
+        assert bound({**responses, "tools": [tool]}, path="/v1/responses").reason == tool_run
+    reference = {**responses, "input": [{"type": "item_reference", "id": "msg_abc"}]}
+    assert bound(reference, path="/v1/responses").reason == tool_run
+    claude = {"model": "claude-sonnet-4-20250514", "max_tokens": 5, "messages": chat()["messages"]}
+    for tool in [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+        {"type": "web_fetch_20250910", "name": "web_fetch"},
+        {"type": "code_execution_20250825", "name": "code_execution"},
+    ]:
+        assert bound({**claude, "tools": [tool]}, "anthropic", "/v1/messages").reason == tool_run
+    mcp = [{"type": "url", "url": "https://mcp.example.com", "name": "x"}]
+    assert bound({**claude, "mcp_servers": mcp}, "anthropic", "/v1/messages").reason == held.format(
+        "mcp_servers"
+    )
+    for tool in [
+        {"googleSearch": {}},
+        {"google_search": {}},
+        {"codeExecution": {}},
+        {"urlContext": {}},
+    ]:
+        assert (
+            bound({**cached, "cachedContent": None, "tools": [tool]}, "gemini", gemini_path).reason
+            == tool_run
+        )
+
+    function = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    bounded = [
+        ("openai", "/v1/chat/completions", chat(max_tokens=5, tools=[function])),
+        ("openai", "/v1/responses", {**responses, "tools": [{"type": "function", "name": "f"}]}),
+        (
+            "openai",
+            "/v1/responses",
+            {**responses, "prompt_cache_key": "k", "previous_response_id": None},
+        ),
+        (
+            "openai",
+            "/v1/responses",
+            {
+                **responses,
+                "input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}],
+            },
+        ),
+        (
+            "openai",
+            "/v1/completions",
+            {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi", "max_tokens": 5},
+        ),
+        (
+            "anthropic",
+            "/v1/messages",
+            {**claude, "tools": [{"type": "bash_20250124", "name": "bash"}], "mcp_servers": []},
+        ),
+        ("anthropic", "/v1/messages", {**claude, "metadata": {"conversation_id": "c"}}),
+        (
+            "gemini",
+            gemini_path,
+            {**cached, "cachedContent": None, "tools": [{"functionDeclarations": []}]},
+        ),
+    ]
+    for provider, path, doc in bounded:
+        found = bound(doc, provider, path)
+        assert found.cost_usd is not None or found.reason == "no price", (doc, found.reason)
+        assert found.reason in (None, "no price"), (doc, found.reason)
+
+
 def test_unboundable_requests_have_no_cost() -> None:
     """No model, not JSON, a body too big to hold, an unknown price: None, with a reason."""
     assert bound({"messages": []}).reason == "no model named"
@@ -202,7 +306,7 @@ def test_what_the_fast_reader_refuses_is_read_by_the_stdlib() -> None:
     assert (with_bom.model, with_bom.output_tokens) == ("gpt-4o-mini", 7)
 
 
-_MARKERS = (_IMAGE_PART, _AUDIO_PART, _FILE_PART, _FILE_URI)
+_MARKERS = (_IMAGE_PART, _AUDIO_PART, _FILE_PART, _FILE_URI, _SERVER_TOOL)
 _PIECES = [
     b'"image_url"',
     b'"input_image"',
@@ -218,6 +322,23 @@ _PIECES = [
     b'"file"',
     b'"input_file"',
     b'"document"',
+    b'"web_search"',
+    b'"web_search_20250305"',
+    b'"file_search"',
+    b'"fileSearch"',
+    b'"code_interpreter"',
+    b'"code_execution"',
+    b'"codeExecution"',
+    b'"image_generation"',
+    b'"mcp"',
+    b'"mcp_servers"',
+    b'"googleSearch"',
+    b'"google_search_retrieval"',
+    b'"url_context"',
+    b'"item_reference"',
+    b'"tool_search_tool_regex_20251119"',
+    b"[",
+    b"_2025",
     b'"text"',
     b'"data"',
     b"{",
