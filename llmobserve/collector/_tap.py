@@ -22,6 +22,7 @@ from ._open import DB_ENV, db_from_env, is_postgres_url, open_store
 from ._retain import parse_span
 from ._service import CollectorService
 from ._store import StoreError
+from ._tlsport import TLSHintReactor
 
 __all__ = ["Options", "makeService"]
 
@@ -161,7 +162,8 @@ def makeService(options: usage.Options) -> IService:
         raise usage.UsageError(str(e)) from e
     description = listen_endpoint(options["port"])
     require_keys = bool(options["require-keys"]) or listens_beyond_loopback(description)
-    endpoint = serverFromString(r, description)
+    # on an ssl: port, plain text gets a hint rather than an empty reply
+    endpoint = serverFromString(TLSHintReactor(r), description)
     return CollectorService(
         r,
         endpoint,

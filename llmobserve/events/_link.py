@@ -14,6 +14,7 @@ the records stay in the outbox window and on disk.
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 from collections.abc import Callable, Sequence
@@ -127,6 +128,11 @@ class LinkProtocol(Protocol):
         self._link._connected(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.ready and data.startswith(b"HTTP/1."):
+            # an HTTP answer to the link's hello: a collector on a TLS port
+            # linked over plain TCP says so (its words, once, not a frame error)
+            self._refused_in_http(data)
+            return
         try:
             messages = self._decoder.feed(data)
         except FrameError as e:
@@ -185,6 +191,18 @@ class LinkProtocol(Protocol):
         else:
             self._log.debug("ignoring link message {kind!r}", kind=kind)
         return True
+
+    def _refused_in_http(self, data: bytes) -> None:
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        try:  # the error contract's JSON, or any words
+            words = str(json.loads(body)["error"]["message"])[:200]
+        except (ValueError, LookupError, TypeError):
+            words = body.decode("utf-8", "replace").strip()[:200]
+        reason = "tls_required" if b"tls_required" in head else "http"
+        self._link._refused(reason, {"message": f"it answered {status!r}: {words}"})
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport
 
     def _write(self, message: dict[str, Any]) -> None:
         assert self.transport is not None

@@ -132,6 +132,8 @@ def test_a_refused_link_keeps_every_event_until_it_is_fixed(tmp_path: Path, faul
             health = _get_json(proxy.url + "/health")
             assert health["collector"]["state"] != "connected", health
             assert health["events_waiting"] == CALLS
+            if fault == "plain-tcp":  # the collector said why, and /health says it
+                assert health["collector"]["refused"] == "tls_required", health
         assert _get_json(https + "/health", ca_pem)["events_stored"] == 0
         with _proxy(
             tmp_path, upstream, "--collector", https, "--collector-ca-file", str(ca_pem)
@@ -143,6 +145,27 @@ def test_a_refused_link_keeps_every_event_until_it_is_fixed(tmp_path: Path, faul
             )
         events = _get_json(https + "/api/events?limit=1000", ca_pem)["events"]
     assert len({e["id"] for e in events}) == len(events) == CALLS
+
+
+@pytest.mark.timeout(60)
+def test_plain_http_to_the_tls_port_is_told_to_use_https(tmp_path: Path) -> None:
+    """A plain-text request to the TLS port (C{curl http://...}, the CLI
+    given C{--collector http://...}) gets a 400 saying the port speaks TLS,
+    not an empty reply; HTTPS on the same port still answers, and a client
+    that never speaks is closed like any other."""
+    server_pem, ca_pem, _ = _ca_files(tmp_path)
+    with _tls_collector(tmp_path, server_pem) as collector:
+        plain = raw_request(
+            collector.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        assert plain.status == 400
+        assert plain.header("X-LLMObserve-Error") == b"tls_required"
+        assert b"use https://" in plain.body
+        listed = _cli("budgets", "list", "--collector", f"http://127.0.0.1:{collector.port}")
+        assert listed.returncode != 0
+        assert "TLS" in listed.stderr, listed.stderr
+        health = _get_json(f"https://127.0.0.1:{collector.port}/health", ca_pem)
+        assert health["events_stored"] == 0
 
 
 def test_a_collector_ca_file_needs_an_https_collector(tmp_path: Path) -> None:
