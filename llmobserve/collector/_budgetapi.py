@@ -158,7 +158,9 @@ class BudgetsResource(Resource):
         budget and takes its slices (L{GrantBook}); C{{"grants": {name:
         [window_start, granted]}}} in nano-USD (a report's C{want}, when
         given: the most a call it refused for want of grant could cost, to
-        be granted even when over a slice). Its C{limits} reports (calls
+        be granted even when over a slice; its C{cap}, when given: what it may
+        spend until it has applied this answer, kept as its grant meanwhile).
+        Its C{limits} reports (calls
         or tokens used per rate limit and minute, the current one or the
         next) take slices of those minutes: C{{"limit_grants": {name:
         [[minute, granted], ...]}}}. With C{"release": true}, a stopping
@@ -175,6 +177,7 @@ class BudgetsResource(Resource):
                     int(r["spent"]),
                     int(r["busy"]),
                     int(r.get("want", 0)),
+                    None if r.get("cap") is None else int(r["cap"]),
                 )
                 for r in doc["reports"]
             ]
@@ -215,12 +218,12 @@ class BudgetsResource(Resource):
         book: SqlBudgetBook,
         grants: GrantBook,
         holder: str,
-        reports: list[tuple[str, float, int, int, int]],
+        reports: list[tuple[str, float, int, int, int, int | None]],
         now: float,
     ) -> dict[str, Any]:
         budgets = {b.name: b for b in book.list()}
         out = {}
-        for name, window, spent, busy, want in reports:
+        for name, window, spent, busy, want, cap in reports:
             budget = budgets.get(name)
             if budget is None or budget.action != "block":
                 continue
@@ -235,6 +238,7 @@ class BudgetsResource(Resource):
                 now=now,
                 recorded=partial(book.spend, budget, now),
                 want=want,
+                cap=cap,
             )
             out[name] = [window, got]
         return out
@@ -289,13 +293,13 @@ def _release(
     book: SqlBudgetBook,
     grants: GrantBook,
     holder: str,
-    reports: list[tuple[str, float, int, int, int]],
+    reports: list[tuple[str, float, int, int, int, int | None]],
     rate_reports: list[tuple[str, float, int, int, int]],
 ) -> None:
     """A stopping proxy's grants shrink to what it spent and has in flight
     (else they stay counted until their window ends: see L{GrantBook})."""
     budgets = {b.name: b for b in book.list()}
-    for name, window, _, busy, _ in reports:
+    for name, window, _, busy, _, _ in reports:
         if name in budgets:
             grants.release(budgets[name], window, holder, busy)
     limits = {r.name: r for r in book.limits.list()}

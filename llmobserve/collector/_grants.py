@@ -128,6 +128,7 @@ class GrantBook:
         now: float,
         recorded: Callable[[], float],
         want: int = 0,
+        cap: int | None = None,
     ) -> int:
         """Report this holder's C{spent} (and C{busy}: spent + in flight)
         and top its grant up to a slice of the free room. Returns its grant
@@ -140,6 +141,11 @@ class GrantBook:
         @param want: the most a call this holder refused for want of grant
             could cost (nano-USD): its free grant is topped up to that if
             the limit has it, even when that is more than a slice.
+        @param cap: what the holder may spend now (its grant within the
+            limit): it admits calls up to it until it has applied the
+            grant returned, so a grant that shrinks is recorded as no less
+            than this until the holder's next exchange reports the new one
+            (None: a holder that does not say; the grant returned is kept).
         """
         limit = math.floor(budget.limit_usd * NANO + 1e-6)
         key = repr(window_start)
@@ -158,6 +164,7 @@ class GrantBook:
             recorded=events,
             events=events,
             want=want,
+            cap=cap,
         )
 
     def exchange_rate(
@@ -223,6 +230,7 @@ class GrantBook:
         lock: str | None = None,
         want: int = 0,
         events: Callable[[], int] | None = None,
+        cap: int | None = None,
     ) -> int:
         db = self._db
         with db.transaction(lock=lock or name):
@@ -277,11 +285,14 @@ class GrantBook:
             free = mine - busy
             if free < share:
                 mine += max(0, min(share - free, limit - others - mine))
+            # what the holder may spend until it applies this grant: its
+            # cap now, when that is more (a grant that shrank)
+            kept = mine if cap is None or cap <= mine else cap
             db.execute(
                 "INSERT INTO budget_grants VALUES (?, ?, ?, ?, ?, ?)"
                 ' ON CONFLICT (budget, "window", holder) DO UPDATE SET'
                 " granted = excluded.granted, spent = excluded.spent, seen = excluded.seen",
-                (name, key, holder, mine, spent, now),
+                (name, key, holder, kept, spent, now),
             )
         return int(mine)
 

@@ -132,14 +132,16 @@ class BudgetPoller(Service):
 
     def _snapshots(
         self,
-    ) -> tuple[dict[str, tuple[float, int, int]], _RateReports, dict[str, int]]:
+    ) -> tuple[dict[str, tuple[float, int, int]], _RateReports, dict[str, int], dict[str, int]]:
         """What this process reports of its shared budgets and rate limits
-        (and the most a call refused by a budget's grant could cost)."""
+        (and the most a call refused by a budget's grant could cost, and
+        what it may spend until its next grant is applied)."""
         ledger = self.ledger
         return (
             ledger.grant_snapshot(),
             ledger.rate_grant_snapshot(ledger.now()),
             ledger.grant_wants(),
+            ledger.grant_caps(),
         )
 
     def _read(
@@ -147,10 +149,11 @@ class BudgetPoller(Service):
         snapshot: dict[str, tuple[float, int, int]],
         rates: _RateReports = (),
         wants: dict[str, int] | None = None,
+        caps: dict[str, int] | None = None,
     ) -> _Read:
-        wants = wants or {}
+        wants, caps = wants or {}, caps or {}
         if self._collector is not None:
-            return self._read_collector(snapshot, rates, wants)
+            return self._read_collector(snapshot, rates, wants, caps)
         if self._book is None:
             assert self._path is not None
             self._book = SQLiteBudgetBook(self._path)
@@ -186,6 +189,7 @@ class BudgetPoller(Service):
                     now=now,
                     recorded=partial(book.spend, budget, now),
                     want=wants.get(budget.name, 0),
+                    cap=caps.get(budget.name),
                 )
                 grants[budget.name] = (window, granted)
         rate_grants: dict[str, list[tuple[float, int]]] = {}
@@ -216,6 +220,7 @@ class BudgetPoller(Service):
         snapshot: dict[str, tuple[float, int, int]],
         rates: _RateReports,
         wants: dict[str, int],
+        caps: dict[str, int],
     ) -> _Read:
         """The collector's budgets (C{GET /api/budgets}), rate limits (C{GET
         /api/limits}) and this process's grants (C{POST
@@ -232,9 +237,11 @@ class BudgetPoller(Service):
                 {"budget": name, "window": window, "spent": spent, "busy": busy}
                 for name, (window, spent, busy) in snapshot.items()
             ]
-            for report in reports:  # only when one was refused: older collectors ignore it
-                if report["budget"] in wants:
+            for report in reports:  # older collectors ignore both
+                if report["budget"] in wants:  # only when one was refused
                     report["want"] = wants[report["budget"]]
+                if report["budget"] in caps:
+                    report["cap"] = caps[report["budget"]]
             ask: dict[str, Any] = {"holder": self.holder, "reports": reports}
             if rates:
                 ask["limits"] = [
@@ -301,7 +308,7 @@ class BudgetPoller(Service):
         # these calls' wants are in this snapshot: this exchange answers them
         waiters, self._waiters = self._waiters, []
         self._inflight, self._asks_sent = waiters, self.ledger.asks
-        snapshot, rates, wants = self._snapshots() if self.ledger.shared else ({}, [], {})
+        snapshot, rates, wants, caps = self._snapshots() if self.ledger.shared else ({}, [], {}, {})
         d = deferToThreadPool(
             self._reactor,  # type: ignore[arg-type]  # deferToThreadPool wants IReactorFromThreads
             self._pool,
@@ -309,6 +316,7 @@ class BudgetPoller(Service):
             snapshot,
             rates,
             wants,
+            caps,
         )
         d.addCallback(self._applied)
         d.addErrback(self._read_failed)

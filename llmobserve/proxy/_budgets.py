@@ -483,6 +483,9 @@ class BudgetLedger:
         self.room_epoch = 0
         #: is any budget or rate limit defined (else calls skip the check)?
         self.active = False
+        #: shared budgets replaced or deleted: (name, window start) -> their
+        #: spend and holds, and grant (see L{load})
+        self._dropped: dict[tuple[str, float], tuple[int, int]] = {}
 
     def load_limits(
         self, limits: Sequence[RateLimit], used: Mapping[str, int] | None = None
@@ -519,7 +522,14 @@ class BudgetLedger:
     def load(self, budgets: Sequence[Budget], spends: Mapping[str, float]) -> None:
         """Replace the definitions. A budget that counts the same calls over
         the same window as before keeps its live spend and reservations; a
-        new one starts from the store's spend C{spends[name]}."""
+        new one starts from the store's spend C{spends[name]}.
+
+        Shared, a budget of a name this process held a grant of in the
+        same window (redefined, or deleted and set again) starts from what
+        its account had spent and held, and from its grant: the store's
+        grant row of this process is the same, and the calls held on the
+        account it replaces may all be spent (a fresh account was granted
+        the whole grant again: $2.00 recorded on $1.00)."""
         self.return_allotments()  # before a kept budget rolls to a new window
         now = self.now()
         old = {a.budget.name: a for a in self._accounts}
@@ -533,22 +543,31 @@ class BudgetLedger:
                 accounts.append(prev)
                 continue
             if prev is not None:
-                prev.live = False
+                self._drop(prev)
             shared = self.shared and budget.action == "block"
+            start = budget.window_start(now)
+            # shared: this process's own spend, the rest is in the grants
+            spent, granted = (0, 0) if shared else (_nano(spends.get(budget.name, 0.0)), None)
+            earlier = self._dropped.pop((budget.name, start), None) if shared else None
+            if earlier is not None:
+                spent, granted = earlier
             accounts.append(
-                _Account(
-                    budget,
-                    budget.window_start(now),
-                    budget.window_end(now),
-                    # shared: this process's own spend, the rest is in the grants
-                    spent=0 if shared else _nano(spends.get(budget.name, 0.0)),
-                    granted=0 if shared else None,
-                )
+                _Account(budget, start, budget.window_end(now), spent=spent, granted=granted)
             )
         for gone in old.values():
-            gone.live = False
+            self._drop(gone)
         self._accounts = accounts
         self._loaded()
+
+    def _drop(self, account: _Account) -> None:
+        """An account replaced or deleted; a shared one's spend and holds
+        (all counted as spent) and grant are kept for its window."""
+        account.live = False
+        if account.granted is not None:
+            if len(self._dropped) >= 1024:  # names come and go: stay bounded
+                self._dropped.clear()
+            window = (account.budget.name, account.window_start)
+            self._dropped[window] = (account.cap - account.free, account.granted)
 
     def _loaded(self) -> None:
         self._retire_plans()
@@ -868,6 +887,13 @@ class BudgetLedger:
             for a in self._accounts
             if a.granted is not None
         }
+
+    def grant_caps(self) -> dict[str, int]:
+        """Shared budgets: name -> what this process may spend in the window
+        now (nano-USD, its grant within the limit). Reported with each
+        exchange: until the answer is applied, calls are admitted up to
+        it, so the store counts at least that much as this process's."""
+        return {a.budget.name: a.cap for a in self._accounts if a.granted is not None}
 
     def grant_wants(self) -> dict[str, int]:
         """Shared budgets: name -> the most a call refused for want of grant

@@ -310,6 +310,13 @@ class _Holder:
 
     def exchange(self, grants: GrantBook, stored: list[int]) -> int:
         """The poller's exchange; C{stored}: the store's spend from its events."""
+        got = self.send(grants, stored)
+        self.apply(got)
+        return got[2]
+
+    def send(self, grants: GrantBook, stored: list[int]) -> tuple[str, float, int]:
+        """The exchange's report and the store's answer, not yet applied
+        (name, window, grant): calls admitted meanwhile are on their way."""
         [(name, (window, spent, busy))] = self.ledger.grant_snapshot().items()
         got = grants.exchange(
             self.budget,
@@ -320,9 +327,15 @@ class _Holder:
             now=self.clock.seconds(),
             recorded=lambda: stored[0] / NANO,
             want=self.ledger.grant_wants().get(name, 0),
+            cap=self.ledger.grant_caps()[name],
         )
-        self.ledger.set_grants({name: (window, got)})
-        return got
+        return name, window, got
+
+    def apply(self, got: tuple[str, float, int]) -> None:
+        """What the poller does with the answer: the definition, then the grant."""
+        name, window, granted = got
+        self.ledger.load([self.budget], {})
+        self.ledger.set_grants({name: (window, granted)})
 
     def spend(self, cost: float, most: int = 200) -> int:
         """Calls of C{cost} until one is refused; what they spent (nano-USD)."""
@@ -436,6 +449,64 @@ def test_calls_admitted_while_an_exchange_is_on_its_way_are_never_granted_again(
         b.exchange(grants, stored)
         stored[0] += b.spend(0.01)
     assert b.spent + NANO // 4 == stored[0] == NANO
+
+
+@pytest.mark.parametrize("change", ["redefined", "deleted and set again"])
+def test_a_budget_redefined_or_set_again_is_not_spent_twice(grants: GrantBook, change: str) -> None:
+    """A proxy spends all of a shared $1.00 budget; the budget is then
+    redefined (a new scope, same name and window) or deleted and set
+    again. The proxy's new account starts from what the old one spent
+    and held, and from its grant (its row in the store is the same): no
+    call more is admitted. (A fresh account was granted the whole grant
+    again: $2.00 recorded on $1.00.)"""
+    clock = Clock()
+    clock.advance(T0)
+    a = _Holder("a", CAP, clock)
+    stored = [0]
+    for _ in range(10):
+        clock.advance(1.1)
+        a.exchange(grants, stored)
+        stored[0] += a.spend(0.01)
+    held = a.ledger.reserve(GPT, 0.01)  # none fits; one in flight when it changes, had it
+    assert stored[0] == NANO and not isinstance(held, BudgetHold)
+    if change == "redefined":
+        a.budget = Budget("cap", 1.0, "day", provider="openai")
+    else:  # a poll finds it gone, the next one set again
+        a.ledger.load([], {})
+    a.ledger.load([a.budget], {})
+    for _ in range(10):
+        clock.advance(1.1)
+        a.exchange(grants, stored)
+        stored[0] += a.spend(0.01)
+    assert stored[0] == NANO
+
+
+def test_a_lowered_limit_counts_the_calls_admitted_on_the_old_grant(grants: GrantBook) -> None:
+    """The limit goes from $1.00 to $0.25 while A holds a $0.25 grant and
+    B $0.25, neither spent. A's poll reports nothing in flight, then admits
+    $0.25 of calls on its old grant before the answer (a smaller grant)
+    arrives. A reports the grant it enforces with each exchange, and the
+    store keeps that as A's until A's next report: B is never granted
+    the room A's calls hold ($0.46 was spent on the $0.25 limit)."""
+    clock = Clock()
+    clock.advance(T0)
+    a, b = _Holder("a", CAP, clock), _Holder("b", CAP, clock)
+    stored = [0]
+    a.exchange(grants, stored)
+    for _ in range(2):
+        b.exchange(grants, stored)
+    a.budget = b.budget = Budget("cap", 0.25, "day")
+    answer = a.send(grants, stored)  # reported: nothing in flight
+    admitted = a.spend(0.01)  # on the old grant, while the answer is on its way
+    a.apply(answer)
+    assert admitted == NANO // 4
+    stored[0] += admitted
+    for _ in range(30):
+        clock.advance(1)
+        a.exchange(grants, stored)
+        b.exchange(grants, stored)
+        stored[0] += b.spend(0.01) + a.spend(0.01)
+    assert stored[0] == NANO // 4
 
 
 def test_a_call_bigger_than_a_slice_is_granted_room(grants: GrantBook) -> None:
