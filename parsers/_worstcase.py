@@ -102,7 +102,6 @@ _FILE_PART: Final = re.compile(rb'"type"\s*:\s*"(?:file|input_file|document)"')
 #: Gemini names a file by URI (C{file_data} / C{fileData}): an image of
 #: that type is bounded like any image; a video, audio or PDF is not.
 _FILE_URI: Final = re.compile(rb'"(?:file_data|fileData)"')
-_MIME_TYPE: Final = re.compile(rb'"mime_?[tT]ype"\s*:\s*"([^"]*)"')
 #: A tool the provider runs itself, or a stored item named by id, by its
 #: type: the model reads what they bring, and the body holds none of it.
 #: OpenAI's tool types (Responses), Anthropic's server tools (dated:
@@ -115,18 +114,12 @@ _SERVER_TOOL: Final = re.compile(
     rb"|google_search)"
     rb'(?:_[0-9]+)*"'
 )
-#: The same by key: Gemini's tools (read in a body with no top-level
-#: output limit, as Gemini's has none: its API refuses a field it does not
-#: know, so a body with both is refused, at no cost)
-_SERVER_TOOL_KEY: Final = re.compile(
-    rb'"(?:google_?[sS]earch(?:_?[rR]etrieval)?|google_?[mM]aps|code_?[eE]xecution'
-    rb'|url_?[cC]ontext|file_?[sS]earch)"\s*:'
-)
 #: The top-level fields that bring input the body does not hold (see
 #: L{_SERVER_TOOL}), when set: OpenAI's earlier response, conversation,
 #: stored prompt (C{prompt} as an object; a string is the legacy
 #: completions' own prompt) and web search, Gemini's cached content,
-#: Anthropic's MCP servers (a list of any)
+#: Anthropic's MCP servers (a list of any), Azure OpenAI's data sources,
+#: xAI's live search, OpenRouter's plugins (web search, file parsing)
 _SERVER_STATE: Final = (
     "previous_response_id",
     "conversation",
@@ -135,7 +128,37 @@ _SERVER_STATE: Final = (
     "cachedContent",
     "cached_content",
     "mcp_servers",
+    "data_sources",
+    "search_parameters",
+    "plugins",
 )
+#: Gemini's (and Vertex AI's) tools the provider runs, by key of an
+#: element of the top-level C{tools}
+_GEMINI_SERVER_TOOLS: Final = frozenset(
+    {
+        "googleSearch",
+        "google_search",
+        "googleSearchRetrieval",
+        "google_search_retrieval",
+        "codeExecution",
+        "code_execution",
+        "urlContext",
+        "url_context",
+        "googleMaps",
+        "google_maps",
+        "fileSearch",
+        "file_search",
+        "retrieval",
+        "enterpriseWebSearch",
+        "enterprise_web_search",
+        "computerUse",
+        "computer_use",
+    }
+)
+#: Models that search the web on every call, by name: OpenAI's search
+#: models, Perplexity's Sonar, OpenRouter's C{:online} variants, Groq's
+#: Compound systems
+_SEARCH_MODEL: Final = re.compile(r"search|^sonar|:online$|(^|/)compound", re.IGNORECASE)
 _SERVER_TOOL_REASON: Final = "input a provider-run tool or a stored item brings cannot be bounded"
 #: Where any of the markers above may be: every one begins with a quote
 #: and then one of these (grouped by first letter, so that at each quote
@@ -214,6 +237,12 @@ class _Top(msgspec.Struct, gc=False):
     web_search_options: Any = None
     prompt: Any = None
     mcp_servers: Any = None
+    data_sources: Any = None
+    search_parameters: Any = None
+    plugins: Any = None
+    extra_body: Any = None
+    tools: Any = None
+    input: Any = None
     max_completion_tokens: Any = _UNSET
     max_output_tokens: Any = _UNSET
     max_tokens: Any = _UNSET
@@ -243,6 +272,12 @@ class _FastTop(msgspec.Struct, gc=False):
     web_search_options: None = None
     prompt: None = None
     mcp_servers: None = None
+    data_sources: None = None
+    search_parameters: None = None
+    plugins: None = None
+    extra_body: None = None
+    #: Responses' input as a list may name stored items by id: the full way reads them
+    input: str | None = None
 
 
 _decode_fast: Final = msgspec.json.Decoder(_FastTop).decode
@@ -366,9 +401,14 @@ def _worst_case_any(
                 if read is None:
                     return _no_bound(pid, None, "request body is not JSON")
                 top = read
-                scan = _plain(body)  # UTF-16 or 32, a BOM, NaN ...
-            if scan is body and _BACKSLASH in body and _ESCAPED_ASCII.search(body) is not None:
-                scan = _plain(body)
+                scan = b""  # UTF-16 or 32, a BOM, NaN ...: searched as rewritten
+            if not scan or (_BACKSLASH in body and _ESCAPED_ASCII.search(body) is not None):
+                plain = _plain(body)
+                if plain is None:  # escapes in a body the stdlib cannot read
+                    return _no_bound(pid, None, "request body cannot be read as JSON text")
+                # both as written and as read: a provider that takes the
+                # first of a repeated key reads what the rewrite dropped
+                scan = body + b"\n" + plain
         model = top.model
         if type(model) is not str:
             m = _GEMINI_MODEL.search(path)
@@ -380,6 +420,10 @@ def _worst_case_any(
         held = _server_state(top)
         if held is not None:
             return _no_bound(pid, model, f"input the provider adds ({held}) cannot be bounded")
+        if _SEARCH_MODEL.search(model) is not None:
+            return _no_bound(pid, model, f"{model} searches the web: its input cannot be bounded")
+        if _input_held(top.input):
+            return _no_bound(pid, model, _SERVER_TOOL_REASON)
         input_tokens = body_bytes + _FIXED_INPUT_TOKENS
         # The exact markers run only on a body where _ANY_PART finds one of
         # them (or something like one): one pass, that skips from one quote
@@ -388,7 +432,7 @@ def _worst_case_any(
         if scan and _ANY_PART.search(scan) is not None:
             if _AUDIO_PART.search(scan) is not None:
                 return _no_bound(pid, model, "audio parts cannot be bounded")
-            if _FILE_URI.search(scan) is not None and not _only_images(scan):
+            if _FILE_URI.search(scan) is not None and not _file_uris_are_images(body):
                 return _no_bound(pid, model, "file parts cannot be bounded")
             if _FILE_PART.search(scan) is not None:
                 return _no_bound(pid, model, "file parts cannot be bounded")
@@ -403,7 +447,9 @@ def _worst_case_any(
             limit = top.max_output_tokens
             if limit is _UNSET:
                 limit = top.max_tokens
-        if limit is _UNSET and scan and _SERVER_TOOL_KEY.search(scan) is not None:
+        if limit is _UNSET and _gemini_server_tool(top.tools):
+            # (a body with a top-level limit is not Gemini's: its API
+            # refuses a field it does not know, such a call costs nothing)
             return _no_bound(pid, model, _SERVER_TOOL_REASON)
         output_tokens: int | None = limit
         if type(limit) is not int or limit < 0 or top.n is not _UNSET:
@@ -422,13 +468,44 @@ def _worst_case_any(
 
 
 def _server_state(top: _Top) -> str | None:
-    """The first top-level field of L{_SERVER_STATE} the request sets, if any."""
+    """The first top-level field of L{_SERVER_STATE} the request sets, if
+    any (or Gemini's cached content in OpenAI-compatible C{extra_body})."""
     for name in _SERVER_STATE:
         value = getattr(top, name)
         if value is None or value == [] or (name == "prompt" and type(value) is not dict):
             continue
         return name
+    extra = top.extra_body
+    if isinstance(extra, dict):
+        google = extra.get("google")
+        if isinstance(google, dict) and google.get("cached_content") is not None:
+            return "extra_body.google.cached_content"
     return None
+
+
+def _gemini_server_tool(tools: Any) -> bool:
+    """Whether an element of the top-level C{tools} names a tool Gemini runs."""
+    return isinstance(tools, list) and any(
+        isinstance(tool, dict) and not _GEMINI_SERVER_TOOLS.isdisjoint(tool) for tool in tools
+    )
+
+
+def _input_held(items: Any) -> bool:
+    """Whether Responses' C{input} names an item the provider holds: an
+    C{item_reference} (its C{type} may be left out: an item with an C{id}
+    and nothing else of a message), or a reasoning item by id whose
+    content is not in the body (no C{encrypted_content})."""
+    if not isinstance(items, list):
+        return False
+    for item in items:
+        if not isinstance(item, dict) or "id" not in item:
+            continue
+        kind = item.get("type")
+        if kind == "item_reference" or (kind is None and "content" not in item):
+            return True
+        if kind == "reasoning" and not item.get("encrypted_content"):
+            return True
+    return False
 
 
 def _output_bound(top: _Top, limit: Any, model: str) -> int | None:
@@ -478,20 +555,41 @@ def _rates_for(
     return rates
 
 
-def _plain(body: bytes) -> bytes:
+def _plain(body: bytes) -> bytes | None:
     """The JSON body written again in UTF-8 with no escape but those JSON
     needs (a quote, a backslash, a control character): what the provider
-    reads, in the bytes the part markers look for."""
+    reads, in the bytes the part markers look for (None: not readable)."""
     try:
         doc = loads(body)
     except BodyError:
-        return body
+        return None
     text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
     return text.encode("utf-8", "surrogatepass")
 
 
-def _only_images(body: bytes) -> bool:
-    """Whether every MIME type the body names is an image's (a Gemini file
-    by URI with no MIME type is not known to be one)."""
-    types = _MIME_TYPE.findall(body)
-    return bool(types) and all(t.startswith(b"image/") for t in types)
+def _file_uris_are_images(body: bytes) -> bool:
+    """Whether every Gemini file by URI (C{fileData} / C{file_data}) names
+    an image's MIME type in its own object (one with no MIME type, such as
+    a video by URL, is not known to be an image)."""
+    try:
+        doc = loads(body)
+    except BodyError:
+        return False
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in ("fileData", "file_data"):
+                if key in node:
+                    data = node[key]
+                    mime = (
+                        data.get("mimeType", data.get("mime_type"))
+                        if isinstance(data, dict)
+                        else None
+                    )
+                    if not (isinstance(mime, str) and mime.startswith("image/")):
+                        return False
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return True

@@ -215,6 +215,85 @@ def test_input_the_provider_holds_or_fetches_cannot_be_bounded() -> None:
         assert found.reason in (None, "no price"), (doc, found.reason)
 
 
+def test_stored_items_search_models_and_provider_extras_cannot_be_bounded() -> None:
+    """Responses' input naming a stored item by id alone (its type may be
+    left out) or a reasoning item with no encrypted content; models that
+    search on every call; Azure's data sources, xAI's live search,
+    OpenRouter's plugins, Gemini's cached content through its
+    OpenAI-compatible API; Vertex AI's retrieval tools: no bound. A
+    Gemini tool by key counts only as an element of the top-level tools,
+    not as a function's parameter or a key of the metadata."""
+    responses = {"model": "gpt-4o-mini", "max_output_tokens": 5}
+    run = "input a provider-run tool or a stored item brings cannot be bounded"
+    for items in [
+        [{"id": "msg_abc"}],
+        [{"type": "reasoning", "id": "rs_abc", "summary": []}],
+    ]:
+        assert bound({**responses, "input": items}, path="/v1/responses").reason == run
+    kept = [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"}]
+    assert bound({**responses, "input": kept}, path="/v1/responses").cost_usd is not None
+    said = [{"id": "msg_1", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}]
+    assert bound({**responses, "input": said}, path="/v1/responses").cost_usd is not None
+
+    for model in ["gpt-4o-mini-search-preview", "sonar-pro", "openai/gpt-4o:online"]:
+        found = bound(chat(model=model, max_tokens=5))
+        assert found.reason == f"{model} searches the web: its input cannot be bounded"
+    held = "input the provider adds ({}) cannot be bounded"
+    for field, value in [
+        ("data_sources", [{"type": "azure_search", "parameters": {}}]),
+        ("search_parameters", {"mode": "auto"}),
+        ("plugins", [{"id": "web"}]),
+    ]:
+        assert bound(chat(max_tokens=5, **{field: value})).reason == held.format(field)
+    compat = chat(max_tokens=5, extra_body={"google": {"cached_content": "cachedContents/x"}})
+    assert bound(compat).reason == held.format("extra_body.google.cached_content")
+
+    gemini_path = "/v1beta/models/gemini-2.0-flash:generateContent"
+    gemini = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 5}}
+    for tool in [{"retrieval": {}}, {"enterpriseWebSearch": {}}, {"google_search": {}}]:
+        assert bound({**gemini, "tools": [tool]}, "gemini", gemini_path).reason == run
+    declared = {
+        "functionDeclarations": [{"name": "f", "parameters": {"properties": {"file_search": {}}}}]
+    }
+    assert bound({**gemini, "tools": [declared]}, "gemini", gemini_path).cost_usd is not None
+    no_limit = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert bound({**no_limit, "metadata": {"code_execution": "on"}}).cost_usd is not None
+
+
+def test_a_gemini_video_by_uri_is_not_taken_for_the_image_beside_it() -> None:
+    """Each file by URI is judged by its own MIME type: a video by URL with
+    none, next to an inline image or an image's MIME type elsewhere in the
+    body, leaves the call without a bound (an hour of video is about a
+    million tokens)."""
+    path = "/v1beta/models/gemini-2.0-flash:generateContent"
+    video = {"fileData": {"fileUri": "https://www.youtube.com/watch?v=x"}}
+    image = {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}
+    doc = {"contents": [{"parts": [video, image]}], "generationConfig": {"maxOutputTokens": 5}}
+    assert bound(doc, "gemini", path).reason == "file parts cannot be bounded"
+    pictured = {"fileData": {"fileUri": "gs://b/cat.png", "mimeType": "image/png"}}
+    doc["contents"] = [{"parts": [pictured, image]}]
+    assert bound(doc, "gemini", path).cost_usd is not None
+
+
+def test_a_body_with_escapes_is_read_as_written_and_as_the_provider_reads_it() -> None:
+    """A repeated key keeps both readings (a provider may take the first):
+    a server tool's type hidden behind a later "function" is still found.
+    A body with escapes that the standard library cannot read (invalid
+    UTF-8 in a string) has no bound: its parts could not be looked for."""
+    hidden = (
+        b'{"model":"gpt-4o-mini","max_output_tokens":5,"input":"\\u0068i",'
+        b'"tools":[{"type":"web_search","type":"function","name":"f"}]}'
+    )
+    assert bound(hidden, path="/v1/responses").reason == (
+        "input a provider-run tool or a stored item brings cannot be bounded"
+    )
+    broken = (
+        b'{"model":"gpt-4o-mini","max_tokens":5,"user":"\xff","messages":[{"role":"user",'
+        b'"content":[{"type":"\\u0069mage_url","image_url":{"url":"https://x/a.png"}}]}]}'
+    )
+    assert bound(broken).cost_usd is None
+
+
 def test_unboundable_requests_have_no_cost() -> None:
     """No model, not JSON, a body too big to hold, an unknown price: None, with a reason."""
     assert bound({"messages": []}).reason == "no model named"
