@@ -155,9 +155,7 @@ def test_plain_http_to_the_tls_port_is_told_to_use_https(tmp_path: Path) -> None
     that never speaks is closed like any other."""
     server_pem, ca_pem, _ = _ca_files(tmp_path)
     with _tls_collector(tmp_path, server_pem) as collector:
-        plain = raw_request(
-            collector.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        )
+        plain = raw_request(collector.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert plain.status == 400
         assert plain.header("X-LLMObserve-Error") == b"tls_required"
         assert b"use https://" in plain.body

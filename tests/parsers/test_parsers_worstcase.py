@@ -250,7 +250,12 @@ def test_stored_items_search_models_and_provider_extras_cannot_be_bounded() -> N
 
     gemini_path = "/v1beta/models/gemini-2.0-flash:generateContent"
     gemini = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 5}}
-    for tool in [{"retrieval": {}}, {"enterpriseWebSearch": {}}, {"google_search": {}}]:
+    tools: list[dict[str, Any]] = [
+        {"retrieval": {}},
+        {"enterpriseWebSearch": {}},
+        {"google_search": {}},
+    ]
+    for tool in tools:
         assert bound({**gemini, "tools": [tool]}, "gemini", gemini_path).reason == run
     declared = {
         "functionDeclarations": [{"name": "f", "parameters": {"properties": {"file_search": {}}}}]
