@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +17,10 @@ from parsers._worstcase import (
     _FILE_PART,
     _FILE_URI,
     _IMAGE_PART,
+    _SERVER_STATE,
     _SERVER_TOOL,
     IMAGE_PART_TOKENS,
+    _decode_fast,
     _worst_case_any,
     worst_case_fields,
 )
@@ -297,6 +301,19 @@ def test_a_body_with_escapes_is_read_as_written_and_as_the_provider_reads_it() -
         b'"content":[{"type":"\\u0069mage_url","image_url":{"url":"https://x/a.png"}}]}]}'
     )
     assert bound(broken).cost_usd is None
+
+
+def test_the_one_pass_refuses_every_field_that_adds_input() -> None:
+    """The one pass's decoder takes each field of _SERVER_STATE as null
+    only, so that a request setting one goes the full way (which says it
+    has no bound): a field added to the list and not to the decoder would
+    be bounded by the one pass alone."""
+    for name in _SERVER_STATE:
+        body = json.dumps(chat(max_tokens=5, **{name: {"id": "x"}})).encode()
+        with pytest.raises(msgspec.ValidationError):
+            _decode_fast(body)
+        fields = worst_case_fields("openai", "api.example.com", "/v1/x", body, len(body), WHEN)
+        assert fields[2] is None, name
 
 
 def test_unboundable_requests_have_no_cost() -> None:

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.budgets import store_with
 from twisted.internet.task import Clock
 
-from llmobserve.collector import Budget, EventStore, SQLiteBudgetBook
+from llmobserve.collector import Budget
 from llmobserve.proxy import _budgets
 from llmobserve.proxy._budgetpoll import BudgetPoller
 from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, BudgetRefusal, CallScope
@@ -185,11 +186,7 @@ def test_the_once_a_second_read_of_the_budgets_gives_every_allotment_back(
 ) -> None:
     """Room a scope set aside and no longer uses goes back to the budgets at
     the poller's next read, budgets changed or not."""
-    path = tmp_path / "events.sqlite3"
-    EventStore(path).close()
-    book = SQLiteBudgetBook(path)
-    book.set(Budget("cap", 1.0, "day"))
-    book.close()
+    path = store_with(tmp_path / "events.sqlite3", Budget("cap", 1.0, "day"))
     clock = Clock()
     clock.advance(T0)
     ledger = BudgetLedger(clock.seconds)

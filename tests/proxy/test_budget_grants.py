@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.budgets import store_with
 from twisted.internet.task import Clock
 
 from llmobserve.collector import Budget, GrantBook
@@ -563,14 +564,10 @@ def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -
     leaves no room to grant at its next exchange: the grant stays what
     this process holds (its calls in flight may all be spent, so it is
     never taken back), and no call more is admitted."""
-    from llmobserve.collector import EventStore, SQLiteBudgetBook
+    from llmobserve.collector import EventStore
     from llmobserve.proxy._budgetpoll import BudgetPoller
 
-    path = tmp_path / "events.sqlite3"
-    EventStore(path).close()
-    book = SQLiteBudgetBook(path)
-    book.set(Budget("cap", 0.05, "day"))
-    book.close()
+    path = store_with(tmp_path / "events.sqlite3", Budget("cap", 0.05, "day"))
     clock = Clock()
     clock.advance(T0)
     ledger = BudgetLedger(clock.seconds, shared=True)
