@@ -37,6 +37,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from ._plainbody import decode_plain
 from .jsonbody import BodyError, loads
 from .pricing import PRICER
 from .registry import REGISTRY
@@ -165,10 +166,9 @@ _SERVER_TOOL_REASON: Final = "input a provider-run tool or a stored item brings 
 #: of the body one test of its next byte sends most keys and strings on).
 #: A body it does not match has no part of any kind and no tool the
 #: provider runs named by its type (a test checks that it matches wherever
-#: one of the exact markers does). The fields of L{_SERVER_STATE} are the
-#: one pass's decoder's to refuse (L{_FastTop}); Gemini names its tools by
-#: key, and a Gemini body never takes the one pass (its output limit is
-#: in C{generationConfig}).
+#: one of the exact markers does). The full way runs them where it
+#: matches, unless the body is of text only (L{_all_text}): then the
+#: match is in a message's text.
 _ANY_PART: Final = re.compile(
     rb'"(?:i(?:mage_url|nput_image|nline_data|nlineData|nput_audio)'
     rb"|f(?:ile_data|ileData)"
@@ -182,7 +182,7 @@ _ANY_PART: Final = re.compile(
 #: a body (or one not in UTF-8) is searched as its plain UTF-8 rewrite
 #: (L{_plain}).
 _ESCAPED_ASCII: Final = re.compile(rb"\\u00[2-7]")
-#: A body with no backslash has no escape: looked for as a byte (a
+#: A body with no backslash has no escape: looked for as a byte first (a
 #: C{memchr}, a seventh of the search above)
 _BACKSLASH: Final = ord("\\")
 
@@ -254,33 +254,6 @@ class _Top(msgspec.Struct, gc=False):
 _decode_top: Final = msgspec.json.Decoder(_Top).decode
 
 
-class _FastTop(msgspec.Struct, gc=False):
-    """L{_Top} for the one pass (L{worst_case_fields}): the fields of
-    L{_SERVER_STATE} may only be null, so that a request setting one is
-    refused by the decoder (and taken the full way) at no cost of a test
-    of each for every call."""
-
-    model: Any = None
-    max_completion_tokens: Any = _UNSET
-    max_output_tokens: Any = _UNSET
-    max_tokens: Any = _UNSET
-    n: Any = _UNSET
-    previous_response_id: None = None
-    conversation: None = None
-    cachedContent: None = None
-    cached_content: None = None
-    web_search_options: None = None
-    prompt: None = None
-    mcp_servers: None = None
-    data_sources: None = None
-    search_parameters: None = None
-    plugins: None = None
-    extra_body: None = None
-    #: Responses' input as a list may name stored items by id: the full way reads them
-    input: str | None = None
-
-
-_decode_fast: Final = msgspec.json.Decoder(_FastTop).decode
 _TOP_FIELDS: Final = _Top.__struct_fields__
 _NOTHING: Final = _Top()
 
@@ -338,30 +311,28 @@ def worst_case_fields(
 
     It runs on the reactor for every budgeted call, whose caller unpacks
     the tuple at once (a named tuple would cost a constructor call more).
-    The common case is taken here in one pass: a known provider, a JSON
-    object naming its model and an output limit, no part of any kind, a
+    The common case is taken here in one pass: a known provider, a
+    request of text only (L{decode_plain}: messages, function tools,
+    nothing the provider adds) naming its model and an output limit, a
     price already read today. Anything else, and whatever this pass is
     not sure of, is L{_worst_case_any}'s, which gives the same figures for
-    the common case (a test holds both to that).
+    the common case (tests hold both to that).
+
+    The one pass decodes the body against a schema of text requests where
+    it used to search its bytes for part markers as well: the search cost
+    more per byte than the decoder (docs/BENCHMARKS.md, session 13).
     """
     try:
         provider = _PROVIDERS.get(provider_id) if provider_id else None
         if provider is not None and body:
-            top = _decode_fast(body)
+            top = decode_plain(body)  # raises for anything but text
             model = top.model
             limit = top.max_completion_tokens
             if limit is _UNSET:
                 limit = top.max_output_tokens
                 if limit is _UNSET:
                     limit = top.max_tokens
-            if (
-                type(model) is str
-                and type(limit) is int
-                and limit >= 0
-                and top.n is _UNSET
-                and _ANY_PART.search(body) is None
-                and (_BACKSLASH not in body or _ESCAPED_ASCII.search(body) is None)
-            ):
+            if type(model) is str and type(limit) is int and limit >= 0:
                 models = _rates.get(provider.id)
                 rates = None
                 if models is not None and _rates_day[0] == when // 86400:
@@ -429,7 +400,7 @@ def _worst_case_any(
         # them (or something like one): one pass, that skips from one quote
         # to the next, where five substring searches read every byte five
         # times (and the words "data" or "image" in a prompt set them off)
-        if scan and _ANY_PART.search(scan) is not None:
+        if scan and _ANY_PART.search(scan) is not None and not _all_text(body):
             if _AUDIO_PART.search(scan) is not None:
                 return _no_bound(pid, model, "audio parts cannot be bounded")
             if _FILE_URI.search(scan) is not None and not _file_uris_are_images(body):
@@ -565,6 +536,16 @@ def _plain(body: bytes) -> bytes | None:
         return None
     text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
     return text.encode("utf-8", "surrogatepass")
+
+
+def _all_text(body: bytes) -> bool:
+    """Whether the body is a request of text only (L{decode_plain}): a
+    part marker found in it is in a message's text, not a part."""
+    try:
+        decode_plain(body)
+    except msgspec.MsgspecError:
+        return False
+    return True
 
 
 def _file_uris_are_images(body: bytes) -> bool:
