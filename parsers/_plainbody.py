@@ -145,43 +145,50 @@ class _Reasoning(_Strict):
 
 class PlainBody(_Strict):
     """A request of text only: its model and output limits as written (any
-    JSON value), every other field it may have typed."""
+    JSON value), every other field it may have typed.
+
+    The fields are in the order the OpenAI SDK writes them (the model,
+    C{stream} and the messages first, then by name): the decoder looks a
+    key up from the field after the last one it found, so each key of
+    such a body is the first field it reads (and of the Anthropic SDK's,
+    by name, all but three).
+    """
 
     model: Any = None
+    stream: bool | None = None
+    messages: list[_Message] | None = None
+    frequency_penalty: float | None = None
+    input: str | list[_Message] | None = None  # Responses
+    instructions: str | None = None  # Responses
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
     max_completion_tokens: Any = _UNSET
     max_output_tokens: Any = _UNSET
     max_tokens: Any = _UNSET
-    messages: list[_Message] | None = None
-    input: str | list[_Message] | None = None  # Responses
-    instructions: str | None = None  # Responses
-    system: str | list[_Text] | None = None  # Anthropic
-    tools: list[_Tool] | None = None
-    tool_choice: Literal["auto", "none", "required"] | _ToolChoice | None = None
+    metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    stop: str | list[str] | None = None
-    stop_sequences: list[str] | None = None
-    seed: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    response_format: _ResponseFormat | None = None
-    reasoning_effort: str | None = None
+    prompt_cache_key: str | None = None
     reasoning: _Reasoning | None = None
-    thinking: _Thinking | None = None
+    reasoning_effort: str | None = None
+    response_format: _ResponseFormat | None = None
+    safety_identifier: str | None = None
+    seed: int | None = None
     #: C{priority} is priced above the standard rates: the full way's
     service_tier: Literal["auto", "default", "flex"] | None = None
+    stop: str | list[str] | None = None
+    stop_sequences: list[str] | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    stream_options: _StreamOptions | None = None
+    system: str | list[_Text] | None = None  # Anthropic
+    temperature: float | None = None
+    thinking: _Thinking | None = None
+    tool_choice: Literal["auto", "none", "required"] | _ToolChoice | None = None
+    tools: list[_Tool] | None = None
+    top_k: int | None = None
+    top_logprobs: int | None = None
+    top_p: float | None = None
     user: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
 
 
 #: The body as a L{PlainBody}; raises C{msgspec.ValidationError} for a
