@@ -226,7 +226,7 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
     over = book.reserve(GPT, 0.5)
     assert isinstance(over, BudgetHold) and over.flags == ("budget_warn:warn",)
     assert over.remaining_header() == b"0.000000"
-    assert BudgetHold(_NO_BUDGETS, 0, None, ()).remaining_header() is None
+    assert BudgetHold.of(_NO_BUDGETS, 0, None).remaining_header() is None
     # each budget holds both calls once (the warn budget's flag is found
     # after the first budget held the call: that hold is undone, then redone)
     assert [a.reserved for a in book.accounts()] == [500_001_500, 500_001_500]
@@ -236,15 +236,17 @@ def test_the_remaining_header_is_rounded_down_to_the_micro_dollar() -> None:
 @given(
     st.one_of(
         st.integers(min_value=-(10**12), max_value=10**19),
-        st.sampled_from([999, 1000, 10**18 - 1, 10**18, 10**18 + 999, 2**53, 2**63]),
+        st.integers(min_value=10**12 - 10**7, max_value=10**12 + 10**7),
+        st.sampled_from([-1, 0, 999, 1000, 10**12 - 1, 10**12, 10**18, 2**53, 2**63]),
     )
 )
 def test_the_remaining_header_is_the_exact_micro_dollars_of_any_amount(left: int) -> None:
-    """The header's fast (float) form gives the same digits as whole-number
-    arithmetic, up to the largest amounts, and switches form past $10^9."""
+    """The header's fast form (from tables of digits, below $1,000) gives
+    the same digits as whole-number arithmetic, and the slow one past it,
+    up to the largest amounts; never negative."""
     micro = max(left, 0) // 1000
     assert _usd_header(left) == b"%d.%06d" % divmod(micro, 1_000_000)
-    assert BudgetHold(_NO_BUDGETS, 0, left, ()).header == _usd_header(left)
+    assert BudgetHold.of(_NO_BUDGETS, 0, left).header == _usd_header(left)
 
 
 def test_unknown_prices_follow_the_budget_choice() -> None:
