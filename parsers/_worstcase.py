@@ -322,27 +322,27 @@ def worst_case_fields(
     it used to search its bytes for part markers as well: the search cost
     more per byte than the decoder (docs/BENCHMARKS.md, session 13).
     """
-    try:
-        provider = _PROVIDERS.get(provider_id) if provider_id else None
-        if provider is not None and body:
-            top = decode_plain(body)  # raises for anything but text
-            model = top.model
-            limit = top.max_completion_tokens
-            if limit is _UNSET:
-                limit = top.max_output_tokens
+    if provider_id and body:
+        try:
+            # the rates of the provider's models the full way read today
+            # (none: not a provider it knows, or not yet today)
+            models = _rates.get(provider_id)
+            if models is not None and _rates_day[0] == when // 86400:
+                top = decode_plain(body)  # raises for all but a request of text
+                model = top.model
+                limit = top.max_completion_tokens
                 if limit is _UNSET:
-                    limit = top.max_tokens
-            if type(model) is str and type(limit) is int and limit >= 0:
-                models = _rates.get(provider.id)
-                rates = None
-                if models is not None and _rates_day[0] == when // 86400:
+                    limit = top.max_output_tokens
+                    if limit is _UNSET:
+                        limit = top.max_tokens
+                if type(model) is str and type(limit) is int and limit >= 0:
                     rates = models.get(model)
-                if rates is not None:
-                    input_tokens = body_bytes + _FIXED_INPUT_TOKENS
-                    cost = input_tokens * rates[0] + limit * rates[1]
-                    return (provider_id, model, cost, input_tokens, limit, None)
-    except Exception:  # not JSON, not an object, ...: the full way says why
-        pass
+                    if rates is not None:
+                        input_tokens = body_bytes + _FIXED_INPUT_TOKENS
+                        cost = input_tokens * rates[0] + limit * rates[1]
+                        return (provider_id, model, cost, input_tokens, limit, None)
+        except Exception:  # not JSON, not an object, ...: the full way says why
+            pass
     return _worst_case_any(provider_id, host, path, body, body_bytes, when)
 
 

@@ -314,7 +314,6 @@ class BudgetHold(msgspec.Struct, gc=False, eq=False):
             # a half is the quicker round() on a reactor that settles every
             # call, and 1e9 the quicker _NANO: 1.3k instructions less a settle)
             spent = int(cost * 1e9 + 0.5)
-            spared = False  # only read below when tokens are unknown
             if spent > amount and self._plan.ledger is not None:
                 # more than was held (an unpriced call priced at its end, a
                 # bound the price outran): room no allotment has counted is
@@ -347,8 +346,8 @@ class BudgetHold(msgspec.Struct, gc=False, eq=False):
                     account.spent += spent
                     account.free = account.cap - account.spent - (left if left > 0 else 0)
         if self._rates:
-            if cost is not None:
-                spared = outcome in _NOT_SENT or (status is not None and status >= 400)
+            # tokens unknown: the ones held count, unless the call spent nothing
+            spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             for rate, minute, held in self._rates:
                 if rate.live and rate.window_start == minute:
                     rate.reserved = max(rate.reserved - held, 0)
