@@ -1,6 +1,7 @@
 """CPU a call pays for budgets: the hot path with ten budgets defined, and without.
 
     python -m bench.budget_check [--requests N] [--repeats K] [--customers C]
+                                 [--body-bytes B] [--no-floor]
 
 Runs C{bench.hot_path}'s in-memory rig (the real front end, resource, relay
 and pool; no sockets) in base-URL mode (C{/openai/...}, so the call has a
@@ -18,20 +19,34 @@ Prints the median difference, the added CPU per call (target: under
 10 us), with its quartiles, and the median CPU per request of both.
 With C{--customers C} the requests take turns among C customer labels:
 C call scopes in flight, each with a plan and an allotment of its own.
+With C{--body-bytes B} the request's system prompt is lengthened to make
+a body of about B bytes (the bound reads every byte of it; the default
+is a 198-byte chat request).
+
+The machine drifts between states tens of percent apart within minutes,
+so the floor (stock portforward, C{bench._floorcpu}) runs beside the rig,
+on its core, and is measured between the rounds; the added CPU is also
+given as a share of the floor's CPU per request and as what that share
+was on the anchors' machine (its floor: 38 us per request;
+docs/PERFORMANCE.md). C{--no-floor} skips it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
+import re
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from zope.interface import implementer
 
+from bench._floorcpu import ANCHOR_FLOOR_CPU_US, running_floor
 from bench.hot_path import _Rig
 from llmobserve.collector import Budget
 from llmobserve.proxy._budgets import BudgetLedger
@@ -78,14 +93,27 @@ class _SettlingSink:
         return []
 
 
+def _longer(request: bytes, size: int) -> bytes:
+    """The request with its system prompt lengthened (lines of prose, as
+    system prompts are written) to make a body of about C{size} bytes."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    doc = json.loads(body)
+    line = "Answer in the user's language; cite the documents you were given.\n"
+    missing = max(0, size - len(body))
+    doc["messages"][0]["content"] += line * (missing // (len(line) + 1) + 1)
+    longer = json.dumps(doc, separators=(",", ":")).encode()
+    head = re.sub(rb"Content-Length: \d+", b"Content-Length: %d" % len(longer), head)
+    return head + b"\r\n\r\n" + longer
+
+
 class _Rotating(_Rig):
     """The rig, its requests taking turns among C{customers} customer labels
     (C{X-LLMObserve-Customer-Id}): that many call scopes in flight, each
     with a plan (and an allotment) of its own. One customer: the label is not sent."""
 
-    def __init__(self, customers: int, **kwargs: Any) -> None:
+    def __init__(self, customers: int, body_bytes: int | None = None, **kwargs: Any) -> None:
         super().__init__("base-url", **kwargs)
-        plain = self.request
+        plain = self.request if body_bytes is None else _longer(self.request, body_bytes)
         cut = plain.index(b"\r\n") + 2  # after the request line
         self.requests = [plain]
         if customers > 1:
@@ -102,17 +130,22 @@ class _Rotating(_Rig):
         super().one()
 
 
-def _rig(with_budgets: bool, customers: int = 1) -> _Rotating:
+def _rig(with_budgets: bool, customers: int = 1, body_bytes: int | None = None) -> _Rotating:
     ledger = None
     if with_budgets:
         ledger = BudgetLedger(time.time)
         ledger.load(BUDGETS, {})
-    rig = _Rotating(customers, budgets=ledger, sink=_SettlingSink())
+    rig = _Rotating(customers, body_bytes, budgets=ledger, sink=_SettlingSink())
     for _ in range(200):  # warm up: pool connection, price cache, scope cache
         rig.one()
     if rig.sink.count != 200:
         raise SystemExit("the rig did not relay its warm-up requests")
     return rig
+
+
+#: the floor is measured every this many pairs of rounds (and at the end), for this long
+_FLOOR_EVERY: Final = 25
+_FLOOR_SECONDS: Final = 0.5
 
 
 def _round(rig: _Rig, requests: int) -> float:
@@ -132,31 +165,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="customer labels the requests take turns among (call scopes in flight)",
     )
+    parser.add_argument(
+        "--body-bytes",
+        type=int,
+        default=None,
+        help="lengthen the request's system prompt to a body of about this many bytes",
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip measuring the floor's CPU per request between the rounds",
+    )
     args = parser.parse_args(argv)
-    without, with_ = _rig(False, args.customers), _rig(True, args.customers)
-    base: list[float] = []
-    budgeted: list[float] = []
-    added: list[float] = []
-    gc.collect()
-    for i in range(args.repeats):
-        # each pair in both orders, half the time: neither rig always runs
-        # first after the other has filled the caches
-        if i % 2:
-            w = _round(with_, args.requests)
-            b = _round(without, args.requests)
-        else:
-            b = _round(without, args.requests)
-            w = _round(with_, args.requests)
-        base.append(b)
-        budgeted.append(w)
-        added.append(w - b)
+    with contextlib.ExitStack() as stack:
+        measure = stack.enter_context(running_floor()) if args.floor else None
+        without = _rig(False, args.customers, args.body_bytes)
+        with_ = _rig(True, args.customers, args.body_bytes)
+        floors: list[float] = []
+        base: list[float] = []
+        budgeted: list[float] = []
+        added: list[float] = []
+        gc.collect()
+        for i in range(args.repeats):
+            if measure is not None and i % _FLOOR_EVERY == 0:
+                floors.append(measure(_FLOOR_SECONDS))
+                gc.collect()
+            # each pair in both orders, half the time: neither rig always runs
+            # first after the other has filled the caches
+            if i % 2:
+                w = _round(with_, args.requests)
+                b = _round(without, args.requests)
+            else:
+                b = _round(without, args.requests)
+                w = _round(with_, args.requests)
+            base.append(b)
+            budgeted.append(w)
+            added.append(w - b)
+        if measure is not None:
+            floors.append(measure(_FLOOR_SECONDS))
     q1, median, q3 = _quartiles(added)
-    print(
+    body = len(with_.requests[0].partition(b"\r\n\r\n")[2])
+    line = (
         f"budgets: {median:.1f}us added CPU per call with {len(BUDGETS)} budgets"
         + (f", {args.customers} customers" if args.customers > 1 else "")
+        + f", a {body}-byte body"
         + f" (quartiles {q1:.1f}..{q3:.1f} over {len(added)} pairs of rounds;"
         f" median {statistics.median(budgeted):.1f}us vs {statistics.median(base):.1f}us without)"
     )
+    if floors:
+        floor = statistics.median(floors)
+        line += (
+            f" | floor cpu/req {floor:.0f}us (median of {len(floors)},"
+            f" {min(floors):.0f}..{max(floors):.0f}):"
+            f" {median / floor:.3f}x, {median / floor * ANCHOR_FLOOR_CPU_US:.1f}us"
+            f" on the anchors' machine (target: under 10us,"
+            f" {10 / ANCHOR_FLOOR_CPU_US:.3f}x)"
+        )
+    print(line)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -260,11 +261,16 @@ def test_budget_check_runs_its_rig_with_and_without_budgets(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """C{bench.budget_check} builds both in-memory rigs, relays its warm-up
-    and a few rounds through each, and prints its one answer line (it once
+    and a few rounds through each, measures the floor beside them (stock
+    portforward, on loopback), and prints its one answer line (it once
     failed at start-up when C{RelayServices} gained a parameter)."""
     monkeypatch.syspath_prepend(str(ROOT))
     from bench.budget_check import main
 
-    assert main(["--requests", "20", "--repeats", "1"]) == 0
+    assert main(["--requests", "20", "--repeats", "1", "--body-bytes", "3000"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("budgets: ") and "added CPU per call with 10 budgets" in line
+    assert ", a 30" in line  # about 3,000 bytes
+    floor = re.search(r"floor cpu/req (\d+)us \(median of 2, ", line)
+    assert floor and int(floor.group(1)) > 0, line
+    assert "us on the anchors' machine (target: under 10us, 0.263x)" in line
