@@ -222,7 +222,7 @@ def _usd_header(left: int) -> bytes:
     call's budget check a tenth more time in instruction-cache misses
     than the few instructions it takes (docs/BENCHMARKS.md, session 13).
     """
-    if left < 1_000_000_000_000:  # $1,000
+    if left < _TABLES_BELOW:
         if left < 0:
             return b"0.000000"
         micro = left // 1000
@@ -234,6 +234,8 @@ def _usd_header(left: int) -> bytes:
     return b"%d.%06d" % divmod(left // 1000, 1_000_000)
 
 
+#: nano-USD below which L{_usd_header} reads its digits from tables ($1,000)
+_TABLES_BELOW: Final = 1_000_000_000_000
 #: C{b"0."} to C{b"999."}: the header's whole dollars, below $1,000
 _DOLLARS: Final = tuple(b"%d." % n for n in range(1000))
 #: C{b"000"} to C{b"999"}: three decimals of the header
@@ -706,7 +708,16 @@ class BudgetLedger:
                 left = taken.base + avail  # the least room left once held
                 if self.shared and left < 4 * max(amount, 1) and self.on_low:
                     self.on_low()  # fewer than four more calls like this one fit: ask now
-                return BudgetHold(plan, amount, left, (), _usd_header(left), taken)
+                if 0 <= left < _TABLES_BELOW:  # _usd_header, inline: a call less
+                    micro = left // 1000
+                    header = (
+                        _DOLLARS[micro // 1_000_000]
+                        + _THREE_DIGITS[micro // 1000 % 1000]
+                        + _THREE_DIGITS[micro % 1000]
+                    )
+                else:
+                    header = _usd_header(left)
+                return BudgetHold(plan, amount, left, (), header, taken)
         return self._reserve_other(plan, now, worst, tokens)
 
     def _hold(

@@ -249,6 +249,27 @@ def test_the_remaining_header_is_the_exact_micro_dollars_of_any_amount(left: int
     assert BudgetHold.of(_NO_BUDGETS, 0, left).header == _usd_header(left)
 
 
+@settings(max_examples=300)
+@given(
+    limit=st.one_of(st.floats(0.001, 2_000.0), st.sampled_from([999.999999, 1_000.0, 1_000.01])),
+    cost=st.floats(1e-9, 0.5),
+    settled=st.floats(0.0, 0.5),
+)
+def test_a_call_held_on_an_allotment_gets_the_header_of_its_room(
+    limit: float, cost: float, settled: float
+) -> None:
+    """The common case (a call held on its scope's allotment) makes its
+    header inline: the digits _usd_header gives for the room left, on
+    either side of the tables' $1,000."""
+    book, _ = ledger(Budget("cap", limit))
+    for _ in range(4):
+        hold = book.reserve(GPT, cost)
+        if not isinstance(hold, BudgetHold):
+            return
+        assert hold.header == _usd_header(hold._left or 0)
+        hold.settle(min(settled, cost), "ok", 200)
+
+
 def test_unknown_prices_follow_the_budget_choice() -> None:
     """No price: allowed and flagged by default, refused with unpriced=block,
     and refused by any block budget that is already spent."""
