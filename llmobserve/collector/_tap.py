@@ -11,6 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from llmobserve._exit import stop_with_status
+from llmobserve._tlsport import TLSHintReactor
 from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
 from llmobserve.endpoints import check_port, listen_endpoint, listens_beyond_loopback
 from llmobserve.events import MAX_FRAME_SIZE
@@ -22,7 +23,9 @@ from ._open import DB_ENV, db_from_env, is_postgres_url, open_store
 from ._retain import parse_span
 from ._service import CollectorService
 from ._store import StoreError
-from ._tlsport import TLSHintReactor
+
+#: what plain text to the collector's TLS port is told
+_TLS_HINT = "this port speaks TLS: use https:// (for a proxy's link: --collector https://...)"
 
 __all__ = ["Options", "makeService"]
 
@@ -163,7 +166,7 @@ def makeService(options: usage.Options) -> IService:
     description = listen_endpoint(options["port"])
     require_keys = bool(options["require-keys"]) or listens_beyond_loopback(description)
     # on an ssl: port, plain text gets a hint rather than an empty reply
-    endpoint = serverFromString(TLSHintReactor(r), description)
+    endpoint = serverFromString(TLSHintReactor(r, _TLS_HINT), description)
     return CollectorService(
         r,
         endpoint,

@@ -19,6 +19,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from llmobserve._exit import cannot_listen_text, stop_with_status
+from llmobserve._tlsport import TLSHintReactor
 from llmobserve._twistd import brief_usage_error, foreground_without_pidfile
 from llmobserve.endpoints import (
     check_port,
@@ -63,6 +64,8 @@ from parsers.streamusage import STREAM_USAGE_MODES
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
+#: what plain text to the proxy's TLS port (C{--port ssl:...}) is told
+_TLS_HINT = "this proxy's port speaks TLS: use https:// in proxy_url (or the base URL)"
 
 
 def _pair(spec: str, what: str) -> tuple[str, str]:
@@ -504,7 +507,7 @@ class ProxyService(Service):
                 return
             self._listening(port)
             return
-        endpoint = serverFromString(self._reactor, self._description)
+        endpoint = serverFromString(TLSHintReactor(self._reactor, _TLS_HINT), self._description)
         d = endpoint.listen(self._site)
         d.addCallbacks(self._listening, self._failed)
 
@@ -518,7 +521,10 @@ class ProxyService(Service):
         self._policy.add_own_address(host, address.port)
         shown = f"[{host}]" if ":" in host else host
         _log.info(
-            "llmobserve proxy listening on http://{host}:{port}", host=shown, port=address.port
+            "llmobserve proxy listening on {scheme}://{host}:{port}",
+            scheme="https" if self._description.startswith("ssl:") else "http",
+            host=shown,
+            port=address.port,
         )
         if self._workers is not None:
             self._workers.spawn(host, address.port)
