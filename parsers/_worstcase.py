@@ -112,7 +112,7 @@ _FILE_URI: Final = re.compile(rb'"(?:file_data|fileData)"')
 _SERVER_TOOL: Final = re.compile(
     rb'"type"\s*:\s*"(?:web_search(?:_preview)?|web_fetch|file_search|code_interpreter'
     rb"|code_execution|image_generation|mcp|tool_search_tool_[a-z0-9]+|item_reference"
-    rb"|google_search)"
+    rb"|google_search|browser_search|x_search)"
     rb'(?:_[0-9]+)*"'
 )
 #: The top-level fields that bring input the body does not hold (see
@@ -159,7 +159,15 @@ _GEMINI_SERVER_TOOLS: Final = frozenset(
 #: Models that search the web on every call, by name: OpenAI's search
 #: models, Perplexity's Sonar, OpenRouter's C{:online} variants, Groq's
 #: Compound systems
-_SEARCH_MODEL: Final = re.compile(r"search|^sonar|:online$|(^|/)compound", re.IGNORECASE)
+_SEARCH_MODEL: Final = re.compile(r"search|(^|/)sonar|:online$|(^|/)compound", re.IGNORECASE)
+#: Providers that read OpenAI's own output limits (C{max_completion_tokens},
+#: Responses' C{max_output_tokens}) besides C{max_tokens}
+_OPENAI_LIMITS: Final = frozenset({"openai", "azure_openai", "groq", "xai"})
+#: Models whose reasoning is not within C{max_tokens} (DeepSeek-R1's
+#: chain of thought: "up to 32K tokens" beyond the final answer's limit,
+#: billed as output), by name; and the most it adds
+_REASONING_BEYOND_LIMIT: Final = re.compile(r"deepseek-reasoner|deepseek-r1", re.IGNORECASE)
+_REASONING_TOKENS: Final = 32_768
 _SERVER_TOOL_REASON: Final = "input a provider-run tool or a stored item brings cannot be bounded"
 #: Where any of the markers above may be: every one begins with a quote
 #: and then one of these (grouped by first letter, so that at each quote
@@ -174,7 +182,7 @@ _ANY_PART: Final = re.compile(
     rb"|f(?:ile_data|ileData)"
     rb'|a(?:udio_url|udio"\s*:\s*\{)'
     rb'|type"\s*:\s*"(?:image|audio|file|input_file|document|item_reference'
-    rb"|web_|code_|mcp|tool_search|google_))"
+    rb"|web_|code_|mcp|tool_search|google_|browser_search|x_search))"
 )
 #: A printable ASCII character written as an escape (C{\u0069} for
 #: C{i}): no JSON encoder writes one, but a key or value so written reads
@@ -205,12 +213,14 @@ class WorstCase(NamedTuple):
 #: Per-token rates (L{_rates_for}) by provider id, then model, for one
 #: UTC day: L{_rates_day}'s (nested, as a lookup by a tuple key costs
 #: three times as much: a tuple made and hashed for every call).
-_rates: dict[str, dict[str, tuple[float, float] | None]] = {}
+#: (USD per input token, USD per output token, output tokens beyond the limit)
+Rates = tuple[float, float, int]
+_rates: dict[str, dict[str, Rates | None]] = {}
 #: the UTC day (unix time // 86400) the rates in L{_rates} are for (a
 #: one-item list: a cell both paths read and L{_rates_for} sets)
 _rates_day: list[float] = [-1.0]
 #: what L{_rates} gives for a model it does not hold (None is a cached "no price")
-_UNKNOWN: Final = (-1.0, -1.0)
+_UNKNOWN: Final = (-1.0, -1.0, 0)
 #: the registry's providers by id, read without a method call per bound
 _PROVIDERS: Final = {p.id: p for p in REGISTRY.providers}
 
@@ -330,17 +340,16 @@ def worst_case_fields(
             if models is not None and _rates_day[0] == when // 86400:
                 top = decode_plain(body)  # raises for all but a request of text
                 model = top.model
-                limit = top.max_completion_tokens
-                if limit is _UNSET:
-                    limit = top.max_output_tokens
-                    if limit is _UNSET:
-                        limit = top.max_tokens
+                limit = top.max_tokens
+                if top.max_completion_tokens is not _UNSET or top.max_output_tokens is not _UNSET:
+                    limit = _output_limit(top, provider_id)
                 if type(model) is str and type(limit) is int and limit >= 0:
                     rates = models.get(model)
                     if rates is not None:
                         input_tokens = body_bytes + _FIXED_INPUT_TOKENS
-                        cost = input_tokens * rates[0] + limit * rates[1]
-                        return (provider_id, model, cost, input_tokens, limit, None)
+                        output_tokens = limit + rates[2]
+                        cost = input_tokens * rates[0] + output_tokens * rates[1]
+                        return (provider_id, model, cost, input_tokens, output_tokens, None)
         except Exception:  # not JSON, not an object, ...: the full way says why
             pass
     return _worst_case_any(provider_id, host, path, body, body_bytes, when)
@@ -410,14 +419,9 @@ def _worst_case_any(
             if _SERVER_TOOL.search(scan) is not None:
                 return _no_bound(pid, model, _SERVER_TOOL_REASON)
             input_tokens += len(_IMAGE_PART.findall(scan)) * IMAGE_PART_TOKENS
-        # the output limit: the first the request has of max_completion_tokens,
-        # max_output_tokens and max_tokens, times n (inline: this is the
-        # common case; anything else, _output_bound)
-        limit = top.max_completion_tokens
-        if limit is _UNSET:
-            limit = top.max_output_tokens
-            if limit is _UNSET:
-                limit = top.max_tokens
+        # the output limit (L{_output_limit}), times n (anything but a
+        # whole number and one choice: _output_bound)
+        limit = _output_limit(top, pid)
         if limit is _UNSET and _gemini_server_tool(top.tools):
             # (a body with a top-level limit is not Gemini's: its API
             # refuses a field it does not know, such a call costs nothing)
@@ -432,6 +436,7 @@ def _worst_case_any(
         rates = _rates_for(pid, model, provider.prices_id, when)
         if rates is None:
             return _no_bound(pid, model, "no price", input_tokens, output_tokens)
+        output_tokens += rates[2]
         cost = input_tokens * rates[0] + output_tokens * rates[1]
         return (pid, model, cost, input_tokens, output_tokens, None)
     except Exception as e:  # a bound we cannot find is no bound
@@ -499,11 +504,16 @@ def _output_bound(top: _Top, limit: Any, model: str) -> int | None:
     return None
 
 
-def _rates_for(
-    provider_id: str, model: str, prices_id: str | None, when: float
-) -> tuple[float, float] | None:
-    """(USD per input token, USD per output token) of the provider's model
-    on the UTC day of C{when}, read once per day (L{_rates})."""
+def _rates_for(provider_id: str, model: str, prices_id: str | None, when: float) -> Rates | None:
+    """(USD per input token, USD per output token, output tokens beyond
+    the limit) of the provider's model on the UTC day of C{when}, read
+    once per day (L{_rates}).
+
+    An input token is priced at the dearer of the plain input and a cache
+    write (Anthropic's 1.25x: any part of the prompt may be marked for
+    caching), and a model that reasons beyond its limit
+    (L{_REASONING_BEYOND_LIMIT}) adds its reasoning's most.
+    """
     day = when // 86400
     if _rates_day[0] != day:  # a new day: prices may have changed
         _rates.clear()
@@ -513,17 +523,48 @@ def _rates_for(
     if cached is not _UNKNOWN:
         return cached
     million = 1_000_000
+    inputs = [
+        PRICER.price(provider_id, prices_id, model, usage, when).cost_usd
+        for usage in (
+            {"input_tokens": million},
+            {"input_tokens": million, "cache_write_tokens": million},
+        )
+    ]
     inp = PRICER.price(provider_id, prices_id, model, {"input_tokens": million}, when)
     both = PRICER.price(
         provider_id, prices_id, model, {"input_tokens": million, "output_tokens": million}, when
     )
-    rates: tuple[float, float] | None = None
+    rates: Rates | None = None
     if inp.cost_usd is not None and both.cost_usd is not None:
-        rates = (inp.cost_usd / million, max(both.cost_usd - inp.cost_usd, 0.0) / million)
+        dearest = max(c for c in inputs if c is not None)
+        beyond = _REASONING_TOKENS if _REASONING_BEYOND_LIMIT.search(model) else 0
+        rates = (
+            dearest / million,
+            max(both.cost_usd - inp.cost_usd, 0.0) / million,
+            beyond,
+        )
     if len(models) >= 4096:  # models come from requests: stay bounded
         models.clear()
     models[model] = rates
     return rates
+
+
+def _output_limit(top: Any, provider_id: str | None) -> Any:
+    """The request's output limit: the largest of the top-level limits the
+    provider reads (C{max_completion_tokens} and C{max_output_tokens} are
+    OpenAI's own, read by L{_OPENAI_LIMITS}; the rest read C{max_tokens}
+    alone and ignore them: DeepSeek's API, given C{max_completion_tokens}
+    only, runs to its default), C{_UNSET} when none is given, None when
+    one is not a whole number (the model's maximum then)."""
+    given = [top.max_tokens]
+    if provider_id in _OPENAI_LIMITS:
+        given += (top.max_completion_tokens, top.max_output_tokens)
+    given = [v for v in given if v is not _UNSET]
+    if not given:
+        return _UNSET
+    if all(type(v) is int and v >= 0 for v in given):
+        return max(given)
+    return None
 
 
 def _plain(body: bytes) -> bytes | None:
@@ -543,7 +584,7 @@ def _all_text(body: bytes) -> bool:
     part marker found in it is in a message's text, not a part."""
     try:
         decode_plain(body)
-    except msgspec.MsgspecError:
+    except Exception:  # not one (or not JSON in UTF-8, nested too deep, ...)
         return False
     return True
 

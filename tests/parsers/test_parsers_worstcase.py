@@ -538,3 +538,64 @@ def test_the_one_pass_gives_what_the_full_way_gives(
     args = (provider, "api.example.com", "/v1/chat/completions", raw, len(raw), when)
     _worst_case_any(*args)  # the price of the model and day read: the one pass may apply
     assert worst_case_fields(*args) == _worst_case_any(*args)
+
+
+def _fields(provider: str, doc: dict[str, Any]) -> Any:
+    """Both ways' figures for C{doc} (the full way first: its price read), held equal."""
+    raw = json.dumps(doc).encode()
+    args = (provider, "api.example.com", "/v1/chat/completions", raw, len(raw), WHEN)
+    full = _worst_case_any(*args)
+    assert worst_case_fields(*args) == full
+    return worst_case(*args)
+
+
+def test_the_output_limit_is_the_largest_the_provider_reads() -> None:
+    """OpenAI (and Azure, Groq, xAI) read max_completion_tokens,
+    max_output_tokens and max_tokens: given several, the bound takes the
+    largest. Any other provider reads max_tokens alone: DeepSeek, given
+    max_completion_tokens only, runs to its own default, so the bound
+    takes the model's maximum (none known here: no bound)."""
+    both = {"max_tokens": 10, "max_completion_tokens": 500}
+    assert _fields("openai", chat(**both)).output_tokens == 500
+    assert _fields("openai", chat(max_tokens=700, max_completion_tokens=5)).output_tokens == 700
+    deepseek = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
+    alone = _fields("deepseek", {**deepseek, "max_completion_tokens": 1})
+    assert alone.cost_usd is None and alone.reason is not None
+    assert alone.reason.startswith("no output limit given")
+    read = _fields("deepseek", {**deepseek, "max_completion_tokens": 1, "max_tokens": 8192})
+    assert read.cost_usd is not None and read.output_tokens == 8192
+
+
+def test_reasoning_beyond_the_limit_is_bounded_too() -> None:
+    """DeepSeek-R1's chain of thought is not within max_tokens (up to 32K
+    tokens more, billed as output): the bound adds it."""
+    doc = {
+        "model": "deepseek-reasoner",
+        "messages": [{"role": "user", "content": "Prove it."}],
+        "max_tokens": 1,
+    }
+    assert _fields("deepseek", doc).output_tokens == 1 + 32_768
+
+
+def test_search_models_and_tools_of_every_provider_have_no_bound() -> None:
+    """Perplexity's Sonar by any prefix (OpenRouter's perplexity/sonar),
+    Groq's browser_search and xAI's x_search tools: the provider searches
+    and adds what it finds to the input."""
+    for model in ("perplexity/sonar", "sonar-pro", "perplexity/sonar-reasoning-pro"):
+        assert _fields("openrouter", chat(model=model, max_tokens=1)).cost_usd is None, model
+    for provider, kind in (("groq", "browser_search"), ("xai", "x_search")):
+        doc = chat(model="gpt-4o-mini", max_tokens=1, tools=[{"type": kind}])
+        assert bound(doc, provider=provider).reason == (
+            "input a provider-run tool or a stored item brings cannot be bounded"
+        ), kind
+
+
+def test_input_is_priced_as_a_cache_write_where_one_is_dearer() -> None:
+    """Any part of an Anthropic prompt may be marked for caching, and a
+    cache write costs 1.25x the input: the bound prices every input token
+    so (Claude Haiku 4.5: $1.00 the million input tokens, $1.25 written)."""
+    doc = {"model": "claude-haiku-4-5", "max_tokens": 0, "messages": []}
+    fields = _fields("anthropic", doc)
+    assert fields.cost_usd == pytest.approx(fields.input_tokens * 1.25e-6)
+    openai = _fields("openai", chat(max_tokens=0))
+    assert openai.cost_usd == pytest.approx(openai.input_tokens * 0.15e-6)  # no cache write price
