@@ -335,7 +335,9 @@ def worst_case_fields(
     if provider_id and body:
         try:
             # the rates of the provider's models the full way read today
-            # (none: not a provider it knows, or not yet today)
+            # (none: not a provider it knows, or not yet today; never a
+            # model the full way gives no bound before it reads a price,
+            # as one that searches the web: the one pass need not test it)
             models = _rates.get(provider_id)
             if models is not None and _rates_day[0] == when // 86400:
                 top = decode_plain(body)  # raises for all but a request of text
