@@ -525,24 +525,20 @@ def _rates_for(provider_id: str, model: str, prices_id: str | None, when: float)
     if cached is not _UNKNOWN:
         return cached
     million = 1_000_000
-    inputs = [
-        PRICER.price(provider_id, prices_id, model, usage, when).cost_usd
-        for usage in (
-            {"input_tokens": million},
-            {"input_tokens": million, "cache_write_tokens": million},
-        )
-    ]
-    inp = PRICER.price(provider_id, prices_id, model, {"input_tokens": million}, when)
-    both = PRICER.price(
-        provider_id, prices_id, model, {"input_tokens": million, "output_tokens": million}, when
-    )
+
+    def price(**usage: int) -> float | None:
+        return PRICER.price(provider_id, prices_id, model, usage, when).cost_usd
+
+    inp = price(input_tokens=million)
+    both = price(input_tokens=million, output_tokens=million)
     rates: Rates | None = None
-    if inp.cost_usd is not None and both.cost_usd is not None:
-        dearest = max(c for c in inputs if c is not None)
+    if inp is not None and both is not None:
+        # (a cache write's tokens are among the input tokens, priced above them)
+        written = price(input_tokens=million, cache_write_tokens=million)
         beyond = _REASONING_TOKENS if _REASONING_BEYOND_LIMIT.search(model) else 0
         rates = (
-            dearest / million,
-            max(both.cost_usd - inp.cost_usd, 0.0) / million,
+            max(inp, written or 0.0) / million,
+            max(both - inp, 0.0) / million,
             beyond,
         )
     if len(models) >= 4096:  # models come from requests: stay bounded

@@ -219,7 +219,7 @@ def _usd_header(left: int) -> bytes:
 
     Below $1,000, from two tables of digits: formatting a float (or two
     integers) runs code that nothing else of a call runs, and costs a
-    call's budget check a tenth more time in instruction-cache misses
+    call's budget check about a twentieth more time in cache misses
     than the few instructions it takes (docs/BENCHMARKS.md, session 13).
     """
     if left < _TABLES_BELOW:
