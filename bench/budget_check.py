@@ -41,6 +41,7 @@ import re
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -68,20 +69,35 @@ BUDGETS = [
 ]
 
 
+#: the cost and usage each call's event is priced at
+_COST: Final = 0.000012
+_USAGE: Final = {"input_tokens": 40, "output_tokens": 10}
+
+
 @implementer(ITransactionSink)
 class _SettlingSink:
-    """Settles each call's hold at a fixed cost, as the pipeline does once priced."""
+    """Settles each call's hold at a fixed cost, as the pipeline does once
+    priced (C{EventPipeline}): its parse thread queues the hold with the
+    event's cost and usage, and the reactor settles the queue when the
+    batch comes back (here a batch of one call, the pipeline's at one
+    client)."""
 
     store_path = None
 
     def __init__(self) -> None:
         self.count = 0
+        self._settlements: deque[tuple[Any, Any, str, int | None, Any]] = deque()
 
     def transaction_finished(self, transaction: Transaction) -> None:
         self.count += 1
-        hold = transaction.budget_hold
-        if hold is not None:
-            hold.settle(0.000012, transaction.outcome, transaction.status)
+        if transaction.budget_hold is not None:  # the parse thread's part
+            self._settlements.append(
+                (transaction.budget_hold, _COST, transaction.outcome, transaction.status, _USAGE)
+            )
+        settlements = self._settlements  # the reactor's, once the batch is back
+        while settlements:
+            hold, cost, outcome, status, usage = settlements.popleft()
+            hold.settle(cost if type(cost) is float else None, outcome, status, usage)
 
     def spans_received(self, spans: Sequence[Mapping[str, Any]]) -> None:
         pass

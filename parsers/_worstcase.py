@@ -211,14 +211,18 @@ class WorstCase(NamedTuple):
 
 
 #: Per-token rates (L{_rates_for}) by provider id, then model, for one
-#: UTC day: L{_rates_day}'s (nested, as a lookup by a tuple key costs
-#: three times as much: a tuple made and hashed for every call).
-#: (USD per input token, USD per output token, output tokens beyond the limit)
+#: UTC day, from L{_rates_from} until L{_rates_until} (nested, as a lookup
+#: by a tuple key costs three times as much: a tuple made and hashed for
+#: every call). (USD per input token, USD per output token, output tokens
+#: beyond the limit)
 Rates = tuple[float, float, int]
 _rates: dict[str, dict[str, Rates | None]] = {}
-#: the UTC day (unix time // 86400) the rates in L{_rates} are for (a
-#: one-item list: a cell both paths read and L{_rates_for} sets)
-_rates_day: list[float] = [-1.0]
+#: the unix times the UTC day of the rates in L{_rates} starts and ends
+#: (L{_rates_for} sets them): two comparisons tell whether a call is on
+#: that day, where a float's floor division ran code nothing else of a
+#: call runs (docs/BENCHMARKS.md, session 14)
+_rates_from = 0.0
+_rates_until = 0.0
 #: what L{_rates} gives for a model it does not hold (None is a cached "no price")
 _UNKNOWN: Final = (-1.0, -1.0, 0)
 #: the registry's providers by id, read without a method call per bound
@@ -339,7 +343,7 @@ def worst_case_fields(
             # model the full way gives no bound before it reads a price,
             # as one that searches the web: the one pass need not test it)
             models = _rates.get(provider_id)
-            if models is not None and _rates_day[0] == when // 86400:
+            if models is not None and _rates_from <= when < _rates_until:
                 top = decode_plain(body)  # raises for all but a request of text
                 model = top.model
                 limit = top.max_tokens
@@ -516,10 +520,11 @@ def _rates_for(provider_id: str, model: str, prices_id: str | None, when: float)
     caching), and a model that reasons beyond its limit
     (L{_REASONING_BEYOND_LIMIT}) adds its reasoning's most.
     """
-    day = when // 86400
-    if _rates_day[0] != day:  # a new day: prices may have changed
+    global _rates_from, _rates_until
+    if not _rates_from <= when < _rates_until:  # a new day: prices may have changed
         _rates.clear()
-        _rates_day[0] = day
+        _rates_from = when // 86400 * 86400
+        _rates_until = _rates_from + 86400
     models = _rates.setdefault(provider_id, {})
     cached = models.get(model, _UNKNOWN)
     if cached is not _UNKNOWN:

@@ -171,9 +171,9 @@ class EventPipeline(Service):
         self._pump_call: IDelayedCall | None = None
         self._sync_busy: Deferred[None] | None = None
         self._ack_waiters = Waiters(reactor)
-        # (budget hold, cost, outcome, status) of priced calls, appended by the
+        # (budget hold, cost, outcome, status, usage) of priced calls, appended by the
         # parse threads, settled on the reactor when their batch comes back
-        self._settlements: deque[tuple[Any, Any, str, int | None, int | None]] = deque()
+        self._settlements: deque[tuple[Any, Any, str, int | None, Any]] = deque()
         self._io = DaemonThreadPool(minthreads=1, maxthreads=1, name="llmobserve-spool")
         self.orphans = orphans
         self.adopt_interval = adopt_interval
@@ -383,9 +383,9 @@ class EventPipeline(Service):
         for token, txn in items:
             payload, had_error, event = self._parse(txn)
             call_cost = event.get("cost_usd")
-            if txn.budget_hold is not None:
+            if txn.budget_hold is not None:  # settled on the reactor (_parsed_batch)
                 self._settlements.append(
-                    (txn.budget_hold, call_cost, txn.outcome, txn.status, _tokens(event))
+                    (txn.budget_hold, call_cost, txn.outcome, txn.status, event.get("usage"))
                 )
             if type(call_cost) is float:
                 priced += 1
@@ -494,8 +494,8 @@ class EventPipeline(Service):
     def _parsed_batch(self, results: list[_Parsed]) -> None:
         settlements = self._settlements
         while settlements:
-            hold, cost, outcome, status, tokens = settlements.popleft()
-            hold.settle(cost if type(cost) is float else None, outcome, status, tokens)
+            hold, cost, outcome, status, usage = settlements.popleft()
+            hold.settle(cost if type(cost) is float else None, outcome, status, usage)
         hold_row = self.delivery.hold_row
         for seq, _payload, had_error, row in results:
             if had_error:
@@ -808,16 +808,6 @@ class EventPipeline(Service):
         if self.outbox.waiting == 0:
             return succeed(True)
         return self._ack_waiters.wait(timeout)
-
-
-def _tokens(event: Mapping[str, Any]) -> int | None:
-    """Input + output tokens of a call event (a tokens-per-minute limit's
-    count), or None when the event has neither."""
-    usage = event.get("usage")
-    if not isinstance(usage, Mapping):
-        return None
-    counts = [v for k in ("input_tokens", "output_tokens") if type(v := usage.get(k)) is int]
-    return sum(counts) if counts else None
 
 
 def budget_flags(txn: Transaction) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from math import ceil
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 import attrs
@@ -298,9 +299,14 @@ class BudgetHold(msgspec.Struct, gc=False, eq=False):
         return self.header
 
     def settle(
-        self, cost: float | None, outcome: str, status: int | None, tokens: int | None = None
+        self,
+        cost: float | None,
+        outcome: str,
+        status: int | None,
+        usage: Mapping[str, object] | None = None,
     ) -> None:
-        """Turn the hold into the call's real cost (and tokens) and release the rest.
+        """Turn the hold into the call's real cost (and tokens: C{usage}, its
+        event's, read only by a hold with tokens limits) and release the rest.
 
         With no price: a call that never reached the upstream, or that the
         upstream answered with an error status, spent nothing; any other
@@ -348,6 +354,7 @@ class BudgetHold(msgspec.Struct, gc=False, eq=False):
                     account.spent += spent
                     account.free = account.cap - account.spent - (left if left > 0 else 0)
         if self._rates:
+            tokens = usage_tokens(usage)
             # tokens unknown: the ones held count, unless the call spent nothing
             spared = outcome in _NOT_SENT or (status is not None and status >= 400)
             for rate, minute, held in self._rates:
@@ -359,6 +366,15 @@ class BudgetHold(msgspec.Struct, gc=False, eq=False):
                         rate.used += tokens
                     elif not spared:
                         rate.used += held
+
+
+def usage_tokens(usage: object) -> int | None:
+    """The input + output tokens of an event's C{usage} (either count,
+    when it has only one; None when it has neither)."""
+    if not isinstance(usage, Mapping):
+        return None
+    counts = [v for k in ("input_tokens", "output_tokens") if type(v := usage.get(k)) is int]
+    return sum(counts) if counts else None
 
 
 #: A call's labels as the ledger keys them: L{CallScope}'s fields, in its order.
@@ -700,7 +716,7 @@ class BudgetLedger:
         # them; none is out in an outage)
         taken = plan.allotment
         if taken is not None and worst is not None:
-            amount = math.ceil(worst * _NANO - 1e-6)  # nano_up, inline
+            amount = ceil(worst * 1e9 - 1e-6)  # nano_up, inline (1e9: _NANO, a float)
             avail = taken.avail - amount
             if avail >= 0 and taken.epoch == self.room_epoch:
                 # (L{_hold}, inline: this is every call of the common case)

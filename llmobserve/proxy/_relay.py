@@ -334,7 +334,10 @@ class Relay:
         if usage is not None and usage.holding:
             return  # connects once the body is read (see _release_held_body)
         if self._gate:
-            self._check_budgets()
+            # the check waits for the whole body (or for more of it than is
+            # held), as it does the rest of the time: a call saved then
+            if self._body_done or self._pending_size > self._s.gate_buffer:
+                self._check_budgets()
             return
         self._connect()
 

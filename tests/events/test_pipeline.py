@@ -542,3 +542,28 @@ async def test_an_exchange_after_the_sink_stopped_is_counted_not_raised(tmp_path
     assert s.sink.events_dropped_total == 3
     assert not [e for e in seen if e.get("log_failure") is not None]
     assert len([e for e in seen if "calls ending now are lost" in e.get("log_format", "")]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_priced_call_settles_its_hold_at_its_events_cost_and_tokens(
+    tmp_path: Path,
+) -> None:
+    """The hold a budgeted call carries is settled on the reactor once its
+    event is priced: the budget keeps the event's cost, a tokens-per-minute
+    limit the event's input + output tokens (3 + 5), not the bound held."""
+    from llmobserve.collector import Budget, RateLimit
+    from llmobserve.proxy._budgets import BudgetHold, BudgetLedger, CallScope
+
+    ledger = BudgetLedger(time.time)
+    ledger.load([Budget("cap", 1.0)], {})
+    ledger.load_limits([RateLimit("tpm", 1000, unit="tokens")])
+    scope = CallScope("openai", "gpt-4o")
+    hold = ledger.reserve(scope, 0.5, 900)
+    assert isinstance(hold, BudgetHold)
+    assert not isinstance(ledger.reserve(scope, 0.001, 900), BudgetHold)  # 900 held
+    s = Sink(tmp_path)
+    s.sink.transaction_finished(make_txn(budget_hold=hold))
+    await eventually(lambda: len(s.stored()) == 1)
+    await eventually(lambda: ledger.accounts()[0].spent == 125_000)  # $0.000125, in nano-USD
+    assert isinstance(ledger.reserve(scope, 0.001, 900), BudgetHold)  # 8 + 900 <= 1000
+    await s.sink.stopService()

@@ -599,3 +599,37 @@ def test_input_is_priced_as_a_cache_write_where_one_is_dearer() -> None:
     assert fields.cost_usd == pytest.approx(fields.input_tokens * 1.25e-6)
     openai = _fields("openai", chat(max_tokens=0))
     assert openai.cost_usd == pytest.approx(openai.input_tokens * 0.15e-6)  # no cache write price
+
+
+def test_rates_are_read_again_for_each_utc_day_the_clock_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prices may change at midnight: a call on another UTC day than the
+    rates held (the next day, or the one before when the clock is set
+    back) is priced with that day's, both ways; calls within a day read
+    the price once."""
+    days: list[int] = []
+
+    class DayPricer:
+        def price(self, *args: Any) -> Any:
+            when = args[-1]
+            day = int(when // 86400)
+            days.append(day)
+            million = args[3].get("input_tokens", 0) + args[3].get("output_tokens", 0)
+            usd = million / 1_000_000 * (1.0 if day % 2 else 2.0)  # per token: 1e-6 or 2e-6
+            return type("Price", (), {"cost_usd": usd})()
+
+    monkeypatch.setattr("parsers._worstcase.PRICER", DayPricer())
+    raw = json.dumps(chat(max_tokens=10)).encode()
+    midnight = (WHEN // 86400 + 1) * 86400  # an odd day starts
+    per_token = []
+    for when in (midnight - 1.0, midnight - 0.5, midnight, midnight + 1.0, midnight - 1.0):
+        args = ("openai", "api.example.com", "/v1/chat/completions", raw, len(raw), when)
+        fields = worst_case_fields(*args)
+        assert fields == _worst_case_any(*args)
+        assert fields[2] is not None and fields[3] is not None and fields[4] is not None
+        per_token.append(round(fields[2] / (fields[3] + fields[4]) * 1e6, 6))
+    assert per_token == [2.0, 2.0, 1.0, 1.0, 2.0]
+    even, odd = int(midnight // 86400) - 1, int(midnight // 86400)
+    # three prices read a day (input, both, cache write), once per visit to the day
+    assert days == [even] * 3 + [odd] * 3 + [even] * 3

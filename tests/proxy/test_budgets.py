@@ -452,19 +452,20 @@ def test_a_call_never_sent_does_not_count_against_a_calls_limit() -> None:
 
 
 def test_tokens_per_minute_reserve_the_bound_and_settle_to_the_real_count() -> None:
-    """A call's most tokens are held; its real tokens count once settled; a call
-    with no token bound is let through flagged until the minute is used up."""
+    """A call's most tokens are held; its real tokens (its event's usage,
+    input + output) count once settled; a call with no token bound is let
+    through flagged until the minute is used up."""
     book, _ = rates(RateLimit("tpm", 1000, unit="tokens"))
     hold = book.reserve(GPT, 0.001, 800)
     assert isinstance(hold, BudgetHold)
     assert isinstance(book.reserve(GPT, 0.001, 300), RateRefusal)
-    hold.settle(0.0001, "ok", 200, tokens=100)
+    hold.settle(0.0001, "ok", 200, usage={"input_tokens": 60, "output_tokens": 40})
     second = book.reserve(GPT, 0.001, 300)
     assert isinstance(second, BudgetHold)
     unbounded = book.reserve(GPT, None, None)
     assert isinstance(unbounded, BudgetHold) and "rate_unbounded" in unbounded.flags
-    unbounded.settle(None, "ok", 200, tokens=600)
-    second.settle(0.0001, "ok", 200, tokens=300)
+    unbounded.settle(None, "ok", 200, usage={"output_tokens": 600})
+    second.settle(0.0001, "ok", 200, usage={"input_tokens": 300})
     assert isinstance(book.reserve(GPT, None, None), RateRefusal)
 
 

@@ -152,7 +152,7 @@ def test_a_call_bigger_than_a_slice_of_a_tokens_limit_is_granted_room(
     exchange()  # asks for room for 600
     hold = ledger.reserve(GPT, 0.001, tokens=600)
     assert isinstance(hold, BudgetHold)
-    hold.settle(0.001, "ok", 200, tokens=600)
+    hold.settle(0.001, "ok", 200, usage={"input_tokens": 500, "output_tokens": 100})
     exchange()
     assert isinstance(ledger.reserve(GPT, 0.001, tokens=500), RateRefusal)
     exchange()  # 400 left in the minute: never room for 500
