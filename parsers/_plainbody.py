@@ -21,13 +21,15 @@ their bytes, and name no part.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 __all__ = ["PlainBody", "decode_plain"]
 
 _UNSET: Final[Any] = msgspec.UNSET
+#: an output limit: a whole number from 0 up (of any size)
+_Limit = Annotated[int, msgspec.Meta(ge=0)]
 #: a JSON value skipped, not there
 _NO_RAW: Final = msgspec.Raw()
 
@@ -90,7 +92,9 @@ class _ToolCall(_Strict):
 class _Message(_Strict):
     """A chat or Messages message (or Responses' input message) of text."""
 
-    role: str
+    #: every role of the three APIs (a literal is decoded to the one string
+    #: object, where a C{str} field makes one for every message)
+    role: Literal["user", "assistant", "system", "developer", "tool", "function"]
     content: str | list[_Text | _InputText | _ToolUse | _ToolResult] | None = None
     type: Literal["message"] | None = None
     name: str | None = None
@@ -144,8 +148,9 @@ class _Reasoning(_Strict):
 
 
 class PlainBody(_Strict):
-    """A request of text only: its model and output limits as written (any
-    JSON value), every other field it may have typed.
+    """A request of text only, every field typed: its model a string
+    (C{""} when not named), its output limits whole numbers of any size
+    from 0 up, or unset (any other value is the full way's to read).
 
     The fields are in the order the OpenAI SDK writes them (the model,
     C{stream} and the messages first, then by name): the decoder looks a
@@ -154,7 +159,7 @@ class PlainBody(_Strict):
     by name, all but three).
     """
 
-    model: Any = None
+    model: str = ""
     stream: bool | None = None
     messages: list[_Message] | None = None
     frequency_penalty: float | None = None
@@ -162,9 +167,9 @@ class PlainBody(_Strict):
     instructions: str | None = None  # Responses
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
-    max_completion_tokens: Any = _UNSET
-    max_output_tokens: Any = _UNSET
-    max_tokens: Any = _UNSET
+    max_completion_tokens: _Limit | msgspec.UnsetType = _UNSET
+    max_output_tokens: _Limit | msgspec.UnsetType = _UNSET
+    max_tokens: _Limit | msgspec.UnsetType = _UNSET
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None
     presence_penalty: float | None = None

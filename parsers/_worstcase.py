@@ -344,13 +344,15 @@ def worst_case_fields(
             # as one that searches the web: the one pass need not test it)
             models = _rates.get(provider_id)
             if models is not None and _rates_from <= when < _rates_until:
-                top = decode_plain(body)  # raises for all but a request of text
-                model = top.model
-                limit = top.max_tokens
+                # raises for all but a request of text, its model a string
+                # or null, its limits whole numbers from 0 up
+                top = decode_plain(body)
+                limit: Any = top.max_tokens  # (an int once not _UNSET)
                 if top.max_completion_tokens is not _UNSET or top.max_output_tokens is not _UNSET:
                     limit = _output_limit(top, provider_id)
-                if type(model) is str and type(limit) is int and limit >= 0:
-                    rates = models.get(model)
+                if limit is not _UNSET:  # (else the model's maximum: the full way's)
+                    model = top.model
+                    rates = models.get(model)  # (None for no model named: "")
                     if rates is not None:
                         input_tokens = body_bytes + _FIXED_INPUT_TOKENS
                         output_tokens = limit + rates[2]

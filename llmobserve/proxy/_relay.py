@@ -359,18 +359,17 @@ class Relay:
             return
         # Bound the call's cost from its body and reserve it: inline (not a
         # helper's frame more), as this runs for every budgeted call
-        head = self._head
         target = self._target
-        length = head.content_length
         now = ledger.now()
         provider, model, cost, input_tokens, output_tokens, _ = worst_case_fields(
             self._provider_hint,
             target.host,
             target.path,
             body,
-            length if length is not None else self._body_bytes,
+            self._body_bytes,  # all of it, when there is a body to bound
             now,
         )
+        head = self._head
         context = head.context()
         # the call's scope: a CallScope's fields, as a plain tuple
         scope = (
@@ -622,7 +621,8 @@ class Relay:
         else:
             self._body_done = True
             if self._gate:
-                self._check_budgets()
+                if self._resolved is not None:  # else: once the target is checked
+                    self._check_budgets()
                 return
         conn = self._conn
         if conn is not None:

@@ -187,6 +187,17 @@ OTHER_REQUESTS: dict[str, Any] = {
     },
     "Gemini contents": {"contents": [{"parts": [{"text": "hi"}]}]},
     "not an object": ["gpt-4o-mini"],
+    **{
+        f"a model named by {what}": {"model": value, "max_tokens": 5, "messages": []}
+        for what, value in (("a number", 4), ("an object", {"id": "m"}), ("a list", ["m"]))
+    },
+    **{
+        f"{key} of {what}": {"model": "gpt-4o-mini", key: value, "messages": []}
+        for key in ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        for what, value in (("-1", -1), ("1.5", 1.5), ("10.0", 10.0), ("null", None), ("'9'", "9"))
+    },
+    "a role no API has": {"model": "m", "max_tokens": 5, "messages": [{"role": "x"}]},
+    "a model of null": {"model": None, "max_tokens": 5, "messages": []},
 }
 
 
@@ -251,3 +262,22 @@ def test_each_text_request_is_bounded_in_one_pass_as_the_full_way_bounds_it() ->
         assert full[2] is not None, (name, full)
         assert worst_case_fields(*args) == full
         assert worst_case(*args).input_tokens == len(raw) + 1_000
+
+
+def test_what_the_typed_fields_refuse_is_bounded_the_full_way() -> None:
+    """A model that is not a string, an output limit that is not a whole
+    number from 0 up, a role no API has: the one pass refuses them, and
+    the budget check gets the full way's figures (no bound, or the
+    model's maximum output)."""
+    names = [n for n in OTHER_REQUESTS if n.startswith(("a model ", "max_", "a role"))]
+    assert len(names) == 20
+    for name in names:
+        raw = json.dumps(OTHER_REQUESTS[name]).encode()
+        args = ("openai", "api.example.com", "/v1/chat/completions", raw, len(raw), WHEN)
+        assert worst_case_fields(*args) == _worst_case_any(*args), name
+
+
+def test_a_limit_past_64_bits_is_read_exactly() -> None:
+    """A whole number of any size is a limit (no float, no refusal)."""
+    raw = b'{"model":"gpt-4o-mini","max_tokens":%d,"messages":[]}' % (2**70)
+    assert decode_plain(raw).max_tokens == 2**70

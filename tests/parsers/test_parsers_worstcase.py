@@ -620,6 +620,8 @@ def test_rates_are_read_again_for_each_utc_day_the_clock_gives(
             return type("Price", (), {"cost_usd": usd})()
 
     monkeypatch.setattr("parsers._worstcase.PRICER", DayPricer())
+    monkeypatch.setattr("parsers._worstcase._rates", {})  # none held yet
+    monkeypatch.setattr("parsers._worstcase._rates_until", 0.0)
     raw = json.dumps(chat(max_tokens=10)).encode()
     midnight = (WHEN // 86400 + 1) * 86400  # an odd day starts
     per_token = []
