@@ -92,9 +92,7 @@ class _ToolCall(_Strict):
 class _Message(_Strict):
     """A chat or Messages message (or Responses' input message) of text."""
 
-    #: every role of the three APIs (a literal is decoded to the one string
-    #: object, where a C{str} field makes one for every message)
-    role: Literal["user", "assistant", "system", "developer", "tool", "function"]
+    role: str
     content: str | list[_Text | _InputText | _ToolUse | _ToolResult] | None = None
     type: Literal["message"] | None = None
     name: str | None = None
