@@ -274,3 +274,18 @@ def test_budget_check_runs_its_rig_with_and_without_budgets(
     floor = re.search(r"floor cpu/req (\d+)us \(median of 2, ", line)
     assert floor and int(floor.group(1)) > 0, line
     assert "us on the anchors' machine (target: under 10us, 0.263x)" in line
+
+
+def test_budget_instructions_counted_run_relays_with_fixed_clocks() -> None:
+    """C{bench.budget_instructions}' counted run (what valgrind runs, here
+    without it): the budgeted rig relays its calls with the clocks replaced
+    by counters, and leaves this process's clocks alone (a subprocess)."""
+    for rig in ("with", "without"):
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.budget_instructions", "--child", rig, "--calls", "50"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
