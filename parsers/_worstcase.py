@@ -219,8 +219,8 @@ Rates = tuple[float, float, int]
 _rates: dict[str, dict[str, Rates | None]] = {}
 #: the unix times the UTC day of the rates in L{_rates} starts and ends
 #: (L{_rates_for} sets them): two comparisons tell whether a call is on
-#: that day, where a float's floor division ran code nothing else of a
-#: call runs (docs/BENCHMARKS.md, session 14)
+#: that day, where a float's floor division ran C{fmod}, code nothing
+#: else of a call runs
 _rates_from = 0.0
 _rates_until = 0.0
 #: what L{_rates} gives for a model it does not hold (None is a cached "no price")
@@ -345,7 +345,7 @@ def worst_case_fields(
             models = _rates.get(provider_id)
             if models is not None and _rates_from <= when < _rates_until:
                 # raises for all but a request of text, its model a string
-                # or null, its limits whole numbers from 0 up
+                # (or absent: ""), its limits whole numbers from 0 up
                 top = decode_plain(body)
                 limit: Any = top.max_tokens  # (an int once not _UNSET)
                 if top.max_completion_tokens is not _UNSET or top.max_output_tokens is not _UNSET:
