@@ -204,6 +204,16 @@ def pg_url(postgres_server: Any) -> str:
     return url
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def shared_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store several collectors share: a PostgreSQL database (L{pg_url}),
+    or one SQLite file (collectors on one machine; docs/COLLECTOR.md)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "shared.sqlite3")
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say loudly that the PostgreSQL back end went untested."""
     if _PG_SKIPPED:

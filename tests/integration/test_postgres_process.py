@@ -3,8 +3,9 @@
 A proxy sends chat calls through a real C{twistd llmobserve} to collectors
 storing into PostgreSQL (tests/support/postgres.py). The server restarted
 mid-ingest: the collector stops acknowledging, reconnects, and every event
-is stored once. Two collectors on one database, one SIGKILLed mid-run: the
-proxy moves to the other (C{--collector} twice) and every event is stored
+is stored once. Two collectors on one store (a PostgreSQL database, or one
+SQLite file: the C{shared_db} fixture), one SIGKILLed mid-run: the proxy
+moves to the other (C{--collector} twice) and every event is stored
 exactly once.
 """
 
@@ -21,6 +22,7 @@ import psycopg
 import pytest
 from support.clients import RawClient, chat_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
+from support.stores import StoreUnreadable, row
 from support.upstreams import RecordingUpstream
 
 
@@ -38,20 +40,16 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _stored(url: str) -> tuple[int, int]:
-    """(rows, distinct ids) of call events in the database."""
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT count(*), count(DISTINCT id) FROM events WHERE kind = 'call'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+def _stored(db: str) -> tuple[int, int]:
+    """(rows, distinct ids) of call events in the store."""
+    rows, ids = row(db, "SELECT count(*), count(DISTINCT id) FROM events WHERE kind = 'call'")
+    return int(rows), int(ids)
 
 
-def _stored_or_zero(url: str) -> int:
+def _stored_or_zero(db: str) -> int:
     try:
-        return _stored(url)[0]
-    except psycopg.Error:
+        return _stored(db)[0]
+    except StoreUnreadable:
         return 0
 
 
@@ -122,30 +120,30 @@ def test_a_server_restart_mid_ingest_loses_nothing(tmp_path: Path, postgres_serv
 
 @pytest.mark.timeout(150)
 def test_failover_between_two_collectors_stores_every_event_once(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, shared_db: str
 ) -> None:
-    """Two collectors on one database, a proxy naming both; 2,000 calls, the
+    """Two collectors on one store, a proxy naming both; 2,000 calls, the
     first collector SIGKILLed once ~500 are stored: the proxy resends what
     was not acknowledged to the second, and every call is stored exactly once."""
     calls = 2000
     with RecordingUpstream() as upstream:
-        first = CollectorProcess(db=pg_url, workdir=tmp_path / "c1")
-        second = CollectorProcess(db=pg_url, workdir=tmp_path / "c2")
+        first = CollectorProcess(db=shared_db, workdir=tmp_path / "c1")
+        second = CollectorProcess(db=shared_db, workdir=tmp_path / "c2")
         with first, second:
             with _proxy(tmp_path, upstream, [first.url, second.url]) as proxy:
                 caller = _Caller(proxy.port, upstream.url, calls)
                 caller.start()
-                _wait_for(lambda: _stored_or_zero(pg_url) >= 500, 60, "500 calls stored")
+                _wait_for(lambda: _stored_or_zero(shared_db) >= 500, 60, "500 calls stored")
                 first.kill()
                 caller.join(120)
                 assert caller.error is None and caller.done == calls
-                _wait_for(lambda: _stored_or_zero(pg_url) >= calls, 60, "every call stored")
+                _wait_for(lambda: _stored_or_zero(shared_db) >= calls, 60, "every call stored")
                 _wait_for(
                     lambda: _get_json(proxy.url + "/health")["events_waiting"] == 0,
                     30,
                     "the proxy's spool to drain",
                 )
-                assert _stored(pg_url) == (calls, calls)
+                assert _stored(shared_db) == (calls, calls)
                 assert _get_json(second.url + "/health")["events_stored"] > 0
 
 

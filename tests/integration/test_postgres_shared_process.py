@@ -1,13 +1,16 @@
-"""Keys and budgets shared by two real collectors on one PostgreSQL database,
-and keys through a PostgreSQL outage.
+"""Keys and budgets shared by two real collectors on one store, and keys
+through a PostgreSQL outage.
 
-Collectors on one database (docs/COLLECTOR.md, "PostgreSQL and several
-collectors") share what they keep there: a key made through one collector
-is valid at the other, a revocation through either applies to both within
-the verdict caches' bound, and budget grants handed out by either never sum
-past the budget (an advisory lock per budget: tests/support/postgres.py
-starts the server). While the server is away a key cannot be checked: a
-new link is refused and its events wait, and nothing is lost.
+Collectors on one store (docs/COLLECTOR.md, "PostgreSQL and several
+collectors": one PostgreSQL database, or one SQLite file on one machine;
+the C{shared_db} fixture runs each test on both) share what they keep
+there: a key made through one collector is valid at the other, a
+revocation through either applies to both within the verdict caches'
+bound, and budget grants handed out by either never sum past the budget
+(an advisory lock per budget on PostgreSQL, SQLite's write lock on a
+file; tests/support/postgres.py starts the server). While the PostgreSQL
+server is away a key cannot be checked: a new link is refused and its
+events wait, and nothing is lost.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pytest
 from integration.test_budgets_process import _openai
 from support.clients import chat_request, raw_request
 from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.stores import StoreUnreadable, row
 from support.upstreams import RecordingUpstream
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -73,17 +77,17 @@ def _call(proxy: ProxyProcess, upstream: RecordingUpstream, key: str) -> int:
 
 
 def test_a_key_made_through_one_collector_is_valid_at_the_other(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, shared_db: str
 ) -> None:
-    """Two collectors with --require-keys on one database. The first admin
-    key is made with C{keys create --db postgresql://...}; the proxy's link
+    """Two collectors with --require-keys on one store. The first admin
+    key is made with C{keys create --db STORE}; the proxy's link
     key and a client key are made through collector A's API. A proxy that
     requires client keys, linked to collector B, admits the client key and
     its event lands in the database with the key's project; revoked through
     A, the client key is refused at B's proxy within seconds."""
-    admin = _new_key("--name", "admin", "--scope", "admin", "--db", pg_url)
-    a = CollectorProcess(["--require-keys"], db=pg_url, workdir=tmp_path / "a")
-    b = CollectorProcess(["--require-keys"], db=pg_url, workdir=tmp_path / "b")
+    admin = _new_key("--name", "admin", "--scope", "admin", "--db", shared_db)
+    a = CollectorProcess(["--require-keys"], db=shared_db, workdir=tmp_path / "a")
+    b = CollectorProcess(["--require-keys"], db=shared_db, workdir=tmp_path / "b")
     with RecordingUpstream() as upstream, a, b:
         via_a = ("--collector", a.url, "--key", admin)
         link = _new_key("--name", "proxy", "--scope", "admin", *via_a)
@@ -127,18 +131,18 @@ def test_a_key_made_through_one_collector_is_valid_at_the_other(
     assert len(upstream.requests) == 1 + len(admitted)
 
 
-def _spend(url: str) -> tuple[int, float]:
-    """(call events, their recorded cost) in the database."""
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT count(*), COALESCE(sum(cost_usd), 0) FROM events WHERE kind = 'call'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), float(row[1])
+def _spend(db: str) -> tuple[int, float]:
+    """(call events, their recorded cost) in the store."""
+    calls, cost = row(
+        db, "SELECT count(*), COALESCE(sum(cost_usd), 0) FROM events WHERE kind = 'call'"
+    )
+    return int(calls), float(cost)
 
 
-def test_proxies_on_two_collectors_never_overshoot_one_budget(tmp_path: Path, pg_url: str) -> None:
-    """Two collectors on one database, a proxy linked to each (each polls
+def test_proxies_on_two_collectors_never_overshoot_one_budget(
+    tmp_path: Path, shared_db: str
+) -> None:
+    """Two collectors on one store, a proxy linked to each (each polls
     its own collector for grants of the same $1.00 block budget), 64
     concurrent clients through each proxy making two calls of about $0.01:
     the spend recorded in the database stays <= $1.00, and both proxies
@@ -148,10 +152,10 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(tmp_path: Path, pg
     calls = 2 * 2 * 64
     assert _cli(
         "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
-        "--db", pg_url,
+        "--db", shared_db,
     ).returncode == 0  # fmt: skip
-    a = CollectorProcess(db=pg_url, workdir=tmp_path / "a")
-    b = CollectorProcess(db=pg_url, workdir=tmp_path / "b")
+    a = CollectorProcess(db=shared_db, workdir=tmp_path / "a")
+    b = CollectorProcess(db=shared_db, workdir=tmp_path / "b")
     with RecordingUpstream(_openai) as oa, a, b:
 
         def proxy(collector: CollectorProcess, name: str) -> ProxyProcess:
@@ -201,10 +205,11 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(tmp_path: Path, pg
             admitted = results.count("a") + results.count("b")
             assert results.count("a") > 0 and results.count("b") > 0
             assert set(results) <= {"a", "b", 402}
-            _wait_for(lambda: _spend(pg_url)[0] >= calls, 60, "every event in the database")
-            stored, spend = _spend(pg_url)
+            _wait_for(lambda: _spend(shared_db)[0] >= calls, 60, "every event in the store")
+            stored, spend = _spend(shared_db)
+            kind = "postgresql" if "://" in shared_db else "sqlite"
             print(
-                f"two collectors on one database: admitted {admitted} of {calls} "
+                f"two collectors on one {kind} store: admitted {admitted} of {calls} "
                 f"(a {results.count('a')}, b {results.count('b')}), spend ${spend:.6f} of $1.00"
             )
             assert stored == calls
@@ -279,12 +284,12 @@ def test_a_server_restart_with_keys_required_loses_nothing(
 def _stored(url: str) -> int:
     try:
         return _spend(url)[0]
-    except psycopg.Error:
+    except StoreUnreadable:
         return -1
 
 
-def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, pg_url: str) -> None:
-    """A proxy with two --collector URLs on one database, a $1.00 block budget
+def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db: str) -> None:
+    """A proxy with two --collector URLs on one store, a $1.00 block budget
     and the first collector stopped: the link failed over to the second, but
     the budgets were still read from the first, so the proxy spent the slice
     it held (a quarter of the limit, about 25 calls of ~$0.01) and then
@@ -294,10 +299,10 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, pg_url: s
 
     assert _cli(
         "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
-        "--db", pg_url,
+        "--db", shared_db,
     ).returncode == 0  # fmt: skip
-    a = CollectorProcess(db=pg_url, workdir=tmp_path / "a")
-    b = CollectorProcess(db=pg_url, workdir=tmp_path / "b")
+    a = CollectorProcess(db=shared_db, workdir=tmp_path / "a")
+    b = CollectorProcess(db=shared_db, workdir=tmp_path / "b")
     with RecordingUpstream(_openai) as oa, a, b:
         args = [
             *LOOPBACK_ARGS,
@@ -336,5 +341,5 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, pg_url: s
             _wait_for(lambda: call() == 200, 30, "a call admitted on the second's grant")
             assert [call() for _ in range(5)] == [200] * 5, statuses
             client.close()
-            _wait_for(lambda: _spend(pg_url)[0] >= 47, 60, "every event in the database")
-            assert _spend(pg_url)[1] <= 1.00
+            _wait_for(lambda: _spend(shared_db)[0] >= 47, 60, "every event in the store")
+            assert _spend(shared_db)[1] <= 1.00
