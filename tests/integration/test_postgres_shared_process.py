@@ -145,8 +145,9 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(
     """Two collectors on one store, a proxy linked to each (each polls
     its own collector for grants of the same $1.00 block budget), 64
     concurrent clients through each proxy making two calls of about $0.01:
-    the spend recorded in the database stays <= $1.00, and both proxies
-    admitted calls."""
+    the spend recorded in the store stays <= $1.00, both proxies admitted
+    calls, and each collector's all-time /api/summary (read from its
+    rollup) counts every call either stored."""
     import openai
 
     calls = 2 * 2 * 64
@@ -217,6 +218,10 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(
             assert len(oa.requests) == admitted
             status = _json(a.url + "/api/budgets")["budgets"]
             assert [(s["name"], s["spend_usd"]) for s in status] == [("cap", pytest.approx(spend))]
+            for collector in (a, b):  # each one's rollup counts the other's rows too
+                summary = _json(collector.url + "/api/summary")
+                assert summary["calls"] + summary["refused_calls"] == stored, summary
+                assert summary["cost_usd"] == pytest.approx(spend)
 
 
 def test_a_server_restart_with_keys_required_loses_nothing(
