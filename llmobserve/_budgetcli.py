@@ -33,7 +33,7 @@ from llmobserve.collector import (
     open_store,
 )
 from llmobserve.money import usd_fixed
-from llmobserve.paths import default_db_path
+from llmobserve.paths import default_db_path, no_store_message
 
 __all__ = [
     "add_budgets_parser",
@@ -234,7 +234,8 @@ def add_limits_parser(sub: Any) -> None:
 
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
-    book = _book(args, _HTTPLimits)
+    # only set makes a store: list and delete on a mistyped --db say so
+    book = _book(args, _HTTPLimits, must_exist=args.limits_command != "set")
     limits: RateLimitBook | _HTTPLimits = (
         book.limits if isinstance(book, SqlBudgetBook) else cast(_HTTPLimits, book)
     )
@@ -270,15 +271,20 @@ def _describe_limit(limit: RateLimit) -> str:
     return f"{limit.per_minute} {limit.unit} per minute, {scope}{fail}"
 
 
-def store_book(db: str | None, *, migrate: bool = True) -> SqlBudgetBook:
+def store_book(db: str | None, *, migrate: bool = True, must_exist: bool = False) -> SqlBudgetBook:
     """The budget book of the store C{--db} names (a file, by default the
     embedded one, or a PostgreSQL database: migrated unless C{migrate} is
     false, as a reader leaves it); closing it closes the store.
 
+    @param must_exist: refuse a store file that is not there (an action
+        that only reads or removes), rather than create it.
     @raise BudgetError: the store cannot be opened.
     """
     if not (db and is_postgres_url(db)):
-        return SQLiteBudgetBook(Path(db).expanduser() if db else default_db_path())
+        path = Path(db).expanduser() if db else default_db_path()
+        if must_exist and not path.exists():
+            raise BudgetError(no_store_message(path))
+        return SQLiteBudgetBook(path)
     try:
         store = open_store(db, migrate=migrate)
     except StoreError as e:
@@ -286,9 +292,12 @@ def store_book(db: str | None, *, migrate: bool = True) -> SqlBudgetBook:
     return SqlBudgetBook(store.sql(), on_close=store.close)
 
 
-def _book(args: argparse.Namespace, http: type[_HTTPBook] = _HTTPBook) -> SqlBudgetBook | _HTTPBook:
+def _book(
+    args: argparse.Namespace, http: type[_HTTPBook] = _HTTPBook, *, must_exist: bool = False
+) -> SqlBudgetBook | _HTTPBook:
     """The store C{--db} names, or the collector C{--collector} names
-    (through C{http}: its budgets or its limits)."""
+    (through C{http}: its budgets or its limits); C{must_exist}: see
+    L{store_book}."""
     db = getattr(args, "db_sub", None) or args.db
     collector = getattr(args, "collector_sub", None) or args.collector
     if collector:
@@ -297,12 +306,13 @@ def _book(args: argparse.Namespace, http: type[_HTTPBook] = _HTTPBook) -> SqlBud
         key = getattr(args, "key_sub", None) or getattr(args, "key", None)
         ca_file = getattr(args, "ca_file_sub", None) or getattr(args, "ca_file", None)
         return http(collector, key, ca_file)
-    return store_book(db or db_from_env())
+    return store_book(db or db_from_env(), must_exist=must_exist)
 
 
 def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{budgets ACTION}; a L{BudgetError} is the caller's to print."""
-    book = _book(args)
+    # only set makes a store: list and delete on a mistyped --db say so
+    book = _book(args, must_exist=args.budgets_command != "set")
     try:
         if args.budgets_command == "set":
             budget = Budget(

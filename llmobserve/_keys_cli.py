@@ -92,12 +92,14 @@ def run_keys(
             is_postgres_url,
             open_store,
         )
-        from llmobserve.paths import default_db_path
+        from llmobserve.paths import default_db_path, no_store_message
 
         named = args.db or db_from_env()  # as report: $LLMOBSERVE_DB by default
         db: str | Path = named if named and is_postgres_url(named) else ""
         if not db:
             db = Path(named).expanduser() if named else default_db_path()
+            if args.keys_command != "create" and not db.exists():
+                raise CLIError(no_store_message(db))  # only create makes a store
         try:
             # a PostgreSQL database is migrated as a collector's start-up does
             store = open_store(db)

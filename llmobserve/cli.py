@@ -45,7 +45,7 @@ from llmobserve.collector import (
     parse_time,
 )
 from llmobserve.money import usd_fixed
-from llmobserve.paths import ENV_HOME, default_db_path
+from llmobserve.paths import ENV_HOME, default_db_path, no_store_message
 
 from ._keys_cli import add_keys_parser, run_keys
 
@@ -126,9 +126,7 @@ class _Source:
 class _StoreSource(_Source):
     def __init__(self, path: Path | str) -> None:
         if not is_postgres_url(path) and not Path(path).exists():
-            raise CLIError(
-                f"no event store at {path} (give --db PATH, or --collector URL, or set {ENV_HOME})"
-            )
+            raise CLIError(no_store_message(path))
         try:
             # a reader: a PostgreSQL schema is checked, never created or migrated
             self._store = open_store(path, migrate=False)

@@ -14,7 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["ENV_HOME", "default_db_path", "default_home", "default_spool_dir"]
+__all__ = [
+    "ENV_HOME",
+    "default_db_path",
+    "default_home",
+    "default_spool_dir",
+    "no_store_message",
+]
 
 #: The environment variable that moves the home directory.
 ENV_HOME = "LLMOBSERVE_HOME"
@@ -39,3 +45,10 @@ def default_db_path() -> Path:
 def default_spool_dir() -> Path:
     """The default spool directory for unacknowledged events: C{<home>/spool}."""
     return default_home() / _SPOOL_NAME
+
+
+def no_store_message(path: str | os.PathLike[str]) -> str:
+    """What a command that only reads says when its store file is not there:
+    it never creates one (a mistyped C{--db} would otherwise print an empty
+    answer, and leave a new file behind)."""
+    return f"no event store at {path} (give --db PATH, or --collector URL, or set {ENV_HOME})"

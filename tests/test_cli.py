@@ -271,6 +271,44 @@ def test_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert not path.parent.exists()
 
 
+@pytest.mark.parametrize(
+    "action",
+    [
+        ("keys", "list"),
+        ("keys", "revoke", "admin"),
+        ("budgets", "list"),
+        ("budgets", "delete", "cap"),
+        ("limits", "list"),
+        ("limits", "delete", "rpm"),
+    ],
+)
+def test_an_action_that_reads_or_removes_refuses_a_missing_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: tuple[str, ...]
+) -> None:
+    """`budgets list --db` on a mistyped path made a store there and said
+    "no budgets defined", exit 0 (a new user's finding): every action but
+    create and set refuses a store file that is not there, as report does."""
+    path = tmp_path / "typo.sqlite3"
+    code, text = run(*action, "--db", str(path))
+    assert (code, text) == (1, "")
+    assert f"no event store at {path}" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_create_and_set_make_the_store_they_name(tmp_path: Path) -> None:
+    """The first key, budget or limit may come before anything has run."""
+    for i, action in enumerate(
+        [
+            ("keys", "create", "--name", "admin", "--scope", "admin"),
+            ("budgets", "set", "--name", "cap", "--limit-usd", "5", "--window", "day"),
+            ("limits", "set", "--name", "rpm", "--calls-per-minute", "60"),
+        ]
+    ):
+        path = tmp_path / f"new{i}.sqlite3"
+        assert run(*action, "--db", str(path))[0] == 0
+        assert path.exists()
+
+
 def test_default_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The default store is $LLMOBSERVE_HOME/events.sqlite3, home ~/.llmobserve."""
     monkeypatch.delenv("LLMOBSERVE_HOME", raising=False)
