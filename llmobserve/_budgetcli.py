@@ -28,6 +28,7 @@ from llmobserve.collector import (
     SqlBudgetBook,
     SQLiteBudgetBook,
     StoreError,
+    check_scope_provider,
     db_from_env,
     is_postgres_url,
     open_store,
@@ -111,7 +112,17 @@ _SCOPE_HELP = {
 def _add_scope_options(parser: Any) -> None:
     """C{--customer}, C{--tenant}, ...: one option per scope field."""
     for name in SCOPE_FIELDS:
-        parser.add_argument(f"--{name}", metavar="VALUE", help=_SCOPE_HELP[name])
+        kind = _provider_id if name == "provider" else None
+        parser.add_argument(f"--{name}", metavar="VALUE", type=kind, help=_SCOPE_HELP[name])
+
+
+def _provider_id(value: str) -> str:
+    """C{--provider}: a registry id, or a usage error naming the closest one."""
+    try:
+        check_scope_provider(value, "")  # argparse names the option
+    except BudgetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _add_collector_options(parser: Any, route: str) -> None:

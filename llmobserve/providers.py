@@ -20,7 +20,8 @@ class UnknownProviderError(ValueError):
 def check_provider_id(provider_id: str, where: str) -> str:
     """C{provider_id} if the registry knows it; else raise L{UnknownProviderError}.
 
-    @param where: what the id came from, for the message (C{"--base-url"}).
+    @param where: what the id came from, for the message (C{"--base-url"};
+        empty where the caller says it, as argparse does).
     """
     from parsers.registry import REGISTRY
 
@@ -29,4 +30,5 @@ def check_provider_id(provider_id: str, where: str) -> str:
         return provider_id
     close = difflib.get_close_matches(provider_id.lower(), sorted(known), n=1)
     hint = f"did you mean {close[0]!r}?" if close else "see parsers/registry.py for the ids"
-    raise UnknownProviderError(f"{where}: unknown provider {provider_id!r}; {hint}")
+    prefix = f"{where}: " if where else ""
+    raise UnknownProviderError(f"{prefix}unknown provider {provider_id!r}; {hint}")

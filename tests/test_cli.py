@@ -480,3 +480,25 @@ def test_budgets_and_limits_take_key_and_ca_file_after_the_action(tmp_path: Path
         server.shutdown()
         server.server_close()
     assert seen == ["Bearer llmo_k1", "Bearer llmo_k2", "Bearer llmo_k3"]
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        ("budgets", "set", "--name", "b", "--limit-usd", "5", "--window", "day"),
+        ("limits", "set", "--name", "l", "--calls-per-minute", "60"),
+    ],
+)
+def test_a_scope_on_an_unknown_provider_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: tuple[str, ...]
+) -> None:
+    """`budgets set --provider opneai` was stored and never matched a call:
+    an id the registry does not know is a usage error naming the closest."""
+    db = str(tmp_path / "events.sqlite3")
+    with pytest.raises(SystemExit) as exited:
+        run(*action, "--provider", "opneai", "--db", db)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --provider: unknown provider 'opneai'; did you mean 'openai'?" in err
+    assert run(*action, "--provider", "openai", "--db", db)[0] == 0
+

@@ -20,6 +20,7 @@ from llmobserve.collector._budgets import (
     BudgetError,
     SqlBudgetBook,
     SQLiteBudgetBook,
+    check_scope_provider,
     scope_matches,
 )
 from llmobserve.collector._grants import GrantBook
@@ -68,6 +69,7 @@ __all__ = [
     "TimeSpecError",
     "Verdict",
     "api_branch",
+    "check_scope_provider",
     "db_from_env",
     "is_postgres_url",
     "open_store",

@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -31,7 +31,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llmobserve.collector._budgets import Budget, BudgetError, SqlBudgetBook
+from llmobserve.collector._budgets import (
+    Budget,
+    BudgetError,
+    SqlBudgetBook,
+    check_scope_provider,
+)
 from llmobserve.collector._grants import GrantBook, SpendCache
 from llmobserve.collector._store import Store, StoreUnavailable
 from llmobserve.collector._thread import StoreThread
@@ -41,7 +46,16 @@ __all__ = ["BudgetsResource", "applying_to", "project_of"]
 _log = Logger()
 #: the largest definition or grant request read
 MAX_BODY = 64 * 1024
-_Definition = TypeVar("_Definition")
+
+
+class _Scoped(Protocol):
+    """A definition with a scope (a budget, a rate limit)."""
+
+    @property
+    def provider(self) -> str | None: ...
+
+
+_Definition = TypeVar("_Definition", bound=_Scoped)
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:
@@ -68,7 +82,9 @@ def definition_from(
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise BudgetError("expected a JSON object")
-        return from_dict(data)
+        definition = from_dict(data)
+        check_scope_provider(definition.provider)
+        return definition
     except (ValueError, BudgetError) as e:  # JSONDecodeError is a ValueError
         return error_body(request, 400, "bad_request", f"bad {what}: {e}")
 

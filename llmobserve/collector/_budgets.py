@@ -36,6 +36,7 @@ __all__ = [
     "BudgetError",
     "SQLiteBudgetBook",
     "SqlBudgetBook",
+    "check_scope_provider",
 ]
 
 WINDOWS: Final = ("hour", "day", "month", "total")
@@ -59,6 +60,24 @@ SCOPE_FIELDS: Final = {
 
 class BudgetError(ValueError):
     """A budget definition that cannot be used (the message says why)."""
+
+
+def check_scope_provider(provider: str | None, where: str = "provider") -> None:
+    """A budget's or a rate limit's C{provider} must be a registry id: a
+    misspelt one (C{opneai}) matches no call, so the budget would never
+    apply. Checked where a definition comes in (the command line, the
+    HTTP API), not where one is read back from the store.
+
+    @raise BudgetError: naming the closest id.
+    """
+    if provider is None:
+        return
+    from llmobserve.providers import UnknownProviderError, check_provider_id
+
+    try:
+        check_provider_id(provider, where)
+    except UnknownProviderError as e:
+        raise BudgetError(str(e)) from None
 
 
 @dataclass(frozen=True)

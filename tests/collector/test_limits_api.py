@@ -198,3 +198,34 @@ def test_a_stopping_proxy_gives_its_grants_back(client: LimitsClient) -> None:
     for _ in range(10):
         got = ask("b", got)["grants"]["cap"][1]
     assert got == 990_000_000  # all but what a spent
+
+
+@pytest.mark.parametrize(
+    ("route", "what", "definition"),
+    [
+        ("/api/budgets", "budget", {"name": "b", "limit_usd": 5, "window": "day"}),
+        ("/api/limits", "limit", {"name": "l", "per_minute": 60, "unit": "calls"}),
+    ],
+)
+def test_a_scope_on_an_unknown_provider_is_refused_naming_the_closest(
+    tmp_path: Path, route: str, what: str, definition: dict[str, Any]
+) -> None:
+    """A budget on provider 'opneai' was stored, and matched no call: it
+    never applied (a new user's finding). The routes refuse an id the
+    registry does not know, with the one it is closest to; a known id is kept."""
+    client = RawClient(tmp_path, None)
+    try:
+        typo = json.dumps({**definition, "provider": "opneai"}).encode()
+        code, body = client.raw(route, typo)
+        assert code == 400 and body["error"]["type"] == "bad_request"
+        assert body["error"]["message"] == (
+            f"bad {what}: provider: unknown provider 'opneai'; did you mean 'openai'?"
+        )
+        assert client.call("GET", route)[1][what + "s"] == []
+        code, _ = client.raw(route, json.dumps({**definition, "provider": "openai"}).encode())
+        assert code == 200
+        listed = client.call("GET", route)[1][what + "s"]
+        assert [d["provider"] for d in listed] == ["openai"]
+    finally:
+        client.store.close()
+
