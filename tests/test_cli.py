@@ -501,4 +501,3 @@ def test_a_scope_on_an_unknown_provider_is_a_usage_error(
     err = capsys.readouterr().err
     assert "argument --provider: unknown provider 'opneai'; did you mean 'openai'?" in err
     assert run(*action, "--provider", "openai", "--db", db)[0] == 0
-

@@ -228,4 +228,3 @@ def test_a_scope_on_an_unknown_provider_is_refused_naming_the_closest(
         assert [d["provider"] for d in listed] == ["openai"]
     finally:
         client.store.close()
-
