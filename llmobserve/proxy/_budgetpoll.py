@@ -98,6 +98,9 @@ class BudgetPoller(Service):
         self._loop: LoopingCall | None = None
         self._busy = False
         self._outages = 0
+        #: the collector the last successful read came from (said in the log
+        #: when reads come back, from it or from the next one)
+        self._read_from = self._collector
         self._no_limits_route = False
         #: calls waiting for the next grant exchange (L{next_grants})
         self._waiters: list[Deferred[None]] = []
@@ -350,6 +353,15 @@ class BudgetPoller(Service):
         return waiter
 
     def _applied(self, result: _Read) -> None:
+        if self._collector is not None and self._outages:
+            moved = self._collector != self._read_from
+            _log.info(
+                "budgets: {how} collector {url} after {n} failed reads",
+                how="now reading from" if moved else "reading again from",
+                url=self._collector,
+                n=self._outages,
+            )
+        self._read_from = self._collector
         self._outages = 0
         self.ledger.outage = False
         self._apply(result)

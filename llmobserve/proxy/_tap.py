@@ -770,14 +770,14 @@ def _budget_poller(
     ledger = BudgetLedger(reactor.seconds, shared=shared)
     if collector and "://" not in collector:
         collector = "http://" + collector
+    # every --collector: a read that cannot reach one moves on to the next
+    urls = [u if "://" in u else "http://" + u for u in options["collectors"]] if collector else []
     poller = BudgetPoller(
         reactor,
         ledger,
         store_path,
         collector_url=collector,
-        collector_urls=[u if "://" in u else "http://" + u for u in options["collectors"]]
-        if collector
-        else [],
+        collector_urls=urls,
         collector_key=options["collector-key"],
         ca_file=options["collector-ca-file"],
     )
@@ -787,7 +787,7 @@ def _budget_poller(
         _log.info(
             "budgets shared with other processes on {store}: this one spends the slices"
             " it is granted",
-            store=collector or store_path,
+            store=", ".join(urls) if urls else collector or store_path,
         )
     return poller
 

@@ -299,7 +299,8 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db
     the budgets were still read from the first, so the proxy spent the slice
     it held (a quarter of the limit, about 25 calls of ~$0.01) and then
     answered 402 to every call. Its budget poller moves to the second
-    collector too: after the slice it held, calls are admitted again."""
+    collector too: after the slice it held, calls are admitted again, and
+    the log says it reads from the second now."""
     import openai
 
     assert _cli(
@@ -337,6 +338,8 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db
                     return e.status_code
 
             assert call() == 200  # the budget is known and a slice is held
+            log = proxy.log_text()
+            assert f"budgets shared with other processes on {a.url}, {b.url}:" in log
             a.terminate()
             _wait_for(lambda: "budgets: collector" in proxy.log_text(), 30, "the poller to miss A")
             statuses = [call() for _ in range(40)]
@@ -345,6 +348,9 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db
             # admitted again (the slice alone held about 25 of them)
             _wait_for(lambda: call() == 200, 30, "a call admitted on the second's grant")
             assert [call() for _ in range(5)] == [200] * 5, statuses
+            # the log says where budgets come from now (a new user saw only
+            # "unreachable", then nothing, although the next collector answered)
+            assert f"budgets: now reading from collector {b.url} after" in proxy.log_text()
             client.close()
             _wait_for(lambda: _spend(shared_db)[0] >= 47, 60, "every event in the store")
             assert _spend(shared_db)[1] <= 1.00
