@@ -322,9 +322,7 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db
             b.url,
         ]
         with ProxyProcess(args, workdir=tmp_path / "p") as proxy:
-            client = openai.OpenAI(
-                api_key="sk-test", base_url=f"{proxy.url}/openai/v1", max_retries=0
-            )
+            client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
 
             def call() -> int:
                 try:
