@@ -259,13 +259,15 @@ class SqlBudgetBook:
         window (C{llmobserve budgets list}, C{report}, C{GET /api/budgets})."""
         rows = []
         for budget in self.list():
-            spend = self.spend(budget, now)
+            # to the nano-dollar, as the ledger counts: a sum of floats and a
+            # difference read 0.00044000000000000007 in the JSON
+            spend = round(self.spend(budget, now), 9)
             start = budget.window_start(now)
             rows.append(
                 {
                     **budget.as_dict(),
                     "spend_usd": spend,
-                    "remaining_usd": max(0.0, budget.limit_usd - spend),
+                    "remaining_usd": round(max(0.0, budget.limit_usd - spend), 9),
                     "window_start": None if start == -math.inf else start,
                 }
             )

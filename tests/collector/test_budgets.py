@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,22 @@ def _store_with_calls(path: str | Path) -> None:
         ]
     )
     store.close()
+
+
+def test_status_gives_spend_and_room_to_the_nano_dollar(db: str) -> None:
+    """`budgets list --format json` gave remaining_usd 0.00044000000000000007
+    (a new user's finding): the status rows are rounded to the nano-dollar,
+    as the ledger counts, so a sum of floats shows as the figures it is."""
+    store = open_store(db)
+    store.insert([call(i, cost_usd=0.1) for i in range(3)])
+    store.close()
+    book = _book(db)
+    book.set(Budget("b", 0.3004, "day"))
+    [row] = book.status(T0 + 10)
+    assert 0.1 + 0.1 + 0.1 != 0.3  # what the sum alone gives
+    assert (row["spend_usd"], row["remaining_usd"]) == (0.3, 0.0004)
+    assert json.dumps(row["remaining_usd"]) == "0.0004"
+    book.close()
 
 
 def test_spend_sums_the_scope_in_the_window(db: str) -> None:
