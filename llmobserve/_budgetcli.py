@@ -91,11 +91,7 @@ def add_budgets_parser(sub: Any) -> None:
     d = bsub.add_parser("delete", help="remove a budget")
     d.add_argument("name")
     for q in (s, lst, d):
-        # the same options after the action (`budgets list --collector URL --key KEY`)
-        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
-        q.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
-        q.add_argument("--key", metavar="KEY", dest="key_sub", help=argparse.SUPPRESS)
-        q.add_argument("--ca-file", metavar="PEM", dest="ca_file_sub", help=argparse.SUPPRESS)
+        _add_where_options(q, "/api/budgets")
 
 
 #: the help of each scope option (C{SCOPE_FIELDS} names them)
@@ -123,6 +119,27 @@ def _provider_id(value: str) -> str:
     except BudgetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
+
+
+def _add_where_options(parser: Any, route: str) -> None:
+    """The store and collector options again after the action (`budgets list
+    --collector URL --key KEY`), shown in the action's own --help."""
+    parser.add_argument("--db", metavar="PATH|URL", dest="db_sub", help=_DB_HELP)
+    parser.add_argument(
+        "--collector", metavar="URL", dest="collector_sub", help=f"a collector's HTTP API ({route})"
+    )
+    parser.add_argument(
+        "--key",
+        metavar="KEY",
+        dest="key_sub",
+        help="the API key for a collector that requires keys",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        dest="ca_file_sub",
+        help="extra CAs to trust for an https collector",
+    )
 
 
 def _add_collector_options(parser: Any, route: str) -> None:
@@ -237,10 +254,7 @@ def add_limits_parser(sub: Any) -> None:
     d = lsub.add_parser("delete", help="remove a limit")
     d.add_argument("name")
     for q in (s, lsub.add_parser("list", help="every limit"), d):
-        q.add_argument("--db", metavar="PATH", dest="db_sub", help=argparse.SUPPRESS)
-        q.add_argument("--collector", metavar="URL", dest="collector_sub", help=argparse.SUPPRESS)
-        q.add_argument("--key", metavar="KEY", dest="key_sub", help=argparse.SUPPRESS)
-        q.add_argument("--ca-file", metavar="PEM", dest="ca_file_sub", help=argparse.SUPPRESS)
+        _add_where_options(q, "/api/limits")
 
 
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:

@@ -501,3 +501,17 @@ def test_a_scope_on_an_unknown_provider_is_a_usage_error(
     err = capsys.readouterr().err
     assert "argument --provider: unknown provider 'opneai'; did you mean 'openai'?" in err
     assert run(*action, "--provider", "openai", "--db", db)[0] == 0
+
+
+@pytest.mark.parametrize("command", ["budgets", "limits"])
+@pytest.mark.parametrize("action", ["set", "list", "delete"])
+def test_each_action_s_help_names_where_it_reads_and_writes(
+    capsys: pytest.CaptureFixture[str], command: str, action: str
+) -> None:
+    """`budgets set --help` left out --db, --collector, --key and --ca-file,
+    although the action takes them (a new user's finding)."""
+    with pytest.raises(SystemExit):
+        run(command, action, "--help")
+    shown = capsys.readouterr().out
+    for option in ("--db PATH|URL", "--collector URL", "--key KEY", "--ca-file PEM"):
+        assert option in shown, option
