@@ -16,8 +16,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO, TypeVar, cast
 
 from llmobserve.collector import (
     SCOPE_FIELDS,
@@ -37,6 +38,7 @@ from llmobserve.money import usd_fixed
 from llmobserve.paths import default_db_path, no_store_message
 
 __all__ = [
+    "BadDefinition",
     "add_budgets_parser",
     "add_limits_parser",
     "budget_status",
@@ -50,6 +52,24 @@ __all__ = [
 
 #: C{--db} of C{budgets} and C{limits}: the default is the one C{report} has
 _DB_HELP = "store file or postgresql:// URL (default: $LLMOBSERVE_DB, else the proxy's own file)"
+
+
+_T = TypeVar("_T")
+
+
+class BadDefinition(BudgetError):
+    """A budget or limit the command line's values cannot make (a negative
+    limit, an unknown time zone): a usage error, exit status 2, as a value
+    argparse refuses is."""
+
+
+def _defined(make: Callable[[], _T]) -> _T:
+    """C{make()}, its L{BudgetError} a L{BadDefinition} (called before the
+    store is opened: a bad value leaves no new store behind)."""
+    try:
+        return make()
+    except BudgetError as e:
+        raise BadDefinition(str(e)) from None
 
 
 def add_budgets_parser(sub: Any) -> None:
@@ -259,21 +279,25 @@ def add_limits_parser(sub: Any) -> None:
 
 def run_limits(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{limits ACTION}; a L{BudgetError} is the caller's to print."""
-    # only set makes a store: list and delete on a mistyped --db say so
-    book = _book(args, _HTTPLimits, must_exist=args.limits_command != "set")
-    limits: RateLimitBook | _HTTPLimits = (
-        book.limits if isinstance(book, SqlBudgetBook) else cast(_HTTPLimits, book)
-    )
-    try:
-        if args.limits_command == "set":
-            calls = args.calls_per_minute
-            limit = RateLimit(
+    limit: RateLimit | None = None
+    if args.limits_command == "set":
+        calls = args.calls_per_minute
+        limit = _defined(
+            lambda: RateLimit(
                 name=args.name,
                 per_minute=calls if calls is not None else args.tokens_per_minute,
                 unit="calls" if calls is not None else "tokens",
                 fail=args.fail,
                 **_scope_args(args),
             )
+        )
+    # only set makes a store: list and delete on a mistyped --db say so
+    book = _book(args, _HTTPLimits, must_exist=limit is None)
+    limits: RateLimitBook | _HTTPLimits = (
+        book.limits if isinstance(book, SqlBudgetBook) else cast(_HTTPLimits, book)
+    )
+    try:
+        if limit is not None:
             limits.set(limit)
             out.write(f"limit {limit.name} set: {_describe_limit(limit)}\n")
         elif args.limits_command == "delete":
@@ -336,11 +360,10 @@ def _book(
 
 def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
     """Run C{budgets ACTION}; a L{BudgetError} is the caller's to print."""
-    # only set makes a store: list and delete on a mistyped --db say so
-    book = _book(args, must_exist=args.budgets_command != "set")
-    try:
-        if args.budgets_command == "set":
-            budget = Budget(
+    budget: Budget | None = None
+    if args.budgets_command == "set":
+        budget = _defined(
+            lambda: Budget(
                 name=args.name,
                 limit_usd=args.limit_usd,
                 window=args.window,
@@ -350,6 +373,11 @@ def run_budgets(args: argparse.Namespace, out: TextIO) -> None:
                 fail=args.fail,
                 **_scope_args(args),
             )
+        )
+    # only set makes a store: list and delete on a mistyped --db say so
+    book = _book(args, must_exist=budget is None)
+    try:
+        if budget is not None:
             book.set(budget)
             out.write(f"budget {budget.name} set: {describe(budget)}\n")
         elif args.budgets_command == "delete":

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from llmobserve import __version__
 from llmobserve._budgetcli import (
+    BadDefinition,
     add_budgets_parser,
     add_limits_parser,
     budget_status,
@@ -643,6 +644,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             run_limits(args, out)
         else:
             _cmd_events(args, out)
+    except BadDefinition as e:  # a value argparse could not check: usage, as its own
+        action = getattr(args, f"{args.command}_command", "")
+        print(f"llmobserve {args.command} {action}: error: {e}", file=sys.stderr)
+        print(f"(see llmobserve {args.command} {action} --help)", file=sys.stderr)
+        return 2
     except (CLIError, BudgetError) as e:
         print(f"llmobserve: {e}", file=sys.stderr)
         return 1

@@ -515,3 +515,35 @@ def test_each_action_s_help_names_where_it_reads_and_writes(
     shown = capsys.readouterr().out
     for option in ("--db PATH|URL", "--collector URL", "--key KEY", "--ca-file PEM"):
         assert option in shown, option
+
+
+@pytest.mark.parametrize(
+    ("action", "said"),
+    [
+        (
+            ("budgets", "set", "--name", "b", "--limit-usd", "-1", "--window", "day"),
+            "llmobserve budgets set: error: limit_usd must not be negative",
+        ),
+        (
+            ("budgets", "set", "--name", "b", "--limit-usd", "1", "--window", "day"),
+            "llmobserve budgets set: error: unknown time zone 'Mars/Base'",
+        ),
+        (
+            ("limits", "set", "--name", "l", "--calls-per-minute", "-5"),
+            "llmobserve limits set: error: per_minute must not be negative",
+        ),
+    ],
+)
+def test_a_value_the_definition_refuses_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: tuple[str, ...], said: str
+) -> None:
+    """`--limit-usd -1` and `--tz Mars/Base` exited 1 where `--window week`
+    exits 2 (a new user's finding): a value the definition refuses is a
+    usage error too, said as argparse says its own, and no store is made."""
+    path = tmp_path / "events.sqlite3"
+    extra = ("--tz", "Mars/Base") if "time zone" in said else ()
+    code, text = run(*action, *extra, "--db", str(path))
+    assert (code, text) == (2, "")
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == said
+    assert not path.exists()
