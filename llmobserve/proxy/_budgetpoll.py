@@ -45,6 +45,7 @@ _Read = tuple[
     dict[str, int],
     dict[str, tuple[float, int]],
     dict[str, list[tuple[float, int]]],
+    dict[str, tuple[float | None, float]],
 ]
 #: shared rate limits' reports: (name, minute, used, used + in flight, wanted)
 _RateReports = Sequence[tuple[str, float, int, int, int]]
@@ -216,7 +217,7 @@ class BudgetPoller(Service):
                 )
                 rate_grants.setdefault(name, []).append((minute, got))
         spends = {b.name: book.spend(b, now) for b in fresh}
-        return budgets, spends, limits, used, grants, rate_grants
+        return budgets, spends, limits, used, grants, rate_grants, {}
 
     def _read_collector(
         self,
@@ -232,6 +233,13 @@ class BudgetPoller(Service):
         rows = self._http("GET", "/api/budgets")["budgets"]
         fields = set(Budget.__dataclass_fields__)
         budgets = tuple(Budget.from_dict({k: v for k, v in r.items() if k in fields}) for r in rows)
+        # every process's spend, as the store sums it (a refusal by a budget
+        # already spent says so)
+        recorded = {
+            r["name"]: (r.get("window_start"), float(r["spend_usd"]))
+            for r in rows
+            if isinstance(r.get("spend_usd"), int | float)
+        }
         limits = self._collector_limits()
         grants: dict[str, tuple[float, int]] = {}
         rate_grants: dict[str, list[tuple[float, int]]] = {}
@@ -257,7 +265,7 @@ class BudgetPoller(Service):
                 name: [(float(w), int(g)) for w, g in pairs]
                 for name, pairs in got.get("limit_grants", {}).items()
             }
-        return budgets, {}, limits, {}, grants, rate_grants
+        return budgets, {}, limits, {}, grants, rate_grants, recorded
 
     def _collector_limits(self) -> tuple[RateLimit, ...]:
         """The collector's rate limits; none from a collector too old to
@@ -289,7 +297,7 @@ class BudgetPoller(Service):
             return json.loads(response.read())
 
     def _apply(self, result: _Read) -> None:
-        budgets, spends, limits, used, grants, rate_grants = result
+        budgets, spends, limits, used, grants, rate_grants, recorded = result
         # room that scopes no longer calling set aside goes back to the
         # budgets at least once a second (see _budgets._Allotment)
         self.ledger.return_allotments()
@@ -301,6 +309,8 @@ class BudgetPoller(Service):
             self._known_limits = limits
         if grants:
             self.ledger.set_grants(grants)
+        if recorded:
+            self.ledger.set_recorded(recorded)
         if rate_grants:
             self.ledger.set_rate_grants(rate_grants)
 

@@ -98,6 +98,10 @@ class _Account:
     #: shared budgets: the most a call refused for want of grant could cost
     #: (asked for at the next exchange: it may be more than a slice)
     wanted: int = 0
+    #: shared budgets: the whole budget's spend in this window as the store
+    #: last reported it (every process's; None: not reported), for a
+    #: refusal to say the budget itself is spent rather than this process's share
+    recorded: int | None = None
     limit: int = attrs.field(init=False)
     #: What this process may spend: the limit, or its grant when shared. A
     #: field, not a property: every call reads it, and it changes only with
@@ -151,11 +155,19 @@ class _Account:
             self.window_end = self.budget.window_end(now)
             self.spent = 0
             self.free = self.cap  # nothing reserved
+            self.recorded = None
             if self.granted is not None:
                 self.granted = 0  # a new window: nothing granted yet
 
     def refusal(self, worst: float | None, reason: str) -> BudgetRefusal:
         """Why this budget refuses a call of that worst case (None: unknown)."""
+        recorded = self.recorded
+        if self.granted is not None and recorded is not None and recorded >= self.limit:
+            # shared, and the store says the whole budget is spent: say that,
+            # not "this process's spend $0 of its share $0; its share is spent"
+            return BudgetRefusal(
+                self.budget, recorded / _NANO, self.reserved / _NANO, worst, "it is spent"
+            )
         cap = self.cap
         if self.free <= 0:
             reason = "it is spent" if self.granted is None else "this process's share is spent"
@@ -976,6 +988,17 @@ class BudgetLedger:
                     rate.recap()
                 elif minute == rate.window_end:
                     rate.ahead = (minute, amount)
+
+    def set_recorded(self, spends: Mapping[str, tuple[float | None, float]]) -> None:
+        """Shared budgets: each budget's spend as the store reports it, by
+        name (its window's start, None for C{total}; USD), every process's."""
+        for account in self._accounts:
+            got = spends.get(account.budget.name)
+            if got is None or account.granted is None:
+                continue
+            start = -math.inf if got[0] is None else got[0]
+            if start == account.window_start:
+                account.recorded = _nano(got[1])
 
     def set_grants(self, grants: Mapping[str, tuple[float, int]]) -> None:
         """Shared budgets: what the store granted, by name (window start, nano-USD)."""

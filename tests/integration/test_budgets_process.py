@@ -28,6 +28,7 @@ from support.upstreams import (
 
 from llmobserve.cli import main as cli
 from llmobserve.collector import EventStore, SQLiteBudgetBook
+from llmobserve.money import usd_fixed
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -648,6 +649,46 @@ def test_a_proxy_alone_on_a_collector_waits_for_a_grant_instead_of_refusing(
             print(f"alone on a collector: admitted {admitted}, spend ${spend:.6f} of $0.05")
             assert spend <= 0.05
             assert spend > 0.05 - 2 * 0.0014  # refused only when the limit had no room
+
+
+def test_a_budget_already_spent_at_its_collector_says_so_in_the_402(
+    tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
+) -> None:
+    """Calls worth $0.0042 recorded, then a $0.003 budget set at the
+    collector: the next call's 402 said "this process's spend $0 + in
+    flight $0 of its share $0 ...; this process's share is spent", with
+    spend_usd 0 (a new user's finding). It now gives the budget's spend as
+    the collector sums it, and says the budget is spent."""
+    import openai
+    from support.proxy import CollectorProcess
+
+    oa, an = upstreams
+    with CollectorProcess(workdir=tmp_path / "c") as collector:
+        with _proxy(tmp_path / "a", oa, an, ["--collector", collector.url]) as proxy:
+            client = openai.OpenAI(api_key="sk-test", base_url=f"{proxy.url}/openai", max_retries=0)
+
+            def call() -> Any:
+                try:
+                    return client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        max_tokens=2000,  # about $0.0014, used whole
+                        messages=[{"role": "user", "content": "hi"}],
+                    )
+                except openai.APIStatusError as e:
+                    return e
+
+            assert all(not isinstance(call(), openai.APIStatusError) for _ in range(3))
+            spend = sum(e["cost_usd"] for e in _wait_events(Path(collector.db), 3))
+            args = ["--name", "cap", "--limit-usd", "0.003", "--window", "day"]
+            assert cli(["budgets", "set", *args, "--collector", collector.url]) == 0
+            time.sleep(2.5)  # a change applies within 2 s
+            refused = call()
+            client.close()
+    assert isinstance(refused, openai.APIStatusError) and refused.status_code == 402
+    detail = refused.body["budget"]  # type: ignore[index]
+    assert detail["spend_usd"] == pytest.approx(spend) and "share_usd" not in detail
+    assert f"spend ${usd_fixed(round(spend, 8))} + in flight $0 of limit $0.003" in str(refused)
+    assert str(refused).endswith("; it is spent")
 
 
 def test_a_proxy_without_its_collector_spends_only_its_grant(

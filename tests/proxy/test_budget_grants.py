@@ -120,6 +120,43 @@ def test_a_refusal_by_the_share_names_the_share_not_only_the_limit() -> None:
     assert "share_usd" not in refusal.detail()
 
 
+def test_a_refusal_by_a_budget_the_store_says_is_spent_names_the_budget_s_spend() -> None:
+    """A budget over its limit ($0.018 recorded on $0.003) refused a proxy's
+    call with "this process's spend $0 + in flight $0 of its share $0 ...;
+    this process's share is spent" and spend_usd 0 (a new user's finding):
+    with the store's spend reported (a collector's /api/budgets), the
+    refusal says the budget is spent, with that spend and no share. A
+    share refusal of a budget with room left still names the share."""
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    cap = Budget("cap", 0.003, "day")
+    ledger.load([cap], {})
+    [(_, (window, _, _))] = ledger.grant_snapshot().items()
+    ledger.set_grants({"cap": (window, 0)})
+    ledger.set_recorded({"cap": (window, 0.0015)})  # half spent: others hold the rest
+    refusal = ledger.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal) and refusal.share_usd is not None
+    ledger.set_recorded({"cap": (window - 86400, 0.018)})  # yesterday's: not this window's
+    refusal = ledger.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal) and refusal.share_usd is not None
+    ledger.set_recorded({"cap": (window, 0.018)})
+    refusal = ledger.reserve(GPT, 0.0004626)
+    assert isinstance(refusal, BudgetRefusal)
+    assert refusal.message() == (
+        "budget 'cap' (day) would be exceeded: spend $0.018 + in flight $0 of limit $0.003;"
+        " it is spent"
+    )
+    assert refusal.share_usd is None and refusal.detail()["spend_usd"] == 0.018
+    total = BudgetLedger(clock.seconds, shared=True)  # a total budget: no window start
+    total.load([Budget("all", 0.003, "total")], {})
+    [(_, (start, _, _))] = total.grant_snapshot().items()
+    total.set_grants({"all": (start, 0)})
+    total.set_recorded({"all": (None, 0.003)})
+    refusal = total.reserve(GPT, 0.0001)
+    assert isinstance(refusal, BudgetRefusal) and refusal.reason == "it is spent"
+
+
 def test_two_shared_ledgers_on_one_store_never_overshoot(grants: GrantBook) -> None:
     """Two processes' ledgers, exchanging with one grant table as their
     pollers do, admit calls worth $0.01 each against $1.00: spend never past
