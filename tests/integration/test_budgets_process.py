@@ -654,7 +654,7 @@ def test_a_proxy_alone_on_a_collector_waits_for_a_grant_instead_of_refusing(
 def test_a_budget_already_spent_at_its_collector_says_so_in_the_402(
     tmp_path: Path, upstreams: tuple[RecordingUpstream, RecordingUpstream]
 ) -> None:
-    """Calls worth $0.0042 recorded, then a $0.003 budget set at the
+    """Three calls worth $0.00405 recorded, then a $0.003 budget set at the
     collector: the next call's 402 said "this process's spend $0 + in
     flight $0 of its share $0 ...; this process's share is spent", with
     spend_usd 0 (a new user's finding). It now gives the budget's spend as
