@@ -685,7 +685,8 @@ def test_a_budget_already_spent_at_its_collector_says_so_in_the_402(
             refused = call()
             client.close()
     assert isinstance(refused, openai.APIStatusError) and refused.status_code == 402
-    detail = refused.body["budget"]  # type: ignore[index]
+    body: Any = refused.body  # the 402's JSON
+    detail = body["budget"]
     assert detail["spend_usd"] == pytest.approx(spend) and "share_usd" not in detail
     assert f"spend ${usd_fixed(round(spend, 8))} + in flight $0 of limit $0.003" in str(refused)
     assert str(refused).endswith("; it is spent")
