@@ -335,7 +335,8 @@ def store_book(db: str | None, *, migrate: bool = True, must_exist: bool = False
             raise BudgetError(no_store_message(path))
         return SQLiteBudgetBook(path)
     try:
-        store = open_store(db, migrate=migrate)
+        # an action that only reads or removes leaves a database unmigrated
+        store = open_store(db, migrate=migrate and not must_exist)
     except StoreError as e:
         raise BudgetError(str(e)) from e
     return SqlBudgetBook(store.sql(), on_close=store.close)

@@ -51,4 +51,7 @@ def no_store_message(path: str | os.PathLike[str]) -> str:
     """What a command that only reads says when its store file is not there:
     it never creates one (a mistyped C{--db} would otherwise print an empty
     answer, and leave a new file behind)."""
-    return f"no event store at {path} (give --db PATH, or --collector URL, or set {ENV_HOME})"
+    return (
+        f"no event store at {path} (give --db PATH, or --collector URL, or set"
+        f" $LLMOBSERVE_DB or ${ENV_HOME})"
+    )

@@ -132,6 +132,8 @@ class BudgetPoller(Service):
                 error=e,
             )
             if isinstance(e, OSError | ValueError):
+                if self._collector is not None:
+                    self._outages += 1  # so the read that works is logged
                 self._next_collector()
 
     def _snapshots(

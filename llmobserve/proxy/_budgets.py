@@ -165,8 +165,15 @@ class _Account:
         if self.granted is not None and recorded is not None and recorded >= self.limit:
             # shared, and the store says the whole budget is spent: say that,
             # not "this process's spend $0 of its share $0; its share is spent"
+            # (in flight: this process's calls). The next exchange may bring a
+            # raised limit, so the relay still waits for one.
             return BudgetRefusal(
-                self.budget, recorded / _NANO, self.reserved / _NANO, worst, "it is spent"
+                self.budget,
+                recorded / _NANO,
+                self.reserved / _NANO,
+                worst,
+                "it is spent",
+                may_grant=True,
             )
         cap = self.cap
         if self.free <= 0:
@@ -178,7 +185,13 @@ class _Account:
         # "spend $0 + in flight $0.0004626 of limit $0.003")
         share = cap / _NANO if self.granted is not None and cap < self.limit else None
         return BudgetRefusal(
-            self.budget, self.spent / _NANO, self.reserved / _NANO, worst, reason, share_usd=share
+            self.budget,
+            self.spent / _NANO,
+            self.reserved / _NANO,
+            worst,
+            reason,
+            share_usd=share,
+            may_grant=share is not None,
         )
 
 

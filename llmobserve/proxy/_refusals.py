@@ -31,6 +31,10 @@ class BudgetRefusal:
     #: shared budgets: what the store granted this process (its spend and
     #: in-flight figures are its own); None when the limit itself refused
     share_usd: float | None = None
+    #: a grant exchange may change the verdict (shared: refused by this
+    #: process's share, or by the store's spend read with a limit that may
+    #: since have been raised), so the relay waits for one and checks again
+    may_grant: bool = False
     status: int = 402
     kind: str = "budget_exceeded"
     detail_key: str = "budget"

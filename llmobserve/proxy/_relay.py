@@ -388,16 +388,17 @@ class Relay:
         if not isinstance(verdict, BudgetHold):  # a budget's 402, a rate limit's 429
             if (
                 type(verdict) is not BudgetRefusal
-                or verdict.share_usd is None  # the limit itself refused
+                or not verdict.may_grant  # the limit itself refused
                 or verdict.worst_case_usd is None  # no price: a grant changes nothing
                 or ledger.next_grants is None
                 or ledger.outage
             ):
                 self._refuse(verdict)
                 return
-            # refused only by this process's share of a shared budget: the
-            # store may grant the room, so wait for the grant exchange the
-            # refusal asked for and check once more before refusing. The
+            # refused only by this process's share of a shared budget (or by
+            # the store's spend, read before a limit that may since have been
+            # raised): the store may grant the room, so wait for the grant
+            # exchange the refusal asked for and check once more before refusing. The
             # wait stands where a connection being made would: nothing else
             # connects the call meanwhile, and an abort cancels it.
             waited = ledger.next_grants()

@@ -117,6 +117,7 @@ def test_a_refusal_by_the_share_names_the_share_not_only_the_limit() -> None:
     assert isinstance(alone.reserve(GPT, 0.0004626), BudgetHold)
     refusal = alone.reserve(GPT, 0.0004626)
     assert isinstance(refusal, BudgetRefusal) and "share" not in refusal.message()
+    assert not refusal.may_grant  # the limit itself: no exchange can change it
     assert "share_usd" not in refusal.detail()
 
 
@@ -137,6 +138,7 @@ def test_a_refusal_by_a_budget_the_store_says_is_spent_names_the_budget_s_spend(
     ledger.set_recorded({"cap": (window, 0.0015)})  # half spent: others hold the rest
     refusal = ledger.reserve(GPT, 0.0004626)
     assert isinstance(refusal, BudgetRefusal) and refusal.share_usd is not None
+    assert refusal.may_grant
     ledger.set_recorded({"cap": (window - 86400, 0.018)})  # yesterday's: not this window's
     refusal = ledger.reserve(GPT, 0.0004626)
     assert isinstance(refusal, BudgetRefusal) and refusal.share_usd is not None
@@ -148,6 +150,8 @@ def test_a_refusal_by_a_budget_the_store_says_is_spent_names_the_budget_s_spend(
         " it is spent"
     )
     assert refusal.share_usd is None and refusal.detail()["spend_usd"] == 0.018
+    # the next exchange may bring a raised limit: the relay waits for it first
+    assert refusal.may_grant
     total = BudgetLedger(clock.seconds, shared=True)  # a total budget: no window start
     total.load([Budget("all", 0.003, "total")], {})
     [(_, (start, _, _))] = total.grant_snapshot().items()

@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from events.eventkit import eventually
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from llmobserve.collector import Budget
 from llmobserve.proxy._budgetpoll import BudgetPoller
@@ -99,15 +100,21 @@ async def test_a_running_poller_moves_to_the_next_collector(second: str) -> None
     poller = BudgetPoller(
         reactor, ledger, None, collector_url=first, collector_urls=[first, second], interval=0.05
     )
-    poller.startService()
-    try:
-        await eventually(lambda: ledger.active, what="the budgets read from the second")
-        await eventually(
-            lambda: isinstance(ledger.reserve(GPT, 0.01), BudgetHold),
-            what="a call admitted on the second collector's grant",
-        )
-    finally:
-        poller.stopService()
+    with capturedLogs() as logged:
+        poller.load_now()  # start-up: the first cannot be read
+        poller.startService()
+        try:
+            await eventually(lambda: ledger.active, what="the budgets read from the second")
+            await eventually(
+                lambda: isinstance(ledger.reserve(GPT, 0.01), BudgetHold),
+                what="a call admitted on the second collector's grant",
+            )
+        finally:
+            poller.stopService()
+    # the log says where budgets come from now (a new user saw "unreachable",
+    # then nothing, although the second collector answered)
+    said = [formatEvent(e) for e in logged]
+    assert f"budgets: now reading from collector {second} after 1 failed reads" in said
 
 
 @pytest_twisted.ensureDeferred
