@@ -95,6 +95,11 @@ class SpendCache:
         self._read[(name, window)] = (now, value)
         return value
 
+    def last(self, name: str, window: str) -> int | None:
+        """The spend last read for that budget and window (nano-USD), or None."""
+        cached = self._read.get((name, window))
+        return None if cached is None else cached[1]
+
 
 class GrantBook:
     """The C{budget_grants} table of a store (one thread at a time): a
@@ -166,6 +171,11 @@ class GrantBook:
             want=want,
             cap=cap,
         )
+
+    def recorded(self, budget: Budget, window_start: float) -> int | None:
+        """The budget's spend in that window as the events showed it at the
+        last exchange (every holder's; nano-USD), or None if none read it."""
+        return self._spends.last(budget.name, repr(window_start))
 
     def exchange_rate(
         self,

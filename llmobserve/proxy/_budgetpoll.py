@@ -15,6 +15,7 @@ read that cannot reach it, from the next, as the event link fails over.
 from __future__ import annotations
 
 import json
+import math
 import ssl
 import urllib.error
 import urllib.request
@@ -178,6 +179,7 @@ class BudgetPoller(Service):
         now = self.ledger.now()
         used = {r.name: book.used(r, now) for r in fresh_limits}
         grants: dict[str, tuple[float, int]] = {}
+        recorded: dict[str, tuple[float | None, float]] = {}
         if self.ledger.shared and snapshot:
             if self._grants is None:
                 self._grants = GrantBook(book.connection)
@@ -198,6 +200,9 @@ class BudgetPoller(Service):
                     cap=caps.get(budget.name),
                 )
                 grants[budget.name] = (window, granted)
+                seen = self._grants.recorded(budget, window)
+                if seen is not None:  # every process's spend: a spent budget says so
+                    recorded[budget.name] = (None if window == -math.inf else window, seen / 1e9)
         rate_grants: dict[str, list[tuple[float, int]]] = {}
         if self.ledger.shared and rates:
             if self._grants is None:
@@ -219,7 +224,7 @@ class BudgetPoller(Service):
                 )
                 rate_grants.setdefault(name, []).append((minute, got))
         spends = {b.name: book.spend(b, now) for b in fresh}
-        return budgets, spends, limits, used, grants, rate_grants, {}
+        return budgets, spends, limits, used, grants, rate_grants, recorded
 
     def _read_collector(
         self,

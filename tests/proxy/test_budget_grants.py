@@ -648,3 +648,42 @@ def test_the_poller_asks_for_room_and_reads_the_store_s_events(tmp_path: Path) -
     assert account.granted == 20_000_000
     assert isinstance(ledger.reserve(GPT, 0.0001), BudgetRefusal)
     poller.stopService()
+
+
+def test_proxies_on_a_store_file_name_a_spent_budget_too(tmp_path: Path) -> None:
+    """Proxies sharing a store file (C{--workers}, C{--shared-budgets}): the
+    events' spend the grant exchange reads reaches the ledger as a
+    collector's does, so a budget already past its limit refuses with its
+    spend ("it is spent"), not with this process's empty share."""
+    from llmobserve.collector import EventStore
+    from llmobserve.proxy._budgetpoll import BudgetPoller
+
+    path = store_with(tmp_path / "events.sqlite3", Budget("cap", 0.05, "day"))
+    store = EventStore(path)
+    store.insert(
+        [
+            {
+                "id": "before",
+                "kind": "call",
+                "ts": T0 - 1,
+                "outcome": "ok",
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "cost_usd": 0.06,
+                "context": {},
+            }
+        ]
+    )
+    store.close()
+    clock = Clock()
+    clock.advance(T0)
+    ledger = BudgetLedger(clock.seconds, shared=True)
+    poller = BudgetPoller(clock, ledger, str(path))
+    poller.load_now()
+    refusal = ledger.reserve(GPT, 0.001)
+    assert isinstance(refusal, BudgetRefusal)
+    assert refusal.message() == (
+        "budget 'cap' (day) would be exceeded: spend $0.06 + in flight $0 of limit $0.05;"
+        " it is spent"
+    )
+    poller.stopService()
