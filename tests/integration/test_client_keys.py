@@ -12,8 +12,6 @@ upstream; a valid key's project is the event's C{project}.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,24 +21,9 @@ from typing import Any
 
 import pytest
 from support.clients import chat_request, raw_request
-from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.commands import llmobserve, new_key
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import RecordingUpstream
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llmobserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=loopback_env(),
-    )
-
-
-def _new_key(*args: str) -> str:
-    done = _cli("keys", "create", *args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()[-1]
 
 
 def _json(url: str, key: str | None = None) -> Any:
@@ -87,13 +70,13 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
     read key its project's events only, an admin key all. Revoked with C{keys revoke --db}
     while the proxy runs: refused within seconds."""
     db = tmp_path / "proxy.sqlite3"
-    good = _new_key("--name", "app", "--project", "shop", "--db", str(db))
-    read = _new_key("--name", "reader", "--scope", "read", "--db", str(db))
-    shop_read = _new_key(
+    good = new_key("--name", "app", "--project", "shop", "--db", str(db))
+    read = new_key("--name", "reader", "--scope", "read", "--db", str(db))
+    shop_read = new_key(
         "--name", "shop-reader", "--project", "shop", "--scope", "read", "--db", str(db)
     )  # fmt: skip
-    other = _new_key("--name", "other", "--project", "other", "--scope", "read", "--db", str(db))
-    admin = _new_key("--name", "admin", "--scope", "admin", "--db", str(db))
+    other = new_key("--name", "other", "--project", "other", "--scope", "read", "--db", str(db))
+    admin = new_key("--name", "admin", "--scope", "admin", "--db", str(db))
     with RecordingUpstream() as upstream, _proxy(tmp_path, upstream, "--db", str(db)) as proxy:
         for key in (None, "llmo_" + "w" * 43, read):
             response = _call(proxy, upstream, key)
@@ -153,7 +136,7 @@ def test_an_embedded_proxy_forwards_only_calls_with_a_valid_key(tmp_path: Path) 
             except urllib.error.HTTPError as refused_span:
                 got = refused_span.code
             assert got == status, (key, got)
-        assert _cli("keys", "revoke", "app", "--db", str(db)).returncode == 0
+        assert llmobserve("keys", "revoke", "app", "--db", str(db)).returncode == 0
         _wait_for(lambda: _call(proxy, upstream, good).status == 401, 10, "the revoked key refused")
         log = proxy.log_text()
     assert not any(k in log for k in (good, read))
@@ -166,9 +149,9 @@ def test_a_linked_proxy_asks_the_collector_about_its_clients_keys(tmp_path: Path
     links with an admin key (it serves several projects), so each call's
     event keeps its client key's project."""
     db = tmp_path / "collector.db"
-    link = _new_key("--name", "proxy", "--scope", "admin", "--db", str(db))
-    shop = _new_key("--name", "shop-app", "--project", "shop", "--db", str(db))
-    blog = _new_key("--name", "blog-app", "--project", "blog", "--db", str(db))
+    link = new_key("--name", "proxy", "--scope", "admin", "--db", str(db))
+    shop = new_key("--name", "shop-app", "--project", "shop", "--db", str(db))
+    blog = new_key("--name", "blog-app", "--project", "blog", "--db", str(db))
     collector = CollectorProcess(["--require-keys"], db=db, workdir=tmp_path / "collector")
     with RecordingUpstream() as upstream, collector:
         args = ("--collector", collector.url, "--collector-key", link)

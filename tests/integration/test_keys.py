@@ -14,8 +14,6 @@ store or an export.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,25 +23,16 @@ from typing import Any
 
 import pytest
 from support.clients import chat_calls, chat_request, raw_request
-from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.commands import llmobserve
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.upstreams import RecordingUpstream
 
 CALLS = 5
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llmobserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=loopback_env(),
-    )
-
-
 def _new_key(*args: str) -> str:
     """C{llmobserve keys create ARGS}: the key, alone on the last line."""
-    done = _cli("keys", "create", *args)
+    done = llmobserve("keys", "create", *args)
     assert done.returncode == 0, done.stderr
     key = done.stdout.splitlines()[-1]
     assert key.startswith("llmo_") and " " not in key, done.stdout
@@ -116,7 +105,7 @@ def test_a_link_without_a_good_key_keeps_its_events_until_the_key_is_fixed(
         "read-scope": _new_key("--name", "reader", "--scope", "read", "--db", str(db)),
     }[fault]
     if fault == "revoked":
-        assert _cli("keys", "revoke", "old", "--db", str(db)).returncode == 0
+        assert llmobserve("keys", "revoke", "old", "--db", str(db)).returncode == 0
     with RecordingUpstream() as upstream, _collector(tmp_path) as collector:
         args = ("--collector-key", bad) if bad else ()
         with _proxy(tmp_path, upstream, collector, *args, name="proxy") as proxy:
@@ -196,7 +185,7 @@ def test_reads_need_a_key_and_a_read_key_sees_its_own_project(tmp_path: Path) ->
                 assert status == 401, (path, body)
                 assert headers["X-LLMObserve-Error"] == "unauthorized"
                 assert body["error"]["type"] == "unauthorized"
-        reader = _cli(
+        reader = llmobserve(
             "keys", "create", "--name", "reader-a", "--project", "team-a", "--scope", "read",
             "--collector", url, "--key", admin,
         )  # fmt: skip
@@ -213,16 +202,16 @@ def test_reads_need_a_key_and_a_read_key_sees_its_own_project(tmp_path: Path) ->
         ]
         status, headers, body = _get(url + "/api/keys", read_a)
         assert status == 403 and headers["X-LLMObserve-Error"] == "forbidden", body
-        report = _cli("report", "--by", "project", "--format", "json", "--collector", url,
+        report = llmobserve("report", "--by", "project", "--format", "json", "--collector", url,
                       "--key", read_a)  # fmt: skip
         assert report.returncode == 0, report.stderr
         assert [r["project"] for r in json.loads(report.stdout)["rows"]] == ["team-a"]
-        listed = _cli("keys", "list", "--collector", url, "--key", admin)
+        listed = llmobserve("keys", "list", "--collector", url, "--key", admin)
         assert listed.returncode == 0, listed.stderr
         assert "reader-a" in listed.stdout and "llmo_" not in listed.stdout
-        refused = _cli("report", "--collector", url)
+        refused = llmobserve("report", "--collector", url)
         assert refused.returncode == 1 and "API key is required" in refused.stderr
-        revoked = _cli("keys", "revoke", "reader-a", "--collector", url, "--key", admin)
+        revoked = llmobserve("keys", "revoke", "reader-a", "--collector", url, "--key", admin)
         assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
         assert _get(url + "/api/events", read_a)[0] == 401  # at once: the cache is dropped
 
@@ -245,7 +234,7 @@ def test_a_revoked_key_stops_working_within_seconds(tmp_path: Path) -> None:
             )
             assert _get(collector.url + "/api/events", read)[0] == 200
             for target in ("reader", ingest):  # by name, and by the key itself
-                done = _cli("keys", "revoke", target, "--db", str(db))
+                done = llmobserve("keys", "revoke", target, "--db", str(db))
                 assert done.returncode == 0, done.stderr
                 assert "llmo_" not in done.stdout + done.stderr
             _wait_for(
@@ -277,7 +266,7 @@ def test_keys_never_reach_logs_spool_store_or_exports(tmp_path: Path) -> None:
     ingest = _new_key("--name", "proxy", "--project", "p", "--db", str(db))
     admin = _new_key("--name", "admin", "--scope", "admin", "--db", str(db))
     revoked = _new_key("--name", "gone", "--scope", "read", "--db", str(db))
-    assert _cli("keys", "revoke", revoked, "--db", str(db)).returncode == 0
+    assert llmobserve("keys", "revoke", revoked, "--db", str(db)).returncode == 0
     wrong = "llmo_" + "z" * 43
     with RecordingUpstream() as upstream, _collector(tmp_path) as collector:
         with _proxy(tmp_path, upstream, collector, "--collector-key", wrong, name="p") as proxy:
@@ -301,7 +290,9 @@ def test_keys_never_reach_logs_spool_store_or_exports(tmp_path: Path) -> None:
             _wait_for(lambda: _json(proxy.url + "/health")["events_waiting"] == 0, 20, "delivery")
         for key in (revoked, wrong, admin):
             _get(collector.url + "/api/report", key)
-        export = _cli("events", "--format", "jsonl", "--collector", collector.url, "--key", admin)
+        export = llmobserve(
+            "events", "--format", "jsonl", "--collector", collector.url, "--key", admin
+        )
         assert export.returncode == 0, export.stderr
         assert len(export.stdout.splitlines()) == 2 * CALLS
         logs = [collector.log_text(), proxy.log_text()]

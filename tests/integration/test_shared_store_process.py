@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -29,28 +27,12 @@ import psycopg
 import pytest
 from integration.test_budgets_process import _openai
 from support.clients import chat_request, raw_request
-from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess, loopback_env
+from support.commands import llmobserve, new_key
+from support.proxy import LOOPBACK_ARGS, CollectorProcess, ProxyProcess
 from support.stores import StoreUnreadable, row
 from support.upstreams import RecordingUpstream
 
 pytestmark = [pytest.mark.timeout(180)]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llmobserve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=loopback_env(),
-    )
-
-
-def _new_key(*args: str) -> str:
-    """C{llmobserve keys create ARGS}: the key, alone on the last line."""
-    done = _cli("keys", "create", *args)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()[-1]
 
 
 def _json(url: str, key: str | None = None) -> Any:
@@ -85,14 +67,14 @@ def test_a_key_made_through_one_collector_is_valid_at_the_other(
     requires client keys, linked to collector B, admits the client key and
     its event lands in the database with the key's project; revoked through
     A, the client key is refused at B's proxy within seconds."""
-    admin = _new_key("--name", "admin", "--scope", "admin", "--db", shared_db)
+    admin = new_key("--name", "admin", "--scope", "admin", "--db", shared_db)
     a = CollectorProcess(["--require-keys"], db=shared_db, workdir=tmp_path / "a")
     b = CollectorProcess(["--require-keys"], db=shared_db, workdir=tmp_path / "b")
     with RecordingUpstream() as upstream, a, b:
         via_a = ("--collector", a.url, "--key", admin)
-        link = _new_key("--name", "proxy", "--scope", "admin", *via_a)
-        shop = _new_key("--name", "shop-app", "--project", "shop", *via_a)
-        listed = _cli("keys", "list", "--collector", b.url, "--key", admin)
+        link = new_key("--name", "proxy", "--scope", "admin", *via_a)
+        shop = new_key("--name", "shop-app", "--project", "shop", *via_a)
+        listed = llmobserve("keys", "list", "--collector", b.url, "--key", admin)
         assert listed.returncode == 0 and "shop-app" in listed.stdout, listed.stderr
         args = [
             *LOOPBACK_ARGS,
@@ -114,7 +96,7 @@ def test_a_key_made_through_one_collector_is_valid_at_the_other(
             )
             rows = _json(a.url + "/api/report?by=project", admin)["rows"]
             assert [(r["project"], r["calls"]) for r in rows] == [("shop", 1)]
-            revoked = _cli("keys", "revoke", "shop-app", *via_a)
+            revoked = llmobserve("keys", "revoke", "shop-app", *via_a)
             assert revoked.returncode == 0, revoked.stderr
             # B's verdict cache (2 s) and the proxy's own: a few seconds at most
             since = time.monotonic()
@@ -129,6 +111,18 @@ def test_a_key_made_through_one_collector_is_valid_at_the_other(
             _wait_for(refused, 15, "the revocation at B")
             print(f"revoked through A, refused at B's proxy after {time.monotonic() - since:.1f} s")
     assert len(upstream.requests) == 1 + len(admitted)
+
+
+def _two_collectors_on_a_capped_store(
+    tmp_path: Path, db: str
+) -> tuple[CollectorProcess, CollectorProcess]:
+    """A $1.00 day budget C{cap} set in C{db}, and two collectors on it (not started)."""
+    budget = ["--name", "cap", "--limit-usd", "1.00", "--window", "day", "--db", db]
+    assert llmobserve("budgets", "set", *budget).returncode == 0
+    return (
+        CollectorProcess(db=db, workdir=tmp_path / "a"),
+        CollectorProcess(db=db, workdir=tmp_path / "b"),
+    )
 
 
 def _spend(db: str) -> tuple[int, float]:
@@ -151,12 +145,7 @@ def test_proxies_on_two_collectors_never_overshoot_one_budget(
     import openai
 
     calls = 2 * 2 * 64
-    assert _cli(
-        "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
-        "--db", shared_db,
-    ).returncode == 0  # fmt: skip
-    a = CollectorProcess(db=shared_db, workdir=tmp_path / "a")
-    b = CollectorProcess(db=shared_db, workdir=tmp_path / "b")
+    a, b = _two_collectors_on_a_capped_store(tmp_path, shared_db)
     with RecordingUpstream(_openai) as oa, a, b:
 
         def proxy(collector: CollectorProcess, name: str) -> ProxyProcess:
@@ -239,7 +228,7 @@ def test_a_server_restart_with_keys_required_loses_nothing(
     server = PostgresServer(postgres_server.bindir).init().start()
     try:
         url = server.url()
-        key = _new_key("--name", "proxy", "--project", "team-a", "--db", url)
+        key = new_key("--name", "proxy", "--project", "team-a", "--db", url)
         collector = CollectorProcess(["--require-keys"], db=url, workdir=tmp_path / "c")
         with RecordingUpstream() as upstream, collector:
             args = [
@@ -303,12 +292,7 @@ def test_budgets_follow_the_link_to_the_next_collector(tmp_path: Path, shared_db
     the log says it reads from the second now."""
     import openai
 
-    assert _cli(
-        "budgets", "set", "--name", "cap", "--limit-usd", "1.00", "--window", "day",
-        "--db", shared_db,
-    ).returncode == 0  # fmt: skip
-    a = CollectorProcess(db=shared_db, workdir=tmp_path / "a")
-    b = CollectorProcess(db=shared_db, workdir=tmp_path / "b")
+    a, b = _two_collectors_on_a_capped_store(tmp_path, shared_db)
     with RecordingUpstream(_openai) as oa, a, b:
         args = [
             *LOOPBACK_ARGS,
